@@ -1,0 +1,587 @@
+//! `config.toml`: parsed strictly (unknown keys are errors naming the key and line), with
+//! secrets optionally taken from environment variables (`"${NAME}"`), relative paths resolved
+//! against the config file's directory, and human durations (`"30s"`, `"14d"`).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: `{key}`: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    #[error("{path}: `{key}` refers to environment variable `{var}`, which is not set")]
+    MissingEnv {
+        path: PathBuf,
+        key: String,
+        var: String,
+    },
+}
+
+/// A duration written for humans: `"45s"`, `"10m"`, `"3h"`, `"14d"`, `"2w"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl HumanDuration {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| {
+            format!("`{s}` is not a duration like \"30s\", \"10m\", \"3h\", \"14d\"")
+        })?;
+        let secs = match unit.trim() {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86_400,
+            "w" => n * 7 * 86_400,
+            other => {
+                return Err(format!(
+                    "unknown duration unit `{other}` in `{s}` (use s, m, h, d or w)"
+                ));
+            }
+        };
+        Ok(Self(Duration::from_secs(secs)))
+    }
+
+    pub fn secs(self) -> i64 {
+        i64::try_from(self.0.as_secs()).unwrap_or(i64::MAX)
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        HumanDuration::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub store: StoreConfig,
+    #[serde(default)]
+    pub server: ServerConfig,
+    pub tokens: TokenConfig,
+    #[serde(default)]
+    pub rules: RulesConfig,
+    #[serde(default)]
+    pub sync: SyncConfig,
+    pub sender: SenderConfig,
+    pub connectors: ConnectorsConfig,
+    pub lists: Vec<ListConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://PATH` (relative to the config file) or `postgres://...`; may be `"${VAR}"`.
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://var/optinsync.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Base URL that links in mails point to.
+    #[serde(default = "default_public_url")]
+    pub public_url: String,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_public_url() -> String {
+    "http://127.0.0.1:8080".into()
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            public_url: default_public_url(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// HMAC key for links; at least 32 characters; may be `"${VAR}"`.
+    pub secret: String,
+    #[serde(default = "default_key_id")]
+    pub key_id: String,
+    /// Older keys still accepted for links already sent (rotation).
+    #[serde(default)]
+    pub previous: Vec<PreviousKey>,
+    #[serde(default = "default_confirm_ttl")]
+    pub confirm_ttl: HumanDuration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreviousKey {
+    pub key_id: String,
+    pub secret: String,
+}
+
+fn default_key_id() -> String {
+    "k1".into()
+}
+fn default_confirm_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(7 * 86_400))
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RulesConfig {
+    /// The rule script with `fn decide(contact, consent, ctx)`.
+    pub file: PathBuf,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        Self {
+            file: PathBuf::from("rules/consent.rhai"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncConfig {
+    #[serde(default = "default_poll")]
+    pub poll_interval: HumanDuration,
+    #[serde(default = "default_page_size")]
+    pub page_size: usize,
+    /// Outbox attempts before a row becomes a dead letter.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: i32,
+}
+
+fn default_poll() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+fn default_page_size() -> usize {
+    200
+}
+fn default_max_attempts() -> i32 {
+    10
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            poll_interval: default_poll(),
+            page_size: default_page_size(),
+            max_attempts: default_max_attempts(),
+        }
+    }
+}
+
+/// Who asks for consent: shown in every mail and page (LSSI/GDPR: identify the sender).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SenderConfig {
+    pub organisation: String,
+    /// Transactional sender for DOI mails, e.g. `"Example <confirm@example.org>"`.
+    pub from: String,
+    pub postal_address: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectorsConfig {
+    pub crm: ConnectorSection,
+    pub campaigns: ConnectorSection,
+    pub mail: ConnectorSection,
+}
+
+/// `kind` picks the connector; the other keys are its settings, checked by the connector.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConnectorSection {
+    pub kind: String,
+    #[serde(flatten)]
+    pub settings: toml::Table,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListConfig {
+    /// Stable id (`[a-z0-9_-]`), used in the ledger and in links.
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    /// Name of the list in the Campaigns tool; defaults to `id`.
+    #[serde(default)]
+    pub campaigns_list: Option<String>,
+    #[serde(default = "default_language")]
+    pub default_language: String,
+    #[serde(default = "default_reminder_after")]
+    pub reminder_after: HumanDuration,
+    #[serde(default = "default_pending_expiry")]
+    pub pending_expiry: HumanDuration,
+    #[serde(default = "default_max_reminders")]
+    pub max_reminders: u32,
+    #[serde(default = "default_inactivity")]
+    pub inactivity: HumanDuration,
+    #[serde(default = "default_grace")]
+    pub revalidation_grace: HumanDuration,
+}
+
+fn default_language() -> String {
+    "en".into()
+}
+fn default_reminder_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3 * 86_400))
+}
+fn default_pending_expiry() -> HumanDuration {
+    HumanDuration(Duration::from_secs(14 * 86_400))
+}
+fn default_max_reminders() -> u32 {
+    1
+}
+fn default_inactivity() -> HumanDuration {
+    HumanDuration(Duration::from_secs(365 * 86_400))
+}
+fn default_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30 * 86_400))
+}
+
+impl ListConfig {
+    pub fn campaigns_list(&self) -> &str {
+        self.campaigns_list.as_deref().unwrap_or(&self.id)
+    }
+}
+
+/// A parsed, validated config with what is needed to report errors in it later.
+#[derive(Debug, Clone)]
+pub struct LoadedConfig {
+    pub config: Config,
+    pub path: PathBuf,
+    pub base_dir: PathBuf,
+    pub source: String,
+}
+
+impl LoadedConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let source = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_str(&source, path)
+    }
+
+    pub fn from_str(source: &str, path: &Path) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(source).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_col(source, s.start))
+                .unwrap_or((0, 0));
+            ConfigError::Parse {
+                path: path.to_owned(),
+                line,
+                column,
+                message: e.message().trim().to_owned(),
+            }
+        })?;
+        let base_dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base_dir = if base_dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            base_dir
+        };
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.into(),
+            message,
+        };
+
+        config.store.url = resolve_env(&config.store.url, "store.url", path)?;
+        if let Some(rel) = config.store.url.strip_prefix("sqlite://") {
+            if !Path::new(rel).is_absolute() && rel != ":memory:" {
+                config.store.url = format!("sqlite://{}", base_dir.join(rel).display());
+            }
+        }
+        config.tokens.secret = resolve_env(&config.tokens.secret, "tokens.secret", path)?;
+        if config.tokens.secret.len() < 32 {
+            return Err(invalid(
+                "tokens.secret",
+                "must be at least 32 characters".into(),
+            ));
+        }
+        for (i, k) in config.tokens.previous.iter_mut().enumerate() {
+            k.secret = resolve_env(&k.secret, &format!("tokens.previous[{i}].secret"), path)?;
+        }
+        if config.rules.file.is_relative() {
+            config.rules.file = base_dir.join(&config.rules.file);
+        }
+        for (name, section) in [
+            ("crm", &mut config.connectors.crm),
+            ("campaigns", &mut config.connectors.campaigns),
+            ("mail", &mut config.connectors.mail),
+        ] {
+            resolve_env_table(&mut section.settings, &format!("connectors.{name}"), path)?;
+        }
+        if config.lists.is_empty() {
+            return Err(invalid(
+                "lists",
+                "at least one [[lists]] entry is required".into(),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (i, list) in config.lists.iter().enumerate() {
+            let valid = !list.id.is_empty()
+                && list.id.len() <= 64
+                && list
+                    .id
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            if !valid {
+                return Err(invalid(
+                    &format!("lists[{i}].id"),
+                    format!("`{}` must be 1-64 characters of a-z, 0-9, _ or -", list.id),
+                ));
+            }
+            if !seen.insert(list.id.clone()) {
+                return Err(invalid(
+                    &format!("lists[{i}].id"),
+                    format!("list id `{}` is used twice", list.id),
+                ));
+            }
+        }
+        if !(config.server.public_url.starts_with("http://")
+            || config.server.public_url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "server.public_url",
+                "must start with http:// or https://".into(),
+            ));
+        }
+        config.server.public_url = config.server.public_url.trim_end_matches('/').to_owned();
+        Ok(Self {
+            config,
+            path: path.to_owned(),
+            base_dir,
+            source: source.to_owned(),
+        })
+    }
+
+    pub fn list(&self, id: &str) -> Option<&ListConfig> {
+        self.config.lists.iter().find(|l| l.id == id)
+    }
+
+    /// Turn a connector's complaint about its settings into an error with the line of the
+    /// offending key, found in the `[connectors.NAME]` section of the source.
+    pub fn connector_error(&self, section: &str, message: &str) -> ConfigError {
+        let key = message
+            .split('`')
+            .nth(1)
+            .filter(|_| message.contains("unknown field") || message.contains("invalid"))
+            .map(str::to_owned);
+        let header = format!("[connectors.{section}]");
+        let mut in_section = false;
+        let mut section_line = 0;
+        for (i, line) in self.source.lines().enumerate() {
+            let t = line.trim();
+            if t.starts_with('[') {
+                in_section = t == header;
+                if in_section {
+                    section_line = i + 1;
+                }
+                continue;
+            }
+            if in_section {
+                if let Some(k) = &key {
+                    if t.split('=').next().map(str::trim) == Some(k.as_str()) {
+                        return ConfigError::Parse {
+                            path: self.path.clone(),
+                            line: i + 1,
+                            column: 1,
+                            message: format!("connectors.{section}: {message}"),
+                        };
+                    }
+                }
+            }
+        }
+        ConfigError::Parse {
+            path: self.path.clone(),
+            line: section_line,
+            column: 1,
+            message: format!("connectors.{section}: {message}"),
+        }
+    }
+}
+
+fn line_col(source: &str, offset: usize) -> (usize, usize) {
+    let before = &source[..offset.min(source.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count() + 1)
+        .unwrap_or(1);
+    (line, column)
+}
+
+/// `"${NAME}"` reads environment variable NAME; any other value is taken as written.
+fn resolve_env(value: &str, key: &str, path: &Path) -> Result<String, ConfigError> {
+    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
+        Some(var) => std::env::var(var).map_err(|_| ConfigError::MissingEnv {
+            path: path.to_owned(),
+            key: key.into(),
+            var: var.into(),
+        }),
+        None => Ok(value.to_owned()),
+    }
+}
+
+fn resolve_env_table(
+    table: &mut toml::Table,
+    prefix: &str,
+    path: &Path,
+) -> Result<(), ConfigError> {
+    for (k, v) in table.iter_mut() {
+        let key = format!("{prefix}.{k}");
+        match v {
+            toml::Value::String(s) => *s = resolve_env(s, &key, path)?,
+            toml::Value::Table(t) => resolve_env_table(t, &key, path)?,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[tokens]
+secret = "0123456789abcdef0123456789abcdef"
+
+[sender]
+organisation = "Example"
+from = "Example <confirm@example.org>"
+postal_address = "1 Main St"
+
+[connectors.crm]
+kind = "csv"
+path = "c.csv"
+
+[connectors.campaigns]
+kind = "jsonl"
+path = "l.jsonl"
+
+[connectors.mail]
+kind = "eml"
+dir = "mail"
+
+[[lists]]
+id = "news"
+name = "News"
+reminder_after = "30s"
+"#;
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let c = LoadedConfig::from_str(MINIMAL, Path::new("/etc/o/config.toml")).expect("valid");
+        assert_eq!(c.config.store.url, "sqlite:///etc/o/var/optinsync.db");
+        assert_eq!(c.config.lists[0].reminder_after.secs(), 30);
+        assert_eq!(c.config.lists[0].max_reminders, 1);
+        assert_eq!(
+            c.config
+                .connectors
+                .crm
+                .settings
+                .get("path")
+                .and_then(|v| v.as_str()),
+            Some("c.csv")
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let src = MINIMAL.replace("name = \"News\"", "name = \"News\"\nremindr_after = \"1d\"");
+        let err = LoadedConfig::from_str(&src, Path::new("config.toml")).expect_err("unknown key");
+        let msg = err.to_string();
+        assert!(msg.contains("remindr_after"), "{msg}");
+        assert!(msg.starts_with("config.toml:"), "{msg}");
+        match err {
+            ConfigError::Parse { line, .. } => assert!(line > 20, "line {line}"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn secret_from_env_and_missing_env() {
+        let src = MINIMAL.replace(
+            "\"0123456789abcdef0123456789abcdef\"",
+            "\"${OPTINSYNC_TEST_UNSET_VAR}\"",
+        );
+        let err = LoadedConfig::from_str(&src, Path::new("c.toml")).expect_err("unset env");
+        assert!(err.to_string().contains("OPTINSYNC_TEST_UNSET_VAR"));
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(
+            HumanDuration::parse("14d").map(|d| d.secs()),
+            Ok(14 * 86_400)
+        );
+        assert!(HumanDuration::parse("3 fortnights").is_err());
+        assert!(HumanDuration::parse("").is_err());
+    }
+
+    #[test]
+    fn short_secret_refused() {
+        let src = MINIMAL.replace("0123456789abcdef0123456789abcdef", "short");
+        assert!(LoadedConfig::from_str(&src, Path::new("c.toml")).is_err());
+    }
+
+    #[test]
+    fn connector_error_points_at_key_line() {
+        let src = MINIMAL.replace("path = \"c.csv\"", "path = \"c.csv\"\npth = \"x\"");
+        let c = LoadedConfig::from_str(&src, Path::new("c.toml")).expect("valid at this level");
+        let e = c.connector_error("crm", "unknown field `pth`, expected `path`");
+        let line = src
+            .lines()
+            .position(|l| l.starts_with("pth"))
+            .map(|i| i + 1);
+        match e {
+            ConfigError::Parse { line: l, .. } => assert_eq!(Some(l), line),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

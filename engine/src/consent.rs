@@ -1,0 +1,587 @@
+//! The consent state machine of DESIGN.md §3.
+//!
+//! [`transition`] is a pure function: given the current [`Consent`] of one (contact, list)
+//! pair and an [`Input`], it returns the next consent, the ledger event kind and the effects to
+//! queue — or a [`Refusal`] when the input would break an architecture invariant. Nothing else
+//! in the engine changes consent, so the invariants hold whatever the rules propose.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// State of one (contact, list) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentState {
+    None,
+    Asserted,
+    Pending,
+    Confirmed,
+    Revalidating,
+    Lapsed,
+    Withdrawn,
+    Bounced,
+    Complained,
+    Erased,
+}
+
+impl ConsentState {
+    pub const ALL: [ConsentState; 10] = [
+        Self::None,
+        Self::Asserted,
+        Self::Pending,
+        Self::Confirmed,
+        Self::Revalidating,
+        Self::Lapsed,
+        Self::Withdrawn,
+        Self::Bounced,
+        Self::Complained,
+        Self::Erased,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Asserted => "asserted",
+            Self::Pending => "pending",
+            Self::Confirmed => "confirmed",
+            Self::Revalidating => "revalidating",
+            Self::Lapsed => "lapsed",
+            Self::Withdrawn => "withdrawn",
+            Self::Bounced => "bounced",
+            Self::Complained => "complained",
+            Self::Erased => "erased",
+        }
+    }
+
+    /// Whether the address belongs on the Campaigns list in this state (invariant 1).
+    pub fn on_list(self) -> bool {
+        matches!(self, Self::Confirmed | Self::Revalidating)
+    }
+
+    /// States that only a fresh confirmation started by the person can leave (invariant 3).
+    pub fn is_withdrawal(self) -> bool {
+        matches!(
+            self,
+            Self::Withdrawn | Self::Bounced | Self::Complained | Self::Erased
+        )
+    }
+}
+
+impl fmt::Display for ConsentState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("unknown consent state `{0}`")]
+pub struct UnknownState(pub String);
+
+impl FromStr for ConsentState {
+    type Err = UnknownState;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// The projection of the ledger for one (contact, list) pair: what the state machine needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    pub state: ConsentState,
+    /// When the current state was entered.
+    pub since: DateTime<Utc>,
+    /// Token id of the current signup (DOI or re-permission request), if any.
+    pub signup_token: Option<String>,
+    /// DOI mails sent for the current signup (at most one; reminders counted apart).
+    pub doi_mails: u32,
+    pub reminders_sent: u32,
+    pub confirmed_at: Option<DateTime<Utc>>,
+    /// Token that confirmed, so a repeated POST of the same link is recognised as a repeat.
+    pub confirmed_token: Option<String>,
+    /// Sequence number of the last state-changing ledger event (optimistic concurrency).
+    pub last_seq: Option<i64>,
+}
+
+impl Consent {
+    pub fn new(now: DateTime<Utc>) -> Self {
+        Self {
+            state: ConsentState::None,
+            since: now,
+            signup_token: None,
+            doi_mails: 0,
+            reminders_sent: 0,
+            confirmed_at: None,
+            confirmed_token: None,
+            last_seq: None,
+        }
+    }
+}
+
+/// Something that may change consent. Who sent it is the event's `source`, kept apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "input", rename_all = "snake_case")]
+pub enum Input {
+    /// The CRM says the person asked for this list. Never consent by itself (invariant 2).
+    CrmAsserted,
+    /// The CRM's marketing opt-out flag is set.
+    CrmOptedOut,
+    /// Rule action `send_doi`: send the one DOI mail for this signup.
+    SendDoi {
+        token: String,
+    },
+    /// Rule action `send_reminder`.
+    SendReminder,
+    /// Rule action `send_revalidation`: ask a confirmed contact to confirm again.
+    SendRevalidation {
+        token: String,
+    },
+    /// Rule action `remove` (or a timer): the signup or re-permission ran out.
+    Lapse,
+    /// Rule action `suppress`: stop all marketing to this address on this list.
+    Suppress,
+    /// A human POST on a valid confirmation token (the only way to `confirmed`, invariant 1).
+    Confirm {
+        token: String,
+    },
+    /// The person unsubscribed (any channel).
+    Unsubscribe,
+    Bounce,
+    Complaint,
+    /// The person started a fresh signup themselves (e.g. a web form or the expired-link page).
+    PersonSignup {
+        token: String,
+    },
+    Erase,
+}
+
+impl Input {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::CrmAsserted => "crm_asserted",
+            Self::CrmOptedOut => "crm_opted_out",
+            Self::SendDoi { .. } => "send_doi",
+            Self::SendReminder => "send_reminder",
+            Self::SendRevalidation { .. } => "send_revalidation",
+            Self::Lapse => "lapse",
+            Self::Suppress => "suppress",
+            Self::Confirm { .. } => "confirm",
+            Self::Unsubscribe => "unsubscribe",
+            Self::Bounce => "bounce",
+            Self::Complaint => "complaint",
+            Self::PersonSignup { .. } => "person_signup",
+            Self::Erase => "erase",
+        }
+    }
+}
+
+/// A side effect the transition requires; the engine turns each into an outbox row written in
+/// the same transaction as the ledger event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "effect", rename_all = "snake_case")]
+pub enum Effect {
+    /// Send a confirmation mail for `token` (`reminder` when it repeats the request).
+    SendConfirmationMail { token: String, kind: MailKind },
+    /// Put the address on the Campaigns list.
+    Subscribe,
+    /// Take the address off the Campaigns list (legal deadline: goes first).
+    Remove,
+    /// Tell the CRM the new consent state.
+    WriteBack { opt_out: bool },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MailKind {
+    Doi,
+    Reminder,
+    Revalidation,
+}
+
+impl MailKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Doi => "doi",
+            Self::Reminder => "reminder",
+            Self::Revalidation => "revalidation",
+        }
+    }
+}
+
+/// What a legal input does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    pub from: ConsentState,
+    pub to: ConsentState,
+    /// Ledger event kind, e.g. `doi_requested`, `confirmed`.
+    pub event: &'static str,
+    pub next: Consent,
+    pub effects: Vec<Effect>,
+}
+
+/// An input refused because it would break an invariant. Logged, never carried out.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("refused `{input}` in state `{state}`: {reason}")]
+pub struct Refusal {
+    pub state: ConsentState,
+    pub input: &'static str,
+    pub reason: &'static str,
+}
+
+/// Settings of the list that bound what the machine allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_reminders: u32,
+}
+
+/// Facts about the address outside this (contact, list) pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Context {
+    /// The address is on the global suppression list (bounced, complained, erased anywhere).
+    pub suppressed: bool,
+}
+
+/// `Ok(None)` means the input is legal but changes nothing (a repeat, or a CRM edit that
+/// withdrawal overrides).
+pub fn transition(
+    current: &Consent,
+    input: &Input,
+    limits: Limits,
+    cx: Context,
+    now: DateTime<Utc>,
+) -> Result<Option<Transition>, Refusal> {
+    use ConsentState as S;
+    let from = current.state;
+    let refuse = |reason: &'static str| {
+        Err(Refusal {
+            state: from,
+            input: input.name(),
+            reason,
+        })
+    };
+    let mut next = current.clone();
+    next.since = now;
+
+    let (to, event, effects) = match input {
+        Input::CrmAsserted => match from {
+            S::None if cx.suppressed => return Ok(None),
+            S::None => (S::Asserted, "asserted", vec![]),
+            // Asserting again never re-mails or undoes a withdrawal (invariants 2, 3).
+            _ => return Ok(None),
+        },
+        Input::CrmOptedOut => match from {
+            S::Withdrawn | S::Bounced | S::Complained | S::Erased => return Ok(None),
+            st => (S::Withdrawn, "withdrawn", removal_effects(st, false)),
+        },
+        Input::SendDoi { token } => {
+            if cx.suppressed {
+                return refuse("address is suppressed (invariant 4)");
+            }
+            match from {
+                S::Asserted => {
+                    next.signup_token = Some(token.clone());
+                    next.doi_mails = 1;
+                    next.reminders_sent = 0;
+                    let mail = Effect::SendConfirmationMail {
+                        token: token.clone(),
+                        kind: MailKind::Doi,
+                    };
+                    (S::Pending, "doi_requested", vec![mail])
+                }
+                S::Pending => {
+                    return refuse("a DOI mail was already sent for this signup (invariant 4)");
+                }
+                st if st.is_withdrawal() => {
+                    return refuse(
+                        "withdrawal wins; only the person can start a new signup (invariant 3)",
+                    );
+                }
+                S::None => {
+                    return refuse(
+                        "no consent is asserted; mailing people who never asked is marketing",
+                    );
+                }
+                _ => return refuse("DOI is only sent for asserted consent"),
+            }
+        }
+        Input::SendReminder => {
+            if cx.suppressed {
+                return refuse("address is suppressed (invariant 4)");
+            }
+            match (from, &current.signup_token) {
+                (S::Pending, Some(token)) if current.reminders_sent < limits.max_reminders => {
+                    next.reminders_sent += 1;
+                    next.since = current.since; // a reminder does not restart the expiry clock
+                    let mail = Effect::SendConfirmationMail {
+                        token: token.clone(),
+                        kind: MailKind::Reminder,
+                    };
+                    (S::Pending, "reminder_requested", vec![mail])
+                }
+                (S::Pending, _) => {
+                    return refuse("reminder limit reached for this signup (invariant 4)");
+                }
+                _ => return refuse("reminders are only sent for pending signups"),
+            }
+        }
+        Input::SendRevalidation { token } => {
+            if cx.suppressed {
+                return refuse("address is suppressed (invariant 4)");
+            }
+            match from {
+                S::Confirmed => {
+                    next.signup_token = Some(token.clone());
+                    next.doi_mails = 1;
+                    next.reminders_sent = 0;
+                    let mail = Effect::SendConfirmationMail {
+                        token: token.clone(),
+                        kind: MailKind::Revalidation,
+                    };
+                    (S::Revalidating, "revalidation_requested", vec![mail])
+                }
+                _ => return refuse("re-permission is only asked of confirmed contacts"),
+            }
+        }
+        Input::Lapse => match from {
+            S::Asserted | S::Pending => (S::Lapsed, "lapsed", vec![]),
+            S::Confirmed | S::Revalidating => (
+                S::Lapsed,
+                "lapsed",
+                vec![Effect::Remove, Effect::WriteBack { opt_out: false }],
+            ),
+            S::Lapsed => return Ok(None),
+            _ => return refuse("nothing to lapse in this state"),
+        },
+        Input::Suppress => match from {
+            S::Withdrawn | S::Bounced | S::Complained | S::Erased => return Ok(None),
+            st => (S::Withdrawn, "suppressed", removal_effects(st, true)),
+        },
+        Input::Confirm { token } => match from {
+            S::Pending | S::Revalidating
+                if current.signup_token.as_deref() == Some(token.as_str()) =>
+            {
+                next.confirmed_at = Some(now);
+                next.confirmed_token = Some(token.clone());
+                let mut effects = Vec::new();
+                if from == S::Pending {
+                    effects.push(Effect::Subscribe);
+                }
+                effects.push(Effect::WriteBack { opt_out: false });
+                (S::Confirmed, "confirmed", effects)
+            }
+            S::Confirmed if current.confirmed_token.as_deref() == Some(token.as_str()) => {
+                return Ok(None);
+            }
+            S::Pending | S::Revalidating | S::Confirmed => {
+                return refuse("token is not the current signup's");
+            }
+            st if st.is_withdrawal() => {
+                return refuse("withdrawal wins over an older confirmation link (invariant 3)");
+            }
+            _ => return refuse("no signup is waiting for confirmation"),
+        },
+        Input::Unsubscribe => match from {
+            S::Withdrawn | S::Erased => return Ok(None),
+            st => (S::Withdrawn, "withdrawn", removal_effects(st, true)),
+        },
+        Input::Bounce => match from {
+            S::Bounced | S::Withdrawn | S::Complained | S::Erased => return Ok(None),
+            st => (S::Bounced, "bounced", removal_effects(st, true)),
+        },
+        Input::Complaint => match from {
+            S::Complained | S::Erased => return Ok(None),
+            st => (S::Complained, "complained", removal_effects(st, true)),
+        },
+        Input::PersonSignup { token } => match from {
+            S::Erased => {
+                return refuse(
+                    "erased contacts cannot be revived; a new signup starts a new contact",
+                );
+            }
+            S::Pending | S::Confirmed | S::Revalidating => return Ok(None),
+            _ => {
+                next.signup_token = Some(token.clone());
+                next.doi_mails = 1;
+                next.reminders_sent = 0;
+                let mail = Effect::SendConfirmationMail {
+                    token: token.clone(),
+                    kind: MailKind::Doi,
+                };
+                (S::Pending, "signup_requested", vec![mail])
+            }
+        },
+        Input::Erase => match from {
+            S::Erased => return Ok(None),
+            _ => (S::Erased, "erased", vec![Effect::Remove]),
+        },
+    };
+    next.state = to;
+    if to != S::Pending && to != S::Revalidating && to != S::Confirmed {
+        next.signup_token = None;
+    }
+    Ok(Some(Transition {
+        from,
+        to,
+        event,
+        next,
+        effects,
+    }))
+}
+
+/// Effects of leaving marketing: take the address off the list (always — removal is idempotent
+/// and the list may hold it from before optinsync) and tell the CRM.
+fn removal_effects(_from: ConsentState, write_back: bool) -> Vec<Effect> {
+    let mut effects = vec![Effect::Remove];
+    if write_back {
+        effects.push(Effect::WriteBack { opt_out: true });
+    }
+    effects
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(state: ConsentState) -> Consent {
+        Consent {
+            state,
+            ..Consent::new(Utc::now())
+        }
+    }
+    const LIM: Limits = Limits { max_reminders: 1 };
+
+    #[test]
+    fn crm_field_never_creates_consent() {
+        let t = transition(
+            &at(ConsentState::None),
+            &Input::CrmAsserted,
+            LIM,
+            Context::default(),
+            Utc::now(),
+        )
+        .expect("legal")
+        .expect("changes");
+        assert_eq!(t.to, ConsentState::Asserted);
+        assert!(t.effects.is_empty());
+    }
+
+    #[test]
+    fn doi_then_confirm_subscribes() {
+        let now = Utc::now();
+        let c = at(ConsentState::Asserted);
+        let t = transition(
+            &c,
+            &Input::SendDoi { token: "t1".into() },
+            LIM,
+            Context::default(),
+            now,
+        )
+        .expect("legal")
+        .expect("changes");
+        assert_eq!(t.to, ConsentState::Pending);
+        let t2 = transition(
+            &t.next,
+            &Input::Confirm { token: "t1".into() },
+            LIM,
+            Context::default(),
+            now,
+        )
+        .expect("legal")
+        .expect("changes");
+        assert_eq!(t2.to, ConsentState::Confirmed);
+        assert!(t2.effects.contains(&Effect::Subscribe));
+        // Same link again: a repeat, not a second event.
+        let t3 = transition(
+            &t2.next,
+            &Input::Confirm { token: "t1".into() },
+            LIM,
+            Context::default(),
+            now,
+        );
+        assert_eq!(t3, Ok(None));
+    }
+
+    #[test]
+    fn second_doi_and_extra_reminder_refused() {
+        let now = Utc::now();
+        let t = transition(
+            &at(ConsentState::Asserted),
+            &Input::SendDoi { token: "t".into() },
+            LIM,
+            Context::default(),
+            now,
+        )
+        .expect("legal")
+        .expect("changes");
+        assert!(
+            transition(
+                &t.next,
+                &Input::SendDoi { token: "u".into() },
+                LIM,
+                Context::default(),
+                now
+            )
+            .is_err()
+        );
+        let r = transition(&t.next, &Input::SendReminder, LIM, Context::default(), now)
+            .expect("legal")
+            .expect("changes");
+        assert!(transition(&r.next, &Input::SendReminder, LIM, Context::default(), now).is_err());
+    }
+
+    #[test]
+    fn withdrawal_wins_over_crm_and_rules() {
+        let now = Utc::now();
+        let w = at(ConsentState::Withdrawn);
+        assert_eq!(
+            transition(&w, &Input::CrmAsserted, LIM, Context::default(), now),
+            Ok(None)
+        );
+        assert!(
+            transition(
+                &w,
+                &Input::SendDoi { token: "x".into() },
+                LIM,
+                Context::default(),
+                now
+            )
+            .is_err()
+        );
+        assert!(
+            transition(
+                &w,
+                &Input::Confirm { token: "x".into() },
+                LIM,
+                Context::default(),
+                now
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn suppressed_address_gets_no_mail() {
+        let cx = Context { suppressed: true };
+        let r = transition(
+            &at(ConsentState::Asserted),
+            &Input::SendDoi { token: "t".into() },
+            LIM,
+            cx,
+            Utc::now(),
+        );
+        assert!(r.is_err());
+    }
+
+    #[test]
+    fn state_names_round_trip() {
+        for s in ConsentState::ALL {
+            assert_eq!(s.as_str().parse::<ConsentState>().ok(), Some(s));
+        }
+        assert!("maybe".parse::<ConsentState>().is_err());
+    }
+}

@@ -1,0 +1,283 @@
+//! The consent ledger: append-only, hash-chained events with their evidence.
+//!
+//! Each event's `hash` is SHA-256 over its own fields and the previous event's hash, so editing
+//! or deleting any stored event breaks the chain from that point; [`verify_chain`] names the
+//! first event that does not match.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::consent::ConsentState;
+
+/// Hash that stands before the first event.
+pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// What an event proves. Serialised with a fixed field order; the stored JSON text is what the
+/// chain hash covers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evidence {
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ip: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user_agent: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub token_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message_id: Option<String>,
+    /// SHA-256 of the text the person was shown (mail or page).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub content_hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rule_file: Option<String>,
+    /// SHA-256 of the rule file that proposed the action.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rule_hash: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    /// CRM record that carried the change (`Contacts/123`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub crm_record: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+}
+
+impl Evidence {
+    pub fn to_json(&self) -> String {
+        // Serialising a struct of strings cannot fail.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+}
+
+/// An event about to be appended; the store assigns `seq`, `prev_hash` and `hash`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewEvent {
+    pub event_id: String,
+    pub at: DateTime<Utc>,
+    pub contact_id: String,
+    pub list_id: String,
+    pub kind: String,
+    pub from_state: ConsentState,
+    pub to_state: ConsentState,
+    /// Who caused it: `crm`, `campaigns`, `web`, `rules`, `outbox`, `cli`.
+    pub source: String,
+    pub evidence: Evidence,
+}
+
+impl NewEvent {
+    /// Seal the event at position `seq` after `prev_hash`.
+    pub fn seal(&self, seq: i64, prev_hash: &str) -> LedgerEvent {
+        let mut ev = LedgerEvent {
+            seq,
+            event_id: self.event_id.clone(),
+            at: format_time(self.at),
+            contact_id: self.contact_id.clone(),
+            list_id: self.list_id.clone(),
+            kind: self.kind.clone(),
+            from_state: self.from_state.as_str().to_owned(),
+            to_state: self.to_state.as_str().to_owned(),
+            source: self.source.clone(),
+            evidence: self.evidence.to_json(),
+            prev_hash: prev_hash.to_owned(),
+            hash: String::new(),
+        };
+        ev.hash = ev.compute_hash();
+        ev
+    }
+}
+
+/// A stored event, exactly as in the database (all text, so the hash is reproducible).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEvent {
+    pub seq: i64,
+    pub event_id: String,
+    pub at: String,
+    pub contact_id: String,
+    pub list_id: String,
+    pub kind: String,
+    pub from_state: String,
+    pub to_state: String,
+    pub source: String,
+    /// Evidence JSON text.
+    pub evidence: String,
+    pub prev_hash: String,
+    pub hash: String,
+}
+
+impl LedgerEvent {
+    pub fn compute_hash(&self) -> String {
+        let mut h = Sha256::new();
+        // Length-prefix every field so no two different events serialise alike.
+        for field in [
+            self.seq.to_string().as_str(),
+            &self.event_id,
+            &self.at,
+            &self.contact_id,
+            &self.list_id,
+            &self.kind,
+            &self.from_state,
+            &self.to_state,
+            &self.source,
+            &self.evidence,
+            &self.prev_hash,
+        ] {
+            h.update((field.len() as u64).to_be_bytes());
+            h.update(field.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+
+    pub fn evidence(&self) -> Evidence {
+        serde_json::from_str(&self.evidence).unwrap_or_default()
+    }
+}
+
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+/// Why the chain does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error(
+        "ledger event seq {seq} (id {event_id}) was altered: its stored hash does not match its content"
+    )]
+    Altered { seq: i64, event_id: String },
+    #[error(
+        "ledger event seq {seq} (id {event_id}) does not follow the previous event: prev_hash mismatch (an event before it was edited or deleted)"
+    )]
+    Broken { seq: i64, event_id: String },
+    #[error("ledger sequence gap: expected seq {expected}, found {found} (events deleted)")]
+    Gap { expected: i64, found: i64 },
+}
+
+/// Incremental verifier: feed events in `seq` order.
+#[derive(Debug, Clone)]
+pub struct ChainVerifier {
+    expected_seq: i64,
+    prev_hash: String,
+    pub checked: u64,
+}
+
+impl Default for ChainVerifier {
+    fn default() -> Self {
+        Self {
+            expected_seq: 1,
+            prev_hash: GENESIS_HASH.to_owned(),
+            checked: 0,
+        }
+    }
+}
+
+impl ChainVerifier {
+    pub fn check(&mut self, ev: &LedgerEvent) -> Result<(), ChainError> {
+        if ev.seq != self.expected_seq {
+            return Err(ChainError::Gap {
+                expected: self.expected_seq,
+                found: ev.seq,
+            });
+        }
+        if ev.compute_hash() != ev.hash {
+            return Err(ChainError::Altered {
+                seq: ev.seq,
+                event_id: ev.event_id.clone(),
+            });
+        }
+        if ev.prev_hash != self.prev_hash {
+            return Err(ChainError::Broken {
+                seq: ev.seq,
+                event_id: ev.event_id.clone(),
+            });
+        }
+        self.prev_hash = ev.hash.clone();
+        self.expected_seq += 1;
+        self.checked += 1;
+        Ok(())
+    }
+}
+
+/// Verify a whole chain held in memory.
+pub fn verify_chain<'a>(
+    events: impl IntoIterator<Item = &'a LedgerEvent>,
+) -> Result<u64, ChainError> {
+    let mut v = ChainVerifier::default();
+    for ev in events {
+        v.check(ev)?;
+    }
+    Ok(v.checked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chain(n: usize) -> Vec<LedgerEvent> {
+        let mut prev = GENESIS_HASH.to_owned();
+        (0..n)
+            .map(|i| {
+                let ev = NewEvent {
+                    event_id: format!("e{i}"),
+                    at: Utc::now(),
+                    contact_id: "c1".into(),
+                    list_id: "news".into(),
+                    kind: "asserted".into(),
+                    from_state: ConsentState::None,
+                    to_state: ConsentState::Asserted,
+                    source: "crm".into(),
+                    evidence: Evidence {
+                        reason: Some(format!("r{i}")),
+                        ..Evidence::default()
+                    },
+                }
+                .seal(i as i64 + 1, &prev);
+                prev = ev.hash.clone();
+                ev
+            })
+            .collect()
+    }
+
+    #[test]
+    fn intact_chain_verifies() {
+        assert_eq!(verify_chain(&chain(5)), Ok(5));
+    }
+
+    #[test]
+    fn edit_is_detected_and_named() {
+        let mut c = chain(5);
+        c[2].evidence = r#"{"reason":"forged"}"#.into();
+        assert_eq!(
+            verify_chain(&c),
+            Err(ChainError::Altered {
+                seq: 3,
+                event_id: "e2".into()
+            })
+        );
+    }
+
+    #[test]
+    fn rehashed_edit_breaks_the_next_link() {
+        let mut c = chain(5);
+        c[2].to_state = "confirmed".into();
+        c[2].hash = c[2].compute_hash();
+        assert_eq!(
+            verify_chain(&c),
+            Err(ChainError::Broken {
+                seq: 4,
+                event_id: "e3".into()
+            })
+        );
+    }
+
+    #[test]
+    fn deletion_is_detected() {
+        let mut c = chain(5);
+        c.remove(1);
+        assert_eq!(
+            verify_chain(&c),
+            Err(ChainError::Gap {
+                expected: 2,
+                found: 3
+            })
+        );
+    }
+}

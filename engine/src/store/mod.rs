@@ -1,0 +1,224 @@
+//! Persistence: the [`Store`] trait and its SQLite (embedded default) and PostgreSQL
+//! (several daemons on one database) implementations.
+//!
+//! The trait is coarse on purpose: every method is one transaction, so "ledger event + consent
+//! projection + outbox rows" can only be written together ([`Store::commit`]).
+
+mod postgres;
+mod sql;
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::consent::Consent;
+use crate::ledger::{LedgerEvent, NewEvent};
+
+pub use self::postgres::PostgresStore;
+pub use self::sqlite::SqliteStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at `{url}`: {source}")]
+    Open { url: String, source: sqlx::Error },
+    #[error("store URL `{0}` is not supported: use `sqlite://PATH` or `postgres://...`")]
+    UnsupportedUrl(String),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    /// Another writer changed this consent since it was read; reload and decide again.
+    #[error("consent of contact {contact_id} on list {list_id} changed concurrently")]
+    Conflict { contact_id: String, list_id: String },
+    #[error("corrupt row in `{table}`: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A contact, keyed by normalised email address.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Contact {
+    pub id: String,
+    pub email: String,
+    pub language: Option<String>,
+    pub fields: BTreeMap<String, serde_json::Value>,
+    /// CRM records (`Module/id`) that carry this address.
+    pub crm_records: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// What a CRM record says about a contact.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContactUpsert {
+    pub email: String,
+    pub language: Option<String>,
+    pub fields: BTreeMap<String, serde_json::Value>,
+    pub crm_record: Option<String>,
+}
+
+/// Priority of outbox work: removals and opt-outs have legal deadlines (invariant 7).
+pub const PRIORITY_LEGAL: i32 = 0;
+pub const PRIORITY_NORMAL: i32 = 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewOutbox {
+    /// `mail`, `campaigns_subscribe`, `campaigns_remove`, `crm_write_back`.
+    pub kind: String,
+    pub priority: i32,
+    /// A second row with the same key is ignored (idempotent enqueue).
+    pub idempotency_key: String,
+    pub contact_id: String,
+    pub list_id: String,
+    pub payload: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutboxItem {
+    pub id: i64,
+    pub kind: String,
+    pub priority: i32,
+    pub idempotency_key: String,
+    pub contact_id: String,
+    pub list_id: String,
+    pub payload: serde_json::Value,
+    pub attempts: i32,
+    pub status: String,
+    pub last_error: Option<String>,
+    pub event_seq: Option<i64>,
+}
+
+/// How a claimed outbox row ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    /// Delivered; `event` (e.g. `mail_sent` with its Message-ID) is appended in the same
+    /// transaction.
+    Done {
+        event: Option<NewEvent>,
+        note: Option<String>,
+    },
+    /// Temporary failure: try again at `at`.
+    Retry { at: DateTime<Utc>, error: String },
+    /// Permanent failure: kept as a dead letter with the reason.
+    Dead { error: String },
+}
+
+/// One atomic change of one (contact, list) consent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Commit {
+    pub contact_id: String,
+    pub list_id: String,
+    /// `last_seq` of the consent that was read; the commit fails with `Conflict` otherwise.
+    pub expected_seq: Option<i64>,
+    pub consent: Consent,
+    pub event: NewEvent,
+    pub outbox: Vec<NewOutbox>,
+    /// Add this address hash to the global suppression list.
+    pub suppress: Option<Suppression>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Suppression {
+    pub address_hash: String,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct OutboxCounts {
+    pub pending: i64,
+    pub done: i64,
+    pub dead: i64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// Apply this backend's migrations.
+    async fn migrate(&self) -> StoreResult<()>;
+
+    /// Insert or update the contact with this (normalised) email; merges CRM record ids.
+    async fn upsert_contact(&self, c: &ContactUpsert, now: DateTime<Utc>) -> StoreResult<Contact>;
+    async fn contact_by_email(&self, email: &str) -> StoreResult<Option<Contact>>;
+    async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>>;
+    /// Contacts ordered by id, after `after` (paging for decision passes).
+    async fn contacts_page(&self, after: Option<&str>, limit: i64) -> StoreResult<Vec<Contact>>;
+
+    /// Consent of one pair; `None` if no event was ever recorded.
+    async fn consent(&self, contact_id: &str, list_id: &str) -> StoreResult<Option<Consent>>;
+    async fn consents_of_contact(&self, contact_id: &str) -> StoreResult<Vec<(String, Consent)>>;
+
+    /// Ledger event + consent projection + outbox rows + suppression, in one transaction.
+    async fn commit(&self, c: &Commit) -> StoreResult<LedgerEvent>;
+    /// Append an event that changes no state (e.g. evidence of a fetched link).
+    async fn append_event(&self, e: &NewEvent) -> StoreResult<LedgerEvent>;
+
+    async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>>;
+    /// Ledger events with `seq > after`, in order, at most `limit`.
+    async fn ledger_page(&self, after: i64, limit: i64) -> StoreResult<Vec<LedgerEvent>>;
+
+    /// Claim due outbox rows (legal priority first) for `lease_until`; safe across instances.
+    async fn claim_outbox(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+    ) -> StoreResult<Vec<OutboxItem>>;
+    async fn finish_outbox(
+        &self,
+        id: i64,
+        worker: &str,
+        finish: &Finish,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    async fn outbox_counts(&self) -> StoreResult<OutboxCounts>;
+    async fn outbox_dead(&self) -> StoreResult<Vec<OutboxItem>>;
+
+    async fn cursor(&self, name: &str) -> StoreResult<Option<String>>;
+    async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()>;
+
+    async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool>;
+}
+
+/// Open the store named by `url` (`sqlite://path` or `postgres://...`).
+pub async fn open(url: &str) -> StoreResult<Arc<dyn Store>> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok(Arc::new(SqliteStore::open(path).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Arc::new(PostgresStore::open(url).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}
+
+/// Helpers shared by both backends for decoding rows kept as text/JSON.
+pub(crate) mod codec {
+    use super::*;
+    use crate::consent::ConsentState;
+
+    pub fn parse_state(table: &'static str, s: &str) -> StoreResult<ConsentState> {
+        s.parse()
+            .map_err(|e: crate::consent::UnknownState| StoreError::Corrupt {
+                table,
+                detail: e.to_string(),
+            })
+    }
+
+    pub fn parse_json<T: serde::de::DeserializeOwned>(
+        table: &'static str,
+        s: &str,
+    ) -> StoreResult<T> {
+        serde_json::from_str(s).map_err(|e| StoreError::Corrupt {
+            table,
+            detail: e.to_string(),
+        })
+    }
+
+    pub fn to_json<T: Serialize>(v: &T) -> String {
+        serde_json::to_string(v).unwrap_or_else(|_| "null".to_owned())
+    }
+}

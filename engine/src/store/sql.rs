@@ -1,0 +1,458 @@
+//! The SQL both backends share. One body, instantiated per backend by [`shared_store_impl!`],
+//! so SQLite and PostgreSQL cannot drift apart; only locking and claiming differ.
+//!
+//! All timestamps are stored as fixed-width RFC 3339 UTC text (microseconds), which sorts
+//! correctly as text in both databases and hashes reproducibly in the ledger.
+
+/// Generates `impl Store for $store` where `$store` has `pool: sqlx::Pool<$db>` and an inherent
+/// `async fn run_migrations(&self)`.
+///
+/// - `lock`: SQL run first in every ledger-appending transaction to serialise appends.
+/// - `skip_locked`: suffix for the outbox claim sub-select (`FOR UPDATE SKIP LOCKED` on
+///   PostgreSQL so several instances never claim the same row).
+macro_rules! shared_store_impl {
+    ($store:ty, $db:ty, lock = $lock:literal, skip_locked = $skip:literal) => {
+        use std::collections::BTreeMap;
+
+        use async_trait::async_trait;
+        use chrono::{DateTime, Utc};
+        use sqlx::Row as _;
+
+        use crate::consent::Consent;
+        use crate::ledger::{format_time, LedgerEvent, NewEvent, GENESIS_HASH};
+        use crate::store::codec::{parse_json, parse_state, to_json};
+        use crate::store::{
+            Commit, Contact, ContactUpsert, Finish, OutboxCounts, OutboxItem, Store, StoreError, StoreResult,
+        };
+
+        type Row = <$db as sqlx::Database>::Row;
+        type Tx<'a> = sqlx::Transaction<'a, $db>;
+
+        const CONTACT_COLS: &str = "id, email, language, fields, crm_records, created_at, updated_at";
+        const CONSENT_COLS: &str =
+            "list_id, state, since, signup_token, doi_mails, reminders_sent, confirmed_at, confirmed_token, last_seq";
+        const LEDGER_COLS: &str =
+            "seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, prev_hash, hash";
+        const OUTBOX_COLS: &str =
+            "id, kind, priority, idempotency_key, contact_id, list_id, payload, attempts, status, last_error, event_seq";
+
+        fn parse_time(table: &'static str, s: &str) -> StoreResult<DateTime<Utc>> {
+            DateTime::parse_from_rfc3339(s)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| StoreError::Corrupt { table, detail: format!("bad timestamp `{s}`: {e}") })
+        }
+
+        fn contact_from(row: &Row) -> StoreResult<Contact> {
+            Ok(Contact {
+                id: row.try_get("id")?,
+                email: row.try_get("email")?,
+                language: row.try_get("language")?,
+                fields: parse_json("contacts", &row.try_get::<String, _>("fields")?)?,
+                crm_records: parse_json("contacts", &row.try_get::<String, _>("crm_records")?)?,
+                created_at: parse_time("contacts", &row.try_get::<String, _>("created_at")?)?,
+                updated_at: parse_time("contacts", &row.try_get::<String, _>("updated_at")?)?,
+            })
+        }
+
+        fn consent_from(row: &Row) -> StoreResult<(String, Consent)> {
+            let confirmed_at: Option<String> = row.try_get("confirmed_at")?;
+            let consent = Consent {
+                state: parse_state("consents", &row.try_get::<String, _>("state")?)?,
+                since: parse_time("consents", &row.try_get::<String, _>("since")?)?,
+                signup_token: row.try_get("signup_token")?,
+                doi_mails: u32::try_from(row.try_get::<i32, _>("doi_mails")?).unwrap_or(0),
+                reminders_sent: u32::try_from(row.try_get::<i32, _>("reminders_sent")?).unwrap_or(0),
+                confirmed_at: confirmed_at.map(|s| parse_time("consents", &s)).transpose()?,
+                confirmed_token: row.try_get("confirmed_token")?,
+                last_seq: Some(row.try_get("last_seq")?),
+            };
+            Ok((row.try_get("list_id")?, consent))
+        }
+
+        fn event_from(row: &Row) -> StoreResult<LedgerEvent> {
+            Ok(LedgerEvent {
+                seq: row.try_get("seq")?,
+                event_id: row.try_get("event_id")?,
+                at: row.try_get("at")?,
+                contact_id: row.try_get("contact_id")?,
+                list_id: row.try_get("list_id")?,
+                kind: row.try_get("kind")?,
+                from_state: row.try_get("from_state")?,
+                to_state: row.try_get("to_state")?,
+                source: row.try_get("source")?,
+                evidence: row.try_get("evidence")?,
+                prev_hash: row.try_get("prev_hash")?,
+                hash: row.try_get("hash")?,
+            })
+        }
+
+        fn outbox_from(row: &Row) -> StoreResult<OutboxItem> {
+            Ok(OutboxItem {
+                id: row.try_get("id")?,
+                kind: row.try_get("kind")?,
+                priority: row.try_get("priority")?,
+                idempotency_key: row.try_get("idempotency_key")?,
+                contact_id: row.try_get("contact_id")?,
+                list_id: row.try_get("list_id")?,
+                payload: parse_json("outbox", &row.try_get::<String, _>("payload")?)?,
+                attempts: row.try_get("attempts")?,
+                status: row.try_get("status")?,
+                last_error: row.try_get("last_error")?,
+                event_seq: row.try_get("event_seq")?,
+            })
+        }
+
+        /// Append one event at the head of the chain. The caller holds the append lock.
+        async fn append_locked(tx: &mut Tx<'_>, e: &NewEvent) -> StoreResult<LedgerEvent> {
+            let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut **tx)
+                .await?;
+            let (seq, prev) = match head {
+                Some(r) => (r.try_get::<i64, _>("seq")? + 1, r.try_get::<String, _>("hash")?),
+                None => (1, GENESIS_HASH.to_owned()),
+            };
+            let ev = e.seal(seq, &prev);
+            sqlx::query(
+                "INSERT INTO ledger (seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, prev_hash, hash) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+            )
+            .bind(ev.seq)
+            .bind(&ev.event_id)
+            .bind(&ev.at)
+            .bind(&ev.contact_id)
+            .bind(&ev.list_id)
+            .bind(&ev.kind)
+            .bind(&ev.from_state)
+            .bind(&ev.to_state)
+            .bind(&ev.source)
+            .bind(&ev.evidence)
+            .bind(&ev.prev_hash)
+            .bind(&ev.hash)
+            .execute(&mut **tx)
+            .await?;
+            Ok(ev)
+        }
+
+        #[async_trait]
+        impl Store for $store {
+            async fn migrate(&self) -> StoreResult<()> {
+                self.run_migrations().await
+            }
+
+            async fn upsert_contact(&self, c: &ContactUpsert, now: DateTime<Utc>) -> StoreResult<Contact> {
+                let mut tx = self.pool.begin().await?;
+                let ts = format_time(now);
+                sqlx::query(
+                    "INSERT INTO contacts (id, email, language, fields, crm_records, created_at, updated_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (email) DO NOTHING",
+                )
+                .bind(uuid::Uuid::now_v7().to_string())
+                .bind(&c.email)
+                .bind(&c.language)
+                .bind(to_json(&c.fields))
+                .bind(to_json(&c.crm_record.iter().collect::<Vec<_>>()))
+                .bind(&ts)
+                .bind(&ts)
+                .execute(&mut *tx)
+                .await?;
+                let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts WHERE email = $1"))
+                    .bind(&c.email)
+                    .fetch_one(&mut *tx)
+                    .await?;
+                let mut contact = contact_from(&row)?;
+                // Several CRM records may carry one address: keep every record id, and the
+                // newest values for the fields they carry.
+                let mut changed = false;
+                if let Some(rec) = &c.crm_record {
+                    if !contact.crm_records.contains(rec) {
+                        contact.crm_records.push(rec.clone());
+                        contact.crm_records.sort();
+                        changed = true;
+                    }
+                }
+                if c.language.is_some() && c.language != contact.language {
+                    contact.language = c.language.clone();
+                    changed = true;
+                }
+                let mut fields: BTreeMap<String, serde_json::Value> = contact.fields.clone();
+                fields.extend(c.fields.clone());
+                if fields != contact.fields {
+                    contact.fields = fields;
+                    changed = true;
+                }
+                if changed {
+                    contact.updated_at = now;
+                    sqlx::query(
+                        "UPDATE contacts SET language = $1, fields = $2, crm_records = $3, updated_at = $4 WHERE id = $5",
+                    )
+                    .bind(&contact.language)
+                    .bind(to_json(&contact.fields))
+                    .bind(to_json(&contact.crm_records))
+                    .bind(&ts)
+                    .bind(&contact.id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(contact)
+            }
+
+            async fn contact_by_email(&self, email: &str) -> StoreResult<Option<Contact>> {
+                let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts WHERE email = $1"))
+                    .bind(email)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(contact_from).transpose()
+            }
+
+            async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>> {
+                let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts WHERE id = $1"))
+                    .bind(id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.as_ref().map(contact_from).transpose()
+            }
+
+            async fn contacts_page(&self, after: Option<&str>, limit: i64) -> StoreResult<Vec<Contact>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {CONTACT_COLS} FROM contacts WHERE id > $1 ORDER BY id LIMIT $2"
+                ))
+                .bind(after.unwrap_or(""))
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(contact_from).collect()
+            }
+
+            async fn consent(&self, contact_id: &str, list_id: &str) -> StoreResult<Option<Consent>> {
+                let row = sqlx::query(&format!(
+                    "SELECT {CONSENT_COLS} FROM consents WHERE contact_id = $1 AND list_id = $2"
+                ))
+                .bind(contact_id)
+                .bind(list_id)
+                .fetch_optional(&self.pool)
+                .await?;
+                Ok(row.as_ref().map(consent_from).transpose()?.map(|(_, c)| c))
+            }
+
+            async fn consents_of_contact(&self, contact_id: &str) -> StoreResult<Vec<(String, Consent)>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {CONSENT_COLS} FROM consents WHERE contact_id = $1 ORDER BY list_id"
+                ))
+                .bind(contact_id)
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter().map(consent_from).collect()
+            }
+
+            async fn commit(&self, c: &Commit) -> StoreResult<LedgerEvent> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($lock).execute(&mut *tx).await?;
+                let current: Option<i64> =
+                    sqlx::query("SELECT last_seq FROM consents WHERE contact_id = $1 AND list_id = $2")
+                        .bind(&c.contact_id)
+                        .bind(&c.list_id)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .map(|r| r.try_get::<i64, _>("last_seq"))
+                        .transpose()?;
+                if current != c.expected_seq {
+                    return Err(StoreError::Conflict { contact_id: c.contact_id.clone(), list_id: c.list_id.clone() });
+                }
+                let ev = append_locked(&mut tx, &c.event).await?;
+                let k = &c.consent;
+                sqlx::query(
+                    "INSERT INTO consents (contact_id, list_id, state, since, signup_token, doi_mails, reminders_sent, confirmed_at, confirmed_token, last_seq) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                     ON CONFLICT (contact_id, list_id) DO UPDATE SET state = excluded.state, since = excluded.since, \
+                     signup_token = excluded.signup_token, doi_mails = excluded.doi_mails, reminders_sent = excluded.reminders_sent, \
+                     confirmed_at = excluded.confirmed_at, confirmed_token = excluded.confirmed_token, last_seq = excluded.last_seq",
+                )
+                .bind(&c.contact_id)
+                .bind(&c.list_id)
+                .bind(k.state.as_str())
+                .bind(format_time(k.since))
+                .bind(&k.signup_token)
+                .bind(i32::try_from(k.doi_mails).unwrap_or(i32::MAX))
+                .bind(i32::try_from(k.reminders_sent).unwrap_or(i32::MAX))
+                .bind(k.confirmed_at.map(format_time))
+                .bind(&k.confirmed_token)
+                .bind(ev.seq)
+                .execute(&mut *tx)
+                .await?;
+                for o in &c.outbox {
+                    sqlx::query(
+                        "INSERT INTO outbox (kind, priority, idempotency_key, contact_id, list_id, payload, event_seq, next_attempt_at, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (idempotency_key) DO NOTHING",
+                    )
+                    .bind(&o.kind)
+                    .bind(o.priority)
+                    .bind(&o.idempotency_key)
+                    .bind(&o.contact_id)
+                    .bind(&o.list_id)
+                    .bind(to_json(&o.payload))
+                    .bind(ev.seq)
+                    .bind(&ev.at)
+                    .bind(&ev.at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                if let Some(s) = &c.suppress {
+                    sqlx::query(
+                        "INSERT INTO suppressions (address_hash, reason, at) VALUES ($1, $2, $3) ON CONFLICT (address_hash) DO NOTHING",
+                    )
+                    .bind(&s.address_hash)
+                    .bind(&s.reason)
+                    .bind(&ev.at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(ev)
+            }
+
+            async fn append_event(&self, e: &NewEvent) -> StoreResult<LedgerEvent> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($lock).execute(&mut *tx).await?;
+                let ev = append_locked(&mut tx, e).await?;
+                tx.commit().await?;
+                Ok(ev)
+            }
+
+            async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>> {
+                let rows = sqlx::query(&format!("SELECT {LEDGER_COLS} FROM ledger WHERE contact_id = $1 ORDER BY seq"))
+                    .bind(contact_id)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(event_from).collect()
+            }
+
+            async fn ledger_page(&self, after: i64, limit: i64) -> StoreResult<Vec<LedgerEvent>> {
+                let rows = sqlx::query(&format!("SELECT {LEDGER_COLS} FROM ledger WHERE seq > $1 ORDER BY seq LIMIT $2"))
+                    .bind(after)
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(event_from).collect()
+            }
+
+            async fn claim_outbox(
+                &self,
+                worker: &str,
+                now: DateTime<Utc>,
+                lease_until: DateTime<Utc>,
+                limit: i64,
+            ) -> StoreResult<Vec<OutboxItem>> {
+                let sql = format!(
+                    "UPDATE outbox SET claimed_by = $1, claimed_until = $2, attempts = attempts + 1 \
+                     WHERE id IN (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= $3 \
+                     AND (claimed_until IS NULL OR claimed_until < $3) ORDER BY priority, id LIMIT $4 {}) \
+                     RETURNING {OUTBOX_COLS}",
+                    $skip
+                );
+                let rows = sqlx::query(&sql)
+                    .bind(worker)
+                    .bind(format_time(lease_until))
+                    .bind(format_time(now))
+                    .bind(limit)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut items = rows.iter().map(outbox_from).collect::<StoreResult<Vec<_>>>()?;
+                items.sort_by_key(|i| (i.priority, i.id));
+                Ok(items)
+            }
+
+            async fn finish_outbox(&self, id: i64, worker: &str, finish: &Finish, now: DateTime<Utc>) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await?;
+                let ts = format_time(now);
+                let (status, next, error, note) = match finish {
+                    Finish::Done { note, .. } => ("done", ts.clone(), None, note.clone()),
+                    Finish::Retry { at, error } => ("pending", format_time(*at), Some(error.clone()), None),
+                    Finish::Dead { error } => ("dead", ts.clone(), Some(error.clone()), None),
+                };
+                let done_at = (status != "pending").then(|| ts.clone());
+                let updated = sqlx::query(
+                    "UPDATE outbox SET status = $1, next_attempt_at = $2, last_error = $3, note = $4, done_at = $5, \
+                     claimed_by = NULL, claimed_until = NULL WHERE id = $6 AND claimed_by = $7 AND status = 'pending'",
+                )
+                .bind(status)
+                .bind(next)
+                .bind(error)
+                .bind(note)
+                .bind(done_at)
+                .bind(id)
+                .bind(worker)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if updated == 0 {
+                    // Our lease ran out and another worker owns the row now; it will record
+                    // the result. Writing the event here would record it twice.
+                    tracing::warn!(outbox_id = id, worker, "outbox lease lost; result not recorded");
+                    return Ok(());
+                }
+                if let Finish::Done { event: Some(e), .. } = finish {
+                    sqlx::query($lock).execute(&mut *tx).await?;
+                    append_locked(&mut tx, e).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn outbox_counts(&self) -> StoreResult<OutboxCounts> {
+                let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM outbox GROUP BY status")
+                    .fetch_all(&self.pool)
+                    .await?;
+                let mut counts = OutboxCounts::default();
+                for r in rows {
+                    let n: i64 = r.try_get("n")?;
+                    match r.try_get::<String, _>("status")?.as_str() {
+                        "pending" => counts.pending = n,
+                        "done" => counts.done = n,
+                        "dead" => counts.dead = n,
+                        _ => {}
+                    }
+                }
+                Ok(counts)
+            }
+
+            async fn outbox_dead(&self) -> StoreResult<Vec<OutboxItem>> {
+                let rows = sqlx::query(&format!("SELECT {OUTBOX_COLS} FROM outbox WHERE status = 'dead' ORDER BY id"))
+                    .fetch_all(&self.pool)
+                    .await?;
+                rows.iter().map(outbox_from).collect()
+            }
+
+            async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
+                let row = sqlx::query("SELECT value FROM cursors WHERE name = $1")
+                    .bind(name)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.map(|r| r.try_get("value")).transpose()?)
+            }
+
+            async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO cursors (name, value, updated_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                )
+                .bind(name)
+                .bind(value)
+                .bind(format_time(now))
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {
+                let row = sqlx::query("SELECT 1 AS one FROM suppressions WHERE address_hash = $1")
+                    .bind(address_hash)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                Ok(row.is_some())
+            }
+        }
+    };
+}
+
+pub(crate) use shared_store_impl;

@@ -1,0 +1,282 @@
+//! Connector traits and the serde wire types they exchange with the optinsync engine.
+//!
+//! # Boundary
+//!
+//! This crate holds **types and traits only**: it performs no I/O, opens no sockets or files,
+//! and depends on no runtime. Connectors (CRM, Campaigns, mail transport) implement the traits
+//! in their own crates; the engine drives them. Every wire type is `serde` so that an
+//! out-of-process connector protocol (JSON lines over stdio) can be added later without
+//! changing the engine.
+//!
+//! Consent is never decided here. A connector reports what an outside system says
+//! (a CRM field, an unsubscribe inside the Campaigns tool); the engine's state machine decides
+//! what that means.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// An opaque position in a connector's change feed. Only the connector that produced it may
+/// interpret it; the engine stores it and hands it back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Cursor(pub String);
+
+/// A reference to one record in the CRM (module + id), e.g. `Contacts/4150868000000624001`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RecordRef {
+    pub module: String,
+    pub id: String,
+}
+
+impl fmt::Display for RecordRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.module, self.id)
+    }
+}
+
+/// One CRM record as the connector read it. `email` is as given by the CRM (not normalised).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CrmRecord {
+    pub record: RecordRef,
+    pub email: Option<String>,
+    /// Language tag from the CRM (`en`, `es`, ...), if the mapping names one.
+    pub language: Option<String>,
+    /// The person explicitly opted out of marketing in the CRM (e.g. `Email_Opt_Out = true`).
+    pub opted_out: bool,
+    /// Names of the lists the CRM says this person asked for (consent *asserted*, not proven).
+    pub asserted_lists: Vec<String>,
+    /// Other mapped fields, passed to rules as `contact.fields`.
+    pub fields: BTreeMap<String, serde_json::Value>,
+    pub modified_at: Option<DateTime<Utc>>,
+}
+
+/// A record the connector could not turn into a [`CrmRecord`]; reported and skipped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidRecord {
+    /// Where the record is (CRM id, or file and line for local connectors).
+    pub location: String,
+    pub reason: String,
+}
+
+/// One page of the CRM change feed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChangePage {
+    pub records: Vec<CrmRecord>,
+    pub invalid: Vec<InvalidRecord>,
+    /// Records deleted in the CRM since the cursor.
+    pub deleted: Vec<RecordRef>,
+    /// Cursor to store once this page is committed; `None` keeps the previous one.
+    pub next_cursor: Option<Cursor>,
+    /// More pages are available right now.
+    pub has_more: bool,
+}
+
+/// A webhook call turned into what the engine should do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WebhookEvent {
+    /// Fetch these records now (incremental fetch of the named ids).
+    Changed(Vec<RecordRef>),
+    /// A callback the connector recognised but that needs no work (e.g. a channel ping).
+    Ignored,
+}
+
+/// Consent written back to the CRM after each consent change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsentWriteBack {
+    pub records: Vec<RecordRef>,
+    pub email: String,
+    pub list: String,
+    /// Consent state name after the change (`confirmed`, `withdrawn`, ...).
+    pub state: String,
+    /// Whether the CRM's marketing opt-out flag must be set.
+    pub opt_out: bool,
+    pub at: DateTime<Utc>,
+    /// Ledger event sequence number the write-back reflects (for idempotency and audit).
+    pub ledger_seq: i64,
+}
+
+/// A confirmed contact to put on a Campaigns list.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Subscriber {
+    pub email: String,
+    pub language: Option<String>,
+    pub fields: BTreeMap<String, serde_json::Value>,
+}
+
+/// What happened to an address inside the Campaigns tool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusKind {
+    Unsubscribed,
+    Bounced,
+    Complained,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusEvent {
+    pub email: String,
+    pub kind: StatusKind,
+    pub at: DateTime<Utc>,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusPage {
+    pub events: Vec<StatusEvent>,
+    pub next_cursor: Option<Cursor>,
+    pub has_more: bool,
+}
+
+/// Last engagement of an address on a list, for the inactivity rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Engagement {
+    pub email: String,
+    pub last_open: Option<DateTime<Utc>>,
+    pub last_click: Option<DateTime<Utc>>,
+}
+
+/// A fully rendered mail, ready for a transport.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutgoingMessage {
+    /// Stable key: a transport that can deduplicate must not send the same key twice.
+    pub idempotency_key: String,
+    /// `Message-ID` without angle brackets, chosen by the engine so it is in the ledger.
+    pub message_id: String,
+    pub from: String,
+    pub to: String,
+    pub subject: String,
+    pub text: String,
+    pub html: Option<String>,
+    /// Extra headers, e.g. `List-Unsubscribe`.
+    pub headers: Vec<(String, String)>,
+}
+
+/// Proof that a transport accepted a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SentMessage {
+    pub message_id: String,
+    /// `true` when the transport recognised the idempotency key and did not send again.
+    pub deduplicated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Health {
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Pacing a connector declares; the engine never exceeds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest batch one call accepts.
+    pub max_batch: usize,
+    /// Calls per minute; `None` means no limit known.
+    pub calls_per_minute: Option<u32>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_batch: 100,
+            calls_per_minute: None,
+        }
+    }
+}
+
+/// Errors a connector reports. The variant tells the engine what to do with the work item.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectorError {
+    /// Try again later (network, 429, 5xx). `retry_after` when the server said so.
+    #[error("temporary failure: {message}")]
+    Transient {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// Will never succeed as asked (e.g. invalid address); goes to the dead letters.
+    #[error("permanent failure: {message}")]
+    Permanent { message: String },
+    /// The address was rejected permanently by the receiving side (a hard bounce).
+    #[error("address rejected: {message}")]
+    Rejected { message: String },
+    /// The connector is misconfigured; names the setting to fix.
+    #[error("configuration error in `{setting}`: {message}")]
+    Config { setting: String, message: String },
+    /// A webhook or record that is not acceptable input.
+    #[error("invalid input: {message}")]
+    InvalidInput { message: String },
+}
+
+impl ConnectorError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::Transient {
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::Permanent {
+            message: message.into(),
+        }
+    }
+}
+
+pub type ConnectorResult<T> = Result<T, ConnectorError>;
+
+/// A CRM: the source of contacts and of asserted consent; receives consent write-back.
+#[async_trait]
+pub trait CrmConnector: Send + Sync + fmt::Debug {
+    /// Changes since `cursor` (`None` = from the beginning), at most `limit` records.
+    async fn changes(&self, cursor: Option<&Cursor>, limit: usize) -> ConnectorResult<ChangePage>;
+    /// One record, or `None` if it no longer exists.
+    async fn fetch(&self, record: &RecordRef) -> ConnectorResult<Option<CrmRecord>>;
+    /// Turn a webhook call into work. Forged or unknown callbacks are `InvalidInput`.
+    fn parse_webhook(
+        &self,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> ConnectorResult<WebhookEvent>;
+    async fn write_back(&self, consent: &ConsentWriteBack) -> ConnectorResult<()>;
+    async fn health(&self) -> ConnectorResult<Health>;
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+}
+
+/// A campaigns tool: holds the marketing lists; only confirmed contacts go on them.
+#[async_trait]
+pub trait CampaignsConnector: Send + Sync + fmt::Debug {
+    /// Add or update subscribers on `list`. Must be idempotent.
+    async fn subscribe(&self, list: &str, subscribers: &[Subscriber]) -> ConnectorResult<()>;
+    /// Take addresses off `list`. Must be idempotent.
+    async fn remove(&self, list: &str, emails: &[String]) -> ConnectorResult<()>;
+    /// Unsubscribes, bounces and complaints that happened inside the tool since `cursor`.
+    async fn status_events(
+        &self,
+        list: &str,
+        cursor: Option<&Cursor>,
+    ) -> ConnectorResult<StatusPage>;
+    /// Last open/click per address, where the tool reports it.
+    async fn engagement(&self, list: &str, emails: &[String]) -> ConnectorResult<Vec<Engagement>>;
+    async fn health(&self) -> ConnectorResult<Health>;
+    fn limits(&self) -> Limits {
+        Limits::default()
+    }
+}
+
+/// A mail transport for DOI, reminder and re-permission mails.
+#[async_trait]
+pub trait MailTransport: Send + Sync + fmt::Debug {
+    async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage>;
+    async fn health(&self) -> ConnectorResult<Health>;
+    fn limits(&self) -> Limits {
+        Limits {
+            max_batch: 1,
+            calls_per_minute: None,
+        }
+    }
+}

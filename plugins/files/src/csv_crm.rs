@@ -1,0 +1,940 @@
+//! A CSV file standing in for a CRM.
+//!
+//! The file has a header row; one row is one contact. There is no change log in a CSV, so
+//! the change feed is *incremental by row content*: the cursor remembers a hash of every row
+//! it has handed out, and a later pass returns only rows whose hash changed (or that are
+//! new), plus the ids that disappeared. The CSV is only ever read; write-backs go to an
+//! optional JSONL file.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_trait::async_trait;
+use optinsync_plugin_api::{
+    ChangePage, ConnectorError, ConnectorResult, ConsentWriteBack, CrmConnector, CrmRecord, Cursor,
+    Health, InvalidRecord, RecordRef, WebhookEvent,
+};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::Mutex;
+
+use crate::{ConfigError, fsutil, parse_settings};
+
+/// Settings of [`CsvCrm`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsvCrmConfig {
+    /// The CSV file. Relative to the configuration file's directory.
+    pub path: String,
+    /// Module name used in record references (`Contacts/17`).
+    #[serde(default = "default_module")]
+    pub module: String,
+    #[serde(default = "default_id_column")]
+    pub id_column: String,
+    #[serde(default = "default_email_column")]
+    pub email_column: String,
+    /// Optional column; when absent from the file every record has no language.
+    #[serde(default = "default_language_column")]
+    pub language_column: String,
+    /// Optional column; a truthy value means the person opted out of marketing.
+    #[serde(default = "default_opt_out_column")]
+    pub opt_out_column: String,
+    /// List id → column whose truthy value means the CRM says the person asked for that list.
+    #[serde(default)]
+    pub asserts: BTreeMap<String, String>,
+    /// JSONL file receiving consent write-backs, one JSON object per line.
+    #[serde(default)]
+    pub writeback_path: Option<String>,
+}
+
+fn default_module() -> String {
+    "Contacts".to_owned()
+}
+fn default_id_column() -> String {
+    "Id".to_owned()
+}
+fn default_email_column() -> String {
+    "Email".to_owned()
+}
+fn default_language_column() -> String {
+    "Language".to_owned()
+}
+fn default_opt_out_column() -> String {
+    "Email_Opt_Out".to_owned()
+}
+
+/// A [`CrmConnector`] reading contacts from a CSV file. See the module docs for how changes
+/// are detected.
+#[derive(Debug)]
+pub struct CsvCrm {
+    config: Arc<CsvCrmConfig>,
+    path: PathBuf,
+    writeback_path: Option<PathBuf>,
+    /// Serialises appends so two write-backs never interleave within a line.
+    writeback_lock: Mutex<()>,
+    /// Missing optional columns are logged once, not on every poll.
+    warned_optional: AtomicBool,
+}
+
+impl CsvCrm {
+    /// Build from the connector's TOML table; relative paths are resolved against `base_dir`.
+    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, ConfigError> {
+        let config: CsvCrmConfig = parse_settings(settings)?;
+        Self::new(config, base_dir)
+    }
+
+    /// Build from already-parsed settings; relative paths are resolved against `base_dir`.
+    pub fn new(config: CsvCrmConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+        for (setting, value) in [
+            ("module", &config.module),
+            ("id_column", &config.id_column),
+            ("email_column", &config.email_column),
+        ] {
+            if value.trim().is_empty() {
+                return Err(ConfigError::Invalid {
+                    setting: setting.to_owned(),
+                    message: "must not be empty".to_owned(),
+                });
+            }
+        }
+        let path = fsutil::resolve(base_dir, "path", &config.path)?;
+        let writeback_path = config
+            .writeback_path
+            .as_deref()
+            .map(|p| fsutil::resolve(base_dir, "writeback_path", p))
+            .transpose()?;
+        Ok(Self {
+            config: Arc::new(config),
+            path,
+            writeback_path,
+            writeback_lock: Mutex::new(()),
+            warned_optional: AtomicBool::new(false),
+        })
+    }
+
+    /// The settings this connector runs with.
+    pub fn config(&self) -> &CsvCrmConfig {
+        &self.config
+    }
+
+    /// The resolved CSV path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read and parse the whole file off the async runtime (CSV parsing is CPU work).
+    async fn snapshot(&self) -> ConnectorResult<Snapshot> {
+        let config = Arc::clone(&self.config);
+        let path = self.path.clone();
+        let snapshot = tokio::task::spawn_blocking(move || read_snapshot(&path, &config))
+            .await
+            .map_err(|err| ConnectorError::transient(format!("CSV reader task failed: {err}")))??;
+        if !snapshot.missing_optional.is_empty()
+            && !self.warned_optional.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                file = %self.path.display(),
+                columns = ?snapshot.missing_optional,
+                "optional CSV columns not found; their values are treated as empty"
+            );
+        }
+        Ok(snapshot)
+    }
+}
+
+#[async_trait]
+impl CrmConnector for CsvCrm {
+    async fn changes(&self, cursor: Option<&Cursor>, limit: usize) -> ConnectorResult<ChangePage> {
+        let previous = match cursor {
+            Some(cursor) => CursorState::decode(cursor)?,
+            None => CursorState::default(),
+        };
+        let snapshot = self.snapshot().await?;
+        Ok(diff(&self.config.module, &previous, snapshot, limit))
+    }
+
+    async fn fetch(&self, record: &RecordRef) -> ConnectorResult<Option<CrmRecord>> {
+        if record.module != self.config.module {
+            return Ok(None);
+        }
+        let snapshot = self.snapshot().await?;
+        let row = snapshot
+            .rows
+            .into_iter()
+            .find(|row| matches!(&row.key, RowKey::Id(id) if *id == record.id));
+        match row.map(|row| row.outcome) {
+            None => Ok(None),
+            Some(Ok(found)) => Ok(Some(found)),
+            // Answering `None` would read as "deleted"; the row exists but is unusable.
+            Some(Err(invalid)) => Err(ConnectorError::InvalidInput {
+                message: format!("{}: {}", invalid.location, invalid.reason),
+            }),
+        }
+    }
+
+    fn parse_webhook(
+        &self,
+        _headers: &[(String, String)],
+        body: &[u8],
+    ) -> ConnectorResult<WebhookEvent> {
+        let parsed: WebhookBody =
+            serde_json::from_slice(body).map_err(|err| ConnectorError::InvalidInput {
+                message: format!(
+                    r#"CSV CRM webhook body must be {{"ids": ["<record id>", ...]}}: {err}"#
+                ),
+            })?;
+        let mut records = Vec::with_capacity(parsed.ids.len());
+        for id in parsed.ids {
+            let id = id.trim();
+            if id.is_empty() {
+                return Err(ConnectorError::InvalidInput {
+                    message: "CSV CRM webhook contains an empty id".to_owned(),
+                });
+            }
+            records.push(RecordRef {
+                module: self.config.module.clone(),
+                id: id.to_owned(),
+            });
+        }
+        Ok(if records.is_empty() {
+            WebhookEvent::Ignored
+        } else {
+            WebhookEvent::Changed(records)
+        })
+    }
+
+    async fn write_back(&self, consent: &ConsentWriteBack) -> ConnectorResult<()> {
+        let Some(path) = &self.writeback_path else {
+            tracing::debug!(list = %consent.list, state = %consent.state, "CSV CRM has no writeback_path; write-back dropped");
+            return Ok(());
+        };
+        let mut line = serde_json::to_string(consent)
+            .map_err(|err| ConnectorError::permanent(format!("cannot encode write-back: {err}")))?;
+        line.push('\n');
+        let _guard = self.writeback_lock.lock().await;
+        fsutil::append(path, line.as_bytes())
+            .await
+            .map_err(|err| fsutil::transient("cannot append to", path, &err))
+    }
+
+    async fn health(&self) -> ConnectorResult<Health> {
+        Ok(match self.snapshot().await {
+            Ok(snapshot) => Health {
+                ok: true,
+                detail: format!(
+                    "{} readable, {} rows",
+                    self.path.display(),
+                    snapshot.rows.len()
+                ),
+            },
+            Err(err) => Health {
+                ok: false,
+                detail: err.to_string(),
+            },
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookBody {
+    ids: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cursor and diff
+// ---------------------------------------------------------------------------------------------
+
+/// What the cursor remembers: the hash of every row already handed out.
+///
+/// Rows with a usable id are keyed by that id (so an edit is seen as a change of that
+/// record, and a vanished id as a deletion). Rows without one (missing id, duplicate id)
+/// can only be recognised by content, so they are kept in a separate set: that way they are
+/// reported once and never mistaken for deleted records.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CursorState {
+    #[serde(default)]
+    rows: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    unkeyed: BTreeSet<String>,
+}
+
+impl CursorState {
+    fn decode(cursor: &Cursor) -> ConnectorResult<Self> {
+        serde_json::from_str(&cursor.0).map_err(|err| ConnectorError::InvalidInput {
+            message: format!("not a CSV CRM cursor: {err}"),
+        })
+    }
+
+    fn encode(&self) -> Cursor {
+        // Serialising string maps cannot fail; fall back to an empty cursor rather than panic.
+        Cursor(serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned()))
+    }
+
+    fn has_seen(&self, row: &ParsedRow) -> bool {
+        match &row.key {
+            RowKey::Id(id) => self.rows.get(id) == Some(&row.hash),
+            RowKey::Unkeyed => self.unkeyed.contains(&row.hash),
+        }
+    }
+
+    fn record(&mut self, row: &ParsedRow) {
+        match &row.key {
+            RowKey::Id(id) => {
+                self.rows.insert(id.clone(), row.hash.clone());
+            }
+            RowKey::Unkeyed => {
+                self.unkeyed.insert(row.hash.clone());
+            }
+        }
+    }
+}
+
+/// Compare the file with the cursor and build one page of at most `limit` changed rows.
+fn diff(module: &str, previous: &CursorState, snapshot: Snapshot, limit: usize) -> ChangePage {
+    // A zero limit would never make progress; treat it as one.
+    let limit = limit.max(1);
+    let mut next = previous.clone();
+    let deleted = apply_deletions(module, &mut next, &snapshot);
+
+    let mut changed = snapshot
+        .rows
+        .into_iter()
+        .filter(|row| !previous.has_seen(row));
+    let mut records = Vec::new();
+    let mut invalid = Vec::new();
+    for row in changed.by_ref().take(limit) {
+        next.record(&row);
+        match row.outcome {
+            Ok(record) => records.push(record),
+            Err(bad) => invalid.push(bad),
+        }
+    }
+    let has_more = changed.next().is_some();
+    ChangePage {
+        records,
+        invalid,
+        deleted,
+        next_cursor: Some(next.encode()),
+        has_more,
+    }
+}
+
+/// Drop from `next` every id no longer in the file and return those ids as deletions.
+fn apply_deletions(module: &str, next: &mut CursorState, snapshot: &Snapshot) -> Vec<RecordRef> {
+    let mut present_ids = HashSet::new();
+    let mut present_unkeyed = HashSet::new();
+    for row in &snapshot.rows {
+        match &row.key {
+            RowKey::Id(id) => present_ids.insert(id.as_str()),
+            RowKey::Unkeyed => present_unkeyed.insert(row.hash.as_str()),
+        };
+    }
+    let gone: Vec<String> = next
+        .rows
+        .keys()
+        .filter(|id| !present_ids.contains(id.as_str()))
+        .cloned()
+        .collect();
+    for id in &gone {
+        next.rows.remove(id);
+    }
+    // Unkeyed rows were never records, so their disappearance is not a deletion.
+    next.unkeyed
+        .retain(|hash| present_unkeyed.contains(hash.as_str()));
+    gone.into_iter()
+        .map(|id| RecordRef {
+            module: module.to_owned(),
+            id,
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing
+// ---------------------------------------------------------------------------------------------
+
+/// The whole file, parsed.
+#[derive(Debug)]
+struct Snapshot {
+    rows: Vec<ParsedRow>,
+    /// Optional columns (language, opt-out) the file does not have.
+    missing_optional: Vec<String>,
+}
+
+#[derive(Debug)]
+struct ParsedRow {
+    key: RowKey,
+    hash: String,
+    outcome: Result<CrmRecord, InvalidRecord>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RowKey {
+    /// The first row carrying this id.
+    Id(String),
+    /// No usable id (missing, or a duplicate of an earlier row's id).
+    Unkeyed,
+}
+
+fn read_snapshot(path: &Path, config: &CsvCrmConfig) -> ConnectorResult<Snapshot> {
+    let bytes = std::fs::read(path).map_err(|err| match err.kind() {
+        std::io::ErrorKind::NotFound => ConnectorError::Config {
+            setting: "path".to_owned(),
+            message: format!("CSV file {} does not exist", path.display()),
+        },
+        _ => fsutil::transient("cannot read", path, &err),
+    })?;
+    parse_snapshot(&bytes, &fsutil::file_name(path), config)
+}
+
+fn parse_snapshot(bytes: &[u8], file: &str, config: &CsvCrmConfig) -> ConnectorResult<Snapshot> {
+    // Flexible, so a row with the wrong field count is still read and reported with its id
+    // instead of surfacing as an anonymous parse error.
+    // Spreadsheet exports often start with a UTF-8 byte-order mark, which would otherwise
+    // become part of the first column name and hide the id column.
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+    let mut reader = csv::ReaderBuilder::new().flexible(true).from_reader(bytes);
+    let headers: Vec<String> = reader
+        .byte_headers()
+        .map_err(|err| ConnectorError::Config {
+            setting: "path".to_owned(),
+            message: format!("{file}: cannot read the header row: {err}"),
+        })?
+        .iter()
+        .map(|h| String::from_utf8_lossy(h).trim().to_owned())
+        .collect();
+    let layout = Layout::locate(&headers, config, file)?;
+    let mut parser = RowParser {
+        layout: &layout,
+        config,
+        file,
+        first_line: HashMap::new(),
+    };
+    let mut rows = Vec::new();
+    for (index, result) in reader.byte_records().enumerate() {
+        rows.push(match result {
+            Ok(record) => parser.parse(&record),
+            Err(err) => unreadable_row(file, index, &err),
+        });
+    }
+    Ok(Snapshot {
+        rows,
+        missing_optional: layout.missing_optional,
+    })
+}
+
+/// A row the CSV reader itself rejected. Only I/O-level failures get here (fields are read
+/// as bytes, rows may have any length), so key it by position and message.
+fn unreadable_row(file: &str, index: usize, err: &csv::Error) -> ParsedRow {
+    let line = err.position().map_or(index as u64 + 2, csv::Position::line);
+    let reason = format!("unreadable CSV row: {err}");
+    ParsedRow {
+        key: RowKey::Unkeyed,
+        hash: hash_parts(&[line.to_string().as_bytes(), reason.as_bytes()]),
+        outcome: Err(InvalidRecord {
+            location: format!("{file}:{line}"),
+            reason,
+        }),
+    }
+}
+
+/// Column positions resolved from the header row.
+#[derive(Debug)]
+struct Layout {
+    headers: Vec<String>,
+    id: usize,
+    email: usize,
+    language: Option<usize>,
+    opt_out: Option<usize>,
+    asserts: Vec<(String, usize)>,
+    missing_optional: Vec<String>,
+    /// Hash of the header row and the column mapping: part of every row hash, so changing
+    /// the mapping makes every row count as changed and the engine sees the new meaning.
+    fingerprint: String,
+}
+
+impl Layout {
+    fn locate(headers: &[String], config: &CsvCrmConfig, file: &str) -> ConnectorResult<Self> {
+        let find = |column: &str| headers.iter().position(|h| h == column);
+        let require = |setting: &str, column: &str| {
+            find(column).ok_or_else(|| ConnectorError::Config {
+                setting: setting.to_owned(),
+                message: format!(
+                    "column `{column}` not found in {file} (columns: {})",
+                    headers.join(", ")
+                ),
+            })
+        };
+        let id = require("id_column", &config.id_column)?;
+        let email = require("email_column", &config.email_column)?;
+        let asserts = config
+            .asserts
+            .iter()
+            .map(|(list, column)| Ok((list.clone(), require(&format!("asserts.{list}"), column)?)))
+            .collect::<ConnectorResult<Vec<_>>>()?;
+        let language = find(&config.language_column);
+        let opt_out = find(&config.opt_out_column);
+        let missing_optional = [
+            (language, &config.language_column),
+            (opt_out, &config.opt_out_column),
+        ]
+        .into_iter()
+        .filter(|(index, _)| index.is_none())
+        .map(|(_, column)| column.clone())
+        .collect();
+        let mapping = serde_json::to_vec(&(config, headers)).unwrap_or_default();
+        Ok(Self {
+            headers: headers.to_vec(),
+            id,
+            email,
+            language,
+            opt_out,
+            asserts,
+            missing_optional,
+            fingerprint: hash_parts(&[&mapping]),
+        })
+    }
+}
+
+/// Turns rows into records, remembering ids already seen to catch duplicates.
+struct RowParser<'a> {
+    layout: &'a Layout,
+    config: &'a CsvCrmConfig,
+    file: &'a str,
+    first_line: HashMap<String, u64>,
+}
+
+impl RowParser<'_> {
+    fn parse(&mut self, record: &csv::ByteRecord) -> ParsedRow {
+        let line = record.position().map_or(0, csv::Position::line);
+        let mut parts: Vec<&[u8]> = vec![self.layout.fingerprint.as_bytes()];
+        parts.extend(record.iter());
+        let hash = hash_parts(&parts);
+
+        let id = record
+            .get(self.layout.id)
+            .map(|raw| String::from_utf8_lossy(raw).trim().to_owned());
+        let id = id.filter(|id| !id.is_empty());
+        let location = match &id {
+            Some(id) => format!("{}:{line} (Id={id})", self.file),
+            None => format!("{}:{line}", self.file),
+        };
+        let (key, duplicate_of) = match &id {
+            None => (RowKey::Unkeyed, None),
+            Some(id) => match self.first_line.get(id) {
+                Some(first) => (RowKey::Unkeyed, Some(*first)),
+                None => {
+                    self.first_line.insert(id.clone(), line);
+                    (RowKey::Id(id.clone()), None)
+                }
+            },
+        };
+        let outcome = self
+            .check(record, id.as_deref(), duplicate_of)
+            .map(|(id, fields)| self.to_record(id, fields))
+            .map_err(|reason| InvalidRecord { location, reason });
+        ParsedRow { key, hash, outcome }
+    }
+
+    /// Why a row cannot be used, or its id and decoded fields.
+    fn check(
+        &self,
+        record: &csv::ByteRecord,
+        id: Option<&str>,
+        duplicate_of: Option<u64>,
+    ) -> Result<(String, Vec<String>), String> {
+        let expected = self.layout.headers.len();
+        if record.len() != expected {
+            return Err(format!(
+                "expected {expected} fields, found {}",
+                record.len()
+            ));
+        }
+        let fields = record
+            .iter()
+            .map(|raw| String::from_utf8(raw.to_vec()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| "row is not valid UTF-8".to_owned())?;
+        let id = id.ok_or_else(|| format!("missing id (column `{}`)", self.config.id_column))?;
+        if let Some(first) = duplicate_of {
+            return Err(format!("duplicate id (first used on line {first})"));
+        }
+        if fields[self.layout.email].trim().is_empty() {
+            return Err(format!(
+                "empty email (column `{}`)",
+                self.config.email_column
+            ));
+        }
+        Ok((id.to_owned(), fields))
+    }
+
+    fn to_record(&self, id: String, fields: Vec<String>) -> CrmRecord {
+        let layout = self.layout;
+        let cell = |index: Option<usize>| index.map(|i| fields[i].trim()).filter(|v| !v.is_empty());
+        let asserted_lists = layout
+            .asserts
+            .iter()
+            .filter(|(_, column)| is_truthy(&fields[*column]))
+            .map(|(list, _)| list.clone())
+            .collect();
+        CrmRecord {
+            record: RecordRef {
+                module: self.config.module.clone(),
+                id,
+            },
+            email: cell(Some(layout.email)).map(str::to_owned),
+            language: cell(layout.language).map(str::to_owned),
+            opted_out: layout.opt_out.is_some_and(|i| is_truthy(&fields[i])),
+            asserted_lists,
+            fields: layout
+                .headers
+                .iter()
+                .zip(&fields)
+                .map(|(name, value)| (name.clone(), serde_json::Value::String(value.clone())))
+                .collect(),
+            modified_at: None,
+        }
+    }
+}
+
+/// CSV exports spell booleans many ways; an unknown spelling counts as false.
+fn is_truthy(value: &str) -> bool {
+    let value = value.trim();
+    ["true", "yes", "y", "1", "x"]
+        .iter()
+        .any(|t| value.eq_ignore_ascii_case(t))
+}
+
+/// SHA-256 over length-prefixed parts, so `["ab","c"]` and `["a","bc"]` hash differently.
+fn hash_parts(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hex::encode(hasher.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const CSV: &str = "Id,Email,Language,Email_Opt_Out,Newsletter\n\
+                       1,ann@example.com,en,false,yes\n\
+                       2,bob@example.com,es,true,\n\
+                       3, cy@example.com ,,,x\n";
+
+    fn crm(dir: &Path, csv: &str, extra: &str) -> CsvCrm {
+        std::fs::write(dir.join("contacts.csv"), csv).unwrap();
+        let settings: toml::Table = toml::from_str(&format!(
+            "path = \"contacts.csv\"\nasserts = {{ newsletter = \"Newsletter\" }}\n{extra}"
+        ))
+        .unwrap();
+        CsvCrm::from_config(settings, dir).unwrap()
+    }
+
+    fn ids(page: &ChangePage) -> Vec<&str> {
+        page.records.iter().map(|r| r.record.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn first_pass_maps_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let crm = crm(dir.path(), CSV, "");
+        let page = crm.changes(None, 100).await.unwrap();
+        assert_eq!(ids(&page), ["1", "2", "3"]);
+        assert!(page.invalid.is_empty() && page.deleted.is_empty() && !page.has_more);
+
+        let ann = &page.records[0];
+        assert_eq!(
+            ann.record,
+            RecordRef {
+                module: "Contacts".into(),
+                id: "1".into()
+            }
+        );
+        assert_eq!(ann.email.as_deref(), Some("ann@example.com"));
+        assert_eq!(ann.language.as_deref(), Some("en"));
+        assert!(!ann.opted_out);
+        assert_eq!(ann.asserted_lists, ["newsletter"]);
+        assert_eq!(ann.fields["Newsletter"], serde_json::json!("yes"));
+        assert!(page.records[1].opted_out);
+        assert!(page.records[1].asserted_lists.is_empty());
+        assert_eq!(page.records[2].email.as_deref(), Some("cy@example.com"));
+        assert_eq!(page.records[2].language, None);
+        assert_eq!(page.records[2].asserted_lists, ["newsletter"]);
+    }
+
+    #[tokio::test]
+    async fn incremental_by_row_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let crm = crm(dir.path(), CSV, "");
+        let first = crm.changes(None, 100).await.unwrap();
+        let cursor = first.next_cursor.unwrap();
+
+        let again = crm.changes(Some(&cursor), 100).await.unwrap();
+        assert!(again.records.is_empty() && again.deleted.is_empty() && again.invalid.is_empty());
+        assert_eq!(again.next_cursor.as_ref(), Some(&cursor));
+
+        // Edit row 2, delete row 3.
+        std::fs::write(
+            dir.path().join("contacts.csv"),
+            "Id,Email,Language,Email_Opt_Out,Newsletter\n1,ann@example.com,en,false,yes\n2,bob@example.com,es,false,y\n",
+        )
+        .unwrap();
+        let page = crm.changes(Some(&cursor), 100).await.unwrap();
+        assert_eq!(ids(&page), ["2"]);
+        assert!(!page.records[0].opted_out);
+        assert_eq!(
+            page.deleted,
+            [RecordRef {
+                module: "Contacts".into(),
+                id: "3".into()
+            }]
+        );
+
+        let settled = crm.changes(page.next_cursor.as_ref(), 100).await.unwrap();
+        assert!(settled.records.is_empty() && settled.deleted.is_empty());
+    }
+
+    #[tokio::test]
+    async fn paging_with_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let crm = crm(dir.path(), CSV, "");
+        let first = crm.changes(None, 2).await.unwrap();
+        assert_eq!(ids(&first), ["1", "2"]);
+        assert!(first.has_more);
+        let second = crm.changes(first.next_cursor.as_ref(), 2).await.unwrap();
+        assert_eq!(ids(&second), ["3"]);
+        assert!(!second.has_more);
+        let third = crm.changes(second.next_cursor.as_ref(), 2).await.unwrap();
+        assert!(third.records.is_empty() && !third.has_more);
+    }
+
+    #[tokio::test]
+    async fn invalid_rows_are_reported_once_and_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = "Id,Email,Language,Email_Opt_Out,Newsletter\n\
+                   1,ann@example.com,en,false,yes\n\
+                   2,bob@example.com\n\
+                   ,nobody@example.com,en,,\n\
+                   4,,en,,\n\
+                   1,again@example.com,en,,\n\
+                   5,eve@example.com,en,,\n";
+        let crm = crm(dir.path(), csv, "");
+        let page = crm.changes(None, 100).await.unwrap();
+        assert_eq!(ids(&page), ["1", "5"]);
+        let found: Vec<(&str, &str)> = page
+            .invalid
+            .iter()
+            .map(|i| (i.location.as_str(), i.reason.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("contacts.csv:3 (Id=2)", "expected 5 fields, found 2"),
+                ("contacts.csv:4", "missing id (column `Id`)"),
+                ("contacts.csv:5 (Id=4)", "empty email (column `Email`)"),
+                (
+                    "contacts.csv:6 (Id=1)",
+                    "duplicate id (first used on line 2)"
+                ),
+            ]
+        );
+
+        let again = crm.changes(page.next_cursor.as_ref(), 100).await.unwrap();
+        assert!(again.records.is_empty() && again.invalid.is_empty() && again.deleted.is_empty());
+
+        // Fixing an invalid row makes it a normal change.
+        std::fs::write(
+            dir.path().join("contacts.csv"),
+            csv.replace("4,,en", "4,dan@example.com,en"),
+        )
+        .unwrap();
+        let fixed = crm.changes(again.next_cursor.as_ref(), 100).await.unwrap();
+        assert_eq!(ids(&fixed), ["4"]);
+        assert!(fixed.invalid.is_empty() && fixed.deleted.is_empty());
+    }
+
+    #[tokio::test]
+    async fn missing_required_column_is_config_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let crm = crm(dir.path(), "Id,Mail,Newsletter\n1,a@example.com,yes\n", "");
+        let err = crm.changes(None, 10).await.unwrap_err();
+        match &err {
+            ConnectorError::Config { setting, message } => {
+                assert_eq!(setting, "email_column");
+                assert!(message.contains("contacts.csv"), "{message}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        let health = crm.health().await.unwrap();
+        assert!(!health.ok);
+        assert!(health.detail.contains("email_column"), "{}", health.detail);
+    }
+
+    #[tokio::test]
+    async fn bad_cursor_is_invalid_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let crm = crm(dir.path(), CSV, "");
+        let err = crm
+            .changes(Some(&Cursor("not json".into())), 10)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ConnectorError::InvalidInput { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_setting_is_named() {
+        let settings: toml::Table = toml::from_str("pth = \"contacts.csv\"").unwrap();
+        let err = CsvCrm::from_config(settings, Path::new("/tmp")).unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("unknown field `pth`"), "{message}");
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_base_dir() {
+        let settings: toml::Table =
+            toml::from_str("path = \"data/c.csv\"\nwriteback_path = \"/abs/wb.jsonl\"").unwrap();
+        let crm = CsvCrm::from_config(settings, Path::new("/etc/optinsync")).unwrap();
+        assert_eq!(crm.path(), Path::new("/etc/optinsync/data/c.csv"));
+        assert_eq!(
+            crm.writeback_path.as_deref(),
+            Some(Path::new("/abs/wb.jsonl"))
+        );
+    }
+
+    #[tokio::test]
+    async fn fetch_one_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let crm = crm(dir.path(), CSV, "");
+        let found = crm
+            .fetch(&RecordRef {
+                module: "Contacts".into(),
+                id: "2".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(found.unwrap().email.as_deref(), Some("bob@example.com"));
+        let absent = crm
+            .fetch(&RecordRef {
+                module: "Contacts".into(),
+                id: "9".into(),
+            })
+            .await
+            .unwrap();
+        assert!(absent.is_none());
+    }
+
+    #[tokio::test]
+    async fn webhook_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let crm = crm(dir.path(), CSV, "module = \"Leads\"");
+        let event = crm.parse_webhook(&[], br#"{"ids": ["1", "2"]}"#).unwrap();
+        assert_eq!(
+            event,
+            WebhookEvent::Changed(vec![
+                RecordRef {
+                    module: "Leads".into(),
+                    id: "1".into()
+                },
+                RecordRef {
+                    module: "Leads".into(),
+                    id: "2".into()
+                },
+            ])
+        );
+        for bad in [
+            &b"nope"[..],
+            br#"{"id": "1"}"#,
+            br#"{"ids": [1]}"#,
+            br#"{"ids": [" "]}"#,
+        ] {
+            let err = crm.parse_webhook(&[], bad).unwrap_err();
+            assert!(
+                matches!(err, ConnectorError::InvalidInput { .. }),
+                "{err:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn write_back_appends_jsonl_and_leaves_csv_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let crm = crm(dir.path(), CSV, "writeback_path = \"out/writeback.jsonl\"");
+        let wb = ConsentWriteBack {
+            records: vec![RecordRef {
+                module: "Contacts".into(),
+                id: "1".into(),
+            }],
+            email: "ann@example.com".into(),
+            list: "newsletter".into(),
+            state: "confirmed".into(),
+            opt_out: false,
+            at: chrono::Utc::now(),
+            ledger_seq: 7,
+        };
+        crm.write_back(&wb).await.unwrap();
+        crm.write_back(&wb).await.unwrap();
+        let written = std::fs::read_to_string(dir.path().join("out/writeback.jsonl")).unwrap();
+        let lines: Vec<ConsentWriteBack> = written
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines, [wb.clone(), wb]);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("contacts.csv")).unwrap(),
+            CSV
+        );
+        assert!(crm.health().await.unwrap().ok);
+    }
+
+    #[tokio::test]
+    async fn spreadsheet_export_with_bom_and_crlf() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = "\u{feff}Id,Email,Newsletter\r\n7,ann@example.com,TRUE\r\n8,\"Bob, Jr.\" <b@example.com>,no\r\n";
+        let crm = crm(dir.path(), csv, "");
+        let page = crm.changes(None, 10).await.unwrap();
+        assert_eq!(ids(&page), ["7", "8"]);
+        assert_eq!(page.records[0].asserted_lists, ["newsletter"]);
+        assert!(page.records[1].asserted_lists.is_empty());
+        assert_eq!(
+            page.records[1].email.as_deref(),
+            Some("Bob, Jr. <b@example.com>")
+        );
+    }
+
+    #[test]
+    fn config_error_keeps_serde_message() {
+        let settings: toml::Table = toml::from_str("pth = \"contacts.csv\"").unwrap();
+        let err = CsvCrm::from_config(settings, Path::new("/tmp")).unwrap_err();
+        assert!(matches!(err, ConfigError::Settings(_)));
+        assert!(
+            err.to_string()
+                .starts_with("unknown field `pth`, expected one of `path`"),
+            "{err}"
+        );
+        let settings: toml::Table = toml::from_str("path = \"\"").unwrap();
+        let err = CsvCrm::from_config(settings, Path::new("/tmp")).unwrap_err();
+        assert_eq!(err.to_string(), "setting `path`: must not be empty");
+    }
+
+    #[test]
+    fn truthy_values() {
+        for yes in ["true", "TRUE", "Yes", "y", "1", "x", " X "] {
+            assert!(is_truthy(yes), "{yes}");
+        }
+        for no in ["", "false", "0", "no", "n", "maybe"] {
+            assert!(!is_truthy(no), "{no}");
+        }
+    }
+}

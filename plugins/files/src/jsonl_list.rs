@@ -1,0 +1,584 @@
+//! A JSONL file standing in for the Campaigns tool's lists.
+//!
+//! The subscribers file holds one JSON object per line, sorted by list and address:
+//!
+//! ```json
+//! {"list":"newsletter","email":"ann@example.com","language":"en","fields":{},"subscribed_at":"2026-01-01T00:00:00Z"}
+//! ```
+//!
+//! To simulate what happens inside a real campaigns tool, append lines to the status file:
+//!
+//! ```json
+//! {"list":"newsletter","email":"ann@example.com","kind":"unsubscribed","at":"2026-01-01T00:00:00Z"}
+//! ```
+//!
+//! `kind` is `unsubscribed`, `bounced` or `complained`; `at` (default: when read) and `detail`
+//! are optional.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use chrono::{DateTime, SubsecRound, Utc};
+use optinsync_plugin_api::{
+    CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, Health, StatusEvent,
+    StatusKind, StatusPage, Subscriber,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::{ConfigError, fsutil, parse_settings};
+
+/// Settings of [`JsonlList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlListConfig {
+    /// The subscribers file. Relative to the configuration file's directory.
+    pub path: String,
+    /// Optional file of simulated unsubscribes, bounces and complaints.
+    #[serde(default)]
+    pub status_path: Option<String>,
+}
+
+/// A [`CampaignsConnector`] keeping every list in one JSONL file.
+#[derive(Debug)]
+pub struct JsonlList {
+    path: PathBuf,
+    status_path: Option<PathBuf>,
+    /// Serialises read-modify-write cycles so concurrent calls never lose each other's update.
+    lock: Mutex<()>,
+}
+
+/// One line of the subscribers file. Unknown keys are refused rather than dropped, because
+/// the file is rewritten on every change and anything not modelled here would be lost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    list: String,
+    email: String,
+    #[serde(default)]
+    language: Option<String>,
+    #[serde(default)]
+    fields: BTreeMap<String, serde_json::Value>,
+    subscribed_at: DateTime<Utc>,
+}
+
+/// One line of the status file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusLine {
+    list: String,
+    email: String,
+    kind: StatusKind,
+    #[serde(default)]
+    at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    detail: Option<String>,
+}
+
+/// Entries keyed by (list, address compared case-insensitively), which is also file order.
+type Entries = BTreeMap<(String, String), Entry>;
+
+fn entry_key(list: &str, email: &str) -> (String, String) {
+    // Mail systems treat addresses case-insensitively in practice; so must updates/removals.
+    (list.to_owned(), email.trim().to_lowercase())
+}
+
+impl JsonlList {
+    /// Build from the connector's TOML table; relative paths are resolved against `base_dir`.
+    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, ConfigError> {
+        let config: JsonlListConfig = parse_settings(settings)?;
+        Self::new(&config, base_dir)
+    }
+
+    /// Build from already-parsed settings; relative paths are resolved against `base_dir`.
+    pub fn new(config: &JsonlListConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+        Ok(Self {
+            path: fsutil::resolve(base_dir, "path", &config.path)?,
+            status_path: config
+                .status_path
+                .as_deref()
+                .map(|p| fsutil::resolve(base_dir, "status_path", p))
+                .transpose()?,
+            lock: Mutex::new(()),
+        })
+    }
+
+    /// The resolved subscribers file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Addresses currently on `list`, in file order.
+    pub async fn members(&self, list: &str) -> ConnectorResult<Vec<String>> {
+        let _guard = self.lock.lock().await;
+        let entries = self.load().await?.unwrap_or_default();
+        Ok(entries
+            .into_values()
+            .filter(|e| e.list == list)
+            .map(|e| e.email)
+            .collect())
+    }
+
+    /// Read the file; `None` when it does not exist yet (no raw bytes to compare against).
+    async fn load(&self) -> ConnectorResult<Option<Entries>> {
+        match tokio::fs::read_to_string(&self.path).await {
+            Ok(text) => parse_entries(&text, &fsutil::file_name(&self.path)).map(Some),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(fsutil::transient("cannot read", &self.path, &err)),
+        }
+    }
+
+    /// Load, apply `change`, and write back only if the content differs, so repeating a call
+    /// leaves the file untouched (same bytes, same mtime).
+    async fn modify(&self, change: impl FnOnce(&mut Entries)) -> ConnectorResult<()> {
+        let _guard = self.lock.lock().await;
+        let existing = self.load().await?;
+        let before = existing.as_ref().map(render);
+        let mut entries = existing.unwrap_or_default();
+        change(&mut entries);
+        let after = render(&entries);
+        if before.as_deref() == Some(after.as_str()) || (before.is_none() && entries.is_empty()) {
+            return Ok(());
+        }
+        fsutil::write_atomic(&self.path, after.as_bytes())
+            .await
+            .map_err(|err| fsutil::transient("cannot write", &self.path, &err))
+    }
+
+    async fn read_status_file(&self, path: &Path) -> ConnectorResult<String> {
+        match tokio::fs::read_to_string(path).await {
+            Ok(text) => Ok(text),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+            Err(err) => Err(fsutil::transient("cannot read", path, &err)),
+        }
+    }
+}
+
+#[async_trait]
+impl CampaignsConnector for JsonlList {
+    async fn subscribe(&self, list: &str, subscribers: &[Subscriber]) -> ConnectorResult<()> {
+        check_list(list)?;
+        if let Some(index) = subscribers.iter().position(|s| s.email.trim().is_empty()) {
+            return Err(ConnectorError::permanent(format!(
+                "subscriber #{index} for list `{list}` has an empty email"
+            )));
+        }
+        let now = Utc::now().trunc_subsecs(0);
+        self.modify(|entries| {
+            for subscriber in subscribers {
+                let key = entry_key(list, &subscriber.email);
+                // Keep the original subscription date: an update is not a new subscription.
+                let subscribed_at = entries.get(&key).map_or(now, |e| e.subscribed_at);
+                let entry = Entry {
+                    list: list.to_owned(),
+                    email: subscriber.email.trim().to_owned(),
+                    language: subscriber.language.clone(),
+                    fields: subscriber.fields.clone(),
+                    subscribed_at,
+                };
+                entries.insert(key, entry);
+            }
+        })
+        .await
+    }
+
+    async fn remove(&self, list: &str, emails: &[String]) -> ConnectorResult<()> {
+        check_list(list)?;
+        self.modify(|entries| {
+            for email in emails {
+                entries.remove(&entry_key(list, email));
+            }
+        })
+        .await
+    }
+
+    async fn status_events(
+        &self,
+        list: &str,
+        cursor: Option<&Cursor>,
+    ) -> ConnectorResult<StatusPage> {
+        let start = match cursor {
+            Some(cursor) => {
+                cursor
+                    .0
+                    .trim()
+                    .parse::<usize>()
+                    .map_err(|_| ConnectorError::InvalidInput {
+                        message: format!(
+                            "not a JSONL status cursor (expected a line count): {:?}",
+                            cursor.0
+                        ),
+                    })?
+            }
+            None => 0,
+        };
+        let Some(path) = &self.status_path else {
+            return Ok(StatusPage {
+                events: Vec::new(),
+                next_cursor: Some(Cursor(start.to_string())),
+                has_more: false,
+            });
+        };
+        let text = self.read_status_file(path).await?;
+        let (events, consumed) = read_status_lines(&text, &fsutil::file_name(path), list, start);
+        Ok(StatusPage {
+            events,
+            next_cursor: Some(Cursor(consumed.to_string())),
+            has_more: false,
+        })
+    }
+
+    /// The local list records no opens or clicks, so there is never engagement to report.
+    async fn engagement(
+        &self,
+        _list: &str,
+        _emails: &[String],
+    ) -> ConnectorResult<Vec<Engagement>> {
+        Ok(Vec::new())
+    }
+
+    async fn health(&self) -> ConnectorResult<Health> {
+        let dir = fsutil::parent_dir(&self.path);
+        if let Err(detail) = fsutil::probe_writable_dir(&dir).await {
+            return Ok(Health { ok: false, detail });
+        }
+        Ok(match self.load().await {
+            Ok(entries) => Health {
+                ok: true,
+                detail: format!(
+                    "{}: {} subscriptions",
+                    self.path.display(),
+                    entries.map_or(0, |e| e.len())
+                ),
+            },
+            Err(err) => Health {
+                ok: false,
+                detail: err.to_string(),
+            },
+        })
+    }
+}
+
+fn check_list(list: &str) -> ConnectorResult<()> {
+    if list.trim().is_empty() {
+        return Err(ConnectorError::permanent("list name must not be empty"));
+    }
+    Ok(())
+}
+
+/// Parse the subscribers file. Any bad line fails the whole read: the file is rewritten on
+/// every change, so skipping a line here would silently delete it.
+fn parse_entries(text: &str, file: &str) -> ConnectorResult<Entries> {
+    let mut entries = Entries::new();
+    let mut first_line = BTreeMap::new();
+    for (index, line) in text.lines().enumerate() {
+        let line_no = index + 1;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let entry: Entry = serde_json::from_str(line).map_err(|err| {
+            ConnectorError::permanent(format!("{file}:{line_no}: not a subscriber line: {err}"))
+        })?;
+        let key = entry_key(&entry.list, &entry.email);
+        if let Some(first) = first_line.insert(key.clone(), line_no) {
+            return Err(ConnectorError::permanent(format!(
+                "{file}:{line_no}: same address on list `{}` as line {first}",
+                entry.list
+            )));
+        }
+        entries.insert(key, entry);
+    }
+    Ok(entries)
+}
+
+fn render(entries: &Entries) -> String {
+    let mut out = String::new();
+    for entry in entries.values() {
+        // Plain strings, maps and dates always serialise; `unwrap_or_default` keeps it panic-free.
+        out.push_str(&serde_json::to_string(entry).unwrap_or_default());
+        out.push('\n');
+    }
+    out
+}
+
+/// Events for `list` after line `start`, and the number of lines consumed.
+///
+/// A final line without a newline that does not parse is probably still being written, so it
+/// is left for the next call; any other bad line is skipped with a warning.
+fn read_status_lines(
+    text: &str,
+    file: &str,
+    list: &str,
+    start: usize,
+) -> (Vec<StatusEvent>, usize) {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let start = if start > lines.len() {
+        // The file shrank (truncated or replaced). Re-reading it is safe: status events are
+        // idempotent for the engine, while skipping them could ignore an unsubscribe.
+        tracing::warn!(
+            file,
+            cursor = start,
+            lines = lines.len(),
+            "status file is shorter than the cursor; reading it again"
+        );
+        0
+    } else {
+        start
+    };
+    let mut events = Vec::new();
+    let mut consumed = start;
+    for (index, raw) in lines.iter().enumerate().skip(start) {
+        let complete = raw.ends_with('\n');
+        let line = raw.trim();
+        if !line.is_empty() {
+            match serde_json::from_str::<StatusLine>(line) {
+                Ok(status) if status.list == list => events.push(StatusEvent {
+                    email: status.email,
+                    kind: status.kind,
+                    at: status.at.unwrap_or_else(Utc::now),
+                    detail: status.detail,
+                }),
+                Ok(_) => {}
+                Err(_) if !complete => break,
+                Err(err) => {
+                    tracing::warn!(file, line = index + 1, error = %err, "skipping malformed status line")
+                }
+            }
+        }
+        consumed = index + 1;
+    }
+    (events, consumed)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn list(dir: &Path) -> JsonlList {
+        let settings: toml::Table =
+            toml::from_str("path = \"lists/subscribers.jsonl\"\nstatus_path = \"status.jsonl\"")
+                .unwrap();
+        JsonlList::from_config(settings, dir).unwrap()
+    }
+
+    fn sub(email: &str, language: Option<&str>) -> Subscriber {
+        Subscriber {
+            email: email.to_owned(),
+            language: language.map(str::to_owned),
+            fields: BTreeMap::from([("first_name".to_owned(), serde_json::json!("Ann"))]),
+        }
+    }
+
+    fn read(dir: &Path) -> String {
+        std::fs::read_to_string(dir.join("lists/subscribers.jsonl")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn subscribe_is_idempotent_and_sorted() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        let subs = [
+            sub("zed@example.com", None),
+            sub("ann@example.com", Some("en")),
+        ];
+        jl.subscribe("newsletter", &subs).await.unwrap();
+        jl.subscribe("alerts", &subs[..1]).await.unwrap();
+        let first = read(dir.path());
+        jl.subscribe("newsletter", &subs).await.unwrap();
+        assert_eq!(read(dir.path()), first);
+
+        let lines: Vec<Entry> = first
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let order: Vec<(&str, &str)> = lines
+            .iter()
+            .map(|e| (e.list.as_str(), e.email.as_str()))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                ("alerts", "zed@example.com"),
+                ("newsletter", "ann@example.com"),
+                ("newsletter", "zed@example.com")
+            ]
+        );
+        assert_eq!(
+            jl.members("newsletter").await.unwrap(),
+            ["ann@example.com", "zed@example.com"]
+        );
+
+        // An update changes the data but keeps the original subscription date.
+        jl.subscribe("newsletter", &[sub("ANN@example.com", Some("es"))])
+            .await
+            .unwrap();
+        let updated: Vec<Entry> = read(dir.path())
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(updated.len(), 3);
+        assert_eq!(updated[1].language.as_deref(), Some("es"));
+        assert_eq!(updated[1].subscribed_at, lines[1].subscribed_at);
+
+        // No temp files are left behind by the atomic writes.
+        let names: Vec<_> = std::fs::read_dir(dir.path().join("lists"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["subscribers.jsonl"]);
+    }
+
+    #[tokio::test]
+    async fn remove_is_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        jl.subscribe(
+            "newsletter",
+            &[sub("ann@example.com", None), sub("bob@example.com", None)],
+        )
+        .await
+        .unwrap();
+        jl.remove(
+            "newsletter",
+            &[
+                "ann@example.com".to_owned(),
+                "absent@example.com".to_owned(),
+            ],
+        )
+        .await
+        .unwrap();
+        let once = read(dir.path());
+        jl.remove("newsletter", &["ann@example.com".to_owned()])
+            .await
+            .unwrap();
+        assert_eq!(read(dir.path()), once);
+        assert_eq!(jl.members("newsletter").await.unwrap(), ["bob@example.com"]);
+        // Removing from a list that never existed does not create the file.
+        let other = tempfile::tempdir().unwrap();
+        list(other.path())
+            .remove("newsletter", &["x@example.com".to_owned()])
+            .await
+            .unwrap();
+        assert!(!other.path().join("lists/subscribers.jsonl").exists());
+    }
+
+    #[tokio::test]
+    async fn malformed_subscriber_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        jl.subscribe("newsletter", &[sub("ann@example.com", None)])
+            .await
+            .unwrap();
+        let path = dir.path().join("lists/subscribers.jsonl");
+        let mut text = read(dir.path());
+        text.push_str("{broken\n");
+        std::fs::write(&path, &text).unwrap();
+        let err = jl
+            .subscribe("newsletter", &[sub("bob@example.com", None)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectorError::Permanent { .. }), "{err:?}");
+        assert!(err.to_string().contains("subscribers.jsonl:2"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            text,
+            "file must not be rewritten"
+        );
+        assert!(!jl.health().await.unwrap().ok);
+    }
+
+    #[tokio::test]
+    async fn status_events_follow_the_cursor() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        let status = dir.path().join("status.jsonl");
+
+        let empty = jl.status_events("newsletter", None).await.unwrap();
+        assert!(empty.events.is_empty());
+        assert_eq!(empty.next_cursor, Some(Cursor("0".into())));
+
+        std::fs::write(
+            &status,
+            concat!(
+                r#"{"list":"newsletter","email":"ann@example.com","kind":"unsubscribed","at":"2026-01-01T00:00:00Z"}"#,
+                "\n",
+                r#"{"list":"alerts","email":"bob@example.com","kind":"bounced"}"#,
+                "\n",
+                "not json\n",
+                r#"{"list":"newsletter","email":"cy@example.com","kind":"complained","detail":"spam button"}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        let page = jl
+            .status_events("newsletter", empty.next_cursor.as_ref())
+            .await
+            .unwrap();
+        assert_eq!(page.next_cursor, Some(Cursor("4".into())));
+        assert!(!page.has_more);
+        assert_eq!(page.events.len(), 2);
+        assert_eq!(page.events[0].email, "ann@example.com");
+        assert_eq!(page.events[0].kind, StatusKind::Unsubscribed);
+        assert_eq!(
+            page.events[0].at,
+            "2026-01-01T00:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
+        assert_eq!(page.events[1].kind, StatusKind::Complained);
+        assert_eq!(page.events[1].detail.as_deref(), Some("spam button"));
+
+        let again = jl
+            .status_events("newsletter", page.next_cursor.as_ref())
+            .await
+            .unwrap();
+        assert!(again.events.is_empty());
+        assert_eq!(again.next_cursor, page.next_cursor);
+
+        // A half-written last line is left for the next call.
+        let mut text = std::fs::read_to_string(&status).unwrap();
+        text.push_str(r#"{"list":"newsletter","email":"dan@exa"#);
+        std::fs::write(&status, &text).unwrap();
+        let partial = jl
+            .status_events("newsletter", again.next_cursor.as_ref())
+            .await
+            .unwrap();
+        assert!(partial.events.is_empty());
+        assert_eq!(partial.next_cursor, Some(Cursor("4".into())));
+        text.push_str("mple.com\",\"kind\":\"bounced\"}\n");
+        std::fs::write(&status, &text).unwrap();
+        let done = jl
+            .status_events("newsletter", partial.next_cursor.as_ref())
+            .await
+            .unwrap();
+        assert_eq!(done.events.len(), 1);
+        assert_eq!(done.events[0].email, "dan@example.com");
+
+        let err = jl
+            .status_events("newsletter", Some(&Cursor("x".into())))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ConnectorError::InvalidInput { .. }));
+    }
+
+    #[tokio::test]
+    async fn engagement_is_empty_and_health_ok() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        assert!(
+            jl.engagement("newsletter", &["a@example.com".to_owned()])
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert!(jl.health().await.unwrap().ok);
+    }
+
+    #[test]
+    fn unknown_setting_is_named() {
+        let settings: toml::Table = toml::from_str("path = \"a\"\nstatus = \"b\"").unwrap();
+        let err = JsonlList::from_config(settings, Path::new("/tmp")).unwrap_err();
+        assert!(err.to_string().contains("unknown field `status`"), "{err}");
+    }
+}

@@ -1,0 +1,43 @@
+//! Local connectors for trying optinsync with no outside service.
+//!
+//! Each connector stands in for a real system with plain files, so the whole double-opt-in
+//! flow can be run (and inspected) on one machine:
+//!
+//! * [`CsvCrm`] — a CSV file plays the CRM ([`optinsync_plugin_api::CrmConnector`]).
+//!   Changes are found by row content, write-backs are appended to a JSONL file; the CSV
+//!   itself is never modified.
+//! * [`JsonlList`] — a JSONL file plays the Campaigns tool's lists
+//!   ([`optinsync_plugin_api::CampaignsConnector`]); a second JSONL file lets a user simulate
+//!   unsubscribes, bounces and complaints made inside that tool.
+//! * [`EmlDir`] — a folder of RFC 5322 `.eml` files plays the mail transport
+//!   ([`optinsync_plugin_api::MailTransport`]); open them with any mail client.
+//!
+//! Every connector is built with `from_config(settings, base_dir)`, where `settings` is the
+//! connector's TOML table and relative paths are resolved against `base_dir` (the directory
+//! of the configuration file). Unknown keys are rejected so typos do not pass silently.
+
+mod csv_crm;
+mod eml_dir;
+mod fsutil;
+mod jsonl_list;
+
+pub use csv_crm::{CsvCrm, CsvCrmConfig};
+pub use eml_dir::{EmlDir, EmlDirConfig};
+pub use jsonl_list::{JsonlList, JsonlListConfig};
+
+/// A connector's settings could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML table does not match the connector's settings (unknown key, wrong type,
+    /// missing required key). The message is serde's, so it names the offending key.
+    #[error("{0}")]
+    Settings(#[from] toml::de::Error),
+    /// A setting has an acceptable type but an unusable value.
+    #[error("setting `{setting}`: {message}")]
+    Invalid { setting: String, message: String },
+}
+
+/// Deserialize a connector's settings table, keeping serde's message on failure.
+fn parse_settings<T: serde::de::DeserializeOwned>(settings: toml::Table) -> Result<T, ConfigError> {
+    Ok(toml::Value::Table(settings).try_into()?)
+}

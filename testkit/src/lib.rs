@@ -1,0 +1,220 @@
+//! Test support for optinsync: a throwaway PostgreSQL server per test process, started from
+//! the machine's `initdb`/`pg_ctl` in a temporary directory on a free loopback port.
+//!
+//! PostgreSQL refuses to run as root; when the tests run as root (as CI does), the server is
+//! started as the `postgres` user through `runuser`, with its directory owned by that user.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// A running PostgreSQL server; stopped (immediate mode) when dropped.
+#[derive(Debug)]
+pub struct PgServer {
+    dir: tempfile::TempDir,
+    data: PathBuf,
+    port: u16,
+    as_postgres_user: bool,
+    pg_ctl: PathBuf,
+}
+
+static DB_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl PgServer {
+    /// Start a fresh server. Panics with a clear message if the binaries are missing, because a
+    /// test that needs PostgreSQL must fail loudly rather than be skipped.
+    pub fn start() -> PgServer {
+        let bin = find_bin_dir().unwrap_or_else(|| {
+            panic!("PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin")
+        });
+        let as_postgres_user = is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("optinsync-pg-")
+            .tempdir()
+            .expect("create temp dir for PostgreSQL");
+        let data = dir.path().join("data");
+        if as_postgres_user {
+            // The postgres user must be able to traverse and own the directory.
+            run(Command::new("chmod").arg("755").arg(dir.path()));
+            run(Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(dir.path()));
+        }
+        let initdb = bin.join("initdb");
+        let pg_ctl = bin.join("pg_ctl");
+        run(command(as_postgres_user, &initdb)
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ]));
+
+        // Retry on a port race: another process may take the port between probe and bind.
+        for attempt in 0..5 {
+            let port = free_port();
+            let opts = format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200",
+                dir.path().display()
+            );
+            let log = dir.path().join("server.log");
+            let status = command(as_postgres_user, &pg_ctl)
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(&log)
+                .arg("-o")
+                .arg(&opts)
+                .args(["-w", "-t", "60", "start"])
+                .stdout(Stdio::null())
+                .status()
+                .expect("run pg_ctl start");
+            if status.success() && wait_for_port(port, Duration::from_secs(30)) {
+                return PgServer {
+                    dir,
+                    data,
+                    port,
+                    as_postgres_user,
+                    pg_ctl,
+                };
+            }
+            let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+            eprintln!("PostgreSQL start attempt {attempt} on port {port} failed:\n{log_text}");
+        }
+        panic!("could not start PostgreSQL after 5 attempts");
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of the `postgres` maintenance database.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Create a new empty database and return its URL, so tests sharing one server stay apart.
+    pub fn create_database(&self) -> String {
+        let n = DB_COUNTER.fetch_add(1, Ordering::SeqCst);
+        let name = format!("t{}_{}", std::process::id(), n);
+        let psql = find_bin_dir()
+            .map(|b| b.join("psql"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("psql"));
+        run(Command::new(psql)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+                "-d",
+                "postgres",
+                "-q",
+                "-c",
+            ])
+            .arg(format!("CREATE DATABASE {name}")));
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = command(self.as_postgres_user, &self.pg_ctl)
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn command(as_postgres_user: bool, program: &Path) -> Command {
+    if as_postgres_user {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("failed to run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+fn find_bin_dir() -> Option<PathBuf> {
+    if let Ok(dir) = std::env::var("OPTINSYNC_PG_BIN") {
+        return Some(PathBuf::from(dir));
+    }
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.path().join("bin"))
+            .collect();
+        versions.sort();
+        versions.reverse();
+        candidates.extend(versions);
+    }
+    candidates
+        .into_iter()
+        .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+/// One server shared by every test in a test binary (starting one costs about a second).
+pub fn shared_pg() -> &'static PgServer {
+    static SERVER: std::sync::OnceLock<PgServer> = std::sync::OnceLock::new();
+    SERVER.get_or_init(PgServer::start)
+}
