@@ -1,1 +1,136 @@
-fn main() {}
+//! `optinsync`: the daemon and its command line (DESIGN.md §8).
+//!
+//! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.
+
+mod commands;
+mod registry;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "optinsync",
+    version,
+    about = "Double opt-in consent between a CRM and a campaigns tool"
+)]
+struct Cli {
+    /// Configuration file.
+    #[arg(
+        long,
+        global = true,
+        default_value = "config.toml",
+        env = "OPTINSYNC_CONFIG"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the daemon: HTTP server, periodic sync, outbox delivery.
+    Run,
+    /// One full pass (pull, decide, deliver), then exit.
+    Sync {
+        /// Required: continuous sync is `optinsync run`.
+        #[arg(long)]
+        once: bool,
+    },
+    /// Inspect contacts.
+    Contact {
+        #[command(subcommand)]
+        command: ContactCommand,
+    },
+    /// Check the consent ledger.
+    Ledger {
+        #[command(subcommand)]
+        command: LedgerCommand,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+}
+
+#[derive(Debug, Subcommand)]
+enum ContactCommand {
+    /// Consent per list and the full event history with its evidence.
+    Show {
+        email: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum LedgerCommand {
+    /// Recompute the hash chain; fails naming the first altered or missing event.
+    Verify,
+}
+
+/// An error with the exit code it maps to.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad configuration or usage: exit 2.
+    Config(anyhow::Error),
+    /// Runtime failure: exit 1.
+    Runtime(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Runtime(e.into())
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("optinsync: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run => commands::run(&cli.config).await,
+            Command::Sync { once: true } => commands::sync_once(&cli.config).await,
+            Command::Sync { once: false } => Err(Failure::Config(anyhow::anyhow!(
+                "`sync` needs `--once`; continuous sync is `optinsync run`"
+            ))),
+            Command::Contact {
+                command: ContactCommand::Show { email, json },
+            } => commands::contact_show(&cli.config, &email, json).await,
+            Command::Ledger {
+                command: LedgerCommand::Verify,
+            } => commands::ledger_verify(&cli.config).await,
+            Command::Migrate => commands::migrate(&cli.config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(e)) => {
+            eprintln!("optinsync: {e:#}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(e)) => {
+            eprintln!("optinsync: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

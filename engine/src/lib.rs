@@ -2,7 +2,11 @@
 pub mod config;
 pub mod consent;
 pub mod email;
+pub mod engine;
+pub mod http;
 pub mod ledger;
+pub mod mail;
+pub mod outbox;
 pub mod rules;
 pub mod store;
 pub mod tokens;

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use lettre::Message;
+use lettre::message::Body;
+use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use optinsync_plugin_api::{
@@ -154,14 +156,37 @@ fn build(message: &OutgoingMessage) -> ConnectorResult<Message> {
         // `HeaderValue::new` encodes the value (RFC 2047), so CR/LF cannot inject headers.
         builder = builder.raw_header(HeaderValue::new(header_name, value.clone()));
     }
+    // 8bit rather than quoted-printable where lettre accepts it (CRLF lines under 998
+    // octets): a person reading the .eml file can copy the confirmation link as one line.
+    let text_part = SinglePart::builder()
+        .header(ContentType::TEXT_PLAIN)
+        .body(eight_bit(&message.text));
     let built = match &message.html {
-        Some(html) => builder.multipart(MultiPart::alternative_plain_html(
-            message.text.clone(),
-            html.clone(),
-        )),
-        None => builder.singlepart(SinglePart::plain(message.text.clone())),
+        Some(html) => builder.multipart(
+            MultiPart::alternative().singlepart(text_part).singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_HTML)
+                    .body(eight_bit(html)),
+            ),
+        ),
+        None => builder.singlepart(text_part),
     };
     built.map_err(|err| ConnectorError::permanent(format!("cannot build mail: {err}")))
+}
+
+/// The body as 8bit when every line is within RFC 5322's 998 octets (lettre's own check
+/// wants 76, which would fold long links), else whatever encoding lettre picks.
+fn eight_bit(text: &str) -> Body {
+    let crlf = text.replace("\r\n", "\n").replace('\n', "\r\n");
+    // Bare CR or NUL would make the pre-encoded body invalid; lettre handles those.
+    let fits = !text.contains('\r')
+        && !text.contains('\0')
+        && crlf.split("\r\n").all(|line| line.len() <= 998);
+    if fits {
+        Body::dangerous_pre_encoded(crlf.into_bytes(), ContentTransferEncoding::EightBit)
+    } else {
+        Body::new(text.to_owned())
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,358 @@
+//! Outbox workers: deliver the side effects that commits queued, through the connectors.
+//!
+//! A row is claimed under a lease, delivered, and finished in one transaction with any ledger
+//! event it produces (e.g. `mail_sent` with the Message-ID). Temporary failures retry with
+//! capped, jittered exponential backoff; permanent ones become dead letters. A crash leaves
+//! the row claimed until its lease ends, then another worker (or the restarted one) takes it.
+//!
+//! Delivery guarantee: at-least-once. A mail is sent twice only if the process dies after the
+//! transport accepted it and before the finish commits; transports that deduplicate on the
+//! idempotency key (the `.eml` folder does) close even that window.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use optinsync_plugin_api::{
+    ConnectorError, ConsentWriteBack, OutgoingMessage, RecordRef, Subscriber,
+};
+use rand::Rng as _;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::consent::{ConsentState, Input, MailKind};
+use crate::engine::{Engine, EngineResult};
+use crate::ledger::{Evidence, NewEvent};
+use crate::mail;
+use crate::store::{Finish, OutboxItem};
+use crate::tokens::{Claims, Purpose};
+
+/// How long a claimed row belongs to its worker before others may take it.
+pub const LEASE: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct DeliverStats {
+    pub done: u64,
+    pub retried: u64,
+    pub dead: u64,
+}
+
+/// Backoff before attempt `attempts + 1`: 5 s doubling, capped at 1 h, ±20 % jitter.
+pub fn backoff(attempts: i32) -> Duration {
+    let exp = u32::try_from(attempts.clamp(1, 20) - 1).unwrap_or(0);
+    let base = 5u64.saturating_mul(2u64.saturating_pow(exp)).min(3600);
+    let jitter = rand::thread_rng().gen_range(0.8..1.2);
+    Duration::from_secs_f64(base as f64 * jitter)
+}
+
+impl Engine {
+    /// Claim and deliver up to `limit` due rows (legal-deadline rows first).
+    pub async fn deliver_due(&self, worker: &str, limit: i64) -> EngineResult<DeliverStats> {
+        let now = Utc::now();
+        let lease = chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::minutes(5));
+        let items = self
+            .store
+            .claim_outbox(worker, now, now + lease, limit)
+            .await?;
+        let mut stats = DeliverStats::default();
+        for item in items {
+            let finish = match self.deliver_one(&item).await {
+                Ok(finish) => finish,
+                Err(e) => self.failure(&item, ConnectorError::transient(e.to_string())),
+            };
+            match &finish {
+                Finish::Done { .. } => stats.done += 1,
+                Finish::Retry { error, .. } => {
+                    tracing::warn!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, %error, "delivery failed; will retry");
+                    stats.retried += 1;
+                }
+                Finish::Dead { error } => {
+                    tracing::error!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, %error, "delivery failed permanently; dead letter");
+                    stats.dead += 1;
+                }
+            }
+            self.store
+                .finish_outbox(item.id, worker, &finish, Utc::now())
+                .await?;
+        }
+        Ok(stats)
+    }
+
+    /// Deliver until nothing is due (used by `sync --once`).
+    pub async fn drain_outbox(&self, worker: &str) -> EngineResult<DeliverStats> {
+        let mut total = DeliverStats::default();
+        loop {
+            let s = self.deliver_due(worker, 50).await?;
+            if s == DeliverStats::default() {
+                return Ok(total);
+            }
+            total.done += s.done;
+            total.retried += s.retried;
+            total.dead += s.dead;
+        }
+    }
+
+    fn failure(&self, item: &OutboxItem, error: ConnectorError) -> Finish {
+        let max = self.config.config.sync.max_attempts;
+        match error {
+            ConnectorError::Transient {
+                message,
+                retry_after,
+            } if item.attempts < max => {
+                let wait = retry_after
+                    .unwrap_or_else(|| backoff(item.attempts))
+                    .min(Duration::from_secs(3600));
+                let at = Utc::now()
+                    + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::hours(1));
+                Finish::Retry { at, error: message }
+            }
+            other => Finish::Dead {
+                error: format!("after {} attempt(s): {other}", item.attempts),
+            },
+        }
+    }
+
+    async fn deliver_one(&self, item: &OutboxItem) -> EngineResult<Finish> {
+        let done = |note: &str| Finish::Done {
+            event: None,
+            note: Some(note.to_owned()),
+        };
+        let Some(list) = self.list(&item.list_id) else {
+            return Ok(Finish::Dead {
+                error: format!("list `{}` is no longer configured", item.list_id),
+            });
+        };
+        let contact = self.store.contact_by_id(&item.contact_id).await?;
+        let result = match item.kind.as_str() {
+            "mail" => {
+                let Some(contact) = contact else {
+                    return Ok(done("skipped: contact no longer exists"));
+                };
+                return self.deliver_mail(item, &contact, list).await;
+            }
+            "campaigns_subscribe" => {
+                let Some(contact) = contact else {
+                    return Ok(done("skipped: contact no longer exists"));
+                };
+                // Invariant 1, checked again at delivery: the consent may have changed since.
+                let consent = self.store.consent(&contact.id, &list.id).await?;
+                if !consent.is_some_and(|c| c.state.on_list()) {
+                    return Ok(done("skipped: no longer confirmed"));
+                }
+                let sub = Subscriber {
+                    email: contact.email.clone(),
+                    language: contact.language.clone(),
+                    fields: contact.fields.clone(),
+                };
+                self.connectors
+                    .campaigns
+                    .subscribe(list.campaigns_list(), &[sub])
+                    .await
+            }
+            "campaigns_remove" => {
+                let email = item
+                    .payload
+                    .get("email")
+                    .and_then(|e| e.as_str())
+                    .map(str::to_owned)
+                    .or(contact.map(|c| c.email));
+                let Some(email) = email else {
+                    return Ok(Finish::Dead {
+                        error: "removal without an address".into(),
+                    });
+                };
+                self.connectors
+                    .campaigns
+                    .remove(list.campaigns_list(), &[email])
+                    .await
+            }
+            "crm_write_back" => {
+                let Some(contact) = contact else {
+                    return Ok(done("skipped: contact no longer exists"));
+                };
+                let records = contact
+                    .crm_records
+                    .iter()
+                    .filter_map(|r| {
+                        r.split_once('/').map(|(m, id)| RecordRef {
+                            module: m.to_owned(),
+                            id: id.to_owned(),
+                        })
+                    })
+                    .collect();
+                let wb = ConsentWriteBack {
+                    records,
+                    email: contact.email.clone(),
+                    list: list.id.clone(),
+                    state: item
+                        .payload
+                        .get("state")
+                        .and_then(|s| s.as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    opt_out: item
+                        .payload
+                        .get("opt_out")
+                        .and_then(|s| s.as_bool())
+                        .unwrap_or(false),
+                    at: Utc::now(),
+                    ledger_seq: item.event_seq.unwrap_or(0),
+                };
+                self.connectors.crm.write_back(&wb).await
+            }
+            other => {
+                return Ok(Finish::Dead {
+                    error: format!("unknown outbox kind `{other}`"),
+                });
+            }
+        };
+        Ok(match result {
+            Ok(()) => Finish::Done {
+                event: None,
+                note: None,
+            },
+            Err(e) => self.failure(item, e),
+        })
+    }
+
+    async fn deliver_mail(
+        &self,
+        item: &OutboxItem,
+        contact: &crate::store::Contact,
+        list: &crate::config::ListConfig,
+    ) -> EngineResult<Finish> {
+        let token = item
+            .payload
+            .get("token")
+            .and_then(|t| t.as_str())
+            .unwrap_or_default()
+            .to_owned();
+        let kind = match item.payload.get("mail").and_then(|m| m.as_str()) {
+            Some("reminder") => MailKind::Reminder,
+            Some("revalidation") => MailKind::Revalidation,
+            _ => MailKind::Doi,
+        };
+        // The signup may have been confirmed, withdrawn or replaced since the row was queued.
+        let consent = self.store.consent(&contact.id, &list.id).await?;
+        let Some(consent) = consent.filter(|c| {
+            matches!(c.state, ConsentState::Pending | ConsentState::Revalidating)
+                && c.signup_token.as_deref() == Some(&token)
+        }) else {
+            return Ok(Finish::Done {
+                event: None,
+                note: Some("skipped: signup no longer waiting".into()),
+            });
+        };
+        let now = Utc::now();
+        let ttl = chrono::Duration::from_std(self.config.config.tokens.confirm_ttl.0)
+            .unwrap_or(chrono::Duration::days(7));
+        let confirm = self.tokens.mint(&Claims {
+            purpose: Purpose::Confirm,
+            token_id: token.clone(),
+            contact_id: contact.id.clone(),
+            list_id: list.id.clone(),
+            expires: Some((now + ttl).timestamp()),
+        });
+        let unsubscribe = self.tokens.mint(&Claims {
+            purpose: Purpose::Unsubscribe,
+            token_id: uuid::Uuid::new_v4().to_string(),
+            contact_id: contact.id.clone(),
+            list_id: list.id.clone(),
+            expires: None,
+        });
+        let base = &self.config.config.server.public_url;
+        let confirm_url = format!("{base}/confirm/{confirm}");
+        let unsubscribe_url = format!("{base}/unsubscribe/{unsubscribe}");
+        let sender = &self.config.config.sender;
+        let rendered = mail::render(kind, list, sender, &confirm_url, &unsubscribe_url);
+        let message_id = message_id(&item.idempotency_key, &sender.from);
+        let msg = OutgoingMessage {
+            idempotency_key: item.idempotency_key.replace(':', "-"),
+            message_id: message_id.clone(),
+            from: sender.from.clone(),
+            to: contact.email.clone(),
+            subject: rendered.subject.clone(),
+            text: rendered.text.clone(),
+            html: Some(rendered.html.clone()),
+            headers: vec![
+                ("List-Unsubscribe".into(), format!("<{unsubscribe_url}>")),
+                (
+                    "List-Unsubscribe-Post".into(),
+                    "List-Unsubscribe=One-Click".into(),
+                ),
+            ],
+        };
+        match self.connectors.mail.send(&msg).await {
+            Ok(sent) => {
+                let event = NewEvent {
+                    event_id: uuid::Uuid::new_v4().to_string(),
+                    at: Utc::now(),
+                    contact_id: contact.id.clone(),
+                    list_id: list.id.clone(),
+                    kind: format!("{}_mail_sent", kind.as_str()),
+                    from_state: consent.state,
+                    to_state: consent.state,
+                    source: "outbox".into(),
+                    evidence: Evidence {
+                        token_id: Some(token),
+                        message_id: Some(sent.message_id),
+                        content_hash: Some(rendered.content_hash),
+                        detail: sent
+                            .deduplicated
+                            .then(|| "transport had already accepted this message".to_owned()),
+                        ..Evidence::default()
+                    },
+                };
+                tracing::info!(contact_id = %contact.id, list = %list.id, mail = kind.as_str(), "confirmation mail sent");
+                Ok(Finish::Done {
+                    event: Some(event),
+                    note: None,
+                })
+            }
+            Err(ConnectorError::Rejected { message }) => {
+                // The receiving side refused the address for good: a hard bounce.
+                let evidence = Evidence {
+                    detail: Some(message.clone()),
+                    ..Evidence::default()
+                };
+                self.apply(contact, list, Input::Bounce, "mail", evidence)
+                    .await?;
+                Ok(Finish::Dead {
+                    error: format!("address rejected: {message}"),
+                })
+            }
+            Err(e) => Ok(self.failure(item, e)),
+        }
+    }
+}
+
+/// Message-ID derived from the outbox key, so a re-sent attempt carries the same id as the
+/// first and the ledger names the message the person actually got.
+fn message_id(key: &str, from: &str) -> String {
+    let domain = from
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('>').trim())
+        .filter(|d| !d.is_empty())
+        .unwrap_or("optinsync.invalid");
+    let digest = hex::encode(Sha256::digest(key.as_bytes()));
+    format!("{}@{domain}", &digest[..32])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(1) <= Duration::from_secs(6));
+        assert!(backoff(4) >= Duration::from_secs(32));
+        assert!(backoff(50) <= Duration::from_secs(4320));
+    }
+
+    #[test]
+    fn message_id_is_stable_and_uses_sender_domain() {
+        let a = message_id("mail:1", "Org <confirm@example.org>");
+        assert_eq!(a, message_id("mail:1", "Org <confirm@example.org>"));
+        assert!(a.ends_with("@example.org"), "{a}");
+        assert_ne!(a, message_id("mail:2", "Org <confirm@example.org>"));
+    }
+}

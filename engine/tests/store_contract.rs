@@ -1,0 +1,1411 @@
+//! One contract suite for the [`Store`] trait, run against both backends.
+//!
+//! Every `check_*` function states what any store must do; [`store_contract!`] turns each into
+//! `sqlite_check_*` (a file in a temporary directory) and `postgres_check_*` (a fresh database
+//! on the test process's throwaway PostgreSQL server).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use optinsync_engine::consent::{Consent, ConsentState};
+use optinsync_engine::ledger::{
+    ChainError, ChainVerifier, Evidence, GENESIS_HASH, LedgerEvent, NewEvent,
+};
+use optinsync_engine::store::{
+    self, Commit, ContactUpsert, Finish, NewOutbox, OutboxCounts, OutboxItem, PRIORITY_LEGAL,
+    PRIORITY_NORMAL, Store, StoreError, StoreResult, Suppression,
+};
+use serde_json::json;
+use sqlx::Connection as _;
+use tempfile::TempDir;
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A migrated store on a database of its own. Keeps the SQLite temp dir alive.
+#[derive(Debug)]
+struct TestDb {
+    store: Arc<dyn Store>,
+    url: String,
+    backend: Backend,
+    _dir: Option<TempDir>,
+}
+
+impl TestDb {
+    async fn sqlite() -> TestDb {
+        let dir = tempfile::tempdir().expect("create temp dir");
+        let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+        let store = store::open(&url).await.expect("open SQLite store");
+        store.migrate().await.expect("migrate SQLite store");
+        TestDb {
+            store,
+            url,
+            backend: Backend::Sqlite,
+            _dir: Some(dir),
+        }
+    }
+
+    async fn postgres() -> TestDb {
+        let url = tokio::task::spawn_blocking(|| optinsync_testkit::shared_pg().create_database())
+            .await
+            .expect("start PostgreSQL / create database");
+        let store = store::open(&url).await.expect("open PostgreSQL store");
+        store.migrate().await.expect("migrate PostgreSQL store");
+        TestDb {
+            store,
+            url,
+            backend: Backend::Postgres,
+            _dir: None,
+        }
+    }
+
+    /// Another store on the same database, as a second daemon would open it. SQLite is
+    /// single-process by design, so there it is the same instance.
+    async fn another_instance(&self) -> Arc<dyn Store> {
+        match self.backend {
+            Backend::Sqlite => Arc::clone(&self.store),
+            Backend::Postgres => store::open(&self.url)
+                .await
+                .expect("open another PostgreSQL store instance"),
+        }
+    }
+
+    /// Run one SQL statement on a separate raw connection, bypassing the store.
+    async fn exec(&self, sql: &str) -> Result<u64, sqlx::Error> {
+        match self.backend {
+            Backend::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.url).await?;
+                let n = sqlx::query(sql).execute(&mut conn).await?.rows_affected();
+                conn.close().await?;
+                Ok(n)
+            }
+            Backend::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.url).await?;
+                let n = sqlx::query(sql).execute(&mut conn).await?.rows_affected();
+                conn.close().await?;
+                Ok(n)
+            }
+        }
+    }
+
+    async fn drop_append_only_triggers(&self) {
+        let statements: &[&str] = match self.backend {
+            Backend::Sqlite => &[
+                "DROP TRIGGER ledger_no_update",
+                "DROP TRIGGER ledger_no_delete",
+            ],
+            Backend::Postgres => &["DROP TRIGGER ledger_no_change ON ledger"],
+        };
+        for sql in statements {
+            self.exec(sql).await.expect("drop append-only trigger");
+        }
+    }
+}
+
+macro_rules! store_contract {
+    ($($check:ident => $sqlite:ident, $postgres:ident;)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $sqlite() {
+                $check(TestDb::sqlite().await).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $postgres() {
+                $check(TestDb::postgres().await).await;
+            }
+        )*
+    };
+}
+
+store_contract! {
+    check_migrate_twice => sqlite_check_migrate_twice, postgres_check_migrate_twice;
+    check_contacts => sqlite_check_contacts, postgres_check_contacts;
+    check_upsert_result_matches_stored =>
+        sqlite_check_upsert_result_matches_stored, postgres_check_upsert_result_matches_stored;
+    check_concurrent_upserts_merge_records =>
+        sqlite_check_concurrent_upserts_merge_records, postgres_check_concurrent_upserts_merge_records;
+    check_commit => sqlite_check_commit, postgres_check_commit;
+    check_stale_commit_conflicts => sqlite_check_stale_commit_conflicts, postgres_check_stale_commit_conflicts;
+    check_claim_outbox => sqlite_check_claim_outbox, postgres_check_claim_outbox;
+    check_concurrent_claims => sqlite_check_concurrent_claims, postgres_check_concurrent_claims;
+    check_concurrent_commits => sqlite_check_concurrent_commits, postgres_check_concurrent_commits;
+    check_cursors => sqlite_check_cursors, postgres_check_cursors;
+    check_events_of_contact => sqlite_check_events_of_contact, postgres_check_events_of_contact;
+    check_ledger_append_only_and_tamper_evident =>
+        sqlite_check_ledger_append_only_and_tamper_evident,
+        postgres_check_ledger_append_only_and_tamper_evident;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A fixed clock: whole seconds after an arbitrary epoch (exactly representable in the store).
+fn t(secs: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp(1_760_000_000 + secs, 0).expect("valid timestamp")
+}
+
+fn upsert(email: &str, crm_record: Option<&str>) -> ContactUpsert {
+    ContactUpsert {
+        email: email.to_owned(),
+        language: None,
+        fields: BTreeMap::new(),
+        crm_record: crm_record.map(str::to_owned),
+    }
+}
+
+async fn new_contact(store: &dyn Store, email: &str) -> String {
+    store
+        .upsert_contact(&upsert(email, None), t(0))
+        .await
+        .expect("upsert contact")
+        .id
+}
+
+fn event(
+    contact_id: &str,
+    list_id: &str,
+    kind: &str,
+    from: ConsentState,
+    to: ConsentState,
+    at: DateTime<Utc>,
+) -> NewEvent {
+    NewEvent {
+        event_id: uuid::Uuid::new_v4().to_string(),
+        at,
+        contact_id: contact_id.to_owned(),
+        list_id: list_id.to_owned(),
+        kind: kind.to_owned(),
+        from_state: from,
+        to_state: to,
+        source: "test".to_owned(),
+        evidence: Evidence {
+            reason: Some(format!("{kind} for test")),
+            ..Evidence::default()
+        },
+    }
+}
+
+fn consent(state: ConsentState, since: DateTime<Utc>, token: Option<&str>) -> Consent {
+    Consent {
+        state,
+        since,
+        signup_token: token.map(str::to_owned),
+        doi_mails: u32::from(token.is_some()),
+        reminders_sent: 0,
+        confirmed_at: None,
+        confirmed_token: None,
+        last_seq: None,
+    }
+}
+
+fn outbox(kind: &str, priority: i32, key: &str, contact_id: &str, list_id: &str) -> NewOutbox {
+    NewOutbox {
+        kind: kind.to_owned(),
+        priority,
+        idempotency_key: key.to_owned(),
+        contact_id: contact_id.to_owned(),
+        list_id: list_id.to_owned(),
+        payload: json!({ "key": key }),
+    }
+}
+
+/// A state change of one pair with no outbox rows or suppression.
+fn simple_commit(
+    contact_id: &str,
+    list_id: &str,
+    expected_seq: Option<i64>,
+    from: ConsentState,
+    to: ConsentState,
+    at: DateTime<Utc>,
+) -> Commit {
+    Commit {
+        contact_id: contact_id.to_owned(),
+        list_id: list_id.to_owned(),
+        expected_seq,
+        consent: consent(to, at, None),
+        event: event(contact_id, list_id, to.as_str(), from, to, at),
+        outbox: vec![],
+        suppress: None,
+    }
+}
+
+/// The whole ledger, read through `ledger_page` in small pages.
+async fn whole_ledger(store: &dyn Store) -> Vec<LedgerEvent> {
+    let mut all = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.ledger_page(after, 7).await.expect("ledger_page");
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        all.extend(page);
+    }
+    all
+}
+
+/// Verify the stored chain the way an auditor would: page by page through a `ChainVerifier`.
+async fn verify_stored_chain(store: &dyn Store) -> Result<u64, ChainError> {
+    let mut verifier = ChainVerifier::default();
+    let mut after = 0;
+    loop {
+        let page = store.ledger_page(after, 5).await.expect("ledger_page");
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for ev in &page {
+            verifier.check(ev)?;
+        }
+    }
+    Ok(verifier.checked)
+}
+
+fn seqs(events: &[LedgerEvent]) -> Vec<i64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+fn keys(items: &[OutboxItem]) -> Vec<&str> {
+    items.iter().map(|i| i.idempotency_key.as_str()).collect()
+}
+
+fn is_conflict(r: &StoreResult<LedgerEvent>, contact_id: &str, list_id: &str) -> bool {
+    matches!(r, Err(StoreError::Conflict { contact_id: c, list_id: l }) if c == contact_id && l == list_id)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Checks
+// ---------------------------------------------------------------------------------------------
+
+async fn check_migrate_twice(db: TestDb) {
+    let s = &*db.store;
+    let id = new_contact(s, "before@example.org").await;
+    s.migrate().await.expect("second migrate");
+    s.migrate().await.expect("third migrate");
+    // Several daemons starting at once on one database.
+    let (a, b) = (db.another_instance().await, db.another_instance().await);
+    let (ra, rb) = tokio::join!(a.migrate(), b.migrate());
+    ra.expect("concurrent migrate a");
+    rb.expect("concurrent migrate b");
+    // Data survives and the schema still works.
+    let c = s
+        .contact_by_email("before@example.org")
+        .await
+        .expect("contact_by_email")
+        .expect("contact survives re-migration");
+    assert_eq!(c.id, id);
+    s.set_cursor("crm", "x", t(1)).await.expect("set_cursor");
+    assert_eq!(s.cursor("crm").await.expect("cursor").as_deref(), Some("x"));
+}
+
+async fn check_contacts(db: TestDb) {
+    let s = &*db.store;
+    assert!(
+        s.contact_by_email("ann@example.org")
+            .await
+            .expect("contact_by_email")
+            .is_none()
+    );
+
+    let first = ContactUpsert {
+        email: "ann@example.org".into(),
+        language: Some("de".into()),
+        fields: BTreeMap::from([("first_name".to_owned(), json!("Ann"))]),
+        crm_record: Some("Contacts/2".into()),
+    };
+    let a1 = s.upsert_contact(&first, t(0)).await.expect("first upsert");
+    assert_eq!(a1.email, "ann@example.org");
+    assert_eq!(a1.crm_records, vec!["Contacts/2".to_owned()]);
+    assert_eq!(a1.language.as_deref(), Some("de"));
+    assert_eq!(a1.fields, first.fields);
+    assert_eq!(a1.created_at, t(0));
+    assert_eq!(a1.updated_at, t(0));
+    assert_eq!(
+        s.contact_by_email("ann@example.org")
+            .await
+            .expect("contact_by_email"),
+        Some(a1.clone())
+    );
+    assert_eq!(
+        s.contact_by_id(&a1.id).await.expect("contact_by_id"),
+        Some(a1.clone())
+    );
+
+    // Same address from another CRM record: merged, not duplicated.
+    let second = ContactUpsert {
+        email: "ann@example.org".into(),
+        language: Some("en".into()),
+        fields: BTreeMap::from([
+            ("first_name".to_owned(), json!("Anne")),
+            ("last_name".to_owned(), json!("Smith")),
+        ]),
+        crm_record: Some("Contacts/1".into()),
+    };
+    let a2 = s
+        .upsert_contact(&second, t(10))
+        .await
+        .expect("second upsert");
+    assert_eq!(a2.id, a1.id, "one contact per email");
+    assert_eq!(
+        a2.crm_records,
+        vec!["Contacts/1".to_owned(), "Contacts/2".to_owned()],
+        "record ids merged and sorted"
+    );
+    assert_eq!(a2.language.as_deref(), Some("en"));
+    assert_eq!(
+        a2.fields,
+        BTreeMap::from([
+            ("first_name".to_owned(), json!("Anne")),
+            ("last_name".to_owned(), json!("Smith")),
+        ])
+    );
+    assert_eq!(a2.created_at, t(0));
+    assert_eq!(a2.updated_at, t(10));
+    assert_eq!(
+        s.contact_by_id(&a1.id).await.expect("contact_by_id"),
+        Some(a2.clone())
+    );
+
+    // A known record again, no language, no fields: nothing is lost or duplicated.
+    let a3 = s
+        .upsert_contact(&upsert("ann@example.org", Some("Contacts/2")), t(20))
+        .await
+        .expect("third upsert");
+    assert_eq!(a3.id, a1.id);
+    assert_eq!(
+        a3.crm_records,
+        vec!["Contacts/1".to_owned(), "Contacts/2".to_owned()]
+    );
+    assert_eq!(
+        a3.language.as_deref(),
+        Some("en"),
+        "no language keeps the old"
+    );
+    assert_eq!(a3.fields, a2.fields);
+    assert_eq!(
+        s.contact_by_email("ann@example.org")
+            .await
+            .expect("contact_by_email"),
+        Some(a3.clone())
+    );
+
+    // Paging.
+    for e in ["e@x.org", "b@x.org", "d@x.org", "c@x.org"] {
+        new_contact(s, e).await;
+    }
+    let everything = s.contacts_page(None, 100).await.expect("contacts_page");
+    assert_eq!(everything.len(), 5);
+    let ids: Vec<&str> = everything.iter().map(|c| c.id.as_str()).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(ids, sorted, "ordered by id, no duplicates");
+    let emails: BTreeSet<&str> = everything.iter().map(|c| c.email.as_str()).collect();
+    assert_eq!(
+        emails,
+        BTreeSet::from([
+            "ann@example.org",
+            "b@x.org",
+            "c@x.org",
+            "d@x.org",
+            "e@x.org"
+        ])
+    );
+
+    let mut paged = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = s
+            .contacts_page(after.as_deref(), 2)
+            .await
+            .expect("contacts_page");
+        assert!(page.len() <= 2, "limit respected");
+        let Some(last) = page.last() else { break };
+        after = Some(last.id.clone());
+        paged.extend(page);
+    }
+    assert_eq!(
+        paged, everything,
+        "paging with `after` visits each contact once"
+    );
+    assert_eq!(
+        s.contacts_page(Some(&everything[1].id), 2)
+            .await
+            .expect("contacts_page"),
+        everything[2..4].to_vec()
+    );
+    assert!(
+        s.contacts_page(Some(&everything[4].id), 10)
+            .await
+            .expect("contacts_page")
+            .is_empty()
+    );
+    assert!(
+        s.contact_by_id("no-such-id")
+            .await
+            .expect("contact_by_id")
+            .is_none()
+    );
+}
+
+/// What `upsert_contact` returns is what the store holds, whatever the clock's precision.
+async fn check_upsert_result_matches_stored(db: TestDb) {
+    let s = &*db.store;
+    // A clock reading with nanoseconds, as `Utc::now()` gives on Linux.
+    let now = DateTime::from_timestamp(1_760_000_000, 123_456_789).expect("valid timestamp");
+    let created = s
+        .upsert_contact(&upsert("nano@example.org", Some("Contacts/1")), now)
+        .await
+        .expect("first upsert");
+    assert_eq!(
+        s.contact_by_id(&created.id).await.expect("contact_by_id"),
+        Some(created.clone()),
+        "created contact as returned == as stored"
+    );
+    let later = now + chrono::Duration::nanoseconds(1_000_000_777);
+    let updated = s
+        .upsert_contact(&upsert("nano@example.org", Some("Contacts/2")), later)
+        .await
+        .expect("second upsert");
+    assert_eq!(
+        s.contact_by_id(&created.id).await.expect("contact_by_id"),
+        Some(updated.clone()),
+        "updated contact as returned == as stored"
+    );
+}
+
+/// Several daemons see the same address from different CRM records at the same moment: every
+/// record id must survive the merge.
+async fn check_concurrent_upserts_merge_records(db: TestDb) {
+    const WRITERS: usize = 8;
+    let mut instances = Vec::new();
+    for _ in 0..WRITERS {
+        instances.push(db.another_instance().await);
+    }
+    for round in 0..5 {
+        let email = format!("shared{round}@example.org");
+        let barrier = Arc::new(tokio::sync::Barrier::new(WRITERS));
+        let mut tasks = Vec::new();
+        for (i, st) in instances.iter().enumerate() {
+            let st = Arc::clone(st);
+            let barrier = Arc::clone(&barrier);
+            let email = email.clone();
+            tasks.push(tokio::spawn(async move {
+                let u = ContactUpsert {
+                    email,
+                    language: None,
+                    fields: BTreeMap::from([(format!("f{i}"), json!(i))]),
+                    crm_record: Some(format!("Contacts/{i}")),
+                };
+                barrier.wait().await;
+                st.upsert_contact(&u, t(1)).await.expect("upsert").id
+            }));
+        }
+        let mut ids = BTreeSet::new();
+        for task in tasks {
+            ids.insert(task.await.expect("upsert task"));
+        }
+        assert_eq!(ids.len(), 1, "one contact per email");
+        let c = db
+            .store
+            .contact_by_email(&email)
+            .await
+            .expect("contact_by_email")
+            .expect("contact exists");
+        let expected: Vec<String> = (0..WRITERS).map(|i| format!("Contacts/{i}")).collect();
+        assert_eq!(
+            c.crm_records, expected,
+            "round {round}: concurrent upserts lost CRM record ids"
+        );
+        assert_eq!(
+            c.fields.len(),
+            WRITERS,
+            "round {round}: concurrent upserts lost fields"
+        );
+    }
+}
+
+async fn check_commit(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let c = new_contact(s, "commit@example.org").await;
+
+    let e1 = s
+        .commit(&simple_commit(&c, "news", None, S::None, S::Asserted, t(1)))
+        .await
+        .expect("commit 1");
+    assert_eq!(e1.seq, 1);
+    assert_eq!(e1.prev_hash, GENESIS_HASH);
+    assert_eq!(e1.hash, e1.compute_hash());
+    assert_eq!(e1.kind, "asserted");
+    assert_eq!(
+        (e1.from_state.as_str(), e1.to_state.as_str()),
+        ("none", "asserted")
+    );
+    let k1 = s.consent(&c, "news").await.expect("consent").expect("some");
+    assert_eq!(k1.state, S::Asserted);
+    assert_eq!(k1.last_seq, Some(1));
+    assert_eq!(k1.since, t(1));
+
+    let pending = Consent {
+        doi_mails: 1,
+        ..consent(S::Pending, t(2), Some("tok-1"))
+    };
+    let e2 = s
+        .commit(&Commit {
+            contact_id: c.clone(),
+            list_id: "news".into(),
+            expected_seq: Some(1),
+            consent: pending.clone(),
+            event: event(&c, "news", "doi_requested", S::Asserted, S::Pending, t(2)),
+            outbox: vec![NewOutbox {
+                payload: json!({ "n": 1 }),
+                ..outbox("mail", PRIORITY_NORMAL, "mail-1", &c, "news")
+            }],
+            suppress: None,
+        })
+        .await
+        .expect("commit 2");
+    assert_eq!(e2.seq, 2);
+    assert_eq!(e2.prev_hash, e1.hash);
+    assert_eq!(
+        s.consent(&c, "news").await.expect("consent"),
+        Some(Consent {
+            last_seq: Some(2),
+            ..pending
+        }),
+        "projection holds exactly the committed consent"
+    );
+
+    // A duplicate idempotency key in a later commit is ignored; suppression recorded.
+    let e3 = s
+        .commit(&Commit {
+            contact_id: c.clone(),
+            list_id: "news".into(),
+            expected_seq: Some(2),
+            consent: consent(S::Bounced, t(3), None),
+            event: event(&c, "news", "bounced", S::Pending, S::Bounced, t(3)),
+            outbox: vec![
+                outbox("campaigns_remove", PRIORITY_LEGAL, "remove-1", &c, "news"),
+                NewOutbox {
+                    payload: json!({ "n": 2 }),
+                    ..outbox("mail", PRIORITY_NORMAL, "mail-1", &c, "news")
+                },
+            ],
+            suppress: Some(Suppression {
+                address_hash: "hash-commit".into(),
+                reason: "bounced".into(),
+            }),
+        })
+        .await
+        .expect("commit 3");
+    assert_eq!(e3.seq, 3);
+    assert_eq!(e3.prev_hash, e2.hash);
+    let k3 = s.consent(&c, "news").await.expect("consent").expect("some");
+    assert_eq!(k3.state, S::Bounced);
+    assert_eq!(k3.last_seq, Some(3));
+    assert_eq!(k3.signup_token, None);
+
+    // Another list of the same contact is an independent pair.
+    let e4 = s
+        .commit(&simple_commit(
+            &c,
+            "promo",
+            None,
+            S::None,
+            S::Asserted,
+            t(4),
+        ))
+        .await
+        .expect("commit on second list");
+    assert_eq!(e4.seq, 4);
+    let all = s
+        .consents_of_contact(&c)
+        .await
+        .expect("consents_of_contact");
+    assert_eq!(
+        all.iter()
+            .map(|(l, k)| (l.as_str(), k.state, k.last_seq))
+            .collect::<Vec<_>>(),
+        vec![
+            ("news", S::Bounced, Some(3)),
+            ("promo", S::Asserted, Some(4))
+        ]
+    );
+
+    let ledger = whole_ledger(s).await;
+    assert_eq!(ledger, vec![e1, e2, e3.clone(), e4]);
+    assert_eq!(verify_stored_chain(s).await, Ok(4));
+    assert_eq!(
+        seqs(&s.ledger_page(1, 2).await.expect("ledger_page")),
+        vec![2, 3]
+    );
+    assert!(s.ledger_page(4, 10).await.expect("ledger_page").is_empty());
+
+    assert_eq!(
+        s.outbox_counts().await.expect("outbox_counts"),
+        OutboxCounts {
+            pending: 2,
+            done: 0,
+            dead: 0
+        },
+        "duplicate idempotency key ignored"
+    );
+    let claimed = s
+        .claim_outbox("w", t(100), t(200), 10)
+        .await
+        .expect("claim");
+    assert_eq!(keys(&claimed), vec!["remove-1", "mail-1"]);
+    assert_eq!(claimed[0].event_seq, Some(3));
+    assert_eq!(claimed[0].kind, "campaigns_remove");
+    assert_eq!(claimed[0].priority, PRIORITY_LEGAL);
+    assert_eq!(claimed[1].event_seq, Some(2));
+    assert_eq!(
+        claimed[1].payload,
+        json!({ "n": 1 }),
+        "the first row with a key wins"
+    );
+    assert_eq!(
+        (claimed[1].contact_id.as_str(), claimed[1].list_id.as_str()),
+        (c.as_str(), "news")
+    );
+    assert_eq!(claimed[1].status, "pending");
+    assert_eq!(claimed[1].attempts, 1);
+
+    assert!(s.is_suppressed("hash-commit").await.expect("is_suppressed"));
+    assert!(!s.is_suppressed("hash-other").await.expect("is_suppressed"));
+}
+
+async fn check_stale_commit_conflicts(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let c = new_contact(s, "stale@example.org").await;
+    s.commit(&Commit {
+        outbox: vec![outbox("mail", PRIORITY_NORMAL, "k-first", &c, "news")],
+        ..simple_commit(&c, "news", None, S::None, S::Asserted, t(1))
+    })
+    .await
+    .expect("first commit");
+    let ledger_before = whole_ledger(s).await;
+    let counts_before = s.outbox_counts().await.expect("outbox_counts");
+    let consent_before = s.consent(&c, "news").await.expect("consent");
+
+    for (i, expected) in [None, Some(0), Some(2), Some(99)].into_iter().enumerate() {
+        let r = s
+            .commit(&Commit {
+                outbox: vec![outbox(
+                    "campaigns_remove",
+                    PRIORITY_LEGAL,
+                    &format!("k-stale-{i}"),
+                    &c,
+                    "news",
+                )],
+                suppress: Some(Suppression {
+                    address_hash: "hash-stale".into(),
+                    reason: "complained".into(),
+                }),
+                ..simple_commit(&c, "news", expected, S::Asserted, S::Complained, t(2))
+            })
+            .await;
+        assert!(
+            is_conflict(&r, &c, "news"),
+            "expected_seq {expected:?} must conflict, got {r:?}"
+        );
+    }
+    // A pair that has no consent yet, committed as if it had one.
+    let r = s
+        .commit(&simple_commit(
+            &c,
+            "other",
+            Some(1),
+            S::Asserted,
+            S::Pending,
+            t(2),
+        ))
+        .await;
+    assert!(is_conflict(&r, &c, "other"), "got {r:?}");
+
+    assert_eq!(whole_ledger(s).await, ledger_before, "nothing appended");
+    assert_eq!(
+        s.outbox_counts().await.expect("outbox_counts"),
+        counts_before
+    );
+    assert_eq!(
+        s.consent(&c, "news").await.expect("consent"),
+        consent_before
+    );
+    assert_eq!(s.consent(&c, "other").await.expect("consent"), None);
+    assert!(!s.is_suppressed("hash-stale").await.expect("is_suppressed"));
+
+    // The refused outbox row was never written: its key is still free.
+    let ok = s
+        .commit(&Commit {
+            outbox: vec![outbox(
+                "campaigns_remove",
+                PRIORITY_LEGAL,
+                "k-stale-0",
+                &c,
+                "news",
+            )],
+            ..simple_commit(&c, "news", Some(1), S::Asserted, S::Complained, t(3))
+        })
+        .await
+        .expect("commit with the right expected_seq");
+    assert_eq!(ok.seq, 2);
+    assert_eq!(
+        s.outbox_counts().await.expect("outbox_counts").pending,
+        counts_before.pending + 1
+    );
+    assert_eq!(verify_stored_chain(s).await, Ok(2));
+}
+
+async fn check_claim_outbox(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let c = new_contact(s, "claim@example.org").await;
+    s.commit(&Commit {
+        outbox: vec![
+            outbox("mail", PRIORITY_NORMAL, "n1", &c, "news"),
+            outbox("crm_write_back", PRIORITY_NORMAL, "n2", &c, "news"),
+            outbox("campaigns_remove", PRIORITY_LEGAL, "l1", &c, "news"),
+        ],
+        ..simple_commit(&c, "news", None, S::None, S::Withdrawn, t(0))
+    })
+    .await
+    .expect("commit");
+    let lease = 60;
+
+    // Legal work first, even though it was enqueued last.
+    let a = s
+        .claim_outbox("w1", t(1), t(1 + lease), 2)
+        .await
+        .expect("claim w1");
+    assert_eq!(keys(&a), vec!["l1", "n1"]);
+    assert!(a.iter().all(|i| i.attempts == 1 && i.status == "pending"));
+    let (l1, n1) = (a[0].id, a[1].id);
+
+    let b = s
+        .claim_outbox("w2", t(1), t(1 + lease), 10)
+        .await
+        .expect("claim w2");
+    assert_eq!(keys(&b), vec!["n2"], "claimed rows are not claimed again");
+    let n2 = b[0].id;
+    assert!(
+        s.claim_outbox("w3", t(30), t(30 + lease), 10)
+            .await
+            .expect("claim w3")
+            .is_empty(),
+        "all rows leased"
+    );
+
+    // Done with an event: the event is appended and the row is done.
+    let ledger_len = whole_ledger(s).await.len();
+    let sent = NewEvent {
+        evidence: Evidence {
+            message_id: Some("<m1@example.org>".into()),
+            ..Evidence::default()
+        },
+        ..event(&c, "news", "mail_sent", S::Withdrawn, S::Withdrawn, t(5))
+    };
+    s.finish_outbox(
+        n2,
+        "w2",
+        &Finish::Done {
+            event: Some(sent.clone()),
+            note: Some("ok".into()),
+        },
+        t(5),
+    )
+    .await
+    .expect("finish n2");
+    let ledger = whole_ledger(s).await;
+    assert_eq!(ledger.len(), ledger_len + 1);
+    let last = ledger.last().expect("an event");
+    assert_eq!(last.event_id, sent.event_id);
+    assert_eq!(last.kind, "mail_sent");
+    assert_eq!(
+        last.evidence().message_id.as_deref(),
+        Some("<m1@example.org>")
+    );
+    assert_eq!(verify_stored_chain(s).await, Ok(ledger.len() as u64));
+    assert_eq!(
+        s.outbox_counts().await.expect("counts"),
+        OutboxCounts {
+            pending: 2,
+            done: 1,
+            dead: 0
+        }
+    );
+
+    // Still leased one second before the lease ends; claimable once it has passed.
+    assert!(
+        s.claim_outbox("w3", t(lease), t(lease + 100), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    let again = s
+        .claim_outbox("w3", t(lease + 2), t(lease + 100), 10)
+        .await
+        .expect("claim after lease");
+    assert_eq!(keys(&again), vec!["l1", "n1"]);
+    assert!(again.iter().all(|i| i.attempts == 2), "{again:?}");
+
+    // w1 lost its lease: its results are not recorded.
+    s.finish_outbox(
+        l1,
+        "w1",
+        &Finish::Done {
+            event: Some(event(
+                &c,
+                "news",
+                "removed",
+                S::Withdrawn,
+                S::Withdrawn,
+                t(70),
+            )),
+            note: None,
+        },
+        t(70),
+    )
+    .await
+    .expect("stale finish is not an error");
+    s.finish_outbox(
+        n1,
+        "w1",
+        &Finish::Dead {
+            error: "stale".into(),
+        },
+        t(70),
+    )
+    .await
+    .expect("stale finish is not an error");
+    // Nor those of a worker that never claimed anything.
+    s.finish_outbox(
+        n1,
+        "nobody",
+        &Finish::Done {
+            event: None,
+            note: None,
+        },
+        t(70),
+    )
+    .await
+    .expect("foreign finish is not an error");
+    assert_eq!(
+        whole_ledger(s).await.len(),
+        ledger_len + 1,
+        "no event from a stale finish"
+    );
+    assert_eq!(
+        s.outbox_counts().await.expect("counts"),
+        OutboxCounts {
+            pending: 2,
+            done: 1,
+            dead: 0
+        }
+    );
+
+    // Dead letter.
+    s.finish_outbox(
+        l1,
+        "w3",
+        &Finish::Dead {
+            error: "list does not exist".into(),
+        },
+        t(71),
+    )
+    .await
+    .expect("finish dead");
+    let dead = s.outbox_dead().await.expect("outbox_dead");
+    assert_eq!(keys(&dead), vec!["l1"]);
+    assert_eq!(dead[0].status, "dead");
+    assert_eq!(dead[0].last_error.as_deref(), Some("list does not exist"));
+    assert_eq!(dead[0].kind, "campaigns_remove");
+
+    // Retry later: not claimable before `at`, claimable from `at` on.
+    s.finish_outbox(
+        n1,
+        "w3",
+        &Finish::Retry {
+            at: t(300),
+            error: "smtp 451".into(),
+        },
+        t(72),
+    )
+    .await
+    .expect("finish retry");
+    assert!(
+        s.claim_outbox("w4", t(299), t(1000), 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "retry row claimable too early"
+    );
+    let retried = s
+        .claim_outbox("w4", t(300), t(1000), 10)
+        .await
+        .expect("claim");
+    assert_eq!(keys(&retried), vec!["n1"]);
+    assert_eq!(retried[0].attempts, 3);
+    assert_eq!(retried[0].last_error.as_deref(), Some("smtp 451"));
+
+    // Dead and done rows are never claimed again, and a dead row cannot be finished again.
+    assert!(
+        s.claim_outbox("w5", t(500), t(600), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+    s.finish_outbox(
+        l1,
+        "w3",
+        &Finish::Done {
+            event: None,
+            note: None,
+        },
+        t(73),
+    )
+    .await
+    .expect("finish of a dead row");
+    assert_eq!(
+        s.outbox_counts().await.expect("counts"),
+        OutboxCounts {
+            pending: 1,
+            done: 1,
+            dead: 1
+        }
+    );
+}
+
+async fn check_concurrent_claims(db: TestDb) {
+    use ConsentState as S;
+    const ROWS: usize = 50;
+    const WORKERS: usize = 4;
+    let c = new_contact(&*db.store, "many@example.org").await;
+    let rows = (0..ROWS)
+        .map(|i| {
+            let prio = if i % 5 == 0 {
+                PRIORITY_LEGAL
+            } else {
+                PRIORITY_NORMAL
+            };
+            outbox("mail", prio, &format!("row-{i}"), &c, "news")
+        })
+        .collect();
+    db.store
+        .commit(&Commit {
+            outbox: rows,
+            ..simple_commit(&c, "news", None, S::None, S::Asserted, t(0))
+        })
+        .await
+        .expect("commit 50 rows");
+
+    let mut tasks = Vec::new();
+    for w in 0..WORKERS {
+        let st = db.another_instance().await;
+        let contact = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let worker = format!("worker-{w}");
+            let mut got = Vec::new();
+            loop {
+                let items = st
+                    .claim_outbox(&worker, t(10), t(1000), 3)
+                    .await
+                    .expect("claim");
+                if items.is_empty() {
+                    break;
+                }
+                for item in &items {
+                    assert_eq!(item.attempts, 1, "{item:?} was claimed before");
+                    st.finish_outbox(
+                        item.id,
+                        &worker,
+                        &Finish::Done {
+                            event: Some(event(
+                                &contact,
+                                "news",
+                                "mail_sent",
+                                S::Asserted,
+                                S::Asserted,
+                                t(11),
+                            )),
+                            note: None,
+                        },
+                        t(11),
+                    )
+                    .await
+                    .expect("finish");
+                    got.push(item.id);
+                }
+                tokio::task::yield_now().await;
+            }
+            got
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.expect("worker task"));
+    }
+    let unique: BTreeSet<i64> = all.iter().copied().collect();
+    assert_eq!(all.len(), ROWS, "each row claimed exactly once: {all:?}");
+    assert_eq!(unique.len(), ROWS);
+    assert_eq!(
+        db.store.outbox_counts().await.expect("counts"),
+        OutboxCounts {
+            pending: 0,
+            done: ROWS as i64,
+            dead: 0
+        }
+    );
+    assert_eq!(
+        verify_stored_chain(&*db.store).await,
+        Ok(1 + ROWS as u64),
+        "events appended by concurrent finishes chain"
+    );
+}
+
+async fn check_concurrent_commits(db: TestDb) {
+    use ConsentState as S;
+    const TASKS: usize = 8;
+    const PER_TASK: usize = 10;
+
+    // Free-standing events from several writers.
+    let mut tasks = Vec::new();
+    for w in 0..TASKS {
+        let st = db.another_instance().await;
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for i in 0..PER_TASK {
+                let e = event(
+                    &format!("c{w}"),
+                    "news",
+                    &format!("link_fetched_{i}"),
+                    S::Pending,
+                    S::Pending,
+                    t(1),
+                );
+                seqs.push(st.append_event(&e).await.expect("append_event").seq);
+            }
+            seqs
+        }));
+    }
+    let mut got = Vec::new();
+    for task in tasks {
+        let seqs = task.await.expect("append task");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "seqs of one writer increase"
+        );
+        got.extend(seqs);
+    }
+    got.sort();
+    let n = (TASKS * PER_TASK) as i64;
+    assert_eq!(got, (1..=n).collect::<Vec<_>>());
+    assert_eq!(
+        seqs(&whole_ledger(&*db.store).await),
+        (1..=n).collect::<Vec<_>>()
+    );
+    assert_eq!(verify_stored_chain(&*db.store).await, Ok(n as u64));
+
+    // State changes of different contacts, concurrently.
+    let mut tasks = Vec::new();
+    for w in 0..TASKS {
+        let st = db.another_instance().await;
+        tasks.push(tokio::spawn(async move {
+            let c = new_contact(&*st, &format!("writer{w}@example.org")).await;
+            let mut expected = None;
+            let mut state = S::None;
+            for (i, next) in [
+                S::Asserted,
+                S::Pending,
+                S::Confirmed,
+                S::Withdrawn,
+                S::Pending,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let ev = st
+                    .commit(&simple_commit(
+                        &c,
+                        "news",
+                        expected,
+                        state,
+                        next,
+                        t(i as i64),
+                    ))
+                    .await
+                    .expect("commit of own contact never conflicts");
+                expected = Some(ev.seq);
+                state = next;
+            }
+            (c, expected)
+        }));
+    }
+    for task in tasks {
+        let (c, last) = task.await.expect("commit task");
+        let k = db
+            .store
+            .consent(&c, "news")
+            .await
+            .expect("consent")
+            .expect("some");
+        assert_eq!(k.last_seq, last);
+        assert_eq!(k.state, S::Pending);
+        let evs = db.store.events_of_contact(&c).await.expect("events");
+        assert_eq!(evs.len(), 5);
+        assert_eq!(evs.last().map(|e| e.seq), last);
+    }
+    let n2 = n + (TASKS * 5) as i64;
+    assert_eq!(verify_stored_chain(&*db.store).await, Ok(n2 as u64));
+
+    // Racing writers on one pair with the same expected_seq: exactly one wins.
+    let c = new_contact(&*db.store, "race@example.org").await;
+    let barrier = Arc::new(tokio::sync::Barrier::new(TASKS));
+    let mut tasks = Vec::new();
+    for _ in 0..TASKS {
+        let st = db.another_instance().await;
+        let barrier = Arc::clone(&barrier);
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            barrier.wait().await;
+            let r = st
+                .commit(&simple_commit(
+                    &c,
+                    "news",
+                    None,
+                    S::None,
+                    S::Asserted,
+                    t(50),
+                ))
+                .await;
+            match r {
+                Ok(_) => true,
+                Err(StoreError::Conflict { .. }) => false,
+                Err(e) => panic!("unexpected error: {e}"),
+            }
+        }));
+    }
+    let mut wins = 0;
+    for task in tasks {
+        wins += usize::from(task.await.expect("race task"));
+    }
+    assert_eq!(wins, 1, "exactly one racing commit succeeds");
+    assert_eq!(verify_stored_chain(&*db.store).await, Ok(n2 as u64 + 1));
+    assert_eq!(
+        db.store
+            .consent(&c, "news")
+            .await
+            .expect("consent")
+            .and_then(|k| k.last_seq),
+        Some(n2 + 1)
+    );
+}
+
+async fn check_cursors(db: TestDb) {
+    let s = &*db.store;
+    assert_eq!(s.cursor("crm").await.expect("cursor"), None);
+    s.set_cursor("crm", "2025-01-01T00:00:00Z|17", t(1))
+        .await
+        .expect("set_cursor");
+    assert_eq!(
+        s.cursor("crm").await.expect("cursor").as_deref(),
+        Some("2025-01-01T00:00:00Z|17")
+    );
+    assert_eq!(s.cursor("campaigns").await.expect("cursor"), None);
+    s.set_cursor("crm", "next", t(2)).await.expect("overwrite");
+    s.set_cursor("campaigns", "page-3", t(2))
+        .await
+        .expect("set_cursor");
+    assert_eq!(
+        s.cursor("crm").await.expect("cursor").as_deref(),
+        Some("next")
+    );
+    assert_eq!(
+        s.cursor("campaigns").await.expect("cursor").as_deref(),
+        Some("page-3")
+    );
+}
+
+async fn check_events_of_contact(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    s.commit(&simple_commit(&a, "news", None, S::None, S::Asserted, t(1)))
+        .await
+        .expect("a1");
+    s.append_event(&event(&b, "news", "note", S::None, S::None, t(2)))
+        .await
+        .expect("b1");
+    s.commit(&simple_commit(&b, "news", None, S::None, S::Asserted, t(3)))
+        .await
+        .expect("b2");
+    s.append_event(&event(
+        &a,
+        "news",
+        "link_fetched",
+        S::Asserted,
+        S::Asserted,
+        t(4),
+    ))
+    .await
+    .expect("a2");
+    s.commit(&simple_commit(
+        &a,
+        "promo",
+        None,
+        S::None,
+        S::Asserted,
+        t(5),
+    ))
+    .await
+    .expect("a3");
+
+    let ea = s.events_of_contact(&a).await.expect("events of a");
+    assert_eq!(seqs(&ea), vec![1, 4, 5]);
+    assert!(ea.iter().all(|e| e.contact_id == a));
+    assert_eq!(
+        ea.iter()
+            .map(|e| (e.kind.as_str(), e.list_id.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            ("asserted", "news"),
+            ("link_fetched", "news"),
+            ("asserted", "promo")
+        ]
+    );
+    let eb = s.events_of_contact(&b).await.expect("events of b");
+    assert_eq!(seqs(&eb), vec![2, 3]);
+    assert!(eb.iter().all(|e| e.contact_id == b));
+    assert!(
+        s.events_of_contact("nobody")
+            .await
+            .expect("events of nobody")
+            .is_empty()
+    );
+    // The per-contact view holds the same rows as the ledger.
+    let ledger = whole_ledger(s).await;
+    assert_eq!(ea[1], ledger[3]);
+}
+
+async fn check_ledger_append_only_and_tamper_evident(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let c = new_contact(s, "tamper@example.org").await;
+    let mut expected = None;
+    let mut state = S::None;
+    for (i, next) in [S::Asserted, S::Pending, S::Confirmed, S::Withdrawn]
+        .into_iter()
+        .enumerate()
+    {
+        expected = Some(
+            s.commit(&simple_commit(
+                &c,
+                "news",
+                expected,
+                state,
+                next,
+                t(i as i64),
+            ))
+            .await
+            .expect("commit")
+            .seq,
+        );
+        state = next;
+    }
+    let original = whole_ledger(s).await;
+    assert_eq!(seqs(&original), vec![1, 2, 3, 4]);
+    assert_eq!(verify_stored_chain(s).await, Ok(4));
+
+    // The database itself refuses edits.
+    let upd = db
+        .exec(r#"UPDATE ledger SET evidence = '{"reason":"forged"}' WHERE seq = 2"#)
+        .await;
+    assert!(upd.is_err(), "UPDATE on ledger must fail, got {upd:?}");
+    let upd = db
+        .exec("UPDATE ledger SET to_state = 'confirmed' WHERE seq = 4")
+        .await;
+    assert!(upd.is_err(), "UPDATE on ledger must fail, got {upd:?}");
+    let del = db.exec("DELETE FROM ledger WHERE seq = 4").await;
+    assert!(del.is_err(), "DELETE on ledger must fail, got {del:?}");
+    let del = db.exec("DELETE FROM ledger").await;
+    assert!(del.is_err(), "DELETE on ledger must fail, got {del:?}");
+    assert_eq!(whole_ledger(s).await, original);
+
+    // Someone drops the triggers: the chain still tells.
+    db.drop_append_only_triggers().await;
+
+    // 1. Forged evidence (hash left alone): seq 2 named as altered.
+    let n = db
+        .exec(r#"UPDATE ledger SET evidence = '{"reason":"forged"}' WHERE seq = 2"#)
+        .await
+        .expect("edit evidence without trigger");
+    assert_eq!(n, 1);
+    let err = verify_stored_chain(s)
+        .await
+        .expect_err("edit must be detected");
+    assert_eq!(
+        err,
+        ChainError::Altered {
+            seq: 2,
+            event_id: original[1].event_id.clone()
+        }
+    );
+    assert!(err.to_string().contains("seq 2"), "{err}");
+    // Put it back: the chain verifies again (detection is by content).
+    let restore = format!(
+        "UPDATE ledger SET evidence = '{}' WHERE seq = 2",
+        original[1].evidence.replace('\'', "''")
+    );
+    db.exec(&restore).await.expect("restore evidence");
+    assert_eq!(verify_stored_chain(s).await, Ok(4));
+
+    // 2. Forged state with a recomputed hash: the next event no longer follows.
+    let mut forged = original[2].clone();
+    forged.to_state = "withdrawn".into();
+    forged.hash = forged.compute_hash();
+    db.exec(&format!(
+        "UPDATE ledger SET to_state = 'withdrawn', hash = '{}' WHERE seq = 3",
+        forged.hash
+    ))
+    .await
+    .expect("edit state without trigger");
+    let err = verify_stored_chain(s)
+        .await
+        .expect_err("edit must be detected");
+    assert_eq!(
+        err,
+        ChainError::Broken {
+            seq: 4,
+            event_id: original[3].event_id.clone()
+        }
+    );
+    assert!(err.to_string().contains("seq 4"), "{err}");
+    db.exec(&format!(
+        "UPDATE ledger SET to_state = '{}', hash = '{}' WHERE seq = 3",
+        original[2].to_state, original[2].hash
+    ))
+    .await
+    .expect("restore state");
+    assert_eq!(verify_stored_chain(s).await, Ok(4));
+
+    // 3. A deleted event leaves a gap.
+    db.exec("DELETE FROM ledger WHERE seq = 2")
+        .await
+        .expect("delete without trigger");
+    assert_eq!(
+        verify_stored_chain(s).await,
+        Err(ChainError::Gap {
+            expected: 2,
+            found: 3
+        })
+    );
+}

@@ -1,0 +1,382 @@
+//! The commands behind the CLI. Start-up goes through [`boot`], the same path for every
+//! command, so `run`, `sync --once` and the inspection commands see the same configuration.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use optinsync_engine::config::LoadedConfig;
+use optinsync_engine::engine::Engine;
+use optinsync_engine::ledger::ChainVerifier;
+use optinsync_engine::rules::RuleSet;
+use optinsync_engine::store::{self, Store};
+use optinsync_engine::{email, http};
+
+use crate::{Failure, registry};
+
+fn load_config(path: &Path) -> Result<LoadedConfig, Failure> {
+    LoadedConfig::load(path).map_err(|e| Failure::Config(e.into()))
+}
+
+async fn open_store(config: &LoadedConfig) -> Result<Arc<dyn Store>, Failure> {
+    let store = store::open(&config.config.store.url)
+        .await
+        .context("opening the store")?;
+    store.migrate().await.context("migrating the store")?;
+    Ok(store)
+}
+
+/// Config, store, rules, connectors: everything a command that acts needs.
+async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
+    let config = load_config(path)?;
+    let rules = RuleSet::load(&config.config.rules.file).map_err(|e| Failure::Config(e.into()))?;
+    let connectors = registry::build(&config).map_err(|e| Failure::Config(e.into()))?;
+    let store = open_store(&config).await?;
+    Ok(Arc::new(Engine::new(
+        Arc::new(config),
+        store,
+        connectors,
+        rules,
+    )))
+}
+
+/// Vector-style start-up healthchecks: report, and refuse to start on a broken connector.
+async fn healthchecks(engine: &Engine) -> Result<(), Failure> {
+    let c = &engine.connectors;
+    let checks = [
+        ("crm", c.crm.health().await),
+        ("campaigns", c.campaigns.health().await),
+        ("mail", c.mail.health().await),
+    ];
+    for (name, result) in checks {
+        match result {
+            Ok(h) if h.ok => {
+                tracing::info!(connector = name, detail = %h.detail, "healthcheck passed")
+            }
+            Ok(h) => {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "{name} connector is unhealthy: {}",
+                    h.detail
+                )));
+            }
+            Err(e) => {
+                return Err(Failure::Runtime(anyhow::anyhow!(
+                    "{name} connector healthcheck failed: {e}"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn worker_id() -> String {
+    format!("{}-{}", std::process::id(), &uuid_short())
+}
+
+fn uuid_short() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{nanos:08x}")
+}
+
+/// One pull-decide pass; returns a summary line.
+async fn pass(engine: &Engine, show_progress: bool) -> anyhow::Result<String> {
+    let crm = engine
+        .pull_crm(|s| {
+            if show_progress {
+                eprint!(
+                    "\rCRM: {} records read, {} skipped, {} consent changes",
+                    s.records, s.invalid, s.changes
+                );
+            }
+        })
+        .await
+        .context("pulling CRM changes")?;
+    if show_progress {
+        eprintln!();
+    }
+    let campaigns = engine
+        .pull_campaigns()
+        .await
+        .context("pulling campaigns status")?;
+    let decided = engine.decide_all().await.context("running the rules")?;
+    Ok(format!(
+        "{} CRM records ({} skipped as invalid), {} CRM consent changes, {} campaigns changes, {} rule changes ({} refused, {} rule errors)",
+        crm.records,
+        crm.invalid,
+        crm.changes,
+        campaigns,
+        decided.changes,
+        decided.refused,
+        decided.rule_errors
+    ))
+}
+
+pub async fn sync_once(path: &Path) -> Result<(), Failure> {
+    let engine = boot(path).await?;
+    healthchecks(&engine).await?;
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let summary = pass(&engine, progress).await?;
+    let delivered = engine
+        .drain_outbox(&worker_id())
+        .await
+        .context("delivering the outbox")?;
+    let counts = engine
+        .store
+        .outbox_counts()
+        .await
+        .context("counting the outbox")?;
+    println!(
+        "sync: {summary}; delivered {} effects, {} to retry, {} dead letters (outbox: {} pending)",
+        delivered.done, delivered.retried, delivered.dead, counts.pending
+    );
+    Ok(())
+}
+
+pub async fn run(path: &Path) -> Result<(), Failure> {
+    let engine = boot(path).await?;
+    healthchecks(&engine).await?;
+    let listen = engine.config.config.server.listen;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
+    tracing::info!(%listen, public_url = %engine.config.config.server.public_url, "HTTP server listening");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown requested; finishing the current step");
+            stop.store(true, Ordering::SeqCst);
+            let _ = stop_tx.send(true);
+        });
+    }
+    let server = {
+        let mut rx = stop_rx.clone();
+        let engine = Arc::clone(&engine);
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            http::serve(engine, listener, shutdown).await
+        })
+    };
+
+    let worker = worker_id();
+    let poll = engine.config.config.sync.poll_interval.0;
+    let mut next_pass = tokio::time::Instant::now();
+    let mut rx = stop_rx;
+    // Steps are never cancelled half-way: shutdown waits for the running step, so a
+    // commit or a delivery is either finished or not started.
+    while !stop.load(Ordering::SeqCst) {
+        if tokio::time::Instant::now() >= next_pass {
+            match pass(&engine, false).await {
+                Ok(summary) => tracing::info!("sync pass: {summary}"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "sync pass failed; will retry next interval")
+                }
+            }
+            next_pass = tokio::time::Instant::now() + poll;
+        }
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        match engine.deliver_due(&worker, 20).await {
+            Ok(s) if s.done + s.retried + s.dead > 0 => {
+                tracing::info!(
+                    done = s.done,
+                    retried = s.retried,
+                    dead = s.dead,
+                    "outbox delivered"
+                );
+                continue;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "outbox delivery failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = rx.wait_for(|s| *s) => {}
+        }
+    }
+    match server.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            return Err(Failure::Runtime(
+                anyhow::Error::new(e).context("HTTP server failed"),
+            ));
+        }
+        Err(e) => {
+            return Err(Failure::Runtime(anyhow::anyhow!(
+                "HTTP server task failed: {e}"
+            )));
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+pub async fn migrate(path: &Path) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    open_store(&config).await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+pub async fn ledger_verify(path: &Path) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let store = open_store(&config).await?;
+    let mut verifier = ChainVerifier::default();
+    let mut after = 0;
+    let mut head = None;
+    loop {
+        let page = store
+            .ledger_page(after, 1000)
+            .await
+            .context("reading the ledger")?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for ev in &page {
+            verifier.check(ev).map_err(|e| {
+                Failure::Runtime(anyhow::anyhow!("ledger verification FAILED: {e}"))
+            })?;
+        }
+        head = Some((last.seq, last.hash.clone()));
+    }
+    match head {
+        Some((seq, hash)) => println!(
+            "ledger verified: {} events, head seq {seq} hash {hash}",
+            verifier.checked
+        ),
+        None => println!("ledger verified: empty"),
+    }
+    Ok(())
+}
+
+pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let address = email::normalise(raw_email)
+        .map_err(|e| Failure::Config(anyhow::anyhow!("`{raw_email}`: {e}")))?;
+    let store = open_store(&config).await?;
+    let Some(contact) = store
+        .contact_by_email(&address)
+        .await
+        .context("looking up the contact")?
+    else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "no contact with address {address}"
+        )));
+    };
+    let consents = store
+        .consents_of_contact(&contact.id)
+        .await
+        .context("reading consent")?;
+    let events = store
+        .events_of_contact(&contact.id)
+        .await
+        .context("reading the ledger")?;
+    if json {
+        let value = serde_json::json!({
+            "contact": contact,
+            "consents": consents.iter().map(|(list, c)| serde_json::json!({ "list": list, "consent": c })).collect::<Vec<_>>(),
+            "events": events.iter().map(|e| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                v["evidence"] = serde_json::from_str(&e.evidence).unwrap_or_default();
+                v
+            }).collect::<Vec<_>>(),
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).context("formatting JSON")?
+        );
+        return Ok(());
+    }
+    println!("contact {} <{}>", contact.id, contact.email);
+    println!("  language: {}", contact.language.as_deref().unwrap_or("-"));
+    println!(
+        "  CRM records: {}",
+        if contact.crm_records.is_empty() {
+            "-".to_owned()
+        } else {
+            contact.crm_records.join(", ")
+        }
+    );
+    println!("consent:");
+    if consents.is_empty() {
+        println!("  (none recorded)");
+    }
+    for (list, c) in &consents {
+        let confirmed = c
+            .confirmed_at
+            .map(|t| format!(", confirmed {}", t.to_rfc3339()))
+            .unwrap_or_default();
+        println!(
+            "  {list:<16} {:<12} since {}{confirmed}",
+            c.state.as_str(),
+            c.since.to_rfc3339()
+        );
+    }
+    println!("history:");
+    for e in &events {
+        println!(
+            "  #{:<5} {}  {:<12} {} -> {}  {} (by {})",
+            e.seq, e.at, e.list_id, e.from_state, e.to_state, e.kind, e.source
+        );
+        let ev = e.evidence();
+        let fields = [
+            ("reason", ev.reason),
+            (
+                "rule",
+                ev.rule_file.map(|f| {
+                    format!(
+                        "{f} sha256:{}",
+                        ev.rule_hash
+                            .as_deref()
+                            .map(|h| &h[..h.len().min(16)])
+                            .unwrap_or("?")
+                    )
+                }),
+            ),
+            ("crm record", ev.crm_record),
+            ("token", ev.token_id),
+            ("message-id", ev.message_id),
+            ("content sha256", ev.content_hash),
+            ("ip", ev.ip),
+            ("user agent", ev.user_agent),
+            ("detail", ev.detail),
+        ];
+        for (name, value) in fields {
+            if let Some(v) = value {
+                println!("           {name}: {v}");
+            }
+        }
+    }
+    Ok(())
+}
