@@ -329,10 +329,11 @@ impl LoadedConfig {
         };
 
         config.store.url = resolve_env(&config.store.url, "store.url", path)?;
-        if let Some(rel) = config.store.url.strip_prefix("sqlite://") {
-            if !Path::new(rel).is_absolute() && rel != ":memory:" {
-                config.store.url = format!("sqlite://{}", base_dir.join(rel).display());
-            }
+        if let Some(rel) = config.store.url.strip_prefix("sqlite://")
+            && !Path::new(rel).is_absolute()
+            && rel != ":memory:"
+        {
+            config.store.url = format!("sqlite://{}", base_dir.join(rel).display());
         }
         config.tokens.secret = resolve_env(&config.tokens.secret, "tokens.secret", path)?;
         if config.tokens.secret.len() < 32 {
@@ -422,17 +423,16 @@ impl LoadedConfig {
                 }
                 continue;
             }
-            if in_section {
-                if let Some(k) = &key {
-                    if t.split('=').next().map(str::trim) == Some(k.as_str()) {
-                        return ConfigError::Parse {
-                            path: self.path.clone(),
-                            line: i + 1,
-                            column: 1,
-                            message: format!("connectors.{section}: {message}"),
-                        };
-                    }
-                }
+            if in_section
+                && let Some(k) = &key
+                && t.split('=').next().map(str::trim) == Some(k.as_str())
+            {
+                return ConfigError::Parse {
+                    path: self.path.clone(),
+                    line: i + 1,
+                    column: 1,
+                    message: format!("connectors.{section}: {message}"),
+                };
             }
         }
         ConfigError::Parse {

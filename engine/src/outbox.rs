@@ -304,7 +304,7 @@ impl Engine {
                 };
                 tracing::info!(contact_id = %contact.id, list = %list.id, mail = kind.as_str(), "confirmation mail sent");
                 Ok(Finish::Done {
-                    event: Some(event),
+                    event: Some(Box::new(event)),
                     note: None,
                 })
             }

@@ -232,7 +232,11 @@ fn is_blocked(s: ConsentState) -> bool {
 }
 
 fn config() -> ProptestConfig {
-    ProptestConfig::with_cases(512)
+    ProptestConfig {
+        // No regression files next to the sources; failures print their minimal case.
+        failure_persistence: None,
+        ..ProptestConfig::with_cases(512)
+    }
 }
 
 proptest! {

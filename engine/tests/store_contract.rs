@@ -143,6 +143,8 @@ store_contract! {
     check_ledger_append_only_and_tamper_evident =>
         sqlite_check_ledger_append_only_and_tamper_evident,
         postgres_check_ledger_append_only_and_tamper_evident;
+    check_ledger_cannot_be_emptied =>
+        sqlite_check_ledger_cannot_be_emptied, postgres_check_ledger_cannot_be_emptied;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -817,7 +819,7 @@ async fn check_claim_outbox(db: TestDb) {
         n2,
         "w2",
         &Finish::Done {
-            event: Some(sent.clone()),
+            event: Some(Box::new(sent.clone())),
             note: Some("ok".into()),
         },
         t(5),
@@ -862,14 +864,14 @@ async fn check_claim_outbox(db: TestDb) {
         l1,
         "w1",
         &Finish::Done {
-            event: Some(event(
+            event: Some(Box::new(event(
                 &c,
                 "news",
                 "removed",
                 S::Withdrawn,
                 S::Withdrawn,
                 t(70),
-            )),
+            ))),
             note: None,
         },
         t(70),
@@ -1028,14 +1030,14 @@ async fn check_concurrent_claims(db: TestDb) {
                         item.id,
                         &worker,
                         &Finish::Done {
-                            event: Some(event(
+                            event: Some(Box::new(event(
                                 &contact,
                                 "news",
                                 "mail_sent",
                                 S::Asserted,
                                 S::Asserted,
                                 t(11),
-                            )),
+                            ))),
                             note: None,
                         },
                         t(11),
@@ -1408,4 +1410,31 @@ async fn check_ledger_append_only_and_tamper_evident(db: TestDb) {
             found: 3
         })
     );
+}
+
+/// Emptying the ledger in one statement must be refused too: an empty ledger verifies, so the
+/// chain cannot tell.
+async fn check_ledger_cannot_be_emptied(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let c = new_contact(s, "wipe@example.org").await;
+    s.commit(&simple_commit(&c, "news", None, S::None, S::Asserted, t(1)))
+        .await
+        .expect("commit");
+    let original = whole_ledger(s).await;
+    let wipe = match db.backend {
+        // SQLite has no TRUNCATE; its truncate optimisation is off when DELETE triggers exist.
+        Backend::Sqlite => "DELETE FROM ledger",
+        Backend::Postgres => "TRUNCATE ledger",
+    };
+    let r = db.exec(wipe).await;
+    let after = whole_ledger(s).await;
+    assert!(
+        r.is_err(),
+        "`{wipe}` must be refused; it succeeded and left {} of {} events (and an empty chain verifies: {:?})",
+        after.len(),
+        original.len(),
+        verify_stored_chain(s).await
+    );
+    assert_eq!(after, original);
 }

@@ -214,7 +214,47 @@ fn wait_for_port(port: u16, timeout: Duration) -> bool {
 }
 
 /// One server shared by every test in a test binary (starting one costs about a second).
+///
+/// A `static` is never dropped, so a watchdog process stops the server and removes its
+/// directory once the test process has exited.
 pub fn shared_pg() -> &'static PgServer {
     static SERVER: std::sync::OnceLock<PgServer> = std::sync::OnceLock::new();
-    SERVER.get_or_init(PgServer::start)
+    SERVER.get_or_init(|| {
+        let server = PgServer::start();
+        server.stop_when_process_exits();
+        server
+    })
+}
+
+impl PgServer {
+    /// Spawn a detached shell that waits for this process to exit, then stops the server
+    /// (immediate mode) and deletes its temporary directory.
+    fn stop_when_process_exits(&self) {
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(
+                r#"pid=$1; dir=$2; shift 2
+while kill -0 "$pid" 2>/dev/null; do sleep 1; done
+"$@" >/dev/null 2>&1
+rm -rf "$dir""#,
+            )
+            .arg("optinsync-pg-watchdog")
+            .arg(std::process::id().to_string())
+            .arg(self.dir.path());
+        if self.as_postgres_user {
+            cmd.args(["runuser", "-u", "postgres", "--"]);
+        }
+        cmd.arg(&self.pg_ctl)
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-m", "immediate", "-w", "stop"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Err(e) = cmd.spawn() {
+            eprintln!(
+                "could not start the PostgreSQL watchdog (server will outlive the tests): {e}"
+            );
+        }
+    }
 }

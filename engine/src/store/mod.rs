@@ -99,7 +99,7 @@ pub enum Finish {
     /// Delivered; `event` (e.g. `mail_sent` with its Message-ID) is appended in the same
     /// transaction.
     Done {
-        event: Option<NewEvent>,
+        event: Option<Box<NewEvent>>,
         note: Option<String>,
     },
     /// Temporary failure: try again at `at`.

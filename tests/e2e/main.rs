@@ -1,0 +1,12 @@
+//! End-to-end tests of the `optinsync` binary: the shipped demo configuration on a temporary
+//! copy, a real HTTP server, SQLite files and a real PostgreSQL server.
+//!
+//! One test binary with topic modules (as ripgrep does); `support` holds the harness.
+
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+mod demo;
+mod lifecycle;
+mod postgres;
+mod support;

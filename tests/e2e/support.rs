@@ -1,0 +1,275 @@
+//! Harness: a temporary copy of the demo set-up, and helpers to run the binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use optinsync_engine::ledger::LedgerEvent;
+use optinsync_engine::store;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_optinsync");
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A temporary copy of the shipped demo: `config.toml`, `rules/`, `demo/contacts.csv`, with
+/// its own port and optional store URL.
+pub struct Demo {
+    pub dir: tempfile::TempDir,
+    pub port: u16,
+}
+
+impl Demo {
+    pub fn new() -> Demo {
+        Self::with_store(None)
+    }
+
+    pub fn with_store(store_url: Option<&str>) -> Demo {
+        let dir = tempfile::tempdir().unwrap();
+        let port = optinsync_testkit::free_port();
+        let mut config = std::fs::read_to_string(repo().join("config.toml")).unwrap();
+        config = config
+            .replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:{port}\""),
+            )
+            .replace(
+                "public_url = \"http://127.0.0.1:8080\"",
+                &format!("public_url = \"http://127.0.0.1:{port}\""),
+            )
+            .replace("poll_interval = \"10s\"", "poll_interval = \"1s\"");
+        if let Some(url) = store_url {
+            config = config.replace(
+                "url = \"sqlite://var/optinsync.db\"",
+                &format!("url = \"{url}\""),
+            );
+        }
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        std::fs::create_dir_all(dir.path().join("rules")).unwrap();
+        std::fs::copy(
+            repo().join("rules/consent.rhai"),
+            dir.path().join("rules/consent.rhai"),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("demo")).unwrap();
+        std::fs::copy(
+            repo().join("demo/contacts.csv"),
+            dir.path().join("demo/contacts.csv"),
+        )
+        .unwrap();
+        Demo { dir, port }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("config.toml")
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--config")
+            .arg(self.config())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .env_remove("OPTINSYNC_CONFIG");
+        c
+    }
+
+    pub fn run_ok(&self, args: &[&str]) -> String {
+        let out = self.cmd(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "optinsync {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    pub fn output(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    /// Start `optinsync run` and wait until its HTTP server answers.
+    pub fn spawn_daemon(&self) -> Daemon {
+        let log = std::fs::File::create(self.path("daemon.log")).unwrap();
+        let child = self
+            .cmd(&["run"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut d = Daemon { child: Some(child) };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "daemon exited early with {status}: {}",
+                    std::fs::read_to_string(self.path("daemon.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "daemon did not start listening"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        d
+    }
+
+    pub fn mails(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.path("var/mail"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.path())
+                    .filter(|p| p.extension().is_some_and(|x| x == "eml"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// The confirmation link in the mail sent to `email`.
+    pub fn confirm_link(&self, email: &str) -> String {
+        link_in(&self.mail_to(email), "/confirm/")
+    }
+
+    pub fn unsubscribe_link(&self, email: &str) -> String {
+        link_in(&self.mail_to(email), "/unsubscribe/")
+    }
+
+    pub fn mail_to(&self, email: &str) -> String {
+        self.mails()
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .find(|m| {
+                m.lines()
+                    .any(|l| l.eq_ignore_ascii_case(&format!("To: {email}")))
+            })
+            .unwrap_or_else(|| panic!("no mail to {email}"))
+    }
+
+    pub fn list_members(&self) -> Vec<String> {
+        std::fs::read_to_string(self.path("var/lists.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["email"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    pub fn contact_json(&self, email: &str) -> serde_json::Value {
+        serde_json::from_str(&self.run_ok(&["contact", "show", email, "--json"])).unwrap()
+    }
+
+    pub fn state(&self, email: &str, list: &str) -> String {
+        let v = self.contact_json(email);
+        v["consents"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["list"] == list)
+            .map(|c| c["consent"]["state"].as_str().unwrap().to_owned())
+            .unwrap_or_else(|| "none".into())
+    }
+
+    pub fn sqlite_url(&self) -> String {
+        format!("sqlite://{}", self.path("var/optinsync.db").display())
+    }
+}
+
+pub fn link_in(mail: &str, marker: &str) -> String {
+    mail.split(|c: char| c.is_whitespace() || c == '<' || c == '>' || c == '"')
+        .find(|w| w.starts_with("http") && w.contains(marker))
+        .unwrap_or_else(|| panic!("no {marker} link in mail"))
+        .to_owned()
+}
+
+pub struct Daemon {
+    child: Option<Child>,
+}
+
+impl Daemon {
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status()
+            .unwrap();
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "daemon did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Poll `cond` until true or panic after `secs`.
+pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+pub async fn all_events(url: &str) -> Vec<LedgerEvent> {
+    let store = store::open(url).await.unwrap();
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.ledger_page(after, 1000).await.unwrap();
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        out.extend(page);
+    }
+    out
+}
+
+pub fn write_contacts(path: &Path, n: usize) {
+    let mut csv =
+        String::from("Id,First_Name,Last_Name,Email,Language,Newsletter_Requested,Email_Opt_Out\n");
+    for i in 0..n {
+        csv.push_str(&format!(
+            "{},P{i},Q{i},person{i}@example.org,en,true,false\n",
+            5000 + i
+        ));
+    }
+    std::fs::write(path, csv).unwrap();
+}
