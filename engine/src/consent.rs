@@ -397,6 +397,12 @@ pub fn transition(
             S::Complained | S::Erased => return Ok(None),
             st => (S::Complained, "complained", removal_effects(st, true)),
         },
+        // Invariant 4 is absolute: even a person's own new signup mails nothing to an address
+        // on the global suppression list (bounce, complaint, CRM opt-out). Per-list withdrawal
+        // is not global, so re-subscribing after an unsubscribe works.
+        Input::PersonSignup { .. } if cx.suppressed => {
+            return refuse("address is suppressed (invariant 4); lift the suppression first");
+        }
         Input::PersonSignup { token } => match from {
             S::Erased => {
                 return refuse(

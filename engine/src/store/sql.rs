@@ -8,10 +8,12 @@
 /// `async fn run_migrations(&self)`.
 ///
 /// - `lock`: SQL run first in every ledger-appending transaction to serialise appends.
+/// - `for_update`: suffix that locks a selected row for the transaction (`FOR UPDATE` on
+///   PostgreSQL, where concurrent upserts of one contact would otherwise lose merges).
 /// - `skip_locked`: suffix for the outbox claim sub-select (`FOR UPDATE SKIP LOCKED` on
 ///   PostgreSQL so several instances never claim the same row).
 macro_rules! shared_store_impl {
-    ($store:ty, $db:ty, lock = $lock:literal, skip_locked = $skip:literal) => {
+    ($store:ty, $db:ty, lock = $lock:literal, for_update = $for_update:literal, skip_locked = $skip:literal) => {
         use std::collections::BTreeMap;
 
         use async_trait::async_trait;
@@ -141,6 +143,8 @@ macro_rules! shared_store_impl {
 
             async fn upsert_contact(&self, c: &ContactUpsert, now: DateTime<Utc>) -> StoreResult<Contact> {
                 let mut tx = self.pool.begin().await?;
+                // Stored precision is microseconds; return exactly what is stored.
+                let now = parse_time("contacts", &format_time(now))?;
                 let ts = format_time(now);
                 sqlx::query(
                     "INSERT INTO contacts (id, email, language, fields, crm_records, created_at, updated_at) \
@@ -155,7 +159,7 @@ macro_rules! shared_store_impl {
                 .bind(&ts)
                 .execute(&mut *tx)
                 .await?;
-                let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts WHERE email = $1"))
+                let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts WHERE email = $1 {}", $for_update))
                     .bind(&c.email)
                     .fetch_one(&mut *tx)
                     .await?;

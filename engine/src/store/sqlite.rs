@@ -57,6 +57,7 @@ mod shared {
         SqliteStore,
         sqlx::Sqlite,
         lock = "SELECT 1",
+        for_update = "",
         skip_locked = ""
     );
 }
