@@ -202,6 +202,7 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = engine.outbox_wake.notified() => {}
             _ = rx.wait_for(|s| *s) => {}
         }
     }

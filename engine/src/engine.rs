@@ -83,6 +83,9 @@ pub struct Engine {
     pub connectors: Connectors,
     pub tokens: TokenKeys,
     rules: RwLock<Arc<RuleSet>>,
+    /// Signalled after a commit that queued outbox work, so the daemon delivers at once
+    /// instead of at its next tick (a confirmation mail should not wait for a poll).
+    pub outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Engine {
@@ -193,8 +196,12 @@ impl Engine {
                     reason: t.event.to_owned(),
                 }),
             };
+            let queued = !commit.outbox.is_empty();
             match self.store.commit(&commit).await {
                 Ok(ev) => {
+                    if queued {
+                        self.outbox_wake.notify_one();
+                    }
                     tracing::info!(
                         contact_id = %contact.id, list = %list.id, from = %t.from, to = %t.to, event = t.event,
                         seq = ev.seq, source, "consent changed"
@@ -380,6 +387,16 @@ impl Engine {
                     self.decide_one(&rules, contact, list, &mut stats).await?;
                 }
             }
+        }
+        Ok(stats)
+    }
+
+    /// Run the rules for one contact on every list (e.g. right after a webhook).
+    pub async fn decide_contact(&self, contact: &Contact) -> EngineResult<DecideStats> {
+        let rules = self.rules();
+        let mut stats = DecideStats { contacts: 1, ..DecideStats::default() };
+        for list in self.lists() {
+            self.decide_one(&rules, contact, list, &mut stats).await?;
         }
         Ok(stats)
     }
