@@ -108,6 +108,7 @@ impl Engine {
             connectors,
             tokens,
             rules: RwLock::new(Arc::new(rules)),
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 
