@@ -51,6 +51,38 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Check, test and simulate rule scripts.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesCommand {
+    /// Compile every script and run the table tests; print file:line:column of any error.
+    Check {
+        /// Rules directory (default: `rules.dir` from the config).
+        #[arg(long)]
+        rules: Option<PathBuf>,
+    },
+    /// Run the table tests and list each result.
+    Test {
+        #[arg(long)]
+        rules: Option<PathBuf>,
+    },
+    /// What a candidate rule set would do to every contact now, against the rules in force.
+    /// Changes nothing.
+    Simulate {
+        /// Candidate rules directory (default: `rules.dir`).
+        #[arg(long)]
+        rules: Option<PathBuf>,
+        /// Contact ids to show per action.
+        #[arg(long, default_value_t = 3)]
+        samples: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -120,6 +152,20 @@ fn main() -> ExitCode {
                 command: LedgerCommand::Verify,
             } => commands::ledger_verify(&cli.config).await,
             Command::Migrate => commands::migrate(&cli.config).await,
+            Command::Rules {
+                command: RulesCommand::Check { rules },
+            } => commands::rules_check(&cli.config, rules.as_deref(), false).await,
+            Command::Rules {
+                command: RulesCommand::Test { rules },
+            } => commands::rules_check(&cli.config, rules.as_deref(), true).await,
+            Command::Rules {
+                command:
+                    RulesCommand::Simulate {
+                        rules,
+                        samples,
+                        json,
+                    },
+            } => commands::rules_simulate(&cli.config, rules.as_deref(), samples, json).await,
         }
     });
     match result {

@@ -165,14 +165,15 @@ fn default_confirm_ttl() -> HumanDuration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RulesConfig {
-    /// The rule script with `fn decide(contact, consent, ctx)`.
-    pub file: PathBuf,
+    /// Directory of rule scripts (`*.rhai`, each with `fn decide(contact, consent, ctx)`) and
+    /// their table tests (`*.tests.toml`); watched for changes while the daemon runs.
+    pub dir: PathBuf,
 }
 
 impl Default for RulesConfig {
     fn default() -> Self {
         Self {
-            file: PathBuf::from("rules/consent.rhai"),
+            dir: PathBuf::from("rules"),
         }
     }
 }
@@ -345,8 +346,8 @@ impl LoadedConfig {
         for (i, k) in config.tokens.previous.iter_mut().enumerate() {
             k.secret = resolve_env(&k.secret, &format!("tokens.previous[{i}].secret"), path)?;
         }
-        if config.rules.file.is_relative() {
-            config.rules.file = base_dir.join(&config.rules.file);
+        if config.rules.dir.is_relative() {
+            config.rules.dir = base_dir.join(&config.rules.dir);
         }
         for (name, section) in [
             ("crm", &mut config.connectors.crm),

@@ -6,18 +6,17 @@
 
 use std::sync::{Arc, RwLock};
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use optinsync_plugin_api::{
     CampaignsConnector, ConnectorError, CrmConnector, CrmRecord, Cursor, MailTransport, StatusKind,
 };
-use rhai::{Dynamic, Map};
 use serde::Serialize;
 
 use crate::config::{ListConfig, LoadedConfig};
 use crate::consent::{self, Consent, ConsentState, Effect, Input, Refusal};
 use crate::email;
 use crate::ledger::{Evidence, LedgerEvent, NewEvent};
-use crate::rules::{Action, RuleSet, RulesError};
+use crate::rules::{Action, RuleSet, RulesError, input};
 use crate::store::{
     Commit, Contact, ContactUpsert, NewOutbox, PRIORITY_LEGAL, PRIORITY_NORMAL, Store, StoreError,
     Suppression,
@@ -163,6 +162,8 @@ impl Engine {
                 Ok(Some(t)) => t,
                 Ok(None) => return Ok(Applied::Unchanged),
                 Err(refusal) => {
+                    metrics::counter!("optinsync_consent_refused_total", "input" => refusal.input)
+                        .increment(1);
                     tracing::warn!(
                         contact_id = %contact.id, list = %list.id, state = %refusal.state, input = refusal.input,
                         source, reason = refusal.reason, "consent change refused"
@@ -348,6 +349,12 @@ impl Engine {
                         StatusKind::Unsubscribed => Input::Unsubscribe,
                         StatusKind::Bounced => Input::Bounce,
                         StatusKind::Complained => Input::Complaint,
+                        StatusKind::Opened | StatusKind::Clicked => {
+                            self.store
+                                .record_engagement(&contact.id, &list.id, ev.at)
+                                .await?;
+                            continue;
+                        }
                     };
                     let evidence = Evidence {
                         detail: ev.detail.clone(),
@@ -395,7 +402,10 @@ impl Engine {
     /// Run the rules for one contact on every list (e.g. right after a webhook).
     pub async fn decide_contact(&self, contact: &Contact) -> EngineResult<DecideStats> {
         let rules = self.rules();
-        let mut stats = DecideStats { contacts: 1, ..DecideStats::default() };
+        let mut stats = DecideStats {
+            contacts: 1,
+            ..DecideStats::default()
+        };
         for list in self.lists() {
             self.decide_one(&rules, contact, list, &mut stats).await?;
         }
@@ -418,56 +428,75 @@ impl Engine {
         if consent.state == ConsentState::Erased {
             return Ok(());
         }
+        let engagement = self.store.last_engagement(&contact.id, &list.id).await?;
         let proposals = match rules.decide(
-            contact_map(contact),
-            consent_map(&consent, now),
-            ctx_map(list, now),
+            &input::contact_map(contact),
+            &input::consent_map(&consent, engagement, now),
+            &input::ctx_map(list, now),
         ) {
             Ok(p) => p,
             Err(e) => {
                 // A broken rule fails this one decision; the contact is left unchanged.
-                tracing::warn!(contact_id = %contact.id, list = %list.id, error = %e, "rule failed");
+                metrics::counter!("optinsync_rule_errors_total").increment(1);
+                tracing::warn!(contact_id = %contact.id, list = %list.id, error = %e, "rule failed; contact left unchanged");
                 stats.rule_errors += 1;
                 return Ok(());
             }
         };
         for p in proposals {
-            let input = match p.action {
-                Action::SendDoi => Input::SendDoi {
-                    token: uuid::Uuid::new_v4().to_string(),
-                },
-                Action::SendReminder => Input::SendReminder,
-                Action::SendRevalidation => Input::SendRevalidation {
-                    token: uuid::Uuid::new_v4().to_string(),
-                },
-                Action::Remove => Input::Lapse,
-                Action::Suppress => Input::Suppress,
-                Action::Subscribe if consent.state.on_list() => continue, // already subscribed on confirm
-                Action::Subscribe => {
+            let input = match input_for(p.action) {
+                Some(input) => input,
+                None if p.action == Action::Subscribe && !consent.state.on_list() => {
+                    metrics::counter!("optinsync_consent_refused_total", "input" => "subscribe")
+                        .increment(1);
                     tracing::warn!(
                         contact_id = %contact.id, list = %list.id, state = %consent.state, reason = %p.reason,
-                        "rule proposed subscribe without confirmation; refused (invariant 1)"
+                        rule = %p.rule_file, "rule proposed subscribe without confirmation; refused (invariant 1)"
                     );
                     stats.refused += 1;
                     continue;
                 }
-                // Write-back follows every consent change by itself.
-                Action::WriteBack | Action::None => continue,
+                // Subscribing happens on confirmation and write-back after every change, by
+                // themselves; `none` is nothing.
+                None => continue,
             };
             let evidence = Evidence {
-                rule_file: Some(rules.path().display().to_string()),
-                rule_hash: Some(rules.hash().to_owned()),
+                rule_file: Some(p.rule_file.clone()),
+                rule_hash: Some(p.rule_hash.clone()),
                 reason: Some(p.reason.clone()),
                 ..Evidence::default()
             };
             match self.apply(contact, list, input, "rules", evidence).await? {
                 Applied::Changed(_) => stats.changes += 1,
-                Applied::Refused(_) => stats.refused += 1,
+                Applied::Refused(r) => {
+                    tracing::warn!(
+                        contact_id = %contact.id, list = %list.id, reason = %p.reason, rule = %p.rule_file,
+                        refused = r.reason, "rule action refused"
+                    );
+                    stats.refused += 1;
+                }
                 Applied::Unchanged => {}
             }
         }
         Ok(())
     }
+}
+
+/// The state-machine input a rule action stands for; `None` for actions the engine performs
+/// by itself (`subscribe` on confirmation, `write_back` after every change) and `none`.
+pub fn input_for(action: Action) -> Option<Input> {
+    Some(match action {
+        Action::SendDoi => Input::SendDoi {
+            token: uuid::Uuid::new_v4().to_string(),
+        },
+        Action::SendReminder => Input::SendReminder,
+        Action::SendRevalidation => Input::SendRevalidation {
+            token: uuid::Uuid::new_v4().to_string(),
+        },
+        Action::Remove => Input::Lapse,
+        Action::Suppress => Input::Suppress,
+        Action::Subscribe | Action::WriteBack | Action::None => return None,
+    })
 }
 
 /// Outbox rows for a transition's effects. Keys derive from the event id, so a row can never
@@ -529,73 +558,4 @@ fn outbox_rows(
             })
         })
         .collect()
-}
-
-fn unix(t: DateTime<Utc>) -> i64 {
-    t.timestamp()
-}
-
-/// The contact as rules see it: no raw address (rules may log), only its domain.
-pub fn contact_map(c: &Contact) -> Map {
-    let mut m = Map::new();
-    m.insert("id".into(), c.id.clone().into());
-    m.insert(
-        "language".into(),
-        c.language
-            .clone()
-            .map(Dynamic::from)
-            .unwrap_or(Dynamic::UNIT),
-    );
-    let domain = c
-        .email
-        .rsplit_once('@')
-        .map(|(_, d)| d.to_owned())
-        .unwrap_or_default();
-    m.insert("email_domain".into(), domain.into());
-    let fields = rhai::serde::to_dynamic(&c.fields).unwrap_or(Dynamic::UNIT);
-    m.insert("fields".into(), fields);
-    m.insert(
-        "crm_records".into(),
-        c.crm_records
-            .iter()
-            .cloned()
-            .map(Dynamic::from)
-            .collect::<rhai::Array>()
-            .into(),
-    );
-    m
-}
-
-pub fn consent_map(c: &Consent, now: DateTime<Utc>) -> Map {
-    let mut m = Map::new();
-    m.insert("state".into(), c.state.as_str().into());
-    m.insert("since".into(), unix(c.since).into());
-    m.insert("age".into(), (now - c.since).num_seconds().max(0).into());
-    m.insert("doi_mails".into(), i64::from(c.doi_mails).into());
-    m.insert("reminders_sent".into(), i64::from(c.reminders_sent).into());
-    m.insert(
-        "confirmed_at".into(),
-        c.confirmed_at
-            .map(|t| Dynamic::from(unix(t)))
-            .unwrap_or(Dynamic::UNIT),
-    );
-    m
-}
-
-pub fn ctx_map(list: &ListConfig, now: DateTime<Utc>) -> Map {
-    let mut l = Map::new();
-    l.insert("id".into(), list.id.clone().into());
-    l.insert("name".into(), list.name.clone().into());
-    l.insert("reminder_after".into(), list.reminder_after.secs().into());
-    l.insert("pending_expiry".into(), list.pending_expiry.secs().into());
-    l.insert("max_reminders".into(), i64::from(list.max_reminders).into());
-    l.insert("inactivity".into(), list.inactivity.secs().into());
-    l.insert(
-        "revalidation_grace".into(),
-        list.revalidation_grace.secs().into(),
-    );
-    let mut m = Map::new();
-    m.insert("now".into(), unix(now).into());
-    m.insert("list".into(), l.into());
-    m
 }

@@ -23,6 +23,7 @@ use crate::tokens::{Claims, Purpose, TokenError};
 pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/metrics", get(crate::metrics::handler))
         .route("/confirm/{token}", get(confirm_page).post(confirm_post))
         .route(
             "/unsubscribe/{token}",

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod http;
 pub mod ledger;
 pub mod mail;
+pub mod metrics;
 pub mod outbox;
 pub mod rules;
 pub mod store;

@@ -9,4 +9,5 @@ mod cli;
 mod demo;
 mod lifecycle;
 mod postgres;
+mod rules;
 mod support;

@@ -47,11 +47,14 @@ impl Demo {
         }
         std::fs::write(dir.path().join("config.toml"), config).unwrap();
         std::fs::create_dir_all(dir.path().join("rules")).unwrap();
-        std::fs::copy(
-            repo().join("rules/consent.rhai"),
-            dir.path().join("rules/consent.rhai"),
-        )
-        .unwrap();
+        for entry in std::fs::read_dir(repo().join("rules")).unwrap() {
+            let path = entry.unwrap().path();
+            std::fs::copy(
+                &path,
+                dir.path().join("rules").join(path.file_name().unwrap()),
+            )
+            .unwrap();
+        }
         std::fs::create_dir_all(dir.path().join("demo")).unwrap();
         std::fs::copy(
             repo().join("demo/contacts.csv"),
@@ -199,6 +202,19 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Send a signal by name (e.g. `"HUP"`).
+    pub fn signal(&self, name: &str) {
+        let pid = self.child.as_ref().unwrap().id().to_string();
+        assert!(
+            Command::new("kill")
+                .arg(format!("-{name}"))
+                .arg(pid)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
     /// SIGTERM and wait; returns the exit status code.
     pub fn terminate(mut self) -> Option<i32> {
         let mut child = self.child.take().unwrap();
@@ -272,4 +288,66 @@ pub fn write_contacts(path: &Path, n: usize) {
         ));
     }
     std::fs::write(path, csv).unwrap();
+}
+
+impl Demo {
+    /// Set list settings in the copied config (e.g. `("reminder_after", "2s")`).
+    pub fn set_list_windows(&self, windows: &[(&str, &str)]) {
+        let mut cfg = std::fs::read_to_string(self.config()).unwrap();
+        for key in [
+            "reminder_after",
+            "pending_expiry",
+            "inactivity",
+            "revalidation_grace",
+        ] {
+            // Drop the shipped value so the new one is the only one.
+            cfg = cfg
+                .lines()
+                .filter(|l| !l.starts_with(&format!("{key} =")))
+                .collect::<Vec<_>>()
+                .join("\n")
+                + "\n";
+        }
+        for (k, v) in windows {
+            cfg.push_str(&format!("{k} = \"{v}\"\n"));
+        }
+        std::fs::write(self.config(), cfg).unwrap();
+    }
+
+    /// Replace a rules file the way editors do: write a temp file, then rename it over.
+    pub fn save_rule_file(&self, name: &str, content: &str) {
+        let tmp = self.path(&format!("rules/.{name}.swp"));
+        std::fs::write(&tmp, content).unwrap();
+        std::fs::rename(&tmp, self.path(&format!("rules/{name}"))).unwrap();
+    }
+
+    /// The mail whose Message-ID the ledger recorded.
+    pub fn mail_with_message_id(&self, message_id: &str) -> String {
+        self.mails()
+            .iter()
+            .map(|p| std::fs::read_to_string(p).unwrap())
+            .find(|m| m.contains(&format!("<{message_id}>")))
+            .unwrap_or_else(|| panic!("no mail with Message-ID {message_id}"))
+    }
+
+    /// Ledger event kinds of one contact, in order.
+    pub fn event_kinds(&self, email: &str) -> Vec<String> {
+        self.contact_json(email)["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    pub async fn metrics(&self) -> String {
+        http()
+            .get(format!("http://127.0.0.1:{}/metrics", self.port))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
 }

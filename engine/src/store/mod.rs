@@ -182,6 +182,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
     async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool>;
+
+    /// Remember an open/click; keeps the latest time.
+    async fn record_engagement(
+        &self,
+        contact_id: &str,
+        list_id: &str,
+        at: DateTime<Utc>,
+    ) -> StoreResult<()>;
+    async fn last_engagement(
+        &self,
+        contact_id: &str,
+        list_id: &str,
+    ) -> StoreResult<Option<DateTime<Utc>>>;
 }
 
 /// Open the store named by `url` (`sqlite://path` or `postgres://...`).

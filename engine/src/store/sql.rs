@@ -448,6 +448,31 @@ macro_rules! shared_store_impl {
                 Ok(())
             }
 
+            async fn record_engagement(&self, contact_id: &str, list_id: &str, at: DateTime<Utc>) -> StoreResult<()> {
+                // Text timestamps of one fixed format compare correctly, so MAX keeps the latest.
+                sqlx::query(
+                    "INSERT INTO engagement (contact_id, list_id, last_at) VALUES ($1, $2, $3) \
+                     ON CONFLICT (contact_id, list_id) DO UPDATE SET last_at = \
+                     CASE WHEN excluded.last_at > engagement.last_at THEN excluded.last_at ELSE engagement.last_at END",
+                )
+                .bind(contact_id)
+                .bind(list_id)
+                .bind(format_time(at))
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn last_engagement(&self, contact_id: &str, list_id: &str) -> StoreResult<Option<DateTime<Utc>>> {
+                let row = sqlx::query("SELECT last_at FROM engagement WHERE contact_id = $1 AND list_id = $2")
+                    .bind(contact_id)
+                    .bind(list_id)
+                    .fetch_optional(&self.pool)
+                    .await?;
+                row.map(|r| r.try_get::<String, _>("last_at").map_err(StoreError::from).and_then(|s| parse_time("engagement", &s)))
+                    .transpose()
+            }
+
             async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {
                 let row = sqlx::query("SELECT 1 AS one FROM suppressions WHERE address_hash = $1")
                     .bind(address_hash)

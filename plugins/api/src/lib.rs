@@ -115,6 +115,9 @@ pub enum StatusKind {
     Unsubscribed,
     Bounced,
     Complained,
+    /// Engagement, not consent: feeds the inactivity rule.
+    Opened,
+    Clicked,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
