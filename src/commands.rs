@@ -35,12 +35,13 @@ async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
         RuleSet::load_checked(&config.config.rules.dir).map_err(|e| Failure::Config(e.into()))?;
     let connectors = registry::build(&config).map_err(|e| Failure::Config(e.into()))?;
     let store = open_store(&config).await?;
-    Ok(Arc::new(Engine::new(
-        Arc::new(config),
-        store,
-        connectors,
-        rules,
-    )))
+    let engine = Arc::new(Engine::new(Arc::new(config), store, connectors, rules));
+    // Quota budgets survive restarts: a restart must not reset a vendor's rate limits.
+    engine
+        .restore_connector_state()
+        .await
+        .context("restoring connector state")?;
+    Ok(engine)
 }
 
 /// Vector-style start-up healthchecks: report, and refuse to start on a broken connector.
@@ -61,6 +62,10 @@ async fn healthchecks(engine: &Engine) -> Result<(), Failure> {
                     "{name} connector is unhealthy: {}",
                     h.detail
                 )));
+            }
+            // A setting to fix (e.g. a refused refresh token) is a configuration error: exit 2.
+            Err(e @ optinsync_plugin_api::ConnectorError::Config { .. }) => {
+                return Err(Failure::Config(anyhow::anyhow!("{name} connector: {e}")));
             }
             Err(e) => {
                 return Err(Failure::Runtime(anyhow::anyhow!(
@@ -126,6 +131,10 @@ pub async fn sync_once(path: &Path) -> Result<(), Failure> {
         .drain_outbox(&worker_id())
         .await
         .context("delivering the outbox")?;
+    engine
+        .save_connector_state()
+        .await
+        .context("saving connector state")?;
     let counts = engine
         .store
         .outbox_counts()
@@ -193,6 +202,10 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     // commit or a delivery is either finished or not started.
     while !stop.load(Ordering::SeqCst) {
         if tokio::time::Instant::now() >= next_pass {
+            // Connector upkeep (e.g. the Zoho CRM notification channel); polling goes on if it fails.
+            if let Err(e) = engine.connectors.crm.maintain().await {
+                tracing::warn!(error = %e, "CRM connector upkeep failed; polling goes on");
+            }
             match pass(&engine, false).await {
                 Ok(summary) => tracing::info!("sync pass: {summary}"),
                 Err(e) => {
@@ -206,6 +219,9 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
         }
         match engine.deliver_due(&worker, 20).await {
             Ok(s) if s.done + s.retried + s.dead > 0 => {
+                if let Err(e) = engine.save_connector_state().await {
+                    tracing::warn!(error = %e, "connector state not saved");
+                }
                 tracing::info!(
                     done = s.done,
                     retried = s.retried,
@@ -388,6 +404,8 @@ pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<()
             ("token", ev.token_id),
             ("message-id", ev.message_id),
             ("content sha256", ev.content_hash),
+            ("mail content sha256", ev.mail_content_hash),
+            ("method", ev.method),
             ("ip", ev.ip),
             ("user agent", ev.user_agent),
             ("detail", ev.detail),
@@ -586,4 +604,93 @@ fn print_outcomes(o: &rules::simulate::Outcomes) {
             o.rule_errors
         );
     }
+}
+
+pub async fn import_existing(path: &Path, list_id: &str) -> Result<(), Failure> {
+    let engine = boot(path).await?;
+    let Some(list) = engine.list(list_id).cloned() else {
+        let known: Vec<&str> = engine.lists().iter().map(|l| l.id.as_str()).collect();
+        return Err(Failure::Config(anyhow::anyhow!(
+            "no list `{list_id}` in the config (lists: {})",
+            known.join(", ")
+        )));
+    };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let stats = engine
+        .import_existing(&list, |s| {
+            if tty {
+                eprint!(
+                    "\rimporting: {} members read, {} asserted",
+                    s.members, s.asserted
+                );
+            }
+        })
+        .await
+        .context("importing the existing list")?;
+    if tty {
+        eprintln!();
+    }
+    println!(
+        "import-existing {}: {} members; {} taken in as asserted (the rules will ask them to confirm), {} already known, {} removed (withdrawn earlier), {} invalid",
+        list.id, stats.members, stats.asserted, stats.already_known, stats.removed, stats.invalid
+    );
+    Ok(())
+}
+
+pub async fn status(path: &Path, json: bool) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let store = open_store(&config).await?;
+    let summary = store.consent_summary().await.context("reading consent")?;
+    let outbox = store.outbox_counts().await.context("reading the outbox")?;
+    let now = chrono::Utc::now();
+    // Open signups settle by the end of their list's pending window (asserted ones are about
+    // to be asked, so their window starts now).
+    let mut forecast = std::collections::BTreeMap::new();
+    for row in &summary {
+        let Some(list) = config.list(&row.list_id) else {
+            continue;
+        };
+        let window = chrono::Duration::seconds(list.pending_expiry.secs());
+        let end = match row.state.as_str() {
+            "pending" => Some(row.newest_since + window),
+            "asserted" => Some(now + window),
+            "revalidating" => {
+                Some(row.newest_since + chrono::Duration::seconds(list.revalidation_grace.secs()))
+            }
+            _ => None,
+        };
+        if let Some(end) = end {
+            let e = forecast.entry(row.list_id.clone()).or_insert(end);
+            *e = (*e).max(end);
+        }
+    }
+    if json {
+        let v = serde_json::json!({ "consent": summary, "outbox": outbox, "settled_by": forecast });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&v).context("formatting JSON")?
+        );
+        return Ok(());
+    }
+    for list in &config.config.lists {
+        println!("{} ({})", list.id, list.name);
+        let rows: Vec<_> = summary.iter().filter(|r| r.list_id == list.id).collect();
+        if rows.is_empty() {
+            println!("  no consent recorded yet");
+        }
+        for r in rows {
+            println!("  {:<13} {:>9}", r.state, r.count);
+        }
+        if let Some(end) = forecast.get(&list.id) {
+            println!(
+                "  open signups settle by {} (confirm, or lapse at the end of their window)",
+                end.format("%Y-%m-%d %H:%M UTC")
+            );
+        }
+    }
+    println!(
+        "outbox: {} pending, {} done, {} dead letters",
+        outbox.pending, outbox.done, outbox.dead
+    );
+    Ok(())
 }

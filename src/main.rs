@@ -51,10 +51,31 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Consent per list and state, the outbox, and when open signups settle.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work with the campaigns tool's lists.
+    Campaign {
+        #[command(subcommand)]
+        command: CampaignCommand,
+    },
     /// Check, test and simulate rule scripts.
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum CampaignCommand {
+    /// Take the members of an existing list (no DOI proof) into the ledger as `asserted`, so
+    /// the rules ask each of them to confirm and remove those who do not.
+    ImportExisting {
+        /// The optinsync list id (`[[lists]] id`).
+        #[arg(long)]
+        list: String,
     },
 }
 
@@ -152,6 +173,10 @@ fn main() -> ExitCode {
                 command: LedgerCommand::Verify,
             } => commands::ledger_verify(&cli.config).await,
             Command::Migrate => commands::migrate(&cli.config).await,
+            Command::Status { json } => commands::status(&cli.config, json).await,
+            Command::Campaign {
+                command: CampaignCommand::ImportExisting { list },
+            } => commands::import_existing(&cli.config, &list).await,
             Command::Rules {
                 command: RulesCommand::Check { rules },
             } => commands::rules_check(&cli.config, rules.as_deref(), false).await,

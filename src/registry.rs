@@ -7,10 +7,11 @@ use optinsync_engine::config::{ConfigError, ConnectorSection, LoadedConfig};
 use optinsync_engine::engine::Connectors;
 use optinsync_plugin_api::{CampaignsConnector, CrmConnector, MailTransport};
 use optinsync_plugin_files::{CsvCrm, EmlDir, JsonlList};
+use optinsync_plugin_zoho::{ZohoCampaigns, ZohoCrm};
 
-pub const CRM_KINDS: &[&str] = &["csv"];
-pub const CAMPAIGNS_KINDS: &[&str] = &["jsonl"];
-pub const MAIL_KINDS: &[&str] = &["eml"];
+pub const CRM_KINDS: &[&str] = &["csv", "zoho-crm"];
+pub const CAMPAIGNS_KINDS: &[&str] = &["jsonl", "zoho-campaigns"];
+pub const MAIL_KINDS: &[&str] = &["eml", "smtp"];
 
 fn unknown(config: &LoadedConfig, section: &str, kind: &str, known: &[&str]) -> ConfigError {
     config.connector_error(
@@ -34,16 +35,28 @@ pub fn build(config: &LoadedConfig) -> Result<Connectors, ConfigError> {
 
     let crm: Arc<dyn CrmConnector> = match c.crm.kind.as_str() {
         "csv" => Arc::new(CsvCrm::from_config(settings(&c.crm), base).map_err(wrap("crm"))?),
+        "zoho-crm" => Arc::new(
+            ZohoCrm::from_config(settings(&c.crm), base)
+                .map_err(|e| config.connector_error("crm", &e.to_string()))?,
+        ),
         other => return Err(unknown(config, "crm", other, CRM_KINDS)),
     };
     let campaigns: Arc<dyn CampaignsConnector> = match c.campaigns.kind.as_str() {
         "jsonl" => Arc::new(
             JsonlList::from_config(settings(&c.campaigns), base).map_err(wrap("campaigns"))?,
         ),
+        "zoho-campaigns" => Arc::new(
+            ZohoCampaigns::from_config(settings(&c.campaigns), base)
+                .map_err(|e| config.connector_error("campaigns", &e.to_string()))?,
+        ),
         other => return Err(unknown(config, "campaigns", other, CAMPAIGNS_KINDS)),
     };
     let mail: Arc<dyn MailTransport> = match c.mail.kind.as_str() {
         "eml" => Arc::new(EmlDir::from_config(settings(&c.mail), base).map_err(wrap("mail"))?),
+        "smtp" => Arc::new(
+            optinsync_plugin_smtp::SmtpTransport::from_config(settings(&c.mail), base)
+                .map_err(|e| config.connector_error("mail", &e.to_string()))?,
+        ),
         other => return Err(unknown(config, "mail", other, MAIL_KINDS)),
     };
     Ok(Connectors {

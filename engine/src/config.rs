@@ -89,6 +89,8 @@ pub struct Config {
     #[serde(default)]
     pub sync: SyncConfig,
     pub sender: SenderConfig,
+    #[serde(default)]
+    pub templates: TemplatesConfig,
     pub connectors: ConnectorsConfig,
     pub lists: Vec<ListConfig>,
 }
@@ -116,6 +118,23 @@ pub struct ServerConfig {
     /// Base URL that links in mails point to.
     #[serde(default = "default_public_url")]
     pub public_url: String,
+    /// Reverse proxies whose `X-Forwarded-For` is believed; from anyone else the header is
+    /// ignored and the peer address is the client address.
+    #[serde(default)]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// Requests per minute one client IP may make to the confirm/unsubscribe pages.
+    #[serde(default = "default_rate_limit")]
+    pub rate_limit_per_minute: u32,
+    /// Largest request body accepted by the public pages, in bytes.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
+}
+
+fn default_rate_limit() -> u32 {
+    60
+}
+fn default_max_body() -> usize {
+    16 * 1024
 }
 
 fn default_listen() -> SocketAddr {
@@ -130,6 +149,9 @@ impl Default for ServerConfig {
         Self {
             listen: default_listen(),
             public_url: default_public_url(),
+            trusted_proxies: Vec::new(),
+            rate_limit_per_minute: default_rate_limit(),
+            max_body_bytes: default_max_body(),
         }
     }
 }
@@ -218,6 +240,23 @@ pub struct SenderConfig {
     /// Transactional sender for DOI mails, e.g. `"Example <confirm@example.org>"`.
     pub from: String,
     pub postal_address: String,
+    /// The sender of the newsletter itself (set in the campaigns tool). Recorded so the
+    /// start-up check can refuse a DOI sender equal to it: confirmation requests and
+    /// marketing must come from distinct senders (Google: separate transactional mail).
+    #[serde(default)]
+    pub newsletter_from: Option<String>,
+    /// Mailbox for the `mailto:` in `List-Unsubscribe` (e.g. `unsubscribe@example.org`).
+    #[serde(default)]
+    pub unsubscribe_mailbox: Option<String>,
+}
+
+/// `[templates]`: mail and page templates (see `templates/` and the README).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplatesConfig {
+    /// Directory with one sub-directory per language; unset = the built-in set.
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,6 +329,8 @@ impl ListConfig {
 #[derive(Debug, Clone)]
 pub struct LoadedConfig {
     pub config: Config,
+    /// The mail and page templates, loaded and checked with the configuration.
+    pub templates: std::sync::Arc<crate::templates::Templates>,
     pub path: PathBuf,
     pub base_dir: PathBuf,
     pub source: String,
@@ -392,7 +433,29 @@ impl LoadedConfig {
             ));
         }
         config.server.public_url = config.server.public_url.trim_end_matches('/').to_owned();
+        if config
+            .sender
+            .newsletter_from
+            .as_deref()
+            .is_some_and(|n| n.trim().eq_ignore_ascii_case(config.sender.from.trim()))
+        {
+            return Err(invalid(
+                "sender.newsletter_from",
+                "must differ from `sender.from`: confirmation mails need their own transactional sender".into(),
+            ));
+        }
+        if let Some(dir) = config.templates.dir.as_mut()
+            && dir.is_relative()
+        {
+            *dir = base_dir.join(&*dir);
+        }
+        let templates = match &config.templates.dir {
+            Some(dir) => crate::templates::Templates::load(dir),
+            None => crate::templates::Templates::builtin(),
+        }
+        .map_err(|e| invalid("templates.dir", e.to_string()))?;
         Ok(Self {
+            templates: std::sync::Arc::new(templates),
             config,
             path: path.to_owned(),
             base_dir,

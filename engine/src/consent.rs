@@ -348,7 +348,9 @@ pub fn transition(
             }
         }
         Input::Lapse => match from {
-            S::Asserted | S::Pending => (S::Lapsed, "lapsed", vec![]),
+            // Removal is idempotent, and members imported from an existing list are on it
+            // while asserted or pending: a lapse always takes the address off the list.
+            S::Asserted | S::Pending => (S::Lapsed, "lapsed", vec![Effect::Remove]),
             S::Confirmed | S::Revalidating => (
                 S::Lapsed,
                 "lapsed",
@@ -409,7 +411,9 @@ pub fn transition(
                     "erased contacts cannot be revived; a new signup starts a new contact",
                 );
             }
-            S::Pending | S::Confirmed | S::Revalidating => return Ok(None),
+            S::Confirmed | S::Revalidating => return Ok(None),
+            // From `pending` too: the person asks again (e.g. from an expired link's page), so
+            // the new signup replaces the open one and gets its own DOI mail.
             _ => {
                 next.signup_token = Some(token.clone());
                 next.doi_mails = 1;

@@ -40,6 +40,13 @@ pub struct Evidence {
     pub crm_record: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub detail: Option<String>,
+    /// HTTP method of the request (`GET`, `HEAD`, `POST`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub method: Option<String>,
+    /// Snapshot hash of the confirmation mail this event answers (its Message-ID is in
+    /// `message_id`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mail_content_hash: Option<String>,
 }
 
 impl Evidence {

@@ -1,23 +1,18 @@
-//! Rendering of confirmation mails. The DOI mail says who asks, for what list, offers one
-//! confirm link, and tells the reader to ignore it if it was not them — nothing else (a DOI
-//! mail that advertises is itself unsolicited marketing).
+//! Confirmation mails: rendering from the templates (see [`crate::templates`]), content
+//! hashes, and the list headers. The DOI mail says who asks, for what list, offers one confirm
+//! link, and tells the reader to ignore it if it was not them — nothing else (a DOI mail that
+//! advertises is itself unsolicited marketing; the template check refuses such templates).
 //!
-//! Every rendering has a content hash that goes into the ledger, so the proof names the exact
-//! text the person received.
+//! Every rendering has a content hash that goes into the ledger, and the rendering itself is
+//! stored as a snapshot under that hash, so the proof shows the exact text the person received.
 
 use sha2::{Digest, Sha256};
 
 use crate::config::{ListConfig, SenderConfig};
 use crate::consent::MailKind;
+use crate::templates::{Common, TemplateError, Templates};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RenderedMail {
-    pub subject: String,
-    pub text: String,
-    pub html: String,
-    /// SHA-256 over subject, text and HTML.
-    pub content_hash: String,
-}
+pub use crate::templates::RenderedMail;
 
 pub fn content_hash(parts: &[&str]) -> String {
     let mut h = Sha256::new();
@@ -43,71 +38,64 @@ pub fn html_escape(s: &str) -> String {
     out
 }
 
+/// Render a confirmation mail of `kind` from the template set, in `language` (chosen with
+/// [`Templates::language_for`]).
+#[allow(clippy::too_many_arguments)]
 pub fn render(
+    templates: &Templates,
     kind: MailKind,
+    language: &str,
     list: &ListConfig,
     sender: &SenderConfig,
     confirm_url: &str,
     unsubscribe_url: &str,
-) -> RenderedMail {
-    let org = &sender.organisation;
-    let name = &list.name;
-    let (subject, ask) = match kind {
-        MailKind::Doi => (
-            format!("Please confirm: {name}"),
+) -> Result<RenderedMail, TemplateError> {
+    templates.render_mail(
+        kind,
+        language,
+        &common(list, sender),
+        confirm_url,
+        unsubscribe_url,
+    )
+}
+
+/// The values every mail and page shows: who asks, for what.
+pub fn common(list: &ListConfig, sender: &SenderConfig) -> Common {
+    Common {
+        organisation: sender.organisation.clone(),
+        postal_address: sender.postal_address.clone(),
+        list_name: list.name.clone(),
+        list_description: list.description.clone(),
+    }
+}
+
+/// `List-Unsubscribe` (RFC 2369/8058): the HTTPS URL first, then `mailto:` when an
+/// unsubscribe mailbox is configured; angle brackets, no whitespace inside them.
+pub fn list_unsubscribe(unsubscribe_url: &str, mailbox: Option<&str>, token: &str) -> String {
+    match mailbox {
+        Some(m) if !m.trim().is_empty() => {
             format!(
-                "{org} was asked to send you \"{name}\". We need your confirmation before we send anything."
-            ),
-        ),
-        MailKind::Reminder => (
-            format!("Reminder: please confirm {name}"),
-            format!(
-                "A few days ago {org} asked you to confirm that you want \"{name}\". We have not heard back yet; this is the only reminder."
-            ),
-        ),
-        MailKind::Revalidation => (
-            format!("Do you still want {name}?"),
-            format!(
-                "You have been receiving \"{name}\" from {org}. Please confirm that you still want it; if you do not, we will stop sending it."
-            ),
-        ),
-    };
-    let description = if list.description.is_empty() {
-        String::new()
-    } else {
-        format!("\n\n{}", list.description)
-    };
-    let text = format!(
-        "Hello,\n\n{ask}{description}\n\nTo confirm, open this link and press the button on the page:\n{confirm_url}\n\n\
-         If you did not ask for this, ignore this mail: without your confirmation you will not receive anything.\n\n\
-         --\n{org}\n{address}\nStop all mail from us: {unsubscribe_url}\n",
-        address = sender.postal_address,
-    );
-    let html = format!(
-        "<!doctype html><html><body style=\"font-family:sans-serif;max-width:40em\">\
-         <p>Hello,</p><p>{ask}</p>{desc}\
-         <p><a href=\"{confirm}\" style=\"display:inline-block;padding:.6em 1.2em;background:#1a5fb4;color:#fff;text-decoration:none;border-radius:4px\">Confirm</a></p>\
-         <p>If you did not ask for this, ignore this mail: without your confirmation you will not receive anything.</p>\
-         <hr><p style=\"font-size:small;color:#555\">{org}<br>{address}<br><a href=\"{unsub}\">Stop all mail from us</a></p>\
-         </body></html>",
-        ask = html_escape(&ask),
-        desc = if list.description.is_empty() {
-            String::new()
-        } else {
-            format!("<p>{}</p>", html_escape(&list.description))
-        },
-        confirm = html_escape(confirm_url),
-        org = html_escape(org),
-        address = html_escape(&sender.postal_address),
-        unsub = html_escape(unsubscribe_url),
-    );
-    // Short lines: mail bodies must stay under 998 octets per line (RFC 5322).
-    let html = html.replace("</p>", "</p>\n").replace("<hr>", "<hr>\n");
-    let content_hash = content_hash(&[&subject, &text, &html]);
-    RenderedMail {
-        subject,
-        text,
-        html,
-        content_hash,
+                "<{unsubscribe_url}>, <mailto:{}?subject=unsubscribe%20{token}>",
+                m.trim()
+            )
+        }
+        _ => format!("<{unsubscribe_url}>"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_unsubscribe_has_https_first_and_mailto() {
+        assert_eq!(
+            list_unsubscribe("https://e.org/unsubscribe/T", Some("unsub@e.org"), "T"),
+            "<https://e.org/unsubscribe/T>, <mailto:unsub@e.org?subject=unsubscribe%20T>"
+        );
+        assert_eq!(
+            list_unsubscribe("https://e.org/u/T", None, "T"),
+            "<https://e.org/u/T>"
+        );
     }
 }

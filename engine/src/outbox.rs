@@ -23,7 +23,7 @@ use crate::consent::{ConsentState, Input, MailKind};
 use crate::engine::{Engine, EngineResult};
 use crate::ledger::{Evidence, NewEvent};
 use crate::mail;
-use crate::store::{Finish, OutboxItem};
+use crate::store::{Finish, OutboxItem, Snapshot};
 use crate::tokens::{Claims, Purpose};
 
 /// How long a claimed row belongs to its worker before others may take it.
@@ -263,7 +263,40 @@ impl Engine {
         let confirm_url = format!("{base}/confirm/{confirm}");
         let unsubscribe_url = format!("{base}/unsubscribe/{unsubscribe}");
         let sender = &self.config.config.sender;
-        let rendered = mail::render(kind, list, sender, &confirm_url, &unsubscribe_url);
+        let templates = &self.config.templates;
+        let language = templates.language_for(contact.language.as_deref(), &list.default_language);
+        let rendered = match mail::render(
+            templates,
+            kind,
+            &language,
+            list,
+            sender,
+            &confirm_url,
+            &unsubscribe_url,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(contact_id = %contact.id, list = %list.id, error = %e, "confirmation mail cannot be rendered");
+                return Ok(self.failure(item, ConnectorError::permanent(e.to_string())));
+            }
+        };
+        // The exact text goes into the store before it leaves, under the hash the ledger names.
+        self.store
+            .put_snapshot(&Snapshot {
+                hash: rendered.content_hash.clone(),
+                kind: format!("mail:{}", kind.as_str()),
+                language: rendered.language.clone(),
+                template_version: templates.version().to_owned(),
+                content: serde_json::json!({
+                    "subject": rendered.subject,
+                    "text": rendered.text,
+                    "html": rendered.html,
+                })
+                .to_string(),
+                created_at: now,
+            })
+            .await?;
+        // DOI mails come from the transactional sender (`sender.from`), never the newsletter's.
         let message_id = message_id(&item.idempotency_key, &sender.from);
         let msg = OutgoingMessage {
             idempotency_key: item.idempotency_key.replace(':', "-"),
@@ -274,7 +307,14 @@ impl Engine {
             text: rendered.text.clone(),
             html: Some(rendered.html.clone()),
             headers: vec![
-                ("List-Unsubscribe".into(), format!("<{unsubscribe_url}>")),
+                (
+                    "List-Unsubscribe".into(),
+                    mail::list_unsubscribe(
+                        &unsubscribe_url,
+                        sender.unsubscribe_mailbox.as_deref(),
+                        &unsubscribe,
+                    ),
+                ),
                 (
                     "List-Unsubscribe-Post".into(),
                     "List-Unsubscribe=One-Click".into(),

@@ -145,6 +145,9 @@ store_contract! {
         postgres_check_ledger_append_only_and_tamper_evident;
     check_ledger_cannot_be_emptied =>
         sqlite_check_ledger_cannot_be_emptied, postgres_check_ledger_cannot_be_emptied;
+    check_snapshots => sqlite_check_snapshots, postgres_check_snapshots;
+    check_engagement_keeps_latest => sqlite_check_engagement_keeps_latest, postgres_check_engagement_keeps_latest;
+    check_consent_summary => sqlite_check_consent_summary, postgres_check_consent_summary;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1437,4 +1440,112 @@ async fn check_ledger_cannot_be_emptied(db: TestDb) {
         verify_stored_chain(s).await
     );
     assert_eq!(after, original);
+}
+
+/// Snapshots are content-addressed and immutable: a second put of the same hash keeps the
+/// first, and the database refuses edits.
+async fn check_snapshots(db: TestDb) {
+    let s = &*db.store;
+    assert_eq!(s.snapshot("nope").await.expect("read"), None);
+    let snap = store::Snapshot {
+        hash: "h1".into(),
+        kind: "mail:doi".into(),
+        language: "es".into(),
+        template_version: "v1".into(),
+        content: "{\"subject\":\"Confirme\"}".into(),
+        created_at: t(5),
+    };
+    s.put_snapshot(&snap).await.expect("put");
+    let again = store::Snapshot {
+        content: "other".into(),
+        created_at: t(9),
+        ..snap.clone()
+    };
+    s.put_snapshot(&again).await.expect("second put is ignored");
+    assert_eq!(s.snapshot("h1").await.expect("read"), Some(snap));
+    assert!(
+        db.exec("UPDATE snapshots SET content = 'forged' WHERE hash = 'h1'")
+            .await
+            .is_err(),
+        "snapshots must be immutable"
+    );
+    assert!(db.exec("DELETE FROM snapshots").await.is_err());
+}
+
+async fn check_engagement_keeps_latest(db: TestDb) {
+    let s = &*db.store;
+    let a = new_contact(s, "a@example.org").await;
+    assert_eq!(s.last_engagement(&a, "news").await.expect("read"), None);
+    s.record_engagement(&a, "news", t(50))
+        .await
+        .expect("record");
+    s.record_engagement(&a, "news", t(10))
+        .await
+        .expect("older one");
+    assert_eq!(
+        s.last_engagement(&a, "news").await.expect("read"),
+        Some(t(50)),
+        "an older open never moves it back"
+    );
+    s.record_engagement(&a, "news", t(90)).await.expect("newer");
+    assert_eq!(
+        s.last_engagement(&a, "news").await.expect("read"),
+        Some(t(90))
+    );
+    assert_eq!(
+        s.last_engagement(&a, "other").await.expect("read"),
+        None,
+        "per list"
+    );
+}
+
+async fn check_consent_summary(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    assert!(s.consent_summary().await.expect("empty").is_empty());
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    let c = new_contact(s, "c@example.org").await;
+    s.commit(&simple_commit(&a, "news", None, S::None, S::Asserted, t(1)))
+        .await
+        .expect("a");
+    s.commit(&simple_commit(&b, "news", None, S::None, S::Asserted, t(5)))
+        .await
+        .expect("b");
+    s.commit(&simple_commit(
+        &c,
+        "news",
+        None,
+        S::None,
+        S::Withdrawn,
+        t(3),
+    ))
+    .await
+    .expect("c");
+    s.commit(&simple_commit(
+        &a,
+        "other",
+        None,
+        S::None,
+        S::Asserted,
+        t(2),
+    ))
+    .await
+    .expect("a other");
+    type Row = (String, String, i64, DateTime<Utc>, DateTime<Utc>);
+    let rows: Vec<Row> = s
+        .consent_summary()
+        .await
+        .expect("summary")
+        .into_iter()
+        .map(|r| (r.list_id, r.state, r.count, r.oldest_since, r.newest_since))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("news".into(), "asserted".into(), 2, t(1), t(5)),
+            ("news".into(), "withdrawn".into(), 1, t(3), t(3)),
+            ("other".into(), "asserted".into(), 1, t(2), t(2)),
+        ]
+    );
 }

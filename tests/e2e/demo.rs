@@ -44,16 +44,23 @@ async fn demo_double_opt_in_end_to_end() {
         "pending"
     );
 
-    // The person's POST confirms; repeating it is harmless.
-    let post = client
-        .post(&link)
-        .header("user-agent", "e2e-browser/1.0")
-        .send()
-        .await
-        .unwrap();
+    // A POST without the page's nonce confirms nothing.
+    assert_eq!(client.post(&link).send().await.unwrap().status(), 400);
+    assert_eq!(
+        demo.state("ana.garcia@example.org", "newsletter"),
+        "pending"
+    );
+
+    // The person's POST from the page confirms; repeating it is harmless.
+    let post = click_confirm(&client, &link, "e2e-browser/1.0").await;
     assert_eq!(post.status(), 200);
-    assert!(post.text().await.unwrap().contains("you are subscribed"));
-    assert_eq!(client.post(&link).send().await.unwrap().status(), 200);
+    assert!(post.text().await.unwrap().contains("suscrito"));
+    assert_eq!(
+        click_confirm(&client, &link, "e2e-browser/1.0")
+            .await
+            .status(),
+        200
+    );
     assert_eq!(
         demo.state("ana.garcia@example.org", "newsletter"),
         "confirmed"
@@ -106,7 +113,7 @@ async fn one_click_unsubscribe_removes_from_list_and_wins() {
     let daemon = demo.spawn_daemon();
     let client = http();
     let confirm = demo.confirm_link("ben.okafor@example.net");
-    assert_eq!(client.post(&confirm).send().await.unwrap().status(), 200);
+    assert_eq!(click_confirm(&client, &confirm, "e2e").await.status(), 200);
     wait_until(20, "subscription", || demo.list_members().len() == 1);
 
     // RFC 8058 one-click POST.
@@ -128,7 +135,7 @@ async fn one_click_unsubscribe_removes_from_list_and_wins() {
     });
 
     // The old confirmation link cannot undo the withdrawal.
-    let again = client.post(&confirm).send().await.unwrap();
+    let again = click_confirm(&client, &confirm, "e2e").await;
     assert_eq!(again.status(), 409);
     assert_eq!(
         demo.state("ben.okafor@example.net", "newsletter"),

@@ -7,7 +7,11 @@
 
 mod cli;
 mod demo;
+mod import;
 mod lifecycle;
+mod mail;
 mod postgres;
 mod rules;
 mod support;
+mod zoho;
+mod zoho_campaigns;

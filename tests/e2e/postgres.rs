@@ -13,7 +13,7 @@ async fn demo_runs_on_postgres() {
     assert_eq!(demo.mails().len(), 2);
     let daemon = demo.spawn_daemon();
     let link = demo.confirm_link("ana.garcia@example.org");
-    assert_eq!(http().post(&link).send().await.unwrap().status(), 200);
+    assert_eq!(click_confirm(&http(), &link, "e2e").await.status(), 200);
     wait_until(20, "subscription", || {
         demo.list_members() == vec!["ana.garcia@example.org".to_owned()]
     });

@@ -240,11 +240,8 @@ async fn whole_lifecycle_with_windows_of_seconds() {
 
     // Ana confirms (the reminder repeats the same signup, so the DOI link works).
     assert_eq!(
-        client
-            .post(demo.confirm_link(ana))
-            .send()
+        click_confirm(&client, &demo.confirm_link(ana), "e2e-browser")
             .await
-            .unwrap()
             .status(),
         200
     );
@@ -308,11 +305,8 @@ async fn answering_re_permission_keeps_the_contact() {
         demo.event_kinds(ana).contains(&"doi_mail_sent".to_owned())
     });
     assert_eq!(
-        client
-            .post(demo.confirm_link(ana))
-            .send()
+        click_confirm(&client, &demo.confirm_link(ana), "e2e-browser")
             .await
-            .unwrap()
             .status(),
         200
     );
@@ -330,7 +324,10 @@ async fn answering_re_permission_keeps_the_contact() {
         .clone();
     let mail = demo.mail_with_message_id(sent["evidence"]["message_id"].as_str().unwrap());
     let link = link_in(&mail, "/confirm/");
-    assert_eq!(client.post(&link).send().await.unwrap().status(), 200);
+    assert_eq!(
+        click_confirm(&client, &link, "e2e-browser").await.status(),
+        200
+    );
     assert_eq!(demo.state(ana, "newsletter"), "confirmed");
     assert_eq!(
         demo.list_members(),

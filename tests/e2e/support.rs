@@ -55,6 +55,15 @@ impl Demo {
             )
             .unwrap();
         }
+        for lang in std::fs::read_dir(repo().join("templates")).unwrap() {
+            let lang = lang.unwrap().path();
+            let to = dir.path().join("templates").join(lang.file_name().unwrap());
+            std::fs::create_dir_all(&to).unwrap();
+            for f in std::fs::read_dir(&lang).unwrap() {
+                let f = f.unwrap().path();
+                std::fs::copy(&f, to.join(f.file_name().unwrap())).unwrap();
+            }
+        }
         std::fs::create_dir_all(dir.path().join("demo")).unwrap();
         std::fs::copy(
             repo().join("demo/contacts.csv"),
@@ -350,4 +359,52 @@ impl Demo {
             .await
             .unwrap()
     }
+}
+
+/// The hidden form fields of a page (`<input type="hidden" name=".." value="..">`).
+pub fn hidden_fields(page: &str) -> Vec<(String, String)> {
+    page.split("<input ")
+        .skip(1)
+        .filter(|i| i.contains("type=\"hidden\""))
+        .filter_map(|i| {
+            let attr = |name: &str| {
+                i.split(&format!("{name}=\""))
+                    .nth(1)
+                    .and_then(|r| r.split('"').next())
+                    .map(str::to_owned)
+            };
+            Some((attr("name")?, attr("value")?))
+        })
+        .collect()
+}
+
+/// Open the confirmation page as a browser does and press its button: a POST carrying the
+/// page's hidden fields (the per-page nonce and the page hash).
+pub async fn click_confirm(
+    client: &reqwest::Client,
+    link: &str,
+    user_agent: &str,
+) -> reqwest::Response {
+    let page = client
+        .get(link)
+        .header("user-agent", user_agent)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let body = hidden_fields(&page)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join("&");
+    client
+        .post(link)
+        .header("user-agent", user_agent)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
 }

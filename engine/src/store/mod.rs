@@ -128,6 +128,30 @@ pub struct Suppression {
     pub reason: String,
 }
 
+/// A rendered mail or page exactly as shown, stored under its content hash (the hash the
+/// ledger's evidence names). Written once, never changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub hash: String,
+    /// `mail:doi`, `mail:reminder`, `page:confirm`, ...
+    pub kind: String,
+    pub language: String,
+    /// Hash of the template set it was rendered from.
+    pub template_version: String,
+    /// The rendering: JSON `{"subject","text","html"}` for mails, the HTML for pages.
+    pub content: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConsentSummary {
+    pub list_id: String,
+    pub state: String,
+    pub count: i64,
+    pub oldest_since: DateTime<Utc>,
+    pub newest_since: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
 pub struct OutboxCounts {
     pub pending: i64,
@@ -183,6 +207,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool>;
 
+    /// Store a snapshot; a second one with the same hash is ignored (content-addressed).
+    async fn put_snapshot(&self, s: &Snapshot) -> StoreResult<()>;
+    async fn snapshot(&self, hash: &str) -> StoreResult<Option<Snapshot>>;
+
     /// Remember an open/click; keeps the latest time.
     async fn record_engagement(
         &self,
@@ -195,6 +223,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         contact_id: &str,
         list_id: &str,
     ) -> StoreResult<Option<DateTime<Utc>>>;
+
+    /// Contacts per (list, state) with the oldest and newest `since`, for `optinsync status`.
+    async fn consent_summary(&self) -> StoreResult<Vec<ConsentSummary>>;
 }
 
 /// Open the store named by `url` (`sqlite://path` or `postgres://...`).

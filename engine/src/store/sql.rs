@@ -473,6 +473,62 @@ macro_rules! shared_store_impl {
                     .transpose()
             }
 
+            async fn put_snapshot(&self, s: &crate::store::Snapshot) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO snapshots (hash, kind, language, template_version, content, created_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hash) DO NOTHING",
+                )
+                .bind(&s.hash)
+                .bind(&s.kind)
+                .bind(&s.language)
+                .bind(&s.template_version)
+                .bind(&s.content)
+                .bind(format_time(s.created_at))
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn snapshot(&self, hash: &str) -> StoreResult<Option<crate::store::Snapshot>> {
+                let row = sqlx::query(
+                    "SELECT hash, kind, language, template_version, content, created_at FROM snapshots WHERE hash = $1",
+                )
+                .bind(hash)
+                .fetch_optional(&self.pool)
+                .await?;
+                row.map(|r| -> StoreResult<crate::store::Snapshot> {
+                    Ok(crate::store::Snapshot {
+                        hash: r.try_get("hash")?,
+                        kind: r.try_get("kind")?,
+                        language: r.try_get("language")?,
+                        template_version: r.try_get("template_version")?,
+                        content: r.try_get("content")?,
+                        created_at: parse_time("snapshots", &r.try_get::<String, _>("created_at")?)?,
+                    })
+                })
+                .transpose()
+            }
+
+            async fn consent_summary(&self) -> StoreResult<Vec<crate::store::ConsentSummary>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, state, COUNT(*) AS n, MIN(since) AS oldest, MAX(since) AS newest \
+                     FROM consents GROUP BY list_id, state ORDER BY list_id, state",
+                )
+                .fetch_all(&self.pool)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::ConsentSummary {
+                            list_id: r.try_get("list_id")?,
+                            state: r.try_get("state")?,
+                            count: r.try_get("n")?,
+                            oldest_since: parse_time("consents", &r.try_get::<String, _>("oldest")?)?,
+                            newest_since: parse_time("consents", &r.try_get::<String, _>("newest")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
             async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {
                 let row = sqlx::query("SELECT 1 AS one FROM suppressions WHERE address_hash = $1")
                     .bind(address_hash)

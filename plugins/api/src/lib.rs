@@ -248,6 +248,12 @@ pub trait CrmConnector: Send + Sync + fmt::Debug {
     fn limits(&self) -> Limits {
         Limits::default()
     }
+    /// Periodic upkeep besides the change feed, e.g. registering or renewing a webhook
+    /// channel before it expires. The daemon calls it about once per sync pass; it must be
+    /// cheap when nothing is due. A failure is logged and polling goes on. Default: nothing.
+    async fn maintain(&self) -> ConnectorResult<()> {
+        Ok(())
+    }
 }
 
 /// A campaigns tool: holds the marketing lists; only confirmed contacts go on them.
@@ -269,6 +275,41 @@ pub trait CampaignsConnector: Send + Sync + fmt::Debug {
     fn limits(&self) -> Limits {
         Limits::default()
     }
+    /// Current members of `list`, a page at a time (`None` = from the start), for taking an
+    /// existing list into the ledger (`optinsync campaign import-existing`). Default: not
+    /// supported.
+    async fn list_members(
+        &self,
+        list: &str,
+        cursor: Option<&Cursor>,
+    ) -> ConnectorResult<MemberPage> {
+        let _ = (list, cursor);
+        Err(ConnectorError::Permanent {
+            message: "this campaigns connector cannot list members".into(),
+        })
+    }
+    /// Opaque connector state the engine persists and hands back at start-up through
+    /// [`Self::import_state`], e.g. how much of each API quota was used and until when an
+    /// endpoint is locked, so that a restart does not reset the budgets. Only the connector
+    /// interprets it. `None` (the default) means there is nothing to keep.
+    fn export_state(&self) -> Option<String> {
+        None
+    }
+    /// Take back state from an earlier [`Self::export_state`] (called once at start-up,
+    /// before other calls). State the connector cannot read is an error saying why; the
+    /// engine should log it and go on with fresh state. Default: ignore it.
+    fn import_state(&self, state: &str) -> ConnectorResult<()> {
+        let _ = state;
+        Ok(())
+    }
+}
+
+/// One page of a list's current members.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemberPage {
+    pub members: Vec<Subscriber>,
+    pub next_cursor: Option<Cursor>,
+    pub has_more: bool,
 }
 
 /// A mail transport for DOI, reminder and re-permission mails.

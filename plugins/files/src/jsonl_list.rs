@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use optinsync_plugin_api::{
-    CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, Health, StatusEvent,
-    StatusKind, StatusPage, Subscriber,
+    CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, Health, MemberPage,
+    StatusEvent, StatusKind, StatusPage, Subscriber,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
@@ -157,6 +157,30 @@ impl JsonlList {
 
 #[async_trait]
 impl CampaignsConnector for JsonlList {
+    /// The whole list in one page: the local file is small.
+    async fn list_members(
+        &self,
+        list: &str,
+        _cursor: Option<&Cursor>,
+    ) -> ConnectorResult<MemberPage> {
+        let _guard = self.lock.lock().await;
+        let entries = self.load().await?.unwrap_or_default();
+        let members = entries
+            .into_values()
+            .filter(|e| e.list == list)
+            .map(|e| Subscriber {
+                email: e.email,
+                language: e.language,
+                fields: e.fields,
+            })
+            .collect();
+        Ok(MemberPage {
+            members,
+            next_cursor: None,
+            has_more: false,
+        })
+    }
+
     async fn subscribe(&self, list: &str, subscribers: &[Subscriber]) -> ConnectorResult<()> {
         check_list(list)?;
         if let Some(index) = subscribers.iter().position(|s| s.email.trim().is_empty()) {

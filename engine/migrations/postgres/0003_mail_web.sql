@@ -1,0 +1,18 @@
+-- Snapshots of everything a person was shown (rendered mails and pages), keyed by the
+-- content hash the ledger's evidence names. Immutable, like the ledger.
+CREATE TABLE snapshots (
+    hash              TEXT PRIMARY KEY,
+    kind              TEXT NOT NULL,
+    language          TEXT NOT NULL,
+    template_version  TEXT NOT NULL,
+    content           TEXT NOT NULL,
+    created_at        TEXT NOT NULL
+);
+
+CREATE FUNCTION snapshots_immutable() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'snapshots are immutable';
+END;
+$$;
+CREATE TRIGGER snapshots_no_change BEFORE UPDATE OR DELETE ON snapshots
+    FOR EACH ROW EXECUTE FUNCTION snapshots_immutable();

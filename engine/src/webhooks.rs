@@ -1,0 +1,126 @@
+//! `POST /webhooks/{connector}`: change notifications from outside systems.
+//!
+//! The connector verifies the call ([`optinsync_plugin_api::CrmConnector::parse_webhook`],
+//! e.g. Zoho's echoed channel token, compared in constant time) and names the records that
+//! changed; each is fetched, ingested like a polled change and decided at once, so a CRM edit
+//! leads to its DOI mail within a second instead of at the next poll. Polling stays the source
+//! of truth: a lost callback only delays a change.
+//!
+//! * Only `crm` is a webhook connector today; any other name is 404.
+//! * A forged or malformed call (`InvalidInput`) gets 400 and changes nothing.
+//! * Bodies are limited to [`MAX_BODY`].
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use optinsync_plugin_api::{ConnectorError, WebhookEvent};
+
+use crate::email;
+use crate::engine::Engine;
+
+/// Largest webhook body accepted.
+pub const MAX_BODY: usize = 256 * 1024;
+/// Most records one callback may name.
+pub const MAX_IDS: usize = 200;
+
+pub fn routes() -> Router<Arc<Engine>> {
+    Router::new()
+        .route("/webhooks/{connector}", post(webhook))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response {
+    (status, body).into_response()
+}
+
+async fn webhook(
+    State(engine): State<Arc<Engine>>,
+    Path(connector): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if connector != "crm" {
+        return text(StatusCode::NOT_FOUND, "unknown webhook connector\n");
+    }
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .collect();
+    let records = match engine.connectors.crm.parse_webhook(&headers, &body) {
+        Ok(WebhookEvent::Ignored) => return text(StatusCode::OK, "ignored\n"),
+        Ok(WebhookEvent::Changed(records)) => records,
+        Err(ConnectorError::InvalidInput { message }) => {
+            tracing::warn!(connector = %connector, reason = %message, "webhook refused");
+            return text(StatusCode::BAD_REQUEST, "webhook refused\n");
+        }
+        Err(e) => {
+            tracing::warn!(connector = %connector, error = %e, "webhook could not be read");
+            return text(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
+        }
+    };
+    if records.len() > MAX_IDS {
+        tracing::warn!(
+            count = records.len(),
+            "webhook names too many records; refused"
+        );
+        return text(StatusCode::PAYLOAD_TOO_LARGE, "too many records\n");
+    }
+    let mut failed = false;
+    for record in &records {
+        let rec = match engine.connectors.crm.fetch(record).await {
+            Ok(Some(rec)) => rec,
+            Ok(None) => {
+                tracing::info!(record = %record, "webhook: record no longer exists; consent kept");
+                continue;
+            }
+            Err(ConnectorError::InvalidInput { message }) => {
+                tracing::warn!(record = %record, reason = %message, "webhook: CRM record skipped");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(record = %record, error = %e, "webhook: fetching the record failed; the next poll will read it");
+                failed = true;
+                continue;
+            }
+        };
+        match engine.ingest_record(&rec).await {
+            Ok(Some(_)) => {}
+            Ok(None) => continue,
+            Err(e) => {
+                tracing::error!(record = %record, error = %e, "webhook: ingesting the record failed");
+                failed = true;
+                continue;
+            }
+        }
+        let Some(address) = rec.email.as_deref().and_then(|e| email::normalise(e).ok()) else {
+            continue;
+        };
+        match engine.store.contact_by_email(&address).await {
+            Ok(Some(contact)) => {
+                if let Err(e) = engine.decide_contact(&contact).await {
+                    tracing::error!(record = %record, contact_id = %contact.id, error = %e, "webhook: deciding failed");
+                    failed = true;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(record = %record, error = %e, "webhook: contact lookup failed");
+                failed = true;
+            }
+        }
+    }
+    tracing::info!(connector = %connector, records = records.len(), "webhook handled");
+    if failed {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "partly handled; try again later\n",
+        )
+    } else {
+        text(StatusCode::OK, "ok\n")
+    }
+}

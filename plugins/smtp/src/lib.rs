@@ -1,0 +1,442 @@
+//! SMTP mail transport for optinsync, built on lettre's async (tokio) SMTP client.
+//!
+//! * Connection security: `tls = "starttls"` (default, port 587), `"tls"` (implicit TLS, port
+//!   465) or `"none"` (plain text, for local test servers only; must be written explicitly).
+//!   Certificates are checked against the Mozilla roots (webpki-roots), through rustls: no
+//!   OpenSSL.
+//! * Optional authentication (`username`/`password`, may be `"${ENV}"` references), a
+//!   connection pool, a per-command timeout and a send rate limit (`rate_per_minute`).
+//! * Optional DKIM signing (RSA-SHA256 or Ed25519-SHA256) whose `h=` covers From, To,
+//!   Subject, Date, Message-ID, List-Unsubscribe and List-Unsubscribe-Post (RFC 8058 §4 needs
+//!   the last two signed for one-click unsubscribe).
+//!
+//! Failures map onto what the engine must do with the message: a permanent (5xx) answer about
+//! the recipient is [`ConnectorError::Rejected`] (the engine records a hard bounce), a
+//! temporary (4xx) answer, a timeout or a broken connection is [`ConnectorError::Transient`]
+//! (retried with backoff). 5xx answers that are about *us* — authentication required or
+//! failed, command syntax — are [`ConnectorError::Permanent`]: they must not bounce the
+//! recipient.
+
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use lettre::message::dkim::{
+    DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm,
+    DkimSigningKey,
+};
+use lettre::message::header::{ContentType, HeaderName, HeaderValue};
+use lettre::message::{Mailbox, MultiPart, SinglePart};
+use lettre::transport::smtp::PoolConfig;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::extension::ClientId;
+use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
+use optinsync_plugin_api::{
+    ConnectorError, ConnectorResult, Health, Limits, MailTransport, OutgoingMessage, SentMessage,
+};
+use serde::Deserialize;
+
+/// Headers every DKIM signature covers, in this order.
+pub const DKIM_SIGNED_HEADERS: &[&str] = &[
+    "From",
+    "To",
+    "Subject",
+    "Date",
+    "Message-ID",
+    "List-Unsubscribe",
+    "List-Unsubscribe-Post",
+];
+
+/// A connector's settings could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML table does not match [`SmtpConfig`]; serde's message names the key.
+    #[error("{0}")]
+    Settings(#[from] toml::de::Error),
+    /// A setting has an acceptable type but an unusable value.
+    #[error("setting `{setting}`: {message}")]
+    Invalid { setting: String, message: String },
+}
+
+fn invalid(setting: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting: setting.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// How the connection to the relay is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// Plain connection upgraded with STARTTLS (required, never silently skipped).
+    #[default]
+    Starttls,
+    /// TLS from the first byte ("SMTPS").
+    Tls,
+    /// No encryption at all: only for a relay on the same machine or a test server.
+    None,
+}
+
+/// `[connectors.mail]` settings for `kind = "smtp"`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmtpConfig {
+    pub host: String,
+    /// Defaults to 587 (starttls), 465 (tls) or 25 (none).
+    #[serde(default)]
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub tls: TlsMode,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Name sent with EHLO; defaults to this machine's host name.
+    #[serde(default)]
+    pub hello_name: Option<String>,
+    /// Timeout of each SMTP command, in seconds.
+    #[serde(default = "default_timeout_secs")]
+    pub timeout_secs: u64,
+    /// Most connections kept open to the relay.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    /// Most messages handed to the relay per minute (the relay's own limit, or lower).
+    #[serde(default = "default_rate")]
+    pub rate_per_minute: u32,
+    #[serde(default)]
+    pub dkim: Option<DkimSettings>,
+}
+
+fn default_timeout_secs() -> u64 {
+    30
+}
+fn default_pool_size() -> u32 {
+    4
+}
+fn default_rate() -> u32 {
+    60
+}
+
+/// `[connectors.mail.dkim]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DkimSettings {
+    /// Selector published in DNS as `SELECTOR._domainkey.DOMAIN`.
+    pub selector: String,
+    /// Signing domain (`d=`); should align with the From domain for DMARC.
+    pub domain: String,
+    /// `rsa-sha256` (PKCS#1 PEM key, 2048 bits recommended) or `ed25519-sha256` (base64 of
+    /// the raw 32-byte key).
+    #[serde(default = "default_algorithm")]
+    pub algorithm: String,
+    /// Private key file, relative to the configuration file.
+    pub key_file: String,
+}
+
+fn default_algorithm() -> String {
+    "rsa-sha256".into()
+}
+
+/// The SMTP [`MailTransport`].
+pub struct SmtpTransport {
+    transport: AsyncSmtpTransport<Tokio1Executor>,
+    limiter: DefaultDirectRateLimiter,
+    dkim: Option<DkimConfig>,
+    rate_per_minute: u32,
+    host: String,
+}
+
+impl std::fmt::Debug for SmtpTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print credentials or key material.
+        f.debug_struct("SmtpTransport")
+            .field("host", &self.host)
+            .field("rate_per_minute", &self.rate_per_minute)
+            .field("dkim", &self.dkim.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl SmtpTransport {
+    /// Build from the connector's TOML table; a relative DKIM `key_file` is resolved against
+    /// `base_dir`.
+    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, ConfigError> {
+        let config: SmtpConfig = toml::Value::Table(settings).try_into()?;
+        Self::new(&config, base_dir)
+    }
+
+    pub fn new(config: &SmtpConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+        if config.host.trim().is_empty() {
+            return Err(invalid("host", "must not be empty"));
+        }
+        let port = config.port.unwrap_or(match config.tls {
+            TlsMode::Starttls => 587,
+            TlsMode::Tls => 465,
+            TlsMode::None => 25,
+        });
+        let tls = match config.tls {
+            TlsMode::None => Tls::None,
+            mode => {
+                let params = TlsParameters::new(config.host.clone())
+                    .map_err(|e| invalid("tls", format!("cannot set up TLS: {e}")))?;
+                if mode == TlsMode::Tls {
+                    Tls::Wrapper(params)
+                } else {
+                    Tls::Required(params)
+                }
+            }
+        };
+        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host)
+            .port(port)
+            .tls(tls)
+            .timeout(Some(Duration::from_secs(config.timeout_secs.max(1))))
+            .pool_config(
+                PoolConfig::new()
+                    .max_size(config.pool_size.max(1))
+                    .idle_timeout(Duration::from_secs(60)),
+            );
+        if let Some(name) = &config.hello_name {
+            builder = builder.hello_name(ClientId::Domain(name.clone()));
+        }
+        match (&config.username, &config.password) {
+            (Some(u), Some(p)) => {
+                builder = builder.credentials(Credentials::new(u.clone(), p.clone()));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(invalid("username", "`username` and `password` go together"));
+            }
+        }
+        let rate = NonZeroU32::new(config.rate_per_minute)
+            .ok_or_else(|| invalid("rate_per_minute", "must be at least 1"))?;
+        let dkim = config
+            .dkim
+            .as_ref()
+            .map(|d| dkim_config(d, base_dir))
+            .transpose()?;
+        Ok(Self {
+            transport: builder.build(),
+            limiter: RateLimiter::direct(Quota::per_minute(rate)),
+            dkim,
+            rate_per_minute: config.rate_per_minute,
+            host: config.host.clone(),
+        })
+    }
+}
+
+fn dkim_config(d: &DkimSettings, base_dir: &Path) -> Result<DkimConfig, ConfigError> {
+    let algorithm = match d.algorithm.as_str() {
+        "rsa-sha256" | "rsa" => DkimSigningAlgorithm::Rsa,
+        "ed25519-sha256" | "ed25519" => DkimSigningAlgorithm::Ed25519,
+        other => {
+            return Err(invalid(
+                "dkim.algorithm",
+                format!("`{other}` is not `rsa-sha256` or `ed25519-sha256`"),
+            ));
+        }
+    };
+    let path = if Path::new(&d.key_file).is_absolute() {
+        PathBuf::from(&d.key_file)
+    } else {
+        base_dir.join(&d.key_file)
+    };
+    let pem = std::fs::read_to_string(&path).map_err(|e| {
+        invalid(
+            "dkim.key_file",
+            format!("cannot read {}: {e}", path.display()),
+        )
+    })?;
+    let key = DkimSigningKey::new(pem.trim(), algorithm).map_err(|e| {
+        invalid(
+            "dkim.key_file",
+            format!("{} is not a usable key: {e}", path.display()),
+        )
+    })?;
+    let headers = DKIM_SIGNED_HEADERS
+        .iter()
+        .map(|h| HeaderName::new_from_ascii_str(h))
+        .collect();
+    Ok(DkimConfig::new(
+        d.selector.clone(),
+        d.domain.clone(),
+        key,
+        headers,
+        DkimCanonicalization {
+            header: DkimCanonicalizationType::Relaxed,
+            body: DkimCanonicalizationType::Relaxed,
+        },
+    ))
+}
+
+/// Render (and sign) the message. Addresses are never echoed in errors: errors end up in
+/// logs and dead-letter rows.
+pub fn build_message(
+    message: &OutgoingMessage,
+    dkim: Option<&DkimConfig>,
+) -> ConnectorResult<Message> {
+    // A bad sender is our configuration, not the recipient's fault: never `Rejected`.
+    let from: Mailbox = message
+        .from
+        .parse()
+        .map_err(|_| ConnectorError::permanent("sender address is not a valid mailbox"))?;
+    let to: Mailbox = message.to.parse().map_err(|_| ConnectorError::Rejected {
+        message: "recipient address is not a valid mailbox".to_owned(),
+    })?;
+    let id = message
+        .message_id
+        .trim_start_matches('<')
+        .trim_end_matches('>');
+    let mut builder = Message::builder()
+        .from(from)
+        .to(to)
+        .subject(message.subject.as_str())
+        .message_id(Some(format!("<{id}>")))
+        .date_now();
+    for (name, value) in &message.headers {
+        let header_name = HeaderName::new_from_ascii(name.clone())
+            .map_err(|_| ConnectorError::permanent(format!("invalid mail header name {name:?}")))?;
+        // `HeaderValue::new` encodes the value (RFC 2047), so CR/LF cannot inject headers.
+        builder = builder.raw_header(HeaderValue::new(header_name, value.clone()));
+    }
+    let text = SinglePart::builder()
+        .header(ContentType::TEXT_PLAIN)
+        .body(message.text.clone());
+    let built = match &message.html {
+        Some(html) => builder.multipart(
+            MultiPart::alternative().singlepart(text).singlepart(
+                SinglePart::builder()
+                    .header(ContentType::TEXT_HTML)
+                    .body(html.clone()),
+            ),
+        ),
+        None => builder.singlepart(text),
+    };
+    let mut mail =
+        built.map_err(|err| ConnectorError::permanent(format!("cannot build mail: {err}")))?;
+    if let Some(config) = dkim {
+        // Signed last, after every header is in place.
+        mail.sign(config);
+    }
+    Ok(mail)
+}
+
+/// SMTP reply codes that are about the sender or the session, not the recipient.
+fn is_our_fault(code: u16) -> bool {
+    matches!(code, 500..=504 | 530 | 534 | 535 | 538)
+}
+
+/// Map a lettre SMTP error onto what the engine must do with the message.
+pub fn classify(err: &lettre::transport::smtp::Error) -> ConnectorError {
+    let code = err.status().and_then(|c| c.to_string().parse::<u16>().ok());
+    let message = err.to_string();
+    if err.is_permanent() {
+        match code {
+            Some(c) if is_our_fault(c) => ConnectorError::permanent(format!("SMTP {c}: {message}")),
+            _ => ConnectorError::Rejected { message },
+        }
+    } else {
+        // 4xx, timeouts, connection and TLS trouble: try again later.
+        ConnectorError::transient(message)
+    }
+}
+
+#[async_trait]
+impl MailTransport for SmtpTransport {
+    async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage> {
+        let mail = build_message(message, self.dkim.as_ref())?;
+        self.limiter.until_ready().await;
+        match self.transport.send(mail).await {
+            Ok(response) => {
+                tracing::debug!(code = %response.code(), "relay accepted the message");
+                Ok(SentMessage {
+                    message_id: message.message_id.clone(),
+                    deduplicated: false,
+                })
+            }
+            Err(e) => {
+                let mapped = classify(&e);
+                tracing::debug!(error = %e, "SMTP send failed");
+                Err(mapped)
+            }
+        }
+    }
+
+    async fn health(&self) -> ConnectorResult<Health> {
+        Ok(match self.transport.test_connection().await {
+            Ok(true) => Health {
+                ok: true,
+                detail: format!("SMTP relay {} answers", self.host),
+            },
+            Ok(false) => Health {
+                ok: false,
+                detail: format!("SMTP relay {} did not accept NOOP", self.host),
+            },
+            Err(e) => Health {
+                ok: false,
+                detail: format!("SMTP relay {}: {e}", self.host),
+            },
+        })
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            max_batch: 1,
+            calls_per_minute: Some(self.rate_per_minute),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn table(s: &str) -> toml::Table {
+        toml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = SmtpTransport::from_config(table("host = \"h\"\nprot = 25"), Path::new("."))
+            .unwrap_err();
+        assert!(e.to_string().contains("prot"), "{e}");
+    }
+
+    #[test]
+    fn username_without_password_is_refused() {
+        let e = SmtpTransport::from_config(
+            table("host = \"h\"\ntls = \"none\"\nusername = \"u\""),
+            Path::new("."),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("password"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn builds_each_tls_mode() {
+        for mode in ["starttls", "tls", "none"] {
+            let t = SmtpTransport::from_config(
+                table(&format!("host = \"127.0.0.1\"\ntls = \"{mode}\"")),
+                Path::new("."),
+            );
+            assert!(t.is_ok(), "{mode}: {t:?}");
+        }
+    }
+
+    #[test]
+    fn missing_dkim_key_names_the_setting() {
+        let e = SmtpTransport::from_config(
+            table(
+                "host = \"h\"\n[dkim]\nselector = \"s\"\ndomain = \"example.org\"\nkey_file = \"nope.pem\"",
+            ),
+            Path::new("/nonexistent"),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("dkim.key_file"), "{e}");
+    }
+}

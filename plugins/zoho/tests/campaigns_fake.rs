@@ -1,0 +1,526 @@
+//! The Zoho Campaigns connector against the fake Zoho Campaigns server
+//! (`optinsync_testkit::zoho_campaigns`), over real HTTP on loopback.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use optinsync_plugin_api::{CampaignsConnector, ConnectorError, Cursor, StatusKind, Subscriber};
+use optinsync_plugin_zoho::ZohoCampaigns;
+use optinsync_plugin_zoho::campaigns::Api;
+use optinsync_testkit::zoho_campaigns::{
+    self as fake, CampaignsFault, FakeCampaigns, MemberStatus,
+};
+use serde_json::json;
+
+const KEY: &str = "3c20ad524dfa4af86216a5be13e238ed";
+
+/// A connector for list `newsletter` → `KEY`; `extra` holds top-level settings,
+/// `lists` replaces the list table.
+fn connector_with(fake: &FakeCampaigns, extra: &str, lists: &str) -> ZohoCampaigns {
+    let text = format!(
+        r#"
+client_id = "{}"
+client_secret = "{}"
+refresh_token = "{}"
+accounts_url = "{url}"
+campaigns_url = "{url}"
+{extra}
+{lists}
+"#,
+        fake::CLIENT_ID,
+        fake::CLIENT_SECRET,
+        fake::REFRESH_TOKEN,
+        url = fake.url(),
+    );
+    ZohoCampaigns::from_config(toml::from_str(&text).unwrap(), Path::new(".")).unwrap()
+}
+
+fn connector(fake: &FakeCampaigns, extra: &str) -> ZohoCampaigns {
+    connector_with(
+        fake,
+        &format!("status_interval = \"0s\"\n{extra}"),
+        &format!("[lists.newsletter]\nlistkey = \"{KEY}\"\n"),
+    )
+}
+
+fn sub(email: &str, first: &str) -> Subscriber {
+    let mut fields = BTreeMap::new();
+    if !first.is_empty() {
+        fields.insert("First_Name".to_owned(), json!(first));
+        fields.insert("Last_Name".to_owned(), json!("Doe"));
+    }
+    Subscriber {
+        email: email.to_owned(),
+        language: Some("en".into()),
+        fields,
+    }
+}
+
+fn private_fake() -> FakeCampaigns {
+    let f = FakeCampaigns::start();
+    f.add_list(KEY, "Master programmes newsletter", false);
+    f
+}
+
+#[tokio::test]
+async fn subscribe_and_remove_are_idempotent() {
+    let f = private_fake();
+    let c = connector(&f, "");
+    c.health().await.unwrap();
+    for _ in 0..2 {
+        c.subscribe("newsletter", &[sub("Ann@Example.org", "Ann")])
+            .await
+            .unwrap();
+    }
+    let members = f.members(KEY);
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0].status, MemberStatus::Active);
+    assert_eq!(members[0].fields["First Name"], "Ann");
+    assert_eq!(members[0].fields["Last Name"], "Doe");
+    assert_eq!(members[0].source.as_deref(), Some("optinsync"));
+    assert_eq!(
+        f.confirmation_mails(KEY),
+        0,
+        "private list: Zoho sends no second DOI mail"
+    );
+
+    for _ in 0..2 {
+        c.remove("newsletter", &["ann@example.org".into()])
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        f.member(KEY, "ann@example.org").unwrap().status,
+        MemberStatus::Unsub
+    );
+    // Never on the list: "Contact does not exist" (2103) counts as done.
+    c.remove("newsletter", &["nobody@example.org".into()])
+        .await
+        .unwrap();
+    assert_eq!(f.calls("listunsubscribe"), 3);
+
+    // An unmapped list names the setting.
+    let err = c
+        .subscribe("other", &[sub("a@example.org", "")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Config { setting, .. } if setting == "connectors.campaigns.lists.other"),
+        "{err:?}"
+    );
+}
+
+#[tokio::test]
+async fn address_only_batches_use_the_bulk_endpoint_ten_at_a_time() {
+    let f = private_fake();
+    let c = connector(&f, "");
+    let subs: Vec<Subscriber> = (0..25)
+        .map(|i| Subscriber {
+            email: format!("p{i}@example.org"),
+            language: None,
+            fields: BTreeMap::new(),
+        })
+        .collect();
+    c.subscribe("newsletter", &subs).await.unwrap();
+    assert_eq!(f.calls("addlistsubscribersinbulk"), 3);
+    assert_eq!(f.calls("listsubscribe"), 0);
+    assert_eq!(f.active(KEY).len(), 25);
+}
+
+#[tokio::test]
+async fn missing_list_or_wrong_signup_form_is_a_clear_config_error() {
+    let f = private_fake();
+    f.add_list("publickey", "Public list", true);
+    let c = connector_with(&f, "", "[lists.newsletter]\nlistkey = \"no-such-key\"\n");
+    let err = c.health().await.unwrap_err();
+    let ConnectorError::Config { setting, message } = &err else {
+        panic!("{err:?}")
+    };
+    assert_eq!(setting, "connectors.campaigns.lists.newsletter.listkey");
+    assert!(
+        message.contains("no-such-key") && message.contains("newsletter") && message.contains(KEY),
+        "{message}"
+    );
+
+    // A signup-form list in optinsync mode would send a second confirmation.
+    let c = connector_with(&f, "", "[lists.newsletter]\nlistkey = \"publickey\"\n");
+    let err = c.health().await.unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Config { setting, .. } if setting.ends_with("lists.newsletter.doi")),
+        "{err:?}"
+    );
+    // ...and is right for doi = "zoho".
+    let c = connector_with(
+        &f,
+        "",
+        "[lists.newsletter]\nlistkey = \"publickey\"\ndoi = \"zoho\"\n",
+    );
+    assert!(c.health().await.unwrap().ok);
+
+    // No list at all in the org (code 2401).
+    let empty = FakeCampaigns::start();
+    let err = connector(&empty, "").health().await.unwrap_err();
+    assert!(format!("{err}").contains("has no mailing lists"), "{err}");
+}
+
+#[tokio::test]
+async fn doi_zoho_lists_hold_contacts_pending_until_they_confirm() {
+    let f = FakeCampaigns::start();
+    f.add_list(KEY, "Signup list", true);
+    let c = connector_with(
+        &f,
+        "",
+        &format!("[lists.newsletter]\nlistkey = \"{KEY}\"\ndoi = \"zoho\"\n"),
+    );
+    c.subscribe("newsletter", &[sub("zed@example.org", "Zed")])
+        .await
+        .unwrap();
+    assert_eq!(f.confirmation_mails(KEY), 1);
+    assert!(f.active(KEY).is_empty());
+    assert!(
+        c.list_members("newsletter", None)
+            .await
+            .unwrap()
+            .members
+            .is_empty()
+    );
+    f.confirm(KEY, "zed@example.org");
+    let page = c.list_members("newsletter", None).await.unwrap();
+    assert_eq!(page.members.len(), 1);
+    assert_eq!(page.members[0].email, "zed@example.org");
+    assert_eq!(page.members[0].fields["First_Name"], json!("Zed"));
+}
+
+#[tokio::test]
+async fn string_error_codes_are_mapped() {
+    let f = private_fake();
+    let c = connector(&f, "");
+    // Invalid and group addresses: refused for good, not retried.
+    for bad in ["not-an-address", "info@example.org"] {
+        let err = c
+            .subscribe("newsletter", &[sub(bad, "")])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ConnectorError::Rejected { .. }),
+            "{bad}: {err:?}"
+        );
+    }
+    // "Please retry after sometime", garbage, 5xx: transient.
+    f.fail_next(CampaignsFault::Code {
+        code: "2101".into(),
+        message: "Please retry after sometime.".into(),
+    });
+    let err = c
+        .remove("newsletter", &["x@example.org".into()])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Transient { .. }), "{err:?}");
+    f.fail_next(CampaignsFault::Garbage);
+    let err = c
+        .subscribe("newsletter", &[sub("a@example.org", "")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Transient { .. }), "{err:?}");
+    f.fail_next(CampaignsFault::Status(503));
+    let err = c
+        .subscribe("newsletter", &[sub("a@example.org", "")])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ConnectorError::Transient { .. }), "{err:?}");
+    // A wrong list key inside a call: the list's setting.
+    f.fail_next(CampaignsFault::Code {
+        code: "2501".into(),
+        message: "Listkey is empty or invalid.".into(),
+    });
+    let err = c
+        .subscribe("newsletter", &[sub("a@example.org", "")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ConnectorError::Config { setting, .. } if setting.ends_with("lists.newsletter.listkey")),
+        "{err:?}"
+    );
+    // An expired token (1007) is refreshed once and the call goes through.
+    f.with(|s| s.tokens.clear());
+    c.subscribe("newsletter", &[sub("a@example.org", "")])
+        .await
+        .unwrap();
+
+    // The 30-minute lock: transient with the rest of the lock, and the endpoint paused.
+    f.lock_endpoint("listsubscribe", Duration::from_secs(1800));
+    let err = c
+        .subscribe("newsletter", &[sub("b@example.org", "")])
+        .await
+        .unwrap_err();
+    let ConnectorError::Transient {
+        retry_after: Some(wait),
+        ..
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    assert!(
+        wait > Duration::from_secs(1700) && wait <= Duration::from_secs(1800),
+        "{wait:?}"
+    );
+    let calls = f.calls("listsubscribe");
+    let err = c
+        .subscribe("newsletter", &[sub("b@example.org", "")])
+        .await
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        ConnectorError::Transient {
+            retry_after: Some(_),
+            ..
+        }
+    ));
+    assert_eq!(
+        f.calls("listsubscribe"),
+        calls,
+        "a paused endpoint is not called"
+    );
+    assert!(c.locked_until(Api::ListSubscribe).is_some());
+    // Other endpoints stay usable.
+    c.remove("newsletter", &["a@example.org".into()])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn unsubscribes_and_bounces_come_back_exactly_once() {
+    let f = private_fake();
+    let c = connector(&f, "");
+    for e in [
+        "a@example.org",
+        "b@example.org",
+        "c@example.org",
+        "d@example.org",
+    ] {
+        c.subscribe("newsletter", &[sub(e, "")]).await.unwrap();
+    }
+    f.unsubscribe(KEY, "a@example.org");
+    f.bounce(KEY, "b@example.org");
+    // optinsync's own removal is not echoed back as the person's unsubscribe.
+    c.remove("newsletter", &["d@example.org".into()])
+        .await
+        .unwrap();
+
+    let page = c.status_events("newsletter", None).await.unwrap();
+    let mut got: Vec<_> = page
+        .events
+        .iter()
+        .map(|e| (e.email.clone(), e.kind))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        vec![
+            ("a@example.org".to_owned(), StatusKind::Unsubscribed),
+            ("b@example.org".to_owned(), StatusKind::Bounced)
+        ]
+    );
+    let mut cursor: Option<Cursor> = page.next_cursor;
+    assert!(!page.has_more);
+
+    let page = c
+        .status_events("newsletter", cursor.as_ref())
+        .await
+        .unwrap();
+    assert!(page.events.is_empty(), "{:?}", page.events);
+    cursor = page.next_cursor.or(cursor);
+
+    f.unsubscribe(KEY, "c@example.org");
+    let page = c
+        .status_events("newsletter", cursor.as_ref())
+        .await
+        .unwrap();
+    assert_eq!(page.events.len(), 1);
+    assert_eq!(page.events[0].email, "c@example.org");
+    cursor = page.next_cursor.or(cursor);
+    // A removal of an address that was not on the list is no echo to swallow later.
+    c.remove("newsletter", &["e@example.org".into()])
+        .await
+        .unwrap();
+    f.insert_member(KEY, "e@example.org", MemberStatus::Active);
+    f.unsubscribe(KEY, "e@example.org");
+    let page = c
+        .status_events("newsletter", cursor.as_ref())
+        .await
+        .unwrap();
+    assert_eq!(page.events.len(), 1, "{:?}", page.events);
+    assert_eq!(page.events[0].email, "e@example.org");
+    cursor = page.next_cursor.or(cursor);
+    // A new connector (restart) with the stored cursor reports nothing again.
+    let again = connector(&f, "");
+    let page = again
+        .status_events("newsletter", cursor.as_ref())
+        .await
+        .unwrap();
+    assert!(page.events.is_empty(), "{:?}", page.events);
+}
+
+#[tokio::test]
+async fn status_polls_respect_the_interval() {
+    let f = private_fake();
+    let c = connector_with(
+        &f,
+        "status_interval = \"1h\"",
+        &format!("[lists.newsletter]\nlistkey = \"{KEY}\"\n"),
+    );
+    c.subscribe("newsletter", &[sub("a@example.org", "")])
+        .await
+        .unwrap();
+    let first = c.status_events("newsletter", None).await.unwrap();
+    assert!(first.events.is_empty());
+    let calls = f.calls("getlistsubscribers");
+    f.unsubscribe(KEY, "a@example.org");
+    let page = c
+        .status_events("newsletter", first.next_cursor.as_ref())
+        .await
+        .unwrap();
+    assert!(page.events.is_empty() && page.next_cursor.is_none());
+    assert_eq!(
+        f.calls("getlistsubscribers"),
+        calls,
+        "no call before the interval is over"
+    );
+}
+
+#[tokio::test]
+async fn a_burst_larger_than_the_window_never_triggers_the_lock() {
+    // Zoho's shape (a per-minute limit and a 30-minute lock), scaled: 25 calls per second.
+    let f = private_fake();
+    f.set_quota(
+        "listsubscribe",
+        &[(25, Duration::from_secs(1))],
+        Duration::from_secs(60),
+    );
+    let c = Arc::new(connector(&f, "[limits]\nlistsubscribe = [\"25/1s\"]\n"));
+    const N: usize = 110;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let c = Arc::clone(&c);
+            tokio::spawn(async move {
+                c.subscribe("newsletter", &[sub(&format!("p{i}@example.org"), "P")])
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    let elapsed = start.elapsed();
+    assert_eq!(
+        f.locks(),
+        0,
+        "the budget must never let Zoho lock the endpoint"
+    );
+    assert_eq!(f.active(KEY).len(), N);
+    let times = f.accepted_times("listsubscribe");
+    let span = times.last().unwrap().duration_since(times[0]).as_secs_f64();
+    // Best case: 25 calls at once, then 25 more each second: the last goes at (N-1)/25 s.
+    let allowed = 25.0;
+    let ideal = ((N - 1) / 25) as f64;
+    eprintln!(
+        "burst of {N} listsubscribe calls, limit 25/s: wall {:.2} s; first→last call at the fake {span:.2} s \
+         vs {ideal:.2} s for the best schedule = {:.0}% of the allowed rate ({allowed} calls/s); locks: {}",
+        elapsed.as_secs_f64(),
+        100.0 * ideal / span,
+        f.locks()
+    );
+}
+
+#[tokio::test]
+async fn exported_state_carries_budget_and_lock_across_a_restart() {
+    let f = private_fake();
+    f.set_quota(
+        "listsubscribe",
+        &[(10, Duration::from_secs(30))],
+        Duration::from_secs(60),
+    );
+    let extra = "max_wait = \"0s\"\n[limits]\nlistsubscribe = [\"10/30s\"]\n";
+    let first = connector(&f, extra);
+    for i in 0..10 {
+        first
+            .subscribe("newsletter", &[sub(&format!("p{i}@example.org"), "")])
+            .await
+            .unwrap();
+    }
+    assert_eq!(first.budget_usage(Api::ListSubscribe), vec![10]);
+    let state = first.export_state().unwrap();
+    drop(first);
+
+    // Without the state a new instance would call at once and trigger Zoho's lock.
+    let second = connector(&f, extra);
+    second.import_state(&state).unwrap();
+    assert_eq!(second.budget_usage(Api::ListSubscribe), vec![10]);
+    let err = second
+        .subscribe("newsletter", &[sub("late@example.org", "")])
+        .await
+        .unwrap_err();
+    let ConnectorError::Transient {
+        retry_after: Some(wait),
+        ..
+    } = err
+    else {
+        panic!("{err:?}")
+    };
+    assert!(
+        wait > Duration::from_secs(20) && wait <= Duration::from_secs(31),
+        "{wait:?}"
+    );
+    assert_eq!(
+        f.calls("listsubscribe"),
+        10,
+        "the over-budget call was not sent"
+    );
+    assert_eq!(f.locks(), 0);
+
+    // A lock carries over too.
+    f.lock_endpoint("listunsubscribe", Duration::from_secs(600));
+    assert!(
+        second
+            .remove("newsletter", &["p1@example.org".into()])
+            .await
+            .is_err()
+    );
+    let third = connector(&f, extra);
+    third.import_state(&second.export_state().unwrap()).unwrap();
+    let calls = f.calls("listunsubscribe");
+    let err = third
+        .remove("newsletter", &["p1@example.org".into()])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ConnectorError::Transient {
+                retry_after: Some(_),
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(f.calls("listunsubscribe"), calls);
+
+    assert!(third.import_state("{not json").is_err());
+}
+
+#[tokio::test]
+async fn engagement_is_not_available_from_campaigns() {
+    let f = private_fake();
+    let c = connector(&f, "");
+    assert!(
+        c.engagement("newsletter", &["a@example.org".into()])
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}

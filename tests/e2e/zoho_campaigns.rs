@@ -1,0 +1,171 @@
+//! The binary with the local CSV CRM and `.eml` mail, and `kind = "zoho-campaigns"` against the
+//! fake Zoho Campaigns: only confirmed contacts reach the list; unsubscribes and bounces made
+//! inside Campaigns reach the ledger and are never undone by a CRM sync.
+
+use optinsync_testkit::zoho_campaigns::{self as fake, FakeCampaigns, MemberStatus};
+
+use crate::support::*;
+
+const KEY: &str = "2f4e6a8c0b1d3f5a7c9e1b3d5f7a9c1e";
+
+/// The demo set-up with its campaigns section pointed at the fake.
+fn demo_with_fake(f: &FakeCampaigns) -> Demo {
+    let demo = Demo::new();
+    let cfg = std::fs::read_to_string(demo.config()).unwrap();
+    let start = cfg.find("[connectors.campaigns]").unwrap();
+    let end = cfg[start + 1..]
+        .find("\n[")
+        .map(|i| start + 1 + i + 1)
+        .unwrap_or(cfg.len());
+    let section = format!(
+        r#"[connectors.campaigns]
+kind = "zoho-campaigns"
+client_id = "{}"
+client_secret = "{}"
+refresh_token = "{}"
+accounts_url = "{url}"
+campaigns_url = "{url}"
+status_interval = "1s"
+language_field = "Language"
+
+[connectors.campaigns.fields]
+"First Name" = "First_Name"
+"Last Name" = "Last_Name"
+
+[connectors.campaigns.lists.newsletter]
+listkey = "{KEY}"
+doi = "optinsync"
+
+"#,
+        fake::CLIENT_ID,
+        fake::CLIENT_SECRET,
+        fake::REFRESH_TOKEN,
+        url = f.url(),
+    );
+    let cfg = format!("{}{section}{}", &cfg[..start], &cfg[end..]);
+    std::fs::write(demo.config(), cfg).unwrap();
+    demo
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zoho_campaigns_gets_only_confirmed_contacts_and_its_unsubscribes_win() {
+    let f = FakeCampaigns::start();
+    f.add_list(KEY, "Master programmes newsletter", false);
+    let demo = demo_with_fake(&f);
+
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(
+        demo.mails().len(),
+        2,
+        "DOI mails for the two asserted contacts"
+    );
+    assert!(
+        f.members(KEY).is_empty(),
+        "nobody is on the Campaigns list before confirming"
+    );
+    assert_eq!(f.calls("listsubscribe"), 0);
+
+    let daemon = demo.spawn_daemon();
+    let client = http();
+    for who in ["ana.garcia@example.org", "ben.okafor@example.net"] {
+        let link = demo.confirm_link(who);
+        assert_eq!(
+            click_confirm(&client, &link, "e2e-browser/1.0")
+                .await
+                .status(),
+            200
+        );
+    }
+    wait_until(20, "both confirmed contacts on the Zoho list", || {
+        f.active(KEY).len() == 2
+    });
+    assert_eq!(
+        f.active(KEY),
+        vec![
+            "ana.garcia@example.org".to_owned(),
+            "ben.okafor@example.net".to_owned()
+        ]
+    );
+    let ana = f.member(KEY, "ana.garcia@example.org").unwrap();
+    assert_eq!(ana.fields["First Name"], "Ana");
+    assert_eq!(ana.fields["Last Name"], "García");
+    assert_eq!(ana.fields["Language"], "es");
+    assert_eq!(
+        f.confirmation_mails(KEY),
+        0,
+        "Zoho sent no second confirmation"
+    );
+
+    // Ana unsubscribes inside Campaigns: the ledger knows within a poll interval (1 s).
+    f.unsubscribe(KEY, "ana.garcia@example.org");
+    wait_until(10, "the Campaigns unsubscribe in the ledger", || {
+        demo.state("ana.garcia@example.org", "newsletter") == "withdrawn"
+    });
+    let events = demo.event_kinds("ana.garcia@example.org");
+    assert!(
+        events
+            .iter()
+            .any(|k| k.contains("withdrawn") || k.contains("unsub")),
+        "{events:?}"
+    );
+
+    // Ben's address bounces inside Campaigns.
+    f.bounce(KEY, "ben.okafor@example.net");
+    wait_until(10, "the Campaigns bounce in the ledger", || {
+        demo.state("ben.okafor@example.net", "newsletter") == "bounced"
+    });
+
+    // The CRM row is edited (still asserting the list, not opted out): no re-subscription.
+    let subscribes = f.calls("listsubscribe");
+    let csv = std::fs::read_to_string(demo.path("demo/contacts.csv")).unwrap();
+    let edited = csv.replace("1001,Ana,García,", "1001,Ana María,García,");
+    assert_ne!(csv, edited);
+    std::fs::write(demo.path("demo/contacts.csv"), edited).unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    assert_eq!(
+        demo.state("ana.garcia@example.org", "newsletter"),
+        "withdrawn"
+    );
+    assert_eq!(
+        f.member(KEY, "ana.garcia@example.org").unwrap().status,
+        MemberStatus::Unsub,
+        "never re-added"
+    );
+    assert_eq!(
+        f.calls("listsubscribe"),
+        subscribes,
+        "no subscribe call after the withdrawal"
+    );
+    assert_eq!(f.locks(), 0);
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // A later full sync changes nothing either.
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(
+        demo.state("ana.garcia@example.org", "newsletter"),
+        "withdrawn"
+    );
+    assert_eq!(
+        demo.state("ben.okafor@example.net", "newsletter"),
+        "bounced"
+    );
+    assert!(f.active(KEY).is_empty());
+}
+
+#[test]
+fn a_missing_zoho_list_stops_start_up_naming_the_setting() {
+    let f = FakeCampaigns::start();
+    f.add_list("someotherkey", "Another list", false);
+    let demo = demo_with_fake(&f);
+    let out = demo.output(&["sync", "--once"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a missing list is a configuration error"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("connectors.campaigns.lists.newsletter.listkey") && err.contains(KEY),
+        "{err}"
+    );
+}
