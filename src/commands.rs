@@ -48,9 +48,12 @@ async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
 async fn healthchecks(engine: &Engine) -> Result<(), Failure> {
     let c = &engine.connectors;
     let checks = [
-        ("crm", c.crm.health().await),
-        ("campaigns", c.campaigns.health().await),
-        ("mail", c.mail.health().await),
+        ("crm", retry_transient("crm", || c.crm.health()).await),
+        (
+            "campaigns",
+            retry_transient("campaigns", || c.campaigns.health()).await,
+        ),
+        ("mail", retry_transient("mail", || c.mail.health()).await),
     ];
     for (name, result) in checks {
         match result {
@@ -77,8 +80,46 @@ async fn healthchecks(engine: &Engine) -> Result<(), Failure> {
     Ok(())
 }
 
+/// A healthcheck that fails transiently (timeout, 5xx, 429) is asked again, 5 times over about
+/// 8 s, before start-up gives up: a vendor's hiccup should not stop the daemon from starting.
+async fn retry_transient<F, Fut>(
+    name: &str,
+    mut check: F,
+) -> optinsync_plugin_api::ConnectorResult<optinsync_plugin_api::Health>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<
+            Output = optinsync_plugin_api::ConnectorResult<optinsync_plugin_api::Health>,
+        >,
+{
+    let mut wait = Duration::from_millis(500);
+    let mut attempt = 1;
+    loop {
+        match check().await {
+            Err(optinsync_plugin_api::ConnectorError::Transient { message, .. }) if attempt < 5 => {
+                tracing::warn!(connector = name, attempt, error = %message, "healthcheck failed transiently; asking again");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
 fn worker_id() -> String {
     format!("{}-{}", std::process::id(), &uuid_short())
+}
+
+/// This machine's name, to tell this host's outbox claims from other hosts'.
+fn host_name() -> String {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .find_map(|p| std::fs::read_to_string(p).ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 fn uuid_short() -> String {
@@ -150,6 +191,8 @@ pub async fn sync_once(path: &Path) -> Result<(), Failure> {
 pub async fn run(path: &Path) -> Result<(), Failure> {
     let engine = boot(path).await?;
     healthchecks(&engine).await?;
+    // `/readyz` answers 200 only from here on (and while the store and circuits are fine).
+    engine.circuits.set_ready();
     let listen = engine.config.config.server.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -176,11 +219,27 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     {
         let stop = Arc::clone(&stop);
+        let circuits = Arc::clone(&engine.circuits);
+        let grace = engine.config.config.sync.shutdown_grace.0;
         tokio::spawn(async move {
             shutdown_signal().await;
-            tracing::info!("shutdown requested; finishing the current step");
+            tracing::info!(
+                grace_secs = grace.as_secs(),
+                "shutdown requested; finishing the current step"
+            );
+            // `/readyz` turns 503 at once; claimed outbox rows not started yet are handed back.
+            circuits.set_stopping();
             stop.store(true, Ordering::SeqCst);
             let _ = stop_tx.send(true);
+            // The bound: a step stuck on a slow vendor does not hold the shutdown forever.
+            // Whatever is cut short is safe: an uncommitted transaction rolls back, and a
+            // claimed outbox row is retried when its lease ends (`outbox::LEASE`).
+            tokio::time::sleep(grace).await;
+            tracing::error!(
+                grace_secs = grace.as_secs(),
+                "shutdown grace period over; exiting with work unfinished"
+            );
+            std::process::exit(1);
         });
     }
     let server = {
@@ -194,7 +253,22 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
         })
     };
 
-    let worker = worker_id();
+    // While this process holds the listen address, no other process on this host does: claims
+    // tagged with this host and address but another worker id were left by a predecessor that
+    // died (`kill -9`, OOM) between claiming and finishing. Take them back now instead of
+    // waiting out `outbox::LEASE`; claims of other hosts and of `sync --once` are left alone.
+    let instance = format!("{}/{listen}/", host_name());
+    let worker = format!("{instance}{}", worker_id());
+    match engine.store.release_claims(&instance, &worker).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            released = n,
+            "outbox rows claimed by a crashed predecessor taken back"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot take back a predecessor's outbox claims; they wait for their lease")
+        }
+    }
     let poll = engine.config.config.sync.poll_interval.0;
     let mut next_pass = tokio::time::Instant::now();
     let mut rx = stop_rx;
@@ -289,29 +363,9 @@ pub async fn migrate(path: &Path) -> Result<(), Failure> {
 pub async fn ledger_verify(path: &Path) -> Result<(), Failure> {
     let config = load_config(path)?;
     let store = open_store(&config).await?;
-    let mut verifier = ChainVerifier::default();
-    let mut after = 0;
-    let mut head = None;
-    loop {
-        let page = store
-            .ledger_page(after, 1000)
-            .await
-            .context("reading the ledger")?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        for ev in &page {
-            verifier.check(ev).map_err(|e| {
-                Failure::Runtime(anyhow::anyhow!("ledger verification FAILED: {e}"))
-            })?;
-        }
-        head = Some((last.seq, last.hash.clone()));
-    }
-    match head {
-        Some((seq, hash)) => println!(
-            "ledger verified: {} events, head seq {seq} hash {hash}",
-            verifier.checked
-        ),
-        None => println!("ledger verified: empty"),
+    match verify_whole_ledger(store.as_ref()).await? {
+        (0, _, _) => println!("ledger verified: empty"),
+        (n, seq, hash) => println!("ledger verified: {n} events, head seq {seq} hash {hash}"),
     }
     Ok(())
 }
@@ -339,15 +393,8 @@ pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<()
         .await
         .context("reading the ledger")?;
     if json {
-        let value = serde_json::json!({
-            "contact": contact,
-            "consents": consents.iter().map(|(list, c)| serde_json::json!({ "list": list, "consent": c })).collect::<Vec<_>>(),
-            "events": events.iter().map(|e| {
-                let mut v = serde_json::to_value(e).unwrap_or_default();
-                v["evidence"] = serde_json::from_str(&e.evidence).unwrap_or_default();
-                v
-            }).collect::<Vec<_>>(),
-        });
+        // The same JSON as the admin API's `GET /admin/contacts/{email}`.
+        let value = optinsync_engine::admin::contact_json(&contact, &consents, &events);
         println!(
             "{}",
             serde_json::to_string_pretty(&value).context("formatting JSON")?
@@ -642,30 +689,12 @@ pub async fn status(path: &Path, json: bool) -> Result<(), Failure> {
     let store = open_store(&config).await?;
     let summary = store.consent_summary().await.context("reading consent")?;
     let outbox = store.outbox_counts().await.context("reading the outbox")?;
-    let now = chrono::Utc::now();
     // Open signups settle by the end of their list's pending window (asserted ones are about
     // to be asked, so their window starts now).
-    let mut forecast = std::collections::BTreeMap::new();
-    for row in &summary {
-        let Some(list) = config.list(&row.list_id) else {
-            continue;
-        };
-        let window = chrono::Duration::seconds(list.pending_expiry.secs());
-        let end = match row.state.as_str() {
-            "pending" => Some(row.newest_since + window),
-            "asserted" => Some(now + window),
-            "revalidating" => {
-                Some(row.newest_since + chrono::Duration::seconds(list.revalidation_grace.secs()))
-            }
-            _ => None,
-        };
-        if let Some(end) = end {
-            let e = forecast.entry(row.list_id.clone()).or_insert(end);
-            *e = (*e).max(end);
-        }
-    }
+    let forecast = optinsync_engine::admin::settled_by(&config, &summary, chrono::Utc::now());
     if json {
-        let v = serde_json::json!({ "consent": summary, "outbox": outbox, "settled_by": forecast });
+        // The same JSON as the admin API's `GET /admin/status`.
+        let v = optinsync_engine::admin::status_json(&summary, &outbox, &forecast);
         println!(
             "{}",
             serde_json::to_string_pretty(&v).context("formatting JSON")?
@@ -691,6 +720,316 @@ pub async fn status(path: &Path, json: bool) -> Result<(), Failure> {
     println!(
         "outbox: {} pending, {} done, {} dead letters",
         outbox.pending, outbox.done, outbox.dead
+    );
+    Ok(())
+}
+
+pub async fn outbox_failed(path: &Path, json: bool) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let store = open_store(&config).await?;
+    let dead = store.outbox_dead().await.context("reading dead letters")?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&dead).context("formatting JSON")?
+        );
+        return Ok(());
+    }
+    if dead.is_empty() {
+        println!("no dead letters");
+        return Ok(());
+    }
+    println!(
+        "{:>6}  {:<20} {:<12} {:>8}  reason",
+        "id", "kind", "list", "attempts"
+    );
+    for d in &dead {
+        println!(
+            "{:>6}  {:<20} {:<12} {:>8}  {}",
+            d.id,
+            d.kind,
+            d.list_id,
+            d.attempts,
+            d.last_error.as_deref().unwrap_or("-")
+        );
+    }
+    println!(
+        "{} dead letter(s); `optinsync outbox retry ID...` queues them again, `optinsync outbox drop ID...` gives up",
+        dead.len()
+    );
+    Ok(())
+}
+
+pub async fn outbox_retry(path: &Path, ids: &[i64], all: bool) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let store = open_store(&config).await?;
+    let ids: Vec<i64> = if all {
+        store
+            .outbox_dead()
+            .await
+            .context("reading dead letters")?
+            .iter()
+            .map(|d| d.id)
+            .collect()
+    } else if ids.is_empty() {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "name the outbox ids to retry, or pass --all"
+        )));
+    } else {
+        ids.to_vec()
+    };
+    let mut missing = Vec::new();
+    for id in &ids {
+        if !store
+            .retry_dead(*id, chrono::Utc::now())
+            .await
+            .context("queueing again")?
+        {
+            missing.push(*id);
+        }
+    }
+    println!("{} dead letter(s) queued again", ids.len() - missing.len());
+    if !missing.is_empty() {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "not dead letters (unknown or not failed): {missing:?}"
+        )));
+    }
+    Ok(())
+}
+
+pub async fn outbox_drop(path: &Path, ids: &[i64], force: bool) -> Result<(), Failure> {
+    if ids.is_empty() {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "name the outbox ids to drop"
+        )));
+    }
+    let config = load_config(path)?;
+    let store = open_store(&config).await?;
+    let dead: std::collections::BTreeMap<i64, String> = store
+        .outbox_dead()
+        .await
+        .context("reading dead letters")?
+        .into_iter()
+        .map(|d| (d.id, d.kind))
+        .collect();
+    let mut refused = Vec::new();
+    let mut missing = Vec::new();
+    let mut dropped = 0;
+    for id in ids {
+        match dead.get(id).map(String::as_str) {
+            None => missing.push(*id),
+            // Dropping a removal leaves a withdrawn address on the marketing list.
+            Some("campaigns_remove") if !force => refused.push(*id),
+            Some(_) => {
+                if store
+                    .drop_dead(*id, chrono::Utc::now())
+                    .await
+                    .context("dropping")?
+                {
+                    dropped += 1;
+                }
+            }
+        }
+    }
+    println!("{dropped} dead letter(s) dropped");
+    if !refused.is_empty() {
+        return Err(Failure::Config(anyhow::anyhow!(
+            "refused to drop removals {refused:?}: the address would stay on the campaigns list; fix the cause and `retry`, or pass --force"
+        )));
+    }
+    if !missing.is_empty() {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "not dead letters (unknown or not failed): {missing:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// Verify the whole chain; `(events, head seq, head hash)`.
+async fn verify_whole_ledger(store: &dyn Store) -> Result<(u64, i64, String), Failure> {
+    let mut verifier = ChainVerifier::default();
+    let (mut after, mut head) = (0, (0, optinsync_engine::ledger::GENESIS_HASH.to_owned()));
+    loop {
+        let page = store
+            .ledger_page(after, 1000)
+            .await
+            .context("reading the ledger")?;
+        let Some(last) = page.last() else { break };
+        after = last.seq;
+        for ev in &page {
+            verifier.check(ev).map_err(|e| {
+                Failure::Runtime(anyhow::anyhow!("ledger verification FAILED: {e}"))
+            })?;
+        }
+        head = (last.seq, last.hash.clone());
+    }
+    let checked = verifier
+        .finish()
+        .map_err(|e| Failure::Runtime(anyhow::anyhow!("ledger verification FAILED: {e}")))?;
+    Ok((checked, head.0, head.1))
+}
+
+pub async fn evidence_export(path: &Path, raw_email: &str, json: bool) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let address = email::normalise(raw_email)
+        .map_err(|e| Failure::Config(anyhow::anyhow!("`{raw_email}`: {e}")))?;
+    let store = open_store(&config).await?;
+    let Some(contact) = store
+        .contact_by_email(&address)
+        .await
+        .context("looking up the contact")?
+    else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "no contact with address {address}"
+        )));
+    };
+    // The bundle is only worth anything if the ledger it quotes is intact.
+    let (checked, head_seq, head_hash) = verify_whole_ledger(store.as_ref()).await?;
+    let consents = store
+        .consents_of_contact(&contact.id)
+        .await
+        .context("reading consent")?;
+    let events = store
+        .events_of_contact(&contact.id)
+        .await
+        .context("reading the ledger")?;
+    let mut texts = std::collections::BTreeMap::new();
+    for e in &events {
+        let ev = e.evidence();
+        for hash in [ev.content_hash, ev.mail_content_hash]
+            .into_iter()
+            .flatten()
+        {
+            if texts.contains_key(&hash) {
+                continue;
+            }
+            if let Some(snap) = store
+                .snapshot(&hash)
+                .await
+                .context("reading text snapshots")?
+            {
+                texts.insert(hash, snap);
+            }
+        }
+    }
+    let bundle = serde_json::json!({
+        "generated_at": chrono::Utc::now(),
+        "subject": { "contact_id": contact.id, "email": contact.email, "crm_records": contact.crm_records },
+        "consent": consents.iter().map(|(list, c)| serde_json::json!({ "list": list, "state": c.state, "since": c.since, "confirmed_at": c.confirmed_at })).collect::<Vec<_>>(),
+        "events": events.iter().map(|e| {
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            v["evidence"] = serde_json::from_str(&e.evidence).unwrap_or_default();
+            v
+        }).collect::<Vec<_>>(),
+        "texts": texts,
+        "ledger": { "verified": true, "events_checked": checked, "head_seq": head_seq, "head_hash": head_hash,
+                    "how_to_check": "each event's hash is SHA-256 over its length-prefixed fields and the previous hash (engine/src/ledger.rs); `optinsync ledger verify` recomputes the chain" },
+    });
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&bundle).context("formatting JSON")?
+        );
+        return Ok(());
+    }
+    println!(
+        "Evidence of consent for {} (contact {})",
+        contact.email, contact.id
+    );
+    println!("Ledger verified: {checked} events, head seq {head_seq} hash {head_hash}");
+    for (list, c) in &consents {
+        let confirmed = c
+            .confirmed_at
+            .map(|t| format!(", confirmed {}", t.to_rfc3339()))
+            .unwrap_or_default();
+        println!(
+            "List {list}: {} since {}{confirmed}",
+            c.state.as_str(),
+            c.since.to_rfc3339()
+        );
+    }
+    for e in &events {
+        let ev = e.evidence();
+        println!(
+            "\n#{} {}  {}: {} -> {} ({}) by {}",
+            e.seq, e.at, e.list_id, e.from_state, e.to_state, e.kind, e.source
+        );
+        println!("   event hash {}", e.hash);
+        for (name, v) in [
+            ("reason", ev.reason),
+            ("IP", ev.ip),
+            ("user agent", ev.user_agent),
+            ("HTTP method", ev.method),
+            ("token", ev.token_id),
+            ("Message-ID", ev.message_id),
+            ("text shown (sha256)", ev.content_hash),
+            ("mail text (sha256)", ev.mail_content_hash),
+            (
+                "rule",
+                ev.rule_file
+                    .map(|f| format!("{f} sha256 {}", ev.rule_hash.unwrap_or_default())),
+            ),
+            ("CRM record", ev.crm_record),
+            ("detail", ev.detail),
+        ] {
+            if let Some(v) = v {
+                println!("   {name}: {v}");
+            }
+        }
+    }
+    if !texts.is_empty() {
+        println!("\nTexts shown (stored snapshots, by hash):");
+        for (hash, snap) in &texts {
+            println!(
+                "--- {} [{} {}] sha256 {hash}",
+                snap.kind,
+                snap.language,
+                snap.created_at.to_rfc3339()
+            );
+            println!("{}", snap.content);
+        }
+    }
+    Ok(())
+}
+
+pub async fn erase(path: &Path, raw_email: &str) -> Result<(), Failure> {
+    let address = email::normalise(raw_email)
+        .map_err(|e| Failure::Config(anyhow::anyhow!("`{raw_email}`: {e}")))?;
+    let engine = boot(path).await?;
+    let Some(contact) = engine
+        .store
+        .contact_by_email(&address)
+        .await
+        .context("looking up the contact")?
+    else {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "no contact with address {address}"
+        )));
+    };
+    let report = engine.erase(&contact).await.context("erasing")?;
+    // Queue the removals now rather than at the next daemon pass (legal deadline).
+    let delivered = engine
+        .drain_outbox(&worker_id())
+        .await
+        .context("delivering removals")?;
+    println!(
+        "erased contact {}: withdrawn and suppressed on {} list(s), evidence removed from {} ledger event(s), {} finished outbox row(s) scrubbed, {} removal(s) delivered{}",
+        contact.id,
+        report.lists,
+        report.store.redacted_events,
+        report.store.scrubbed_outbox_rows,
+        delivered.done,
+        if report.store.legacy_events > 0 {
+            format!(
+                "; {} event(s) recorded before evidence digests existed keep their evidence (removing it would break the chain)",
+                report.store.legacy_events
+            )
+        } else {
+            String::new()
+        }
+    );
+    println!(
+        "the address stays only as a keyed hash on the suppression list, so it is never mailed again"
     );
     Ok(())
 }

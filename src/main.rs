@@ -44,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         command: ContactCommand,
     },
+    /// The proof bundle for one person.
+    Evidence {
+        #[command(subcommand)]
+        command: EvidenceCommand,
+    },
     /// Check the consent ledger.
     Ledger {
         #[command(subcommand)]
@@ -51,6 +56,9 @@ enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// GDPR erasure: withdraw and suppress the address everywhere, then remove its personal
+    /// data; the ledger keeps the events (and verifies), not the evidence.
+    Erase { email: String },
     /// Consent per list and state, the outbox, and when open signups settle.
     Status {
         #[arg(long)]
@@ -61,10 +69,49 @@ enum Command {
         #[command(subcommand)]
         command: CampaignCommand,
     },
+    /// Dead letters: effects that failed for good.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
     /// Check, test and simulate rule scripts.
     Rules {
         #[command(subcommand)]
         command: RulesCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum EvidenceCommand {
+    /// Every consent event with its evidence, the exact texts the person was shown, and the
+    /// ledger verification that vouches for them.
+    Export {
+        email: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCommand {
+    /// List dead letters with their reason.
+    Failed {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue dead letters again (after fixing the cause).
+    Retry {
+        /// Outbox ids; or `--all`.
+        ids: Vec<i64>,
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+    },
+    /// Give up on dead letters for good.
+    Drop {
+        ids: Vec<i64>,
+        /// Also drop removals from a campaigns list (leaves the address on the list: a legal risk).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -173,7 +220,20 @@ fn main() -> ExitCode {
                 command: LedgerCommand::Verify,
             } => commands::ledger_verify(&cli.config).await,
             Command::Migrate => commands::migrate(&cli.config).await,
+            Command::Erase { email } => commands::erase(&cli.config, &email).await,
             Command::Status { json } => commands::status(&cli.config, json).await,
+            Command::Evidence {
+                command: EvidenceCommand::Export { email, json },
+            } => commands::evidence_export(&cli.config, &email, json).await,
+            Command::Outbox {
+                command: OutboxCommand::Failed { json },
+            } => commands::outbox_failed(&cli.config, json).await,
+            Command::Outbox {
+                command: OutboxCommand::Retry { ids, all },
+            } => commands::outbox_retry(&cli.config, &ids, all).await,
+            Command::Outbox {
+                command: OutboxCommand::Drop { ids, force },
+            } => commands::outbox_drop(&cli.config, &ids, force).await,
             Command::Campaign {
                 command: CampaignCommand::ImportExisting { list },
             } => commands::import_existing(&cli.config, &list).await,

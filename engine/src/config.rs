@@ -42,6 +42,9 @@ pub enum ConfigError {
 pub struct HumanDuration(pub Duration);
 
 impl HumanDuration {
+    /// The longest duration accepted: 1000 years.
+    pub const MAX_SECS: u64 = 1000 * 366 * 86_400;
+
     pub fn parse(s: &str) -> Result<Self, String> {
         let s = s.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
@@ -49,18 +52,24 @@ impl HumanDuration {
         let n: u64 = num.parse().map_err(|_| {
             format!("`{s}` is not a duration like \"30s\", \"10m\", \"3h\", \"14d\"")
         })?;
-        let secs = match unit.trim() {
-            "s" => n,
-            "m" => n * 60,
-            "h" => n * 3600,
-            "d" => n * 86_400,
-            "w" => n * 7 * 86_400,
+        let factor: u64 = match unit.trim() {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3600,
+            "d" => 86_400,
+            "w" => 7 * 86_400,
             other => {
                 return Err(format!(
                     "unknown duration unit `{other}` in `{s}` (use s, m, h, d or w)"
                 ));
             }
         };
+        // Bounded so that every date computed from it stays representable (windows are
+        // added to timestamps; `99999999999999999w` overflowed).
+        let secs = n
+            .checked_mul(factor)
+            .filter(|secs| *secs <= Self::MAX_SECS)
+            .ok_or_else(|| format!("`{s}` is longer than 1000 years"))?;
         Ok(Self(Duration::from_secs(secs)))
     }
 
@@ -93,13 +102,92 @@ pub struct Config {
     pub templates: TemplatesConfig,
     pub connectors: ConnectorsConfig,
     pub lists: Vec<ListConfig>,
+    #[serde(default)]
+    pub admin: AdminConfig,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// `[admin]`: the admin JSON API (`/admin/...`, see [`crate::admin`]).
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Bearer token the admin API requires; unset = the admin API is off (404). At least 32
+    /// characters; may be `"${VAR}"`.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("token", &self.token.as_ref().map(|_| REDACTED))
+            .finish()
+    }
+}
+
+/// What `Debug` prints instead of a secret (config structs end up in logs and panics).
+pub const REDACTED: &str = "<redacted>";
+
+/// `postgres://user:password@host/db` → `postgres://user:<redacted>@host/db`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:{REDACTED}@{host}{tail}"),
+        None => url.to_owned(),
+    }
+}
+
+/// Connector setting names whose values are secrets (matched case-insensitively, by part).
+fn is_secret_key(key: &str) -> bool {
+    let k = key.to_ascii_lowercase();
+    [
+        "secret",
+        "password",
+        "token",
+        "passwd",
+        "private",
+        "credential",
+        "api_key",
+        "apikey",
+    ]
+    .iter()
+    .any(|s| k.contains(s))
+}
+
+fn redact_table(t: &toml::Table) -> toml::Table {
+    t.iter()
+        .map(|(k, v)| {
+            let v = match v {
+                toml::Value::Table(inner) => toml::Value::Table(redact_table(inner)),
+                _ if is_secret_key(k) => toml::Value::String(REDACTED.into()),
+                other => other.clone(),
+            };
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
     /// `sqlite://PATH` (relative to the config file) or `postgres://...`; may be `"${VAR}"`.
     pub url: String,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &redact_url(&self.url))
+            .finish()
+    }
 }
 
 impl Default for StoreConfig {
@@ -156,7 +244,7 @@ impl Default for ServerConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// HMAC key for links; at least 32 characters; may be `"${VAR}"`.
@@ -170,11 +258,31 @@ pub struct TokenConfig {
     pub confirm_ttl: HumanDuration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PreviousKey {
     pub key_id: String,
     pub secret: String,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("secret", &REDACTED)
+            .field("key_id", &self.key_id)
+            .field("previous", &self.previous)
+            .field("confirm_ttl", &self.confirm_ttl)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for PreviousKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreviousKey")
+            .field("key_id", &self.key_id)
+            .field("secret", &REDACTED)
+            .finish()
+    }
 }
 
 fn default_key_id() -> String {
@@ -210,6 +318,36 @@ pub struct SyncConfig {
     /// Outbox attempts before a row becomes a dead letter.
     #[serde(default = "default_max_attempts")]
     pub max_attempts: i32,
+    /// First outbox retry delay; doubles per attempt, ±20 % jitter, capped at `retry_cap`.
+    #[serde(default = "default_retry_base")]
+    pub retry_base: HumanDuration,
+    #[serde(default = "default_retry_cap")]
+    pub retry_cap: HumanDuration,
+    /// Consecutive transient failures of one connector that open its circuit.
+    #[serde(default = "default_circuit_threshold")]
+    pub circuit_threshold: u32,
+    /// How long an open circuit pauses its connector before one probe is let through.
+    #[serde(default = "default_circuit_cooldown")]
+    pub circuit_cooldown: HumanDuration,
+    /// After SIGTERM, how long running work may take before the daemon exits anyway.
+    #[serde(default = "default_shutdown_grace")]
+    pub shutdown_grace: HumanDuration,
+}
+
+fn default_retry_base() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+fn default_retry_cap() -> HumanDuration {
+    HumanDuration(Duration::from_secs(3600))
+}
+fn default_circuit_threshold() -> u32 {
+    5
+}
+fn default_circuit_cooldown() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+fn default_shutdown_grace() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
 }
 
 fn default_poll() -> HumanDuration {
@@ -228,6 +366,11 @@ impl Default for SyncConfig {
             poll_interval: default_poll(),
             page_size: default_page_size(),
             max_attempts: default_max_attempts(),
+            retry_base: default_retry_base(),
+            retry_cap: default_retry_cap(),
+            circuit_threshold: default_circuit_threshold(),
+            circuit_cooldown: default_circuit_cooldown(),
+            shutdown_grace: default_shutdown_grace(),
         }
     }
 }
@@ -268,11 +411,22 @@ pub struct ConnectorsConfig {
 }
 
 /// `kind` picks the connector; the other keys are its settings, checked by the connector.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct ConnectorSection {
     pub kind: String,
     #[serde(flatten)]
     pub settings: toml::Table,
+}
+
+impl std::fmt::Debug for ConnectorSection {
+    /// Settings named like secrets (`client_secret`, `refresh_token`, `password`, ...) print
+    /// as `<redacted>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectorSection")
+            .field("kind", &self.kind)
+            .field("settings", &redact_table(&self.settings))
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -326,7 +480,7 @@ impl ListConfig {
 }
 
 /// A parsed, validated config with what is needed to report errors in it later.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct LoadedConfig {
     pub config: Config,
     /// The mail and page templates, loaded and checked with the configuration.
@@ -334,6 +488,17 @@ pub struct LoadedConfig {
     pub path: PathBuf,
     pub base_dir: PathBuf,
     pub source: String,
+}
+
+impl std::fmt::Debug for LoadedConfig {
+    /// The source text may hold secrets written inline; it is not printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedConfig")
+            .field("config", &self.config)
+            .field("path", &self.path)
+            .field("base_dir", &self.base_dir)
+            .finish_non_exhaustive()
+    }
 }
 
 impl LoadedConfig {
@@ -386,6 +551,15 @@ impl LoadedConfig {
         }
         for (i, k) in config.tokens.previous.iter_mut().enumerate() {
             k.secret = resolve_env(&k.secret, &format!("tokens.previous[{i}].secret"), path)?;
+        }
+        if let Some(token) = config.admin.token.as_mut() {
+            *token = resolve_env(token, "admin.token", path)?;
+            if token.len() < 32 {
+                return Err(invalid(
+                    "admin.token",
+                    "must be at least 32 characters".into(),
+                ));
+            }
         }
         if config.rules.dir.is_relative() {
             config.rules.dir = base_dir.join(&config.rules.dir);
@@ -625,7 +799,68 @@ reminder_after = "30s"
             Ok(14 * 86_400)
         );
         assert!(HumanDuration::parse("3 fortnights").is_err());
+        // Regression (fuzzing): overflow in the unit multiplication, and durations too long
+        // to add to a date.
+        assert!(HumanDuration::parse("99999999999999999w").is_err());
+        assert!(HumanDuration::parse("18446744073709551615s").is_err());
+        assert!(HumanDuration::parse("100000000d").is_err());
+        assert_eq!(
+            HumanDuration::parse("1000w").map(|d| d.secs()),
+            Ok(1000 * 7 * 86_400)
+        );
         assert!(HumanDuration::parse("").is_err());
+    }
+
+    #[test]
+    fn debug_never_prints_secrets() {
+        let src = MINIMAL
+            .replace(
+                "path = \"c.csv\"",
+                "path = \"c.csv\"\nclient_secret = \"zoho-client-secret-value\"\nrefresh_token = \"1000.refresh.token\"\n[connectors.crm.webhook]\ntoken = \"channel-token-value\"",
+            )
+            .replace(
+                "dir = \"mail\"",
+                "dir = \"mail\"\npassword = \"smtp-password-value\"",
+            )
+            .replace(
+                "[tokens]",
+                "[admin]\ntoken = \"admin-token-admin-token-admin-token\"\n\n[store]\nurl = \"postgres://app:db-password-value@127.0.0.1/o\"\n\n[tokens]\nprevious = [{ key_id = \"k0\", secret = \"previous-secret-value\" }]",
+            );
+        let c = LoadedConfig::from_str(&src, Path::new("c.toml")).expect("valid");
+        let printed = format!("{c:?} {:?}", c.config);
+        for secret in [
+            "0123456789abcdef0123456789abcdef",
+            "zoho-client-secret-value",
+            "1000.refresh.token",
+            "channel-token-value",
+            "smtp-password-value",
+            "admin-token-admin-token-admin-token",
+            "db-password-value",
+            "previous-secret-value",
+        ] {
+            assert!(!printed.contains(secret), "{secret} printed: {printed}");
+        }
+        assert!(printed.contains(REDACTED));
+        // What is not secret still shows.
+        assert!(printed.contains("c.csv") && printed.contains("app:") && printed.contains("k0"));
+    }
+
+    #[test]
+    fn redact_url_keeps_what_is_not_secret() {
+        assert_eq!(
+            redact_url("postgres://u:p@h:5432/db?x=1"),
+            "postgres://u:<redacted>@h:5432/db?x=1"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("sqlite://var/o.db"), "sqlite://var/o.db");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn short_admin_token_refused() {
+        let src = MINIMAL.replace("[tokens]", "[admin]\ntoken = \"short\"\n\n[tokens]");
+        let err = LoadedConfig::from_str(&src, Path::new("c.toml")).expect_err("short token");
+        assert!(err.to_string().contains("admin.token"), "{err}");
     }
 
     #[test]

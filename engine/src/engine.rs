@@ -85,6 +85,8 @@ pub struct Engine {
     /// Signalled after a commit that queued outbox work, so the daemon delivers at once
     /// instead of at its next tick (a confirmation mail should not wait for a poll).
     pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// Per-connector circuit breakers and the readiness flags (`/readyz`).
+    pub circuits: Arc<crate::circuit::Circuits>,
 }
 
 impl Engine {
@@ -101,6 +103,10 @@ impl Engine {
             .map(|k| (k.key_id.clone(), k.secret.as_bytes().to_vec()))
             .collect();
         let tokens = TokenKeys::new(&t.key_id, t.secret.as_bytes(), previous);
+        let circuits = Arc::new(crate::circuit::Circuits::new(
+            config.config.sync.circuit_threshold,
+            config.config.sync.circuit_cooldown.0,
+        ));
         Self {
             config,
             store,
@@ -108,6 +114,7 @@ impl Engine {
             tokens,
             rules: RwLock::new(Arc::new(rules)),
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
+            circuits,
         }
     }
 
@@ -153,7 +160,10 @@ impl Engine {
                 .await?
                 .unwrap_or_else(|| Consent::new(now));
             let cx = consent::Context {
-                suppressed: self.store.is_suppressed(&address_hash).await?,
+                suppressed: self
+                    .store
+                    .is_any_suppressed(&self.tokens.address_hashes(&contact.email))
+                    .await?,
             };
             let limits = consent::Limits {
                 max_reminders: list.max_reminders,
@@ -693,5 +703,41 @@ impl Engine {
                 .await?;
         }
         Ok(())
+    }
+}
+
+/// What [`Engine::erase`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct EraseReport {
+    pub lists: u64,
+    pub store: crate::store::Erasure,
+}
+
+impl Engine {
+    /// GDPR erasure (Art. 17): withdraw and suppress the address on every list (removals are
+    /// queued with legal priority), then remove the personal data: the ledger keeps its events
+    /// — that consent was given and withdrawn — but not the evidence text, and the contact keeps
+    /// only a keyed hash of its address, so it stays suppressed.
+    pub async fn erase(&self, contact: &Contact) -> EngineResult<EraseReport> {
+        let mut report = EraseReport::default();
+        for list in self.lists() {
+            let evidence = Evidence {
+                reason: Some("erasure requested (GDPR Art. 17)".into()),
+                ..Evidence::default()
+            };
+            if let Applied::Changed(_) = self
+                .apply(contact, list, Input::Erase, "cli", evidence)
+                .await?
+            {
+                report.lists += 1;
+            }
+        }
+        let hash = self.tokens.address_hash(&contact.email);
+        report.store = self
+            .store
+            .erase_contact(&contact.id, &hash, Utc::now())
+            .await?;
+        tracing::info!(contact_id = %contact.id, redacted = report.store.redacted_events, "contact erased");
+        Ok(report)
     }
 }

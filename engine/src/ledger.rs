@@ -10,6 +10,14 @@ use sha2::{Digest, Sha256};
 
 use crate::consent::ConsentState;
 
+/// What GDPR erasure leaves in place of an event's evidence. The event's hash covers a digest
+/// of the evidence, not the text, so the chain still verifies after the text is gone.
+pub const REDACTED_EVIDENCE: &str = r#"{"erased":true}"#;
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
 /// Hash that stands before the first event.
 pub const GENESIS_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -85,9 +93,11 @@ impl NewEvent {
             to_state: self.to_state.as_str().to_owned(),
             source: self.source.clone(),
             evidence: self.evidence.to_json(),
+            evidence_sha256: None,
             prev_hash: prev_hash.to_owned(),
             hash: String::new(),
         };
+        ev.evidence_sha256 = Some(sha256_hex(&ev.evidence));
         ev.hash = ev.compute_hash();
         ev
     }
@@ -105,8 +115,12 @@ pub struct LedgerEvent {
     pub from_state: String,
     pub to_state: String,
     pub source: String,
-    /// Evidence JSON text.
+    /// Evidence JSON text ([`REDACTED_EVIDENCE`] after erasure).
     pub evidence: String,
+    /// SHA-256 of the evidence as sealed. `None` only for events sealed before this field
+    /// existed: their hash covers the evidence text itself, so they cannot be redacted.
+    #[serde(default)]
+    pub evidence_sha256: Option<String>,
     pub prev_hash: String,
     pub hash: String,
 }
@@ -114,6 +128,12 @@ pub struct LedgerEvent {
 impl LedgerEvent {
     pub fn compute_hash(&self) -> String {
         let mut h = Sha256::new();
+        // The evidence enters through its digest (so erasure can remove the text); events from
+        // before the digest existed hash the text. JSON text never starts with `sha256:`.
+        let evidence = match &self.evidence_sha256 {
+            Some(d) => format!("sha256:{d}"),
+            None => self.evidence.clone(),
+        };
         // Length-prefix every field so no two different events serialise alike.
         for field in [
             self.seq.to_string().as_str(),
@@ -125,7 +145,7 @@ impl LedgerEvent {
             &self.from_state,
             &self.to_state,
             &self.source,
-            &self.evidence,
+            &evidence,
             &self.prev_hash,
         ] {
             h.update((field.len() as u64).to_be_bytes());
@@ -156,6 +176,14 @@ pub enum ChainError {
     Broken { seq: i64, event_id: String },
     #[error("ledger sequence gap: expected seq {expected}, found {found} (events deleted)")]
     Gap { expected: i64, found: i64 },
+    #[error(
+        "ledger event seq {seq} (id {event_id}) has its evidence removed, but contact {contact_id} was never erased"
+    )]
+    UnexplainedRedaction {
+        seq: i64,
+        event_id: String,
+        contact_id: String,
+    },
 }
 
 /// Incremental verifier: feed events in `seq` order.
@@ -164,6 +192,9 @@ pub struct ChainVerifier {
     expected_seq: i64,
     prev_hash: String,
     pub checked: u64,
+    /// First redacted event per contact, to be explained by an `erased` event.
+    redacted: std::collections::BTreeMap<String, (i64, String)>,
+    erased: std::collections::BTreeSet<String>,
 }
 
 impl Default for ChainVerifier {
@@ -172,6 +203,8 @@ impl Default for ChainVerifier {
             expected_seq: 1,
             prev_hash: GENESIS_HASH.to_owned(),
             checked: 0,
+            redacted: Default::default(),
+            erased: Default::default(),
         }
     }
 }
@@ -196,10 +229,41 @@ impl ChainVerifier {
                 event_id: ev.event_id.clone(),
             });
         }
+        if let Some(digest) = &ev.evidence_sha256 {
+            if ev.evidence == REDACTED_EVIDENCE {
+                self.redacted
+                    .entry(ev.contact_id.clone())
+                    .or_insert((ev.seq, ev.event_id.clone()));
+            } else if sha256_hex(&ev.evidence) != *digest {
+                return Err(ChainError::Altered {
+                    seq: ev.seq,
+                    event_id: ev.event_id.clone(),
+                });
+            }
+        }
+        if ev.kind == "erased" {
+            self.erased.insert(ev.contact_id.clone());
+        }
         self.prev_hash = ev.hash.clone();
         self.expected_seq += 1;
         self.checked += 1;
         Ok(())
+    }
+}
+
+impl ChainVerifier {
+    /// After the last event: every redacted event must belong to an erased contact.
+    pub fn finish(&self) -> Result<u64, ChainError> {
+        for (contact_id, (seq, event_id)) in &self.redacted {
+            if !self.erased.contains(contact_id) {
+                return Err(ChainError::UnexplainedRedaction {
+                    seq: *seq,
+                    event_id: event_id.clone(),
+                    contact_id: contact_id.clone(),
+                });
+            }
+        }
+        Ok(self.checked)
     }
 }
 
@@ -211,7 +275,7 @@ pub fn verify_chain<'a>(
     for ev in events {
         v.check(ev)?;
     }
-    Ok(v.checked)
+    v.finish()
 }
 
 #[cfg(test)]
@@ -286,5 +350,50 @@ mod tests {
                 found: 3
             })
         );
+    }
+
+    #[test]
+    fn redaction_keeps_the_chain_only_for_erased_contacts() {
+        let mut c = chain(4);
+        c[1].evidence = REDACTED_EVIDENCE.into();
+        assert_eq!(
+            verify_chain(&c),
+            Err(ChainError::UnexplainedRedaction {
+                seq: 2,
+                event_id: "e1".into(),
+                contact_id: "c1".into()
+            }),
+            "removing evidence without an erasure is tampering"
+        );
+        let erased = NewEvent {
+            event_id: "e-erase".into(),
+            at: Utc::now(),
+            contact_id: "c1".into(),
+            list_id: "news".into(),
+            kind: "erased".into(),
+            from_state: ConsentState::Asserted,
+            to_state: ConsentState::Erased,
+            source: "cli".into(),
+            evidence: Evidence::default(),
+        }
+        .seal(5, &c[3].hash);
+        c.push(erased);
+        assert_eq!(verify_chain(&c), Ok(5));
+    }
+
+    #[test]
+    fn legacy_events_hash_their_evidence_text() {
+        let mut c = chain(2);
+        // An event sealed before evidence digests existed.
+        c[0].evidence_sha256 = None;
+        c[0].hash = c[0].compute_hash();
+        c[1].prev_hash = c[0].hash.clone();
+        c[1].hash = c[1].compute_hash();
+        assert_eq!(verify_chain(&c), Ok(2));
+        c[0].evidence = r#"{"reason":"forged"}"#.into();
+        assert!(matches!(
+            verify_chain(&c),
+            Err(ChainError::Altered { seq: 1, .. })
+        ));
     }
 }

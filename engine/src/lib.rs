@@ -1,4 +1,6 @@
 //! optinsync engine: consent state machine, ledger, store, rules host, outbox and HTTP.
+pub mod admin;
+pub mod circuit;
 pub mod config;
 pub mod consent;
 pub mod email;

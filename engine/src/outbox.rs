@@ -3,7 +3,9 @@
 //! A row is claimed under a lease, delivered, and finished in one transaction with any ledger
 //! event it produces (e.g. `mail_sent` with the Message-ID). Temporary failures retry with
 //! capped, jittered exponential backoff; permanent ones become dead letters. A crash leaves
-//! the row claimed until its lease ends, then another worker (or the restarted one) takes it.
+//! the row claimed until its lease ends, then another worker takes it; a `run` daemon
+//! restarted on the same host and listen address takes its predecessor's claims back at once
+//! (`Store::release_claims`).
 //!
 //! Delivery guarantee: at-least-once. A mail is sent twice only if the process dies after the
 //! transport accepted it and before the finish commits; transports that deduplicate on the
@@ -34,14 +36,32 @@ pub struct DeliverStats {
     pub done: u64,
     pub retried: u64,
     pub dead: u64,
+    /// Not attempted: the connector's circuit is open, or the daemon is stopping.
+    pub postponed: u64,
 }
 
 /// Backoff before attempt `attempts + 1`: 5 s doubling, capped at 1 h, ±20 % jitter.
 pub fn backoff(attempts: i32) -> Duration {
-    let exp = u32::try_from(attempts.clamp(1, 20) - 1).unwrap_or(0);
-    let base = 5u64.saturating_mul(2u64.saturating_pow(exp)).min(3600);
+    backoff_with(Duration::from_secs(5), Duration::from_secs(3600), attempts)
+}
+
+/// Backoff before attempt `attempts + 1`: `base` doubling, ±20 % jitter (so that rows that
+/// failed together do not retry together), never more than `cap`.
+pub fn backoff_with(base: Duration, cap: Duration, attempts: i32) -> Duration {
+    let exp = u32::try_from(attempts.clamp(1, 30) - 1).unwrap_or(0);
+    let raw = base.saturating_mul(2u32.saturating_pow(exp)).min(cap);
     let jitter = rand::thread_rng().gen_range(0.8..1.2);
-    Duration::from_secs_f64(base as f64 * jitter)
+    raw.mul_f64(jitter).min(cap)
+}
+
+/// Metric label of a finish.
+fn result_label(f: &Finish) -> &'static str {
+    match f {
+        Finish::Done { .. } => "done",
+        Finish::Retry { .. } => "retry",
+        Finish::Dead { .. } => "dead",
+        Finish::Postpone { .. } => "postponed",
+    }
 }
 
 impl Engine {
@@ -55,11 +75,36 @@ impl Engine {
             .await?;
         let mut stats = DeliverStats::default();
         for item in items {
-            let finish = match self.deliver_one(&item).await {
-                Ok(finish) => finish,
-                Err(e) => self.failure(&item, ConnectorError::transient(e.to_string())),
+            // Shutdown: hand back what is not started yet. Open circuit: do not call a dead
+            // endpoint; the row waits for the half-open probe (its attempt is not counted).
+            let postpone = if self.circuits.is_stopping() {
+                Some(Utc::now())
+            } else {
+                self.circuits
+                    .deny(&item.kind, std::time::Instant::now())
+                    .map(|at| {
+                        let wait = at.saturating_duration_since(std::time::Instant::now());
+                        Utc::now()
+                            + chrono::Duration::from_std(wait)
+                                .unwrap_or(chrono::Duration::seconds(30))
+                    })
             };
+            let finish = match postpone {
+                Some(at) => Finish::Postpone { at },
+                None => {
+                    let finish = match self.deliver_one(&item).await {
+                        Ok(finish) => finish,
+                        Err(e) => self.failure(&item, ConnectorError::transient(e.to_string())),
+                    };
+                    // A probe that made no call (skipped row, store error) is not a verdict.
+                    self.circuits.release(&item.kind);
+                    finish
+                }
+            };
+            metrics::counter!("optinsync_outbox_delivery_total", "kind" => outbox_kind_label(&item.kind), "result" => result_label(&finish))
+                .increment(1);
             match &finish {
+                Finish::Postpone { .. } => stats.postponed += 1,
                 Finish::Done { .. } => stats.done += 1,
                 Finish::Retry { error, .. } => {
                     tracing::warn!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, %error, "delivery failed; will retry");
@@ -88,19 +133,40 @@ impl Engine {
             total.done += s.done;
             total.retried += s.retried;
             total.dead += s.dead;
+            total.postponed += s.postponed;
+        }
+    }
+
+    /// Feed a connector call's outcome to that connector's circuit breaker. A transient
+    /// failure without `Retry-After` counts against it; a throttle that names its wait (the
+    /// endpoint is alive and pacing us) counts neither way; anything else proves it alive.
+    fn observe<T>(&self, kind: &str, result: &Result<T, ConnectorError>) {
+        let Some(connector) = crate::circuit::connector_of(kind) else {
+            return;
+        };
+        match result {
+            Err(ConnectorError::Transient {
+                retry_after: Some(_),
+                ..
+            }) => self.circuits.release(kind),
+            Err(ConnectorError::Transient { .. }) => self.circuits.record(connector, true),
+            _ => self.circuits.record(connector, false),
         }
     }
 
     fn failure(&self, item: &OutboxItem, error: ConnectorError) -> Finish {
-        let max = self.config.config.sync.max_attempts;
+        let sync = &self.config.config.sync;
+        let max = sync.max_attempts;
         match error {
             ConnectorError::Transient {
                 message,
                 retry_after,
             } if item.attempts < max => {
                 let wait = retry_after
-                    .unwrap_or_else(|| backoff(item.attempts))
-                    .min(Duration::from_secs(3600));
+                    .unwrap_or_else(|| {
+                        backoff_with(sync.retry_base.0, sync.retry_cap.0, item.attempts)
+                    })
+                    .min(sync.retry_cap.0.max(Duration::from_secs(1)));
                 let at = Utc::now()
                     + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::hours(1));
                 Finish::Retry { at, error: message }
@@ -169,6 +235,18 @@ impl Engine {
                 let Some(contact) = contact else {
                     return Ok(done("skipped: contact no longer exists"));
                 };
+                // Write-backs can arrive out of order (opt-outs jump the queue; a retried
+                // row waits out its backoff): one whose consent has moved on to another
+                // state must not overwrite the newer state in the CRM.
+                let payload_state = item.payload.get("state").and_then(|s| s.as_str());
+                if let (Some(seq), Some(current)) = (
+                    item.event_seq,
+                    self.store.consent(&contact.id, &list.id).await?,
+                ) && current.last_seq.is_some_and(|last| last > seq)
+                    && payload_state.is_some_and(|s| s != current.state.as_str())
+                {
+                    return Ok(done("skipped: superseded by a newer consent change"));
+                }
                 let records = contact
                     .crm_records
                     .iter()
@@ -205,6 +283,7 @@ impl Engine {
                 });
             }
         };
+        self.observe(&item.kind, &result);
         Ok(match result {
             Ok(()) => Finish::Done {
                 event: None,
@@ -321,7 +400,9 @@ impl Engine {
                 ),
             ],
         };
-        match self.connectors.mail.send(&msg).await {
+        let sent = self.connectors.mail.send(&msg).await;
+        self.observe(&item.kind, &sent);
+        match sent {
             Ok(sent) => {
                 let event = NewEvent {
                     event_id: uuid::Uuid::new_v4().to_string(),
@@ -365,6 +446,17 @@ impl Engine {
     }
 }
 
+/// Bounded label for the outbox kind metric.
+fn outbox_kind_label(kind: &str) -> &'static str {
+    match kind {
+        "mail" => "mail",
+        "campaigns_subscribe" => "campaigns_subscribe",
+        "campaigns_remove" => "campaigns_remove",
+        "crm_write_back" => "crm_write_back",
+        _ => "other",
+    }
+}
+
 /// Message-ID derived from the outbox key, so a re-sent attempt carries the same id as the
 /// first and the ledger names the message the person actually got.
 fn message_id(key: &str, from: &str) -> String {
@@ -385,7 +477,27 @@ mod tests {
     fn backoff_grows_and_is_capped() {
         assert!(backoff(1) <= Duration::from_secs(6));
         assert!(backoff(4) >= Duration::from_secs(32));
-        assert!(backoff(50) <= Duration::from_secs(4320));
+        assert!(
+            backoff(50) <= Duration::from_secs(3600),
+            "the cap holds after jitter"
+        );
+    }
+
+    #[test]
+    fn backoff_has_jitter_and_respects_a_configured_cap() {
+        let base = Duration::from_secs(1);
+        let cap = Duration::from_secs(10);
+        let samples: Vec<Duration> = (0..50).map(|_| backoff_with(base, cap, 2)).collect();
+        assert!(
+            samples
+                .iter()
+                .all(|d| *d >= Duration::from_millis(1600) && *d <= Duration::from_millis(2400))
+        );
+        let distinct: std::collections::BTreeSet<u128> =
+            samples.iter().map(Duration::as_micros).collect();
+        assert!(distinct.len() > 1, "jittered: {distinct:?}");
+        assert!((0..50).all(|_| backoff_with(base, cap, 30) <= cap));
+        assert!(backoff_with(base, cap, 30) >= Duration::from_secs(8));
     }
 
     #[test]

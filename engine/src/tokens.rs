@@ -155,9 +155,23 @@ impl TokenKeys {
         }
     }
 
-    /// Keyed hash of a normalised address, for suppression entries that outlive erasure.
+    /// Keyed hash of a normalised address under the current key, for suppression entries that
+    /// outlive erasure.
     pub fn address_hash(&self, email: &str) -> String {
-        let mut mac = Self::mac(&self.current.1);
+        Self::hash_with(&self.current.1, email)
+    }
+
+    /// The address's hash under the current key and every older key still configured: a
+    /// suppression written before a key rotation must still be found after it.
+    pub fn address_hashes(&self, email: &str) -> Vec<String> {
+        std::iter::once(&self.current)
+            .chain(self.previous.iter())
+            .map(|(_, key)| Self::hash_with(key, email))
+            .collect()
+    }
+
+    fn hash_with(key: &[u8], email: &str) -> String {
+        let mut mac = Self::mac(key);
         mac.update(b"optinsync address hash v1\0");
         mac.update(email.as_bytes());
         hex::encode(mac.finalize().into_bytes())
@@ -232,5 +246,20 @@ mod tests {
         fn garbage_never_verifies(s in ".{0,300}") {
             prop_assert!(keys().verify(&s, Purpose::Confirm, 0).is_err());
         }
+    }
+
+    #[test]
+    fn address_hashes_cover_old_keys() {
+        let k = keys();
+        let hashes = k.address_hashes("a@example.org");
+        assert_eq!(hashes.len(), 2);
+        assert_eq!(hashes[0], k.address_hash("a@example.org"));
+        let old = TokenKeys::new("k1", b"old-key-old-key-old-key-old-key!", vec![]);
+        assert_eq!(
+            hashes[1],
+            old.address_hash("a@example.org"),
+            "a suppression from before the rotation is found"
+        );
+        assert_ne!(hashes[0], hashes[1]);
     }
 }

@@ -148,6 +148,11 @@ store_contract! {
     check_snapshots => sqlite_check_snapshots, postgres_check_snapshots;
     check_engagement_keeps_latest => sqlite_check_engagement_keeps_latest, postgres_check_engagement_keeps_latest;
     check_consent_summary => sqlite_check_consent_summary, postgres_check_consent_summary;
+    check_dead_letters_retry_and_drop => sqlite_check_dead_letters_retry_and_drop, postgres_check_dead_letters_retry_and_drop;
+    check_erasure_redacts_and_keeps_the_chain => sqlite_check_erasure_redacts_and_keeps_the_chain, postgres_check_erasure_redacts_and_keeps_the_chain;
+    check_release_claims_of_a_crashed_predecessor =>
+        sqlite_check_release_claims_of_a_crashed_predecessor,
+        postgres_check_release_claims_of_a_crashed_predecessor;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1547,5 +1552,213 @@ async fn check_consent_summary(db: TestDb) {
             ("news".into(), "withdrawn".into(), 1, t(3), t(3)),
             ("other".into(), "asserted".into(), 1, t(2), t(2)),
         ]
+    );
+}
+
+async fn check_dead_letters_retry_and_drop(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let a = new_contact(s, "a@example.org").await;
+    let mut c = simple_commit(&a, "news", None, S::None, S::Asserted, t(1));
+    for key in ["k1", "k2"] {
+        c.outbox.push(NewOutbox {
+            kind: "mail".into(),
+            priority: PRIORITY_NORMAL,
+            idempotency_key: key.into(),
+            contact_id: a.clone(),
+            list_id: "news".into(),
+            payload: json!({}),
+        });
+    }
+    s.commit(&c).await.expect("commit");
+    let claimed = s.claim_outbox("w", t(2), t(100), 10).await.expect("claim");
+    assert_eq!(claimed.len(), 2);
+    for item in &claimed {
+        s.finish_outbox(
+            item.id,
+            "w",
+            &Finish::Dead {
+                error: "bad sender".into(),
+            },
+            t(3),
+        )
+        .await
+        .expect("dead");
+    }
+    let dead = s.outbox_dead().await.expect("dead");
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0].last_error.as_deref(), Some("bad sender"));
+
+    // Retry: back in the queue with fresh attempts, claimable now.
+    assert!(s.retry_dead(dead[0].id, t(4)).await.expect("retry"));
+    assert!(
+        !s.retry_dead(dead[0].id, t(4)).await.expect("second retry"),
+        "no longer dead"
+    );
+    let again = s.claim_outbox("w2", t(5), t(100), 10).await.expect("claim");
+    assert_eq!(
+        again.iter().map(|i| (i.id, i.attempts)).collect::<Vec<_>>(),
+        vec![(dead[0].id, 1)]
+    );
+
+    s.finish_outbox(
+        again[0].id,
+        "w2",
+        &Finish::Done {
+            event: None,
+            note: None,
+        },
+        t(6),
+    )
+    .await
+    .expect("done");
+
+    // Drop: out of the dead letters for good, never claimed.
+    assert!(s.drop_dead(dead[1].id, t(6)).await.expect("drop"));
+    assert!(!s.drop_dead(dead[1].id, t(6)).await.expect("second drop"));
+    assert!(!s.drop_dead(9_999_999, t(6)).await.expect("unknown id"));
+    assert!(s.outbox_dead().await.expect("dead").is_empty());
+    assert!(
+        s.claim_outbox("w3", t(500), t(600), 10)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+}
+
+async fn check_erasure_redacts_and_keeps_the_chain(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    let ev1 = s
+        .commit(&simple_commit(&a, "news", None, S::None, S::Asserted, t(1)))
+        .await
+        .expect("a1");
+    s.commit(&simple_commit(&b, "news", None, S::None, S::Asserted, t(2)))
+        .await
+        .expect("b1");
+    s.commit(&simple_commit(
+        &a,
+        "news",
+        Some(ev1.seq),
+        S::Asserted,
+        S::Erased,
+        t(3),
+    ))
+    .await
+    .expect("a erased");
+
+    // With the triggers in place, only erasure's redaction is allowed.
+    let other_change = format!("UPDATE ledger SET source = 'x' WHERE seq = {}", ev1.seq);
+    assert!(
+        db.exec(&other_change).await.is_err(),
+        "other updates stay refused"
+    );
+
+    let erasure = s.erase_contact(&a, "hash-of-a", t(4)).await.expect("erase");
+    assert!(erasure.contact_found);
+    assert_eq!(
+        erasure.redacted_events, 1,
+        "the asserted event; the erased event carries no personal data"
+    );
+    assert_eq!(erasure.legacy_events, 0);
+    let events = s.events_of_contact(&a).await.expect("events");
+    assert_eq!(events.len(), 2, "the events themselves stay");
+    assert_eq!(
+        events[0].evidence,
+        optinsync_engine::ledger::REDACTED_EVIDENCE
+    );
+    let contact = s.contact_by_id(&a).await.expect("read").expect("row kept");
+    assert_eq!(contact.email, "erased:hash-of-a");
+    assert!(contact.fields.is_empty() && contact.crm_records.is_empty());
+    assert_eq!(
+        s.contact_by_email("a@example.org").await.expect("read"),
+        None
+    );
+
+    let mut v = ChainVerifier::default();
+    for ev in whole_ledger(s).await {
+        v.check(&ev).expect("chain intact after erasure");
+    }
+    assert_eq!(v.finish(), Ok(3));
+    // Redacting someone who was not erased is caught.
+    let redact_b =
+        format!("UPDATE ledger SET evidence = '{{\"erased\":true}}' WHERE contact_id = '{b}'");
+    db.exec(&redact_b)
+        .await
+        .expect("the trigger allows the redaction shape");
+    let mut v = ChainVerifier::default();
+    for ev in whole_ledger(s).await {
+        v.check(&ev).expect("hashes still match");
+    }
+    assert!(matches!(
+        v.finish(),
+        Err(ChainError::UnexplainedRedaction { .. })
+    ));
+}
+
+/// A restarted instance frees the claims its dead predecessor (same prefix) left, and only
+/// those: not its own, not another instance's, not finished rows.
+async fn check_release_claims_of_a_crashed_predecessor(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let a = new_contact(s, "release@example.org").await;
+    let mut c = simple_commit(&a, "news", None, S::None, S::Asserted, t(1));
+    for key in ["r1", "r2", "r3", "r4"] {
+        c.outbox
+            .push(outbox("mail", PRIORITY_NORMAL, key, &a, "news"));
+    }
+    s.commit(&c).await.expect("commit");
+    // A prefix with `_` and `%`: they must not act as LIKE wildcards.
+    let dead = "host_1/127.0.0.1:80%/111-aa";
+    let other = "hostX1/127.0.0.1:8080/222-bb";
+    let me = "host_1/127.0.0.1:80%/333-cc";
+    let lease = t(10_000);
+    let r1 = s
+        .claim_outbox(dead, t(2), lease, 2)
+        .await
+        .expect("claim dead");
+    assert_eq!(keys(&r1), vec!["r1", "r2"]);
+    // The predecessor had finished one of its rows before it died.
+    s.finish_outbox(
+        r1[1].id,
+        dead,
+        &Finish::Done {
+            event: None,
+            note: None,
+        },
+        t(3),
+    )
+    .await
+    .expect("finish");
+    let r3 = s
+        .claim_outbox(other, t(2), lease, 1)
+        .await
+        .expect("claim other");
+    assert_eq!(keys(&r3), vec!["r3"]);
+    let r4 = s
+        .claim_outbox(me, t(2), lease, 1)
+        .await
+        .expect("claim mine");
+    assert_eq!(keys(&r4), vec!["r4"]);
+
+    let freed = s
+        .release_claims("host_1/127.0.0.1:80%/", me)
+        .await
+        .expect("release");
+    assert_eq!(freed, 1, "only the dead predecessor's unfinished row");
+    // Long before any lease ends, exactly that row can be claimed again.
+    let again = s
+        .claim_outbox(me, t(4), lease, 10)
+        .await
+        .expect("claim again");
+    assert_eq!(keys(&again), vec!["r1"]);
+    assert_eq!(again[0].attempts, 2);
+    assert_eq!(
+        s.release_claims("host_1/127.0.0.1:80%/", me)
+            .await
+            .expect("release"),
+        0
     );
 }

@@ -35,6 +35,12 @@ struct State {
     refusals: HashMap<String, Refusal>,
     /// RCPT commands seen (also refused ones), to count attempts.
     rcpt_attempts: Vec<String>,
+    /// Answer every connection `421` and close it (the server is "down").
+    down: bool,
+    /// Seeded random faults at RCPT: (rng, rate); a fault is a `451` or a dropped connection.
+    random: Option<(rand::rngs::StdRng, f64)>,
+    /// Faults injected: (451 answers, dropped connections, 421 greetings while down).
+    injected: (u64, u64, u64),
 }
 
 /// A running SMTP sink; it stops when dropped (its thread ends with the process).
@@ -112,9 +118,40 @@ impl SmtpSink {
         );
     }
 
+    /// Take the server "down" (every session gets `421` and is closed) or back up.
+    pub fn set_down(&self, down: bool) {
+        self.lock().down = down;
+    }
+
+    /// Inject faults at `rate` of `RCPT` commands (seeded): a `451` temporary refusal or a
+    /// dropped connection, half and half. No message is stored for a faulted session.
+    pub fn random_faults(&self, seed: u64, rate: f64) {
+        use rand::SeedableRng as _;
+        self.lock().random = Some((rand::rngs::StdRng::seed_from_u64(seed), rate));
+    }
+
+    /// Faults injected so far: (451 answers, dropped connections, 421 greetings while down).
+    pub fn injected(&self) -> (u64, u64, u64) {
+        self.lock().injected
+    }
+
     /// Messages accepted so far.
     pub fn messages(&self) -> Vec<Received> {
         self.lock().messages.clone()
+    }
+
+    /// Messages accepted after the first `from` (for pollers that keep their place).
+    pub fn messages_since(&self, from: usize) -> Vec<Received> {
+        self.lock()
+            .messages
+            .get(from..)
+            .unwrap_or_default()
+            .to_vec()
+    }
+
+    /// How many messages were accepted so far.
+    pub fn count(&self) -> usize {
+        self.lock().messages.len()
     }
 
     /// Messages accepted for `recipient`.
@@ -155,8 +192,24 @@ fn angle_arg(line: &str) -> String {
 }
 
 async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result<()> {
+    // Replies go out in small writes: without this, Nagle's algorithm meets the client's
+    // delayed ACK and every reply waits ~40 ms (≈ 200 ms per message).
+    stream.set_nodelay(true)?;
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
+    let down = {
+        let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.down {
+            st.injected.2 += 1;
+        }
+        st.down
+    };
+    if down {
+        write
+            .write_all(b"421 4.3.2 optinsync-testkit is down\r\n")
+            .await?;
+        return Ok(());
+    }
     write
         .write_all(b"220 optinsync-testkit SMTP sink\r\n")
         .await?;
@@ -170,6 +223,13 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         }
         let cmd = line.trim_end().to_owned();
         let upper = cmd.to_ascii_uppercase();
+        // Going down also ends sessions a client keeps open (pooled connections).
+        if state.lock().unwrap_or_else(|p| p.into_inner()).down {
+            write
+                .write_all(b"421 4.3.2 optinsync-testkit is down\r\n")
+                .await?;
+            return Ok(());
+        }
         let reply: String = if upper.starts_with("EHLO") {
             "250-optinsync-testkit\r\n250-8BITMIME\r\n250 SMTPUTF8".into()
         } else if upper.starts_with("HELO") {
@@ -180,8 +240,33 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
             "250 2.1.0 OK".into()
         } else if upper.starts_with("RCPT TO:") {
             let to = angle_arg(&cmd);
+            let roll = {
+                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                st.rcpt_attempts.push(to.clone());
+                let roll = st.random.as_mut().and_then(|(rng, rate)| {
+                    use rand::Rng as _;
+                    rng.gen_bool(rate.clamp(0.0, 1.0))
+                        .then(|| rng.gen_bool(0.5))
+                });
+                match roll {
+                    Some(true) => st.injected.1 += 1,
+                    Some(false) => st.injected.0 += 1,
+                    None => {}
+                }
+                roll
+            };
+            match roll {
+                // Drop the connection without an answer.
+                Some(true) => return Ok(()),
+                Some(false) => {
+                    write
+                        .write_all(b"451 4.3.0 injected temporary failure\r\n")
+                        .await?;
+                    continue;
+                }
+                None => {}
+            }
             let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-            st.rcpt_attempts.push(to.clone());
             let key = to.to_ascii_lowercase();
             let refusal = match st.refusals.get_mut(&key) {
                 Some(r) if r.remaining != Some(0) => {

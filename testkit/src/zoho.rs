@@ -95,6 +95,8 @@ pub struct ZohoState {
     /// Ids whose update is refused with `INVALID_DATA` (for 207 partial success).
     pub reject_updates: HashSet<String>,
     pub faults: VecDeque<Fault>,
+    /// Seeded random faults on every endpoint, token requests included (see [`crate::faults`]).
+    pub random_faults: Option<crate::faults::FaultPlan>,
     /// Channel id → the watch configuration last registered.
     pub channels: BTreeMap<String, Value>,
     pub requests: Vec<LoggedRequest>,
@@ -127,6 +129,7 @@ impl ZohoState {
             updates: Vec::new(),
             reject_updates: HashSet::new(),
             faults: VecDeque::new(),
+            random_faults: None,
             channels: BTreeMap::new(),
             requests: Vec::new(),
             not_modified_status: 304,
@@ -449,7 +452,27 @@ fn router(state: Shared) -> Router {
         .route("/crm/v8/{module}", get(list).put(update))
         .route("/crm/v8/{module}/deleted", get(deleted))
         .route("/crm/v8/{module}/{id}", get(one))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            random_fault,
+        ))
         .with_state(state)
+}
+
+async fn random_fault(
+    State(state): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let endpoint = crate::faults::endpoint_of(&req);
+    let (fault, slow) = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.random_faults.as_mut() {
+            Some(plan) => (plan.roll(&endpoint), plan.slow),
+            None => (None, Duration::ZERO),
+        }
+    };
+    crate::faults::apply(fault, slow, req, next).await
 }
 
 fn json_response(status: u16, body: &Value) -> Response {

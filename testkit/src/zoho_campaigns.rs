@@ -130,6 +130,8 @@ pub struct CampaignsState {
     pub group_locals: Vec<String>,
     pub do_not_mail: HashSet<String>,
     pub faults: VecDeque<CampaignsFault>,
+    /// Seeded random faults on every endpoint, token requests included (see [`crate::faults`]).
+    pub random_faults: Option<crate::faults::FaultPlan>,
 }
 
 /// (endpoint, documented windows as (calls, seconds), lock in seconds).
@@ -187,6 +189,7 @@ impl CampaignsState {
             ],
             do_not_mail: HashSet::new(),
             faults: VecDeque::new(),
+            random_faults: None,
         }
     }
 
@@ -285,6 +288,10 @@ impl FakeCampaigns {
                     let app = Router::new()
                         .route("/oauth/v2/token", post(token))
                         .fallback(api)
+                        .layer(axum::middleware::from_fn_with_state(
+                            Arc::clone(&state),
+                            random_fault,
+                        ))
                         .with_state(state);
                     axum::serve(listener, app)
                         .with_graceful_shutdown(async move {
@@ -530,6 +537,22 @@ async fn token(State(state): State<Shared>, RawQuery(query): RawQuery, body: Byt
         json!({"access_token": t, "api_domain": "https://www.zohoapis.invalid",
                    "token_type": "Bearer", "expires_in": 3600}),
     )
+}
+
+async fn random_fault(
+    State(state): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let endpoint = crate::faults::endpoint_of(&req);
+    let (fault, slow) = {
+        let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+        match s.random_faults.as_mut() {
+            Some(plan) => (plan.roll(&endpoint), plan.slow),
+            None => (None, Duration::ZERO),
+        }
+    };
+    crate::faults::apply(fault, slow, req, next).await
 }
 
 fn valid_address(email: &str) -> bool {

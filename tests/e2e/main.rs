@@ -6,10 +6,14 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli;
+mod crash;
 mod demo;
+mod faults;
 mod import;
 mod lifecycle;
+mod log_scan;
 mod mail;
+mod outbox;
 mod postgres;
 mod rules;
 mod support;

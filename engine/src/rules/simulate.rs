@@ -146,7 +146,7 @@ pub async fn simulate(
         for contact in &page {
             report.contacts += 1;
             let suppressed = store
-                .is_suppressed(&tokens.address_hash(&contact.email))
+                .is_any_suppressed(&tokens.address_hashes(&contact.email))
                 .await?;
             let consents: BTreeMap<String, Consent> = store
                 .consents_of_contact(&contact.id)

@@ -255,6 +255,21 @@ mod tests {
 
     const RULE: &str = r#"fn decide(c, k, x) { if k.state == "asserted" { #{ action: "send_doi", reason: "r" } } }"#;
 
+    /// Regression (fuzzing): an age too large for a date panicked instead of being refused.
+    #[test]
+    fn absurd_ages_are_refused_not_a_panic() {
+        for age in ["99999999999999999w", "9223372036854775807s", "5000000d"] {
+            let (_d, set) = set_with(
+                RULE,
+                &format!(
+                    "[[test]]\nname = \"a\"\nconsent = {{ state = \"pending\", age = \"{age}\" }}\nexpect = []\n"
+                ),
+            );
+            let err = set.expect_err("refused").to_string();
+            assert!(err.contains("1000 years"), "{err}");
+        }
+    }
+
     #[test]
     fn passing_tests_accept_the_set() {
         let (_d, set) = set_with(

@@ -106,6 +106,9 @@ pub enum Finish {
     Retry { at: DateTime<Utc>, error: String },
     /// Permanent failure: kept as a dead letter with the reason.
     Dead { error: String },
+    /// Not attempted (the connector's circuit is open, or shutdown): hand the row back for
+    /// `at` without counting the attempt and without touching its last error.
+    Postpone { at: DateTime<Utc> },
 }
 
 /// One atomic change of one (contact, list) consent.
@@ -141,6 +144,16 @@ pub struct Snapshot {
     /// The rendering: JSON `{"subject","text","html"}` for mails, the HTML for pages.
     pub content: String,
     pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct Erasure {
+    pub contact_found: bool,
+    pub redacted_events: u64,
+    /// Events sealed before evidence digests existed: their evidence cannot be redacted
+    /// without breaking the chain, so it stays.
+    pub legacy_events: u64,
+    pub scrubbed_outbox_rows: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -199,13 +212,41 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         finish: &Finish,
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
+    /// Free the claims of pending rows held by workers whose id starts with `prefix`, except
+    /// `current`: a restarted instance takes back what its crashed predecessor (same prefix)
+    /// had claimed, instead of waiting for the lease. Returns how many rows were freed.
+    async fn release_claims(&self, prefix: &str, current: &str) -> StoreResult<u64>;
     async fn outbox_counts(&self) -> StoreResult<OutboxCounts>;
     async fn outbox_dead(&self) -> StoreResult<Vec<OutboxItem>>;
+    /// GDPR erasure of one contact: redact the evidence of its ledger events, replace its
+    /// address by `erased:<address_hash>` and clear its fields, scrub finished outbox payloads.
+    /// The consent events themselves (and the chain) stay.
+    async fn erase_contact(
+        &self,
+        contact_id: &str,
+        address_hash: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Erasure>;
+    /// Put a dead letter back in the queue with fresh attempts; `false` if `id` is not dead.
+    async fn retry_dead(&self, id: i64, now: DateTime<Utc>) -> StoreResult<bool>;
+    /// Give up on a dead letter for good (kept as `dropped` for the record); `false` if `id`
+    /// is not dead.
+    async fn drop_dead(&self, id: i64, now: DateTime<Utc>) -> StoreResult<bool>;
 
     async fn cursor(&self, name: &str) -> StoreResult<Option<String>>;
     async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
     async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool>;
+
+    /// Whether any of these hashes (one address under several keys) is suppressed.
+    async fn is_any_suppressed(&self, address_hashes: &[String]) -> StoreResult<bool> {
+        for h in address_hashes {
+            if self.is_suppressed(h).await? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
 
     /// Store a snapshot; a second one with the same hash is ignored (content-addressed).
     async fn put_snapshot(&self, s: &Snapshot) -> StoreResult<()>;

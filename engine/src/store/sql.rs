@@ -34,7 +34,7 @@ macro_rules! shared_store_impl {
         const CONSENT_COLS: &str =
             "list_id, state, since, signup_token, doi_mails, reminders_sent, confirmed_at, confirmed_token, last_seq";
         const LEDGER_COLS: &str =
-            "seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, prev_hash, hash";
+            "seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, evidence_sha256, prev_hash, hash";
         const OUTBOX_COLS: &str =
             "id, kind, priority, idempotency_key, contact_id, list_id, payload, attempts, status, last_error, event_seq";
 
@@ -83,6 +83,7 @@ macro_rules! shared_store_impl {
                 to_state: row.try_get("to_state")?,
                 source: row.try_get("source")?,
                 evidence: row.try_get("evidence")?,
+                evidence_sha256: row.try_get("evidence_sha256")?,
                 prev_hash: row.try_get("prev_hash")?,
                 hash: row.try_get("hash")?,
             })
@@ -115,8 +116,8 @@ macro_rules! shared_store_impl {
             };
             let ev = e.seal(seq, &prev);
             sqlx::query(
-                "INSERT INTO ledger (seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, prev_hash, hash) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+                "INSERT INTO ledger (seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, prev_hash, hash, evidence_sha256) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
             )
             .bind(ev.seq)
             .bind(&ev.event_id)
@@ -130,6 +131,7 @@ macro_rules! shared_store_impl {
             .bind(&ev.evidence)
             .bind(&ev.prev_hash)
             .bind(&ev.hash)
+            .bind(&ev.evidence_sha256)
             .execute(&mut **tx)
             .await?;
             Ok(ev)
@@ -367,17 +369,36 @@ macro_rules! shared_store_impl {
             }
 
             async fn finish_outbox(&self, id: i64, worker: &str, finish: &Finish, now: DateTime<Utc>) -> StoreResult<()> {
+                if let Finish::Postpone { at } = finish {
+                    sqlx::query(
+                        "UPDATE outbox SET next_attempt_at = $1, attempts = attempts - 1, claimed_by = NULL, \
+                         claimed_until = NULL WHERE id = $2 AND claimed_by = $3 AND status = 'pending'",
+                    )
+                    .bind(format_time(*at))
+                    .bind(id)
+                    .bind(worker)
+                    .execute(&self.pool)
+                    .await?;
+                    return Ok(());
+                }
                 let mut tx = self.pool.begin().await?;
                 let ts = format_time(now);
                 let (status, next, error, note) = match finish {
                     Finish::Done { note, .. } => ("done", ts.clone(), None, note.clone()),
                     Finish::Retry { at, error } => ("pending", format_time(*at), Some(error.clone()), None),
                     Finish::Dead { error } => ("dead", ts.clone(), Some(error.clone()), None),
+                    // Handled above; kept for exhaustiveness.
+                    Finish::Postpone { at } => ("pending", format_time(*at), None, None),
                 };
                 let done_at = (status != "pending").then(|| ts.clone());
                 let updated = sqlx::query(
+                    // A finished row of an erased contact keeps no address (the removal it
+                    // carried is done).
                     "UPDATE outbox SET status = $1, next_attempt_at = $2, last_error = $3, note = $4, done_at = $5, \
-                     claimed_by = NULL, claimed_until = NULL WHERE id = $6 AND claimed_by = $7 AND status = 'pending'",
+                     claimed_by = NULL, claimed_until = NULL, \
+                     payload = CASE WHEN $1 <> 'pending' AND EXISTS (SELECT 1 FROM contacts c WHERE c.id = outbox.contact_id \
+                     AND c.email LIKE 'erased:%') THEN '{}' ELSE payload END \
+                     WHERE id = $6 AND claimed_by = $7 AND status = 'pending'",
                 )
                 .bind(status)
                 .bind(next)
@@ -403,6 +424,22 @@ macro_rules! shared_store_impl {
                 Ok(())
             }
 
+            async fn release_claims(&self, prefix: &str, current: &str) -> StoreResult<u64> {
+                // `substr` rather than LIKE: a prefix may contain `_`, a LIKE wildcard.
+                let len = i32::try_from(prefix.chars().count()).unwrap_or(i32::MAX);
+                let n = sqlx::query(
+                    "UPDATE outbox SET claimed_by = NULL, claimed_until = NULL \
+                     WHERE status = 'pending' AND claimed_by <> $1 AND substr(claimed_by, 1, $2) = $3",
+                )
+                .bind(current)
+                .bind(len)
+                .bind(prefix)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(n)
+            }
+
             async fn outbox_counts(&self) -> StoreResult<OutboxCounts> {
                 let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM outbox GROUP BY status")
                     .fetch_all(&self.pool)
@@ -425,6 +462,75 @@ macro_rules! shared_store_impl {
                     .fetch_all(&self.pool)
                     .await?;
                 rows.iter().map(outbox_from).collect()
+            }
+
+            async fn erase_contact(&self, contact_id: &str, address_hash: &str, now: DateTime<Utc>) -> StoreResult<crate::store::Erasure> {
+                let mut tx = self.pool.begin().await?;
+                // Evidence of digest-covered events is replaced (the triggers allow exactly
+                // this); the `erased` events themselves carry no personal data.
+                let redacted = sqlx::query(
+                    "UPDATE ledger SET evidence = $1 WHERE contact_id = $2 AND evidence_sha256 IS NOT NULL \
+                     AND evidence <> $1 AND kind <> 'erased'",
+                )
+                .bind(crate::ledger::REDACTED_EVIDENCE)
+                .bind(contact_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                let legacy: i64 = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM ledger WHERE contact_id = $1 AND evidence_sha256 IS NULL",
+                )
+                .bind(contact_id)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_get("n")?;
+                let contact = sqlx::query(
+                    "UPDATE contacts SET email = $1, language = NULL, fields = '{}', crm_records = '[]', updated_at = $2 WHERE id = $3",
+                )
+                .bind(format!("erased:{address_hash}"))
+                .bind(format_time(now))
+                .bind(contact_id)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                // Finished effects no longer need the address; pending ones (a removal from
+                // the list) keep it until delivered.
+                let scrubbed = sqlx::query("UPDATE outbox SET payload = '{}' WHERE contact_id = $1 AND status <> 'pending'")
+                    .bind(contact_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                sqlx::query("DELETE FROM engagement WHERE contact_id = $1").bind(contact_id).execute(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(crate::store::Erasure {
+                    contact_found: contact == 1,
+                    redacted_events: redacted,
+                    legacy_events: u64::try_from(legacy).unwrap_or(0),
+                    scrubbed_outbox_rows: scrubbed,
+                })
+            }
+
+            async fn retry_dead(&self, id: i64, now: DateTime<Utc>) -> StoreResult<bool> {
+                let n = sqlx::query(
+                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = $1, done_at = NULL, \
+                     claimed_by = NULL, claimed_until = NULL WHERE id = $2 AND status = 'dead'",
+                )
+                .bind(format_time(now))
+                .bind(id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(n == 1)
+            }
+
+            async fn drop_dead(&self, id: i64, now: DateTime<Utc>) -> StoreResult<bool> {
+                let n = sqlx::query("UPDATE outbox SET status = 'dropped', done_at = $1 WHERE id = $2 AND status = 'dead'")
+                    .bind(format_time(now))
+                    .bind(id)
+                    .execute(&self.pool)
+                    .await?
+                    .rows_affected();
+                Ok(n == 1)
             }
 
             async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {

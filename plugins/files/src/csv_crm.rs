@@ -124,6 +124,23 @@ impl CsvCrm {
         &self.path
     }
 
+    /// One change page computed from `bytes` as if they were the file's content: the parsing
+    /// and diffing of [`CrmConnector::changes`] without the file. For fuzzing and tests.
+    #[doc(hidden)]
+    pub fn changes_of_bytes(
+        &self,
+        bytes: &[u8],
+        cursor: Option<&Cursor>,
+        limit: usize,
+    ) -> ConnectorResult<ChangePage> {
+        let previous = match cursor {
+            Some(cursor) => CursorState::decode(cursor)?,
+            None => CursorState::default(),
+        };
+        let snapshot = parse_snapshot(bytes, "fuzz.csv", &self.config)?;
+        Ok(diff(&self.config.module, &previous, snapshot, limit))
+    }
+
     /// Read and parse the whole file off the async runtime (CSV parsing is CPU work).
     async fn snapshot(&self) -> ConnectorResult<Snapshot> {
         let config = Arc::clone(&self.config);
@@ -760,6 +777,46 @@ mod tests {
         let fixed = crm.changes(again.next_cursor.as_ref(), 100).await.unwrap();
         assert_eq!(ids(&fixed), ["4"]);
         assert!(fixed.invalid.is_empty() && fixed.deleted.is_empty());
+    }
+
+    #[tokio::test]
+    async fn invalid_utf8_and_oversize_rows_are_reported_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut csv: Vec<u8> = b"Id,Email,Language,Email_Opt_Out,Newsletter\n".to_vec();
+        csv.extend_from_slice(b"1,ann@example.com,en,false,yes\n");
+        // Latin-1 export: `\xe9` is not UTF-8, in the address and in another field.
+        csv.extend_from_slice(b"2,cl\xe9o@example.org,en,false,yes\n");
+        csv.extend_from_slice(b"3,dan@example.org,\xff\xfe,false,yes\n");
+        // An invalid id: reported by position, no panic.
+        csv.extend_from_slice(b"\xc3\x28,eve@example.org,en,false,yes\n");
+        // A 1 MiB field.
+        csv.extend_from_slice(
+            format!("4,{}@example.org,en,false,yes\n", "x".repeat(1 << 20)).as_bytes(),
+        );
+        csv.extend_from_slice(b"5,fay@example.org,en,false,yes\n");
+        std::fs::write(dir.path().join("contacts.csv"), &csv).unwrap();
+        let settings: toml::Table =
+            toml::from_str("path = \"contacts.csv\"\nasserts = { newsletter = \"Newsletter\" }")
+                .unwrap();
+        let crm = CsvCrm::from_config(settings, dir.path()).unwrap();
+        let page = crm.changes(None, 100).await.unwrap();
+        // The oversize address reaches the engine, whose normalisation refuses it.
+        assert_eq!(ids(&page), ["1", "4", "5"]);
+        let found: Vec<(&str, &str)> = page
+            .invalid
+            .iter()
+            .map(|i| (i.location.as_str(), i.reason.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("contacts.csv:3 (Id=2)", "row is not valid UTF-8"),
+                ("contacts.csv:4 (Id=3)", "row is not valid UTF-8"),
+                ("contacts.csv:5 (Id=\u{fffd}()", "row is not valid UTF-8"),
+            ]
+        );
+        let again = crm.changes(page.next_cursor.as_ref(), 100).await.unwrap();
+        assert!(again.records.is_empty() && again.invalid.is_empty());
     }
 
     #[tokio::test]

@@ -82,7 +82,7 @@ pub enum TlsMode {
 }
 
 /// `[connectors.mail]` settings for `kind = "smtp"`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SmtpConfig {
     pub host: String,
@@ -109,6 +109,24 @@ pub struct SmtpConfig {
     pub rate_per_minute: u32,
     #[serde(default)]
     pub dkim: Option<DkimSettings>,
+}
+
+impl std::fmt::Debug for SmtpConfig {
+    /// The password prints as `<redacted>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SmtpConfig")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("hello_name", &self.hello_name)
+            .field("timeout_secs", &self.timeout_secs)
+            .field("pool_size", &self.pool_size)
+            .field("rate_per_minute", &self.rate_per_minute)
+            .field("dkim", &self.dkim)
+            .finish()
+    }
 }
 
 fn default_timeout_secs() -> u64 {

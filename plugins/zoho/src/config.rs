@@ -46,7 +46,7 @@ pub fn api_url_for(dc: &str) -> Option<String> {
 }
 
 /// OAuth settings shared by every Zoho connector (self-client refresh-token grant).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct OAuthSettings {
     pub client_id: String,
     pub client_secret: String,
@@ -55,6 +55,21 @@ pub struct OAuthSettings {
     pub token_url: String,
     /// Prefix of the setting names used in error messages, e.g. `connectors.crm`.
     pub setting_prefix: String,
+}
+
+/// What `Debug` prints instead of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+impl std::fmt::Debug for OAuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OAuthSettings")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &REDACTED)
+            .field("refresh_token", &REDACTED)
+            .field("token_url", &self.token_url)
+            .field("setting_prefix", &self.setting_prefix)
+            .finish()
+    }
 }
 
 impl OAuthSettings {
@@ -170,7 +185,7 @@ impl AssertRule {
 }
 
 /// `[connectors.crm]` with `kind = "zoho-crm"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ZohoCrmConfig {
     pub client_id: String,
@@ -222,8 +237,25 @@ pub struct ZohoCrmConfig {
     pub write_back: WriteBackConfig,
 }
 
+impl std::fmt::Debug for ZohoCrmConfig {
+    /// Secrets print as `<redacted>`; the rest is abridged.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZohoCrmConfig")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &REDACTED)
+            .field("refresh_token", &REDACTED)
+            .field("data_centre", &self.data_centre)
+            .field("accounts_url", &self.accounts_url)
+            .field("api_url", &self.api_url)
+            .field("modules", &self.modules)
+            .field("webhook", &self.webhook)
+            .field("write_back", &self.write_back)
+            .finish_non_exhaustive()
+    }
+}
+
 /// `[connectors.crm.webhook]`: a Notification API channel (`/actions/watch`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebhookConfig {
     /// Secret echoed by Zoho in every callback (at most 50 characters).
@@ -238,6 +270,18 @@ pub struct WebhookConfig {
     /// Register and renew the channel from the daemon (`false`: manage it yourself).
     #[serde(default = "default_true")]
     pub register: bool,
+}
+
+impl std::fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookConfig")
+            .field("token", &REDACTED)
+            .field("notify_url", &self.notify_url)
+            .field("channel_id", &self.channel_id)
+            .field("channel_ttl", &self.channel_ttl)
+            .field("register", &self.register)
+            .finish()
+    }
 }
 
 /// `[connectors.crm.write_back]`: what optinsync writes into the CRM after a consent change.

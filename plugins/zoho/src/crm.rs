@@ -61,13 +61,25 @@ pub const MAX_UPDATE_BATCH: usize = 100;
 const SETTING_PREFIX: &str = "connectors.crm";
 const CURSOR_KIND: &str = "zoho-crm";
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 struct Webhook {
     token: String,
     notify_url: String,
     channel_id: u64,
     ttl: Duration,
     register: bool,
+}
+
+impl std::fmt::Debug for Webhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Webhook")
+            .field("token", &crate::config::REDACTED)
+            .field("notify_url", &self.notify_url)
+            .field("channel_id", &self.channel_id)
+            .field("ttl", &self.ttl)
+            .field("register", &self.register)
+            .finish()
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -408,8 +420,10 @@ impl ZohoCrm {
     // Records
     // -----------------------------------------------------------------------------------------
 
-    /// Turn one item of `data` into a record, or say why it cannot be one.
-    fn parse_record(
+    /// Turn one item of `data` into a record, or say why it cannot be one: its id, its
+    /// `Modified_Time` (unix seconds) and the record. Public only for fuzzing.
+    #[doc(hidden)]
+    pub fn parse_record(
         &self,
         module: &str,
         index: usize,

@@ -81,7 +81,8 @@ impl fmt::Debug for ZohoOAuth {
     }
 }
 
-#[derive(Debug, Deserialize)]
+/// No `Debug`: it holds the access token.
+#[derive(Deserialize)]
 struct TokenResponse {
     access_token: Option<String>,
     api_domain: Option<String>,
@@ -205,7 +206,8 @@ impl ZohoOAuth {
             return Err(self.oauth_error(state, status, error, error_description.as_deref()));
         }
         if !status.is_success() {
-            return Err(if status.is_client_error() {
+            // 429 is throttling (retry later), not a setting to fix.
+            return Err(if status.is_client_error() && status.as_u16() != 429 {
                 ConnectorError::Config {
                     setting: s.setting("accounts_url"),
                     message: format!(

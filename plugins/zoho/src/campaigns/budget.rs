@@ -44,7 +44,10 @@ impl Window {
 
     fn prune(&mut self, now: i64) {
         while let Some((idx, _)) = self.buckets.front() {
-            if (idx + 1) * self.bucket_ms <= now - self.length_ms {
+            // Saturating: bucket indexes may come from saved state (fuzzed).
+            if idx.saturating_add(1).saturating_mul(self.bucket_ms)
+                <= now.saturating_sub(self.length_ms)
+            {
                 self.buckets.pop_front();
             } else {
                 break;
@@ -54,7 +57,9 @@ impl Window {
 
     pub fn used(&mut self, now: i64) -> u32 {
         self.prune(now);
-        self.buckets.iter().map(|(_, n)| *n).sum()
+        self.buckets
+            .iter()
+            .fold(0u32, |sum, (_, n)| sum.saturating_add(*n))
     }
 
     /// Milliseconds until one more call fits (0: now).
@@ -63,12 +68,17 @@ impl Window {
         if used < self.limit {
             return 0;
         }
-        let need = used + 1 - self.limit;
-        let mut freed = 0;
+        let need = used.saturating_add(1) - self.limit;
+        let mut freed = 0u32;
         for (idx, n) in &self.buckets {
-            freed += n;
+            freed = freed.saturating_add(*n);
             if freed >= need {
-                return ((idx + 1) * self.bucket_ms + self.length_ms - now).max(1);
+                return idx
+                    .saturating_add(1)
+                    .saturating_mul(self.bucket_ms)
+                    .saturating_add(self.length_ms)
+                    .saturating_sub(now)
+                    .max(1);
             }
         }
         self.length_ms
@@ -79,7 +89,9 @@ impl Window {
         // Keep the buckets ordered; times are nearly always at or after the newest one.
         let pos = self.buckets.iter().rposition(|(i, _)| *i <= idx);
         match pos {
-            Some(p) if self.buckets[p].0 == idx => self.buckets[p].1 += calls,
+            Some(p) if self.buckets[p].0 == idx => {
+                self.buckets[p].1 = self.buckets[p].1.saturating_add(calls);
+            }
             Some(p) => self.buckets.insert(p + 1, (idx, calls)),
             None => self.buckets.push_front((idx, calls)),
         }
@@ -130,7 +142,7 @@ impl Endpoint {
     pub fn slot(&mut self, now: i64) -> Slot {
         if let Some(until) = self.locked_until {
             if now < until {
-                return Slot::Locked(ms(until - now));
+                return Slot::Locked(ms(until.saturating_sub(now)));
             }
             self.locked_until = None;
         }
@@ -251,7 +263,10 @@ pub(crate) fn import(
                 continue;
             };
             for (idx, n) in &saved.buckets {
-                let end = (idx + 1) * saved.bucket_ms.max(1) - 1;
+                let end = idx
+                    .saturating_add(1)
+                    .saturating_mul(saved.bucket_ms.max(1))
+                    .saturating_sub(1);
                 w.add(end, *n);
             }
         }
@@ -261,6 +276,27 @@ pub(crate) fn import(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `campaigns_answer` fuzz target: saved state with extreme bucket indexes
+    /// and counts overflowed (a panic in debug builds, garbage budgets in release).
+    #[test]
+    fn import_of_extreme_saved_state_does_not_overflow() {
+        let mut eps = BTreeMap::new();
+        eps.insert("x", Endpoint::new(vec![Window::new(2, 1000)], 500));
+        let saved: BTreeMap<String, EndpointState> = serde_json::from_str(
+            r#"{"x": {"windows": [{"length_ms": 1000, "bucket_ms": 9223372036854775807,
+                "buckets": [[9223372036854775807, 4294967295], [9223372036854775806, 4294967295],
+                            [-9223372036854775808, 4294967295]]}]}}"#,
+        )
+        .expect("state");
+        import(&mut eps, &saved);
+        import(&mut eps, &saved);
+        let ep = eps.get_mut("x").expect("endpoint");
+        let _ = ep.slot(0);
+        let _ = ep.slot(i64::MAX);
+        let _ = export(&mut eps, i64::MAX);
+        let _ = export(&mut eps, i64::MIN);
+    }
 
     #[test]
     fn window_waits_until_the_oldest_bucket_has_left() {

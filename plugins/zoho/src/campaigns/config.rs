@@ -39,7 +39,7 @@ pub struct ListMapping {
 }
 
 /// `[connectors.campaigns]` with `kind = "zoho-campaigns"`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ZohoCampaignsConfig {
     pub client_id: String,
@@ -131,4 +131,19 @@ fn default_lock_codes() -> Vec<String> {
 }
 fn default_scale() -> f64 {
     1.0
+}
+
+impl std::fmt::Debug for ZohoCampaignsConfig {
+    /// Secrets print as `<redacted>`; the rest is abridged.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZohoCampaignsConfig")
+            .field("client_id", &self.client_id)
+            .field("client_secret", &crate::config::REDACTED)
+            .field("refresh_token", &crate::config::REDACTED)
+            .field("data_centre", &self.data_centre)
+            .field("accounts_url", &self.accounts_url)
+            .field("campaigns_url", &self.campaigns_url)
+            .field("lists", &self.lists)
+            .finish_non_exhaustive()
+    }
 }

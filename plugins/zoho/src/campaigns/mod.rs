@@ -53,9 +53,10 @@
 //!
 //! Zoho answers errors with HTTP 200 and a string `code`: invalid address (`2004`, `2005`) →
 //! [`ConnectorError::Rejected`]; "please retry after sometime" (`2001`, `2101`, `2201`, `2402`,
-//! `2502`, ...) → [`ConnectorError::Transient`]; a lock (HTTP 429, a `lock_codes` code, or a
-//! message saying "locked") → `Transient` with `retry_after` = the rest of the lock, and the
-//! endpoint is paused until then; list errors (`2501`, `2102`, ...) → [`ConnectorError::Config`]
+//! `2502`, ...) → [`ConnectorError::Transient`]; a lock (a `lock_codes` code, or a message
+//! saying "locked", at HTTP 200 or 429) → `Transient` with `retry_after` = the rest of the lock,
+//! and the endpoint is paused until then; any other HTTP 429 pauses the endpoint for its
+//! `Retry-After` (5 s without one); list errors (`2501`, `2102`, ...) → [`ConnectorError::Config`]
 //! naming the list's setting; `1007`/`401` → one token refresh; 5xx, other statuses and bodies
 //! that are not JSON → `Transient`.
 
@@ -84,6 +85,9 @@ use crate::config::{
     ConfigError, DATA_CENTRES, OAuthSettings, check_url, invalid, parse_duration, parse_settings,
 };
 use crate::oauth::ZohoOAuth;
+
+/// Pause after an HTTP 429 that names no wait and does not say "locked".
+const THROTTLE_PAUSE: Duration = Duration::from_secs(5);
 
 const SETTING_PREFIX: &str = "connectors.campaigns";
 /// `addlistsubscribersinbulk` takes at most this many addresses (zoho-api.md §3.5).
@@ -534,6 +538,7 @@ impl ZohoCampaigns {
     }
 
     fn mark_locked(&self, api: Api, retry_after: Option<Duration>) -> Duration {
+        // (`retry_after` None: the endpoint's documented lock length.)
         let mut budgets = self.lock_budgets();
         let Some(ep) = budgets.get_mut(api.name()) else {
             return retry_after.unwrap_or(Duration::from_secs(1800));
@@ -600,6 +605,17 @@ impl ZohoCampaigns {
                 ))
             })?;
             if status == StatusCode::TOO_MANY_REQUESTS {
+                // Zoho's lock-out says "locked"; any other 429 (a gateway's throttle, with or
+                // without `Retry-After`) pauses the endpoint briefly, not for a 30-minute lock
+                // that would also hold back the unsubscribe/bounce poll.
+                let says_locked = String::from_utf8_lossy(&body)
+                    .to_lowercase()
+                    .contains("locked");
+                let retry_after = if says_locked {
+                    retry_after
+                } else {
+                    Some(retry_after.unwrap_or(THROTTLE_PAUSE))
+                };
                 let rest = self.mark_locked(api, retry_after);
                 tracing::warn!(
                     endpoint = api.name(),
@@ -878,6 +894,43 @@ impl ZohoCampaigns {
         }
     }
 
+    /// How the connector reads one answer body: the in-body `code`, whether it counts as
+    /// success, the `message`, and each `list_of_details` member's address and time. The
+    /// pure part of [`Self::call`] and the status poll, public only for fuzzing.
+    #[doc(hidden)]
+    pub fn read_answer(body: &[u8]) -> Option<AnswerSummary> {
+        let value: Value = serde_json::from_slice(body).ok()?;
+        let code = code_of(&value);
+        let status = value.get("status").and_then(Value::as_str);
+        let ok = !status.is_some_and(|s| s.eq_ignore_ascii_case("error"))
+            && (status.is_some_and(|s| s.eq_ignore_ascii_case("success"))
+                || code == "0"
+                || code == "200");
+        let members = value
+            .get("list_of_details")
+            .and_then(Value::as_array)
+            .map(|items| {
+                items
+                    .iter()
+                    .map(|item| {
+                        let email = Self::member_email(item);
+                        let key = email.as_deref().map(|e| {
+                            let added = str_of(item, "added_time");
+                            fingerprint(&["unsub", &e.to_lowercase(), &added])
+                        });
+                        (email.map(|e| address_key(&e)), key, Self::member_time(item))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Some(AnswerSummary {
+            code,
+            ok,
+            message: str_of(&value, "message"),
+            members,
+        })
+    }
+
     fn member_email(item: &Value) -> Option<String> {
         ["contact_email", "Contact Email", "email"]
             .iter()
@@ -893,6 +946,17 @@ impl ZohoCampaigns {
             .ok()
             .and_then(DateTime::from_timestamp_millis)
     }
+}
+
+/// See [`ZohoCampaigns::read_answer`]; members as (address key, seen-set key, added time).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct AnswerSummary {
+    pub code: String,
+    pub ok: bool,
+    pub message: String,
+    #[allow(clippy::type_complexity)]
+    pub members: Vec<(Option<String>, Option<String>, Option<DateTime<Utc>>)>,
 }
 
 /// The status cursor: when the last full pass ran and what it had seen.

@@ -1,0 +1,384 @@
+//! Circuit breakers for the three connectors (crm, campaigns, mail) and the daemon's readiness.
+//!
+//! A breaker counts *consecutive* transient failures of one connector's outbox deliveries.
+//! At `threshold` it **opens**: outbox rows for that connector are postponed (not attempted,
+//! and their attempt is not counted) until `cooldown` has passed, so a dead endpoint costs no
+//! hot loop and no dead letters, while the other connectors' rows (removals first) go on.
+//! After the cool-down the breaker is **half-open**: one delivery is let through as a probe;
+//! success closes the breaker, another transient failure opens it for a fresh cool-down.
+//! Answers that prove the endpoint is alive (success, a permanent refusal, a bounce) count as
+//! success. The breakers live in one process; each instance of a multi-instance set-up keeps
+//! its own.
+//!
+//! The state shows as `optinsync_circuit_open{connector}` (1 open or half-open, 0 closed) and
+//! in `/readyz` (503 while any breaker is not closed).
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// The connectors outbox rows are delivered through.
+pub const CONNECTORS: [&str; 3] = ["crm", "campaigns", "mail"];
+
+/// The connector an outbox row kind is delivered through.
+pub fn connector_of(kind: &str) -> Option<&'static str> {
+    match kind {
+        "mail" => Some("mail"),
+        k if k.starts_with("campaigns_") => Some("campaigns"),
+        k if k.starts_with("crm_") => Some("crm"),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Closed => "closed",
+            State::Open => "open",
+            State::HalfOpen => "half_open",
+        }
+    }
+}
+
+/// What the breaker says about the next call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Go ahead (closed, or this call is the half-open probe).
+    Call,
+    /// Do not call; try again at this instant.
+    Wait(Instant),
+}
+
+/// One connector's breaker: a pure state machine, time passed in.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    failures: u32,
+    state: State,
+    /// When an open breaker half-opens.
+    reopen_at: Option<Instant>,
+    /// A half-open probe is in flight.
+    probing: bool,
+    /// Times this breaker opened (for reports).
+    pub opened: u64,
+}
+
+impl Breaker {
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        Self {
+            threshold: threshold.max(1),
+            cooldown,
+            failures: 0,
+            state: State::Closed,
+            reopen_at: None,
+            probing: false,
+            opened: 0,
+        }
+    }
+
+    /// The state as of `now` (an open breaker whose cool-down ended reads as half-open).
+    pub fn state(&self, now: Instant) -> State {
+        match (self.state, self.reopen_at) {
+            (State::Open, Some(at)) if now >= at => State::HalfOpen,
+            (s, _) => s,
+        }
+    }
+
+    pub fn admit(&mut self, now: Instant) -> Admit {
+        match self.state(now) {
+            State::Closed => Admit::Call,
+            State::Open => Admit::Wait(self.reopen_at.unwrap_or(now + self.cooldown)),
+            State::HalfOpen if self.probing => Admit::Wait(now + self.cooldown),
+            State::HalfOpen => {
+                self.state = State::HalfOpen;
+                self.probing = true;
+                Admit::Call
+            }
+        }
+    }
+
+    /// The endpoint answered (success, or a refusal that proves it is alive).
+    pub fn success(&mut self) {
+        self.failures = 0;
+        self.probing = false;
+        self.state = State::Closed;
+        self.reopen_at = None;
+    }
+
+    /// A transient failure (timeout, 5xx, 429, broken connection). Returns `true` when this
+    /// failure opened the breaker.
+    pub fn failure(&mut self, now: Instant) -> bool {
+        self.failures = self.failures.saturating_add(1);
+        let reopen = match self.state(now) {
+            State::HalfOpen => true,
+            State::Closed => self.failures >= self.threshold,
+            State::Open => false,
+        };
+        self.probing = false;
+        if reopen {
+            self.state = State::Open;
+            self.reopen_at = Some(now + self.cooldown);
+            self.opened += 1;
+        }
+        reopen
+    }
+
+    /// An admitted call made no request after all (e.g. the row was skipped): let the next
+    /// one probe instead.
+    pub fn release(&mut self) {
+        self.probing = false;
+    }
+
+    pub fn consecutive_failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// The daemon's breakers and readiness flags, shared by the outbox, `/readyz` and `run`.
+#[derive(Debug)]
+pub struct Circuits {
+    breakers: [Mutex<Breaker>; 3],
+    ready: AtomicBool,
+    stopping: AtomicBool,
+}
+
+/// One connector's state for `/readyz`.
+#[derive(Debug, Clone, Serialize)]
+pub struct CircuitReport {
+    pub connector: &'static str,
+    pub state: State,
+    pub consecutive_failures: u32,
+    /// Seconds until an open breaker lets a probe through.
+    pub retry_in_secs: Option<u64>,
+}
+
+impl Circuits {
+    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+        let b = || Mutex::new(Breaker::new(threshold, cooldown));
+        for c in CONNECTORS {
+            metrics::gauge!("optinsync_circuit_open", "connector" => c).set(0.0);
+        }
+        Self {
+            breakers: [b(), b(), b()],
+            ready: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    fn breaker(&self, connector: &str) -> Option<&Mutex<Breaker>> {
+        CONNECTORS
+            .iter()
+            .position(|c| *c == connector)
+            .and_then(|i| self.breakers.get(i))
+    }
+
+    fn with<R>(&self, connector: &str, f: impl FnOnce(&mut Breaker) -> R) -> Option<R> {
+        let m = self.breaker(connector)?;
+        let mut b = m.lock().unwrap_or_else(|p| p.into_inner());
+        Some(f(&mut b))
+    }
+
+    /// May a row of `kind` be delivered now? `Some(at)`: postpone it to `at`.
+    pub fn deny(&self, kind: &str, now: Instant) -> Option<Instant> {
+        let connector = connector_of(kind)?;
+        let (admit, state) = self.with(connector, |b| (b.admit(now), b.state(now)))?;
+        if state == State::HalfOpen && admit == Admit::Call {
+            tracing::info!(
+                connector,
+                "circuit half-open: letting one delivery through as a probe"
+            );
+        }
+        match admit {
+            Admit::Call => None,
+            Admit::Wait(at) => Some(at),
+        }
+    }
+
+    /// Record the outcome of a call to `connector`: `transient` for a timeout, 5xx, 429 or a
+    /// broken connection; anything else proves the endpoint alive.
+    pub fn record(&self, connector: &'static str, transient: bool) {
+        let now = Instant::now();
+        let changed = self.with(connector, |b| {
+            let before = b.state(now);
+            let opened = if transient {
+                b.failure(now)
+            } else {
+                b.success();
+                false
+            };
+            (before, b.state(now), opened, b.consecutive_failures())
+        });
+        let Some((before, after, opened, failures)) = changed else {
+            return;
+        };
+        if opened {
+            tracing::warn!(
+                connector,
+                consecutive_failures = failures,
+                "circuit open: pausing deliveries through this connector"
+            );
+        } else if before != State::Closed && after == State::Closed {
+            tracing::info!(connector, "circuit closed: the connector answers again");
+        }
+        let open = if after == State::Closed { 0.0 } else { 1.0 };
+        metrics::gauge!("optinsync_circuit_open", "connector" => connector).set(open);
+    }
+
+    /// An admitted delivery of `kind` made no call (skipped row, store error).
+    pub fn release(&self, kind: &str) {
+        if let Some(c) = connector_of(kind) {
+            self.with(c, Breaker::release);
+        }
+    }
+
+    pub fn report(&self) -> Vec<CircuitReport> {
+        let now = Instant::now();
+        CONNECTORS
+            .iter()
+            .filter_map(|c| {
+                self.with(c, |b| CircuitReport {
+                    connector: c,
+                    state: b.state(now),
+                    consecutive_failures: b.consecutive_failures(),
+                    retry_in_secs: match b.state(now) {
+                        State::Open => b.reopen_at.map(|at| (at - now).as_secs()),
+                        _ => None,
+                    },
+                })
+            })
+            .collect()
+    }
+
+    /// Connectors whose breaker is not closed.
+    pub fn open(&self) -> Vec<&'static str> {
+        self.report()
+            .into_iter()
+            .filter(|r| r.state != State::Closed)
+            .map(|r| r.connector)
+            .collect()
+    }
+
+    /// Start-up healthchecks passed (set by `run`).
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Shutdown requested: outbox workers hand claimed rows back instead of starting them.
+    pub fn set_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
+impl Default for Circuits {
+    fn default() -> Self {
+        Self::new(5, Duration::from_secs(30))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COOL: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn opens_after_threshold_consecutive_failures_only() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(3, COOL);
+        assert!(!b.failure(t0));
+        assert!(!b.failure(t0));
+        b.success(); // a success in between resets the count
+        assert!(!b.failure(t0));
+        assert!(!b.failure(t0));
+        assert_eq!(b.state(t0), State::Closed);
+        assert_eq!(b.admit(t0), Admit::Call);
+        assert!(b.failure(t0), "third consecutive failure opens");
+        assert_eq!(b.state(t0), State::Open);
+        assert_eq!(b.admit(t0 + Duration::from_secs(1)), Admit::Wait(t0 + COOL));
+        assert_eq!(b.opened, 1);
+    }
+
+    #[test]
+    fn half_opens_after_cooldown_with_a_single_probe() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(1, COOL);
+        assert!(b.failure(t0));
+        let later = t0 + COOL;
+        assert_eq!(b.state(later), State::HalfOpen);
+        assert_eq!(b.admit(later), Admit::Call, "the probe");
+        assert_eq!(
+            b.admit(later),
+            Admit::Wait(later + COOL),
+            "no second call while the probe is out"
+        );
+        b.success();
+        assert_eq!(b.state(later), State::Closed);
+        assert_eq!(b.admit(later), Admit::Call);
+    }
+
+    #[test]
+    fn a_failed_probe_reopens_for_a_fresh_cooldown() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(2, COOL);
+        b.failure(t0);
+        b.failure(t0);
+        let probe_at = t0 + COOL + Duration::from_secs(5);
+        assert_eq!(b.admit(probe_at), Admit::Call);
+        assert!(b.failure(probe_at), "a failed probe opens again at once");
+        assert_eq!(b.state(probe_at), State::Open);
+        assert_eq!(b.admit(probe_at), Admit::Wait(probe_at + COOL));
+        assert_eq!(b.opened, 2);
+    }
+
+    #[test]
+    fn a_released_probe_lets_the_next_call_probe() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(1, COOL);
+        b.failure(t0);
+        let later = t0 + COOL;
+        assert_eq!(b.admit(later), Admit::Call);
+        b.release();
+        assert_eq!(b.admit(later), Admit::Call);
+    }
+
+    #[test]
+    fn circuits_map_row_kinds_to_connectors_and_report() {
+        assert_eq!(connector_of("mail"), Some("mail"));
+        assert_eq!(connector_of("campaigns_remove"), Some("campaigns"));
+        assert_eq!(connector_of("campaigns_subscribe"), Some("campaigns"));
+        assert_eq!(connector_of("crm_write_back"), Some("crm"));
+        assert_eq!(connector_of("other"), None);
+        let c = Circuits::new(2, COOL);
+        let now = Instant::now();
+        c.record("mail", true);
+        assert!(c.deny("mail", now).is_none());
+        c.record("mail", true);
+        assert!(c.deny("mail", Instant::now()).is_some(), "mail paused");
+        assert!(
+            c.deny("campaigns_remove", Instant::now()).is_none(),
+            "other connectors go on"
+        );
+        assert_eq!(c.open(), vec!["mail"]);
+        c.record("mail", false);
+        assert!(c.open().is_empty());
+    }
+}
