@@ -105,6 +105,9 @@ pub struct ZohoState {
     /// Offset of the org's time zone in rendered date-times.
     pub offset: FixedOffset,
     pub credits_remaining: i64,
+    /// Module → field API names served by `/settings/fields`. `None`: answered as a token
+    /// without the `ZohoCRM.settings.fields.READ` scope would be (403).
+    pub field_names: Option<BTreeMap<String, Vec<String>>>,
     next_id: u64,
     base_url: String,
 }
@@ -135,6 +138,7 @@ impl ZohoState {
             not_modified_status: 304,
             offset: FixedOffset::east_opt(2 * 3600).unwrap(),
             credits_remaining: 100_000,
+            field_names: None,
             next_id: 4_150_868_000_001_000_000,
             base_url,
         }
@@ -449,6 +453,7 @@ fn router(state: Shared) -> Router {
             "/crm/v8/actions/watch",
             get(watch).post(watch).put(watch).delete(watch),
         )
+        .route("/crm/v8/settings/fields", get(field_metadata))
         .route("/crm/v8/{module}", get(list).put(update))
         .route("/crm/v8/{module}/deleted", get(deleted))
         .route("/crm/v8/{module}/{id}", get(one))
@@ -700,6 +705,37 @@ fn if_modified_since(
                 json!({"header_name": "If-Modified-Since"}),
             ))
         })
+}
+
+/// `GET /crm/v8/settings/fields?module=M`: the module's fields (`api_name` only).
+async fn field_metadata(
+    State(state): State<Shared>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = gate(&state, &headers).await {
+        return r;
+    }
+    let q = parse_form(&query.unwrap_or_default());
+    let s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(module) = q
+        .get("module")
+        .filter(|m| s.modules.contains_key(m.as_str()))
+    else {
+        return envelope(
+            400,
+            "INVALID_MODULE",
+            "the module name given seems to be invalid",
+            json!({}),
+        );
+    };
+    // Without declared fields the fake behaves like a token lacking the
+    // `ZohoCRM.settings.fields.READ` scope: the connector then skips its field check.
+    let Some(names) = s.field_names.as_ref().and_then(|f| f.get(module)).cloned() else {
+        return envelope(403, "NO_PERMISSION", "permission denied", json!({}));
+    };
+    let fields: Vec<Value> = names.iter().map(|n| json!({ "api_name": n })).collect();
+    json_response(200, &json!({ "fields": fields }))
 }
 
 async fn list(

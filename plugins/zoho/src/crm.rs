@@ -341,6 +341,7 @@ impl ZohoCrm {
                 .and_then(|v| v.trim().parse::<i64>().ok())
             {
                 self.credits.store(credits, Ordering::Relaxed);
+                metrics::gauge!("optinsync_zoho_crm_api_credits_remaining").set(credits as f64);
                 tracing::debug!(credits, "Zoho CRM API credits remaining");
             }
             let retry_after = response
@@ -774,6 +775,63 @@ impl ZohoCrm {
     }
 
     /// A failed call as the engine should see it.
+    /// Before the first sync: does every mapped field exist in every module? A typo in a field
+    /// name would otherwise read as "nobody asked for anything". Needs the
+    /// `ZohoCRM.settings.fields.READ` scope; without it the check is skipped and said so.
+    async fn check_fields(&self) -> ConnectorResult<String> {
+        let mapped: Vec<&str> = self
+            .settings
+            .fields_param
+            .split(',')
+            .filter(|f| *f != "id")
+            .collect();
+        for module in &self.settings.modules {
+            let reply = self
+                .call(Request {
+                    method: Method::GET,
+                    path: "/settings/fields",
+                    query: vec![("module", module.clone())],
+                    if_modified_since: None,
+                    body: None,
+                })
+                .await;
+            let names: std::collections::HashSet<String> = match reply {
+                Ok(Reply::Json(_, v)) => v
+                    .get("fields")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|f| {
+                                f.get("api_name").and_then(Value::as_str).map(str::to_owned)
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                Ok(Reply::Empty) | Err(_) => {
+                    return Ok("field names not checked (grant ZohoCRM.settings.fields.READ to check them)".into());
+                }
+            };
+            if names.is_empty() {
+                return Ok("field names not checked (empty field metadata)".into());
+            }
+            let missing: Vec<&str> = mapped
+                .iter()
+                .copied()
+                .filter(|f| !names.contains(*f))
+                .collect();
+            if !missing.is_empty() {
+                return Err(ConnectorError::Config {
+                    setting: "connectors.crm (email_field, opt_out_field, language_field, fields, asserts)".into(),
+                    message: format!(
+                        "module {module} has no field named {}; use the field's API name (Setup > Developer Hub > APIs > API names)",
+                        missing.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(format!("{} mapped fields present", mapped.len()))
+    }
+
     fn crm_error(&self, e: CallError, module: &str) -> ConnectorError {
         match e {
             CallError::Connector(c) => c,
@@ -1178,10 +1236,11 @@ impl CrmConnector for ZohoCrm {
                 }
             }
         }
+        let fields = self.check_fields().await?;
         Ok(Health {
             ok: true,
             detail: format!(
-                "Zoho CRM at {}: token ok, modules {} readable",
+                "Zoho CRM at {}: token ok, modules {} readable, {fields}",
                 self.api_base(&token),
                 readable.join(", ")
             ),

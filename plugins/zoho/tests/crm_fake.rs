@@ -677,3 +677,49 @@ fn example_config_crm_section_is_valid() {
     resolve(&mut crm);
     ZohoCrm::from_config(crm, Path::new(".")).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_that_every_mapped_field_exists() {
+    let fake = FakeZoho::start();
+    let mut names = std::collections::BTreeMap::new();
+    names.insert(
+        "Contacts".to_owned(),
+        [
+            "Email",
+            "Email_Opt_Out",
+            "Modified_Time",
+            "First_Name",
+            "Last_Name",
+            "Newsletter",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    // Without the field-metadata scope the check is skipped, and said so.
+    let skipped = crm(&fake, "").health().await.unwrap();
+    assert!(
+        skipped.ok && skipped.detail.contains("not checked"),
+        "{}",
+        skipped.detail
+    );
+
+    fake.with(|s| s.field_names = Some(names.clone()));
+    let ok = crm(&fake, "").health().await.unwrap();
+    assert!(
+        ok.ok && ok.detail.contains("mapped fields present"),
+        "{}",
+        ok.detail
+    );
+
+    // A typo in a mapped field is a configuration error naming the field, before any sync.
+    let err = crm(&fake, "language_field = \"Langauge\"")
+        .health()
+        .await
+        .unwrap_err();
+    match err {
+        ConnectorError::Config { message, .. } => {
+            assert!(message.contains("Langauge"), "{message}")
+        }
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
