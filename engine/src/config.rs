@@ -448,6 +448,11 @@ pub struct ListConfig {
     pub pending_expiry: HumanDuration,
     #[serde(default = "default_max_reminders")]
     pub max_reminders: u32,
+    /// Who runs the double opt-in: `"optinsync"` (default: optinsync's own mail and
+    /// confirmation page, the full proof) or `"campaigns"` (the campaigns tool's own
+    /// confirmation on a signup-form list; optinsync records it as weaker evidence).
+    #[serde(default)]
+    pub doi: DoiMode,
     #[serde(default = "default_inactivity")]
     pub inactivity: HumanDuration,
     #[serde(default = "default_grace")]
@@ -471,6 +476,14 @@ fn default_inactivity() -> HumanDuration {
 }
 fn default_grace() -> HumanDuration {
     HumanDuration(Duration::from_secs(30 * 86_400))
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DoiMode {
+    #[default]
+    Optinsync,
+    Campaigns,
 }
 
 impl ListConfig {

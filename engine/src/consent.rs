@@ -153,6 +153,9 @@ pub enum Input {
     Unsubscribe,
     Bounce,
     Complaint,
+    /// The campaigns tool's own double opt-in was confirmed — only legal on a list whose
+    /// confirmation the tool runs (`Context::campaigns_doi`).
+    CampaignsConfirmed,
     /// The person started a fresh signup themselves (e.g. a web form or the expired-link page).
     PersonSignup {
         token: String,
@@ -175,6 +178,7 @@ impl Input {
             Self::Bounce => "bounce",
             Self::Complaint => "complaint",
             Self::PersonSignup { .. } => "person_signup",
+            Self::CampaignsConfirmed => "campaigns_confirmed",
             Self::Erase => "erase",
         }
     }
@@ -244,6 +248,8 @@ pub struct Limits {
 pub struct Context {
     /// The address is on the global suppression list (bounced, complained, erased anywhere).
     pub suppressed: bool,
+    /// The list's double opt-in is run by the campaigns tool (`doi = "campaigns"`).
+    pub campaigns_doi: bool,
 }
 
 /// `Ok(None)` means the input is legal but changes nothing (a repeat, or a CRM edit that
@@ -309,6 +315,26 @@ pub fn transition(
                 _ => return refuse("DOI is only sent for asserted consent"),
             }
         }
+        Input::SendReminder | Input::SendRevalidation { .. } if cx.campaigns_doi => {
+            return refuse("the campaigns tool runs the confirmation for this list");
+        }
+        Input::CampaignsConfirmed => match from {
+            S::Pending if cx.campaigns_doi => {
+                next.confirmed_at = Some(now);
+                // The tool put them on its list when they confirmed: nothing to subscribe.
+                (
+                    S::Confirmed,
+                    "confirmed_by_campaigns",
+                    vec![Effect::WriteBack { opt_out: false }],
+                )
+            }
+            S::Confirmed => return Ok(None),
+            _ if !cx.campaigns_doi => {
+                return refuse("this list's confirmation is optinsync's own (invariant 1)");
+            }
+            st if st.is_withdrawal() => return refuse("withdrawal wins (invariant 3)"),
+            _ => return refuse("no signup is waiting for the campaigns tool's confirmation"),
+        },
         Input::SendReminder => {
             if cx.suppressed {
                 return refuse("address is suppressed (invariant 4)");
@@ -576,7 +602,10 @@ mod tests {
 
     #[test]
     fn suppressed_address_gets_no_mail() {
-        let cx = Context { suppressed: true };
+        let cx = Context {
+            suppressed: true,
+            campaigns_doi: false,
+        };
         let r = transition(
             &at(ConsentState::Asserted),
             &Input::SendDoi { token: "t".into() },
@@ -593,5 +622,48 @@ mod tests {
             assert_eq!(s.as_str().parse::<ConsentState>().ok(), Some(s));
         }
         assert!("maybe".parse::<ConsentState>().is_err());
+    }
+
+    #[test]
+    fn campaigns_confirmation_only_on_lists_whose_doi_the_tool_runs() {
+        let now = Utc::now();
+        let pending = at(ConsentState::Pending);
+        let own = Context {
+            suppressed: false,
+            campaigns_doi: false,
+        };
+        assert!(
+            transition(&pending, &Input::CampaignsConfirmed, LIM, own, now).is_err(),
+            "invariant 1 on optinsync lists"
+        );
+        let tool = Context {
+            suppressed: false,
+            campaigns_doi: true,
+        };
+        let t = transition(&pending, &Input::CampaignsConfirmed, LIM, tool, now)
+            .expect("legal")
+            .expect("changes");
+        assert_eq!(
+            (t.to, t.event),
+            (ConsentState::Confirmed, "confirmed_by_campaigns")
+        );
+        assert!(
+            !t.effects.contains(&Effect::Subscribe),
+            "the tool already holds them"
+        );
+        assert!(
+            transition(
+                &at(ConsentState::Withdrawn),
+                &Input::CampaignsConfirmed,
+                LIM,
+                tool,
+                now
+            )
+            .is_err()
+        );
+        assert!(
+            transition(&pending, &Input::SendReminder, LIM, tool, now).is_err(),
+            "the tool sends its own reminders"
+        );
     }
 }

@@ -164,6 +164,7 @@ impl Engine {
                     .store
                     .is_any_suppressed(&self.tokens.address_hashes(&contact.email))
                     .await?,
+                campaigns_doi: list.doi == crate::config::DoiMode::Campaigns,
             };
             let limits = consent::Limits {
                 max_reminders: list.max_reminders,
@@ -359,6 +360,7 @@ impl Engine {
                         StatusKind::Unsubscribed => Input::Unsubscribe,
                         StatusKind::Bounced => Input::Bounce,
                         StatusKind::Complained => Input::Complaint,
+                        StatusKind::Confirmed => Input::CampaignsConfirmed,
                         StatusKind::Opened | StatusKind::Clicked => {
                             self.store
                                 .record_engagement(&contact.id, &list.id, ev.at)
@@ -366,8 +368,16 @@ impl Engine {
                             continue;
                         }
                     };
+                    let detail = match ev.kind {
+                        // Say plainly what this proof is worth.
+                        StatusKind::Confirmed => Some(format!(
+                            "confirmed through the campaigns tool's own double opt-in ({}); weaker evidence: no IP, user agent or text snapshot recorded by optinsync",
+                            ev.detail.as_deref().unwrap_or("no detail")
+                        )),
+                        _ => ev.detail.clone(),
+                    };
                     let evidence = Evidence {
-                        detail: ev.detail.clone(),
+                        detail,
                         ..Evidence::default()
                     };
                     if let Applied::Changed(_) = self
@@ -522,6 +532,17 @@ fn outbox_rows(
         .iter()
         .filter_map(|e| {
             let (kind, priority, key, payload) = match e {
+                // The campaigns tool runs this list's double opt-in: ask it, send no mail.
+                Effect::SendConfirmationMail { token, .. }
+                    if list.doi == crate::config::DoiMode::Campaigns =>
+                {
+                    (
+                        "campaigns_request_doi",
+                        PRIORITY_NORMAL,
+                        format!("request-doi:{event_id}"),
+                        serde_json::json!({ "token": token }),
+                    )
+                }
                 Effect::SendConfirmationMail { token, kind } => (
                     "mail",
                     PRIORITY_NORMAL,

@@ -214,6 +214,33 @@ impl Engine {
                     .subscribe(list.campaigns_list(), &[sub])
                     .await
             }
+            "campaigns_request_doi" => {
+                let Some(contact) = contact else {
+                    return Ok(done("skipped: contact no longer exists"));
+                };
+                // Like a DOI mail: only while this signup still waits.
+                let token = item
+                    .payload
+                    .get("token")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default();
+                let consent = self.store.consent(&contact.id, &list.id).await?;
+                if !consent.is_some_and(|c| {
+                    c.state == crate::consent::ConsentState::Pending
+                        && c.signup_token.as_deref() == Some(token)
+                }) {
+                    return Ok(done("skipped: signup no longer waiting"));
+                }
+                let sub = Subscriber {
+                    email: contact.email.clone(),
+                    language: contact.language.clone(),
+                    fields: contact.fields.clone(),
+                };
+                self.connectors
+                    .campaigns
+                    .request_doi(list.campaigns_list(), &sub)
+                    .await
+            }
             "campaigns_remove" => {
                 let email = item
                     .payload
@@ -451,6 +478,7 @@ fn outbox_kind_label(kind: &str) -> &'static str {
     match kind {
         "mail" => "mail",
         "campaigns_subscribe" => "campaigns_subscribe",
+        "campaigns_request_doi" => "campaigns_request_doi",
         "campaigns_remove" => "campaigns_remove",
         "crm_write_back" => "crm_write_back",
         _ => "other",

@@ -33,6 +33,9 @@ enum Op {
     Complaint,
     PersonSignup(Tok),
     Erase,
+    /// The campaigns tool's confirmation — must always be refused on these (optinsync-DOI)
+    /// lists, which the properties below check.
+    CampaignsConfirmed,
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +81,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Complaint),
         3 => tok().prop_map(Op::PersonSignup),
         1 => Just(Op::Erase),
+        2 => Just(Op::CampaignsConfirmed),
     ]
 }
 
@@ -177,6 +181,7 @@ fn input_of(op: &Op, current: &Consent, i: usize) -> Input {
             token: resolve(k, current, i),
         },
         Op::Erase => Input::Erase,
+        Op::CampaignsConfirmed => Input::CampaignsConfirmed,
     }
 }
 
@@ -193,8 +198,10 @@ fn run(case: &Case) -> Vec<Rec> {
     for (i, step) in case.steps.iter().enumerate() {
         let now = t0() + chrono::Duration::minutes(i as i64 + 1);
         let input = input_of(&step.op, &current, i);
+        // These properties are about lists whose DOI optinsync runs itself.
         let cx = Context {
             suppressed: step.suppressed,
+            campaigns_doi: false,
         };
         let result = transition(&current, &input, limits(case), cx, now);
         let after = match &result {
@@ -430,7 +437,10 @@ fn generator_reaches_every_state() {
 /// The shrunk counterexample of `no_mail_when_suppressed`, kept as a plain regression test.
 #[test]
 fn person_signup_of_suppressed_address_sends_no_mail() {
-    let cx = Context { suppressed: true };
+    let cx = Context {
+        suppressed: true,
+        campaigns_doi: false,
+    };
     let lim = Limits { max_reminders: 1 };
     let r = transition(
         &Consent::new(t0()),

@@ -169,3 +169,87 @@ fn a_missing_zoho_list_stops_start_up_naming_the_setting() {
         "{err}"
     );
 }
+
+/// `doi = "campaigns"` on the optinsync list and `doi = "zoho"` on the mapped signup-form
+/// list: Zoho sends its own confirmation; optinsync sends no mail and records Zoho's
+/// confirmation as weaker evidence.
+#[tokio::test(flavor = "multi_thread")]
+async fn zoho_run_double_opt_in_is_recorded_as_weaker_evidence() {
+    let f = FakeCampaigns::start();
+    f.add_list(KEY, "Master programmes newsletter", true);
+    let demo = demo_with_fake(&f);
+    let cfg = std::fs::read_to_string(demo.config()).unwrap();
+    // The connector's list mapping: Zoho's signup form runs the DOI ...
+    let mapping = format!("listkey = \"{KEY}\"\ndoi = \"optinsync\"");
+    assert!(cfg.contains(&mapping));
+    let cfg = cfg.replace(&mapping, &format!("listkey = \"{KEY}\"\ndoi = \"zoho\""));
+    // ... and the optinsync list says so.
+    assert_eq!(
+        cfg.matches("\ndoi = \"optinsync\"\n").count(),
+        1,
+        "only the [[lists]] entry is left"
+    );
+    let cfg = cfg.replace("\ndoi = \"optinsync\"\n", "\ndoi = \"campaigns\"\n");
+    std::fs::write(demo.config(), cfg).unwrap();
+
+    demo.run_ok(&["sync", "--once"]);
+    assert!(
+        demo.mails().is_empty(),
+        "optinsync sends no DOI mail for this list"
+    );
+    assert_eq!(
+        f.confirmation_mails(KEY),
+        2,
+        "Zoho sent its own confirmation to both asserted contacts"
+    );
+    assert!(f.active(KEY).is_empty(), "nobody active before confirming");
+    assert_eq!(
+        demo.state("ana.garcia@example.org", "newsletter"),
+        "pending"
+    );
+
+    // Ana clicks Zoho's confirmation mail; the next pass records it.
+    f.confirm(KEY, "ana.garcia@example.org");
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // status_interval = 1s
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(
+        demo.state("ana.garcia@example.org", "newsletter"),
+        "confirmed"
+    );
+    assert_eq!(
+        demo.state("ben.okafor@example.net", "newsletter"),
+        "pending"
+    );
+    let v = demo.contact_json("ana.garcia@example.org");
+    let ev = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "confirmed_by_campaigns")
+        .unwrap()
+        .clone();
+    assert_eq!(ev["source"], "campaigns");
+    assert!(
+        ev["evidence"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("weaker evidence"),
+        "{ev}"
+    );
+    assert!(ev["evidence"]["ip"].is_null(), "no IP is claimed");
+
+    // A later pass changes nothing more; no reminder mails from optinsync either.
+    demo.run_ok(&["sync", "--once"]);
+    assert!(demo.mails().is_empty());
+    assert_eq!(
+        demo.event_kinds("ana.garcia@example.org")
+            .iter()
+            .filter(|k| *k == "confirmed_by_campaigns")
+            .count(),
+        1
+    );
+    assert!(
+        demo.run_ok(&["ledger", "verify"])
+            .starts_with("ledger verified")
+    );
+}

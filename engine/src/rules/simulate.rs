@@ -76,7 +76,10 @@ fn classify(
     let limits = consent::Limits {
         max_reminders: list.max_reminders,
     };
-    let cx = consent::Context { suppressed };
+    let cx = consent::Context {
+        suppressed,
+        campaigns_doi: list.doi == crate::config::DoiMode::Campaigns,
+    };
     // Each proposal is judged on the state the previous ones would have left.
     let mut state = consent.clone();
     let mut out = Vec::new();

@@ -118,6 +118,9 @@ pub enum StatusKind {
     /// Engagement, not consent: feeds the inactivity rule.
     Opened,
     Clicked,
+    /// The tool's own double opt-in was confirmed (only for lists whose confirmation the tool
+    /// runs; weaker evidence than optinsync's own: no IP, user agent or text snapshot).
+    Confirmed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -274,6 +277,14 @@ pub trait CampaignsConnector: Send + Sync + fmt::Debug {
     async fn health(&self) -> ConnectorResult<Health>;
     fn limits(&self) -> Limits {
         Limits::default()
+    }
+    /// Ask the tool to run its own double opt-in for this person on `list` (a list whose
+    /// confirmation the tool runs). Must be idempotent. Default: not supported.
+    async fn request_doi(&self, list: &str, subscriber: &Subscriber) -> ConnectorResult<()> {
+        let _ = (list, subscriber);
+        Err(ConnectorError::Permanent {
+            message: "this campaigns connector cannot run a double opt-in".into(),
+        })
     }
     /// Current members of `list`, a page at a time (`None` = from the start), for taking an
     /// existing list into the ledger (`optinsync campaign import-existing`). Default: not

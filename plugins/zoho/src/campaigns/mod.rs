@@ -977,6 +977,21 @@ const STATUSES: [(&str, StatusKind); 2] = [
 
 #[async_trait]
 impl CampaignsConnector for ZohoCampaigns {
+    /// For a `doi = "zoho"` list, `listsubscribe` to its signup form makes Zoho send its own
+    /// confirmation mail and hold the contact until the person confirms.
+    async fn request_doi(&self, list: &str, subscriber: &Subscriber) -> ConnectorResult<()> {
+        let m = self.mapping(list)?;
+        if m.doi != DoiMode::Zoho {
+            return Err(ConnectorError::Config {
+                setting: format!("{SETTING_PREFIX}.lists.{list}.doi"),
+                message: format!(
+                    "the optinsync list asks Zoho to run the double opt-in (doi = \"campaigns\"), but `{list}` is mapped with doi = \"optinsync\"; set doi = \"zoho\" on a signup-form list"
+                ),
+            });
+        }
+        self.subscribe(list, std::slice::from_ref(subscriber)).await
+    }
+
     async fn subscribe(&self, list: &str, subscribers: &[Subscriber]) -> ConnectorResult<()> {
         let m = self.mapping(list)?;
         // Back on the list: a later unsubscribe is the person's own, not an echo of ours.
@@ -1104,7 +1119,12 @@ impl CampaignsConnector for ZohoCampaigns {
         };
         let mut events = Vec::new();
         let page = self.settings.page_size as usize;
-        for (status, kind) in STATUSES {
+        // On a list whose double opt-in Zoho runs, a newly active member is a confirmation.
+        let statuses: Vec<(&str, StatusKind)> = STATUSES
+            .into_iter()
+            .chain((m.doi == DoiMode::Zoho).then_some(("active", StatusKind::Confirmed)))
+            .collect();
+        for (status, kind) in statuses {
             let seen_before = previous.seen.get(status);
             let seen_now = next.seen.entry(status.to_owned()).or_default();
             let mut from = 1;
