@@ -481,6 +481,7 @@ impl ZohoCampaigns {
             match slot {
                 Slot::Go(at) => break Ok(at),
                 Slot::Locked(rest) => {
+                    metrics::counter!("optinsync_zoho_campaigns_lockouts_total", "endpoint" => api.name()).increment(1);
                     break Err(ConnectorError::Transient {
                         message: format!(
                             "Zoho Campaigns has locked `{}` for exceeding its quota; paused for {} s",
@@ -491,6 +492,11 @@ impl ZohoCampaigns {
                     });
                 }
                 Slot::Wait(wait) => {
+                    // Bounded labels: the endpoint name only.
+                    metrics::counter!("optinsync_zoho_campaigns_quota_waits_total", "endpoint" => api.name())
+                        .increment(1);
+                    metrics::histogram!("optinsync_zoho_campaigns_quota_wait_seconds", "endpoint" => api.name())
+                        .record(wait.as_secs_f64());
                     if let Some((wait, waiting, done_ms)) = log {
                         let done = DateTime::from_timestamp_millis(done_ms)
                             .map(|d| d.to_rfc3339())
