@@ -370,20 +370,24 @@ pub async fn ledger_verify(path: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<(), Failure> {
-    let config = load_config(path)?;
+/// Normalise `raw_email` (not an address: a usage error) and find its contact.
+async fn find_contact(
+    store: &dyn Store,
+    raw_email: &str,
+) -> Result<optinsync_engine::store::Contact, Failure> {
     let address = email::normalise(raw_email)
         .map_err(|e| Failure::Config(anyhow::anyhow!("`{raw_email}`: {e}")))?;
-    let store = open_store(&config).await?;
-    let Some(contact) = store
+    store
         .contact_by_email(&address)
         .await
         .context("looking up the contact")?
-    else {
-        return Err(Failure::Runtime(anyhow::anyhow!(
-            "no contact with address {address}"
-        )));
-    };
+        .ok_or_else(|| Failure::Runtime(anyhow::anyhow!("no contact with address {address}")))
+}
+
+pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<(), Failure> {
+    let config = load_config(path)?;
+    let store = open_store(&config).await?;
+    let contact = find_contact(store.as_ref(), raw_email).await?;
     let consents = store
         .consents_of_contact(&contact.id)
         .await
@@ -871,18 +875,8 @@ async fn verify_whole_ledger(store: &dyn Store) -> Result<(u64, i64, String), Fa
 
 pub async fn evidence_export(path: &Path, raw_email: &str, json: bool) -> Result<(), Failure> {
     let config = load_config(path)?;
-    let address = email::normalise(raw_email)
-        .map_err(|e| Failure::Config(anyhow::anyhow!("`{raw_email}`: {e}")))?;
     let store = open_store(&config).await?;
-    let Some(contact) = store
-        .contact_by_email(&address)
-        .await
-        .context("looking up the contact")?
-    else {
-        return Err(Failure::Runtime(anyhow::anyhow!(
-            "no contact with address {address}"
-        )));
-    };
+    let contact = find_contact(store.as_ref(), raw_email).await?;
     // The bundle is only worth anything if the ledger it quotes is intact.
     let (checked, head_seq, head_hash) = verify_whole_ledger(store.as_ref()).await?;
     let consents = store
@@ -993,19 +987,11 @@ pub async fn evidence_export(path: &Path, raw_email: &str, json: bool) -> Result
 }
 
 pub async fn erase(path: &Path, raw_email: &str) -> Result<(), Failure> {
-    let address = email::normalise(raw_email)
+    // A typo in the address is a usage error before anything starts.
+    email::normalise(raw_email)
         .map_err(|e| Failure::Config(anyhow::anyhow!("`{raw_email}`: {e}")))?;
     let engine = boot(path).await?;
-    let Some(contact) = engine
-        .store
-        .contact_by_email(&address)
-        .await
-        .context("looking up the contact")?
-    else {
-        return Err(Failure::Runtime(anyhow::anyhow!(
-            "no contact with address {address}"
-        )));
-    };
+    let contact = find_contact(engine.store.as_ref(), raw_email).await?;
     let report = engine.erase(&contact).await.context("erasing")?;
     // Queue the removals now rather than at the next daemon pass (legal deadline).
     let delivered = engine
