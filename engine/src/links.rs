@@ -455,6 +455,44 @@ fn verify(engine: &Engine, token: &str, purpose: Purpose) -> Result<Claims, Toke
     engine.tokens.verify(token, purpose, Utc::now().timestamp())
 }
 
+/// Verify `token` for `purpose` and find what it names; `Err` is the page to answer with (an
+/// invalid link, or the store unavailable). An expired *confirmation* link is still resolved
+/// and flagged, because its page offers a fresh mail; unsubscribe links never expire.
+async fn resolve<'e>(
+    engine: &'e Engine,
+    st: &LinkState,
+    req: &Req,
+    token: &str,
+    purpose: Purpose,
+) -> Result<(Box<Target<'e>>, bool), Response> {
+    let invalid = || async {
+        let lang = fallback_lang(engine, req);
+        st.notice(engine, StatusCode::BAD_REQUEST, "invalid", &lang, None)
+            .await
+    };
+    let (claims, expired) = match verify(engine, token, purpose) {
+        Ok(c) => (c, false),
+        Err(TokenError::Expired(c)) if purpose == Purpose::Confirm => (*c, true),
+        Err(_) => return Err(invalid().await),
+    };
+    match lookup(engine, claims).await {
+        Lookup::Found(t) => Ok((t, expired)),
+        Lookup::Invalid => Err(invalid().await),
+        Lookup::Unavailable => {
+            let lang = fallback_lang(engine, req);
+            Err(st
+                .notice(
+                    engine,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "retry",
+                    &lang,
+                    None,
+                )
+                .await)
+        }
+    }
+}
+
 async fn confirm_get(
     State(engine): State<Arc<Engine>>,
     Extension(st): Extension<Arc<LinkState>>,
@@ -465,36 +503,9 @@ async fn confirm_get(
 ) -> Response {
     let req = Req::new(&ip, &method, &headers);
     let now = Utc::now().timestamp();
-    let (claims, expired) = match verify(&engine, &token, Purpose::Confirm) {
-        Ok(c) => (c, false),
-        Err(TokenError::Expired(c)) => (*c, true),
-        Err(_) => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(&engine, StatusCode::BAD_REQUEST, "invalid", &lang, None)
-                .await;
-        }
-    };
-    let t = match lookup(&engine, claims).await {
-        Lookup::Found(t) => t,
-        Lookup::Invalid => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(&engine, StatusCode::BAD_REQUEST, "invalid", &lang, None)
-                .await;
-        }
-        Lookup::Unavailable => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(
-                    &engine,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "retry",
-                    &lang,
-                    None,
-                )
-                .await;
-        }
+    let (t, expired) = match resolve(&engine, &st, &req, &token, Purpose::Confirm).await {
+        Ok(found) => found,
+        Err(page) => return page,
     };
     let (page, status, purpose, detail) = if expired {
         (
@@ -551,36 +562,9 @@ async fn confirm_post(
     let form = form.map(|f| f.0).unwrap_or_default();
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     let now = Utc::now().timestamp();
-    let (claims, expired) = match verify(&engine, &token, Purpose::Confirm) {
-        Ok(c) => (c, false),
-        Err(TokenError::Expired(c)) => (*c, true),
-        Err(_) => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(&engine, StatusCode::BAD_REQUEST, "invalid", &lang, None)
-                .await;
-        }
-    };
-    let t = match lookup(&engine, claims).await {
-        Lookup::Found(t) => t,
-        Lookup::Invalid => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(&engine, StatusCode::BAD_REQUEST, "invalid", &lang, None)
-                .await;
-        }
-        Lookup::Unavailable => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(
-                    &engine,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "retry",
-                    &lang,
-                    None,
-                )
-                .await;
-        }
+    let (t, expired) = match resolve(&engine, &st, &req, &token, Purpose::Confirm).await {
+        Ok(found) => found,
+        Err(page) => return page,
     };
     let purpose = if expired { NONCE_RESEND } else { NONCE_CONFIRM };
     let page_hash = field("page");
@@ -722,30 +706,9 @@ async fn unsubscribe_get(
     Path(token): Path<String>,
 ) -> Response {
     let req = Req::new(&ip, &method, &headers);
-    let t = match verify(&engine, &token, Purpose::Unsubscribe) {
-        Ok(c) => lookup(&engine, c).await,
-        Err(_) => Lookup::Invalid,
-    };
-    let t = match t {
-        Lookup::Found(t) => t,
-        Lookup::Invalid => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(&engine, StatusCode::BAD_REQUEST, "invalid", &lang, None)
-                .await;
-        }
-        Lookup::Unavailable => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(
-                    &engine,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "retry",
-                    &lang,
-                    None,
-                )
-                .await;
-        }
+    let t = match resolve(&engine, &st, &req, &token, Purpose::Unsubscribe).await {
+        Ok((t, _)) => t,
+        Err(page) => return page,
     };
     let (resp, hash) = st
         .page(
@@ -844,30 +807,9 @@ async fn unsubscribe_post(
     body: Bytes,
 ) -> Response {
     let req = Req::new(&ip, &Method::POST, &headers);
-    let t = match verify(&engine, &token, Purpose::Unsubscribe) {
-        Ok(c) => lookup(&engine, c).await,
-        Err(_) => Lookup::Invalid,
-    };
-    let t = match t {
-        Lookup::Found(t) => t,
-        Lookup::Invalid => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(&engine, StatusCode::BAD_REQUEST, "invalid", &lang, None)
-                .await;
-        }
-        Lookup::Unavailable => {
-            let lang = fallback_lang(&engine, &req);
-            return st
-                .notice(
-                    &engine,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "retry",
-                    &lang,
-                    None,
-                )
-                .await;
-        }
+    let t = match resolve(&engine, &st, &req, &token, Purpose::Unsubscribe).await {
+        Ok((t, _)) => t,
+        Err(page) => return page,
     };
     let content_type = headers
         .get(header::CONTENT_TYPE)
