@@ -133,6 +133,20 @@ pub(crate) fn check_url(setting: &str, url: &str) -> Result<String, ConfigError>
 }
 
 /// `"60s"`, `"10m"`, `"3h"`, `"1d"`, `"2w"`; a bare number is seconds.
+/// The HTTP client of a Zoho connector, from its `timeout` setting (one call's limit).
+pub(crate) fn http_client(timeout_setting: &str) -> Result<reqwest::Client, ConfigError> {
+    let timeout = parse_duration("timeout", timeout_setting)?;
+    if timeout.is_zero() {
+        return Err(invalid("timeout", "must be more than 0s"));
+    }
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .user_agent(concat!("optinsync/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| invalid("timeout", format!("cannot build the HTTP client: {e}")))
+}
+
 pub fn parse_duration(setting: &str, text: &str) -> Result<Duration, ConfigError> {
     let text = text.trim();
     let split = text

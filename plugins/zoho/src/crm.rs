@@ -138,16 +138,7 @@ impl ZohoCrm {
             c.accounts_url.as_deref(),
             SETTING_PREFIX,
         )?;
-        let timeout = parse_duration("timeout", &c.timeout)?;
-        if timeout.is_zero() {
-            return Err(invalid("timeout", "must be more than 0s"));
-        }
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(Duration::from_secs(10)))
-            .user_agent(concat!("optinsync/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| invalid("timeout", format!("cannot build the HTTP client: {e}")))?;
+        let http = crate::config::http_client(&c.timeout)?;
         Self::with_oauth(c, http.clone(), Arc::new(ZohoOAuth::new(http, oauth)))
     }
 
