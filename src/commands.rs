@@ -276,14 +276,33 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     // commit or a delivery is either finished or not started.
     while !stop.load(Ordering::SeqCst) {
         if tokio::time::Instant::now() >= next_pass {
-            // Connector upkeep (e.g. the Zoho CRM notification channel); polling goes on if it fails.
-            if let Err(e) = engine.connectors.crm.maintain().await {
-                tracing::warn!(error = %e, "CRM connector upkeep failed; polling goes on");
-            }
-            match pass(&engine, false).await {
-                Ok(summary) => tracing::info!("sync pass: {summary}"),
+            // One instance at a time polls and decides (several may share one PostgreSQL);
+            // the holder renews every pass, and a dead holder's lease lapses.
+            let now = chrono::Utc::now();
+            let hold = chrono::Duration::from_std(poll * 3 + Duration::from_secs(30))
+                .unwrap_or(chrono::Duration::minutes(5));
+            match engine
+                .store
+                .try_lease("sync-pass", &worker, now, now + hold)
+                .await
+            {
+                Ok(true) => {
+                    // Connector upkeep (e.g. the Zoho CRM notification channel); polling goes on if it fails.
+                    if let Err(e) = engine.connectors.crm.maintain().await {
+                        tracing::warn!(error = %e, "CRM connector upkeep failed; polling goes on");
+                    }
+                    match pass(&engine, false).await {
+                        Ok(summary) => tracing::info!("sync pass: {summary}"),
+                        Err(e) => {
+                            tracing::error!(error = %format!("{e:#}"), "sync pass failed; will retry next interval")
+                        }
+                    }
+                }
+                Ok(false) => tracing::info!(
+                    "sync pass skipped: another instance holds the sync lease; this one delivers and serves links"
+                ),
                 Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "sync pass failed; will retry next interval")
+                    tracing::error!(error = %e, "cannot take the sync lease; will retry next interval")
                 }
             }
             next_pass = tokio::time::Instant::now() + poll;

@@ -150,6 +150,7 @@ store_contract! {
     check_consent_summary => sqlite_check_consent_summary, postgres_check_consent_summary;
     check_dead_letters_retry_and_drop => sqlite_check_dead_letters_retry_and_drop, postgres_check_dead_letters_retry_and_drop;
     check_erasure_redacts_and_keeps_the_chain => sqlite_check_erasure_redacts_and_keeps_the_chain, postgres_check_erasure_redacts_and_keeps_the_chain;
+    check_leases => sqlite_check_leases, postgres_check_leases;
     check_release_claims_of_a_crashed_predecessor =>
         sqlite_check_release_claims_of_a_crashed_predecessor,
         postgres_check_release_claims_of_a_crashed_predecessor;
@@ -1760,5 +1761,77 @@ async fn check_release_claims_of_a_crashed_predecessor(db: TestDb) {
             .await
             .expect("release"),
         0
+    );
+}
+
+async fn check_leases(db: TestDb) {
+    let s = &*db.store;
+    assert!(
+        s.try_lease("sync-pass", "a", t(0), t(60))
+            .await
+            .expect("take"),
+        "free lease taken"
+    );
+    assert!(
+        !s.try_lease("sync-pass", "b", t(10), t(70))
+            .await
+            .expect("try"),
+        "held by a"
+    );
+    assert!(
+        s.try_lease("sync-pass", "a", t(20), t(80))
+            .await
+            .expect("renew"),
+        "the holder renews"
+    );
+    assert!(
+        !s.try_lease("sync-pass", "b", t(70), t(130))
+            .await
+            .expect("try"),
+        "renewed until 80"
+    );
+    assert!(
+        s.try_lease("other", "b", t(70), t(130))
+            .await
+            .expect("take"),
+        "leases are per name"
+    );
+    assert!(
+        s.try_lease("sync-pass", "b", t(81), t(141))
+            .await
+            .expect("take over"),
+        "a lapsed lease is taken over"
+    );
+    assert!(
+        !s.try_lease("sync-pass", "a", t(90), t(150))
+            .await
+            .expect("try"),
+        "the old holder lost it"
+    );
+
+    // A restarted instance (same host/listen prefix) takes over its dead predecessor's lease.
+    assert!(
+        s.try_lease("pass2", "host/127.0.0.1:80/old", t(0), t(1000))
+            .await
+            .expect("take")
+    );
+    assert!(
+        s.try_lease("pass3", "otherhost/127.0.0.1:80/x", t(0), t(1000))
+            .await
+            .expect("take")
+    );
+    s.release_claims("host/127.0.0.1:80/", "host/127.0.0.1:80/new")
+        .await
+        .expect("release");
+    assert!(
+        s.try_lease("pass2", "host/127.0.0.1:80/new", t(1), t(1000))
+            .await
+            .expect("take over")
+    );
+    assert!(
+        !s.try_lease("pass3", "host/127.0.0.1:80/new", t(1), t(1000))
+            .await
+            .expect("try"),
+        "another host's lease stays"
     );
 }

@@ -214,7 +214,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> StoreResult<()>;
     /// Free the claims of pending rows held by workers whose id starts with `prefix`, except
     /// `current`: a restarted instance takes back what its crashed predecessor (same prefix)
-    /// had claimed, instead of waiting for the lease. Returns how many rows were freed.
+    /// had claimed, instead of waiting for the lease; its named leases (see [`Store::try_lease`])
+    /// lapse at once too. Returns how many outbox rows were freed.
     async fn release_claims(&self, prefix: &str, current: &str) -> StoreResult<u64>;
     async fn outbox_counts(&self) -> StoreResult<OutboxCounts>;
     async fn outbox_dead(&self) -> StoreResult<Vec<OutboxItem>>;
@@ -233,6 +234,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// is not dead.
     async fn drop_dead(&self, id: i64, now: DateTime<Utc>) -> StoreResult<bool>;
 
+    /// Take or renew the lease `name` for `holder` until `until`; `false` while another holder's
+    /// lease runs (it lapses at its `until`, so a dead holder is replaced).
+    async fn try_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StoreResult<bool>;
     async fn cursor(&self, name: &str) -> StoreResult<Option<String>>;
     async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()>;
 

@@ -437,6 +437,13 @@ macro_rules! shared_store_impl {
                 .execute(&self.pool)
                 .await?
                 .rows_affected();
+                // Its leases too (e.g. the sync pass): lapse them now rather than at `until`.
+                sqlx::query("UPDATE leases SET until = '' WHERE holder <> $1 AND substr(holder, 1, $2) = $3")
+                    .bind(current)
+                    .bind(len)
+                    .bind(prefix)
+                    .execute(&self.pool)
+                    .await?;
                 Ok(n)
             }
 
@@ -530,6 +537,22 @@ macro_rules! shared_store_impl {
                     .execute(&self.pool)
                     .await?
                     .rows_affected();
+                Ok(n == 1)
+            }
+
+            async fn try_lease(&self, name: &str, holder: &str, now: DateTime<Utc>, until: DateTime<Utc>) -> StoreResult<bool> {
+                let n = sqlx::query(
+                    "INSERT INTO leases (name, holder, until) VALUES ($1, $2, $3) \
+                     ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, until = excluded.until \
+                     WHERE leases.holder = excluded.holder OR leases.until < $4",
+                )
+                .bind(name)
+                .bind(holder)
+                .bind(format_time(until))
+                .bind(format_time(now))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
                 Ok(n == 1)
             }
 
