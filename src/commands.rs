@@ -389,6 +389,15 @@ pub async fn ledger_verify(path: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `since <time>[, confirmed <time>]` for one consent, as the inspection commands print it.
+fn since_text(c: &optinsync_engine::consent::Consent) -> String {
+    let confirmed = c
+        .confirmed_at
+        .map(|t| format!(", confirmed {}", t.to_rfc3339()))
+        .unwrap_or_default();
+    format!("since {}{confirmed}", c.since.to_rfc3339())
+}
+
 /// Normalise `raw_email` (not an address: a usage error) and find its contact.
 async fn find_contact(
     store: &dyn Store,
@@ -439,15 +448,7 @@ pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<()
         println!("  (none recorded)");
     }
     for (list, c) in &consents {
-        let confirmed = c
-            .confirmed_at
-            .map(|t| format!(", confirmed {}", t.to_rfc3339()))
-            .unwrap_or_default();
-        println!(
-            "  {list:<16} {:<12} since {}{confirmed}",
-            c.state.as_str(),
-            c.since.to_rfc3339()
-        );
+        println!("  {list:<16} {:<12} {}", c.state.as_str(), since_text(c));
     }
     println!("history:");
     for e in &events {
@@ -585,15 +586,7 @@ pub async fn rules_simulate(
         }
     };
     let store = open_store(&config).await?;
-    let engine_tokens = {
-        let t = &config.config.tokens;
-        let previous = t
-            .previous
-            .iter()
-            .map(|k| (k.key_id.clone(), k.secret.as_bytes().to_vec()))
-            .collect();
-        optinsync_engine::tokens::TokenKeys::new(&t.key_id, t.secret.as_bytes(), previous)
-    };
+    let engine_tokens = optinsync_engine::tokens::TokenKeys::from_config(&config.config.tokens);
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = std::time::Instant::now();
     let report = rules::simulate::simulate(
@@ -951,15 +944,7 @@ pub async fn evidence_export(path: &Path, raw_email: &str, json: bool) -> Result
     );
     println!("Ledger verified: {checked} events, head seq {head_seq} hash {head_hash}");
     for (list, c) in &consents {
-        let confirmed = c
-            .confirmed_at
-            .map(|t| format!(", confirmed {}", t.to_rfc3339()))
-            .unwrap_or_default();
-        println!(
-            "List {list}: {} since {}{confirmed}",
-            c.state.as_str(),
-            c.since.to_rfc3339()
-        );
+        println!("List {list}: {} {}", c.state.as_str(), since_text(c));
     }
     for e in &events {
         let ev = e.evidence();

@@ -96,13 +96,7 @@ impl Engine {
         connectors: Connectors,
         rules: RuleSet,
     ) -> Self {
-        let t = &config.config.tokens;
-        let previous = t
-            .previous
-            .iter()
-            .map(|k| (k.key_id.clone(), k.secret.as_bytes().to_vec()))
-            .collect();
-        let tokens = TokenKeys::new(&t.key_id, t.secret.as_bytes(), previous);
+        let tokens = TokenKeys::from_config(&config.config.tokens);
         let circuits = Arc::new(crate::circuit::Circuits::new(
             config.config.sync.circuit_threshold,
             config.config.sync.circuit_cooldown.0,

@@ -67,6 +67,16 @@ impl std::fmt::Debug for TokenKeys {
 }
 
 impl TokenKeys {
+    /// The keys `[tokens]` configures: the current one and every `[[tokens.previous]]`.
+    pub fn from_config(t: &crate::config::TokenConfig) -> Self {
+        let previous = t
+            .previous
+            .iter()
+            .map(|k| (k.key_id.clone(), k.secret.as_bytes().to_vec()))
+            .collect();
+        Self::new(&t.key_id, t.secret.as_bytes(), previous)
+    }
+
     pub fn new(key_id: &str, secret: &[u8], previous: Vec<(String, Vec<u8>)>) -> Self {
         Self {
             current: (key_id.to_owned(), secret.to_vec()),
