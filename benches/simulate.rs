@@ -112,7 +112,7 @@ async fn main() {
     let sqlite = SqliteStore::open(&db.display().to_string()).await.unwrap();
     let start = Instant::now();
     let report = simulate(
-        &sqlite,
+        std::sync::Arc::new(sqlite),
         std::slice::from_ref(&list),
         &keys,
         &candidate,

@@ -16,11 +16,11 @@ use optinsync_engine::{email, http};
 
 use crate::{Failure, registry};
 
-fn load_config(path: &Path) -> Result<LoadedConfig, Failure> {
+pub(crate) fn load_config(path: &Path) -> Result<LoadedConfig, Failure> {
     LoadedConfig::load(path).map_err(|e| Failure::Config(e.into()))
 }
 
-async fn open_store(config: &LoadedConfig) -> Result<Arc<dyn Store>, Failure> {
+pub(crate) async fn open_store(config: &LoadedConfig) -> Result<Arc<dyn Store>, Failure> {
     let store = store::open(&config.config.store.url)
         .await
         .context("opening the store")?;
@@ -29,12 +29,27 @@ async fn open_store(config: &LoadedConfig) -> Result<Arc<dyn Store>, Failure> {
 }
 
 /// Config, store, rules, connectors: everything a command that acts needs.
-async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
+pub(crate) async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
     let config = load_config(path)?;
     let rules =
         RuleSet::load_checked(&config.config.rules.dir).map_err(|e| Failure::Config(e.into()))?;
-    let connectors = registry::build(&config).map_err(|e| Failure::Config(e.into()))?;
+    // On PostgreSQL several instances share the vendors' quotas (and the connectors' own
+    // bookkeeping) through the store; SQLite has one instance per file (`instance_lock`),
+    // which keeps them in memory.
+    let quota = optinsync_engine::quota::SharedQuota::new();
+    let shared = !config.config.store.url.starts_with("sqlite://");
+    let connectors = registry::build(
+        &config,
+        shared.then(|| {
+            (
+                Arc::clone(&quota) as Arc<dyn optinsync_plugin_api::QuotaLedger>,
+                Arc::clone(&quota) as Arc<dyn optinsync_plugin_api::SharedMarks>,
+            )
+        }),
+    )
+    .map_err(|e| Failure::Config(e.into()))?;
     let store = open_store(&config).await?;
+    quota.attach(Arc::clone(&store));
     let engine = Arc::new(Engine::new(Arc::new(config), store, connectors, rules));
     // Quota budgets survive restarts: a restart must not reset a vendor's rate limits.
     engine
@@ -107,7 +122,7 @@ where
     }
 }
 
-fn worker_id() -> String {
+pub(crate) fn worker_id() -> String {
     format!("{}-{}", std::process::id(), &uuid_short())
 }
 
@@ -132,6 +147,7 @@ fn uuid_short() -> String {
 
 /// One pull-decide pass; returns a summary line.
 async fn pass(engine: &Engine, show_progress: bool) -> anyhow::Result<String> {
+    let started = chrono::Utc::now();
     let crm = engine
         .pull_crm(|s| {
             if show_progress {
@@ -150,28 +166,38 @@ async fn pass(engine: &Engine, show_progress: bool) -> anyhow::Result<String> {
         .pull_campaigns()
         .await
         .context("pulling campaigns status")?;
-    let decided = engine.decide_all().await.context("running the rules")?;
+    // The pull ran the rules for every contact it stored; the rest are decided now.
+    let decided = engine
+        .decide_all_but_updated_since(Some(started))
+        .await
+        .context("running the rules")?;
     Ok(format!(
-        "{} CRM records ({} skipped as invalid), {} CRM consent changes, {} campaigns changes, {} rule changes ({} refused, {} rule errors)",
+        "{} CRM records ({} skipped as invalid, {} erased addresses not stored again), {} CRM consent changes, {} campaigns changes, {} rule changes ({} refused, {} rule errors)",
         crm.records,
         crm.invalid,
+        crm.erased,
         crm.changes,
         campaigns,
-        decided.changes,
-        decided.refused,
-        decided.rule_errors
+        crm.rule_changes + decided.changes,
+        crm.rule_refused + decided.refused,
+        crm.rule_errors + decided.rule_errors
     ))
 }
 
-pub async fn sync_once(path: &Path) -> Result<(), Failure> {
+/// `deliver = false` (`--no-deliver`): pull and decide only; the outbox waits for `run`.
+pub async fn sync_once(path: &Path, deliver: bool) -> Result<(), Failure> {
     let engine = boot(path).await?;
     healthchecks(&engine).await?;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let summary = pass(&engine, progress).await?;
-    let delivered = engine
-        .drain_outbox(&worker_id())
-        .await
-        .context("delivering the outbox")?;
+    let delivered = if deliver {
+        engine
+            .drain_outbox(&worker_id())
+            .await
+            .context("delivering the outbox")?
+    } else {
+        Default::default()
+    };
     engine
         .save_connector_state()
         .await
@@ -189,7 +215,12 @@ pub async fn sync_once(path: &Path) -> Result<(), Failure> {
 }
 
 pub async fn run(path: &Path) -> Result<(), Failure> {
+    // SQLite: one daemon per database file, refused before anything is touched.
+    let instance = crate::instance_lock::acquire(&load_config(path)?.config.store.url)?;
     let engine = boot(path).await?;
+    if let Some(lock) = &instance {
+        tracing::info!(lock_file = %lock.path.display(), "SQLite: this instance holds the database's instance lock");
+    }
     healthchecks(&engine).await?;
     // `/readyz` answers 200 only from here on (and while the store and circuits are fine).
     engine.circuits.set_ready();
@@ -271,40 +302,15 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     }
     let poll = engine.config.config.sync.poll_interval.0;
     let mut next_pass = tokio::time::Instant::now();
+    let mut jobs = crate::jobs::Jobs::default();
     let mut rx = stop_rx;
     // Steps are never cancelled half-way: shutdown waits for the running step, so a
     // commit or a delivery is either finished or not started.
     while !stop.load(Ordering::SeqCst) {
         if tokio::time::Instant::now() >= next_pass {
-            // One instance at a time polls and decides (several may share one PostgreSQL);
-            // the holder renews every pass, and a dead holder's lease lapses.
-            let now = chrono::Utc::now();
-            let hold = chrono::Duration::from_std(poll * 3 + Duration::from_secs(30))
-                .unwrap_or(chrono::Duration::minutes(5));
-            match engine
-                .store
-                .try_lease("sync-pass", &worker, now, now + hold)
-                .await
-            {
-                Ok(true) => {
-                    // Connector upkeep (e.g. the Zoho CRM notification channel); polling goes on if it fails.
-                    if let Err(e) = engine.connectors.crm.maintain().await {
-                        tracing::warn!(error = %e, "CRM connector upkeep failed; polling goes on");
-                    }
-                    match pass(&engine, false).await {
-                        Ok(summary) => tracing::info!("sync pass: {summary}"),
-                        Err(e) => {
-                            tracing::error!(error = %format!("{e:#}"), "sync pass failed; will retry next interval")
-                        }
-                    }
-                }
-                Ok(false) => tracing::info!(
-                    "sync pass skipped: another instance holds the sync lease; this one delivers and serves links"
-                ),
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot take the sync lease; will retry next interval")
-                }
-            }
+            // Each job (CRM poll, campaigns poll, rules pass) runs on one instance at a time
+            // among those sharing the database, under its own lease (`jobs`).
+            jobs.run_due(&engine, &worker).await;
             next_pass = tokio::time::Instant::now() + poll;
         }
         if stop.load(Ordering::SeqCst) {
@@ -399,7 +405,7 @@ fn since_text(c: &optinsync_engine::consent::Consent) -> String {
 }
 
 /// Normalise `raw_email` (not an address: a usage error) and find its contact.
-async fn find_contact(
+pub(crate) async fn find_contact(
     store: &dyn Store,
     raw_email: &str,
 ) -> Result<optinsync_engine::store::Contact, Failure> {
@@ -590,7 +596,7 @@ pub async fn rules_simulate(
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = std::time::Instant::now();
     let report = rules::simulate::simulate(
-        store.as_ref(),
+        store.clone(),
         &config.config.lists,
         &engine_tokens,
         &candidate,
@@ -885,111 +891,6 @@ async fn verify_whole_ledger(store: &dyn Store) -> Result<(u64, i64, String), Fa
     Ok((checked, head.0, head.1))
 }
 
-pub async fn evidence_export(path: &Path, raw_email: &str, json: bool) -> Result<(), Failure> {
-    let config = load_config(path)?;
-    let store = open_store(&config).await?;
-    let contact = find_contact(store.as_ref(), raw_email).await?;
-    // The bundle is only worth anything if the ledger it quotes is intact.
-    let (checked, head_seq, head_hash) = verify_whole_ledger(store.as_ref()).await?;
-    let consents = store
-        .consents_of_contact(&contact.id)
-        .await
-        .context("reading consent")?;
-    let events = store
-        .events_of_contact(&contact.id)
-        .await
-        .context("reading the ledger")?;
-    let mut texts = std::collections::BTreeMap::new();
-    for e in &events {
-        let ev = e.evidence();
-        for hash in [ev.content_hash, ev.mail_content_hash]
-            .into_iter()
-            .flatten()
-        {
-            if texts.contains_key(&hash) {
-                continue;
-            }
-            if let Some(snap) = store
-                .snapshot(&hash)
-                .await
-                .context("reading text snapshots")?
-            {
-                texts.insert(hash, snap);
-            }
-        }
-    }
-    let bundle = serde_json::json!({
-        "generated_at": chrono::Utc::now(),
-        "subject": { "contact_id": contact.id, "email": contact.email, "crm_records": contact.crm_records },
-        "consent": consents.iter().map(|(list, c)| serde_json::json!({ "list": list, "state": c.state, "since": c.since, "confirmed_at": c.confirmed_at })).collect::<Vec<_>>(),
-        "events": events.iter().map(|e| {
-            let mut v = serde_json::to_value(e).unwrap_or_default();
-            v["evidence"] = serde_json::from_str(&e.evidence).unwrap_or_default();
-            v
-        }).collect::<Vec<_>>(),
-        "texts": texts,
-        "ledger": { "verified": true, "events_checked": checked, "head_seq": head_seq, "head_hash": head_hash,
-                    "how_to_check": "each event's hash is SHA-256 over its length-prefixed fields and the previous hash (engine/src/ledger.rs); `optinsync ledger verify` recomputes the chain" },
-    });
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&bundle).context("formatting JSON")?
-        );
-        return Ok(());
-    }
-    println!(
-        "Evidence of consent for {} (contact {})",
-        contact.email, contact.id
-    );
-    println!("Ledger verified: {checked} events, head seq {head_seq} hash {head_hash}");
-    for (list, c) in &consents {
-        println!("List {list}: {} {}", c.state.as_str(), since_text(c));
-    }
-    for e in &events {
-        let ev = e.evidence();
-        println!(
-            "\n#{} {}  {}: {} -> {} ({}) by {}",
-            e.seq, e.at, e.list_id, e.from_state, e.to_state, e.kind, e.source
-        );
-        println!("   event hash {}", e.hash);
-        for (name, v) in [
-            ("reason", ev.reason),
-            ("IP", ev.ip),
-            ("user agent", ev.user_agent),
-            ("HTTP method", ev.method),
-            ("token", ev.token_id),
-            ("Message-ID", ev.message_id),
-            ("text shown (sha256)", ev.content_hash),
-            ("mail text (sha256)", ev.mail_content_hash),
-            (
-                "rule",
-                ev.rule_file
-                    .map(|f| format!("{f} sha256 {}", ev.rule_hash.unwrap_or_default())),
-            ),
-            ("CRM record", ev.crm_record),
-            ("detail", ev.detail),
-        ] {
-            if let Some(v) = v {
-                println!("   {name}: {v}");
-            }
-        }
-    }
-    if !texts.is_empty() {
-        println!("\nTexts shown (stored snapshots, by hash):");
-        for (hash, snap) in &texts {
-            println!(
-                "--- {} [{} {}] sha256 {hash}",
-                snap.kind,
-                snap.language,
-                snap.created_at.to_rfc3339()
-            );
-            println!("{}", snap.content);
-        }
-    }
-    Ok(())
-}
-
 pub async fn erase(path: &Path, raw_email: &str) -> Result<(), Failure> {
     // A typo in the address is a usage error before anything starts.
     email::normalise(raw_email)
@@ -1003,7 +904,7 @@ pub async fn erase(path: &Path, raw_email: &str) -> Result<(), Failure> {
         .await
         .context("delivering removals")?;
     println!(
-        "erased contact {}: withdrawn and suppressed on {} list(s), evidence removed from {} ledger event(s), {} finished outbox row(s) scrubbed, {} removal(s) delivered{}",
+        "erased contact {}: withdrawn and suppressed on {} list(s), evidence removed from {} ledger event(s), {} finished outbox row(s) scrubbed, {} removal(s) and CRM opt-out(s) delivered{}",
         contact.id,
         report.lists,
         report.store.redacted_events,

@@ -3,6 +3,9 @@
 //! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.
 
 mod commands;
+mod data_subject;
+mod instance_lock;
+mod jobs;
 mod registry;
 
 use std::path::PathBuf;
@@ -38,16 +41,29 @@ enum Command {
         /// Required: continuous sync is `optinsync run`.
         #[arg(long)]
         once: bool,
+        /// Pull and decide only; leave the outbox for `run` to deliver.
+        #[arg(long)]
+        no_deliver: bool,
     },
     /// Inspect contacts.
     Contact {
         #[command(subcommand)]
         command: ContactCommand,
     },
-    /// The proof bundle for one person.
+    /// The proof bundle for one person (or every person of a list).
     Evidence {
         #[command(subcommand)]
         command: EvidenceCommand,
+    },
+    /// Subject access: the person's data as a portable JSON file.
+    Subject {
+        #[command(subcommand)]
+        command: SubjectCommand,
+    },
+    /// Retention of proof and of unconfirmed signups (`[retention]`).
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
     },
     /// Check the consent ledger.
     Ledger {
@@ -86,7 +102,46 @@ enum EvidenceCommand {
     /// Every consent event with its evidence, the exact texts the person was shown, and the
     /// ledger verification that vouches for them.
     Export {
+        /// The person's address (or `--all --list NAME`).
+        #[arg(required_unless_present = "all")]
+        email: Option<String>,
+        /// Shorthand for `--format json`.
+        #[arg(long, conflicts_with = "format")]
+        json: bool,
+        /// `text` (default), `json` (the bundle), or `html` (a printable page of the bundle).
+        #[arg(long, value_enum)]
+        format: Option<data_subject::ProofFormat>,
+        /// Write to this file instead of standard output; with `--all`, the directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Every contact with consent recorded on `--list`: JSON and HTML per contact plus an
+        /// index, into `--out DIR`.
+        #[arg(long, requires = "list", requires = "out", conflicts_with_all = ["email", "json", "format"])]
+        all: bool,
+        #[arg(long, requires = "all")]
+        list: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SubjectCommand {
+    /// The person's data (contact fields, CRM record ids, consent per list, events,
+    /// engagement) as JSON, schema `optinsync.subject-export` version 1.
+    Export {
         email: String,
+        /// Write to this file instead of standard output.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RetentionCommand {
+    /// Apply `[retention]` now (the daemon does it every `[retention] every`).
+    Run {
+        /// Only list what would be purged.
+        #[arg(long)]
+        dry_run: bool,
         #[arg(long)]
         json: bool,
     },
@@ -209,8 +264,11 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Run => commands::run(&cli.config).await,
-            Command::Sync { once: true } => commands::sync_once(&cli.config).await,
-            Command::Sync { once: false } => Err(Failure::Config(anyhow::anyhow!(
+            Command::Sync {
+                once: true,
+                no_deliver,
+            } => commands::sync_once(&cli.config, !no_deliver).await,
+            Command::Sync { once: false, .. } => Err(Failure::Config(anyhow::anyhow!(
                 "`sync` needs `--once`; continuous sync is `optinsync run`"
             ))),
             Command::Contact {
@@ -223,8 +281,40 @@ fn main() -> ExitCode {
             Command::Erase { email } => commands::erase(&cli.config, &email).await,
             Command::Status { json } => commands::status(&cli.config, json).await,
             Command::Evidence {
-                command: EvidenceCommand::Export { email, json },
-            } => commands::evidence_export(&cli.config, &email, json).await,
+                command:
+                    EvidenceCommand::Export {
+                        all: true,
+                        list: Some(list),
+                        out: Some(out),
+                        ..
+                    },
+            } => data_subject::evidence_export_all(&cli.config, &list, &out).await,
+            Command::Evidence {
+                command:
+                    EvidenceCommand::Export {
+                        email: Some(email),
+                        json,
+                        format,
+                        out,
+                        ..
+                    },
+            } => {
+                let format = format.unwrap_or(if json {
+                    data_subject::ProofFormat::Json
+                } else {
+                    data_subject::ProofFormat::Text
+                });
+                data_subject::evidence_export(&cli.config, &email, format, out.as_deref()).await
+            }
+            Command::Evidence { .. } => Err(Failure::Config(anyhow::anyhow!(
+                "`evidence export` needs an address, or `--all --list NAME --out DIR`"
+            ))),
+            Command::Subject {
+                command: SubjectCommand::Export { email, out },
+            } => data_subject::subject_export(&cli.config, &email, out.as_deref()).await,
+            Command::Retention {
+                command: RetentionCommand::Run { dry_run, json },
+            } => data_subject::retention_run(&cli.config, dry_run, json).await,
             Command::Outbox {
                 command: OutboxCommand::Failed { json },
             } => commands::outbox_failed(&cli.config, json).await,

@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use optinsync_engine::config::{ConfigError, ConnectorSection, LoadedConfig};
 use optinsync_engine::engine::Connectors;
-use optinsync_plugin_api::{CampaignsConnector, CrmConnector, MailTransport};
+use optinsync_plugin_api::{
+    CampaignsConnector, CrmConnector, MailTransport, QuotaLedger, SharedMarks,
+};
 use optinsync_plugin_files::{CsvCrm, EmlDir, JsonlList};
 use optinsync_plugin_zoho::{ZohoCampaigns, ZohoCrm};
 
@@ -23,7 +25,12 @@ fn unknown(config: &LoadedConfig, section: &str, kind: &str, known: &[&str]) -> 
     )
 }
 
-pub fn build(config: &LoadedConfig) -> Result<Connectors, ConfigError> {
+/// `shared`: state shared with the other instances on the same database — vendor quota
+/// budgets and connector bookkeeping sets (`None`: each instance keeps its own).
+pub fn build(
+    config: &LoadedConfig,
+    shared: Option<(Arc<dyn QuotaLedger>, Arc<dyn SharedMarks>)>,
+) -> Result<Connectors, ConfigError> {
     let c = &config.config.connectors;
     let base = &config.base_dir;
     let wrap = |section: &'static str| {
@@ -45,10 +52,14 @@ pub fn build(config: &LoadedConfig) -> Result<Connectors, ConfigError> {
         "jsonl" => Arc::new(
             JsonlList::from_config(settings(&c.campaigns), base).map_err(wrap("campaigns"))?,
         ),
-        "zoho-campaigns" => Arc::new(
-            ZohoCampaigns::from_config(settings(&c.campaigns), base)
-                .map_err(|e| config.connector_error("campaigns", &e.to_string()))?,
-        ),
+        "zoho-campaigns" => {
+            let zoho = ZohoCampaigns::from_config(settings(&c.campaigns), base)
+                .map_err(|e| config.connector_error("campaigns", &e.to_string()))?;
+            Arc::new(match shared {
+                Some((ledger, marks)) => zoho.with_quota_ledger(ledger).with_shared_marks(marks),
+                None => zoho,
+            })
+        }
         other => return Err(unknown(config, "campaigns", other, CAMPAIGNS_KINDS)),
     };
     let mail: Arc<dyn MailTransport> = match c.mail.kind.as_str() {

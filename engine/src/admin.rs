@@ -4,10 +4,14 @@
 //! * `GET /admin/contacts/{email}` — what `optinsync contact show EMAIL --json` prints
 //!   (the address percent-encoded in the path; it is normalised like on the command line).
 //!
+//! * `POST /admin/erase` with `{"email": "..."}` — what `optinsync erase EMAIL` does (the
+//!   address in the body, not the path, so it stays out of access logs); answers the report.
+//!   The removals and CRM opt-outs it queues are delivered by the daemon's outbox at once.
+//!
 //! The token is compared in constant time over SHA-256 digests of both sides, so neither
 //! its content nor its length leaks through timing. A refused call is logged without the
 //! path (it may hold an address) and answered `401` with `WWW-Authenticate: Bearer`.
-//! Answers carry `Cache-Control: no-store`. The API only reads.
+//! Answers carry `Cache-Control: no-store`. Erasure is the one call that changes anything.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,7 +21,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use chrono::{DateTime, Utc};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -39,6 +43,7 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
     Router::new()
         .route("/admin/status", get(status))
         .route("/admin/contacts/{email}", get(contact))
+        .route("/admin/erase", post(erase))
         .layer(middleware::from_fn(move |req: Request, next: Next| {
             require_bearer(expected, req, next)
         }))
@@ -130,6 +135,51 @@ async fn contact(State(engine): State<Arc<Engine>>, Path(raw): Path<String>) -> 
         Err(e) => {
             tracing::error!(contact_id = %contact.id, error = %e, "admin API: reading the contact failed");
             failure(StatusCode::SERVICE_UNAVAILABLE, "store unavailable")
+        }
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EraseRequest {
+    email: String,
+}
+
+async fn erase(State(engine): State<Arc<Engine>>, body: axum::body::Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<EraseRequest>(&body) else {
+        return failure(StatusCode::BAD_REQUEST, "expected {\"email\": \"...\"}");
+    };
+    let Ok(address) = email::normalise(&req.email) else {
+        return failure(StatusCode::BAD_REQUEST, "not an email address");
+    };
+    let contact = match engine.store.contact_by_email(&address).await {
+        Ok(Some(c)) => c,
+        Ok(None) => return failure(StatusCode::NOT_FOUND, "no such contact"),
+        Err(e) => {
+            tracing::error!(error = %e, "admin API: contact lookup failed");
+            return failure(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+        }
+    };
+    match engine
+        .erase_as(
+            &contact,
+            "admin",
+            "erasure requested (GDPR Art. 17) through the admin API",
+        )
+        .await
+    {
+        Ok(report) => json_response(&json!({
+            "erased": true,
+            "contact_id": contact.id,
+            "lists": report.lists,
+            "redacted_events": report.store.redacted_events,
+            "legacy_events": report.store.legacy_events,
+            "scrubbed_outbox_rows": report.store.scrubbed_outbox_rows,
+            "note": "removals from the campaigns lists and CRM opt-outs are queued with legal priority; the address stays only as a keyed hash on the suppression list",
+        })),
+        Err(e) => {
+            tracing::error!(contact_id = %contact.id, error = %e, "admin API: erasure failed");
+            failure(StatusCode::SERVICE_UNAVAILABLE, "erasure failed; retry")
         }
     }
 }

@@ -37,7 +37,7 @@ pub enum ConfigError {
     },
 }
 
-/// A duration written for humans: `"45s"`, `"10m"`, `"3h"`, `"14d"`, `"2w"`.
+/// A duration written for humans: `"45s"`, `"10m"`, `"3h"`, `"14d"`, `"2w"`, `"3y"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -58,9 +58,11 @@ impl HumanDuration {
             "h" => 3600,
             "d" => 86_400,
             "w" => 7 * 86_400,
+            // A year of 365 days: retention periods are written in years.
+            "y" => 365 * 86_400,
             other => {
                 return Err(format!(
-                    "unknown duration unit `{other}` in `{s}` (use s, m, h, d or w)"
+                    "unknown duration unit `{other}` in `{s}` (use s, m, h, d, w or y)"
                 ));
             }
         };
@@ -104,6 +106,9 @@ pub struct Config {
     pub lists: Vec<ListConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[retention]`: how long proof and unconfirmed signups are kept ([`crate::retention`]).
+    #[serde(default)]
+    pub retention: crate::retention::RetentionConfig,
 }
 
 /// `[admin]`: the admin JSON API (`/admin/...`, see [`crate::admin`]).

@@ -451,9 +451,14 @@ pub fn transition(
                 (S::Pending, "signup_requested", vec![mail])
             }
         },
+        // The CRM is told too (opt-out), so it stops treating the address as marketable.
         Input::Erase => match from {
             S::Erased => return Ok(None),
-            _ => (S::Erased, "erased", vec![Effect::Remove]),
+            _ => (
+                S::Erased,
+                "erased",
+                vec![Effect::Remove, Effect::WriteBack { opt_out: true }],
+            ),
         },
     };
     next.state = to;

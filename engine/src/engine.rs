@@ -16,7 +16,7 @@ use crate::config::{ListConfig, LoadedConfig};
 use crate::consent::{self, Consent, ConsentState, Effect, Input, Refusal};
 use crate::email;
 use crate::ledger::{Evidence, LedgerEvent, NewEvent};
-use crate::rules::{Action, RuleSet, RulesError, input};
+use crate::rules::{Action, RuleSet, RulesError};
 use crate::store::{
     Commit, Contact, ContactUpsert, NewOutbox, PRIORITY_LEGAL, PRIORITY_NORMAL, Store, StoreError,
     Suppression,
@@ -62,8 +62,15 @@ pub enum Applied {
 pub struct PullStats {
     pub records: u64,
     pub invalid: u64,
+    /// Records whose address was erased: skipped, the address is not stored again.
+    pub erased: u64,
     pub deleted: u64,
     pub changes: u64,
+    /// Changes the rules made for the pulled contacts right after (DOI mails queued, ...).
+    pub rule_changes: u64,
+    /// Rule proposals the state machine refused, and rule errors, for the pulled contacts.
+    pub rule_refused: u64,
+    pub rule_errors: u64,
     pub pages: u64,
 }
 
@@ -87,6 +94,8 @@ pub struct Engine {
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// Per-connector circuit breakers and the readiness flags (`/readyz`).
     pub circuits: Arc<crate::circuit::Circuits>,
+    /// Single consent changes are written in groups (one fsync for many web requests).
+    group_commit: Option<crate::group_commit::GroupCommit>,
 }
 
 impl Engine {
@@ -101,7 +110,9 @@ impl Engine {
             config.config.sync.circuit_threshold,
             config.config.sync.circuit_cooldown.0,
         ));
+        let group_commit = crate::group_commit::GroupCommit::start(Arc::clone(&store));
         Self {
+            group_commit,
             config,
             store,
             connectors,
@@ -133,6 +144,14 @@ impl Engine {
 
     pub fn list(&self, id: &str) -> Option<&ListConfig> {
         self.config.list(id)
+    }
+
+    /// Append an event that changes no state (a fetched link), grouped with other writes.
+    pub async fn append_event(&self, event: NewEvent) -> EngineResult<LedgerEvent> {
+        Ok(match &self.group_commit {
+            Some(g) => g.append(&*self.store, event).await?,
+            None => self.store.append_event(&event).await?,
+        })
     }
 
     /// Feed one input through the state machine and commit what it decides.
@@ -167,17 +186,12 @@ impl Engine {
                 Ok(Some(t)) => t,
                 Ok(None) => return Ok(Applied::Unchanged),
                 Err(refusal) => {
-                    metrics::counter!("optinsync_consent_refused_total", "input" => refusal.input)
-                        .increment(1);
-                    tracing::warn!(
-                        contact_id = %contact.id, list = %list.id, state = %refusal.state, input = refusal.input,
-                        source, reason = refusal.reason, "consent change refused"
-                    );
+                    log_refusal(&contact.id, &list.id, &refusal, source);
                     return Ok(Applied::Refused(refusal));
                 }
             };
             let event = NewEvent {
-                event_id: uuid::Uuid::new_v4().to_string(),
+                event_id: uuid::Uuid::now_v7().to_string(),
                 at: now,
                 contact_id: contact.id.clone(),
                 list_id: list.id.clone(),
@@ -204,7 +218,11 @@ impl Engine {
                 }),
             };
             let queued = !commit.outbox.is_empty();
-            match self.store.commit(&commit).await {
+            let written = match &self.group_commit {
+                Some(g) => g.commit(&*self.store, commit).await,
+                None => self.store.commit(&commit).await,
+            };
+            match written {
                 Ok(ev) => {
                     if queued {
                         self.outbox_wake.notify_one();
@@ -225,96 +243,125 @@ impl Engine {
         })
     }
 
-    /// Pull every CRM change since the stored cursor, page by page; the cursor advances only
-    /// after a page is committed, so a crash re-reads at most one page (and re-applying a
-    /// page is a no-op).
+    /// Pull every CRM change since the stored cursor. A fetcher task reads ahead (at most
+    /// [`PREFETCH_PAGES`] pages, so memory stays bounded) while pages already fetched are
+    /// planned and committed together; the stored cursor advances only after a commit, so a
+    /// crash re-reads what was not committed (and re-applying a page is a no-op).
     pub async fn pull_crm(&self, mut progress: impl FnMut(&PullStats)) -> EngineResult<PullStats> {
         let mut stats = PullStats::default();
         let page_size = self.config.config.sync.page_size;
-        loop {
-            let cursor = self.store.cursor("crm").await?.map(Cursor);
-            let page = self
-                .connectors
-                .crm
-                .changes(cursor.as_ref(), page_size)
-                .await
-                .map_err(|source| EngineError::Connector {
-                    connector: "crm",
-                    source,
-                })?;
-            stats.pages += 1;
-            for bad in &page.invalid {
-                tracing::warn!(location = %bad.location, reason = %bad.reason, "CRM record skipped");
-                stats.invalid += 1;
-            }
-            for rec in &page.records {
-                match self.ingest_record(rec).await? {
-                    Some(changes) => {
-                        stats.records += 1;
-                        stats.changes += changes;
+        let start = self.store.cursor("crm").await?.map(Cursor);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(PREFETCH_PAGES);
+        let crm = Arc::clone(&self.connectors.crm);
+        let fetcher = AbortOnDrop(tokio::spawn(async move {
+            let mut cursor = start;
+            loop {
+                let page = crm.changes(cursor.as_ref(), page_size).await;
+                let more = match &page {
+                    Ok(p) => {
+                        if let Some(next) = &p.next_cursor {
+                            cursor = Some(next.clone());
+                        }
+                        p.has_more
                     }
-                    None => stats.invalid += 1,
+                    Err(_) => false,
+                };
+                if tx.send(page).await.is_err() || !more {
+                    return;
                 }
             }
-            // A deleted CRM record does not withdraw consent: the ledger keeps the proof and
-            // the person keeps their choice. It is only reported.
-            for gone in &page.deleted {
-                tracing::info!(record = %gone, "CRM record deleted; consent kept");
-                stats.deleted += 1;
+        }));
+        let started = std::time::Instant::now();
+        let mut waited = std::time::Duration::ZERO;
+        let mut timings = crate::bulk::Timings::default();
+        loop {
+            let t = std::time::Instant::now();
+            let Some(first) = rx.recv().await else { break };
+            waited += t.elapsed();
+            // This page, and whatever else is fetched already (one transaction for all).
+            let mut pages = vec![first];
+            let mut records = 0;
+            while records < BATCH_RECORDS {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        records += p.as_ref().map_or(0, |p| p.records.len());
+                        pages.push(p);
+                    }
+                    Err(_) => break,
+                }
             }
-            if let Some(next) = &page.next_cursor {
+            let mut failure = None;
+            let mut batch = Vec::new();
+            let mut cursor = None;
+            for page in pages {
+                let page = match page {
+                    Ok(p) => p,
+                    Err(source) => {
+                        // Commit what came before it; then report.
+                        failure = Some(EngineError::Connector {
+                            connector: "crm",
+                            source,
+                        });
+                        break;
+                    }
+                };
+                stats.pages += 1;
+                for bad in &page.invalid {
+                    tracing::warn!(location = %bad.location, reason = %bad.reason, "CRM record skipped");
+                    stats.invalid += 1;
+                }
+                // A deleted CRM record does not withdraw consent: the ledger keeps the proof
+                // and the person keeps their choice. It is only reported.
+                for gone in &page.deleted {
+                    tracing::info!(record = %gone, "CRM record deleted; consent kept");
+                    stats.deleted += 1;
+                }
+                batch.extend(page.records);
+                if page.next_cursor.is_some() {
+                    cursor = page.next_cursor;
+                }
+            }
+            // Planned and committed as a whole, the rules included: a contact the CRM just
+            // asserted gets its DOI mail queued in this same transaction.
+            let done = self.ingest_records(&batch).await?;
+            stats.records += done.records;
+            stats.invalid += done.invalid;
+            stats.erased += done.erased;
+            stats.changes += done.crm_changes;
+            stats.rule_changes += done.decided.changes;
+            stats.rule_refused += done.decided.refused;
+            stats.rule_errors += done.decided.rule_errors;
+            timings.add(&done.timings);
+            if let Some(next) = cursor {
                 self.store.set_cursor("crm", &next.0, Utc::now()).await?;
             }
             progress(&stats);
-            if !page.has_more {
-                return Ok(stats);
+            if let Some(e) = failure {
+                return Err(e);
             }
         }
+        drop(fetcher);
+        tracing::info!(
+            records = stats.records,
+            pages = stats.pages,
+            changes = stats.changes + stats.rule_changes,
+            total_ms = started.elapsed().as_millis() as u64,
+            waiting_for_crm_ms = waited.as_millis() as u64,
+            upsert_ms = timings.upsert.as_millis() as u64,
+            load_ms = timings.load.as_millis() as u64,
+            decide_ms = timings.decide.as_millis() as u64,
+            commit_ms = timings.commit.as_millis() as u64,
+            "CRM pull finished"
+        );
+        Ok(stats)
     }
 
-    /// One CRM record: upsert the contact and apply what the CRM asserts. `None` if the
-    /// record cannot become a contact (it is reported and skipped).
+    /// One CRM record (a webhook): upsert the contact, apply what the CRM asserts and run the
+    /// rules for it. `None` if the record cannot become a contact (it is reported and skipped);
+    /// otherwise the number of consent changes.
     pub async fn ingest_record(&self, rec: &CrmRecord) -> EngineResult<Option<u64>> {
-        let Some(raw) = rec.email.as_deref() else {
-            tracing::warn!(record = %rec.record, "CRM record has no email address; skipped");
-            return Ok(None);
-        };
-        let address = match email::normalise(raw) {
-            Ok(a) => a,
-            Err(e) => {
-                tracing::warn!(record = %rec.record, error = %e, "CRM record has an invalid email address; skipped");
-                return Ok(None);
-            }
-        };
-        let upsert = ContactUpsert {
-            email: address,
-            language: rec.language.clone().filter(|l| !l.trim().is_empty()),
-            fields: rec.fields.clone(),
-            crm_record: Some(rec.record.to_string()),
-        };
-        let contact = self.store.upsert_contact(&upsert, Utc::now()).await?;
-        for unknown in rec.asserted_lists.iter().filter(|l| self.list(l).is_none()) {
-            tracing::warn!(record = %rec.record, list = %unknown, "CRM asserts a list that is not configured");
-        }
-        let mut changes = 0;
-        for list in self.lists() {
-            // Opt-out on any record wins over an assertion on this or another record.
-            let input = if rec.opted_out {
-                Input::CrmOptedOut
-            } else if rec.asserted_lists.iter().any(|l| l == &list.id) {
-                Input::CrmAsserted
-            } else {
-                continue;
-            };
-            let evidence = Evidence {
-                crm_record: Some(rec.record.to_string()),
-                ..Evidence::default()
-            };
-            if let Applied::Changed(_) = self.apply(&contact, list, input, "crm", evidence).await? {
-                changes += 1;
-            }
-        }
-        Ok(Some(changes))
+        let stats = self.ingest_records(std::slice::from_ref(rec)).await?;
+        Ok((stats.records == 1).then_some(stats.crm_changes + stats.decided.changes))
     }
 
     /// Unsubscribes, bounces and complaints made inside the Campaigns tool.
@@ -338,6 +385,11 @@ impl Engine {
                         tracing::warn!(list = %list.id, "campaigns status event with an invalid address; skipped");
                         continue;
                     };
+                    if self.is_erased(&address).await? {
+                        // Already withdrawn and suppressed; storing it again would undo the erasure.
+                        tracing::info!(list = %list.id, "campaigns status event for an erased address; skipped");
+                        continue;
+                    }
                     let contact = match self.store.contact_by_email(&address).await? {
                         Some(c) => c,
                         None => {
@@ -394,106 +446,74 @@ impl Engine {
         Ok(changes)
     }
 
-    /// Run the rules for every contact on every list and apply what they propose.
+    /// Run the rules for every contact on every list and apply what they propose, a page of
+    /// contacts per transaction.
     pub async fn decide_all(&self) -> EngineResult<DecideStats> {
-        let rules = self.rules();
+        self.decide_all_but_updated_since(None).await
+    }
+
+    /// [`Engine::decide_all`], leaving out contacts created or changed at or after `since`:
+    /// a pull decides every contact it stores, so the pass that follows it need not again.
+    pub async fn decide_all_but_updated_since(
+        &self,
+        since: Option<chrono::DateTime<Utc>>,
+    ) -> EngineResult<DecideStats> {
         let mut stats = DecideStats::default();
         let mut after: Option<String> = None;
         loop {
-            let page = self.store.contacts_page(after.as_deref(), 500).await?;
+            let page = match since {
+                Some(t) => {
+                    self.store
+                        .contacts_page_before(after.as_deref(), DECIDE_PAGE, t)
+                        .await?
+                }
+                None => {
+                    self.store
+                        .contacts_page(after.as_deref(), DECIDE_PAGE)
+                        .await?
+                }
+            };
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
-            for contact in &page {
-                stats.contacts += 1;
-                for list in self.lists() {
-                    self.decide_one(&rules, contact, list, &mut stats).await?;
-                }
-            }
+            let s = self.decide_contacts(&page).await?;
+            stats.contacts += s.contacts;
+            stats.changes += s.changes;
+            stats.refused += s.refused;
+            stats.rule_errors += s.rule_errors;
         }
         Ok(stats)
     }
 
     /// Run the rules for one contact on every list (e.g. right after a webhook).
     pub async fn decide_contact(&self, contact: &Contact) -> EngineResult<DecideStats> {
-        let rules = self.rules();
-        let mut stats = DecideStats {
-            contacts: 1,
-            ..DecideStats::default()
-        };
-        for list in self.lists() {
-            self.decide_one(&rules, contact, list, &mut stats).await?;
-        }
-        Ok(stats)
+        self.decide_contacts(std::slice::from_ref(contact)).await
     }
+}
 
-    async fn decide_one(
-        &self,
-        rules: &RuleSet,
-        contact: &Contact,
-        list: &ListConfig,
-        stats: &mut DecideStats,
-    ) -> EngineResult<()> {
-        let now = Utc::now();
-        let consent = self
-            .store
-            .consent(&contact.id, &list.id)
-            .await?
-            .unwrap_or_else(|| Consent::new(now));
-        if consent.state == ConsentState::Erased {
-            return Ok(());
-        }
-        let engagement = self.store.last_engagement(&contact.id, &list.id).await?;
-        let proposals = match rules.decide(
-            &input::contact_map(contact),
-            &input::consent_map(&consent, engagement, now),
-            &input::ctx_map(list, now),
-        ) {
-            Ok(p) => p,
-            Err(e) => {
-                // A broken rule fails this one decision; the contact is left unchanged.
-                metrics::counter!("optinsync_rule_errors_total").increment(1);
-                tracing::warn!(contact_id = %contact.id, list = %list.id, error = %e, "rule failed; contact left unchanged");
-                stats.rule_errors += 1;
-                return Ok(());
-            }
-        };
-        for p in proposals {
-            let input = match input_for(p.action) {
-                Some(input) => input,
-                None if p.action == Action::Subscribe && !consent.state.on_list() => {
-                    metrics::counter!("optinsync_consent_refused_total", "input" => "subscribe")
-                        .increment(1);
-                    tracing::warn!(
-                        contact_id = %contact.id, list = %list.id, state = %consent.state, reason = %p.reason,
-                        rule = %p.rule_file, "rule proposed subscribe without confirmation; refused (invariant 1)"
-                    );
-                    stats.refused += 1;
-                    continue;
-                }
-                // Subscribing happens on confirmation and write-back after every change, by
-                // themselves; `none` is nothing.
-                None => continue,
-            };
-            let evidence = Evidence {
-                rule_file: Some(p.rule_file.clone()),
-                rule_hash: Some(p.rule_hash.clone()),
-                reason: Some(p.reason.clone()),
-                ..Evidence::default()
-            };
-            match self.apply(contact, list, input, "rules", evidence).await? {
-                Applied::Changed(_) => stats.changes += 1,
-                Applied::Refused(r) => {
-                    tracing::warn!(
-                        contact_id = %contact.id, list = %list.id, reason = %p.reason, rule = %p.rule_file,
-                        refused = r.reason, "rule action refused"
-                    );
-                    stats.refused += 1;
-                }
-                Applied::Unchanged => {}
-            }
-        }
-        Ok(())
+/// Pages the CRM fetcher may read ahead of the commits.
+const PREFETCH_PAGES: usize = 16;
+/// Most CRM records planned and committed in one transaction.
+const BATCH_RECORDS: usize = 2000;
+
+/// Stops a spawned task when its owner returns early (an error mid-pull).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
+}
+
+/// Contacts per transaction in a rules pass.
+const DECIDE_PAGE: i64 = 1000;
+
+/// A refused consent change is logged and counted, never carried out.
+pub(crate) fn log_refusal(contact_id: &str, list_id: &str, refusal: &Refusal, source: &str) {
+    metrics::counter!("optinsync_consent_refused_total", "input" => refusal.input).increment(1);
+    tracing::warn!(
+        contact_id = %contact_id, list = %list_id, state = %refusal.state, input = refusal.input,
+        source, reason = refusal.reason, "consent change refused"
+    );
 }
 
 /// The state-machine input a rule action stands for; `None` for actions the engine performs
@@ -515,7 +535,7 @@ pub fn input_for(action: Action) -> Option<Input> {
 
 /// Outbox rows for a transition's effects. Keys derive from the event id, so a row can never
 /// be enqueued twice for one event.
-fn outbox_rows(
+pub(crate) fn outbox_rows(
     effects: &[Effect],
     contact: &Contact,
     list: &ListConfig,
@@ -565,11 +585,19 @@ fn outbox_rows(
                     } else {
                         PRIORITY_NORMAL
                     };
+                    let mut payload =
+                        serde_json::json!({ "state": to.as_str(), "opt_out": opt_out });
+                    // Erasure clears the contact's records and address before this row is
+                    // delivered: like a removal, the write-back carries what it needs.
+                    if to == ConsentState::Erased {
+                        payload["records"] = serde_json::json!(contact.crm_records);
+                        payload["email"] = serde_json::json!(contact.email);
+                    }
                     (
                         "crm_write_back",
                         priority,
                         format!("writeback:{event_id}"),
-                        serde_json::json!({ "state": to.as_str(), "opt_out": opt_out }),
+                        payload,
                     )
                 }
             };
@@ -627,6 +655,20 @@ impl Engine {
                     stats.invalid += 1;
                     continue;
                 };
+                if self.is_erased(&address).await? {
+                    // Erased: take it off the list without storing the address again.
+                    self.connectors
+                        .campaigns
+                        .remove(list.campaigns_list(), std::slice::from_ref(&address))
+                        .await
+                        .map_err(|source| EngineError::Connector {
+                            connector: "campaigns",
+                            source,
+                        })?;
+                    tracing::info!(list = %list.id, "existing member with an erased address removed");
+                    stats.removed += 1;
+                    continue;
+                }
                 let upsert = ContactUpsert {
                     email: address,
                     language: member.language.clone(),
@@ -734,14 +776,38 @@ impl Engine {
     /// — that consent was given and withdrawn — but not the evidence text, and the contact keeps
     /// only a keyed hash of its address, so it stays suppressed.
     pub async fn erase(&self, contact: &Contact) -> EngineResult<EraseReport> {
+        self.erase_as(contact, "cli", "erasure requested (GDPR Art. 17)")
+            .await
+    }
+
+    /// [`Engine::erase`] recorded with its `source` (`cli`, `admin`, `retention`) and `reason`.
+    pub async fn erase_as(
+        &self,
+        contact: &Contact,
+        source: &str,
+        reason: &str,
+    ) -> EngineResult<EraseReport> {
+        let report = self.erase_data(contact, source, reason).await?;
+        self.store.after_erasure().await?;
+        Ok(report)
+    }
+
+    /// [`Engine::erase_as`] without the store's closing scrub ([`Store::after_erasure`]), for
+    /// a batch of erasures that runs it once at the end (retention).
+    pub async fn erase_data(
+        &self,
+        contact: &Contact,
+        source: &str,
+        reason: &str,
+    ) -> EngineResult<EraseReport> {
         let mut report = EraseReport::default();
         for list in self.lists() {
             let evidence = Evidence {
-                reason: Some("erasure requested (GDPR Art. 17)".into()),
+                reason: Some(reason.to_owned()),
                 ..Evidence::default()
             };
             if let Applied::Changed(_) = self
-                .apply(contact, list, Input::Erase, "cli", evidence)
+                .apply(contact, list, Input::Erase, source, evidence)
                 .await?
             {
                 report.lists += 1;
@@ -752,7 +818,7 @@ impl Engine {
             .store
             .erase_contact(&contact.id, &hash, Utc::now())
             .await?;
-        tracing::info!(contact_id = %contact.id, redacted = report.store.redacted_events, "contact erased");
+        tracing::info!(contact_id = %contact.id, source, redacted = report.store.redacted_events, "contact erased");
         Ok(report)
     }
 }

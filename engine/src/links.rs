@@ -445,7 +445,7 @@ impl LinkState {
             source: "web".into(),
             evidence,
         };
-        if let Err(e) = engine.store.append_event(&event).await {
+        if let Err(e) = engine.append_event(event).await {
             tracing::error!(contact_id = %t.contact.id, error = %e, "link fetch not recorded");
         }
     }

@@ -74,6 +74,7 @@ impl Engine {
             .claim_outbox(worker, now, now + lease, limit)
             .await?;
         let mut stats = DeliverStats::default();
+        let mut scrub = false;
         for item in items {
             // Shutdown: hand back what is not started yet. Open circuit: do not call a dead
             // endpoint; the row waits for the half-open probe (its attempt is not counted).
@@ -118,6 +119,22 @@ impl Engine {
             self.store
                 .finish_outbox(item.id, worker, &finish, Utc::now())
                 .await?;
+            // A removal or write-back that carried an erased contact's address was the last
+            // copy; finishing scrubbed it, and no older copy may stay in the store's files.
+            if !scrub
+                && !matches!(finish, Finish::Retry { .. } | Finish::Postpone { .. })
+                && item.payload.get("email").is_some()
+                && self
+                    .store
+                    .contact_by_id(&item.contact_id)
+                    .await?
+                    .is_some_and(|c| c.email.starts_with("erased:"))
+            {
+                scrub = true;
+            }
+        }
+        if scrub {
+            self.store.after_erasure().await?;
         }
         Ok(stats)
     }
@@ -274,8 +291,14 @@ impl Engine {
                 {
                     return Ok(done("skipped: superseded by a newer consent change"));
                 }
-                let records = contact
-                    .crm_records
+                // An erasure's write-back carries the records and address it was queued with:
+                // by now the contact holds neither.
+                let carried = |key: &str| item.payload.get(key).filter(|v| !v.is_null());
+                let carried_records: Option<Vec<String>> =
+                    carried("records").and_then(|v| serde_json::from_value(v.clone()).ok());
+                let records = carried_records
+                    .as_ref()
+                    .unwrap_or(&contact.crm_records)
                     .iter()
                     .filter_map(|r| {
                         r.split_once('/').map(|(m, id)| RecordRef {
@@ -286,7 +309,9 @@ impl Engine {
                     .collect();
                 let wb = ConsentWriteBack {
                     records,
-                    email: contact.email.clone(),
+                    email: carried("email")
+                        .and_then(|e| e.as_str())
+                        .map_or_else(|| contact.email.clone(), str::to_owned),
                     list: list.id.clone(),
                     state: item
                         .payload

@@ -20,7 +20,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use optinsync_plugin_api::{ConnectorError, WebhookEvent};
 
-use crate::email;
 use crate::engine::Engine;
 
 /// Largest webhook body accepted.
@@ -88,30 +87,10 @@ async fn webhook(
                 continue;
             }
         };
-        match engine.ingest_record(&rec).await {
-            Ok(Some(_)) => {}
-            Ok(None) => continue,
-            Err(e) => {
-                tracing::error!(record = %record, error = %e, "webhook: ingesting the record failed");
-                failed = true;
-                continue;
-            }
-        }
-        let Some(address) = rec.email.as_deref().and_then(|e| email::normalise(e).ok()) else {
-            continue;
-        };
-        match engine.store.contact_by_email(&address).await {
-            Ok(Some(contact)) => {
-                if let Err(e) = engine.decide_contact(&contact).await {
-                    tracing::error!(record = %record, contact_id = %contact.id, error = %e, "webhook: deciding failed");
-                    failed = true;
-                }
-            }
-            Ok(None) => {}
-            Err(e) => {
-                tracing::error!(record = %record, error = %e, "webhook: contact lookup failed");
-                failed = true;
-            }
+        // Ingesting runs the rules for the contact too: an assertion queues its DOI mail.
+        if let Err(e) = engine.ingest_record(&rec).await {
+            tracing::error!(record = %record, error = %e, "webhook: ingesting the record failed");
+            failed = true;
         }
     }
     tracing::info!(connector = %connector, records = records.len(), "webhook handled");

@@ -13,8 +13,8 @@ use optinsync_engine::ledger::{
     ChainError, ChainVerifier, Evidence, GENESIS_HASH, LedgerEvent, NewEvent,
 };
 use optinsync_engine::store::{
-    self, Commit, ContactUpsert, Finish, NewOutbox, OutboxCounts, OutboxItem, PRIORITY_LEGAL,
-    PRIORITY_NORMAL, Store, StoreError, StoreResult, Suppression,
+    self, BatchCommit, Commit, ContactUpsert, Finish, NewOutbox, OutboxCounts, OutboxItem,
+    PRIORITY_LEGAL, PRIORITY_NORMAL, Store, StoreError, StoreResult, Suppression,
 };
 use serde_json::json;
 use sqlx::Connection as _;
@@ -151,6 +151,9 @@ store_contract! {
     check_dead_letters_retry_and_drop => sqlite_check_dead_letters_retry_and_drop, postgres_check_dead_letters_retry_and_drop;
     check_erasure_redacts_and_keeps_the_chain => sqlite_check_erasure_redacts_and_keeps_the_chain, postgres_check_erasure_redacts_and_keeps_the_chain;
     check_leases => sqlite_check_leases, postgres_check_leases;
+    check_batch_upsert_matches_single => sqlite_check_batch_upsert_matches_single, postgres_check_batch_upsert_matches_single;
+    check_commit_batch => sqlite_check_commit_batch, postgres_check_commit_batch;
+    check_batch_reads => sqlite_check_batch_reads, postgres_check_batch_reads;
     check_release_claims_of_a_crashed_predecessor =>
         sqlite_check_release_claims_of_a_crashed_predecessor,
         postgres_check_release_claims_of_a_crashed_predecessor;
@@ -1833,5 +1836,294 @@ async fn check_leases(db: TestDb) {
             .await
             .expect("try"),
         "another host's lease stays"
+    );
+}
+
+async fn check_batch_upsert_matches_single(db: TestDb) {
+    let s = &*db.store;
+    let known = new_contact(s, "known@example.org").await;
+    let mut a = upsert("new@example.org", Some("Contacts/1"));
+    a.fields.insert("City".into(), json!("Madrid"));
+    let mut b = upsert("known@example.org", Some("Contacts/2"));
+    b.language = Some("es".into());
+    // A second record with the first one's address: merged into the same contact, in order.
+    let mut c = upsert("new@example.org", Some("Contacts/3"));
+    c.fields.insert("City".into(), json!("Sevilla"));
+    let got = s
+        .upsert_contacts(&[a, b, c], t(10))
+        .await
+        .expect("upsert_contacts");
+    assert_eq!(got.len(), 3, "one contact per input, aligned");
+    assert_eq!(got[0].id, got[2].id, "same address, same contact");
+    assert_eq!(got[1].id, known, "an existing address keeps its contact id");
+    assert_eq!(got[1].language.as_deref(), Some("es"));
+    assert_eq!(got[1].crm_records, vec!["Contacts/2".to_owned()]);
+    assert_eq!(
+        got[2].crm_records,
+        vec!["Contacts/1".to_owned(), "Contacts/3".to_owned()],
+        "both CRM records of one address are kept"
+    );
+    assert_eq!(
+        got[2].fields.get("City"),
+        Some(&json!("Sevilla")),
+        "the later record wins"
+    );
+    for c in &got {
+        let stored = s
+            .contact_by_id(&c.id)
+            .await
+            .expect("contact_by_id")
+            .expect("stored");
+        assert_eq!(&stored, c, "what upsert_contacts returns is what is stored");
+    }
+    assert!(
+        s.upsert_contacts(&[], t(11))
+            .await
+            .expect("empty batch")
+            .is_empty()
+    );
+}
+
+async fn check_commit_batch(db: TestDb) {
+    let s = &*db.store;
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    // b/news already has an event: a batch commit expecting no consent conflicts.
+    let first = s
+        .commit(&simple_commit(
+            &b,
+            "news",
+            None,
+            ConsentState::None,
+            ConsentState::Asserted,
+            t(1),
+        ))
+        .await
+        .expect("commit");
+    let mut a1 = simple_commit(
+        &a,
+        "news",
+        None,
+        ConsentState::None,
+        ConsentState::Asserted,
+        t(2),
+    );
+    a1.suppress = None;
+    let mut a2 = simple_commit(
+        &a,
+        "news",
+        Some(999),
+        ConsentState::Asserted,
+        ConsentState::Pending,
+        t(2),
+    );
+    a2.outbox = vec![outbox("mail", PRIORITY_NORMAL, "mail:a2", &a, "news")];
+    let stale = simple_commit(
+        &b,
+        "news",
+        None,
+        ConsentState::None,
+        ConsentState::Asserted,
+        t(3),
+    );
+    let stale_next = simple_commit(
+        &b,
+        "news",
+        None,
+        ConsentState::Asserted,
+        ConsentState::Pending,
+        t(3),
+    );
+    let mut other = simple_commit(
+        &b,
+        "other",
+        None,
+        ConsentState::None,
+        ConsentState::Withdrawn,
+        t(3),
+    );
+    other.suppress = Some(Suppression {
+        address_hash: "hash-of-b".into(),
+        reason: "withdrawn".into(),
+    });
+    let batch = vec![
+        BatchCommit {
+            commit: a1,
+            follows: false,
+        },
+        // Follows a1: its expected_seq (999) is not checked.
+        BatchCommit {
+            commit: a2,
+            follows: true,
+        },
+        BatchCommit {
+            commit: stale,
+            follows: false,
+        },
+        BatchCommit {
+            commit: stale_next,
+            follows: true,
+        },
+        BatchCommit {
+            commit: other,
+            follows: false,
+        },
+    ];
+    let out = s.commit_batch(&batch).await.expect("commit_batch");
+    assert_eq!(out.len(), 5, "one result per commit");
+    assert!(
+        out[0].is_some() && out[1].is_some(),
+        "a's two commits are written"
+    );
+    assert!(
+        out[2].is_none(),
+        "a commit on a consent that changed is left out"
+    );
+    assert!(out[3].is_none(), "and so is the one that follows it");
+    assert!(out[4].is_some(), "other pairs are not affected");
+    let seqs_written: Vec<i64> = out.iter().flatten().map(|e| e.seq).collect();
+    assert_eq!(
+        seqs_written,
+        vec![first.seq + 1, first.seq + 2, first.seq + 3],
+        "written events take consecutive seqs in batch order"
+    );
+    let a_news = s
+        .consent(&a, "news")
+        .await
+        .expect("consent")
+        .expect("a/news");
+    assert_eq!(
+        a_news.state,
+        ConsentState::Pending,
+        "the projection holds the pair's last commit"
+    );
+    assert_eq!(a_news.last_seq, Some(first.seq + 2));
+    let b_news = s
+        .consent(&b, "news")
+        .await
+        .expect("consent")
+        .expect("b/news");
+    assert_eq!(
+        b_news.last_seq,
+        Some(first.seq),
+        "the conflicting pair is untouched"
+    );
+    assert!(s.is_suppressed("hash-of-b").await.expect("is_suppressed"));
+    let claimed = s
+        .claim_outbox("w", t(10), t(20), 10)
+        .await
+        .expect("claim_outbox");
+    assert_eq!(keys(&claimed), vec!["mail:a2"]);
+    assert_eq!(
+        claimed[0].event_seq,
+        Some(first.seq + 2),
+        "outbox row names its event"
+    );
+    assert_eq!(
+        verify_stored_chain(s)
+            .await
+            .expect("chain verifies after a batch"),
+        4
+    );
+    assert!(s.commit_batch(&[]).await.expect("empty batch").is_empty());
+    // A single commit after a batch chains on.
+    let next = s
+        .commit(&simple_commit(
+            &b,
+            "news",
+            Some(first.seq),
+            ConsentState::Asserted,
+            ConsentState::Pending,
+            t(4),
+        ))
+        .await
+        .expect("commit after batch");
+    assert_eq!(next.seq, first.seq + 4);
+    assert_eq!(verify_stored_chain(s).await.expect("chain verifies"), 5);
+}
+
+async fn check_batch_reads(db: TestDb) {
+    let s = &*db.store;
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    let c = new_contact(s, "c@example.org").await;
+    s.commit(&simple_commit(
+        &a,
+        "news",
+        None,
+        ConsentState::None,
+        ConsentState::Asserted,
+        t(1),
+    ))
+    .await
+    .expect("commit");
+    s.commit(&simple_commit(
+        &a,
+        "other",
+        None,
+        ConsentState::None,
+        ConsentState::Confirmed,
+        t(1),
+    ))
+    .await
+    .expect("commit");
+    s.commit(&simple_commit(
+        &c,
+        "news",
+        None,
+        ConsentState::None,
+        ConsentState::Pending,
+        t(1),
+    ))
+    .await
+    .expect("commit");
+    s.record_engagement(&a, "news", t(5))
+        .await
+        .expect("engagement");
+    let ids = vec![a.clone(), b.clone()];
+    let mut got: Vec<(String, String, &str)> = s
+        .consents_of_contacts(&ids)
+        .await
+        .expect("consents_of_contacts")
+        .into_iter()
+        .map(|(c, l, k)| (c, l, k.state.as_str()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (a.clone(), "news".into(), "asserted"),
+            (a.clone(), "other".into(), "confirmed")
+        ],
+        "only the asked contacts' consents"
+    );
+    let eng = s
+        .engagements_of_contacts(&[a.clone(), c.clone()])
+        .await
+        .expect("engagements_of_contacts");
+    assert_eq!(eng, vec![(a.clone(), "news".to_owned(), t(5))]);
+    s.commit(&Commit {
+        suppress: Some(Suppression {
+            address_hash: "h1".into(),
+            reason: "bounced".into(),
+        }),
+        ..simple_commit(
+            &b,
+            "news",
+            None,
+            ConsentState::None,
+            ConsentState::Bounced,
+            t(2),
+        )
+    })
+    .await
+    .expect("commit");
+    // More ids than one IN list takes.
+    let mut hashes: Vec<String> = (0..2500).map(|i| format!("h{i}")).collect();
+    hashes.push("h1".into());
+    assert_eq!(
+        s.suppressed_among(&hashes).await.expect("suppressed_among"),
+        vec!["h1".to_owned()],
+        "each suppressed hash once, even if asked twice"
     );
 }

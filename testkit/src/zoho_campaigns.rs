@@ -122,6 +122,10 @@ pub struct CampaignsState {
     pub locks: BTreeMap<String, u64>,
     /// Calls answered, per endpoint (including refused ones).
     pub calls: BTreeMap<String, u64>,
+    /// Per endpoint, the most calls any of its windows ever held (one number per window, in
+    /// the order of its quota), counting a call that exceeded it: a test asserts these stay
+    /// within the limits.
+    pub peaks: BTreeMap<String, Vec<usize>>,
     /// Calls that were inside the quota, with when they arrived (for rate measurements).
     pub accepted: Vec<(String, Instant)>,
     /// In-body code of the lock-out answer.
@@ -179,6 +183,7 @@ impl CampaignsState {
             locked_until: HashMap::new(),
             locks: BTreeMap::new(),
             calls: BTreeMap::new(),
+            peaks: BTreeMap::new(),
             accepted: Vec::new(),
             lock_code: "429".into(),
             group_locals: vec![
@@ -213,7 +218,14 @@ impl CampaignsState {
             *logs = vec![VecDeque::new(); quota.windows.len()];
         }
         let mut over = false;
-        for (log, (limit, length)) in logs.iter_mut().zip(&quota.windows) {
+        let peaks = self
+            .peaks
+            .entry(endpoint.to_owned())
+            .or_insert_with(|| vec![0; quota.windows.len()]);
+        peaks.resize(quota.windows.len(), 0);
+        for ((log, (limit, length)), peak) in
+            logs.iter_mut().zip(&quota.windows).zip(peaks.iter_mut())
+        {
             while log
                 .front()
                 .is_some_and(|t| now.duration_since(*t) >= *length)
@@ -221,6 +233,7 @@ impl CampaignsState {
                 log.pop_front();
             }
             log.push_back(now);
+            *peak = (*peak).max(log.len());
             if log.len() > *limit as usize {
                 over = true;
             }
@@ -426,6 +439,11 @@ impl FakeCampaigns {
     /// Locks triggered on any endpoint.
     pub fn locks(&self) -> u64 {
         self.lock().locks.values().sum()
+    }
+
+    /// The most calls each window of `endpoint` ever held (see [`CampaignsState::peaks`]).
+    pub fn peaks(&self, endpoint: &str) -> Vec<usize> {
+        self.lock().peaks.get(endpoint).cloned().unwrap_or_default()
     }
 
     /// Arrival times of the calls of `endpoint` that were inside the quota.

@@ -8,7 +8,8 @@ async fn demo_double_opt_in_end_to_end() {
     let demo = Demo::new();
     let summary = demo.run_ok(&["sync", "--once"]);
     assert!(
-        summary.contains("4 CRM records (1 skipped as invalid)"),
+        summary
+            .contains("4 CRM records (1 skipped as invalid, 0 erased addresses not stored again)"),
         "{summary}"
     );
 

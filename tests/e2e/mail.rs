@@ -4,16 +4,14 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use futures_util::{SinkExt as _, StreamExt as _};
 use optinsync_engine::tokens::{Claims, Purpose, TokenKeys};
 use optinsync_testkit::smtp::{ParsedMail, SmtpSink, parse};
 use sha2::{Digest, Sha256};
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
+use crate::browser::*;
 use crate::support::*;
 
 const DEMO_SECRET: &str = "demo-only-secret-change-me-0123456789abcdef";
@@ -204,155 +202,6 @@ fn dkim_public_key() -> rsa::RsaPublicKey {
     rsa::RsaPrivateKey::from_pkcs1_pem(&pem)
         .unwrap()
         .to_public_key()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Headless Chromium over the DevTools protocol.
-// ---------------------------------------------------------------------------------------------
-
-struct Chromium {
-    child: Child,
-    _profile: tempfile::TempDir,
-}
-
-impl Drop for Chromium {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-struct Cdp {
-    ws: Ws,
-    next_id: u64,
-    session: Option<String>,
-}
-
-impl Cdp {
-    async fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
-        self.next_id += 1;
-        let id = self.next_id;
-        let mut msg = serde_json::json!({ "id": id, "method": method, "params": params });
-        if let Some(s) = &self.session {
-            msg["sessionId"] = serde_json::Value::String(s.clone());
-        }
-        self.ws
-            .send(WsMessage::Text(msg.to_string().into()))
-            .await
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let frame = tokio::time::timeout(left, self.ws.next())
-                .await
-                .unwrap_or_else(|_| panic!("no answer to {method}"))
-                .unwrap()
-                .unwrap();
-            if let WsMessage::Text(t) = frame {
-                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
-                if v["id"] == id {
-                    assert!(v.get("error").is_none(), "{method}: {v}");
-                    return v["result"].clone();
-                }
-            }
-        }
-    }
-
-    async fn eval(&mut self, expression: &str) -> serde_json::Value {
-        let r = self
-            .call(
-                "Runtime.evaluate",
-                serde_json::json!({ "expression": expression, "returnByValue": true }),
-            )
-            .await;
-        r["result"]["value"].clone()
-    }
-
-    async fn wait_for(&mut self, expression: &str, what: &str) {
-        let start = Instant::now();
-        while self.eval(expression).await != serde_json::Value::Bool(true) {
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "browser: timed out waiting for {what}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-async fn start_chromium(url: &str) -> (Chromium, Cdp) {
-    let profile = tempfile::tempdir().unwrap();
-    let child = Command::new("chromium")
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-dev-shm-usage",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--remote-debugging-port=0",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg("about:blank")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("chromium must be installed (Debian package `chromium`; .ci/run installs it)");
-    let chromium = Chromium {
-        child,
-        _profile: profile,
-    };
-    let port_file = chromium._profile.path().join("DevToolsActivePort");
-    wait_until(60, "Chromium's DevTools port", || {
-        std::fs::read_to_string(&port_file).is_ok_and(|s| s.lines().count() >= 2)
-    });
-    let info = std::fs::read_to_string(&port_file).unwrap();
-    let mut lines = info.lines();
-    let port = lines.next().unwrap().trim();
-    let path = lines.next().unwrap().trim();
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}{path}"))
-        .await
-        .unwrap();
-    let mut cdp = Cdp {
-        ws,
-        next_id: 0,
-        session: None,
-    };
-    let target = cdp
-        .call("Target.createTarget", serde_json::json!({ "url": url }))
-        .await;
-    let attached = cdp
-        .call(
-            "Target.attachToTarget",
-            serde_json::json!({ "targetId": target["targetId"], "flatten": true }),
-        )
-        .await;
-    cdp.session = Some(attached["sessionId"].as_str().unwrap().to_owned());
-    (chromium, cdp)
-}
-
-/// Click the element with `id` like a person: a mouse press and release at its centre.
-async fn click(cdp: &mut Cdp, id: &str) {
-    let rect = cdp
-        .eval(&format!(
-            "(() => {{ const r = document.getElementById('{id}').getBoundingClientRect(); \
-             return [r.x + r.width / 2, r.y + r.height / 2]; }})()"
-        ))
-        .await;
-    let (x, y) = (rect[0].as_f64().unwrap(), rect[1].as_f64().unwrap());
-    for kind in ["mouseMoved", "mousePressed", "mouseReleased"] {
-        cdp.call(
-            "Input.dispatchMouseEvent",
-            serde_json::json!({ "type": kind, "x": x, "y": y, "button": "left", "clickCount": 1 }),
-        )
-        .await;
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

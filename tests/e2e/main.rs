@@ -5,14 +5,17 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod browser;
 mod cli;
 mod crash;
+mod data_subject;
 mod demo;
 mod faults;
 mod import;
 mod lifecycle;
 mod log_scan;
 mod mail;
+mod multi_instance;
 mod outbox;
 mod postgres;
 mod rules;

@@ -148,7 +148,8 @@ async fn erase_removes_personal_data_keeps_the_chain_and_suppresses() {
 
     let out = demo.run_ok(&["erase", ana]);
     assert!(
-        out.contains("erased contact") && out.contains("1 removal(s) delivered"),
+        // The campaigns removal and the CRM opt-out write-back.
+        out.contains("erased contact") && out.contains("2 removal(s) and CRM opt-out(s) delivered"),
         "{out}"
     );
     assert!(

@@ -145,6 +145,8 @@ fn sandboxed_engine() -> Engine {
 struct Script {
     ast: AST,
     path: PathBuf,
+    /// `path` as text, made once: every proposal carries it.
+    file: String,
     hash: String,
 }
 
@@ -259,6 +261,7 @@ impl RuleSet {
                         scripts.push(Script {
                             ast,
                             path: path.clone(),
+                            file: path.display().to_string(),
                             hash: sha256_hex(source.as_bytes()),
                         });
                     } else {
@@ -330,30 +333,64 @@ impl RuleSet {
         consent: &Map,
         ctx: &Map,
     ) -> Result<Vec<Proposal>, RulesError> {
+        self.decide_owned(contact.clone(), consent.clone(), ctx.clone())
+    }
+
+    /// [`decide`](Self::decide) on maps the caller gives up: the fast path for passes over
+    /// many contacts (build the maps with [`input`], the `ctx` from an [`input::ListCtx`]).
+    /// Only a set of several scripts copies them, once per script but the last.
+    pub fn decide_owned(
+        &self,
+        contact: Map,
+        consent: Map,
+        ctx: Map,
+    ) -> Result<Vec<Proposal>, RulesError> {
         let mut all = Vec::new();
-        for script in &self.scripts {
-            let mut scope = rhai::Scope::new();
-            let options = rhai::CallFnOptions::new()
-                .eval_ast(false)
-                .rewind_scope(true);
-            let out: Dynamic = self
-                .engine
-                .call_fn_with_options(
-                    options,
-                    &mut scope,
-                    &script.ast,
-                    "decide",
-                    (contact.clone(), consent.clone(), ctx.clone()),
-                )
-                .map_err(|e| RulesError::Runtime {
-                    path: script.path.clone(),
-                    line: e.position().line().unwrap_or(0),
-                    column: e.position().position().unwrap_or(0),
-                    message: e.to_string(),
-                })?;
-            all.extend(proposals(script, out)?);
+        let mut args = Some((contact, consent, ctx));
+        let last = self.scripts.len().saturating_sub(1);
+        for (i, script) in self.scripts.iter().enumerate() {
+            let (contact, consent, ctx) =
+                if i == last { args.take() } else { args.clone() }.unwrap_or_default();
+            all.extend(self.call_decide(script, contact, consent, ctx)?);
         }
         Ok(all)
+    }
+
+    fn call_decide(
+        &self,
+        script: &Script,
+        contact: Map,
+        consent: Map,
+        ctx: Map,
+    ) -> Result<Vec<Proposal>, RulesError> {
+        let mut scope = rhai::Scope::new();
+        // Only `decide` runs, never the script's top level; the scope is rewound so nothing
+        // a call declares survives into the next one.
+        let options = rhai::CallFnOptions::new()
+            .eval_ast(false)
+            .rewind_scope(true);
+        // `Dynamic::from_map` wraps the map as it is; passing a `Map` would make Rhai rebuild
+        // it entry by entry (the largest single cost in the profile).
+        let out: Dynamic = self
+            .engine
+            .call_fn_with_options(
+                options,
+                &mut scope,
+                &script.ast,
+                "decide",
+                (
+                    Dynamic::from_map(contact),
+                    Dynamic::from_map(consent),
+                    Dynamic::from_map(ctx),
+                ),
+            )
+            .map_err(|e| RulesError::Runtime {
+                path: script.path.clone(),
+                line: e.position().line().unwrap_or(0),
+                column: e.position().position().unwrap_or(0),
+                message: e.to_string(),
+            })?;
+        proposals(script, out)
     }
 }
 
@@ -382,14 +419,14 @@ fn proposals(script: &Script, out: Dynamic) -> Result<Vec<Proposal>, RulesError>
     let mut proposals = Vec::with_capacity(items.len());
     for item in items {
         let type_name = item.type_name();
-        let map = item.try_cast::<Map>().ok_or_else(|| {
+        let mut map = item.try_cast::<Map>().ok_or_else(|| {
             bad(format!(
                 "a {type_name}; expected a map like #{{ action: \"send_doi\", reason: \"...\" }}"
             ))
         })?;
         let action = map
-            .get("action")
-            .and_then(|a| a.clone().into_string().ok())
+            .remove("action")
+            .and_then(|a| a.into_immutable_string().ok())
             .ok_or_else(|| bad("a map without an `action` string".into()))?;
         let action = Action::parse(&action).ok_or_else(|| {
             let known: Vec<_> = Action::ALL.iter().map(|a| a.as_str()).collect();
@@ -399,8 +436,8 @@ fn proposals(script: &Script, out: Dynamic) -> Result<Vec<Proposal>, RulesError>
             ))
         })?;
         let reason = map
-            .get("reason")
-            .and_then(|r| r.clone().into_string().ok())
+            .remove("reason")
+            .and_then(|r| r.into_string().ok())
             .filter(|r| !r.trim().is_empty())
             .ok_or_else(|| {
                 bad(format!(
@@ -412,7 +449,7 @@ fn proposals(script: &Script, out: Dynamic) -> Result<Vec<Proposal>, RulesError>
             proposals.push(Proposal {
                 action,
                 reason,
-                rule_file: script.path.display().to_string(),
+                rule_file: script.file.clone(),
                 rule_hash: script.hash.clone(),
             });
         }
@@ -460,6 +497,40 @@ mod tests {
             rs.decide(&m(&[]), &m(&[("state", "none".into())]), &m(&[]))
                 .expect("runs")
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn scripts_of_one_set_cannot_change_each_others_input() {
+        let rs = RuleSet::compile_sources(
+            Path::new("."),
+            &[
+                (
+                    PathBuf::from("a.rhai"),
+                    r#"fn decide(contact, consent, ctx) { consent.state = "asserted"; ctx.list = (); }"#
+                        .to_owned(),
+                ),
+                (
+                    PathBuf::from("b.rhai"),
+                    r#"fn decide(contact, consent, ctx) { if consent.state == "asserted" || ctx.list == () { #{ action: "send_doi", reason: "changed" } } }"#
+                        .to_owned(),
+                ),
+            ],
+            vec![],
+        )
+        .expect("compiles");
+        let ctx = m(&[("list", Dynamic::from_map(m(&[("id", "l".into())])))]);
+        let consent = m(&[("state", "none".into())]);
+        for got in [
+            rs.decide(&m(&[]), &consent, &ctx),
+            rs.decide_owned(m(&[]), consent.clone(), ctx.clone()),
+        ] {
+            assert_eq!(got.expect("runs"), vec![]);
+        }
+        assert_eq!(
+            consent.get("state").map(ToString::to_string).as_deref(),
+            Some("none"),
+            "the caller's map is untouched"
         );
     }
 

@@ -3,16 +3,18 @@
 //! with the rules in force — so an operator sees "this change would remove 12,408 contacts"
 //! before saving it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::{Action, RuleSet, input};
+use super::input::{self, ListCtx};
+use super::{Action, RuleSet};
 use crate::config::ListConfig;
 use crate::consent::{self, Consent, ConsentState};
 use crate::engine::input_for;
-use crate::store::{Store, StoreError};
+use crate::store::{Contact, Store, StoreError};
 use crate::tokens::TokenKeys;
 
 /// What one rule set would do.
@@ -63,16 +65,19 @@ impl Report {
     }
 }
 
+/// The three maps a script receives for one pair.
+type Maps = (rhai::Map, rhai::Map, rhai::Map);
+
 /// Decisions of one set for one pair, classified by the state machine.
 fn classify(
     set: &RuleSet,
-    maps: &(rhai::Map, rhai::Map, rhai::Map),
+    maps: Maps,
     consent: &Consent,
     list: &ListConfig,
     suppressed: bool,
     now: DateTime<Utc>,
 ) -> Result<Vec<(Action, bool)>, ()> {
-    let proposals = set.decide(&maps.0, &maps.1, &maps.2).map_err(|_| ())?;
+    let proposals = set.decide_owned(maps.0, maps.1, maps.2).map_err(|_| ())?;
     let limits = consent::Limits {
         max_reminders: list.max_reminders,
     };
@@ -126,9 +131,69 @@ fn record(
     }
 }
 
-/// Evaluate `candidate` (and `running`, for the diff) on every contact × list. Read-only.
-pub async fn simulate(
+/// Contacts read per store round trip: each page costs four queries, whatever its size.
+const PAGE: i64 = 1000;
+
+/// One page of contacts and everything the rules and the state machine need about them.
+struct Page {
+    contacts: Vec<Contact>,
+    consents: HashMap<(String, String), Consent>,
+    engagement: HashMap<(String, String), DateTime<Utc>>,
+    /// Per contact, in order: is any of its address hashes suppressed.
+    suppressed: Vec<bool>,
+}
+
+/// The page after `after`, in one batch read per table; `None` past the last contact.
+async fn read_page(
     store: &dyn Store,
+    tokens: &TokenKeys,
+    after: Option<&str>,
+) -> Result<Option<Page>, StoreError> {
+    let contacts = store.contacts_page(after, PAGE).await?;
+    if contacts.is_empty() {
+        return Ok(None);
+    }
+    let ids: Vec<String> = contacts.iter().map(|c| c.id.clone()).collect();
+    let hashes: Vec<Vec<String>> = contacts
+        .iter()
+        .map(|c| tokens.address_hashes(&c.email))
+        .collect();
+    let all_hashes = hashes.concat();
+    // Independent reads: a store with several connections answers them at once.
+    let (consents, engagement, found) = tokio::try_join!(
+        store.consents_of_contacts(&ids),
+        store.engagements_of_contacts(&ids),
+        store.suppressed_among(&all_hashes),
+    )?;
+    let consents = consents
+        .into_iter()
+        .map(|(contact, list, consent)| ((contact, list), consent))
+        .collect();
+    let engagement = engagement
+        .into_iter()
+        .map(|(contact, list, at)| ((contact, list), at))
+        .collect();
+    let found: HashSet<String> = found.into_iter().collect();
+    let suppressed = hashes
+        .iter()
+        .map(|hs| hs.iter().any(|h| found.contains(h)))
+        .collect();
+    Ok(Some(Page {
+        contacts,
+        consents,
+        engagement,
+        suppressed,
+    }))
+}
+
+/// Evaluate `candidate` (and `running`, for the diff) on every contact × list. Read-only.
+///
+/// The store is read a page at a time (contacts, then their consents, engagement and
+/// suppressions in one batch read each) by a task of its own that stays one page ahead, so
+/// reading the next page overlaps deciding this one; memory stays a few pages whatever the
+/// number of contacts, and the cost grows linearly with it.
+pub async fn simulate(
+    store: Arc<dyn Store>,
     lists: &[ListConfig],
     tokens: &TokenKeys,
     candidate: &RuleSet,
@@ -141,41 +206,54 @@ pub async fn simulate(
         running: running.map(|_| Outcomes::default()),
         ..Report::default()
     };
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.contacts_page(after.as_deref(), 1000).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
-        for contact in &page {
+    let list_ctxs: Vec<ListCtx> = lists.iter().map(ListCtx::new).collect();
+    let (pages_tx, mut pages) = tokio::sync::mpsc::channel(1);
+    let tokens = tokens.clone();
+    // Ends after the last page, on an error, or when the receiver is gone (a failed or
+    // cancelled simulation).
+    tokio::spawn(async move {
+        let mut after: Option<String> = None;
+        loop {
+            let page = read_page(store.as_ref(), &tokens, after.as_deref()).await;
+            if let Ok(Some(p)) = &page {
+                after = p.contacts.last().map(|c| c.id.clone());
+            }
+            let last = !matches!(page, Ok(Some(_)));
+            if pages_tx.send(page).await.is_err() || last {
+                break;
+            }
+        }
+    });
+    while let Some(page) = pages.recv().await {
+        let Some(mut page) = page? else { break };
+        for (contact, &is_suppressed) in page.contacts.iter().zip(&page.suppressed) {
             report.contacts += 1;
-            let suppressed = store
-                .is_any_suppressed(&tokens.address_hashes(&contact.email))
-                .await?;
-            let consents: BTreeMap<String, Consent> = store
-                .consents_of_contact(&contact.id)
-                .await?
-                .into_iter()
-                .collect();
             let contact_map = input::contact_map(contact);
-            for list in lists {
-                let consent = consents
-                    .get(&list.id)
-                    .cloned()
+            for (list, list_ctx) in lists.iter().zip(&list_ctxs) {
+                let key = (contact.id.clone(), list.id.clone());
+                let consent = page
+                    .consents
+                    .remove(&key)
                     .unwrap_or_else(|| Consent::new(now));
                 if consent.state == ConsentState::Erased {
                     continue;
                 }
                 report.pairs += 1;
-                let engagement = store.last_engagement(&contact.id, &list.id).await?;
                 let maps = (
                     contact_map.clone(),
-                    input::consent_map(&consent, engagement, now),
-                    input::ctx_map(list, now),
+                    input::consent_map(&consent, page.engagement.get(&key).copied(), now),
+                    list_ctx.at(now),
                 );
-                let cand = classify(candidate, &maps, &consent, list, suppressed, now);
+                let (for_running, for_candidate) = match running {
+                    Some(_) => (Some(maps.clone()), maps),
+                    None => (None, maps),
+                };
+                let cand = classify(candidate, for_candidate, &consent, list, is_suppressed, now);
                 record(&mut report.candidate, &cand, &contact.id, samples);
-                if let (Some(run_set), Some(run_out)) = (running, report.running.as_mut()) {
-                    let run = classify(run_set, &maps, &consent, list, suppressed, now);
+                if let (Some(run_set), Some(run_out), Some(maps)) =
+                    (running, report.running.as_mut(), for_running)
+                {
+                    let run = classify(run_set, maps, &consent, list, is_suppressed, now);
                     record(run_out, &run, &contact.id, samples);
                     if run != cand {
                         report.changed_pairs += 1;

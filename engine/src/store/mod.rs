@@ -125,6 +125,15 @@ pub struct Commit {
     pub suppress: Option<Suppression>,
 }
 
+/// One commit of a [`Store::commit_batch`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchCommit {
+    pub commit: Commit,
+    /// Built on the outcome of the previous commit of the same (contact, list) in this batch,
+    /// so its `expected_seq` is not checked: it is written if, and only if, that one is.
+    pub follows: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Suppression {
     pub address_hash: String,
@@ -179,20 +188,54 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Insert or update the contact with this (normalised) email; merges CRM record ids.
     async fn upsert_contact(&self, c: &ContactUpsert, now: DateTime<Utc>) -> StoreResult<Contact>;
+    /// [`Store::upsert_contact`] for a whole page in one transaction; the result is aligned
+    /// with `batch` (records that share an address get the same contact, merged in order).
+    async fn upsert_contacts(
+        &self,
+        batch: &[ContactUpsert],
+        now: DateTime<Utc>,
+    ) -> StoreResult<Vec<Contact>>;
     async fn contact_by_email(&self, email: &str) -> StoreResult<Option<Contact>>;
     async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>>;
     /// Contacts ordered by id, after `after` (paging for decision passes).
     async fn contacts_page(&self, after: Option<&str>, limit: i64) -> StoreResult<Vec<Contact>>;
+    /// [`Store::contacts_page`] without the contacts created or changed at or after
+    /// `updated_before` (those a pull just decided).
+    async fn contacts_page_before(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+        updated_before: DateTime<Utc>,
+    ) -> StoreResult<Vec<Contact>>;
 
     /// Consent of one pair; `None` if no event was ever recorded.
     async fn consent(&self, contact_id: &str, list_id: &str) -> StoreResult<Option<Consent>>;
     async fn consents_of_contact(&self, contact_id: &str) -> StoreResult<Vec<(String, Consent)>>;
+    /// Every consent of these contacts as `(contact_id, list_id, consent)` (batch read).
+    async fn consents_of_contacts(
+        &self,
+        contact_ids: &[String],
+    ) -> StoreResult<Vec<(String, String, Consent)>>;
+    /// Last engagement per `(contact_id, list_id)` of these contacts (batch read).
+    async fn engagements_of_contacts(
+        &self,
+        contact_ids: &[String],
+    ) -> StoreResult<Vec<(String, String, DateTime<Utc>)>>;
+    /// Which of these address hashes are suppressed (batch read).
+    async fn suppressed_among(&self, address_hashes: &[String]) -> StoreResult<Vec<String>>;
 
     /// Ledger event + consent projection + outbox rows + suppression, in one transaction.
     async fn commit(&self, c: &Commit) -> StoreResult<LedgerEvent>;
+    /// Many commits in one transaction (bulk sync, rules passes, group commit of web
+    /// requests): one lock, one chain read, multi-row inserts. Each commit is checked like
+    /// [`Store::commit`]; one whose consent changed concurrently is left out (`None` at its
+    /// index; so is every later commit that `follows` it) and the rest are written.
+    async fn commit_batch(&self, commits: &[BatchCommit]) -> StoreResult<Vec<Option<LedgerEvent>>>;
     /// Append an event that changes no state (e.g. evidence of a fetched link).
     async fn append_event(&self, e: &NewEvent) -> StoreResult<LedgerEvent>;
 
+    /// [`Store::append_event`] for many events, in order, in one transaction.
+    async fn append_events(&self, events: &[NewEvent]) -> StoreResult<Vec<LedgerEvent>>;
     async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>>;
     /// Ledger events with `seq > after`, in order, at most `limit`.
     async fn ledger_page(&self, after: i64, limit: i64) -> StoreResult<Vec<LedgerEvent>>;
@@ -221,13 +264,18 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn outbox_dead(&self) -> StoreResult<Vec<OutboxItem>>;
     /// GDPR erasure of one contact: redact the evidence of its ledger events, replace its
     /// address by `erased:<address_hash>` and clear its fields, scrub finished outbox payloads.
-    /// The consent events themselves (and the chain) stay.
+    /// The consent events themselves (and the chain) stay. Call [`Store::after_erasure`] after
+    /// (once for a batch of erasures).
     async fn erase_contact(
         &self,
         contact_id: &str,
         address_hash: &str,
         now: DateTime<Utc>,
     ) -> StoreResult<Erasure>;
+    /// After an erased contact's data left the rows (erasure itself, or the delivery of the
+    /// removal that still carried its address): make sure no older copy stays in the backend's
+    /// files (SQLite: checkpoint and truncate the WAL; PostgreSQL: nothing, see SECURITY.md).
+    async fn after_erasure(&self) -> StoreResult<()>;
     /// Put a dead letter back in the queue with fresh attempts; `false` if `id` is not dead.
     async fn retry_dead(&self, id: i64, now: DateTime<Utc>) -> StoreResult<bool>;
     /// Give up on a dead letter for good (kept as `dropped` for the record); `false` if `id`
@@ -277,6 +325,37 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Contacts per (list, state) with the oldest and newest `since`, for `optinsync status`.
     async fn consent_summary(&self) -> StoreResult<Vec<ConsentSummary>>;
+
+    /// Shared vendor quotas ([`crate::quota`]): count one call of `key` in every window if
+    /// each has room and the key is not locked. One transaction, serialised per key, so
+    /// instances sharing the database share one budget.
+    async fn quota_take(
+        &self,
+        key: &str,
+        windows: &[optinsync_plugin_api::QuotaWindow],
+        now_ms: i64,
+    ) -> StoreResult<optinsync_plugin_api::QuotaSlot>;
+    /// Move the call counted at `sent_ms` to `done_ms` (when its answer arrived).
+    async fn quota_settle(
+        &self,
+        key: &str,
+        windows: &[optinsync_plugin_api::QuotaWindow],
+        sent_ms: i64,
+        done_ms: i64,
+    ) -> StoreResult<()>;
+    /// The vendor locked `key`: no instance calls it before `until_ms`.
+    async fn quota_lock(&self, key: &str, until_ms: i64) -> StoreResult<()>;
+    /// Calls counted now per window, and the lock end if `key` is locked.
+    async fn quota_usage(
+        &self,
+        key: &str,
+        windows: &[optinsync_plugin_api::QuotaWindow],
+        now_ms: i64,
+    ) -> StoreResult<(Vec<u32>, Option<i64>)>;
+    /// Shared connector sets ([`crate::quota`]): add a member (idempotent).
+    async fn mark_add(&self, set: &str, member: &str) -> StoreResult<()>;
+    async fn mark_remove(&self, set: &str, members: &[String]) -> StoreResult<()>;
+    async fn marks(&self, set: &str) -> StoreResult<Vec<String>>;
 }
 
 /// Open the store named by `url` (`sqlite://path` or `postgres://...`).

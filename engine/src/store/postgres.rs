@@ -9,6 +9,8 @@ use sqlx::postgres::{PgPool, PgPoolOptions};
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// The same pool: PostgreSQL readers never wait for writers anyway.
+    reader: PgPool,
 }
 
 impl PostgresStore {
@@ -22,7 +24,10 @@ impl PostgresStore {
                 url: redact(url),
                 source,
             })?;
-        Ok(Self { pool })
+        Ok(Self {
+            reader: pool.clone(),
+            pool,
+        })
     }
 
     async fn run_migrations(&self) -> super::StoreResult<()> {
@@ -47,6 +52,10 @@ fn redact(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
+
+/// Run after an erasure commits. Nothing: old row versions stay in PostgreSQL's files until
+/// VACUUM reuses their space (and in WAL archives and backups) — see SECURITY.md.
+const AFTER_ERASURE: &str = "SELECT 1";
 
 mod shared {
     use super::PostgresStore;

@@ -4,7 +4,8 @@
 //! All timestamps are stored as fixed-width RFC 3339 UTC text (microseconds), which sorts
 //! correctly as text in both databases and hashes reproducibly in the ledger.
 
-/// Generates `impl Store for $store` where `$store` has `pool: sqlx::Pool<$db>` and an inherent
+/// Generates `impl Store for $store` where `$store` has `pool: sqlx::Pool<$db>` (writes) and
+/// `reader: sqlx::Pool<$db>` (plain reads), and an inherent
 /// `async fn run_migrations(&self)`.
 ///
 /// - `lock`: SQL run first in every ledger-appending transaction to serialise appends.
@@ -105,6 +106,72 @@ macro_rules! shared_store_impl {
             })
         }
 
+        /// Ids per `IN (...)` list: well under both backends' bind-parameter limits.
+        const IN_CHUNK: usize = 1000;
+        /// Rows per multi-row INSERT (at most 13 columns: < 32,766 SQLite parameters).
+        const ROW_CHUNK: usize = 1000;
+
+        fn push_in<'a>(qb: &mut sqlx::QueryBuilder<'a, $db>, ids: &'a [String]) {
+            qb.push("(");
+            let mut sep = qb.separated(", ");
+            for id in ids {
+                sep.push_bind(id.as_str());
+            }
+            sep.push_unseparated(")");
+        }
+
+        /// Merge what a CRM record says into a stored contact; `true` if anything changed.
+        /// Several CRM records may carry one address: keep every record id, and the newest
+        /// values for the fields they carry.
+        fn merge_upsert(contact: &mut Contact, c: &ContactUpsert, now: DateTime<Utc>) -> bool {
+            let mut changed = false;
+            if let Some(rec) = &c.crm_record {
+                if !contact.crm_records.contains(rec) {
+                    contact.crm_records.push(rec.clone());
+                    contact.crm_records.sort();
+                    changed = true;
+                }
+            }
+            if c.language.is_some() && c.language != contact.language {
+                contact.language = c.language.clone();
+                changed = true;
+            }
+            if c.fields.iter().any(|(k, v)| contact.fields.get(k) != Some(v)) {
+                contact.fields.extend(c.fields.clone());
+                changed = true;
+            }
+            if changed {
+                contact.updated_at = now;
+            }
+            changed
+        }
+
+        /// Insert sealed events with multi-row statements. The caller holds the append lock.
+        async fn insert_events(tx: &mut Tx<'_>, sealed: &[&LedgerEvent]) -> StoreResult<()> {
+            for chunk in sealed.chunks(ROW_CHUNK / 2) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO ledger (seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, prev_hash, hash, evidence_sha256) ",
+                );
+                qb.push_values(chunk, |mut b, ev| {
+                    b.push_bind(ev.seq)
+                        .push_bind(&ev.event_id)
+                        .push_bind(&ev.at)
+                        .push_bind(&ev.contact_id)
+                        .push_bind(&ev.list_id)
+                        .push_bind(&ev.kind)
+                        .push_bind(&ev.from_state)
+                        .push_bind(&ev.to_state)
+                        .push_bind(&ev.source)
+                        .push_bind(&ev.evidence)
+                        .push_bind(&ev.prev_hash)
+                        .push_bind(&ev.hash)
+                        .push_bind(&ev.evidence_sha256);
+                });
+                qb.build().execute(&mut **tx).await?;
+            }
+            Ok(())
+        }
+
         /// Append one event at the head of the chain. The caller holds the append lock.
         async fn append_locked(tx: &mut Tx<'_>, e: &NewEvent) -> StoreResult<LedgerEvent> {
             let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
@@ -166,28 +233,8 @@ macro_rules! shared_store_impl {
                     .fetch_one(&mut *tx)
                     .await?;
                 let mut contact = contact_from(&row)?;
-                // Several CRM records may carry one address: keep every record id, and the
-                // newest values for the fields they carry.
-                let mut changed = false;
-                if let Some(rec) = &c.crm_record {
-                    if !contact.crm_records.contains(rec) {
-                        contact.crm_records.push(rec.clone());
-                        contact.crm_records.sort();
-                        changed = true;
-                    }
-                }
-                if c.language.is_some() && c.language != contact.language {
-                    contact.language = c.language.clone();
-                    changed = true;
-                }
-                let mut fields: BTreeMap<String, serde_json::Value> = contact.fields.clone();
-                fields.extend(c.fields.clone());
-                if fields != contact.fields {
-                    contact.fields = fields;
-                    changed = true;
-                }
+                let changed = merge_upsert(&mut contact, c, now);
                 if changed {
-                    contact.updated_at = now;
                     sqlx::query(
                         "UPDATE contacts SET language = $1, fields = $2, crm_records = $3, updated_at = $4 WHERE id = $5",
                     )
@@ -206,7 +253,7 @@ macro_rules! shared_store_impl {
             async fn contact_by_email(&self, email: &str) -> StoreResult<Option<Contact>> {
                 let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts WHERE email = $1"))
                     .bind(email)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.reader)
                     .await?;
                 row.as_ref().map(contact_from).transpose()
             }
@@ -214,7 +261,7 @@ macro_rules! shared_store_impl {
             async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>> {
                 let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts WHERE id = $1"))
                     .bind(id)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.reader)
                     .await?;
                 row.as_ref().map(contact_from).transpose()
             }
@@ -225,7 +272,19 @@ macro_rules! shared_store_impl {
                 ))
                 .bind(after.unwrap_or(""))
                 .bind(limit)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter().map(contact_from).collect()
+            }
+
+            async fn contacts_page_before(&self, after: Option<&str>, limit: i64, updated_before: DateTime<Utc>) -> StoreResult<Vec<Contact>> {
+                let rows = sqlx::query(&format!(
+                    "SELECT {CONTACT_COLS} FROM contacts WHERE id > $1 AND updated_at < $2 ORDER BY id LIMIT $3"
+                ))
+                .bind(after.unwrap_or(""))
+                .bind(format_time(updated_before))
+                .bind(limit)
+                .fetch_all(&self.reader)
                 .await?;
                 rows.iter().map(contact_from).collect()
             }
@@ -236,7 +295,7 @@ macro_rules! shared_store_impl {
                 ))
                 .bind(contact_id)
                 .bind(list_id)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reader)
                 .await?;
                 Ok(row.as_ref().map(consent_from).transpose()?.map(|(_, c)| c))
             }
@@ -246,9 +305,265 @@ macro_rules! shared_store_impl {
                     "SELECT {CONSENT_COLS} FROM consents WHERE contact_id = $1 ORDER BY list_id"
                 ))
                 .bind(contact_id)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reader)
                 .await?;
                 rows.iter().map(consent_from).collect()
+            }
+
+            async fn consents_of_contacts(&self, contact_ids: &[String]) -> StoreResult<Vec<(String, String, Consent)>> {
+                let mut out = Vec::with_capacity(contact_ids.len());
+                for chunk in contact_ids.chunks(IN_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT contact_id, {CONSENT_COLS} FROM consents WHERE contact_id IN "));
+                    push_in(&mut qb, chunk);
+                    for row in qb.build().fetch_all(&self.reader).await? {
+                        let (list_id, consent) = consent_from(&row)?;
+                        out.push((row.try_get("contact_id")?, list_id, consent));
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn engagements_of_contacts(&self, contact_ids: &[String]) -> StoreResult<Vec<(String, String, DateTime<Utc>)>> {
+                let mut out = Vec::new();
+                for chunk in contact_ids.chunks(IN_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT contact_id, list_id, last_at FROM engagement WHERE contact_id IN ");
+                    push_in(&mut qb, chunk);
+                    for row in qb.build().fetch_all(&self.reader).await? {
+                        let at = parse_time("engagement", &row.try_get::<String, _>("last_at")?)?;
+                        out.push((row.try_get("contact_id")?, row.try_get("list_id")?, at));
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn suppressed_among(&self, address_hashes: &[String]) -> StoreResult<Vec<String>> {
+                let mut out = Vec::new();
+                for chunk in address_hashes.chunks(IN_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT address_hash FROM suppressions WHERE address_hash IN ");
+                    push_in(&mut qb, chunk);
+                    for row in qb.build().fetch_all(&self.reader).await? {
+                        out.push(row.try_get("address_hash")?);
+                    }
+                }
+                out.sort();
+                out.dedup();
+                Ok(out)
+            }
+
+            async fn upsert_contacts(&self, batch: &[ContactUpsert], now: DateTime<Utc>) -> StoreResult<Vec<Contact>> {
+                if batch.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let now = parse_time("contacts", &format_time(now))?;
+                let ts = format_time(now);
+                let mut tx = self.pool.begin().await?;
+                // New addresses first (the same statement as the single upsert, many rows);
+                // then every row is read (and locked on PostgreSQL) and merged like one by one.
+                let mut emails: Vec<String> = batch.iter().map(|c| c.email.clone()).collect();
+                emails.sort();
+                emails.dedup();
+                let first: BTreeMap<&str, &ContactUpsert> = batch.iter().rev().map(|c| (c.email.as_str(), c)).collect();
+                let fresh: Vec<(&&str, &&ContactUpsert)> = first.iter().collect();
+                // Rows inserted now are known without reading them back (RETURNING names them).
+                let mut by_email: BTreeMap<String, Contact> = BTreeMap::new();
+                for chunk in fresh.chunks(ROW_CHUNK) {
+                    let ids: Vec<String> = chunk.iter().map(|_| uuid::Uuid::now_v7().to_string()).collect();
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO contacts (id, email, language, fields, crm_records, created_at, updated_at) ",
+                    );
+                    qb.push_values(chunk.iter().zip(&ids), |mut b, ((email, c), id)| {
+                        b.push_bind(id.as_str())
+                            .push_bind(**email)
+                            .push_bind(c.language.clone())
+                            .push_bind(to_json(&c.fields))
+                            .push_bind(to_json(&c.crm_record.iter().collect::<Vec<_>>()))
+                            .push_bind(ts.as_str())
+                            .push_bind(ts.as_str());
+                    });
+                    qb.push(" ON CONFLICT (email) DO NOTHING RETURNING id, email");
+                    let inserted = qb.build().fetch_all(&mut *tx).await?;
+                    let by_id: std::collections::HashMap<&str, &ContactUpsert> =
+                        ids.iter().map(String::as_str).zip(chunk.iter().map(|(_, c)| **c)).collect();
+                    for row in inserted {
+                        let id: String = row.try_get("id")?;
+                        let email: String = row.try_get("email")?;
+                        let Some(c) = by_id.get(id.as_str()) else { continue };
+                        by_email.insert(email.clone(), Contact {
+                            id,
+                            email,
+                            language: c.language.clone(),
+                            fields: c.fields.clone(),
+                            crm_records: c.crm_record.iter().cloned().collect(),
+                            created_at: now,
+                            updated_at: now,
+                        });
+                    }
+                }
+                let existing: Vec<String> = emails.iter().filter(|e| !by_email.contains_key(*e)).cloned().collect();
+                for chunk in existing.chunks(IN_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT {CONTACT_COLS} FROM contacts WHERE email IN "));
+                    push_in(&mut qb, chunk);
+                    qb.push(concat!(" ", $for_update));
+                    for row in qb.build().fetch_all(&mut *tx).await? {
+                        let c = contact_from(&row)?;
+                        by_email.insert(c.email.clone(), c);
+                    }
+                }
+                let mut changed: BTreeMap<String, ()> = BTreeMap::new();
+                let mut out = Vec::with_capacity(batch.len());
+                for c in batch {
+                    let contact = by_email.get_mut(&c.email).ok_or_else(|| StoreError::Corrupt {
+                        table: "contacts",
+                        detail: "a contact inserted in this transaction is missing".into(),
+                    })?;
+                    if merge_upsert(contact, c, now) {
+                        changed.insert(c.email.clone(), ());
+                    }
+                    out.push(contact.clone());
+                }
+                let changed: Vec<&Contact> = changed.keys().filter_map(|e| by_email.get(e)).collect();
+                for chunk in changed.chunks(ROW_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO contacts (id, email, language, fields, crm_records, created_at, updated_at) ",
+                    );
+                    qb.push_values(chunk, |mut b, c| {
+                        b.push_bind(c.id.clone())
+                            .push_bind(c.email.clone())
+                            .push_bind(c.language.clone())
+                            .push_bind(to_json(&c.fields))
+                            .push_bind(to_json(&c.crm_records))
+                            .push_bind(format_time(c.created_at))
+                            .push_bind(ts.clone());
+                    });
+                    qb.push(
+                        " ON CONFLICT (id) DO UPDATE SET language = excluded.language, fields = excluded.fields, \
+                         crm_records = excluded.crm_records, updated_at = excluded.updated_at",
+                    );
+                    qb.build().execute(&mut *tx).await?;
+                }
+                tx.commit().await?;
+                // Aligned with `batch`; a later record of the same address saw the earlier merge.
+                for (c, slot) in batch.iter().zip(out.iter_mut()) {
+                    if let Some(latest) = by_email.get(&c.email) {
+                        *slot = latest.clone();
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn commit_batch(&self, commits: &[crate::store::BatchCommit]) -> StoreResult<Vec<Option<LedgerEvent>>> {
+                if commits.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($lock).execute(&mut *tx).await?;
+                // Current last_seq of every pair in the batch.
+                let mut ids: Vec<String> = commits.iter().map(|b| b.commit.contact_id.clone()).collect();
+                ids.sort();
+                ids.dedup();
+                let mut last: std::collections::HashMap<(String, String), Option<i64>> = std::collections::HashMap::new();
+                for chunk in ids.chunks(IN_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT contact_id, list_id, last_seq FROM consents WHERE contact_id IN ");
+                    push_in(&mut qb, chunk);
+                    for row in qb.build().fetch_all(&mut *tx).await? {
+                        last.insert((row.try_get("contact_id")?, row.try_get("list_id")?), Some(row.try_get("last_seq")?));
+                    }
+                }
+                let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let (mut seq, mut prev) = match head {
+                    Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
+                    None => (0, GENESIS_HASH.to_owned()),
+                };
+                // Seal in memory, in order; a pair whose check fails is skipped from there on.
+                let mut out: Vec<Option<LedgerEvent>> = Vec::with_capacity(commits.len());
+                let mut skipped: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
+                let mut finals: BTreeMap<(String, String), (usize, i64)> = BTreeMap::new();
+                for (i, b) in commits.iter().enumerate() {
+                    let c = &b.commit;
+                    let key = (c.contact_id.clone(), c.list_id.clone());
+                    let current = last.get(&key).copied().flatten();
+                    let ok = if b.follows { !skipped.contains(&key) } else { current == c.expected_seq };
+                    if !ok {
+                        skipped.insert(key);
+                        out.push(None);
+                        continue;
+                    }
+                    skipped.remove(&key);
+                    seq += 1;
+                    let ev = c.event.seal(seq, &prev);
+                    prev = ev.hash.clone();
+                    last.insert(key.clone(), Some(seq));
+                    finals.insert(key, (i, seq));
+                    out.push(Some(ev));
+                }
+                let sealed: Vec<&LedgerEvent> = out.iter().flatten().collect();
+                insert_events(&mut tx, &sealed).await?;
+                // The projection gets each pair's final consent.
+                let finals: Vec<(&crate::store::Commit, i64)> = finals.values().map(|(i, s)| (&commits[*i].commit, *s)).collect();
+                for chunk in finals.chunks(ROW_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO consents (contact_id, list_id, state, since, signup_token, doi_mails, reminders_sent, confirmed_at, confirmed_token, last_seq) ",
+                    );
+                    qb.push_values(chunk, |mut b, (c, s)| {
+                        let k = &c.consent;
+                        b.push_bind(&c.contact_id)
+                            .push_bind(&c.list_id)
+                            .push_bind(k.state.as_str())
+                            .push_bind(format_time(k.since))
+                            .push_bind(&k.signup_token)
+                            .push_bind(i32::try_from(k.doi_mails).unwrap_or(i32::MAX))
+                            .push_bind(i32::try_from(k.reminders_sent).unwrap_or(i32::MAX))
+                            .push_bind(k.confirmed_at.map(format_time))
+                            .push_bind(&k.confirmed_token)
+                            .push_bind(*s);
+                    });
+                    qb.push(
+                        " ON CONFLICT (contact_id, list_id) DO UPDATE SET state = excluded.state, since = excluded.since, \
+                         signup_token = excluded.signup_token, doi_mails = excluded.doi_mails, reminders_sent = excluded.reminders_sent, \
+                         confirmed_at = excluded.confirmed_at, confirmed_token = excluded.confirmed_token, last_seq = excluded.last_seq",
+                    );
+                    qb.build().execute(&mut *tx).await?;
+                }
+                let mut outbox: Vec<(&crate::store::NewOutbox, &LedgerEvent)> = Vec::new();
+                let mut suppress: Vec<(&crate::store::Suppression, &LedgerEvent)> = Vec::new();
+                for (b, ev) in commits.iter().zip(out.iter()) {
+                    if let Some(ev) = ev {
+                        outbox.extend(b.commit.outbox.iter().map(|o| (o, ev)));
+                        suppress.extend(b.commit.suppress.iter().map(|s| (s, ev)));
+                    }
+                }
+                for chunk in outbox.chunks(ROW_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(
+                        "INSERT INTO outbox (kind, priority, idempotency_key, contact_id, list_id, payload, event_seq, next_attempt_at, created_at) ",
+                    );
+                    qb.push_values(chunk, |mut b, (o, ev)| {
+                        b.push_bind(&o.kind)
+                            .push_bind(o.priority)
+                            .push_bind(&o.idempotency_key)
+                            .push_bind(&o.contact_id)
+                            .push_bind(&o.list_id)
+                            .push_bind(to_json(&o.payload))
+                            .push_bind(ev.seq)
+                            .push_bind(&ev.at)
+                            .push_bind(&ev.at);
+                    });
+                    qb.push(" ON CONFLICT (idempotency_key) DO NOTHING");
+                    qb.build().execute(&mut *tx).await?;
+                }
+                for (s, ev) in suppress {
+                    sqlx::query(
+                        "INSERT INTO suppressions (address_hash, reason, at) VALUES ($1, $2, $3) ON CONFLICT (address_hash) DO NOTHING",
+                    )
+                    .bind(&s.address_hash)
+                    .bind(&s.reason)
+                    .bind(&ev.at)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(out)
             }
 
             async fn commit(&self, c: &Commit) -> StoreResult<LedgerEvent> {
@@ -325,10 +640,35 @@ macro_rules! shared_store_impl {
                 Ok(ev)
             }
 
+            async fn append_events(&self, events: &[NewEvent]) -> StoreResult<Vec<LedgerEvent>> {
+                if events.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($lock).execute(&mut *tx).await?;
+                let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let (mut seq, mut prev) = match head {
+                    Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
+                    None => (0, GENESIS_HASH.to_owned()),
+                };
+                let mut sealed = Vec::with_capacity(events.len());
+                for e in events {
+                    seq += 1;
+                    let ev = e.seal(seq, &prev);
+                    prev = ev.hash.clone();
+                    sealed.push(ev);
+                }
+                insert_events(&mut tx, &sealed.iter().collect::<Vec<_>>()).await?;
+                tx.commit().await?;
+                Ok(sealed)
+            }
+
             async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>> {
                 let rows = sqlx::query(&format!("SELECT {LEDGER_COLS} FROM ledger WHERE contact_id = $1 ORDER BY seq"))
                     .bind(contact_id)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&self.reader)
                     .await?;
                 rows.iter().map(event_from).collect()
             }
@@ -337,7 +677,7 @@ macro_rules! shared_store_impl {
                 let rows = sqlx::query(&format!("SELECT {LEDGER_COLS} FROM ledger WHERE seq > $1 ORDER BY seq LIMIT $2"))
                     .bind(after)
                     .bind(limit)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&self.reader)
                     .await?;
                 rows.iter().map(event_from).collect()
             }
@@ -449,7 +789,7 @@ macro_rules! shared_store_impl {
 
             async fn outbox_counts(&self) -> StoreResult<OutboxCounts> {
                 let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM outbox GROUP BY status")
-                    .fetch_all(&self.pool)
+                    .fetch_all(&self.reader)
                     .await?;
                 let mut counts = OutboxCounts::default();
                 for r in rows {
@@ -466,7 +806,7 @@ macro_rules! shared_store_impl {
 
             async fn outbox_dead(&self) -> StoreResult<Vec<OutboxItem>> {
                 let rows = sqlx::query(&format!("SELECT {OUTBOX_COLS} FROM outbox WHERE status = 'dead' ORDER BY id"))
-                    .fetch_all(&self.pool)
+                    .fetch_all(&self.reader)
                     .await?;
                 rows.iter().map(outbox_from).collect()
             }
@@ -501,7 +841,12 @@ macro_rules! shared_store_impl {
                 .await?
                 .rows_affected();
                 // Finished effects no longer need the address; pending ones (a removal from
-                // the list) keep it until delivered.
+                // the list) keep it until delivered. A vendor's error text may quote the
+                // address, so it goes from every row of the contact.
+                sqlx::query("UPDATE outbox SET last_error = NULL WHERE contact_id = $1 AND last_error IS NOT NULL")
+                    .bind(contact_id)
+                    .execute(&mut *tx)
+                    .await?;
                 let scrubbed = sqlx::query("UPDATE outbox SET payload = '{}' WHERE contact_id = $1 AND status <> 'pending'")
                     .bind(contact_id)
                     .execute(&mut *tx)
@@ -515,6 +860,12 @@ macro_rules! shared_store_impl {
                     legacy_events: u64::try_from(legacy).unwrap_or(0),
                     scrubbed_outbox_rows: scrubbed,
                 })
+            }
+
+            async fn after_erasure(&self) -> StoreResult<()> {
+                // The backend's own step so no old copy outlives an erasure (SQLite: the WAL).
+                sqlx::query(super::AFTER_ERASURE).execute(&self.pool).await?;
+                Ok(())
             }
 
             async fn retry_dead(&self, id: i64, now: DateTime<Utc>) -> StoreResult<bool> {
@@ -559,7 +910,7 @@ macro_rules! shared_store_impl {
             async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
                 let row = sqlx::query("SELECT value FROM cursors WHERE name = $1")
                     .bind(name)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.reader)
                     .await?;
                 Ok(row.map(|r| r.try_get("value")).transpose()?)
             }
@@ -596,7 +947,7 @@ macro_rules! shared_store_impl {
                 let row = sqlx::query("SELECT last_at FROM engagement WHERE contact_id = $1 AND list_id = $2")
                     .bind(contact_id)
                     .bind(list_id)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.reader)
                     .await?;
                 row.map(|r| r.try_get::<String, _>("last_at").map_err(StoreError::from).and_then(|s| parse_time("engagement", &s)))
                     .transpose()
@@ -623,7 +974,7 @@ macro_rules! shared_store_impl {
                     "SELECT hash, kind, language, template_version, content, created_at FROM snapshots WHERE hash = $1",
                 )
                 .bind(hash)
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.reader)
                 .await?;
                 row.map(|r| -> StoreResult<crate::store::Snapshot> {
                     Ok(crate::store::Snapshot {
@@ -643,7 +994,7 @@ macro_rules! shared_store_impl {
                     "SELECT list_id, state, COUNT(*) AS n, MIN(since) AS oldest, MAX(since) AS newest \
                      FROM consents GROUP BY list_id, state ORDER BY list_id, state",
                 )
-                .fetch_all(&self.pool)
+                .fetch_all(&self.reader)
                 .await?;
                 rows.iter()
                     .map(|r| {
@@ -661,9 +1012,181 @@ macro_rules! shared_store_impl {
             async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {
                 let row = sqlx::query("SELECT 1 AS one FROM suppressions WHERE address_hash = $1")
                     .bind(address_hash)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&self.reader)
                     .await?;
                 Ok(row.is_some())
+            }
+
+            async fn quota_take(
+                &self,
+                key: &str,
+                windows: &[optinsync_plugin_api::QuotaWindow],
+                now_ms: i64,
+            ) -> StoreResult<optinsync_plugin_api::QuotaSlot> {
+                use optinsync_plugin_api::QuotaSlot;
+                let mut tx = self.pool.begin().await?;
+                sqlx::query("INSERT INTO quota_keys (key, locked_until) VALUES ($1, 0) ON CONFLICT (key) DO NOTHING")
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+                // The key's row serialises every take of this endpoint across instances
+                // (PostgreSQL: row lock; SQLite: its single writer).
+                let locked: i64 = sqlx::query(&format!("SELECT locked_until FROM quota_keys WHERE key = $1 {}", $for_update))
+                    .bind(key)
+                    .fetch_one(&mut *tx)
+                    .await?
+                    .try_get("locked_until")?;
+                if locked > now_ms {
+                    tx.commit().await?;
+                    return Ok(QuotaSlot::Locked(crate::quota::ms(locked - now_ms)));
+                }
+                let mut wait = 0i64;
+                for w in windows {
+                    sqlx::query("DELETE FROM quota_buckets WHERE key = $1 AND length_ms = $2 AND bucket < $3")
+                        .bind(key)
+                        .bind(w.length_ms)
+                        .bind(crate::quota::first_live_bucket(w, now_ms))
+                        .execute(&mut *tx)
+                        .await?;
+                    let buckets = sqlx::query("SELECT bucket, used FROM quota_buckets WHERE key = $1 AND length_ms = $2 ORDER BY bucket")
+                        .bind(key)
+                        .bind(w.length_ms)
+                        .fetch_all(&mut *tx)
+                        .await?
+                        .iter()
+                        .map(|r| Ok((r.try_get::<i64, _>("bucket")?, r.try_get::<i64, _>("used")?)))
+                        .collect::<StoreResult<Vec<(i64, i64)>>>()?;
+                    wait = wait.max(crate::quota::wait_ms(&buckets, w, now_ms));
+                }
+                if wait > 0 {
+                    tx.commit().await?;
+                    return Ok(QuotaSlot::Wait(crate::quota::ms(wait)));
+                }
+                for w in windows {
+                    sqlx::query(
+                        "INSERT INTO quota_buckets (key, length_ms, bucket, used) VALUES ($1, $2, $3, 1) \
+                         ON CONFLICT (key, length_ms, bucket) DO UPDATE SET used = quota_buckets.used + 1",
+                    )
+                    .bind(key)
+                    .bind(w.length_ms)
+                    .bind(now_ms.div_euclid(crate::quota::bucket_ms(w)))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(QuotaSlot::Go(now_ms))
+            }
+
+            async fn quota_settle(
+                &self,
+                key: &str,
+                windows: &[optinsync_plugin_api::QuotaWindow],
+                sent_ms: i64,
+                done_ms: i64,
+            ) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await?;
+                for w in windows {
+                    let bm = crate::quota::bucket_ms(w);
+                    let (sent, done) = (sent_ms.div_euclid(bm), done_ms.div_euclid(bm));
+                    if done <= sent {
+                        continue;
+                    }
+                    let moved = sqlx::query(
+                        "UPDATE quota_buckets SET used = used - 1 WHERE key = $1 AND length_ms = $2 AND bucket = $3 AND used > 0",
+                    )
+                    .bind(key)
+                    .bind(w.length_ms)
+                    .bind(sent)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    if moved == 1 {
+                        sqlx::query(
+                            "INSERT INTO quota_buckets (key, length_ms, bucket, used) VALUES ($1, $2, $3, 1) \
+                             ON CONFLICT (key, length_ms, bucket) DO UPDATE SET used = quota_buckets.used + 1",
+                        )
+                        .bind(key)
+                        .bind(w.length_ms)
+                        .bind(done)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn quota_lock(&self, key: &str, until_ms: i64) -> StoreResult<()> {
+                sqlx::query(
+                    "INSERT INTO quota_keys (key, locked_until) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET locked_until = \
+                     CASE WHEN excluded.locked_until > quota_keys.locked_until THEN excluded.locked_until ELSE quota_keys.locked_until END",
+                )
+                .bind(key)
+                .bind(until_ms)
+                .execute(&self.pool)
+                .await?;
+                Ok(())
+            }
+
+            async fn quota_usage(
+                &self,
+                key: &str,
+                windows: &[optinsync_plugin_api::QuotaWindow],
+                now_ms: i64,
+            ) -> StoreResult<(Vec<u32>, Option<i64>)> {
+                let locked = sqlx::query("SELECT locked_until FROM quota_keys WHERE key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?
+                    .map(|r| r.try_get::<i64, _>("locked_until"))
+                    .transpose()?
+                    .filter(|u| *u > now_ms);
+                let mut used = Vec::with_capacity(windows.len());
+                for w in windows {
+                    let buckets = sqlx::query("SELECT bucket, used FROM quota_buckets WHERE key = $1 AND length_ms = $2 AND bucket >= $3")
+                        .bind(key)
+                        .bind(w.length_ms)
+                        .bind(crate::quota::first_live_bucket(w, now_ms))
+                        .fetch_all(&self.pool)
+                        .await?
+                        .iter()
+                        .map(|r| Ok((r.try_get::<i64, _>("bucket")?, r.try_get::<i64, _>("used")?)))
+                        .collect::<StoreResult<Vec<(i64, i64)>>>()?;
+                    used.push(crate::quota::used(&buckets));
+                }
+                Ok((used, locked))
+            }
+
+            async fn mark_add(&self, set: &str, member: &str) -> StoreResult<()> {
+                sqlx::query("INSERT INTO shared_marks (set_name, member) VALUES ($1, $2) ON CONFLICT (set_name, member) DO NOTHING")
+                    .bind(set)
+                    .bind(member)
+                    .execute(&self.pool)
+                    .await?;
+                Ok(())
+            }
+
+            async fn mark_remove(&self, set: &str, members: &[String]) -> StoreResult<()> {
+                let mut tx = self.pool.begin().await?;
+                for m in members {
+                    sqlx::query("DELETE FROM shared_marks WHERE set_name = $1 AND member = $2")
+                        .bind(set)
+                        .bind(m)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn marks(&self, set: &str) -> StoreResult<Vec<String>> {
+                sqlx::query("SELECT member FROM shared_marks WHERE set_name = $1 ORDER BY member")
+                    .bind(set)
+                    .fetch_all(&self.pool)
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get::<String, _>("member").map_err(StoreError::from))
+                    .collect()
             }
         }
     };

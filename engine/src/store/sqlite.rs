@@ -10,7 +10,11 @@ use sqlx::sqlite::{
 
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
+    /// The one writer connection.
     pool: SqlitePool,
+    /// Read-only connections: in WAL mode readers never wait for the writer (or its fsync),
+    /// so link pages and lookups keep flowing while a batch commits.
+    reader: SqlitePool,
 }
 
 impl SqliteStore {
@@ -33,13 +37,30 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
+            .busy_timeout(Duration::from_secs(10))
+            // Erasure must leave no copy behind: without this, SQLite keeps deleted and
+            // overwritten rows (an erased address, its evidence) in free pages and cell gaps
+            // of the file until they happen to be reused.
+            .pragma("secure_delete", "ON")
+            // 64 MiB of page cache instead of SQLite's 2 MiB default: the ledger's and the
+            // outbox's unique indexes take random keys, and a cache that holds their inner
+            // pages keeps bulk inserts from re-reading them for every row.
+            .pragma("cache_size", "-65536")
+            .pragma("temp_store", "memory");
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await
             .map_err(open_err)?;
-        Ok(Self { pool })
+        let reader = SqlitePoolOptions::new()
+            .max_connections(4)
+            // Readers look up single rows: a small cache each keeps memory bounded.
+            .connect_lazy_with(
+                opts.read_only(true)
+                    .create_if_missing(false)
+                    .pragma("cache_size", "-8192"),
+            );
+        Ok(Self { pool, reader })
     }
 
     async fn run_migrations(&self) -> super::StoreResult<()> {
@@ -49,6 +70,11 @@ impl SqliteStore {
         Ok(())
     }
 }
+
+/// Run after an erasure commits: the WAL still holds the pages as they were before it, and a
+/// WAL file is reused from its start, not cleared, so copy everything into the main file
+/// (where `secure_delete` zeroed the old content) and truncate the WAL to nothing.
+const AFTER_ERASURE: &str = "PRAGMA wal_checkpoint(TRUNCATE)";
 
 mod shared {
     use super::SqliteStore;

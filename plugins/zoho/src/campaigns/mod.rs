@@ -49,7 +49,10 @@
 //! See [`budget`]: every endpoint has its documented windows; calls wait for a slot (with an
 //! INFO log naming the expected completion time, never addresses) instead of triggering
 //! Zoho's 30-minute lock. Budgets and locks survive restarts through
-//! [`CampaignsConnector::export_state`] / [`CampaignsConnector::import_state`].
+//! [`CampaignsConnector::export_state`] / [`CampaignsConnector::import_state`]. Handed a
+//! [`QuotaLedger`] ([`ZohoCampaigns::with_quota_ledger`]; the engine does on PostgreSQL), the
+//! connector takes every slot from that shared budget instead, so several instances together
+//! stay within Zoho's limits and a lock-out one meets pauses them all.
 //!
 //! Zoho answers errors with HTTP 200 and a string `code`: invalid address (`2004`, `2005`) →
 //! [`ConnectorError::Rejected`]; "please retry after sometime" (`2001`, `2101`, `2201`, `2402`,
@@ -72,7 +75,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
     CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, Health, Limits,
-    MemberPage, StatusEvent, StatusKind, StatusPage, Subscriber,
+    MemberPage, QuotaLedger, QuotaSlot, QuotaWindow, SharedMarks, StatusEvent, StatusKind,
+    StatusPage, Subscriber,
 };
 use reqwest::{Method, StatusCode, header};
 use serde::{Deserialize, Serialize};
@@ -177,6 +181,12 @@ pub struct ZohoCampaigns {
     oauth: Arc<ZohoOAuth>,
     gate: Semaphore,
     budgets: std::sync::Mutex<BTreeMap<&'static str, Endpoint>>,
+    /// Budgets shared with the other instances on the same database (PostgreSQL): when set,
+    /// the windows and locks live there and `budgets` only keeps the wait bookkeeping.
+    ledger: Option<Arc<dyn QuotaLedger>>,
+    /// Own removals shared with the other instances (PostgreSQL): the status poll may run on
+    /// another instance than the removal.
+    marks: Option<Arc<dyn SharedMarks>>,
     /// listkey → hashes of addresses optinsync unsubscribed itself, not yet seen in a poll.
     own_removals: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>,
 }
@@ -384,8 +394,67 @@ impl ZohoCampaigns {
             oauth,
             gate: Semaphore::new(c.max_concurrency),
             budgets: std::sync::Mutex::new(budgets),
+            ledger: None,
+            marks: None,
             own_removals: std::sync::Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Take every quota slot from `ledger`, shared with the other instances on the same
+    /// database, instead of this process's own budgets: several daemons together then stay
+    /// within Zoho's limits, and a lock-out one of them meets pauses all of them.
+    pub fn with_quota_ledger(mut self, ledger: Arc<dyn QuotaLedger>) -> Self {
+        self.ledger = Some(ledger);
+        self
+    }
+
+    /// Keep the addresses optinsync removed itself in `marks`, shared with the other
+    /// instances, as well as in memory: whichever instance polls the unsubscribes recognises
+    /// them (no echo turning a lapsed contact into a withdrawn one).
+    pub fn with_shared_marks(mut self, marks: Arc<dyn SharedMarks>) -> Self {
+        self.marks = Some(marks);
+        self
+    }
+
+    /// The shared set of a list's own removals.
+    fn removals_set(listkey: &str) -> String {
+        format!("zoho-campaigns:own-removals:{listkey}")
+    }
+
+    /// The ledger key of an endpoint's budget.
+    fn quota_key(api: Api) -> String {
+        format!("zoho-campaigns:{}", api.name())
+    }
+
+    /// The windows of `api` (documented or configured, time-scaled).
+    fn quota_windows(&self, api: Api) -> Vec<QuotaWindow> {
+        self.lock_budgets()
+            .get(api.name())
+            .map(|ep| {
+                ep.windows
+                    .iter()
+                    .map(|w| QuotaWindow {
+                        limit: w.limit,
+                        length_ms: w.length_ms,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Calls counted in the current windows of `api` and its lock end, from the shared
+    /// ledger when there is one, else from this process's budgets.
+    pub async fn shared_usage(&self, api: Api) -> ConnectorResult<(Vec<u32>, Option<i64>)> {
+        match &self.ledger {
+            Some(l) => {
+                l.usage(&Self::quota_key(api), &self.quota_windows(api), now_ms())
+                    .await
+            }
+            None => Ok((
+                self.budget_usage(api),
+                self.locked_until(api).map(|t| t.timestamp_millis()),
+            )),
+        }
     }
 
     /// The OAuth client (to share, or for diagnostics).
@@ -442,12 +511,27 @@ impl ZohoCampaigns {
         let mut waited = false;
         let result = loop {
             let now = now_ms();
+            let shared = match &self.ledger {
+                Some(l) => match l
+                    .take(&Self::quota_key(api), &self.quota_windows(api), now)
+                    .await
+                {
+                    Ok(QuotaSlot::Go(at)) => Some(Slot::Go(at)),
+                    Ok(QuotaSlot::Wait(d)) => Some(Slot::Wait(d)),
+                    Ok(QuotaSlot::Locked(d)) => Some(Slot::Locked(d)),
+                    Err(e) => break Err(e),
+                },
+                None => None,
+            };
             let (slot, log) = {
                 let mut budgets = self.lock_budgets();
                 let Some(ep) = budgets.get_mut(api.name()) else {
                     break Ok(now);
                 };
-                let slot = ep.slot(now);
+                let slot = match shared {
+                    Some(s) => s,
+                    None => ep.slot(now),
+                };
                 let mut log = None;
                 if let Slot::Wait(wait) = slot {
                     if !waited {
@@ -527,23 +611,44 @@ impl ZohoCampaigns {
         d.mul_f64(self.settings.time_scale)
     }
 
-    fn settle(&self, api: Api, sent: i64) {
+    async fn settle(&self, api: Api, sent: i64) {
+        let done = now_ms();
+        if let Some(l) = &self.ledger {
+            // Best effort: the call stays counted at its send time if this fails.
+            if let Err(e) = l
+                .settle(&Self::quota_key(api), &self.quota_windows(api), sent, done)
+                .await
+            {
+                tracing::warn!(endpoint = api.name(), error = %e, "shared quota: call not moved to its answer time");
+            }
+            return;
+        }
         let mut budgets = self.lock_budgets();
         if let Some(ep) = budgets.get_mut(api.name()) {
-            ep.settle(sent, now_ms());
+            ep.settle(sent, done);
         }
     }
 
-    fn mark_locked(&self, api: Api, retry_after: Option<Duration>) -> Duration {
+    async fn mark_locked(&self, api: Api, retry_after: Option<Duration>) -> Duration {
         // (`retry_after` None: the endpoint's documented lock length.)
-        let mut budgets = self.lock_budgets();
-        let Some(ep) = budgets.get_mut(api.name()) else {
-            return retry_after.unwrap_or(Duration::from_secs(1800));
+        let (rest, until) = {
+            let mut budgets = self.lock_budgets();
+            let Some(ep) = budgets.get_mut(api.name()) else {
+                return retry_after.unwrap_or(Duration::from_secs(1800));
+            };
+            let rest = retry_after.unwrap_or(Duration::from_millis(
+                u64::try_from(ep.lock_ms).unwrap_or(1_800_000),
+            ));
+            let until = now_ms() + i64::try_from(rest.as_millis()).unwrap_or(i64::MAX / 2);
+            ep.lock(until);
+            (rest, until)
         };
-        let rest = retry_after.unwrap_or(Duration::from_millis(
-            u64::try_from(ep.lock_ms).unwrap_or(1_800_000),
-        ));
-        ep.lock(now_ms() + i64::try_from(rest.as_millis()).unwrap_or(i64::MAX / 2));
+        // Every instance pauses the endpoint, not only the one that met the lock.
+        if let Some(l) = &self.ledger
+            && let Err(e) = l.lock(&Self::quota_key(api), until).await
+        {
+            tracing::warn!(endpoint = api.name(), error = %e, "shared quota: lock-out not shared with the other instances");
+        }
         rest
     }
 
@@ -575,7 +680,7 @@ impl ZohoCampaigns {
                 builder.form(&all)
             };
             let response = builder.send().await;
-            self.settle(api, sent);
+            self.settle(api, sent).await;
             let response = response.map_err(|e| {
                 let what = if e.is_timeout() {
                     "timed out"
@@ -613,7 +718,7 @@ impl ZohoCampaigns {
                 } else {
                     Some(retry_after.unwrap_or(THROTTLE_PAUSE))
                 };
-                let rest = self.mark_locked(api, retry_after);
+                let rest = self.mark_locked(api, retry_after).await;
                 tracing::warn!(
                     endpoint = api.name(),
                     pause_secs = rest.as_secs(),
@@ -664,7 +769,7 @@ impl ZohoCampaigns {
             let message = str_of(&value, "message");
             if self.settings.lock_codes.contains(&code) || message.to_lowercase().contains("locked")
             {
-                let rest = self.mark_locked(api, retry_after);
+                let rest = self.mark_locked(api, retry_after).await;
                 tracing::warn!(endpoint = api.name(), code = %code, pause_secs = rest.as_secs(), "Zoho Campaigns locked the endpoint; paused until the lock ends");
                 return Err(ConnectorError::Transient {
                     message: format!(
@@ -1056,6 +1161,12 @@ impl CampaignsConnector for ZohoCampaigns {
                 .entry(m.listkey.clone())
                 .or_default()
                 .insert(address_key(email));
+            if let Some(marks) = &self.marks {
+                // Not remembered for the other instances: do not remove yet (retried).
+                marks
+                    .mark(&Self::removals_set(&m.listkey), &address_key(email))
+                    .await?;
+            }
             let info = Value::Object(Map::from_iter([(
                 "Contact Email".to_owned(),
                 Value::String(email.trim().to_owned()),
@@ -1069,6 +1180,13 @@ impl CampaignsConnector for ZohoCampaigns {
                     // Nothing was unsubscribed, so nothing to recognise later.
                     if let Some(set) = self.lock_removals().get_mut(&m.listkey) {
                         set.remove(&address_key(email));
+                    }
+                    if let Some(marks) = &self.marks
+                        && let Err(e) = marks
+                            .unmark(&Self::removals_set(&m.listkey), &[address_key(email)])
+                            .await
+                    {
+                        tracing::debug!(error = %e, "shared own-removal mark not cleared");
                     }
                     tracing::debug!(list, code = %code, "address not on the Zoho Campaigns list; nothing to remove");
                 }
@@ -1103,11 +1221,14 @@ impl CampaignsConnector for ZohoCampaigns {
                 has_more: false,
             });
         }
-        let own: BTreeSet<String> = self
+        let mut own: BTreeSet<String> = self
             .lock_removals()
             .get(&m.listkey)
             .cloned()
             .unwrap_or_default();
+        if let Some(marks) = &self.marks {
+            own.extend(marks.marked(&Self::removals_set(&m.listkey)).await?);
+        }
         let mut consumed_own = BTreeSet::new();
         let mut next = StatusCursor {
             v: 1,
@@ -1163,9 +1284,17 @@ impl CampaignsConnector for ZohoCampaigns {
             }
         }
         if !consumed_own.is_empty() {
-            let mut removals = self.lock_removals();
-            if let Some(set) = removals.get_mut(&m.listkey) {
-                set.retain(|k| !consumed_own.contains(k));
+            {
+                let mut removals = self.lock_removals();
+                if let Some(set) = removals.get_mut(&m.listkey) {
+                    set.retain(|k| !consumed_own.contains(k));
+                }
+            }
+            if let Some(marks) = &self.marks {
+                let consumed: Vec<String> = consumed_own.iter().cloned().collect();
+                marks
+                    .unmark(&Self::removals_set(&m.listkey), &consumed)
+                    .await?;
             }
         }
         if !events.is_empty() {

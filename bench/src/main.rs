@@ -1,0 +1,761 @@
+//! `optinsync-bench`: the benchmark suite of issue 8. One command,
+//!
+//! ```text
+//! cargo run --release -p optinsync-bench -- all [--sizes 10000,100000,1000000] [--only 1,5] [--no-pg]
+//! ```
+//!
+//! builds the release `optinsync` binary (`cargo build --release --bin optinsync`, skipped
+//! with `--no-build`), starts a fake Zoho CRM with synthetic contacts, an SMTP sink and (for
+//! row 3) a throwaway PostgreSQL, all on 127.0.0.1, measures each figure at each size and
+//! prints a fixed-format table with the machine and the git commit. The daemon under test is
+//! always the real binary in its own process, so its wall time and peak RSS are its own.
+//! Progress goes to stderr, the table to stdout. Figures never fail the run; a step that
+//! breaks does (exit 1).
+
+mod baseline;
+mod decide;
+mod load;
+mod setup;
+mod webhook;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use optinsync_testkit::PgServer;
+use optinsync_testkit::smtp::SmtpSink;
+use optinsync_testkit::zoho::{FakeZoho, SyntheticSource};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "optinsync-bench",
+    about = "optinsync benchmark suite (prints a table)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run every row (or `--only` some) at every size and print the table.
+    All(Opts),
+}
+
+#[derive(Debug, Args)]
+struct Opts {
+    /// Contact counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
+    sizes: Vec<u64>,
+    /// Rows to run (1-9), comma-separated; default all. Rows 4 and 6-9 use row 1's store, so
+    /// its sync runs whenever one of them is chosen.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u8>,
+    /// Measure row 3 on a throwaway PostgreSQL (default).
+    #[arg(long, overrides_with = "no_pg")]
+    pg: bool,
+    /// Skip row 3.
+    #[arg(long)]
+    no_pg: bool,
+    /// Do not run `cargo build --release --bin optinsync` first.
+    #[arg(long)]
+    no_build: bool,
+    /// The `optinsync` binary (default: next to this executable).
+    #[arg(long)]
+    bin: Option<PathBuf>,
+    /// Where the temporary set-ups go (default: the system temp dir).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the set-ups (stores, logs) after the run.
+    #[arg(long)]
+    keep: bool,
+    /// Concurrent connections of the confirm load client (rows 8, 9).
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Confirm links per size (rows 8, 9), at most the pending consents.
+    #[arg(long, default_value_t = 20_000)]
+    confirm_requests: usize,
+    /// Webhook samples per size (row 7).
+    #[arg(long, default_value_t = 200)]
+    webhook_samples: usize,
+}
+
+/// A measured figure, or why there is none.
+type Cell = Result<f64, String>;
+
+/// Row keys, in table order: (key, row number, label, target, check).
+type Check = fn(f64) -> bool;
+const ROWS: &[(&str, u8, &str, &str, Option<Check>)] = &[
+    (
+        "sync",
+        1,
+        "1 initial sync, SQLite (contacts/s)",
+        ">= 50,000/s",
+        Some(|v| v >= 50_000.0),
+    ),
+    (
+        "baseline",
+        2,
+        "2 raw baseline: fetch+parse+insert (contacts/s)",
+        "reference",
+        None,
+    ),
+    (
+        "sync_ratio",
+        2,
+        "2 sync / raw baseline",
+        ">= 0.5",
+        Some(|v| v >= 0.5),
+    ),
+    (
+        "pg",
+        3,
+        "3 initial sync, PostgreSQL (contacts/s)",
+        "printed",
+        None,
+    ),
+    ("pg_ratio", 3, "3 PostgreSQL / SQLite", "printed", None),
+    (
+        "rss",
+        4,
+        "4 peak RSS of the daemon in row 1 (MiB)",
+        "<= 256 MB",
+        Some(|v| v <= 256.0),
+    ),
+    (
+        "decide",
+        5,
+        "5 rule decisions, default policy, 1 thread (/s)",
+        ">= 200,000/s",
+        Some(|v| v >= 200_000.0),
+    ),
+    (
+        "simulate",
+        6,
+        "6 rules simulate over the store (s)",
+        "<= 15 s",
+        Some(|v| v <= 15.0),
+    ),
+    (
+        "webhook_p50",
+        7,
+        "7 webhook -> DOI mail at the SMTP sink, p50 (ms)",
+        "<= 100 ms",
+        Some(|v| v <= 100.0),
+    ),
+    (
+        "webhook_p99",
+        7,
+        "7 webhook -> DOI mail at the SMTP sink, p99 (ms)",
+        "<= 500 ms",
+        Some(|v| v <= 500.0),
+    ),
+    (
+        "post",
+        8,
+        "8 confirm POST under load, SQLite (req/s)",
+        ">= 5,000/s",
+        Some(|v| v >= 5_000.0),
+    ),
+    (
+        "post_p99",
+        8,
+        "8 confirm POST under load, p99 (ms)",
+        "<= 25 ms",
+        Some(|v| v <= 25.0),
+    ),
+    (
+        "get",
+        9,
+        "9 confirm page GET (req/s)",
+        ">= 20,000/s",
+        Some(|v| v >= 20_000.0),
+    ),
+    (
+        "get_p99",
+        9,
+        "9 confirm page GET, p99 (ms)",
+        "printed",
+        None,
+    ),
+];
+
+fn main() -> ExitCode {
+    let Cli {
+        command: Cmd::All(opts),
+    } = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("optinsync-bench: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(all(opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("optinsync-bench: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn progress(size: u64, what: &str) {
+    eprintln!("[bench {:>5}] {what}", label(size));
+}
+
+async fn all(opts: Opts) -> anyhow::Result<()> {
+    let rows: Vec<u8> = if opts.only.is_empty() {
+        (1..=9).collect()
+    } else {
+        opts.only.clone()
+    };
+    if let Some(bad) = rows.iter().find(|r| !(1..=9).contains(*r)) {
+        bail!("--only: no row {bad} (rows are 1-9)");
+    }
+    let bin = binary(&opts)?;
+    let work = match &opts.work_dir {
+        Some(d) => tempfile::Builder::new()
+            .prefix("optinsync-bench-")
+            .tempdir_in(d)?,
+        None => tempfile::Builder::new()
+            .prefix("optinsync-bench-")
+            .tempdir()?,
+    };
+    // A snapshot: the shared target dir may get a newer build mid-run (its migrations
+    // would then not match the store the earlier rows wrote).
+    let bin = {
+        let copy = work.path().join("optinsync");
+        std::fs::copy(&bin, &copy).with_context(|| format!("copying {}", bin.display()))?;
+        copy
+    };
+    eprintln!(
+        "optinsync-bench: binary {}, work dir {}",
+        bin.display(),
+        work.path().display()
+    );
+    let use_pg = !opts.no_pg && rows.contains(&3);
+    let mut pg: Option<&'static PgServer> = None;
+    let mut results: Vec<(u64, BTreeMap<&'static str, Cell>)> = Vec::new();
+    let mut details: Vec<String> = Vec::new();
+    let mut failure = None;
+    for &n in &opts.sizes {
+        let mut cells = BTreeMap::new();
+        let dir = work.path().join(format!("n{n}"));
+        std::fs::create_dir_all(&dir)?;
+        let outcome = size(
+            n,
+            &opts,
+            &rows,
+            &bin,
+            &dir,
+            use_pg,
+            &mut pg,
+            &mut cells,
+            &mut details,
+        )
+        .await;
+        results.push((n, cells));
+        // A broken step ends the run, after the table of what was measured.
+        if let Err(e) = outcome {
+            details.push(format!("{}: STOPPED: {e:#}", label(n)));
+            failure = Some(e);
+            break;
+        }
+    }
+    print_table(&opts, &rows, &results, &details);
+    if opts.keep {
+        let kept = work.keep();
+        eprintln!("optinsync-bench: set-ups kept in {}", kept.display());
+    }
+    match failure {
+        Some(e) => Err(e.context("a benchmark step broke (the table above has what was measured)")),
+        None => Ok(()),
+    }
+}
+
+/// The release binary next to this executable, built first unless `--no-build`.
+fn binary(opts: &Opts) -> anyhow::Result<PathBuf> {
+    if let Some(b) = &opts.bin {
+        return Ok(b.clone());
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let dir = exe.parent().context("executable directory")?;
+    let profile = dir
+        .file_name()
+        .and_then(|p| p.to_str())
+        .unwrap_or("release");
+    if profile != "release" {
+        eprintln!("optinsync-bench: WARNING: not a release build ({profile}); figures mean little");
+    }
+    if !opts.no_build {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--bin", "optinsync"])
+            .current_dir(setup::repo());
+        if profile == "release" {
+            cmd.arg("--release");
+        }
+        eprintln!("optinsync-bench: building optinsync ({profile})");
+        let status = cmd.status().context("running cargo build")?;
+        if !status.success() {
+            bail!("cargo build --bin optinsync failed ({status})");
+        }
+    }
+    let bin = dir.join("optinsync");
+    if !bin.exists() {
+        bail!(
+            "{} not found: build it with `cargo build --release --bin optinsync` or pass --bin",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// Every chosen row at one size.
+#[allow(clippy::too_many_arguments)]
+async fn size(
+    n: u64,
+    opts: &Opts,
+    rows: &[u8],
+    bin: &Path,
+    dir: &Path,
+    use_pg: bool,
+    pg: &mut Option<&'static PgServer>,
+    cells: &mut BTreeMap<&'static str, Cell>,
+    details: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let want = |r: u8| rows.contains(&r);
+    progress(n, "starting the fake Zoho CRM and the SMTP sink");
+    let fake = FakeZoho::start();
+    let src = SyntheticSource::new(n);
+    fake.seed_synthetic("Contacts", src.clone());
+    let sink = SmtpSink::start();
+
+    if want(2) {
+        progress(
+            n,
+            "row 2: raw baseline (connector paging + plain SQLite insert)",
+        );
+        let (read, took) = baseline::run(&fake, dir).await?;
+        if read != n {
+            bail!("raw baseline read {read} records, expected {n}");
+        }
+        cells.insert("baseline", Ok(n as f64 / took.as_secs_f64()));
+    }
+
+    let need_store = [1, 4, 6, 7, 8, 9].iter().any(|r| want(*r));
+    let mut sqlite = None;
+    if need_store || want(2) && want(1) {
+        let setup = setup::write(&dir.join("sqlite"), None, &fake, sink.port())?;
+        progress(n, "row 1: optinsync sync --once --no-deliver (SQLite)");
+        let run = sync_child(&setup, bin).await?;
+        let rate = n as f64 / run.wall.as_secs_f64();
+        cells.insert("sync", Ok(rate));
+        cells.insert(
+            "rss",
+            run.peak_rss_kib
+                .map(|k| k as f64 / 1024.0)
+                .ok_or_else(|| "n/a (no /proc)".to_owned()),
+        );
+        details.push(format!(
+            "{} SQLite sync: {:.2} s; {}",
+            label(n),
+            run.wall.as_secs_f64(),
+            run.stdout.trim()
+        ));
+        sqlite = Some(setup);
+    }
+    if let (Some(sync), Some(Ok(base))) =
+        (cells.get("sync").cloned(), cells.get("baseline").cloned())
+    {
+        cells.insert("sync_ratio", sync.map(|s| s / base));
+    }
+
+    if want(3) {
+        let cell = if use_pg {
+            if pg.is_none() {
+                progress(n, "starting a throwaway PostgreSQL");
+                // The shared server is stopped by a watchdog when this process exits, even
+                // after Ctrl-C.
+                *pg = std::panic::catch_unwind(optinsync_testkit::shared_pg).ok();
+            }
+            match *pg {
+                Some(server) => {
+                    let url = server.create_database();
+                    let setup = setup::write(&dir.join("pg"), Some(&url), &fake, sink.port())?;
+                    progress(n, "row 3: optinsync sync --once --no-deliver (PostgreSQL)");
+                    let run = sync_child(&setup, bin).await?;
+                    details.push(format!(
+                        "{} PostgreSQL sync: {:.2} s; {}",
+                        label(n),
+                        run.wall.as_secs_f64(),
+                        run.stdout.trim()
+                    ));
+                    Ok(n as f64 / run.wall.as_secs_f64())
+                }
+                None => Err("n/a (PostgreSQL binaries not found)".to_owned()),
+            }
+        } else {
+            Err("n/a (--no-pg)".to_owned())
+        };
+        if let (Ok(p), Some(Ok(s))) = (&cell, cells.get("sync")) {
+            cells.insert("pg_ratio", Ok(p / s));
+        }
+        cells.insert("pg", cell);
+    }
+
+    if want(5) {
+        progress(n, &format!("row 5: {n} rule decisions, one thread"));
+        let (took, _) = tokio::task::spawn_blocking(move || decide::run(n)).await??;
+        cells.insert("decide", Ok(n as f64 / took.as_secs_f64()));
+    }
+
+    let Some(setup) = sqlite else {
+        return Ok(());
+    };
+    if want(6) {
+        progress(n, "row 6: optinsync rules simulate");
+        let cmd = setup.command(bin, &["rules", "simulate"]);
+        let log = setup.dir.join("simulate.log");
+        let run = tokio::task::spawn_blocking(move || setup::run_measured(cmd, &log)).await??;
+        cells.insert("simulate", Ok(run.wall.as_secs_f64()));
+    }
+
+    if [7, 8, 9].iter().any(|r| want(*r)) {
+        // The initial DOI mails stay queued after `--no-deliver`; mark them delivered, as
+        // `run` would have by now, so the webhook's mail is not behind a million others.
+        let marked = mark_outbox_delivered(&setup.store_url).await?;
+        details.push(format!(
+            "{} before `run`: {marked} queued initial effects marked delivered in the store",
+            label(n)
+        ));
+        progress(n, "starting optinsync run (waits for its start-up pass)");
+        let mut daemon = setup::Daemon::spawn(&setup, bin)?;
+        // The start-up rules pass over every contact ends with this line (one `sync pass`
+        // before the jobs split); measuring during it would measure it.
+        daemon.wait_for_log(&["sync pass:", "job scheduler:"], Duration::from_secs(3600))?;
+        let start = Instant::now();
+        while fake.channels().is_empty() {
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("the daemon registered no Zoho notification channel");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if want(7) {
+            let samples = opts.webhook_samples.min(src.unasserted().count());
+            progress(
+                n,
+                &format!("row 7: {samples} webhooks, each until its DOI mail"),
+            );
+            let mut lat = webhook::run(&fake, &sink, &src, samples).await?;
+            lat.sort();
+            cells.insert("webhook_p50", ms(percentile(&lat, 50.0)));
+            cells.insert("webhook_p99", ms(percentile(&lat, 99.0)));
+        }
+        if want(8) || want(9) {
+            let base = format!("http://127.0.0.1:{}", setup.port);
+            let links = load::confirm_links(&setup.store_url, &base, opts.confirm_requests).await?;
+            let count = links.len();
+            progress(
+                n,
+                &format!(
+                    "rows 9 and 8: {count} confirm pages GET, then POST, {} connections",
+                    opts.concurrency
+                ),
+            );
+            let (gets, posts) = load::confirm_load(links, opts.concurrency).await?;
+            for (name, r) in [("GET", &gets), ("POST", &posts)] {
+                details.push(format!(
+                    "{} confirm {name}: {} ok, {} failed{} in {:.2} s; p50 {:.1} ms",
+                    label(n),
+                    r.ok,
+                    r.failed,
+                    r.first_error
+                        .as_ref()
+                        .map(|e| format!(" (first: {e})"))
+                        .unwrap_or_default(),
+                    r.wall.as_secs_f64(),
+                    r.percentile(50.0)
+                        .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3),
+                ));
+            }
+            if posts.failed > 0 || gets.failed > 0 {
+                eprintln!(
+                    "[bench] WARNING: some confirm requests failed; see the notes under the table"
+                );
+            }
+            cells.insert("get", Ok(gets.rate()));
+            cells.insert("get_p99", ms(gets.percentile(99.0)));
+            cells.insert("post", Ok(posts.rate()));
+            cells.insert("post_p99", ms(posts.percentile(99.0)));
+        }
+        if let Some(pid) = daemon.pid()
+            && let Some(k) = setup::vm_hwm_kib(pid)
+        {
+            details.push(format!(
+                "{} peak RSS of `optinsync run`: {:.0} MiB",
+                label(n),
+                k as f64 / 1024.0
+            ));
+        }
+        daemon.stop();
+    }
+    Ok(())
+}
+
+async fn sync_child(setup: &setup::Setup, bin: &Path) -> anyhow::Result<setup::ChildRun> {
+    let cmd = setup.command(bin, &["sync", "--once", "--no-deliver"]);
+    let log = setup.dir.join("sync.log");
+    tokio::task::spawn_blocking(move || setup::run_measured(cmd, &log)).await?
+}
+
+async fn mark_outbox_delivered(store_url: &str) -> anyhow::Result<u64> {
+    let pool = sqlx::SqlitePool::connect(store_url).await?;
+    let now = optinsync_engine::ledger::format_time(chrono::Utc::now());
+    let done = sqlx::query(
+        "UPDATE outbox SET status = 'done', done_at = $1, note = 'bench: marked delivered' WHERE status = 'pending'",
+    )
+    .bind(now)
+    .execute(&pool)
+    .await
+    .context("marking the initial outbox delivered")?
+    .rows_affected();
+    pool.close().await;
+    Ok(done)
+}
+
+/// Nearest-rank percentile of sorted durations.
+pub fn percentile(sorted: &[Duration], p: f64) -> Option<Duration> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted.get(rank.clamp(1, sorted.len()) - 1).copied()
+}
+
+fn ms(d: Option<Duration>) -> Cell {
+    d.map(|d| d.as_secs_f64() * 1e3)
+        .ok_or_else(|| "n/a (no samples)".to_owned())
+}
+
+fn label(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000 && n.is_multiple_of(1_000_000) => format!("{}M", n / 1_000_000),
+        n if n >= 1_000 && n.is_multiple_of(1_000) => format!("{}k", n / 1_000),
+        n => n.to_string(),
+    }
+}
+
+fn thousands(v: f64) -> String {
+    let s = format!("{:.0}", v);
+    let (sign, digits) = s.strip_prefix('-').map_or(("", s.as_str()), |d| ("-", d));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    format!("{sign}{out}")
+}
+
+fn format_cell(key: &str, cell: Option<&Cell>) -> String {
+    match cell {
+        None => "not run".into(),
+        Some(Err(reason)) => reason.clone(),
+        Some(Ok(v)) => match key {
+            "sync" | "baseline" | "pg" | "decide" | "post" | "get" => {
+                format!("{}/s", thousands(*v))
+            }
+            "sync_ratio" | "pg_ratio" => format!("{v:.2}"),
+            "rss" => format!("{v:.0} MiB"),
+            "simulate" => format!("{v:.2} s"),
+            _ => format!("{v:.1} ms"),
+        },
+    }
+}
+
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("processor"))
+        .count();
+    let ram = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|k| k.parse::<f64>().ok())
+        })
+        .map(|k| format!("{:.1} GiB RAM", k / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "RAM unknown".into());
+    format!("{model}, {cores} cores, {ram}")
+}
+
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(setup::repo())
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(head) => {
+            let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|s| !s.is_empty());
+            if dirty {
+                format!("{head} + uncommitted changes")
+            } else {
+                head
+            }
+        }
+        None => "unknown (not a git checkout)".into(),
+    }
+}
+
+fn print_table(
+    opts: &Opts,
+    rows: &[u8],
+    results: &[(u64, BTreeMap<&'static str, Cell>)],
+    details: &[String],
+) {
+    let chosen: Vec<_> = ROWS.iter().filter(|r| rows.contains(&r.1)).collect();
+    let headers: Vec<String> = results.iter().map(|(n, _)| label(*n)).collect();
+    let mut lines: Vec<Vec<String>> = Vec::new();
+    for (key, _, name, target, check) in &chosen {
+        let mut line = vec![(*name).to_owned()];
+        for (_, cells) in results {
+            line.push(format_cell(key, cells.get(key)));
+        }
+        line.push((*target).to_owned());
+        // Judged at the largest size measured (the targets are stated for 1M contacts).
+        let last = results.iter().rev().find_map(|(n, c)| match c.get(key) {
+            Some(Ok(v)) => Some((*n, *v)),
+            _ => None,
+        });
+        let met = match (check, last) {
+            (None, _) => "-".to_owned(),
+            (Some(_), None) => "n/a".to_owned(),
+            (Some(f), Some((n, v))) => {
+                let verdict = if f(v) { "yes" } else { "NO" };
+                if n == 1_000_000 {
+                    verdict.to_owned()
+                } else {
+                    format!("{verdict} (at {})", label(n))
+                }
+            }
+        };
+        line.push(met);
+        lines.push(line);
+    }
+    let mut head = vec!["figure".to_owned()];
+    head.extend(headers);
+    head.push("target".into());
+    head.push("met?".into());
+    let widths: Vec<usize> = (0..head.len())
+        .map(|i| {
+            lines
+                .iter()
+                .map(|l| l[i].chars().count())
+                .chain([head[i].chars().count()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let render = |cols: &[String]| {
+        let cells: Vec<String> = cols
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 0 {
+                    format!("{c:<w$}", w = widths[i])
+                } else {
+                    format!("{c:>w$}", w = widths[i])
+                }
+            })
+            .collect();
+        format!("| {} |", cells.join(" | "))
+    };
+    let sizes: Vec<String> = opts.sizes.iter().map(|n| n.to_string()).collect();
+    println!();
+    println!(
+        "optinsync benchmark, {}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    println!("machine: {}", machine());
+    println!("commit:  {}", commit());
+    println!(
+        "command: cargo run --release -p optinsync-bench -- all --sizes {}{}{}",
+        sizes.join(","),
+        if rows.len() < 9 {
+            format!(
+                " --only {}",
+                rows.iter().map(u8::to_string).collect::<Vec<_>>().join(",")
+            )
+        } else {
+            String::new()
+        },
+        if opts.no_pg { " --no-pg" } else { "" }
+    );
+    println!();
+    println!("{}", render(&head));
+    let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+    println!("|-{}-|", rule.join("-|-"));
+    for l in &lines {
+        println!("{}", render(l));
+    }
+    if !details.is_empty() {
+        println!();
+        for d in details {
+            println!("- {d}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let ms: Vec<Duration> = (1..=200).map(Duration::from_millis).collect();
+        assert_eq!(percentile(&ms, 50.0), Some(Duration::from_millis(100)));
+        assert_eq!(percentile(&ms, 99.0), Some(Duration::from_millis(198)));
+        assert_eq!(percentile(&ms, 100.0), Some(Duration::from_millis(200)));
+        assert_eq!(percentile(&[], 99.0), None);
+    }
+
+    #[test]
+    fn figures_are_formatted_for_the_table() {
+        assert_eq!(label(10_000), "10k");
+        assert_eq!(label(1_000_000), "1M");
+        assert_eq!(label(12_345), "12345");
+        assert_eq!(thousands(1_234_567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(format_cell("sync", Some(&Ok(51_234.0))), "51,234/s");
+        assert_eq!(format_cell("post_p99", Some(&Ok(12.34))), "12.3 ms");
+        assert_eq!(
+            format_cell("pg", Some(&Err("n/a (--no-pg)".into()))),
+            "n/a (--no-pg)"
+        );
+    }
+}

@@ -1,0 +1,340 @@
+//! The set-up a measured daemon runs in: a directory with `config.toml` (the shipped one
+//! adapted to the loopback fakes), `rules/` and `templates/`; and running the `optinsync`
+//! binary as a separate process while sampling its peak RSS.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use optinsync_testkit::zoho::{self, FakeZoho};
+
+/// The token secret of the bench's config (confirm links are minted with it).
+pub const SECRET: &str = "bench-only-secret-0123456789abcdef-0123456789";
+pub const KEY_ID: &str = "k1";
+pub const CHANNEL_TOKEN: &str = "bench-channel-token-0123456789";
+
+/// The repository (rules, templates and the shipped config are read from it).
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// One daemon set-up directory.
+#[derive(Debug)]
+pub struct Setup {
+    pub dir: PathBuf,
+    pub port: u16,
+    pub store_url: String,
+}
+
+impl Setup {
+    pub fn config(&self) -> PathBuf {
+        self.dir.join("config.toml")
+    }
+
+    /// `optinsync --config DIR/config.toml ARGS`, logging at the binary's default level.
+    pub fn command(&self, bin: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(bin);
+        c.arg("--config")
+            .arg(self.config())
+            .args(args)
+            .current_dir(&self.dir)
+            .env_remove("OPTINSYNC_CONFIG")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null());
+        c
+    }
+}
+
+/// The `[connectors.crm]` section for the fake (also parsed by the raw baseline).
+pub fn crm_section(fake: &FakeZoho, port: u16) -> String {
+    format!(
+        "[connectors.crm]\nkind = \"zoho-crm\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n\
+         accounts_url = \"{url}\"\napi_url = \"{url}\"\nmodules = [\"Contacts\"]\nlanguage_field = \"Language\"\n\
+         fields = [\"First_Name\", \"Last_Name\"]\nper_page = 200\n\n\
+         [connectors.crm.asserts]\nnewsletter = \"Newsletter\"\n\n\
+         [connectors.crm.webhook]\ntoken = \"{CHANNEL_TOKEN}\"\nnotify_url = \"http://127.0.0.1:{port}/webhooks/crm\"\nchannel_id = 1000000068001\n\n",
+        zoho::CLIENT_ID,
+        zoho::CLIENT_SECRET,
+        zoho::REFRESH_TOKEN,
+        url = fake.url(),
+    )
+}
+
+/// Write the set-up into `dir`: the shipped `config.toml` with the store, the listen
+/// address, the Zoho CRM fake, the SMTP sink, a long poll interval (webhooks and explicit
+/// `sync --once` bring changes in) and no per-IP limit (every client is 127.0.0.1).
+pub fn write(
+    dir: &Path,
+    store_url: Option<&str>,
+    fake: &FakeZoho,
+    smtp_port: u16,
+) -> anyhow::Result<Setup> {
+    std::fs::create_dir_all(dir.join("var"))?;
+    let port = optinsync_testkit::free_port();
+    let store_url = store_url
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("sqlite://{}", dir.join("var/optinsync.db").display()));
+    let repo = repo();
+    let mut cfg =
+        std::fs::read_to_string(repo.join("config.toml")).context("reading config.toml")?;
+    let mut replace = |from: &str, to: &str| -> anyhow::Result<()> {
+        if !cfg.contains(from) {
+            bail!("shipped config.toml changed: `{from}` not found");
+        }
+        cfg = cfg.replacen(from, to, 1);
+        Ok(())
+    };
+    replace(
+        "listen = \"127.0.0.1:8080\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    )?;
+    replace(
+        "public_url = \"http://127.0.0.1:8080\"",
+        &format!("public_url = \"http://127.0.0.1:{port}\""),
+    )?;
+    replace(
+        "url = \"sqlite://var/optinsync.db\"",
+        &format!("url = \"{store_url}\""),
+    )?;
+    replace(
+        "[server]\n",
+        "[server]\nrate_limit_per_minute = 100000000\n",
+    )?;
+    replace(
+        "secret = \"demo-only-secret-change-me-0123456789abcdef\"",
+        &format!("secret = \"{SECRET}\""),
+    )?;
+    replace("poll_interval = \"10s\"", "poll_interval = \"1h\"")?;
+    replace(
+        "[connectors.mail]\nkind = \"eml\"\ndir = \"var/mail\"\n",
+        &format!(
+            "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {smtp_port}\ntls = \"none\"\ntimeout_secs = 10\nrate_per_minute = 1000000\n"
+        ),
+    )?;
+    let (Some(start), Some(end)) = (
+        cfg.find("[connectors.crm]"),
+        cfg.find("[connectors.campaigns]"),
+    ) else {
+        bail!("shipped config.toml changed: no [connectors.crm] / [connectors.campaigns]");
+    };
+    cfg = format!(
+        "{}{}{}",
+        &cfg[..start],
+        crm_section(fake, port),
+        &cfg[end..]
+    );
+    std::fs::write(dir.join("config.toml"), cfg)?;
+    copy_dir(&repo.join("rules"), &dir.join("rules"))?;
+    for lang in std::fs::read_dir(repo.join("templates"))? {
+        let lang = lang?.path();
+        if lang.is_dir() {
+            let name = lang.file_name().context("template directory name")?;
+            copy_dir(&lang, &dir.join("templates").join(name))?;
+        }
+    }
+    Ok(Setup {
+        dir: dir.to_path_buf(),
+        port,
+        store_url,
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let p = e?.path();
+        if p.is_file() {
+            let name = p.file_name().context("file name")?;
+            std::fs::copy(&p, to.join(name))?;
+        }
+    }
+    Ok(())
+}
+
+/// The peak resident set (`VmHWM`, KiB) of a running process.
+pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|k| k.parse().ok())
+}
+
+/// A finished child: wall time, peak RSS (sampled every 10 ms from `/proc`, so the last
+/// few milliseconds before exit may be missed), stdout.
+#[derive(Debug)]
+pub struct ChildRun {
+    pub wall: Duration,
+    pub peak_rss_kib: Option<u64>,
+    pub stdout: String,
+}
+
+/// Run `cmd` to completion (stderr into `log`); an exit other than 0 is an error.
+pub fn run_measured(mut cmd: Command, log: &Path) -> anyhow::Result<ChildRun> {
+    let out_path = log.with_extension("stdout");
+    cmd.stdout(std::fs::File::create(&out_path)?)
+        .stderr(std::fs::File::create(log)?);
+    let start = Instant::now();
+    let mut child = cmd.spawn().context("starting optinsync")?;
+    let pid = child.id();
+    let mut peak = None;
+    let status = loop {
+        if let Some(k) = vm_hwm_kib(pid) {
+            peak = Some(peak.map_or(k, |p: u64| p.max(k)));
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let wall = start.elapsed();
+    let stdout = std::fs::read_to_string(&out_path).unwrap_or_default();
+    if !status.success() {
+        bail!(
+            "optinsync exited with {status}: {}\n{}",
+            stdout.trim(),
+            tail(log, 20)
+        );
+    }
+    Ok(ChildRun {
+        wall,
+        peak_rss_kib: peak,
+        stdout,
+    })
+}
+
+/// The last `n` lines of a log file.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// `optinsync run`, stopped with SIGTERM (killed if it does not stop) when dropped.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(setup: &Setup, bin: &Path) -> anyhow::Result<Daemon> {
+        let log = setup.dir.join("daemon.log");
+        let child = setup
+            .command(bin, &["run"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting optinsync run")?;
+        let mut d = Daemon {
+            child: Some(child),
+            log,
+        };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", setup.port)).is_err() {
+            d.check_alive()?;
+            if start.elapsed() > Duration::from_secs(300) {
+                bail!(
+                    "optinsync run did not listen within 300 s:\n{}",
+                    tail(&d.log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(d)
+    }
+
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(child) = self.child.as_mut()
+            && let Some(status) = child.try_wait()?
+        {
+            bail!(
+                "optinsync run exited with {status}:\n{}",
+                tail(&self.log, 20)
+            );
+        }
+        Ok(())
+    }
+
+    /// Wait until the log has a line containing one of `needles` (e.g. the end of the
+    /// start-up rules pass).
+    pub fn wait_for_log(&mut self, needles: &[&str], timeout: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        loop {
+            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+            if needles.iter().any(|n| text.contains(n)) {
+                return Ok(());
+            }
+            self.check_alive()?;
+            if start.elapsed() > timeout {
+                bail!(
+                    "none of {needles:?} in the daemon log after {timeout:?}:\n{}",
+                    tail(&self.log, 20)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGTERM and wait (at most 30 s, then kill).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// The bench's set-up must pass the engine's strict config parser, or every daemon row
+    /// breaks only when the bench is run.
+    #[test]
+    fn written_config_is_accepted_by_the_engine() {
+        let fake = FakeZoho::start();
+        let dir = tempfile::tempdir().unwrap();
+        let setup = write(dir.path(), None, &fake, 2525).unwrap();
+        let loaded = optinsync_engine::config::LoadedConfig::load(&setup.config()).unwrap();
+        let c = &loaded.config;
+        assert_eq!(c.server.listen.port(), setup.port);
+        assert_eq!(c.server.rate_limit_per_minute, 100_000_000);
+        assert_eq!(c.tokens.secret, SECRET);
+        assert_eq!(c.tokens.key_id, KEY_ID);
+        assert!(setup.store_url.starts_with("sqlite://"));
+        let text = std::fs::read_to_string(setup.config()).unwrap();
+        assert!(text.contains("kind = \"zoho-crm\""), "{text}");
+        assert!(text.contains("port = 2525"), "{text}");
+        assert!(dir.path().join("rules/consent.rhai").exists());
+    }
+}

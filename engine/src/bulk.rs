@@ -1,0 +1,552 @@
+//! Decisions for many contacts at once: CRM pages and rules passes.
+//!
+//! The same state machine and rules as [`Engine::apply`], planned in memory against state read
+//! in a few batch queries, then written by one [`Store::commit_batch`]. A pair whose consent
+//! changed meanwhile (a click, a webhook) is left out by the store and planned again on fresh
+//! state, like `apply` retries; so the outcome is that of applying one input after another.
+//!
+//! [`Store::commit_batch`]: crate::store::Store::commit_batch
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use optinsync_plugin_api::CrmRecord;
+
+use crate::config::{DoiMode, ListConfig};
+use crate::consent::{self, Consent, ConsentState, Input};
+use crate::email;
+use crate::engine::{
+    DecideStats, Engine, EngineError, EngineResult, input_for, log_refusal, outbox_rows,
+};
+use crate::ledger::{Evidence, NewEvent};
+use crate::rules::{Action, RuleSet, input};
+use crate::store::{BatchCommit, Commit, Contact, ContactUpsert, Suppression};
+
+/// Rounds of re-planning for pairs that changed concurrently before giving up (as `apply`).
+const ROUNDS: usize = 5;
+
+/// What one CRM page did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IngestStats {
+    /// Records that became (or updated) a contact.
+    pub records: u64,
+    /// Records skipped: no or an invalid address.
+    pub invalid: u64,
+    /// Records skipped because their address was erased (GDPR Art. 17): the person asked to
+    /// be forgotten, so the address is not stored again; its keyed hash keeps it suppressed.
+    pub erased: u64,
+    /// Consent changes the CRM's assertions and opt-outs made.
+    pub crm_changes: u64,
+    /// What the rules did for the contacts of the page right after.
+    pub decided: DecideStats,
+    /// Where the time went: storing contacts, reading consent state, deciding (state
+    /// machine + rules, in memory), committing.
+    pub timings: Timings,
+}
+
+/// Time spent per step of a batch (summed over batches by the caller).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timings {
+    pub upsert: std::time::Duration,
+    pub load: std::time::Duration,
+    pub decide: std::time::Duration,
+    pub commit: std::time::Duration,
+}
+
+impl Timings {
+    pub fn add(&mut self, o: &Timings) {
+        self.upsert += o.upsert;
+        self.load += o.load;
+        self.decide += o.decide;
+        self.commit += o.commit;
+    }
+}
+
+/// An input the CRM asserts for a contact (in record order).
+struct CrmInput {
+    contact: usize,
+    list: usize,
+    input: Input,
+    record: String,
+}
+
+/// State of one batch, read in bulk, updated in memory as commits are planned.
+struct Plan<'e> {
+    engine: &'e Engine,
+    now: DateTime<Utc>,
+    consents: HashMap<(String, String), Consent>,
+    engagement: HashMap<(String, String), DateTime<Utc>>,
+    suppressed: HashSet<String>,
+    /// Pairs that already have a commit in this batch (the next one `follows` it).
+    touched: HashSet<(String, String)>,
+    commits: Vec<BatchCommit>,
+    /// Index of the contact (in the batch) each commit belongs to.
+    owners: Vec<usize>,
+    /// Refused proposals and failed rules, by contact (counted once their round is final).
+    misses: Vec<(usize, Miss)>,
+}
+
+#[derive(Clone, Copy)]
+enum Miss {
+    Refused,
+    RuleError,
+}
+
+/// What a round wrote, and which contacts must be planned again.
+#[derive(Default)]
+struct Written {
+    crm_changes: u64,
+    decided: DecideStats,
+    conflicted: HashSet<usize>,
+}
+
+enum Outcome {
+    Changed,
+    Unchanged,
+    Refused(consent::Refusal),
+}
+
+impl<'e> Plan<'e> {
+    async fn load(engine: &'e Engine, contacts: &[&Contact]) -> EngineResult<Plan<'e>> {
+        let ids: Vec<String> = contacts.iter().map(|c| c.id.clone()).collect();
+        let consents = engine
+            .store
+            .consents_of_contacts(&ids)
+            .await?
+            .into_iter()
+            .map(|(c, l, k)| ((c, l), k))
+            .collect();
+        let engagement = engine
+            .store
+            .engagements_of_contacts(&ids)
+            .await?
+            .into_iter()
+            .map(|(c, l, at)| ((c, l), at))
+            .collect();
+        let hashes: Vec<String> = contacts
+            .iter()
+            .flat_map(|c| engine.tokens.address_hashes(&c.email))
+            .collect();
+        let suppressed = engine
+            .store
+            .suppressed_among(&hashes)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(Plan {
+            engine,
+            now: Utc::now(),
+            consents,
+            engagement,
+            suppressed,
+            touched: HashSet::new(),
+            commits: Vec::new(),
+            owners: Vec::new(),
+            misses: Vec::new(),
+        })
+    }
+
+    fn consent(&self, contact: &Contact, list: &ListConfig) -> Consent {
+        self.consents
+            .get(&(contact.id.clone(), list.id.clone()))
+            .cloned()
+            .unwrap_or_else(|| Consent::new(self.now))
+    }
+
+    /// [`Engine::apply`] in memory: decide, and queue the commit.
+    fn apply(
+        &mut self,
+        owner: usize,
+        contact: &Contact,
+        list: &ListConfig,
+        input: Input,
+        source: &str,
+        evidence: Evidence,
+    ) -> Outcome {
+        let key = (contact.id.clone(), list.id.clone());
+        let current = self.consent(contact, list);
+        let hashes = self.engine.tokens.address_hashes(&contact.email);
+        let cx = consent::Context {
+            suppressed: hashes.iter().any(|h| self.suppressed.contains(h)),
+            campaigns_doi: list.doi == DoiMode::Campaigns,
+        };
+        let limits = consent::Limits {
+            max_reminders: list.max_reminders,
+        };
+        let t = match consent::transition(&current, &input, limits, cx, self.now) {
+            Ok(Some(t)) => t,
+            Ok(None) => return Outcome::Unchanged,
+            Err(refusal) => {
+                log_refusal(&contact.id, &list.id, &refusal, source);
+                return Outcome::Refused(refusal);
+            }
+        };
+        let event = NewEvent {
+            // Time-ordered ids keep the unique index on event_id appending, not scattering.
+            event_id: uuid::Uuid::now_v7().to_string(),
+            at: self.now,
+            contact_id: contact.id.clone(),
+            list_id: list.id.clone(),
+            kind: t.event.to_owned(),
+            from_state: t.from,
+            to_state: t.to,
+            source: source.to_owned(),
+            evidence,
+        };
+        let global = matches!(
+            t.to,
+            ConsentState::Bounced | ConsentState::Complained | ConsentState::Erased
+        ) || matches!(input, Input::CrmOptedOut | Input::Suppress);
+        let address_hash = self.engine.tokens.address_hash(&contact.email);
+        if global {
+            self.suppressed.extend(hashes);
+        }
+        tracing::debug!(
+            contact_id = %contact.id, list = %list.id, from = %t.from, to = %t.to, event = t.event,
+            source, "consent change planned"
+        );
+        let commit = Commit {
+            contact_id: contact.id.clone(),
+            list_id: list.id.clone(),
+            expected_seq: current.last_seq,
+            outbox: outbox_rows(&t.effects, contact, list, &event.event_id, t.to),
+            consent: t.next.clone(),
+            event,
+            suppress: global.then(|| Suppression {
+                address_hash,
+                reason: t.event.to_owned(),
+            }),
+        };
+        let follows = !self.touched.insert(key.clone());
+        self.consents.insert(key, t.next);
+        self.commits.push(BatchCommit { commit, follows });
+        self.owners.push(owner);
+        Outcome::Changed
+    }
+
+    /// The rules for one contact on every list, applied in memory.
+    fn decide(
+        &mut self,
+        owner: usize,
+        rules: &RuleSet,
+        ctxs: &[input::ListCtx],
+        contact: &Contact,
+    ) {
+        let engine = self.engine;
+        let contact_map = input::contact_map(contact);
+        for (list, ctx) in engine.lists().iter().zip(ctxs) {
+            let consent = self.consent(contact, list);
+            if consent.state == ConsentState::Erased {
+                continue;
+            }
+            let engagement = self
+                .engagement
+                .get(&(contact.id.clone(), list.id.clone()))
+                .copied();
+            let proposals = match rules.decide_owned(
+                contact_map.clone(),
+                input::consent_map(&consent, engagement, self.now),
+                ctx.at(self.now),
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    // A broken rule fails this one decision; the contact is left unchanged.
+                    metrics::counter!("optinsync_rule_errors_total").increment(1);
+                    tracing::warn!(contact_id = %contact.id, list = %list.id, error = %e, "rule failed; contact left unchanged");
+                    self.misses.push((owner, Miss::RuleError));
+                    continue;
+                }
+            };
+            for p in proposals {
+                let input = match input_for(p.action) {
+                    Some(input) => input,
+                    None if p.action == Action::Subscribe && !consent.state.on_list() => {
+                        metrics::counter!("optinsync_consent_refused_total", "input" => "subscribe")
+                            .increment(1);
+                        tracing::warn!(
+                            contact_id = %contact.id, list = %list.id, state = %consent.state, reason = %p.reason,
+                            rule = %p.rule_file, "rule proposed subscribe without confirmation; refused (invariant 1)"
+                        );
+                        self.misses.push((owner, Miss::Refused));
+                        continue;
+                    }
+                    // Subscribing happens on confirmation and write-back after every change,
+                    // by themselves; `none` is nothing.
+                    None => continue,
+                };
+                let evidence = Evidence {
+                    rule_file: Some(p.rule_file.clone()),
+                    rule_hash: Some(p.rule_hash.clone()),
+                    reason: Some(p.reason.clone()),
+                    ..Evidence::default()
+                };
+                if let Outcome::Refused(r) =
+                    self.apply(owner, contact, list, input, "rules", evidence)
+                {
+                    tracing::warn!(
+                        contact_id = %contact.id, list = %list.id, reason = %p.reason, rule = %p.rule_file,
+                        refused = r.reason, "rule action refused"
+                    );
+                    self.misses.push((owner, Miss::Refused));
+                }
+            }
+        }
+    }
+
+    /// Write the planned commits. Contacts with a commit left out (their consent changed
+    /// meanwhile) are reported for a re-plan and nothing of theirs is counted yet.
+    async fn commit(self) -> EngineResult<Written> {
+        let written = self.engine.store.commit_batch(&self.commits).await?;
+        let mut out = Written::default();
+        for (owner, ev) in self.owners.iter().zip(&written) {
+            if ev.is_none() {
+                out.conflicted.insert(*owner);
+            }
+        }
+        let mut queued = false;
+        for ((b, owner), ev) in self.commits.iter().zip(&self.owners).zip(&written) {
+            let Some(ev) = ev else { continue };
+            queued |= !b.commit.outbox.is_empty();
+            tracing::debug!(contact_id = %b.commit.contact_id, list = %b.commit.list_id, seq = ev.seq, "consent changed");
+            if out.conflicted.contains(owner) {
+                continue;
+            }
+            if b.commit.event.source == "crm" {
+                out.crm_changes += 1;
+            } else {
+                out.decided.changes += 1;
+            }
+        }
+        for (owner, miss) in &self.misses {
+            if !out.conflicted.contains(owner) {
+                match miss {
+                    Miss::Refused => out.decided.refused += 1,
+                    Miss::RuleError => out.decided.rule_errors += 1,
+                }
+            }
+        }
+        if queued {
+            self.engine.outbox_wake.notify_one();
+        }
+        Ok(out)
+    }
+}
+
+impl Engine {
+    /// One page of CRM records: upsert the contacts, apply what the CRM asserts (opt-out on
+    /// any record wins over an assertion), then run the rules for those contacts — all in a
+    /// handful of queries and one transaction for the consent changes.
+    pub async fn ingest_records(&self, records: &[CrmRecord]) -> EngineResult<IngestStats> {
+        let mut stats = IngestStats::default();
+        let mut upserts = Vec::with_capacity(records.len());
+        let mut kept = Vec::with_capacity(records.len());
+        for rec in records {
+            let Some(raw) = rec.email.as_deref() else {
+                tracing::warn!(record = %rec.record, "CRM record has no email address; skipped");
+                stats.invalid += 1;
+                continue;
+            };
+            let address = match email::normalise(raw) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(record = %rec.record, error = %e, "CRM record has an invalid email address; skipped");
+                    stats.invalid += 1;
+                    continue;
+                }
+            };
+            for unknown in rec.asserted_lists.iter().filter(|l| self.list(l).is_none()) {
+                tracing::warn!(record = %rec.record, list = %unknown, "CRM asserts a list that is not configured");
+            }
+            upserts.push(ContactUpsert {
+                email: address,
+                language: rec.language.clone().filter(|l| !l.trim().is_empty()),
+                fields: rec.fields.clone(),
+                crm_record: Some(rec.record.to_string()),
+            });
+            kept.push(rec);
+        }
+        self.drop_erased(&mut upserts, &mut kept, &mut stats)
+            .await?;
+        stats.records = kept.len() as u64;
+        if upserts.is_empty() {
+            return Ok(stats);
+        }
+        let t0 = std::time::Instant::now();
+        let upserted = self.store.upsert_contacts(&upserts, Utc::now()).await?;
+        stats.timings.upsert = t0.elapsed();
+        // One contact per address, in first-seen order; records keep their order.
+        let mut contacts: Vec<&Contact> = Vec::new();
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut crm_inputs = Vec::new();
+        for (rec, contact) in kept.iter().zip(&upserted) {
+            let at = *index.entry(contact.id.as_str()).or_insert_with(|| {
+                contacts.push(contact);
+                contacts.len() - 1
+            });
+            for (l, list) in self.lists().iter().enumerate() {
+                let input = if rec.opted_out {
+                    Input::CrmOptedOut
+                } else if rec.asserted_lists.iter().any(|a| a == &list.id) {
+                    Input::CrmAsserted
+                } else {
+                    continue;
+                };
+                crm_inputs.push(CrmInput {
+                    contact: at,
+                    list: l,
+                    input,
+                    record: rec.record.to_string(),
+                });
+            }
+        }
+        let (crm_changes, decided) = self
+            .plan_rounds(&contacts, &crm_inputs, &mut stats.timings)
+            .await?;
+        stats.crm_changes = crm_changes;
+        stats.decided = decided;
+        Ok(stats)
+    }
+
+    /// Leave out records whose address was erased. Erasure suppresses the address, so only
+    /// suppressed addresses (few) are looked up.
+    async fn drop_erased(
+        &self,
+        upserts: &mut Vec<ContactUpsert>,
+        kept: &mut Vec<&CrmRecord>,
+        stats: &mut IngestStats,
+    ) -> EngineResult<()> {
+        let hashes: Vec<String> = upserts
+            .iter()
+            .flat_map(|u| self.tokens.address_hashes(&u.email))
+            .collect();
+        let suppressed: HashSet<String> = self
+            .store
+            .suppressed_among(&hashes)
+            .await?
+            .into_iter()
+            .collect();
+        if suppressed.is_empty() {
+            return Ok(());
+        }
+        let mut erased = vec![false; upserts.len()];
+        for (i, u) in upserts.iter().enumerate() {
+            for h in self.tokens.address_hashes(&u.email) {
+                if suppressed.contains(&h)
+                    && self
+                        .store
+                        .contact_by_email(&format!("erased:{h}"))
+                        .await?
+                        .is_some()
+                {
+                    erased[i] = true;
+                    break;
+                }
+            }
+        }
+        let mut i = 0;
+        kept.retain(|rec| {
+            let keep = !erased[i];
+            if !keep {
+                tracing::info!(record = %rec.record, "CRM record carries an erased address; skipped, not stored again");
+                stats.erased += 1;
+            }
+            i += 1;
+            keep
+        });
+        let mut i = 0;
+        upserts.retain(|_| {
+            i += 1;
+            !erased[i - 1]
+        });
+        Ok(())
+    }
+
+    /// Whether this (normalised) address was erased: then it must not be stored again.
+    pub async fn is_erased(&self, address: &str) -> EngineResult<bool> {
+        for h in self.tokens.address_hashes(address) {
+            if self.store.is_suppressed(&h).await?
+                && self
+                    .store
+                    .contact_by_email(&format!("erased:{h}"))
+                    .await?
+                    .is_some()
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Run the rules for these contacts on every list and apply what they propose.
+    pub async fn decide_contacts(&self, contacts: &[Contact]) -> EngineResult<DecideStats> {
+        let refs: Vec<&Contact> = contacts.iter().collect();
+        let (_, stats) = self
+            .plan_rounds(&refs, &[], &mut Timings::default())
+            .await?;
+        Ok(stats)
+    }
+
+    /// Plan and commit; contacts whose pairs changed concurrently are planned again on fresh
+    /// state (their other commits, already written, make the re-plan a no-op for those).
+    async fn plan_rounds(
+        &self,
+        contacts: &[&Contact],
+        crm_inputs: &[CrmInput],
+        timings: &mut Timings,
+    ) -> EngineResult<(u64, DecideStats)> {
+        let rules: Arc<RuleSet> = self.rules();
+        // The lists' part of the rules' input, built once for the whole batch.
+        let ctxs: Vec<input::ListCtx> = self.lists().iter().map(input::ListCtx::new).collect();
+        let mut crm_changes = 0;
+        let mut decided = DecideStats {
+            contacts: contacts.len() as u64,
+            ..DecideStats::default()
+        };
+        let mut todo: Vec<usize> = (0..contacts.len()).collect();
+        for _ in 0..ROUNDS {
+            let batch: Vec<&Contact> = todo.iter().map(|&i| contacts[i]).collect();
+            let t0 = std::time::Instant::now();
+            let mut plan = Plan::load(self, &batch).await?;
+            let t1 = std::time::Instant::now();
+            timings.load += t1 - t0;
+            let wanted: HashSet<usize> = todo.iter().copied().collect();
+            for ci in crm_inputs.iter().filter(|ci| wanted.contains(&ci.contact)) {
+                let evidence = Evidence {
+                    crm_record: Some(ci.record.clone()),
+                    ..Evidence::default()
+                };
+                let list = &self.lists()[ci.list];
+                let contact = contacts[ci.contact];
+                plan.apply(ci.contact, contact, list, ci.input.clone(), "crm", evidence);
+            }
+            for &i in &todo {
+                plan.decide(i, &rules, &ctxs, contacts[i]);
+            }
+            let t2 = std::time::Instant::now();
+            timings.decide += t2 - t1;
+            let written = plan.commit().await?;
+            timings.commit += t2.elapsed();
+            crm_changes += written.crm_changes;
+            decided.changes += written.decided.changes;
+            decided.refused += written.decided.refused;
+            decided.rule_errors += written.decided.rule_errors;
+            if written.conflicted.is_empty() {
+                return Ok((crm_changes, decided));
+            }
+            tracing::debug!(
+                contacts = written.conflicted.len(),
+                "consent changed concurrently; planning again"
+            );
+            todo.retain(|i| written.conflicted.contains(i));
+        }
+        let first = todo
+            .first()
+            .map(|&i| contacts[i].id.clone())
+            .unwrap_or_default();
+        Err(EngineError::Contended {
+            contact_id: first,
+            list_id: "*".into(),
+        })
+    }
+}

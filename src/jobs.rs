@@ -1,0 +1,115 @@
+//! The daemon's periodic jobs, each under its own named lease in the store, so that among
+//! several instances on one database exactly one runs each job at a time — possibly a
+//! different instance per job:
+//!
+//! - `crm-poller`: connector upkeep (webhook channel) and the CRM change feed;
+//! - `campaigns-poller`: unsubscribes, bounces and confirmations made inside the campaigns tool;
+//! - `scheduler`: the rules pass over every contact (and other timed upkeep).
+//!
+//! A holder renews its leases every pass; a dead holder's lease lapses after
+//! `3 × poll_interval + 30 s` (at once when it is restarted on the same host and address,
+//! `Store::release_claims`). Running a job twice at once would still be safe (optimistic
+//! concurrency on every consent, idempotent pages); the lease saves the work and the vendor
+//! quota.
+
+use std::time::Duration;
+
+use optinsync_engine::engine::Engine;
+
+/// The jobs, in the order one instance holding all of them runs them (CRM first, so the rules
+/// pass sees the newest contacts, as a single `sync --once` pass does).
+pub const JOBS: [&str; 3] = ["crm-poller", "campaigns-poller", "scheduler"];
+
+/// Which leases this instance held at its last pass (to log changes only).
+#[derive(Debug, Default)]
+pub struct Jobs {
+    held: [Option<bool>; 3],
+}
+
+impl Jobs {
+    /// Run each job whose lease this instance holds or can take now.
+    pub async fn run_due(&mut self, engine: &Engine, worker: &str) {
+        let poll = engine.config.config.sync.poll_interval.0;
+        let hold = chrono::Duration::from_std(poll * 3 + Duration::from_secs(30))
+            .unwrap_or(chrono::Duration::minutes(5));
+        // When this instance pulled the CRM in this pass, the pull already ran the rules for
+        // every contact it stored: the rules pass leaves those out (as `sync --once` does).
+        let mut pulled_since = None;
+        for (i, job) in JOBS.into_iter().enumerate() {
+            let now = chrono::Utc::now();
+            let held = match engine.store.try_lease(job, worker, now, now + hold).await {
+                Ok(h) => h,
+                Err(e) => {
+                    tracing::error!(job, error = %e, "cannot take the job's lease; will retry next interval");
+                    continue;
+                }
+            };
+            if self.held[i] != Some(held) {
+                if held {
+                    tracing::info!(job, "this instance runs the job now (lease taken)");
+                } else {
+                    tracing::info!(
+                        job,
+                        "another instance holds the job's lease; this one delivers and serves links"
+                    );
+                }
+                self.held[i] = Some(held);
+            }
+            if !held {
+                continue;
+            }
+            let started = chrono::Utc::now();
+            match run_job(engine, job, pulled_since).await {
+                Ok(summary) => {
+                    if job == "crm-poller" {
+                        pulled_since = Some(started);
+                    }
+                    tracing::info!(job, "job {job}: {summary}")
+                }
+                Err(e) => {
+                    tracing::error!(job, error = %format!("{e:#}"), "job {job} failed; will retry next interval")
+                }
+            }
+        }
+    }
+}
+
+async fn run_job(
+    engine: &Engine,
+    job: &str,
+    pulled_since: Option<chrono::DateTime<chrono::Utc>>,
+) -> anyhow::Result<String> {
+    match job {
+        "crm-poller" => {
+            // Connector upkeep (e.g. the Zoho CRM notification channel); polling goes on if it fails.
+            if let Err(e) = engine.connectors.crm.maintain().await {
+                tracing::warn!(error = %e, "CRM connector upkeep failed; polling goes on");
+            }
+            let s = engine.pull_crm(|_| {}).await?;
+            Ok(format!(
+                "{} CRM records ({} skipped as invalid), {} CRM consent changes, {} rule changes",
+                s.records, s.invalid, s.changes, s.rule_changes
+            ))
+        }
+        "campaigns-poller" => {
+            let n = engine.pull_campaigns().await?;
+            Ok(format!("{n} campaigns changes"))
+        }
+        _ => {
+            let d = engine.decide_all_but_updated_since(pulled_since).await?;
+            // Retention (`[retention]`) is timed upkeep too: applied once per `every`
+            // (default daily), tracked in the store so restarts and other instances agree.
+            let retention = match engine.retention_if_due().await? {
+                Some(r) => format!(
+                    "; retention purged {} after withdrawal, {} unconfirmed",
+                    r.withdrawn_proof, r.unconfirmed
+                ),
+                None => String::new(),
+            };
+            Ok(format!(
+                "{} rule changes ({} refused, {} rule errors) over {} contacts{retention}",
+                d.changes, d.refused, d.rule_errors, d.contacts
+            ))
+        }
+    }
+}
