@@ -300,45 +300,58 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
             tracing::warn!(error = %e, "cannot take back a predecessor's outbox claims; they wait for their lease")
         }
     }
+    // Delivery runs beside the jobs, so a long rules pass over a large store never holds up
+    // a confirmation mail queued by a webhook or a click.
+    let delivery = {
+        let engine = Arc::clone(&engine);
+        let stop = Arc::clone(&stop);
+        let worker = worker.clone();
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            // Steps are never cancelled half-way: shutdown waits for the running delivery,
+            // so it is either finished or not started.
+            while !stop.load(Ordering::SeqCst) {
+                match engine.deliver_due(&worker, 20).await {
+                    Ok(s) if s.done + s.retried + s.dead > 0 => {
+                        if let Err(e) = engine.save_connector_state().await {
+                            tracing::warn!(error = %e, "connector state not saved");
+                        }
+                        tracing::info!(
+                            done = s.done,
+                            retried = s.retried,
+                            dead = s.dead,
+                            "outbox delivered"
+                        );
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::error!(error = %e, "outbox delivery failed"),
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = engine.outbox_wake.notified() => {}
+                    _ = rx.wait_for(|s| *s) => {}
+                }
+            }
+        })
+    };
     let poll = engine.config.config.sync.poll_interval.0;
-    let mut next_pass = tokio::time::Instant::now();
     let mut jobs = crate::jobs::Jobs::default();
     let mut rx = stop_rx;
-    // Steps are never cancelled half-way: shutdown waits for the running step, so a
-    // commit or a delivery is either finished or not started.
+    // Like deliveries, a job is never cancelled half-way.
     while !stop.load(Ordering::SeqCst) {
-        if tokio::time::Instant::now() >= next_pass {
-            // Each job (CRM poll, campaigns poll, rules pass) runs on one instance at a time
-            // among those sharing the database, under its own lease (`jobs`).
-            jobs.run_due(&engine, &worker).await;
-            next_pass = tokio::time::Instant::now() + poll;
-        }
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        match engine.deliver_due(&worker, 20).await {
-            Ok(s) if s.done + s.retried + s.dead > 0 => {
-                if let Err(e) = engine.save_connector_state().await {
-                    tracing::warn!(error = %e, "connector state not saved");
-                }
-                tracing::info!(
-                    done = s.done,
-                    retried = s.retried,
-                    dead = s.dead,
-                    "outbox delivered"
-                );
-                continue;
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %e, "outbox delivery failed"),
-        }
+        // Each job (CRM poll, campaigns poll, rules pass) runs on one instance at a time
+        // among those sharing the database, under its own lease (`jobs`).
+        jobs.run_due(&engine, &worker).await;
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = engine.outbox_wake.notified() => {}
+            _ = tokio::time::sleep(poll) => {}
             // New rules: decide again now rather than at the next interval.
-            _ = pass_now.notified() => next_pass = tokio::time::Instant::now(),
+            _ = pass_now.notified() => {}
             _ = rx.wait_for(|s| *s) => {}
         }
+    }
+    if let Err(e) = delivery.await {
+        tracing::error!(error = %e, "outbox delivery task failed");
     }
     match server.await {
         Ok(Ok(())) => {}
