@@ -217,6 +217,12 @@ pub async fn sync_once(path: &Path, deliver: bool) -> Result<(), Failure> {
 pub async fn run(path: &Path) -> Result<(), Failure> {
     // SQLite: one daemon per database file, refused before anything is touched.
     let instance = crate::instance_lock::acquire(&load_config(path)?.config.store.url)?;
+    // Take SIGTERM over before the port answers: a supervisor that stops the daemon as soon
+    // as it listens must get the graceful stop (exit 0), not the default kill.
+    #[cfg(unix)]
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    #[cfg(not(unix))]
+    let term = ();
     let engine = boot(path).await?;
     if let Some(lock) = &instance {
         tracing::info!(lock_file = %lock.path.display(), "SQLite: this instance holds the database's instance lock");
@@ -253,7 +259,7 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
         let circuits = Arc::clone(&engine.circuits);
         let grace = engine.config.config.sync.shutdown_grace.0;
         tokio::spawn(async move {
-            shutdown_signal().await;
+            shutdown_signal(term).await;
             tracing::info!(
                 grace_secs = grace.as_secs(),
                 "shutdown requested; finishing the current step"
@@ -370,18 +376,30 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     Ok(())
 }
 
-async fn shutdown_signal() {
+/// `term`: the SIGTERM stream, registered at start-up (`None`: it could not be).
+#[cfg(unix)]
+async fn shutdown_signal(term: Option<tokio::signal::unix::Signal>) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    #[cfg(unix)]
     let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
+        match term {
+            Some(mut s) => {
                 s.recv().await;
             }
-            Err(_) => std::future::pending::<()>().await,
+            None => std::future::pending::<()>().await,
         }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+#[cfg(not(unix))]
+async fn shutdown_signal(_term: ()) {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
     };
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
