@@ -47,13 +47,17 @@ impl SqliteStore {
             // pages keeps bulk inserts from re-reading them for every row.
             .pragma("cache_size", "-65536")
             .pragma("temp_store", "memory");
+        // No ping before each use: a local file connection does not go stale, and the ping is
+        // one more round trip to the connection's worker thread per query.
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
+            .test_before_acquire(false)
             .connect_with(opts.clone())
             .await
             .map_err(open_err)?;
         let reader = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             // Readers look up single rows: a small cache each keeps memory bounded.
             .connect_lazy_with(
                 opts.read_only(true)
