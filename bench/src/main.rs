@@ -104,6 +104,13 @@ const ROWS: &[(&str, u8, &str, &str, Option<Check>)] = &[
         None,
     ),
     (
+        "fetch",
+        2,
+        "2 of it, CRM fetch+parse alone (contacts/s)",
+        "reference",
+        None,
+    ),
+    (
         "sync_ratio",
         2,
         "2 sync / raw baseline",
@@ -343,11 +350,12 @@ async fn size(
             n,
             "row 2: raw baseline (connector paging + plain SQLite insert)",
         );
-        let (read, took) = baseline::run(&fake, dir).await?;
+        let (read, took, fetching) = baseline::run(&fake, dir).await?;
         if read != n {
             bail!("raw baseline read {read} records, expected {n}");
         }
         cells.insert("baseline", Ok(n as f64 / took.as_secs_f64()));
+        cells.insert("fetch", Ok(n as f64 / fetching.as_secs_f64()));
     }
 
     let need_store = [1, 4, 6, 7, 8, 9].iter().any(|r| want(*r));
@@ -571,7 +579,7 @@ fn format_cell(key: &str, cell: Option<&Cell>) -> String {
         None => "not run".into(),
         Some(Err(reason)) => reason.clone(),
         Some(Ok(v)) => match key {
-            "sync" | "baseline" | "pg" | "decide" | "post" | "get" => {
+            "sync" | "baseline" | "fetch" | "pg" | "decide" | "post" | "get" => {
                 format!("{}/s", thousands(*v))
             }
             "sync_ratio" | "pg_ratio" => format!("{v:.2}"),
