@@ -17,11 +17,11 @@ use crate::config::{DoiMode, ListConfig};
 use crate::consent::{self, Consent, ConsentState, Input};
 use crate::email;
 use crate::engine::{
-    DecideStats, Engine, EngineError, EngineResult, input_for, log_refusal, outbox_rows,
+    DecideStats, Engine, EngineError, EngineResult, commit_for, input_for, log_refusal,
 };
-use crate::ledger::{Evidence, NewEvent};
+use crate::ledger::Evidence;
 use crate::rules::{Action, RuleSet, input};
-use crate::store::{BatchCommit, Commit, Contact, ContactUpsert, Suppression};
+use crate::store::{BatchCommit, Contact, ContactUpsert};
 
 /// Rounds of re-planning for pairs that changed concurrently before giving up (as `apply`).
 const ROUNDS: usize = 5;
@@ -182,44 +182,29 @@ impl<'e> Plan<'e> {
                 return Outcome::Refused(refusal);
             }
         };
-        let event = NewEvent {
-            // Time-ordered ids keep the unique index on event_id appending, not scattering.
-            event_id: uuid::Uuid::now_v7().to_string(),
-            at: self.now,
-            contact_id: contact.id.clone(),
-            list_id: list.id.clone(),
-            kind: t.event.to_owned(),
-            from_state: t.from,
-            to_state: t.to,
-            source: source.to_owned(),
-            evidence,
-        };
-        let global = matches!(
-            t.to,
-            ConsentState::Bounced | ConsentState::Complained | ConsentState::Erased
-        ) || matches!(input, Input::CrmOptedOut | Input::Suppress);
-        let address_hash = self.engine.tokens.address_hash(&contact.email);
-        if global {
-            self.suppressed.extend(hashes);
-        }
         tracing::debug!(
             contact_id = %contact.id, list = %list.id, from = %t.from, to = %t.to, event = t.event,
             source, "consent change planned"
         );
-        let commit = Commit {
-            contact_id: contact.id.clone(),
-            list_id: list.id.clone(),
-            expected_seq: current.last_seq,
-            outbox: outbox_rows(&t.effects, contact, list, &event.event_id, t.to),
-            consent: t.next.clone(),
-            event,
-            suppress: global.then(|| Suppression {
-                address_hash,
-                reason: t.event.to_owned(),
-            }),
-        };
+        let address_hash = self.engine.tokens.address_hash(&contact.email);
+        let commit = commit_for(
+            &address_hash,
+            contact,
+            list,
+            &input,
+            t,
+            current.last_seq,
+            source,
+            evidence,
+            self.now,
+        );
+        if commit.suppress.is_some() {
+            // Later inputs in this batch must see the address suppressed.
+            self.suppressed.extend(hashes);
+        }
+        let next = commit.consent.clone();
         let follows = !self.touched.insert(key.clone());
-        self.consents.insert(key, t.next);
+        self.consents.insert(key, next);
         self.commits.push(BatchCommit { commit, follows });
         self.owners.push(owner);
         Outcome::Changed

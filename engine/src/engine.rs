@@ -190,33 +190,18 @@ impl Engine {
                     return Ok(Applied::Refused(refusal));
                 }
             };
-            let event = NewEvent {
-                event_id: uuid::Uuid::now_v7().to_string(),
-                at: now,
-                contact_id: contact.id.clone(),
-                list_id: list.id.clone(),
-                kind: t.event.to_owned(),
-                from_state: t.from,
-                to_state: t.to,
-                source: source.to_owned(),
-                evidence: evidence.clone(),
-            };
-            let global = matches!(
-                t.to,
-                ConsentState::Bounced | ConsentState::Complained | ConsentState::Erased
-            ) || matches!(input, Input::CrmOptedOut | Input::Suppress);
-            let commit = Commit {
-                contact_id: contact.id.clone(),
-                list_id: list.id.clone(),
-                expected_seq: current.last_seq,
-                outbox: outbox_rows(&t.effects, contact, list, &event.event_id, t.to),
-                consent: t.next,
-                event,
-                suppress: global.then(|| Suppression {
-                    address_hash: address_hash.clone(),
-                    reason: t.event.to_owned(),
-                }),
-            };
+            let (from, to, kind) = (t.from, t.to, t.event);
+            let commit = commit_for(
+                &address_hash,
+                contact,
+                list,
+                &input,
+                t,
+                current.last_seq,
+                source,
+                evidence.clone(),
+                now,
+            );
             let queued = !commit.outbox.is_empty();
             let written = match &self.group_commit {
                 Some(g) => g.commit(&*self.store, commit).await,
@@ -228,7 +213,7 @@ impl Engine {
                         self.outbox_wake.notify_one();
                     }
                     tracing::info!(
-                        contact_id = %contact.id, list = %list.id, from = %t.from, to = %t.to, event = t.event,
+                        contact_id = %contact.id, list = %list.id, from = %from, to = %to, event = kind,
                         seq = ev.seq, source, "consent changed"
                     );
                     return Ok(Applied::Changed(Box::new(ev)));
@@ -506,6 +491,50 @@ impl Drop for AbortOnDrop {
 
 /// Contacts per transaction in a rules pass.
 const DECIDE_PAGE: i64 = 1000;
+
+/// The commit of an accepted transition: its ledger event, outbox rows and, for inputs that
+/// stop all mail, the suppression. Shared by [`Engine::apply`] and batch planning.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn commit_for(
+    address_hash: &str,
+    contact: &Contact,
+    list: &ListConfig,
+    input: &Input,
+    t: consent::Transition,
+    expected_seq: Option<i64>,
+    source: &str,
+    evidence: Evidence,
+    now: chrono::DateTime<Utc>,
+) -> Commit {
+    let event = NewEvent {
+        // Time-ordered ids keep the unique index on event_id appending, not scattering.
+        event_id: uuid::Uuid::now_v7().to_string(),
+        at: now,
+        contact_id: contact.id.clone(),
+        list_id: list.id.clone(),
+        kind: t.event.to_owned(),
+        from_state: t.from,
+        to_state: t.to,
+        source: source.to_owned(),
+        evidence,
+    };
+    let global = matches!(
+        t.to,
+        ConsentState::Bounced | ConsentState::Complained | ConsentState::Erased
+    ) || matches!(input, Input::CrmOptedOut | Input::Suppress);
+    Commit {
+        contact_id: contact.id.clone(),
+        list_id: list.id.clone(),
+        expected_seq,
+        outbox: outbox_rows(&t.effects, contact, list, &event.event_id, t.to),
+        consent: t.next,
+        event,
+        suppress: global.then(|| Suppression {
+            address_hash: address_hash.to_owned(),
+            reason: t.event.to_owned(),
+        }),
+    }
+}
 
 /// A refused consent change is logged and counted, never carried out.
 pub(crate) fn log_refusal(contact_id: &str, list_id: &str, refusal: &Refusal, source: &str) {

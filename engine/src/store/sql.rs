@@ -146,6 +146,18 @@ macro_rules! shared_store_impl {
             changed
         }
 
+        /// The seq and hash at the head of the chain (0 and the genesis hash when empty). The
+        /// caller holds the append lock.
+        async fn chain_head(tx: &mut Tx<'_>) -> StoreResult<(i64, String)> {
+            let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&mut **tx)
+                .await?;
+            Ok(match head {
+                Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
+                None => (0, GENESIS_HASH.to_owned()),
+            })
+        }
+
         /// Insert sealed events with multi-row statements. The caller holds the append lock.
         async fn insert_events(tx: &mut Tx<'_>, sealed: &[&LedgerEvent]) -> StoreResult<()> {
             for chunk in sealed.chunks(ROW_CHUNK / 2) {
@@ -174,33 +186,9 @@ macro_rules! shared_store_impl {
 
         /// Append one event at the head of the chain. The caller holds the append lock.
         async fn append_locked(tx: &mut Tx<'_>, e: &NewEvent) -> StoreResult<LedgerEvent> {
-            let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&mut **tx)
-                .await?;
-            let (seq, prev) = match head {
-                Some(r) => (r.try_get::<i64, _>("seq")? + 1, r.try_get::<String, _>("hash")?),
-                None => (1, GENESIS_HASH.to_owned()),
-            };
-            let ev = e.seal(seq, &prev);
-            sqlx::query(
-                "INSERT INTO ledger (seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, prev_hash, hash, evidence_sha256) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-            )
-            .bind(ev.seq)
-            .bind(&ev.event_id)
-            .bind(&ev.at)
-            .bind(&ev.contact_id)
-            .bind(&ev.list_id)
-            .bind(&ev.kind)
-            .bind(&ev.from_state)
-            .bind(&ev.to_state)
-            .bind(&ev.source)
-            .bind(&ev.evidence)
-            .bind(&ev.prev_hash)
-            .bind(&ev.hash)
-            .bind(&ev.evidence_sha256)
-            .execute(&mut **tx)
-            .await?;
+            let (seq, prev) = chain_head(tx).await?;
+            let ev = e.seal(seq + 1, &prev);
+            insert_events(tx, &[&ev]).await?;
             Ok(ev)
         }
 
@@ -469,13 +457,7 @@ macro_rules! shared_store_impl {
                         last.insert((row.try_get("contact_id")?, row.try_get("list_id")?), Some(row.try_get("last_seq")?));
                     }
                 }
-                let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let (mut seq, mut prev) = match head {
-                    Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
-                    None => (0, GENESIS_HASH.to_owned()),
-                };
+                let (mut seq, mut prev) = chain_head(&mut tx).await?;
                 // Seal in memory, in order; a pair whose check fails is skipped from there on.
                 let mut out: Vec<Option<LedgerEvent>> = Vec::with_capacity(commits.len());
                 let mut skipped: std::collections::HashSet<(String, String)> = std::collections::HashSet::new();
@@ -567,77 +549,19 @@ macro_rules! shared_store_impl {
             }
 
             async fn commit(&self, c: &Commit) -> StoreResult<LedgerEvent> {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query($lock).execute(&mut *tx).await?;
-                let current: Option<i64> =
-                    sqlx::query("SELECT last_seq FROM consents WHERE contact_id = $1 AND list_id = $2")
-                        .bind(&c.contact_id)
-                        .bind(&c.list_id)
-                        .fetch_optional(&mut *tx)
-                        .await?
-                        .map(|r| r.try_get::<i64, _>("last_seq"))
-                        .transpose()?;
-                if current != c.expected_seq {
-                    return Err(StoreError::Conflict { contact_id: c.contact_id.clone(), list_id: c.list_id.clone() });
+                // One commit is a batch of one: the same checks and the same SQL.
+                let batch = [crate::store::BatchCommit { commit: c.clone(), follows: false }];
+                match self.commit_batch(&batch).await?.pop().flatten() {
+                    Some(ev) => Ok(ev),
+                    None => Err(StoreError::Conflict { contact_id: c.contact_id.clone(), list_id: c.list_id.clone() }),
                 }
-                let ev = append_locked(&mut tx, &c.event).await?;
-                let k = &c.consent;
-                sqlx::query(
-                    "INSERT INTO consents (contact_id, list_id, state, since, signup_token, doi_mails, reminders_sent, confirmed_at, confirmed_token, last_seq) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
-                     ON CONFLICT (contact_id, list_id) DO UPDATE SET state = excluded.state, since = excluded.since, \
-                     signup_token = excluded.signup_token, doi_mails = excluded.doi_mails, reminders_sent = excluded.reminders_sent, \
-                     confirmed_at = excluded.confirmed_at, confirmed_token = excluded.confirmed_token, last_seq = excluded.last_seq",
-                )
-                .bind(&c.contact_id)
-                .bind(&c.list_id)
-                .bind(k.state.as_str())
-                .bind(format_time(k.since))
-                .bind(&k.signup_token)
-                .bind(i32::try_from(k.doi_mails).unwrap_or(i32::MAX))
-                .bind(i32::try_from(k.reminders_sent).unwrap_or(i32::MAX))
-                .bind(k.confirmed_at.map(format_time))
-                .bind(&k.confirmed_token)
-                .bind(ev.seq)
-                .execute(&mut *tx)
-                .await?;
-                for o in &c.outbox {
-                    sqlx::query(
-                        "INSERT INTO outbox (kind, priority, idempotency_key, contact_id, list_id, payload, event_seq, next_attempt_at, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (idempotency_key) DO NOTHING",
-                    )
-                    .bind(&o.kind)
-                    .bind(o.priority)
-                    .bind(&o.idempotency_key)
-                    .bind(&o.contact_id)
-                    .bind(&o.list_id)
-                    .bind(to_json(&o.payload))
-                    .bind(ev.seq)
-                    .bind(&ev.at)
-                    .bind(&ev.at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                if let Some(s) = &c.suppress {
-                    sqlx::query(
-                        "INSERT INTO suppressions (address_hash, reason, at) VALUES ($1, $2, $3) ON CONFLICT (address_hash) DO NOTHING",
-                    )
-                    .bind(&s.address_hash)
-                    .bind(&s.reason)
-                    .bind(&ev.at)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                tx.commit().await?;
-                Ok(ev)
             }
 
             async fn append_event(&self, e: &NewEvent) -> StoreResult<LedgerEvent> {
-                let mut tx = self.pool.begin().await?;
-                sqlx::query($lock).execute(&mut *tx).await?;
-                let ev = append_locked(&mut tx, e).await?;
-                tx.commit().await?;
-                Ok(ev)
+                self.append_events(std::slice::from_ref(e))
+                    .await?
+                    .pop()
+                    .ok_or_else(|| StoreError::Corrupt { table: "ledger", detail: "an appended event was not returned".into() })
             }
 
             async fn append_events(&self, events: &[NewEvent]) -> StoreResult<Vec<LedgerEvent>> {
@@ -646,13 +570,7 @@ macro_rules! shared_store_impl {
                 }
                 let mut tx = self.pool.begin().await?;
                 sqlx::query($lock).execute(&mut *tx).await?;
-                let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let (mut seq, mut prev) = match head {
-                    Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
-                    None => (0, GENESIS_HASH.to_owned()),
-                };
+                let (mut seq, mut prev) = chain_head(&mut tx).await?;
                 let mut sealed = Vec::with_capacity(events.len());
                 for e in events {
                     seq += 1;
