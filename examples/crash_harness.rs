@@ -16,6 +16,8 @@
 
 #[path = "crash_harness/harness.rs"]
 mod harness;
+#[path = "shared/harness_util.rs"]
+mod harness_util;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -18,6 +18,8 @@
 
 #[path = "multi_instance/harness.rs"]
 mod harness;
+#[path = "shared/harness_util.rs"]
+mod harness_util;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -39,6 +39,8 @@ use optinsync_engine::store::{self, Store};
 use optinsync_testkit::smtp::{self, SmtpSink};
 use optinsync_testkit::zoho::{self, FakeZoho};
 
+use crate::harness_util::{all_events, confirm, copy_dir, email_of, first};
+
 /// The list the shipped configuration defines.
 const LIST: &str = "newsletter";
 
@@ -356,14 +358,6 @@ impl Report {
     }
 }
 
-fn first(v: &[String]) -> &[String] {
-    &v[..v.len().min(5)]
-}
-
-fn email_of(i: usize) -> String {
-    format!("person{i}@example.org")
-}
-
 /// One person's pending action.
 #[derive(Debug, Clone)]
 struct Click {
@@ -412,44 +406,6 @@ fn link_in(text: &str, marker: &str) -> Option<String> {
     text.split(|c: char| c.is_whitespace() || c == '<' || c == '>' || c == '"' || c == ',')
         .find(|w| w.starts_with("http") && w.contains(marker))
         .map(str::to_owned)
-}
-
-/// The hidden form fields of a page (`<input type="hidden" name=".." value="..">`).
-fn hidden_fields(page: &str) -> Vec<(String, String)> {
-    page.split("<input ")
-        .skip(1)
-        .filter(|i| i.contains("type=\"hidden\""))
-        .filter_map(|i| {
-            let attr = |name: &str| {
-                i.split(&format!("{name}=\""))
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .map(str::to_owned)
-            };
-            Some((attr("name")?, attr("value")?))
-        })
-        .collect()
-}
-
-/// Open the confirmation page as a browser does and press its button; the POST's status.
-async fn confirm(client: &reqwest::Client, link: &str) -> Result<u16, reqwest::Error> {
-    let page = client.get(link).send().await?;
-    if page.status() != reqwest::StatusCode::OK {
-        return Ok(page.status().as_u16());
-    }
-    let page = page.text().await?;
-    let body = hidden_fields(&page)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
-    let resp = client
-        .post(link)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(body)
-        .send()
-        .await?;
-    Ok(resp.status().as_u16())
 }
 
 /// RFC 8058 one-click unsubscribe, as a mailbox provider sends it.
@@ -656,18 +612,6 @@ fn write_setup(
     Ok(store_url)
 }
 
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let p = e?.path();
-        if p.is_file() {
-            let name = p.file_name().context("file name")?;
-            std::fs::copy(&p, to.join(name))?;
-        }
-    }
-    Ok(())
-}
-
 fn spawn_daemon(opts: &Options, dir: &Path, n: usize) -> anyhow::Result<Child> {
     let log_path = dir.join("daemon.log");
     let mut log = std::fs::OpenOptions::new()
@@ -712,18 +656,6 @@ async fn read_ledger(store: &dyn Store, seen: &mut BTreeMap<i64, String>) {
             seen.insert(e.seq, e.hash);
         }
     }
-}
-
-async fn all_events(store: &dyn Store) -> anyhow::Result<Vec<LedgerEvent>> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = store.ledger_page(after, 5000).await?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        out.extend(page);
-    }
-    Ok(out)
 }
 
 /// Run the harness once; `Err` only when the set-up itself fails.

@@ -28,11 +28,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use optinsync_engine::ledger::LedgerEvent;
-use optinsync_engine::store::{self, Store};
+use optinsync_engine::store;
 use optinsync_testkit::smtp::{self, SmtpSink};
 use optinsync_testkit::zoho::{self, FakeZoho};
 use optinsync_testkit::zoho_campaigns::{FakeCampaigns, MemberStatus};
+
+use crate::harness_util::{all_events, confirm, copy_dir, email_of, first};
 
 const LISTKEY: &str = "5a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
@@ -278,14 +279,6 @@ impl Report {
     }
 }
 
-fn first(v: &[String]) -> &[String] {
-    &v[..v.len().min(5)]
-}
-
-fn email_of(i: usize) -> String {
-    format!("person{i}@example.org")
-}
-
 #[derive(Debug, Clone)]
 struct Click {
     email: String,
@@ -309,43 +302,6 @@ struct People {
 
 fn lock(p: &Mutex<People>) -> std::sync::MutexGuard<'_, People> {
     p.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Open the confirmation page and press its button, as a browser does; the POST's status.
-async fn confirm(client: &reqwest::Client, url: &str) -> Result<u16, reqwest::Error> {
-    let page = client.get(url).send().await?;
-    if page.status() != reqwest::StatusCode::OK {
-        return Ok(page.status().as_u16());
-    }
-    let page = page.text().await?;
-    let body = hidden_fields(&page)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
-    let resp = client
-        .post(url)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body(body)
-        .send()
-        .await?;
-    Ok(resp.status().as_u16())
-}
-
-fn hidden_fields(page: &str) -> Vec<(String, String)> {
-    page.split("<input ")
-        .skip(1)
-        .filter(|i| i.contains("type=\"hidden\""))
-        .filter_map(|i| {
-            let attr = |name: &str| {
-                i.split(&format!("{name}=\""))
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .map(str::to_owned)
-            };
-            Some((attr("name")?, attr("value")?))
-        })
-        .collect()
 }
 
 /// Read new mails at the sink and make the confirmations, each on some instance (any
@@ -533,18 +489,6 @@ fn write_setup(
     Ok(())
 }
 
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let p = e?.path();
-        if p.is_file() {
-            let name = p.file_name().context("file name")?;
-            std::fs::copy(&p, to.join(name))?;
-        }
-    }
-    Ok(())
-}
-
 fn spawn_daemon(opts: &Options, dir: &Path, i: usize, start: usize) -> anyhow::Result<Child> {
     let log_path = dir.join(format!("daemon-{i}.log"));
     let mut log = std::fs::OpenOptions::new()
@@ -569,18 +513,6 @@ fn log_tail(dir: &Path, i: usize) -> String {
     let text = std::fs::read_to_string(dir.join(format!("daemon-{i}.log"))).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(30)..].join("\n")
-}
-
-async fn all_events(store: &dyn Store) -> anyhow::Result<Vec<LedgerEvent>> {
-    let mut out = Vec::new();
-    let mut after = 0;
-    loop {
-        let page = store.ledger_page(after, 5000).await?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        out.extend(page);
-    }
-    Ok(out)
 }
 
 fn terminate(child: &mut Child) -> anyhow::Result<()> {

@@ -11,6 +11,8 @@ mod crash;
 mod data_subject;
 mod demo;
 mod faults;
+#[path = "../../examples/shared/harness_util.rs"]
+mod harness_util;
 mod import;
 mod lifecycle;
 mod log_scan;
