@@ -13,11 +13,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::CrmRecord;
 
-use crate::config::{DoiMode, ListConfig};
+use crate::config::ListConfig;
 use crate::consent::{self, Consent, ConsentState, Input};
 use crate::email;
 use crate::engine::{
     DecideStats, Engine, EngineError, EngineResult, commit_for, input_for, log_refusal,
+    transition_for,
 };
 use crate::ledger::Evidence;
 use crate::rules::{Action, RuleSet, input};
@@ -166,15 +167,10 @@ impl<'e> Plan<'e> {
     ) -> Outcome {
         let key = (contact.id.clone(), list.id.clone());
         let current = self.consent(contact, list);
+        // The current key's hash comes first (`TokenKeys::address_hashes`).
         let hashes = self.engine.tokens.address_hashes(&contact.email);
-        let cx = consent::Context {
-            suppressed: hashes.iter().any(|h| self.suppressed.contains(h)),
-            campaigns_doi: list.doi == DoiMode::Campaigns,
-        };
-        let limits = consent::Limits {
-            max_reminders: list.max_reminders,
-        };
-        let t = match consent::transition(&current, &input, limits, cx, self.now) {
+        let suppressed = hashes.iter().any(|h| self.suppressed.contains(h));
+        let t = match transition_for(&current, &input, list, suppressed, self.now) {
             Ok(Some(t)) => t,
             Ok(None) => return Outcome::Unchanged,
             Err(refusal) => {
@@ -186,9 +182,8 @@ impl<'e> Plan<'e> {
             contact_id = %contact.id, list = %list.id, from = %t.from, to = %t.to, event = t.event,
             source, "consent change planned"
         );
-        let address_hash = self.engine.tokens.address_hash(&contact.email);
         let commit = commit_for(
-            &address_hash,
+            hashes.first().map_or("", String::as_str),
             contact,
             list,
             &input,
@@ -416,18 +411,12 @@ impl Engine {
         }
         let mut erased = vec![false; upserts.len()];
         for (i, u) in upserts.iter().enumerate() {
-            for h in self.tokens.address_hashes(&u.email) {
-                if suppressed.contains(&h)
-                    && self
-                        .store
-                        .contact_by_email(&format!("erased:{h}"))
-                        .await?
-                        .is_some()
-                {
-                    erased[i] = true;
-                    break;
-                }
-            }
+            let maybe = self
+                .tokens
+                .address_hashes(&u.email)
+                .iter()
+                .any(|h| suppressed.contains(h));
+            erased[i] = maybe && self.is_erased(&u.email).await?;
         }
         let mut i = 0;
         kept.retain(|rec| {

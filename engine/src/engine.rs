@@ -172,17 +172,11 @@ impl Engine {
                 .consent(&contact.id, &list.id)
                 .await?
                 .unwrap_or_else(|| Consent::new(now));
-            let cx = consent::Context {
-                suppressed: self
-                    .store
-                    .is_any_suppressed(&self.tokens.address_hashes(&contact.email))
-                    .await?,
-                campaigns_doi: list.doi == crate::config::DoiMode::Campaigns,
-            };
-            let limits = consent::Limits {
-                max_reminders: list.max_reminders,
-            };
-            let t = match consent::transition(&current, &input, limits, cx, now) {
+            let suppressed = self
+                .store
+                .is_any_suppressed(&self.tokens.address_hashes(&contact.email))
+                .await?;
+            let t = match transition_for(&current, &input, list, suppressed, now) {
                 Ok(Some(t)) => t,
                 Ok(None) => return Ok(Applied::Unchanged),
                 Err(refusal) => {
@@ -491,6 +485,24 @@ impl Drop for AbortOnDrop {
 
 /// Contacts per transaction in a rules pass.
 const DECIDE_PAGE: i64 = 1000;
+
+/// The state machine's decision for one input on one list (its limits and DOI mode).
+pub(crate) fn transition_for(
+    current: &Consent,
+    input: &Input,
+    list: &ListConfig,
+    suppressed: bool,
+    now: chrono::DateTime<Utc>,
+) -> Result<Option<consent::Transition>, Refusal> {
+    let cx = consent::Context {
+        suppressed,
+        campaigns_doi: list.doi == crate::config::DoiMode::Campaigns,
+    };
+    let limits = consent::Limits {
+        max_reminders: list.max_reminders,
+    };
+    consent::transition(current, input, limits, cx, now)
+}
 
 /// The commit of an accepted transition: its ledger event, outbox rows and, for inputs that
 /// stop all mail, the suppression. Shared by [`Engine::apply`] and batch planning.
