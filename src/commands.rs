@@ -51,6 +51,19 @@ pub(crate) async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
     let store = open_store(&config).await?;
     quota.attach(Arc::clone(&store));
     let engine = Arc::new(Engine::new(Arc::new(config), store, connectors, rules));
+    // A key that signed mailed (never-expiring) unsubscribe links must stay configured.
+    use optinsync_engine::signing_keys::{self, SigningKeysError};
+    match signing_keys::check_and_record(engine.store.as_ref(), &engine.tokens).await {
+        Ok(()) => {}
+        Err(e @ (SigningKeysError::Dropped { .. } | SigningKeysError::Corrupt(_))) => {
+            return Err(Failure::Config(anyhow::anyhow!("{}: {e}", path.display())));
+        }
+        Err(e) => {
+            return Err(Failure::Runtime(
+                anyhow::Error::new(e).context("checking the token keys"),
+            ));
+        }
+    }
     // Quota budgets survive restarts: a restart must not reset a vendor's rate limits.
     engine
         .restore_connector_state()
@@ -219,10 +232,16 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     let instance = crate::instance_lock::acquire(&load_config(path)?.config.store.url)?;
     // Take SIGTERM over before the port answers: a supervisor that stops the daemon as soon
     // as it listens must get the graceful stop (exit 0), not the default kill.
+    // SIGHUP likewise: its default action ends the process, and a supervisor's `ExecReload`
+    // may send it as soon as the port answers. Every handler is in place before the bind.
     #[cfg(unix)]
     let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     #[cfg(not(unix))]
     let term = ();
+    #[cfg(unix)]
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    #[cfg(not(unix))]
+    let hup = ();
     let engine = boot(path).await?;
     if let Some(lock) = &instance {
         tracing::info!(lock_file = %lock.path.display(), "SQLite: this instance holds the database's instance lock");
@@ -250,7 +269,7 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
             }
         }
     };
-    spawn_sighup_reload(Arc::clone(&engine), Arc::clone(&pass_now));
+    spawn_sighup_reload(hup, Arc::clone(&engine), Arc::clone(&pass_now));
 
     let stop = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -528,8 +547,12 @@ pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<()
 }
 
 #[cfg(unix)]
-fn spawn_sighup_reload(engine: Arc<Engine>, pass_now: Arc<tokio::sync::Notify>) {
-    let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+fn spawn_sighup_reload(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    engine: Arc<Engine>,
+    pass_now: Arc<tokio::sync::Notify>,
+) {
+    let mut hup = match hup {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP");
@@ -550,7 +573,7 @@ fn spawn_sighup_reload(engine: Arc<Engine>, pass_now: Arc<tokio::sync::Notify>) 
 }
 
 #[cfg(not(unix))]
-fn spawn_sighup_reload(_engine: Arc<Engine>, _pass_now: Arc<tokio::sync::Notify>) {}
+fn spawn_sighup_reload(_hup: (), _engine: Arc<Engine>, _pass_now: Arc<tokio::sync::Notify>) {}
 
 fn rules_dir(config: &LoadedConfig, explicit: Option<&Path>) -> std::path::PathBuf {
     explicit

@@ -102,7 +102,7 @@ pub fn write(
     )?;
     replace(
         "[server]\n",
-        "[server]\nrate_limit_per_minute = 100000000\n",
+        "[server]\nrate_limit_per_minute = 100000000\nglobal_rate_limit_per_second = 100000000\n",
     )?;
     replace(
         "secret = \"demo-only-secret-change-me-0123456789abcdef\"",

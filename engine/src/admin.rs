@@ -1,23 +1,30 @@
 //! The admin JSON API, behind a bearer token (`[admin] token`; unset = no admin routes, 404).
 //!
 //! * `GET /admin/status` — what `optinsync status --json` prints.
-//! * `GET /admin/contacts/{email}` — what `optinsync contact show EMAIL --json` prints
-//!   (the address percent-encoded in the path; it is normalised like on the command line).
-//!
+//! * `POST /admin/contacts/lookup` with `{"email": "..."}` — what `optinsync contact show
+//!   EMAIL --json` prints. `GET /admin/contacts/{email}` answers the same, but puts the address
+//!   in a URL, which proxies' access logs keep: prefer the POST.
 //! * `POST /admin/erase` with `{"email": "..."}` — what `optinsync erase EMAIL` does (the
 //!   address in the body, not the path, so it stays out of access logs); answers the report.
 //!   The removals and CRM opt-outs it queues are delivered by the daemon's outbox at once.
 //!
 //! The token is compared in constant time over SHA-256 digests of both sides, so neither
-//! its content nor its length leaks through timing. A refused call is logged without the
-//! path (it may hold an address) and answered `401` with `WWW-Authenticate: Bearer`.
-//! Answers carry `Cache-Control: no-store`. Erasure is the one call that changes anything.
+//! its content nor its length leaks through timing. A refused call is answered `401` with
+//! `WWW-Authenticate: Bearer`, counted in `optinsync_admin_refused_total`, and logged at most
+//! once a minute (with the number refused since), never with its path (it may hold an
+//! address). A client (IPv6: its /64) refused [`FAILURES_PER_MINUTE`] times in a minute gets
+//! `429` for the rest of that minute, token or not. The bearer check wraps only the admin
+//! routes (`route_layer`): any other path is the router's plain `404`, so scanners neither
+//! fingerprint the API nor flood the log. Answers carry `Cache-Control: no-store`; errors are
+//! JSON with the JSON content type. Erasure is the one call that changes anything.
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Path, Request, State};
+use axum::extract::{ConnectInfo, Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -32,21 +39,124 @@ use crate::consent::Consent;
 use crate::email;
 use crate::engine::Engine;
 use crate::ledger::LedgerEvent;
+use crate::links::{client_ip, rate_key};
 use crate::store::{ConsentSummary, Contact, OutboxCounts};
+
+/// Refused calls a client may make in a minute before it gets `429` for the rest of it.
+pub const FAILURES_PER_MINUTE: u32 = 20;
 
 /// The admin routes, or none when no admin token is configured.
 pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
     let Some(token) = engine.config.config.admin.token.as_deref() else {
         return Router::new();
     };
-    let expected: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let guard = Arc::new(AdminGuard {
+        expected: Sha256::digest(token.as_bytes()).into(),
+        trusted: engine
+            .config
+            .config
+            .server
+            .trusted_proxies
+            .iter()
+            .map(|ip| ip.to_canonical())
+            .collect(),
+        failures: FailureWindow::new(Duration::from_secs(60), FAILURES_PER_MINUTE),
+        warn: SampledWarn::new(Duration::from_secs(60)),
+    });
     Router::new()
         .route("/admin/status", get(status))
+        .route("/admin/contacts/lookup", post(contact_lookup))
         .route("/admin/contacts/{email}", get(contact))
         .route("/admin/erase", post(erase))
-        .layer(middleware::from_fn(move |req: Request, next: Next| {
-            require_bearer(expected, req, next)
+        // `route_layer`: the guard runs for these routes only, not for the fallback (`layer`
+        // would turn every unknown path of the whole server into a 401).
+        .route_layer(middleware::from_fn(move |req: Request, next: Next| {
+            require_bearer(Arc::clone(&guard), req, next)
         }))
+}
+
+#[derive(Debug)]
+struct AdminGuard {
+    expected: [u8; 32],
+    trusted: Vec<IpAddr>,
+    failures: FailureWindow,
+    warn: SampledWarn,
+}
+
+/// Per-client counts of failures in fixed windows: a client over `limit` in the current
+/// window is blocked until the window ends. Bounded: past 10,000 clients the map is cleared.
+#[derive(Debug)]
+pub struct FailureWindow {
+    window: Duration,
+    limit: u32,
+    seen: Mutex<HashMap<IpAddr, (Instant, u32)>>,
+}
+
+impl FailureWindow {
+    pub fn new(window: Duration, limit: u32) -> Self {
+        Self {
+            window,
+            limit,
+            seen: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// `true` while `key` has used up its failures in the current window.
+    pub fn blocked(&self, key: IpAddr) -> bool {
+        let Ok(seen) = self.seen.lock() else {
+            return false;
+        };
+        seen.get(&key)
+            .is_some_and(|(start, n)| start.elapsed() < self.window && *n >= self.limit)
+    }
+
+    /// Count one failure of `key`.
+    pub fn record(&self, key: IpAddr) {
+        let Ok(mut seen) = self.seen.lock() else {
+            return;
+        };
+        if seen.len() > 10_000 {
+            seen.retain(|_, (start, _)| start.elapsed() < self.window);
+            if seen.len() > 10_000 {
+                seen.clear();
+            }
+        }
+        let entry = seen.entry(key).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= self.window {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+}
+
+/// A WARN line written at most once per `every`, saying how many were folded into it.
+#[derive(Debug)]
+pub struct SampledWarn {
+    every: Duration,
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl SampledWarn {
+    pub fn new(every: Duration) -> Self {
+        Self {
+            every,
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// Count one occurrence; `Some(n)` when a line is due now, `n` occurrences since the last.
+    pub fn due(&self) -> Option<u64> {
+        let mut st = self.state.lock().ok()?;
+        st.1 += 1;
+        match st.0 {
+            Some(last) if last.elapsed() < self.every => None,
+            _ => {
+                let n = st.1;
+                *st = (Some(Instant::now()), 0);
+                Some(n)
+            }
+        }
+    }
 }
 
 /// `true` if the `Authorization` header is `Bearer <token>` with the configured token.
@@ -63,10 +173,33 @@ pub fn bearer_matches(expected_digest: &[u8; 32], authorization: Option<&HeaderV
     bool::from(digest.ct_eq(expected_digest)) && !given.is_empty()
 }
 
-async fn require_bearer(expected: [u8; 32], req: Request, next: Next) -> Response {
-    if !bearer_matches(&expected, req.headers().get(header::AUTHORIZATION)) {
-        tracing::warn!("admin API: call without a valid bearer token refused");
-        let mut resp = (StatusCode::UNAUTHORIZED, "bearer token required\n").into_response();
+async fn require_bearer(guard: Arc<AdminGuard>, req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let client = rate_key(client_ip(peer, req.headers(), &guard.trusted));
+    if guard.failures.blocked(client) {
+        metrics::counter!("optinsync_admin_refused_total", "reason" => "throttled").increment(1);
+        let mut resp = failure(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many refused calls; wait a minute",
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        return no_store(resp);
+    }
+    if !bearer_matches(&guard.expected, req.headers().get(header::AUTHORIZATION)) {
+        guard.failures.record(client);
+        metrics::counter!("optinsync_admin_refused_total", "reason" => "bad_token").increment(1);
+        if let Some(n) = guard.warn.due() {
+            tracing::warn!(
+                refused = n,
+                "admin API: calls without a valid bearer token refused (one line a minute at most; optinsync_admin_refused_total counts all)"
+            );
+        }
+        let mut resp = failure(StatusCode::UNAUTHORIZED, "bearer token required");
         resp.headers_mut().insert(
             header::WWW_AUTHENTICATE,
             HeaderValue::from_static("Bearer realm=\"optinsync admin\""),
@@ -91,7 +224,12 @@ fn json_response(value: &Value) -> Response {
 }
 
 fn failure(status: StatusCode, message: &'static str) -> Response {
-    (status, json!({ "error": message }).to_string()).into_response()
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{}\n", json!({ "error": message })),
+    )
+        .into_response()
 }
 
 async fn status(State(engine): State<Arc<Engine>>) -> Response {
@@ -113,8 +251,25 @@ async fn status(State(engine): State<Arc<Engine>>) -> Response {
     json_response(&status_json(&summary, &outbox, &settled))
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LookupRequest {
+    email: String,
+}
+
+async fn contact_lookup(State(engine): State<Arc<Engine>>, body: axum::body::Bytes) -> Response {
+    let Ok(req) = serde_json::from_slice::<LookupRequest>(&body) else {
+        return failure(StatusCode::BAD_REQUEST, "expected {\"email\": \"...\"}");
+    };
+    contact_by_address(&engine, &req.email).await
+}
+
 async fn contact(State(engine): State<Arc<Engine>>, Path(raw): Path<String>) -> Response {
-    let Ok(address) = email::normalise(&raw) else {
+    contact_by_address(&engine, &raw).await
+}
+
+async fn contact_by_address(engine: &Engine, raw: &str) -> Response {
+    let Ok(address) = email::normalise(raw) else {
         return failure(StatusCode::BAD_REQUEST, "not an email address");
     };
     let contact = match engine.store.contact_by_email(&address).await {

@@ -221,6 +221,34 @@ pub struct ServerConfig {
     /// Largest request body accepted by the public pages, in bytes.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Requests per second all clients together may make to the confirm/unsubscribe pages
+    /// (each renders a page and reads the store; a crowd of addresses is not one client).
+    #[serde(default = "default_global_rate_limit")]
+    pub global_rate_limit_per_second: u32,
+    /// Webhook calls per minute one client (IPv4 address or IPv6 /64) may make.
+    #[serde(default = "default_webhook_rate_limit")]
+    pub webhook_rate_limit_per_minute: u32,
+    /// Connections served at once; more wait in the kernel's queue (a reverse proxy in front
+    /// is still what an internet-facing deployment needs).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// A client must send a request's headers within this time, and a request's body within
+    /// it again; an idle keep-alive connection is closed after it.
+    #[serde(default = "default_client_timeout")]
+    pub client_timeout: HumanDuration,
+}
+
+fn default_global_rate_limit() -> u32 {
+    2_000
+}
+fn default_webhook_rate_limit() -> u32 {
+    1_200
+}
+fn default_max_connections() -> usize {
+    1_024
+}
+fn default_client_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
 }
 
 fn default_rate_limit() -> u32 {
@@ -245,6 +273,10 @@ impl Default for ServerConfig {
             trusted_proxies: Vec::new(),
             rate_limit_per_minute: default_rate_limit(),
             max_body_bytes: default_max_body(),
+            global_rate_limit_per_second: default_global_rate_limit(),
+            webhook_rate_limit_per_minute: default_webhook_rate_limit(),
+            max_connections: default_max_connections(),
+            client_timeout: default_client_timeout(),
         }
     }
 }
@@ -268,6 +300,10 @@ pub struct TokenConfig {
 pub struct PreviousKey {
     pub key_id: String,
     pub secret: String,
+    /// Retired for everything but verifying unsubscribe links already mailed (which never
+    /// expire): confirmation links signed with it are refused.
+    #[serde(default)]
+    pub unsubscribe_only: bool,
 }
 
 impl std::fmt::Debug for TokenConfig {
@@ -286,8 +322,88 @@ impl std::fmt::Debug for PreviousKey {
         f.debug_struct("PreviousKey")
             .field("key_id", &self.key_id)
             .field("secret", &REDACTED)
+            .field("unsubscribe_only", &self.unsubscribe_only)
             .finish()
     }
+}
+
+/// The token secret shipped in the demo `config.toml` (and so known to everyone).
+pub const DEMO_TOKEN_SECRET: &str = "demo-only-secret-change-me-0123456789abcdef";
+
+/// The host of an `http(s)://host[:port]/...` URL, without brackets around an IPv6 address.
+pub fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or("");
+    }
+    authority.split(':').next().unwrap_or("")
+}
+
+/// `true` for `localhost`, `127.0.0.0/8` and `::1`: a URL only this machine can open.
+pub fn is_loopback_host(host: &str) -> bool {
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// The published demo secret signs links only for the local demo (links on a loopback host,
+/// mail written as `.eml` files): anywhere else anyone with the repository could forge them.
+/// Key ids must be unique, or a link's key id would not say which key signed it.
+fn check_token_keys(
+    config: &Config,
+    invalid: &impl Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let t = &config.tokens;
+    let demo = is_loopback_host(url_host(&config.server.public_url))
+        && config.connectors.mail.kind == "eml";
+    let published = std::iter::once(("tokens.secret".to_owned(), &t.secret)).chain(
+        t.previous
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("tokens.previous[{i}].secret"), &k.secret)),
+    );
+    for (key, secret) in published {
+        if secret == DEMO_TOKEN_SECRET && !demo {
+            return Err(invalid(
+                &key,
+                "is the published demo value, which anyone can use to forge unsubscribe and \
+                 confirmation links; it is accepted only for the local demo (server.public_url on \
+                 a loopback host and connectors.mail kind = \"eml\"). Set your own random secret \
+                 of 32+ characters, e.g. secret = \"${OPTINSYNC_TOKEN_SECRET}\" with the variable \
+                 set from `openssl rand -hex 32`"
+                    .into(),
+            ));
+        }
+    }
+    let mut ids = BTreeSet::new();
+    for (i, id) in std::iter::once(&t.key_id)
+        .chain(t.previous.iter().map(|k| &k.key_id))
+        .enumerate()
+    {
+        let key = if i == 0 {
+            "tokens.key_id".to_owned()
+        } else {
+            format!("tokens.previous[{}].key_id", i - 1)
+        };
+        let valid = !id.is_empty()
+            && id.len() <= 32
+            && id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            return Err(invalid(
+                &key,
+                format!("`{id}` must be 1-32 characters of A-Z, a-z, 0-9, _ or -"),
+            ));
+        }
+        if !ids.insert(id.as_str()) {
+            return Err(invalid(&key, format!("key id `{id}` is used twice")));
+        }
+    }
+    Ok(())
 }
 
 fn default_key_id() -> String {
@@ -625,6 +741,7 @@ impl LoadedConfig {
             ));
         }
         config.server.public_url = config.server.public_url.trim_end_matches('/').to_owned();
+        check_token_keys(&config, &invalid)?;
         if config
             .sender
             .newsletter_from
@@ -769,6 +886,71 @@ id = "news"
 name = "News"
 reminder_after = "30s"
 "#;
+
+    /// F1: the published demo secret is refused unless links stay on loopback and mail is
+    /// written to files; then it is the local demo, and accepted.
+    #[test]
+    fn f1_demo_secret_refused_outside_the_local_demo() {
+        let demo = MINIMAL.replace(
+            "secret = \"0123456789abcdef0123456789abcdef\"",
+            &format!("secret = \"{DEMO_TOKEN_SECRET}\""),
+        );
+        let path = Path::new("/etc/o/config.toml");
+        assert!(LoadedConfig::from_str(&demo, path).is_ok(), "local demo");
+        let public = demo.replace(
+            "[tokens]",
+            "[server]\npublic_url = \"https://news.example.org\"\n\n[tokens]",
+        );
+        let smtp = demo.replace(
+            "kind = \"eml\"\ndir = \"mail\"",
+            "kind = \"smtp\"\nhost = \"127.0.0.1\"",
+        );
+        let previous = MINIMAL.replace(
+            "[tokens]\n",
+            &format!(
+                "[server]\npublic_url = \"https://news.example.org\"\n\n[tokens]\nprevious = [{{ key_id = \"k0\", secret = \"{DEMO_TOKEN_SECRET}\" }}]\n"
+            ),
+        );
+        for (name, text, key) in [
+            ("public URL", &public, "tokens.secret"),
+            ("SMTP", &smtp, "tokens.secret"),
+            ("previous key", &previous, "tokens.previous[0].secret"),
+        ] {
+            match LoadedConfig::from_str(text, path) {
+                Err(ConfigError::Invalid {
+                    key: k, message, ..
+                }) => {
+                    assert_eq!(k, key, "{name}");
+                    assert!(
+                        message.contains("published demo value"),
+                        "{name}: {message}"
+                    );
+                }
+                other => panic!("{name}: demo secret accepted: {other:?}"),
+            }
+        }
+        assert!(is_loopback_host(url_host("http://[::1]:8080/x")));
+        assert!(is_loopback_host(url_host("http://localhost")));
+        assert!(!is_loopback_host(url_host("http://127.example.org")));
+    }
+
+    #[test]
+    fn duplicate_or_malformed_key_ids_refused() {
+        let path = Path::new("/etc/o/config.toml");
+        let dup = MINIMAL.replace(
+            "[tokens]\n",
+            "[tokens]\nprevious = [{ key_id = \"k1\", secret = \"another-secret-another-secret-0123\" }]\n",
+        );
+        assert!(matches!(
+            LoadedConfig::from_str(&dup, path),
+            Err(ConfigError::Invalid { key, .. }) if key == "tokens.previous[0].key_id"
+        ));
+        let pipe = MINIMAL.replace("[tokens]\n", "[tokens]\nkey_id = \"k|1\"\n");
+        assert!(matches!(
+            LoadedConfig::from_str(&pipe, path),
+            Err(ConfigError::Invalid { key, .. }) if key == "tokens.key_id"
+        ));
+    }
 
     #[test]
     fn minimal_config_loads_with_defaults() {

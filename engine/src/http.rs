@@ -4,40 +4,117 @@
 //! the GET page only shows a button, and only the `POST` it sends confirms. An RFC 8058
 //! one-click `POST` to the unsubscribe link unsubscribes at once.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tower_http::add_extension::AddExtension;
+use tower_http::timeout::RequestBodyTimeoutLayer;
 
 use crate::engine::Engine;
 
+/// Largest request head (request line and headers) a client may send, in bytes.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
 pub fn router(engine: Arc<Engine>) -> Router {
+    let body_timeout = engine.config.config.server.client_timeout.0;
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(crate::metrics::handler))
         .merge(crate::links::routes(&engine))
-        .merge(crate::webhooks::routes())
+        .merge(crate::webhooks::routes(&engine))
         .merge(crate::admin::routes(&engine))
         .with_state(engine)
+        // A body that trickles in slower than this is cut off (the head has its own timeout).
+        .layer(RequestBodyTimeoutLayer::new(body_timeout))
+        // Every answer, 404s and errors included, is neither sniffed nor cached.
+        .layer(axum::middleware::map_response(baseline_headers))
 }
 
-/// Serve until `shutdown` resolves.
+/// Security headers for every answer; the link pages set their own stricter set first.
+async fn baseline_headers(mut resp: Response) -> Response {
+    let h = resp.headers_mut();
+    for (name, value) in [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::CACHE_CONTROL, "no-store"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (
+            header::CONTENT_SECURITY_POLICY,
+            "default-src 'none'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    ] {
+        h.entry(name).or_insert(HeaderValue::from_static(value));
+    }
+    resp
+}
+
+/// Serve until `shutdown` resolves, then let the requests in flight finish.
+///
+/// hyper's HTTP/1 connection builder, not bare `axum::serve`, because a public server needs
+/// what that does not set: a deadline for the request head (which also closes idle
+/// keep-alive connections), a bounded head buffer ([`MAX_HEAD_BYTES`]), and a cap on the
+/// connections served at once (`server.max_connections`; the rest wait in the listen queue),
+/// so a slow or greedy client cannot hold the daemon's file descriptors.
 pub async fn serve(
     engine: Arc<Engine>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(engine).into_make_service_with_connect_info::<SocketAddr>();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let server = &engine.config.config.server;
+    let head_timeout = server.client_timeout.0;
+    let slots = Arc::new(tokio::sync::Semaphore::new(server.max_connections.max(1)));
+    let app = router(engine);
+    let graceful = GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_buf_size(MAX_HEAD_BYTES);
+    tokio::pin!(shutdown);
+    loop {
+        let slot = tokio::select! {
+            slot = Arc::clone(&slots).acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors (EMFILE) or a connection reset before accept: wait a
+                    // little instead of spinning, and keep serving.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(AddExtension::new(app.clone(), ConnectInfo(peer)));
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Liveness: 200 while the process serves HTTP, whatever its connectors do (restarting a

@@ -55,6 +55,15 @@ pub struct Evidence {
     /// `message_id`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub mail_content_hash: Option<String>,
+    /// Token id of the unsubscribe link a mail carried: only links that were mailed are
+    /// honoured (a leaked key alone cannot unsubscribe anyone). Absent on mails sent before
+    /// it was recorded.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub unsubscribe_token_id: Option<String>,
+    /// Id of the token key that signed a mail's links (it must stay configured, see
+    /// `signing_keys`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key_id: Option<String>,
 }
 
 impl Evidence {

@@ -17,6 +17,7 @@ pub mod outbox;
 pub mod quota;
 pub mod retention;
 pub mod rules;
+pub mod signing_keys;
 pub mod store;
 pub mod templates;
 pub mod tokens;

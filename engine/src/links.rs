@@ -10,8 +10,18 @@
 //!   signup (`Input::PersonSignup`), rate-limited per contact and list.
 //! * `POST /unsubscribe/{token}` withdraws at once: RFC 8058 one-click (form-urlencoded or
 //!   multipart), or the button of the unsubscribe page. No cookies, no redirect, `200`.
-//! * Every response carries security headers; requests are rate-limited per client IP (taking
-//!   `X-Forwarded-For` only from `server.trusted_proxies`) and bodies are size-limited.
+//! * Every response carries security headers; requests are rate-limited per client (an IPv4
+//!   address or an IPv6 /64, taking `X-Forwarded-For` only from `server.trusted_proxies`) and
+//!   all clients together (`server.global_rate_limit_per_second`), and bodies are size-limited.
+//! * A link is honoured only if it was mailed: its token id must be in the ledger's record of
+//!   a sent mail for that contact and list (`*_mail_sent`), so a leaked signing key alone
+//!   forges nothing and a made-up token id cannot grow the ledger. Unsubscribe links of mails
+//!   sent before their token id was recorded are honoured on their signature, as before.
+//! * A confirm `POST` from another site (`Origin` not the public URL's, or `Sec-Fetch-Site:
+//!   cross-site`) is refused; an unsubscribe `POST` is not checked so, because RFC 8058
+//!   one-click requests come from mailbox providers' servers.
+//! * An unsubscribe link that cannot be honoured gets a page offering another way out
+//!   (`[sender] unsubscribe_mailbox`), never a bare "not valid".
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -30,7 +40,7 @@ use axum::{Extension, Router};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::Utc;
-use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
@@ -59,6 +69,9 @@ pub struct ClientIp(pub IpAddr);
 /// Limiters and keys of the link endpoints (one per server).
 pub struct LinkState {
     ip_limiter: DefaultKeyedRateLimiter<IpAddr>,
+    global_limiter: DefaultDirectRateLimiter,
+    /// `scheme://host[:port]` of `server.public_url`, as browsers send it in `Origin`.
+    public_origin: String,
     fetch_limiter: DefaultKeyedRateLimiter<String>,
     resend_limiter: DefaultKeyedRateLimiter<String>,
     nonce_key: Vec<u8>,
@@ -99,8 +112,12 @@ impl LinkState {
         .finalize()
         .into_bytes()
         .to_vec();
+        let global =
+            NonZeroU32::new(server.global_rate_limit_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
         Self {
             ip_limiter: RateLimiter::keyed(Quota::per_minute(per_ip)),
+            global_limiter: RateLimiter::direct(Quota::per_second(global)),
+            public_origin: origin_of(&server.public_url),
             // At most 3 `link_fetched` events at once per token, then one per 6 minutes.
             fetch_limiter: RateLimiter::keyed(
                 Quota::with_period(Duration::from_secs(360))
@@ -150,6 +167,35 @@ impl LinkState {
             .verify_slice(&tag)
             .is_ok()
     }
+}
+
+/// The key a client is rate-limited under: an IPv4 address, or the /64 of an IPv6 address
+/// (one subscriber line gets a whole /64, so the full address would limit nothing).
+pub fn rate_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+/// `scheme://host[:port]` of a URL, lower-case, without the scheme's default port: the form
+/// browsers send in `Origin`.
+pub fn origin_of(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let scheme = scheme.to_ascii_lowercase();
+    let authority = rest
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let authority = match (scheme.as_str(), authority.rsplit_once(':')) {
+        ("https", Some((host, "443"))) | ("http", Some((host, "80"))) => host.to_owned(),
+        _ => authority,
+    };
+    format!("{scheme}://{authority}")
 }
 
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
@@ -221,8 +267,16 @@ async fn guard(State(st): State<Arc<LinkState>>, mut req: Request, next: Next) -
         st.fetch_limiter.retain_recent();
         st.resend_limiter.retain_recent();
     }
-    let mut resp = if st.ip_limiter.check_key(&ip).is_err() {
-        tracing::debug!(%ip, "rate limit: request refused");
+    let limited = if st.ip_limiter.check_key(&rate_key(ip)).is_err() {
+        Some("client")
+    } else if st.global_limiter.check().is_err() {
+        Some("global")
+    } else {
+        None
+    };
+    let mut resp = if let Some(limit) = limited {
+        tracing::debug!(%ip, limit, "rate limit: request refused");
+        metrics::counter!("optinsync_http_rate_limited_total", "limit" => limit).increment(1);
         let mut r = (
             StatusCode::TOO_MANY_REQUESTS,
             Html(
@@ -348,6 +402,7 @@ impl LinkState {
             None => crate::templates::Common {
                 organisation: sender.organisation.clone(),
                 postal_address: sender.postal_address.clone(),
+                unsubscribe_mailbox: sender.unsubscribe_mailbox.clone().unwrap_or_default(),
                 ..Default::default()
             },
         };
@@ -455,41 +510,123 @@ fn verify(engine: &Engine, token: &str, purpose: Purpose) -> Result<Claims, Toke
     engine.tokens.verify(token, purpose, Utc::now().timestamp())
 }
 
-/// Verify `token` for `purpose` and find what it names; `Err` is the page to answer with (an
-/// invalid link, or the store unavailable). An expired *confirmation* link is still resolved
-/// and flagged, because its page offers a fresh mail; unsubscribe links never expire.
+/// What the mail that carried a link recorded about itself.
+#[derive(Debug, Default)]
+struct Mailed {
+    message_id: Option<String>,
+    content_hash: Option<String>,
+}
+
+/// Whether a link's token id went out in a mail to this contact for this list.
+enum Binding {
+    Mailed(Mailed),
+    /// An unsubscribe link, and this list has mails from before unsubscribe token ids were
+    /// recorded: honoured on its signature alone.
+    Legacy,
+    NotMailed,
+}
+
+async fn binding(engine: &Engine, t: &Target<'_>) -> Result<Binding, crate::store::StoreError> {
+    let events = engine.store.events_of_contact(&t.contact.id).await?;
+    let mut legacy = false;
+    for e in events
+        .iter()
+        .rev()
+        .filter(|e| e.list_id == t.list.id && e.kind.ends_with("_mail_sent"))
+    {
+        let ev = e.evidence();
+        let mailed_id = match t.claims.purpose {
+            Purpose::Confirm => ev.token_id.as_deref(),
+            Purpose::Unsubscribe => ev.unsubscribe_token_id.as_deref(),
+        };
+        if mailed_id == Some(t.claims.token_id.as_str()) {
+            return Ok(Binding::Mailed(Mailed {
+                message_id: ev.message_id,
+                content_hash: ev.content_hash,
+            }));
+        }
+        legacy |= t.claims.purpose == Purpose::Unsubscribe && ev.unsubscribe_token_id.is_none();
+    }
+    Ok(if legacy {
+        Binding::Legacy
+    } else {
+        Binding::NotMailed
+    })
+}
+
+/// Verify `token` for `purpose`, find what it names and check that it was mailed; `Err` is
+/// the page to answer with (a link that cannot be honoured, or the store unavailable). An
+/// expired *confirmation* link is still resolved and flagged, because its page offers a fresh
+/// mail; unsubscribe links never expire. Every refusal answers the same page, so the answer
+/// tells a forger nothing about which check failed.
 async fn resolve<'e>(
     engine: &'e Engine,
     st: &LinkState,
     req: &Req,
     token: &str,
     purpose: Purpose,
-) -> Result<(Box<Target<'e>>, bool), Response> {
+) -> Result<(Box<Target<'e>>, bool, Mailed), Response> {
     let invalid = || async {
         let lang = fallback_lang(engine, req);
-        st.notice(engine, StatusCode::BAD_REQUEST, "invalid", &lang, None)
+        let notice = match purpose {
+            Purpose::Confirm => "invalid",
+            Purpose::Unsubscribe => "unsubscribe_invalid",
+        };
+        st.notice(engine, StatusCode::BAD_REQUEST, notice, &lang, None)
             .await
+    };
+    let unavailable = || async {
+        let lang = fallback_lang(engine, req);
+        st.notice(
+            engine,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "retry",
+            &lang,
+            None,
+        )
+        .await
     };
     let (claims, expired) = match verify(engine, token, purpose) {
         Ok(c) => (c, false),
         Err(TokenError::Expired(c)) if purpose == Purpose::Confirm => (*c, true),
-        Err(_) => return Err(invalid().await),
-    };
-    match lookup(engine, claims).await {
-        Lookup::Found(t) => Ok((t, expired)),
-        Lookup::Invalid => Err(invalid().await),
-        Lookup::Unavailable => {
-            let lang = fallback_lang(engine, req);
-            Err(st
-                .notice(
-                    engine,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "retry",
-                    &lang,
-                    None,
-                )
-                .await)
+        Err(e) => {
+            metrics::counter!("optinsync_link_refused_total", "reason" => token_error_label(&e))
+                .increment(1);
+            return Err(invalid().await);
         }
+    };
+    let t = match lookup(engine, claims).await {
+        Lookup::Found(t) => t,
+        Lookup::Invalid => {
+            metrics::counter!("optinsync_link_refused_total", "reason" => "unknown_contact")
+                .increment(1);
+            return Err(invalid().await);
+        }
+        Lookup::Unavailable => return Err(unavailable().await),
+    };
+    match binding(engine, &t).await {
+        Ok(Binding::Mailed(m)) => Ok((t, expired, m)),
+        Ok(Binding::Legacy) => Ok((t, expired, Mailed::default())),
+        Ok(Binding::NotMailed) => {
+            metrics::counter!("optinsync_link_refused_total", "reason" => "not_mailed")
+                .increment(1);
+            tracing::warn!(contact_id = %t.contact.id, list = %t.list.id, "link with a valid signature but a token id never mailed refused (a leaked or misused key?)");
+            Err(invalid().await)
+        }
+        Err(e) => {
+            tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
+            Err(unavailable().await)
+        }
+    }
+}
+
+fn token_error_label(e: &TokenError) -> &'static str {
+    match e {
+        TokenError::Malformed => "malformed",
+        TokenError::UnknownKey => "unknown_key",
+        TokenError::BadSignature => "bad_signature",
+        TokenError::WrongPurpose => "wrong_purpose",
+        TokenError::Expired(_) => "expired",
     }
 }
 
@@ -503,10 +640,61 @@ async fn confirm_get(
 ) -> Response {
     let req = Req::new(&ip, &method, &headers);
     let now = Utc::now().timestamp();
-    let (t, expired) = match resolve(&engine, &st, &req, &token, Purpose::Confirm).await {
+    let (t, expired, _) = match resolve(&engine, &st, &req, &token, Purpose::Confirm).await {
         Ok(found) => found,
         Err(page) => return page,
     };
+    // After the fact the page says what happened instead of offering the button again.
+    let settled = match engine.store.consent(&t.contact.id, &t.list.id).await {
+        Ok(Some(c)) if c.state == ConsentState::Confirmed => Some("already_confirmed"),
+        Ok(Some(c))
+            if matches!(c.state, ConsentState::Pending | ConsentState::Revalidating)
+                && c.signup_token.as_deref() == Some(t.claims.token_id.as_str()) =>
+        {
+            None
+        }
+        // An expired link offers a fresh mail whatever became of its signup.
+        Ok(_) if expired => None,
+        Ok(_) => Some("refused"),
+        Err(e) => {
+            tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
+            return st
+                .notice(
+                    &engine,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "retry",
+                    &t.lang,
+                    Some(t.list),
+                )
+                .await;
+        }
+    };
+    if let Some(notice) = settled {
+        let status = if notice == "refused" {
+            StatusCode::CONFLICT
+        } else {
+            StatusCode::OK
+        };
+        let (resp, hash) = st
+            .page(
+                &engine,
+                status,
+                Page::Notice(notice),
+                &t.lang,
+                Some(t.list),
+                |_| String::new(),
+            )
+            .await;
+        st.record_fetch(
+            &engine,
+            &t,
+            &req,
+            hash,
+            "confirmation link fetched after the fact",
+        )
+        .await;
+        return resp;
+    }
     let (page, status, purpose, detail) = if expired {
         (
             Page::Expired,
@@ -532,24 +720,6 @@ async fn confirm_get(
     resp
 }
 
-/// The DOI (or reminder) mail that carried this token: its Message-ID and snapshot hash.
-async fn mail_of_token(engine: &Engine, t: &Target<'_>) -> (Option<String>, Option<String>) {
-    match engine.store.events_of_contact(&t.contact.id).await {
-        Ok(events) => events
-            .iter()
-            .rev()
-            .filter(|e| e.list_id == t.list.id && e.kind.ends_with("_mail_sent"))
-            .map(|e| e.evidence())
-            .find(|ev| ev.token_id.as_deref() == Some(t.claims.token_id.as_str()))
-            .map(|ev| (ev.message_id, ev.content_hash))
-            .unwrap_or((None, None)),
-        Err(e) => {
-            tracing::warn!(contact_id = %t.contact.id, error = %e, "mail evidence not found");
-            (None, None)
-        }
-    }
-}
-
 async fn confirm_post(
     State(engine): State<Arc<Engine>>,
     Extension(st): Extension<Arc<LinkState>>,
@@ -559,13 +729,73 @@ async fn confirm_post(
     form: Result<Form<HashMap<String, String>>, FormRejection>,
 ) -> Response {
     let req = Req::new(&ip, &Method::POST, &headers);
-    let form = form.map(|f| f.0).unwrap_or_default();
-    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
     let now = Utc::now().timestamp();
-    let (t, expired) = match resolve(&engine, &st, &req, &token, Purpose::Confirm).await {
+    let (t, expired, mailed) = match resolve(&engine, &st, &req, &token, Purpose::Confirm).await {
         Ok(found) => found,
         Err(page) => return page,
     };
+    if let Some(why) = cross_site(&headers, &st.public_origin) {
+        metrics::counter!("optinsync_link_refused_total", "reason" => "cross_site").increment(1);
+        tracing::info!(contact_id = %t.contact.id, why, "confirmation POST from another site refused");
+        return st
+            .notice(
+                &engine,
+                StatusCode::FORBIDDEN,
+                "cross_site",
+                &t.lang,
+                Some(t.list),
+            )
+            .await;
+    }
+    let form = match form {
+        Ok(f) => f.0,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            return st
+                .notice(
+                    &engine,
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    &t.lang,
+                    Some(t.list),
+                )
+                .await;
+        }
+        Err(_) => HashMap::new(),
+    };
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    // Pressing the button again after confirming (or a stale tab) changes nothing and says so,
+    // whatever its page: the confirmation it would record is already in the ledger.
+    match engine.store.consent(&t.contact.id, &t.list.id).await {
+        Ok(Some(c))
+            if c.state == ConsentState::Confirmed
+                && c.signup_token.as_deref() == Some(t.claims.token_id.as_str()) =>
+        {
+            return st
+                .page(
+                    &engine,
+                    StatusCode::OK,
+                    Page::Confirmed,
+                    &t.lang,
+                    Some(t.list),
+                    |_| String::new(),
+                )
+                .await
+                .0;
+        }
+        Ok(_) => {}
+        Err(e) => {
+            tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
+            return st
+                .notice(
+                    &engine,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "retry",
+                    &t.lang,
+                    Some(t.list),
+                )
+                .await;
+        }
+    }
     let purpose = if expired { NONCE_RESEND } else { NONCE_CONFIRM };
     let page_hash = field("page");
     if !st.verify_nonce(purpose, &t.claims.token_id, page_hash, field("nonce"), now) {
@@ -597,11 +827,10 @@ async fn confirm_post(
     if expired {
         return resend(&engine, &st, &t, &req, page_hash).await;
     }
-    let (message_id, mail_hash) = mail_of_token(&engine, &t).await;
     let mut evidence = req.evidence(&t.claims.token_id);
     evidence.content_hash = Some(page_hash.to_owned());
-    evidence.message_id = message_id;
-    evidence.mail_content_hash = mail_hash;
+    evidence.message_id = mailed.message_id;
+    evidence.mail_content_hash = mailed.content_hash;
     let input = Input::Confirm {
         token: t.claims.token_id.clone(),
     };
@@ -642,6 +871,26 @@ async fn confirm_post(
             )
             .await
         }
+    }
+}
+
+/// Why a confirm `POST` comes from another site, if it does: an `Origin` other than the
+/// public URL's, or the browser's own `Sec-Fetch-Site: cross-site`. `Origin: null` says
+/// nothing (our pages' `Referrer-Policy: no-referrer` makes browsers send it for our own
+/// button), and requests without either header (older browsers, privacy tools) are judged by
+/// the page nonce alone, as before.
+pub fn cross_site(headers: &HeaderMap, public_origin: &str) -> Option<&'static str> {
+    let text = |h| headers.get(h).and_then(|v: &HeaderValue| v.to_str().ok());
+    if text("sec-fetch-site").is_some_and(|v| v.trim().eq_ignore_ascii_case("cross-site")) {
+        return Some("Sec-Fetch-Site: cross-site");
+    }
+    match headers
+        .get(header::ORIGIN)
+        .map(|v| v.to_str().map(str::trim))
+    {
+        None | Some(Ok("null")) => None,
+        Some(Ok(o)) if origin_of(o) == public_origin => None,
+        Some(_) => Some("Origin is not the public URL's"),
     }
 }
 
@@ -707,7 +956,7 @@ async fn unsubscribe_get(
 ) -> Response {
     let req = Req::new(&ip, &method, &headers);
     let t = match resolve(&engine, &st, &req, &token, Purpose::Unsubscribe).await {
-        Ok((t, _)) => t,
+        Ok((t, _, _)) => t,
         Err(page) => return page,
     };
     let (resp, hash) = st
@@ -808,7 +1057,7 @@ async fn unsubscribe_post(
 ) -> Response {
     let req = Req::new(&ip, &Method::POST, &headers);
     let t = match resolve(&engine, &st, &req, &token, Purpose::Unsubscribe).await {
-        Ok((t, _)) => t,
+        Ok((t, _, _)) => t,
         Err(page) => return page,
     };
     let content_type = headers
@@ -885,6 +1134,58 @@ mod tests {
         // A garbage hop stops the walk at the last good address.
         h.insert("x-forwarded-for", HeaderValue::from_static("nonsense"));
         assert_eq!(client_ip(proxy, &h, &[proxy]), proxy);
+    }
+
+    /// F8: an IPv6 client is limited by its /64, an IPv4 one by its address.
+    #[test]
+    fn f8_ipv6_clients_are_keyed_by_their_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(rate_key(a), rate_key(b));
+        assert_eq!(rate_key(a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_ne!(rate_key(a), rate_key(other));
+        let v4: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(rate_key(v4), v4);
+        let mapped: IpAddr = "::ffff:203.0.113.9".parse().unwrap();
+        assert_eq!(rate_key(mapped), v4);
+    }
+
+    /// F7: what counts as a POST from another site.
+    #[test]
+    fn f7_cross_site_confirm_posts_are_recognised() {
+        let public = origin_of("https://Links.Example.org:443/optinsync");
+        assert_eq!(public, "https://links.example.org");
+        assert_eq!(origin_of("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        let with = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (k, v) in pairs {
+                h.insert(*k, HeaderValue::from_static(v));
+            }
+            h
+        };
+        assert_eq!(cross_site(&with(&[]), &public), None);
+        assert_eq!(
+            cross_site(&with(&[("origin", "https://links.example.org")]), &public),
+            None
+        );
+        assert_eq!(cross_site(&with(&[("origin", "null")]), &public), None);
+        assert_eq!(
+            cross_site(&with(&[("sec-fetch-site", "same-origin")]), &public),
+            None
+        );
+        assert!(cross_site(&with(&[("origin", "http://evil.example")]), &public).is_some());
+        assert!(cross_site(&with(&[("origin", "http://links.example.org")]), &public).is_some());
+        assert!(
+            cross_site(
+                &with(&[
+                    ("origin", "https://links.example.org"),
+                    ("sec-fetch-site", "cross-site")
+                ]),
+                &public
+            )
+            .is_some()
+        );
     }
 
     #[test]

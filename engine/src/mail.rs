@@ -66,6 +66,7 @@ pub fn common(list: &ListConfig, sender: &SenderConfig) -> Common {
         postal_address: sender.postal_address.clone(),
         list_name: list.name.clone(),
         list_description: list.description.clone(),
+        unsubscribe_mailbox: sender.unsubscribe_mailbox.clone().unwrap_or_default(),
     }
 }
 

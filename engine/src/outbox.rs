@@ -383,9 +383,12 @@ impl Engine {
             list_id: list.id.clone(),
             expires: Some((now + ttl).timestamp()),
         });
+        // Derived from the outbox row, so a retry after a crash mints the same link as the
+        // attempt the relay may already have delivered, and the ledger names that one.
+        let unsubscribe_token_id = unsubscribe_token_id(&item.idempotency_key);
         let unsubscribe = self.tokens.mint(&Claims {
             purpose: Purpose::Unsubscribe,
-            token_id: uuid::Uuid::new_v4().to_string(),
+            token_id: unsubscribe_token_id.clone(),
             contact_id: contact.id.clone(),
             list_id: list.id.clone(),
             expires: None,
@@ -469,6 +472,8 @@ impl Engine {
                         token_id: Some(token),
                         message_id: Some(sent.message_id),
                         content_hash: Some(rendered.content_hash),
+                        unsubscribe_token_id: Some(unsubscribe_token_id),
+                        key_id: Some(self.tokens.current_key_id().to_owned()),
                         detail: sent
                             .deduplicated
                             .then(|| "transport had already accepted this message".to_owned()),
@@ -512,6 +517,17 @@ fn outbox_kind_label(kind: &str) -> &'static str {
 
 /// Message-ID derived from the outbox key, so a re-sent attempt carries the same id as the
 /// first and the ledger names the message the person actually got.
+/// The unsubscribe link's token id for the mail of outbox row `key`: a UUID-shaped digest.
+fn unsubscribe_token_id(key: &str) -> String {
+    let mut digest = Sha256::new();
+    digest.update(b"optinsync unsubscribe token id v1\0");
+    digest.update(key.as_bytes());
+    let bytes: [u8; 32] = digest.finalize().into();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&bytes[..16]);
+    uuid::Uuid::from_bytes(id).to_string()
+}
+
 fn message_id(key: &str, from: &str) -> String {
     let domain = from
         .rsplit_once('@')

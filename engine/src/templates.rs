@@ -50,6 +50,10 @@ pub const NOTICES: &[&str] = &[
     "not_resent",
     "too_many",
     "retry",
+    "cross_site",
+    "unsubscribe_invalid",
+    "already_confirmed",
+    "too_large",
 ];
 
 macro_rules! builtin {
@@ -102,6 +106,8 @@ pub struct Common {
     pub postal_address: String,
     pub list_name: String,
     pub list_description: String,
+    /// `[sender] unsubscribe_mailbox`, or empty: the way out offered when a link fails.
+    pub unsubscribe_mailbox: String,
 }
 
 /// One rendered mail.
@@ -400,6 +406,7 @@ impl Templates {
             postal_address: "1 Sample Street".into(),
             list_name: "Sample list".into(),
             list_description: "Sample description.".into(),
+            unsubscribe_mailbox: "unsubscribe@optinsync.invalid".into(),
         };
         let confirm = "https://optinsync.invalid/confirm/CHECK.TOKEN";
         let unsub = "https://optinsync.invalid/unsubscribe/CHECK.TOKEN";
@@ -585,6 +592,7 @@ mod tests {
             postal_address: "Street 1".into(),
             list_name: "News".into(),
             list_description: String::new(),
+            ..Common::default()
         };
         let en = t.render_mail(MailKind::Doi, "en", &common, C, U).unwrap();
         assert_eq!(en.subject, "Please confirm: News");

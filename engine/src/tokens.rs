@@ -3,6 +3,13 @@
 //! Format: `base64url(payload) "." base64url(tag)`, payload
 //! `v1|kid|purpose|token_id|contact_id|list_id|expires_unix` (`0` = never expires).
 //! Unsubscribe tokens do not expire; confirmation tokens do.
+//!
+//! Keys: the current key signs; `[[tokens.previous]]` keys still verify links already mailed.
+//! A previous key marked `unsubscribe_only` verifies unsubscribe links and nothing else: an
+//! unsubscribe link never expires (the law wants it honoured for as long as it is in a
+//! mailbox), so a key that ever signed one must stay able to verify it, even after it is
+//! retired for everything else. [`crate::engine::Engine::check_signing_keys`] refuses a
+//! configuration that drops a key id that signed mailed links.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -55,6 +62,8 @@ pub enum TokenError {
 pub struct TokenKeys {
     current: (String, Vec<u8>),
     previous: Vec<(String, Vec<u8>)>,
+    /// Retired keys kept to verify unsubscribe links only.
+    unsubscribe_only: Vec<(String, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for TokenKeys {
@@ -69,19 +78,41 @@ impl std::fmt::Debug for TokenKeys {
 impl TokenKeys {
     /// The keys `[tokens]` configures: the current one and every `[[tokens.previous]]`.
     pub fn from_config(t: &crate::config::TokenConfig) -> Self {
-        let previous = t
-            .previous
-            .iter()
-            .map(|k| (k.key_id.clone(), k.secret.as_bytes().to_vec()))
-            .collect();
-        Self::new(&t.key_id, t.secret.as_bytes(), previous)
+        let keys = |unsubscribe_only: bool| {
+            t.previous
+                .iter()
+                .filter(|k| k.unsubscribe_only == unsubscribe_only)
+                .map(|k| (k.key_id.clone(), k.secret.as_bytes().to_vec()))
+                .collect()
+        };
+        Self::new(&t.key_id, t.secret.as_bytes(), keys(false)).with_unsubscribe_only(keys(true))
     }
 
     pub fn new(key_id: &str, secret: &[u8], previous: Vec<(String, Vec<u8>)>) -> Self {
         Self {
             current: (key_id.to_owned(), secret.to_vec()),
             previous,
+            unsubscribe_only: Vec::new(),
         }
+    }
+
+    /// Add retired keys that verify unsubscribe links only.
+    pub fn with_unsubscribe_only(mut self, keys: Vec<(String, Vec<u8>)>) -> Self {
+        self.unsubscribe_only = keys;
+        self
+    }
+
+    /// The id of the key that signs new links.
+    pub fn current_key_id(&self) -> &str {
+        &self.current.0
+    }
+
+    /// Every key id configured, for any purpose.
+    pub fn key_ids(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&self.current)
+            .chain(self.previous.iter())
+            .chain(self.unsubscribe_only.iter())
+            .map(|(id, _)| id.as_str())
     }
 
     fn mac(key: &[u8]) -> HmacSha256 {
@@ -137,6 +168,11 @@ impl TokenKeys {
         }
         let key = std::iter::once(&self.current)
             .chain(self.previous.iter())
+            .chain(
+                self.unsubscribe_only
+                    .iter()
+                    .filter(|_| purpose == Purpose::Unsubscribe),
+            )
             .find(|(id, _)| id == kid)
             .ok_or(TokenError::UnknownKey)?;
         let mut mac = Self::mac(&key.1);
@@ -176,6 +212,7 @@ impl TokenKeys {
     pub fn address_hashes(&self, email: &str) -> Vec<String> {
         std::iter::once(&self.current)
             .chain(self.previous.iter())
+            .chain(self.unsubscribe_only.iter())
             .map(|(_, key)| Self::hash_with(key, email))
             .collect()
     }
@@ -235,6 +272,34 @@ mod tests {
         assert_eq!(
             keys().verify(&other.mint(&claims(None)), Purpose::Confirm, 0),
             Err(TokenError::UnknownKey)
+        );
+    }
+
+    /// F3: a retired key kept as `unsubscribe_only` still verifies the unsubscribe links it
+    /// signed (they never expire), but no longer any confirmation link.
+    #[test]
+    fn f3_unsubscribe_only_key_verifies_unsubscribe_links_only() {
+        let old = TokenKeys::new("k1", b"old-key-old-key-old-key-old-key!", vec![]);
+        let unsub = old.mint(&Claims {
+            purpose: Purpose::Unsubscribe,
+            ..claims(None)
+        });
+        let confirm = old.mint(&claims(None));
+        let now = TokenKeys::new("k2", b"0123456789abcdef0123456789abcdef", vec![])
+            .with_unsubscribe_only(vec![(
+                "k1".into(),
+                b"old-key-old-key-old-key-old-key!".to_vec(),
+            )]);
+        assert!(now.verify(&unsub, Purpose::Unsubscribe, 0).is_ok());
+        assert_eq!(
+            now.verify(&confirm, Purpose::Confirm, 0),
+            Err(TokenError::UnknownKey)
+        );
+        assert_eq!(now.key_ids().collect::<Vec<_>>(), ["k2", "k1"]);
+        // Suppressions written under the retired key are still found.
+        assert!(
+            now.address_hashes("a@example.org")
+                .contains(&old.address_hash("a@example.org"))
         );
     }
 

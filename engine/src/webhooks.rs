@@ -8,29 +8,74 @@
 //!
 //! * Only `crm` is a webhook connector today; any other name is 404.
 //! * A forged or malformed call (`InvalidInput`) gets 400 and changes nothing.
-//! * Bodies are limited to [`MAX_BODY`].
+//! * Bodies are limited to [`MAX_BODY`]; each client (IPv4 address or IPv6 /64) to
+//!   `server.webhook_rate_limit_per_minute` calls, then `429` with `Retry-After`.
 
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use optinsync_plugin_api::{ConnectorError, WebhookEvent};
 
 use crate::engine::Engine;
+use crate::links::{client_ip, rate_key};
 
 /// Largest webhook body accepted.
 pub const MAX_BODY: usize = 256 * 1024;
 /// Most records one callback may name.
 pub const MAX_IDS: usize = 200;
 
-pub fn routes() -> Router<Arc<Engine>> {
+pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
+    let server = &engine.config.config.server;
+    let per_minute =
+        NonZeroU32::new(server.webhook_rate_limit_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
+    let limit = Arc::new(WebhookLimit {
+        limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
+        trusted: server
+            .trusted_proxies
+            .iter()
+            .map(|ip| ip.to_canonical())
+            .collect(),
+    });
     Router::new()
         .route("/webhooks/{connector}", post(webhook))
+        .route_layer(middleware::from_fn_with_state(limit, rate_limit))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// Per-client limit on webhook calls: a vendor retries a `429`, and polling stays the source
+/// of truth, so nothing is lost by answering one.
+struct WebhookLimit {
+    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    trusted: Vec<IpAddr>,
+}
+
+async fn rate_limit(State(limit): State<Arc<WebhookLimit>>, req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    let client = rate_key(client_ip(peer, req.headers(), &limit.trusted));
+    if limit.limiter.len() > 10_000 {
+        limit.limiter.retain_recent();
+    }
+    if limit.limiter.check_key(&client).is_err() {
+        metrics::counter!("optinsync_http_rate_limited_total", "limit" => "webhook").increment(1);
+        let mut resp = text(StatusCode::TOO_MANY_REQUESTS, "too many webhook calls\n");
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+        return resp;
+    }
+    next.run(req).await
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response {

@@ -575,7 +575,15 @@ fn write_setup(
         &format!("url = \"{store_url}\""),
     )?;
     // Every "person" clicks from 127.0.0.1: lift the per-IP limit of the public pages.
-    replace("[server]\n", "[server]\nrate_limit_per_minute = 10000000\n")?;
+    replace(
+        "[server]\n",
+        "[server]\nrate_limit_per_minute = 10000000\nglobal_rate_limit_per_second = 10000000\n",
+    )?;
+    // The published demo secret is refused once mail goes over SMTP.
+    replace(
+        "secret = \"demo-only-secret-change-me-0123456789abcdef\"",
+        "secret = \"crash-harness-secret-0123456789abcdef-0123\"",
+    )?;
     replace(
         "[connectors.mail]\nkind = \"eml\"\ndir = \"var/mail\"\n",
         &format!(

@@ -468,7 +468,13 @@ fn write_setup(
             // Every "person" clicks from 127.0.0.1: lift the per-IP limit of the pages.
             (
                 "[server]\n".to_owned(),
-                "[server]\nrate_limit_per_minute = 10000000\n".to_owned(),
+                "[server]\nrate_limit_per_minute = 10000000\nglobal_rate_limit_per_second = 10000000\n"
+                    .to_owned(),
+            ),
+            // The published demo secret is refused once mail goes over SMTP.
+            (
+                "secret = \"demo-only-secret-change-me-0123456789abcdef\"".to_owned(),
+                "secret = \"multi-instance-secret-0123456789abcdef-012\"".to_owned(),
             ),
         ] {
             if !cfg.contains(&from) {

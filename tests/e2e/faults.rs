@@ -88,6 +88,7 @@ rate_per_minute = 6000
             1,
         );
     std::fs::write(demo.config(), cfg).unwrap();
+    demo.use_private_secret();
     demo
 }
 

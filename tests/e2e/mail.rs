@@ -41,6 +41,7 @@ fn smtp_demo(sink: &SmtpSink) -> Demo {
         sink.port()
     );
     std::fs::write(demo.config(), cfg.replace(eml, &smtp)).unwrap();
+    demo.use_private_secret();
     demo
 }
 

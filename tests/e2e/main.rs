@@ -11,6 +11,7 @@ mod crash;
 mod data_subject;
 mod demo;
 mod faults;
+mod hardening;
 #[path = "../../examples/shared/harness_util.rs"]
 mod harness_util;
 mod import;

@@ -126,6 +126,54 @@ async fn sighup_reloads_rules() {
     assert_eq!(daemon.terminate(), Some(0));
 }
 
+/// Hardening (start-up race): a supervisor's `ExecReload` may send SIGHUP the moment the port
+/// answers. Every signal handler is installed before the bind, so that SIGHUP reloads the
+/// rules instead of ending the process with the signal's default action.
+#[tokio::test(flavor = "multi_thread")]
+async fn sighup_as_soon_as_the_port_answers_reloads_and_does_not_kill() {
+    for round in 0..3 {
+        let demo = quiet_demo();
+        let log = std::fs::File::create(demo.path("daemon.log")).unwrap();
+        let mut child = demo
+            .cmd(&["run"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let start = Instant::now();
+        // Poll as tightly as a supervisor could, and signal at the first answer.
+        while std::net::TcpStream::connect(("127.0.0.1", demo.port)).is_err() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "daemon exited before listening"
+            );
+            assert!(start.elapsed() < Duration::from_secs(30 * LOAD_FACTOR));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let pid = child.id().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        wait_until(15, "the reload after SIGHUP", || {
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("round {round}: SIGHUP ended the daemon ({status})");
+            }
+            std::fs::read_to_string(demo.path("daemon.log"))
+                .unwrap_or_default()
+                .contains("SIGHUP: reloading rules")
+        });
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status();
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "round {round}: graceful stop");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_runaway_rule_fails_only_its_decision() {
     let demo = Demo::new();

@@ -9,6 +9,11 @@ use optinsync_engine::store;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_optinsync");
 
+/// The token secret of the shipped demo `config.toml`.
+pub const DEMO_TOKEN_SECRET: &str = optinsync_engine::config::DEMO_TOKEN_SECRET;
+/// The secret [`Demo::use_private_secret`] puts in its place.
+pub const TEST_TOKEN_SECRET: &str = "e2e-private-token-secret-0123456789abcdef";
+
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -73,6 +78,19 @@ impl Demo {
         Demo { dir, port }
     }
 
+    /// Replace the published demo secret with [`TEST_TOKEN_SECRET`]: start-up refuses the
+    /// demo secret once mail leaves the machine (SMTP) or links leave loopback.
+    pub fn use_private_secret(&self) {
+        let cfg = std::fs::read_to_string(self.config()).unwrap();
+        let demo = format!("secret = \"{DEMO_TOKEN_SECRET}\"");
+        assert!(cfg.contains(&demo), "shipped config changed: {cfg}");
+        std::fs::write(
+            self.config(),
+            cfg.replace(&demo, &format!("secret = \"{TEST_TOKEN_SECRET}\"")),
+        )
+        .unwrap();
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }
@@ -125,7 +143,7 @@ impl Demo {
                 );
             }
             assert!(
-                start.elapsed() < Duration::from_secs(30),
+                start.elapsed() < Duration::from_secs(30 * LOAD_FACTOR),
                 "daemon did not start listening"
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -259,13 +277,19 @@ impl Drop for Daemon {
     }
 }
 
-/// Poll `cond` until true or panic after `secs`.
+/// How much longer than on an idle machine a wait may take: CI runs the suite on 2 cores
+/// under full load, where a daemon's start or a delivery can take several times as long.
+/// Only the give-up point moves; a wait that succeeds returns as soon as it does.
+pub const LOAD_FACTOR: u64 = 4;
+
+/// Poll `cond` until true or panic after `secs` (times [`LOAD_FACTOR`]).
 pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();
     while !cond() {
         assert!(
-            start.elapsed() < Duration::from_secs(secs),
-            "timed out waiting for {what}"
+            start.elapsed() < Duration::from_secs(secs * LOAD_FACTOR),
+            "timed out waiting for {what} ({} s)",
+            secs * LOAD_FACTOR
         );
         std::thread::sleep(Duration::from_millis(100));
     }
