@@ -242,6 +242,7 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     #[cfg(not(unix))]
     let hup = ();
+    tracing::debug!("signal handlers installed (SIGTERM, SIGHUP)");
     let engine = boot(path).await?;
     if let Some(lock) = &instance {
         tracing::info!(lock_file = %lock.path.display(), "SQLite: this instance holds the database's instance lock");

@@ -136,6 +136,7 @@ async fn sighup_as_soon_as_the_port_answers_reloads_and_does_not_kill() {
         let log = std::fs::File::create(demo.path("daemon.log")).unwrap();
         let mut child = demo
             .cmd(&["run"])
+            .env("RUST_LOG", "info,optinsync=debug")
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .spawn()
@@ -171,6 +172,15 @@ async fn sighup_as_soon_as_the_port_answers_reloads_and_does_not_kill() {
             .status();
         let status = child.wait().unwrap();
         assert_eq!(status.code(), Some(0), "round {round}: graceful stop");
+        // The window is sub-millisecond, so the timing above rarely catches a regression;
+        // the order of the start-up lines always does.
+        let log = std::fs::read_to_string(demo.path("daemon.log")).unwrap();
+        let installed = log.find("signal handlers installed");
+        let listening = log.find("HTTP server listening");
+        assert!(
+            matches!((installed, listening), (Some(i), Some(l)) if i < l),
+            "round {round}: handlers must be installed before the port is bound:\n{log}"
+        );
     }
 }
 
