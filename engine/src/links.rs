@@ -646,16 +646,11 @@ async fn confirm_get(
     };
     // After the fact the page says what happened instead of offering the button again.
     let settled = match engine.store.consent(&t.contact.id, &t.list.id).await {
-        Ok(Some(c)) if c.state == ConsentState::Confirmed => Some("already_confirmed"),
-        Ok(Some(c))
-            if matches!(c.state, ConsentState::Pending | ConsentState::Revalidating)
-                && c.signup_token.as_deref() == Some(t.claims.token_id.as_str()) =>
-        {
-            None
-        }
-        // An expired link offers a fresh mail whatever became of its signup.
-        Ok(_) if expired => None,
-        Ok(_) => Some("refused"),
+        Ok(c) => match standing(c.as_ref(), &t.claims.token_id, expired) {
+            Standing::Open => None,
+            Standing::AlreadyConfirmed => Some("already_confirmed"),
+            Standing::Closed => Some("refused"),
+        },
         Err(e) => {
             tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
             return st
@@ -763,12 +758,23 @@ async fn confirm_post(
         Err(_) => HashMap::new(),
     };
     let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-    // Pressing the button again after confirming (or a stale tab) changes nothing and says so,
-    // whatever its page: the confirmation it would record is already in the ledger.
+    // A link whose signup is settled answers as the state machine would, without a page's
+    // nonce: pressing again after confirming (or a stale tab) changes nothing and says so, and
+    // a link that can no longer confirm (withdrawn since, replaced) says that.
     match engine.store.consent(&t.contact.id, &t.list.id).await {
-        Ok(Some(c))
-            if c.state == ConsentState::Confirmed
-                && c.signup_token.as_deref() == Some(t.claims.token_id.as_str()) =>
+        Ok(c) if standing(c.as_ref(), &t.claims.token_id, expired) == Standing::Closed => {
+            return st
+                .notice(
+                    &engine,
+                    StatusCode::CONFLICT,
+                    "refused",
+                    &t.lang,
+                    Some(t.list),
+                )
+                .await;
+        }
+        Ok(c)
+            if standing(c.as_ref(), &t.claims.token_id, expired) == Standing::AlreadyConfirmed =>
         {
             return st
                 .page(
@@ -871,6 +877,36 @@ async fn confirm_post(
             )
             .await
         }
+    }
+}
+
+/// Where a confirmation link's signup stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Standing {
+    /// Waiting for this link's confirmation (or expired: its page offers a fresh mail).
+    Open,
+    /// Confirmed through this very link.
+    AlreadyConfirmed,
+    /// Withdrawn since, replaced by a newer signup, or never waiting: it can confirm nothing.
+    Closed,
+}
+
+fn standing(consent: Option<&crate::consent::Consent>, token_id: &str, expired: bool) -> Standing {
+    match consent {
+        Some(c)
+            if c.state == ConsentState::Confirmed
+                && c.confirmed_token.as_deref() == Some(token_id) =>
+        {
+            Standing::AlreadyConfirmed
+        }
+        Some(c)
+            if matches!(c.state, ConsentState::Pending | ConsentState::Revalidating)
+                && c.signup_token.as_deref() == Some(token_id) =>
+        {
+            Standing::Open
+        }
+        _ if expired => Standing::Open,
+        _ => Standing::Closed,
     }
 }
 

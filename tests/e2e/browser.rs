@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
-use crate::support::wait_until;
+use crate::support::{LOAD_FACTOR, wait_until};
 
 pub struct Chromium {
     child: Child,
@@ -42,7 +42,7 @@ impl Cdp {
             .send(WsMessage::Text(msg.to_string().into()))
             .await
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + Duration::from_secs(30 * LOAD_FACTOR);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let frame = tokio::time::timeout(left, self.ws.next())
@@ -88,7 +88,7 @@ impl Cdp {
         let start = Instant::now();
         while self.eval(expression).await != serde_json::Value::Bool(true) {
             assert!(
-                start.elapsed() < Duration::from_secs(30),
+                start.elapsed() < Duration::from_secs(30 * LOAD_FACTOR),
                 "browser: timed out waiting for {what}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;

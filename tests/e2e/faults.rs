@@ -250,7 +250,7 @@ async fn lifecycle(faults: Option<u64>) -> RunReport {
 
     // Converged: every expected state reached and nothing left in the outbox, twice in a row
     // a second apart (a retry in flight would show as pending).
-    let deadline = Instant::now() + Duration::from_secs(90);
+    let deadline = Instant::now() + Duration::from_secs(90 * LOAD_FACTOR);
     let mut quiet = 0;
     while quiet < 2 {
         if Instant::now() >= deadline {
