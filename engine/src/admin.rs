@@ -251,14 +251,15 @@ async fn status(State(engine): State<Arc<Engine>>) -> Response {
     json_response(&status_json(&summary, &outbox, &settled))
 }
 
+/// The body of the calls that name a person: the address stays out of URLs and access logs.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-struct LookupRequest {
+struct AddressRequest {
     email: String,
 }
 
 async fn contact_lookup(State(engine): State<Arc<Engine>>, body: axum::body::Bytes) -> Response {
-    let Ok(req) = serde_json::from_slice::<LookupRequest>(&body) else {
+    let Ok(req) = serde_json::from_slice::<AddressRequest>(&body) else {
         return failure(StatusCode::BAD_REQUEST, "expected {\"email\": \"...\"}");
     };
     contact_by_address(&engine, &req.email).await
@@ -268,17 +269,28 @@ async fn contact(State(engine): State<Arc<Engine>>, Path(raw): Path<String>) -> 
     contact_by_address(&engine, &raw).await
 }
 
-async fn contact_by_address(engine: &Engine, raw: &str) -> Response {
+/// The contact an address names; `Err` is the answer when it names none.
+async fn find_contact(engine: &Engine, raw: &str) -> Result<Contact, Response> {
     let Ok(address) = email::normalise(raw) else {
-        return failure(StatusCode::BAD_REQUEST, "not an email address");
+        return Err(failure(StatusCode::BAD_REQUEST, "not an email address"));
     };
-    let contact = match engine.store.contact_by_email(&address).await {
-        Ok(Some(c)) => c,
-        Ok(None) => return failure(StatusCode::NOT_FOUND, "no such contact"),
+    match engine.store.contact_by_email(&address).await {
+        Ok(Some(c)) => Ok(c),
+        Ok(None) => Err(failure(StatusCode::NOT_FOUND, "no such contact")),
         Err(e) => {
             tracing::error!(error = %e, "admin API: contact lookup failed");
-            return failure(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+            Err(failure(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store unavailable",
+            ))
         }
+    }
+}
+
+async fn contact_by_address(engine: &Engine, raw: &str) -> Response {
+    let contact = match find_contact(engine, raw).await {
+        Ok(c) => c,
+        Err(answer) => return answer,
     };
     let read = async {
         let consents = engine.store.consents_of_contact(&contact.id).await?;
@@ -294,26 +306,13 @@ async fn contact_by_address(engine: &Engine, raw: &str) -> Response {
     }
 }
 
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-struct EraseRequest {
-    email: String,
-}
-
 async fn erase(State(engine): State<Arc<Engine>>, body: axum::body::Bytes) -> Response {
-    let Ok(req) = serde_json::from_slice::<EraseRequest>(&body) else {
+    let Ok(req) = serde_json::from_slice::<AddressRequest>(&body) else {
         return failure(StatusCode::BAD_REQUEST, "expected {\"email\": \"...\"}");
     };
-    let Ok(address) = email::normalise(&req.email) else {
-        return failure(StatusCode::BAD_REQUEST, "not an email address");
-    };
-    let contact = match engine.store.contact_by_email(&address).await {
-        Ok(Some(c)) => c,
-        Ok(None) => return failure(StatusCode::NOT_FOUND, "no such contact"),
-        Err(e) => {
-            tracing::error!(error = %e, "admin API: contact lookup failed");
-            return failure(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
-        }
+    let contact = match find_contact(&engine, &req.email).await {
+        Ok(c) => c,
+        Err(answer) => return answer,
     };
     match engine
         .erase_as(

@@ -451,6 +451,20 @@ impl LinkState {
         ((status, Html(rendered.html)).into_response(), Some(hash))
     }
 
+    /// The "you are subscribed" page.
+    async fn confirmed(&self, engine: &Engine, t: &Target<'_>) -> Response {
+        self.page(
+            engine,
+            StatusCode::OK,
+            Page::Confirmed,
+            &t.lang,
+            Some(t.list),
+            |_| String::new(),
+        )
+        .await
+        .0
+    }
+
     async fn notice(
         &self,
         engine: &Engine,
@@ -645,24 +659,11 @@ async fn confirm_get(
         Err(page) => return page,
     };
     // After the fact the page says what happened instead of offering the button again.
-    let settled = match engine.store.consent(&t.contact.id, &t.list.id).await {
-        Ok(c) => match standing(c.as_ref(), &t.claims.token_id, expired) {
-            Standing::Open => None,
-            Standing::AlreadyConfirmed => Some("already_confirmed"),
-            Standing::Closed => Some("refused"),
-        },
-        Err(e) => {
-            tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
-            return st
-                .notice(
-                    &engine,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "retry",
-                    &t.lang,
-                    Some(t.list),
-                )
-                .await;
-        }
+    let settled = match link_standing(&engine, &st, &t, expired).await {
+        Ok(Standing::Open) => None,
+        Ok(Standing::AlreadyConfirmed) => Some("already_confirmed"),
+        Ok(Standing::Closed) => Some("refused"),
+        Err(page) => return page,
     };
     if let Some(notice) = settled {
         let status = if notice == "refused" {
@@ -761,8 +762,10 @@ async fn confirm_post(
     // A link whose signup is settled answers as the state machine would, without a page's
     // nonce: pressing again after confirming (or a stale tab) changes nothing and says so, and
     // a link that can no longer confirm (withdrawn since, replaced) says that.
-    match engine.store.consent(&t.contact.id, &t.list.id).await {
-        Ok(c) if standing(c.as_ref(), &t.claims.token_id, expired) == Standing::Closed => {
+    match link_standing(&engine, &st, &t, expired).await {
+        Ok(Standing::Open) => {}
+        Ok(Standing::AlreadyConfirmed) => return st.confirmed(&engine, &t).await,
+        Ok(Standing::Closed) => {
             return st
                 .notice(
                     &engine,
@@ -773,34 +776,7 @@ async fn confirm_post(
                 )
                 .await;
         }
-        Ok(c)
-            if standing(c.as_ref(), &t.claims.token_id, expired) == Standing::AlreadyConfirmed =>
-        {
-            return st
-                .page(
-                    &engine,
-                    StatusCode::OK,
-                    Page::Confirmed,
-                    &t.lang,
-                    Some(t.list),
-                    |_| String::new(),
-                )
-                .await
-                .0;
-        }
-        Ok(_) => {}
-        Err(e) => {
-            tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
-            return st
-                .notice(
-                    &engine,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "retry",
-                    &t.lang,
-                    Some(t.list),
-                )
-                .await;
-        }
+        Err(page) => return page,
     }
     let purpose = if expired { NONCE_RESEND } else { NONCE_CONFIRM };
     let page_hash = field("page");
@@ -844,18 +820,7 @@ async fn confirm_post(
         .apply(&t.contact, t.list, input, "web", evidence)
         .await
     {
-        Ok(Applied::Changed(_)) | Ok(Applied::Unchanged) => {
-            st.page(
-                &engine,
-                StatusCode::OK,
-                Page::Confirmed,
-                &t.lang,
-                Some(t.list),
-                |_| String::new(),
-            )
-            .await
-            .0
-        }
+        Ok(Applied::Changed(_)) | Ok(Applied::Unchanged) => st.confirmed(&engine, &t).await,
         Ok(Applied::Refused(_)) => {
             st.notice(
                 &engine,
@@ -907,6 +872,30 @@ fn standing(consent: Option<&crate::consent::Consent>, token_id: &str, expired: 
         }
         _ if expired => Standing::Open,
         _ => Standing::Closed,
+    }
+}
+
+/// [`standing`] of the link's signup as stored now; `Err` is the page for a store failure.
+async fn link_standing(
+    engine: &Engine,
+    st: &LinkState,
+    t: &Target<'_>,
+    expired: bool,
+) -> Result<Standing, Response> {
+    match engine.store.consent(&t.contact.id, &t.list.id).await {
+        Ok(c) => Ok(standing(c.as_ref(), &t.claims.token_id, expired)),
+        Err(e) => {
+            tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
+            Err(st
+                .notice(
+                    engine,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "retry",
+                    &t.lang,
+                    Some(t.list),
+                )
+                .await)
+        }
     }
 }
 
