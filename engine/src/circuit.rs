@@ -429,7 +429,10 @@ mod tests {
         assert!(c.open().is_empty());
         assert!(c.deny("campaigns_subscribe", Instant::now()).is_none());
         c.record("campaigns", true);
-        assert!(c.open().is_empty(), "one service failure is below the threshold");
+        assert!(
+            c.open().is_empty(),
+            "one service failure is below the threshold"
+        );
         c.record("campaigns", true);
         assert_eq!(c.open(), vec!["campaigns"], "two in a row open it");
     }

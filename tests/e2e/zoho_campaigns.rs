@@ -340,9 +340,11 @@ async fn zoho_2101_removals_do_not_block_confirmations() {
             200
         );
     }
-    wait_until(10, "both confirmations on the Zoho list within 10 s", || {
-        f.active(KEY).len() == 2
-    });
+    wait_until(
+        10,
+        "both confirmations on the Zoho list within 10 s",
+        || f.active(KEY).len() == 2,
+    );
     println!(
         "zoho 2101: confirmations on the list {:.1} s after the clicks",
         clicked.elapsed().as_secs_f64()

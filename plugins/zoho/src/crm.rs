@@ -38,8 +38,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
-    ChangePage, ConnectorError, ConnectorResult, FailureScope, ConsentWriteBack, CrmConnector, CrmRecord, Cursor,
-    Health, InvalidRecord, Limits, RecordRef, WebhookEvent,
+    ChangePage, ConnectorError, ConnectorResult, ConsentWriteBack, CrmConnector, CrmRecord, Cursor,
+    FailureScope, Health, InvalidRecord, Limits, RecordRef, WebhookEvent,
 };
 use reqwest::{Method, StatusCode, header};
 use serde::{Deserialize, Serialize};
@@ -1579,11 +1579,11 @@ mod tests {
         assert!(webhook_token_matches(expected, expected));
         for wrong in [
             "",
-            "s3cr3t",                          // a prefix (shorter)
-            "s3cr3t-channel-toke",             // one character short
-            "s3cr3t-channel-token-and-more",   // longer, with the right token as its prefix
-            "s3cr3t-channel-tokem",            // same length, last character differs
-            "S3cr3t-channel-token",            // same length, first character differs
+            "s3cr3t",                        // a prefix (shorter)
+            "s3cr3t-channel-toke",           // one character short
+            "s3cr3t-channel-token-and-more", // longer, with the right token as its prefix
+            "s3cr3t-channel-tokem",          // same length, last character differs
+            "S3cr3t-channel-token",          // same length, first character differs
         ] {
             assert!(
                 !webhook_token_matches(expected, wrong),
@@ -1604,9 +1604,7 @@ mod tests {
             Ok(WebhookEvent::Changed(ids)) if ids.len() == 1
         ));
         for token in ["s3cr3t", "s3cr3t-channel-token-and-more"] {
-            let err = crm
-                .parse_webhook(&[], body(token).as_bytes())
-                .unwrap_err();
+            let err = crm.parse_webhook(&[], body(token).as_bytes()).unwrap_err();
             assert!(
                 matches!(&err, ConnectorError::InvalidInput { message } if message.contains("wrong channel token")),
                 "{token}: {err:?}"

@@ -162,7 +162,10 @@ async fn ambiguous_removal_answers_are_settled_by_reading_the_list() {
             "{code}: {err:?}"
         );
         assert!(err.to_string().contains(code), "{err}");
-        assert!(f.calls("getlistsubscribers") > reads, "{code}: the list was read");
+        assert!(
+            f.calls("getlistsubscribers") > reads,
+            "{code}: the list was read"
+        );
         assert_eq!(
             f.member(KEY, "m1@example.org").unwrap().status,
             MemberStatus::Active
@@ -187,7 +190,11 @@ async fn ambiguous_removal_answers_are_settled_by_reading_the_list() {
         .remove("newsletter", &["m2@example.org".into()])
         .await
         .unwrap_err();
-    assert_eq!(err.transient_scope(), Some(FailureScope::Service), "{err:?}");
+    assert_eq!(
+        err.transient_scope(),
+        Some(FailureScope::Service),
+        "{err:?}"
+    );
     assert_eq!(
         f.member(KEY, "m2@example.org").unwrap().status,
         MemberStatus::Active
@@ -306,20 +313,32 @@ async fn string_error_codes_are_mapped() {
         .subscribe("newsletter", &[sub("a@example.org", "")])
         .await
         .unwrap_err();
-    assert_eq!(err.transient_scope(), Some(FailureScope::Service), "{err:?}");
+    assert_eq!(
+        err.transient_scope(),
+        Some(FailureScope::Service),
+        "{err:?}"
+    );
     f.fail_next(CampaignsFault::Status(503));
     let err = c
         .subscribe("newsletter", &[sub("a@example.org", "")])
         .await
         .unwrap_err();
-    assert_eq!(err.transient_scope(), Some(FailureScope::Service), "{err:?}");
+    assert_eq!(
+        err.transient_scope(),
+        Some(FailureScope::Service),
+        "{err:?}"
+    );
     // A "retry" code that is not about one address stays a service failure.
     f.fail_next(CampaignsFault::Code {
         code: "2502".into(),
         message: "Error in displaying contacts details.Please try after sometime.".into(),
     });
     let err = c.list_members("newsletter", None).await.unwrap_err();
-    assert_eq!(err.transient_scope(), Some(FailureScope::Service), "{err:?}");
+    assert_eq!(
+        err.transient_scope(),
+        Some(FailureScope::Service),
+        "{err:?}"
+    );
     // A wrong list key inside a call: the list's setting.
     f.fail_next(CampaignsFault::Code {
         code: "2501".into(),

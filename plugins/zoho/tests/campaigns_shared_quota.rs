@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use optinsync_plugin_api::{
-    CampaignsConnector, ConnectorError, ConnectorResult, FailureScope, QuotaLedger, QuotaSlot, QuotaWindow,
-    SharedMarks, StatusKind, Subscriber,
+    CampaignsConnector, ConnectorError, ConnectorResult, FailureScope, QuotaLedger, QuotaSlot,
+    QuotaWindow, SharedMarks, StatusKind, Subscriber,
 };
 use optinsync_plugin_zoho::ZohoCampaigns;
 use optinsync_plugin_zoho::campaigns::Api;

@@ -84,8 +84,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
-    CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, FailureScope, Health, Limits,
-    MemberPage, QuotaLedger, QuotaSlot, QuotaWindow, SharedMarks, StatusEvent, StatusKind,
+    CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, FailureScope, Health,
+    Limits, MemberPage, QuotaLedger, QuotaSlot, QuotaWindow, SharedMarks, StatusEvent, StatusKind,
     StatusPage, Subscriber,
 };
 use reqwest::{Method, StatusCode, header};
