@@ -149,8 +149,8 @@ impl Breaker {
         self.reopen_at = None;
     }
 
-    /// A transient failure (timeout, 5xx, 429, broken connection). Returns `true` when this
-    /// failure opened the breaker.
+    /// A service-wide transient failure (timeout, 5xx, broken connection; never a failure
+    /// about one record). Returns `true` when this failure opened the breaker.
     pub fn failure(&mut self, now: Instant) -> bool {
         self.failures = self.failures.saturating_add(1);
         let reopen = match self.state(now) {
@@ -238,8 +238,9 @@ impl Circuits {
         }
     }
 
-    /// Record the outcome of a call to `connector`: `transient` for a timeout, 5xx, 429 or a
-    /// broken connection; anything else proves the endpoint alive.
+    /// Record the outcome of a call to `connector`: `transient` for a service-wide failure
+    /// (a [`Verdict::Failure`]: timeout, 5xx, broken connection); anything else proves the
+    /// endpoint alive, including a failure that concerns one record only.
     pub fn record(&self, connector: &'static str, transient: bool) {
         let now = Instant::now();
         let changed = self.with(connector, |b| {

@@ -112,12 +112,13 @@ impl Engine {
             match &finish {
                 Finish::Postpone { .. } => stats.postponed += 1,
                 Finish::Done { .. } => stats.done += 1,
+                // `?`: the error text may quote a vendor's answer; Debug escapes it.
                 Finish::Retry { error, .. } => {
-                    tracing::warn!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, %error, "delivery failed; will retry");
+                    tracing::warn!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, ?error, "delivery failed; will retry");
                     stats.retried += 1;
                 }
                 Finish::Dead { error } => {
-                    tracing::error!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, %error, "delivery failed permanently; dead letter");
+                    tracing::error!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
                     stats.dead += 1;
                 }
             }

@@ -24,13 +24,15 @@
 //! subscribers for a `doi = "optinsync"` list go through `addlistsubscribersinbulk`, ten per
 //! call (the bulk call takes no fields, and whether it sends confirmation mails is not
 //! documented, so never for `doi = "zoho"`). `remove` uses `json/listunsubscribe`. Its answers
-//! `2101` ("Please retry after sometime.", the only code its page documents, and what Zoho
-//! gives for an address the list does not hold) and `2103` ("Contact does not exist.") are
+//! `2101` ("Please retry after sometime.", the only code its page documents, and the answer
+//! seen for an address the list does not hold) and `2103` ("Contact does not exist.") are
 //! ambiguous, so the connector reads the list (`getlistsubscribers?status=active`, zoho-api.md
-//! §3.6) before deciding: an address the list does not hold as active is done (logged at INFO
-//! without the address, counted in `optinsync_zoho_campaigns_removal_checks_total`); one it
-//! still holds is retried as a [`FailureScope::Record`] failure. An invalid address (`2004`)
-//! is done at once: the list cannot hold it.
+//! §3.6; no single-contact lookup is documented) before deciding: an address the list does not
+//! hold as active is done (logged at INFO without the address, counted in
+//! `optinsync_zoho_campaigns_removal_checks_total`); one it still holds is retried as a
+//! [`FailureScope::Record`] failure. An invalid address (`2004`) is done at once: the list
+//! cannot hold it. (A contact still pending Zoho's own confirmation on a `doi = "zoho"` list
+//! is not `active`, and no documented status shows it: such a removal also counts as done.)
 //!
 //! # Pull back
 //!
@@ -1037,12 +1039,16 @@ impl ZohoCampaigns {
     /// `getlistsubscribers?status=active` until the address is found (the reference documents
     /// no lookup of one contact). Read fresh for every ambiguous removal, not cached: a
     /// removal is a legal duty, and a stale "not there" would leave the person on the list.
+    /// For the same reason only an empty page ends the read (Zoho may cap `range` below
+    /// `page_size`; a short page is not proof of the end).
     async fn holds_active(&self, list: &str, listkey: &str, email: &str) -> ConnectorResult<bool> {
         let wanted = address_key(email);
-        let page = self.settings.page_size as usize;
         let mut from = 1;
         loop {
             let items = self.subscribers_page(list, listkey, "active", from).await?;
+            if items.is_empty() {
+                return Ok(false);
+            }
             if items
                 .iter()
                 .filter_map(Self::member_email)
@@ -1050,10 +1056,7 @@ impl ZohoCampaigns {
             {
                 return Ok(true);
             }
-            if items.len() < page {
-                return Ok(false);
-            }
-            from += page;
+            from += items.len();
         }
     }
 
