@@ -1,14 +1,17 @@
 //! Circuit breakers for the three connectors (crm, campaigns, mail) and the daemon's readiness.
 //!
-//! A breaker counts *consecutive* transient failures of one connector's outbox deliveries.
+//! A breaker counts *consecutive* service-wide failures of one connector's outbox deliveries
+//! ([`verdict`]): a transient error of [`FailureScope::Service`] without a named wait.
 //! At `threshold` it **opens**: outbox rows for that connector are postponed (not attempted,
 //! and their attempt is not counted) until `cooldown` has passed, so a dead endpoint costs no
 //! hot loop and no dead letters, while the other connectors' rows (removals first) go on.
 //! After the cool-down the breaker is **half-open**: one delivery is let through as a probe;
 //! success closes the breaker, another transient failure opens it for a fresh cool-down.
-//! Answers that prove the endpoint is alive (success, a permanent refusal, a bounce) count as
-//! success. The breakers live in one process; each instance of a multi-instance set-up keeps
-//! its own.
+//! Answers that prove the endpoint is alive (success, a permanent refusal, a bounce, and a
+//! temporary failure of [`FailureScope::Record`]: "not now" about this one address on this one
+//! list) count as success: one class of failing records must never pause every other record
+//! (such a record retries on its own backoff). The breakers live in one process; each instance
+//! of a multi-instance set-up keeps its own.
 //!
 //! The state shows as `optinsync_circuit_open{connector}` (1 open or half-open, 0 closed) and
 //! in `/readyz` (503 while any breaker is not closed).
@@ -17,6 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use optinsync_plugin_api::{ConnectorError, FailureScope};
 use serde::Serialize;
 
 /// The connectors outbox rows are delivered through.
@@ -57,6 +61,35 @@ pub enum Admit {
     Call,
     /// Do not call; try again at this instant.
     Wait(Instant),
+}
+
+/// What the outcome of one connector call means for that connector's breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The service or the connection failed (timeout, 5xx, lock-out, ...): counts toward
+    /// opening the breaker.
+    Failure,
+    /// Counts neither way: a throttle that named its wait (alive, and pacing us).
+    Neutral,
+    /// The service answered: a success, a refusal, or a per-record "not now".
+    Alive,
+}
+
+/// Classify a call's outcome by the error's type alone (never by its text).
+pub fn verdict<T>(result: &Result<T, ConnectorError>) -> Verdict {
+    match result {
+        // About this record only: the service answered, so it is alive.
+        Err(ConnectorError::Transient {
+            scope: FailureScope::Record,
+            ..
+        }) => Verdict::Alive,
+        Err(ConnectorError::Transient {
+            retry_after: Some(_),
+            ..
+        }) => Verdict::Neutral,
+        Err(ConnectorError::Transient { .. }) => Verdict::Failure,
+        _ => Verdict::Alive,
+    }
 }
 
 /// One connector's breaker: a pure state machine, time passed in.
@@ -116,8 +149,8 @@ impl Breaker {
         self.reopen_at = None;
     }
 
-    /// A transient failure (timeout, 5xx, 429, broken connection). Returns `true` when this
-    /// failure opened the breaker.
+    /// A service-wide transient failure (timeout, 5xx, broken connection; never a failure
+    /// about one record). Returns `true` when this failure opened the breaker.
     pub fn failure(&mut self, now: Instant) -> bool {
         self.failures = self.failures.saturating_add(1);
         let reopen = match self.state(now) {
@@ -205,8 +238,9 @@ impl Circuits {
         }
     }
 
-    /// Record the outcome of a call to `connector`: `transient` for a timeout, 5xx, 429 or a
-    /// broken connection; anything else proves the endpoint alive.
+    /// Record the outcome of a call to `connector`: `transient` for a service-wide failure
+    /// (a [`Verdict::Failure`]: timeout, 5xx, broken connection); anything else proves the
+    /// endpoint alive, including a failure that concerns one record only.
     pub fn record(&self, connector: &'static str, transient: bool) {
         let now = Instant::now();
         let changed = self.with(connector, |b| {
@@ -358,6 +392,50 @@ mod tests {
         assert_eq!(b.admit(later), Admit::Call);
         b.release();
         assert_eq!(b.admit(later), Admit::Call);
+    }
+
+    #[test]
+    fn only_service_wide_failures_count_against_the_breaker() {
+        let record: Result<(), _> = Err(ConnectorError::record_transient("2101 for this address"));
+        assert_eq!(verdict(&record), Verdict::Alive);
+        let record_with_wait: Result<(), _> = Err(ConnectorError::Transient {
+            message: "not yet".into(),
+            retry_after: Some(Duration::from_secs(5)),
+            scope: FailureScope::Record,
+        });
+        assert_eq!(verdict(&record_with_wait), Verdict::Alive);
+        let service: Result<(), _> = Err(ConnectorError::transient("HTTP 503"));
+        assert_eq!(verdict(&service), Verdict::Failure);
+        let throttle: Result<(), _> = Err(ConnectorError::Transient {
+            message: "locked".into(),
+            retry_after: Some(Duration::from_secs(60)),
+            scope: FailureScope::Service,
+        });
+        assert_eq!(verdict(&throttle), Verdict::Neutral);
+        assert_eq!(verdict(&Ok::<(), ConnectorError>(())), Verdict::Alive);
+        let refused: Result<(), _> = Err(ConnectorError::permanent("invalid address"));
+        assert_eq!(verdict(&refused), Verdict::Alive);
+    }
+
+    /// Many per-record failures in a row, then one service failure: the breaker stays
+    /// closed (the record answers proved the service alive), so the next record goes on.
+    #[test]
+    fn a_run_of_record_failures_never_opens_the_circuit() {
+        let c = Circuits::new(2, COOL);
+        for _ in 0..50 {
+            let r: Result<(), _> = Err(ConnectorError::record_transient("2101"));
+            let transient = verdict(&r) == Verdict::Failure;
+            c.record("campaigns", transient);
+        }
+        assert!(c.open().is_empty());
+        assert!(c.deny("campaigns_subscribe", Instant::now()).is_none());
+        c.record("campaigns", true);
+        assert!(
+            c.open().is_empty(),
+            "one service failure is below the threshold"
+        );
+        c.record("campaigns", true);
+        assert_eq!(c.open(), vec!["campaigns"], "two in a row open it");
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! restarted on the same host and listen address takes its predecessor's claims back at once
 //! (`Store::release_claims`).
 //!
+//! Whether a failure also counts against the connector's circuit breaker depends on its
+//! [`optinsync_plugin_api::FailureScope`]: only service-wide failures do; a failure that
+//! concerns one record (one address on one list) retries that row alone.
+//!
 //! Delivery guarantee: at-least-once. A mail is sent twice only if the process dies after the
 //! transport accepted it and before the finish commits; transports that deduplicate on the
 //! idempotency key (the `.eml` folder does) close even that window.
@@ -21,6 +25,7 @@ use rand::Rng as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::circuit::Verdict;
 use crate::consent::{ConsentState, Input, MailKind};
 use crate::engine::{Engine, EngineResult};
 use crate::ledger::{Evidence, NewEvent};
@@ -107,12 +112,13 @@ impl Engine {
             match &finish {
                 Finish::Postpone { .. } => stats.postponed += 1,
                 Finish::Done { .. } => stats.done += 1,
+                // `?`: the error text may quote a vendor's answer; Debug escapes it.
                 Finish::Retry { error, .. } => {
-                    tracing::warn!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, %error, "delivery failed; will retry");
+                    tracing::warn!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, ?error, "delivery failed; will retry");
                     stats.retried += 1;
                 }
                 Finish::Dead { error } => {
-                    tracing::error!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, %error, "delivery failed permanently; dead letter");
+                    tracing::error!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
                     stats.dead += 1;
                 }
             }
@@ -154,20 +160,20 @@ impl Engine {
         }
     }
 
-    /// Feed a connector call's outcome to that connector's circuit breaker. A transient
-    /// failure without `Retry-After` counts against it; a throttle that names its wait (the
-    /// endpoint is alive and pacing us) counts neither way; anything else proves it alive.
+    /// Feed a connector call's outcome to that connector's circuit breaker
+    /// ([`crate::circuit::verdict`]): a service-wide transient failure without `Retry-After`
+    /// counts against it; a throttle that names its wait (the endpoint is alive and pacing
+    /// us) counts neither way; anything else, including a per-record "not now"
+    /// ([`optinsync_plugin_api::FailureScope::Record`]), proves it alive. The record itself
+    /// still retries with its own backoff ([`Self::failure`]).
     fn observe<T>(&self, kind: &str, result: &Result<T, ConnectorError>) {
         let Some(connector) = crate::circuit::connector_of(kind) else {
             return;
         };
-        match result {
-            Err(ConnectorError::Transient {
-                retry_after: Some(_),
-                ..
-            }) => self.circuits.release(kind),
-            Err(ConnectorError::Transient { .. }) => self.circuits.record(connector, true),
-            _ => self.circuits.record(connector, false),
+        match crate::circuit::verdict(result) {
+            Verdict::Neutral => self.circuits.release(kind),
+            Verdict::Failure => self.circuits.record(connector, true),
+            Verdict::Alive => self.circuits.record(connector, false),
         }
     }
 
@@ -175,9 +181,11 @@ impl Engine {
         let sync = &self.config.config.sync;
         let max = sync.max_attempts;
         match error {
+            // Either scope: a per-record failure retries this row (with backoff) like any other.
             ConnectorError::Transient {
                 message,
                 retry_after,
+                ..
             } if item.attempts < max => {
                 let wait = retry_after
                     .unwrap_or_else(|| {

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use optinsync_plugin_api::{
-    ConnectorError, ConnectorResult, QuotaLedger, QuotaSlot, QuotaWindow, SharedMarks,
+    ConnectorError, ConnectorResult, FailureScope, QuotaLedger, QuotaSlot, QuotaWindow, SharedMarks,
 };
 
 use crate::store::{Store, StoreError};
@@ -99,6 +99,7 @@ fn unavailable(e: StoreError) -> ConnectorError {
     ConnectorError::Transient {
         message: format!("shared quota budget unavailable: {e}"),
         retry_after: Some(Duration::from_secs(5)),
+        scope: FailureScope::Service,
     }
 }
 

@@ -9,7 +9,8 @@
 //!   `json/listsubscribe` (`contactinfo` as strict JSON or Zoho's loose `{First Name:mac,...}`;
 //!   a signup-form (public) list holds the contact pending and counts a confirmation mail, a
 //!   private one adds at once; `2501`, `2004`, `2005`, `2001`), `addlistsubscribersinbulk`
-//!   (at most 10 `emailids`, `903`), `json/listunsubscribe` (`2103` for an unknown contact),
+//!   (at most 10 `emailids`, `903`), `json/listunsubscribe` (for an address the list does
+//!   not hold: `2103`, or `2101` with [`FakeCampaignsOptions::unknown_unsubscribe_retry`]),
 //!   `getlistsubscribers` (`status` filter, `fromindex`/`range`, `2203` when nothing
 //!   matches), `listsubscriberscount`, `json/contactdonotmail`; an unknown path is `1004`;
 //! * per-endpoint quotas with the documented numbers and the lock (30 min; 10 min for the bulk
@@ -95,11 +96,28 @@ pub enum CampaignsFault {
 pub struct FakeCampaignsOptions {
     /// Multiply every quota window and lock by this (1.0: Zoho's real numbers).
     pub time_scale: f64,
+    /// The in-body code `json/listunsubscribe` answers for an address the list does not hold
+    /// (see [`CampaignsState::unknown_unsubscribe_code`]).
+    pub unknown_unsubscribe_code: String,
 }
 
 impl Default for FakeCampaignsOptions {
     fn default() -> Self {
-        Self { time_scale: 1.0 }
+        Self {
+            time_scale: 1.0,
+            unknown_unsubscribe_code: "2103".into(),
+        }
+    }
+}
+
+impl FakeCampaignsOptions {
+    /// Answer `2101` "Please retry after sometime." for an address the list does not hold,
+    /// the only error code contact-unsubscribe.html documents (zoho-api.md §3.4).
+    pub fn unknown_unsubscribe_retry() -> Self {
+        Self {
+            unknown_unsubscribe_code: "2101".into(),
+            ..Self::default()
+        }
     }
 }
 
@@ -130,6 +148,11 @@ pub struct CampaignsState {
     pub accepted: Vec<(String, Instant)>,
     /// In-body code of the lock-out answer.
     pub lock_code: String,
+    /// What `json/listunsubscribe` answers for an address the list does not hold: `2103`
+    /// "Contact does not exist." (the global catalog, the default) or `2101` "Please retry
+    /// after sometime." (the only code the endpoint's own page lists); the reference does not
+    /// say which one Zoho sends, so tests choose (zoho-api.md §3.4, §3.8).
+    pub unknown_unsubscribe_code: String,
     /// Local parts treated as group addresses (`2005`).
     pub group_locals: Vec<String>,
     pub do_not_mail: HashSet<String>,
@@ -186,6 +209,7 @@ impl CampaignsState {
             peaks: BTreeMap::new(),
             accepted: Vec::new(),
             lock_code: "429".into(),
+            unknown_unsubscribe_code: options.unknown_unsubscribe_code.clone(),
             group_locals: vec![
                 "info".into(),
                 "sales".into(),
@@ -818,13 +842,15 @@ async fn api(
         }
         "listunsubscribe" => {
             let key = get("listkey");
-            let Some(list) = s.lists.get_mut(&key) else {
-                return error(&path, "2102", "Listkey is empty or invalid.");
-            };
             let email = parse_contact_info(&get("contactinfo"))
                 .and_then(|i| i.get("Contact Email").cloned())
                 .unwrap_or_default();
+            let unknown = s.unknown_unsubscribe_code.clone();
+            let Some(list) = s.lists.get_mut(&key) else {
+                return error(&path, "2102", "Listkey is empty or invalid.");
+            };
             match list.members.get_mut(&email.trim().to_lowercase()) {
+                None if unknown == "2101" => error(&path, "2101", "Please retry after sometime."),
                 None => error(&path, "2103", "Contact does not exist."),
                 Some(m) => {
                     if matches!(m.status, MemberStatus::Active | MemberStatus::Pending) {

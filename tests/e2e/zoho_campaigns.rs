@@ -1,8 +1,11 @@
 //! The binary with the local CSV CRM and `.eml` mail, and `kind = "zoho-campaigns"` against the
 //! fake Zoho Campaigns: only confirmed contacts reach the list; unsubscribes and bounces made
-//! inside Campaigns reach the ledger and are never undone by a CRM sync.
+//! inside Campaigns reach the ledger and are never undone by a CRM sync; removals Zoho answers
+//! ambiguously (`2101`) neither block confirmations nor open the campaigns circuit.
 
-use optinsync_testkit::zoho_campaigns::{self as fake, FakeCampaigns, MemberStatus};
+use optinsync_testkit::zoho_campaigns::{
+    self as fake, FakeCampaigns, FakeCampaignsOptions, MemberStatus,
+};
 
 use crate::support::*;
 
@@ -252,4 +255,157 @@ async fn zoho_run_double_opt_in_is_recorded_as_weaker_evidence() {
         demo.run_ok(&["ledger", "verify"])
             .starts_with("ledger verified")
     );
+}
+
+/// The campaigns circuit as `/readyz` reports it (`closed`, `open`, `half_open`).
+async fn campaigns_circuit(port: u16) -> String {
+    let body: serde_json::Value = http()
+        .get(format!("http://127.0.0.1:{port}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["circuits"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["connector"] == "campaigns"))
+        .map(|c| c["state"].as_str().unwrap_or_default().to_owned())
+        .unwrap_or_else(|| panic!("no campaigns circuit in /readyz: {body}"))
+}
+
+/// Zoho answers `listunsubscribe` for an address the list does not hold with `2101` "Please
+/// retry after sometime." (the only code its page documents). Every opted-out CRM contact
+/// queues a defensive removal, so a run has many of these alongside new confirmations. They
+/// are answers about one address each: they must end as done (after a read of the list), must
+/// never open the campaigns circuit, and confirmations must reach the list at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn zoho_2101_removals_do_not_block_confirmations() {
+    const OPTED_OUT: usize = 12; // more than twice the circuit threshold
+    let f = FakeCampaigns::start_with(FakeCampaignsOptions::unknown_unsubscribe_retry());
+    f.add_list(KEY, "Master programmes newsletter", false);
+    // One opted-out contact is on the Zoho list from before optinsync: really removed.
+    f.insert_member(KEY, "held.out@example.org", MemberStatus::Active);
+    let demo = demo_with_fake(&f);
+    let mut csv = std::fs::read_to_string(demo.path("demo/contacts.csv")).unwrap();
+    for i in 0..OPTED_OUT {
+        csv.push_str(&format!(
+            "{},O{i},Out,opted.out{i}@example.org,en,true,true\n",
+            7000 + i
+        ));
+    }
+    csv.push_str("7100,Held,Out,held.out@example.org,en,true,true\n");
+    std::fs::write(demo.path("demo/contacts.csv"), csv).unwrap();
+    // Fast per-record retries; a circuit that opened would pause the campaigns connector far
+    // longer than the 10 s confirmations are allowed.
+    let cfg = std::fs::read_to_string(demo.config()).unwrap();
+    assert!(cfg.contains("poll_interval = \"1s\"\n"));
+    let cfg = cfg.replacen(
+        "poll_interval = \"1s\"\n",
+        "poll_interval = \"1s\"\nretry_base = \"1s\"\nretry_cap = \"2s\"\n\
+         circuit_threshold = 5\ncircuit_cooldown = \"120s\"\n",
+        1,
+    );
+    std::fs::write(demo.config(), cfg).unwrap();
+
+    let out = demo.output(&["sync", "--once"]);
+    let sync_log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{sync_log}");
+    assert_eq!(demo.mails().len(), 2, "DOI mails for Ana and Ben");
+
+    let daemon = demo.spawn_daemon();
+    let port = demo.port;
+    let url = demo.sqlite_url();
+    // Let the daemon's first delivery passes run: the removals are settled, or (the bug)
+    // their retries have opened the circuit.
+    wait_until(20, "removals settled or the campaigns circuit open", || {
+        let rt = tokio::runtime::Handle::current();
+        tokio::task::block_in_place(|| {
+            rt.block_on(async {
+                let store = optinsync_engine::store::open(&url).await.unwrap();
+                store.outbox_counts().await.unwrap().pending == 0
+                    || campaigns_circuit(port).await != "closed"
+            })
+        })
+    });
+
+    let client = http();
+    let clicked = std::time::Instant::now();
+    for who in ["ana.garcia@example.org", "ben.okafor@example.net"] {
+        let link = demo.confirm_link(who);
+        assert_eq!(
+            click_confirm(&client, &link, "e2e-browser/1.0")
+                .await
+                .status(),
+            200
+        );
+    }
+    wait_until(
+        10,
+        "both confirmations on the Zoho list within 10 s",
+        || f.active(KEY).len() == 2,
+    );
+    println!(
+        "zoho 2101: confirmations on the list {:.1} s after the clicks",
+        clicked.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        f.active(KEY),
+        vec![
+            "ana.garcia@example.org".to_owned(),
+            "ben.okafor@example.net".to_owned()
+        ]
+    );
+
+    // No circuit opening, in the one-shot sync or the daemon: per-record answers only.
+    assert_eq!(campaigns_circuit(port).await, "closed");
+    let metrics = demo.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("optinsync_circuit_open{connector=\"campaigns\"} 0")),
+        "{metrics}"
+    );
+    let daemon_log = std::fs::read_to_string(demo.path("daemon.log")).unwrap();
+    for (name, log) in [("sync --once", &sync_log), ("daemon", &daemon_log)] {
+        assert_eq!(
+            log.matches("circuit open").count(),
+            0,
+            "{name} opened a circuit:\n{log}"
+        );
+    }
+
+    // Every removal ended as done: not on the list after a read, or really unsubscribed.
+    assert!(
+        f.calls("listunsubscribe") as usize > OPTED_OUT,
+        "every opted-out contact's removal was tried: {}",
+        f.calls("listunsubscribe")
+    );
+    let store = optinsync_engine::store::open(&demo.sqlite_url())
+        .await
+        .unwrap();
+    let counts = store.outbox_counts().await.unwrap();
+    assert_eq!((counts.pending, counts.dead), (0, 0), "{counts:?}");
+    assert_eq!(
+        f.member(KEY, "held.out@example.org").unwrap().status,
+        MemberStatus::Unsub
+    );
+    assert!(
+        f.calls("getlistsubscribers") as usize >= OPTED_OUT,
+        "each ambiguous answer was checked with a read"
+    );
+    // What was found is logged at INFO, without the address.
+    let found = sync_log
+        .lines()
+        .filter(|l| l.contains("INFO") && l.contains("list does not hold the address"))
+        .count();
+    assert!(found >= OPTED_OUT, "{found} INFO lines:\n{sync_log}");
+    for log in [&sync_log, &daemon_log] {
+        assert!(
+            !log.contains("opted.out") && !log.contains("held.out"),
+            "an address was logged:\n{log}"
+        );
+    }
+    assert_eq!(f.locks(), 0);
+    assert_eq!(daemon.terminate(), Some(0));
 }

@@ -194,14 +194,33 @@ impl Default for Limits {
     }
 }
 
+/// What a temporary failure is about, so the engine can tell one bad record from a dead
+/// service: only [`FailureScope::Service`] failures count against a connector's circuit
+/// breaker; a [`FailureScope::Record`] failure retries that record alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureScope {
+    /// The connection or the service as a whole: a timeout, a refused or broken connection,
+    /// an HTTP 5xx or 429, a quota lock-out, an authentication problem. Other calls would
+    /// most likely fail the same way. The default, so an unclassified failure stays cautious.
+    #[default]
+    Service,
+    /// This one record only (this address, this list): the service answered, so it is
+    /// alive, but not yet with what this record needs. Must never pause other records.
+    Record,
+}
+
 /// Errors a connector reports. The variant tells the engine what to do with the work item.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectorError {
-    /// Try again later (network, 429, 5xx). `retry_after` when the server said so.
+    /// Try again later (network, 429, 5xx, or a "retry later" about one record).
+    /// `retry_after` when the server said so; `scope` says whether the failure concerns the
+    /// whole service or only this record.
     #[error("temporary failure: {message}")]
     Transient {
         message: String,
         retry_after: Option<Duration>,
+        scope: FailureScope,
     },
     /// Will never succeed as asked (e.g. invalid address); goes to the dead letters.
     #[error("permanent failure: {message}")]
@@ -218,10 +237,29 @@ pub enum ConnectorError {
 }
 
 impl ConnectorError {
+    /// A temporary failure of the service or the connection ([`FailureScope::Service`]).
     pub fn transient(message: impl Into<String>) -> Self {
         Self::Transient {
             message: message.into(),
             retry_after: None,
+            scope: FailureScope::Service,
+        }
+    }
+    /// A temporary failure of one record only ([`FailureScope::Record`]): retried with
+    /// backoff, never counted against the connector's circuit breaker.
+    pub fn record_transient(message: impl Into<String>) -> Self {
+        Self::Transient {
+            message: message.into(),
+            retry_after: None,
+            scope: FailureScope::Record,
+        }
+    }
+    /// The scope of a temporary failure; `None` for every other error (those prove the
+    /// service answered, or are not about it).
+    pub fn transient_scope(&self) -> Option<FailureScope> {
+        match self {
+            Self::Transient { scope, .. } => Some(*scope),
+            _ => None,
         }
     }
     pub fn permanent(message: impl Into<String>) -> Self {

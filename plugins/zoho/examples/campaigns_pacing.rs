@@ -72,7 +72,10 @@ async fn main() {
     let count: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(20_000);
     let scale: f64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(0.02);
 
-    let f = FakeCampaigns::start_with(FakeCampaignsOptions { time_scale: scale });
+    let f = FakeCampaigns::start_with(FakeCampaignsOptions {
+        time_scale: scale,
+        ..FakeCampaignsOptions::default()
+    });
     f.add_list(KEY, "Bench list", false);
     let settings = format!(
         r#"

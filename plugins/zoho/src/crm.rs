@@ -39,11 +39,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
     ChangePage, ConnectorError, ConnectorResult, ConsentWriteBack, CrmConnector, CrmRecord, Cursor,
-    Health, InvalidRecord, Limits, RecordRef, WebhookEvent,
+    FailureScope, Health, InvalidRecord, Limits, RecordRef, WebhookEvent,
 };
 use reqwest::{Method, StatusCode, header};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::sync::{Mutex, Semaphore};
 
@@ -360,6 +361,7 @@ impl ZohoCrm {
                         env.code, env.message
                     ),
                     retry_after,
+                    scope: FailureScope::Service,
                 }
                 .into());
             }
@@ -369,6 +371,7 @@ impl ZohoCrm {
                 return Err(ConnectorError::Transient {
                     message: format!("Zoho CRM answered HTTP {status} {}", env.code),
                     retry_after,
+                    scope: FailureScope::Service,
                 }
                 .into());
             }
@@ -893,15 +896,7 @@ impl ZohoCrm {
                     });
                     return Ok(());
                 }
-                Err(ConnectorError::Transient {
-                    message,
-                    retry_after,
-                }) => {
-                    return Err(ConnectorError::Transient {
-                        message,
-                        retry_after,
-                    });
-                }
+                Err(e @ ConnectorError::Transient { .. }) => return Err(e),
                 Err(e) => last_error = Some(e),
             }
         }
@@ -1072,7 +1067,7 @@ impl CrmConnector for ZohoCrm {
                 message: format!("not a Zoho CRM notification: {e}"),
             })?;
         let given = parsed.token.unwrap_or_default();
-        if !bool::from(given.as_bytes().ct_eq(w.token.as_bytes())) {
+        if !webhook_token_matches(&w.token, &given) {
             return Err(ConnectorError::InvalidInput {
                 message: "Zoho CRM notification with a wrong channel token; refused".into(),
             });
@@ -1562,11 +1557,60 @@ fn asserts(rule: &AssertRule, value: Option<&Value>) -> bool {
     }
 }
 
+/// Whether a notification's channel token is the configured one, in time independent of
+/// where or whether they differ and of the given token's length: subtle's slice `ct_eq`
+/// returns early on a length mismatch (security review F13), so fixed-size SHA-256 digests
+/// are compared instead, as the admin API's bearer check does. An empty token never matches.
+fn webhook_token_matches(expected: &str, given: &str) -> bool {
+    let expected: [u8; 32] = Sha256::digest(expected.as_bytes()).into();
+    let digest: [u8; 32] = Sha256::digest(given.as_bytes()).into();
+    bool::from(digest.ct_eq(&expected)) && !given.is_empty()
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn f13_webhook_token_compare_is_length_independent() {
+        let expected = "s3cr3t-channel-token";
+        assert!(webhook_token_matches(expected, expected));
+        for wrong in [
+            "",
+            "s3cr3t",                        // a prefix (shorter)
+            "s3cr3t-channel-toke",           // one character short
+            "s3cr3t-channel-token-and-more", // longer, with the right token as its prefix
+            "s3cr3t-channel-tokem",          // same length, last character differs
+            "S3cr3t-channel-token",          // same length, first character differs
+        ] {
+            assert!(
+                !webhook_token_matches(expected, wrong),
+                "`{wrong}` must not match"
+            );
+        }
+        // The parser refuses a wrong-length token the same way as a wrong token.
+        let crm = crm(
+            "[webhook]\nnotify_url = \"https://example.org/webhooks/crm\"\ntoken = \"s3cr3t-channel-token\"\nchannel_id = 1",
+        );
+        let body = |token: &str| {
+            json!({"channel_id": 1, "token": token, "module": "Contacts",
+                "ids": ["41"], "operation": "update"})
+            .to_string()
+        };
+        assert!(matches!(
+            crm.parse_webhook(&[], body(expected).as_bytes()),
+            Ok(WebhookEvent::Changed(ids)) if ids.len() == 1
+        ));
+        for token in ["s3cr3t", "s3cr3t-channel-token-and-more"] {
+            let err = crm.parse_webhook(&[], body(token).as_bytes()).unwrap_err();
+            assert!(
+                matches!(&err, ConnectorError::InvalidInput { message } if message.contains("wrong channel token")),
+                "{token}: {err:?}"
+            );
+        }
+    }
 
     fn crm(extra: &str) -> ZohoCrm {
         let settings: toml::Table = toml::from_str(&format!(

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::time::Duration;
 
-use optinsync_plugin_api::{ConnectorError, ConnectorResult};
+use optinsync_plugin_api::{ConnectorError, ConnectorResult, FailureScope};
 use serde::Deserialize;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
@@ -149,6 +149,7 @@ impl ZohoOAuth {
                 message: "Zoho accounts throttled token requests; waiting before asking again"
                     .into(),
                 retry_after: Some(until - now),
+                scope: FailureScope::Service,
             });
         }
         prune(&mut state.sent, now);
@@ -169,6 +170,7 @@ impl ZohoOAuth {
                     wait.as_secs()
                 ),
                 retry_after: Some(wait),
+                scope: FailureScope::Service,
             });
         }
         state.sent.push_back(now);
@@ -291,6 +293,7 @@ impl ZohoOAuth {
                         description.unwrap_or(other)
                     ),
                     retry_after: Some(DENIED_BACKOFF),
+                    scope: FailureScope::Service,
                 }
             }
             other => config(

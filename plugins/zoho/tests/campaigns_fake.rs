@@ -8,11 +8,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use optinsync_plugin_api::{CampaignsConnector, ConnectorError, Cursor, StatusKind, Subscriber};
+use optinsync_plugin_api::{
+    CampaignsConnector, ConnectorError, Cursor, FailureScope, StatusKind, Subscriber,
+};
 use optinsync_plugin_zoho::ZohoCampaigns;
 use optinsync_plugin_zoho::campaigns::Api;
 use optinsync_testkit::zoho_campaigns::{
-    self as fake, CampaignsFault, FakeCampaigns, MemberStatus,
+    self as fake, CampaignsFault, FakeCampaigns, FakeCampaignsOptions, MemberStatus,
 };
 use serde_json::json;
 
@@ -97,11 +99,13 @@ async fn subscribe_and_remove_are_idempotent() {
         f.member(KEY, "ann@example.org").unwrap().status,
         MemberStatus::Unsub
     );
-    // Never on the list: "Contact does not exist" (2103) counts as done.
+    // Never on the list: "Contact does not exist" (2103), confirmed by a read of the list,
+    // counts as done.
     c.remove("newsletter", &["nobody@example.org".into()])
         .await
         .unwrap();
     assert_eq!(f.calls("listunsubscribe"), 3);
+    assert_eq!(f.calls("getlistsubscribers"), 1);
 
     // An unmapped list names the setting.
     let err = c
@@ -111,6 +115,93 @@ async fn subscribe_and_remove_are_idempotent() {
     assert!(
         matches!(&err, ConnectorError::Config { setting, .. } if setting == "connectors.campaigns.lists.other"),
         "{err:?}"
+    );
+}
+
+/// `listunsubscribe` answers 2101 "Please retry after sometime." for an address the list does
+/// not hold: the connector reads the list, and a removal of an address that is not there is
+/// done; one the list still holds retries as a per-record failure, never a service one.
+#[tokio::test]
+async fn ambiguous_removal_answers_are_settled_by_reading_the_list() {
+    let f = FakeCampaigns::start_with(FakeCampaignsOptions::unknown_unsubscribe_retry());
+    f.add_list(KEY, "Master programmes newsletter", false);
+    // Two pages of other members (page_size = 2), so the read has to page.
+    for i in 0..3 {
+        f.insert_member(KEY, &format!("m{i}@example.org"), MemberStatus::Active);
+    }
+    f.insert_member(KEY, "left@example.org", MemberStatus::Unsub);
+    let c = connector(&f, "page_size = 2");
+
+    // Never on the list: 2101, then a read (all pages) that does not find it → done.
+    c.remove("newsletter", &["Nobody@Example.org".into()])
+        .await
+        .unwrap();
+    assert_eq!(f.calls("listunsubscribe"), 1);
+    assert_eq!(
+        f.calls("getlistsubscribers"),
+        3,
+        "both pages read, and the empty one after them"
+    );
+    // Unsubscribed earlier (not active): Zoho takes the call; nothing else needed.
+    c.remove("newsletter", &["left@example.org".into()])
+        .await
+        .unwrap();
+    assert_eq!(f.calls("getlistsubscribers"), 3, "no read after a success");
+
+    // On the list, but Zoho answers 2101 (or 2103) anyway: found by the read → the record
+    // retries, and says it concerns this record only.
+    for code in ["2101", "2103"] {
+        f.fail_next(CampaignsFault::Code {
+            code: code.into(),
+            message: "Please retry after sometime.".into(),
+        });
+        let reads = f.calls("getlistsubscribers");
+        let err = c
+            .remove("newsletter", &["M1@example.org".into()])
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.transient_scope(),
+            Some(FailureScope::Record),
+            "{code}: {err:?}"
+        );
+        assert!(err.to_string().contains(code), "{err}");
+        assert!(
+            f.calls("getlistsubscribers") > reads,
+            "{code}: the list was read"
+        );
+        assert_eq!(
+            f.member(KEY, "m1@example.org").unwrap().status,
+            MemberStatus::Active
+        );
+    }
+    // The retry goes through.
+    c.remove("newsletter", &["m1@example.org".into()])
+        .await
+        .unwrap();
+    assert_eq!(
+        f.member(KEY, "m1@example.org").unwrap().status,
+        MemberStatus::Unsub
+    );
+
+    // The read itself failing is a service failure: nothing is concluded from it.
+    f.fail_next(CampaignsFault::Code {
+        code: "2101".into(),
+        message: "Please retry after sometime.".into(),
+    });
+    f.fail_next(CampaignsFault::Status(503));
+    let err = c
+        .remove("newsletter", &["m2@example.org".into()])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.transient_scope(),
+        Some(FailureScope::Service),
+        "{err:?}"
+    );
+    assert_eq!(
+        f.member(KEY, "m2@example.org").unwrap().status,
+        MemberStatus::Active
     );
 }
 
@@ -210,28 +301,48 @@ async fn string_error_codes_are_mapped() {
             "{bad}: {err:?}"
         );
     }
-    // "Please retry after sometime", garbage, 5xx: transient.
+    // "Please retry after sometime" about one address: transient for that record only.
     f.fail_next(CampaignsFault::Code {
-        code: "2101".into(),
-        message: "Please retry after sometime.".into(),
+        code: "2001".into(),
+        message: "Error in subscription. Please retry after sometime.".into(),
     });
     let err = c
-        .remove("newsletter", &["x@example.org".into()])
+        .subscribe("newsletter", &[sub("a@example.org", "First")])
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectorError::Transient { .. }), "{err:?}");
+    assert_eq!(err.transient_scope(), Some(FailureScope::Record), "{err:?}");
+    // Garbage, 5xx: transient for the whole service.
     f.fail_next(CampaignsFault::Garbage);
     let err = c
         .subscribe("newsletter", &[sub("a@example.org", "")])
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectorError::Transient { .. }), "{err:?}");
+    assert_eq!(
+        err.transient_scope(),
+        Some(FailureScope::Service),
+        "{err:?}"
+    );
     f.fail_next(CampaignsFault::Status(503));
     let err = c
         .subscribe("newsletter", &[sub("a@example.org", "")])
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectorError::Transient { .. }), "{err:?}");
+    assert_eq!(
+        err.transient_scope(),
+        Some(FailureScope::Service),
+        "{err:?}"
+    );
+    // A "retry" code that is not about one address stays a service failure.
+    f.fail_next(CampaignsFault::Code {
+        code: "2502".into(),
+        message: "Error in displaying contacts details.Please try after sometime.".into(),
+    });
+    let err = c.list_members("newsletter", None).await.unwrap_err();
+    assert_eq!(
+        err.transient_scope(),
+        Some(FailureScope::Service),
+        "{err:?}"
+    );
     // A wrong list key inside a call: the list's setting.
     f.fail_next(CampaignsFault::Code {
         code: "2501".into(),

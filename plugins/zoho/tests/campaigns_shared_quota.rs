@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use optinsync_plugin_api::{
-    CampaignsConnector, ConnectorError, ConnectorResult, QuotaLedger, QuotaSlot, QuotaWindow,
-    SharedMarks, StatusKind, Subscriber,
+    CampaignsConnector, ConnectorError, ConnectorResult, FailureScope, QuotaLedger, QuotaSlot,
+    QuotaWindow, SharedMarks, StatusKind, Subscriber,
 };
 use optinsync_plugin_zoho::ZohoCampaigns;
 use optinsync_plugin_zoho::campaigns::Api;
@@ -217,9 +217,12 @@ async fn a_lock_out_met_by_one_instance_pauses_the_other() {
         ConnectorError::Transient {
             retry_after: Some(rest),
             message,
+            scope,
         } => assert!(
-            rest > Duration::from_secs(30) && message.contains("locked"),
-            "{rest:?} {message}"
+            rest > Duration::from_secs(30)
+                && message.contains("locked")
+                && scope == FailureScope::Service,
+            "a lock-out concerns the whole endpoint: {rest:?} {message} {scope:?}"
         ),
         other => panic!("expected a transient lock-out, got {other:?}"),
     }

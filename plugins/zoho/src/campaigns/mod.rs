@@ -23,8 +23,16 @@
 //! fields of a contact already on the list, so a retry is harmless). Several address-only
 //! subscribers for a `doi = "optinsync"` list go through `addlistsubscribersinbulk`, ten per
 //! call (the bulk call takes no fields, and whether it sends confirmation mails is not
-//! documented, so never for `doi = "zoho"`). `remove` uses `json/listunsubscribe`; "contact
-//! does not exist" (`2103`) counts as done.
+//! documented, so never for `doi = "zoho"`). `remove` uses `json/listunsubscribe`. Its answers
+//! `2101` ("Please retry after sometime.", the only code its page documents, and the answer
+//! seen for an address the list does not hold) and `2103` ("Contact does not exist.") are
+//! ambiguous, so the connector reads the list (`getlistsubscribers?status=active`, zoho-api.md
+//! §3.6; no single-contact lookup is documented) before deciding: an address the list does not
+//! hold as active is done (logged at INFO without the address, counted in
+//! `optinsync_zoho_campaigns_removal_checks_total`); one it still holds is retried as a
+//! [`FailureScope::Record`] failure. An invalid address (`2004`) is done at once: the list
+//! cannot hold it. (A contact still pending Zoho's own confirmation on a `doi = "zoho"` list
+//! is not `active`, and no documented status shows it: such a removal also counts as done.)
 //!
 //! # Pull back
 //!
@@ -55,13 +63,17 @@
 //! stay within Zoho's limits and a lock-out one meets pauses them all.
 //!
 //! Zoho answers errors with HTTP 200 and a string `code`: invalid address (`2004`, `2005`) →
-//! [`ConnectorError::Rejected`]; "please retry after sometime" (`2001`, `2101`, `2201`, `2402`,
-//! `2502`, ...) → [`ConnectorError::Transient`]; a lock (a `lock_codes` code, or a message
-//! saying "locked", at HTTP 200 or 429) → `Transient` with `retry_after` = the rest of the lock,
-//! and the endpoint is paused until then; any other HTTP 429 pauses the endpoint for its
-//! `Retry-After` (5 s without one); list errors (`2501`, `2102`, ...) → [`ConnectorError::Config`]
-//! naming the list's setting; `1007`/`401` → one token refresh; 5xx, other statuses and bodies
-//! that are not JSON → `Transient`.
+//! [`ConnectorError::Rejected`]; a "retry after sometime" about one address (`2001`, `2101`,
+//! `2103` from `listsubscribe`/`listunsubscribe`; see `remove` above for how removals settle
+//! `2101`/`2103` first) → `Transient` of [`FailureScope::Record`]: that row retries with backoff
+//! and the engine's circuit breaker ignores it, so one class of failing addresses cannot pause
+//! every other delivery; other "retry" codes (`2201`, `2402`, `2502`, ...) and unknown codes →
+//! `Transient` of [`FailureScope::Service`]; a lock (a `lock_codes` code, or a message saying
+//! "locked", at HTTP 200 or 429) → service `Transient` with `retry_after` = the rest of the
+//! lock, and the endpoint is paused until then; any other HTTP 429 pauses the endpoint for its
+//! `Retry-After` (5 s without one); list errors (`2501`, `2102`, ...) →
+//! [`ConnectorError::Config`] naming the list's setting; `1007`/`401` → one token refresh; 5xx,
+//! other statuses, timeouts and bodies that are not JSON → service `Transient`.
 
 pub(crate) mod budget;
 pub mod config;
@@ -74,8 +86,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
-    CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, Health, Limits,
-    MemberPage, QuotaLedger, QuotaSlot, QuotaWindow, SharedMarks, StatusEvent, StatusKind,
+    CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, FailureScope, Health,
+    Limits, MemberPage, QuotaLedger, QuotaSlot, QuotaWindow, SharedMarks, StatusEvent, StatusKind,
     StatusPage, Subscriber,
 };
 use reqwest::{Method, StatusCode, header};
@@ -107,7 +119,18 @@ pub enum Api {
     GetListSubscribers,
 }
 
+/// In-body "retry after sometime" codes that, answered to a call about one address
+/// (`listsubscribe`, `listunsubscribe`), concern that address on that list: Zoho answered, so
+/// the service is alive (zoho-api.md §3.3, §3.4, §3.8).
+const RECORD_RETRY_CODES: [&str; 3] = ["2001", "2101", "2103"];
+
 impl Api {
+    /// The call is about one address on one list, so a "retry later" answer to it is about
+    /// that address, not the service.
+    fn concerns_one_address(self) -> bool {
+        matches!(self, Api::ListSubscribe | Api::ListUnsubscribe)
+    }
+
     pub const ALL: [Api; 5] = [
         Api::GetMailingLists,
         Api::ListSubscribe,
@@ -564,6 +587,7 @@ impl ZohoCampaigns {
                             rest.as_secs()
                         ),
                         retry_after: Some(rest),
+                        scope: FailureScope::Service,
                     });
                 }
                 Slot::Wait(wait) => {
@@ -592,6 +616,7 @@ impl ZohoCampaigns {
                                 wait.as_secs()
                             ),
                             retry_after: Some(wait),
+                            scope: FailureScope::Service,
                         });
                     }
                     tokio::time::sleep(wait).await;
@@ -727,6 +752,7 @@ impl ZohoCampaigns {
                 return Err(ConnectorError::Transient {
                     message: format!("Zoho Campaigns `{}` answered HTTP 429", api.name()),
                     retry_after: Some(rest),
+                    scope: FailureScope::Service,
                 }
                 .into());
             }
@@ -744,6 +770,7 @@ impl ZohoCampaigns {
                 return Err(ConnectorError::Transient {
                     message: format!("Zoho Campaigns `{}` answered HTTP {status}", api.name()),
                     retry_after,
+                    scope: FailureScope::Service,
                 }
                 .into());
             }
@@ -777,6 +804,7 @@ impl ZohoCampaigns {
                         api.name()
                     ),
                     retry_after: Some(rest),
+                    scope: FailureScope::Service,
                 }
                 .into());
             }
@@ -820,7 +848,18 @@ impl ZohoCampaigns {
                 ),
             },
             "914" | "2302" => ConnectorError::Permanent { message: what },
-            // "Please retry after sometime" and anything unknown: retried with backoff.
+            // "Please retry after sometime" about this address: this record retries with
+            // backoff; the service answered, so no other record waits for it.
+            c if api.concerns_one_address() && RECORD_RETRY_CODES.contains(&c) => {
+                tracing::debug!(
+                    endpoint = api.name(),
+                    code,
+                    "Zoho Campaigns error about one address; that record will retry"
+                );
+                ConnectorError::record_transient(what)
+            }
+            // Other "please retry after sometime" and anything unknown: retried with backoff,
+            // and counted as a service failure (cautious: it may concern every call).
             _ => {
                 tracing::warn!(
                     endpoint = api.name(),
@@ -993,6 +1032,45 @@ impl ZohoCampaigns {
                 Err(self.api_error(Api::GetListSubscribers, list, &code, &message))
             }
             Err(CallError::Connector(e)) => Err(e),
+        }
+    }
+
+    /// Whether `listkey` holds `email` as an active member: every page of
+    /// `getlistsubscribers?status=active` until the address is found (the reference documents
+    /// no lookup of one contact). Read fresh for every ambiguous removal, not cached: a
+    /// removal is a legal duty, and a stale "not there" would leave the person on the list.
+    /// For the same reason only an empty page ends the read (Zoho may cap `range` below
+    /// `page_size`; a short page is not proof of the end).
+    async fn holds_active(&self, list: &str, listkey: &str, email: &str) -> ConnectorResult<bool> {
+        let wanted = address_key(email);
+        let mut from = 1;
+        loop {
+            let items = self.subscribers_page(list, listkey, "active", from).await?;
+            if items.is_empty() {
+                return Ok(false);
+            }
+            if items
+                .iter()
+                .filter_map(Self::member_email)
+                .any(|e| address_key(&e) == wanted)
+            {
+                return Ok(true);
+            }
+            from += items.len();
+        }
+    }
+
+    /// Nothing was unsubscribed after all, so the status poll has nothing to recognise.
+    async fn forget_own_removal(&self, listkey: &str, email: &str) {
+        if let Some(set) = self.lock_removals().get_mut(listkey) {
+            set.remove(&address_key(email));
+        }
+        if let Some(marks) = &self.marks
+            && let Err(e) = marks
+                .unmark(&Self::removals_set(listkey), &[address_key(email)])
+                .await
+        {
+            tracing::debug!(error = %e, "shared own-removal mark not cleared");
         }
     }
 
@@ -1175,20 +1253,35 @@ impl CampaignsConnector for ZohoCampaigns {
             let params = [("listkey", m.listkey.clone()), ("contactinfo", info)];
             match self.call(Api::ListUnsubscribe, &params).await {
                 Ok(_) => {}
-                // Not on the list / not an address Zoho could hold: nothing to remove.
-                Err(CallError::Api { code, .. }) if matches!(code.as_str(), "2103" | "2004") => {
-                    // Nothing was unsubscribed, so nothing to recognise later.
-                    if let Some(set) = self.lock_removals().get_mut(&m.listkey) {
-                        set.remove(&address_key(email));
+                // Not an address Zoho could hold: nothing to remove.
+                Err(CallError::Api { code, .. }) if code == "2004" => {
+                    self.forget_own_removal(&m.listkey, email).await;
+                    tracing::debug!(list, code = %code, "address invalid for Zoho Campaigns; nothing to remove");
+                }
+                // Ambiguous: 2101 is both "retry later" and what Zoho answers for an address
+                // the list does not hold; 2103 says "does not exist". Read the list to decide.
+                Err(CallError::Api { code, message })
+                    if matches!(code.as_str(), "2101" | "2103") =>
+                {
+                    // (The label is one of the two codes matched above: bounded.)
+                    let code_label = if code == "2101" { "2101" } else { "2103" };
+                    // A failing read is a service failure and propagates as one.
+                    if self.holds_active(list, &m.listkey, email).await? {
+                        metrics::counter!("optinsync_zoho_campaigns_removal_checks_total", "code" => code_label, "found" => "on_list").increment(1);
+                        tracing::info!(
+                            list,
+                            code = code_label,
+                            "Zoho Campaigns refused a removal, and the list still holds the address; this removal will retry"
+                        );
+                        return Err(self.api_error(Api::ListUnsubscribe, list, &code, &message));
                     }
-                    if let Some(marks) = &self.marks
-                        && let Err(e) = marks
-                            .unmark(&Self::removals_set(&m.listkey), &[address_key(email)])
-                            .await
-                    {
-                        tracing::debug!(error = %e, "shared own-removal mark not cleared");
-                    }
-                    tracing::debug!(list, code = %code, "address not on the Zoho Campaigns list; nothing to remove");
+                    self.forget_own_removal(&m.listkey, email).await;
+                    metrics::counter!("optinsync_zoho_campaigns_removal_checks_total", "code" => code_label, "found" => "not_on_list").increment(1);
+                    tracing::info!(
+                        list,
+                        code = code_label,
+                        "Zoho Campaigns refused a removal, and the list does not hold the address (checked with getlistsubscribers); nothing to remove, done"
+                    );
                 }
                 Err(CallError::Api { code, message }) => {
                     return Err(self.api_error(Api::ListUnsubscribe, list, &code, &message));
