@@ -281,7 +281,10 @@ async fn campaigns_circuit(port: u16) -> String {
 /// never open the campaigns circuit, and confirmations must reach the list at once.
 #[tokio::test(flavor = "multi_thread")]
 async fn zoho_2101_removals_do_not_block_confirmations() {
-    const OPTED_OUT: usize = 12; // more than twice the circuit threshold
+    // The run that found it: 5,000 CRM contacts, 50 of them opted out (ten times the circuit
+    // threshold), beside people confirming.
+    const OPTED_OUT: usize = 50;
+    const OTHERS: usize = 4_950;
     let f = FakeCampaigns::start_with(FakeCampaignsOptions::unknown_unsubscribe_retry());
     f.add_list(KEY, "Master programmes newsletter", false);
     // One opted-out contact is on the Zoho list from before optinsync: really removed.
@@ -295,6 +298,12 @@ async fn zoho_2101_removals_do_not_block_confirmations() {
         ));
     }
     csv.push_str("7100,Held,Out,held.out@example.org,en,true,true\n");
+    for i in 0..OTHERS {
+        csv.push_str(&format!(
+            "{},P{i},Person,person{i}@example.com,en,false,false\n",
+            20_000 + i
+        ));
+    }
     std::fs::write(demo.path("demo/contacts.csv"), csv).unwrap();
     // Fast per-record retries; a circuit that opened would pause the campaigns connector far
     // longer than the 10 s confirmations are allowed.
