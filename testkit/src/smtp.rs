@@ -41,6 +41,13 @@ struct State {
     random: Option<(rand::rngs::StdRng, f64)>,
     /// Faults injected: (451 answers, dropped connections, 421 greetings while down).
     injected: (u64, u64, u64),
+    /// Connections accepted.
+    sessions: u64,
+    /// Sessions that started before the current epoch close at their next command, without
+    /// an answer (as if the server had closed them while idle).
+    epoch: u64,
+    /// Store this many more messages but close the connection instead of answering `250`.
+    drop_after_data: usize,
 }
 
 /// A running SMTP sink; it stops when dropped (its thread ends with the process).
@@ -135,6 +142,23 @@ impl SmtpSink {
         self.lock().injected
     }
 
+    /// How many connections the sink has accepted.
+    pub fn sessions(&self) -> u64 {
+        self.lock().sessions
+    }
+
+    /// Close every open session at its next command, without an answer: what a client sees
+    /// when the server dropped an idle pooled connection.
+    pub fn kick_sessions(&self) {
+        self.lock().epoch += 1;
+    }
+
+    /// For the next `times` messages: store the message, then close the connection instead
+    /// of answering `250` (the client cannot know the message was accepted).
+    pub fn drop_after_data(&self, times: usize) {
+        self.lock().drop_after_data = times;
+    }
+
     /// Messages accepted so far.
     pub fn messages(&self) -> Vec<Received> {
         self.lock().messages.clone()
@@ -197,12 +221,13 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
     stream.set_nodelay(true)?;
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
-    let down = {
+    let (down, epoch) = {
         let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+        st.sessions += 1;
         if st.down {
             st.injected.2 += 1;
         }
-        st.down
+        (st.down, st.epoch)
     };
     if down {
         write
@@ -223,8 +248,15 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
         }
         let cmd = line.trim_end().to_owned();
         let upper = cmd.to_ascii_uppercase();
+        let (down, kicked) = {
+            let st = state.lock().unwrap_or_else(|p| p.into_inner());
+            (st.down, st.epoch != epoch)
+        };
+        if kicked {
+            return Ok(());
+        }
         // Going down also ends sessions a client keeps open (pooled connections).
-        if state.lock().unwrap_or_else(|p| p.into_inner()).down {
+        if down {
             write
                 .write_all(b"421 4.3.2 optinsync-testkit is down\r\n")
                 .await?;
@@ -303,15 +335,20 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
                     data.push_str(l);
                     data.push_str("\r\n");
                 }
-                state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .messages
-                    .push(Received {
+                let drop_now = {
+                    let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.messages.push(Received {
                         mail_from: from.clone(),
                         rcpt_to: std::mem::take(&mut rcpts),
                         data,
                     });
+                    let drop_now = st.drop_after_data > 0;
+                    st.drop_after_data = st.drop_after_data.saturating_sub(1);
+                    drop_now
+                };
+                if drop_now {
+                    return Ok(());
+                }
                 "250 2.0.0 queued".into()
             }
         } else if upper == "RSET" {

@@ -4,8 +4,10 @@
 //!   465) or `"none"` (plain text, for local test servers only; must be written explicitly).
 //!   Certificates are checked against the Mozilla roots (webpki-roots), through rustls: no
 //!   OpenSSL.
+//! * Every connection is opened here with `TCP_NODELAY` (see [`conn`]) and handed to lettre,
+//!   which speaks SMTP on it; up to `pool_size` idle connections are kept and reused.
 //! * Optional authentication (`username`/`password`, may be `"${ENV}"` references), a
-//!   connection pool, a per-command timeout and a send rate limit (`rate_per_minute`).
+//!   per-command timeout and a send rate limit (`rate_per_minute`).
 //! * Optional DKIM signing (RSA-SHA256 or Ed25519-SHA256) whose `h=` covers From, To,
 //!   Subject, Date, Message-ID, List-Unsubscribe and List-Unsubscribe-Post (RFC 8058 §4 needs
 //!   the last two signed for one-click unsubscribe).
@@ -29,15 +31,22 @@ use lettre::message::dkim::{
 };
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
-use lettre::transport::smtp::PoolConfig;
+use lettre::Message;
 use lettre::transport::smtp::authentication::Credentials;
-use lettre::transport::smtp::client::{Tls, TlsParameters};
+use lettre::transport::smtp::client::TlsParameters;
 use lettre::transport::smtp::extension::ClientId;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 use optinsync_plugin_api::{
     ConnectorError, ConnectorResult, Health, Limits, MailTransport, OutgoingMessage, SentMessage,
 };
 use serde::Deserialize;
+
+pub mod conn;
+
+pub use conn::SendError;
+use conn::{Connector, Pool, Security};
+
+/// How long a connection may sit unused in the pool before it is closed rather than reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Headers every DKIM signature covers, in this order.
 pub const DKIM_SIGNED_HEADERS: &[&str] = &[
@@ -101,7 +110,7 @@ pub struct SmtpConfig {
     /// Timeout of each SMTP command, in seconds.
     #[serde(default = "default_timeout_secs")]
     pub timeout_secs: u64,
-    /// Most connections kept open to the relay.
+    /// Most connections open to the relay at once (in use or idle).
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
     /// Most messages handed to the relay per minute (the relay's own limit, or lower).
@@ -161,7 +170,8 @@ fn default_algorithm() -> String {
 
 /// The SMTP [`MailTransport`].
 pub struct SmtpTransport {
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    connector: Connector,
+    pool: Pool,
     limiter: DefaultDirectRateLimiter,
     dkim: Option<DkimConfig>,
     rate_per_minute: u32,
@@ -173,8 +183,10 @@ impl std::fmt::Debug for SmtpTransport {
         // Never print credentials or key material.
         f.debug_struct("SmtpTransport")
             .field("host", &self.host)
+            .field("port", &self.connector.port)
             .field("rate_per_minute", &self.rate_per_minute)
             .field("dkim", &self.dkim.is_some())
+            .field("pool", &self.pool)
             .finish_non_exhaustive()
     }
 }
@@ -196,39 +208,34 @@ impl SmtpTransport {
             TlsMode::Tls => 465,
             TlsMode::None => 25,
         });
-        let tls = match config.tls {
-            TlsMode::None => Tls::None,
-            mode => {
-                let params = TlsParameters::new(config.host.clone())
-                    .map_err(|e| invalid("tls", format!("cannot set up TLS: {e}")))?;
-                if mode == TlsMode::Tls {
-                    Tls::Wrapper(params)
-                } else {
-                    Tls::Required(params)
-                }
-            }
+        let security = match config.tls {
+            TlsMode::None => Security::Plain,
+            TlsMode::Starttls => Security::Starttls(
+                TlsParameters::new(config.host.clone())
+                    .map_err(|e| invalid("tls", format!("cannot set up TLS: {e}")))?,
+            ),
+            TlsMode::Tls => conn::implicit_tls(&config.host).map_err(|e| invalid("tls", e))?,
         };
-        let mut builder = AsyncSmtpTransport::<Tokio1Executor>::builder_dangerous(&config.host)
-            .port(port)
-            .tls(tls)
-            .timeout(Some(Duration::from_secs(config.timeout_secs.max(1))))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(config.pool_size.max(1))
-                    .idle_timeout(Duration::from_secs(60)),
-            );
-        if let Some(name) = &config.hello_name {
-            builder = builder.hello_name(ClientId::Domain(name.clone()));
-        }
-        match (&config.username, &config.password) {
-            (Some(u), Some(p)) => {
-                builder = builder.credentials(Credentials::new(u.clone(), p.clone()));
-            }
-            (None, None) => {}
+        let credentials = match (&config.username, &config.password) {
+            (Some(u), Some(p)) => Some(Credentials::new(u.clone(), p.clone())),
+            (None, None) => None,
             _ => {
                 return Err(invalid("username", "`username` and `password` go together"));
             }
-        }
+        };
+        let connector = Connector {
+            host: config.host.clone(),
+            port,
+            security,
+            hello: config
+                .hello_name
+                .clone()
+                .map(ClientId::Domain)
+                .unwrap_or_default(),
+            credentials,
+            timeout: Duration::from_secs(config.timeout_secs.max(1)),
+        };
+        let pool_size = usize::try_from(config.pool_size.max(1)).unwrap_or(1);
         let rate = NonZeroU32::new(config.rate_per_minute)
             .ok_or_else(|| invalid("rate_per_minute", "must be at least 1"))?;
         let dkim = config
@@ -237,12 +244,19 @@ impl SmtpTransport {
             .map(|d| dkim_config(d, base_dir))
             .transpose()?;
         Ok(Self {
-            transport: builder.build(),
+            connector,
+            pool: Pool::new(pool_size, IDLE_TIMEOUT),
             limiter: RateLimiter::direct(Quota::per_minute(rate)),
             dkim,
             rate_per_minute: config.rate_per_minute,
             host: config.host.clone(),
         })
+    }
+
+    /// How many connections to the relay this transport has opened so far (pool reuse
+    /// keeps this low; a stale pooled connection adds one).
+    pub fn connections_opened(&self) -> u64 {
+        self.pool.opened()
     }
 }
 
@@ -362,12 +376,27 @@ pub fn classify(err: &lettre::transport::smtp::Error) -> ConnectorError {
     }
 }
 
+/// Map a failed connection or transaction onto what the engine must do with the message.
+pub fn classify_send(err: &SendError) -> ConnectorError {
+    match err {
+        SendError::Smtp(e) => classify(e),
+        // Connection, TLS and timeouts are passing trouble; a missing extension was a
+        // lettre client error before and stays temporary (the relay may be reconfigured).
+        SendError::Connect(_)
+        | SendError::Tls(_)
+        | SendError::Timeout { .. }
+        | SendError::Unsupported(_) => ConnectorError::transient(err.to_string()),
+    }
+}
+
 #[async_trait]
 impl MailTransport for SmtpTransport {
     async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage> {
         let mail = build_message(message, self.dkim.as_ref())?;
         self.limiter.until_ready().await;
-        match self.transport.send(mail).await {
+        let envelope = mail.envelope().clone();
+        let raw = mail.formatted();
+        match self.connector.send(&self.pool, &envelope, &raw).await {
             Ok(response) => {
                 tracing::debug!(code = %response.code(), "relay accepted the message");
                 Ok(SentMessage {
@@ -376,7 +405,7 @@ impl MailTransport for SmtpTransport {
                 })
             }
             Err(e) => {
-                let mapped = classify(&e);
+                let mapped = classify_send(&e);
                 tracing::debug!(error = %e, "SMTP send failed");
                 Err(mapped)
             }
@@ -384,14 +413,10 @@ impl MailTransport for SmtpTransport {
     }
 
     async fn health(&self) -> ConnectorResult<Health> {
-        Ok(match self.transport.test_connection().await {
-            Ok(true) => Health {
+        Ok(match self.connector.check(&self.pool).await {
+            Ok(()) => Health {
                 ok: true,
                 detail: format!("SMTP relay {} answers", self.host),
-            },
-            Ok(false) => Health {
-                ok: false,
-                detail: format!("SMTP relay {} did not accept NOOP", self.host),
             },
             Err(e) => Health {
                 ok: false,

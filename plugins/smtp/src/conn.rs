@@ -1,0 +1,551 @@
+//! Connections to the relay, opened by us so that every one has `TCP_NODELAY`, and a small
+//! pool of idle ones.
+//!
+//! lettre writes each command, the message and its final `.\r\n` in separate small writes
+//! and never sets `TCP_NODELAY`: Nagle's algorithm then holds the last write back until the
+//! relay's delayed ACK (~40 ms), once per mail. lettre accepts a stream it did not open
+//! ([`AsyncSmtpConnection::connect_with_transport`]), so we open the TCP stream ourselves,
+//! set `TCP_NODELAY`, wrap it in TLS for implicit TLS, and let lettre speak SMTP on it.
+//!
+//! Every step (connect, TLS, greeting + EHLO, STARTTLS, AUTH, each command of a transaction,
+//! the message) runs under the configured timeout: lettre's tokio client only times the TCP
+//! connect.
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use lettre::address::Envelope;
+use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
+use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
+use lettre::transport::smtp::commands::{Data, Mail, Noop, Quit, Rcpt};
+use lettre::transport::smtp::extension::{ClientId, Extension, MailBodyParameter, MailParameter};
+use lettre::transport::smtp::response::Response;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+/// Why a connection or a transaction failed. Messages never contain addresses.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// The TCP connection could not be opened.
+    #[error("cannot connect to the relay: {0}")]
+    Connect(#[source] io::Error),
+    /// The implicit-TLS handshake failed (certificate, protocol, or a relay that is not TLS).
+    #[error("TLS handshake with the relay failed: {0}")]
+    Tls(#[source] io::Error),
+    /// A step did not finish within the configured timeout.
+    #[error("{step} timed out after {secs} s")]
+    Timeout { step: &'static str, secs: u64 },
+    /// The message needs an extension the relay does not offer.
+    #[error("the relay does not offer {0}, which this message needs")]
+    Unsupported(&'static str),
+    /// The relay answered with an error, or lettre failed to speak SMTP with it.
+    #[error(transparent)]
+    Smtp(#[from] lettre::transport::smtp::Error),
+}
+
+impl SendError {
+    /// The SMTP reply code, when the relay answered.
+    pub fn code(&self) -> Option<u16> {
+        match self {
+            SendError::Smtp(e) => e.status().map(u16::from),
+            _ => None,
+        }
+    }
+}
+
+/// How the TCP stream is secured before lettre gets it.
+#[derive(Clone)]
+pub(crate) enum Security {
+    /// Plain text (loopback relays and tests).
+    Plain,
+    /// Plain, then `STARTTLS` (required: failing to upgrade fails the connection).
+    Starttls(TlsParameters),
+    /// TLS from the first byte.
+    Implicit {
+        connector: TlsConnector,
+        server_name: ServerName<'static>,
+    },
+}
+
+/// Opens authenticated, ready-to-send SMTP connections.
+pub(crate) struct Connector {
+    pub host: String,
+    pub port: u16,
+    pub security: Security,
+    pub hello: ClientId,
+    pub credentials: Option<Credentials>,
+    pub timeout: Duration,
+}
+
+/// Run `fut` under the per-step timeout.
+async fn timed<T, E>(
+    timeout: Duration,
+    step: &'static str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, SendError>
+where
+    SendError: From<E>,
+{
+    match tokio::time::timeout(timeout, fut).await {
+        Ok(result) => result.map_err(SendError::from),
+        Err(_) => Err(SendError::Timeout {
+            step,
+            secs: timeout.as_secs(),
+        }),
+    }
+}
+
+impl From<std::convert::Infallible> for SendError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
+    }
+}
+
+impl Connector {
+    /// Open the TCP stream with `TCP_NODELAY` set.
+    pub(crate) async fn tcp(&self) -> Result<TcpStream, SendError> {
+        let connect = async {
+            TcpStream::connect((self.host.as_str(), self.port))
+                .await
+                .map_err(SendError::Connect)
+        };
+        let stream = timed(self.timeout, "connect", connect).await?;
+        stream.set_nodelay(true).map_err(SendError::Connect)?;
+        Ok(stream)
+    }
+
+    /// A new connection: TCP (+ TLS), greeting, EHLO, STARTTLS + EHLO, AUTH.
+    pub(crate) async fn open(&self) -> Result<AsyncSmtpConnection, SendError> {
+        let tcp = self.tcp().await?;
+        let stream: Box<dyn AsyncTokioStream> = match &self.security {
+            Security::Implicit {
+                connector,
+                server_name,
+            } => {
+                let handshake = async {
+                    connector
+                        .connect(server_name.clone(), tcp)
+                        .await
+                        .map_err(SendError::Tls)
+                };
+                Box::new(TlsTcp(timed(self.timeout, "TLS handshake", handshake).await?))
+            }
+            Security::Plain | Security::Starttls(_) => Box::new(tcp),
+        };
+        let mut conn = timed(
+            self.timeout,
+            "greeting",
+            AsyncSmtpConnection::connect_with_transport(stream, &self.hello),
+        )
+        .await?;
+        if let Security::Starttls(params) = &self.security {
+            // lettre refuses when the relay does not offer STARTTLS: never plain text.
+            timed(
+                self.timeout,
+                "STARTTLS",
+                conn.starttls(params.clone(), &self.hello),
+            )
+            .await?;
+        }
+        if let Some(credentials) = &self.credentials {
+            timed(
+                self.timeout,
+                "AUTH",
+                conn.auth(DEFAULT_MECHANISMS, credentials),
+            )
+            .await?;
+        }
+        Ok(conn)
+    }
+}
+
+/// A failed transaction, and whether the message could have reached the relay.
+#[derive(Debug)]
+pub(crate) struct Failed {
+    pub error: SendError,
+    /// The message (DATA content) started going out: the relay may have accepted it, so
+    /// sending it again could deliver it twice.
+    pub content_sent: bool,
+}
+
+/// One mail transaction (MAIL, RCPT…, DATA, content) on `conn`, as lettre's `send` does it,
+/// but step by step so that the caller knows whether the content went out.
+pub(crate) async fn transact(
+    conn: &mut AsyncSmtpConnection,
+    envelope: &Envelope,
+    email: &[u8],
+    timeout: Duration,
+) -> Result<Response, Failed> {
+    let before = |error: SendError| Failed {
+        error,
+        content_sent: false,
+    };
+    let mut options = Vec::new();
+    let non_ascii_address = envelope
+        .from()
+        .into_iter()
+        .chain(envelope.to())
+        .any(|a: &lettre::Address| !AsRef::<str>::as_ref(a).is_ascii());
+    if non_ascii_address {
+        if !conn.server_info().supports_feature(Extension::SmtpUtfEight) {
+            return Err(before(SendError::Unsupported("SMTPUTF8")));
+        }
+        options.push(MailParameter::SmtpUtfEight);
+    }
+    if !email.is_ascii() {
+        if !conn.server_info().supports_feature(Extension::EightBitMime) {
+            return Err(before(SendError::Unsupported("8BITMIME")));
+        }
+        options.push(MailParameter::Body(MailBodyParameter::EightBitMime));
+    }
+    timed(
+        timeout,
+        "MAIL FROM",
+        conn.command(Mail::new(envelope.from().cloned(), options)),
+    )
+    .await
+    .map_err(before)?;
+    for to in envelope.to() {
+        timed(timeout, "RCPT TO", conn.command(Rcpt::new(to.clone(), vec![])))
+            .await
+            .map_err(before)?;
+    }
+    timed(timeout, "DATA", conn.command(Data))
+        .await
+        .map_err(before)?;
+    // From here on the relay may accept the message even if we never see its answer.
+    timed(timeout, "message", conn.message(email))
+        .await
+        .map_err(|error| Failed {
+            error,
+            content_sent: true,
+        })
+}
+
+/// Whether a failure on a *reused* connection before any content went out is the
+/// connection's fault (closed by the relay while idle, half-open), so one more try on a
+/// fresh connection is safe and cannot duplicate the mail.
+pub(crate) fn stale_connection(failed: &Failed) -> bool {
+    if failed.content_sent {
+        return false;
+    }
+    match &failed.error {
+        // 421: the relay is closing this session (idle timeout, shutting down).
+        SendError::Smtp(e) => e.status().is_none() || e.status().map(u16::from) == Some(421),
+        SendError::Timeout { .. } | SendError::Connect(_) | SendError::Tls(_) => true,
+        SendError::Unsupported(_) => false,
+    }
+}
+
+struct Idle {
+    conn: AsyncSmtpConnection,
+    since: Instant,
+}
+
+/// Up to `size` connections in use at once, and up to `size` idle ones kept for reuse.
+pub(crate) struct Pool {
+    idle: Mutex<Vec<Idle>>,
+    slots: Semaphore,
+    size: usize,
+    idle_timeout: Duration,
+    opened: AtomicU64,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("size", &self.size)
+            .field("idle", &self.idle_count())
+            .field("opened", &self.opened())
+            .finish()
+    }
+}
+
+impl Pool {
+    pub(crate) fn new(size: usize, idle_timeout: Duration) -> Pool {
+        let size = size.max(1);
+        Pool {
+            idle: Mutex::new(Vec::with_capacity(size)),
+            slots: Semaphore::new(size),
+            size,
+            idle_timeout,
+            opened: AtomicU64::new(0),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn idle_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Connections opened since start.
+    pub(crate) fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// The most recently used idle connection that has not idled too long.
+    fn take(&self) -> Option<AsyncSmtpConnection> {
+        let mut idle = self.lock();
+        let timeout = self.idle_timeout;
+        // Relays close idle sessions (Postfix after 300 s); do not bet on old ones.
+        idle.retain(|i| i.since.elapsed() < timeout);
+        idle.pop().map(|i| i.conn)
+    }
+
+    fn put(&self, conn: AsyncSmtpConnection) {
+        if conn.has_broken() {
+            return;
+        }
+        let mut idle = self.lock();
+        if idle.len() < self.size {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A connection taken from the pool or opened, with a slot held while in use.
+pub(crate) struct Lease<'a> {
+    pub conn: AsyncSmtpConnection,
+    pub reused: bool,
+    _slot: tokio::sync::SemaphorePermit<'a>,
+}
+
+impl Connector {
+    /// Send on a pooled connection; a reused connection that turns out stale before the
+    /// content went out is replaced once by a fresh one. Never sends the content twice.
+    pub(crate) async fn send(
+        &self,
+        pool: &Pool,
+        envelope: &Envelope,
+        email: &[u8],
+    ) -> Result<Response, SendError> {
+        let mut lease = self.lease(pool).await?;
+        let first = transact(&mut lease.conn, envelope, email, self.timeout).await;
+        let failed = match first {
+            Ok(response) => {
+                pool.put(lease.conn);
+                return Ok(response);
+            }
+            Err(failed) => failed,
+        };
+        let retry = lease.reused && stale_connection(&failed);
+        self.discard(lease.conn, &failed.error).await;
+        if !retry {
+            return Err(failed.error);
+        }
+        tracing::debug!(error = %failed.error, "reused SMTP connection was stale; retrying on a new one");
+        let mut conn = self.open_counted(pool).await?;
+        match transact(&mut conn, envelope, email, self.timeout).await {
+            Ok(response) => {
+                pool.put(conn);
+                Ok(response)
+            }
+            Err(failed) => {
+                self.discard(conn, &failed.error).await;
+                Err(failed.error)
+            }
+        }
+    }
+
+    /// `NOOP` on a pooled connection.
+    pub(crate) async fn check(&self, pool: &Pool) -> Result<(), SendError> {
+        let mut lease = self.lease(pool).await?;
+        let noop = timed(self.timeout, "NOOP", lease.conn.command(Noop)).await;
+        match noop {
+            Ok(_) => {
+                pool.put(lease.conn);
+                Ok(())
+            }
+            Err(e) if lease.reused => {
+                self.discard(lease.conn, &e).await;
+                let mut conn = self.open_counted(pool).await?;
+                timed(self.timeout, "NOOP", conn.command(Noop)).await?;
+                pool.put(conn);
+                Ok(())
+            }
+            Err(e) => {
+                self.discard(lease.conn, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn lease<'a>(&self, pool: &'a Pool) -> Result<Lease<'a>, SendError> {
+        // The semaphore is never closed; a closed one would only mean "no limit".
+        let slot = pool
+            .slots
+            .acquire()
+            .await
+            .map_err(|_| SendError::Connect(io::Error::other("connection pool closed")))?;
+        if let Some(conn) = pool.take() {
+            return Ok(Lease {
+                conn,
+                reused: true,
+                _slot: slot,
+            });
+        }
+        let conn = self.open_counted(pool).await?;
+        Ok(Lease {
+            conn,
+            reused: false,
+            _slot: slot,
+        })
+    }
+
+    async fn open_counted(&self, pool: &Pool) -> Result<AsyncSmtpConnection, SendError> {
+        pool.opened.fetch_add(1, Ordering::Relaxed);
+        self.open().await
+    }
+
+    /// Drop a connection that failed; say QUIT first only if the relay is still answering.
+    async fn discard(&self, mut conn: AsyncSmtpConnection, error: &SendError) {
+        let answering = matches!(error, SendError::Smtp(e) if e.status().is_some());
+        if answering && !conn.has_broken() {
+            let _ = tokio::time::timeout(self.timeout, conn.command(Quit)).await;
+        }
+    }
+}
+
+/// A TLS stream over TCP, in the shape lettre takes.
+#[derive(Debug)]
+struct TlsTcp(TlsStream<TcpStream>);
+
+impl AsyncRead for TlsTcp {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsTcp {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+}
+
+impl AsyncTokioStream for TlsTcp {
+    fn peer_addr(&self) -> io::Result<SocketAddr> {
+        self.0.get_ref().0.peer_addr()
+    }
+}
+
+/// The rustls client configuration for implicit TLS: Mozilla roots, certificates checked.
+pub(crate) fn implicit_tls(host: &str) -> Result<Security, String> {
+    let server_name = ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("`{host}` is not a valid TLS server name: {e}"))?;
+    let mut roots = tokio_rustls::rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Security::Implicit {
+        connector: TlsConnector::from(Arc::new(config)),
+        server_name,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn connector(port: u16) -> Connector {
+        Connector {
+            host: "127.0.0.1".to_owned(),
+            port,
+            security: Security::Plain,
+            hello: ClientId::Domain("test".to_owned()),
+            credentials: None,
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_have_tcp_nodelay() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stream = connector(port).tcp().await.unwrap();
+        assert!(stream.nodelay().unwrap(), "TCP_NODELAY is set");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_a_connect_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        drop(listener);
+        let result = connector(port).open().await;
+        assert!(
+            matches!(result, Err(SendError::Connect(_))),
+            "{:?}",
+            result.err()
+        );
+    }
+
+    #[test]
+    fn only_failures_before_the_content_on_a_dead_connection_are_retried() {
+        let timeout = || SendError::Timeout {
+            step: "MAIL FROM",
+            secs: 1,
+        };
+        assert!(stale_connection(&Failed {
+            error: timeout(),
+            content_sent: false,
+        }));
+        assert!(!stale_connection(&Failed {
+            error: timeout(),
+            content_sent: true,
+        }));
+        assert!(!stale_connection(&Failed {
+            error: SendError::Unsupported("8BITMIME"),
+            content_sent: false,
+        }));
+    }
+}
