@@ -19,9 +19,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let addr = args.next().unwrap_or_else(|| "127.0.0.1:2525".to_owned());
     let count: usize = args.next().map(|n| n.parse()).transpose()?.unwrap_or(2000);
-    let (host, port) = addr
-        .rsplit_once(':')
-        .ok_or("address must be HOST:PORT")?;
+    let (host, port) = addr.rsplit_once(':').ok_or("address must be HOST:PORT")?;
     let key = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/fixtures");
     let settings: toml::Table = toml::from_str(&format!(
         "host = \"{host}\"\nport = {port}\ntls = \"none\"\nrate_per_minute = 100000000\n\
@@ -29,9 +27,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     ))?;
     let transport = SmtpTransport::from_config(settings, &key)?;
     // About the size of a rendered DOI mail with its HTML part (≈ 4.4 KB on the wire).
-    let text = "Please confirm your subscription to our newsletter by opening this link. \n"
-        .repeat(21);
-    let html = format!("<html><body><p>{}</p></body></html>", text.replace('\n', "<br>\n"));
+    let text =
+        "Please confirm your subscription to our newsletter by opening this link. \n".repeat(21);
+    let html = format!(
+        "<html><body><p>{}</p></body></html>",
+        text.replace('\n', "<br>\n")
+    );
     let started = Instant::now();
     for i in 0..count {
         let message = OutgoingMessage {

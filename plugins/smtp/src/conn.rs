@@ -139,7 +139,9 @@ impl Connector {
                         .await
                         .map_err(SendError::Tls)
                 };
-                Box::new(TlsTcp(timed(self.timeout, "TLS handshake", handshake).await?))
+                Box::new(TlsTcp(
+                    timed(self.timeout, "TLS handshake", handshake).await?,
+                ))
             }
             Security::Plain | Security::Starttls(_) => Box::new(tcp),
         };
@@ -217,9 +219,13 @@ pub(crate) async fn transact(
     .await
     .map_err(before)?;
     for to in envelope.to() {
-        timed(timeout, "RCPT TO", conn.command(Rcpt::new(to.clone(), vec![])))
-            .await
-            .map_err(before)?;
+        timed(
+            timeout,
+            "RCPT TO",
+            conn.command(Rcpt::new(to.clone(), vec![])),
+        )
+        .await
+        .map_err(before)?;
     }
     timed(timeout, "DATA", conn.command(Data))
         .await

@@ -46,7 +46,11 @@ async fn messages_reuse_one_connection() {
         t.send(&message(n)).await.unwrap();
     }
     assert_eq!(sink.count(), 5);
-    assert_eq!(sink.sessions(), 1, "every mail went over the first connection");
+    assert_eq!(
+        sink.sessions(),
+        1,
+        "every mail went over the first connection"
+    );
     assert_eq!(t.connections_opened(), 1);
     // The health check also uses the pooled connection.
     assert!(t.health().await.unwrap().ok);
@@ -62,7 +66,11 @@ async fn a_connection_the_relay_dropped_is_replaced() {
     // The pooled connection fails at MAIL FROM (nothing sent yet): one retry on a new one.
     t.send(&message(1)).await.unwrap();
     t.send(&message(2)).await.unwrap();
-    assert_eq!(sink.sessions(), 2, "one replacement connection, then reused");
+    assert_eq!(
+        sink.sessions(),
+        2,
+        "one replacement connection, then reused"
+    );
     for n in 0..3 {
         assert_eq!(sink.messages_to(&to(n)).len(), 1, "mail {n} delivered once");
     }
@@ -104,7 +112,11 @@ async fn refusals_are_classified_and_the_connection_is_dropped() {
     assert_eq!(sink.rcpt_attempts(&to(0)), 1);
     assert_eq!(sink.rcpt_attempts(&to(1)), 1);
     t.send(&message(1)).await.unwrap();
-    assert_eq!(sink.sessions(), 3, "each refused transaction closed its connection");
+    assert_eq!(
+        sink.sessions(),
+        3,
+        "each refused transaction closed its connection"
+    );
     assert_eq!(sink.count(), 1);
 }
 
