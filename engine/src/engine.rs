@@ -809,6 +809,8 @@ impl Engine {
 pub struct EraseReport {
     pub lists: u64,
     pub store: crate::store::Erasure,
+    /// Copies of the contact's mails the mail transport deleted (`.eml` files).
+    pub mail_copies_deleted: u64,
 }
 
 impl Engine {
@@ -854,12 +856,43 @@ impl Engine {
                 report.lists += 1;
             }
         }
+        report.mail_copies_deleted = self.forget_mails(contact).await?;
         let hash = self.tokens.address_hash(&contact.email);
         report.store = self
             .store
             .erase_contact(&contact.id, &hash, Utc::now())
             .await?;
-        tracing::info!(contact_id = %contact.id, source, redacted = report.store.redacted_events, "contact erased");
+        tracing::info!(
+            contact_id = %contact.id, source, redacted = report.store.redacted_events,
+            mail_copies_deleted = report.mail_copies_deleted, "contact erased"
+        );
         Ok(report)
+    }
+
+    /// Have the mail transport delete the copies it keeps of this contact's mails (the `eml`
+    /// transport's files carry the address in `To:`). A mail's transport key is its outbox
+    /// key `mail:<event id>` with `:` as `-` (`outbox::deliver_mail`), and every mail is
+    /// queued by one of the contact's events, so the events name every candidate. Done
+    /// before the store forgets the address: if it fails, erasure is reported as failed and
+    /// can be run again.
+    async fn forget_mails(&self, contact: &Contact) -> EngineResult<u64> {
+        let keys: Vec<String> = self
+            .store
+            .events_of_contact(&contact.id)
+            .await?
+            .iter()
+            .map(|e| format!("mail-{}", e.event_id))
+            .collect();
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.connectors
+            .mail
+            .forget(&keys)
+            .await
+            .map_err(|source| EngineError::Connector {
+                connector: "mail",
+                source,
+            })
     }
 }

@@ -861,3 +861,30 @@ async fn f2_a_suppression_keyed_before_canonicalisation_still_blocks_every_spell
     assert_eq!(demo.mails().len(), mails, "a suppressed mailbox is not mailed");
     assert_ne!(demo.state(JOSE, "newsletter"), "pending");
 }
+
+#[test]
+fn f12_erase_deletes_the_eml_copies_of_the_persons_mails() {
+    let demo = Demo::new();
+    demo.run_ok(&["sync", "--once"]);
+    let holds = |p: &std::path::PathBuf, needle: &str| {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .to_lowercase()
+            .contains(needle)
+    };
+    let before = demo.mails();
+    assert!(
+        before.iter().any(|p| holds(p, "ana.garcia")),
+        "Ana was mailed"
+    );
+    let others = before.iter().filter(|p| !holds(p, "ana.garcia")).count();
+    assert!(others > 0, "someone else was mailed too");
+
+    demo.run_ok(&["erase", ANA]);
+    let after = demo.mails();
+    assert!(
+        !after.iter().any(|p| holds(p, "ana.garcia")),
+        "no .eml file keeps the erased address"
+    );
+    assert_eq!(after.len(), others, "the other people's mails stay");
+}
