@@ -22,6 +22,7 @@ use crate::store::{
     Suppression,
 };
 use crate::tokens::TokenKeys;
+use crate::untrusted::{Escaped, clean_fields};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -286,13 +287,13 @@ impl Engine {
                 };
                 stats.pages += 1;
                 for bad in &page.invalid {
-                    tracing::warn!(location = %bad.location, reason = %bad.reason, "CRM record skipped");
+                    tracing::warn!(location = %Escaped(&bad.location), reason = %Escaped(&bad.reason), "CRM record skipped");
                     stats.invalid += 1;
                 }
                 // A deleted CRM record does not withdraw consent: the ledger keeps the proof
                 // and the person keeps their choice. It is only reported.
                 for gone in &page.deleted {
-                    tracing::info!(record = %gone, "CRM record deleted; consent kept");
+                    tracing::info!(record = %Escaped(gone), "CRM record deleted; consent kept");
                     stats.deleted += 1;
                 }
                 batch.extend(page.records);
@@ -712,8 +713,8 @@ impl Engine {
                 }
                 let upsert = ContactUpsert {
                     email: address,
-                    language: member.language.clone(),
-                    fields: member.fields.clone(),
+                    language: member.language.as_deref().map(crate::untrusted::clean_text),
+                    fields: clean_fields(&member.fields),
                     crm_record: None,
                 };
                 let contact = self.store.upsert_contact(&upsert, Utc::now()).await?;

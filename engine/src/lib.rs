@@ -20,4 +20,5 @@ pub mod rules;
 pub mod store;
 pub mod templates;
 pub mod tokens;
+pub mod untrusted;
 pub mod webhooks;

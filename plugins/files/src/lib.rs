@@ -3,7 +3,8 @@
 //! Each connector stands in for a real system with plain files, so the whole double-opt-in
 //! flow can be run (and inspected) on one machine:
 //!
-//! * [`CsvCrm`] — a CSV file plays the CRM ([`optinsync_plugin_api::CrmConnector`]).
+//! * [`CsvCrm`] — a CSV file plays the CRM ([`optinsync_plugin_api::CrmConnector`]);
+//!   its webhook can require a shared secret header ([`WEBHOOK_SECRET_HEADER`]).
 //!   Changes are found by row content, write-backs are appended to a JSONL file; the CSV
 //!   itself is never modified.
 //! * [`JsonlList`] — a JSONL file plays the Campaigns tool's lists
@@ -21,7 +22,7 @@ mod eml_dir;
 mod fsutil;
 mod jsonl_list;
 
-pub use csv_crm::{CsvCrm, CsvCrmConfig};
+pub use csv_crm::{CsvCrm, CsvCrmConfig, WEBHOOK_SECRET_HEADER, WebhookSecret};
 pub use eml_dir::{EmlDir, EmlDirConfig};
 pub use jsonl_list::{JsonlList, JsonlListConfig};
 
