@@ -888,3 +888,25 @@ fn f12_erase_deletes_the_eml_copies_of_the_persons_mails() {
     );
     assert_eq!(after.len(), others, "the other people's mails stay");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f11_crm_fields_lose_control_characters_and_only_mapped_fields_reach_the_list() {
+    let demo = Demo::new();
+    let csv = std::fs::read_to_string(demo.path("demo/contacts.csv"))
+        .unwrap()
+        .replace("1001,Ana,Garc\u{ed}a,", "1001,A\u{0}na\u{1b}[2J,Garc\u{ed}a,");
+    std::fs::write(demo.path("demo/contacts.csv"), csv).unwrap();
+    confirmed_ana(&demo, "f11-agent").await;
+
+    let v = demo.contact_json(ANA);
+    assert_eq!(v["contact"]["fields"]["First_Name"], "Ana[2J", "{v}");
+    let list = std::fs::read_to_string(demo.path("var/lists.jsonl")).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(list.trim()).unwrap();
+    assert_eq!(
+        entry["fields"],
+        serde_json::json!({"First_Name": "Ana[2J", "Last_Name": "Garc\u{ed}a"}),
+        "only the mapped fields, cleaned: {list}"
+    );
+    assert_eq!(entry["email"], ANA);
+    assert_eq!(entry["language"], "es");
+}

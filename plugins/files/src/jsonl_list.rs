@@ -14,6 +14,14 @@
 //!
 //! `kind` is `unsubscribed`, `bounced` or `complained`; `at` (default: when read) and `detail`
 //! are optional.
+//!
+//! # What a subscriber line carries (data minimisation)
+//!
+//! The address and the language always; of the contact's other fields (CRM columns) only
+//! those the `fields` setting maps, as `list field = "contact field"` — by default
+//! `First_Name` and `Last_Name`, like the Zoho Campaigns connector's default. A CRM's ids,
+//! opt-out flags and other columns are not the campaigns tool's business. Lines written
+//! before this setting existed keep their fields until the subscriber is next updated.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -38,6 +46,18 @@ pub struct JsonlListConfig {
     /// Optional file of simulated unsubscribes, bounces and complaints.
     #[serde(default)]
     pub status_path: Option<String>,
+    /// List field → contact field it is filled from (a CRM field name as the CRM connector
+    /// reports it). Only these are written; see the module docs. Empty: address and
+    /// language only.
+    #[serde(default = "default_fields")]
+    pub fields: BTreeMap<String, String>,
+}
+
+fn default_fields() -> BTreeMap<String, String> {
+    ["First_Name", "Last_Name"]
+        .into_iter()
+        .map(|f| (f.to_owned(), f.to_owned()))
+        .collect()
 }
 
 /// A [`CampaignsConnector`] keeping every list in one JSONL file.
@@ -45,6 +65,8 @@ pub struct JsonlListConfig {
 pub struct JsonlList {
     path: PathBuf,
     status_path: Option<PathBuf>,
+    /// [`JsonlListConfig::fields`].
+    fields: BTreeMap<String, String>,
     /// Serialises read-modify-write cycles so concurrent calls never lose each other's update.
     lock: Mutex<()>,
 }
@@ -100,6 +122,7 @@ impl JsonlList {
                 .as_deref()
                 .map(|p| fsutil::resolve(base_dir, "status_path", p))
                 .transpose()?,
+            fields: config.fields.clone(),
             lock: Mutex::new(()),
         })
     }
@@ -144,6 +167,17 @@ impl JsonlList {
         fsutil::write_atomic(&self.path, after.as_bytes())
             .await
             .map_err(|err| fsutil::transient("cannot write", &self.path, &err))
+    }
+
+    /// The subscriber's fields the `fields` setting maps, under their list names.
+    fn mapped_fields(&self, subscriber: &Subscriber) -> BTreeMap<String, serde_json::Value> {
+        self.fields
+            .iter()
+            .filter_map(|(list_field, source)| {
+                let value = subscriber.fields.get(source)?;
+                (!value.is_null()).then(|| (list_field.clone(), value.clone()))
+            })
+            .collect()
     }
 
     async fn read_status_file(&self, path: &Path) -> ConnectorResult<String> {
@@ -198,7 +232,7 @@ impl CampaignsConnector for JsonlList {
                     list: list.to_owned(),
                     email: subscriber.email.trim().to_owned(),
                     language: subscriber.language.clone(),
-                    fields: subscriber.fields.clone(),
+                    fields: self.mapped_fields(subscriber),
                     subscribed_at,
                 };
                 entries.insert(key, entry);
@@ -392,8 +426,54 @@ mod tests {
         Subscriber {
             email: email.to_owned(),
             language: language.map(str::to_owned),
-            fields: BTreeMap::from([("first_name".to_owned(), serde_json::json!("Ann"))]),
+            fields: BTreeMap::from([("First_Name".to_owned(), serde_json::json!("Ann"))]),
         }
+    }
+
+    #[tokio::test]
+    async fn f11_only_mapped_fields_reach_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every CSV column, as the CRM connector reports them.
+        let crm_columns = Subscriber {
+            email: "ann@example.com".to_owned(),
+            language: Some("en".to_owned()),
+            fields: [
+                ("Id", "1001"),
+                ("First_Name", "Ann"),
+                ("Last_Name", "Lee"),
+                ("Email", "ann@example.com"),
+                ("Email_Opt_Out", "false"),
+                ("Newsletter_Requested", "true"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), serde_json::json!(v)))
+            .collect(),
+        };
+        let default = list(dir.path());
+        default.subscribe("newsletter", &[crm_columns.clone()]).await.unwrap();
+        let entry: Entry = serde_json::from_str(read(dir.path()).trim()).unwrap();
+        assert_eq!(
+            entry.fields.keys().collect::<Vec<_>>(),
+            ["First_Name", "Last_Name"],
+            "by default the name fields only"
+        );
+        assert_eq!(entry.language.as_deref(), Some("en"));
+        assert_eq!(entry.email, "ann@example.com");
+
+        // A mapping renames, and leaves out what it does not name.
+        let settings: toml::Table = toml::from_str(
+            "path = \"mapped.jsonl\"\n[fields]\n\"First name\" = \"First_Name\"\nCompany = \"Company\"",
+        )
+        .unwrap();
+        let mapped = JsonlList::from_config(settings, dir.path()).unwrap();
+        mapped.subscribe("newsletter", &[crm_columns]).await.unwrap();
+        let text = std::fs::read_to_string(dir.path().join("mapped.jsonl")).unwrap();
+        let entry: Entry = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(
+            entry.fields,
+            BTreeMap::from([("First name".to_owned(), serde_json::json!("Ann"))])
+        );
+        assert!(!text.contains("1001") && !text.contains("Email_Opt_Out"), "{text}");
     }
 
     fn read(dir: &Path) -> String {
