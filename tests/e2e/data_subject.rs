@@ -910,3 +910,44 @@ async fn f11_crm_fields_lose_control_characters_and_only_mapped_fields_reach_the
     assert_eq!(entry["email"], ANA);
     assert_eq!(entry["language"], "es");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f2_a_contact_stored_under_an_old_spelling_is_found_under_every_spelling() {
+    let demo = Demo::new();
+    append_contacts(
+        &demo,
+        &[format!("1006,Jose,Punycode,{JOSE_PUNYCODE},es,true,false")],
+    );
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(demo.state(JOSE, "newsletter"), "pending");
+    // As an older version stored it: the CRM's spelling, merely lower-cased.
+    let pool = sqlx::SqlitePool::connect(&demo.sqlite_url()).await.unwrap();
+    let changed = sqlx::query("UPDATE contacts SET email = $1 WHERE email = $2")
+        .bind(JOSE_PUNYCODE)
+        .bind(JOSE)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(changed.rows_affected(), 1);
+    sqlx::query("DELETE FROM cursors WHERE name LIKE 'migration:%'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let mails = demo.mails().len();
+
+    // The CRM now also holds the NFD spelling: the same person, asked already.
+    append_contacts(
+        &demo,
+        &[format!("1007,Jose,Decomposed,{JOSE_NFD},es,true,false")],
+    );
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(demo.mails().len(), mails, "no second DOI mail");
+    let v = demo.contact_json(JOSE_NFD);
+    assert_eq!(v["contact"]["email"], JOSE, "{v}");
+    assert_eq!(
+        v["contact"]["crm_records"],
+        serde_json::json!(["Contacts/1006", "Contacts/1007"]),
+        "one contact for both records: {v}"
+    );
+}
