@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::sync::Mutex;
 
-use crate::{ConfigError, fsutil, parse_settings};
+use crate::{ConfigError, fsutil, json_error, parse_settings};
 
 /// Settings of [`CsvCrm`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,17 +84,6 @@ fn is_valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// What is wrong with a JSON text, without quoting any of it (serde's messages quote the
-/// offending value, which may be an address or a forged log line).
-fn json_error(err: &serde_json::Error) -> String {
-    let category = match err.classify() {
-        serde_json::error::Category::Io => "I/O error",
-        serde_json::error::Category::Syntax => "not valid JSON",
-        serde_json::error::Category::Data => "unexpected value or type",
-        serde_json::error::Category::Eof => "unexpected end of input",
-    };
-    format!("{category} at line {} column {}", err.line(), err.column())
-}
 
 
 fn default_module() -> String {

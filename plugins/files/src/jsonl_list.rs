@@ -35,7 +35,7 @@ use optinsync_plugin_api::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::{ConfigError, fsutil, parse_settings};
+use crate::{ConfigError, fsutil, json_error, parse_settings};
 
 /// Settings of [`JsonlList`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -336,7 +336,10 @@ fn parse_entries(text: &str, file: &str) -> ConnectorResult<Entries> {
             continue;
         }
         let entry: Entry = serde_json::from_str(line).map_err(|err| {
-            ConnectorError::permanent(format!("{file}:{line_no}: not a subscriber line: {err}"))
+            ConnectorError::permanent(format!(
+                "{file}:{line_no}: not a subscriber line: {}",
+                json_error(&err)
+            ))
         })?;
         let key = entry_key(&entry.list, &entry.email);
         if let Some(first) = first_line.insert(key.clone(), line_no) {
@@ -400,7 +403,7 @@ fn read_status_lines(
                 Ok(_) => {}
                 Err(_) if !complete => break,
                 Err(err) => {
-                    tracing::warn!(file, line = index + 1, error = %err, "skipping malformed status line")
+                    tracing::warn!(file, line = index + 1, error = %json_error(&err), "skipping malformed status line")
                 }
             }
         }
@@ -677,6 +680,22 @@ mod tests {
                 .is_empty()
         );
         assert!(jl.health().await.unwrap().ok);
+    }
+
+    #[tokio::test]
+    async fn f6_a_bad_subscriber_line_is_reported_without_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        std::fs::create_dir_all(dir.path().join("lists")).unwrap();
+        std::fs::write(
+            dir.path().join("lists/subscribers.jsonl"),
+            "{\"list\":\"newsletter\",\"email\":\"a@example.org\",\"fields\":\"victim@example.com\",\"subscribed_at\":\"2026-01-01T00:00:00Z\"}\n",
+        )
+        .unwrap();
+        let err = jl.members("newsletter").await.unwrap_err().to_string();
+        assert!(err.contains("subscribers.jsonl:1"), "{err}");
+        assert!(err.contains("unexpected value or type at line 1 column"), "{err}");
+        assert!(!err.contains("victim"), "{err}");
     }
 
     #[test]

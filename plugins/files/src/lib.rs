@@ -42,3 +42,15 @@ pub enum ConfigError {
 fn parse_settings<T: serde::de::DeserializeOwned>(settings: toml::Table) -> Result<T, ConfigError> {
     Ok(toml::Value::Table(settings).try_into()?)
 }
+
+/// What is wrong with a JSON text, without quoting any of it (serde's messages quote the
+/// offending value, which may be an address or a forged log line).
+pub(crate) fn json_error(err: &serde_json::Error) -> String {
+    let category = match err.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Data => "unexpected value or type",
+        serde_json::error::Category::Eof => "unexpected end of input",
+    };
+    format!("{category} at line {} column {}", err.line(), err.column())
+}
