@@ -833,7 +833,10 @@ impl Engine {
         }
         let mut after: Option<String> = None;
         loop {
-            let page = self.store.contacts_page(after.as_deref(), DECIDE_PAGE).await?;
+            let page = self
+                .store
+                .contacts_page(after.as_deref(), DECIDE_PAGE)
+                .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for contact in &page {
@@ -862,7 +865,9 @@ impl Engine {
             .await?;
         if done != Canonicalised::default() {
             tracing::info!(
-                renamed = done.renamed, duplicates = done.duplicates, invalid = done.invalid,
+                renamed = done.renamed,
+                duplicates = done.duplicates,
+                invalid = done.invalid,
                 "stored addresses canonicalised"
             );
         }

@@ -84,14 +84,18 @@ mod tests {
 
     #[test]
     fn f6_escaped_values_cannot_start_a_log_line() {
-        let forged = "nobody\n2026-12-06T00:00:00.000000Z  INFO optinsync::admin: FORGED\r\u{1b}[2K";
+        let forged =
+            "nobody\n2026-12-06T00:00:00.000000Z  INFO optinsync::admin: FORGED\r\u{1b}[2K";
         let shown = Escaped(forged).to_string();
         assert!(!shown.contains('\n') && !shown.contains('\r') && !shown.contains('\u{1b}'));
         assert_eq!(
             shown,
             "nobody\\n2026-12-06T00:00:00.000000Z  INFO optinsync::admin: FORGED\\r\\u{1b}[2K"
         );
-        assert_eq!(Escaped("a\u{2028}b\u{202e}c").to_string(), "a\\u{2028}b\\u{202e}c");
+        assert_eq!(
+            Escaped("a\u{2028}b\u{202e}c").to_string(),
+            "a\\u{2028}b\\u{202e}c"
+        );
         // Ordinary text, accents included, is shown as it is.
         assert_eq!(Escaped("Contacts/José-17").to_string(), "Contacts/José-17");
     }
@@ -100,7 +104,10 @@ mod tests {
     fn f11_field_values_lose_nul_and_control_characters() {
         let fields: BTreeMap<String, serde_json::Value> = [
             ("Company".to_owned(), json!("Byte\u{0}Here")),
-            ("Notes\u{7}".to_owned(), json!(["line\r\none", {"k": "\u{1b}[31mred"}])),
+            (
+                "Notes\u{7}".to_owned(),
+                json!(["line\r\none", {"k": "\u{1b}[31mred"}]),
+            ),
             ("Score".to_owned(), json!(7)),
             ("Name".to_owned(), json!("Zoë")),
         ]

@@ -306,17 +306,28 @@ async fn check_rename_contact(db: TestDb) {
     let canonical = "jos\u{e9}@b\u{fc}cher.example";
     let id = new_contact(s, old).await;
     let other = new_contact(s, "taken@example.org").await;
-    assert!(s.rename_contact(&id, canonical).await.unwrap());
-    let found = s.contact_by_email(canonical).await.unwrap().expect("renamed");
-    assert_eq!(found.id, id);
-    assert!(s.contact_by_email(old).await.unwrap().is_none());
-    assert!(!s.rename_contact(&id, "taken@example.org").await.unwrap());
-    assert_eq!(
-        s.contact_by_email("taken@example.org").await.unwrap().unwrap().id,
-        other
+    let by_email = |email: &'static str| async move {
+        s.contact_by_email(email)
+            .await
+            .expect("read contact")
+            .map(|c| c.id)
+    };
+    assert!(s.rename_contact(&id, canonical).await.expect("rename"));
+    assert_eq!(by_email(canonical).await, Some(id.clone()), "renamed");
+    assert_eq!(by_email(old).await, None, "the old spelling is gone");
+    assert!(
+        !s.rename_contact(&id, "taken@example.org")
+            .await
+            .expect("rename"),
+        "another contact's address is never taken"
     );
-    assert_eq!(s.contact_by_id(&id).await.unwrap().unwrap().email, canonical);
-    assert!(!s.rename_contact("no-such-id", "new@example.org").await.unwrap());
+    assert_eq!(by_email("taken@example.org").await, Some(other));
+    assert_eq!(by_email(canonical).await, Some(id));
+    assert!(
+        !s.rename_contact("no-such-id", "new@example.org")
+            .await
+            .expect("rename")
+    );
 }
 
 async fn check_migrate_twice(db: TestDb) {

@@ -794,7 +794,10 @@ fn append_contacts(demo: &Demo, rows: &[String]) {
 #[test]
 fn f2_nfd_and_punycode_spellings_hit_the_erasure_suppression() {
     let demo = Demo::new();
-    append_contacts(&demo, &[format!("1006,Jos\u{e9},B\u{fc}cher,{JOSE},es,true,false")]);
+    append_contacts(
+        &demo,
+        &[format!("1006,Jos\u{e9},B\u{fc}cher,{JOSE},es,true,false")],
+    );
     demo.run_ok(&["sync", "--once"]);
     assert_eq!(demo.state(JOSE, "newsletter"), "pending", "José was asked");
     demo.run_ok(&["erase", JOSE]);
@@ -841,12 +844,14 @@ async fn f2_a_suppression_keyed_before_canonicalisation_still_blocks_every_spell
     // An opt-out recorded by an older version for the address as the CRM then spelled it
     // (NFC, Unicode domain).
     let pool = sqlx::SqlitePool::connect(&demo.sqlite_url()).await.unwrap();
-    sqlx::query("INSERT INTO suppressions (address_hash, reason, at) VALUES ($1, 'crm_opted_out', $2)")
-        .bind(pre_canonicalisation_hash(DEMO_SECRET, JOSE))
-        .bind(chrono::Utc::now())
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "INSERT INTO suppressions (address_hash, reason, at) VALUES ($1, 'crm_opted_out', $2)",
+    )
+    .bind(pre_canonicalisation_hash(DEMO_SECRET, JOSE))
+    .bind(chrono::Utc::now())
+    .execute(&pool)
+    .await
+    .unwrap();
     pool.close().await;
     let mails = demo.mails().len();
 
@@ -858,7 +863,11 @@ async fn f2_a_suppression_keyed_before_canonicalisation_still_blocks_every_spell
         ],
     );
     demo.run_ok(&["sync", "--once"]);
-    assert_eq!(demo.mails().len(), mails, "a suppressed mailbox is not mailed");
+    assert_eq!(
+        demo.mails().len(),
+        mails,
+        "a suppressed mailbox is not mailed"
+    );
     assert_ne!(demo.state(JOSE, "newsletter"), "pending");
 }
 
@@ -894,7 +903,10 @@ async fn f11_crm_fields_lose_control_characters_and_only_mapped_fields_reach_the
     let demo = Demo::new();
     let csv = std::fs::read_to_string(demo.path("demo/contacts.csv"))
         .unwrap()
-        .replace("1001,Ana,Garc\u{ed}a,", "1001,A\u{0}na\u{1b}[2J,Garc\u{ed}a,");
+        .replace(
+            "1001,Ana,Garc\u{ed}a,",
+            "1001,A\u{0}na\u{1b}[2J,Garc\u{ed}a,",
+        );
     std::fs::write(demo.path("demo/contacts.csv"), csv).unwrap();
     confirmed_ana(&demo, "f11-agent").await;
 

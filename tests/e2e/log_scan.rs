@@ -325,7 +325,16 @@ async fn f6_hostile_ids_forge_no_log_line_and_put_no_address_in_the_logs() {
         found.is_empty(),
         "addresses in the logs: {found:?}\n{scanned}"
     );
-    for leaked in ["someone.private", "leak.me", "victim", "fay.forged", "lee.leak"] {
-        assert!(!scanned.contains(leaked), "{leaked} in the logs:\n{scanned}");
+    for leaked in [
+        "someone.private",
+        "leak.me",
+        "victim",
+        "fay.forged",
+        "lee.leak",
+    ] {
+        assert!(
+            !scanned.contains(leaked),
+            "{leaked} in the logs:\n{scanned}"
+        );
     }
 }

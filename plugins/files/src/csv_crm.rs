@@ -84,8 +84,6 @@ fn is_valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-
-
 fn default_module() -> String {
     "Contacts".to_owned()
 }
@@ -253,8 +251,7 @@ impl CrmConnector for CsvCrm {
             // Digests have one length whatever was sent, so the compare is constant time.
             let matches = given.is_some_and(|given| {
                 bool::from(
-                    Sha256::digest(given.as_bytes())
-                        .ct_eq(&Sha256::digest(secret.0.as_bytes())),
+                    Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(secret.0.as_bytes())),
                 )
             });
             if !matches {
@@ -1018,7 +1015,8 @@ mod tests {
     }
 
     /// Hostile ids of the security review (F6): a forged log line and an address.
-    const FORGED: &str = "nobody\n2026-12-06T00:00:00.000000Z  INFO optinsync::admin: FORGED log line";
+    const FORGED: &str =
+        "nobody\n2026-12-06T00:00:00.000000Z  INFO optinsync::admin: FORGED log line";
     const ADDRESS_ID: &str = "someone.private@example.com";
 
     fn assert_not_echoed(message: &str) {
@@ -1085,7 +1083,10 @@ mod tests {
         let found: Vec<&str> = page.invalid.iter().map(|i| i.location.as_str()).collect();
         assert_eq!(found, ["contacts.csv:3", "contacts.csv:5"]);
         for bad in &page.invalid {
-            assert!(bad.reason.starts_with("invalid id (column `Id`)"), "{bad:?}");
+            assert!(
+                bad.reason.starts_with("invalid id (column `Id`)"),
+                "{bad:?}"
+            );
             assert_not_echoed(&format!("{} {}", bad.location, bad.reason));
         }
         // Reported once, like any invalid row.
@@ -1100,7 +1101,12 @@ mod tests {
         let crm = crm(dir.path(), CSV, &format!("webhook_secret = \"{secret}\""));
         let body = br#"{"ids": ["1"]}"#;
         let header = |v: &str| vec![("X-Webhook-Secret".to_owned(), v.to_owned())];
-        for refused in [vec![], header("wrong"), header(&format!("{secret}x")), header(&secret[1..])] {
+        for refused in [
+            vec![],
+            header("wrong"),
+            header(&format!("{secret}x")),
+            header(&secret[1..]),
+        ] {
             match crm.parse_webhook(&refused, body).unwrap_err() {
                 ConnectorError::InvalidInput { message } => {
                     assert!(message.contains("x-webhook-secret"), "{message}");

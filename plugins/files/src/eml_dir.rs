@@ -250,12 +250,22 @@ mod tests {
                 .unwrap();
         }
         let forgotten = t
-            .forget(&["mail-1".to_owned(), "mail-3".to_owned(), "mail-9".to_owned()])
+            .forget(&[
+                "mail-1".to_owned(),
+                "mail-3".to_owned(),
+                "mail-9".to_owned(),
+            ])
             .await
             .unwrap();
-        assert_eq!(forgotten, 2, "the two existing files, the unknown key ignored");
+        assert_eq!(
+            forgotten, 2,
+            "the two existing files, the unknown key ignored"
+        );
         assert!(!t.path_for("mail-1").exists());
-        assert!(t.path_for("mail-2").exists(), "another contact's mail stays");
+        assert!(
+            t.path_for("mail-2").exists(),
+            "another contact's mail stays"
+        );
         assert!(!t.path_for("mail-3").exists());
         assert_eq!(t.forget(&["mail-1".to_owned()]).await.unwrap(), 0);
     }

@@ -453,7 +453,10 @@ mod tests {
             .collect(),
         };
         let default = list(dir.path());
-        default.subscribe("newsletter", &[crm_columns.clone()]).await.unwrap();
+        default
+            .subscribe("newsletter", std::slice::from_ref(&crm_columns))
+            .await
+            .unwrap();
         let entry: Entry = serde_json::from_str(read(dir.path()).trim()).unwrap();
         assert_eq!(
             entry.fields.keys().collect::<Vec<_>>(),
@@ -469,14 +472,20 @@ mod tests {
         )
         .unwrap();
         let mapped = JsonlList::from_config(settings, dir.path()).unwrap();
-        mapped.subscribe("newsletter", &[crm_columns]).await.unwrap();
+        mapped
+            .subscribe("newsletter", &[crm_columns])
+            .await
+            .unwrap();
         let text = std::fs::read_to_string(dir.path().join("mapped.jsonl")).unwrap();
         let entry: Entry = serde_json::from_str(text.trim()).unwrap();
         assert_eq!(
             entry.fields,
             BTreeMap::from([("First name".to_owned(), serde_json::json!("Ann"))])
         );
-        assert!(!text.contains("1001") && !text.contains("Email_Opt_Out"), "{text}");
+        assert!(
+            !text.contains("1001") && !text.contains("Email_Opt_Out"),
+            "{text}"
+        );
     }
 
     fn read(dir: &Path) -> String {
@@ -694,7 +703,10 @@ mod tests {
         .unwrap();
         let err = jl.members("newsletter").await.unwrap_err().to_string();
         assert!(err.contains("subscribers.jsonl:1"), "{err}");
-        assert!(err.contains("unexpected value or type at line 1 column"), "{err}");
+        assert!(
+            err.contains("unexpected value or type at line 1 column"),
+            "{err}"
+        );
         assert!(!err.contains("victim"), "{err}");
     }
 
