@@ -98,12 +98,28 @@ struct StatusLine {
     detail: Option<String>,
 }
 
-/// Entries keyed by (list, address compared case-insensitively), which is also file order.
+/// Entries keyed by (list, [`address_key`]), which is also file order.
 type Entries = BTreeMap<(String, String), Entry>;
 
 fn entry_key(list: &str, email: &str) -> (String, String) {
-    // Mail systems treat addresses case-insensitively in practice; so must updates/removals.
-    (list.to_owned(), email.trim().to_lowercase())
+    (list.to_owned(), address_key(email))
+}
+
+/// One key for every spelling of a mailbox, so updates and removals find the entry however
+/// the address is spelled: case-insensitive (as mail systems are in practice), NFC, and the
+/// domain in its IDNA ASCII form — like the engine's address canonicalisation, which may
+/// re-spell a contact stored before it (`a@xn--bcher-kva.example` becomes `a@bücher.example`)
+/// whose older line here keeps the old spelling.
+fn address_key(email: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let lower: String = email.trim().to_lowercase().nfc().collect();
+    match lower.rsplit_once('@') {
+        Some((local, domain)) => match idna::domain_to_ascii(domain) {
+            Ok(ascii) => format!("{local}@{ascii}"),
+            Err(_) => lower,
+        },
+        None => lower,
+    }
 }
 
 impl JsonlList {
@@ -431,6 +447,35 @@ mod tests {
             language: language.map(str::to_owned),
             fields: BTreeMap::from([("First_Name".to_owned(), serde_json::json!("Ann"))]),
         }
+    }
+
+    #[tokio::test]
+    async fn f2_every_spelling_of_a_mailbox_is_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        // Written by a version that stored the CRM's punycode spelling.
+        jl.subscribe(
+            "newsletter",
+            &[sub("jos\u{e9}@xn--bcher-kva.example", None)],
+        )
+        .await
+        .unwrap();
+        // The contact is now spelled canonically: an update is the same entry ...
+        jl.subscribe(
+            "newsletter",
+            &[sub("jos\u{e9}@b\u{fc}cher.example", Some("es"))],
+        )
+        .await
+        .unwrap();
+        assert_eq!(jl.members("newsletter").await.unwrap().len(), 1);
+        // ... and a removal in any spelling (NFD here) takes it off.
+        jl.remove(
+            "newsletter",
+            &["JOSE\u{301}@BU\u{308}CHER.example".to_owned()],
+        )
+        .await
+        .unwrap();
+        assert!(jl.members("newsletter").await.unwrap().is_empty());
     }
 
     #[tokio::test]
