@@ -888,7 +888,11 @@ impl Engine {
     /// GDPR erasure (Art. 17): withdraw and suppress the address on every list (removals are
     /// queued with legal priority), then remove the personal data: the ledger keeps its events
     /// — that consent was given and withdrawn — but not the evidence text, and the contact keeps
-    /// only a keyed hash of its address, so it stays suppressed.
+    /// only a keyed hash of its address, so it stays suppressed. The mail transport deletes
+    /// the copies it kept of the contact's mails ([`MailTransport::forget`]: the `eml`
+    /// folder). What leaves optinsync on purpose is not recalled: the CRM write-back of the
+    /// erasure carries the address (the CRM must find the record to opt it out), and mail
+    /// already handed to an SMTP server is beyond reach.
     pub async fn erase(&self, contact: &Contact) -> EngineResult<EraseReport> {
         self.erase_as(contact, "cli", "erasure requested (GDPR Art. 17)")
             .await

@@ -21,7 +21,8 @@ fn is_hostile(c: char) -> bool {
         || ('\u{2066}'..='\u{2069}').contains(&c)
 }
 
-/// Displays the inner value with [`is_hostile`] characters escaped (`\n`, `\u{202e}`).
+/// Displays the inner value with control, line-separator and bidi-override characters
+/// escaped (`\n`, `\u{202e}`).
 #[derive(Debug, Clone, Copy)]
 pub struct Escaped<T>(pub T);
 
@@ -44,7 +45,7 @@ impl<T: fmt::Display> fmt::Display for Escaped<T> {
     }
 }
 
-/// `value` without [`is_hostile`] characters.
+/// `value` without control, line-separator and bidi-override characters.
 pub fn clean_text(value: &str) -> String {
     if !value.chars().any(is_hostile) {
         return value.to_owned();
