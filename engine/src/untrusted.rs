@@ -5,7 +5,7 @@
 //!   CRM-supplied `"x\n2026-… INFO forged"` cannot start a log line of its own. Log such
 //!   values as `field = %Escaped(&value)`; never log them bare above DEBUG.
 //! * [`clean_fields`] removes control characters (NUL included) from CRM field values at
-//!   ingest: they are single-line values that end up in rules, exports and the campaigns
+//!   ingest (line breaks become a space): they end up in rules, exports and the campaigns
 //!   tool, where a NUL or an escape sequence only does harm.
 
 use std::collections::BTreeMap;
@@ -45,12 +45,24 @@ impl<T: fmt::Display> fmt::Display for Escaped<T> {
     }
 }
 
-/// `value` without control, line-separator and bidi-override characters.
+/// `value` without control, line-separator and bidi-override characters. Line breaks and
+/// tabs become one space (so `"line\r\none"` stays two words); the others are dropped.
 pub fn clean_text(value: &str) -> String {
     if !value.chars().any(is_hostile) {
         return value.to_owned();
     }
-    value.chars().filter(|c| !is_hostile(*c)).collect()
+    let mut out = String::with_capacity(value.len());
+    let mut spaced = false;
+    for c in value.chars() {
+        if !is_hostile(c) {
+            out.push(c);
+            spaced = false;
+        } else if c.is_whitespace() && !spaced {
+            out.push(' ');
+            spaced = true;
+        }
+    }
+    out
 }
 
 /// A JSON value with every string in it (nested ones too) passed through [`clean_text`].
@@ -116,7 +128,7 @@ mod tests {
         .collect();
         let clean = clean_fields(&fields);
         assert_eq!(clean["Company"], json!("ByteHere"));
-        assert_eq!(clean["Notes"], json!(["lineone", {"k": "[31mred"}]));
+        assert_eq!(clean["Notes"], json!(["line one", {"k": "[31mred"}]));
         assert_eq!(clean["Score"], json!(7));
         assert_eq!(clean["Name"], json!("Zoë"));
     }
