@@ -49,7 +49,9 @@ pub struct CsvCrmConfig {
     /// List id → column whose truthy value means the CRM says the person asked for that list.
     #[serde(default)]
     pub asserts: BTreeMap<String, String>,
-    /// JSONL file receiving consent write-backs, one JSON object per line.
+    /// JSONL file receiving consent write-backs, one JSON object per line. It stands for
+    /// the CRM, outside optinsync's erasure: the line for an erasure carries the address on
+    /// purpose (the CRM must find the record to set its opt-out), like a real CRM's record.
     #[serde(default)]
     pub writeback_path: Option<String>,
     /// When set, a webhook call must carry it in the [`WEBHOOK_SECRET_HEADER`] header
