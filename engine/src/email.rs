@@ -72,6 +72,11 @@ fn canonical(raw: &str) -> Result<Canonical, AddressError> {
     if local.is_empty() || local.contains('@') || local.chars().count() > 64 {
         return Err(AddressError::NoAt);
     }
+    // Fast path (most addresses, and hashed on every consent decision): UTS-46 leaves a
+    // lower-case ASCII domain without punycode labels as it is.
+    if domain.is_ascii() && !domain.contains("xn--") {
+        return finish(local, domain.to_owned(), domain.to_owned());
+    }
     let uts46 = Uts46::new();
     let ascii_domain = uts46
         .to_ascii(
@@ -82,15 +87,6 @@ fn canonical(raw: &str) -> Result<Canonical, AddressError> {
         )
         .map_err(|_| AddressError::BadDomain)?
         .into_owned();
-    // Label rules on the ASCII form: that is what DNS limits (63 octets a label).
-    let labels: Vec<&str> = ascii_domain.split('.').collect();
-    let domain_ok = labels.len() >= 2
-        && labels
-            .iter()
-            .all(|l| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-'));
-    if !domain_ok {
-        return Err(AddressError::BadDomain);
-    }
     let (display_domain, decoded) = uts46.to_unicode(
         ascii_domain.as_bytes(),
         AsciiDenyList::EMPTY,
@@ -103,15 +99,31 @@ fn canonical(raw: &str) -> Result<Canonical, AddressError> {
     if has_bad_character(&display_domain) || has_bad_character(&ascii_domain) {
         return Err(AddressError::BadCharacter);
     }
-    let out = Canonical {
+    finish(local, display_domain, ascii_domain)
+}
+
+/// Label rules (on the ASCII form: DNS limits a label to 63 octets) and the final length.
+fn finish(
+    local: &str,
+    display_domain: String,
+    ascii_domain: String,
+) -> Result<Canonical, AddressError> {
+    let labels: Vec<&str> = ascii_domain.split('.').collect();
+    let domain_ok = labels.len() >= 2
+        && labels
+            .iter()
+            .all(|l| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-'));
+    if !domain_ok {
+        return Err(AddressError::BadDomain);
+    }
+    if local.chars().count() + 1 + display_domain.chars().count() > 254 {
+        return Err(AddressError::TooLong);
+    }
+    Ok(Canonical {
         local: local.to_owned(),
         display_domain,
         ascii_domain,
-    };
-    if out.local.chars().count() + 1 + out.display_domain.chars().count() > 254 {
-        return Err(AddressError::TooLong);
-    }
-    Ok(out)
+    })
 }
 
 /// The canonical display form of an address (see the module docs), or why it is not one.
