@@ -338,6 +338,16 @@ mod tests {
         }
 
         #[test]
+        fn ascii_fast_path_agrees_with_uts46(d in "[a-z0-9_%!-]{1,10}(\\.[a-z0-9-]{1,8}){1,3}") {
+            let through_uts46 = idna::domain_to_ascii(&d).ok();
+            match normalise(&format!("a@{d}")) {
+                Ok(n) => prop_assert_eq!(Some(n), through_uts46.map(|a| format!("a@{a}"))),
+                // Refused by the label rules, which both paths share.
+                Err(e) => prop_assert_eq!(e, AddressError::BadDomain),
+            }
+        }
+
+        #[test]
         fn normalise_is_idempotent(s in "\\PC{0,80}") {
             if let Ok(n) = normalise(&s) {
                 prop_assert_eq!(normalise(&n), Ok(n.clone()));
