@@ -69,6 +69,10 @@ pub(crate) async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
         .restore_connector_state()
         .await
         .context("restoring connector state")?;
+    engine
+        .canonicalise_stored_addresses()
+        .await
+        .context("canonicalising stored addresses")?;
     Ok(engine)
 }
 

@@ -15,6 +15,7 @@
 use std::time::Duration;
 
 use optinsync_engine::engine::Engine;
+use optinsync_engine::untrusted::Escaped;
 
 /// The jobs, in the order one instance holding all of them runs them (CRM first, so the rules
 /// pass sees the newest contacts, as a single `sync --once` pass does).
@@ -67,7 +68,8 @@ impl Jobs {
                     tracing::info!(job, "job {job}: {summary}")
                 }
                 Err(e) => {
-                    tracing::error!(job, error = %format!("{e:#}"), "job {job} failed; will retry next interval")
+                    // Connector errors may quote what an outside system sent: escaped.
+                    tracing::error!(job, error = %Escaped(format!("{e:#}")), "job {job} failed; will retry next interval")
                 }
             }
         }
@@ -83,7 +85,7 @@ async fn run_job(
         "crm-poller" => {
             // Connector upkeep (e.g. the Zoho CRM notification channel); polling goes on if it fails.
             if let Err(e) = engine.connectors.crm.maintain().await {
-                tracing::warn!(error = %e, "CRM connector upkeep failed; polling goes on");
+                tracing::warn!(error = %Escaped(&e), "CRM connector upkeep failed; polling goes on");
             }
             let s = engine.pull_crm(|_| {}).await?;
             Ok(format!(

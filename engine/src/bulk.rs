@@ -23,6 +23,7 @@ use crate::engine::{
 use crate::ledger::Evidence;
 use crate::rules::{Action, RuleSet, input};
 use crate::store::{BatchCommit, Contact, ContactUpsert};
+use crate::untrusted::{Escaped, clean_fields, clean_text};
 
 /// Rounds of re-planning for pairs that changed concurrently before giving up (as `apply`).
 const ROUNDS: usize = 5;
@@ -233,7 +234,7 @@ impl<'e> Plan<'e> {
                 Err(e) => {
                     // A broken rule fails this one decision; the contact is left unchanged.
                     metrics::counter!("optinsync_rule_errors_total").increment(1);
-                    tracing::warn!(contact_id = %contact.id, list = %list.id, error = %e, "rule failed; contact left unchanged");
+                    tracing::warn!(contact_id = %contact.id, list = %list.id, error = %Escaped(&e), "rule failed; contact left unchanged");
                     self.misses.push((owner, Miss::RuleError));
                     continue;
                 }
@@ -245,7 +246,7 @@ impl<'e> Plan<'e> {
                         metrics::counter!("optinsync_consent_refused_total", "input" => "subscribe")
                             .increment(1);
                         tracing::warn!(
-                            contact_id = %contact.id, list = %list.id, state = %consent.state, reason = %p.reason,
+                            contact_id = %contact.id, list = %list.id, state = %consent.state, reason = %Escaped(&p.reason),
                             rule = %p.rule_file, "rule proposed subscribe without confirmation; refused (invariant 1)"
                         );
                         self.misses.push((owner, Miss::Refused));
@@ -265,7 +266,7 @@ impl<'e> Plan<'e> {
                     self.apply(owner, contact, list, input, "rules", evidence)
                 {
                     tracing::warn!(
-                        contact_id = %contact.id, list = %list.id, reason = %p.reason, rule = %p.rule_file,
+                        contact_id = %contact.id, list = %list.id, reason = %Escaped(&p.reason), rule = %p.rule_file,
                         refused = r.reason, "rule action refused"
                     );
                     self.misses.push((owner, Miss::Refused));
@@ -323,25 +324,30 @@ impl Engine {
         let mut kept = Vec::with_capacity(records.len());
         for rec in records {
             let Some(raw) = rec.email.as_deref() else {
-                tracing::warn!(record = %rec.record, "CRM record has no email address; skipped");
+                tracing::warn!(record = %Escaped(&rec.record), "CRM record has no email address; skipped");
                 stats.invalid += 1;
                 continue;
             };
             let address = match email::normalise(raw) {
                 Ok(a) => a,
                 Err(e) => {
-                    tracing::warn!(record = %rec.record, error = %e, "CRM record has an invalid email address; skipped");
+                    tracing::warn!(record = %Escaped(&rec.record), error = %e, "CRM record has an invalid email address; skipped");
                     stats.invalid += 1;
                     continue;
                 }
             };
             for unknown in rec.asserted_lists.iter().filter(|l| self.list(l).is_none()) {
-                tracing::warn!(record = %rec.record, list = %unknown, "CRM asserts a list that is not configured");
+                tracing::warn!(record = %Escaped(&rec.record), list = %Escaped(unknown), "CRM asserts a list that is not configured");
             }
             upserts.push(ContactUpsert {
                 email: address,
-                language: rec.language.clone().filter(|l| !l.trim().is_empty()),
-                fields: rec.fields.clone(),
+                // Control characters (NUL, escapes) go at ingest: these are single-line values.
+                language: rec
+                    .language
+                    .as_deref()
+                    .map(clean_text)
+                    .filter(|l| !l.trim().is_empty()),
+                fields: clean_fields(&rec.fields),
                 crm_record: Some(rec.record.to_string()),
             });
             kept.push(rec);
@@ -422,7 +428,7 @@ impl Engine {
         kept.retain(|rec| {
             let keep = !erased[i];
             if !keep {
-                tracing::info!(record = %rec.record, "CRM record carries an erased address; skipped, not stored again");
+                tracing::info!(record = %Escaped(&rec.record), "CRM record carries an erased address; skipped, not stored again");
                 stats.erased += 1;
             }
             i += 1;

@@ -22,6 +22,7 @@ use crate::store::{
     Suppression,
 };
 use crate::tokens::TokenKeys;
+use crate::untrusted::{Escaped, clean_fields};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -286,13 +287,13 @@ impl Engine {
                 };
                 stats.pages += 1;
                 for bad in &page.invalid {
-                    tracing::warn!(location = %bad.location, reason = %bad.reason, "CRM record skipped");
+                    tracing::warn!(location = %Escaped(&bad.location), reason = %Escaped(&bad.reason), "CRM record skipped");
                     stats.invalid += 1;
                 }
                 // A deleted CRM record does not withdraw consent: the ledger keeps the proof
                 // and the person keeps their choice. It is only reported.
                 for gone in &page.deleted {
-                    tracing::info!(record = %gone, "CRM record deleted; consent kept");
+                    tracing::info!(record = %Escaped(gone), "CRM record deleted; consent kept");
                     stats.deleted += 1;
                 }
                 batch.extend(page.records);
@@ -712,8 +713,8 @@ impl Engine {
                 }
                 let upsert = ContactUpsert {
                     email: address,
-                    language: member.language.clone(),
-                    fields: member.fields.clone(),
+                    language: member.language.as_deref().map(crate::untrusted::clean_text),
+                    fields: clean_fields(&member.fields),
                     crm_record: None,
                 };
                 let contact = self.store.upsert_contact(&upsert, Utc::now()).await?;
@@ -804,18 +805,94 @@ impl Engine {
     }
 }
 
+/// What [`Engine::canonicalise_stored_addresses`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Canonicalised {
+    /// Contacts now stored under the canonical spelling of their address.
+    pub renamed: u64,
+    /// Contacts left as they are because another contact already has the canonical spelling
+    /// (one mailbox, two contacts: both stay suppressed alike; merge them by hand if needed).
+    pub duplicates: u64,
+    /// Stored addresses that canonicalisation refuses (e.g. invalid punycode); left as they are.
+    pub invalid: u64,
+}
+
+/// Cursor-table marker: stored addresses were canonicalised (see [`crate::email`]).
+const CANONICAL_ADDRESSES: &str = "migration:canonical-addresses-v1";
+
+impl Engine {
+    /// Re-spell contacts stored before address canonicalisation (a punycode domain, an NFD
+    /// address) to their canonical form, so the CRM's record for them, in any spelling,
+    /// finds them again instead of becoming a new contact that is asked to confirm. Runs
+    /// once per store (a marker in the cursor table); the suppression list needs no such
+    /// step, as lookups also try the old keys ([`crate::email::spellings`]).
+    pub async fn canonicalise_stored_addresses(&self) -> EngineResult<Canonicalised> {
+        let mut done = Canonicalised::default();
+        if self.store.cursor(CANONICAL_ADDRESSES).await?.is_some() {
+            return Ok(done);
+        }
+        let mut after: Option<String> = None;
+        loop {
+            let page = self
+                .store
+                .contacts_page(after.as_deref(), DECIDE_PAGE)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id.clone());
+            for contact in &page {
+                if contact.email.starts_with("erased:") {
+                    continue;
+                }
+                match email::normalise(&contact.email) {
+                    Ok(canonical) if canonical == contact.email => {}
+                    Ok(canonical) => {
+                        if self.store.rename_contact(&contact.id, &canonical).await? {
+                            done.renamed += 1;
+                        } else {
+                            done.duplicates += 1;
+                            tracing::warn!(
+                                contact_id = %contact.id,
+                                "contact's address is another spelling of another contact's; left as it is"
+                            );
+                        }
+                    }
+                    Err(_) => done.invalid += 1,
+                }
+            }
+        }
+        self.store
+            .set_cursor(CANONICAL_ADDRESSES, "done", Utc::now())
+            .await?;
+        if done != Canonicalised::default() {
+            tracing::info!(
+                renamed = done.renamed,
+                duplicates = done.duplicates,
+                invalid = done.invalid,
+                "stored addresses canonicalised"
+            );
+        }
+        Ok(done)
+    }
+}
+
 /// What [`Engine::erase`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct EraseReport {
     pub lists: u64,
     pub store: crate::store::Erasure,
+    /// Copies of the contact's mails the mail transport deleted (`.eml` files).
+    pub mail_copies_deleted: u64,
 }
 
 impl Engine {
     /// GDPR erasure (Art. 17): withdraw and suppress the address on every list (removals are
     /// queued with legal priority), then remove the personal data: the ledger keeps its events
     /// — that consent was given and withdrawn — but not the evidence text, and the contact keeps
-    /// only a keyed hash of its address, so it stays suppressed.
+    /// only a keyed hash of its address, so it stays suppressed. The mail transport deletes
+    /// the copies it kept of the contact's mails ([`MailTransport::forget`]: the `eml`
+    /// folder). What leaves optinsync on purpose is not recalled: the CRM write-back of the
+    /// erasure carries the address (the CRM must find the record to opt it out), and mail
+    /// already handed to an SMTP server is beyond reach.
     pub async fn erase(&self, contact: &Contact) -> EngineResult<EraseReport> {
         self.erase_as(contact, "cli", "erasure requested (GDPR Art. 17)")
             .await
@@ -854,12 +931,43 @@ impl Engine {
                 report.lists += 1;
             }
         }
+        report.mail_copies_deleted = self.forget_mails(contact).await?;
         let hash = self.tokens.address_hash(&contact.email);
         report.store = self
             .store
             .erase_contact(&contact.id, &hash, Utc::now())
             .await?;
-        tracing::info!(contact_id = %contact.id, source, redacted = report.store.redacted_events, "contact erased");
+        tracing::info!(
+            contact_id = %contact.id, source, redacted = report.store.redacted_events,
+            mail_copies_deleted = report.mail_copies_deleted, "contact erased"
+        );
         Ok(report)
+    }
+
+    /// Have the mail transport delete the copies it keeps of this contact's mails (the `eml`
+    /// transport's files carry the address in `To:`). A mail's transport key is its outbox
+    /// key `mail:<event id>` with `:` as `-` (`outbox::deliver_mail`), and every mail is
+    /// queued by one of the contact's events, so the events name every candidate. Done
+    /// before the store forgets the address: if it fails, erasure is reported as failed and
+    /// can be run again.
+    async fn forget_mails(&self, contact: &Contact) -> EngineResult<u64> {
+        let keys: Vec<String> = self
+            .store
+            .events_of_contact(&contact.id)
+            .await?
+            .iter()
+            .map(|e| format!("mail-{}", e.event_id))
+            .collect();
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        self.connectors
+            .mail
+            .forget(&keys)
+            .await
+            .map_err(|source| EngineError::Connector {
+                connector: "mail",
+                source,
+            })
     }
 }

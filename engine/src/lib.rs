@@ -21,4 +21,5 @@ pub mod signing_keys;
 pub mod store;
 pub mod templates;
 pub mod tokens;
+pub mod untrusted;
 pub mod webhooks;

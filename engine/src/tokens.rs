@@ -201,19 +201,24 @@ impl TokenKeys {
         }
     }
 
-    /// Keyed hash of a normalised address under the current key, for suppression entries that
-    /// outlive erasure.
+    /// Keyed hash of an address's canonical key ([`crate::email::key`]: every spelling of
+    /// one mailbox hashes alike) under the current key, for suppression entries that outlive
+    /// erasure.
     pub fn address_hash(&self, email: &str) -> String {
-        Self::hash_with(&self.current.1, email)
+        Self::hash_with(&self.current.1, &crate::email::key(email))
     }
 
-    /// The address's hash under the current key and every older key still configured: a
-    /// suppression written before a key rotation must still be found after it.
+    /// The address's hash under the current key and every older key still configured, each
+    /// for every spelling a suppression may have been keyed on ([`crate::email::spellings`],
+    /// which covers entries from before address canonicalisation): a suppression written
+    /// before a key rotation or that change must still be found after it. The first one is
+    /// [`TokenKeys::address_hash`].
     pub fn address_hashes(&self, email: &str) -> Vec<String> {
+        let spellings = crate::email::spellings(email);
         std::iter::once(&self.current)
             .chain(self.previous.iter())
             .chain(self.unsubscribe_only.iter())
-            .map(|(_, key)| Self::hash_with(key, email))
+            .flat_map(|(_, key)| spellings.iter().map(|s| Self::hash_with(key, s)))
             .collect()
     }
 

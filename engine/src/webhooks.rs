@@ -1,7 +1,8 @@
 //! `POST /webhooks/{connector}`: change notifications from outside systems.
 //!
 //! The connector verifies the call ([`optinsync_plugin_api::CrmConnector::parse_webhook`],
-//! e.g. Zoho's echoed channel token, compared in constant time) and names the records that
+//! e.g. Zoho's echoed channel token or the CSV connector's optional `X-Webhook-Secret`
+//! header, compared in constant time) and names the records that
 //! changed; each is fetched, ingested like a polled change and decided at once, so a CRM edit
 //! leads to its DOI mail within a second instead of at the next poll. Polling stays the source
 //! of truth: a lost callback only delays a change.
@@ -10,6 +11,8 @@
 //! * A forged or malformed call (`InvalidInput`) gets 400 and changes nothing.
 //! * Bodies are limited to [`MAX_BODY`]; each client (IPv4 address or IPv6 /64) to
 //!   `server.webhook_rate_limit_per_minute` calls, then `429` with `Retry-After`.
+//! * Record ids and connector messages are untrusted: they are logged through
+//!   [`crate::untrusted::Escaped`], so they cannot forge a log line.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::num::NonZeroU32;
@@ -27,6 +30,7 @@ use optinsync_plugin_api::{ConnectorError, WebhookEvent};
 
 use crate::engine::Engine;
 use crate::links::{client_ip, rate_key};
+use crate::untrusted::Escaped;
 
 /// Largest webhook body accepted.
 pub const MAX_BODY: usize = 256 * 1024;
@@ -99,11 +103,11 @@ async fn webhook(
         Ok(WebhookEvent::Ignored) => return text(StatusCode::OK, "ignored\n"),
         Ok(WebhookEvent::Changed(records)) => records,
         Err(ConnectorError::InvalidInput { message }) => {
-            tracing::warn!(connector = %connector, reason = %message, "webhook refused");
+            tracing::warn!(connector = %connector, reason = %Escaped(&message), "webhook refused");
             return text(StatusCode::BAD_REQUEST, "webhook refused\n");
         }
         Err(e) => {
-            tracing::warn!(connector = %connector, error = %e, "webhook could not be read");
+            tracing::warn!(connector = %connector, error = %Escaped(&e), "webhook could not be read");
             return text(StatusCode::SERVICE_UNAVAILABLE, "try again later\n");
         }
     };
@@ -119,22 +123,22 @@ async fn webhook(
         let rec = match engine.connectors.crm.fetch(record).await {
             Ok(Some(rec)) => rec,
             Ok(None) => {
-                tracing::info!(record = %record, "webhook: record no longer exists; consent kept");
+                tracing::info!(record = %Escaped(record), "webhook: record no longer exists; consent kept");
                 continue;
             }
             Err(ConnectorError::InvalidInput { message }) => {
-                tracing::warn!(record = %record, reason = %message, "webhook: CRM record skipped");
+                tracing::warn!(record = %Escaped(record), reason = %Escaped(&message), "webhook: CRM record skipped");
                 continue;
             }
             Err(e) => {
-                tracing::warn!(record = %record, error = %e, "webhook: fetching the record failed; the next poll will read it");
+                tracing::warn!(record = %Escaped(record), error = %Escaped(&e), "webhook: fetching the record failed; the next poll will read it");
                 failed = true;
                 continue;
             }
         };
         // Ingesting runs the rules for the contact too: an assertion queues its DOI mail.
         if let Err(e) = engine.ingest_record(&rec).await {
-            tracing::error!(record = %record, error = %e, "webhook: ingesting the record failed");
+            tracing::error!(record = %Escaped(record), error = %Escaped(&e), "webhook: ingesting the record failed");
             failed = true;
         }
     }

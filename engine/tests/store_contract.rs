@@ -157,6 +157,7 @@ store_contract! {
     check_release_claims_of_a_crashed_predecessor =>
         sqlite_check_release_claims_of_a_crashed_predecessor,
         postgres_check_release_claims_of_a_crashed_predecessor;
+    check_rename_contact => sqlite_check_rename_contact, postgres_check_rename_contact;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -296,6 +297,38 @@ fn is_conflict(r: &StoreResult<LedgerEvent>, contact_id: &str, list_id: &str) ->
 // ---------------------------------------------------------------------------------------------
 // Checks
 // ---------------------------------------------------------------------------------------------
+
+/// Re-spelling a contact's address (canonicalisation, F2) keeps the contact, and never takes
+/// another contact's address.
+async fn check_rename_contact(db: TestDb) {
+    let s = &*db.store;
+    let old = "jos\u{e9}@xn--bcher-kva.example";
+    let canonical = "jos\u{e9}@b\u{fc}cher.example";
+    let id = new_contact(s, old).await;
+    let other = new_contact(s, "taken@example.org").await;
+    let by_email = |email: &'static str| async move {
+        s.contact_by_email(email)
+            .await
+            .expect("read contact")
+            .map(|c| c.id)
+    };
+    assert!(s.rename_contact(&id, canonical).await.expect("rename"));
+    assert_eq!(by_email(canonical).await, Some(id.clone()), "renamed");
+    assert_eq!(by_email(old).await, None, "the old spelling is gone");
+    assert!(
+        !s.rename_contact(&id, "taken@example.org")
+            .await
+            .expect("rename"),
+        "another contact's address is never taken"
+    );
+    assert_eq!(by_email("taken@example.org").await, Some(other));
+    assert_eq!(by_email(canonical).await, Some(id));
+    assert!(
+        !s.rename_contact("no-such-id", "new@example.org")
+            .await
+            .expect("rename")
+    );
+}
 
 async fn check_migrate_twice(db: TestDb) {
     let s = &*db.store;

@@ -775,3 +775,191 @@ async fn an_erased_address_is_not_taken_back_by_an_import_or_a_fresh_signup_link
     assert_eq!(demo.mails().len(), mails, "and sends nothing");
     assert!(demo.list_members().is_empty());
 }
+
+/// José, as the review's IDN case: NFC, with a Unicode domain.
+const JOSE: &str = "jos\u{e9}@b\u{fc}cher.example";
+/// The same mailbox with the domain in punycode, and fully decomposed (NFD).
+const JOSE_PUNYCODE: &str = "jos\u{e9}@xn--bcher-kva.example";
+const JOSE_NFD: &str = "jose\u{301}@bu\u{308}cher.example";
+
+fn append_contacts(demo: &Demo, rows: &[String]) {
+    let mut csv = std::fs::read_to_string(demo.path("demo/contacts.csv")).unwrap();
+    for row in rows {
+        csv.push_str(row);
+        csv.push('\n');
+    }
+    std::fs::write(demo.path("demo/contacts.csv"), csv).unwrap();
+}
+
+#[test]
+fn f2_nfd_and_punycode_spellings_hit_the_erasure_suppression() {
+    let demo = Demo::new();
+    append_contacts(
+        &demo,
+        &[format!("1006,Jos\u{e9},B\u{fc}cher,{JOSE},es,true,false")],
+    );
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(demo.state(JOSE, "newsletter"), "pending", "José was asked");
+    demo.run_ok(&["erase", JOSE]);
+    let mails = demo.mails().len();
+
+    // The CRM brings the same mailbox back under its other spellings.
+    append_contacts(
+        &demo,
+        &[
+            format!("1007,Jose,Punycode,{JOSE_PUNYCODE},es,true,false"),
+            format!("1008,Jose,Decomposed,{JOSE_NFD},es,true,false"),
+        ],
+    );
+    let out = demo.run_ok(&["sync", "--once"]);
+    assert!(
+        out.contains("2 erased addresses not stored again"),
+        "both spellings are recognised as the erased address: {out}"
+    );
+    assert_eq!(demo.mails().len(), mails, "no new contact is mailed");
+    for spelling in [JOSE, JOSE_PUNYCODE, JOSE_NFD] {
+        let found = demo.output(&["contact", "show", spelling, "--json"]);
+        assert!(!found.status.success(), "{spelling:?} was stored again");
+    }
+}
+
+/// The keyed hash as optinsync computed it before addresses were canonicalised: over the
+/// address merely trimmed and lower-cased.
+fn pre_canonicalisation_hash(secret: &str, address: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(b"optinsync address hash v1\0");
+    mac.update(address.trim().to_lowercase().as_bytes());
+    mac.finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f2_a_suppression_keyed_before_canonicalisation_still_blocks_every_spelling() {
+    let demo = Demo::new();
+    demo.run_ok(&["sync", "--once"]);
+    // An opt-out recorded by an older version for the address as the CRM then spelled it
+    // (NFC, Unicode domain).
+    let pool = sqlx::SqlitePool::connect(&demo.sqlite_url()).await.unwrap();
+    sqlx::query(
+        "INSERT INTO suppressions (address_hash, reason, at) VALUES ($1, 'crm_opted_out', $2)",
+    )
+    .bind(pre_canonicalisation_hash(DEMO_SECRET, JOSE))
+    .bind(chrono::Utc::now())
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let mails = demo.mails().len();
+
+    append_contacts(
+        &demo,
+        &[
+            format!("1007,Jose,Punycode,{JOSE_PUNYCODE},es,true,false"),
+            format!("1008,Jose,Decomposed,{JOSE_NFD},en,true,false"),
+        ],
+    );
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(
+        demo.mails().len(),
+        mails,
+        "a suppressed mailbox is not mailed"
+    );
+    assert_ne!(demo.state(JOSE, "newsletter"), "pending");
+}
+
+#[test]
+fn f12_erase_deletes_the_eml_copies_of_the_persons_mails() {
+    let demo = Demo::new();
+    demo.run_ok(&["sync", "--once"]);
+    let holds = |p: &std::path::PathBuf, needle: &str| {
+        std::fs::read_to_string(p)
+            .unwrap()
+            .to_lowercase()
+            .contains(needle)
+    };
+    let before = demo.mails();
+    assert!(
+        before.iter().any(|p| holds(p, "ana.garcia")),
+        "Ana was mailed"
+    );
+    let others = before.iter().filter(|p| !holds(p, "ana.garcia")).count();
+    assert!(others > 0, "someone else was mailed too");
+
+    demo.run_ok(&["erase", ANA]);
+    let after = demo.mails();
+    assert!(
+        !after.iter().any(|p| holds(p, "ana.garcia")),
+        "no .eml file keeps the erased address"
+    );
+    assert_eq!(after.len(), others, "the other people's mails stay");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f11_crm_fields_lose_control_characters_and_only_mapped_fields_reach_the_list() {
+    let demo = Demo::new();
+    let csv = std::fs::read_to_string(demo.path("demo/contacts.csv"))
+        .unwrap()
+        .replace(
+            "1001,Ana,Garc\u{ed}a,",
+            "1001,A\u{0}na\u{1b}[2J,Garc\u{ed}a,",
+        );
+    std::fs::write(demo.path("demo/contacts.csv"), csv).unwrap();
+    confirmed_ana(&demo, "f11-agent").await;
+
+    let v = demo.contact_json(ANA);
+    assert_eq!(v["contact"]["fields"]["First_Name"], "Ana[2J", "{v}");
+    let list = std::fs::read_to_string(demo.path("var/lists.jsonl")).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(list.trim()).unwrap();
+    assert_eq!(
+        entry["fields"],
+        serde_json::json!({"First_Name": "Ana[2J", "Last_Name": "Garc\u{ed}a"}),
+        "only the mapped fields, cleaned: {list}"
+    );
+    assert_eq!(entry["email"], ANA);
+    assert_eq!(entry["language"], "es");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn f2_a_contact_stored_under_an_old_spelling_is_found_under_every_spelling() {
+    let demo = Demo::new();
+    append_contacts(
+        &demo,
+        &[format!("1006,Jose,Punycode,{JOSE_PUNYCODE},es,true,false")],
+    );
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(demo.state(JOSE, "newsletter"), "pending");
+    // As an older version stored it: the CRM's spelling, merely lower-cased.
+    let pool = sqlx::SqlitePool::connect(&demo.sqlite_url()).await.unwrap();
+    let changed = sqlx::query("UPDATE contacts SET email = $1 WHERE email = $2")
+        .bind(JOSE_PUNYCODE)
+        .bind(JOSE)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(changed.rows_affected(), 1);
+    sqlx::query("DELETE FROM cursors WHERE name LIKE 'migration:%'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let mails = demo.mails().len();
+
+    // The CRM now also holds the NFD spelling: the same person, asked already.
+    append_contacts(
+        &demo,
+        &[format!("1007,Jose,Decomposed,{JOSE_NFD},es,true,false")],
+    );
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(demo.mails().len(), mails, "no second DOI mail");
+    let v = demo.contact_json(JOSE_NFD);
+    assert_eq!(v["contact"]["email"], JOSE, "{v}");
+    assert_eq!(
+        v["contact"]["crm_records"],
+        serde_json::json!(["Contacts/1006", "Contacts/1007"]),
+        "one contact for both records: {v}"
+    );
+}

@@ -268,3 +268,73 @@ async fn admin_api_is_off_without_a_token() {
     assert_eq!(r.status(), 404);
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// Security review F6: record ids from the CSV webhook and from the CRM itself, crafted to
+/// forge a log line or to put an address into one, are refused without being echoed.
+#[tokio::test(flavor = "multi_thread")]
+async fn f6_hostile_ids_forge_no_log_line_and_put_no_address_in_the_logs() {
+    let demo = Demo::new();
+    let mut csv = std::fs::read_to_string(demo.path("demo/contacts.csv")).unwrap();
+    csv.push_str(
+        "\"forged\n2026-12-06T00:00:00.000000Z  INFO optinsync::engine: FORGED-BY-CRM-ID\",Fay,Forged,fay.forged@example.org,en,true,false\n",
+    );
+    csv.push_str("leak.me@example.com,Lee,Leak,lee.leak@example.org,en,true,false\n");
+    std::fs::write(demo.path("demo/contacts.csv"), csv).unwrap();
+    let out = demo.output(&["sync", "--once"]);
+    assert!(out.status.success());
+    let mut scanned = String::from_utf8_lossy(&out.stdout).into_owned();
+    scanned.push_str(&String::from_utf8_lossy(&out.stderr));
+
+    let daemon = demo.spawn_daemon();
+    let client = http();
+    let url = format!("http://127.0.0.1:{}/webhooks/crm", demo.port);
+    for body in [
+        r#"{"ids":["nobody\n2026-12-06T00:00:00.000000Z  INFO optinsync::admin: FORGED log line"]}"#,
+        r#"{"ids":["someone.private@example.com"]}"#,
+        r#"{"ids":"victim@example.com"}"#,
+    ] {
+        let r = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+    }
+    assert_eq!(daemon.terminate(), Some(0));
+    scanned.push_str(&std::fs::read_to_string(demo.path("daemon.log")).unwrap());
+
+    // The refusals were logged (the scan is not vacuous) ...
+    assert_eq!(
+        scanned.matches("invalid id (column `Id`)").count(),
+        2,
+        "{scanned}"
+    );
+    assert_eq!(scanned.matches("webhook refused").count(), 3, "{scanned}");
+    // ... and nothing of the hostile values reached any line.
+    assert!(!scanned.contains("FORGED"), "a forged line:\n{scanned}");
+    for line in scanned.lines() {
+        assert!(
+            !line.starts_with("2026-12-06T00:00:00"),
+            "a forged line: {line}"
+        );
+    }
+    let found = addresses(&scanned);
+    assert!(
+        found.is_empty(),
+        "addresses in the logs: {found:?}\n{scanned}"
+    );
+    for leaked in [
+        "someone.private",
+        "leak.me",
+        "victim",
+        "fay.forged",
+        "lee.leak",
+    ] {
+        assert!(
+            !scanned.contains(leaked),
+            "{leaked} in the logs:\n{scanned}"
+        );
+    }
+}

@@ -196,6 +196,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<Contact>>;
     async fn contact_by_email(&self, email: &str) -> StoreResult<Option<Contact>>;
+    /// Store this contact under another (normalised) address, unless another contact has it
+    /// (`false`). For re-spelling addresses stored before canonicalisation; nothing else
+    /// changes (`updated_at` included).
+    async fn rename_contact(&self, contact_id: &str, email: &str) -> StoreResult<bool>;
     async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>>;
     /// Contacts ordered by id, after `after` (paging for decision passes).
     async fn contacts_page(&self, after: Option<&str>, limit: i64) -> StoreResult<Vec<Contact>>;

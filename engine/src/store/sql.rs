@@ -254,6 +254,18 @@ macro_rules! shared_store_impl {
                 row.as_ref().map(contact_from).transpose()
             }
 
+            async fn rename_contact(&self, contact_id: &str, email: &str) -> StoreResult<bool> {
+                let done = sqlx::query(
+                    "UPDATE contacts SET email = $1 WHERE id = $2 \
+                     AND NOT EXISTS (SELECT 1 FROM contacts WHERE email = $1)",
+                )
+                .bind(email)
+                .bind(contact_id)
+                .execute(&self.pool)
+                .await?;
+                Ok(done.rows_affected() == 1)
+            }
+
             async fn contacts_page(&self, after: Option<&str>, limit: i64) -> StoreResult<Vec<Contact>> {
                 let rows = sqlx::query(&format!(
                     "SELECT {CONTACT_COLS} FROM contacts WHERE id > $1 ORDER BY id LIMIT $2"

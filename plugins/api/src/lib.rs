@@ -372,6 +372,14 @@ pub trait MailTransport: Send + Sync + fmt::Debug {
             calls_per_minute: None,
         }
     }
+    /// Erasure (GDPR Art. 17): delete every copy this transport keeps of the messages sent
+    /// under these idempotency keys ([`OutgoingMessage::idempotency_key`]); keys it never
+    /// sent are ignored. Returns how many copies were deleted. Transports that keep no copy
+    /// (SMTP hands the message over) keep this default.
+    async fn forget(&self, idempotency_keys: &[String]) -> ConnectorResult<u64> {
+        let _ = idempotency_keys;
+        Ok(0)
+    }
 }
 
 /// One quota window of a vendor API: at most `limit` calls per `length_ms` milliseconds.

@@ -5,6 +5,10 @@
 //! it has handed out, and a later pass returns only rows whose hash changed (or that are
 //! new), plus the ids that disappeared. The CSV is only ever read; write-backs go to an
 //! optional JSONL file.
+//!
+//! Record ids (the id column, and the ids a webhook names) must be 1 to 64 characters of
+//! `A-Z a-z 0-9 _ -`: they end up in log lines, so a newline (a forged log line) or an
+//! address in an id is refused, and the refusal names the file and line, never the value.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -18,9 +22,10 @@ use optinsync_plugin_api::{
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::sync::Mutex;
 
-use crate::{ConfigError, fsutil, parse_settings};
+use crate::{ConfigError, fsutil, json_error, parse_settings};
 
 /// Settings of [`CsvCrm`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,9 +49,41 @@ pub struct CsvCrmConfig {
     /// List id → column whose truthy value means the CRM says the person asked for that list.
     #[serde(default)]
     pub asserts: BTreeMap<String, String>,
-    /// JSONL file receiving consent write-backs, one JSON object per line.
+    /// JSONL file receiving consent write-backs, one JSON object per line. It stands for
+    /// the CRM, outside optinsync's erasure: the line for an erasure carries the address on
+    /// purpose (the CRM must find the record to set its opt-out), like a real CRM's record.
     #[serde(default)]
     pub writeback_path: Option<String>,
+    /// When set, a webhook call must carry it in the [`WEBHOOK_SECRET_HEADER`] header
+    /// (compared in constant time); may be `"${VAR}"`. Without it the webhook is open to
+    /// anyone who can reach it (it can only make the connector re-read named rows).
+    #[serde(default, skip_serializing)]
+    pub webhook_secret: Option<WebhookSecret>,
+}
+
+/// Header carrying [`CsvCrmConfig::webhook_secret`].
+pub const WEBHOOK_SECRET_HEADER: &str = "x-webhook-secret";
+
+/// The webhook's shared secret; never printed.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WebhookSecret(pub String);
+
+impl std::fmt::Debug for WebhookSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
+/// Longest record id accepted; see [`is_valid_id`].
+const MAX_ID_LEN: usize = 64;
+
+/// Record ids are 1-64 characters of `A-Z a-z 0-9 _ -` (see the module docs).
+fn is_valid_id(id: &str) -> bool {
+    (1..=MAX_ID_LEN).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn default_module() -> String {
@@ -98,6 +135,16 @@ impl CsvCrm {
                     message: "must not be empty".to_owned(),
                 });
             }
+        }
+        if config
+            .webhook_secret
+            .as_ref()
+            .is_some_and(|s| s.0.trim().len() < 16)
+        {
+            return Err(ConfigError::Invalid {
+                setting: "webhook_secret".to_owned(),
+                message: "must be at least 16 characters".to_owned(),
+            });
         }
         let path = fsutil::resolve(base_dir, "path", &config.path)?;
         let writeback_path = config
@@ -191,23 +238,48 @@ impl CrmConnector for CsvCrm {
         }
     }
 
+    /// `{"ids": ["<record id>", ...]}`, with the shared secret header if one is configured.
+    /// Refusals never quote the body: it is untrusted and ends up in a log line.
     fn parse_webhook(
         &self,
-        _headers: &[(String, String)],
+        headers: &[(String, String)],
         body: &[u8],
     ) -> ConnectorResult<WebhookEvent> {
+        if let Some(secret) = &self.config.webhook_secret {
+            let given = headers
+                .iter()
+                .find(|(name, _)| name.eq_ignore_ascii_case(WEBHOOK_SECRET_HEADER))
+                .map(|(_, value)| value.as_str());
+            // Digests have one length whatever was sent, so the compare is constant time.
+            let matches = given.is_some_and(|given| {
+                bool::from(
+                    Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(secret.0.as_bytes())),
+                )
+            });
+            if !matches {
+                return Err(ConnectorError::InvalidInput {
+                    message: format!(
+                        "CSV CRM webhook without the right `{WEBHOOK_SECRET_HEADER}` header"
+                    ),
+                });
+            }
+        }
         let parsed: WebhookBody =
             serde_json::from_slice(body).map_err(|err| ConnectorError::InvalidInput {
                 message: format!(
-                    r#"CSV CRM webhook body must be {{"ids": ["<record id>", ...]}}: {err}"#
+                    r#"CSV CRM webhook body must be {{"ids": ["<record id>", ...]}}: {}"#,
+                    json_error(&err)
                 ),
             })?;
         let mut records = Vec::with_capacity(parsed.ids.len());
-        for id in parsed.ids {
+        for (index, id) in parsed.ids.iter().enumerate() {
             let id = id.trim();
-            if id.is_empty() {
+            if !is_valid_id(id) {
                 return Err(ConnectorError::InvalidInput {
-                    message: "CSV CRM webhook contains an empty id".to_owned(),
+                    message: format!(
+                        "CSV CRM webhook id #{} is not a record id (1-{MAX_ID_LEN} characters of A-Z a-z 0-9 _ -)",
+                        index + 1
+                    ),
                 });
             }
             records.push(RecordRef {
@@ -282,7 +354,7 @@ struct CursorState {
 impl CursorState {
     fn decode(cursor: &Cursor) -> ConnectorResult<Self> {
         serde_json::from_str(&cursor.0).map_err(|err| ConnectorError::InvalidInput {
-            message: format!("not a CSV CRM cursor: {err}"),
+            message: format!("not a CSV CRM cursor: {}", json_error(&err)),
         })
     }
 
@@ -536,10 +608,27 @@ impl RowParser<'_> {
             .get(self.layout.id)
             .map(|raw| String::from_utf8_lossy(raw).trim().to_owned());
         let id = id.filter(|id| !id.is_empty());
+        // An id that is not one (a forged log line, an address) is never echoed: the row is
+        // reported by file and line only, and recognised by content like a row without id.
+        let bad_id = id.as_deref().is_some_and(|id| !is_valid_id(id));
+        let id = id.filter(|_| !bad_id);
         let location = match &id {
             Some(id) => format!("{}:{line} (Id={id})", self.file),
             None => format!("{}:{line}", self.file),
         };
+        if bad_id {
+            return ParsedRow {
+                key: RowKey::Unkeyed,
+                hash,
+                outcome: Err(InvalidRecord {
+                    location,
+                    reason: format!(
+                        "invalid id (column `{}`): must be 1-{MAX_ID_LEN} characters of A-Z a-z 0-9 _ -",
+                        self.config.id_column
+                    ),
+                }),
+            };
+        }
         let (key, duplicate_of) = match &id {
             None => (RowKey::Unkeyed, None),
             Some(id) => match self.first_line.get(id) {
@@ -812,7 +901,10 @@ mod tests {
             [
                 ("contacts.csv:3 (Id=2)", "row is not valid UTF-8"),
                 ("contacts.csv:4 (Id=3)", "row is not valid UTF-8"),
-                ("contacts.csv:5 (Id=\u{fffd}()", "row is not valid UTF-8"),
+                (
+                    "contacts.csv:5",
+                    "invalid id (column `Id`): must be 1-64 characters of A-Z a-z 0-9 _ -"
+                ),
             ]
         );
         let again = crm.changes(page.next_cursor.as_ref(), 100).await.unwrap();
@@ -922,6 +1014,122 @@ mod tests {
                 "{err:?}"
             );
         }
+    }
+
+    /// Hostile ids of the security review (F6): a forged log line and an address.
+    const FORGED: &str =
+        "nobody\n2026-12-06T00:00:00.000000Z  INFO optinsync::admin: FORGED log line";
+    const ADDRESS_ID: &str = "someone.private@example.com";
+
+    fn assert_not_echoed(message: &str) {
+        for leaked in ["FORGED", "someone.private", "victim", "@", "\n"] {
+            assert!(!message.contains(leaked), "{leaked:?} echoed: {message}");
+        }
+    }
+
+    #[tokio::test]
+    async fn f6_hostile_webhook_ids_are_refused_without_echoing_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let crm = crm(dir.path(), CSV, "");
+        let long = "a".repeat(65);
+        for ids in [
+            serde_json::json!([FORGED]),
+            serde_json::json!(["1", ADDRESS_ID]),
+            serde_json::json!([long]),
+            serde_json::json!(["a/b"]),
+            serde_json::json!([" "]),
+        ] {
+            let body = serde_json::json!({ "ids": ids }).to_string();
+            match crm.parse_webhook(&[], body.as_bytes()).unwrap_err() {
+                ConnectorError::InvalidInput { message } => {
+                    assert!(message.contains("is not a record id"), "{message}");
+                    assert_not_echoed(&message);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // serde's own message would quote the value ("invalid type: string \"victim@...\"").
+        for body in [
+            r#"{"ids":"victim@example.com"}"#,
+            r#"{"ids":["1"],"victim@example.com":1}"#,
+            "victim@example.com",
+        ] {
+            match crm.parse_webhook(&[], body.as_bytes()).unwrap_err() {
+                ConnectorError::InvalidInput { message } => {
+                    assert!(message.contains("at line 1 column"), "{message}");
+                    assert_not_echoed(&message);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        // Ids of the allowed alphabet still pass.
+        let ok = crm
+            .parse_webhook(&[], br#"{"ids": ["zcrm_4150868000000624001", "A-1"]}"#)
+            .unwrap();
+        assert!(matches!(ok, WebhookEvent::Changed(r) if r.len() == 2));
+    }
+
+    #[tokio::test]
+    async fn f6_hostile_csv_ids_are_reported_by_line_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = format!(
+            "Id,Email,Language,Email_Opt_Out,Newsletter\n\
+             1,ann@example.com,en,false,yes\n\
+             \"{FORGED}\",forged@example.com,en,false,yes\n\
+             {ADDRESS_ID},leak.me@example.com,en,false,yes\n\
+             5,eve@example.com,en,false,yes\n"
+        );
+        let crm = crm(dir.path(), &csv, "");
+        let page = crm.changes(None, 100).await.unwrap();
+        assert_eq!(ids(&page), ["1", "5"]);
+        let found: Vec<&str> = page.invalid.iter().map(|i| i.location.as_str()).collect();
+        assert_eq!(found, ["contacts.csv:3", "contacts.csv:5"]);
+        for bad in &page.invalid {
+            assert!(
+                bad.reason.starts_with("invalid id (column `Id`)"),
+                "{bad:?}"
+            );
+            assert_not_echoed(&format!("{} {}", bad.location, bad.reason));
+        }
+        // Reported once, like any invalid row.
+        let again = crm.changes(page.next_cursor.as_ref(), 100).await.unwrap();
+        assert!(again.invalid.is_empty() && again.records.is_empty());
+    }
+
+    #[tokio::test]
+    async fn f6_webhook_secret_is_required_when_configured() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = "csv-webhook-secret-0123456789";
+        let crm = crm(dir.path(), CSV, &format!("webhook_secret = \"{secret}\""));
+        let body = br#"{"ids": ["1"]}"#;
+        let header = |v: &str| vec![("X-Webhook-Secret".to_owned(), v.to_owned())];
+        for refused in [
+            vec![],
+            header("wrong"),
+            header(&format!("{secret}x")),
+            header(&secret[1..]),
+        ] {
+            match crm.parse_webhook(&refused, body).unwrap_err() {
+                ConnectorError::InvalidInput { message } => {
+                    assert!(message.contains("x-webhook-secret"), "{message}");
+                    assert!(!message.contains(secret), "{message}");
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(matches!(
+            crm.parse_webhook(&header(secret), body).unwrap(),
+            WebhookEvent::Changed(_)
+        ));
+        // Never printed, and too short a secret is refused.
+        assert!(!format!("{:?}", crm.config()).contains(secret));
+        let settings: toml::Table =
+            toml::from_str("path = \"contacts.csv\"\nwebhook_secret = \"short\"").unwrap();
+        let err = CsvCrm::from_config(settings, dir.path()).unwrap_err();
+        assert!(err.to_string().contains("webhook_secret"), "{err}");
+        // Without the setting, no header is needed.
+        let open = super::tests::crm(dir.path(), CSV, "");
+        assert!(open.parse_webhook(&[], body).is_ok());
     }
 
     #[tokio::test]

@@ -1,7 +1,8 @@
 //! A mail transport that writes each message as an RFC 5322 `.eml` file instead of sending it.
 //!
 //! The file is named after the message's idempotency key, which makes the transport
-//! deduplicating: a key that already has a file is not written again.
+//! deduplicating: a key that already has a file is not written again. The same name lets
+//! erasure find a person's mails: [`MailTransport::forget`] deletes them.
 
 use std::path::{Path, PathBuf};
 
@@ -95,6 +96,22 @@ impl MailTransport for EmlDir {
             message_id: message.message_id.clone(),
             deduplicated: false,
         })
+    }
+
+    /// Deletes the `.eml` files of these keys: erasure must not leave the address in the
+    /// `To:` of a mail copy.
+    async fn forget(&self, idempotency_keys: &[String]) -> ConnectorResult<u64> {
+        let _guard = self.lock.lock().await;
+        let mut deleted = 0;
+        for key in idempotency_keys {
+            let path = self.path_for(key);
+            match tokio::fs::remove_file(&path).await {
+                Ok(()) => deleted += 1,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => return Err(fsutil::transient("cannot delete", &path, &err)),
+            }
+        }
+        Ok(deleted)
     }
 
     async fn health(&self) -> ConnectorResult<Health> {
@@ -221,6 +238,36 @@ mod tests {
                 ),
             ],
         }
+    }
+
+    #[tokio::test]
+    async fn f12_forget_deletes_the_mails_of_the_keys_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = transport(dir.path());
+        for key in ["mail-1", "mail-2", "mail-3"] {
+            t.send(&message(key, "jos\u{e9}@b\u{fc}cher.example", false))
+                .await
+                .unwrap();
+        }
+        let forgotten = t
+            .forget(&[
+                "mail-1".to_owned(),
+                "mail-3".to_owned(),
+                "mail-9".to_owned(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            forgotten, 2,
+            "the two existing files, the unknown key ignored"
+        );
+        assert!(!t.path_for("mail-1").exists());
+        assert!(
+            t.path_for("mail-2").exists(),
+            "another contact's mail stays"
+        );
+        assert!(!t.path_for("mail-3").exists());
+        assert_eq!(t.forget(&["mail-1".to_owned()]).await.unwrap(), 0);
     }
 
     /// The Content-Type of each part of a multipart body, found through the boundary.

@@ -14,6 +14,14 @@
 //!
 //! `kind` is `unsubscribed`, `bounced` or `complained`; `at` (default: when read) and `detail`
 //! are optional.
+//!
+//! # What a subscriber line carries (data minimisation)
+//!
+//! The address and the language always; of the contact's other fields (CRM columns) only
+//! those the `fields` setting maps, as `list field = "contact field"` — by default
+//! `First_Name` and `Last_Name`, like the Zoho Campaigns connector's default. A CRM's ids,
+//! opt-out flags and other columns are not the campaigns tool's business. Lines written
+//! before this setting existed keep their fields until the subscriber is next updated.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,7 +35,7 @@ use optinsync_plugin_api::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::{ConfigError, fsutil, parse_settings};
+use crate::{ConfigError, fsutil, json_error, parse_settings};
 
 /// Settings of [`JsonlList`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,6 +46,18 @@ pub struct JsonlListConfig {
     /// Optional file of simulated unsubscribes, bounces and complaints.
     #[serde(default)]
     pub status_path: Option<String>,
+    /// List field → contact field it is filled from (a CRM field name as the CRM connector
+    /// reports it). Only these are written; see the module docs. Empty: address and
+    /// language only.
+    #[serde(default = "default_fields")]
+    pub fields: BTreeMap<String, String>,
+}
+
+fn default_fields() -> BTreeMap<String, String> {
+    ["First_Name", "Last_Name"]
+        .into_iter()
+        .map(|f| (f.to_owned(), f.to_owned()))
+        .collect()
 }
 
 /// A [`CampaignsConnector`] keeping every list in one JSONL file.
@@ -45,6 +65,8 @@ pub struct JsonlListConfig {
 pub struct JsonlList {
     path: PathBuf,
     status_path: Option<PathBuf>,
+    /// [`JsonlListConfig::fields`].
+    fields: BTreeMap<String, String>,
     /// Serialises read-modify-write cycles so concurrent calls never lose each other's update.
     lock: Mutex<()>,
 }
@@ -76,12 +98,28 @@ struct StatusLine {
     detail: Option<String>,
 }
 
-/// Entries keyed by (list, address compared case-insensitively), which is also file order.
+/// Entries keyed by (list, [`address_key`]), which is also file order.
 type Entries = BTreeMap<(String, String), Entry>;
 
 fn entry_key(list: &str, email: &str) -> (String, String) {
-    // Mail systems treat addresses case-insensitively in practice; so must updates/removals.
-    (list.to_owned(), email.trim().to_lowercase())
+    (list.to_owned(), address_key(email))
+}
+
+/// One key for every spelling of a mailbox, so updates and removals find the entry however
+/// the address is spelled: case-insensitive (as mail systems are in practice), NFC, and the
+/// domain in its IDNA ASCII form — like the engine's address canonicalisation, which may
+/// re-spell a contact stored before it (`a@xn--bcher-kva.example` becomes `a@bücher.example`)
+/// whose older line here keeps the old spelling.
+fn address_key(email: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let lower: String = email.trim().to_lowercase().nfc().collect();
+    match lower.rsplit_once('@') {
+        Some((local, domain)) => match idna::domain_to_ascii(domain) {
+            Ok(ascii) => format!("{local}@{ascii}"),
+            Err(_) => lower,
+        },
+        None => lower,
+    }
 }
 
 impl JsonlList {
@@ -100,6 +138,7 @@ impl JsonlList {
                 .as_deref()
                 .map(|p| fsutil::resolve(base_dir, "status_path", p))
                 .transpose()?,
+            fields: config.fields.clone(),
             lock: Mutex::new(()),
         })
     }
@@ -144,6 +183,17 @@ impl JsonlList {
         fsutil::write_atomic(&self.path, after.as_bytes())
             .await
             .map_err(|err| fsutil::transient("cannot write", &self.path, &err))
+    }
+
+    /// The subscriber's fields the `fields` setting maps, under their list names.
+    fn mapped_fields(&self, subscriber: &Subscriber) -> BTreeMap<String, serde_json::Value> {
+        self.fields
+            .iter()
+            .filter_map(|(list_field, source)| {
+                let value = subscriber.fields.get(source)?;
+                (!value.is_null()).then(|| (list_field.clone(), value.clone()))
+            })
+            .collect()
     }
 
     async fn read_status_file(&self, path: &Path) -> ConnectorResult<String> {
@@ -198,7 +248,7 @@ impl CampaignsConnector for JsonlList {
                     list: list.to_owned(),
                     email: subscriber.email.trim().to_owned(),
                     language: subscriber.language.clone(),
-                    fields: subscriber.fields.clone(),
+                    fields: self.mapped_fields(subscriber),
                     subscribed_at,
                 };
                 entries.insert(key, entry);
@@ -302,7 +352,10 @@ fn parse_entries(text: &str, file: &str) -> ConnectorResult<Entries> {
             continue;
         }
         let entry: Entry = serde_json::from_str(line).map_err(|err| {
-            ConnectorError::permanent(format!("{file}:{line_no}: not a subscriber line: {err}"))
+            ConnectorError::permanent(format!(
+                "{file}:{line_no}: not a subscriber line: {}",
+                json_error(&err)
+            ))
         })?;
         let key = entry_key(&entry.list, &entry.email);
         if let Some(first) = first_line.insert(key.clone(), line_no) {
@@ -366,7 +419,7 @@ fn read_status_lines(
                 Ok(_) => {}
                 Err(_) if !complete => break,
                 Err(err) => {
-                    tracing::warn!(file, line = index + 1, error = %err, "skipping malformed status line")
+                    tracing::warn!(file, line = index + 1, error = %json_error(&err), "skipping malformed status line")
                 }
             }
         }
@@ -392,8 +445,92 @@ mod tests {
         Subscriber {
             email: email.to_owned(),
             language: language.map(str::to_owned),
-            fields: BTreeMap::from([("first_name".to_owned(), serde_json::json!("Ann"))]),
+            fields: BTreeMap::from([("First_Name".to_owned(), serde_json::json!("Ann"))]),
         }
+    }
+
+    #[tokio::test]
+    async fn f2_every_spelling_of_a_mailbox_is_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        // Written by a version that stored the CRM's punycode spelling.
+        jl.subscribe(
+            "newsletter",
+            &[sub("jos\u{e9}@xn--bcher-kva.example", None)],
+        )
+        .await
+        .unwrap();
+        // The contact is now spelled canonically: an update is the same entry ...
+        jl.subscribe(
+            "newsletter",
+            &[sub("jos\u{e9}@b\u{fc}cher.example", Some("es"))],
+        )
+        .await
+        .unwrap();
+        assert_eq!(jl.members("newsletter").await.unwrap().len(), 1);
+        // ... and a removal in any spelling (NFD here) takes it off.
+        jl.remove(
+            "newsletter",
+            &["JOSE\u{301}@BU\u{308}CHER.example".to_owned()],
+        )
+        .await
+        .unwrap();
+        assert!(jl.members("newsletter").await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn f11_only_mapped_fields_reach_the_list() {
+        let dir = tempfile::tempdir().unwrap();
+        // Every CSV column, as the CRM connector reports them.
+        let crm_columns = Subscriber {
+            email: "ann@example.com".to_owned(),
+            language: Some("en".to_owned()),
+            fields: [
+                ("Id", "1001"),
+                ("First_Name", "Ann"),
+                ("Last_Name", "Lee"),
+                ("Email", "ann@example.com"),
+                ("Email_Opt_Out", "false"),
+                ("Newsletter_Requested", "true"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), serde_json::json!(v)))
+            .collect(),
+        };
+        let default = list(dir.path());
+        default
+            .subscribe("newsletter", std::slice::from_ref(&crm_columns))
+            .await
+            .unwrap();
+        let entry: Entry = serde_json::from_str(read(dir.path()).trim()).unwrap();
+        assert_eq!(
+            entry.fields.keys().collect::<Vec<_>>(),
+            ["First_Name", "Last_Name"],
+            "by default the name fields only"
+        );
+        assert_eq!(entry.language.as_deref(), Some("en"));
+        assert_eq!(entry.email, "ann@example.com");
+
+        // A mapping renames, and leaves out what it does not name.
+        let settings: toml::Table = toml::from_str(
+            "path = \"mapped.jsonl\"\n[fields]\n\"First name\" = \"First_Name\"\nCompany = \"Company\"",
+        )
+        .unwrap();
+        let mapped = JsonlList::from_config(settings, dir.path()).unwrap();
+        mapped
+            .subscribe("newsletter", &[crm_columns])
+            .await
+            .unwrap();
+        let text = std::fs::read_to_string(dir.path().join("mapped.jsonl")).unwrap();
+        let entry: Entry = serde_json::from_str(text.trim()).unwrap();
+        assert_eq!(
+            entry.fields,
+            BTreeMap::from([("First name".to_owned(), serde_json::json!("Ann"))])
+        );
+        assert!(
+            !text.contains("1001") && !text.contains("Email_Opt_Out"),
+            "{text}"
+        );
     }
 
     fn read(dir: &Path) -> String {
@@ -597,6 +734,25 @@ mod tests {
                 .is_empty()
         );
         assert!(jl.health().await.unwrap().ok);
+    }
+
+    #[tokio::test]
+    async fn f6_a_bad_subscriber_line_is_reported_without_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        std::fs::create_dir_all(dir.path().join("lists")).unwrap();
+        std::fs::write(
+            dir.path().join("lists/subscribers.jsonl"),
+            "{\"list\":\"newsletter\",\"email\":\"a@example.org\",\"fields\":\"victim@example.com\",\"subscribed_at\":\"2026-01-01T00:00:00Z\"}\n",
+        )
+        .unwrap();
+        let err = jl.members("newsletter").await.unwrap_err().to_string();
+        assert!(err.contains("subscribers.jsonl:1"), "{err}");
+        assert!(
+            err.contains("unexpected value or type at line 1 column"),
+            "{err}"
+        );
+        assert!(!err.contains("victim"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Each connector stands in for a real system with plain files, so the whole double-opt-in
 //! flow can be run (and inspected) on one machine:
 //!
-//! * [`CsvCrm`] — a CSV file plays the CRM ([`optinsync_plugin_api::CrmConnector`]).
+//! * [`CsvCrm`] — a CSV file plays the CRM ([`optinsync_plugin_api::CrmConnector`]);
+//!   its webhook can require a shared secret header ([`WEBHOOK_SECRET_HEADER`]).
 //!   Changes are found by row content, write-backs are appended to a JSONL file; the CSV
 //!   itself is never modified.
 //! * [`JsonlList`] — a JSONL file plays the Campaigns tool's lists
@@ -21,7 +22,7 @@ mod eml_dir;
 mod fsutil;
 mod jsonl_list;
 
-pub use csv_crm::{CsvCrm, CsvCrmConfig};
+pub use csv_crm::{CsvCrm, CsvCrmConfig, WEBHOOK_SECRET_HEADER, WebhookSecret};
 pub use eml_dir::{EmlDir, EmlDirConfig};
 pub use jsonl_list::{JsonlList, JsonlListConfig};
 
@@ -40,4 +41,16 @@ pub enum ConfigError {
 /// Deserialize a connector's settings table, keeping serde's message on failure.
 fn parse_settings<T: serde::de::DeserializeOwned>(settings: toml::Table) -> Result<T, ConfigError> {
     Ok(toml::Value::Table(settings).try_into()?)
+}
+
+/// What is wrong with a JSON text, without quoting any of it (serde's messages quote the
+/// offending value, which may be an address or a forged log line).
+pub(crate) fn json_error(err: &serde_json::Error) -> String {
+    let category = match err.classify() {
+        serde_json::error::Category::Io => "I/O error",
+        serde_json::error::Category::Syntax => "not valid JSON",
+        serde_json::error::Category::Data => "unexpected value or type",
+        serde_json::error::Category::Eof => "unexpected end of input",
+    };
+    format!("{category} at line {} column {}", err.line(), err.column())
 }

@@ -315,9 +315,11 @@ pub fn build_message(
         .from
         .parse()
         .map_err(|_| ConnectorError::permanent("sender address is not a valid mailbox"))?;
-    let to: Mailbox = message.to.parse().map_err(|_| ConnectorError::Rejected {
-        message: "recipient address is not a valid mailbox".to_owned(),
-    })?;
+    let to: Mailbox = deliverable(&message.to)
+        .parse()
+        .map_err(|_| ConnectorError::Rejected {
+            message: "recipient address is not a valid mailbox".to_owned(),
+        })?;
     let id = message
         .message_id
         .trim_start_matches('<')
@@ -354,6 +356,21 @@ pub fn build_message(
         mail.sign(config);
     }
     Ok(mail)
+}
+
+/// The engine keeps an IDN domain in its Unicode (display) form. With an ASCII local part
+/// the address is sent with the domain's ASCII form (A-labels, as DNS knows it), so a relay
+/// without SMTPUTF8 still takes it; a non-ASCII local part needs SMTPUTF8 anyway.
+fn deliverable(to: &str) -> std::borrow::Cow<'_, str> {
+    match to.rsplit_once('@') {
+        Some((local, domain)) if local.is_ascii() && !domain.is_ascii() && !to.contains('<') => {
+            match idna::domain_to_ascii(domain) {
+                Ok(ascii) => format!("{local}@{ascii}").into(),
+                Err(_) => to.into(),
+            }
+        }
+        _ => to.into(),
+    }
 }
 
 /// SMTP reply codes that are about the sender or the session, not the recipient.
@@ -441,6 +458,32 @@ mod tests {
 
     fn table(s: &str) -> toml::Table {
         toml::from_str(s).unwrap()
+    }
+
+    #[test]
+    fn idn_domains_with_an_ascii_local_part_need_no_smtputf8() {
+        let message = |to: &str| OutgoingMessage {
+            idempotency_key: "mail-1".into(),
+            message_id: "m1@example.org".into(),
+            from: "Example <confirm@example.org>".into(),
+            to: to.into(),
+            subject: "Please confirm".into(),
+            text: "text".into(),
+            html: None,
+            headers: vec![],
+        };
+        let ascii = build_message(&message("ana@b\u{fc}cher.example"), None).unwrap();
+        let to: Vec<String> = ascii
+            .envelope()
+            .to()
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        assert_eq!(to, ["ana@xn--bcher-kva.example"]);
+        // A Unicode local part stays as it is (SMTPUTF8), and so do ASCII addresses.
+        let unicode = build_message(&message("jos\u{e9}@b\u{fc}cher.example"), None).unwrap();
+        assert!(!unicode.envelope().to()[0].to_string().is_ascii());
+        assert_eq!(deliverable("ana@example.org"), "ana@example.org");
     }
 
     #[test]
