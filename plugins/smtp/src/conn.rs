@@ -481,10 +481,17 @@ impl AsyncTokioStream for TlsTcp {
 
 /// The rustls client configuration for implicit TLS: Mozilla roots, certificates checked.
 pub(crate) fn implicit_tls(host: &str) -> Result<Security, String> {
-    let server_name = ServerName::try_from(host.to_owned())
-        .map_err(|e| format!("`{host}` is not a valid TLS server name: {e}"))?;
     let mut roots = tokio_rustls::rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    implicit_tls_with(host, roots)
+}
+
+fn implicit_tls_with(
+    host: &str,
+    roots: tokio_rustls::rustls::RootCertStore,
+) -> Result<Security, String> {
+    let server_name = ServerName::try_from(host.to_owned())
+        .map_err(|e| format!("`{host}` is not a valid TLS server name: {e}"))?;
     let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
     let config = tokio_rustls::rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -533,6 +540,251 @@ mod tests {
             "{:?}",
             result.err()
         );
+    }
+
+    // --- STARTTLS, implicit TLS and AUTH against a small TLS SMTP server in the test ---
+    //
+    // The server's certificate (tests/fixtures/localhost.pem, for `localhost`) is signed by
+    // a test CA (tests/fixtures/ca.pem) that the client is told to trust; certificates are
+    // checked as in production, only the root store differs.
+
+    use lettre::transport::smtp::client::Certificate;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    const CA: &str = include_str!("../tests/fixtures/ca.pem");
+    const CERT: &str = include_str!("../tests/fixtures/localhost.pem");
+    const KEY: &str = include_str!("../tests/fixtures/localhost-key.pem");
+
+    fn acceptor() -> tokio_rustls::TlsAcceptor {
+        let cert = CertificateDer::from_pem_slice(CERT.as_bytes()).unwrap();
+        let key = PrivateKeyDer::from_pem_slice(KEY.as_bytes()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+
+    fn test_roots() -> rustls::RootCertStore {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_slice(CA.as_bytes()).unwrap())
+            .unwrap();
+        roots
+    }
+
+    /// What the server saw: commands in plain text, then commands inside TLS.
+    #[derive(Debug, Default)]
+    struct Seen {
+        plain: Vec<String>,
+        tls: Vec<String>,
+    }
+
+    /// The SMTP dialog after the greeting; `AUTH PLAIN` accepts only user `u`, password `pw`.
+    async fn dialog<S>(stream: S, seen: &mut Vec<String>) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Unpin,
+    {
+        use base64::Engine as _;
+        let mut stream = BufReader::new(stream);
+        let mut line = String::new();
+        loop {
+            line.clear();
+            if stream.read_line(&mut line).await? == 0 {
+                return Ok(());
+            }
+            let cmd = line.trim_end().to_owned();
+            seen.push(cmd.clone());
+            let reply: &[u8] = if cmd.starts_with("EHLO") {
+                b"250-test\r\n250-AUTH PLAIN\r\n250 8BITMIME\r\n"
+            } else if let Some(arg) = cmd.strip_prefix("AUTH PLAIN ") {
+                let ok = base64::engine::general_purpose::STANDARD
+                    .decode(arg)
+                    .is_ok_and(|d| d == b"\0u\0pw");
+                if ok {
+                    b"235 2.7.0 ok\r\n"
+                } else {
+                    b"535 5.7.8 no\r\n"
+                }
+            } else if cmd == "DATA" {
+                stream.get_mut().write_all(b"354 go\r\n").await?;
+                loop {
+                    line.clear();
+                    if stream.read_line(&mut line).await? == 0 || line.trim_end() == "." {
+                        break;
+                    }
+                }
+                b"250 2.0.0 queued\r\n"
+            } else if cmd == "QUIT" {
+                stream.get_mut().write_all(b"221 bye\r\n").await?;
+                return Ok(());
+            } else {
+                b"250 ok\r\n"
+            };
+            stream.get_mut().write_all(reply).await?;
+        }
+    }
+
+    /// Serve one connection: implicit TLS, or plain text with STARTTLS offered.
+    async fn tls_server(implicit: bool) -> (u16, tokio::task::JoinHandle<Seen>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handle = tokio::spawn(async move {
+            let mut seen = Seen::default();
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            if implicit {
+                let Ok(mut tls) = acceptor().accept(tcp).await else {
+                    return seen;
+                };
+                tls.write_all(b"220 test\r\n").await.unwrap();
+                let _ = dialog(tls, &mut seen.tls).await;
+                return seen;
+            }
+            tcp.write_all(b"220 test\r\n").await.unwrap();
+            let mut plain = BufReader::new(tcp);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if plain.read_line(&mut line).await.unwrap_or(0) == 0 {
+                    return seen;
+                }
+                let cmd = line.trim_end().to_owned();
+                seen.plain.push(cmd.clone());
+                let reply: &[u8] = if cmd.starts_with("EHLO") {
+                    b"250-test\r\n250-AUTH PLAIN\r\n250 STARTTLS\r\n"
+                } else if cmd == "STARTTLS" {
+                    b"220 go ahead\r\n"
+                } else {
+                    b"530 5.7.0 STARTTLS first\r\n"
+                };
+                plain.get_mut().write_all(reply).await.unwrap();
+                if cmd == "STARTTLS" {
+                    break;
+                }
+            }
+            let Ok(tls) = acceptor().accept(plain.into_inner()).await else {
+                return seen;
+            };
+            let _ = dialog(tls, &mut seen.tls).await;
+            seen
+        });
+        (port, handle)
+    }
+
+    fn envelope() -> Envelope {
+        Envelope::new(
+            Some("news@example.org".parse().unwrap()),
+            vec!["p@example.net".parse().unwrap()],
+        )
+        .unwrap()
+    }
+
+    fn tls_connector(host: &str, port: u16, implicit: bool, password: &str) -> Connector {
+        let security = if implicit {
+            implicit_tls_with(host, test_roots()).unwrap()
+        } else {
+            let params = TlsParameters::builder(host.to_owned())
+                .add_root_certificate(Certificate::from_pem(CA.as_bytes()).unwrap())
+                .build_rustls()
+                .unwrap();
+            Security::Starttls(params)
+        };
+        Connector {
+            host: host.to_owned(),
+            port,
+            security,
+            hello: ClientId::Domain("client.test".to_owned()),
+            credentials: Some(Credentials::new("u".to_owned(), password.to_owned())),
+            timeout: Duration::from_secs(5),
+        }
+    }
+
+    const MAIL: &[u8] = b"Subject: hi\r\n\r\nhello\r\n";
+
+    #[tokio::test]
+    async fn starttls_then_auth_then_mail_all_inside_tls() {
+        let (port, server) = tls_server(false).await;
+        let c = tls_connector("localhost", port, false, "pw");
+        let pool = Pool::new(1, Duration::from_secs(60));
+        c.send(&pool, &envelope(), MAIL).await.unwrap();
+        drop(pool);
+        let seen = server.await.unwrap();
+        assert_eq!(seen.plain, ["EHLO client.test", "STARTTLS"], "{seen:?}");
+        assert_eq!(
+            seen.tls.first().map(String::as_str),
+            Some("EHLO client.test")
+        );
+        assert!(
+            seen.tls.iter().any(|l| l.starts_with("AUTH PLAIN ")),
+            "{seen:?}"
+        );
+        assert!(
+            seen.tls.iter().any(|l| l.starts_with("MAIL FROM:")),
+            "{seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn implicit_tls_then_auth_then_mail() {
+        let (port, server) = tls_server(true).await;
+        let c = tls_connector("localhost", port, true, "pw");
+        let pool = Pool::new(1, Duration::from_secs(60));
+        c.send(&pool, &envelope(), MAIL).await.unwrap();
+        drop(pool);
+        let seen = server.await.unwrap();
+        assert!(seen.plain.is_empty());
+        assert!(
+            seen.tls.iter().any(|l| l.starts_with("AUTH PLAIN ")),
+            "{seen:?}"
+        );
+        assert!(
+            seen.tls.iter().any(|l| l.starts_with("RCPT TO:")),
+            "{seen:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_certificate_for_another_name_is_refused() {
+        for implicit in [true, false] {
+            let (port, server) = tls_server(implicit).await;
+            // The certificate names `localhost`, not `127.0.0.1`.
+            let c = tls_connector("127.0.0.1", port, implicit, "pw");
+            let pool = Pool::new(1, Duration::from_secs(60));
+            let result = c.send(&pool, &envelope(), MAIL).await;
+            assert!(result.is_err(), "implicit {implicit}: {:?}", result.ok());
+            let seen = server.await.unwrap();
+            assert!(seen.tls.is_empty(), "implicit {implicit}: {seen:?}");
+            assert!(
+                !seen.plain.iter().any(|l| l.starts_with("MAIL")),
+                "{seen:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_credentials_are_about_us_and_send_nothing() {
+        let (port, server) = tls_server(true).await;
+        let c = tls_connector("localhost", port, true, "wrong");
+        let pool = Pool::new(1, Duration::from_secs(60));
+        let e = c.send(&pool, &envelope(), MAIL).await.unwrap_err();
+        assert_eq!(e.code(), Some(535), "{e}");
+        let mapped = crate::classify_send(&e);
+        assert!(
+            matches!(
+                mapped,
+                optinsync_plugin_api::ConnectorError::Permanent { .. }
+            ),
+            "{mapped:?}"
+        );
+        drop(pool);
+        let seen = server.await.unwrap();
+        assert!(!seen.tls.iter().any(|l| l.starts_with("MAIL")), "{seen:?}");
     }
 
     #[test]
