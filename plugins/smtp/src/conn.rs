@@ -34,7 +34,8 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::rustls::pki_types::ServerName;
 
-/// Why a connection or a transaction failed. Messages never contain addresses.
+/// Why a connection or a transaction failed. Our own texts never name an address; a relay's
+/// refusal is passed on as lettre reports it.
 #[derive(Debug, thiserror::Error)]
 pub enum SendError {
     /// The TCP connection could not be opened.
@@ -103,12 +104,6 @@ where
             step,
             secs: timeout.as_secs(),
         }),
-    }
-}
-
-impl From<std::convert::Infallible> for SendError {
-    fn from(never: std::convert::Infallible) -> Self {
-        match never {}
     }
 }
 
