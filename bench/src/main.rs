@@ -524,18 +524,56 @@ async fn sync_child(setup: &setup::Setup, bin: &Path) -> anyhow::Result<setup::C
     tokio::task::spawn_blocking(move || setup::run_measured(cmd, &log)).await?
 }
 
+/// Mark the queued initial DOI mails delivered, and record each as `run` would have: a
+/// `doi_mail_sent` ledger event naming the signup's token (links act only if they were
+/// mailed, so the load rows need this record to be honoured).
 async fn mark_outbox_delivered(store_url: &str) -> anyhow::Result<u64> {
+    use optinsync_engine::consent::ConsentState;
+    use optinsync_engine::ledger::{Evidence, NewEvent};
+
     let pool = sqlx::SqlitePool::connect(store_url).await?;
-    let now = optinsync_engine::ledger::format_time(chrono::Utc::now());
+    let now = chrono::Utc::now();
     let done = sqlx::query(
         "UPDATE outbox SET status = 'done', done_at = $1, note = 'bench: marked delivered' WHERE status = 'pending'",
     )
-    .bind(now)
+    .bind(optinsync_engine::ledger::format_time(now))
     .execute(&pool)
     .await
     .context("marking the initial outbox delivered")?
     .rows_affected();
+    let pending: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT contact_id, list_id, signup_token FROM consents \
+         WHERE state = 'pending' AND signup_token IS NOT NULL",
+    )
+    .fetch_all(&pool)
+    .await
+    .context("reading pending consents")?;
     pool.close().await;
+    let store = optinsync_engine::store::open(store_url).await?;
+    for chunk in pending.chunks(1_000) {
+        let events: Vec<NewEvent> = chunk
+            .iter()
+            .map(|(contact_id, list_id, token)| NewEvent {
+                event_id: uuid::Uuid::new_v4().to_string(),
+                at: now,
+                contact_id: contact_id.clone(),
+                list_id: list_id.clone(),
+                kind: "doi_mail_sent".into(),
+                from_state: ConsentState::Pending,
+                to_state: ConsentState::Pending,
+                source: "outbox".into(),
+                evidence: Evidence {
+                    token_id: Some(token.clone()),
+                    detail: Some("bench: marked delivered".into()),
+                    ..Evidence::default()
+                },
+            })
+            .collect();
+        store
+            .append_events(&events)
+            .await
+            .context("recording the initial mails in the ledger")?;
+    }
     Ok(done)
 }
 

@@ -337,6 +337,26 @@ struct Target<'a> {
     contact: Contact,
     list: &'a ListConfig,
     lang: String,
+    /// The consent as read when the link was resolved (one read serves every check).
+    consent: Option<crate::consent::Consent>,
+}
+
+impl Target<'_> {
+    fn state(&self) -> ConsentState {
+        self.consent
+            .as_ref()
+            .map(|c| c.state)
+            .unwrap_or(ConsentState::None)
+    }
+
+    /// The link is this consent's current signup token or the one it was confirmed with:
+    /// the engine made that token for a mail, so no look-up of the mail is needed to trust it.
+    fn is_current_signup(&self) -> bool {
+        let id = Some(self.claims.token_id.as_str());
+        self.consent
+            .as_ref()
+            .is_some_and(|c| c.signup_token.as_deref() == id || c.confirmed_token.as_deref() == id)
+    }
 }
 
 enum Lookup<'a> {
@@ -360,6 +380,7 @@ async fn lookup(engine: &Engine, claims: Claims) -> Lookup<'_> {
                 contact,
                 list,
                 lang,
+                consent: None,
             }))
         }
         Ok(None) => Lookup::Invalid,
@@ -493,13 +514,7 @@ impl LinkState {
             tracing::debug!(contact_id = %t.contact.id, "link fetch not recorded (rate limit)");
             return;
         }
-        let state = match engine.store.consent(&t.contact.id, &t.list.id).await {
-            Ok(c) => c.map(|c| c.state).unwrap_or(ConsentState::None),
-            Err(e) => {
-                tracing::error!(contact_id = %t.contact.id, error = %e, "link fetch not recorded");
-                return;
-            }
-        };
+        let state = t.state();
         let mut evidence = req.evidence(&t.claims.token_id);
         evidence.content_hash = page_hash;
         evidence.detail = Some(detail.to_owned());
@@ -572,14 +587,16 @@ async fn binding(engine: &Engine, t: &Target<'_>) -> Result<Binding, crate::stor
 /// the page to answer with (a link that cannot be honoured, or the store unavailable). An
 /// expired *confirmation* link is still resolved and flagged, because its page offers a fresh
 /// mail; unsubscribe links never expire. Every refusal answers the same page, so the answer
-/// tells a forger nothing about which check failed.
+/// tells a forger nothing about which check failed. The mail record (`Some`) is read only
+/// when the link is not the consent's current signup token (see
+/// [`Target::is_current_signup`]): the hot path of a confirmation costs no extra read.
 async fn resolve<'e>(
     engine: &'e Engine,
     st: &LinkState,
     req: &Req,
     token: &str,
     purpose: Purpose,
-) -> Result<(Box<Target<'e>>, bool, Mailed), Response> {
+) -> Result<(Box<Target<'e>>, bool, Option<Mailed>), Response> {
     let invalid = || async {
         let lang = fallback_lang(engine, req);
         let notice = match purpose {
@@ -609,7 +626,7 @@ async fn resolve<'e>(
             return Err(invalid().await);
         }
     };
-    let t = match lookup(engine, claims).await {
+    let mut t = match lookup(engine, claims).await {
         Lookup::Found(t) => t,
         Lookup::Invalid => {
             metrics::counter!("optinsync_link_refused_total", "reason" => "unknown_contact")
@@ -618,9 +635,19 @@ async fn resolve<'e>(
         }
         Lookup::Unavailable => return Err(unavailable().await),
     };
+    match engine.store.consent(&t.contact.id, &t.list.id).await {
+        Ok(c) => t.consent = c,
+        Err(e) => {
+            tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
+            return Err(unavailable().await);
+        }
+    }
+    if purpose == Purpose::Confirm && t.is_current_signup() {
+        return Ok((t, expired, None));
+    }
     match binding(engine, &t).await {
-        Ok(Binding::Mailed(m)) => Ok((t, expired, m)),
-        Ok(Binding::Legacy) => Ok((t, expired, Mailed::default())),
+        Ok(Binding::Mailed(m)) => Ok((t, expired, Some(m))),
+        Ok(Binding::Legacy) => Ok((t, expired, Some(Mailed::default()))),
         Ok(Binding::NotMailed) => {
             metrics::counter!("optinsync_link_refused_total", "reason" => "not_mailed")
                 .increment(1);
@@ -659,11 +686,10 @@ async fn confirm_get(
         Err(page) => return page,
     };
     // After the fact the page says what happened instead of offering the button again.
-    let settled = match link_standing(&engine, &st, &t, expired).await {
-        Ok(Standing::Open) => None,
-        Ok(Standing::AlreadyConfirmed) => Some("already_confirmed"),
-        Ok(Standing::Closed) => Some("refused"),
-        Err(page) => return page,
+    let settled = match standing(t.consent.as_ref(), &t.claims.token_id, expired) {
+        Standing::Open => None,
+        Standing::AlreadyConfirmed => Some("already_confirmed"),
+        Standing::Closed => Some("refused"),
     };
     if let Some(notice) = settled {
         let status = if notice == "refused" {
@@ -762,10 +788,10 @@ async fn confirm_post(
     // A link whose signup is settled answers as the state machine would, without a page's
     // nonce: pressing again after confirming (or a stale tab) changes nothing and says so, and
     // a link that can no longer confirm (withdrawn since, replaced) says that.
-    match link_standing(&engine, &st, &t, expired).await {
-        Ok(Standing::Open) => {}
-        Ok(Standing::AlreadyConfirmed) => return st.confirmed(&engine, &t).await,
-        Ok(Standing::Closed) => {
+    match standing(t.consent.as_ref(), &t.claims.token_id, expired) {
+        Standing::Open => {}
+        Standing::AlreadyConfirmed => return st.confirmed(&engine, &t).await,
+        Standing::Closed => {
             return st
                 .notice(
                     &engine,
@@ -776,7 +802,6 @@ async fn confirm_post(
                 )
                 .await;
         }
-        Err(page) => return page,
     }
     let purpose = if expired { NONCE_RESEND } else { NONCE_CONFIRM };
     let page_hash = field("page");
@@ -809,6 +834,39 @@ async fn confirm_post(
     if expired {
         return resend(&engine, &st, &t, &req, page_hash).await;
     }
+    // The confirmation names the mail that carried the link; a link whose mail is not on
+    // record (yet) confirms nothing.
+    let mailed = match mailed {
+        Some(m) => m,
+        None => match binding(&engine, &t).await {
+            Ok(Binding::Mailed(m)) => m,
+            Ok(_) => {
+                metrics::counter!("optinsync_link_refused_total", "reason" => "not_mailed")
+                    .increment(1);
+                return st
+                    .notice(
+                        &engine,
+                        StatusCode::BAD_REQUEST,
+                        "invalid",
+                        &t.lang,
+                        Some(t.list),
+                    )
+                    .await;
+            }
+            Err(e) => {
+                tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
+                return st
+                    .notice(
+                        &engine,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "retry",
+                        &t.lang,
+                        Some(t.list),
+                    )
+                    .await;
+            }
+        },
+    };
     let mut evidence = req.evidence(&t.claims.token_id);
     evidence.content_hash = Some(page_hash.to_owned());
     evidence.message_id = mailed.message_id;
@@ -872,30 +930,6 @@ fn standing(consent: Option<&crate::consent::Consent>, token_id: &str, expired: 
         }
         _ if expired => Standing::Open,
         _ => Standing::Closed,
-    }
-}
-
-/// [`standing`] of the link's signup as stored now; `Err` is the page for a store failure.
-async fn link_standing(
-    engine: &Engine,
-    st: &LinkState,
-    t: &Target<'_>,
-    expired: bool,
-) -> Result<Standing, Response> {
-    match engine.store.consent(&t.contact.id, &t.list.id).await {
-        Ok(c) => Ok(standing(c.as_ref(), &t.claims.token_id, expired)),
-        Err(e) => {
-            tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
-            Err(st
-                .notice(
-                    engine,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "retry",
-                    &t.lang,
-                    Some(t.list),
-                )
-                .await)
-        }
     }
 }
 
