@@ -573,6 +573,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         tokio::spawn(async move {
             let client = reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
+                // Below the daemon's idle keep-alive (10 s): never reuse a closing connection.
+                .pool_idle_timeout(Duration::from_secs(5))
                 .timeout(Duration::from_secs(30))
                 .build()
                 .expect("HTTP client");

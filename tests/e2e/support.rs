@@ -298,6 +298,9 @@ pub fn wait_until(secs: u64, what: &str, mut cond: impl FnMut() -> bool) {
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
+        // Shorter than the daemon's idle keep-alive (`server.client_timeout`, 10 s), so a
+        // request never goes out on a connection the daemon is closing at that moment.
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()
         .unwrap()
 }
