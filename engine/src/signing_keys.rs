@@ -37,8 +37,9 @@ pub enum SigningKeysError {
 
 /// Check `keys` against the recorded signing keys, then record the current key.
 pub async fn check_and_record(store: &dyn Store, keys: &TokenKeys) -> Result<(), SigningKeysError> {
-    let recorded: BTreeSet<String> = match store.cursor(CURSOR).await? {
-        Some(text) => serde_json::from_str(&text)
+    let stored = store.cursor(CURSOR).await?;
+    let recorded: BTreeSet<String> = match &stored {
+        Some(text) => serde_json::from_str(text)
             .map_err(|e| SigningKeysError::Corrupt(format!("{CURSOR}: {e}")))?,
         None if store.ledger_page(0, 1).await?.is_empty() => BTreeSet::new(),
         None => keys.key_ids().map(str::to_owned).collect(),
@@ -54,7 +55,7 @@ pub async fn check_and_record(store: &dyn Store, keys: &TokenKeys) -> Result<(),
     }
     let mut next = recorded.clone();
     next.insert(keys.current_key_id().to_owned());
-    if next != recorded || store.cursor(CURSOR).await?.is_none() {
+    if next != recorded || stored.is_none() {
         let text = serde_json::to_string(&next).unwrap_or_else(|_| "[]".into());
         store.set_cursor(CURSOR, &text, Utc::now()).await?;
     }
