@@ -1,4 +1,4 @@
-//! `optinsync`: the daemon and its command line (DESIGN.md §8).
+//! `optinsync`: the daemon and its command line (README.md, "Commands").
 //!
 //! Exit codes: 0 ok, 1 runtime failure, 2 bad configuration or usage.
 

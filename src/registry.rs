@@ -1,5 +1,5 @@
 //! Builds connectors by `kind` from `config.toml`. Connectors are compiled in; adding one
-//! means adding a match arm here (DESIGN.md §5).
+//! means adding a match arm here (ARCHITECTURE.md, code map).
 
 use std::sync::Arc;
 

@@ -1,4 +1,4 @@
-//! `optinsync-bench`: the benchmark suite of issue 8. One command,
+//! `optinsync-bench`: the benchmark suite. One command,
 //!
 //! ```text
 //! cargo run --release -p optinsync-bench -- all [--sizes 10000,100000,1000000] [--only 1,5] [--no-pg]

@@ -1,4 +1,4 @@
-//! The consent state machine of DESIGN.md §3.
+//! The consent state machine (ARCHITECTURE.md, "Architecture invariants").
 //!
 //! [`transition`] is a pure function: given the current [`Consent`] of one (contact, list)
 //! pair and an [`Input`], it returns the next consent, the ledger event kind and the effects to

@@ -1,7 +1,7 @@
 //! Exports for auditors and data subjects, built from stored data only (ledger, consent
 //! projection, text snapshots, configuration) — no connector is asked, so they work offline.
 //!
-//! * [`proof_bundle`]: the proof of one person's consent (compliance.md §2): every event with
+//! * [`proof_bundle`]: the proof of one person's consent (README.md, "Proof, erasure, retention, subject access"): every event with
 //!   its evidence, the exact texts shown, the rule files that acted, and the ledger chain
 //!   segment with its verification. [`proof_html`] renders the same bundle as one printable,
 //!   self-contained HTML page (inline CSS, no scripts, no external resources, all escaped).

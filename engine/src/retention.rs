@@ -1,4 +1,4 @@
-//! Retention (`[retention]`, compliance.md D1 and §2 "Retention"): proof of a consent that was
+//! Retention (`[retention]`; README.md, "Proof, erasure, retention, subject access"): proof of a consent that was
 //! withdrawn (or bounced, complained, lapsed after being given) is kept `withdrawn_proof`,
 //! signups that were never confirmed `unconfirmed`; after that the contact's personal data is
 //! erased exactly like a GDPR erasure ([`Engine::erase_as`], source `retention`): the events

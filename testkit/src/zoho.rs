@@ -1,5 +1,5 @@
 //! A fake Zoho (accounts + CRM v8) on `127.0.0.1:0`, speaking the wire formats of
-//! `shared/reference/zoho-api.md` §1–2 and §6: the OAuth refresh grant (errors as HTTP 200
+//! Zoho's public API documentation (OAuth, CRM v8; summarised in README.md "Zoho CRM"): the OAuth refresh grant (errors as HTTP 200
 //! `{"error": ...}`, throttling past 10 token requests per 10 minutes), record lists with the
 //! `page` / `page_token` rules (no `page` past 2,000 records), `If-Modified-Since`, 204/304,
 //! `/deleted`, updates with 207 partial success, `INVALID_TOKEN`, injectable faults, and

@@ -1,5 +1,5 @@
 //! A fake Zoho Campaigns (v1.1) on `127.0.0.1:0`, speaking the wire formats of
-//! `shared/reference/zoho-api.md` §3 and the checklist of §6, with its own OAuth token
+//! Zoho Campaigns' public API pages (summarised in README.md "Zoho Campaigns"), with its own OAuth token
 //! endpoint (`/oauth/v2/token`, refresh grant) so it runs alone:
 //!
 //! * every answer is **HTTP 200** with `status` and a **string** `code` (`"0"` on success);
@@ -112,7 +112,7 @@ impl Default for FakeCampaignsOptions {
 
 impl FakeCampaignsOptions {
     /// Answer `2101` "Please retry after sometime." for an address the list does not hold,
-    /// the only error code contact-unsubscribe.html documents (zoho-api.md §3.4).
+    /// the only error code Zoho's contact-unsubscribe page documents.
     pub fn unknown_unsubscribe_retry() -> Self {
         Self {
             unknown_unsubscribe_code: "2101".into(),
@@ -151,7 +151,7 @@ pub struct CampaignsState {
     /// What `json/listunsubscribe` answers for an address the list does not hold: `2103`
     /// "Contact does not exist." (the global catalog, the default) or `2101` "Please retry
     /// after sometime." (the only code the endpoint's own page lists); the reference does not
-    /// say which one Zoho sends, so tests choose (zoho-api.md §3.4, §3.8).
+    /// say which one Zoho sends, so tests choose.
     pub unknown_unsubscribe_code: String,
     /// Local parts treated as group addresses (`2005`).
     pub group_locals: Vec<String>,

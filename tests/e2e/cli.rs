@@ -1,4 +1,4 @@
-//! Exit codes and error messages of the command line (DESIGN.md §8).
+//! Exit codes and error messages of the command line (README.md, "Commands").
 
 use crate::support::*;
 

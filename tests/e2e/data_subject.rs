@@ -1,5 +1,5 @@
 //! The data-subject tools end to end: the proof bundle of a confirmed contact holds every
-//! field of compliance.md §2 that optinsync can know and renders in headless Chromium;
+//! field of the proof bundle (README.md, "Proof, erasure, retention, subject access") that optinsync can know and renders in headless Chromium;
 //! `--all` exports a list; erasure (admin API and CLI) leaves the address in no byte of the
 //! SQLite files and in no PostgreSQL row, keeps the chain verifiable and a keyed suppression,
 //! tells the CRM, and a CRM sync bringing the address back mails nothing; retention purges

@@ -1,4 +1,4 @@
-//! Flaky outside systems (issue 7 §2): the whole lifecycle against the fake Zoho CRM, the fake
+//! Flaky outside systems: the whole lifecycle against the fake Zoho CRM, the fake
 //! Zoho Campaigns and the SMTP sink, once clean and once with 10 % of calls on every endpoint
 //! failing (429 with and without `Retry-After`, 5xx, answers slower than the client timeout,
 //! dropped connections, truncated JSON; 451s and dropped connections at the SMTP sink). Both

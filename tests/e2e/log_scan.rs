@@ -1,5 +1,5 @@
-//! Security: a full lifecycle at the default INFO level logs no email address and no secret
-//! (issue 7 §5), and the admin JSON API answers only with its bearer token.
+//! Security: a full lifecycle at the default INFO level logs no email address and no secret,
+//! and the admin JSON API answers only with its bearer token.
 
 use crate::support::*;
 

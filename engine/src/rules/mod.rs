@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 
 pub use table::{TableTest, TestFailure, TestReport};
 
-/// Actions a rule may propose (DESIGN.md §1).
+/// Actions a rule may propose (docs/writing-rules.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {

@@ -26,7 +26,7 @@ pub(crate) fn invalid(setting: &str, message: impl Into<String>) -> ConfigError 
     }
 }
 
-/// The Zoho data centres and their hosts (zoho-api.md §1.1).
+/// The Zoho data centres and their hosts (Zoho's OAuth documentation, "multi-DC").
 pub const DATA_CENTRES: &[&str] = &["com", "eu", "in", "com.au", "jp", "ca", "sa", "com.cn"];
 
 /// Accounts server of a data centre.

@@ -1,4 +1,4 @@
-//! Zoho CRM as optinsync's CRM (zoho-api.md §2).
+//! Zoho CRM as optinsync's CRM (CRM API v8; README.md, "Zoho CRM").
 //!
 //! # Change feed
 //!
@@ -54,7 +54,7 @@ use crate::config::{
 };
 use crate::oauth::{AccessToken, ZohoOAuth};
 
-/// Zoho's limits (zoho-api.md §2.2, §2.5).
+/// Zoho's limits (its API-limits and pagination pages).
 pub const MAX_PER_PAGE: u32 = 200;
 pub const DISCRETE_PAGE_LIMIT: u32 = 2000;
 pub const MAX_FIELDS: usize = 50;
@@ -1321,7 +1321,7 @@ fn api_error(status: StatusCode, env: &Envelope, module: &str) -> ConnectorError
     }
 }
 
-/// A notification callback (zoho-api.md §2.9); unknown fields are ignored.
+/// A notification callback (Zoho's notification API); unknown fields are ignored.
 #[derive(Debug, Deserialize)]
 struct Notification {
     #[serde(default)]

@@ -1,4 +1,4 @@
-//! Per-endpoint call budgets for Zoho Campaigns (zoho-api.md §3.2–3.6).
+//! Per-endpoint call budgets for Zoho Campaigns (the limits on each endpoint's page; README.md, "Zoho Campaigns", "Quotas").
 //!
 //! Zoho Campaigns counts calls per API and, past a limit, **locks that API for 30 minutes**
 //! (10 for the bulk add). Each endpoint here has the documented windows (e.g. `listsubscribe`:

@@ -1,4 +1,4 @@
-//! Zoho Campaigns as optinsync's campaigns tool (zoho-api.md §3).
+//! Zoho Campaigns as optinsync's campaigns tool (README.md, "Zoho Campaigns").
 //!
 //! # Lists and DOI modes
 //!
@@ -11,7 +11,7 @@
 //!
 //! For `doi = "zoho"` lists, Zoho holds a subscribed contact as pending until they click
 //! Zoho's mail, and a pending contact is absent from `getlistsubscribers?status=active`
-//! (zoho-api.md §3.6, inferred: no "confirmed at" field is documented). Who confirmed is
+//! (inferred from Zoho's list-subscribers page: no "confirmed at" field is documented). Who confirmed is
 //! therefore read with [`CampaignsConnector::list_members`] (active members); turning that
 //! into a weaker-evidence ledger event (no IP, no text snapshot) is the engine's part and is
 //! not wired yet. [`CampaignsConnector::status_events`] reports unsubscribes and bounces for
@@ -26,8 +26,8 @@
 //! documented, so never for `doi = "zoho"`). `remove` uses `json/listunsubscribe`. Its answers
 //! `2101` ("Please retry after sometime.", the only code its page documents, and the answer
 //! seen for an address the list does not hold) and `2103` ("Contact does not exist.") are
-//! ambiguous, so the connector reads the list (`getlistsubscribers?status=active`, zoho-api.md
-//! §3.6; no single-contact lookup is documented) before deciding: an address the list does not
+//! ambiguous, so the connector reads the list (`getlistsubscribers?status=active`; no
+//! single-contact lookup is documented) before deciding: an address the list does not
 //! hold as active is done (logged at INFO without the address, counted in
 //! `optinsync_zoho_campaigns_removal_checks_total`); one it still holds is retried as a
 //! [`FailureScope::Record`] failure. An invalid address (`2004`) is done at once: the list
@@ -106,7 +106,7 @@ use crate::oauth::ZohoOAuth;
 const THROTTLE_PAUSE: Duration = Duration::from_secs(5);
 
 const SETTING_PREFIX: &str = "connectors.campaigns";
-/// `addlistsubscribersinbulk` takes at most this many addresses (zoho-api.md §3.5).
+/// `addlistsubscribersinbulk` takes at most this many addresses (Zoho's bulk-add page).
 pub const BULK_MAX: usize = 10;
 
 /// The Campaigns endpoints the connector calls, with their documented quotas.
@@ -121,7 +121,7 @@ pub enum Api {
 
 /// In-body "retry after sometime" codes that, answered to a call about one address
 /// (`listsubscribe`, `listunsubscribe`), concern that address on that list: Zoho answered, so
-/// the service is alive (zoho-api.md §3.3, §3.4, §3.8).
+/// the service is alive (Zoho's subscribe and unsubscribe pages, and its error-code catalogue).
 const RECORD_RETRY_CODES: [&str; 3] = ["2001", "2101", "2103"];
 
 impl Api {
@@ -1412,7 +1412,7 @@ impl CampaignsConnector for ZohoCampaigns {
         _list: &str,
         _emails: &[String],
     ) -> ConnectorResult<Vec<Engagement>> {
-        // No reports/recipients endpoint is documented (zoho-api.md §3.7): engagement comes
+        // No reports/recipients endpoint is documented (in Zoho's public API pages): engagement comes
         // from a CRM field instead. See the module docs.
         Ok(Vec::new())
     }
