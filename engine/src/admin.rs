@@ -19,12 +19,12 @@
 //! JSON with the JSON content type. Erasure is the one call that changes anything.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -39,7 +39,7 @@ use crate::consent::Consent;
 use crate::email;
 use crate::engine::Engine;
 use crate::ledger::LedgerEvent;
-use crate::links::{client_ip, rate_key};
+use crate::links::{rate_key, request_client};
 use crate::store::{ConsentSummary, Contact, OutboxCounts};
 
 /// Refused calls a client may make in a minute before it gets `429` for the rest of it.
@@ -174,12 +174,7 @@ pub fn bearer_matches(expected_digest: &[u8; 32], authorization: Option<&HeaderV
 }
 
 async fn require_bearer(guard: Arc<AdminGuard>, req: Request, next: Next) -> Response {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let client = rate_key(client_ip(peer, req.headers(), &guard.trusted));
+    let client = rate_key(request_client(&req, &guard.trusted));
     if guard.failures.blocked(client) {
         metrics::counter!("optinsync_admin_refused_total", "reason" => "throttled").increment(1);
         let mut resp = failure(

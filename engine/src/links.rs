@@ -198,6 +198,17 @@ pub fn origin_of(url: &str) -> String {
     format!("{scheme}://{authority}")
 }
 
+/// The client of a request: [`client_ip`] of the connection's peer (`ConnectInfo`) and the
+/// request's `X-Forwarded-For`.
+pub fn request_client(req: &Request, trusted: &[IpAddr]) -> IpAddr {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip())
+        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+    client_ip(peer, req.headers(), trusted)
+}
+
 /// The client's address: the peer, unless the peer is a trusted proxy, in which case the
 /// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
@@ -256,12 +267,7 @@ fn set_security_headers(headers: &mut HeaderMap) {
 }
 
 async fn guard(State(st): State<Arc<LinkState>>, mut req: Request, next: Next) -> Response {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let ip = client_ip(peer, req.headers(), &st.trusted);
+    let ip = request_client(&req, &st.trusted);
     if st.ip_limiter.len() > 10_000 {
         st.ip_limiter.retain_recent();
         st.fetch_limiter.retain_recent();
@@ -686,7 +692,7 @@ async fn confirm_get(
         Err(page) => return page,
     };
     // After the fact the page says what happened instead of offering the button again.
-    let settled = match standing(t.consent.as_ref(), &t.claims.token_id, expired) {
+    let settled = match standing(&t, expired) {
         Standing::Open => None,
         Standing::AlreadyConfirmed => Some("already_confirmed"),
         Standing::Closed => Some("refused"),
@@ -788,7 +794,7 @@ async fn confirm_post(
     // A link whose signup is settled answers as the state machine would, without a page's
     // nonce: pressing again after confirming (or a stale tab) changes nothing and says so, and
     // a link that can no longer confirm (withdrawn since, replaced) says that.
-    match standing(t.consent.as_ref(), &t.claims.token_id, expired) {
+    match standing(&t, expired) {
         Standing::Open => {}
         Standing::AlreadyConfirmed => return st.confirmed(&engine, &t).await,
         Standing::Closed => {
@@ -914,22 +920,23 @@ enum Standing {
     Closed,
 }
 
-fn standing(consent: Option<&crate::consent::Consent>, token_id: &str, expired: bool) -> Standing {
-    match consent {
-        Some(c)
-            if c.state == ConsentState::Confirmed
-                && c.confirmed_token.as_deref() == Some(token_id) =>
-        {
-            Standing::AlreadyConfirmed
-        }
-        Some(c)
-            if matches!(c.state, ConsentState::Pending | ConsentState::Revalidating)
-                && c.signup_token.as_deref() == Some(token_id) =>
-        {
-            Standing::Open
-        }
-        _ if expired => Standing::Open,
-        _ => Standing::Closed,
+/// What the state machine would make of this link's confirmation now (a dry run of
+/// `Input::Confirm`, so the page never disagrees with what the `POST` would do).
+fn standing(t: &Target<'_>, expired: bool) -> Standing {
+    let now = Utc::now();
+    let current = t
+        .consent
+        .clone()
+        .unwrap_or_else(|| crate::consent::Consent::new(now));
+    let input = Input::Confirm {
+        token: t.claims.token_id.clone(),
+    };
+    match crate::engine::transition_for(&current, &input, t.list, false, now) {
+        Ok(Some(_)) => Standing::Open,
+        Ok(None) => Standing::AlreadyConfirmed,
+        // An expired link offers a fresh mail whatever became of its signup.
+        Err(_) if expired => Standing::Open,
+        Err(_) => Standing::Closed,
     }
 }
 

@@ -14,13 +14,13 @@
 //! * Record ids and connector messages are untrusted: they are logged through
 //!   [`crate::untrusted::Escaped`], so they cannot forge a log line.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -29,7 +29,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use optinsync_plugin_api::{ConnectorError, WebhookEvent};
 
 use crate::engine::Engine;
-use crate::links::{client_ip, rate_key};
+use crate::links::{rate_key, request_client};
 use crate::untrusted::Escaped;
 
 /// Largest webhook body accepted.
@@ -63,12 +63,7 @@ struct WebhookLimit {
 }
 
 async fn rate_limit(State(limit): State<Arc<WebhookLimit>>, req: Request, next: Next) -> Response {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let client = rate_key(client_ip(peer, req.headers(), &limit.trusted));
+    let client = rate_key(request_client(&req, &limit.trusted));
     if limit.limiter.len() > 10_000 {
         limit.limiter.retain_recent();
     }

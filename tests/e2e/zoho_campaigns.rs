@@ -70,15 +70,7 @@ async fn zoho_campaigns_gets_only_confirmed_contacts_and_its_unsubscribes_win() 
 
     let daemon = demo.spawn_daemon();
     let client = http();
-    for who in ["ana.garcia@example.org", "ben.okafor@example.net"] {
-        let link = demo.confirm_link(who);
-        assert_eq!(
-            click_confirm(&client, &link, "e2e-browser/1.0")
-                .await
-                .status(),
-            200
-        );
-    }
+    confirm_ana_and_ben(&demo, &client).await;
     wait_until(20, "both confirmed contacts on the Zoho list", || {
         f.active(KEY).len() == 2
     });
@@ -340,15 +332,7 @@ async fn zoho_2101_removals_do_not_block_confirmations() {
 
     let client = http();
     let clicked = std::time::Instant::now();
-    for who in ["ana.garcia@example.org", "ben.okafor@example.net"] {
-        let link = demo.confirm_link(who);
-        assert_eq!(
-            click_confirm(&client, &link, "e2e-browser/1.0")
-                .await
-                .status(),
-            200
-        );
-    }
+    confirm_ana_and_ben(&demo, &client).await;
     wait_until(
         10,
         "both confirmations on the Zoho list within 10 s",
@@ -417,4 +401,18 @@ async fn zoho_2101_removals_do_not_block_confirmations() {
     }
     assert_eq!(f.locks(), 0);
     assert_eq!(daemon.terminate(), Some(0));
+}
+
+/// Ana and Ben press the button of their confirmation mails.
+async fn confirm_ana_and_ben(demo: &Demo, client: &reqwest::Client) {
+    for who in ["ana.garcia@example.org", "ben.okafor@example.net"] {
+        let link = demo.confirm_link(who);
+        assert_eq!(
+            click_confirm(client, &link, "e2e-browser/1.0")
+                .await
+                .status(),
+            200,
+            "{who}"
+        );
+    }
 }
