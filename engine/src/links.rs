@@ -478,18 +478,25 @@ impl LinkState {
         ((status, Html(rendered.html)).into_response(), Some(hash))
     }
 
+    /// A page about `t`'s list without a form, and its snapshot hash.
+    async fn list_page(
+        &self,
+        engine: &Engine,
+        t: &Target<'_>,
+        status: StatusCode,
+        page: Page,
+    ) -> (Response, Option<String>) {
+        self.page(engine, status, page, &t.lang, Some(t.list), |_| {
+            String::new()
+        })
+        .await
+    }
+
     /// The "you are subscribed" page.
     async fn confirmed(&self, engine: &Engine, t: &Target<'_>) -> Response {
-        self.page(
-            engine,
-            StatusCode::OK,
-            Page::Confirmed,
-            &t.lang,
-            Some(t.list),
-            |_| String::new(),
-        )
-        .await
-        .0
+        self.list_page(engine, t, StatusCode::OK, Page::Confirmed)
+            .await
+            .0
     }
 
     async fn notice(
@@ -704,14 +711,7 @@ async fn confirm_get(
             StatusCode::OK
         };
         let (resp, hash) = st
-            .page(
-                &engine,
-                status,
-                Page::Notice(notice),
-                &t.lang,
-                Some(t.list),
-                |_| String::new(),
-            )
+            .list_page(&engine, &t, status, Page::Notice(notice))
             .await;
         st.record_fetch(
             &engine,
@@ -1026,14 +1026,7 @@ async fn unsubscribe_get(
         Err(page) => return page,
     };
     let (resp, hash) = st
-        .page(
-            &engine,
-            StatusCode::OK,
-            Page::Unsubscribe,
-            &t.lang,
-            Some(t.list),
-            |_| String::new(),
-        )
+        .list_page(&engine, &t, StatusCode::OK, Page::Unsubscribe)
         .await;
     st.record_fetch(&engine, &t, &req, hash, "unsubscribe page fetched")
         .await;
@@ -1148,16 +1141,9 @@ async fn unsubscribe_post(
     {
         // No redirect (RFC 8058 §3.2): the answer is the page itself.
         Ok(_) => {
-            st.page(
-                &engine,
-                StatusCode::OK,
-                Page::Unsubscribed,
-                &t.lang,
-                Some(t.list),
-                |_| String::new(),
-            )
-            .await
-            .0
+            st.list_page(&engine, &t, StatusCode::OK, Page::Unsubscribed)
+                .await
+                .0
         }
         Err(e) => {
             tracing::error!(contact_id = %t.contact.id, error = %e, "unsubscribe could not be recorded");
