@@ -104,7 +104,9 @@ fn canonical(raw: &str) -> Result<Canonical, AddressError> {
             DnsLength::Ignore,
         )
         .map_err(|_| AddressError::BadDomain)?;
-    if again != ascii_domain {
+    // UTS-46 maps a few letters to capitals (Cherokee): such a display form would not be the
+    // lower-case one every other address has, so it is refused rather than stored two ways.
+    if again != ascii_domain || display_domain.to_lowercase() != display_domain {
         return Err(AddressError::BadDomain);
     }
     // UTS-46 maps some characters onto ASCII ones (a full-width `＜` to `<`, U+3000 to a
@@ -202,6 +204,17 @@ mod tests {
         let raw = "jos\u{e9}@f.\u{fc}c\u{4ef}?f.\u{fc}c\u{4ef}?e/r.xn--xn------`--67E.#RGeRGe\u{4553}yafE";
         match normalise(raw) {
             Ok(n) => assert_eq!(normalise(&n), Ok(n)),
+            Err(e) => assert_eq!(e, AddressError::BadDomain),
+        }
+    }
+
+    /// Found by the `email` fuzz target: UTS-46 maps Cherokee small letters to capitals, so
+    /// the display form would not be lower case. Refused.
+    #[test]
+    fn a_display_form_that_is_not_lower_case_is_refused() {
+        let raw = "a@xn--xn--o5o5mOOssssmOOssssssssssO.R.X";
+        match normalise(raw) {
+            Ok(n) => assert_eq!(n.to_lowercase(), n),
             Err(e) => assert_eq!(e, AddressError::BadDomain),
         }
     }
