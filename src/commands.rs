@@ -8,11 +8,12 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use optinsync_engine::config::LoadedConfig;
-use optinsync_engine::engine::Engine;
+use optinsync_engine::email;
+use optinsync_engine::engine::{Engine, StoreReads};
 use optinsync_engine::ledger::ChainVerifier;
 use optinsync_engine::rules::{self, RuleSet, RulesError};
 use optinsync_engine::store::{self, Store};
-use optinsync_engine::{email, http};
+use optinsync_web::http;
 
 use crate::{Failure, registry};
 
@@ -52,8 +53,8 @@ pub(crate) async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
     quota.attach(Arc::clone(&store));
     let engine = Arc::new(Engine::new(Arc::new(config), store, connectors, rules));
     // A key that signed mailed (never-expiring) unsubscribe links must stay configured.
-    use optinsync_engine::signing_keys::{self, SigningKeysError};
-    match signing_keys::check_and_record(engine.store.as_ref(), &engine.tokens).await {
+    use optinsync_engine::signing_keys::SigningKeysError;
+    match engine.check_signing_keys().await {
         Ok(()) => {}
         Err(e @ (SigningKeysError::Dropped { .. } | SigningKeysError::Corrupt(_))) => {
             return Err(Failure::Config(anyhow::anyhow!("{}: {e}", path.display())));
@@ -78,7 +79,7 @@ pub(crate) async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
 
 /// Vector-style start-up healthchecks: report, and refuse to start on a broken connector.
 async fn healthchecks(engine: &Engine) -> Result<(), Failure> {
-    let c = &engine.connectors;
+    let c = &engine.connectors();
     let checks = [
         ("crm", retry_transient("crm", || c.crm.health()).await),
         (
@@ -220,7 +221,7 @@ pub async fn sync_once(path: &Path, deliver: bool) -> Result<(), Failure> {
         .await
         .context("saving connector state")?;
     let counts = engine
-        .store
+        .reads()
         .outbox_counts()
         .await
         .context("counting the outbox")?;
@@ -253,20 +254,20 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     }
     healthchecks(&engine).await?;
     // `/readyz` answers 200 only from here on (and while the store and circuits are fine).
-    engine.circuits.set_ready();
-    let listen = engine.config.config.server.listen;
+    engine.circuits().set_ready();
+    let listen = engine.settings().server.listen;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
-    tracing::info!(%listen, public_url = %engine.config.config.server.public_url, "HTTP server listening");
+    tracing::info!(%listen, public_url = %engine.settings().server.public_url, "HTTP server listening");
 
-    optinsync_engine::metrics::install();
+    optinsync_web::metrics::install();
     let pass_now = Arc::new(tokio::sync::Notify::new());
     // Keep the watcher alive for the whole run; a failure to watch is not fatal (SIGHUP and
     // restarts still reload), but it is said loudly.
     let _watcher = {
         let pass_now = Arc::clone(&pass_now);
-        match rules::watch::watch(Arc::clone(&engine), move || pass_now.notify_one()) {
+        match optinsync_engine::reload::watch(Arc::clone(&engine), move || pass_now.notify_one()) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::error!(error = %e, "cannot watch the rules directory; reload with SIGHUP");
@@ -280,8 +281,8 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     {
         let stop = Arc::clone(&stop);
-        let circuits = Arc::clone(&engine.circuits);
-        let grace = engine.config.config.sync.shutdown_grace.0;
+        let circuits = Arc::clone(engine.circuits());
+        let grace = engine.settings().sync.shutdown_grace.0;
         tokio::spawn(async move {
             shutdown_signal(term).await;
             tracing::info!(
@@ -320,7 +321,7 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     // waiting out `outbox::LEASE`; claims of other hosts and of `sync --once` are left alone.
     let instance = format!("{}/{listen}/", host_name());
     let worker = format!("{instance}{}", worker_id());
-    match engine.store.release_claims(&instance, &worker).await {
+    match engine.release_claims(&instance, &worker).await {
         Ok(0) => {}
         Ok(n) => tracing::info!(
             released = n,
@@ -359,13 +360,13 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    _ = engine.outbox_wake.notified() => {}
+                    _ = engine.outbox_wake().notified() => {}
                     _ = rx.wait_for(|s| *s) => {}
                 }
             }
         })
     };
-    let poll = engine.config.config.sync.poll_interval.0;
+    let poll = engine.settings().sync.poll_interval.0;
     let mut jobs = crate::jobs::Jobs::default();
     let mut rx = stop_rx;
     // Like deliveries, a job is never cancelled half-way.
@@ -461,7 +462,7 @@ fn since_text(c: &optinsync_engine::consent::Consent) -> String {
 
 /// Normalise `raw_email` (not an address: a usage error) and find its contact.
 pub(crate) async fn find_contact(
-    store: &dyn Store,
+    store: StoreReads<'_>,
     raw_email: &str,
 ) -> Result<optinsync_engine::store::Contact, Failure> {
     let address = email::normalise(raw_email)
@@ -476,7 +477,7 @@ pub(crate) async fn find_contact(
 pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<(), Failure> {
     let config = load_config(path)?;
     let store = open_store(&config).await?;
-    let contact = find_contact(store.as_ref(), raw_email).await?;
+    let contact = find_contact(store.as_ref().into(), raw_email).await?;
     let consents = store
         .consents_of_contact(&contact.id)
         .await
@@ -487,7 +488,7 @@ pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<()
         .context("reading the ledger")?;
     if json {
         // The same JSON as the admin API's `GET /admin/contacts/{email}`.
-        let value = optinsync_engine::admin::contact_json(&contact, &consents, &events);
+        let value = optinsync_web::admin::contact_json(&contact, &consents, &events);
         println!(
             "{}",
             serde_json::to_string_pretty(&value).context("formatting JSON")?
@@ -568,7 +569,7 @@ fn spawn_sighup_reload(
         while hup.recv().await.is_some() {
             tracing::info!("SIGHUP: reloading rules");
             let engine = Arc::clone(&engine);
-            if let Ok(rules::watch::Reload::Swapped { .. }) =
+            if let Ok(optinsync_engine::reload::Reload::Swapped { .. }) =
                 tokio::task::spawn_blocking(move || engine.reload_rules()).await
             {
                 pass_now.notify_one();
@@ -651,7 +652,7 @@ pub async fn rules_simulate(
         }
     };
     let store = open_store(&config).await?;
-    let engine_tokens = optinsync_engine::tokens::TokenKeys::from_config(&config.config.tokens);
+    let engine_tokens = config.config.tokens.keys();
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let started = std::time::Instant::now();
     let report = rules::simulate::simulate(
@@ -772,10 +773,10 @@ pub async fn status(path: &Path, json: bool) -> Result<(), Failure> {
     let outbox = store.outbox_counts().await.context("reading the outbox")?;
     // Open signups settle by the end of their list's pending window (asserted ones are about
     // to be asked, so their window starts now).
-    let forecast = optinsync_engine::admin::settled_by(&config, &summary, chrono::Utc::now());
+    let forecast = optinsync_web::admin::settled_by(&config, &summary, chrono::Utc::now());
     if json {
         // The same JSON as the admin API's `GET /admin/status`.
-        let v = optinsync_engine::admin::status_json(&summary, &outbox, &forecast);
+        let v = optinsync_web::admin::status_json(&summary, &outbox, &forecast);
         println!(
             "{}",
             serde_json::to_string_pretty(&v).context("formatting JSON")?
@@ -955,7 +956,7 @@ pub async fn erase(path: &Path, raw_email: &str) -> Result<(), Failure> {
     email::normalise(raw_email)
         .map_err(|e| Failure::Config(anyhow::anyhow!("`{raw_email}`: {e}")))?;
     let engine = boot(path).await?;
-    let contact = find_contact(engine.store.as_ref(), raw_email).await?;
+    let contact = find_contact(engine.reads(), raw_email).await?;
     let report = engine.erase(&contact).await.context("erasing")?;
     // Queue the removals now rather than at the next daemon pass (legal deadline).
     let delivered = engine

@@ -52,7 +52,7 @@ pub async fn evidence_export(
 ) -> Result<(), Failure> {
     let config = load_config(path)?;
     let store = open_store(&config).await?;
-    let contact = find_contact(store.as_ref(), raw_email).await?;
+    let contact = find_contact(store.as_ref().into(), raw_email).await?;
     // The bundle is only worth anything if the ledger it quotes is intact.
     let chain = export::verify_ledger(store.as_ref())
         .await
@@ -268,8 +268,8 @@ pub async fn subject_export(
 ) -> Result<(), Failure> {
     let config = load_config(path)?;
     let store = open_store(&config).await?;
-    let contact = find_contact(store.as_ref(), raw_email).await?;
-    let keys = optinsync_engine::tokens::TokenKeys::from_config(&config.config.tokens);
+    let contact = find_contact(store.as_ref().into(), raw_email).await?;
+    let keys = config.config.tokens.keys();
     let suppressed = store
         .is_any_suppressed(&keys.address_hashes(&contact.email))
         .await
@@ -297,7 +297,7 @@ pub async fn subject_export(
 /// `retention run [--dry-run] [--json]`.
 pub async fn retention_run(path: &Path, dry_run: bool, json: bool) -> Result<(), Failure> {
     let engine = boot(path).await?;
-    let r = &engine.config.config.retention;
+    let r = &engine.settings().retention;
     if !r.enabled() {
         return Err(Failure::Config(anyhow::anyhow!(
             "no retention period is configured: set `[retention] withdrawn_proof` and/or `unconfirmed`"

@@ -30,7 +30,7 @@ pub struct Jobs {
 impl Jobs {
     /// Run each job whose lease this instance holds or can take now.
     pub async fn run_due(&mut self, engine: &Engine, worker: &str) {
-        let poll = engine.config.config.sync.poll_interval.0;
+        let poll = engine.settings().sync.poll_interval.0;
         let hold = chrono::Duration::from_std(poll * 3 + Duration::from_secs(30))
             .unwrap_or(chrono::Duration::minutes(5));
         // When this instance pulled the CRM in this pass, the pull already ran the rules for
@@ -38,7 +38,7 @@ impl Jobs {
         let mut pulled_since = None;
         for (i, job) in JOBS.into_iter().enumerate() {
             let now = chrono::Utc::now();
-            let held = match engine.store.try_lease(job, worker, now, now + hold).await {
+            let held = match engine.try_lease(job, worker, now, now + hold).await {
                 Ok(h) => h,
                 Err(e) => {
                     tracing::error!(job, error = %e, "cannot take the job's lease; will retry next interval");
@@ -84,7 +84,7 @@ async fn run_job(
     match job {
         "crm-poller" => {
             // Connector upkeep (e.g. the Zoho CRM notification channel); polling goes on if it fails.
-            if let Err(e) = engine.connectors.crm.maintain().await {
+            if let Err(e) = engine.connectors().crm.maintain().await {
                 tracing::warn!(error = %Escaped(&e), "CRM connector upkeep failed; polling goes on");
             }
             let s = engine.pull_crm(|_| {}).await?;

@@ -11,17 +11,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use optinsync_plugin_api::CrmRecord;
+use optinsync_plugin_api::{CrmRecord, Cursor};
 
 use crate::config::ListConfig;
 use crate::consent::{self, Consent, ConsentState, Input};
 use crate::email;
 use crate::engine::{
-    DecideStats, Engine, EngineError, EngineResult, commit_for, input_for, log_refusal,
+    DecideStats, Engine, EngineError, EngineResult, PullStats, commit_for, log_refusal,
     transition_for,
 };
 use crate::ledger::Evidence;
-use crate::rules::{Action, RuleSet, input};
+use crate::rules::{Action, RuleSet, input, input_for};
 use crate::store::{BatchCommit, Contact, ContactUpsert};
 use crate::untrusted::{Escaped, clean_fields, clean_text};
 
@@ -528,5 +528,133 @@ impl Engine {
             contact_id: first,
             list_id: "*".into(),
         })
+    }
+}
+/// Pages the CRM fetcher may read ahead of the commits.
+const PREFETCH_PAGES: usize = 16;
+/// Most CRM records planned and committed in one transaction.
+const BATCH_RECORDS: usize = 2000;
+
+/// Stops a spawned task when its owner returns early (an error mid-pull).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Engine {
+    /// Pull every CRM change since the stored cursor. A fetcher task reads ahead (at most
+    /// [`PREFETCH_PAGES`] pages, so memory stays bounded) while pages already fetched are
+    /// planned and committed together; the stored cursor advances only after a commit, so a
+    /// crash re-reads what was not committed (and re-applying a page is a no-op).
+    pub async fn pull_crm(&self, mut progress: impl FnMut(&PullStats)) -> EngineResult<PullStats> {
+        let mut stats = PullStats::default();
+        let page_size = self.config.config.sync.page_size;
+        let start = self.store.cursor("crm").await?.map(Cursor);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(PREFETCH_PAGES);
+        let crm = Arc::clone(&self.connectors.crm);
+        let fetcher = AbortOnDrop(tokio::spawn(async move {
+            let mut cursor = start;
+            loop {
+                let page = crm.changes(cursor.as_ref(), page_size).await;
+                let more = match &page {
+                    Ok(p) => {
+                        if let Some(next) = &p.next_cursor {
+                            cursor = Some(next.clone());
+                        }
+                        p.has_more
+                    }
+                    Err(_) => false,
+                };
+                if tx.send(page).await.is_err() || !more {
+                    return;
+                }
+            }
+        }));
+        let started = std::time::Instant::now();
+        let mut waited = std::time::Duration::ZERO;
+        let mut timings = Timings::default();
+        loop {
+            let t = std::time::Instant::now();
+            let Some(first) = rx.recv().await else { break };
+            waited += t.elapsed();
+            // This page, and whatever else is fetched already (one transaction for all).
+            let mut pages = vec![first];
+            let mut records = 0;
+            while records < BATCH_RECORDS {
+                match rx.try_recv() {
+                    Ok(p) => {
+                        records += p.as_ref().map_or(0, |p| p.records.len());
+                        pages.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut failure = None;
+            let mut batch = Vec::new();
+            let mut cursor = None;
+            for page in pages {
+                let page = match page {
+                    Ok(p) => p,
+                    Err(source) => {
+                        // Commit what came before it; then report.
+                        failure = Some(EngineError::Connector {
+                            connector: "crm",
+                            source,
+                        });
+                        break;
+                    }
+                };
+                stats.pages += 1;
+                for bad in &page.invalid {
+                    tracing::warn!(location = %Escaped(&bad.location), reason = %Escaped(&bad.reason), "CRM record skipped");
+                    stats.invalid += 1;
+                }
+                // A deleted CRM record does not withdraw consent: the ledger keeps the proof
+                // and the person keeps their choice. It is only reported.
+                for gone in &page.deleted {
+                    tracing::info!(record = %Escaped(gone), "CRM record deleted; consent kept");
+                    stats.deleted += 1;
+                }
+                batch.extend(page.records);
+                if page.next_cursor.is_some() {
+                    cursor = page.next_cursor;
+                }
+            }
+            // Planned and committed as a whole, the rules included: a contact the CRM just
+            // asserted gets its DOI mail queued in this same transaction.
+            let done = self.ingest_records(&batch).await?;
+            stats.records += done.records;
+            stats.invalid += done.invalid;
+            stats.erased += done.erased;
+            stats.changes += done.crm_changes;
+            stats.rule_changes += done.decided.changes;
+            stats.rule_refused += done.decided.refused;
+            stats.rule_errors += done.decided.rule_errors;
+            timings.add(&done.timings);
+            if let Some(next) = cursor {
+                self.store.set_cursor("crm", &next.0, Utc::now()).await?;
+            }
+            progress(&stats);
+            if let Some(e) = failure {
+                return Err(e);
+            }
+        }
+        drop(fetcher);
+        tracing::info!(
+            records = stats.records,
+            pages = stats.pages,
+            changes = stats.changes + stats.rule_changes,
+            total_ms = started.elapsed().as_millis() as u64,
+            waiting_for_crm_ms = waited.as_millis() as u64,
+            upsert_ms = timings.upsert.as_millis() as u64,
+            load_ms = timings.load.as_millis() as u64,
+            decide_ms = timings.decide.as_millis() as u64,
+            commit_ms = timings.commit.as_millis() as u64,
+            "CRM pull finished"
+        );
+        Ok(stats)
     }
 }

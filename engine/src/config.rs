@@ -108,10 +108,10 @@ pub struct Config {
     pub admin: AdminConfig,
     /// `[retention]`: how long proof and unconfirmed signups are kept ([`crate::retention`]).
     #[serde(default)]
-    pub retention: crate::retention::RetentionConfig,
+    pub retention: RetentionConfig,
 }
 
-/// `[admin]`: the admin JSON API (`/admin/...`, see [`crate::admin`]).
+/// `[admin]`: the admin JSON API (`/admin/...`, served by the web layer).
 #[derive(Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
@@ -293,6 +293,21 @@ pub struct TokenConfig {
     pub previous: Vec<PreviousKey>,
     #[serde(default = "default_confirm_ttl")]
     pub confirm_ttl: HumanDuration,
+}
+
+impl TokenConfig {
+    /// The keys this section configures: the current one and every `[[tokens.previous]]`.
+    pub fn keys(&self) -> crate::tokens::TokenKeys {
+        let keys = |unsubscribe_only: bool| {
+            self.previous
+                .iter()
+                .filter(|k| k.unsubscribe_only == unsubscribe_only)
+                .map(|k| (k.key_id.clone(), k.secret.as_bytes().to_vec()))
+                .collect()
+        };
+        crate::tokens::TokenKeys::new(&self.key_id, self.secret.as_bytes(), keys(false))
+            .with_unsubscribe_only(keys(true))
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -854,6 +869,43 @@ fn resolve_env_table(
         }
     }
     Ok(())
+}
+
+/// `[retention]`. Both periods unset (the default) = keep everything; the job does nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// How long the proof of a consent stays after it ended (withdrawn, bounced, complained,
+    /// or lapsed after having been confirmed), e.g. `"3y"`.
+    #[serde(default)]
+    pub withdrawn_proof: Option<HumanDuration>,
+    /// How long the data of a signup that was never confirmed (asserted, pending, lapsed
+    /// unconfirmed) stays, e.g. `"30d"`.
+    #[serde(default)]
+    pub unconfirmed: Option<HumanDuration>,
+    /// How often `optinsync run` applies the periods (default `"1d"`).
+    #[serde(default = "default_every")]
+    pub every: HumanDuration,
+}
+
+fn default_every() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(86_400))
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            withdrawn_proof: None,
+            unconfirmed: None,
+            every: default_every(),
+        }
+    }
+}
+
+impl RetentionConfig {
+    pub fn enabled(&self) -> bool {
+        self.withdrawn_proof.is_some() || self.unconfirmed.is_some()
+    }
 }
 
 #[cfg(test)]

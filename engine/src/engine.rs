@@ -16,13 +16,13 @@ use crate::config::{ListConfig, LoadedConfig};
 use crate::consent::{self, Consent, ConsentState, Effect, Input, Refusal};
 use crate::email;
 use crate::ledger::{Evidence, LedgerEvent, NewEvent};
-use crate::rules::{Action, RuleSet, RulesError};
+use crate::rules::{RuleSet, RulesError};
 use crate::store::{
     Commit, Contact, ContactUpsert, NewOutbox, PRIORITY_LEGAL, PRIORITY_NORMAL, Store, StoreError,
-    Suppression,
+    StoreResult, Suppression,
 };
 use crate::tokens::TokenKeys;
-use crate::untrusted::{Escaped, clean_fields};
+use crate::untrusted::clean_fields;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -84,19 +84,64 @@ pub struct DecideStats {
 }
 
 #[derive(Debug)]
+/// The one writer of consent. Its fields are private to the engine crate: the web layer and the
+/// CLI read through [`Engine::reads`] and the accessors below, and change consent only through
+/// its methods ([`Engine::apply`] and the sync, import and erasure entry points).
 pub struct Engine {
-    pub config: Arc<LoadedConfig>,
-    pub store: Arc<dyn Store>,
-    pub connectors: Connectors,
-    pub tokens: TokenKeys,
+    pub(crate) config: Arc<LoadedConfig>,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) connectors: Connectors,
+    pub(crate) tokens: TokenKeys,
     rules: RwLock<Arc<RuleSet>>,
     /// Signalled after a commit that queued outbox work, so the daemon delivers at once
     /// instead of at its next tick (a confirmation mail should not wait for a poll).
-    pub outbox_wake: Arc<tokio::sync::Notify>,
+    pub(crate) outbox_wake: Arc<tokio::sync::Notify>,
     /// Per-connector circuit breakers and the readiness flags (`/readyz`).
-    pub circuits: Arc<crate::circuit::Circuits>,
+    pub(crate) circuits: Arc<crate::circuit::Circuits>,
     /// Single consent changes are written in groups (one fsync for many web requests).
     group_commit: Option<crate::group_commit::GroupCommit>,
+}
+
+/// A read-only view of the store, handed out by [`Engine::reads`]. It has no write methods, so
+/// code holding an engine cannot change consent behind the engine's back.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreReads<'a>(&'a dyn Store);
+
+impl<'a> From<&'a dyn Store> for StoreReads<'a> {
+    /// For tools that open a store without an engine (exports, `contact show`).
+    fn from(store: &'a dyn Store) -> Self {
+        Self(store)
+    }
+}
+
+impl StoreReads<'_> {
+    pub async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>> {
+        self.0.contact_by_id(id).await
+    }
+    pub async fn contact_by_email(&self, email: &str) -> StoreResult<Option<Contact>> {
+        self.0.contact_by_email(email).await
+    }
+    pub async fn consent(&self, contact_id: &str, list_id: &str) -> StoreResult<Option<Consent>> {
+        self.0.consent(contact_id, list_id).await
+    }
+    pub async fn consents_of_contact(
+        &self,
+        contact_id: &str,
+    ) -> StoreResult<Vec<(String, Consent)>> {
+        self.0.consents_of_contact(contact_id).await
+    }
+    pub async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>> {
+        self.0.events_of_contact(contact_id).await
+    }
+    pub async fn consent_summary(&self) -> StoreResult<Vec<crate::store::ConsentSummary>> {
+        self.0.consent_summary().await
+    }
+    pub async fn outbox_counts(&self) -> StoreResult<crate::store::OutboxCounts> {
+        self.0.outbox_counts().await
+    }
+    pub async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
+        self.0.cursor(name).await
+    }
 }
 
 impl Engine {
@@ -106,7 +151,7 @@ impl Engine {
         connectors: Connectors,
         rules: RuleSet,
     ) -> Self {
-        let tokens = TokenKeys::from_config(&config.config.tokens);
+        let tokens = config.config.tokens.keys();
         let circuits = Arc::new(crate::circuit::Circuits::new(
             config.config.sync.circuit_threshold,
             config.config.sync.circuit_cooldown.0,
@@ -125,6 +170,67 @@ impl Engine {
     }
 
     /// The rule set in force (a reload swaps it atomically; running decisions keep theirs).
+    /// The loaded configuration (settings plus the templates and rule paths it names).
+    pub fn config(&self) -> &Arc<LoadedConfig> {
+        &self.config
+    }
+
+    /// The settings of the configuration file.
+    pub fn settings(&self) -> &crate::config::Config {
+        &self.config.config
+    }
+
+    /// Read access to the store: contacts, consents, the ledger, outbox counts.
+    pub fn reads(&self) -> StoreReads<'_> {
+        StoreReads(self.store.as_ref())
+    }
+
+    /// The configured connectors (reads and webhooks; their writes go through the outbox).
+    pub fn connectors(&self) -> &Connectors {
+        &self.connectors
+    }
+
+    /// The link-signing keys.
+    pub fn tokens(&self) -> &TokenKeys {
+        &self.tokens
+    }
+
+    /// Circuit breakers and readiness.
+    pub fn circuits(&self) -> &Arc<crate::circuit::Circuits> {
+        &self.circuits
+    }
+
+    /// Signalled when a commit queued outbox work.
+    pub fn outbox_wake(&self) -> &tokio::sync::Notify {
+        &self.outbox_wake
+    }
+
+    /// Keep the page a person saw as evidence (content-addressed; idempotent).
+    pub async fn record_snapshot(&self, s: &crate::store::Snapshot) -> EngineResult<()> {
+        Ok(self.store.put_snapshot(s).await?)
+    }
+
+    /// Take or renew the lease on a job for this worker (one instance runs each job).
+    pub async fn try_lease(
+        &self,
+        job: &str,
+        worker: &str,
+        now: chrono::DateTime<Utc>,
+        until: chrono::DateTime<Utc>,
+    ) -> EngineResult<bool> {
+        Ok(self.store.try_lease(job, worker, now, until).await?)
+    }
+
+    /// Release outbox claims this instance's earlier runs left behind (not `current`'s).
+    pub async fn release_claims(&self, prefix: &str, current: &str) -> EngineResult<u64> {
+        Ok(self.store.release_claims(prefix, current).await?)
+    }
+
+    /// Refuse a configuration that dropped a key which signed mailed links; record the keys.
+    pub async fn check_signing_keys(&self) -> Result<(), crate::signing_keys::SigningKeysError> {
+        crate::signing_keys::check_and_record(self.store.as_ref(), &self.tokens).await
+    }
+
     pub fn rules(&self) -> Arc<RuleSet> {
         match self.rules.read() {
             Ok(r) => Arc::clone(&r),
@@ -221,119 +327,6 @@ impl Engine {
             contact_id: contact.id.clone(),
             list_id: list.id.clone(),
         })
-    }
-
-    /// Pull every CRM change since the stored cursor. A fetcher task reads ahead (at most
-    /// [`PREFETCH_PAGES`] pages, so memory stays bounded) while pages already fetched are
-    /// planned and committed together; the stored cursor advances only after a commit, so a
-    /// crash re-reads what was not committed (and re-applying a page is a no-op).
-    pub async fn pull_crm(&self, mut progress: impl FnMut(&PullStats)) -> EngineResult<PullStats> {
-        let mut stats = PullStats::default();
-        let page_size = self.config.config.sync.page_size;
-        let start = self.store.cursor("crm").await?.map(Cursor);
-        let (tx, mut rx) = tokio::sync::mpsc::channel(PREFETCH_PAGES);
-        let crm = Arc::clone(&self.connectors.crm);
-        let fetcher = AbortOnDrop(tokio::spawn(async move {
-            let mut cursor = start;
-            loop {
-                let page = crm.changes(cursor.as_ref(), page_size).await;
-                let more = match &page {
-                    Ok(p) => {
-                        if let Some(next) = &p.next_cursor {
-                            cursor = Some(next.clone());
-                        }
-                        p.has_more
-                    }
-                    Err(_) => false,
-                };
-                if tx.send(page).await.is_err() || !more {
-                    return;
-                }
-            }
-        }));
-        let started = std::time::Instant::now();
-        let mut waited = std::time::Duration::ZERO;
-        let mut timings = crate::bulk::Timings::default();
-        loop {
-            let t = std::time::Instant::now();
-            let Some(first) = rx.recv().await else { break };
-            waited += t.elapsed();
-            // This page, and whatever else is fetched already (one transaction for all).
-            let mut pages = vec![first];
-            let mut records = 0;
-            while records < BATCH_RECORDS {
-                match rx.try_recv() {
-                    Ok(p) => {
-                        records += p.as_ref().map_or(0, |p| p.records.len());
-                        pages.push(p);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let mut failure = None;
-            let mut batch = Vec::new();
-            let mut cursor = None;
-            for page in pages {
-                let page = match page {
-                    Ok(p) => p,
-                    Err(source) => {
-                        // Commit what came before it; then report.
-                        failure = Some(EngineError::Connector {
-                            connector: "crm",
-                            source,
-                        });
-                        break;
-                    }
-                };
-                stats.pages += 1;
-                for bad in &page.invalid {
-                    tracing::warn!(location = %Escaped(&bad.location), reason = %Escaped(&bad.reason), "CRM record skipped");
-                    stats.invalid += 1;
-                }
-                // A deleted CRM record does not withdraw consent: the ledger keeps the proof
-                // and the person keeps their choice. It is only reported.
-                for gone in &page.deleted {
-                    tracing::info!(record = %Escaped(gone), "CRM record deleted; consent kept");
-                    stats.deleted += 1;
-                }
-                batch.extend(page.records);
-                if page.next_cursor.is_some() {
-                    cursor = page.next_cursor;
-                }
-            }
-            // Planned and committed as a whole, the rules included: a contact the CRM just
-            // asserted gets its DOI mail queued in this same transaction.
-            let done = self.ingest_records(&batch).await?;
-            stats.records += done.records;
-            stats.invalid += done.invalid;
-            stats.erased += done.erased;
-            stats.changes += done.crm_changes;
-            stats.rule_changes += done.decided.changes;
-            stats.rule_refused += done.decided.refused;
-            stats.rule_errors += done.decided.rule_errors;
-            timings.add(&done.timings);
-            if let Some(next) = cursor {
-                self.store.set_cursor("crm", &next.0, Utc::now()).await?;
-            }
-            progress(&stats);
-            if let Some(e) = failure {
-                return Err(e);
-            }
-        }
-        drop(fetcher);
-        tracing::info!(
-            records = stats.records,
-            pages = stats.pages,
-            changes = stats.changes + stats.rule_changes,
-            total_ms = started.elapsed().as_millis() as u64,
-            waiting_for_crm_ms = waited.as_millis() as u64,
-            upsert_ms = timings.upsert.as_millis() as u64,
-            load_ms = timings.load.as_millis() as u64,
-            decide_ms = timings.decide.as_millis() as u64,
-            commit_ms = timings.commit.as_millis() as u64,
-            "CRM pull finished"
-        );
-        Ok(stats)
     }
 
     /// One CRM record (a webhook): upsert the contact, apply what the CRM asserts and run the
@@ -470,25 +463,12 @@ impl Engine {
     }
 }
 
-/// Pages the CRM fetcher may read ahead of the commits.
-const PREFETCH_PAGES: usize = 16;
-/// Most CRM records planned and committed in one transaction.
-const BATCH_RECORDS: usize = 2000;
-
-/// Stops a spawned task when its owner returns early (an error mid-pull).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// Contacts per transaction in a rules pass.
 const DECIDE_PAGE: i64 = 1000;
 
-/// The state machine's decision for one input on one list (its limits and DOI mode).
-pub(crate) fn transition_for(
+/// The state machine's decision for one input on one list (its limits and DOI mode). Pure:
+/// the web layer runs it as a dry run to tell what a link would do before it is clicked.
+pub fn transition_for(
     current: &Consent,
     input: &Input,
     list: &ListConfig,
@@ -556,23 +536,6 @@ pub(crate) fn log_refusal(contact_id: &str, list_id: &str, refusal: &Refusal, so
         contact_id = %contact_id, list = %list_id, state = %refusal.state, input = refusal.input,
         source, reason = refusal.reason, "consent change refused"
     );
-}
-
-/// The state-machine input a rule action stands for; `None` for actions the engine performs
-/// by itself (`subscribe` on confirmation, `write_back` after every change) and `none`.
-pub fn input_for(action: Action) -> Option<Input> {
-    Some(match action {
-        Action::SendDoi => Input::SendDoi {
-            token: uuid::Uuid::new_v4().to_string(),
-        },
-        Action::SendReminder => Input::SendReminder,
-        Action::SendRevalidation => Input::SendRevalidation {
-            token: uuid::Uuid::new_v4().to_string(),
-        },
-        Action::Remove => Input::Lapse,
-        Action::Suppress => Input::Suppress,
-        Action::Subscribe | Action::WriteBack | Action::None => return None,
-    })
 }
 
 /// Outbox rows for a transition's effects. Keys derive from the event id, so a row can never

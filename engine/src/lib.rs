@@ -1,25 +1,18 @@
-//! optinsync engine: consent state machine, ledger, store, rules host, outbox and HTTP.
-pub mod admin;
+//! optinsync engine: the one writer of consent. Store, rules host, sync, outbox.
+pub use optinsync_core::{consent, email, ledger, tokens, untrusted};
+
 pub mod bulk;
 pub mod circuit;
 pub mod config;
-pub mod consent;
-pub mod email;
 pub mod engine;
 pub mod export;
 pub mod group_commit;
-pub mod http;
-pub mod ledger;
-pub mod links;
 pub mod mail;
-pub mod metrics;
 pub mod outbox;
 pub mod quota;
+pub mod reload;
 pub mod retention;
 pub mod rules;
 pub mod signing_keys;
 pub mod store;
 pub mod templates;
-pub mod tokens;
-pub mod untrusted;
-pub mod webhooks;

@@ -6,37 +6,13 @@
 //! Every rendering has a content hash that goes into the ledger, and the rendering itself is
 //! stored as a snapshot under that hash, so the proof shows the exact text the person received.
 
-use sha2::{Digest, Sha256};
-
 use crate::config::{ListConfig, SenderConfig};
 use crate::consent::MailKind;
 use crate::templates::{Common, TemplateError, Templates};
 
 pub use crate::templates::RenderedMail;
 
-pub fn content_hash(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_be_bytes());
-        h.update(p.as_bytes());
-    }
-    hex::encode(h.finalize())
-}
-
-pub fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
+pub use crate::templates::{content_hash, html_escape};
 
 /// Render a confirmation mail of `kind` from the template set, in `language` (chosen with
 /// [`Templates::language_for`]).

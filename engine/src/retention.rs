@@ -8,9 +8,8 @@
 //! rule and the period; the last run's summary is kept under the cursor `retention:last_run`.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use crate::config::HumanDuration;
 use crate::consent::{Consent, ConsentState};
 use crate::engine::{Engine, EngineResult};
 
@@ -18,42 +17,7 @@ use crate::engine::{Engine, EngineResult};
 /// day across restarts and instances.
 pub const LAST_RUN: &str = "retention:last_run";
 
-/// `[retention]`. Both periods unset (the default) = keep everything; the job does nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetentionConfig {
-    /// How long the proof of a consent stays after it ended (withdrawn, bounced, complained,
-    /// or lapsed after having been confirmed), e.g. `"3y"`.
-    #[serde(default)]
-    pub withdrawn_proof: Option<HumanDuration>,
-    /// How long the data of a signup that was never confirmed (asserted, pending, lapsed
-    /// unconfirmed) stays, e.g. `"30d"`.
-    #[serde(default)]
-    pub unconfirmed: Option<HumanDuration>,
-    /// How often `optinsync run` applies the periods (default `"1d"`).
-    #[serde(default = "default_every")]
-    pub every: HumanDuration,
-}
-
-fn default_every() -> HumanDuration {
-    HumanDuration(std::time::Duration::from_secs(86_400))
-}
-
-impl Default for RetentionConfig {
-    fn default() -> Self {
-        Self {
-            withdrawn_proof: None,
-            unconfirmed: None,
-            every: default_every(),
-        }
-    }
-}
-
-impl RetentionConfig {
-    pub fn enabled(&self) -> bool {
-        self.withdrawn_proof.is_some() || self.unconfirmed.is_some()
-    }
-}
+pub use crate::config::RetentionConfig;
 
 /// Which period a contact falls under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -240,6 +204,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HumanDuration;
 
     fn consent(state: ConsentState, age_secs: i64, confirmed: bool) -> Consent {
         let now = Utc::now();
@@ -256,7 +221,7 @@ mod tests {
         RetentionConfig {
             withdrawn_proof: withdrawn.map(d),
             unconfirmed: unconfirmed.map(d),
-            every: default_every(),
+            every: RetentionConfig::default().every,
         }
     }
 

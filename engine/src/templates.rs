@@ -19,7 +19,6 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::consent::MailKind;
-use crate::mail::{content_hash, html_escape};
 
 /// Files every language directory must have.
 pub const REQUIRED_FILES: &[&str] = &[
@@ -555,6 +554,33 @@ pub fn check_confirmation_mail(
         }
     }
     Ok(())
+}
+
+/// SHA-256 over length-prefixed parts: the hash a mail's or page's text is cited by in the
+/// ledger (length prefixes, so moving text between parts changes it).
+pub fn content_hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_be_bytes());
+        h.update(p.as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// HTML-escape text for the mail and page templates.
+pub fn html_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

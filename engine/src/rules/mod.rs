@@ -14,10 +14,10 @@
 pub mod input;
 pub mod simulate;
 pub mod table;
-pub mod watch;
 
 use std::path::{Path, PathBuf};
 
+use crate::consent::Input;
 use rhai::packages::Package as _;
 use rhai::{AST, Dynamic, Engine, Map};
 use serde::Serialize;
@@ -455,6 +455,23 @@ fn proposals(script: &Script, out: Dynamic) -> Result<Vec<Proposal>, RulesError>
         }
     }
     Ok(proposals)
+}
+
+/// The state-machine input a rule action stands for; `None` for actions the engine performs
+/// by itself (`subscribe` on confirmation, `write_back` after every change) and `none`.
+pub fn input_for(action: Action) -> Option<Input> {
+    Some(match action {
+        Action::SendDoi => Input::SendDoi {
+            token: uuid::Uuid::new_v4().to_string(),
+        },
+        Action::SendReminder => Input::SendReminder,
+        Action::SendRevalidation => Input::SendRevalidation {
+            token: uuid::Uuid::new_v4().to_string(),
+        },
+        Action::Remove => Input::Lapse,
+        Action::Suppress => Input::Suppress,
+        Action::Subscribe | Action::WriteBack | Action::None => return None,
+    })
 }
 
 #[cfg(test)]

@@ -10,10 +10,10 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::input::{self, ListCtx};
+use super::input_for;
 use super::{Action, RuleSet};
 use crate::config::ListConfig;
 use crate::consent::{self, Consent, ConsentState};
-use crate::engine::input_for;
 use crate::store::{Contact, Store, StoreError};
 use crate::tokens::TokenKeys;
 

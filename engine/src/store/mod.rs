@@ -7,6 +7,7 @@
 mod postgres;
 mod sql;
 mod sqlite;
+pub mod windows;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -968,14 +968,14 @@ macro_rules! shared_store_impl {
                     .try_get("locked_until")?;
                 if locked > now_ms {
                     tx.commit().await?;
-                    return Ok(QuotaSlot::Locked(crate::quota::ms(locked - now_ms)));
+                    return Ok(QuotaSlot::Locked(crate::store::windows::ms(locked - now_ms)));
                 }
                 let mut wait = 0i64;
                 for w in windows {
                     sqlx::query("DELETE FROM quota_buckets WHERE key = $1 AND length_ms = $2 AND bucket < $3")
                         .bind(key)
                         .bind(w.length_ms)
-                        .bind(crate::quota::first_live_bucket(w, now_ms))
+                        .bind(crate::store::windows::first_live_bucket(w, now_ms))
                         .execute(&mut *tx)
                         .await?;
                     let buckets = sqlx::query("SELECT bucket, used FROM quota_buckets WHERE key = $1 AND length_ms = $2 ORDER BY bucket")
@@ -986,11 +986,11 @@ macro_rules! shared_store_impl {
                         .iter()
                         .map(|r| Ok((r.try_get::<i64, _>("bucket")?, r.try_get::<i64, _>("used")?)))
                         .collect::<StoreResult<Vec<(i64, i64)>>>()?;
-                    wait = wait.max(crate::quota::wait_ms(&buckets, w, now_ms));
+                    wait = wait.max(crate::store::windows::wait_ms(&buckets, w, now_ms));
                 }
                 if wait > 0 {
                     tx.commit().await?;
-                    return Ok(QuotaSlot::Wait(crate::quota::ms(wait)));
+                    return Ok(QuotaSlot::Wait(crate::store::windows::ms(wait)));
                 }
                 for w in windows {
                     sqlx::query(
@@ -999,7 +999,7 @@ macro_rules! shared_store_impl {
                     )
                     .bind(key)
                     .bind(w.length_ms)
-                    .bind(now_ms.div_euclid(crate::quota::bucket_ms(w)))
+                    .bind(now_ms.div_euclid(crate::store::windows::bucket_ms(w)))
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -1016,7 +1016,7 @@ macro_rules! shared_store_impl {
             ) -> StoreResult<()> {
                 let mut tx = self.pool.begin().await?;
                 for w in windows {
-                    let bm = crate::quota::bucket_ms(w);
+                    let bm = crate::store::windows::bucket_ms(w);
                     let (sent, done) = (sent_ms.div_euclid(bm), done_ms.div_euclid(bm));
                     if done <= sent {
                         continue;
@@ -1076,13 +1076,13 @@ macro_rules! shared_store_impl {
                     let buckets = sqlx::query("SELECT bucket, used FROM quota_buckets WHERE key = $1 AND length_ms = $2 AND bucket >= $3")
                         .bind(key)
                         .bind(w.length_ms)
-                        .bind(crate::quota::first_live_bucket(w, now_ms))
+                        .bind(crate::store::windows::first_live_bucket(w, now_ms))
                         .fetch_all(&self.pool)
                         .await?
                         .iter()
                         .map(|r| Ok((r.try_get::<i64, _>("bucket")?, r.try_get::<i64, _>("used")?)))
                         .collect::<StoreResult<Vec<(i64, i64)>>>()?;
-                    used.push(crate::quota::used(&buckets));
+                    used.push(crate::store::windows::used(&buckets));
                 }
                 Ok((used, locked))
             }

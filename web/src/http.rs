@@ -20,13 +20,13 @@ use tower_http::add_extension::AddExtension;
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::timeout::RequestBodyTimeoutLayer;
 
-use crate::engine::Engine;
+use optinsync_engine::engine::Engine;
 
 /// Largest request head (request line and headers) a client may send, in bytes.
 pub const MAX_HEAD_BYTES: usize = 64 * 1024;
 
 pub fn router(engine: Arc<Engine>) -> Router {
-    let body_timeout = engine.config.config.server.client_timeout.0;
+    let body_timeout = engine.settings().server.client_timeout.0;
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -74,7 +74,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let server = &engine.config.config.server;
+    let server = &engine.settings().server;
     let head_timeout = server.client_timeout.0;
     let slots = Arc::new(tokio::sync::Semaphore::new(server.max_connections.max(1)));
     let app = router(engine);
@@ -125,7 +125,7 @@ pub async fn serve(
 /// daemon whose vendor is down helps nobody). The body names each circuit's state.
 async fn healthz(State(engine): State<Arc<Engine>>) -> String {
     let mut out = String::from("ok\n");
-    for c in engine.circuits.report() {
+    for c in engine.circuits().report() {
         out.push_str(&format!("circuit {} {}\n", c.connector, c.state.as_str()));
     }
     out
@@ -134,14 +134,14 @@ async fn healthz(State(engine): State<Arc<Engine>>) -> String {
 /// Readiness for a load balancer: 200 only when start-up healthchecks passed, the store
 /// answers (within 2 s) and no connector's circuit is open; otherwise 503. JSON either way.
 async fn readyz(State(engine): State<Arc<Engine>>) -> Response {
-    let started = engine.circuits.is_ready();
-    let stopping = engine.circuits.is_stopping();
+    let started = engine.circuits().is_ready();
+    let stopping = engine.circuits().is_stopping();
     let store_ok = matches!(
-        tokio::time::timeout(Duration::from_secs(2), engine.store.cursor("readyz")).await,
+        tokio::time::timeout(Duration::from_secs(2), engine.reads().cursor("readyz")).await,
         Ok(Ok(_))
     );
-    let circuits = engine.circuits.report();
-    let open = engine.circuits.open();
+    let circuits = engine.circuits().report();
+    let open = engine.circuits().open();
     let ready = started && !stopping && store_ok && open.is_empty();
     let body = serde_json::json!({
         "ready": ready,

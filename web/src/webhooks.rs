@@ -12,7 +12,7 @@
 //! * Bodies are limited to [`MAX_BODY`]; each client (IPv4 address or IPv6 /64) to
 //!   `server.webhook_rate_limit_per_minute` calls, then `429` with `Retry-After`.
 //! * Record ids and connector messages are untrusted: they are logged through
-//!   [`crate::untrusted::Escaped`], so they cannot forge a log line.
+//!   [`optinsync_engine::untrusted::Escaped`], so they cannot forge a log line.
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
@@ -28,9 +28,9 @@ use axum::routing::post;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use optinsync_plugin_api::{ConnectorError, WebhookEvent};
 
-use crate::engine::Engine;
 use crate::links::{rate_key, request_client};
-use crate::untrusted::Escaped;
+use optinsync_engine::engine::Engine;
+use optinsync_engine::untrusted::Escaped;
 
 /// Largest webhook body accepted.
 pub const MAX_BODY: usize = 256 * 1024;
@@ -38,7 +38,7 @@ pub const MAX_BODY: usize = 256 * 1024;
 pub const MAX_IDS: usize = 200;
 
 pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
-    let server = &engine.config.config.server;
+    let server = &engine.settings().server;
     let per_minute =
         NonZeroU32::new(server.webhook_rate_limit_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
     let limit = Arc::new(WebhookLimit {
@@ -94,7 +94,7 @@ async fn webhook(
         .iter()
         .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
         .collect();
-    let records = match engine.connectors.crm.parse_webhook(&headers, &body) {
+    let records = match engine.connectors().crm.parse_webhook(&headers, &body) {
         Ok(WebhookEvent::Ignored) => return text(StatusCode::OK, "ignored\n"),
         Ok(WebhookEvent::Changed(records)) => records,
         Err(ConnectorError::InvalidInput { message }) => {
@@ -115,7 +115,7 @@ async fn webhook(
     }
     let mut failed = false;
     for record in &records {
-        let rec = match engine.connectors.crm.fetch(record).await {
+        let rec = match engine.connectors().crm.fetch(record).await {
             Ok(Some(rec)) => rec,
             Ok(None) => {
                 tracing::info!(record = %Escaped(record), "webhook: record no longer exists; consent kept");

@@ -8,7 +8,7 @@
 //! A previous key marked `unsubscribe_only` verifies unsubscribe links and nothing else: an
 //! unsubscribe link never expires (the law wants it honoured for as long as it is in a
 //! mailbox), so a key that ever signed one must stay able to verify it, even after it is
-//! retired for everything else. [`crate::engine::Engine::check_signing_keys`] refuses a
+//! retired for everything else. The engine's start-up check of signing keys refuses a
 //! configuration that drops a key id that signed mailed links.
 
 use base64::Engine as _;
@@ -76,18 +76,6 @@ impl std::fmt::Debug for TokenKeys {
 }
 
 impl TokenKeys {
-    /// The keys `[tokens]` configures: the current one and every `[[tokens.previous]]`.
-    pub fn from_config(t: &crate::config::TokenConfig) -> Self {
-        let keys = |unsubscribe_only: bool| {
-            t.previous
-                .iter()
-                .filter(|k| k.unsubscribe_only == unsubscribe_only)
-                .map(|k| (k.key_id.clone(), k.secret.as_bytes().to_vec()))
-                .collect()
-        };
-        Self::new(&t.key_id, t.secret.as_bytes(), keys(false)).with_unsubscribe_only(keys(true))
-    }
-
     pub fn new(key_id: &str, secret: &[u8], previous: Vec<(String, Vec<u8>)>) -> Self {
         Self {
             current: (key_id.to_owned(), secret.to_vec()),

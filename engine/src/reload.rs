@@ -9,8 +9,8 @@ use std::time::Duration;
 use notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 
-use super::{RuleSet, RulesError};
 use crate::engine::Engine;
+use crate::rules::{RuleSet, RulesError};
 
 /// What a reload did.
 #[derive(Debug)]

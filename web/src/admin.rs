@@ -34,27 +34,26 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::LoadedConfig;
-use crate::consent::Consent;
-use crate::email;
-use crate::engine::Engine;
-use crate::ledger::LedgerEvent;
 use crate::links::{rate_key, request_client};
-use crate::store::{ConsentSummary, Contact, OutboxCounts};
+use optinsync_engine::config::LoadedConfig;
+use optinsync_engine::consent::Consent;
+use optinsync_engine::email;
+use optinsync_engine::engine::Engine;
+use optinsync_engine::ledger::LedgerEvent;
+use optinsync_engine::store::{ConsentSummary, Contact, OutboxCounts};
 
 /// Refused calls a client may make in a minute before it gets `429` for the rest of it.
 pub const FAILURES_PER_MINUTE: u32 = 20;
 
 /// The admin routes, or none when no admin token is configured.
 pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
-    let Some(token) = engine.config.config.admin.token.as_deref() else {
+    let Some(token) = engine.settings().admin.token.as_deref() else {
         return Router::new();
     };
     let guard = Arc::new(AdminGuard {
         expected: Sha256::digest(token.as_bytes()).into(),
         trusted: engine
-            .config
-            .config
+            .settings()
             .server
             .trusted_proxies
             .iter()
@@ -228,21 +227,21 @@ fn failure(status: StatusCode, message: &'static str) -> Response {
 }
 
 async fn status(State(engine): State<Arc<Engine>>) -> Response {
-    let summary = match engine.store.consent_summary().await {
+    let summary = match engine.reads().consent_summary().await {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "admin API: reading consent failed");
             return failure(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
         }
     };
-    let outbox = match engine.store.outbox_counts().await {
+    let outbox = match engine.reads().outbox_counts().await {
         Ok(o) => o,
         Err(e) => {
             tracing::error!(error = %e, "admin API: reading the outbox failed");
             return failure(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
         }
     };
-    let settled = settled_by(&engine.config, &summary, Utc::now());
+    let settled = settled_by(engine.config(), &summary, Utc::now());
     json_response(&status_json(&summary, &outbox, &settled))
 }
 
@@ -269,7 +268,7 @@ async fn find_contact(engine: &Engine, raw: &str) -> Result<Contact, Response> {
     let Ok(address) = email::normalise(raw) else {
         return Err(failure(StatusCode::BAD_REQUEST, "not an email address"));
     };
-    match engine.store.contact_by_email(&address).await {
+    match engine.reads().contact_by_email(&address).await {
         Ok(Some(c)) => Ok(c),
         Ok(None) => Err(failure(StatusCode::NOT_FOUND, "no such contact")),
         Err(e) => {
@@ -288,9 +287,9 @@ async fn contact_by_address(engine: &Engine, raw: &str) -> Response {
         Err(answer) => return answer,
     };
     let read = async {
-        let consents = engine.store.consents_of_contact(&contact.id).await?;
-        let events = engine.store.events_of_contact(&contact.id).await?;
-        Ok::<_, crate::store::StoreError>((consents, events))
+        let consents = engine.reads().consents_of_contact(&contact.id).await?;
+        let events = engine.reads().events_of_contact(&contact.id).await?;
+        Ok::<_, optinsync_engine::store::StoreError>((consents, events))
     };
     match read.await {
         Ok((consents, events)) => json_response(&contact_json(&contact, &consents, &events)),

@@ -44,14 +44,14 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLim
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::config::ListConfig;
-use crate::consent::{ConsentState, Input};
-use crate::engine::{Applied, Engine};
-use crate::ledger::{Evidence, NewEvent};
-use crate::mail;
-use crate::store::{Contact, Snapshot};
-use crate::templates::{Page, RenderedPage};
-use crate::tokens::{Claims, Purpose, TokenError};
+use optinsync_engine::config::ListConfig;
+use optinsync_engine::consent::{ConsentState, Input};
+use optinsync_engine::engine::{Applied, Engine};
+use optinsync_engine::ledger::{Evidence, NewEvent};
+use optinsync_engine::mail;
+use optinsync_engine::store::{Contact, Snapshot};
+use optinsync_engine::templates::{Page, RenderedPage};
+use optinsync_engine::tokens::{Claims, Purpose, TokenError};
 
 /// How long a served confirm page's button stays usable.
 pub const NONCE_TTL_SECS: i64 = 86_400;
@@ -101,12 +101,12 @@ fn hmac(key: &[u8], parts: &[&str]) -> HmacSha256 {
 
 impl LinkState {
     pub fn new(engine: &Engine) -> Self {
-        let server = &engine.config.config.server;
+        let server = &engine.settings().server;
         let per_ip =
             NonZeroU32::new(server.rate_limit_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst3 = NonZeroU32::new(3).unwrap_or(NonZeroU32::MIN);
         let nonce_key = hmac(
-            engine.config.config.tokens.secret.as_bytes(),
+            engine.settings().tokens.secret.as_bytes(),
             &["optinsync page nonce key v1"],
         )
         .finalize()
@@ -249,7 +249,7 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
         )
         .layer(middleware::from_fn_with_state(Arc::clone(&state), guard))
         .layer(DefaultBodyLimit::max(
-            engine.config.config.server.max_body_bytes,
+            engine.settings().server.max_body_bytes,
         ))
         .layer(Extension(state))
 }
@@ -344,7 +344,7 @@ struct Target<'a> {
     list: &'a ListConfig,
     lang: String,
     /// The consent as read when the link was resolved (one read serves every check).
-    consent: Option<crate::consent::Consent>,
+    consent: Option<optinsync_engine::consent::Consent>,
 }
 
 impl Target<'_> {
@@ -375,10 +375,10 @@ async fn lookup(engine: &Engine, claims: Claims) -> Lookup<'_> {
     let Some(list) = engine.list(&claims.list_id) else {
         return Lookup::Invalid;
     };
-    match engine.store.contact_by_id(&claims.contact_id).await {
+    match engine.reads().contact_by_id(&claims.contact_id).await {
         Ok(Some(contact)) => {
             let lang = engine
-                .config
+                .config()
                 .templates
                 .language_for(contact.language.as_deref(), &list.default_language);
             Lookup::Found(Box::new(Target {
@@ -409,7 +409,7 @@ fn fallback_lang(engine: &Engine, req: &Req) -> String {
         .as_deref()
         .and_then(|a| a.split([',', ';']).next())
         .map(str::trim);
-    engine.config.templates.language_for(browser, default)
+    engine.config().templates.language_for(browser, default)
 }
 
 impl LinkState {
@@ -423,17 +423,17 @@ impl LinkState {
         list: Option<&ListConfig>,
         nonce: impl Fn(&str) -> String,
     ) -> (Response, Option<String>) {
-        let sender = &engine.config.config.sender;
+        let sender = &engine.settings().sender;
         let common = match list {
             Some(l) => mail::common(l, sender),
-            None => crate::templates::Common {
+            None => optinsync_engine::templates::Common {
                 organisation: sender.organisation.clone(),
                 postal_address: sender.postal_address.clone(),
                 unsubscribe_mailbox: sender.unsubscribe_mailbox.clone().unwrap_or_default(),
                 ..Default::default()
             },
         };
-        let templates = &engine.config.templates;
+        let templates = &engine.config().templates;
         let rendered: RenderedPage = match templates.render_page(page, lang, &common, nonce) {
             Ok(r) => r,
             Err(e) => {
@@ -467,7 +467,7 @@ impl LinkState {
                 content: rendered.snapshot.clone(),
                 created_at: Utc::now(),
             };
-            if let Err(e) = engine.store.put_snapshot(&snap).await {
+            if let Err(e) = engine.record_snapshot(&snap).await {
                 tracing::error!(error = %e, "page snapshot not stored");
                 if let Ok(mut s) = self.stored.lock() {
                     s.remove(&rendered.content_hash);
@@ -549,7 +549,9 @@ impl LinkState {
 }
 
 fn verify(engine: &Engine, token: &str, purpose: Purpose) -> Result<Claims, TokenError> {
-    engine.tokens.verify(token, purpose, Utc::now().timestamp())
+    engine
+        .tokens()
+        .verify(token, purpose, Utc::now().timestamp())
 }
 
 /// What the mail that carried a link recorded about itself.
@@ -568,8 +570,11 @@ enum Binding {
     NotMailed,
 }
 
-async fn binding(engine: &Engine, t: &Target<'_>) -> Result<Binding, crate::store::StoreError> {
-    let events = engine.store.events_of_contact(&t.contact.id).await?;
+async fn binding(
+    engine: &Engine,
+    t: &Target<'_>,
+) -> Result<Binding, optinsync_engine::store::StoreError> {
+    let events = engine.reads().events_of_contact(&t.contact.id).await?;
     let mut legacy = false;
     for e in events
         .iter()
@@ -648,7 +653,7 @@ async fn resolve<'e>(
         }
         Lookup::Unavailable => return Err(unavailable().await),
     };
-    match engine.store.consent(&t.contact.id, &t.list.id).await {
+    match engine.reads().consent(&t.contact.id, &t.list.id).await {
         Ok(c) => t.consent = c,
         Err(e) => {
             tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
@@ -927,11 +932,11 @@ fn standing(t: &Target<'_>, expired: bool) -> Standing {
     let current = t
         .consent
         .clone()
-        .unwrap_or_else(|| crate::consent::Consent::new(now));
+        .unwrap_or_else(|| optinsync_engine::consent::Consent::new(now));
     let input = Input::Confirm {
         token: t.claims.token_id.clone(),
     };
-    match crate::engine::transition_for(&current, &input, t.list, false, now) {
+    match optinsync_engine::engine::transition_for(&current, &input, t.list, false, now) {
         Ok(Some(_)) => Standing::Open,
         Ok(None) => Standing::AlreadyConfirmed,
         // An expired link offers a fresh mail whatever became of its signup.
