@@ -78,7 +78,7 @@
 //! # Parts
 //!
 //! `api` names the endpoints and their documented quotas; `quota` takes a slot of them
-//! (from this process's [`budget`] or the shared ledger) before each call; `http` makes the
+//! (from this process's `budget` or the shared ledger) before each call; `http` makes the
 //! call and maps Zoho's in-body errors; `lists` reads mailing lists and subscribers; `push`
 //! builds subscribe calls; `removals` remembers optinsync's own unsubscribes so the status
 //! poll does not echo them; `connector` is the [`CampaignsConnector`] impl that puts them
