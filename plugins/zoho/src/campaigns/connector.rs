@@ -1,4 +1,4 @@
-//! [`CampaignsConnector`] for [`ZohoCampaigns`]: subscribe, remove, the status poll, members, health, saved state.
+//! [`CampaignsConnector`] for [`ZohoCampaigns`]: push, removal, statuses, members, health, state.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,4 +1,4 @@
-//! Reading Zoho Campaigns: the org's mailing lists, a list's subscribers page by page, and one answer body.
+//! Reading Zoho Campaigns: the org's mailing lists, a list's subscribers, one answer body.
 
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{ConnectorError, ConnectorResult};

@@ -1,4 +1,4 @@
-//! Taking a quota slot before each call, from this process's [`budget`](super::budget) or the shared ledger, and pausing on a lock.
+//! A quota slot before each call (own budgets or the shared ledger), and pausing on a lock.
 
 use std::collections::BTreeMap;
 use std::time::Duration;

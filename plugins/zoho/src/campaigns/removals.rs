@@ -1,4 +1,4 @@
-//! Own removals: the addresses optinsync unsubscribed itself, remembered so the status poll does not report them back.
+//! Own removals: addresses optinsync unsubscribed itself, so the status poll does not echo them.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -120,7 +120,8 @@ struct Channel {
     renew_at: tokio::time::Instant,
 }
 
-/// A [`CrmConnector`](optinsync_plugin_api::CrmConnector) for Zoho CRM. See the module docs for the change feed.
+/// A [`CrmConnector`](optinsync_plugin_api::CrmConnector) for Zoho CRM. See the module docs
+/// for the change feed.
 #[derive(Debug)]
 pub struct ZohoCrm {
     settings: Settings,

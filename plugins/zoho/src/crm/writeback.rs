@@ -1,4 +1,4 @@
-//! Consent write-back: the fields written for a record, and recognising the write's echo in the change feed.
+//! Consent write-back: the fields written for a record, and recognising their echo in the feed.
 
 use optinsync_plugin_api::ConsentWriteBack;
 use serde_json::Value;
