@@ -65,7 +65,7 @@ impl ZohoCampaigns {
         Ok(out)
     }
 
-    /// One page of `getlistsubscribers` (`None` past the end).
+    /// One page of `getlistsubscribers` (empty past the end).
     pub(super) async fn subscribers_page(
         &self,
         list: &str,
