@@ -1,15 +1,24 @@
-//! Zoho connectors for optinsync.
+//! Zoho connectors for optinsync: Zoho CRM and Zoho Campaigns, sharing one OAuth client.
 //!
-//! * [`ZohoCrm`] — Zoho CRM as the [`optinsync_plugin_api::CrmConnector`]: incremental sync
-//!   of Contacts and Leads by `Modified_Time` with `page_token` pagination past 2,000 records,
-//!   deleted records, Notification API webhooks, and consent write-back.
-//! * [`ZohoOAuth`] — the OAuth client (self-client refresh-token grant) shared by the Zoho
-//!   connectors, so that one refresh token's request budget is respected.
+//! * [`ZohoCrm`] ([`crm`]) — Zoho CRM as the [`optinsync_plugin_api::CrmConnector`]:
+//!   incremental sync of the configured modules (default Contacts and Leads) by
+//!   `Modified_Time` with `page_token` pagination past 2,000 records, deleted records,
+//!   Notification API webhooks, and consent write-back.
+//! * [`ZohoCampaigns`] ([`campaigns`]) — Zoho Campaigns as the
+//!   [`optinsync_plugin_api::CampaignsConnector`]: subscribe and remove on mapped lists, each
+//!   with its DOI mode (optinsync or Zoho sends the confirmation), unsubscribes and bounces
+//!   read back, and per-endpoint call budgets that keep clear of Zoho's 30-minute lock,
+//!   optionally shared by several instances through a [`optinsync_plugin_api::QuotaLedger`].
+//! * [`ZohoOAuth`] ([`oauth`]) — the OAuth client (self-client refresh-token grant); handed to
+//!   both connectors (`with_oauth`), it keeps one refresh token within Zoho's limit of token
+//!   requests.
+//! * [`config`] — the CRM connector's settings and what both connectors share (data centres,
+//!   OAuth settings, durations); the Campaigns settings are in [`campaigns::config`].
 //!
 //! Every connector is built with `from_config(settings, base_dir)` from its `config.toml`
 //! table; unknown keys are rejected so typos do not pass silently. Every endpoint is
-//! configurable (`accounts_url`, `api_url`), so the connectors run against local fakes
-//! (`optinsync_testkit::zoho`).
+//! configurable (`accounts_url`, and `api_url` or `campaigns_url`), so the connectors run
+//! against local fakes (`optinsync_testkit::zoho`, `optinsync_testkit::zoho_campaigns`).
 
 pub mod campaigns;
 pub mod config;
