@@ -60,6 +60,9 @@ pub fn crm_record(id: &str, email: &str, asserted_lists: &[&str]) -> CrmRecord {
 #[derive(Debug, Default)]
 struct CrmState {
     feed: Vec<CrmRecord>,
+    /// Change-feed reads made so far, and the errors to answer given reads with (by number).
+    changes_calls: usize,
+    changes_failures: BTreeMap<usize, ConnectorError>,
     write_backs: Vec<ConsentWriteBack>,
     write_back_failures: VecDeque<ConnectorError>,
 }
@@ -80,6 +83,14 @@ impl FakeCrm {
         lock(&self.state).feed.push(record);
     }
 
+    /// Answer a change-feed read with `error`: the one after `after` more reads are served
+    /// (`0`: the next read). Reads after it are served again.
+    pub fn fail_change_read(&self, after: usize, error: ConnectorError) {
+        let mut state = lock(&self.state);
+        let at = state.changes_calls + after;
+        state.changes_failures.insert(at, error);
+    }
+
     /// Every write-back received, in order.
     pub fn write_backs(&self) -> Vec<ConsentWriteBack> {
         lock(&self.state).write_backs.clone()
@@ -95,7 +106,12 @@ impl FakeCrm {
 impl CrmConnector for FakeCrm {
     async fn changes(&self, cursor: Option<&Cursor>, limit: usize) -> ConnectorResult<ChangePage> {
         let start = position(cursor)?;
-        let state = lock(&self.state);
+        let mut state = lock(&self.state);
+        let call = state.changes_calls;
+        state.changes_calls += 1;
+        if let Some(e) = state.changes_failures.remove(&call) {
+            return Err(e);
+        }
         let start = start.min(state.feed.len());
         let end = (start + limit.max(1)).min(state.feed.len());
         Ok(ChangePage {

@@ -46,7 +46,7 @@ fn decide(contact, consent, ctx) {
 }
 "#;
 
-fn config_source(lists: &str) -> String {
+fn config_source(tables: &str) -> String {
     format!(
         r#"
 [store]
@@ -69,7 +69,7 @@ kind = "fake"
 
 [connectors.mail]
 kind = "fake"
-{lists}
+{tables}
 "#
     )
 }
@@ -377,11 +377,13 @@ pub struct Harness {
 }
 
 impl Harness {
-    /// `lists`: `[[lists]]` tables (TOML); `rules`: the source of one rule script.
-    pub async fn new(lists: &str, rules: &str) -> Harness {
+    /// `tables`: TOML appended to the base configuration — the `[[lists]]`, and any other
+    /// table before them (e.g. `[sync]`); `rules`: the source of one rule script.
+    pub async fn new(tables: &str, rules: &str) -> Harness {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = LoadedConfig::from_str(&config_source(lists), &dir.path().join("config.toml"))
-            .expect("test config is valid");
+        let config =
+            LoadedConfig::from_str(&config_source(tables), &dir.path().join("config.toml"))
+                .expect("test config is valid");
         let config = Arc::new(config);
         let inner = store::open(&config.config.store.url)
             .await
