@@ -1,7 +1,8 @@
 //! The engine driven in-process ([`support::Harness`]: SQLite in a temporary directory, fake
 //! connectors, rules from source): commit conflicts and their retries, batch re-planning,
-//! what one rules pass sees, superseded CRM write-backs, confirmation run by the campaigns
-//! tool, and erased addresses that come back.
+//! what one rules pass sees, superseded CRM write-backs, a CRM pull that fails midway,
+//! confirmation run by the campaigns tool, and erased addresses that come back. Known bugs
+//! stand at the end as ignored tests.
 
 #![allow(clippy::unwrap_used)]
 
@@ -151,7 +152,10 @@ async fn apply_retry_refuses_a_confirmation_that_a_concurrent_unsubscribe_overto
 #[tokio::test]
 async fn apply_gives_up_as_contended_after_five_conflicting_attempts() {
     // Each race replaces the pending signup with a new one: always legal, always a change.
-    let (h, ada, _) = pending_ada_raced(5, || Input::PersonSignup { token: uuid_like() }).await;
+    let (h, ada, _) = pending_ada_raced(5, || Input::PersonSignup {
+        token: fresh_token(),
+    })
+    .await;
     let news = h.list("news");
 
     let result = h
@@ -179,7 +183,7 @@ async fn apply_gives_up_as_contended_after_five_conflicting_attempts() {
     );
 }
 
-fn uuid_like() -> String {
+fn fresh_token() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     format!("race-token-{}", N.fetch_add(1, Ordering::SeqCst))

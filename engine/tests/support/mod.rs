@@ -417,7 +417,7 @@ impl Harness {
         Harness {
             engine,
             other,
-            store: racing_as_store(&racing),
+            store: racing.clone(),
             racing,
             crm,
             campaigns,
@@ -503,14 +503,10 @@ impl Harness {
         self.engine.drain_outbox("test").await.expect("drain")
     }
 
-    /// The address of every confirmation mail sent so far, with its outbox-derived key.
+    /// The recipient of every mail the transport holds, in order.
     pub fn mails_to(&self) -> Vec<String> {
         self.mail.sent().into_iter().map(|m| m.to).collect()
     }
-}
-
-fn racing_as_store(racing: &Arc<RacingStore>) -> Arc<dyn Store> {
-    racing.clone()
 }
 
 /// A race in which the other writer feeds `input` (made afresh for each race) for the contact
