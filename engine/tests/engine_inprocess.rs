@@ -1,0 +1,745 @@
+//! The engine driven in-process ([`support::Harness`]: SQLite in a temporary directory, fake
+//! connectors, rules from source): commit conflicts and their retries, batch re-planning,
+//! what one rules pass sees, superseded CRM write-backs, a CRM pull that fails midway,
+//! confirmation run by the campaigns tool, and erased addresses that come back. Known bugs
+//! stand at the end as ignored tests.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use chrono::Utc;
+use optinsync_engine::bulk::IngestStats;
+use optinsync_engine::consent::{ConsentState, Input};
+use optinsync_engine::email;
+use optinsync_engine::engine::{Applied, EngineError};
+use optinsync_engine::store::Contact;
+use optinsync_plugin_api::{ConnectorError, StatusKind};
+use optinsync_testkit::fake_connectors::{CampaignsCall, crm_record};
+use support::{Harness, NEWS, SEND_DOI, other_writer_applies};
+
+const ADA: &str = "ada@example.org";
+const BOB: &str = "bob@example.org";
+
+/// One CRM page: Ada's record and Bob's, each asserting `news`.
+async fn ada_and_bob_page(h: &Harness) -> IngestStats {
+    h.engine
+        .ingest_records(&[
+            crm_record("1", ADA, &["news"]),
+            crm_record("2", BOB, &["news"]),
+        ])
+        .await
+        .unwrap()
+}
+
+/// A contact the CRM asserted for `news` and the rules asked to confirm: `pending`, with the
+/// token of its DOI mail.
+async fn pending_on_news(h: &Harness, record: &str, email: &str) -> String {
+    let changes = h.crm_sends(record, email, &["news"]).await;
+    assert_eq!(changes, Some(2), "asserted, then the DOI requested");
+    let contact = h.contact(email).await;
+    let consent = h.consent(&contact, "news").await;
+    assert_eq!(consent.state, ConsentState::Pending);
+    consent.signup_token.expect("a pending signup has a token")
+}
+
+// ---------------------------------------------------------------------------------------------
+// apply: conflicts between read and commit
+// ---------------------------------------------------------------------------------------------
+
+/// Ada pending on `news` (with her signup token), and the other writer set to feed `input`
+/// for her before each of the engine's next `races` commits.
+async fn pending_ada_raced(
+    races: usize,
+    input: impl Fn() -> Input + Send + 'static,
+) -> (Harness, Contact, String) {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    let token = pending_on_news(&h, "1", ADA).await;
+    let ada = h.contact(ADA).await;
+    h.racing
+        .race_next_commits(races, other_writer_applies(&h, ADA, "news", input));
+    (h, ada, token)
+}
+
+/// Another writer changes the consent between `apply`'s read and its commit: the commit
+/// conflicts and `apply` decides again on the fresh state, so the change it writes builds on
+/// the other writer's (its reminder count survives) instead of overwriting it.
+#[tokio::test]
+async fn apply_retries_a_conflicting_commit_and_builds_on_the_concurrent_change() {
+    let (h, ada, token) = pending_ada_raced(1, || Input::SendReminder).await;
+    let commits_before = h.racing.commit_calls();
+
+    let applied = h.apply(&ada, "news", Input::Confirm { token }).await;
+
+    let Applied::Changed(ev) = applied else {
+        panic!("the confirmation is written on the second attempt: {applied:?}")
+    };
+    assert_eq!(
+        (ev.kind.as_str(), ev.from_state.as_str()),
+        ("confirmed", "pending")
+    );
+    assert_eq!(h.racing.races_left(), 0, "the race ran");
+    assert_eq!(
+        h.racing.commit_calls() - commits_before,
+        2,
+        "one conflicting attempt, one written"
+    );
+    assert_eq!(
+        h.event_kinds(&ada, "news").await,
+        [
+            "asserted",
+            "doi_requested",
+            "reminder_requested",
+            "confirmed"
+        ]
+    );
+    let consent = h.consent(&ada, "news").await;
+    assert_eq!(consent.state, ConsentState::Confirmed);
+    assert_eq!(consent.last_seq, Some(ev.seq));
+    assert_eq!(
+        consent.reminders_sent, 1,
+        "decided on the state the other writer left, not the stale read"
+    );
+
+    h.drain().await;
+    assert_eq!(
+        h.campaigns.calls(),
+        [CampaignsCall::Subscribe {
+            list: "news".into(),
+            subscribers: vec![optinsync_plugin_api::Subscriber {
+                email: ADA.into(),
+                language: None,
+                fields: Default::default(),
+            }],
+        }],
+        "subscribed once"
+    );
+    let states: Vec<String> = h.crm.write_backs().into_iter().map(|w| w.state).collect();
+    assert_eq!(states, ["confirmed"]);
+}
+
+/// The concurrent change is an unsubscribe: decided again, the old confirmation link is
+/// refused (withdrawal wins) and nothing is subscribed.
+#[tokio::test]
+async fn apply_retry_refuses_a_confirmation_that_a_concurrent_unsubscribe_overtook() {
+    let (h, ada, token) = pending_ada_raced(1, || Input::Unsubscribe).await;
+
+    let applied = h.apply(&ada, "news", Input::Confirm { token }).await;
+
+    let Applied::Refused(refusal) = applied else {
+        panic!("withdrawal wins over the older confirmation link: {applied:?}")
+    };
+    assert_eq!(refusal.state, ConsentState::Withdrawn);
+    assert_eq!(h.racing.races_left(), 0);
+    assert_eq!(
+        h.event_kinds(&ada, "news").await,
+        ["asserted", "doi_requested", "withdrawn"]
+    );
+    assert_eq!(h.state(&ada, "news").await, ConsentState::Withdrawn);
+    h.drain().await;
+    assert!(
+        h.campaigns
+            .calls()
+            .iter()
+            .all(|c| !matches!(c, CampaignsCall::Subscribe { .. })),
+        "never subscribed: {:?}",
+        h.campaigns.calls()
+    );
+}
+
+/// A consent that changes before every attempt: `apply` gives up after five attempts with
+/// `Contended` and writes nothing; once the contention is over the same input goes through.
+#[tokio::test]
+async fn apply_gives_up_as_contended_after_five_conflicting_attempts() {
+    // Each race replaces the pending signup with a new one: always legal, always a change.
+    let (h, ada, _) = pending_ada_raced(5, || Input::PersonSignup {
+        token: fresh_token(),
+    })
+    .await;
+    let news = h.list("news");
+
+    let result = h
+        .engine
+        .apply(&ada, &news, Input::Unsubscribe, "web", Default::default())
+        .await;
+
+    assert!(
+        matches!(&result, Err(EngineError::Contended { contact_id, list_id })
+            if *contact_id == ada.id && list_id == "news"),
+        "{result:?}"
+    );
+    assert_eq!(h.racing.races_left(), 0, "five attempts, each raced");
+    let kinds = h.event_kinds(&ada, "news").await;
+    assert!(
+        !kinds.iter().any(|k| k == "withdrawn"),
+        "a contended input writes nothing: {kinds:?}"
+    );
+    assert_eq!(kinds.iter().filter(|k| *k == "signup_requested").count(), 5);
+
+    let again = h.apply(&ada, "news", Input::Unsubscribe).await;
+    assert!(
+        matches!(again, Applied::Changed(ref ev) if ev.kind == "withdrawn"),
+        "{again:?}"
+    );
+}
+
+fn fresh_token() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!("race-token-{}", N.fetch_add(1, Ordering::SeqCst))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batches: re-plan rounds, and what one rules pass sees
+// ---------------------------------------------------------------------------------------------
+
+/// A CRM page is planned in memory and committed in one batch. A contact whose consent
+/// another writer changed meanwhile is left out of the batch and planned again on the fresh
+/// state (here: someone else recorded the assertion first, so the re-plan only sends the
+/// DOI), while the other contacts' commits stand; each change is counted once.
+#[tokio::test]
+async fn batch_replans_a_contact_whose_consent_changed_between_plan_and_commit() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    h.racing.race_next_commits(
+        1,
+        other_writer_applies(&h, ADA, "news", || Input::CrmAsserted),
+    );
+    let commits_before = h.racing.commit_calls();
+
+    let stats = ada_and_bob_page(&h).await;
+
+    assert_eq!(h.racing.races_left(), 0);
+    assert_eq!(
+        h.racing.commit_calls() - commits_before,
+        2,
+        "a second round for the contact left out"
+    );
+    assert_eq!(stats.records, 2);
+    assert_eq!(
+        stats.crm_changes, 1,
+        "Bob's assertion; Ada's was the other writer's"
+    );
+    assert_eq!(stats.decided.changes, 2, "a DOI for each, counted once");
+    assert_eq!((stats.decided.refused, stats.decided.rule_errors), (0, 0));
+
+    let ada = h.contact(ADA).await;
+    let ada_events = h.events(&ada, "news").await;
+    let ada_events: Vec<(&str, &str)> = ada_events
+        .iter()
+        .map(|e| (e.kind.as_str(), e.source.as_str()))
+        .collect();
+    assert_eq!(
+        ada_events,
+        [("asserted", "other-writer"), ("doi_requested", "rules")]
+    );
+    let bob = h.contact(BOB).await;
+    assert_eq!(
+        h.event_kinds(&bob, "news").await,
+        ["asserted", "doi_requested"]
+    );
+
+    h.drain().await;
+    let mut mailed = h.mails_to();
+    mailed.sort();
+    assert_eq!(mailed, [ADA, BOB], "one DOI mail each");
+}
+
+/// One rules pass decides each contact once, on the state its pass started from plus what the
+/// CRM asserted in it: the CRM's assertion gets its DOI in the same pass, but the `pending`
+/// that DOI leaves is acted on (reminder) only in the next pass; then nothing more changes.
+#[tokio::test]
+async fn a_rules_pass_acts_on_the_crm_inputs_of_the_pass_and_on_its_own_actions_next_pass() {
+    const DOI_THEN_REMIND: &str = r#"
+fn decide(contact, consent, ctx) {
+    if consent.state == "asserted" {
+        return #{ action: "send_doi", reason: "asserted" };
+    }
+    if consent.state == "pending" {
+        return #{ action: "send_reminder", reason: "still pending" };
+    }
+}
+"#;
+    let h = Harness::new(NEWS, DOI_THEN_REMIND).await;
+    let first = h.crm_sends("1", ADA, &["news"]).await;
+    assert_eq!(first, Some(2));
+    let ada = h.contact(ADA).await;
+    assert_eq!(
+        h.event_kinds(&ada, "news").await,
+        ["asserted", "doi_requested"],
+        "no reminder in the pass that sent the DOI"
+    );
+
+    let second = h.engine.decide_all().await.unwrap();
+    assert_eq!((second.contacts, second.changes, second.refused), (1, 1, 0));
+    assert_eq!(
+        h.event_kinds(&ada, "news").await,
+        ["asserted", "doi_requested", "reminder_requested"]
+    );
+
+    let third = h.engine.decide_all().await.unwrap();
+    assert_eq!(
+        (third.changes, third.refused),
+        (0, 1),
+        "the second reminder is refused (max_reminders = 1): a fixed point"
+    );
+    assert_eq!(h.event_kinds(&ada, "news").await.len(), 3);
+}
+
+/// Several actions proposed at once are applied in order, each on the state the previous one
+/// left, and committed together: a reminder is legal right after the DOI it repeats.
+#[tokio::test]
+async fn proposals_of_one_decision_apply_in_order_on_the_state_each_leaves() {
+    const DOI_AND_REMINDER: &str = r#"
+fn decide(contact, consent, ctx) {
+    if consent.state == "asserted" {
+        return [
+            #{ action: "send_doi", reason: "asserted" },
+            #{ action: "send_reminder", reason: "and a reminder" },
+        ];
+    }
+}
+"#;
+    let h = Harness::new(NEWS, DOI_AND_REMINDER).await;
+    let changes = h.crm_sends("1", ADA, &["news"]).await;
+    assert_eq!(changes, Some(3));
+    let ada = h.contact(ADA).await;
+    assert_eq!(
+        h.event_kinds(&ada, "news").await,
+        ["asserted", "doi_requested", "reminder_requested"]
+    );
+    let consent = h.consent(&ada, "news").await;
+    assert_eq!((consent.doi_mails, consent.reminders_sent), (1, 1));
+    h.drain().await;
+    assert_eq!(h.mails_to(), [ADA, ADA], "the DOI mail and its reminder");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outbox: superseded write-backs
+// ---------------------------------------------------------------------------------------------
+
+/// A confirmation queues a write-back of `confirmed`; an unsubscribe right after queues one of
+/// `withdrawn` (legal priority). The older write-back is superseded when its turn comes: the
+/// CRM only ever hears `withdrawn`, never a stale `confirmed` that would overwrite it, and the
+/// stale subscribe is skipped too.
+#[tokio::test]
+async fn an_older_write_back_is_superseded_by_a_newer_consent_change() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    let token = pending_on_news(&h, "1", ADA).await;
+    let ada = h.contact(ADA).await;
+    h.drain().await;
+    assert_eq!(h.mails_to(), [ADA]);
+
+    assert!(matches!(
+        h.apply(&ada, "news", Input::Confirm { token }).await,
+        Applied::Changed(_)
+    ));
+    assert!(matches!(
+        h.apply(&ada, "news", Input::Unsubscribe).await,
+        Applied::Changed(_)
+    ));
+    let stats = h.drain().await;
+
+    let write_backs = h.crm.write_backs();
+    let states: Vec<(&str, bool)> = write_backs
+        .iter()
+        .map(|w| (w.state.as_str(), w.opt_out))
+        .collect();
+    assert_eq!(
+        states,
+        [("withdrawn", true)],
+        "the confirmed write-back was superseded"
+    );
+    let withdrawn = &write_backs[0];
+    assert_eq!(withdrawn.email, ADA);
+    assert_eq!(withdrawn.records.len(), 1);
+    assert_eq!(withdrawn.records[0].to_string(), "Contacts/1");
+    assert_eq!(
+        h.campaigns.calls(),
+        [CampaignsCall::Remove {
+            list: "news".into(),
+            emails: vec![ADA.into()],
+        }],
+        "removed; the subscribe queued by the confirmation was skipped"
+    );
+    assert_eq!((stats.done, stats.dead, stats.retried), (4, 0, 0));
+    assert_eq!(h.store().outbox_counts().await.unwrap().pending, 0);
+}
+
+/// The documented reason write-backs arrive out of order: the `confirmed` write-back fails
+/// for now and waits out its backoff; meanwhile the person unsubscribes. When the retry comes
+/// due it is superseded, so it cannot overwrite the `withdrawn` the CRM was told in between.
+#[tokio::test]
+async fn a_write_back_waiting_to_retry_is_superseded_by_a_newer_change() {
+    // Retries come due at once, so the test need not wait out a backoff.
+    let h = Harness::new(&format!("[sync]\nretry_base = \"0s\"\n{NEWS}"), SEND_DOI).await;
+    let token = pending_on_news(&h, "1", ADA).await;
+    let ada = h.contact(ADA).await;
+    h.drain().await;
+    assert!(matches!(
+        h.apply(&ada, "news", Input::Confirm { token }).await,
+        Applied::Changed(_)
+    ));
+    h.crm
+        .fail_next_write_backs([ConnectorError::transient("CRM busy")]);
+    let first = h.engine.deliver_due("test", 50).await.unwrap();
+    assert_eq!(
+        (first.done, first.retried),
+        (1, 1),
+        "subscribed; the write-back waits"
+    );
+    assert!(h.crm.write_backs().is_empty());
+
+    assert!(matches!(
+        h.apply(&ada, "news", Input::Unsubscribe).await,
+        Applied::Changed(_)
+    ));
+    let stats = h.drain().await;
+
+    let states: Vec<(String, bool)> = h
+        .crm
+        .write_backs()
+        .into_iter()
+        .map(|w| (w.state, w.opt_out))
+        .collect();
+    assert_eq!(states, [("withdrawn".to_owned(), true)]);
+    assert_eq!((stats.dead, stats.retried), (0, 0));
+    assert_eq!(h.store().outbox_counts().await.unwrap().pending, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// CRM pulls
+// ---------------------------------------------------------------------------------------------
+
+/// The CRM's change feed fails on its second page: the pull reports the failure, but what came
+/// before it is committed and the cursor stands after it; the next pull goes on from there and
+/// applies nothing twice.
+#[tokio::test]
+async fn a_crm_pull_that_fails_midway_keeps_what_it_committed_and_resumes_after_it() {
+    const CAROL: &str = "carol@example.org";
+    let h = Harness::new(&format!("[sync]\npage_size = 1\n{NEWS}"), SEND_DOI).await;
+    for (id, email) in [("1", ADA), ("2", BOB), ("3", CAROL)] {
+        h.crm.push(crm_record(id, email, &["news"]));
+    }
+    h.crm
+        .fail_change_read(1, ConnectorError::transient("CRM timed out"));
+
+    let failed = h.engine.pull_crm(|_| {}).await;
+    assert!(
+        matches!(
+            &failed,
+            Err(EngineError::Connector {
+                connector: "crm",
+                source: ConnectorError::Transient { .. }
+            })
+        ),
+        "{failed:?}"
+    );
+    let ada = h.contact(ADA).await;
+    assert_eq!(
+        h.event_kinds(&ada, "news").await,
+        ["asserted", "doi_requested"]
+    );
+    assert!(h.store().contact_by_email(BOB).await.unwrap().is_none());
+    assert_eq!(h.store().cursor("crm").await.unwrap().as_deref(), Some("1"));
+
+    let resumed = h.engine.pull_crm(|_| {}).await.unwrap();
+    assert_eq!(
+        (
+            resumed.pages,
+            resumed.records,
+            resumed.changes,
+            resumed.rule_changes
+        ),
+        (2, 2, 2, 2),
+        "Bob's and Carol's pages"
+    );
+    assert_eq!(
+        h.event_kinds(&ada, "news").await,
+        ["asserted", "doi_requested"],
+        "nothing applied twice"
+    );
+    for email in [BOB, CAROL] {
+        let c = h.contact(email).await;
+        assert_eq!(h.state(&c, "news").await, ConsentState::Pending);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lists whose double opt-in the campaigns tool runs
+// ---------------------------------------------------------------------------------------------
+
+/// On a list with `doi = "campaigns"` the DOI the rules ask for goes to the campaigns tool (on
+/// the list's campaigns name), not to the mail transport; its confirmation comes back through
+/// the tool's status feed, and the tool, which holds the person already, is not asked to
+/// subscribe them. The optinsync-run list next to it still gets its own mail.
+#[tokio::test]
+async fn campaigns_run_doi_goes_to_the_campaigns_tool_not_the_mail_transport() {
+    let lists = format!(
+        r#"{NEWS}
+[[lists]]
+id = "events"
+name = "Events"
+campaigns_list = "Events-2026"
+doi = "campaigns"
+"#
+    );
+    let h = Harness::new(&lists, SEND_DOI).await;
+    let changes = h.crm_sends("1", ADA, &["news", "events"]).await;
+    assert_eq!(changes, Some(4), "asserted and DOI requested on each list");
+    let ada = h.contact(ADA).await;
+    assert_eq!(h.state(&ada, "events").await, ConsentState::Pending);
+
+    h.drain().await;
+
+    let calls = h.campaigns.calls();
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    let CampaignsCall::RequestDoi { list, subscriber } = &calls[0] else {
+        panic!("the tool is asked to run the DOI: {calls:?}")
+    };
+    assert_eq!(
+        (list.as_str(), subscriber.email.as_str()),
+        ("Events-2026", ADA)
+    );
+    let mails = h.mail.sent();
+    assert_eq!(mails.len(), 1, "one mail: the news list's own DOI");
+    let news_doi = h
+        .events(&ada, "news")
+        .await
+        .into_iter()
+        .find(|e| e.kind == "doi_requested")
+        .unwrap();
+    assert_eq!(
+        mails[0].idempotency_key,
+        format!("mail-{}", news_doi.event_id)
+    );
+    assert_eq!(
+        h.event_kinds(&ada, "events").await,
+        ["asserted", "doi_requested"],
+        "no mail sent on the campaigns-run list"
+    );
+
+    h.campaigns
+        .push_status("Events-2026", ADA, StatusKind::Confirmed, Utc::now());
+    assert_eq!(h.engine.pull_campaigns().await.unwrap(), 1);
+    assert_eq!(h.state(&ada, "events").await, ConsentState::Confirmed);
+    assert_eq!(
+        h.event_kinds(&ada, "events").await.last().unwrap(),
+        "confirmed_by_campaigns"
+    );
+    h.drain().await;
+    assert_eq!(
+        h.campaigns.calls().len(),
+        1,
+        "no subscribe: the tool holds them already"
+    );
+    let write_backs: Vec<(String, String)> = h
+        .crm
+        .write_backs()
+        .into_iter()
+        .map(|w| (w.list, w.state))
+        .collect();
+    assert_eq!(write_backs, [("events".to_owned(), "confirmed".to_owned())]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Erasure
+// ---------------------------------------------------------------------------------------------
+
+/// After an erasure the address comes back from every direction — a webhook for its CRM record
+/// (in another spelling), the CRM change feed, the campaigns tool's status feed and an import
+/// of the tool's list — and is stored again by none of them: no contact for it, no consent, no
+/// mail; the import takes it off the list.
+#[tokio::test]
+async fn an_erased_address_is_not_stored_again_whichever_way_it_comes_back() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    pending_on_news(&h, "1", ADA).await;
+    h.drain().await;
+    assert_eq!(h.mails_to(), [ADA]);
+    let ada = h.contact(ADA).await;
+
+    let report = h.engine.erase(&ada).await.unwrap();
+    assert_eq!(report.lists, 1);
+    assert_eq!(report.mail_copies_deleted, 1, "the DOI mail's copy");
+    assert!(h.mail.sent().is_empty());
+    assert!(h.engine.is_erased(ADA).await.unwrap());
+
+    // A webhook: the CRM record again, in another spelling of the address.
+    let respelled = "Ada@Example.ORG";
+    assert_eq!(email::normalise(respelled).unwrap(), ADA);
+    let webhook = h.crm_sends("1", respelled, &["news"]).await;
+    assert_eq!(webhook, None, "the record cannot become a contact");
+    let page = ada_and_bob_page(&h).await;
+    assert_eq!(
+        (page.records, page.erased, page.crm_changes),
+        (1, 1, 1),
+        "Bob only"
+    );
+
+    // The change feed.
+    h.crm.push(crm_record("1", ADA, &["news"]));
+    let pulled = h.engine.pull_crm(|_| {}).await.unwrap();
+    assert_eq!((pulled.records, pulled.erased, pulled.changes), (0, 1, 0));
+
+    // The campaigns tool's status feed, and an import of its list.
+    h.campaigns
+        .push_status("news", ADA, StatusKind::Unsubscribed, Utc::now());
+    assert_eq!(h.engine.pull_campaigns().await.unwrap(), 0);
+    h.campaigns.add_member("news", ADA);
+    let imported = h
+        .engine
+        .import_existing(&h.list("news"), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (imported.members, imported.removed, imported.asserted),
+        (1, 1, 0)
+    );
+    assert!(h.campaigns.calls().contains(&CampaignsCall::Remove {
+        list: "news".into(),
+        emails: vec![ADA.into()],
+    }));
+
+    assert!(h.store().contact_by_email(ADA).await.unwrap().is_none());
+    let contacts = h.store().contacts_page(None, 100).await.unwrap();
+    let emails: Vec<&str> = contacts.iter().map(|c| c.email.as_str()).collect();
+    assert_eq!(emails.len(), 2, "the erased contact and Bob: {emails:?}");
+    assert!(emails.contains(&BOB));
+    let erased = contacts.iter().find(|c| c.id == ada.id).unwrap();
+    assert!(erased.email.starts_with("erased:"), "{}", erased.email);
+    assert_eq!(
+        h.event_kinds(erased, "news").await,
+        ["asserted", "doi_requested", "doi_mail_sent", "erased"],
+        "nothing after the erasure"
+    );
+    h.drain().await;
+    assert_eq!(h.mails_to(), [BOB], "no mail to the erased address");
+}
+
+/// The erasure's CRM write-back and list removal still carry the address (the CRM must find
+/// the record to opt it out); once they are delivered no file of the store holds the address.
+#[tokio::test]
+async fn erasure_deliveries_carry_the_address_then_the_store_files_hold_no_copy() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    pending_on_news(&h, "1", ADA).await;
+    h.drain().await;
+    let ada = h.contact(ADA).await;
+    assert!(
+        !files_holding(&h, ADA).is_empty(),
+        "the scan below finds the address while it is stored"
+    );
+    h.engine.erase(&ada).await.unwrap();
+
+    let stats = h.drain().await;
+    assert_eq!(
+        (stats.done, stats.dead),
+        (2, 0),
+        "the removal and the write-back"
+    );
+    let write_backs = h.crm.write_backs();
+    assert_eq!(write_backs.len(), 1);
+    let wb = &write_backs[0];
+    assert_eq!(
+        (wb.state.as_str(), wb.opt_out, wb.email.as_str()),
+        ("erased", true, ADA)
+    );
+    assert_eq!(
+        wb.records
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        ["Contacts/1"]
+    );
+    assert!(h.campaigns.calls().contains(&CampaignsCall::Remove {
+        list: "news".into(),
+        emails: vec![ADA.into()],
+    }));
+
+    assert_eq!(
+        files_holding(&h, ADA),
+        Vec::<String>::new(),
+        "no store file still holds the erased address"
+    );
+}
+
+/// Names of the files in the store's directory whose bytes contain `needle`.
+fn files_holding(h: &Harness, needle: &str) -> Vec<String> {
+    let mut holding = Vec::new();
+    let mut scanned = 0;
+    for entry in std::fs::read_dir(h.dir()).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        scanned += 1;
+        if bytes.windows(needle.len()).any(|w| w == needle.as_bytes()) {
+            holding.push(path.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+    assert!(
+        scanned > 0,
+        "the store's files are in {}",
+        h.dir().display()
+    );
+    holding
+}
+
+// ---------------------------------------------------------------------------------------------
+// Known bugs (ignored until fixed; run with `--ignored`)
+// ---------------------------------------------------------------------------------------------
+
+/// Erasure clears the outbox's error texts because "a vendor's error text may quote the
+/// address" — but the erasure's own write-back and removal are delivered after it, and when one
+/// becomes a dead letter its error text is stored and kept.
+#[tokio::test]
+#[ignore = "known bug: a dead letter finished after erasure keeps the vendor's error text"]
+async fn a_dead_letter_of_an_erased_contact_keeps_no_error_text_quoting_the_address() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    pending_on_news(&h, "1", ADA).await;
+    h.drain().await;
+    let ada = h.contact(ADA).await;
+    h.engine.erase(&ada).await.unwrap();
+    h.crm
+        .fail_next_write_backs([ConnectorError::permanent(format!(
+            "no CRM record for {ADA}"
+        ))]);
+
+    let stats = h.drain().await;
+
+    assert_eq!(stats.dead, 1, "the erasure's write-back");
+    let dead = h.store().outbox_dead().await.unwrap();
+    assert!(
+        dead.iter()
+            .all(|d| !d.last_error.as_deref().unwrap_or("").contains(ADA)),
+        "{dead:?}"
+    );
+    assert_eq!(files_holding(&h, ADA), Vec::<String>::new());
+}
+
+/// A contact's commits on one list are written while its commit on another list conflicts:
+/// the written ones are not counted in that round ("counted once their round is final"), and
+/// the re-plan finds them done, so they are never counted at all.
+#[tokio::test]
+#[ignore = "known bug: changes written in a round whose contact is re-planned are not counted"]
+async fn batch_counts_changes_written_for_a_contact_whose_other_list_conflicted() {
+    let lists = format!("{NEWS}\n[[lists]]\nid = \"events\"\nname = \"Events\"\n");
+    let h = Harness::new(&lists, SEND_DOI).await;
+    h.racing.race_next_commits(
+        1,
+        other_writer_applies(&h, ADA, "events", || Input::CrmAsserted),
+    );
+
+    let changes = h.crm_sends("1", ADA, &["news", "events"]).await;
+
+    let ada = h.contact(ADA).await;
+    assert_eq!(
+        h.event_kinds(&ada, "news").await,
+        ["asserted", "doi_requested"]
+    );
+    assert_eq!(
+        h.event_kinds(&ada, "events").await,
+        ["asserted", "doi_requested"]
+    );
+    assert_eq!(
+        changes,
+        Some(3),
+        "news: assertion and DOI; events: DOI (its assertion was the other writer's)"
+    );
+}

@@ -1,0 +1,402 @@
+//! In-memory connectors for driving the engine in-process: a CRM that serves a change feed of
+//! records and records the consent written back to it, a campaigns tool that records what it
+//! was asked to do and serves status events and list members, and a mail transport that keeps
+//! the mails it was handed. Each can be told to answer its next calls with errors
+//! ([`FakeCrm::fail_next_write_backs`] and friends).
+//!
+//! Nothing here does I/O; every call is recorded in order, so a test asserts on exactly what
+//! the engine asked of the outside world.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use optinsync_plugin_api::{
+    CampaignsConnector, ChangePage, ConnectorError, ConnectorResult, ConsentWriteBack,
+    CrmConnector, CrmRecord, Cursor, Engagement, Health, MailTransport, MemberPage,
+    OutgoingMessage, RecordRef, SentMessage, StatusEvent, StatusKind, StatusPage, Subscriber,
+    WebhookEvent,
+};
+
+/// Lock a mutex, ignoring poisoning (a panicking test thread must not hide later assertions).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn healthy() -> ConnectorResult<Health> {
+    Ok(Health {
+        ok: true,
+        detail: "fake".into(),
+    })
+}
+
+/// A position in an in-memory feed: the index of the next item.
+fn position(cursor: Option<&Cursor>) -> ConnectorResult<usize> {
+    match cursor {
+        None => Ok(0),
+        Some(c) => c.0.parse().map_err(|_| ConnectorError::InvalidInput {
+            message: format!("not a fake cursor: {}", c.0),
+        }),
+    }
+}
+
+/// A CRM record on the `Contacts` module: `id`, address as given, lists asserted.
+pub fn crm_record(id: &str, email: &str, asserted_lists: &[&str]) -> CrmRecord {
+    CrmRecord {
+        record: RecordRef {
+            module: "Contacts".into(),
+            id: id.into(),
+        },
+        email: Some(email.into()),
+        language: None,
+        opted_out: false,
+        asserted_lists: asserted_lists.iter().map(|l| (*l).to_owned()).collect(),
+        fields: BTreeMap::new(),
+        modified_at: None,
+    }
+}
+
+#[derive(Debug, Default)]
+struct CrmState {
+    feed: Vec<CrmRecord>,
+    /// Change-feed reads made so far, and the errors to answer given reads with (by number).
+    changes_calls: usize,
+    changes_failures: BTreeMap<usize, ConnectorError>,
+    write_backs: Vec<ConsentWriteBack>,
+    write_back_failures: VecDeque<ConnectorError>,
+}
+
+/// A CRM whose change feed is the records pushed so far, in order (the cursor is an index).
+#[derive(Debug, Default)]
+pub struct FakeCrm {
+    state: Mutex<CrmState>,
+}
+
+impl FakeCrm {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Append a record (a create or an edit) to the change feed.
+    pub fn push(&self, record: CrmRecord) {
+        lock(&self.state).feed.push(record);
+    }
+
+    /// Answer a change-feed read with `error`: the one after `after` more reads are served
+    /// (`0`: the next read). Reads after it are served again.
+    pub fn fail_change_read(&self, after: usize, error: ConnectorError) {
+        let mut state = lock(&self.state);
+        let at = state.changes_calls + after;
+        state.changes_failures.insert(at, error);
+    }
+
+    /// Every write-back received, in order.
+    pub fn write_backs(&self) -> Vec<ConsentWriteBack> {
+        lock(&self.state).write_backs.clone()
+    }
+
+    /// Answer the next write-backs with these errors (one call each), then accept again.
+    pub fn fail_next_write_backs(&self, errors: impl IntoIterator<Item = ConnectorError>) {
+        lock(&self.state).write_back_failures.extend(errors);
+    }
+}
+
+#[async_trait]
+impl CrmConnector for FakeCrm {
+    async fn changes(&self, cursor: Option<&Cursor>, limit: usize) -> ConnectorResult<ChangePage> {
+        let start = position(cursor)?;
+        let mut state = lock(&self.state);
+        let call = state.changes_calls;
+        state.changes_calls += 1;
+        if let Some(e) = state.changes_failures.remove(&call) {
+            return Err(e);
+        }
+        let start = start.min(state.feed.len());
+        let end = (start + limit.max(1)).min(state.feed.len());
+        Ok(ChangePage {
+            records: state.feed[start..end].to_vec(),
+            invalid: vec![],
+            deleted: vec![],
+            next_cursor: Some(Cursor(end.to_string())),
+            has_more: end < state.feed.len(),
+        })
+    }
+
+    async fn fetch(&self, record: &RecordRef) -> ConnectorResult<Option<CrmRecord>> {
+        Ok(lock(&self.state)
+            .feed
+            .iter()
+            .rev()
+            .find(|r| &r.record == record)
+            .cloned())
+    }
+
+    /// The body is a JSON array of `Module/id` strings.
+    fn parse_webhook(
+        &self,
+        _headers: &[(String, String)],
+        body: &[u8],
+    ) -> ConnectorResult<WebhookEvent> {
+        let ids: Vec<String> =
+            serde_json::from_slice(body).map_err(|e| ConnectorError::InvalidInput {
+                message: e.to_string(),
+            })?;
+        let refs = ids
+            .iter()
+            .map(|s| {
+                s.split_once('/')
+                    .map(|(module, id)| RecordRef {
+                        module: module.into(),
+                        id: id.into(),
+                    })
+                    .ok_or_else(|| ConnectorError::InvalidInput {
+                        message: format!("not a record reference: {s}"),
+                    })
+            })
+            .collect::<ConnectorResult<Vec<_>>>()?;
+        Ok(WebhookEvent::Changed(refs))
+    }
+
+    async fn write_back(&self, consent: &ConsentWriteBack) -> ConnectorResult<()> {
+        let mut state = lock(&self.state);
+        if let Some(e) = state.write_back_failures.pop_front() {
+            return Err(e);
+        }
+        state.write_backs.push(consent.clone());
+        Ok(())
+    }
+
+    async fn health(&self) -> ConnectorResult<Health> {
+        healthy()
+    }
+}
+
+/// One call the campaigns tool received.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CampaignsCall {
+    Subscribe {
+        list: String,
+        subscribers: Vec<Subscriber>,
+    },
+    Remove {
+        list: String,
+        emails: Vec<String>,
+    },
+    RequestDoi {
+        list: String,
+        subscriber: Subscriber,
+    },
+}
+
+#[derive(Debug, Default)]
+struct CampaignsState {
+    calls: Vec<CampaignsCall>,
+    status: HashMap<String, Vec<StatusEvent>>,
+    members: HashMap<String, Vec<Subscriber>>,
+    failures: VecDeque<ConnectorError>,
+}
+
+/// A campaigns tool: records subscribes, removals and DOI requests; serves the status events
+/// and members it was given.
+#[derive(Debug, Default)]
+pub struct FakeCampaigns {
+    state: Mutex<CampaignsState>,
+}
+
+impl FakeCampaigns {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every subscribe, removal and DOI request, in order.
+    pub fn calls(&self) -> Vec<CampaignsCall> {
+        lock(&self.state).calls.clone()
+    }
+
+    /// Something happened to `email` inside the tool on `list` (its status feed grows).
+    pub fn push_status(&self, list: &str, email: &str, kind: StatusKind, at: DateTime<Utc>) {
+        lock(&self.state)
+            .status
+            .entry(list.to_owned())
+            .or_default()
+            .push(StatusEvent {
+                email: email.to_owned(),
+                kind,
+                at,
+                detail: None,
+            });
+    }
+
+    /// `email` is already a member of `list` (for `import_existing`).
+    pub fn add_member(&self, list: &str, email: &str) {
+        lock(&self.state)
+            .members
+            .entry(list.to_owned())
+            .or_default()
+            .push(Subscriber {
+                email: email.to_owned(),
+                language: None,
+                fields: BTreeMap::new(),
+            });
+    }
+
+    /// Answer the next subscribe/remove/DOI-request calls with these errors, one call each.
+    pub fn fail_next_calls(&self, errors: impl IntoIterator<Item = ConnectorError>) {
+        lock(&self.state).failures.extend(errors);
+    }
+
+    fn record(&self, call: CampaignsCall) -> ConnectorResult<()> {
+        let mut state = lock(&self.state);
+        if let Some(e) = state.failures.pop_front() {
+            return Err(e);
+        }
+        state.calls.push(call);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl CampaignsConnector for FakeCampaigns {
+    async fn subscribe(&self, list: &str, subscribers: &[Subscriber]) -> ConnectorResult<()> {
+        self.record(CampaignsCall::Subscribe {
+            list: list.to_owned(),
+            subscribers: subscribers.to_vec(),
+        })
+    }
+
+    async fn remove(&self, list: &str, emails: &[String]) -> ConnectorResult<()> {
+        self.record(CampaignsCall::Remove {
+            list: list.to_owned(),
+            emails: emails.to_vec(),
+        })
+    }
+
+    async fn status_events(
+        &self,
+        list: &str,
+        cursor: Option<&Cursor>,
+    ) -> ConnectorResult<StatusPage> {
+        let (events, next_cursor) = rest(&lock(&self.state).status, list, cursor)?;
+        Ok(StatusPage {
+            events,
+            next_cursor,
+            has_more: false,
+        })
+    }
+
+    async fn engagement(
+        &self,
+        _list: &str,
+        _emails: &[String],
+    ) -> ConnectorResult<Vec<Engagement>> {
+        Ok(vec![])
+    }
+
+    async fn health(&self) -> ConnectorResult<Health> {
+        healthy()
+    }
+
+    async fn request_doi(&self, list: &str, subscriber: &Subscriber) -> ConnectorResult<()> {
+        self.record(CampaignsCall::RequestDoi {
+            list: list.to_owned(),
+            subscriber: subscriber.clone(),
+        })
+    }
+
+    async fn list_members(
+        &self,
+        list: &str,
+        cursor: Option<&Cursor>,
+    ) -> ConnectorResult<MemberPage> {
+        let (members, next_cursor) = rest(&lock(&self.state).members, list, cursor)?;
+        Ok(MemberPage {
+            members,
+            next_cursor,
+            has_more: false,
+        })
+    }
+}
+
+/// What `list`'s feed holds from `cursor` on (all of it: one page), and the cursor after it.
+fn rest<T: Clone>(
+    feeds: &HashMap<String, Vec<T>>,
+    list: &str,
+    cursor: Option<&Cursor>,
+) -> ConnectorResult<(Vec<T>, Option<Cursor>)> {
+    let feed = feeds.get(list).map_or(&[][..], Vec::as_slice);
+    let start = position(cursor)?.min(feed.len());
+    Ok((feed[start..].to_vec(), Some(Cursor(feed.len().to_string()))))
+}
+
+#[derive(Debug, Default)]
+struct MailState {
+    sent: Vec<OutgoingMessage>,
+    forgotten: Vec<String>,
+    failures: VecDeque<ConnectorError>,
+}
+
+/// A mail transport that keeps every message handed to it (deduplicating on the idempotency
+/// key, as the `.eml` transport does) and forgets them on request.
+#[derive(Debug, Default)]
+pub struct FakeMail {
+    state: Mutex<MailState>,
+}
+
+impl FakeMail {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Messages accepted and not forgotten, in order.
+    pub fn sent(&self) -> Vec<OutgoingMessage> {
+        lock(&self.state).sent.clone()
+    }
+
+    /// Idempotency keys of the kept messages deleted by [`MailTransport::forget`].
+    pub fn forgotten(&self) -> Vec<String> {
+        lock(&self.state).forgotten.clone()
+    }
+
+    /// Answer the next sends with these errors, one call each.
+    pub fn fail_next_sends(&self, errors: impl IntoIterator<Item = ConnectorError>) {
+        lock(&self.state).failures.extend(errors);
+    }
+}
+
+#[async_trait]
+impl MailTransport for FakeMail {
+    async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage> {
+        let mut state = lock(&self.state);
+        if let Some(e) = state.failures.pop_front() {
+            return Err(e);
+        }
+        let deduplicated = state
+            .sent
+            .iter()
+            .any(|m| m.idempotency_key == message.idempotency_key);
+        if !deduplicated {
+            state.sent.push(message.clone());
+        }
+        Ok(SentMessage {
+            message_id: message.message_id.clone(),
+            deduplicated,
+        })
+    }
+
+    async fn health(&self) -> ConnectorResult<Health> {
+        healthy()
+    }
+
+    async fn forget(&self, idempotency_keys: &[String]) -> ConnectorResult<u64> {
+        let mut state = lock(&self.state);
+        let (gone, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut state.sent)
+            .into_iter()
+            .partition(|m| idempotency_keys.contains(&m.idempotency_key));
+        state.sent = kept;
+        state
+            .forgotten
+            .extend(gone.iter().map(|m| m.idempotency_key.clone()));
+        Ok(gone.len() as u64)
+    }
+}
