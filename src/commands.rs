@@ -829,7 +829,7 @@ pub async fn outbox_failed(path: &Path, json: bool) -> Result<(), Failure> {
         println!(
             "{:>6}  {:<20} {:<12} {:>8}  {}",
             d.id,
-            d.kind,
+            d.kind(),
             d.list_id,
             d.attempts,
             d.last_error.as_deref().unwrap_or("-")
@@ -892,7 +892,7 @@ pub async fn outbox_drop(path: &Path, ids: &[i64], force: bool) -> Result<(), Fa
         .await
         .context("reading dead letters")?
         .into_iter()
-        .map(|d| (d.id, d.kind))
+        .map(|d| (d.id, d.kind().to_owned()))
         .collect();
     let mut refused = Vec::new();
     let mut missing = Vec::new();

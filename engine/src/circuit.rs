@@ -1,4 +1,4 @@
-//! Circuit breakers for the three connectors (crm, campaigns, mail) and the daemon's readiness.
+//! Circuit breakers for the three connectors ([`ConnectorRole`]: crm, campaigns, mail) and the daemon's readiness.
 //!
 //! A breaker counts *consecutive* service-wide failures of one connector's outbox deliveries
 //! ([`verdict`]): a transient error of [`FailureScope::Service`] without a named wait.
@@ -23,18 +23,7 @@ use std::time::{Duration, Instant};
 use optinsync_plugin_api::{ConnectorError, FailureScope};
 use serde::Serialize;
 
-/// The connectors outbox rows are delivered through.
-pub const CONNECTORS: [&str; 3] = ["crm", "campaigns", "mail"];
-
-/// The connector an outbox row kind is delivered through.
-pub fn connector_of(kind: &str) -> Option<&'static str> {
-    match kind {
-        "mail" => Some("mail"),
-        k if k.starts_with("campaigns_") => Some("campaigns"),
-        k if k.starts_with("crm_") => Some("crm"),
-        _ => None,
-    }
-}
+use crate::work::ConnectorRole;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -199,8 +188,8 @@ pub struct CircuitReport {
 impl Circuits {
     pub fn new(threshold: u32, cooldown: Duration) -> Self {
         let b = || Mutex::new(Breaker::new(threshold, cooldown));
-        for c in CONNECTORS {
-            metrics::gauge!("optinsync_circuit_open", "connector" => c).set(0.0);
+        for c in ConnectorRole::ALL {
+            metrics::gauge!("optinsync_circuit_open", "connector" => c.as_str()).set(0.0);
         }
         Self {
             breakers: [b(), b(), b()],
@@ -209,26 +198,29 @@ impl Circuits {
         }
     }
 
-    fn breaker(&self, connector: &str) -> Option<&Mutex<Breaker>> {
-        CONNECTORS
-            .iter()
-            .position(|c| *c == connector)
-            .and_then(|i| self.breakers.get(i))
+    fn breaker(&self, connector: ConnectorRole) -> &Mutex<Breaker> {
+        let [crm, campaigns, mail] = &self.breakers;
+        match connector {
+            ConnectorRole::Crm => crm,
+            ConnectorRole::Campaigns => campaigns,
+            ConnectorRole::Mail => mail,
+        }
     }
 
-    fn with<R>(&self, connector: &str, f: impl FnOnce(&mut Breaker) -> R) -> Option<R> {
-        let m = self.breaker(connector)?;
-        let mut b = m.lock().unwrap_or_else(|p| p.into_inner());
-        Some(f(&mut b))
+    fn with<R>(&self, connector: ConnectorRole, f: impl FnOnce(&mut Breaker) -> R) -> R {
+        let mut b = self
+            .breaker(connector)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        f(&mut b)
     }
 
-    /// May a row of `kind` be delivered now? `Some(at)`: postpone it to `at`.
-    pub fn deny(&self, kind: &str, now: Instant) -> Option<Instant> {
-        let connector = connector_of(kind)?;
-        let (admit, state) = self.with(connector, |b| (b.admit(now), b.state(now)))?;
+    /// May a row delivered through `connector` go now? `Some(at)`: postpone it to `at`.
+    pub fn deny(&self, connector: ConnectorRole, now: Instant) -> Option<Instant> {
+        let (admit, state) = self.with(connector, |b| (b.admit(now), b.state(now)));
         if state == State::HalfOpen && admit == Admit::Call {
             tracing::info!(
-                connector,
+                connector = connector.as_str(),
                 "circuit half-open: letting one delivery through as a probe"
             );
         }
@@ -241,9 +233,9 @@ impl Circuits {
     /// Record the outcome of a call to `connector`: `transient` for a service-wide failure
     /// (a [`Verdict::Failure`]: timeout, 5xx, broken connection); anything else proves the
     /// endpoint alive, including a failure that concerns one record only.
-    pub fn record(&self, connector: &'static str, transient: bool) {
+    pub fn record(&self, connector: ConnectorRole, transient: bool) {
         let now = Instant::now();
-        let changed = self.with(connector, |b| {
+        let (before, after, opened, failures) = self.with(connector, |b| {
             let before = b.state(now);
             let opened = if transient {
                 b.failure(now)
@@ -253,9 +245,7 @@ impl Circuits {
             };
             (before, b.state(now), opened, b.consecutive_failures())
         });
-        let Some((before, after, opened, failures)) = changed else {
-            return;
-        };
+        let connector = connector.as_str();
         if opened {
             tracing::warn!(
                 connector,
@@ -269,20 +259,18 @@ impl Circuits {
         metrics::gauge!("optinsync_circuit_open", "connector" => connector).set(open);
     }
 
-    /// An admitted delivery of `kind` made no call (skipped row, store error).
-    pub fn release(&self, kind: &str) {
-        if let Some(c) = connector_of(kind) {
-            self.with(c, Breaker::release);
-        }
+    /// An admitted delivery through `connector` made no call (skipped row, store error).
+    pub fn release(&self, connector: ConnectorRole) {
+        self.with(connector, Breaker::release);
     }
 
     pub fn report(&self) -> Vec<CircuitReport> {
         let now = Instant::now();
-        CONNECTORS
-            .iter()
-            .filter_map(|c| {
+        ConnectorRole::ALL
+            .into_iter()
+            .map(|c| {
                 self.with(c, |b| CircuitReport {
-                    connector: c,
+                    connector: c.as_str(),
                     state: b.state(now),
                     consecutive_failures: b.consecutive_failures(),
                     retry_in_secs: match b.state(now) {
@@ -425,38 +413,37 @@ mod tests {
         for _ in 0..50 {
             let r: Result<(), _> = Err(ConnectorError::record_transient("2101"));
             let transient = verdict(&r) == Verdict::Failure;
-            c.record("campaigns", transient);
+            c.record(ConnectorRole::Campaigns, transient);
         }
         assert!(c.open().is_empty());
-        assert!(c.deny("campaigns_subscribe", Instant::now()).is_none());
-        c.record("campaigns", true);
+        assert!(c.deny(ConnectorRole::Campaigns, Instant::now()).is_none());
+        c.record(ConnectorRole::Campaigns, true);
         assert!(
             c.open().is_empty(),
             "one service failure is below the threshold"
         );
-        c.record("campaigns", true);
+        c.record(ConnectorRole::Campaigns, true);
         assert_eq!(c.open(), vec!["campaigns"], "two in a row open it");
     }
 
     #[test]
     fn circuits_map_row_kinds_to_connectors_and_report() {
-        assert_eq!(connector_of("mail"), Some("mail"));
-        assert_eq!(connector_of("campaigns_remove"), Some("campaigns"));
-        assert_eq!(connector_of("campaigns_subscribe"), Some("campaigns"));
-        assert_eq!(connector_of("crm_write_back"), Some("crm"));
-        assert_eq!(connector_of("other"), None);
+        // Which connector each kind of row goes through: `crate::work`'s tests.
         let c = Circuits::new(2, COOL);
         let now = Instant::now();
-        c.record("mail", true);
-        assert!(c.deny("mail", now).is_none());
-        c.record("mail", true);
-        assert!(c.deny("mail", Instant::now()).is_some(), "mail paused");
+        c.record(ConnectorRole::Mail, true);
+        assert!(c.deny(ConnectorRole::Mail, now).is_none());
+        c.record(ConnectorRole::Mail, true);
         assert!(
-            c.deny("campaigns_remove", Instant::now()).is_none(),
+            c.deny(ConnectorRole::Mail, Instant::now()).is_some(),
+            "mail paused"
+        );
+        assert!(
+            c.deny(ConnectorRole::Campaigns, Instant::now()).is_none(),
             "other connectors go on"
         );
         assert_eq!(c.open(), vec!["mail"]);
-        c.record("mail", false);
+        c.record(ConnectorRole::Mail, false);
         assert!(c.open().is_empty());
     }
 }

@@ -18,8 +18,8 @@ use crate::email;
 use crate::ledger::{Evidence, LedgerEvent, NewEvent};
 use crate::rules::{RuleSet, RulesError};
 use crate::store::{
-    Commit, Contact, ContactUpsert, NewOutbox, PRIORITY_LEGAL, PRIORITY_NORMAL, Store, StoreError,
-    StoreResult, Suppression,
+    Commit, Contact, ContactUpsert, NewOutbox, OutboxWork, PRIORITY_LEGAL, PRIORITY_NORMAL, Store,
+    StoreError, StoreResult, Suppression,
 };
 use crate::tokens::TokenKeys;
 use crate::untrusted::clean_fields;
@@ -550,36 +550,39 @@ pub(crate) fn outbox_rows(
     effects
         .iter()
         .filter_map(|e| {
-            let (kind, priority, key, payload) = match e {
+            let (work, priority, key) = match e {
                 // The campaigns tool runs this list's double opt-in: ask it, send no mail.
                 Effect::SendConfirmationMail { token, .. }
                     if list.doi == crate::config::DoiMode::Campaigns =>
                 {
                     (
-                        "campaigns_request_doi",
+                        OutboxWork::CampaignsRequestDoi {
+                            token: token.clone(),
+                        },
                         PRIORITY_NORMAL,
                         format!("request-doi:{event_id}"),
-                        serde_json::json!({ "token": token }),
                     )
                 }
                 Effect::SendConfirmationMail { token, kind } => (
-                    "mail",
+                    OutboxWork::Mail {
+                        token: token.clone(),
+                        mail: *kind,
+                    },
                     PRIORITY_NORMAL,
                     format!("mail:{event_id}"),
-                    serde_json::json!({ "token": token, "mail": kind.as_str() }),
                 ),
                 Effect::Subscribe => (
-                    "campaigns_subscribe",
+                    OutboxWork::CampaignsSubscribe {},
                     PRIORITY_NORMAL,
                     format!("subscribe:{event_id}"),
-                    serde_json::json!({}),
                 ),
                 // The address travels with the removal so it still works after erasure.
                 Effect::Remove => (
-                    "campaigns_remove",
+                    OutboxWork::CampaignsRemove {
+                        email: Some(contact.email.clone()),
+                    },
                     PRIORITY_LEGAL,
                     format!("remove:{event_id}"),
-                    serde_json::json!({ "email": contact.email }),
                 ),
                 Effect::WriteBack { opt_out } => {
                     if contact.crm_records.is_empty() {
@@ -590,29 +593,27 @@ pub(crate) fn outbox_rows(
                     } else {
                         PRIORITY_NORMAL
                     };
-                    let mut payload =
-                        serde_json::json!({ "state": to.as_str(), "opt_out": opt_out });
                     // Erasure clears the contact's records and address before this row is
                     // delivered: like a removal, the write-back carries what it needs.
-                    if to == ConsentState::Erased {
-                        payload["records"] = serde_json::json!(contact.crm_records);
-                        payload["email"] = serde_json::json!(contact.email);
-                    }
+                    let erasure = to == ConsentState::Erased;
                     (
-                        "crm_write_back",
+                        OutboxWork::CrmWriteBack {
+                            state: Some(to),
+                            opt_out: *opt_out,
+                            records: erasure.then(|| contact.crm_records.clone()),
+                            email: erasure.then(|| contact.email.clone()),
+                        },
                         priority,
                         format!("writeback:{event_id}"),
-                        payload,
                     )
                 }
             };
             Some(NewOutbox {
-                kind: kind.to_owned(),
+                work,
                 priority,
                 idempotency_key: key,
                 contact_id: contact.id.clone(),
                 list_id: list.id.clone(),
-                payload,
             })
         })
         .collect()

@@ -16,3 +16,4 @@ pub mod rules;
 pub mod signing_keys;
 pub mod store;
 pub mod templates;
+pub mod work;

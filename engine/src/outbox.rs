@@ -30,8 +30,10 @@ use crate::consent::{ConsentState, Input, MailKind};
 use crate::engine::{Engine, EngineResult};
 use crate::ledger::{Evidence, NewEvent};
 use crate::mail;
-use crate::store::{Finish, OutboxItem, Snapshot};
+use crate::store::{Finish, OutboxItem, OutboxWork, Snapshot, StoredWork};
 use crate::tokens::{Claims, Purpose};
+use crate::untrusted::Escaped;
+use crate::work::ConnectorRole;
 
 /// How long a claimed row belongs to its worker before others may take it.
 pub const LEASE: Duration = Duration::from_secs(300);
@@ -83,11 +85,12 @@ impl Engine {
         for item in items {
             // Shutdown: hand back what is not started yet. Open circuit: do not call a dead
             // endpoint; the row waits for the half-open probe (its attempt is not counted).
+            let connector = item.work.known().map(OutboxWork::connector);
             let postpone = if self.circuits.is_stopping() {
                 Some(Utc::now())
             } else {
-                self.circuits
-                    .deny(&item.kind, std::time::Instant::now())
+                connector
+                    .and_then(|c| self.circuits.deny(c, std::time::Instant::now()))
                     .map(|at| {
                         let wait = at.saturating_duration_since(std::time::Instant::now());
                         Utc::now()
@@ -103,22 +106,24 @@ impl Engine {
                         Err(e) => self.failure(&item, ConnectorError::transient(e.to_string())),
                     };
                     // A probe that made no call (skipped row, store error) is not a verdict.
-                    self.circuits.release(&item.kind);
+                    if let Some(c) = connector {
+                        self.circuits.release(c);
+                    }
                     finish
                 }
             };
-            metrics::counter!("optinsync_outbox_delivery_total", "kind" => outbox_kind_label(&item.kind), "result" => result_label(&finish))
+            metrics::counter!("optinsync_outbox_delivery_total", "kind" => item.work.known().map_or("other", OutboxWork::kind), "result" => result_label(&finish))
                 .increment(1);
             match &finish {
                 Finish::Postpone { .. } => stats.postponed += 1,
                 Finish::Done { .. } => stats.done += 1,
                 // `?`: the error text may quote a vendor's answer; Debug escapes it.
                 Finish::Retry { error, .. } => {
-                    tracing::warn!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, ?error, "delivery failed; will retry");
+                    tracing::warn!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed; will retry");
                     stats.retried += 1;
                 }
                 Finish::Dead { error } => {
-                    tracing::error!(outbox_id = item.id, kind = %item.kind, attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
+                    tracing::error!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
                     stats.dead += 1;
                 }
             }
@@ -129,7 +134,7 @@ impl Engine {
             // copy; finishing scrubbed it, and no older copy may stay in the store's files.
             if !scrub
                 && !matches!(finish, Finish::Retry { .. } | Finish::Postpone { .. })
-                && item.payload.get("email").is_some()
+                && carries_address(&item.work)
                 && self
                     .store
                     .contact_by_id(&item.contact_id)
@@ -166,12 +171,9 @@ impl Engine {
     /// us) counts neither way; anything else, including a per-record "not now"
     /// ([`optinsync_plugin_api::FailureScope::Record`]), proves it alive. The record itself
     /// still retries with its own backoff ([`Self::failure`]).
-    fn observe<T>(&self, kind: &str, result: &Result<T, ConnectorError>) {
-        let Some(connector) = crate::circuit::connector_of(kind) else {
-            return;
-        };
+    fn observe<T>(&self, connector: ConnectorRole, result: &Result<T, ConnectorError>) {
         match crate::circuit::verdict(result) {
-            Verdict::Neutral => self.circuits.release(kind),
+            Verdict::Neutral => self.circuits.release(connector),
             Verdict::Failure => self.circuits.record(connector, true),
             Verdict::Alive => self.circuits.record(connector, false),
         }
@@ -212,15 +214,24 @@ impl Engine {
                 error: format!("list `{}` is no longer configured", item.list_id),
             });
         };
+        let work = match &item.work {
+            StoredWork::Known(work) => work,
+            // Written by another version or damaged: say so, do not guess.
+            StoredWork::Unreadable(u) => {
+                return Ok(Finish::Dead {
+                    error: u.to_string(),
+                });
+            }
+        };
         let contact = self.store.contact_by_id(&item.contact_id).await?;
-        let result = match item.kind.as_str() {
-            "mail" => {
+        let result = match work {
+            OutboxWork::Mail { token, mail } => {
                 let Some(contact) = contact else {
                     return Ok(done("skipped: contact no longer exists"));
                 };
-                return self.deliver_mail(item, &contact, list).await;
+                return self.deliver_mail(item, &contact, list, token, *mail).await;
             }
-            "campaigns_subscribe" => {
+            OutboxWork::CampaignsSubscribe {} => {
                 let Some(contact) = contact else {
                     return Ok(done("skipped: contact no longer exists"));
                 };
@@ -239,20 +250,15 @@ impl Engine {
                     .subscribe(list.campaigns_list(), &[sub])
                     .await
             }
-            "campaigns_request_doi" => {
+            OutboxWork::CampaignsRequestDoi { token } => {
                 let Some(contact) = contact else {
                     return Ok(done("skipped: contact no longer exists"));
                 };
                 // Like a DOI mail: only while this signup still waits.
-                let token = item
-                    .payload
-                    .get("token")
-                    .and_then(|t| t.as_str())
-                    .unwrap_or_default();
                 let consent = self.store.consent(&contact.id, &list.id).await?;
                 if !consent.is_some_and(|c| {
                     c.state == crate::consent::ConsentState::Pending
-                        && c.signup_token.as_deref() == Some(token)
+                        && c.signup_token.as_deref() == Some(token.as_str())
                 }) {
                     return Ok(done("skipped: signup no longer waiting"));
                 }
@@ -266,13 +272,8 @@ impl Engine {
                     .request_doi(list.campaigns_list(), &sub)
                     .await
             }
-            "campaigns_remove" => {
-                let email = item
-                    .payload
-                    .get("email")
-                    .and_then(|e| e.as_str())
-                    .map(str::to_owned)
-                    .or(contact.map(|c| c.email));
+            OutboxWork::CampaignsRemove { email } => {
+                let email = email.clone().or(contact.map(|c| c.email));
                 let Some(email) = email else {
                     return Ok(Finish::Dead {
                         error: "removal without an address".into(),
@@ -283,27 +284,28 @@ impl Engine {
                     .remove(list.campaigns_list(), &[email])
                     .await
             }
-            "crm_write_back" => {
+            OutboxWork::CrmWriteBack {
+                state,
+                opt_out,
+                records: carried_records,
+                email: carried_email,
+            } => {
                 let Some(contact) = contact else {
                     return Ok(done("skipped: contact no longer exists"));
                 };
                 // Write-backs can arrive out of order (opt-outs jump the queue; a retried
                 // row waits out its backoff): one whose consent has moved on to another
                 // state must not overwrite the newer state in the CRM.
-                let payload_state = item.payload.get("state").and_then(|s| s.as_str());
                 if let (Some(seq), Some(current)) = (
                     item.event_seq,
                     self.store.consent(&contact.id, &list.id).await?,
                 ) && current.last_seq.is_some_and(|last| last > seq)
-                    && payload_state.is_some_and(|s| s != current.state.as_str())
+                    && state.is_some_and(|s| s != current.state)
                 {
                     return Ok(done("skipped: superseded by a newer consent change"));
                 }
                 // An erasure's write-back carries the records and address it was queued with:
                 // by now the contact holds neither.
-                let carried = |key: &str| item.payload.get(key).filter(|v| !v.is_null());
-                let carried_records: Option<Vec<String>> =
-                    carried("records").and_then(|v| serde_json::from_value(v.clone()).ok());
                 let records = carried_records
                     .as_ref()
                     .unwrap_or(&contact.crm_records)
@@ -317,33 +319,22 @@ impl Engine {
                     .collect();
                 let wb = ConsentWriteBack {
                     records,
-                    email: carried("email")
-                        .and_then(|e| e.as_str())
-                        .map_or_else(|| contact.email.clone(), str::to_owned),
+                    email: carried_email
+                        .clone()
+                        .unwrap_or_else(|| contact.email.clone()),
                     list: list.id.clone(),
-                    state: item
-                        .payload
-                        .get("state")
-                        .and_then(|s| s.as_str())
+                    state: state
+                        .map(ConsentState::as_str)
                         .unwrap_or_default()
                         .to_owned(),
-                    opt_out: item
-                        .payload
-                        .get("opt_out")
-                        .and_then(|s| s.as_bool())
-                        .unwrap_or(false),
+                    opt_out: *opt_out,
                     at: Utc::now(),
                     ledger_seq: item.event_seq.unwrap_or(0),
                 };
                 self.connectors.crm.write_back(&wb).await
             }
-            other => {
-                return Ok(Finish::Dead {
-                    error: format!("unknown outbox kind `{other}`"),
-                });
-            }
         };
-        self.observe(&item.kind, &result);
+        self.observe(work.connector(), &result);
         Ok(match result {
             Ok(()) => Finish::Done {
                 event: None,
@@ -358,18 +349,10 @@ impl Engine {
         item: &OutboxItem,
         contact: &crate::store::Contact,
         list: &crate::config::ListConfig,
+        token: &str,
+        mail: MailKind,
     ) -> EngineResult<Finish> {
-        let token = item
-            .payload
-            .get("token")
-            .and_then(|t| t.as_str())
-            .unwrap_or_default()
-            .to_owned();
-        let kind = match item.payload.get("mail").and_then(|m| m.as_str()) {
-            Some("reminder") => MailKind::Reminder,
-            Some("revalidation") => MailKind::Revalidation,
-            _ => MailKind::Doi,
-        };
+        let token = token.to_owned();
         // The signup may have been confirmed, withdrawn or replaced since the row was queued.
         let consent = self.store.consent(&contact.id, &list.id).await?;
         let Some(consent) = consent.filter(|c| {
@@ -409,7 +392,7 @@ impl Engine {
         let language = templates.language_for(contact.language.as_deref(), &list.default_language);
         let rendered = match mail::render(
             templates,
-            kind,
+            mail,
             &language,
             list,
             sender,
@@ -426,7 +409,7 @@ impl Engine {
         self.store
             .put_snapshot(&Snapshot {
                 hash: rendered.content_hash.clone(),
-                kind: format!("mail:{}", kind.as_str()),
+                kind: format!("mail:{}", mail.as_str()),
                 language: rendered.language.clone(),
                 template_version: templates.version().to_owned(),
                 content: serde_json::json!({
@@ -464,7 +447,7 @@ impl Engine {
             ],
         };
         let sent = self.connectors.mail.send(&msg).await;
-        self.observe(&item.kind, &sent);
+        self.observe(ConnectorRole::Mail, &sent);
         match sent {
             Ok(sent) => {
                 let event = NewEvent {
@@ -472,7 +455,7 @@ impl Engine {
                     at: Utc::now(),
                     contact_id: contact.id.clone(),
                     list_id: list.id.clone(),
-                    kind: format!("{}_mail_sent", kind.as_str()),
+                    kind: format!("{}_mail_sent", mail.as_str()),
                     from_state: consent.state,
                     to_state: consent.state,
                     source: "outbox".into(),
@@ -488,7 +471,7 @@ impl Engine {
                         ..Evidence::default()
                     },
                 };
-                tracing::info!(contact_id = %contact.id, list = %list.id, mail = kind.as_str(), "confirmation mail sent");
+                tracing::info!(contact_id = %contact.id, list = %list.id, mail = mail.as_str(), "confirmation mail sent");
                 Ok(Finish::Done {
                     event: Some(Box::new(event)),
                     note: None,
@@ -511,15 +494,15 @@ impl Engine {
     }
 }
 
-/// Bounded label for the outbox kind metric.
-fn outbox_kind_label(kind: &str) -> &'static str {
-    match kind {
-        "mail" => "mail",
-        "campaigns_subscribe" => "campaigns_subscribe",
-        "campaigns_request_doi" => "campaigns_request_doi",
-        "campaigns_remove" => "campaigns_remove",
-        "crm_write_back" => "crm_write_back",
-        _ => "other",
+/// Whether a row carries an address of its own (a removal, an erasure's write-back): once
+/// finished, that was the last copy of an erased contact's address.
+fn carries_address(work: &StoredWork) -> bool {
+    match work {
+        StoredWork::Known(OutboxWork::CampaignsRemove { email })
+        | StoredWork::Known(OutboxWork::CrmWriteBack { email, .. }) => email.is_some(),
+        StoredWork::Known(_) => false,
+        // Unknown shape: scrub to be safe.
+        StoredWork::Unreadable(_) => true,
     }
 }
 

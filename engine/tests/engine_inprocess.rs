@@ -661,6 +661,43 @@ async fn erasure_deliveries_carry_the_address_then_the_store_files_hold_no_copy(
     );
 }
 
+/// A row whose kind this version does not know (another version wrote it, or it was damaged)
+/// becomes a dead letter saying so; the rows around it are delivered.
+#[tokio::test]
+async fn an_outbox_row_of_an_unknown_kind_becomes_a_clear_dead_letter() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    pending_on_news(&h, "1", ADA).await;
+    let contact_id = h.contact(ADA).await.id;
+    let url = format!("sqlite://{}", h.dir().join("optinsync.db").display());
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (kind, priority, idempotency_key, contact_id, list_id, payload, next_attempt_at, created_at) \
+         VALUES ('fax', 10, 'fax:1', $1, 'news', '{\"to\":1}', '2000-01-01T00:00:00.000000Z', '2000-01-01T00:00:00.000000Z')",
+    )
+    .bind(&contact_id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let stats = h.drain().await;
+
+    assert_eq!(
+        (stats.done, stats.dead),
+        (1, 1),
+        "the DOI mail, and the fax"
+    );
+    let dead = h.store().outbox_dead().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].kind(), "fax");
+    let error = dead[0].last_error.as_deref().unwrap_or("");
+    assert!(
+        error.contains("unreadable outbox work of kind `fax`"),
+        "{error}"
+    );
+    assert_eq!(h.mails_to(), [ADA]);
+}
+
 /// Names of the files in the store's directory whose bytes contain `needle`.
 fn files_holding(h: &Harness, needle: &str) -> Vec<String> {
     let mut holding = Vec::new();

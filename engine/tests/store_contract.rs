@@ -8,13 +8,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use optinsync_engine::consent::{Consent, ConsentState};
+use optinsync_engine::consent::{Consent, ConsentState, MailKind};
 use optinsync_engine::ledger::{
     ChainError, ChainVerifier, Evidence, GENESIS_HASH, LedgerEvent, NewEvent,
 };
 use optinsync_engine::store::{
     self, BatchCommit, Commit, ContactUpsert, Finish, NewOutbox, OutboxCounts, OutboxItem,
-    PRIORITY_LEGAL, PRIORITY_NORMAL, Store, StoreError, StoreResult, Suppression,
+    OutboxWork, PRIORITY_LEGAL, PRIORITY_NORMAL, Store, StoreError, StoreResult, StoredWork,
+    Suppression,
 };
 use serde_json::json;
 use sqlx::Connection as _;
@@ -225,12 +226,19 @@ fn consent(state: ConsentState, since: DateTime<Utc>, token: Option<&str>) -> Co
 
 fn outbox(kind: &str, priority: i32, key: &str, contact_id: &str, list_id: &str) -> NewOutbox {
     NewOutbox {
-        kind: kind.to_owned(),
+        work: OutboxWork::from_stored(kind, json!({ "token": key })).expect("a known kind"),
         priority,
         idempotency_key: key.to_owned(),
         contact_id: contact_id.to_owned(),
         list_id: list_id.to_owned(),
-        payload: json!({ "key": key }),
+    }
+}
+
+/// A DOI mail row's work for the signup `token`.
+fn mail_work(token: &str) -> OutboxWork {
+    OutboxWork::Mail {
+        token: token.to_owned(),
+        mail: MailKind::Doi,
     }
 }
 
@@ -612,7 +620,7 @@ async fn check_commit(db: TestDb) {
             consent: pending.clone(),
             event: event(&c, "news", "doi_requested", S::Asserted, S::Pending, t(2)),
             outbox: vec![NewOutbox {
-                payload: json!({ "n": 1 }),
+                work: mail_work("n1"),
                 ..outbox("mail", PRIORITY_NORMAL, "mail-1", &c, "news")
             }],
             suppress: None,
@@ -641,7 +649,7 @@ async fn check_commit(db: TestDb) {
             outbox: vec![
                 outbox("campaigns_remove", PRIORITY_LEGAL, "remove-1", &c, "news"),
                 NewOutbox {
-                    payload: json!({ "n": 2 }),
+                    work: mail_work("n2"),
                     ..outbox("mail", PRIORITY_NORMAL, "mail-1", &c, "news")
                 },
             ],
@@ -710,12 +718,12 @@ async fn check_commit(db: TestDb) {
         .expect("claim");
     assert_eq!(keys(&claimed), vec!["remove-1", "mail-1"]);
     assert_eq!(claimed[0].event_seq, Some(3));
-    assert_eq!(claimed[0].kind, "campaigns_remove");
+    assert_eq!(claimed[0].kind(), "campaigns_remove");
     assert_eq!(claimed[0].priority, PRIORITY_LEGAL);
     assert_eq!(claimed[1].event_seq, Some(2));
     assert_eq!(
-        claimed[1].payload,
-        json!({ "n": 1 }),
+        claimed[1].work,
+        StoredWork::Known(mail_work("n1")),
         "the first row with a key wins"
     );
     assert_eq!(
@@ -974,7 +982,7 @@ async fn check_claim_outbox(db: TestDb) {
     assert_eq!(keys(&dead), vec!["l1"]);
     assert_eq!(dead[0].status, "dead");
     assert_eq!(dead[0].last_error.as_deref(), Some("list does not exist"));
-    assert_eq!(dead[0].kind, "campaigns_remove");
+    assert_eq!(dead[0].kind(), "campaigns_remove");
 
     // Retry later: not claimable before `at`, claimable from `at` on.
     s.finish_outbox(
@@ -1599,12 +1607,11 @@ async fn check_dead_letters_retry_and_drop(db: TestDb) {
     let mut c = simple_commit(&a, "news", None, S::None, S::Asserted, t(1));
     for key in ["k1", "k2"] {
         c.outbox.push(NewOutbox {
-            kind: "mail".into(),
+            work: mail_work(""),
             priority: PRIORITY_NORMAL,
             idempotency_key: key.into(),
             contact_id: a.clone(),
             list_id: "news".into(),
-            payload: json!({}),
         });
     }
     s.commit(&c).await.expect("commit");

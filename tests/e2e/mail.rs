@@ -490,7 +490,7 @@ async fn one_click_unsubscribe_is_queued_ahead_of_pending_subscribes() {
         .unwrap();
     let kinds: Vec<(String, i32)> = claimed
         .iter()
-        .map(|i| (i.kind.clone(), i.priority))
+        .map(|i| (i.kind().to_owned(), i.priority))
         .collect();
     let first_subscribe = kinds
         .iter()
@@ -507,12 +507,12 @@ async fn one_click_unsubscribe_is_queued_ahead_of_pending_subscribes() {
     );
     let remove_ids: Vec<i64> = claimed
         .iter()
-        .filter(|i| i.kind == "campaigns_remove")
+        .filter(|i| i.kind() == "campaigns_remove")
         .map(|i| i.id)
         .collect();
     let subscribe_ids: Vec<i64> = claimed
         .iter()
-        .filter(|i| i.kind == "campaigns_subscribe")
+        .filter(|i| i.kind() == "campaigns_subscribe")
         .map(|i| i.id)
         .collect();
     assert!(

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::consent::Consent;
 use crate::ledger::{LedgerEvent, NewEvent};
+pub use crate::work::{OutboxWork, StoredWork};
 
 pub use self::postgres::PostgresStore;
 pub use self::sqlite::SqliteStore;
@@ -69,29 +70,36 @@ pub const PRIORITY_NORMAL: i32 = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewOutbox {
-    /// `mail`, `campaigns_subscribe`, `campaigns_remove`, `crm_write_back`.
-    pub kind: String,
+    /// Stored as the row's `kind` and `payload` ([`OutboxWork::to_stored`]).
+    pub work: OutboxWork,
     pub priority: i32,
     /// A second row with the same key is ignored (idempotent enqueue).
     pub idempotency_key: String,
     pub contact_id: String,
     pub list_id: String,
-    pub payload: serde_json::Value,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct OutboxItem {
     pub id: i64,
-    pub kind: String,
+    /// Read from the row's `kind` and `payload`; shown (and serialised) as those.
+    #[serde(flatten)]
+    pub work: StoredWork,
     pub priority: i32,
     pub idempotency_key: String,
     pub contact_id: String,
     pub list_id: String,
-    pub payload: serde_json::Value,
     pub attempts: i32,
     pub status: String,
     pub last_error: Option<String>,
     pub event_seq: Option<i64>,
+}
+
+impl OutboxItem {
+    /// The stored `kind` (also of a row whose work is unreadable).
+    pub fn kind(&self) -> &str {
+        self.work.kind()
+    }
 }
 
 /// How a claimed outbox row ended.

@@ -26,6 +26,7 @@ macro_rules! shared_store_impl {
         use crate::store::codec::{parse_json, parse_state, to_json};
         use crate::store::{
             Commit, Contact, ContactUpsert, Finish, OutboxCounts, OutboxItem, Store, StoreError, StoreResult,
+            StoredWork,
         };
 
         type Row = <$db as sqlx::Database>::Row;
@@ -93,12 +94,13 @@ macro_rules! shared_store_impl {
         fn outbox_from(row: &Row) -> StoreResult<OutboxItem> {
             Ok(OutboxItem {
                 id: row.try_get("id")?,
-                kind: row.try_get("kind")?,
+                // An unknown kind or a payload of another shape is not a corrupt store: the
+                // row becomes a dead letter saying why (see `crate::work`).
+                work: StoredWork::read(&row.try_get::<String, _>("kind")?, &row.try_get::<String, _>("payload")?),
                 priority: row.try_get("priority")?,
                 idempotency_key: row.try_get("idempotency_key")?,
                 contact_id: row.try_get("contact_id")?,
                 list_id: row.try_get("list_id")?,
-                payload: parse_json("outbox", &row.try_get::<String, _>("payload")?)?,
                 attempts: row.try_get("attempts")?,
                 status: row.try_get("status")?,
                 last_error: row.try_get("last_error")?,
@@ -533,12 +535,13 @@ macro_rules! shared_store_impl {
                         "INSERT INTO outbox (kind, priority, idempotency_key, contact_id, list_id, payload, event_seq, next_attempt_at, created_at) ",
                     );
                     qb.push_values(chunk, |mut b, (o, ev)| {
-                        b.push_bind(&o.kind)
+                        let (kind, payload) = o.work.to_stored();
+                        b.push_bind(kind)
                             .push_bind(o.priority)
                             .push_bind(&o.idempotency_key)
                             .push_bind(&o.contact_id)
                             .push_bind(&o.list_id)
-                            .push_bind(to_json(&o.payload))
+                            .push_bind(to_json(&payload))
                             .push_bind(ev.seq)
                             .push_bind(&ev.at)
                             .push_bind(&ev.at);
