@@ -561,7 +561,7 @@ async fn mark_outbox_delivered(store_url: &str) -> anyhow::Result<u64> {
                 kind: "doi_mail_sent".into(),
                 from_state: ConsentState::Pending,
                 to_state: ConsentState::Pending,
-                source: "outbox".into(),
+                source: optinsync_engine::ledger::EventSource::Outbox,
                 evidence: Evidence {
                     token_id: Some(token.clone()),
                     detail: Some("bench: marked delivered".into()),

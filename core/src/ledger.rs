@@ -73,6 +73,101 @@ impl Evidence {
     }
 }
 
+/// Who caused a ledger event. Sealed, stored and hashed as the text of [`EventSource::as_str`]
+/// (the serde names are the same), exactly the strings events were written with before this
+/// type existed, so existing chains still verify.
+///
+/// There is no catch-all variant: stored events keep their source as the text they were sealed
+/// with ([`LedgerEvent::source`]), and reading, verifying and exporting a ledger never parses
+/// it, so old data needs none. What is parsed ([`std::str::FromStr`]) is refused with
+/// [`UnknownSource`] if it names no variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum EventSource {
+    /// A CRM page or webhook.
+    #[serde(rename = "crm")]
+    Crm,
+    /// The campaigns tool's status feed (unsubscribes, bounces, its own DOI confirmations).
+    #[serde(rename = "campaigns")]
+    Campaigns,
+    /// `import-existing`: members of an existing Campaigns list taken in as `asserted`.
+    #[serde(rename = "campaigns-import")]
+    CampaignsImport,
+    /// A confirmation or unsubscribe link (or a fetch of one).
+    #[serde(rename = "web")]
+    Web,
+    /// A rule's proposal.
+    #[serde(rename = "rules")]
+    Rules,
+    /// Outbox delivery (`*_mail_sent`).
+    #[serde(rename = "outbox")]
+    Outbox,
+    /// The mail transport refused the address for good (a hard bounce).
+    #[serde(rename = "mail")]
+    Mail,
+    /// An operator's command (`erase`, ...).
+    #[serde(rename = "cli")]
+    Cli,
+    /// The admin API (`POST /admin/erase`).
+    #[serde(rename = "admin")]
+    Admin,
+    /// The `[retention]` purge.
+    #[serde(rename = "retention")]
+    Retention,
+}
+
+impl EventSource {
+    pub const ALL: [EventSource; 10] = [
+        Self::Crm,
+        Self::Campaigns,
+        Self::CampaignsImport,
+        Self::Web,
+        Self::Rules,
+        Self::Outbox,
+        Self::Mail,
+        Self::Cli,
+        Self::Admin,
+        Self::Retention,
+    ];
+
+    /// The text sealed into the ledger (and covered by its hash).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Crm => "crm",
+            Self::Campaigns => "campaigns",
+            Self::CampaignsImport => "campaigns-import",
+            Self::Web => "web",
+            Self::Rules => "rules",
+            Self::Outbox => "outbox",
+            Self::Mail => "mail",
+            Self::Cli => "cli",
+            Self::Admin => "admin",
+            Self::Retention => "retention",
+        }
+    }
+}
+
+impl std::fmt::Display for EventSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A source text that names no [`EventSource`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown ledger event source `{0}`")]
+pub struct UnknownSource(pub String);
+
+impl std::str::FromStr for EventSource {
+    type Err = UnknownSource;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|v| v.as_str() == s)
+            .ok_or_else(|| UnknownSource(s.to_owned()))
+    }
+}
+
 /// An event about to be appended; the store assigns `seq`, `prev_hash` and `hash`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEvent {
@@ -83,8 +178,8 @@ pub struct NewEvent {
     pub kind: String,
     pub from_state: ConsentState,
     pub to_state: ConsentState,
-    /// Who caused it: `crm`, `campaigns`, `web`, `rules`, `outbox`, `cli`.
-    pub source: String,
+    /// Who caused it.
+    pub source: EventSource,
     pub evidence: Evidence,
 }
 
@@ -100,7 +195,7 @@ impl NewEvent {
             kind: self.kind.clone(),
             from_state: self.from_state.as_str().to_owned(),
             to_state: self.to_state.as_str().to_owned(),
-            source: self.source.clone(),
+            source: self.source.as_str().to_owned(),
             evidence: self.evidence.to_json(),
             evidence_sha256: None,
             prev_hash: prev_hash.to_owned(),
@@ -123,6 +218,8 @@ pub struct LedgerEvent {
     pub kind: String,
     pub from_state: String,
     pub to_state: String,
+    /// [`EventSource::as_str`] of the source it was sealed with; kept as stored text because
+    /// the hash covers exactly this text.
     pub source: String,
     /// Evidence JSON text ([`REDACTED_EVIDENCE`] after erasure).
     pub evidence: String,
@@ -303,7 +400,7 @@ mod tests {
                     kind: "asserted".into(),
                     from_state: ConsentState::None,
                     to_state: ConsentState::Asserted,
-                    source: "crm".into(),
+                    source: EventSource::Crm,
                     evidence: Evidence {
                         reason: Some(format!("r{i}")),
                         ..Evidence::default()
@@ -314,6 +411,62 @@ mod tests {
                 ev
             })
             .collect()
+    }
+
+    /// The texts (and so the hashes) are those events were sealed with before the enum.
+    #[test]
+    fn sources_seal_as_their_old_texts() {
+        let texts: Vec<&str> = EventSource::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(
+            texts,
+            [
+                "crm",
+                "campaigns",
+                "campaigns-import",
+                "web",
+                "rules",
+                "outbox",
+                "mail",
+                "cli",
+                "admin",
+                "retention"
+            ]
+        );
+        for s in EventSource::ALL {
+            assert_eq!(
+                serde_json::to_value(s).ok(),
+                Some(serde_json::Value::String(s.as_str().to_owned()))
+            );
+            assert_eq!(s.as_str().parse::<EventSource>(), Ok(s));
+        }
+        assert_eq!(
+            "other".parse::<EventSource>(),
+            Err(UnknownSource("other".into()))
+        );
+        // The hash of this event as the string-typed code sealed it (computed independently).
+        let at = DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z")
+            .map(|t| t.with_timezone(&Utc))
+            .expect("a valid time");
+        let ev = NewEvent {
+            event_id: "e0".into(),
+            at,
+            contact_id: "c1".into(),
+            list_id: "news".into(),
+            kind: "asserted".into(),
+            from_state: ConsentState::None,
+            to_state: ConsentState::Asserted,
+            source: EventSource::CampaignsImport,
+            evidence: Evidence {
+                reason: Some("r".into()),
+                ..Evidence::default()
+            },
+        }
+        .seal(1, GENESIS_HASH);
+        assert_eq!(ev.source, "campaigns-import");
+        assert_eq!(
+            ev.hash,
+            "01beb8fa9b9334fabeac0baf4516add9a1d7c23d3f28dd4fd9741109f1a9224b"
+        );
     }
 
     #[test]
@@ -382,7 +535,7 @@ mod tests {
             kind: "erased".into(),
             from_state: ConsentState::Asserted,
             to_state: ConsentState::Erased,
-            source: "cli".into(),
+            source: EventSource::Cli,
             evidence: Evidence::default(),
         }
         .seal(5, &c[3].hash);

@@ -20,7 +20,7 @@ use crate::engine::{
     DecideStats, Engine, EngineError, EngineResult, PullStats, commit_for, log_refusal,
     transition_for,
 };
-use crate::ledger::Evidence;
+use crate::ledger::{EventSource, Evidence};
 use crate::rules::{Action, RuleSet, input, input_for};
 use crate::store::{BatchCommit, Contact, ContactUpsert};
 use crate::untrusted::{Escaped, clean_fields, clean_text};
@@ -163,7 +163,7 @@ impl<'e> Plan<'e> {
         contact: &Contact,
         list: &ListConfig,
         input: Input,
-        source: &str,
+        source: EventSource,
         evidence: Evidence,
     ) -> Outcome {
         let key = (contact.id.clone(), list.id.clone());
@@ -181,7 +181,7 @@ impl<'e> Plan<'e> {
         };
         tracing::debug!(
             contact_id = %contact.id, list = %list.id, from = %t.from, to = %t.to, event = t.event,
-            source, "consent change planned"
+            source = source.as_str(), "consent change planned"
         );
         let commit = commit_for(
             hashes.first().map_or("", String::as_str),
@@ -263,7 +263,7 @@ impl<'e> Plan<'e> {
                     ..Evidence::default()
                 };
                 if let Outcome::Refused(r) =
-                    self.apply(owner, contact, list, input, "rules", evidence)
+                    self.apply(owner, contact, list, input, EventSource::Rules, evidence)
                 {
                     tracing::warn!(
                         contact_id = %contact.id, list = %list.id, reason = %Escaped(&p.reason), rule = %p.rule_file,
@@ -293,7 +293,7 @@ impl<'e> Plan<'e> {
             if out.conflicted.contains(owner) {
                 continue;
             }
-            if b.commit.event.source == "crm" {
+            if b.commit.event.source == EventSource::Crm {
                 out.crm_changes += 1;
             } else {
                 out.decided.changes += 1;
@@ -498,7 +498,14 @@ impl Engine {
                 };
                 let list = &self.lists()[ci.list];
                 let contact = contacts[ci.contact];
-                plan.apply(ci.contact, contact, list, ci.input.clone(), "crm", evidence);
+                plan.apply(
+                    ci.contact,
+                    contact,
+                    list,
+                    ci.input.clone(),
+                    EventSource::Crm,
+                    evidence,
+                );
             }
             for &i in &todo {
                 plan.decide(i, &rules, &ctxs, contacts[i]);

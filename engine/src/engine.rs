@@ -15,7 +15,7 @@ use serde::Serialize;
 use crate::config::{ListConfig, LoadedConfig};
 use crate::consent::{self, Consent, ConsentState, Effect, Input, Refusal};
 use crate::email;
-use crate::ledger::{Evidence, LedgerEvent, NewEvent};
+use crate::ledger::{EventSource, Evidence, LedgerEvent, NewEvent};
 use crate::rules::{RuleSet, RulesError};
 use crate::store::{
     Commit, Contact, ContactUpsert, NewOutbox, OutboxWork, PRIORITY_LEGAL, PRIORITY_NORMAL, Store,
@@ -267,7 +267,7 @@ impl Engine {
         contact: &Contact,
         list: &ListConfig,
         input: Input,
-        source: &str,
+        source: EventSource,
         evidence: Evidence,
     ) -> EngineResult<Applied> {
         let address_hash = self.tokens.address_hash(&contact.email);
@@ -315,7 +315,7 @@ impl Engine {
                     }
                     tracing::info!(
                         contact_id = %contact.id, list = %list.id, from = %from, to = %to, event = kind,
-                        seq = ev.seq, source, "consent changed"
+                        seq = ev.seq, source = source.as_str(), "consent changed"
                     );
                     return Ok(Applied::Changed(Box::new(ev)));
                 }
@@ -400,7 +400,7 @@ impl Engine {
                         ..Evidence::default()
                     };
                     if let Applied::Changed(_) = self
-                        .apply(&contact, list, input, "campaigns", evidence)
+                        .apply(&contact, list, input, EventSource::Campaigns, evidence)
                         .await?
                     {
                         changes += 1;
@@ -495,7 +495,7 @@ pub(crate) fn commit_for(
     input: &Input,
     t: consent::Transition,
     expected_seq: Option<i64>,
-    source: &str,
+    source: EventSource,
     evidence: Evidence,
     now: chrono::DateTime<Utc>,
 ) -> Commit {
@@ -508,7 +508,7 @@ pub(crate) fn commit_for(
         kind: t.event.to_owned(),
         from_state: t.from,
         to_state: t.to,
-        source: source.to_owned(),
+        source,
         evidence,
     };
     let global = matches!(
@@ -530,11 +530,11 @@ pub(crate) fn commit_for(
 }
 
 /// A refused consent change is logged and counted, never carried out.
-pub(crate) fn log_refusal(contact_id: &str, list_id: &str, refusal: &Refusal, source: &str) {
+pub(crate) fn log_refusal(contact_id: &str, list_id: &str, refusal: &Refusal, source: EventSource) {
     metrics::counter!("optinsync_consent_refused_total", "input" => refusal.input).increment(1);
     tracing::warn!(
         contact_id = %contact_id, list = %list_id, state = %refusal.state, input = refusal.input,
-        source, reason = refusal.reason, "consent change refused"
+        source = source.as_str(), reason = refusal.reason, "consent change refused"
     );
 }
 
@@ -694,7 +694,7 @@ impl Engine {
                         &contact,
                         list,
                         Input::CrmAsserted,
-                        "campaigns-import",
+                        EventSource::CampaignsImport,
                         evidence,
                     )
                     .await?
@@ -858,15 +858,19 @@ impl Engine {
     /// erasure carries the address (the CRM must find the record to opt it out), and mail
     /// already handed to an SMTP server is beyond reach.
     pub async fn erase(&self, contact: &Contact) -> EngineResult<EraseReport> {
-        self.erase_as(contact, "cli", "erasure requested (GDPR Art. 17)")
-            .await
+        self.erase_as(
+            contact,
+            EventSource::Cli,
+            "erasure requested (GDPR Art. 17)",
+        )
+        .await
     }
 
-    /// [`Engine::erase`] recorded with its `source` (`cli`, `admin`, `retention`) and `reason`.
+    /// [`Engine::erase`] recorded with its `source` (cli, admin, retention) and `reason`.
     pub async fn erase_as(
         &self,
         contact: &Contact,
-        source: &str,
+        source: EventSource,
         reason: &str,
     ) -> EngineResult<EraseReport> {
         let report = self.erase_data(contact, source, reason).await?;
@@ -879,7 +883,7 @@ impl Engine {
     pub async fn erase_data(
         &self,
         contact: &Contact,
-        source: &str,
+        source: EventSource,
         reason: &str,
     ) -> EngineResult<EraseReport> {
         let mut report = EraseReport::default();
@@ -902,7 +906,7 @@ impl Engine {
             .erase_contact(&contact.id, &hash, Utc::now())
             .await?;
         tracing::info!(
-            contact_id = %contact.id, source, redacted = report.store.redacted_events,
+            contact_id = %contact.id, source = source.as_str(), redacted = report.store.redacted_events,
             mail_copies_deleted = report.mail_copies_deleted, "contact erased"
         );
         Ok(report)

@@ -159,7 +159,7 @@ mod tests {
             kind: kind.to_owned(),
             from_state: ConsentState::None,
             to_state: to,
-            source: "test".to_owned(),
+            source: crate::ledger::EventSource::Cli,
             evidence: Evidence::default(),
         }
     }

@@ -28,7 +28,7 @@ use sha2::{Digest, Sha256};
 use crate::circuit::Verdict;
 use crate::consent::{ConsentState, Input, MailKind};
 use crate::engine::{Engine, EngineResult};
-use crate::ledger::{Evidence, NewEvent};
+use crate::ledger::{EventSource, Evidence, NewEvent};
 use crate::mail;
 use crate::store::{Finish, OutboxItem, OutboxWork, Snapshot, StoredWork};
 use crate::tokens::{Claims, Purpose};
@@ -458,7 +458,7 @@ impl Engine {
                     kind: format!("{}_mail_sent", mail.as_str()),
                     from_state: consent.state,
                     to_state: consent.state,
-                    source: "outbox".into(),
+                    source: EventSource::Outbox,
                     evidence: Evidence {
                         token_id: Some(token),
                         message_id: Some(sent.message_id),
@@ -483,7 +483,7 @@ impl Engine {
                     detail: Some(message.clone()),
                     ..Evidence::default()
                 };
-                self.apply(contact, list, Input::Bounce, "mail", evidence)
+                self.apply(contact, list, Input::Bounce, EventSource::Mail, evidence)
                     .await?;
                 Ok(Finish::Dead {
                     error: format!("address rejected: {message}"),

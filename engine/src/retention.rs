@@ -137,7 +137,9 @@ impl Engine {
                         category.as_str(),
                         crate::ledger::format_time(last_change)
                     );
-                    let erased = self.erase_data(contact, "retention", &reason).await?;
+                    let erased = self
+                        .erase_data(contact, crate::ledger::EventSource::Retention, &reason)
+                        .await?;
                     erased.store.redacted_events
                 };
                 match category {

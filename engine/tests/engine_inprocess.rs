@@ -13,6 +13,7 @@ use optinsync_engine::bulk::IngestStats;
 use optinsync_engine::consent::{ConsentState, Input};
 use optinsync_engine::email;
 use optinsync_engine::engine::{Applied, EngineError};
+use optinsync_engine::ledger::EventSource;
 use optinsync_engine::store::Contact;
 use optinsync_plugin_api::{ConnectorError, StatusKind};
 use optinsync_testkit::fake_connectors::{CampaignsCall, crm_record};
@@ -160,7 +161,13 @@ async fn apply_gives_up_as_contended_after_five_conflicting_attempts() {
 
     let result = h
         .engine
-        .apply(&ada, &news, Input::Unsubscribe, "web", Default::default())
+        .apply(
+            &ada,
+            &news,
+            Input::Unsubscribe,
+            EventSource::Web,
+            Default::default(),
+        )
         .await;
 
     assert!(
@@ -230,7 +237,7 @@ async fn batch_replans_a_contact_whose_consent_changed_between_plan_and_commit()
         .collect();
     assert_eq!(
         ada_events,
-        [("asserted", "other-writer"), ("doi_requested", "rules")]
+        [("asserted", "cli"), ("doi_requested", "rules")]
     );
     let bob = h.contact(BOB).await;
     assert_eq!(

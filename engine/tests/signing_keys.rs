@@ -75,7 +75,7 @@ async fn a_store_from_before_the_record_keeps_every_key_configured_then() {
             kind: "doi_mail_sent".into(),
             from_state: ConsentState::Pending,
             to_state: ConsentState::Pending,
-            source: "outbox".into(),
+            source: optinsync_engine::ledger::EventSource::Outbox,
             evidence: Evidence::default(),
         })
         .await

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use optinsync_engine::consent::{Consent, ConsentState, MailKind};
 use optinsync_engine::ledger::{
-    ChainError, ChainVerifier, Evidence, GENESIS_HASH, LedgerEvent, NewEvent,
+    ChainError, ChainVerifier, EventSource, Evidence, GENESIS_HASH, LedgerEvent, NewEvent,
 };
 use optinsync_engine::store::{
     self, BatchCommit, Commit, ContactUpsert, Finish, NewOutbox, OutboxCounts, OutboxItem,
@@ -203,7 +203,7 @@ fn event(
         kind: kind.to_owned(),
         from_state: from,
         to_state: to,
-        source: "test".to_owned(),
+        source: EventSource::Cli,
         evidence: Evidence {
             reason: Some(format!("{kind} for test")),
             ..Evidence::default()

@@ -39,7 +39,7 @@ use optinsync_engine::config::LoadedConfig;
 use optinsync_engine::consent::Consent;
 use optinsync_engine::email;
 use optinsync_engine::engine::Engine;
-use optinsync_engine::ledger::LedgerEvent;
+use optinsync_engine::ledger::{EventSource, LedgerEvent};
 use optinsync_engine::store::{ConsentSummary, Contact, OutboxCounts};
 
 /// Refused calls a client may make in a minute before it gets `429` for the rest of it.
@@ -311,7 +311,7 @@ async fn erase(State(engine): State<Arc<Engine>>, body: axum::body::Bytes) -> Re
     match engine
         .erase_as(
             &contact,
-            "admin",
+            EventSource::Admin,
             "erasure requested (GDPR Art. 17) through the admin API",
         )
         .await

@@ -47,7 +47,7 @@ use sha2::Sha256;
 use optinsync_engine::config::ListConfig;
 use optinsync_engine::consent::{ConsentState, Input};
 use optinsync_engine::engine::{Applied, Engine};
-use optinsync_engine::ledger::{Evidence, NewEvent};
+use optinsync_engine::ledger::{EventSource, Evidence, NewEvent};
 use optinsync_engine::mail;
 use optinsync_engine::store::{Contact, Snapshot};
 use optinsync_engine::templates::{Page, RenderedPage};
@@ -539,7 +539,7 @@ impl LinkState {
             kind: "link_fetched".into(),
             from_state: state,
             to_state: state,
-            source: "web".into(),
+            source: EventSource::Web,
             evidence,
         };
         if let Err(e) = engine.append_event(event).await {
@@ -886,7 +886,7 @@ async fn confirm_post(
         token: t.claims.token_id.clone(),
     };
     match engine
-        .apply(&t.contact, t.list, input, "web", evidence)
+        .apply(&t.contact, t.list, input, EventSource::Web, evidence)
         .await
     {
         Ok(Applied::Changed(_)) | Ok(Applied::Unchanged) => st.confirmed(&engine, &t).await,
@@ -992,7 +992,7 @@ async fn resend(
         token: uuid::Uuid::new_v4().to_string(),
     };
     match engine
-        .apply(&t.contact, t.list, input, "web", evidence)
+        .apply(&t.contact, t.list, input, EventSource::Web, evidence)
         .await
     {
         Ok(Applied::Changed(_)) => {
@@ -1141,7 +1141,13 @@ async fn unsubscribe_post(
         .into(),
     );
     match engine
-        .apply(&t.contact, t.list, Input::Unsubscribe, "web", evidence)
+        .apply(
+            &t.contact,
+            t.list,
+            Input::Unsubscribe,
+            EventSource::Web,
+            evidence,
+        )
         .await
     {
         // No redirect (RFC 8058 §3.2): the answer is the page itself.

@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use optinsync_engine::config::{ListConfig, LoadedConfig};
 use optinsync_engine::consent::{Consent, ConsentState, Input};
 use optinsync_engine::engine::{Applied, Connectors, Engine};
-use optinsync_engine::ledger::{Evidence, LedgerEvent, NewEvent};
+use optinsync_engine::ledger::{EventSource, Evidence, LedgerEvent, NewEvent};
 use optinsync_engine::rules::RuleSet;
 use optinsync_engine::store::{
     self, BatchCommit, Commit, ConsentSummary, Contact, ContactUpsert, Erasure, Finish,
@@ -493,7 +493,13 @@ impl Harness {
     /// Feed `input` to the engine under test as a web request would.
     pub async fn apply(&self, contact: &Contact, list: &str, input: Input) -> Applied {
         self.engine
-            .apply(contact, &self.list(list), input, "web", Evidence::default())
+            .apply(
+                contact,
+                &self.list(list),
+                input,
+                EventSource::Web,
+                Evidence::default(),
+            )
             .await
             .expect("apply")
     }
@@ -536,7 +542,15 @@ pub fn other_writer_applies(
                 .expect("read contact")
                 .expect("the raced contact exists");
             let applied = other
-                .apply(&contact, &list, input, "other-writer", Evidence::default())
+                // Recorded as an operator's command: a source the engine under test
+                // (web requests, CRM pages, rules) never uses, so events tell the writers apart.
+                .apply(
+                    &contact,
+                    &list,
+                    input,
+                    EventSource::Cli,
+                    Evidence::default(),
+                )
                 .await
                 .expect("the other writer's apply");
             assert!(
