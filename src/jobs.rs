@@ -17,14 +17,37 @@ use std::time::Duration;
 use optinsync_engine::engine::Engine;
 use optinsync_engine::untrusted::Escaped;
 
-/// The jobs, in the order one instance holding all of them runs them (CRM first, so the rules
-/// pass sees the newest contacts, as a single `sync --once` pass does).
-pub const JOBS: [&str; 3] = ["crm-poller", "campaigns-poller", "scheduler"];
+/// A periodic job of the daemon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Job {
+    /// The CRM feed, and connector upkeep (e.g. the Zoho notification channel).
+    CrmPoller,
+    /// The campaigns tool's status feed (unsubscribes, bounces).
+    CampaignsPoller,
+    /// The rules pass and timed upkeep (retention).
+    Scheduler,
+}
 
-/// Which leases this instance held at its last pass (to log changes only).
+impl Job {
+    /// The jobs, in the order one instance holding all of them runs them (CRM first, so the
+    /// rules pass sees the newest contacts, as a single `sync --once` pass does).
+    pub const ALL: [Job; 3] = [Self::CrmPoller, Self::CampaignsPoller, Self::Scheduler];
+
+    /// The name of the job's lease in the store (and of the job in logs). Stored: instances
+    /// of different versions sharing one database must agree on it.
+    pub fn lease_name(self) -> &'static str {
+        match self {
+            Self::CrmPoller => "crm-poller",
+            Self::CampaignsPoller => "campaigns-poller",
+            Self::Scheduler => "scheduler",
+        }
+    }
+}
+
+/// Which leases this instance held at its last pass (to log changes only), by job.
 #[derive(Debug, Default)]
 pub struct Jobs {
-    held: [Option<bool>; 3],
+    held: [Option<bool>; Job::ALL.len()],
 }
 
 impl Jobs {
@@ -36,7 +59,8 @@ impl Jobs {
         // When this instance pulled the CRM in this pass, the pull already ran the rules for
         // every contact it stored: the rules pass leaves those out (as `sync --once` does).
         let mut pulled_since = None;
-        for (i, job) in JOBS.into_iter().enumerate() {
+        for (i, kind) in Job::ALL.into_iter().enumerate() {
+            let job = kind.lease_name();
             let now = chrono::Utc::now();
             let held = match engine.try_lease(job, worker, now, now + hold).await {
                 Ok(h) => h,
@@ -60,9 +84,9 @@ impl Jobs {
                 continue;
             }
             let started = chrono::Utc::now();
-            match run_job(engine, job, pulled_since).await {
+            match run_job(engine, kind, pulled_since).await {
                 Ok(summary) => {
-                    if job == "crm-poller" {
+                    if kind == Job::CrmPoller {
                         pulled_since = Some(started);
                     }
                     tracing::info!(job, "job {job}: {summary}")
@@ -78,11 +102,11 @@ impl Jobs {
 
 async fn run_job(
     engine: &Engine,
-    job: &str,
+    job: Job,
     pulled_since: Option<chrono::DateTime<chrono::Utc>>,
 ) -> anyhow::Result<String> {
     match job {
-        "crm-poller" => {
+        Job::CrmPoller => {
             // Connector upkeep (e.g. the Zoho CRM notification channel); polling goes on if it fails.
             if let Err(e) = engine.connectors().crm.maintain().await {
                 tracing::warn!(error = %Escaped(&e), "CRM connector upkeep failed; polling goes on");
@@ -93,11 +117,11 @@ async fn run_job(
                 s.records, s.invalid, s.changes, s.rule_changes
             ))
         }
-        "campaigns-poller" => {
+        Job::CampaignsPoller => {
             let n = engine.pull_campaigns().await?;
             Ok(format!("{n} campaigns changes"))
         }
-        _ => {
+        Job::Scheduler => {
             let d = engine.decide_all_but_updated_since(pulled_since).await?;
             // Retention (`[retention]`) is timed upkeep too: applied once per `every`
             // (default daily), tracked in the store so restarts and other instances agree.
@@ -113,5 +137,17 @@ async fn run_job(
                 d.changes, d.refused, d.rule_errors, d.contacts
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lease names are stored; they are those of the string-typed jobs.
+    #[test]
+    fn lease_names_are_stable_and_distinct() {
+        let names: Vec<&str> = Job::ALL.iter().map(|j| j.lease_name()).collect();
+        assert_eq!(names, ["crm-poller", "campaigns-poller", "scheduler"]);
     }
 }
