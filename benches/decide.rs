@@ -60,6 +60,7 @@ fn cases(list: &ListConfig, now: DateTime<Utc>) -> Vec<Case> {
                         contact: Contact {
                             id: format!("{i:08}"),
                             email: format!("person{i}@example.org"),
+                            erased: false,
                             language: i.is_multiple_of(2).then(|| "en".to_owned()),
                             fields: BTreeMap::from([(
                                 "First_Name".to_owned(),

@@ -25,6 +25,7 @@ fn sample(i: usize, now: DateTime<Utc>) -> (Contact, Consent, Option<DateTime<Ut
     let contact = Contact {
         id: format!("c{i:08}"),
         email: format!("user{i}@example.test"),
+        erased: false,
         language: Some(if i % 4 == 3 { "es" } else { "en" }.to_owned()),
         fields,
         crm_records: vec![format!(

@@ -149,7 +149,7 @@ pub fn normalise(raw: &str) -> Result<String, AddressError> {
 
 /// The form keyed address hashes are computed over: [`normalise`]d, with the domain in its
 /// ASCII (punycode) form, so every spelling of one mailbox has one key. Input that is not a
-/// valid address (e.g. an `erased:` placeholder) is its own key.
+/// valid address (e.g. the hash an erased contact keeps) is its own key.
 pub fn key(address: &str) -> String {
     match canonical(address) {
         Ok(c) => format!("{}@{}", c.local, c.ascii_domain),

@@ -446,11 +446,7 @@ impl Engine {
     pub async fn is_erased(&self, address: &str) -> EngineResult<bool> {
         for h in self.tokens.address_hashes(address) {
             if self.store.is_suppressed(&h).await?
-                && self
-                    .store
-                    .contact_by_email(&format!("erased:{h}"))
-                    .await?
-                    .is_some()
+                && self.store.erased_contact_by_hash(&h).await?.is_some()
             {
                 return Ok(true);
             }

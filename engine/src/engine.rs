@@ -804,7 +804,7 @@ impl Engine {
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
             for contact in &page {
-                if contact.email.starts_with("erased:") {
+                if contact.erased {
                     continue;
                 }
                 match email::normalise(&contact.email) {

@@ -139,7 +139,7 @@ impl Engine {
                     .store
                     .contact_by_id(&item.contact_id)
                     .await?
-                    .is_some_and(|c| c.email.starts_with("erased:"))
+                    .is_some_and(|c| c.erased)
             {
                 scrub = true;
             }

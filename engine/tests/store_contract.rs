@@ -159,6 +159,23 @@ store_contract! {
         sqlite_check_release_claims_of_a_crashed_predecessor,
         postgres_check_release_claims_of_a_crashed_predecessor;
     check_rename_contact => sqlite_check_rename_contact, postgres_check_rename_contact;
+    check_erase_sets_the_erased_flag =>
+        sqlite_check_erase_sets_the_erased_flag, postgres_check_erase_sets_the_erased_flag;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_migration_flags_contacts_erased_before_the_flag() {
+    let dir = tempfile::tempdir().expect("create temp dir");
+    let url = format!("sqlite://{}", dir.path().join("db.sqlite").display());
+    old_erased_row_is_migrated(Backend::Sqlite, &url).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_migration_flags_contacts_erased_before_the_flag() {
+    let url = tokio::task::spawn_blocking(|| optinsync_testkit::shared_pg().create_database())
+        .await
+        .expect("start PostgreSQL / create database");
+    old_erased_row_is_migrated(Backend::Postgres, &url).await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1714,7 +1731,8 @@ async fn check_erasure_redacts_and_keeps_the_chain(db: TestDb) {
         optinsync_engine::ledger::REDACTED_EVIDENCE
     );
     let contact = s.contact_by_id(&a).await.expect("read").expect("row kept");
-    assert_eq!(contact.email, "erased:hash-of-a");
+    assert!(contact.erased);
+    assert_eq!(contact.email, "hash-of-a");
     assert!(contact.fields.is_empty() && contact.crm_records.is_empty());
     assert_eq!(
         s.contact_by_email("a@example.org").await.expect("read"),
@@ -2166,4 +2184,114 @@ async fn check_batch_reads(db: TestDb) {
         vec!["h1".to_owned()],
         "each suppressed hash once, even if asked twice"
     );
+}
+
+/// Erasure marks the contact (no `erased:` prefix on the address any more): its row keeps the
+/// hash in place of the address, found by [`Store::erased_contact_by_hash`] only.
+async fn check_erase_sets_the_erased_flag(db: TestDb) {
+    let s = &*db.store;
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    let before = s.contact_by_id(&a).await.expect("read").expect("a");
+    assert!(!before.erased);
+
+    s.erase_contact(&a, "hash-of-a", t(4)).await.expect("erase");
+
+    let after = s.contact_by_id(&a).await.expect("read").expect("row kept");
+    assert!(after.erased);
+    assert_eq!(after.email, "hash-of-a");
+    assert_eq!(
+        s.erased_contact_by_hash("hash-of-a").await.expect("read"),
+        Some(after.clone())
+    );
+    assert_eq!(
+        s.contact_by_email("a@example.org").await.expect("read"),
+        None
+    );
+    // Only erased contacts answer a hash lookup.
+    assert_eq!(
+        s.erased_contact_by_hash("b@example.org")
+            .await
+            .expect("read"),
+        None
+    );
+    let page = s.contacts_page(None, 10).await.expect("page");
+    let flags: BTreeMap<&str, bool> = page.iter().map(|c| (c.id.as_str(), c.erased)).collect();
+    assert_eq!(
+        flags,
+        BTreeMap::from([(a.as_str(), true), (b.as_str(), false)])
+    );
+}
+
+/// A database written before the `erased` flag, holding a contact erased the old way
+/// (`erased:<hash>` as its address), is migrated: the flag set, the hash kept without the
+/// prefix, the other contacts untouched.
+async fn old_erased_row_is_migrated(backend: Backend, url: &str) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(match backend {
+        Backend::Sqlite => "migrations/sqlite",
+        Backend::Postgres => "migrations/postgres",
+    });
+    // The migrations before the flag, as a database of that time had them applied.
+    let old = tempfile::tempdir().expect("temp dir");
+    for entry in std::fs::read_dir(&dir).expect("migrations dir") {
+        let path = entry.expect("dir entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("utf-8 name")
+            .to_owned();
+        let version: u32 = name
+            .split('_')
+            .next()
+            .and_then(|v| v.parse().ok())
+            .expect("numbered migration");
+        if version < 10 {
+            std::fs::copy(&path, old.path().join(&name)).expect("copy migration");
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(old.path())
+        .await
+        .expect("old migrations");
+    let insert = "INSERT INTO contacts (id, email, language, fields, crm_records, created_at, updated_at) VALUES \
+        ('c-erased', 'erased:abc123', NULL, '{}', '[]', '2025-01-01T00:00:00.000000Z', '2025-01-01T00:00:00.000000Z'), \
+        ('c-live', 'live@example.org', NULL, '{}', '[]', '2025-01-01T00:00:00.000000Z', '2025-01-01T00:00:00.000000Z')";
+    match backend {
+        Backend::Sqlite => {
+            let opts: sqlx::sqlite::SqliteConnectOptions = url.parse().expect("SQLite URL");
+            let pool = sqlx::SqlitePool::connect_with(opts.create_if_missing(true))
+                .await
+                .expect("connect");
+            migrator.run(&pool).await.expect("old migrations run");
+            sqlx::query(insert).execute(&pool).await.expect("old row");
+            pool.close().await;
+        }
+        Backend::Postgres => {
+            let pool = sqlx::PgPool::connect(url).await.expect("connect");
+            migrator.run(&pool).await.expect("old migrations run");
+            sqlx::query(insert).execute(&pool).await.expect("old row");
+            pool.close().await;
+        }
+    }
+
+    let s = store::open(url).await.expect("open store");
+    s.migrate().await.expect("migrate to the flag");
+
+    let erased = s
+        .contact_by_id("c-erased")
+        .await
+        .expect("read")
+        .expect("kept");
+    assert!(erased.erased);
+    assert_eq!(erased.email, "abc123");
+    assert_eq!(
+        s.erased_contact_by_hash("abc123").await.expect("read"),
+        Some(erased)
+    );
+    let live = s
+        .contact_by_email("live@example.org")
+        .await
+        .expect("read")
+        .expect("kept");
+    assert!(!live.erased);
+    assert_eq!(live.id, "c-live");
 }

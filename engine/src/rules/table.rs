@@ -195,6 +195,7 @@ pub fn load(path: &Path) -> Result<Vec<TableTest>, RulesError> {
         let contact = Contact {
             id: "table-test-contact".into(),
             email: format!("person@{}", raw.contact.email_domain),
+            erased: false,
             language: raw.contact.language,
             fields: raw.contact.fields,
             crm_records: vec![],

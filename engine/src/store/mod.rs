@@ -46,7 +46,13 @@ pub type StoreResult<T> = Result<T, StoreError>;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Contact {
     pub id: String,
+    /// The normalised address; once [`Contact::erased`], the keyed hash of the address it had
+    /// (unique, and never an address).
     pub email: String,
+    /// GDPR erasure forgot this contact's address, fields and records ([`Store::erase_contact`]);
+    /// only its consent events and the hash stay.
+    #[serde(default)]
+    pub erased: bool,
     pub language: Option<String>,
     pub fields: BTreeMap<String, serde_json::Value>,
     /// CRM records (`Module/id`) that carry this address.
@@ -205,6 +211,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         now: DateTime<Utc>,
     ) -> StoreResult<Vec<Contact>>;
     async fn contact_by_email(&self, email: &str) -> StoreResult<Option<Contact>>;
+    /// The erased contact whose address had this keyed hash ([`Store::erase_contact`]).
+    async fn erased_contact_by_hash(&self, address_hash: &str) -> StoreResult<Option<Contact>>;
     /// Store this contact under another (normalised) address, unless another contact has it
     /// (`false`). For re-spelling addresses stored before canonicalisation; nothing else
     /// changes (`updated_at` included).
@@ -275,8 +283,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn release_claims(&self, prefix: &str, current: &str) -> StoreResult<u64>;
     async fn outbox_counts(&self) -> StoreResult<OutboxCounts>;
     async fn outbox_dead(&self) -> StoreResult<Vec<OutboxItem>>;
-    /// GDPR erasure of one contact: redact the evidence of its ledger events, replace its
-    /// address by `erased:<address_hash>` and clear its fields, scrub finished outbox payloads.
+    /// GDPR erasure of one contact: redact the evidence of its ledger events, mark it erased
+    /// with `address_hash` in place of its address and clear its fields, scrub finished outbox
+    /// payloads.
     /// The consent events themselves (and the chain) stay. Call [`Store::after_erasure`] after
     /// (once for a batch of erasures).
     async fn erase_contact(

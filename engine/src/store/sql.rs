@@ -32,7 +32,7 @@ macro_rules! shared_store_impl {
         type Row = <$db as sqlx::Database>::Row;
         type Tx<'a> = sqlx::Transaction<'a, $db>;
 
-        const CONTACT_COLS: &str = "id, email, language, fields, crm_records, created_at, updated_at";
+        const CONTACT_COLS: &str = "id, email, erased, language, fields, crm_records, created_at, updated_at";
         const CONSENT_COLS: &str =
             "list_id, state, since, signup_token, doi_mails, reminders_sent, confirmed_at, confirmed_token, last_seq";
         const LEDGER_COLS: &str =
@@ -50,6 +50,7 @@ macro_rules! shared_store_impl {
             Ok(Contact {
                 id: row.try_get("id")?,
                 email: row.try_get("email")?,
+                erased: row.try_get("erased")?,
                 language: row.try_get("language")?,
                 fields: parse_json("contacts", &row.try_get::<String, _>("fields")?)?,
                 crm_records: parse_json("contacts", &row.try_get::<String, _>("crm_records")?)?,
@@ -248,6 +249,14 @@ macro_rules! shared_store_impl {
                 row.as_ref().map(contact_from).transpose()
             }
 
+            async fn erased_contact_by_hash(&self, address_hash: &str) -> StoreResult<Option<Contact>> {
+                let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts WHERE email = $1 AND erased"))
+                    .bind(address_hash)
+                    .fetch_optional(&self.reader)
+                    .await?;
+                row.as_ref().map(contact_from).transpose()
+            }
+
             async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>> {
                 let row = sqlx::query(&format!("SELECT {CONTACT_COLS} FROM contacts WHERE id = $1"))
                     .bind(id)
@@ -393,6 +402,7 @@ macro_rules! shared_store_impl {
                         by_email.insert(email.clone(), Contact {
                             id,
                             email,
+                            erased: false,
                             language: c.language.clone(),
                             fields: c.fields.clone(),
                             crm_records: c.crm_record.iter().cloned().collect(),
@@ -670,7 +680,7 @@ macro_rules! shared_store_impl {
                     "UPDATE outbox SET status = $1, next_attempt_at = $2, last_error = $3, note = $4, done_at = $5, \
                      claimed_by = NULL, claimed_until = NULL, \
                      payload = CASE WHEN $1 <> 'pending' AND EXISTS (SELECT 1 FROM contacts c WHERE c.id = outbox.contact_id \
-                     AND c.email LIKE 'erased:%') THEN '{}' ELSE payload END \
+                     AND c.erased) THEN '{}' ELSE payload END \
                      WHERE id = $6 AND claimed_by = $7 AND status = 'pending'",
                 )
                 .bind(status)
@@ -765,9 +775,10 @@ macro_rules! shared_store_impl {
                 .await?
                 .try_get("n")?;
                 let contact = sqlx::query(
-                    "UPDATE contacts SET email = $1, language = NULL, fields = '{}', crm_records = '[]', updated_at = $2 WHERE id = $3",
+                    "UPDATE contacts SET email = $1, erased = TRUE, language = NULL, fields = '{}', crm_records = '[]', \
+                     updated_at = $2 WHERE id = $3",
                 )
-                .bind(format!("erased:{address_hash}"))
+                .bind(address_hash)
                 .bind(format_time(now))
                 .bind(contact_id)
                 .execute(&mut *tx)

@@ -168,6 +168,9 @@ impl Store for RacingStore {
     async fn rename_contact(&self, contact_id: &str, email: &str) -> StoreResult<bool> {
         self.inner.rename_contact(contact_id, email).await
     }
+    async fn erased_contact_by_hash(&self, address_hash: &str) -> StoreResult<Option<Contact>> {
+        self.inner.erased_contact_by_hash(address_hash).await
+    }
     async fn contact_by_id(&self, id: &str) -> StoreResult<Option<Contact>> {
         self.inner.contact_by_id(id).await
     }
