@@ -66,7 +66,10 @@ fn cases(list: &ListConfig, now: DateTime<Utc>) -> Vec<Case> {
                                 "First_Name".to_owned(),
                                 serde_json::Value::String(format!("P{i}")),
                             )]),
-                            crm_records: vec![format!("Contacts/{i}")],
+                            crm_records: vec![optinsync_plugin_api::RecordRef {
+                                module: "Contacts".into(),
+                                id: i.to_string(),
+                            }],
                             created_at: now,
                             updated_at: now,
                         },

@@ -502,7 +502,12 @@ pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<()
         if contact.crm_records.is_empty() {
             "-".to_owned()
         } else {
-            contact.crm_records.join(", ")
+            contact
+                .crm_records
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
         }
     );
     println!("consent:");

@@ -28,10 +28,10 @@ fn sample(i: usize, now: DateTime<Utc>) -> (Contact, Consent, Option<DateTime<Ut
         erased: false,
         language: Some(if i % 4 == 3 { "es" } else { "en" }.to_owned()),
         fields,
-        crm_records: vec![format!(
-            "Contacts/{}",
-            4_150_868_100_000_000_000u64 + i as u64
-        )],
+        crm_records: vec![optinsync_plugin_api::RecordRef {
+            module: "Contacts".into(),
+            id: (4_150_868_100_000_000_000u64 + i as u64).to_string(),
+        }],
         created_at: now,
         updated_at: now,
     };

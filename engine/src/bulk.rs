@@ -348,7 +348,7 @@ impl Engine {
                     .map(clean_text)
                     .filter(|l| !l.trim().is_empty()),
                 fields: clean_fields(&rec.fields),
-                crm_record: Some(rec.record.to_string()),
+                crm_record: Some(rec.record.clone()),
             });
             kept.push(rec);
         }

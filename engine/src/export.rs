@@ -196,7 +196,7 @@ pub async fn proof_bundle(
             "contact_id": contact.id,
             "email": contact.email,
             "language": contact.language,
-            "crm_records": contact.crm_records,
+            "crm_records": record_texts(contact),
         },
         "consent": consents.iter().map(|(list, c)| {
             let l = config.list(list);
@@ -257,7 +257,7 @@ fn list_proof(
         "who": {
             "contact_id": contact.id,
             "email": contact.email,
-            "crm_records": contact.crm_records,
+            "crm_records": record_texts(contact),
             "crm_record_of_signup": asserted.and_then(|e| e.evidence().crm_record),
         },
         "what": {
@@ -462,7 +462,7 @@ pub async fn subject_export(
             "email": contact.email,
             "language": contact.language,
             "fields": contact.fields,
-            "crm_records": contact.crm_records,
+            "crm_records": record_texts(contact),
             "created_at": contact.created_at,
             "updated_at": contact.updated_at,
         },
@@ -488,6 +488,15 @@ pub async fn subject_export(
         "engagement": engagement,
         "suppressed": suppressed,
     }))
+}
+
+/// A contact's CRM records as shown: their `Module/id` texts.
+fn record_texts(contact: &Contact) -> Vec<String> {
+    contact
+        .crm_records
+        .iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 #[cfg(test)]

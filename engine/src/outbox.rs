@@ -18,9 +18,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use optinsync_plugin_api::{
-    ConnectorError, ConsentWriteBack, OutgoingMessage, RecordRef, Subscriber,
-};
+use optinsync_plugin_api::{ConnectorError, ConsentWriteBack, OutgoingMessage, Subscriber};
 use rand::Rng as _;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -307,16 +305,8 @@ impl Engine {
                 // An erasure's write-back carries the records and address it was queued with:
                 // by now the contact holds neither.
                 let records = carried_records
-                    .as_ref()
-                    .unwrap_or(&contact.crm_records)
-                    .iter()
-                    .filter_map(|r| {
-                        r.split_once('/').map(|(m, id)| RecordRef {
-                            module: m.to_owned(),
-                            id: id.to_owned(),
-                        })
-                    })
-                    .collect();
+                    .clone()
+                    .unwrap_or_else(|| contact.crm_records.clone());
                 let wb = ConsentWriteBack {
                     records,
                     email: carried_email

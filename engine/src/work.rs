@@ -9,6 +9,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use optinsync_plugin_api::RecordRef;
+
 use crate::consent::{ConsentState, MailKind};
 
 /// The connectors outbox work is delivered through; each has its own circuit breaker.
@@ -80,10 +82,14 @@ pub enum OutboxWork {
         state: Option<ConsentState>,
         #[serde(default)]
         opt_out: bool,
-        /// CRM records (`Module/id`) carried by an erasure's write-back: by delivery time
-        /// the contact holds none.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        records: Option<Vec<String>>,
+        /// CRM records carried by an erasure's write-back (stored as `Module/id`): by
+        /// delivery time the contact holds none.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "optinsync_plugin_api::record_ref_text::option"
+        )]
+        records: Option<Vec<RecordRef>>,
         /// The address carried by an erasure's write-back.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         email: Option<String>,
@@ -239,7 +245,10 @@ mod tests {
                 OutboxWork::CrmWriteBack {
                     state: Some(ConsentState::Erased),
                     opt_out: true,
-                    records: Some(vec!["Leads/1".into()]),
+                    records: Some(vec![RecordRef {
+                        module: "Leads".into(),
+                        id: "1".into(),
+                    }]),
                     email: Some("a@example.org".into()),
                 },
                 "crm_write_back",

@@ -187,12 +187,17 @@ fn t(secs: i64) -> DateTime<Utc> {
     DateTime::from_timestamp(1_760_000_000 + secs, 0).expect("valid timestamp")
 }
 
+/// A CRM record reference from its `Module/id` text.
+fn record(text: &str) -> optinsync_plugin_api::RecordRef {
+    text.parse().expect("a record reference")
+}
+
 fn upsert(email: &str, crm_record: Option<&str>) -> ContactUpsert {
     ContactUpsert {
         email: email.to_owned(),
         language: None,
         fields: BTreeMap::new(),
-        crm_record: crm_record.map(str::to_owned),
+        crm_record: crm_record.map(record),
     }
 }
 
@@ -389,7 +394,7 @@ async fn check_contacts(db: TestDb) {
         email: "ann@example.org".into(),
         language: Some("de".into()),
         fields: BTreeMap::from([("first_name".to_owned(), json!("Ann"))]),
-        crm_record: Some("Contacts/2".into()),
+        crm_record: Some(record("Contacts/2")),
     };
     let a1 = s.upsert_contact(&first, t(0)).await.expect("first upsert");
     assert_eq!(a1.email, "ann@example.org");
@@ -417,7 +422,7 @@ async fn check_contacts(db: TestDb) {
             ("first_name".to_owned(), json!("Anne")),
             ("last_name".to_owned(), json!("Smith")),
         ]),
-        crm_record: Some("Contacts/1".into()),
+        crm_record: Some(record("Contacts/1")),
     };
     let a2 = s
         .upsert_contact(&second, t(10))
@@ -573,7 +578,7 @@ async fn check_concurrent_upserts_merge_records(db: TestDb) {
                     email,
                     language: None,
                     fields: BTreeMap::from([(format!("f{i}"), json!(i))]),
-                    crm_record: Some(format!("Contacts/{i}")),
+                    crm_record: Some(record(&format!("Contacts/{i}"))),
                 };
                 barrier.wait().await;
                 st.upsert_contact(&u, t(1)).await.expect("upsert").id

@@ -145,13 +145,9 @@ impl CrmConnector for FakeCrm {
         let refs = ids
             .iter()
             .map(|s| {
-                s.split_once('/')
-                    .map(|(module, id)| RecordRef {
-                        module: module.into(),
-                        id: id.into(),
-                    })
-                    .ok_or_else(|| ConnectorError::InvalidInput {
-                        message: format!("not a record reference: {s}"),
+                s.parse::<RecordRef>()
+                    .map_err(|e| ConnectorError::InvalidInput {
+                        message: e.to_string(),
                     })
             })
             .collect::<ConnectorResult<Vec<_>>>()?;

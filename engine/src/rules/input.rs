@@ -52,8 +52,7 @@ pub fn contact_map(c: &Contact) -> Map {
         "crm_records".into(),
         c.crm_records
             .iter()
-            .cloned()
-            .map(Dynamic::from)
+            .map(|r| Dynamic::from(r.to_string()))
             .collect::<rhai::Array>()
             .into(),
     );

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use optinsync_plugin_api::RecordRef;
 use serde::{Deserialize, Serialize};
 
 use crate::consent::Consent;
@@ -55,8 +56,9 @@ pub struct Contact {
     pub erased: bool,
     pub language: Option<String>,
     pub fields: BTreeMap<String, serde_json::Value>,
-    /// CRM records (`Module/id`) that carry this address.
-    pub crm_records: Vec<String>,
+    /// CRM records that carry this address; stored and shown as `Module/id`.
+    #[serde(with = "optinsync_plugin_api::record_ref_text")]
+    pub crm_records: Vec<RecordRef>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -67,7 +69,7 @@ pub struct ContactUpsert {
     pub email: String,
     pub language: Option<String>,
     pub fields: BTreeMap<String, serde_json::Value>,
-    pub crm_record: Option<String>,
+    pub crm_record: Option<RecordRef>,
 }
 
 /// Priority of outbox work: removals and opt-outs have legal deadlines (invariant 7).

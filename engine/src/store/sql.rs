@@ -46,6 +46,26 @@ macro_rules! shared_store_impl {
                 .map_err(|e| StoreError::Corrupt { table, detail: format!("bad timestamp `{s}`: {e}") })
         }
 
+        /// A contact's CRM records, stored as a JSON array of `Module/id` texts; parsed here,
+        /// once, so nothing after the store splits them again.
+        fn parse_records(text: &str) -> StoreResult<Vec<optinsync_plugin_api::RecordRef>> {
+            let texts: Vec<String> = parse_json("contacts", text)?;
+            texts
+                .iter()
+                .map(|t| {
+                    t.parse().map_err(|e: optinsync_plugin_api::InvalidRecordRef| StoreError::Corrupt {
+                        table: "contacts",
+                        detail: e.to_string(),
+                    })
+                })
+                .collect()
+        }
+
+        /// The stored form of CRM records: a JSON array of their `Module/id` texts.
+        fn records_json<'a>(refs: impl IntoIterator<Item = &'a optinsync_plugin_api::RecordRef>) -> String {
+            to_json(&refs.into_iter().map(ToString::to_string).collect::<Vec<_>>())
+        }
+
         fn contact_from(row: &Row) -> StoreResult<Contact> {
             Ok(Contact {
                 id: row.try_get("id")?,
@@ -53,7 +73,7 @@ macro_rules! shared_store_impl {
                 erased: row.try_get("erased")?,
                 language: row.try_get("language")?,
                 fields: parse_json("contacts", &row.try_get::<String, _>("fields")?)?,
-                crm_records: parse_json("contacts", &row.try_get::<String, _>("crm_records")?)?,
+                crm_records: parse_records(&row.try_get::<String, _>("crm_records")?)?,
                 created_at: parse_time("contacts", &row.try_get::<String, _>("created_at")?)?,
                 updated_at: parse_time("contacts", &row.try_get::<String, _>("updated_at")?)?,
             })
@@ -131,7 +151,8 @@ macro_rules! shared_store_impl {
             if let Some(rec) = &c.crm_record {
                 if !contact.crm_records.contains(rec) {
                     contact.crm_records.push(rec.clone());
-                    contact.crm_records.sort();
+                    // In the order of their texts, as they were kept when they were strings.
+                    contact.crm_records.sort_by_cached_key(ToString::to_string);
                     changed = true;
                 }
             }
@@ -214,7 +235,7 @@ macro_rules! shared_store_impl {
                 .bind(&c.email)
                 .bind(&c.language)
                 .bind(to_json(&c.fields))
-                .bind(to_json(&c.crm_record.iter().collect::<Vec<_>>()))
+                .bind(records_json(&c.crm_record))
                 .bind(&ts)
                 .bind(&ts)
                 .execute(&mut *tx)
@@ -231,7 +252,7 @@ macro_rules! shared_store_impl {
                     )
                     .bind(&contact.language)
                     .bind(to_json(&contact.fields))
-                    .bind(to_json(&contact.crm_records))
+                    .bind(records_json(&contact.crm_records))
                     .bind(&ts)
                     .bind(&contact.id)
                     .execute(&mut *tx)
@@ -387,7 +408,7 @@ macro_rules! shared_store_impl {
                             .push_bind(**email)
                             .push_bind(c.language.clone())
                             .push_bind(to_json(&c.fields))
-                            .push_bind(to_json(&c.crm_record.iter().collect::<Vec<_>>()))
+                            .push_bind(records_json(&c.crm_record))
                             .push_bind(ts.as_str())
                             .push_bind(ts.as_str());
                     });
@@ -443,7 +464,7 @@ macro_rules! shared_store_impl {
                             .push_bind(c.email.clone())
                             .push_bind(c.language.clone())
                             .push_bind(to_json(&c.fields))
-                            .push_bind(to_json(&c.crm_records))
+                            .push_bind(records_json(&c.crm_records))
                             .push_bind(format_time(c.created_at))
                             .push_bind(ts.clone());
                     });

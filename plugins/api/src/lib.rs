@@ -39,6 +39,96 @@ impl fmt::Display for RecordRef {
     }
 }
 
+/// A reference's text form (`Module/id`) names no module or no id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not a CRM record reference (`Module/id`): {0:?}")]
+pub struct InvalidRecordRef(pub String);
+
+/// The text form, as [`fmt::Display`] writes it: split at the first `/` (a module name holds
+/// none; an id may).
+impl std::str::FromStr for RecordRef {
+    type Err = InvalidRecordRef;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((module, id)) if !module.is_empty() && !id.is_empty() => Ok(RecordRef {
+                module: module.to_owned(),
+                id: id.to_owned(),
+            }),
+            _ => Err(InvalidRecordRef(s.to_owned())),
+        }
+    }
+}
+
+/// Compares with the text form, so a reference can be checked against `"Contacts/1"`.
+impl PartialEq<str> for RecordRef {
+    fn eq(&self, other: &str) -> bool {
+        other
+            .split_once('/')
+            .is_some_and(|(m, id)| m == self.module && id == self.id)
+    }
+}
+
+impl PartialEq<&str> for RecordRef {
+    fn eq(&self, other: &&str) -> bool {
+        *self == **other
+    }
+}
+
+impl PartialEq<String> for RecordRef {
+    fn eq(&self, other: &String) -> bool {
+        *self == *other.as_str()
+    }
+}
+
+/// Serde of record references as their text form (`Module/id`), for where the engine stores
+/// or shows them (a contact's records, an outbox payload, exports). The wire types above keep
+/// the `{module, id}` shape connectors exchange. `#[serde(with = "record_ref_text")]` on a
+/// `Vec<RecordRef>`; [`record_ref_text::option`] on an `Option<Vec<RecordRef>>`.
+pub mod record_ref_text {
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::RecordRef;
+
+    pub fn serialize<S: Serializer>(refs: &[RecordRef], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(refs.iter().map(ToString::to_string))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<RecordRef>, D::Error> {
+        Vec::<String>::deserialize(d)?
+            .iter()
+            .map(|t| t.parse().map_err(D::Error::custom))
+            .collect()
+    }
+
+    pub mod option {
+        use super::*;
+
+        pub fn serialize<S: Serializer>(
+            refs: &Option<Vec<RecordRef>>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match refs {
+                Some(refs) => super::serialize(refs, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Vec<RecordRef>>, D::Error> {
+            Option::<Vec<String>>::deserialize(d)?
+                .map(|v| {
+                    v.iter()
+                        .map(|t| t.parse().map_err(D::Error::custom))
+                        .collect()
+                })
+                .transpose()
+        }
+    }
+}
+
 /// One CRM record as the connector read it. `email` is as given by the CRM (not normalised).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CrmRecord {
@@ -452,4 +542,46 @@ pub trait SharedMarks: Send + Sync + fmt::Debug {
     async fn unmark(&self, set: &str, members: &[String]) -> ConnectorResult<()>;
     /// Every member of `set`.
     async fn marked(&self, set: &str) -> ConnectorResult<Vec<String>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_refs_parse_their_text_form_once() {
+        let r: RecordRef = "Contacts/4150868000000624001".parse().expect("valid");
+        assert_eq!(
+            (r.module.as_str(), r.id.as_str()),
+            ("Contacts", "4150868000000624001")
+        );
+        assert_eq!(r.to_string(), "Contacts/4150868000000624001");
+        // Split at the first `/`, as the string-typed code did: an id may hold one.
+        let odd: RecordRef = "Leads/a/b".parse().expect("valid");
+        assert_eq!((odd.module.as_str(), odd.id.as_str()), ("Leads", "a/b"));
+        assert_eq!(odd.to_string(), "Leads/a/b");
+        for bad in ["", "Contacts", "/1", "Contacts/"] {
+            assert_eq!(
+                bad.parse::<RecordRef>(),
+                Err(InvalidRecordRef(bad.to_owned()))
+            );
+        }
+        assert!(r == "Contacts/4150868000000624001" && r != "Contacts/1");
+    }
+
+    #[test]
+    fn text_serde_keeps_the_stored_strings() {
+        #[derive(Debug, PartialEq, Serialize, Deserialize)]
+        struct Row {
+            #[serde(with = "record_ref_text")]
+            records: Vec<RecordRef>,
+            #[serde(default, with = "record_ref_text::option")]
+            carried: Option<Vec<RecordRef>>,
+        }
+        let json = serde_json::json!({ "records": ["Contacts/1", "Leads/2"], "carried": null });
+        let row: Row = serde_json::from_value(json.clone()).expect("reads");
+        assert_eq!(row.records, ["Contacts/1", "Leads/2"]);
+        assert_eq!(serde_json::to_value(&row).ok(), Some(json));
+        assert!(serde_json::from_value::<Row>(serde_json::json!({ "records": ["nope"] })).is_err());
+    }
 }
