@@ -247,7 +247,7 @@ impl<'e> Plan<'e> {
                             .increment(1);
                         tracing::warn!(
                             contact_id = %contact.id, list = %list.id, state = %consent.state, reason = %Escaped(&p.reason),
-                            rule = %p.rule_file, "rule proposed subscribe without confirmation; refused (invariant 1)"
+                            rule = %p.rule_file, "rule proposed subscribe without confirmation; refused (invariant: only a confirmation subscribes)"
                         );
                         self.misses.push((owner, Miss::Refused));
                         continue;

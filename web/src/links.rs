@@ -1,6 +1,6 @@
 //! The public link endpoints: `/confirm/{token}` and `/unsubscribe/{token}`.
 //!
-//! * `GET`/`HEAD` never change consent (invariant 6). They render the page (from the
+//! * `GET`/`HEAD` never change consent (an architecture invariant). They render the page (from the
 //!   templates, in the contact's language) and record a `link_fetched` evidence event, at most
 //!   a few per token per hour, so a scanner cannot flood the ledger.
 //! * The confirm page's button POSTs a per-page nonce: an HMAC over the token id, the page's
