@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use optinsync_testkit::harness::util::copy_setup;
 use optinsync_testkit::zoho::{self, FakeZoho};
 
 /// The token secret of the bench's config (confirm links are minted with it).
@@ -128,31 +129,12 @@ pub fn write(
         &cfg[end..]
     );
     std::fs::write(dir.join("config.toml"), cfg)?;
-    copy_dir(&repo.join("rules"), &dir.join("rules"))?;
-    for lang in std::fs::read_dir(repo.join("templates"))? {
-        let lang = lang?.path();
-        if lang.is_dir() {
-            let name = lang.file_name().context("template directory name")?;
-            copy_dir(&lang, &dir.join("templates").join(name))?;
-        }
-    }
+    copy_setup(&repo, dir)?;
     Ok(Setup {
         dir: dir.to_path_buf(),
         port,
         store_url,
     })
-}
-
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let p = e?.path();
-        if p.is_file() {
-            let name = p.file_name().context("file name")?;
-            std::fs::copy(&p, to.join(name))?;
-        }
-    }
-    Ok(())
 }
 
 /// The peak resident set (`VmHWM`, KiB) of a running process.

@@ -30,7 +30,6 @@ use axum::routing::{get, post};
 use chrono::{DateTime, FixedOffset, Utc};
 use serde_json::{Map, Value, json};
 
-#[path = "zoho_synthetic.rs"]
 mod synthetic;
 pub use synthetic::SyntheticSource;
 

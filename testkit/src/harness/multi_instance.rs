@@ -3,7 +3,7 @@
 //! confirm on the fake Zoho Campaigns (through `listsubscribe`, under a tight quota); one
 //! daemon is `kill -9`ed mid-run and restarted on the same address, as a supervisor would.
 //!
-//! Shared (through `#[path]`) by the CI test `tests/e2e/multi_instance.rs` and the full run
+//! Run by the CI test `tests/e2e/multi_instance.rs` and at full size by
 //! `examples/multi_instance.rs`.
 //!
 //! Ground truth, checked once everything is drained:
@@ -17,23 +17,22 @@
 //! - every confirmation answered 200 is on the Campaigns list, nobody else is; the ledger chain
 //!   verifies.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use optinsync_engine::store;
-use optinsync_testkit::smtp::{self, SmtpSink};
-use optinsync_testkit::zoho::{self, FakeZoho};
-use optinsync_testkit::zoho_campaigns::{FakeCampaigns, MemberStatus};
 
-use crate::harness_util::{all_events, confirm, copy_dir, email_of, first};
+use super::OpenStore;
+use super::util::{
+    self, all_events, bare_message_id, confirm, copy_setup, email_of, evidence_message_id, first,
+};
+use crate::smtp::{self, SmtpSink};
+use crate::zoho::{self, FakeZoho};
+use crate::zoho_campaigns::{FakeCampaigns, MemberStatus};
 
 const LISTKEY: &str = "5a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
@@ -265,17 +264,7 @@ impl Report {
             "  ledger               {} events; {}",
             self.ledger_events, self.chain
         );
-        if let Some(dir) = &self.dir {
-            println!("  working directory    {} (kept)", dir.display());
-        }
-        let v = self.violations();
-        if v.is_empty() {
-            println!("  result               all guarantees held");
-        } else {
-            for x in &v {
-                println!("  VIOLATED             {x}");
-            }
-        }
+        util::print_outcome(self.dir.as_deref(), &self.violations());
     }
 }
 
@@ -328,12 +317,7 @@ async fn people_step(
                 continue;
             };
             let parsed = smtp::parse(&m.data);
-            let mid = parsed
-                .header("Message-ID")
-                .unwrap_or_default()
-                .trim()
-                .trim_matches(|c| c == '<' || c == '>')
-                .to_owned();
+            let mid = bare_message_id(parsed.header("Message-ID").unwrap_or_default());
             let entry = p.mails.entry(to.clone()).or_default();
             let first_mail = entry.is_empty();
             entry.push((mid, start + n));
@@ -484,61 +468,22 @@ fn write_setup(
         }
         std::fs::write(dir.join(format!("config-{i}.toml")), cfg)?;
     }
-    copy_dir(&opts.repo.join("rules"), &dir.join("rules"))?;
-    for lang in std::fs::read_dir(opts.repo.join("templates"))? {
-        let lang = lang?.path();
-        if lang.is_dir() {
-            let name = lang.file_name().context("template directory name")?;
-            copy_dir(&lang, &dir.join("templates").join(name))?;
-        }
-    }
-    Ok(())
+    copy_setup(&opts.repo, dir)
 }
 
 fn spawn_daemon(opts: &Options, dir: &Path, i: usize, start: usize) -> anyhow::Result<Child> {
-    let log_path = dir.join(format!("daemon-{i}.log"));
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
-    writeln!(log, "===== harness: instance {i} start #{start} =====")?;
-    Command::new(&opts.bin)
-        .arg("--config")
-        .arg(dir.join(format!("config-{i}.toml")))
-        .arg("run")
-        .env("RUST_LOG", "info")
-        .env_remove("OPTINSYNC_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", opts.bin.display()))
+    let config = dir.join(format!("config-{i}.toml"));
+    let start = format!("instance {i} start #{start}");
+    util::spawn_daemon(&opts.bin, &config, &log_path(dir, i), &start)
 }
 
-fn log_tail(dir: &Path, i: usize) -> String {
-    let text = std::fs::read_to_string(dir.join(format!("daemon-{i}.log"))).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+fn log_path(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("daemon-{i}.log"))
 }
 
-fn terminate(child: &mut Child) -> anyhow::Result<()> {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let t = Instant::now();
-    while child.try_wait()?.is_none() {
-        if t.elapsed() > Duration::from_secs(40) {
-            child.kill()?;
-            bail!("a daemon did not stop after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-/// Run the harness once; `Err` only when the set-up itself fails or it does not finish.
-pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+/// Run the harness once, reading the store through `stores`; `Err` only when the set-up
+/// itself fails or it does not finish.
+pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Report> {
     let started = Instant::now();
     let tmp = tempfile::Builder::new()
         .prefix("optinsync-multi-")
@@ -555,9 +500,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     campaigns.add_list(LISTKEY, "Newsletter", false);
     let (limit, per) = opts.subscribe_limit;
     campaigns.set_quota("listsubscribe", &[(limit, per)], Duration::from_secs(60));
-    let ports: Vec<u16> = (0..opts.instances)
-        .map(|_| optinsync_testkit::free_port())
-        .collect();
+    let ports: Vec<u16> = (0..opts.instances).map(|_| crate::free_port()).collect();
     write_setup(&dir, opts, &ports, &sink, &crm, &campaigns)?;
 
     let people = Arc::new(Mutex::new(People::default()));
@@ -571,13 +514,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             ports.clone(),
         );
         tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                // Below the daemon's idle keep-alive (10 s): never reuse a closing connection.
-                .pool_idle_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("HTTP client");
+            let client = util::people_client();
             while !stop.load(Ordering::SeqCst) {
                 people_step(&sink, &people, &opts, &ports, &client).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -592,8 +529,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let store = {
         let t = Instant::now();
         loop {
-            if let Ok(s) = store::open(&opts.pg_url).await
-                && s.outbox_counts().await.is_ok()
+            if let Ok(s) = stores.open(&opts.pg_url).await
+                && s.outbox_pending().await.is_ok()
             {
                 break s;
             }
@@ -620,7 +557,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             {
                 bail!(
                     "instance {i} exited by itself with {status}:\n{}",
-                    log_tail(&dir, i)
+                    util::log_tail(&log_path(&dir, i))
                 );
             }
         }
@@ -640,11 +577,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             let p = lock(&people);
             (p.queue.len() + p.in_flight, p.mails.len(), p.acked.len())
         };
-        let pending = store
-            .outbox_counts()
-            .await
-            .map(|c| c.pending)
-            .unwrap_or(i64::MAX);
+        let pending = store.outbox_pending().await.unwrap_or(i64::MAX);
         let active = campaigns.active(LISTKEY).len();
         if restarted
             && open_clicks == 0
@@ -659,7 +592,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     stop.store(true, Ordering::SeqCst);
     let _ = people_task.await;
     for c in &mut children {
-        terminate(c)?;
+        util::terminate(c, Duration::from_secs(40)).await?;
     }
     if !done {
         let (mailed, acked) = {
@@ -667,12 +600,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             (p.mails.len(), p.acked.len())
         };
         bail!(
-            "not drained within {:?}: {mailed} contacts mailed, {acked} confirmations, outbox {:?}, {} on the list; kept {}\n{}",
+            "not drained within {:?}: {mailed} contacts mailed, {acked} confirmations, outbox pending {:?}, {} on the list; kept {}\n{}",
             opts.drain_timeout,
-            store.outbox_counts().await.ok(),
+            store.outbox_pending().await.ok(),
             campaigns.active(LISTKEY).len(),
             tmp.keep().display(),
-            log_tail(&dir, 0)
+            util::log_tail(&log_path(&dir, 0))
         );
     }
 
@@ -691,22 +624,19 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     // Ledger: Message-IDs named by mail-sent events, DOI records per contact, the chain.
     let events = all_events(store.as_ref()).await?;
     report.ledger_events = events.len();
-    match optinsync_engine::ledger::verify_chain(&events) {
-        Ok(_) => {
+    match store.verify_ledger().await {
+        Ok(()) => {
             report.chain_ok = true;
             report.chain = "verified".into();
         }
-        Err(e) => report.chain = e.to_string(),
+        Err(e) => report.chain = e,
     }
     let mut recorded: HashMap<String, usize> = HashMap::new();
     let mut doi_records: HashMap<&str, usize> = HashMap::new();
     for e in &events {
         if e.kind.ends_with("_mail_sent") {
-            let ev: serde_json::Value = serde_json::from_str(&e.evidence).unwrap_or_default();
-            if let Some(mid) = ev.get("message_id").and_then(|m| m.as_str()) {
-                *recorded
-                    .entry(mid.trim_matches(|c| c == '<' || c == '>').to_owned())
-                    .or_default() += 1;
+            if let Some(mid) = evidence_message_id(e) {
+                *recorded.entry(mid).or_default() += 1;
             }
             *doi_records.entry(e.contact_id.as_str()).or_default() += 1;
         }
@@ -788,7 +718,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     });
 
     for i in 0..opts.instances {
-        let log = std::fs::read_to_string(dir.join(format!("daemon-{i}.log"))).unwrap_or_default();
+        let log = std::fs::read_to_string(log_path(&dir, i)).unwrap_or_default();
         report
             .quota_waits
             .push(log.matches("calls wait for their slot").count());

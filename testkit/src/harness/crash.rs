@@ -1,12 +1,11 @@
 //! Crash harness: a real sync by the `optinsync run` binary, `kill -9`ed at random moments and
 //! restarted each time, checked afterwards against what the outside world saw.
 //!
-//! Shared (through `#[path]`) by the CI test `tests/e2e/crash.rs` and the full run
-//! `examples/crash_harness.rs`.
+//! Run by the CI test `tests/e2e/crash.rs` and at full size by `examples/crash_harness.rs`.
 //!
 //! The world around the daemon is real wherever that shows a crash's effects: the fake Zoho
-//! CRM (`testkit::zoho`, in this process, so it outlives every daemon) holds the contacts, a
-//! loopback SMTP sink (`testkit::smtp`) receives the DOI mails (it does not deduplicate, so a
+//! CRM ([`crate::zoho`], in this process, so it outlives every daemon) holds the contacts, a
+//! loopback SMTP sink ([`crate::smtp`]) receives the DOI mails (it does not deduplicate, so a
 //! mail delivered twice is seen twice), and a "people" task reads each mail at the sink and,
 //! per a seeded plan, confirms (GET the page, POST its form) or unsubscribes (RFC 8058
 //! one-click POST) a moment later, retrying until the daemon answers 200. The store is SQLite
@@ -22,24 +21,22 @@
 //!   recorded once in the ledger, with a kill between the copies: the crash hit the send
 //!   window (SMTP accepted, outbox row not yet finished). At most one such duplicate per kill.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use optinsync_engine::consent::ConsentState;
-use optinsync_engine::ledger::LedgerEvent;
-use optinsync_engine::store::{self, Store};
-use optinsync_testkit::smtp::{self, SmtpSink};
-use optinsync_testkit::zoho::{self, FakeZoho};
 
-use crate::harness_util::{all_events, confirm, copy_dir, email_of, first};
+use super::util::{
+    self, all_events, bare_message_id, confirm, copy_setup, email_of, evidence_message_id, first,
+    link_in,
+};
+use super::{LedgerEvent, OpenStore, Store};
+use crate::smtp::{self, SmtpSink};
+use crate::zoho::{self, FakeZoho};
 
 /// The list the shipped configuration defines.
 const LIST: &str = "newsletter";
@@ -344,17 +341,7 @@ impl Report {
             self.list_mismatches.len(),
             self.crm_write_backs
         );
-        if let Some(dir) = &self.dir {
-            println!("  working directory    {} (kept)", dir.display());
-        }
-        let v = self.violations();
-        if v.is_empty() {
-            println!("  result               all guarantees held");
-        } else {
-            for x in &v {
-                println!("  VIOLATED             {x}");
-            }
-        }
+        util::print_outcome(self.dir.as_deref(), &self.violations());
     }
 }
 
@@ -401,13 +388,6 @@ fn plans(rng: &mut Rng, opts: &Options) -> HashMap<String, (Plan, u64)> {
         .collect()
 }
 
-/// The first `http…` word containing `marker`.
-fn link_in(text: &str, marker: &str) -> Option<String> {
-    text.split(|c: char| c.is_whitespace() || c == '<' || c == '>' || c == '"' || c == ',')
-        .find(|w| w.starts_with("http") && w.contains(marker))
-        .map(str::to_owned)
-}
-
 /// RFC 8058 one-click unsubscribe, as a mailbox provider sends it.
 async fn unsubscribe(client: &reqwest::Client, link: &str) -> Result<u16, reqwest::Error> {
     let resp = client
@@ -439,13 +419,7 @@ async fn people_step(
                 continue;
             };
             let parsed = smtp::parse(&m.data);
-            let mid = parsed
-                .header("Message-ID")
-                .unwrap_or_default()
-                .trim()
-                .trim_start_matches('<')
-                .trim_end_matches('>')
-                .to_owned();
+            let mid = bare_message_id(parsed.header("Message-ID").unwrap_or_default());
             let entry = p.mails.entry(to.clone()).or_default();
             let first_mail = entry.is_empty();
             entry.push((mid, start + n));
@@ -608,42 +582,23 @@ fn write_setup(
     );
     cfg = format!("{}{crm}{}", &cfg[..start], &cfg[end..]);
     std::fs::write(dir.join("config.toml"), cfg)?;
-    copy_dir(&opts.repo.join("rules"), &dir.join("rules"))?;
-    for lang in std::fs::read_dir(opts.repo.join("templates"))? {
-        let lang = lang?.path();
-        if lang.is_dir() {
-            let name = lang.file_name().context("template directory name")?;
-            copy_dir(&lang, &dir.join("templates").join(name))?;
-        }
-    }
+    copy_setup(&opts.repo, dir)?;
     std::fs::create_dir_all(dir.join("var"))?;
     Ok(store_url)
 }
 
 fn spawn_daemon(opts: &Options, dir: &Path, n: usize) -> anyhow::Result<Child> {
-    let log_path = dir.join("daemon.log");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
-    writeln!(log, "===== harness: daemon start #{n} =====")?;
-    Command::new(&opts.bin)
-        .arg("--config")
-        .arg(dir.join("config.toml"))
-        .arg("run")
-        .env("RUST_LOG", "info")
-        .env_remove("OPTINSYNC_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", opts.bin.display()))
+    let start = format!("daemon start #{n}");
+    util::spawn_daemon(
+        &opts.bin,
+        &dir.join("config.toml"),
+        &dir.join("daemon.log"),
+        &start,
+    )
 }
 
 fn log_tail(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+    util::log_tail(&dir.join("daemon.log"))
 }
 
 fn listening(port: u16) -> bool {
@@ -666,8 +621,9 @@ async fn read_ledger(store: &dyn Store, seen: &mut BTreeMap<i64, String>) {
     }
 }
 
-/// Run the harness once; `Err` only when the set-up itself fails.
-pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+/// Run the harness once, reading the store through `stores`; `Err` only when the set-up
+/// itself fails.
+pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut rng = Rng::new(opts.seed);
     let plans = Arc::new(plans(&mut rng, opts));
@@ -684,7 +640,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         s.credits_remaining = i64::MAX;
     });
     fake.seed("Contacts", opts.contacts);
-    let port = optinsync_testkit::free_port();
+    let port = crate::free_port();
     let store_url = write_setup(&dir, opts, port, &sink, &fake)?;
 
     let people = Arc::new(Mutex::new(People::default()));
@@ -697,13 +653,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             Arc::clone(&stop),
         );
         tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                // Below the daemon's idle keep-alive (10 s): never reuse a closing connection.
-                .pool_idle_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("HTTP client");
+            let client = util::people_client();
             while !stop.load(Ordering::SeqCst) {
                 people_step(&sink, &people, &plans, &client).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -734,7 +684,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             Backend::Postgres { .. } => true,
         };
         if store.is_none() && db_exists {
-            store = store::open(&store_url).await.ok();
+            store = stores.open(&store_url).await.ok();
         }
         if let Some(s) = &store {
             read_ledger(s.as_ref(), &mut seen).await;
@@ -755,7 +705,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         None => {
             let t = Instant::now();
             loop {
-                if let Ok(s) = store::open(&store_url).await {
+                if let Ok(s) = stores.open(&store_url).await {
                     break s;
                 }
                 if t.elapsed() > Duration::from_secs(30) {
@@ -777,11 +727,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             let p = lock(&people);
             (p.queue.len() + p.in_flight, p.mails.len())
         };
-        let outbox_pending = store
-            .outbox_counts()
-            .await
-            .map(|c| c.pending)
-            .unwrap_or(i64::MAX);
+        let outbox_pending = store.outbox_pending().await.unwrap_or(i64::MAX);
         if clicks_open == 0 && mailed >= opts.contacts && outbox_pending == 0 {
             drained = true;
             break;
@@ -790,18 +736,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     }
     stop.store(true, Ordering::SeqCst);
     let _ = people_task.await;
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let t = Instant::now();
-    while child.try_wait()?.is_none() {
-        if t.elapsed() > Duration::from_secs(30) {
-            child.kill()?;
-            bail!("final daemon did not stop after SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    util::terminate(&mut child, Duration::from_secs(30)).await?;
     let drain = drain_start.elapsed();
     if !drained {
         eprintln!(
@@ -852,8 +787,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     loop {
         let page = store.contacts_page(after.as_deref(), 5000).await?;
         let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
-        contacts.extend(page.into_iter().map(|c| (c.id, c.email)));
+        after = Some(last.0.clone());
+        contacts.extend(page);
     }
     // Per email: (to_state of web events), Message-IDs named by mail-sent events.
     let mut web_states: HashMap<&str, Vec<&str>> = HashMap::new();
@@ -868,13 +803,10 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 .or_default()
                 .push(e.to_state.as_str());
         }
-        if e.kind.ends_with("_mail_sent") {
-            let ev: serde_json::Value = serde_json::from_str(&e.evidence).unwrap_or_default();
-            if let Some(mid) = ev.get("message_id").and_then(|m| m.as_str()) {
-                *recorded
-                    .entry(mid.trim_matches(|c| c == '<' || c == '>').to_owned())
-                    .or_default() += 1;
-            }
+        if e.kind.ends_with("_mail_sent")
+            && let Some(mid) = evidence_message_id(e)
+        {
+            *recorded.entry(mid).or_default() += 1;
         }
     }
     let email_to_id: HashMap<&str, &str> = contacts
@@ -886,12 +818,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         let id = email_to_id.get(email).map(|s| (*s).to_owned());
         async move {
             match id {
-                Some(id) => store
-                    .consent(&id, LIST)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|c| c.state),
+                Some(id) => store.consent_state(&id, LIST).await.ok().flatten(),
                 None => None,
             }
         }
@@ -913,7 +840,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .get(email.as_str())
             .is_some_and(|s| s.contains(&"confirmed"));
         let state = final_state(email).await;
-        if !in_ledger || state != Some(ConsentState::Confirmed) {
+        if !in_ledger || state.as_deref() != Some("confirmed") {
             report.lost_confirmations.push(format!(
                 "{email}: in ledger {in_ledger}, final state {state:?}"
             ));
@@ -924,7 +851,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .get(email.as_str())
             .is_some_and(|s| s.contains(&"withdrawn"));
         let state = final_state(email).await;
-        if !in_ledger || state != Some(ConsentState::Withdrawn) {
+        if !in_ledger || state.as_deref() != Some("withdrawn") {
             report.lost_withdrawals.push(format!(
                 "{email}: in ledger {in_ledger}, final state {state:?}"
             ));
