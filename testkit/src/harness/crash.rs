@@ -28,15 +28,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use super::util::{
-    self, all_events, bare_message_id, confirm, copy_setup, email_of, evidence_message_id, first,
-    link_in,
+    self, Mailbox, NewMail, ShippedConfig, all_events, confirm, copy_setup, email_of, first,
+    link_in, recorded_message_ids, zoho_crm_section,
 };
 use super::{LedgerEvent, OpenStore, Store};
-use crate::smtp::{self, SmtpSink};
-use crate::zoho::{self, FakeZoho};
+use crate::smtp::SmtpSink;
+use crate::zoho::FakeZoho;
 
 /// The list the shipped configuration defines.
 const LIST: &str = "newsletter";
@@ -357,10 +357,7 @@ struct Click {
 
 #[derive(Debug, Default)]
 struct People {
-    /// Sink messages already read.
-    read: usize,
-    /// Email → (Message-IDs in arrival order, sink indices).
-    mails: HashMap<String, Vec<(String, usize)>>,
+    mailbox: Mailbox,
     queue: Vec<Click>,
     acked_confirm: BTreeMap<String, Instant>,
     acked_unsubscribe: BTreeMap<String, Instant>,
@@ -408,22 +405,13 @@ async fn people_step(
 ) {
     let (start, new) = {
         let p = lock(people);
-        (p.read, sink.messages_since(p.read))
+        (p.mailbox.read, sink.messages_since(p.mailbox.read))
     };
     let now = Instant::now();
     {
         let mut p = lock(people);
-        p.read = start + new.len();
-        for (n, m) in new.iter().enumerate() {
-            let Some(to) = m.rcpt_to.first().map(|t| t.to_ascii_lowercase()) else {
-                continue;
-            };
-            let parsed = smtp::parse(&m.data);
-            let mid = bare_message_id(parsed.header("Message-ID").unwrap_or_default());
-            let entry = p.mails.entry(to.clone()).or_default();
-            let first_mail = entry.is_empty();
-            entry.push((mid, start + n));
-            if !first_mail {
+        for NewMail { to, mail, first } in p.mailbox.file(start, &new) {
+            if !first {
                 continue;
             }
             let Some(&(plan, delay)) = plans.get(&to) else {
@@ -431,10 +419,10 @@ async fn people_step(
             };
             let link = match plan {
                 Plan::Nothing => continue,
-                Plan::Confirm => parsed
+                Plan::Confirm => mail
                     .part("text/plain")
                     .and_then(|t| link_in(t, "/confirm/")),
-                Plan::Unsubscribe => parsed
+                Plan::Unsubscribe => mail
                     .header("List-Unsubscribe")
                     .and_then(|h| link_in(h, "/unsubscribe/")),
             };
@@ -524,64 +512,20 @@ fn write_setup(
         Backend::Sqlite => format!("sqlite://{}", dir.join("var/optinsync.db").display()),
         Backend::Postgres { url } => url.clone(),
     };
-    let shipped =
-        std::fs::read_to_string(opts.repo.join("config.toml")).context("reading config.toml")?;
-    let mut cfg = shipped.clone();
-    let mut replace = |from: &str, to: &str| -> anyhow::Result<()> {
-        if !cfg.contains(from) {
-            bail!("shipped config.toml changed: `{from}` not found");
-        }
-        cfg = cfg.replacen(from, to, 1);
-        Ok(())
-    };
-    replace(
-        "listen = \"127.0.0.1:8080\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    )?;
-    replace(
-        "public_url = \"http://127.0.0.1:8080\"",
-        &format!("public_url = \"http://127.0.0.1:{port}\""),
-    )?;
+    let mut cfg = ShippedConfig::read(&opts.repo)?;
+    cfg.serve_on(port)?;
     // The shipped poll interval (10 s) stays: contacts are all in the CRM from the start, and
     // each pass runs the rules over every contact, which at 20,000 takes seconds.
-    replace(
-        "url = \"sqlite://var/optinsync.db\"",
-        &format!("url = \"{store_url}\""),
+    cfg.store(&store_url)?;
+    cfg.lift_rate_limits(10_000_000)?;
+    cfg.secret("crash-harness-secret-0123456789abcdef-0123")?;
+    cfg.smtp_to(sink.port())?;
+    cfg.replace_sections(
+        "[connectors.crm]",
+        "[connectors.campaigns]",
+        &zoho_crm_section(&fake.url(), ""),
     )?;
-    // Every "person" clicks from 127.0.0.1: lift the per-IP limit of the public pages.
-    replace(
-        "[server]\n",
-        "[server]\nrate_limit_per_minute = 10000000\nglobal_rate_limit_per_second = 10000000\n",
-    )?;
-    // The published demo secret is refused once mail goes over SMTP.
-    replace(
-        "secret = \"demo-only-secret-change-me-0123456789abcdef\"",
-        "secret = \"crash-harness-secret-0123456789abcdef-0123\"",
-    )?;
-    replace(
-        "[connectors.mail]\nkind = \"eml\"\ndir = \"var/mail\"\n",
-        &format!(
-            "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\ntimeout_secs = 10\nrate_per_minute = 1000000\n",
-            sink.port()
-        ),
-    )?;
-    let (Some(start), Some(end)) = (
-        cfg.find("[connectors.crm]"),
-        cfg.find("[connectors.campaigns]"),
-    ) else {
-        bail!("shipped config.toml changed: no [connectors.crm] / [connectors.campaigns]");
-    };
-    let crm = format!(
-        "[connectors.crm]\nkind = \"zoho-crm\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n\
-         accounts_url = \"{url}\"\napi_url = \"{url}\"\nmodules = [\"Contacts\"]\nfields = [\"First_Name\", \"Last_Name\"]\n\n\
-         [connectors.crm.asserts]\nnewsletter = \"Newsletter\"\n\n",
-        zoho::CLIENT_ID,
-        zoho::CLIENT_SECRET,
-        zoho::REFRESH_TOKEN,
-        url = fake.url(),
-    );
-    cfg = format!("{}{crm}{}", &cfg[..start], &cfg[end..]);
-    std::fs::write(dir.join("config.toml"), cfg)?;
+    cfg.write(&dir.join("config.toml"))?;
     copy_setup(&opts.repo, dir)?;
     std::fs::create_dir_all(dir.join("var"))?;
     Ok(store_url)
@@ -725,7 +669,7 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
         }
         let (clicks_open, mailed) = {
             let p = lock(&people);
-            (p.queue.len() + p.in_flight, p.mails.len())
+            (p.queue.len() + p.in_flight, p.mailbox.by_recipient.len())
         };
         let outbox_pending = store.outbox_pending().await.unwrap_or(i64::MAX);
         if clicks_open == 0 && mailed >= opts.contacts && outbox_pending == 0 {
@@ -790,9 +734,9 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
         after = Some(last.0.clone());
         contacts.extend(page);
     }
-    // Per email: (to_state of web events), Message-IDs named by mail-sent events.
+    // Per email: (to_state of web events); Message-IDs named by mail-sent events.
     let mut web_states: HashMap<&str, Vec<&str>> = HashMap::new();
-    let mut recorded: HashMap<String, usize> = HashMap::new();
+    let recorded = recorded_message_ids(&events);
     for e in &events {
         let Some(email) = contacts.get(&e.contact_id) else {
             continue;
@@ -802,11 +746,6 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
                 .entry(email.as_str())
                 .or_default()
                 .push(e.to_state.as_str());
-        }
-        if e.kind.ends_with("_mail_sent")
-            && let Some(mid) = evidence_message_id(e)
-        {
-            *recorded.entry(mid).or_default() += 1;
         }
     }
     let email_to_id: HashMap<&str, &str> = contacts
@@ -858,46 +797,32 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
         }
     }
 
-    report.mails_received = people.mails.values().map(Vec::len).sum();
-    for i in 0..opts.contacts {
-        let email = email_of(i);
-        let Some(mails) = people.mails.get(&email) else {
-            report.contacts_without_mail.push(email);
-            continue;
-        };
-        for (mid, _) in mails {
-            if !recorded.contains_key(mid)
-                && !report
-                    .unrecorded_mails
-                    .iter()
-                    .any(|m| m.contains(mid.as_str()))
-            {
-                let state = final_state(&email).await;
-                report
-                    .unrecorded_mails
-                    .push(format!("{email} <{mid}> (final state {state:?})"));
-            }
-        }
-        if mails.len() < 2 {
-            continue;
-        }
-        let mut ids: Vec<&str> = mails.iter().map(|(m, _)| m.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let first_at = mails[0].1;
-        let second_at = mails[1].1;
+    report.mails_received = people.mailbox.count();
+    let mails = people.mailbox.check(opts.contacts, &recorded);
+    report.contacts_without_mail = mails.without_mail;
+    for (email, mid) in mails.unrecorded {
+        let state = final_state(&email).await;
+        report
+            .unrecorded_mails
+            .push(format!("{email} <{mid}> (final state {state:?})"));
+    }
+    for c in mails.duplicates {
+        let first_at = c.mails[0].1;
+        let second_at = c.mails[1].1;
         // The kill whose count of received mails includes the first copy but not the second.
         let kill = kills_at
             .iter()
-            .position(|&c| c > first_at && c <= second_at);
-        let ledger_records = recorded.get(mails[0].0.as_str()).copied().unwrap_or(0);
+            .position(|&n| n > first_at && n <= second_at);
         report.duplicates.push(Duplicate {
-            email,
-            copies: mails.len(),
-            message_ids: ids.len(),
-            ledger_records,
+            copies: c.mails.len(),
+            message_ids: c.message_ids,
+            ledger_records: c.ledger_records,
             kill,
-            explained: ids.len() == 1 && ledger_records <= 1 && kill.is_some() && mails.len() == 2,
+            explained: c.message_ids == 1
+                && c.ledger_records <= 1
+                && kill.is_some()
+                && c.mails.len() == 2,
+            email: c.email,
         });
     }
     // Two duplicates explained by the same kill would mean more than one mail in its window.

@@ -24,13 +24,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use super::OpenStore;
 use super::util::{
-    self, all_events, bare_message_id, confirm, copy_setup, email_of, evidence_message_id, first,
+    self, Mailbox, NewMail, ShippedConfig, all_events, confirm, copy_setup, first,
+    recorded_message_ids, zoho_crm_section,
 };
-use crate::smtp::{self, SmtpSink};
+use crate::smtp::SmtpSink;
 use crate::zoho::{self, FakeZoho};
 use crate::zoho_campaigns::{FakeCampaigns, MemberStatus};
 
@@ -279,9 +280,7 @@ struct Click {
 
 #[derive(Debug, Default)]
 struct People {
-    read: usize,
-    /// Email → (Message-ID, sink index) in arrival order.
-    mails: HashMap<String, Vec<(String, usize)>>,
+    mailbox: Mailbox,
     last_mail: Option<Instant>,
     queue: Vec<Click>,
     in_flight: usize,
@@ -304,33 +303,24 @@ async fn people_step(
 ) {
     let (start, new) = {
         let p = lock(people);
-        (p.read, sink.messages_since(p.read))
+        (p.mailbox.read, sink.messages_since(p.mailbox.read))
     };
     {
         let mut p = lock(people);
-        p.read = start + new.len();
         if !new.is_empty() {
             p.last_mail = Some(Instant::now());
         }
-        for (n, m) in new.iter().enumerate() {
-            let Some(to) = m.rcpt_to.first().map(|t| t.to_ascii_lowercase()) else {
-                continue;
-            };
-            let parsed = smtp::parse(&m.data);
-            let mid = bare_message_id(parsed.header("Message-ID").unwrap_or_default());
-            let entry = p.mails.entry(to.clone()).or_default();
-            let first_mail = entry.is_empty();
-            entry.push((mid, start + n));
+        for NewMail { to, mail, first } in p.mailbox.file(start, &new) {
             let index: usize = to
                 .trim_start_matches("person")
                 .split('@')
                 .next()
                 .and_then(|i| i.parse().ok())
                 .unwrap_or(1);
-            if !first_mail || !index.is_multiple_of(opts.confirm_every) {
+            if !first || !index.is_multiple_of(opts.confirm_every) {
                 continue;
             }
-            let link = parsed.part("text/plain").and_then(|t| {
+            let link = mail.part("text/plain").and_then(|t| {
                 t.split_whitespace()
                     .find(|w| w.starts_with("http") && w.contains("/confirm/"))
                     .and_then(|w| w.find("/confirm/").map(|at| w[at..].to_owned()))
@@ -405,68 +395,38 @@ fn write_setup(
     crm: &FakeZoho,
     campaigns: &FakeCampaigns,
 ) -> anyhow::Result<()> {
-    let shipped =
-        std::fs::read_to_string(opts.repo.join("config.toml")).context("reading config.toml")?;
-    let (Some(start), Some(end)) = (shipped.find("[connectors.crm]"), shipped.find("[[lists]]"))
-    else {
-        bail!("shipped config.toml changed: no [connectors.crm] / [[lists]]");
-    };
     let (limit, per) = opts.subscribe_limit;
-    let connectors = format!(
-        "[connectors.crm]\nkind = \"zoho-crm\"\nclient_id = \"{cid}\"\nclient_secret = \"{cs}\"\nrefresh_token = \"{rt}\"\n\
-         accounts_url = \"{crm}\"\napi_url = \"{crm}\"\nmodules = [\"Contacts\"]\nfields = [\"First_Name\", \"Last_Name\"]\n\n\
-         [connectors.crm.asserts]\nnewsletter = \"Newsletter\"\n\n\
-         [connectors.campaigns]\nkind = \"zoho-campaigns\"\nclient_id = \"{cid}\"\nclient_secret = \"{cs}\"\nrefresh_token = \"{rt}\"\n\
+    let campaigns_section = format!(
+        "[connectors.campaigns]\nkind = \"zoho-campaigns\"\nclient_id = \"{cid}\"\nclient_secret = \"{cs}\"\nrefresh_token = \"{rt}\"\n\
          accounts_url = \"{zc}\"\ncampaigns_url = \"{zc}\"\nstatus_interval = \"2s\"\n\n\
          [connectors.campaigns.limits]\nlistsubscribe = [\"{limit}/{per_s}s\"]\n\n\
          [connectors.campaigns.fields]\n\"First Name\" = \"First_Name\"\n\"Last Name\" = \"Last_Name\"\n\n\
-         [connectors.campaigns.lists.newsletter]\nlistkey = \"{LISTKEY}\"\ndoi = \"optinsync\"\n\n\
-         [connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {smtp}\ntls = \"none\"\ntimeout_secs = 10\nrate_per_minute = 1000000\n\n",
+         [connectors.campaigns.lists.newsletter]\nlistkey = \"{LISTKEY}\"\ndoi = \"optinsync\"\n\n",
         cid = zoho::CLIENT_ID,
         cs = zoho::CLIENT_SECRET,
         rt = zoho::REFRESH_TOKEN,
-        crm = crm.url(),
         zc = campaigns.url(),
         per_s = per.as_secs().max(1),
-        smtp = sink.port(),
     );
+    let mut shared = ShippedConfig::read(&opts.repo)?;
+    shared.replace_sections(
+        "[connectors.crm]",
+        "[connectors.mail]",
+        &format!("{}{campaigns_section}", zoho_crm_section(&crm.url(), "")),
+    )?;
+    shared.smtp_to(sink.port())?;
+    shared.store(&opts.pg_url)?;
+    shared.replace(
+        "poll_interval = \"10s\"",
+        &format!("poll_interval = \"{}\"", opts.poll_interval),
+    )?;
+    // Every "person" clicks from 127.0.0.1: lift the per-IP limit of the pages.
+    shared.lift_rate_limits(10_000_000)?;
+    shared.secret("multi-instance-secret-0123456789abcdef-012")?;
     for (i, port) in ports.iter().enumerate() {
-        let mut cfg = format!("{}{connectors}{}", &shipped[..start], &shipped[end..]);
-        for (from, to) in [
-            (
-                "url = \"sqlite://var/optinsync.db\"".to_owned(),
-                format!("url = \"{}\"", opts.pg_url),
-            ),
-            (
-                "listen = \"127.0.0.1:8080\"".to_owned(),
-                format!("listen = \"127.0.0.1:{port}\""),
-            ),
-            (
-                "public_url = \"http://127.0.0.1:8080\"".to_owned(),
-                format!("public_url = \"http://127.0.0.1:{port}\""),
-            ),
-            (
-                "poll_interval = \"10s\"".to_owned(),
-                format!("poll_interval = \"{}\"", opts.poll_interval),
-            ),
-            // Every "person" clicks from 127.0.0.1: lift the per-IP limit of the pages.
-            (
-                "[server]\n".to_owned(),
-                "[server]\nrate_limit_per_minute = 10000000\nglobal_rate_limit_per_second = 10000000\n"
-                    .to_owned(),
-            ),
-            // The published demo secret is refused once mail goes over SMTP.
-            (
-                "secret = \"demo-only-secret-change-me-0123456789abcdef\"".to_owned(),
-                "secret = \"multi-instance-secret-0123456789abcdef-012\"".to_owned(),
-            ),
-        ] {
-            if !cfg.contains(&from) {
-                bail!("shipped config.toml changed: `{from}` not found");
-            }
-            cfg = cfg.replacen(&from, &to, 1);
-        }
-        std::fs::write(dir.join(format!("config-{i}.toml")), cfg)?;
+        let mut cfg = shared.clone();
+        cfg.serve_on(*port)?;
+        cfg.write(&dir.join(format!("config-{i}.toml")))?;
     }
     copy_setup(&opts.repo, dir)
 }
@@ -575,7 +535,11 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
         }
         let (open_clicks, mailed, acked) = {
             let p = lock(&people);
-            (p.queue.len() + p.in_flight, p.mails.len(), p.acked.len())
+            (
+                p.queue.len() + p.in_flight,
+                p.mailbox.by_recipient.len(),
+                p.acked.len(),
+            )
         };
         let pending = store.outbox_pending().await.unwrap_or(i64::MAX);
         let active = campaigns.active(LISTKEY).len();
@@ -597,7 +561,7 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
     if !done {
         let (mailed, acked) = {
             let p = lock(&people);
-            (p.mails.len(), p.acked.len())
+            (p.mailbox.by_recipient.len(), p.acked.len())
         };
         bail!(
             "not drained within {:?}: {mailed} contacts mailed, {acked} confirmations, outbox pending {:?}, {} on the list; kept {}\n{}",
@@ -631,15 +595,10 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
         }
         Err(e) => report.chain = e,
     }
-    let mut recorded: HashMap<String, usize> = HashMap::new();
+    let recorded = recorded_message_ids(&events);
     let mut doi_records: HashMap<&str, usize> = HashMap::new();
-    for e in &events {
-        if e.kind.ends_with("_mail_sent") {
-            if let Some(mid) = evidence_message_id(e) {
-                *recorded.entry(mid).or_default() += 1;
-            }
-            *doi_records.entry(e.contact_id.as_str()).or_default() += 1;
-        }
+    for e in events.iter().filter(|e| e.kind.ends_with("_mail_sent")) {
+        *doi_records.entry(e.contact_id.as_str()).or_default() += 1;
     }
     report.double_records = doi_records
         .iter()
@@ -648,33 +607,22 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
         .collect();
 
     let kill = report.kill_at_mail;
-    report.mails_received = people.mails.values().map(Vec::len).sum();
-    for i in 0..opts.contacts {
-        let email = email_of(i);
-        let Some(mails) = people.mails.get(&email) else {
-            report.contacts_without_mail.push(email);
-            continue;
-        };
-        for (mid, _) in mails {
-            if !recorded.contains_key(mid) && !report.unrecorded_mails.iter().any(|m| m == mid) {
-                report.unrecorded_mails.push(mid.clone());
-            }
-        }
-        if mails.len() < 2 {
-            continue;
-        }
-        let mut ids: Vec<&str> = mails.iter().map(|(m, _)| m.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        report.duplicates.push(Duplicate {
-            copies: mails.len(),
-            message_ids: ids.len(),
-            ledger_records: recorded.get(mails[0].0.as_str()).copied().unwrap_or(0),
+    report.mails_received = people.mailbox.count();
+    let mails = people.mailbox.check(opts.contacts, &recorded);
+    report.contacts_without_mail = mails.without_mail;
+    report.unrecorded_mails = mails.unrecorded.into_iter().map(|(_, mid)| mid).collect();
+    report.duplicates = mails
+        .duplicates
+        .into_iter()
+        .map(|c| Duplicate {
+            copies: c.mails.len(),
+            message_ids: c.message_ids,
+            ledger_records: c.ledger_records,
             // The first copy reached the sink before the kill, the second after it.
-            kill_between: mails[0].1 < kill && mails[1].1 >= kill,
-            email,
-        });
-    }
+            kill_between: c.mails[0].1 < kill && c.mails[1].1 >= kill,
+            email: c.email,
+        })
+        .collect();
 
     report.confirmations_acked = people.acked.len();
     report.clicks_given_up = people.given_up.clone();

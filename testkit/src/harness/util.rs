@@ -2,6 +2,7 @@
 //! confirmation link like a browser, finding a link in a mail, copying the set-up, reading the
 //! whole ledger.
 
+use std::collections::HashMap;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use super::{LedgerEvent, Store};
+use crate::smtp::{self, ParsedMail, Received};
+use crate::zoho;
 
 /// The first five, for a message that names examples.
 pub fn first(v: &[String]) -> &[String] {
@@ -94,6 +97,118 @@ pub fn evidence_message_id(e: &LedgerEvent) -> Option<String> {
         .map(bare_message_id)
 }
 
+/// Message-ID → how many `*_mail_sent` events record it.
+pub fn recorded_message_ids(events: &[LedgerEvent]) -> HashMap<String, usize> {
+    let mut recorded = HashMap::new();
+    for e in events {
+        if e.kind.ends_with("_mail_sent")
+            && let Some(mid) = evidence_message_id(e)
+        {
+            *recorded.entry(mid).or_default() += 1;
+        }
+    }
+    recorded
+}
+
+/// The mails the SMTP sink received, per recipient.
+#[derive(Debug, Default)]
+pub struct Mailbox {
+    /// Sink messages already filed.
+    pub read: usize,
+    /// Recipient (lower case) → (Message-ID, sink index) in arrival order.
+    pub by_recipient: HashMap<String, Vec<(String, usize)>>,
+}
+
+/// A mail [`Mailbox::file`] just filed.
+#[derive(Debug)]
+pub struct NewMail {
+    /// The recipient, lower case.
+    pub to: String,
+    pub mail: ParsedMail,
+    /// The recipient's first mail.
+    pub first: bool,
+}
+
+impl Mailbox {
+    /// File the sink messages from index `start` on (`new`, as [`smtp::SmtpSink::messages_since`]
+    /// returned them); the filed mails, in order.
+    pub fn file(&mut self, start: usize, new: &[Received]) -> Vec<NewMail> {
+        self.read = start + new.len();
+        let mut filed = Vec::new();
+        for (n, m) in new.iter().enumerate() {
+            let Some(to) = m.rcpt_to.first().map(|t| t.to_ascii_lowercase()) else {
+                continue;
+            };
+            let mail = smtp::parse(&m.data);
+            let mid = bare_message_id(mail.header("Message-ID").unwrap_or_default());
+            let entry = self.by_recipient.entry(to.clone()).or_default();
+            let first = entry.is_empty();
+            entry.push((mid, start + n));
+            filed.push(NewMail { to, mail, first });
+        }
+        filed
+    }
+
+    /// Mails received in all.
+    pub fn count(&self) -> usize {
+        self.by_recipient.values().map(Vec::len).sum()
+    }
+
+    /// Synthetic contacts `0..contacts` ([`email_of`]) against the Message-IDs the ledger
+    /// records ([`recorded_message_ids`]).
+    pub fn check(&self, contacts: usize, recorded: &HashMap<String, usize>) -> MailCheck<'_> {
+        let mut check = MailCheck::default();
+        for i in 0..contacts {
+            let email = email_of(i);
+            let Some(mails) = self.by_recipient.get(&email) else {
+                check.without_mail.push(email);
+                continue;
+            };
+            for (mid, _) in mails {
+                if !recorded.contains_key(mid) && !check.unrecorded.iter().any(|(_, m)| m == mid) {
+                    check.unrecorded.push((email.clone(), mid.clone()));
+                }
+            }
+            if mails.len() < 2 {
+                continue;
+            }
+            let mut ids: Vec<&str> = mails.iter().map(|(m, _)| m.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            check.duplicates.push(Copies {
+                ledger_records: recorded.get(mails[0].0.as_str()).copied().unwrap_or(0),
+                message_ids: ids.len(),
+                mails,
+                email,
+            });
+        }
+        check
+    }
+}
+
+/// What [`Mailbox::check`] found.
+#[derive(Debug, Default)]
+pub struct MailCheck<'a> {
+    /// Contacts that never got a mail.
+    pub without_mail: Vec<String>,
+    /// `(email, Message-ID)` of the mails no ledger event records, each Message-ID once.
+    pub unrecorded: Vec<(String, String)>,
+    /// Contacts that got more than one mail.
+    pub duplicates: Vec<Copies<'a>>,
+}
+
+/// The mails of a contact that got more than one.
+#[derive(Debug)]
+pub struct Copies<'a> {
+    pub email: String,
+    /// (Message-ID, sink index) in arrival order.
+    pub mails: &'a [(String, usize)],
+    /// Distinct Message-IDs among them (1 = the same outbox row each time).
+    pub message_ids: usize,
+    /// How many `*_mail_sent` events record the first one's Message-ID.
+    pub ledger_records: usize,
+}
+
 /// Start `optinsync --config CONFIG run` with its log appended to `log`, after a line naming
 /// the start (`===== harness: {start} =====`).
 pub fn spawn_daemon(bin: &Path, config: &Path, log: &Path, start: &str) -> anyhow::Result<Child> {
@@ -151,6 +266,104 @@ pub fn print_outcome(dir: Option<&Path>, violations: &[String]) {
             println!("  VIOLATED             {x}");
         }
     }
+}
+
+/// The repository's shipped `config.toml`, edited for a daemon under test. Each edit fails when
+/// the shipped file no longer holds what it replaces: a harness must not quietly run another
+/// set-up than the one it describes.
+#[derive(Debug, Clone)]
+pub struct ShippedConfig(String);
+
+impl ShippedConfig {
+    pub fn read(repo: &Path) -> anyhow::Result<ShippedConfig> {
+        let text =
+            std::fs::read_to_string(repo.join("config.toml")).context("reading config.toml")?;
+        Ok(ShippedConfig(text))
+    }
+
+    /// Replace the first `from` with `to`.
+    pub fn replace(&mut self, from: &str, to: &str) -> anyhow::Result<()> {
+        if !self.0.contains(from) {
+            bail!("shipped config.toml changed: `{from}` not found");
+        }
+        self.0 = self.0.replacen(from, to, 1);
+        Ok(())
+    }
+
+    /// Replace the sections from the one headed `first` up to the one headed `next` with `with`.
+    pub fn replace_sections(&mut self, first: &str, next: &str, with: &str) -> anyhow::Result<()> {
+        let (Some(start), Some(end)) = (self.0.find(first), self.0.find(next)) else {
+            bail!("shipped config.toml changed: no {first} / {next}");
+        };
+        self.0 = format!("{}{with}{}", &self.0[..start], &self.0[end..]);
+        Ok(())
+    }
+
+    /// Listen on, and publish links to, `127.0.0.1:{port}`.
+    pub fn serve_on(&mut self, port: u16) -> anyhow::Result<()> {
+        self.replace(
+            "listen = \"127.0.0.1:8080\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        )?;
+        self.replace(
+            "public_url = \"http://127.0.0.1:8080\"",
+            &format!("public_url = \"http://127.0.0.1:{port}\""),
+        )
+    }
+
+    /// The store at `url` instead of the shipped SQLite file.
+    pub fn store(&mut self, url: &str) -> anyhow::Result<()> {
+        self.replace(
+            "url = \"sqlite://var/optinsync.db\"",
+            &format!("url = \"{url}\""),
+        )
+    }
+
+    /// Per-IP and global rate limits of the public pages raised to `limit` (every client of a
+    /// harness is 127.0.0.1).
+    pub fn lift_rate_limits(&mut self, limit: u64) -> anyhow::Result<()> {
+        self.replace(
+            "[server]\n",
+            &format!(
+                "[server]\nrate_limit_per_minute = {limit}\nglobal_rate_limit_per_second = {limit}\n"
+            ),
+        )
+    }
+
+    /// A token secret of our own: the published demo secret is refused once mail goes over SMTP.
+    pub fn secret(&mut self, secret: &str) -> anyhow::Result<()> {
+        self.replace(
+            "secret = \"demo-only-secret-change-me-0123456789abcdef\"",
+            &format!("secret = \"{secret}\""),
+        )
+    }
+
+    /// Mail over SMTP to `127.0.0.1:{port}` (the sink), unthrottled, instead of `.eml` files.
+    pub fn smtp_to(&mut self, port: u16) -> anyhow::Result<()> {
+        self.replace(
+            "[connectors.mail]\nkind = \"eml\"\ndir = \"var/mail\"\n",
+            &format!(
+                "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\ntimeout_secs = 10\nrate_per_minute = 1000000\n"
+            ),
+        )
+    }
+
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        Ok(std::fs::write(path, &self.0)?)
+    }
+}
+
+/// The `[connectors.crm]` sections for the fake Zoho CRM at `url`: its Contacts, the
+/// newsletter asserted by the `Newsletter` field; `extra` goes into `[connectors.crm]`.
+pub fn zoho_crm_section(url: &str, extra: &str) -> String {
+    format!(
+        "[connectors.crm]\nkind = \"zoho-crm\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n\
+         accounts_url = \"{url}\"\napi_url = \"{url}\"\nmodules = [\"Contacts\"]\n{extra}fields = [\"First_Name\", \"Last_Name\"]\n\n\
+         [connectors.crm.asserts]\nnewsletter = \"Newsletter\"\n\n",
+        zoho::CLIENT_ID,
+        zoho::CLIENT_SECRET,
+        zoho::REFRESH_TOKEN,
+    )
 }
 
 /// Copy the files (not the subdirectories) of `from` into `to`.
