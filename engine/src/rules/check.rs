@@ -241,10 +241,10 @@ impl Checker {
             }
             Expr::Map(x, ..) => {
                 for (ident, value) in &x.0 {
-                    if ident.name == "action" {
-                        if let Expr::StringConstant(s, pos) = value {
-                            self.action(s.as_str(), *pos);
-                        }
+                    if ident.name == "action"
+                        && let Expr::StringConstant(s, pos) = value
+                    {
+                        self.action(s.as_str(), *pos);
                     }
                 }
             }
@@ -361,10 +361,10 @@ pub(crate) fn check(ast: &AST) -> Vec<Finding> {
                 if let Some((kind, key)) = c.added_key(lhs) {
                     c.added.push((kind, key));
                 }
-                if let Expr::StringConstant(s, pos) = &x.1.rhs {
-                    if assigns_property(lhs, "action") {
-                        c.action(s.as_str(), *pos);
-                    }
+                if let Expr::StringConstant(s, pos) = &x.1.rhs
+                    && assigns_property(lhs, "action")
+                {
+                    c.action(s.as_str(), *pos);
                 }
             }
             _ => {}

@@ -885,6 +885,31 @@ mod tests {
         }
     }
 
+    /// What docs/writing-rules.md promises about CRM fields and file-level variables.
+    #[test]
+    fn crm_fields_a_contact_lacks_read_with_get_or_in_and_file_level_lets_are_invisible() {
+        let (c, k, x) = real_maps(ConsentState::Asserted, 10, "id = \"l\"\nname = \"L\"");
+        let rs = one(
+            "fn decide(contact, consent, ctx) {\n  if contact.fields.get(\"Country\") == () && !(\"Country\" in contact.fields) { #{ action: \"send_doi\", reason: \"r\" } }\n}",
+        )
+        .expect("compiles");
+        assert_eq!(rs.decide(&c, &k, &x).expect("runs").len(), 1);
+        let rs = one("fn decide(contact, consent, ctx) {\n  contact.fields.Country\n}")
+            .expect("compiles");
+        let msg = rs.decide(&c, &k, &x).expect_err("absent field").to_string();
+        assert!(
+            msg.starts_with("r.rhai:2:18:") && msg.contains("Country"),
+            "{msg}"
+        );
+        let rs = one("let limit = 3;\nfn decide(contact, consent, ctx) {\n  limit\n}")
+            .expect("compiles");
+        let msg = rs.decide(&c, &k, &x).expect_err("invisible").to_string();
+        assert!(
+            msg.starts_with("r.rhai:3:3:") && msg.contains("limit"),
+            "{msg}"
+        );
+    }
+
     #[test]
     fn a_mistyped_key_fails_at_load_even_in_a_branch_that_never_runs() {
         let msg = check_err(&[(
