@@ -608,13 +608,7 @@ fn proposals(script: &Script, out: Dynamic) -> Result<Vec<Proposal>, RulesError>
             .remove("action")
             .and_then(|a| a.into_immutable_string().ok())
             .ok_or_else(|| bad("a map without an `action` string".into()))?;
-        let action = Action::parse(&action).ok_or_else(|| {
-            let known: Vec<_> = Action::ALL.iter().map(|a| a.as_str()).collect();
-            bad(format!(
-                "unknown action `{action}` (known: {})",
-                known.join(", ")
-            ))
-        })?;
+        let action = Action::parse(&action).ok_or_else(|| bad(check::unknown_action(&action)))?;
         let reason = map
             .remove("reason")
             .and_then(|r| r.into_string().ok())
