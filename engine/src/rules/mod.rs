@@ -151,6 +151,10 @@ fn sandboxed_engine() -> Engine {
     // A mistyped key must fail loudly, not read as `()` and quietly stop a rule from firing.
     // Keys that may have no value are always present in the maps (as `()`).
     engine.set_fail_on_invalid_map_property(true);
+    // A variable used but never defined is a compile error with its line, not a run-time error
+    // in whichever branch reaches it — the usual case being a file-level `let`, which
+    // `decide` cannot see (the top level never runs).
+    engine.set_strict_variables(true);
     // Scripts are parsed as written, so the load-time checks see every branch (the optimiser
     // drops `if false { .. }` and folds literals); `compile_sources` optimises after checking.
     engine.set_optimization_level(rhai::OptimizationLevel::None);
@@ -292,11 +296,19 @@ impl RuleSet {
         let engine = sandboxed_engine();
         let mut errors = Vec::new();
         let compile = |path: &Path, source: &str| {
-            let ast = engine.compile(source).map_err(|e| RulesError::Compile {
-                path: path.to_owned(),
-                line: e.1.line().unwrap_or(0),
-                column: e.1.position().unwrap_or(0),
-                message: e.0.to_string(),
+            let ast = engine.compile(source).map_err(|e| {
+                let hint = match *e.0 {
+                    rhai::ParseErrorType::VariableUndefined(_) => {
+                        " (variables from outside a function, such as a file-level `let`, are not visible in it)"
+                    }
+                    _ => "",
+                };
+                RulesError::Compile {
+                    path: path.to_owned(),
+                    line: e.1.line().unwrap_or(0),
+                    column: e.1.position().unwrap_or(0),
+                    message: format!("{}{hint}", e.0),
+                }
             })?;
             let findings: Vec<RulesError> = check::check(&ast)
                 .into_iter()
@@ -895,11 +907,13 @@ mod tests {
             msg.starts_with("r.rhai:2:18:") && msg.contains("Country"),
             "{msg}"
         );
-        let rs = one("let limit = 3;\nfn decide(contact, consent, ctx) {\n  limit\n}")
-            .expect("compiles");
-        let msg = rs.decide(&c, &k, &x).expect_err("invisible").to_string();
+        // Refused at load, not in whichever branch first reaches it.
+        let msg =
+            one("let limit = 3;\nfn decide(contact, consent, ctx) {\n  if false { limit }\n}")
+                .expect_err("invisible")
+                .to_string();
         assert!(
-            msg.starts_with("r.rhai:3:3:") && msg.contains("limit"),
+            msg.starts_with("r.rhai:3:14: Undefined variable: limit (variables from outside"),
             "{msg}"
         );
     }
@@ -1042,8 +1056,12 @@ mod tests {
                 "_lib.rhai:1:20: a helper file (`_*.rhai`) must not define `decide`",
             ),
             (
-                "let limit = 3;\nfn f() { limit }",
+                "let limit = 3;\nfn f() { }",
                 "_lib.rhai:1:1: a helper file (`_*.rhai`) holds functions only",
+            ),
+            (
+                "fn f() {\n  limit\n}",
+                "_lib.rhai:2:3: Undefined variable: limit (variables from outside a function",
             ),
             (
                 "fn f() {\n  #{ action: \"sned_doi\", reason: \"x\" }\n}",
