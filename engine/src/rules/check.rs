@@ -295,9 +295,9 @@ fn edit_distance(a: &str, b: &str) -> usize {
     prev[b.len()]
 }
 
-/// The last property of an assignment target like `m.action`, if that is its name.
-fn assigns_property<'a>(lhs: &'a Expr, name: &str) -> bool {
-    let mut e: &'a Expr = lhs;
+/// Whether an assignment target like `m.action` ends in the property `name`.
+fn assigns_property(lhs: &Expr, name: &str) -> bool {
+    let mut e = lhs;
     loop {
         match e {
             Expr::Dot(x, ..) => e = &x.rhs,

@@ -90,7 +90,7 @@ pub enum RulesError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: no rule scripts (*.rhai) found")]
+    #[error("{path}: no rule scripts (*.rhai; files named `_*.rhai` are helpers) found")]
     Empty { path: PathBuf },
     #[error("{path}:{line}:{column}: {message}")]
     Compile {
