@@ -24,6 +24,13 @@ pub async fn rules_check(path: &Path, dir: Option<&Path>, list_tests: bool) -> R
     for (file, hash) in set.scripts() {
         println!("compiled {} (sha256 {})", file.display(), &hash[..16]);
     }
+    for (file, hash) in set.helpers() {
+        println!(
+            "compiled helper {} (sha256 {})",
+            file.display(),
+            &hash[..16]
+        );
+    }
     let report = set.run_tests();
     if list_tests {
         let failed: std::collections::BTreeSet<(String, usize)> = report
