@@ -5,6 +5,9 @@
 //! `/deleted`, updates with 207 partial success, `INVALID_TOKEN`, injectable faults, and
 //! Notification API channels with callbacks sent on request.
 //!
+//! Why one long file: it is one vendor API surface (the accounts server and CRM v8 share
+//! state: tokens, records, channels), read side by side with the vendor's documentation.
+//!
 //! The server runs on its own thread and runtime, so it works from plain `#[test]`s and from
 //! `#[tokio::test]`s alike. Tests drive it through [`FakeZoho`]; everything it holds is in
 //! [`ZohoState`] (reachable with [`FakeZoho::with`]), so further Zoho products (Campaigns)

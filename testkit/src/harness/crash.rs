@@ -1,6 +1,9 @@
 //! Crash harness: a real sync by the `optinsync run` binary, `kill -9`ed at random moments and
 //! restarted each time, checked afterwards against what the outside world saw.
 //!
+//! Why one long file: the run and its ground-truth checks read as one story (what was
+//! done, what the outside world saw, what must hold); the shared parts are in `util.rs`.
+//!
 //! Run by the CI test `tests/e2e/crash.rs` and at full size by `examples/crash_harness.rs`.
 //!
 //! The world around the daemon is real wherever that shows a crash's effects: the fake Zoho
