@@ -1,7 +1,7 @@
 //! The full crash run: a sync of 20,000 contacts (fake Zoho CRM, loopback SMTP sink, DOI mails,
 //! confirmations and unsubscribes arriving during it) by `optinsync run`, `kill -9`ed 50 times
 //! at random moments and restarted each time, then checked against ground truth. The harness
-//! itself is `crash_harness/harness.rs`, shared with the CI test `tests/e2e/crash.rs`.
+//! itself is `optinsync_testkit::harness::crash`, shared with the CI test `tests/e2e/crash.rs`.
 //!
 //! ```sh
 //! cargo build --bin optinsync --example crash_harness
@@ -14,15 +14,12 @@
 
 #![allow(clippy::print_stdout)]
 
-#[path = "crash_harness/harness.rs"]
-mod harness;
-#[path = "shared/harness_util.rs"]
-mod harness_util;
-
 use std::path::PathBuf;
 use std::time::Duration;
 
-use harness::{Backend, Options};
+use optinsync_testkit::harness::crash::{Backend, Options};
+use optinsync_testkit::harness::{crash as harness, util};
+use optinsync_testkit_engine::Engine;
 
 fn usage(msg: &str) -> ! {
     eprintln!(
@@ -30,22 +27,6 @@ fn usage(msg: &str) -> ! {
          [--confirm PCT] [--unsubscribe PCT] [--uptime-ms LO-HI] [--keep]"
     );
     std::process::exit(2);
-}
-
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("OPTINSYNC_BIN") {
-        return PathBuf::from(p);
-    }
-    // target/<profile>/examples/crash_harness → target/<profile>/optinsync
-    let guess = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent()?.parent().map(|d| d.join("optinsync")));
-    match guess {
-        Some(p) if p.exists() => p,
-        _ => usage(
-            "optinsync binary not found beside the example: run `cargo build --bin optinsync` (same profile) or set OPTINSYNC_BIN",
-        ),
-    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
@@ -102,7 +83,7 @@ async fn main() {
         let hi = (contacts as u64 * 100 / kills.max(1) as u64).max(1000);
         (hi / 10, hi)
     });
-    let bin = binary();
+    let bin = util::binary_for_example().unwrap_or_else(|e| usage(e));
     println!("crash harness: binary {}", bin.display());
     let mut failed = false;
     for b in backends {
@@ -130,7 +111,7 @@ async fn main() {
             "crash harness [{b}]: seed {seed}, {contacts} contacts, {kills} kills, uptime {}-{} ms",
             uptime.0, uptime.1
         );
-        match harness::run(&opts).await {
+        match harness::run(&opts, &Engine).await {
             Ok(report) => {
                 report.print();
                 failed |= !report.violations().is_empty();

@@ -1,8 +1,8 @@
 //! The multi-instance run at full size: three `optinsync run` daemons on one PostgreSQL sync
 //! the fake Zoho CRM's contacts, send every DOI mail to a loopback SMTP sink, subscribe the
 //! people who confirm on the fake Zoho Campaigns under a shared quota, and one daemon is
-//! `kill -9`ed mid-run (and restarted). The harness is `multi_instance/harness.rs`, shared with
-//! the CI test `tests/e2e/multi_instance.rs`.
+//! `kill -9`ed mid-run (and restarted). The harness is `optinsync_testkit::harness::multi_instance`,
+//! shared with the CI test `tests/e2e/multi_instance.rs`.
 //!
 //! ```sh
 //! cargo build --release --bin optinsync --example multi_instance
@@ -16,13 +16,11 @@
 
 #![allow(clippy::print_stdout)]
 
-#[path = "multi_instance/harness.rs"]
-mod harness;
-#[path = "shared/harness_util.rs"]
-mod harness_util;
-
 use std::path::PathBuf;
 use std::time::Duration;
+
+use optinsync_testkit::harness::{multi_instance as harness, util};
+use optinsync_testkit_engine::Engine;
 
 fn usage(msg: &str) -> ! {
     eprintln!(
@@ -30,21 +28,6 @@ fn usage(msg: &str) -> ! {
          [--subscribe-limit CALLS/SECONDSs] [--poll DURATION] [--pg-url URL] [--timeout SECONDS] [--keep]"
     );
     std::process::exit(2);
-}
-
-fn binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("OPTINSYNC_BIN") {
-        return PathBuf::from(p);
-    }
-    let guess = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent()?.parent().map(|d| d.join("optinsync")));
-    match guess {
-        Some(p) if p.exists() => p,
-        _ => usage(
-            "optinsync binary not found beside the example: run `cargo build --bin optinsync` (same profile) or set OPTINSYNC_BIN",
-        ),
-    }
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 4)]
@@ -106,14 +89,19 @@ async fn main() {
         (None, None) => usage("no PostgreSQL"),
     };
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let mut opts = harness::Options::new(binary(), repo, url, contacts);
+    let mut opts = harness::Options::new(
+        util::binary_for_example().unwrap_or_else(|e| usage(e)),
+        repo,
+        url,
+        contacts,
+    );
     opts.instances = instances;
     opts.confirm_every = confirm_every.max(1);
     opts.subscribe_limit = subscribe_limit;
     opts.poll_interval = poll;
     opts.keep_dir = keep;
     opts.drain_timeout = timeout;
-    match harness::run(&opts).await {
+    match harness::run(&opts, &Engine).await {
         Ok(report) => {
             report.print();
             drop(server);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use optinsync_engine::tokens::{Claims, Purpose, TokenKeys};
+use optinsync_testkit::harness::util::form_body;
 
 /// What one timed phase did.
 #[derive(Debug, Default)]
@@ -78,24 +79,6 @@ pub fn client(concurrency: usize) -> anyhow::Result<reqwest::Client> {
         .build()?)
 }
 
-/// The hidden form fields of a page, as a form body (`nonce=..&page=..`).
-fn form_of(page: &str) -> String {
-    page.split("<input ")
-        .skip(1)
-        .filter(|i| i.contains("type=\"hidden\""))
-        .filter_map(|i| {
-            let attr = |name: &str| {
-                i.split(&format!("{name}=\""))
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .map(str::to_owned)
-            };
-            Some(format!("{}={}", attr("name")?, attr("value")?))
-        })
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
 enum Call {
     Get,
     Post(Arc<Vec<String>>),
@@ -159,7 +142,7 @@ async fn drive(
                 Ok(page) => {
                     result.ok += 1;
                     if matches!(*call, Call::Get) {
-                        forms[i] = form_of(&page);
+                        forms[i] = form_body(&page);
                     }
                 }
                 Err(e) => {

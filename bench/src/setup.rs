@@ -7,7 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use optinsync_testkit::zoho::{self, FakeZoho};
+use optinsync_testkit::harness::util::{ShippedConfig, copy_setup, zoho_crm_section};
+use optinsync_testkit::zoho::FakeZoho;
 
 /// The token secret of the bench's config (confirm links are minted with it).
 pub const SECRET: &str = "bench-only-secret-0123456789abcdef-0123456789";
@@ -52,15 +53,11 @@ impl Setup {
 /// The `[connectors.crm]` section for the fake (also parsed by the raw baseline).
 pub fn crm_section(fake: &FakeZoho, port: u16) -> String {
     format!(
-        "[connectors.crm]\nkind = \"zoho-crm\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n\
-         accounts_url = \"{url}\"\napi_url = \"{url}\"\nmodules = [\"Contacts\"]\nlanguage_field = \"Language\"\n\
-         fields = [\"First_Name\", \"Last_Name\"]\nper_page = 200\n\n\
-         [connectors.crm.asserts]\nnewsletter = \"Newsletter\"\n\n\
-         [connectors.crm.webhook]\ntoken = \"{CHANNEL_TOKEN}\"\nnotify_url = \"http://127.0.0.1:{port}/webhooks/crm\"\nchannel_id = 1000000068001\n\n",
-        zoho::CLIENT_ID,
-        zoho::CLIENT_SECRET,
-        zoho::REFRESH_TOKEN,
-        url = fake.url(),
+        "{}[connectors.crm.webhook]\ntoken = \"{CHANNEL_TOKEN}\"\nnotify_url = \"http://127.0.0.1:{port}/webhooks/crm\"\nchannel_id = 1000000068001\n\n",
+        zoho_crm_section(
+            &fake.url(),
+            "language_field = \"Language\"\nper_page = 200\n"
+        ),
     )
 }
 
@@ -79,80 +76,25 @@ pub fn write(
         .map(str::to_owned)
         .unwrap_or_else(|| format!("sqlite://{}", dir.join("var/optinsync.db").display()));
     let repo = repo();
-    let mut cfg =
-        std::fs::read_to_string(repo.join("config.toml")).context("reading config.toml")?;
-    let mut replace = |from: &str, to: &str| -> anyhow::Result<()> {
-        if !cfg.contains(from) {
-            bail!("shipped config.toml changed: `{from}` not found");
-        }
-        cfg = cfg.replacen(from, to, 1);
-        Ok(())
-    };
-    replace(
-        "listen = \"127.0.0.1:8080\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
+    let mut cfg = ShippedConfig::read(&repo)?;
+    cfg.serve_on(port)?;
+    cfg.store(&store_url)?;
+    cfg.lift_rate_limits(100_000_000)?;
+    cfg.secret(SECRET)?;
+    cfg.replace("poll_interval = \"10s\"", "poll_interval = \"1h\"")?;
+    cfg.smtp_to(smtp_port)?;
+    cfg.replace_sections(
+        "[connectors.crm]",
+        "[connectors.campaigns]",
+        &crm_section(fake, port),
     )?;
-    replace(
-        "public_url = \"http://127.0.0.1:8080\"",
-        &format!("public_url = \"http://127.0.0.1:{port}\""),
-    )?;
-    replace(
-        "url = \"sqlite://var/optinsync.db\"",
-        &format!("url = \"{store_url}\""),
-    )?;
-    replace(
-        "[server]\n",
-        "[server]\nrate_limit_per_minute = 100000000\nglobal_rate_limit_per_second = 100000000\n",
-    )?;
-    replace(
-        "secret = \"demo-only-secret-change-me-0123456789abcdef\"",
-        &format!("secret = \"{SECRET}\""),
-    )?;
-    replace("poll_interval = \"10s\"", "poll_interval = \"1h\"")?;
-    replace(
-        "[connectors.mail]\nkind = \"eml\"\ndir = \"var/mail\"\n",
-        &format!(
-            "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {smtp_port}\ntls = \"none\"\ntimeout_secs = 10\nrate_per_minute = 1000000\n"
-        ),
-    )?;
-    let (Some(start), Some(end)) = (
-        cfg.find("[connectors.crm]"),
-        cfg.find("[connectors.campaigns]"),
-    ) else {
-        bail!("shipped config.toml changed: no [connectors.crm] / [connectors.campaigns]");
-    };
-    cfg = format!(
-        "{}{}{}",
-        &cfg[..start],
-        crm_section(fake, port),
-        &cfg[end..]
-    );
-    std::fs::write(dir.join("config.toml"), cfg)?;
-    copy_dir(&repo.join("rules"), &dir.join("rules"))?;
-    for lang in std::fs::read_dir(repo.join("templates"))? {
-        let lang = lang?.path();
-        if lang.is_dir() {
-            let name = lang.file_name().context("template directory name")?;
-            copy_dir(&lang, &dir.join("templates").join(name))?;
-        }
-    }
+    cfg.write(&dir.join("config.toml"))?;
+    copy_setup(&repo, dir)?;
     Ok(Setup {
         dir: dir.to_path_buf(),
         port,
         store_url,
     })
-}
-
-fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
-        let p = e?.path();
-        if p.is_file() {
-            let name = p.file_name().context("file name")?;
-            std::fs::copy(&p, to.join(name))?;
-        }
-    }
-    Ok(())
 }
 
 /// The peak resident set (`VmHWM`, KiB) of a running process.

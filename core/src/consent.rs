@@ -56,12 +56,14 @@ impl ConsentState {
         }
     }
 
-    /// Whether the address belongs on the Campaigns list in this state (invariant 1).
+    /// Whether the address belongs on the Campaigns list in this state (invariant: only a
+    /// confirmation subscribes).
     pub fn on_list(self) -> bool {
         matches!(self, Self::Confirmed | Self::Revalidating)
     }
 
-    /// States that only a fresh confirmation started by the person can leave (invariant 3).
+    /// States that only a fresh confirmation started by the person can leave (invariant:
+    /// withdrawal wins).
     pub fn is_withdrawal(self) -> bool {
         matches!(
             self,
@@ -127,7 +129,8 @@ impl Consent {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "input", rename_all = "snake_case")]
 pub enum Input {
-    /// The CRM says the person asked for this list. Never consent by itself (invariant 2).
+    /// The CRM says the person asked for this list. Never consent by itself (invariant: the
+    /// CRM never creates consent).
     CrmAsserted,
     /// The CRM's marketing opt-out flag is set.
     CrmOptedOut,
@@ -145,7 +148,8 @@ pub enum Input {
     Lapse,
     /// Rule action `suppress`: stop all marketing to this address on this list.
     Suppress,
-    /// A human POST on a valid confirmation token (the only way to `confirmed`, invariant 1).
+    /// A human POST on a valid confirmation token (the only way to `confirmed` on an optinsync list:
+    /// invariant "only a confirmation subscribes").
     Confirm {
         token: String,
     },
@@ -277,7 +281,8 @@ pub fn transition(
         Input::CrmAsserted => match from {
             S::None if cx.suppressed => return Ok(None),
             S::None => (S::Asserted, "asserted", vec![]),
-            // Asserting again never re-mails or undoes a withdrawal (invariants 2, 3).
+            // Asserting again never re-mails or undoes a withdrawal (invariants: the CRM never creates consent;
+            // withdrawal wins).
             _ => return Ok(None),
         },
         Input::CrmOptedOut => match from {
@@ -286,7 +291,7 @@ pub fn transition(
         },
         Input::SendDoi { token } => {
             if cx.suppressed {
-                return refuse("address is suppressed (invariant 4)");
+                return refuse("address is suppressed (invariant: mail is bounded)");
             }
             match from {
                 S::Asserted => {
@@ -300,11 +305,13 @@ pub fn transition(
                     (S::Pending, "doi_requested", vec![mail])
                 }
                 S::Pending => {
-                    return refuse("a DOI mail was already sent for this signup (invariant 4)");
+                    return refuse(
+                        "a DOI mail was already sent for this signup (invariant: mail is bounded)",
+                    );
                 }
                 st if st.is_withdrawal() => {
                     return refuse(
-                        "withdrawal wins; only the person can start a new signup (invariant 3)",
+                        "withdrawal wins; only the person can start a new signup (invariant)",
                     );
                 }
                 S::None => {
@@ -330,14 +337,16 @@ pub fn transition(
             }
             S::Confirmed => return Ok(None),
             _ if !cx.campaigns_doi => {
-                return refuse("this list's confirmation is optinsync's own (invariant 1)");
+                return refuse(
+                    "this list's confirmation is optinsync's own (invariant: only a confirmation subscribes)",
+                );
             }
-            st if st.is_withdrawal() => return refuse("withdrawal wins (invariant 3)"),
+            st if st.is_withdrawal() => return refuse("withdrawal wins (invariant)"),
             _ => return refuse("no signup is waiting for the campaigns tool's confirmation"),
         },
         Input::SendReminder => {
             if cx.suppressed {
-                return refuse("address is suppressed (invariant 4)");
+                return refuse("address is suppressed (invariant: mail is bounded)");
             }
             match (from, &current.signup_token) {
                 (S::Pending, Some(token)) if current.reminders_sent < limits.max_reminders => {
@@ -350,14 +359,16 @@ pub fn transition(
                     (S::Pending, "reminder_requested", vec![mail])
                 }
                 (S::Pending, _) => {
-                    return refuse("reminder limit reached for this signup (invariant 4)");
+                    return refuse(
+                        "reminder limit reached for this signup (invariant: mail is bounded)",
+                    );
                 }
                 _ => return refuse("reminders are only sent for pending signups"),
             }
         }
         Input::SendRevalidation { token } => {
             if cx.suppressed {
-                return refuse("address is suppressed (invariant 4)");
+                return refuse("address is suppressed (invariant: mail is bounded)");
             }
             match from {
                 S::Confirmed => {
@@ -409,7 +420,7 @@ pub fn transition(
                 return refuse("token is not the current signup's");
             }
             st if st.is_withdrawal() => {
-                return refuse("withdrawal wins over an older confirmation link (invariant 3)");
+                return refuse("withdrawal wins over an older confirmation link (invariant)");
             }
             _ => return refuse("no signup is waiting for confirmation"),
         },
@@ -425,11 +436,14 @@ pub fn transition(
             S::Complained | S::Erased => return Ok(None),
             st => (S::Complained, "complained", removal_effects(st, true)),
         },
-        // Invariant 4 is absolute: even a person's own new signup mails nothing to an address
+        // The invariant "mail is bounded" is absolute: even a person's own new signup mails
+        // nothing to an address
         // on the global suppression list (bounce, complaint, CRM opt-out). Per-list withdrawal
         // is not global, so re-subscribing after an unsubscribe works.
         Input::PersonSignup { .. } if cx.suppressed => {
-            return refuse("address is suppressed (invariant 4); lift the suppression first");
+            return refuse(
+                "address is suppressed (invariant: mail is bounded); lift the suppression first",
+            );
         }
         Input::PersonSignup { token } => match from {
             S::Erased => {
@@ -639,7 +653,7 @@ mod tests {
         };
         assert!(
             transition(&pending, &Input::CampaignsConfirmed, LIM, own, now).is_err(),
-            "invariant 1 on optinsync lists"
+            "only a confirmation subscribes on optinsync lists"
         );
         let tool = Context {
             suppressed: false,

@@ -247,7 +247,7 @@ impl<'e> Plan<'e> {
                             .increment(1);
                         tracing::warn!(
                             contact_id = %contact.id, list = %list.id, state = %consent.state, reason = %Escaped(&p.reason),
-                            rule = %p.rule_file, "rule proposed subscribe without confirmation; refused (invariant 1)"
+                            rule = %p.rule_file, "rule proposed subscribe without confirmation; refused (invariant: only a confirmation subscribes)"
                         );
                         self.misses.push((owner, Miss::Refused));
                         continue;
@@ -276,7 +276,9 @@ impl<'e> Plan<'e> {
     }
 
     /// Write the planned commits. Contacts with a commit left out (their consent changed
-    /// meanwhile) are reported for a re-plan and nothing of theirs is counted yet.
+    /// meanwhile) are reported for a re-plan. Every commit written is counted now, also one of
+    /// a contact planned again: the re-plan sees it done and will not count it; refusals and
+    /// rule errors of such a contact wait for the re-plan, which decides them afresh.
     async fn commit(self) -> EngineResult<Written> {
         let written = self.engine.store.commit_batch(&self.commits).await?;
         let mut out = Written::default();
@@ -286,13 +288,10 @@ impl<'e> Plan<'e> {
             }
         }
         let mut queued = false;
-        for ((b, owner), ev) in self.commits.iter().zip(&self.owners).zip(&written) {
+        for (b, ev) in self.commits.iter().zip(&written) {
             let Some(ev) = ev else { continue };
             queued |= !b.commit.outbox.is_empty();
             tracing::debug!(contact_id = %b.commit.contact_id, list = %b.commit.list_id, seq = ev.seq, "consent changed");
-            if out.conflicted.contains(owner) {
-                continue;
-            }
             if b.commit.event.source == EventSource::Crm {
                 out.crm_changes += 1;
             } else {

@@ -221,7 +221,7 @@ pub async fn proof_bundle(
             "head_hash": chain.head_hash,
             "segment": events.iter().map(|e| json!({ "seq": e.seq, "prev_hash": e.prev_hash, "hash": e.hash })).collect::<Vec<_>>(),
             "segment_intact": segment_intact,
-            "how_to_check": "each event's hash is SHA-256 over its length-prefixed fields (the evidence through its SHA-256) and the previous event's hash (engine/src/ledger.rs); `optinsync ledger verify` recomputes the whole chain and prints the head hash to compare with one recorded elsewhere",
+            "how_to_check": "each event's hash is SHA-256 over its length-prefixed fields (the evidence through its SHA-256) and the previous event's hash (core/src/ledger.rs); `optinsync ledger verify` recomputes the whole chain and prints the head hash to compare with one recorded elsewhere",
         },
     }))
 }

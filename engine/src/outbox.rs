@@ -233,7 +233,8 @@ impl Engine {
                 let Some(contact) = contact else {
                     return Ok(done("skipped: contact no longer exists"));
                 };
-                // Invariant 1, checked again at delivery: the consent may have changed since.
+                // Invariant "only a confirmation subscribes", checked again at delivery: the
+                // consent may have changed since.
                 let consent = self.store.consent(&contact.id, &list.id).await?;
                 if !consent.is_some_and(|c| c.state.on_list()) {
                     return Ok(done("skipped: no longer confirmed"));

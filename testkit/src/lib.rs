@@ -1,11 +1,25 @@
-//! Test support for optinsync: a throwaway PostgreSQL server per test process, started from
-//! the machine's `initdb`/`pg_ctl` in a temporary directory on a free loopback port.
+//! Test support for optinsync, shared by the crates' tests, the end-to-end tests, the examples
+//! and the benchmarks:
+//!
+//! - [`PgServer`] / [`shared_pg`] (here): a throwaway PostgreSQL server, started from the
+//!   machine's `initdb`/`pg_ctl` in a temporary directory on a free loopback port;
+//! - [`zoho`] and [`zoho_campaigns`]: fake Zoho CRM and Zoho Campaigns servers on loopback,
+//!   with [`faults`] to inject seeded failures into them;
+//! - [`smtp`]: an SMTP sink on loopback that keeps every message;
+//! - [`fake_connectors`]: in-memory CRM, campaigns and mail connectors, for driving the engine
+//!   in-process;
+//! - [`harness`]: the `kill -9` harnesses that run the `optinsync` binary against all of these,
+//!   and the helpers the end-to-end tests share with them.
+//!
+//! This crate depends on the plugin API but not on the engine (the engine's tests depend on
+//! it); what needs the engine is passed in (see [`harness`]).
 //!
 //! PostgreSQL refuses to run as root; when the tests run as root (as CI does), the server is
 //! started as the `postgres` user through `runuser`, with its directory owned by that user.
 
 pub mod fake_connectors;
 pub mod faults;
+pub mod harness;
 pub mod smtp;
 pub mod zoho;
 pub mod zoho_campaigns;

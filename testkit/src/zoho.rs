@@ -5,6 +5,9 @@
 //! `/deleted`, updates with 207 partial success, `INVALID_TOKEN`, injectable faults, and
 //! Notification API channels with callbacks sent on request.
 //!
+//! Why one long file: it is one vendor API surface (the accounts server and CRM v8 share
+//! state: tokens, records, channels), read side by side with the vendor's documentation.
+//!
 //! The server runs on its own thread and runtime, so it works from plain `#[test]`s and from
 //! `#[tokio::test]`s alike. Tests drive it through [`FakeZoho`]; everything it holds is in
 //! [`ZohoState`] (reachable with [`FakeZoho::with`]), so further Zoho products (Campaigns)
@@ -30,7 +33,6 @@ use axum::routing::{get, post};
 use chrono::{DateTime, FixedOffset, Utc};
 use serde_json::{Map, Value, json};
 
-#[path = "zoho_synthetic.rs"]
 mod synthetic;
 pub use synthetic::SyntheticSource;
 
@@ -859,29 +861,9 @@ fn list_inner(
     if desc {
         rows.reverse();
     }
-    let bound = format!(
-        "{module}|{}|{sort_by}|{desc}",
-        since.map(|t| t.timestamp()).unwrap_or(-1)
-    );
-    let (start, page) = match (q.get("page_token"), q.get("page")) {
-        (Some(token), _) => {
-            let Some((ts, k, b)) = decode_token(token) else {
-                return err(
-                    400,
-                    "INVALID_DATA",
-                    "invalid page_token",
-                    json!({"param_name": "page_token"}),
-                );
-            };
-            if b != bound {
-                return err(
-                    400,
-                    "TOKEN_BOUND_DATA_MISMATCH",
-                    "the page token does not match the query",
-                    json!({"param_name": "page_token"}),
-                );
-            }
-            let after = (ts, k);
+    let bound = token_bound(module, sort_by, desc, since);
+    let (start, page) = match page_start(q, &bound, per_page) {
+        Ok(PageStart::After(after)) => {
             let start = rows
                 .iter()
                 .position(|row| {
@@ -894,18 +876,8 @@ fn list_inner(
                 .unwrap_or(rows.len());
             (start, None)
         }
-        (None, page) => {
-            let page: usize = page.and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
-            if page * per_page > 2000 {
-                return err(
-                    400,
-                    "DISCRETE_PAGINATION_LIMIT_EXCEEDED",
-                    "You can only get the first 2000 records without using page_token param.",
-                    json!({"limit": 2000}),
-                );
-            }
-            ((page - 1) * per_page, Some(page))
-        }
+        Ok(PageStart::Page(page)) => ((page - 1) * per_page, Some(page)),
+        Err((status, code, msg, details)) => return err(status, code, msg, details),
     };
     let chunk: Vec<&(&String, &FakeRecord)> = rows.iter().skip(start).take(per_page).collect();
     if chunk.is_empty() {
@@ -956,6 +928,64 @@ fn list_inner(
 fn encode_token(ts: i64, key: &str, bound: &str) -> String {
     let raw = format!("{ts}\u{1f}{key}\u{1f}{bound}");
     raw.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Where a list request starts (shared by stored and synthetic modules).
+enum PageStart {
+    /// After the `(Modified_Time or 0, id)` position a `page_token` holds.
+    After((i64, String)),
+    /// At this `page` (1-based), within the first 2,000 records.
+    Page(usize),
+}
+
+/// What a `page_token` is bound to: the query it came from.
+fn token_bound(module: &str, sort_by: &str, desc: bool, since: Option<DateTime<Utc>>) -> String {
+    format!(
+        "{module}|{}|{sort_by}|{desc}",
+        since.map(|t| t.timestamp()).unwrap_or(-1)
+    )
+}
+
+/// The start a list request's `page_token` (bound to `bound`, see [`token_bound`]) or `page`
+/// asks for; a refusal as `(status, code, message, details)`.
+fn page_start(
+    q: &HashMap<String, String>,
+    bound: &str,
+    per_page: usize,
+) -> Result<PageStart, (u16, &'static str, &'static str, Value)> {
+    match (q.get("page_token"), q.get("page")) {
+        (Some(token), _) => {
+            let Some((ts, k, b)) = decode_token(token) else {
+                return Err((
+                    400,
+                    "INVALID_DATA",
+                    "invalid page_token",
+                    json!({"param_name": "page_token"}),
+                ));
+            };
+            if b != bound {
+                return Err((
+                    400,
+                    "TOKEN_BOUND_DATA_MISMATCH",
+                    "the page token does not match the query",
+                    json!({"param_name": "page_token"}),
+                ));
+            }
+            Ok(PageStart::After((ts, k)))
+        }
+        (None, page) => {
+            let page: usize = page.and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
+            if page * per_page > 2000 {
+                return Err((
+                    400,
+                    "DISCRETE_PAGINATION_LIMIT_EXCEEDED",
+                    "You can only get the first 2000 records without using page_token param.",
+                    json!({"limit": 2000}),
+                ));
+            }
+            Ok(PageStart::Page(page))
+        }
+    }
 }
 
 fn decode_token(token: &str) -> Option<(i64, String, String)> {

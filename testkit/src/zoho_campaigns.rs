@@ -2,6 +2,9 @@
 //! Zoho Campaigns' public API pages (summarised in README.md "Zoho Campaigns"), with its own OAuth token
 //! endpoint (`/oauth/v2/token`, refresh grant) so it runs alone:
 //!
+//! Why one long file: it is one vendor API surface with one shared state (lists,
+//! subscribers, quotas), read side by side with the vendor's documentation.
+//!
 //! * every answer is **HTTP 200** with `status` and a **string** `code` (`"0"` on success);
 //!   parameters are read from the query string and from a form body alike; `resfmt=JSON` is
 //!   required (without it the fake answers XML, as Zoho does by default);

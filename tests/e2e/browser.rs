@@ -116,7 +116,7 @@ pub async fn start_chromium(url: &str) -> (Chromium, Cdp) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("chromium must be installed (Debian package `chromium`; .ci/run installs it)");
+        .expect("chromium must be installed (Debian package `chromium`; scripts/test installs it)");
     let chromium = Chromium {
         child,
         _profile: profile,

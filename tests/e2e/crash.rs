@@ -1,14 +1,12 @@
 //! `kill -9` at random moments during a real sync (fake Zoho CRM, SMTP sink, confirmations and
 //! unsubscribes arriving meanwhile), restarts, and the ground-truth checks of the crash harness
-//! (`examples/crash_harness/harness.rs`; the full 20,000-contact run is
+//! (`optinsync_testkit::harness::crash`; the full 20,000-contact run is
 //! `examples/crash_harness.rs`). The seed is printed; `CRASH_SEED=N` repeats a run.
-
-#[path = "../../examples/crash_harness/harness.rs"]
-mod harness;
 
 use std::path::PathBuf;
 
-use harness::{Backend, Options};
+use optinsync_testkit::harness::crash::{self as harness, Backend, Options};
+use optinsync_testkit_engine::Engine;
 
 use crate::support::BIN;
 
@@ -33,7 +31,9 @@ fn options(backend: Backend) -> Options {
 
 async fn crash_run(backend: Backend) {
     let opts = options(backend);
-    let report = harness::run(&opts).await.expect("crash harness set-up");
+    let report = harness::run(&opts, &Engine)
+        .await
+        .expect("crash harness set-up");
     report.print();
     // Zero lost events, confirmations and withdrawals; every duplicate explained by the send
     // window, at most one per kill (all inside `violations`).

@@ -654,11 +654,7 @@ async fn mutated_tokens_are_refused_and_change_nothing() {
         .text()
         .await
         .unwrap();
-    let valid_form: String = hidden_fields(&page)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
+    let valid_form = form_body(&page);
     let kinds_before = (demo.event_kinds(ANA), demo.event_kinds(BEN));
 
     let keys = TokenKeys::new("k1", DEMO_SECRET.as_bytes(), vec![]);

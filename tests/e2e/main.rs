@@ -12,8 +12,6 @@ mod data_subject;
 mod demo;
 mod faults;
 mod hardening;
-#[path = "../../examples/shared/harness_util.rs"]
-mod harness_util;
 mod import;
 mod lifecycle;
 mod log_scan;

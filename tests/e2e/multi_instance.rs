@@ -3,12 +3,13 @@
 //! people who confirm — on whichever instance — reach the fake Zoho Campaigns list, and no
 //! Campaigns quota window ever holds more calls than its limit although all three subscribe
 //! (the budget is shared through the database). The harness is
-//! `examples/multi_instance/harness.rs`; the 100,000-contact run is `examples/multi_instance.rs`.
-
-#[path = "../../examples/multi_instance/harness.rs"]
-mod harness;
+//! `optinsync_testkit::harness::multi_instance`; the 100,000-contact run is
+//! `examples/multi_instance.rs`.
 
 use std::path::PathBuf;
+
+use optinsync_testkit::harness::multi_instance as harness;
+use optinsync_testkit_engine::Engine;
 
 use crate::support::BIN;
 
@@ -22,7 +23,9 @@ async fn three_instances_share_the_work_and_the_vendor_quota() {
         300,
     );
     opts.drain_timeout = std::time::Duration::from_secs(240);
-    let report = harness::run(&opts).await.expect("multi-instance harness");
+    let report = harness::run(&opts, &Engine)
+        .await
+        .expect("multi-instance harness");
     report.print();
     assert_eq!(report.violations(), Vec::<String>::new());
     // The run exercised what it claims to: every contact mailed, half of them confirmed and

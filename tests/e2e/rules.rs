@@ -394,3 +394,106 @@ async fn answering_re_permission_keeps_the_contact() {
     );
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// The shipped policy with `extra` put first in `decide`, and the 1-based line `extra` is on.
+fn shipped_with(extra: &str) -> (String, usize) {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/rules/consent.rhai"))
+            .unwrap();
+    let head = "fn decide(contact, consent, ctx) {\n";
+    let at = shipped.find(head).unwrap() + head.len();
+    let line = shipped[..at].matches('\n').count() + 1;
+    (format!("{}{extra}{}", &shipped[..at], &shipped[at..]), line)
+}
+
+/// `rules check` fails (exit 2) and names `consent.rhai:line:column` and `wants` on stderr.
+fn check_fails_at(demo: &Demo, line: usize, column: usize, wants: &[&str]) {
+    let out = demo.output(&["rules", "check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("consent.rhai:{line}:{column}: ")),
+        "{err}"
+    );
+    for w in wants {
+        assert!(err.contains(w), "{w}: {err}");
+    }
+}
+
+/// A misspelt key in a branch no table test runs: `rules check` still refuses it, with where.
+#[test]
+fn rules_check_refuses_a_mistyped_key_in_a_branch_that_never_runs() {
+    let demo = Demo::new();
+    let (src, line) = shipped_with(
+        "    if consent.state == \"complained\" && consent.reminder_sent > 0 { return; }\n",
+    );
+    std::fs::write(demo.path("rules/consent.rhai"), src).unwrap();
+    check_fails_at(
+        &demo,
+        line,
+        49,
+        &[
+            "`consent` has no key `reminder_sent`",
+            "did you mean `reminders_sent`?",
+        ],
+    );
+}
+
+#[test]
+fn rules_check_refuses_an_unknown_action_name() {
+    let demo = Demo::new();
+    let (src, line) = shipped_with(
+        "    if consent.state == \"complained\" { return #{ action: \"supress\", reason: \"x\" }; }\n",
+    );
+    std::fs::write(demo.path("rules/consent.rhai"), src).unwrap();
+    check_fails_at(&demo, line, 58, &["unknown action `supress`"]);
+}
+
+/// Helper files (`_*.rhai`) hold functions every rule file can call; a broken one is refused
+/// by `rules check` and never goes live on reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn helper_files_are_shared_and_a_broken_one_never_goes_live() {
+    let demo = quiet_demo();
+    std::fs::write(
+        demo.path("rules/_mail.rhai"),
+        "fn ask(why) {\n    #{ action: \"send_doi\", reason: why }\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        demo.path("rules/consent.rhai"),
+        "fn decide(contact, consent, ctx) {\n    if consent.state == \"asserted\" { ask(\"asked\") }\n}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        demo.path("rules/consent.tests.toml"),
+        "[[test]]\nname = \"asked\"\nconsent = { state = \"asserted\" }\nexpect = [{ action = \"send_doi\", reason = \"asked\" }]\n",
+    )
+    .unwrap();
+    let out = demo.run_ok(&["rules", "check"]);
+    assert!(
+        out.contains("compiled helper") && out.contains("_mail.rhai"),
+        "{out}"
+    );
+    std::fs::write(demo.path("rules/consent.rhai"), QUIET).unwrap();
+    std::fs::write(demo.path("rules/consent.tests.toml"), QUIET_TESTS).unwrap();
+
+    let daemon = demo.spawn_daemon();
+    // A helper with a statement that would never run, and a rule that would mail everyone.
+    demo.save_rule_file("_mail.rhai", "let x = 1;\nfn ask(why) { () }\n");
+    demo.save_rule_file(
+        "consent.rhai",
+        "fn decide(contact, consent, ctx) { if consent.state == \"asserted\" { #{ action: \"send_doi\", reason: \"x\" } } }\n",
+    );
+    demo.save_rule_file("consent.tests.toml", "");
+    wait_until(10, "compile_error reload metric", || {
+        let m = futures_lite_block(demo.metrics());
+        metric(&m, "optinsync_rules_reload_total{result=\"compile_error\"}") >= 1
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(demo.mails().is_empty(), "the broken set never decided");
+    let out = demo.output(&["rules", "check"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("_mail.rhai:1:1: a helper file"), "{err}");
+    assert_eq!(daemon.terminate(), Some(0));
+}

@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 
 use optinsync_engine::ledger::LedgerEvent;
 use optinsync_engine::store;
+use optinsync_testkit::harness::util;
+
+pub use optinsync_testkit::harness::util::{form_body, hidden_fields};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_optinsync");
 
@@ -218,10 +221,7 @@ impl Demo {
 }
 
 pub fn link_in(mail: &str, marker: &str) -> String {
-    mail.split(|c: char| c.is_whitespace() || c == '<' || c == '>' || c == '"')
-        .find(|w| w.starts_with("http") && w.contains(marker))
-        .unwrap_or_else(|| panic!("no {marker} link in mail"))
-        .to_owned()
+    util::link_in(mail, marker).unwrap_or_else(|| panic!("no {marker} link in mail"))
 }
 
 pub struct Daemon {
@@ -392,23 +392,6 @@ impl Demo {
     }
 }
 
-/// The hidden form fields of a page (`<input type="hidden" name=".." value="..">`).
-pub fn hidden_fields(page: &str) -> Vec<(String, String)> {
-    page.split("<input ")
-        .skip(1)
-        .filter(|i| i.contains("type=\"hidden\""))
-        .filter_map(|i| {
-            let attr = |name: &str| {
-                i.split(&format!("{name}=\""))
-                    .nth(1)
-                    .and_then(|r| r.split('"').next())
-                    .map(str::to_owned)
-            };
-            Some((attr("name")?, attr("value")?))
-        })
-        .collect()
-}
-
 /// Open the confirmation page as a browser does and press its button: a POST carrying the
 /// page's hidden fields (the per-page nonce and the page hash).
 pub async fn click_confirm(
@@ -425,16 +408,11 @@ pub async fn click_confirm(
         .text()
         .await
         .unwrap();
-    let body = hidden_fields(&page)
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join("&");
     client
         .post(link)
         .header("user-agent", user_agent)
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(body)
+        .body(form_body(&page))
         .send()
         .await
         .unwrap()

@@ -1,7 +1,7 @@
 //! The HTTP server: confirmation and unsubscribe links (see [`crate::links`]), health.
 //!
-//! `GET` and `HEAD` never change state (invariant 6): link scanners fetch links in mails, so
-//! the GET page only shows a button, and only the `POST` it sends confirms. An RFC 8058
+//! `GET` and `HEAD` never change state (an architecture invariant): link scanners fetch links
+//! in mails, so the GET page only shows a button, and only the `POST` it sends confirms. An RFC 8058
 //! one-click `POST` to the unsubscribe link unsubscribes at once.
 
 use std::sync::Arc;

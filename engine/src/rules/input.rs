@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 use chrono::{DateTime, Utc};
 use rhai::{Dynamic, ImmutableString, Map};
 
-use crate::config::ListConfig;
+use crate::config::{DoiMode, ListConfig};
 use crate::consent::{Consent, ConsentState};
 use crate::store::Contact;
 
@@ -21,6 +21,26 @@ fn secs_since(now: DateTime<Utc>, t: DateTime<Utc>) -> i64 {
 fn opt(v: Option<i64>) -> Dynamic {
     v.map(Dynamic::from).unwrap_or(Dynamic::UNIT)
 }
+
+/// The keys of `contact`; every map has all of them (rules read unknown keys as an error).
+pub(crate) const CONTACT_KEYS: [&str; 5] =
+    ["id", "language", "email_domain", "fields", "crm_records"];
+
+/// The keys of `ctx`.
+pub(crate) const CTX_KEYS: [&str; 2] = ["now", "list"];
+
+/// The keys of `ctx.list`.
+pub(crate) const LIST_KEYS: [&str; 9] = [
+    "id",
+    "name",
+    "description",
+    "doi",
+    "reminder_after",
+    "pending_expiry",
+    "max_reminders",
+    "inactivity",
+    "revalidation_grace",
+];
 
 /// `contact`: no raw address (rules may print), only its domain.
 pub fn contact_map(c: &Contact) -> Map {
@@ -98,7 +118,7 @@ fn state_name(state: ConsentState) -> Dynamic {
 }
 
 /// The keys of `consent`.
-const CONSENT_KEYS: [&str; 10] = [
+pub(crate) const CONSENT_KEYS: [&str; 10] = [
     "state",
     "since",
     "age",
@@ -166,6 +186,14 @@ impl ListCtx {
         let mut l = Map::new();
         l.insert("id".into(), list.id.clone().into());
         l.insert("name".into(), list.name.clone().into());
+        l.insert("description".into(), list.description.clone().into());
+        // Who runs the double opt-in: the engine refuses reminders and re-permission mails
+        // on a list whose DOI the campaigns tool runs, so the policy needs to know.
+        let doi = match list.doi {
+            DoiMode::Optinsync => "optinsync",
+            DoiMode::Campaigns => "campaigns",
+        };
+        l.insert("doi".into(), doi.into());
         l.insert("reminder_after".into(), list.reminder_after.secs().into());
         l.insert("pending_expiry".into(), list.pending_expiry.secs().into());
         l.insert("max_reminders".into(), i64::from(list.max_reminders).into());
@@ -183,6 +211,21 @@ impl ListCtx {
         m.insert("now".into(), unix(now).into());
         m.insert("list".into(), Dynamic::from_map(self.list.clone()));
         m
+    }
+}
+
+/// A contact with nothing but an id and an address, for tests of the maps.
+#[cfg(test)]
+pub(crate) fn test_contact(now: DateTime<Utc>) -> Contact {
+    Contact {
+        id: "c".into(),
+        email: "p@example.org".into(),
+        erased: false,
+        language: None,
+        fields: Default::default(),
+        crm_records: vec![],
+        created_at: now,
+        updated_at: now,
     }
 }
 
@@ -248,6 +291,51 @@ mod tests {
         let none = consent_map(&Consent::new(now), None, now);
         assert_eq!(none.len(), CONSENT_KEYS.len());
         assert!(none.get("inactive_for").is_some_and(Dynamic::is_unit));
+    }
+
+    /// The key lists are what the load-time check and the docs rely on: every map has exactly
+    /// those keys, whatever the contact (absent values are `()`).
+    #[test]
+    fn maps_hold_exactly_the_known_keys() {
+        fn keys(m: &Map) -> Vec<String> {
+            let mut k: Vec<String> = m.keys().map(ToString::to_string).collect();
+            k.sort();
+            k
+        }
+        fn sorted(k: &[&str]) -> Vec<String> {
+            let mut k: Vec<String> = k.iter().map(|s| (*s).to_owned()).collect();
+            k.sort();
+            k
+        }
+        let now = DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default();
+        assert_eq!(
+            keys(&contact_map(&test_contact(now))),
+            sorted(&CONTACT_KEYS)
+        );
+        assert_eq!(
+            keys(&consent_map(&Consent::new(now), None, now)),
+            sorted(&CONSENT_KEYS)
+        );
+        let list: ListConfig = toml::from_str(
+            "id = \"news\"\nname = \"News\"\ndescription = \"Monthly\"\ndoi = \"campaigns\"",
+        )
+        .expect("list");
+        let ctx = ctx_map(&list, now);
+        assert_eq!(keys(&ctx), sorted(&CTX_KEYS));
+        let l = ctx
+            .get("list")
+            .and_then(|l| l.read_lock::<Map>().map(|l| l.clone()))
+            .expect("list map");
+        assert_eq!(keys(&l), sorted(&LIST_KEYS));
+        let get = |k: &str| l.get(k).map(ToString::to_string);
+        assert_eq!(get("doi").as_deref(), Some("campaigns"));
+        assert_eq!(get("description").as_deref(), Some("Monthly"));
+        let plain: ListConfig = toml::from_str("id = \"a\"\nname = \"A\"").expect("list");
+        let plain = ListCtx::new(&plain).list;
+        assert_eq!(
+            plain.get("doi").map(ToString::to_string).as_deref(),
+            Some("optinsync")
+        );
     }
 
     #[test]

@@ -1,16 +1,21 @@
 //! The Rhai rules host.
 //!
 //! A **rule set** is a directory: every `*.rhai` file defines `fn decide(contact, consent, ctx)`
-//! and every `*.tests.toml` file holds table tests for the whole set. Scripts are compiled once
-//! in a sandboxed engine and called per contact — plain maps in, an action map (or an array of
-//! them, or nothing) out. Each action carries a `reason`, stored in the ledger with the file and
-//! content hash of the script that proposed it.
+//! — except **helper files**, named `_*.rhai`, which hold functions only and are compiled into
+//! every rule file — and every `*.tests.toml` file holds table tests for the whole set. Scripts
+//! are compiled once in a sandboxed engine and called per contact — plain maps in, an action map
+//! (or an array of them, or nothing) out. Each action carries a `reason`, stored in the ledger
+//! with the file and content hash of the script that proposed it.
 //!
-//! A rule set is only ever used after it compiled **and** passed its tests
+//! Mistakes are loud: reading a key the maps do not have is an error (at run time, and at load
+//! time where [`check`] can see it), and so is an unknown action name written in a script.
+//!
+//! A rule set is only ever used after it compiled, passed those checks **and** passed its tests
 //! ([`RuleSet::load_checked`]); reload builds a new set and swaps it in whole.
 //!
 //! Rules only *propose*. The consent state machine decides whether a proposal is legal.
 
+mod check;
 pub mod input;
 pub mod simulate;
 pub mod table;
@@ -85,7 +90,7 @@ pub enum RulesError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}: no rule scripts (*.rhai) found")]
+    #[error("{path}: no rule scripts (*.rhai; files named `_*.rhai` are helpers) found")]
     Empty { path: PathBuf },
     #[error("{path}:{line}:{column}: {message}")]
     Compile {
@@ -94,8 +99,18 @@ pub enum RulesError {
         column: usize,
         message: String,
     },
-    #[error("{path}: the script must define `fn decide(contact, consent, ctx)`")]
+    #[error(
+        "{path}: the script must define `fn decide(contact, consent, ctx)` (files named `_*.rhai` are helpers: functions only)"
+    )]
     NoDecide { path: PathBuf },
+    /// A mistake the load-time checks found without running the script.
+    #[error("{path}:{line}:{column}: {message}")]
+    Check {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("{path}:{line}:{column}: rule failed: {message}")]
     Runtime {
         path: PathBuf,
@@ -133,6 +148,16 @@ fn sandboxed_engine() -> Engine {
     engine.set_max_variables(1_000);
     engine.set_max_functions(1_000);
     engine.set_max_modules(0);
+    // A mistyped key must fail loudly, not read as `()` and quietly stop a rule from firing.
+    // Keys that may have no value are always present in the maps (as `()`).
+    engine.set_fail_on_invalid_map_property(true);
+    // A variable used but never defined is a compile error with its line, not a run-time error
+    // in whichever branch reaches it — the usual case being a file-level `let`, which
+    // `decide` cannot see (the top level never runs).
+    engine.set_strict_variables(true);
+    // Scripts are parsed as written, so the load-time checks see every branch (the optimiser
+    // drops `if false { .. }` and folds literals); `compile_sources` optimises after checking.
+    engine.set_optimization_level(rhai::OptimizationLevel::None);
     engine.disable_symbol("eval");
     engine.on_print(|s| tracing::info!(target: "optinsync::rules", "{s}"));
     engine.on_debug(|s, src, pos| {
@@ -143,11 +168,27 @@ fn sandboxed_engine() -> Engine {
 
 /// One compiled script.
 struct Script {
+    /// The rule file with the helper files' functions merged in.
     ast: AST,
     path: PathBuf,
     /// `path` as text, made once: every proposal carries it.
     file: String,
+    /// The file's content hash; with helper files, the hash of the file and the helpers.
     hash: String,
+}
+
+/// Whether a `.rhai` file is a helper: functions shared by the rule files, no `decide`.
+fn is_helper(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('_'))
+}
+
+/// One parsed helper file.
+struct Helper {
+    ast: AST,
+    path: PathBuf,
+    source: String,
 }
 
 /// A compiled rule set, immutable once built.
@@ -155,6 +196,10 @@ pub struct RuleSet {
     engine: Engine,
     dir: PathBuf,
     scripts: Vec<Script>,
+    /// `(file, sha256)` of each helper file.
+    helpers: Vec<(PathBuf, String)>,
+    /// Which helper file defines each helper function, to name it in a run-time error.
+    helper_fns: std::collections::HashMap<String, PathBuf>,
     tests: Vec<TableTest>,
     hash: String,
 }
@@ -250,51 +295,153 @@ impl RuleSet {
     ) -> Result<Self, RulesError> {
         let engine = sandboxed_engine();
         let mut errors = Vec::new();
-        let mut scripts = Vec::new();
-        for (path, source) in sources {
-            match engine.compile(source) {
-                Ok(ast) => {
-                    if ast
-                        .iter_functions()
-                        .any(|f| f.name == "decide" && f.params.len() == 3)
-                    {
-                        scripts.push(Script {
-                            ast,
-                            path: path.clone(),
-                            file: path.display().to_string(),
-                            hash: sha256_hex(source.as_bytes()),
-                        });
-                    } else {
-                        errors.push(RulesError::NoDecide { path: path.clone() });
+        let compile = |path: &Path, source: &str| {
+            let ast = engine.compile(source).map_err(|e| {
+                let hint = match *e.0 {
+                    rhai::ParseErrorType::VariableUndefined(_) => {
+                        " (variables from outside a function, such as a file-level `let`, are not visible in it)"
                     }
-                }
-                Err(e) => errors.push(RulesError::Compile {
-                    path: path.clone(),
+                    _ => "",
+                };
+                RulesError::Compile {
+                    path: path.to_owned(),
                     line: e.1.line().unwrap_or(0),
                     column: e.1.position().unwrap_or(0),
-                    message: e.0.to_string(),
-                }),
+                    message: format!("{}{hint}", e.0),
+                }
+            })?;
+            let findings: Vec<RulesError> = check::check(&ast)
+                .into_iter()
+                .map(|f| RulesError::Check {
+                    path: path.to_owned(),
+                    line: f.line,
+                    column: f.column,
+                    message: f.message,
+                })
+                .collect();
+            if findings.is_empty() {
+                Ok(engine.optimize_ast(&rhai::Scope::new(), ast, rhai::OptimizationLevel::Simple))
+            } else {
+                Err(several(findings))
             }
+        };
+        let (helper_sources, rule_sources): (Vec<_>, Vec<_>) =
+            sources.iter().partition(|(path, _)| is_helper(path));
+        let mut helpers: Vec<Helper> = Vec::new();
+        let mut helper_fns: std::collections::HashMap<String, PathBuf> = Default::default();
+        let mut helper_sigs: std::collections::HashMap<(String, usize), PathBuf> =
+            Default::default();
+        for (path, source) in helper_sources {
+            let Ok(ast) = compile(path, source).map_err(|e| errors.push(e)) else {
+                continue;
+            };
+            // Top-level code never runs (only `decide` is called), and `decide` here would
+            // clash with every rule file's own.
+            if let Some(stmt) = ast.statements().first() {
+                let pos = stmt.position();
+                errors.push(RulesError::Check {
+                    path: path.clone(),
+                    line: pos.line().unwrap_or(0),
+                    column: pos.position().unwrap_or(0),
+                    message: "a helper file (`_*.rhai`) holds functions only; this statement would never run".into(),
+                });
+            }
+            for f in ast.iter_fn_def() {
+                let pos = f.body.start_position();
+                if f.name == "decide" {
+                    errors.push(RulesError::Check {
+                        path: path.clone(),
+                        line: pos.line().unwrap_or(0),
+                        column: pos.position().unwrap_or(0),
+                        message: "a helper file (`_*.rhai`) must not define `decide`; rename the file without the leading `_` to make it a rule file".into(),
+                    });
+                }
+                let sig = (f.name.to_string(), f.params.len());
+                if let Some(other) = helper_sigs.get(&sig) {
+                    errors.push(clash(path, pos, &sig, other));
+                } else {
+                    helper_sigs.insert(sig, path.clone());
+                }
+                helper_fns.insert(f.name.to_string(), path.clone());
+            }
+            helpers.push(Helper {
+                ast,
+                path: path.clone(),
+                source: source.clone(),
+            });
+        }
+        let helper_hashes: Vec<(PathBuf, String)> = helpers
+            .iter()
+            .map(|h| (h.path.clone(), sha256_hex(h.source.as_bytes())))
+            .collect();
+        let mut scripts = Vec::new();
+        for (path, source) in rule_sources {
+            let Ok(ast) = compile(path, source).map_err(|e| errors.push(e)) else {
+                continue;
+            };
+            if !ast
+                .iter_functions()
+                .any(|f| f.name == "decide" && f.params.len() == 3)
+            {
+                errors.push(RulesError::NoDecide { path: path.clone() });
+                continue;
+            }
+            for f in ast.iter_fn_def() {
+                let sig = (f.name.to_string(), f.params.len());
+                if let Some(helper) = helper_sigs.get(&sig) {
+                    errors.push(clash(path, f.body.start_position(), &sig, helper));
+                }
+            }
+            let mut merged = ast;
+            for h in &helpers {
+                merged += h.ast.clone_functions_only();
+            }
+            // The file alone when there are no helpers (the hash `sha256sum` gives); else
+            // the file and the helpers it was compiled with, so the ledger pins both.
+            let hash = if helpers.is_empty() {
+                sha256_hex(source.as_bytes())
+            } else {
+                let mut h = Sha256::new();
+                h.update(source.as_bytes());
+                for (p, hash) in &helper_hashes {
+                    h.update([0]);
+                    h.update(file_name(p).as_bytes());
+                    h.update([0]);
+                    h.update(hash.as_bytes());
+                }
+                hex::encode(h.finalize())
+            };
+            scripts.push(Script {
+                ast: merged,
+                path: path.clone(),
+                file: path.display().to_string(),
+                hash,
+            });
         }
         if !errors.is_empty() {
             return Err(several(errors));
         }
+        if scripts.is_empty() && !helpers.is_empty() {
+            return Err(RulesError::Empty {
+                path: dir.to_owned(),
+            });
+        }
         let mut h = Sha256::new();
-        for s in &scripts {
-            h.update(
-                s.path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("")
-                    .as_bytes(),
-            );
+        for (name, hash) in scripts
+            .iter()
+            .map(|s| (&s.path, &s.hash))
+            .chain(helper_hashes.iter().map(|(p, h)| (p, h)))
+        {
+            h.update(file_name(name).as_bytes());
             h.update([0]);
-            h.update(s.hash.as_bytes());
+            h.update(hash.as_bytes());
         }
         Ok(Self {
             engine,
             dir: dir.to_owned(),
             scripts,
+            helpers: helper_hashes,
+            helper_fns,
             tests,
             hash: hex::encode(h.finalize()),
         })
@@ -315,6 +462,11 @@ impl RuleSet {
             .iter()
             .map(|s| (s.path.clone(), s.hash.clone()))
             .collect()
+    }
+
+    /// `(file, sha256)` of each helper file (`_*.rhai`).
+    pub fn helpers(&self) -> &[(PathBuf, String)] {
+        &self.helpers
     }
 
     pub fn tests(&self) -> &[TableTest] {
@@ -384,13 +536,53 @@ impl RuleSet {
                     Dynamic::from_map(ctx),
                 ),
             )
-            .map_err(|e| RulesError::Runtime {
-                path: script.path.clone(),
-                line: e.position().line().unwrap_or(0),
-                column: e.position().position().unwrap_or(0),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| self.runtime_error(script, &e))?;
         proposals(script, out)
+    }
+}
+
+fn file_name(path: &Path) -> &str {
+    path.file_name().and_then(|n| n.to_str()).unwrap_or("")
+}
+
+fn clash(path: &Path, pos: rhai::Position, sig: &(String, usize), other: &Path) -> RulesError {
+    RulesError::Check {
+        path: path.to_owned(),
+        line: pos.line().unwrap_or(0),
+        column: pos.position().unwrap_or(0),
+        message: format!(
+            "function `{}` with {} parameter(s) is also defined in helper file {}",
+            sig.0,
+            sig.1,
+            other.display()
+        ),
+    }
+}
+
+impl RuleSet {
+    /// A run-time error at the place it happened: calls wrap it once per function, and the
+    /// innermost names the function, so a helper's error names the helper file.
+    fn runtime_error(&self, script: &Script, e: &rhai::EvalAltResult) -> RulesError {
+        let mut err = e;
+        let mut in_fn = None;
+        while let rhai::EvalAltResult::ErrorInFunctionCall(name, _, inner, _) = err {
+            in_fn = Some(name.as_str());
+            err = inner;
+        }
+        let path = in_fn
+            .and_then(|f| self.helper_fns.get(f))
+            .unwrap_or(&script.path);
+        let pos = if err.position().is_none() {
+            e.position()
+        } else {
+            err.position()
+        };
+        RulesError::Runtime {
+            path: path.clone(),
+            line: pos.line().unwrap_or(0),
+            column: pos.position().unwrap_or(0),
+            message: e.to_string(),
+        }
     }
 }
 
@@ -428,13 +620,7 @@ fn proposals(script: &Script, out: Dynamic) -> Result<Vec<Proposal>, RulesError>
             .remove("action")
             .and_then(|a| a.into_immutable_string().ok())
             .ok_or_else(|| bad("a map without an `action` string".into()))?;
-        let action = Action::parse(&action).ok_or_else(|| {
-            let known: Vec<_> = Action::ALL.iter().map(|a| a.as_str()).collect();
-            bad(format!(
-                "unknown action `{action}` (known: {})",
-                known.join(", ")
-            ))
-        })?;
+        let action = Action::parse(&action).ok_or_else(|| bad(check::unknown_action(&action)))?;
         let reason = map
             .remove("reason")
             .and_then(|r| r.into_string().ok())
@@ -477,6 +663,7 @@ pub fn input_for(action: Action) -> Option<Input> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::consent::ConsentState;
 
     fn m(pairs: &[(&str, Dynamic)]) -> Map {
         pairs
@@ -600,8 +787,12 @@ mod tests {
             rs.decide(&m(&[]), &m(&[]), &m(&[])),
             Err(RulesError::BadResult { .. })
         ));
-        let rs = one("fn decide(a, b, c) { #{ action: \"mail_everyone\", reason: \"x\" } }")
-            .expect("compiles");
+        // An action name built at run time is still checked when it is returned (a literal
+        // one fails at load: `unknown_action_literals_fail_at_load`).
+        let rs = one(
+            "fn decide(a, b, c) { let n = \"mail_\"; n += \"everyone\"; #{ action: n, reason: \"x\" } }",
+        )
+        .expect("compiles");
         assert!(matches!(
             rs.decide(&m(&[]), &m(&[]), &m(&[])),
             Err(RulesError::BadResult { .. })
@@ -612,6 +803,334 @@ mod tests {
     fn no_module_import_from_disk() {
         let rs = one("fn decide(a, b, c) { import \"other\" as o; o::x() }").expect("compiles");
         assert!(rs.decide(&m(&[]), &m(&[]), &m(&[])).is_err());
+    }
+
+    fn set(files: &[(&str, &str)]) -> Result<RuleSet, RulesError> {
+        let sources: Vec<(PathBuf, String)> = files
+            .iter()
+            .map(|(p, s)| (PathBuf::from(p), (*s).to_owned()))
+            .collect();
+        RuleSet::compile_sources(Path::new("."), &sources, vec![])
+    }
+
+    fn test_now() -> chrono::DateTime<chrono::Utc> {
+        chrono::DateTime::from_timestamp(1_800_000_000, 0).unwrap_or_default()
+    }
+
+    /// Consent in `state` since `age_secs` ago, mid-signup (a token, one DOI mail).
+    fn consent_in(state: ConsentState, age_secs: i64) -> crate::consent::Consent {
+        let since = test_now() - chrono::Duration::seconds(age_secs);
+        crate::consent::Consent {
+            state,
+            since,
+            signup_token: Some("t".into()),
+            doi_mails: 1,
+            reminders_sent: 0,
+            confirmed_at: (state == ConsentState::Confirmed).then_some(since),
+            confirmed_token: None,
+            last_seq: None,
+        }
+    }
+
+    /// Maps as the daemon builds them, for a contact in `state` on `list`.
+    fn real_maps(state: ConsentState, age_secs: i64, list: &str) -> (Map, Map, Map) {
+        let now = test_now();
+        let list: crate::config::ListConfig = toml::from_str(list).expect("list");
+        (
+            input::contact_map(&input::test_contact(now)),
+            input::consent_map(&consent_in(state, age_secs), None, now),
+            input::ctx_map(&list, now),
+        )
+    }
+
+    fn check_err(files: &[(&str, &str)]) -> String {
+        set(files).expect_err("refused at load").to_string()
+    }
+
+    #[test]
+    fn reading_an_unknown_key_is_an_error_at_run_time() {
+        // A key built at run time: the load-time check cannot see it, the engine option can.
+        let rs = one(
+            "fn decide(contact, consent, ctx) {\n  let k = \"reminder_sent\";\n  if consent[k] > 0 { }\n}",
+        )
+        .expect("compiles");
+        let (c, k, x) = real_maps(ConsentState::Pending, 10, "id = \"l\"\nname = \"L\"");
+        let err = rs.decide(&c, &k, &x).expect_err("unknown key");
+        assert!(matches!(err, RulesError::Runtime { line: 3, .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("r.rhai:3:") && msg.contains("reminder_sent"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn every_key_of_the_real_maps_reads_without_error() {
+        // Keys that may have no value are present as `()`: a correct script never fails.
+        let mut reads = Vec::new();
+        for k in input::CONTACT_KEYS {
+            reads.push(format!("contact.{k}"));
+        }
+        for k in input::CONSENT_KEYS {
+            reads.push(format!("consent.{k}"));
+        }
+        for k in input::CTX_KEYS {
+            reads.push(format!("ctx.{k}"));
+        }
+        for k in input::LIST_KEYS {
+            reads.push(format!("ctx.list.{k}"));
+        }
+        let src = format!(
+            "fn decide(contact, consent, ctx) {{ let all = [{}]; }}",
+            reads.join(", ")
+        );
+        let rs = one(&src).expect("every documented key passes the load-time check");
+        for state in ConsentState::ALL {
+            let (c, k, x) = real_maps(state, 10, "id = \"l\"\nname = \"L\"");
+            rs.decide(&c, &k, &x).expect("every key is present");
+        }
+    }
+
+    /// What docs/writing-rules.md promises about CRM fields and file-level variables.
+    #[test]
+    fn crm_fields_a_contact_lacks_read_with_get_or_in_and_file_level_lets_are_invisible() {
+        let (c, k, x) = real_maps(ConsentState::Asserted, 10, "id = \"l\"\nname = \"L\"");
+        let rs = one(
+            "fn decide(contact, consent, ctx) {\n  if contact.fields.get(\"Country\") == () && !(\"Country\" in contact.fields) { #{ action: \"send_doi\", reason: \"r\" } }\n}",
+        )
+        .expect("compiles");
+        assert_eq!(rs.decide(&c, &k, &x).expect("runs").len(), 1);
+        let rs = one("fn decide(contact, consent, ctx) {\n  contact.fields.Country\n}")
+            .expect("compiles");
+        let msg = rs.decide(&c, &k, &x).expect_err("absent field").to_string();
+        assert!(
+            msg.starts_with("r.rhai:2:18:") && msg.contains("Country"),
+            "{msg}"
+        );
+        // Refused at load, not in whichever branch first reaches it.
+        let msg =
+            one("let limit = 3;\nfn decide(contact, consent, ctx) {\n  if false { limit }\n}")
+                .expect_err("invisible")
+                .to_string();
+        assert!(
+            msg.starts_with("r.rhai:3:14: Undefined variable: limit (variables from outside"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_mistyped_key_fails_at_load_even_in_a_branch_that_never_runs() {
+        let msg = check_err(&[(
+            "consent.rhai",
+            "fn decide(contact, consent, ctx) {\n  if consent.state == \"nobody\" {\n    if consent.reminder_sent > 0 { }\n  }\n}",
+        )]);
+        assert!(msg.starts_with("consent.rhai:3:16: "), "{msg}");
+        assert!(
+            msg.contains("`consent` has no key `reminder_sent`; did you mean `reminders_sent`?"),
+            "{msg}"
+        );
+        // Through `ctx`, an alias of `ctx.list`, an index, and decide's own parameter names.
+        for (src, want) in [
+            (
+                "fn decide(a, b, c) {\n  c.list.reminder_aftr\n}",
+                "r.rhai:2:10: `ctx.list` has no key `reminder_aftr`",
+            ),
+            (
+                "fn decide(a, b, c) {\n  let list = c.list;\n  list.doi_mode\n}",
+                "r.rhai:3:8: `ctx.list` has no key `doi_mode`",
+            ),
+            (
+                "fn decide(a, b, c) {\n  c.nw\n}",
+                "r.rhai:2:5: `ctx` has no key `nw`",
+            ),
+            // The optimiser would drop this branch; the check runs before it.
+            (
+                "fn decide(a, b, c) {\n  if false { b.typo }\n}",
+                "r.rhai:2:16: `consent` has no key `typo`",
+            ),
+            (
+                "fn decide(a, b, c) {\n  a[\"email\"]\n}",
+                "r.rhai:2:5: `contact` has no key `email`",
+            ),
+            // A helper function's parameter called `consent` is the consent map too.
+            (
+                "fn due(consent) {\n  consent.agee\n}\nfn decide(a, b, c) { due(b) }",
+                "r.rhai:2:11: `consent` has no key `agee`",
+            ),
+        ] {
+            let msg = one(src).expect_err(src).to_string();
+            assert!(msg.starts_with(want), "{src}: {msg}");
+        }
+        // Writing a new key is allowed; a name bound to something else too is not guessed at;
+        // CRM fields are not known here.
+        for src in [
+            "fn decide(a, b, c) { b.note = 1; b.note }",
+            "fn decide(a, b, c) { let l = c.list; l = #{ x: 1 }; l.x }",
+            "fn decide(contact, consent, ctx) { contact.fields.Country }",
+        ] {
+            one(src).expect(src);
+        }
+    }
+
+    #[test]
+    fn unknown_action_literals_fail_at_load() {
+        let msg = check_err(&[(
+            "r.rhai",
+            "fn decide(a, b, c) {\n  if b.state == \"nobody\" {\n    return #{ action: \"send_remider\", reason: \"x\" };\n  }\n}",
+        )]);
+        assert!(
+            msg.starts_with("r.rhai:3:23: unknown action `send_remider` (known: send_doi,"),
+            "{msg}"
+        );
+        let msg = check_err(&[(
+            "r.rhai",
+            "fn decide(a, b, c) {\n  let m = #{ reason: \"x\" };\n  m.action = \"mail\";\n  m\n}",
+        )]);
+        assert!(
+            msg.starts_with("r.rhai:3:14: unknown action `mail`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn helper_files_share_functions_with_every_rule_file() {
+        let lib = "fn overdue(consent, ctx) {\n  consent.age >= ctx.list.reminder_after\n}\nfn act(a, r) { #{ action: a, reason: r } }\n";
+        let rs = set(&[
+            ("_lib.rhai", lib),
+            (
+                "a.rhai",
+                "fn decide(contact, consent, ctx) { if overdue(consent, ctx) { act(\"send_reminder\", \"due\") } }",
+            ),
+            (
+                "b.rhai",
+                "fn decide(contact, consent, ctx) { if !overdue(consent, ctx) { act(\"none\", \"not yet\") } }",
+            ),
+        ])
+        .expect("helpers compile into every rule file");
+        assert_eq!(rs.scripts().len(), 2, "a helper is not a rule file");
+        assert_eq!(rs.helpers().len(), 1);
+        let (c, k, x) = real_maps(
+            ConsentState::Pending,
+            4 * 86_400,
+            "id = \"l\"\nname = \"L\"",
+        );
+        let got = rs.decide(&c, &k, &x).expect("runs");
+        assert_eq!(
+            got.iter()
+                .map(|p| (p.action, p.rule_file.as_str()))
+                .collect::<Vec<_>>(),
+            vec![(Action::SendReminder, "a.rhai")]
+        );
+        // The ledger's hash pins the helpers too: change one, and the rule file's hash changes.
+        let other = set(&[
+            ("_lib.rhai", &lib.replace(">=", ">")),
+            ("a.rhai", "fn decide(contact, consent, ctx) { }"),
+        ])
+        .expect("compiles");
+        let plain = one("fn decide(contact, consent, ctx) { }").expect("compiles");
+        assert_ne!(other.scripts()[0].1, plain.scripts()[0].1);
+        assert_eq!(
+            plain.scripts()[0].1,
+            sha256_hex(b"fn decide(contact, consent, ctx) { }")
+        );
+
+        // A run-time error in a helper names the helper file and its line.
+        let rs = set(&[
+            ("_lib.rhai", "fn boom(x) {\n  x[\"nope\"]\n}"),
+            (
+                "a.rhai",
+                "fn decide(contact, consent, ctx) { boom(consent) }",
+            ),
+        ])
+        .expect("compiles");
+        let msg = rs.decide(&c, &k, &x).expect_err("fails").to_string();
+        assert!(msg.starts_with("_lib.rhai:2:"), "{msg}");
+    }
+
+    #[test]
+    fn helper_files_hold_functions_only() {
+        let rule = ("a.rhai", "fn decide(contact, consent, ctx) { }");
+        for (helper, want) in [
+            (
+                "fn decide(a, b, c) { }",
+                "_lib.rhai:1:20: a helper file (`_*.rhai`) must not define `decide`",
+            ),
+            (
+                "let limit = 3;\nfn f() { }",
+                "_lib.rhai:1:1: a helper file (`_*.rhai`) holds functions only",
+            ),
+            (
+                "fn f() {\n  limit\n}",
+                "_lib.rhai:2:3: Undefined variable: limit (variables from outside a function",
+            ),
+            (
+                "fn f() {\n  #{ action: \"sned_doi\", reason: \"x\" }\n}",
+                "_lib.rhai:2:14: unknown action `sned_doi`",
+            ),
+            (
+                "fn f(consent) {\n  consent.stat\n}",
+                "_lib.rhai:2:11: `consent` has no key `stat`",
+            ),
+            ("fn f() {\n  let = ;\n}", "_lib.rhai:2:"),
+        ] {
+            let msg = check_err(&[("_lib.rhai", helper), rule]);
+            assert!(msg.starts_with(want), "{helper}: {msg}");
+        }
+        // One function name, one meaning: no silent override between files.
+        let msg = check_err(&[
+            ("_lib.rhai", "fn f(x) { 1 }"),
+            (
+                "a.rhai",
+                "fn f(x) { 2 } fn decide(contact, consent, ctx) { }",
+            ),
+        ]);
+        assert!(msg.contains("a.rhai:1:9: function `f` with 1 parameter(s) is also defined in helper file _lib.rhai"), "{msg}");
+        // Helpers alone are not a rule set; a rule file still needs `decide`.
+        assert!(matches!(
+            set(&[("_lib.rhai", "fn f() { }")]),
+            Err(RulesError::Empty { .. })
+        ));
+        assert!(matches!(
+            set(&[("_lib.rhai", "fn f() { }"), ("lib.rhai", "fn f() { }")]),
+            Err(RulesError::NoDecide { .. }) | Err(RulesError::Several(_))
+        ));
+    }
+
+    #[test]
+    fn shipped_policy_proposes_nothing_the_engine_refuses_on_a_campaigns_doi_list() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+        let set = RuleSet::load_checked(&dir).expect("default rules load");
+        let list = "id = \"l\"\nname = \"L\"\ndoi = \"campaigns\"\nreminder_after = \"1d\"\npending_expiry = \"30d\"\ninactivity = \"10d\"";
+        let now = test_now();
+        let cx = crate::consent::Context {
+            suppressed: false,
+            campaigns_doi: true,
+        };
+        let limits = crate::consent::Limits { max_reminders: 1 };
+        let mut proposed = 0;
+        for state in ConsentState::ALL {
+            for days in [0, 2, 5, 11, 40, 400] {
+                let (c, k, x) = real_maps(state, days * 86_400, list);
+                let consent = consent_in(state, days * 86_400);
+                for p in set.decide(&c, &k, &x).expect("decides") {
+                    proposed += 1;
+                    assert!(
+                        !matches!(p.action, Action::SendReminder | Action::SendRevalidation),
+                        "{state:?} after {days}d: {p:?}"
+                    );
+                    if let Some(input) = input_for(p.action) {
+                        crate::consent::transition(&consent, &input, limits, cx, now)
+                            .unwrap_or_else(|r| {
+                                panic!("{state:?} after {days}d: {p:?} refused: {r:?}")
+                            });
+                    }
+                }
+            }
+        }
+        assert!(
+            proposed > 0,
+            "the policy still acts on such a list (DOI, expiry)"
+        );
     }
 
     #[test]

@@ -10,6 +10,11 @@
 //! name = "a pending signup gets one reminder after the delay"
 //! consent = { state = "pending", age = "4d", reminders_sent = 0 }
 //! expect = ["send_reminder"]
+//!
+//! [[test]]
+//! name = "the reason is checked too where given"
+//! consent = { state = "pending", age = "15d" }
+//! expect = [{ action = "remove", reason = "no confirmation within the pending expiry window" }]
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -41,7 +46,44 @@ struct RawTest {
     consent: RawConsent,
     #[serde(default)]
     list: toml::Table,
-    expect: Vec<String>,
+    expect: Vec<RawExpect>,
+}
+
+/// An entry of `expect`: an action name, or an action with the exact reason it must give.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawExpect {
+    Action(String),
+    WithReason(ActionWithReason),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActionWithReason {
+    action: String,
+    reason: String,
+}
+
+/// One expected action; with a reason, the rules must give exactly that reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Expected {
+    pub action: String,
+    pub reason: Option<String>,
+}
+
+impl Expected {
+    fn matches(&self, got: &super::Proposal) -> bool {
+        self.action == got.action.as_str() && self.reason.as_ref().is_none_or(|r| *r == got.reason)
+    }
+}
+
+impl std::fmt::Display for Expected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.reason {
+            Some(r) => write!(f, "{} ({r:?})", self.action),
+            None => f.write_str(&self.action),
+        }
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -81,7 +123,7 @@ pub struct TableTest {
     pub contact: Map,
     pub consent: Map,
     pub ctx: Map,
-    pub expect: Vec<String>,
+    pub expect: Vec<Expected>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -176,9 +218,23 @@ pub fn load(path: &Path) -> Result<Vec<TableTest>, RulesError> {
             .state
             .parse()
             .map_err(|e: crate::consent::UnknownState| bad(e.to_string()))?;
-        for a in &raw.expect {
-            if super::Action::parse(a).is_none() {
-                return Err(bad(format!("unknown action `{a}` in expect")));
+        let expect: Vec<Expected> = raw
+            .expect
+            .into_iter()
+            .map(|e| match e {
+                RawExpect::Action(action) => Expected {
+                    action,
+                    reason: None,
+                },
+                RawExpect::WithReason(a) => Expected {
+                    action: a.action,
+                    reason: Some(a.reason),
+                },
+            })
+            .collect();
+        for e in &expect {
+            if super::Action::parse(&e.action).is_none() {
+                return Err(bad(format!("unknown action `{}` in expect", e.action)));
             }
         }
         let ago = |d: Option<HumanDuration>| d.map(|d| now - chrono::Duration::seconds(d.secs()));
@@ -209,7 +265,7 @@ pub fn load(path: &Path) -> Result<Vec<TableTest>, RulesError> {
             contact: input::contact_map(&contact),
             consent: input::consent_map(&consent, ago(raw.consent.engagement_age), now),
             ctx: input::ctx_map(&list, now),
-            expect: raw.expect,
+            expect,
         });
     }
     Ok(out)
@@ -219,25 +275,36 @@ pub fn load(path: &Path) -> Result<Vec<TableTest>, RulesError> {
 pub fn run(set: &RuleSet) -> TestReport {
     let mut report = TestReport::default();
     for t in set.tests() {
-        let got = set
-            .decide(&t.contact, &t.consent, &t.ctx)
+        let got = set.decide(&t.contact, &t.consent, &t.ctx);
+        let passed = got.as_ref().is_ok_and(|ps| {
+            ps.len() == t.expect.len() && t.expect.iter().zip(ps).all(|(e, p)| e.matches(p))
+        });
+        if passed {
+            report.passed += 1;
+            continue;
+        }
+        // Reasons are shown when the test names any, so the failure shows what differs.
+        let with_reasons = t.expect.iter().any(|e| e.reason.is_some());
+        let got = got
             .map(|ps| {
                 ps.iter()
-                    .map(|p| p.action.as_str().to_owned())
+                    .map(|p| {
+                        Expected {
+                            action: p.action.as_str().to_owned(),
+                            reason: with_reasons.then(|| p.reason.clone()),
+                        }
+                        .to_string()
+                    })
                     .collect::<Vec<_>>()
             })
             .map_err(|e| e.to_string());
-        if got.as_ref() == Ok(&t.expect) {
-            report.passed += 1;
-        } else {
-            report.failures.push(TestFailure {
-                file: t.file.clone(),
-                line: t.line,
-                name: t.name.clone(),
-                expected: t.expect.clone(),
-                got,
-            });
-        }
+        report.failures.push(TestFailure {
+            file: t.file.clone(),
+            line: t.line,
+            name: t.name.clone(),
+            expected: t.expect.iter().map(ToString::to_string).collect(),
+            got,
+        });
     }
     report
 }
@@ -293,6 +360,43 @@ mod tests {
             "{msg}"
         );
         assert!(msg.contains("r.tests.toml:4: none gets nothing"), "{msg}");
+    }
+
+    #[test]
+    fn expect_may_give_reasons_too() {
+        let (_d, set) = set_with(
+            RULE,
+            "[[test]]\nname = \"a\"\nconsent = { state = \"asserted\" }\nexpect = [{ action = \"send_doi\", reason = \"r\" }]\n\n\
+             [[test]]\nname = \"old form\"\nconsent = { state = \"asserted\" }\nexpect = [\"send_doi\"]\n",
+        );
+        assert_eq!(set.expect("passes").run_tests().passed, 2);
+        // The same action with another reason fails, and the failure shows both reasons.
+        let (_d, set) = set_with(
+            RULE,
+            "[[test]]\nname = \"why\"\nconsent = { state = \"asserted\" }\nexpect = [{ action = \"send_doi\", reason = \"asked\" }]\n",
+        );
+        let msg = set.expect_err("wrong reason").to_string();
+        assert!(
+            msg.contains(r#"r.tests.toml:2: why: expected ["send_doi (\"asked\")"], got ["send_doi (\"r\")"]"#),
+            "{msg}"
+        );
+        // A misspelt field or action in the long form is refused like any other test error.
+        for (entry, want) in [
+            ("{ action = \"send_doi\", reasn = \"r\" }", "r.tests.toml:"),
+            (
+                "{ action = \"sendd_doi\", reason = \"r\" }",
+                "unknown action `sendd_doi` in expect",
+            ),
+        ] {
+            let (_d, set) = set_with(
+                RULE,
+                &format!(
+                    "[[test]]\nname = \"x\"\nconsent = {{ state = \"asserted\" }}\nexpect = [{entry}]\n"
+                ),
+            );
+            let msg = set.expect_err(entry).to_string();
+            assert!(msg.contains(want), "{entry}: {msg}");
+        }
     }
 
     #[test]

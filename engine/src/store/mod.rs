@@ -72,7 +72,8 @@ pub struct ContactUpsert {
     pub crm_record: Option<RecordRef>,
 }
 
-/// Priority of outbox work: removals and opt-outs have legal deadlines (invariant 7).
+/// Priority of outbox work: removals and opt-outs have legal deadlines (invariant: removals
+/// go first).
 pub const PRIORITY_LEGAL: i32 = 0;
 pub const PRIORITY_NORMAL: i32 = 10;
 

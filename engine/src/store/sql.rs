@@ -1,6 +1,9 @@
 //! The SQL both backends share. One body, instantiated per backend by [`shared_store_impl!`],
 //! so SQLite and PostgreSQL cannot drift apart; only locking and claiming differ.
 //!
+//! Why one long file: the body is one macro invocation per backend, and keeping every query
+//! of the store in one place is what lets a reviewer see that the backends run the same SQL.
+//!
 //! All timestamps are stored as fixed-width RFC 3339 UTC text (microseconds), which sorts
 //! correctly as text in both databases and hashes reproducibly in the ledger.
 

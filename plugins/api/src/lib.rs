@@ -4,9 +4,9 @@
 //!
 //! This crate holds **types and traits only**: it performs no I/O, opens no sockets or files,
 //! and depends on no runtime. Connectors (CRM, Campaigns, mail transport) implement the traits
-//! in their own crates; the engine drives them. Every wire type is `serde` so that an
-//! out-of-process connector protocol (JSON lines over stdio) can be added later without
-//! changing the engine.
+//! in their own crates, compiled into the binary; the engine drives them. The records,
+//! changes, messages and write-backs are `serde`, so an out-of-process connector protocol
+//! could carry them; [`ConnectorError`] is not `serde` yet, and no such protocol exists yet.
 //!
 //! Consent is never decided here. A connector reports what an outside system says
 //! (a CRM field, an unsubscribe inside the Campaigns tool); the engine's state machine decides
@@ -266,7 +266,8 @@ pub struct Health {
     pub detail: String,
 }
 
-/// Pacing a connector declares; the engine never exceeds it.
+/// Pacing a connector declares. The engine does not read it yet: the outbox hands a
+/// connector one item per call, and a connector that must pace (Zoho Campaigns) paces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     /// Largest batch one call accepts.
@@ -400,7 +401,9 @@ pub trait CampaignsConnector: Send + Sync + fmt::Debug {
         list: &str,
         cursor: Option<&Cursor>,
     ) -> ConnectorResult<StatusPage>;
-    /// Last open/click per address, where the tool reports it.
+    /// Last open/click per address, where the tool reports it. Not called by the engine yet:
+    /// engagement reaches the ledger through [`CampaignsConnector::status_events`] (opens and
+    /// clicks as status events) where a connector reports it.
     async fn engagement(&self, list: &str, emails: &[String]) -> ConnectorResult<Vec<Engagement>>;
     async fn health(&self) -> ConnectorResult<Health>;
     fn limits(&self) -> Limits {

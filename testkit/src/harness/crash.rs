@@ -1,12 +1,14 @@
 //! Crash harness: a real sync by the `optinsync run` binary, `kill -9`ed at random moments and
 //! restarted each time, checked afterwards against what the outside world saw.
 //!
-//! Shared (through `#[path]`) by the CI test `tests/e2e/crash.rs` and the full run
-//! `examples/crash_harness.rs`.
+//! Why one long file: the run and its ground-truth checks read as one story (what was
+//! done, what the outside world saw, what must hold); the shared parts are in `util.rs`.
+//!
+//! Run by the CI test `tests/e2e/crash.rs` and at full size by `examples/crash_harness.rs`.
 //!
 //! The world around the daemon is real wherever that shows a crash's effects: the fake Zoho
-//! CRM (`testkit::zoho`, in this process, so it outlives every daemon) holds the contacts, a
-//! loopback SMTP sink (`testkit::smtp`) receives the DOI mails (it does not deduplicate, so a
+//! CRM ([`crate::zoho`], in this process, so it outlives every daemon) holds the contacts, a
+//! loopback SMTP sink ([`crate::smtp`]) receives the DOI mails (it does not deduplicate, so a
 //! mail delivered twice is seen twice), and a "people" task reads each mail at the sink and,
 //! per a seeded plan, confirms (GET the page, POST its form) or unsubscribes (RFC 8058
 //! one-click POST) a moment later, retrying until the daemon answers 200. The store is SQLite
@@ -22,24 +24,22 @@
 //!   recorded once in the ledger, with a kill between the copies: the crash hit the send
 //!   window (SMTP accepted, outbox row not yet finished). At most one such duplicate per kill.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use optinsync_engine::consent::ConsentState;
-use optinsync_engine::ledger::LedgerEvent;
-use optinsync_engine::store::{self, Store};
-use optinsync_testkit::smtp::{self, SmtpSink};
-use optinsync_testkit::zoho::{self, FakeZoho};
+use anyhow::bail;
 
-use crate::harness_util::{all_events, confirm, copy_dir, email_of, first};
+use super::util::{
+    self, Mailbox, NewMail, ShippedConfig, all_events, confirm, copy_setup, email_of, first,
+    link_in, recorded_message_ids, zoho_crm_section,
+};
+use super::{LedgerEvent, OpenStore, Store};
+use crate::smtp::SmtpSink;
+use crate::zoho::FakeZoho;
 
 /// The list the shipped configuration defines.
 const LIST: &str = "newsletter";
@@ -344,17 +344,7 @@ impl Report {
             self.list_mismatches.len(),
             self.crm_write_backs
         );
-        if let Some(dir) = &self.dir {
-            println!("  working directory    {} (kept)", dir.display());
-        }
-        let v = self.violations();
-        if v.is_empty() {
-            println!("  result               all guarantees held");
-        } else {
-            for x in &v {
-                println!("  VIOLATED             {x}");
-            }
-        }
+        util::print_outcome(self.dir.as_deref(), &self.violations());
     }
 }
 
@@ -370,10 +360,7 @@ struct Click {
 
 #[derive(Debug, Default)]
 struct People {
-    /// Sink messages already read.
-    read: usize,
-    /// Email → (Message-IDs in arrival order, sink indices).
-    mails: HashMap<String, Vec<(String, usize)>>,
+    mailbox: Mailbox,
     queue: Vec<Click>,
     acked_confirm: BTreeMap<String, Instant>,
     acked_unsubscribe: BTreeMap<String, Instant>,
@@ -401,13 +388,6 @@ fn plans(rng: &mut Rng, opts: &Options) -> HashMap<String, (Plan, u64)> {
         .collect()
 }
 
-/// The first `http…` word containing `marker`.
-fn link_in(text: &str, marker: &str) -> Option<String> {
-    text.split(|c: char| c.is_whitespace() || c == '<' || c == '>' || c == '"' || c == ',')
-        .find(|w| w.starts_with("http") && w.contains(marker))
-        .map(str::to_owned)
-}
-
 /// RFC 8058 one-click unsubscribe, as a mailbox provider sends it.
 async fn unsubscribe(client: &reqwest::Client, link: &str) -> Result<u16, reqwest::Error> {
     let resp = client
@@ -428,28 +408,13 @@ async fn people_step(
 ) {
     let (start, new) = {
         let p = lock(people);
-        (p.read, sink.messages_since(p.read))
+        (p.mailbox.read, sink.messages_since(p.mailbox.read))
     };
     let now = Instant::now();
     {
         let mut p = lock(people);
-        p.read = start + new.len();
-        for (n, m) in new.iter().enumerate() {
-            let Some(to) = m.rcpt_to.first().map(|t| t.to_ascii_lowercase()) else {
-                continue;
-            };
-            let parsed = smtp::parse(&m.data);
-            let mid = parsed
-                .header("Message-ID")
-                .unwrap_or_default()
-                .trim()
-                .trim_start_matches('<')
-                .trim_end_matches('>')
-                .to_owned();
-            let entry = p.mails.entry(to.clone()).or_default();
-            let first_mail = entry.is_empty();
-            entry.push((mid, start + n));
-            if !first_mail {
+        for NewMail { to, mail, first } in p.mailbox.file(start, &new) {
+            if !first {
                 continue;
             }
             let Some(&(plan, delay)) = plans.get(&to) else {
@@ -457,10 +422,10 @@ async fn people_step(
             };
             let link = match plan {
                 Plan::Nothing => continue,
-                Plan::Confirm => parsed
+                Plan::Confirm => mail
                     .part("text/plain")
                     .and_then(|t| link_in(t, "/confirm/")),
-                Plan::Unsubscribe => parsed
+                Plan::Unsubscribe => mail
                     .header("List-Unsubscribe")
                     .and_then(|h| link_in(h, "/unsubscribe/")),
             };
@@ -550,100 +515,37 @@ fn write_setup(
         Backend::Sqlite => format!("sqlite://{}", dir.join("var/optinsync.db").display()),
         Backend::Postgres { url } => url.clone(),
     };
-    let shipped =
-        std::fs::read_to_string(opts.repo.join("config.toml")).context("reading config.toml")?;
-    let mut cfg = shipped.clone();
-    let mut replace = |from: &str, to: &str| -> anyhow::Result<()> {
-        if !cfg.contains(from) {
-            bail!("shipped config.toml changed: `{from}` not found");
-        }
-        cfg = cfg.replacen(from, to, 1);
-        Ok(())
-    };
-    replace(
-        "listen = \"127.0.0.1:8080\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    )?;
-    replace(
-        "public_url = \"http://127.0.0.1:8080\"",
-        &format!("public_url = \"http://127.0.0.1:{port}\""),
-    )?;
+    let mut cfg = ShippedConfig::read(&opts.repo)?;
+    cfg.serve_on(port)?;
     // The shipped poll interval (10 s) stays: contacts are all in the CRM from the start, and
     // each pass runs the rules over every contact, which at 20,000 takes seconds.
-    replace(
-        "url = \"sqlite://var/optinsync.db\"",
-        &format!("url = \"{store_url}\""),
+    cfg.store(&store_url)?;
+    cfg.lift_rate_limits(10_000_000)?;
+    cfg.secret("crash-harness-secret-0123456789abcdef-0123")?;
+    cfg.smtp_to(sink.port())?;
+    cfg.replace_sections(
+        "[connectors.crm]",
+        "[connectors.campaigns]",
+        &zoho_crm_section(&fake.url(), ""),
     )?;
-    // Every "person" clicks from 127.0.0.1: lift the per-IP limit of the public pages.
-    replace(
-        "[server]\n",
-        "[server]\nrate_limit_per_minute = 10000000\nglobal_rate_limit_per_second = 10000000\n",
-    )?;
-    // The published demo secret is refused once mail goes over SMTP.
-    replace(
-        "secret = \"demo-only-secret-change-me-0123456789abcdef\"",
-        "secret = \"crash-harness-secret-0123456789abcdef-0123\"",
-    )?;
-    replace(
-        "[connectors.mail]\nkind = \"eml\"\ndir = \"var/mail\"\n",
-        &format!(
-            "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\ntimeout_secs = 10\nrate_per_minute = 1000000\n",
-            sink.port()
-        ),
-    )?;
-    let (Some(start), Some(end)) = (
-        cfg.find("[connectors.crm]"),
-        cfg.find("[connectors.campaigns]"),
-    ) else {
-        bail!("shipped config.toml changed: no [connectors.crm] / [connectors.campaigns]");
-    };
-    let crm = format!(
-        "[connectors.crm]\nkind = \"zoho-crm\"\nclient_id = \"{}\"\nclient_secret = \"{}\"\nrefresh_token = \"{}\"\n\
-         accounts_url = \"{url}\"\napi_url = \"{url}\"\nmodules = [\"Contacts\"]\nfields = [\"First_Name\", \"Last_Name\"]\n\n\
-         [connectors.crm.asserts]\nnewsletter = \"Newsletter\"\n\n",
-        zoho::CLIENT_ID,
-        zoho::CLIENT_SECRET,
-        zoho::REFRESH_TOKEN,
-        url = fake.url(),
-    );
-    cfg = format!("{}{crm}{}", &cfg[..start], &cfg[end..]);
-    std::fs::write(dir.join("config.toml"), cfg)?;
-    copy_dir(&opts.repo.join("rules"), &dir.join("rules"))?;
-    for lang in std::fs::read_dir(opts.repo.join("templates"))? {
-        let lang = lang?.path();
-        if lang.is_dir() {
-            let name = lang.file_name().context("template directory name")?;
-            copy_dir(&lang, &dir.join("templates").join(name))?;
-        }
-    }
+    cfg.write(&dir.join("config.toml"))?;
+    copy_setup(&opts.repo, dir)?;
     std::fs::create_dir_all(dir.join("var"))?;
     Ok(store_url)
 }
 
 fn spawn_daemon(opts: &Options, dir: &Path, n: usize) -> anyhow::Result<Child> {
-    let log_path = dir.join("daemon.log");
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
-    writeln!(log, "===== harness: daemon start #{n} =====")?;
-    Command::new(&opts.bin)
-        .arg("--config")
-        .arg(dir.join("config.toml"))
-        .arg("run")
-        .env("RUST_LOG", "info")
-        .env_remove("OPTINSYNC_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", opts.bin.display()))
+    let start = format!("daemon start #{n}");
+    util::spawn_daemon(
+        &opts.bin,
+        &dir.join("config.toml"),
+        &dir.join("daemon.log"),
+        &start,
+    )
 }
 
 fn log_tail(dir: &Path) -> String {
-    let text = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+    util::log_tail(&dir.join("daemon.log"))
 }
 
 fn listening(port: u16) -> bool {
@@ -666,8 +568,9 @@ async fn read_ledger(store: &dyn Store, seen: &mut BTreeMap<i64, String>) {
     }
 }
 
-/// Run the harness once; `Err` only when the set-up itself fails.
-pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+/// Run the harness once, reading the store through `stores`; `Err` only when the set-up
+/// itself fails.
+pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Report> {
     let started = Instant::now();
     let mut rng = Rng::new(opts.seed);
     let plans = Arc::new(plans(&mut rng, opts));
@@ -684,7 +587,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         s.credits_remaining = i64::MAX;
     });
     fake.seed("Contacts", opts.contacts);
-    let port = optinsync_testkit::free_port();
+    let port = crate::free_port();
     let store_url = write_setup(&dir, opts, port, &sink, &fake)?;
 
     let people = Arc::new(Mutex::new(People::default()));
@@ -697,13 +600,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             Arc::clone(&stop),
         );
         tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                // Below the daemon's idle keep-alive (10 s): never reuse a closing connection.
-                .pool_idle_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("HTTP client");
+            let client = util::people_client();
             while !stop.load(Ordering::SeqCst) {
                 people_step(&sink, &people, &plans, &client).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -734,7 +631,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             Backend::Postgres { .. } => true,
         };
         if store.is_none() && db_exists {
-            store = store::open(&store_url).await.ok();
+            store = stores.open(&store_url).await.ok();
         }
         if let Some(s) = &store {
             read_ledger(s.as_ref(), &mut seen).await;
@@ -755,7 +652,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         None => {
             let t = Instant::now();
             loop {
-                if let Ok(s) = store::open(&store_url).await {
+                if let Ok(s) = stores.open(&store_url).await {
                     break s;
                 }
                 if t.elapsed() > Duration::from_secs(30) {
@@ -775,13 +672,9 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         }
         let (clicks_open, mailed) = {
             let p = lock(&people);
-            (p.queue.len() + p.in_flight, p.mails.len())
+            (p.queue.len() + p.in_flight, p.mailbox.by_recipient.len())
         };
-        let outbox_pending = store
-            .outbox_counts()
-            .await
-            .map(|c| c.pending)
-            .unwrap_or(i64::MAX);
+        let outbox_pending = store.outbox_pending().await.unwrap_or(i64::MAX);
         if clicks_open == 0 && mailed >= opts.contacts && outbox_pending == 0 {
             drained = true;
             break;
@@ -790,18 +683,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     }
     stop.store(true, Ordering::SeqCst);
     let _ = people_task.await;
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let t = Instant::now();
-    while child.try_wait()?.is_none() {
-        if t.elapsed() > Duration::from_secs(30) {
-            child.kill()?;
-            bail!("final daemon did not stop after SIGTERM");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    util::terminate(&mut child, Duration::from_secs(30)).await?;
     let drain = drain_start.elapsed();
     if !drained {
         eprintln!(
@@ -852,12 +734,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     loop {
         let page = store.contacts_page(after.as_deref(), 5000).await?;
         let Some(last) = page.last() else { break };
-        after = Some(last.id.clone());
-        contacts.extend(page.into_iter().map(|c| (c.id, c.email)));
+        after = Some(last.0.clone());
+        contacts.extend(page);
     }
-    // Per email: (to_state of web events), Message-IDs named by mail-sent events.
+    // Per email: (to_state of web events); Message-IDs named by mail-sent events.
     let mut web_states: HashMap<&str, Vec<&str>> = HashMap::new();
-    let mut recorded: HashMap<String, usize> = HashMap::new();
+    let recorded = recorded_message_ids(&events);
     for e in &events {
         let Some(email) = contacts.get(&e.contact_id) else {
             continue;
@@ -867,14 +749,6 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
                 .entry(email.as_str())
                 .or_default()
                 .push(e.to_state.as_str());
-        }
-        if e.kind.ends_with("_mail_sent") {
-            let ev: serde_json::Value = serde_json::from_str(&e.evidence).unwrap_or_default();
-            if let Some(mid) = ev.get("message_id").and_then(|m| m.as_str()) {
-                *recorded
-                    .entry(mid.trim_matches(|c| c == '<' || c == '>').to_owned())
-                    .or_default() += 1;
-            }
         }
     }
     let email_to_id: HashMap<&str, &str> = contacts
@@ -886,12 +760,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         let id = email_to_id.get(email).map(|s| (*s).to_owned());
         async move {
             match id {
-                Some(id) => store
-                    .consent(&id, LIST)
-                    .await
-                    .ok()
-                    .flatten()
-                    .map(|c| c.state),
+                Some(id) => store.consent_state(&id, LIST).await.ok().flatten(),
                 None => None,
             }
         }
@@ -913,7 +782,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .get(email.as_str())
             .is_some_and(|s| s.contains(&"confirmed"));
         let state = final_state(email).await;
-        if !in_ledger || state != Some(ConsentState::Confirmed) {
+        if !in_ledger || state.as_deref() != Some("confirmed") {
             report.lost_confirmations.push(format!(
                 "{email}: in ledger {in_ledger}, final state {state:?}"
             ));
@@ -924,53 +793,39 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             .get(email.as_str())
             .is_some_and(|s| s.contains(&"withdrawn"));
         let state = final_state(email).await;
-        if !in_ledger || state != Some(ConsentState::Withdrawn) {
+        if !in_ledger || state.as_deref() != Some("withdrawn") {
             report.lost_withdrawals.push(format!(
                 "{email}: in ledger {in_ledger}, final state {state:?}"
             ));
         }
     }
 
-    report.mails_received = people.mails.values().map(Vec::len).sum();
-    for i in 0..opts.contacts {
-        let email = email_of(i);
-        let Some(mails) = people.mails.get(&email) else {
-            report.contacts_without_mail.push(email);
-            continue;
-        };
-        for (mid, _) in mails {
-            if !recorded.contains_key(mid)
-                && !report
-                    .unrecorded_mails
-                    .iter()
-                    .any(|m| m.contains(mid.as_str()))
-            {
-                let state = final_state(&email).await;
-                report
-                    .unrecorded_mails
-                    .push(format!("{email} <{mid}> (final state {state:?})"));
-            }
-        }
-        if mails.len() < 2 {
-            continue;
-        }
-        let mut ids: Vec<&str> = mails.iter().map(|(m, _)| m.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        let first_at = mails[0].1;
-        let second_at = mails[1].1;
+    report.mails_received = people.mailbox.count();
+    let mails = people.mailbox.check(opts.contacts, &recorded);
+    report.contacts_without_mail = mails.without_mail;
+    for (email, mid) in mails.unrecorded {
+        let state = final_state(&email).await;
+        report
+            .unrecorded_mails
+            .push(format!("{email} <{mid}> (final state {state:?})"));
+    }
+    for c in mails.duplicates {
+        let first_at = c.mails[0].1;
+        let second_at = c.mails[1].1;
         // The kill whose count of received mails includes the first copy but not the second.
         let kill = kills_at
             .iter()
-            .position(|&c| c > first_at && c <= second_at);
-        let ledger_records = recorded.get(mails[0].0.as_str()).copied().unwrap_or(0);
+            .position(|&n| n > first_at && n <= second_at);
         report.duplicates.push(Duplicate {
-            email,
-            copies: mails.len(),
-            message_ids: ids.len(),
-            ledger_records,
+            copies: c.mails.len(),
+            message_ids: c.message_ids,
+            ledger_records: c.ledger_records,
             kill,
-            explained: ids.len() == 1 && ledger_records <= 1 && kill.is_some() && mails.len() == 2,
+            explained: c.message_ids == 1
+                && c.ledger_records <= 1
+                && kill.is_some()
+                && c.mails.len() == 2,
+            email: c.email,
         });
     }
     // Two duplicates explained by the same kill would mean more than one mail in its window.

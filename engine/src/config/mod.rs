@@ -2,12 +2,16 @@
 //! secrets optionally taken from environment variables (`"${NAME}"`), relative paths resolved
 //! against the config file's directory, and human durations (`"30s"`, `"14d"`).
 
-use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
+
+mod check;
+mod duration;
+
+pub use duration::HumanDuration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -35,56 +39,6 @@ pub enum ConfigError {
         key: String,
         var: String,
     },
-}
-
-/// A duration written for humans: `"45s"`, `"10m"`, `"3h"`, `"14d"`, `"2w"`, `"3y"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HumanDuration(pub Duration);
-
-impl HumanDuration {
-    /// The longest duration accepted: 1000 years.
-    pub const MAX_SECS: u64 = 1000 * 366 * 86_400;
-
-    pub fn parse(s: &str) -> Result<Self, String> {
-        let s = s.trim();
-        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-        let (num, unit) = s.split_at(split);
-        let n: u64 = num.parse().map_err(|_| {
-            format!("`{s}` is not a duration like \"30s\", \"10m\", \"3h\", \"14d\"")
-        })?;
-        let factor: u64 = match unit.trim() {
-            "s" => 1,
-            "m" => 60,
-            "h" => 3600,
-            "d" => 86_400,
-            "w" => 7 * 86_400,
-            // A year of 365 days: retention periods are written in years.
-            "y" => 365 * 86_400,
-            other => {
-                return Err(format!(
-                    "unknown duration unit `{other}` in `{s}` (use s, m, h, d, w or y)"
-                ));
-            }
-        };
-        // Bounded so that every date computed from it stays representable (windows are
-        // added to timestamps; `99999999999999999w` overflowed).
-        let secs = n
-            .checked_mul(factor)
-            .filter(|secs| *secs <= Self::MAX_SECS)
-            .ok_or_else(|| format!("`{s}` is longer than 1000 years"))?;
-        Ok(Self(Duration::from_secs(secs)))
-    }
-
-    pub fn secs(self) -> i64 {
-        i64::try_from(self.0.as_secs()).unwrap_or(i64::MAX)
-    }
-}
-
-impl<'de> Deserialize<'de> for HumanDuration {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        HumanDuration::parse(&s).map_err(serde::de::Error::custom)
-    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -364,63 +318,6 @@ pub fn is_loopback_host(host: &str) -> bool {
             .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
-/// The published demo secret signs links only for the local demo (links on a loopback host,
-/// mail written as `.eml` files): anywhere else anyone with the repository could forge them.
-/// Key ids must be unique, or a link's key id would not say which key signed it.
-fn check_token_keys(
-    config: &Config,
-    invalid: &impl Fn(&str, String) -> ConfigError,
-) -> Result<(), ConfigError> {
-    let t = &config.tokens;
-    let demo = is_loopback_host(url_host(&config.server.public_url))
-        && config.connectors.mail.kind == "eml";
-    let published = std::iter::once(("tokens.secret".to_owned(), &t.secret)).chain(
-        t.previous
-            .iter()
-            .enumerate()
-            .map(|(i, k)| (format!("tokens.previous[{i}].secret"), &k.secret)),
-    );
-    for (key, secret) in published {
-        if secret == DEMO_TOKEN_SECRET && !demo {
-            return Err(invalid(
-                &key,
-                "is the published demo value, which anyone can use to forge unsubscribe and \
-                 confirmation links; it is accepted only for the local demo (server.public_url on \
-                 a loopback host and connectors.mail kind = \"eml\"). Set your own random secret \
-                 of 32+ characters, e.g. secret = \"${OPTINSYNC_TOKEN_SECRET}\" with the variable \
-                 set from `openssl rand -hex 32`"
-                    .into(),
-            ));
-        }
-    }
-    let mut ids = BTreeSet::new();
-    for (i, id) in std::iter::once(&t.key_id)
-        .chain(t.previous.iter().map(|k| &k.key_id))
-        .enumerate()
-    {
-        let key = if i == 0 {
-            "tokens.key_id".to_owned()
-        } else {
-            format!("tokens.previous[{}].key_id", i - 1)
-        };
-        let valid = !id.is_empty()
-            && id.len() <= 32
-            && id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        if !valid {
-            return Err(invalid(
-                &key,
-                format!("`{id}` must be 1-32 characters of A-Z, a-z, 0-9, _ or -"),
-            ));
-        }
-        if !ids.insert(id.as_str()) {
-            return Err(invalid(&key, format!("key id `{id}` is used twice")));
-        }
-    }
-    Ok(())
-}
-
 fn default_key_id() -> String {
     "k1".into()
 }
@@ -678,106 +575,21 @@ impl LoadedConfig {
         } else {
             base_dir
         };
-        let invalid = |key: &str, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            key: key.into(),
-            message,
+        let at = check::Place {
+            path,
+            base_dir: &base_dir,
         };
-
-        config.store.url = resolve_env(&config.store.url, "store.url", path)?;
-        if let Some(rel) = config.store.url.strip_prefix("sqlite://")
-            && !Path::new(rel).is_absolute()
-            && rel != ":memory:"
-        {
-            config.store.url = format!("sqlite://{}", base_dir.join(rel).display());
-        }
-        config.tokens.secret = resolve_env(&config.tokens.secret, "tokens.secret", path)?;
-        if config.tokens.secret.len() < 32 {
-            return Err(invalid(
-                "tokens.secret",
-                "must be at least 32 characters".into(),
-            ));
-        }
-        for (i, k) in config.tokens.previous.iter_mut().enumerate() {
-            k.secret = resolve_env(&k.secret, &format!("tokens.previous[{i}].secret"), path)?;
-        }
-        if let Some(token) = config.admin.token.as_mut() {
-            *token = resolve_env(token, "admin.token", path)?;
-            if token.len() < 32 {
-                return Err(invalid(
-                    "admin.token",
-                    "must be at least 32 characters".into(),
-                ));
-            }
-        }
-        if config.rules.dir.is_relative() {
-            config.rules.dir = base_dir.join(&config.rules.dir);
-        }
-        for (name, section) in [
-            ("crm", &mut config.connectors.crm),
-            ("campaigns", &mut config.connectors.campaigns),
-            ("mail", &mut config.connectors.mail),
-        ] {
-            resolve_env_table(&mut section.settings, &format!("connectors.{name}"), path)?;
-        }
-        if config.lists.is_empty() {
-            return Err(invalid(
-                "lists",
-                "at least one [[lists]] entry is required".into(),
-            ));
-        }
-        let mut seen = BTreeSet::new();
-        for (i, list) in config.lists.iter().enumerate() {
-            let valid = !list.id.is_empty()
-                && list.id.len() <= 64
-                && list
-                    .id
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-            if !valid {
-                return Err(invalid(
-                    &format!("lists[{i}].id"),
-                    format!("`{}` must be 1-64 characters of a-z, 0-9, _ or -", list.id),
-                ));
-            }
-            if !seen.insert(list.id.clone()) {
-                return Err(invalid(
-                    &format!("lists[{i}].id"),
-                    format!("list id `{}` is used twice", list.id),
-                ));
-            }
-        }
-        if !(config.server.public_url.starts_with("http://")
-            || config.server.public_url.starts_with("https://"))
-        {
-            return Err(invalid(
-                "server.public_url",
-                "must start with http:// or https://".into(),
-            ));
-        }
-        config.server.public_url = config.server.public_url.trim_end_matches('/').to_owned();
-        check_token_keys(&config, &invalid)?;
-        if config
-            .sender
-            .newsletter_from
-            .as_deref()
-            .is_some_and(|n| n.trim().eq_ignore_ascii_case(config.sender.from.trim()))
-        {
-            return Err(invalid(
-                "sender.newsletter_from",
-                "must differ from `sender.from`: confirmation mails need their own transactional sender".into(),
-            ));
-        }
-        if let Some(dir) = config.templates.dir.as_mut()
-            && dir.is_relative()
-        {
-            *dir = base_dir.join(&*dir);
-        }
-        let templates = match &config.templates.dir {
-            Some(dir) => crate::templates::Templates::load(dir),
-            None => crate::templates::Templates::builtin(),
-        }
-        .map_err(|e| invalid("templates.dir", e.to_string()))?;
+        // Section by section (`check.rs`), then the checks that span sections.
+        check::store(&mut config.store, &at)?;
+        check::tokens(&mut config.tokens, &at)?;
+        check::admin(&mut config.admin, &at)?;
+        check::rules(&mut config.rules, &at);
+        check::connectors(&mut config.connectors, &at)?;
+        check::lists(&config.lists, &at)?;
+        check::server(&mut config.server, &at)?;
+        check::sender(&config.sender, &at)?;
+        check::demo_secret_and_key_ids(&config, &at)?;
+        let templates = check::templates(&mut config.templates, &at)?;
         Ok(Self {
             templates: std::sync::Arc::new(templates),
             config,
@@ -841,34 +653,6 @@ fn line_col(source: &str, offset: usize) -> (usize, usize) {
         .map(|l| l.chars().count() + 1)
         .unwrap_or(1);
     (line, column)
-}
-
-/// `"${NAME}"` reads environment variable NAME; any other value is taken as written.
-fn resolve_env(value: &str, key: &str, path: &Path) -> Result<String, ConfigError> {
-    match value.strip_prefix("${").and_then(|v| v.strip_suffix('}')) {
-        Some(var) => std::env::var(var).map_err(|_| ConfigError::MissingEnv {
-            path: path.to_owned(),
-            key: key.into(),
-            var: var.into(),
-        }),
-        None => Ok(value.to_owned()),
-    }
-}
-
-fn resolve_env_table(
-    table: &mut toml::Table,
-    prefix: &str,
-    path: &Path,
-) -> Result<(), ConfigError> {
-    for (k, v) in table.iter_mut() {
-        let key = format!("{prefix}.{k}");
-        match v {
-            toml::Value::String(s) => *s = resolve_env(s, &key, path)?,
-            toml::Value::Table(t) => resolve_env_table(t, &key, path)?,
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 /// `[retention]`. Both periods unset (the default) = keep everything; the job does nothing.

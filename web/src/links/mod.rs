@@ -1,6 +1,6 @@
 //! The public link endpoints: `/confirm/{token}` and `/unsubscribe/{token}`.
 //!
-//! * `GET`/`HEAD` never change consent (invariant 6). They render the page (from the
+//! * `GET`/`HEAD` never change consent (an architecture invariant). They render the page (from the
 //!   templates, in the contact's language) and record a `link_fetched` evidence event, at most
 //!   a few per token per hour, so a scanner cannot flood the ledger.
 //! * The confirm page's button POSTs a per-page nonce: an HMAC over the token id, the page's
@@ -23,15 +23,13 @@
 //! * An unsubscribe link that cannot be honoured gets a page offering another way out
 //!   (`[sender] unsubscribe_mailbox`), never a bare "not valid".
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::collections::HashSet;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::rejection::FormRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Form, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
@@ -45,13 +43,24 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use optinsync_engine::config::ListConfig;
-use optinsync_engine::consent::{ConsentState, Input};
-use optinsync_engine::engine::{Applied, Engine};
+use optinsync_engine::consent::ConsentState;
+use optinsync_engine::engine::Engine;
 use optinsync_engine::ledger::{EventSource, Evidence, NewEvent};
 use optinsync_engine::mail;
 use optinsync_engine::store::{Contact, Snapshot};
 use optinsync_engine::templates::{Page, RenderedPage};
 use optinsync_engine::tokens::{Claims, Purpose, TokenError};
+
+mod binding;
+mod client;
+mod confirm;
+mod unsubscribe;
+
+use binding::{Binding, Mailed, Standing, binding, standing};
+pub use client::{ClientIp, client_ip, cross_site, origin_of, rate_key, request_client};
+use confirm::{confirm_get, confirm_post};
+pub use unsubscribe::form_fields;
+use unsubscribe::{unsubscribe_get, unsubscribe_post};
 
 /// How long a served confirm page's button stays usable.
 pub const NONCE_TTL_SECS: i64 = 86_400;
@@ -61,10 +70,6 @@ const NONCE_RESEND: &str = "resend";
 /// Security headers on every page.
 const CSP: &str = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; \
                    frame-ancestors 'none'; base-uri 'none'";
-
-/// The client address as decided by [`client_ip`], for handlers.
-#[derive(Debug, Clone, Copy)]
-pub struct ClientIp(pub IpAddr);
 
 /// Limiters and keys of the link endpoints (one per server).
 pub struct LinkState {
@@ -167,75 +172,6 @@ impl LinkState {
             .verify_slice(&tag)
             .is_ok()
     }
-}
-
-/// The key a client is rate-limited under: an IPv4 address, or the /64 of an IPv6 address
-/// (one subscriber line gets a whole /64, so the full address would limit nothing).
-pub fn rate_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(std::net::Ipv6Addr::from(bits))
-        }
-        v4 => v4,
-    }
-}
-
-/// `scheme://host[:port]` of a URL, lower-case, without the scheme's default port: the form
-/// browsers send in `Origin`.
-pub fn origin_of(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let scheme = scheme.to_ascii_lowercase();
-    let authority = rest
-        .split(['/', '?', '#'])
-        .next()
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    let authority = match (scheme.as_str(), authority.rsplit_once(':')) {
-        ("https", Some((host, "443"))) | ("http", Some((host, "80"))) => host.to_owned(),
-        _ => authority,
-    };
-    format!("{scheme}://{authority}")
-}
-
-/// The client of a request: [`client_ip`] of the connection's peer (`ConnectInfo`) and the
-/// request's `X-Forwarded-For`.
-pub fn request_client(req: &Request, trusted: &[IpAddr]) -> IpAddr {
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip())
-        .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    client_ip(peer, req.headers(), trusted)
-}
-
-/// The client's address: the peer, unless the peer is a trusted proxy, in which case the
-/// right-most `X-Forwarded-For` entry that is not itself a trusted proxy.
-pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[IpAddr]) -> IpAddr {
-    let peer = peer.to_canonical();
-    if !trusted.contains(&peer) {
-        return peer;
-    }
-    let hops: Vec<&str> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect();
-    let mut ip = peer;
-    for hop in hops.iter().rev() {
-        match hop.parse::<IpAddr>() {
-            Ok(h) => {
-                ip = h.to_canonical();
-                if !trusted.contains(&ip) {
-                    return ip;
-                }
-            }
-            Err(_) => return ip,
-        }
-    }
-    ip
 }
 
 /// The routes, with their limits and headers; merged into [`crate::http::router`].
@@ -554,53 +490,6 @@ fn verify(engine: &Engine, token: &str, purpose: Purpose) -> Result<Claims, Toke
         .verify(token, purpose, Utc::now().timestamp())
 }
 
-/// What the mail that carried a link recorded about itself.
-#[derive(Debug, Default)]
-struct Mailed {
-    message_id: Option<String>,
-    content_hash: Option<String>,
-}
-
-/// Whether a link's token id went out in a mail to this contact for this list.
-enum Binding {
-    Mailed(Mailed),
-    /// An unsubscribe link, and this list has mails from before unsubscribe token ids were
-    /// recorded: honoured on its signature alone.
-    Legacy,
-    NotMailed,
-}
-
-async fn binding(
-    engine: &Engine,
-    t: &Target<'_>,
-) -> Result<Binding, optinsync_engine::store::StoreError> {
-    let events = engine.reads().events_of_contact(&t.contact.id).await?;
-    let mut legacy = false;
-    for e in events
-        .iter()
-        .rev()
-        .filter(|e| e.list_id == t.list.id && e.kind.ends_with("_mail_sent"))
-    {
-        let ev = e.evidence();
-        let mailed_id = match t.claims.purpose {
-            Purpose::Confirm => ev.token_id.as_deref(),
-            Purpose::Unsubscribe => ev.unsubscribe_token_id.as_deref(),
-        };
-        if mailed_id == Some(t.claims.token_id.as_str()) {
-            return Ok(Binding::Mailed(Mailed {
-                message_id: ev.message_id,
-                content_hash: ev.content_hash,
-            }));
-        }
-        legacy |= t.claims.purpose == Purpose::Unsubscribe && ev.unsubscribe_token_id.is_none();
-    }
-    Ok(if legacy {
-        Binding::Legacy
-    } else {
-        Binding::NotMailed
-    })
-}
-
 /// Verify `token` for `purpose`, find what it names and check that it was mailed; `Err` is
 /// the page to answer with (a link that cannot be honoured, or the store unavailable). An
 /// expired *confirmation* link is still resolved and flagged, because its page offers a fresh
@@ -686,487 +575,6 @@ fn token_error_label(e: &TokenError) -> &'static str {
         TokenError::BadSignature => "bad_signature",
         TokenError::WrongPurpose => "wrong_purpose",
         TokenError::Expired(_) => "expired",
-    }
-}
-
-async fn confirm_get(
-    State(engine): State<Arc<Engine>>,
-    Extension(st): Extension<Arc<LinkState>>,
-    Extension(ip): Extension<ClientIp>,
-    method: Method,
-    headers: HeaderMap,
-    Path(token): Path<String>,
-) -> Response {
-    let req = Req::new(&ip, &method, &headers);
-    let now = Utc::now().timestamp();
-    let (t, expired, _) = match resolve(&engine, &st, &req, &token, Purpose::Confirm).await {
-        Ok(found) => found,
-        Err(page) => return page,
-    };
-    // After the fact the page says what happened instead of offering the button again.
-    let settled = match standing(&t, expired) {
-        Standing::Open => None,
-        Standing::AlreadyConfirmed => Some("already_confirmed"),
-        Standing::Closed => Some("refused"),
-    };
-    if let Some(notice) = settled {
-        let status = if notice == "refused" {
-            StatusCode::CONFLICT
-        } else {
-            StatusCode::OK
-        };
-        let (resp, hash) = st
-            .list_page(&engine, &t, status, Page::Notice(notice))
-            .await;
-        st.record_fetch(
-            &engine,
-            &t,
-            &req,
-            hash,
-            "confirmation link fetched after the fact",
-        )
-        .await;
-        return resp;
-    }
-    let (page, status, purpose, detail) = if expired {
-        (
-            Page::Expired,
-            StatusCode::GONE,
-            NONCE_RESEND,
-            "expired confirmation link fetched",
-        )
-    } else {
-        (
-            Page::Confirm,
-            StatusCode::OK,
-            NONCE_CONFIRM,
-            "confirmation page fetched",
-        )
-    };
-    let token_id = t.claims.token_id.clone();
-    let (resp, hash) = st
-        .page(&engine, status, page, &t.lang, Some(t.list), |h| {
-            st.nonce(purpose, &token_id, h, now)
-        })
-        .await;
-    st.record_fetch(&engine, &t, &req, hash, detail).await;
-    resp
-}
-
-async fn confirm_post(
-    State(engine): State<Arc<Engine>>,
-    Extension(st): Extension<Arc<LinkState>>,
-    Extension(ip): Extension<ClientIp>,
-    headers: HeaderMap,
-    Path(token): Path<String>,
-    form: Result<Form<HashMap<String, String>>, FormRejection>,
-) -> Response {
-    let req = Req::new(&ip, &Method::POST, &headers);
-    let now = Utc::now().timestamp();
-    let (t, expired, mailed) = match resolve(&engine, &st, &req, &token, Purpose::Confirm).await {
-        Ok(found) => found,
-        Err(page) => return page,
-    };
-    if let Some(why) = cross_site(&headers, &st.public_origin) {
-        metrics::counter!("optinsync_link_refused_total", "reason" => "cross_site").increment(1);
-        tracing::info!(contact_id = %t.contact.id, why, "confirmation POST from another site refused");
-        return st
-            .notice(
-                &engine,
-                StatusCode::FORBIDDEN,
-                "cross_site",
-                &t.lang,
-                Some(t.list),
-            )
-            .await;
-    }
-    let form = match form {
-        Ok(f) => f.0,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            return st
-                .notice(
-                    &engine,
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "too_large",
-                    &t.lang,
-                    Some(t.list),
-                )
-                .await;
-        }
-        Err(_) => HashMap::new(),
-    };
-    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
-    // A link whose signup is settled answers as the state machine would, without a page's
-    // nonce: pressing again after confirming (or a stale tab) changes nothing and says so, and
-    // a link that can no longer confirm (withdrawn since, replaced) says that.
-    match standing(&t, expired) {
-        Standing::Open => {}
-        Standing::AlreadyConfirmed => return st.confirmed(&engine, &t).await,
-        Standing::Closed => {
-            return st
-                .notice(
-                    &engine,
-                    StatusCode::CONFLICT,
-                    "refused",
-                    &t.lang,
-                    Some(t.list),
-                )
-                .await;
-        }
-    }
-    let purpose = if expired { NONCE_RESEND } else { NONCE_CONFIRM };
-    let page_hash = field("page");
-    if !st.verify_nonce(purpose, &t.claims.token_id, page_hash, field("nonce"), now) {
-        if expired {
-            // A POST on an expired link (a stale tab, a scanner) gets the offer again.
-            let token_id = t.claims.token_id.clone();
-            return st
-                .page(
-                    &engine,
-                    StatusCode::GONE,
-                    Page::Expired,
-                    &t.lang,
-                    Some(t.list),
-                    |h| st.nonce(NONCE_RESEND, &token_id, h, now),
-                )
-                .await
-                .0;
-        }
-        return st
-            .notice(
-                &engine,
-                StatusCode::BAD_REQUEST,
-                "stale_page",
-                &t.lang,
-                Some(t.list),
-            )
-            .await;
-    }
-    if expired {
-        return resend(&engine, &st, &t, &req, page_hash).await;
-    }
-    // The confirmation names the mail that carried the link; a link whose mail is not on
-    // record (yet) confirms nothing.
-    let mailed = match mailed {
-        Some(m) => m,
-        None => match binding(&engine, &t).await {
-            Ok(Binding::Mailed(m)) => m,
-            Ok(_) => {
-                metrics::counter!("optinsync_link_refused_total", "reason" => "not_mailed")
-                    .increment(1);
-                return st
-                    .notice(
-                        &engine,
-                        StatusCode::BAD_REQUEST,
-                        "invalid",
-                        &t.lang,
-                        Some(t.list),
-                    )
-                    .await;
-            }
-            Err(e) => {
-                tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
-                return st
-                    .notice(
-                        &engine,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "retry",
-                        &t.lang,
-                        Some(t.list),
-                    )
-                    .await;
-            }
-        },
-    };
-    let mut evidence = req.evidence(&t.claims.token_id);
-    evidence.content_hash = Some(page_hash.to_owned());
-    evidence.message_id = mailed.message_id;
-    evidence.mail_content_hash = mailed.content_hash;
-    let input = Input::Confirm {
-        token: t.claims.token_id.clone(),
-    };
-    match engine
-        .apply(&t.contact, t.list, input, EventSource::Web, evidence)
-        .await
-    {
-        Ok(Applied::Changed(_)) | Ok(Applied::Unchanged) => st.confirmed(&engine, &t).await,
-        Ok(Applied::Refused(_)) => {
-            st.notice(
-                &engine,
-                StatusCode::CONFLICT,
-                "refused",
-                &t.lang,
-                Some(t.list),
-            )
-            .await
-        }
-        Err(e) => {
-            tracing::error!(contact_id = %t.contact.id, error = %e, "confirmation could not be recorded");
-            st.notice(
-                &engine,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "retry",
-                &t.lang,
-                Some(t.list),
-            )
-            .await
-        }
-    }
-}
-
-/// Where a confirmation link's signup stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Standing {
-    /// Waiting for this link's confirmation (or expired: its page offers a fresh mail).
-    Open,
-    /// Confirmed through this very link.
-    AlreadyConfirmed,
-    /// Withdrawn since, replaced by a newer signup, or never waiting: it can confirm nothing.
-    Closed,
-}
-
-/// What the state machine would make of this link's confirmation now (a dry run of
-/// `Input::Confirm`, so the page never disagrees with what the `POST` would do).
-fn standing(t: &Target<'_>, expired: bool) -> Standing {
-    let now = Utc::now();
-    let current = t
-        .consent
-        .clone()
-        .unwrap_or_else(|| optinsync_engine::consent::Consent::new(now));
-    let input = Input::Confirm {
-        token: t.claims.token_id.clone(),
-    };
-    match optinsync_engine::engine::transition_for(&current, &input, t.list, false, now) {
-        Ok(Some(_)) => Standing::Open,
-        Ok(None) => Standing::AlreadyConfirmed,
-        // An expired link offers a fresh mail whatever became of its signup.
-        Err(_) if expired => Standing::Open,
-        Err(_) => Standing::Closed,
-    }
-}
-
-/// Why a confirm `POST` comes from another site, if it does: an `Origin` other than the
-/// public URL's, or the browser's own `Sec-Fetch-Site: cross-site`. `Origin: null` says
-/// nothing (our pages' `Referrer-Policy: no-referrer` makes browsers send it for our own
-/// button), and requests without either header (older browsers, privacy tools) are judged by
-/// the page nonce alone, as before.
-pub fn cross_site(headers: &HeaderMap, public_origin: &str) -> Option<&'static str> {
-    let text = |h| headers.get(h).and_then(|v: &HeaderValue| v.to_str().ok());
-    if text("sec-fetch-site").is_some_and(|v| v.trim().eq_ignore_ascii_case("cross-site")) {
-        return Some("Sec-Fetch-Site: cross-site");
-    }
-    match headers
-        .get(header::ORIGIN)
-        .map(|v| v.to_str().map(str::trim))
-    {
-        None | Some(Ok("null")) => None,
-        Some(Ok(o)) if origin_of(o) == public_origin => None,
-        Some(_) => Some("Origin is not the public URL's"),
-    }
-}
-
-/// The expired page's button: start a fresh signup (a new DOI mail), rate-limited.
-async fn resend(
-    engine: &Engine,
-    st: &LinkState,
-    t: &Target<'_>,
-    req: &Req,
-    page_hash: &str,
-) -> Response {
-    let key = format!("{}/{}", t.contact.id, t.list.id);
-    if st.resend_limiter.check_key(&key).is_err() {
-        return st
-            .notice(
-                engine,
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many",
-                &t.lang,
-                Some(t.list),
-            )
-            .await;
-    }
-    let mut evidence = req.evidence(&t.claims.token_id);
-    evidence.content_hash = Some(page_hash.to_owned());
-    evidence.detail = Some("fresh confirmation mail requested from an expired link".into());
-    let input = Input::PersonSignup {
-        token: uuid::Uuid::new_v4().to_string(),
-    };
-    match engine
-        .apply(&t.contact, t.list, input, EventSource::Web, evidence)
-        .await
-    {
-        Ok(Applied::Changed(_)) => {
-            st.notice(engine, StatusCode::OK, "resent", &t.lang, Some(t.list))
-                .await
-        }
-        Ok(_) => {
-            st.notice(engine, StatusCode::OK, "not_resent", &t.lang, Some(t.list))
-                .await
-        }
-        Err(e) => {
-            tracing::error!(contact_id = %t.contact.id, error = %e, "fresh signup could not be recorded");
-            st.notice(
-                engine,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "retry",
-                &t.lang,
-                Some(t.list),
-            )
-            .await
-        }
-    }
-}
-
-async fn unsubscribe_get(
-    State(engine): State<Arc<Engine>>,
-    Extension(st): Extension<Arc<LinkState>>,
-    Extension(ip): Extension<ClientIp>,
-    method: Method,
-    headers: HeaderMap,
-    Path(token): Path<String>,
-) -> Response {
-    let req = Req::new(&ip, &method, &headers);
-    let t = match resolve(&engine, &st, &req, &token, Purpose::Unsubscribe).await {
-        Ok((t, _, _)) => t,
-        Err(page) => return page,
-    };
-    let (resp, hash) = st
-        .list_page(&engine, &t, StatusCode::OK, Page::Unsubscribe)
-        .await;
-    st.record_fetch(&engine, &t, &req, hash, "unsubscribe page fetched")
-        .await;
-    resp
-}
-
-/// Percent-decode one `application/x-www-form-urlencoded` component.
-fn form_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                if let Some(v) = s
-                    .get(i + 1..i + 3)
-                    .and_then(|h| u8::from_str_radix(h, 16).ok())
-                {
-                    out.push(v);
-                    i += 2;
-                } else {
-                    out.push(b'%');
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Form fields of a POST body, urlencoded or multipart (RFC 8058 allows both).
-pub fn form_fields(content_type: &str, body: &[u8]) -> HashMap<String, String> {
-    let body = String::from_utf8_lossy(body);
-    let ct = content_type.to_ascii_lowercase();
-    let mut out = HashMap::new();
-    if ct.starts_with("multipart/form-data") {
-        let boundary = content_type
-            .split(';')
-            .filter_map(|p| p.split_once('='))
-            .find(|(k, _)| k.trim().eq_ignore_ascii_case("boundary"))
-            .map(|(_, v)| v.trim().trim_matches('"').to_owned());
-        let Some(boundary) = boundary else {
-            return out;
-        };
-        for part in body.split(&format!("--{boundary}")).skip(1) {
-            if part.starts_with("--") {
-                break;
-            }
-            let part = part.trim_start_matches(['\r', '\n']);
-            let Some((head, value)) = part
-                .split_once("\r\n\r\n")
-                .or_else(|| part.split_once("\n\n"))
-            else {
-                continue;
-            };
-            let name = head
-                .split([';', '\r', '\n'])
-                .filter_map(|p| p.trim().strip_prefix("name="))
-                .next()
-                .map(|n| n.trim_matches('"').to_owned());
-            if let Some(name) = name {
-                let value = value
-                    .strip_suffix("\r\n")
-                    .or_else(|| value.strip_suffix('\n'))
-                    .unwrap_or(value);
-                out.insert(name, value.to_owned());
-            }
-        }
-    } else {
-        for pair in body.trim().split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            out.insert(form_decode(k), form_decode(v));
-        }
-    }
-    out
-}
-
-async fn unsubscribe_post(
-    State(engine): State<Arc<Engine>>,
-    Extension(st): Extension<Arc<LinkState>>,
-    Extension(ip): Extension<ClientIp>,
-    headers: HeaderMap,
-    Path(token): Path<String>,
-    body: Bytes,
-) -> Response {
-    let req = Req::new(&ip, &Method::POST, &headers);
-    let t = match resolve(&engine, &st, &req, &token, Purpose::Unsubscribe).await {
-        Ok((t, _, _)) => t,
-        Err(page) => return page,
-    };
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let fields = form_fields(content_type, &body);
-    let one_click = fields.get("List-Unsubscribe").map(String::as_str) == Some("One-Click");
-    let mut evidence = req.evidence(&t.claims.token_id);
-    evidence.content_hash = fields.get("page").filter(|p| !p.is_empty()).cloned();
-    evidence.detail = Some(
-        if one_click {
-            "RFC 8058 one-click unsubscribe"
-        } else {
-            "unsubscribe page"
-        }
-        .into(),
-    );
-    match engine
-        .apply(
-            &t.contact,
-            t.list,
-            Input::Unsubscribe,
-            EventSource::Web,
-            evidence,
-        )
-        .await
-    {
-        // No redirect (RFC 8058 §3.2): the answer is the page itself.
-        Ok(_) => {
-            st.list_page(&engine, &t, StatusCode::OK, Page::Unsubscribed)
-                .await
-                .0
-        }
-        Err(e) => {
-            tracing::error!(contact_id = %t.contact.id, error = %e, "unsubscribe could not be recorded");
-            st.notice(
-                &engine,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "retry",
-                &t.lang,
-                Some(t.list),
-            )
-            .await
-        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! confirm on the fake Zoho Campaigns (through `listsubscribe`, under a tight quota); one
 //! daemon is `kill -9`ed mid-run and restarted on the same address, as a supervisor would.
 //!
-//! Shared (through `#[path]`) by the CI test `tests/e2e/multi_instance.rs` and the full run
+//! Run by the CI test `tests/e2e/multi_instance.rs` and at full size by
 //! `examples/multi_instance.rs`.
 //!
 //! Ground truth, checked once everything is drained:
@@ -17,23 +17,23 @@
 //! - every confirmation answered 200 is on the Campaigns list, nobody else is; the ledger chain
 //!   verifies.
 
-#![allow(dead_code)]
-
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, bail};
-use optinsync_engine::store;
-use optinsync_testkit::smtp::{self, SmtpSink};
-use optinsync_testkit::zoho::{self, FakeZoho};
-use optinsync_testkit::zoho_campaigns::{FakeCampaigns, MemberStatus};
+use anyhow::bail;
 
-use crate::harness_util::{all_events, confirm, copy_dir, email_of, first};
+use super::OpenStore;
+use super::util::{
+    self, Mailbox, NewMail, ShippedConfig, all_events, confirm, copy_setup, first,
+    recorded_message_ids, zoho_crm_section,
+};
+use crate::smtp::SmtpSink;
+use crate::zoho::{self, FakeZoho};
+use crate::zoho_campaigns::{FakeCampaigns, MemberStatus};
 
 const LISTKEY: &str = "5a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
@@ -265,17 +265,7 @@ impl Report {
             "  ledger               {} events; {}",
             self.ledger_events, self.chain
         );
-        if let Some(dir) = &self.dir {
-            println!("  working directory    {} (kept)", dir.display());
-        }
-        let v = self.violations();
-        if v.is_empty() {
-            println!("  result               all guarantees held");
-        } else {
-            for x in &v {
-                println!("  VIOLATED             {x}");
-            }
-        }
+        util::print_outcome(self.dir.as_deref(), &self.violations());
     }
 }
 
@@ -290,9 +280,7 @@ struct Click {
 
 #[derive(Debug, Default)]
 struct People {
-    read: usize,
-    /// Email → (Message-ID, sink index) in arrival order.
-    mails: HashMap<String, Vec<(String, usize)>>,
+    mailbox: Mailbox,
     last_mail: Option<Instant>,
     queue: Vec<Click>,
     in_flight: usize,
@@ -315,38 +303,24 @@ async fn people_step(
 ) {
     let (start, new) = {
         let p = lock(people);
-        (p.read, sink.messages_since(p.read))
+        (p.mailbox.read, sink.messages_since(p.mailbox.read))
     };
     {
         let mut p = lock(people);
-        p.read = start + new.len();
         if !new.is_empty() {
             p.last_mail = Some(Instant::now());
         }
-        for (n, m) in new.iter().enumerate() {
-            let Some(to) = m.rcpt_to.first().map(|t| t.to_ascii_lowercase()) else {
-                continue;
-            };
-            let parsed = smtp::parse(&m.data);
-            let mid = parsed
-                .header("Message-ID")
-                .unwrap_or_default()
-                .trim()
-                .trim_matches(|c| c == '<' || c == '>')
-                .to_owned();
-            let entry = p.mails.entry(to.clone()).or_default();
-            let first_mail = entry.is_empty();
-            entry.push((mid, start + n));
+        for NewMail { to, mail, first } in p.mailbox.file(start, &new) {
             let index: usize = to
                 .trim_start_matches("person")
                 .split('@')
                 .next()
                 .and_then(|i| i.parse().ok())
                 .unwrap_or(1);
-            if !first_mail || !index.is_multiple_of(opts.confirm_every) {
+            if !first || !index.is_multiple_of(opts.confirm_every) {
                 continue;
             }
-            let link = parsed.part("text/plain").and_then(|t| {
+            let link = mail.part("text/plain").and_then(|t| {
                 t.split_whitespace()
                     .find(|w| w.starts_with("http") && w.contains("/confirm/"))
                     .and_then(|w| w.find("/confirm/").map(|at| w[at..].to_owned()))
@@ -421,124 +395,55 @@ fn write_setup(
     crm: &FakeZoho,
     campaigns: &FakeCampaigns,
 ) -> anyhow::Result<()> {
-    let shipped =
-        std::fs::read_to_string(opts.repo.join("config.toml")).context("reading config.toml")?;
-    let (Some(start), Some(end)) = (shipped.find("[connectors.crm]"), shipped.find("[[lists]]"))
-    else {
-        bail!("shipped config.toml changed: no [connectors.crm] / [[lists]]");
-    };
     let (limit, per) = opts.subscribe_limit;
-    let connectors = format!(
-        "[connectors.crm]\nkind = \"zoho-crm\"\nclient_id = \"{cid}\"\nclient_secret = \"{cs}\"\nrefresh_token = \"{rt}\"\n\
-         accounts_url = \"{crm}\"\napi_url = \"{crm}\"\nmodules = [\"Contacts\"]\nfields = [\"First_Name\", \"Last_Name\"]\n\n\
-         [connectors.crm.asserts]\nnewsletter = \"Newsletter\"\n\n\
-         [connectors.campaigns]\nkind = \"zoho-campaigns\"\nclient_id = \"{cid}\"\nclient_secret = \"{cs}\"\nrefresh_token = \"{rt}\"\n\
+    let campaigns_section = format!(
+        "[connectors.campaigns]\nkind = \"zoho-campaigns\"\nclient_id = \"{cid}\"\nclient_secret = \"{cs}\"\nrefresh_token = \"{rt}\"\n\
          accounts_url = \"{zc}\"\ncampaigns_url = \"{zc}\"\nstatus_interval = \"2s\"\n\n\
          [connectors.campaigns.limits]\nlistsubscribe = [\"{limit}/{per_s}s\"]\n\n\
          [connectors.campaigns.fields]\n\"First Name\" = \"First_Name\"\n\"Last Name\" = \"Last_Name\"\n\n\
-         [connectors.campaigns.lists.newsletter]\nlistkey = \"{LISTKEY}\"\ndoi = \"optinsync\"\n\n\
-         [connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {smtp}\ntls = \"none\"\ntimeout_secs = 10\nrate_per_minute = 1000000\n\n",
+         [connectors.campaigns.lists.newsletter]\nlistkey = \"{LISTKEY}\"\ndoi = \"optinsync\"\n\n",
         cid = zoho::CLIENT_ID,
         cs = zoho::CLIENT_SECRET,
         rt = zoho::REFRESH_TOKEN,
-        crm = crm.url(),
         zc = campaigns.url(),
         per_s = per.as_secs().max(1),
-        smtp = sink.port(),
     );
+    let mut shared = ShippedConfig::read(&opts.repo)?;
+    shared.replace_sections(
+        "[connectors.crm]",
+        "[connectors.mail]",
+        &format!("{}{campaigns_section}", zoho_crm_section(&crm.url(), "")),
+    )?;
+    shared.smtp_to(sink.port())?;
+    shared.store(&opts.pg_url)?;
+    shared.replace(
+        "poll_interval = \"10s\"",
+        &format!("poll_interval = \"{}\"", opts.poll_interval),
+    )?;
+    // Every "person" clicks from 127.0.0.1: lift the per-IP limit of the pages.
+    shared.lift_rate_limits(10_000_000)?;
+    shared.secret("multi-instance-secret-0123456789abcdef-012")?;
     for (i, port) in ports.iter().enumerate() {
-        let mut cfg = format!("{}{connectors}{}", &shipped[..start], &shipped[end..]);
-        for (from, to) in [
-            (
-                "url = \"sqlite://var/optinsync.db\"".to_owned(),
-                format!("url = \"{}\"", opts.pg_url),
-            ),
-            (
-                "listen = \"127.0.0.1:8080\"".to_owned(),
-                format!("listen = \"127.0.0.1:{port}\""),
-            ),
-            (
-                "public_url = \"http://127.0.0.1:8080\"".to_owned(),
-                format!("public_url = \"http://127.0.0.1:{port}\""),
-            ),
-            (
-                "poll_interval = \"10s\"".to_owned(),
-                format!("poll_interval = \"{}\"", opts.poll_interval),
-            ),
-            // Every "person" clicks from 127.0.0.1: lift the per-IP limit of the pages.
-            (
-                "[server]\n".to_owned(),
-                "[server]\nrate_limit_per_minute = 10000000\nglobal_rate_limit_per_second = 10000000\n"
-                    .to_owned(),
-            ),
-            // The published demo secret is refused once mail goes over SMTP.
-            (
-                "secret = \"demo-only-secret-change-me-0123456789abcdef\"".to_owned(),
-                "secret = \"multi-instance-secret-0123456789abcdef-012\"".to_owned(),
-            ),
-        ] {
-            if !cfg.contains(&from) {
-                bail!("shipped config.toml changed: `{from}` not found");
-            }
-            cfg = cfg.replacen(&from, &to, 1);
-        }
-        std::fs::write(dir.join(format!("config-{i}.toml")), cfg)?;
+        let mut cfg = shared.clone();
+        cfg.serve_on(*port)?;
+        cfg.write(&dir.join(format!("config-{i}.toml")))?;
     }
-    copy_dir(&opts.repo.join("rules"), &dir.join("rules"))?;
-    for lang in std::fs::read_dir(opts.repo.join("templates"))? {
-        let lang = lang?.path();
-        if lang.is_dir() {
-            let name = lang.file_name().context("template directory name")?;
-            copy_dir(&lang, &dir.join("templates").join(name))?;
-        }
-    }
-    Ok(())
+    copy_setup(&opts.repo, dir)
 }
 
 fn spawn_daemon(opts: &Options, dir: &Path, i: usize, start: usize) -> anyhow::Result<Child> {
-    let log_path = dir.join(format!("daemon-{i}.log"));
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)?;
-    writeln!(log, "===== harness: instance {i} start #{start} =====")?;
-    Command::new(&opts.bin)
-        .arg("--config")
-        .arg(dir.join(format!("config-{i}.toml")))
-        .arg("run")
-        .env("RUST_LOG", "info")
-        .env_remove("OPTINSYNC_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("starting {}", opts.bin.display()))
+    let config = dir.join(format!("config-{i}.toml"));
+    let start = format!("instance {i} start #{start}");
+    util::spawn_daemon(&opts.bin, &config, &log_path(dir, i), &start)
 }
 
-fn log_tail(dir: &Path, i: usize) -> String {
-    let text = std::fs::read_to_string(dir.join(format!("daemon-{i}.log"))).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(30)..].join("\n")
+fn log_path(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("daemon-{i}.log"))
 }
 
-fn terminate(child: &mut Child) -> anyhow::Result<()> {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    let t = Instant::now();
-    while child.try_wait()?.is_none() {
-        if t.elapsed() > Duration::from_secs(40) {
-            child.kill()?;
-            bail!("a daemon did not stop after SIGTERM");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
-}
-
-/// Run the harness once; `Err` only when the set-up itself fails or it does not finish.
-pub async fn run(opts: &Options) -> anyhow::Result<Report> {
+/// Run the harness once, reading the store through `stores`; `Err` only when the set-up
+/// itself fails or it does not finish.
+pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Report> {
     let started = Instant::now();
     let tmp = tempfile::Builder::new()
         .prefix("optinsync-multi-")
@@ -555,9 +460,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     campaigns.add_list(LISTKEY, "Newsletter", false);
     let (limit, per) = opts.subscribe_limit;
     campaigns.set_quota("listsubscribe", &[(limit, per)], Duration::from_secs(60));
-    let ports: Vec<u16> = (0..opts.instances)
-        .map(|_| optinsync_testkit::free_port())
-        .collect();
+    let ports: Vec<u16> = (0..opts.instances).map(|_| crate::free_port()).collect();
     write_setup(&dir, opts, &ports, &sink, &crm, &campaigns)?;
 
     let people = Arc::new(Mutex::new(People::default()));
@@ -571,13 +474,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             ports.clone(),
         );
         tokio::spawn(async move {
-            let client = reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                // Below the daemon's idle keep-alive (10 s): never reuse a closing connection.
-                .pool_idle_timeout(Duration::from_secs(5))
-                .timeout(Duration::from_secs(30))
-                .build()
-                .expect("HTTP client");
+            let client = util::people_client();
             while !stop.load(Ordering::SeqCst) {
                 people_step(&sink, &people, &opts, &ports, &client).await;
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -592,8 +489,8 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     let store = {
         let t = Instant::now();
         loop {
-            if let Ok(s) = store::open(&opts.pg_url).await
-                && s.outbox_counts().await.is_ok()
+            if let Ok(s) = stores.open(&opts.pg_url).await
+                && s.outbox_pending().await.is_ok()
             {
                 break s;
             }
@@ -620,7 +517,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
             {
                 bail!(
                     "instance {i} exited by itself with {status}:\n{}",
-                    log_tail(&dir, i)
+                    util::log_tail(&log_path(&dir, i))
                 );
             }
         }
@@ -638,13 +535,13 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         }
         let (open_clicks, mailed, acked) = {
             let p = lock(&people);
-            (p.queue.len() + p.in_flight, p.mails.len(), p.acked.len())
+            (
+                p.queue.len() + p.in_flight,
+                p.mailbox.by_recipient.len(),
+                p.acked.len(),
+            )
         };
-        let pending = store
-            .outbox_counts()
-            .await
-            .map(|c| c.pending)
-            .unwrap_or(i64::MAX);
+        let pending = store.outbox_pending().await.unwrap_or(i64::MAX);
         let active = campaigns.active(LISTKEY).len();
         if restarted
             && open_clicks == 0
@@ -659,20 +556,20 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     stop.store(true, Ordering::SeqCst);
     let _ = people_task.await;
     for c in &mut children {
-        terminate(c)?;
+        util::terminate(c, Duration::from_secs(40)).await?;
     }
     if !done {
         let (mailed, acked) = {
             let p = lock(&people);
-            (p.mails.len(), p.acked.len())
+            (p.mailbox.by_recipient.len(), p.acked.len())
         };
         bail!(
-            "not drained within {:?}: {mailed} contacts mailed, {acked} confirmations, outbox {:?}, {} on the list; kept {}\n{}",
+            "not drained within {:?}: {mailed} contacts mailed, {acked} confirmations, outbox pending {:?}, {} on the list; kept {}\n{}",
             opts.drain_timeout,
-            store.outbox_counts().await.ok(),
+            store.outbox_pending().await.ok(),
             campaigns.active(LISTKEY).len(),
             tmp.keep().display(),
-            log_tail(&dir, 0)
+            util::log_tail(&log_path(&dir, 0))
         );
     }
 
@@ -691,25 +588,17 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     // Ledger: Message-IDs named by mail-sent events, DOI records per contact, the chain.
     let events = all_events(store.as_ref()).await?;
     report.ledger_events = events.len();
-    match optinsync_engine::ledger::verify_chain(&events) {
-        Ok(_) => {
+    match store.verify_ledger().await {
+        Ok(()) => {
             report.chain_ok = true;
             report.chain = "verified".into();
         }
-        Err(e) => report.chain = e.to_string(),
+        Err(e) => report.chain = e,
     }
-    let mut recorded: HashMap<String, usize> = HashMap::new();
+    let recorded = recorded_message_ids(&events);
     let mut doi_records: HashMap<&str, usize> = HashMap::new();
-    for e in &events {
-        if e.kind.ends_with("_mail_sent") {
-            let ev: serde_json::Value = serde_json::from_str(&e.evidence).unwrap_or_default();
-            if let Some(mid) = ev.get("message_id").and_then(|m| m.as_str()) {
-                *recorded
-                    .entry(mid.trim_matches(|c| c == '<' || c == '>').to_owned())
-                    .or_default() += 1;
-            }
-            *doi_records.entry(e.contact_id.as_str()).or_default() += 1;
-        }
+    for e in events.iter().filter(|e| e.kind.ends_with("_mail_sent")) {
+        *doi_records.entry(e.contact_id.as_str()).or_default() += 1;
     }
     report.double_records = doi_records
         .iter()
@@ -718,33 +607,22 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         .collect();
 
     let kill = report.kill_at_mail;
-    report.mails_received = people.mails.values().map(Vec::len).sum();
-    for i in 0..opts.contacts {
-        let email = email_of(i);
-        let Some(mails) = people.mails.get(&email) else {
-            report.contacts_without_mail.push(email);
-            continue;
-        };
-        for (mid, _) in mails {
-            if !recorded.contains_key(mid) && !report.unrecorded_mails.iter().any(|m| m == mid) {
-                report.unrecorded_mails.push(mid.clone());
-            }
-        }
-        if mails.len() < 2 {
-            continue;
-        }
-        let mut ids: Vec<&str> = mails.iter().map(|(m, _)| m.as_str()).collect();
-        ids.sort_unstable();
-        ids.dedup();
-        report.duplicates.push(Duplicate {
-            copies: mails.len(),
-            message_ids: ids.len(),
-            ledger_records: recorded.get(mails[0].0.as_str()).copied().unwrap_or(0),
+    report.mails_received = people.mailbox.count();
+    let mails = people.mailbox.check(opts.contacts, &recorded);
+    report.contacts_without_mail = mails.without_mail;
+    report.unrecorded_mails = mails.unrecorded.into_iter().map(|(_, mid)| mid).collect();
+    report.duplicates = mails
+        .duplicates
+        .into_iter()
+        .map(|c| Duplicate {
+            copies: c.mails.len(),
+            message_ids: c.message_ids,
+            ledger_records: c.ledger_records,
             // The first copy reached the sink before the kill, the second after it.
-            kill_between: mails[0].1 < kill && mails[1].1 >= kill,
-            email,
-        });
-    }
+            kill_between: c.mails[0].1 < kill && c.mails[1].1 >= kill,
+            email: c.email,
+        })
+        .collect();
 
     report.confirmations_acked = people.acked.len();
     report.clicks_given_up = people.given_up.clone();
@@ -788,7 +666,7 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     });
 
     for i in 0..opts.instances {
-        let log = std::fs::read_to_string(dir.join(format!("daemon-{i}.log"))).unwrap_or_default();
+        let log = std::fs::read_to_string(log_path(&dir, i)).unwrap_or_default();
         report
             .quota_waits
             .push(log.matches("calls wait for their slot").count());

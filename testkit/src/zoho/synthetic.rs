@@ -228,42 +228,11 @@ pub(super) fn list_page(
             json!({"param_name": "sort_order"}),
         );
     }
-    let bound = format!(
-        "{module}|{}|{sort_by}|{desc}",
-        since.map(|t| t.timestamp()).unwrap_or(-1)
-    );
-    let (after, skip, page) = match (q.get("page_token"), q.get("page")) {
-        (Some(token), _) => {
-            let Some((ts, k, b)) = decode_token(token) else {
-                return err(
-                    400,
-                    "INVALID_DATA",
-                    "invalid page_token",
-                    json!({"param_name": "page_token"}),
-                );
-            };
-            if b != bound {
-                return err(
-                    400,
-                    "TOKEN_BOUND_DATA_MISMATCH",
-                    "the page token does not match the query",
-                    json!({"param_name": "page_token"}),
-                );
-            }
-            (Some((ts, k)), 0, None)
-        }
-        (None, page) => {
-            let page: usize = page.and_then(|p| p.parse().ok()).unwrap_or(1).max(1);
-            if page * per_page > 2000 {
-                return err(
-                    400,
-                    "DISCRETE_PAGINATION_LIMIT_EXCEEDED",
-                    "You can only get the first 2000 records without using page_token param.",
-                    json!({"limit": 2000}),
-                );
-            }
-            (None, (page - 1) * per_page, Some(page))
-        }
+    let bound = token_bound(module, sort_by, desc, since);
+    let (after, skip, page) = match page_start(q, &bound, per_page) {
+        Ok(PageStart::After(after)) => (Some(after), 0, None),
+        Ok(PageStart::Page(page)) => (None, (page - 1) * per_page, Some(page)),
+        Err((status, code, msg, details)) => return err(status, code, msg, details),
     };
     let stored_key = |(k, r): &(&String, &FakeRecord)| (r.modified.timestamp(), (*k).clone());
     let mut stored: Vec<(&String, &FakeRecord)> = records
