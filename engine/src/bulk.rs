@@ -16,11 +16,9 @@ use optinsync_plugin_api::{CrmRecord, Cursor};
 use crate::config::ListConfig;
 use crate::consent::{self, Consent, ConsentState, Input};
 use crate::email;
-use crate::engine::{
-    DecideStats, Engine, EngineError, EngineResult, PullStats, commit_for, log_refusal,
-    transition_for,
-};
+use crate::engine::{DecideStats, Engine, EngineError, EngineResult, PullStats};
 use crate::ledger::{EventSource, Evidence};
+use crate::plan::{commit_for, log_refusal, transition_for};
 use crate::rules::{Action, RuleSet, input, input_for};
 use crate::store::{BatchCommit, Contact, ContactUpsert};
 use crate::untrusted::{Escaped, clean_fields, clean_text};

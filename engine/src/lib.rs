@@ -2,13 +2,17 @@
 pub use optinsync_core::{consent, email, ledger, tokens, untrusted};
 
 pub mod bulk;
+pub mod canonical;
 pub mod circuit;
 pub mod config;
 pub mod engine;
+pub mod erasure;
 pub mod export;
 pub mod group_commit;
+pub mod import;
 pub mod mail;
 pub mod outbox;
+pub mod plan;
 pub mod quota;
 pub mod reload;
 pub mod retention;

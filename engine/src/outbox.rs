@@ -11,6 +11,9 @@
 //! [`optinsync_plugin_api::FailureScope`]: only service-wide failures do; a failure that
 //! concerns one record (one address on one list) retries that row alone.
 //!
+//! Mail text is composed by [`crate::mail::compose`]; the worker only checks that the signup
+//! still waits, stores the snapshot, sends and records.
+//!
 //! Delivery guarantee: at-least-once. A mail is sent twice only if the process dies after the
 //! transport accepted it and before the finish commits; transports that deduplicate on the
 //! idempotency key (the `.eml` folder does) close even that window.
@@ -18,18 +21,16 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use optinsync_plugin_api::{ConnectorError, ConsentWriteBack, OutgoingMessage, Subscriber};
+use optinsync_plugin_api::{ConnectorError, ConsentWriteBack, Subscriber};
 use rand::Rng as _;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::circuit::Verdict;
 use crate::consent::{ConsentState, Input, MailKind};
 use crate::engine::{Engine, EngineResult};
 use crate::ledger::{EventSource, Evidence, NewEvent};
 use crate::mail;
-use crate::store::{Finish, OutboxItem, OutboxWork, Snapshot, StoredWork};
-use crate::tokens::{Claims, Purpose};
+use crate::store::{Finish, OutboxItem, OutboxWork, StoredWork};
 use crate::untrusted::Escaped;
 use crate::work::ConnectorRole;
 
@@ -341,7 +342,7 @@ impl Engine {
         contact: &crate::store::Contact,
         list: &crate::config::ListConfig,
         token: &str,
-        mail: MailKind,
+        kind: MailKind,
     ) -> EngineResult<Finish> {
         let token = token.to_owned();
         // The signup may have been confirmed, withdrawn or replaced since the row was queued.
@@ -355,88 +356,24 @@ impl Engine {
                 note: Some("skipped: signup no longer waiting".into()),
             });
         };
-        let now = Utc::now();
-        let ttl = chrono::Duration::from_std(self.config.config.tokens.confirm_ttl.0)
-            .unwrap_or(chrono::Duration::days(7));
-        let confirm = self.tokens.mint(&Claims {
-            purpose: Purpose::Confirm,
-            token_id: token.clone(),
-            contact_id: contact.id.clone(),
-            list_id: list.id.clone(),
-            expires: Some((now + ttl).timestamp()),
-        });
-        // Derived from the outbox row, so a retry after a crash mints the same link as the
-        // attempt the relay may already have delivered, and the ledger names that one.
-        let unsubscribe_token_id = unsubscribe_token_id(&item.idempotency_key);
-        let unsubscribe = self.tokens.mint(&Claims {
-            purpose: Purpose::Unsubscribe,
-            token_id: unsubscribe_token_id.clone(),
-            contact_id: contact.id.clone(),
-            list_id: list.id.clone(),
-            expires: None,
-        });
-        let base = &self.config.config.server.public_url;
-        let confirm_url = format!("{base}/confirm/{confirm}");
-        let unsubscribe_url = format!("{base}/unsubscribe/{unsubscribe}");
-        let sender = &self.config.config.sender;
-        let templates = &self.config.templates;
-        let language = templates.language_for(contact.language.as_deref(), &list.default_language);
-        let rendered = match mail::render(
-            templates,
-            mail,
-            &language,
+        let letter = mail::Letter {
+            kind,
+            contact,
             list,
-            sender,
-            &confirm_url,
-            &unsubscribe_url,
-        ) {
-            Ok(r) => r,
+            signup_token: &token,
+            outbox_key: &item.idempotency_key,
+            now: Utc::now(),
+        };
+        let composed = match mail::compose(&self.config, &self.tokens, &letter) {
+            Ok(c) => c,
             Err(e) => {
                 tracing::error!(contact_id = %contact.id, list = %list.id, error = %e, "confirmation mail cannot be rendered");
                 return Ok(self.failure(item, ConnectorError::permanent(e.to_string())));
             }
         };
         // The exact text goes into the store before it leaves, under the hash the ledger names.
-        self.store
-            .put_snapshot(&Snapshot {
-                hash: rendered.content_hash.clone(),
-                kind: format!("mail:{}", mail.as_str()),
-                language: rendered.language.clone(),
-                template_version: templates.version().to_owned(),
-                content: serde_json::json!({
-                    "subject": rendered.subject,
-                    "text": rendered.text,
-                    "html": rendered.html,
-                })
-                .to_string(),
-                created_at: now,
-            })
-            .await?;
-        // DOI mails come from the transactional sender (`sender.from`), never the newsletter's.
-        let message_id = message_id(&item.idempotency_key, &sender.from);
-        let msg = OutgoingMessage {
-            idempotency_key: item.idempotency_key.replace(':', "-"),
-            message_id: message_id.clone(),
-            from: sender.from.clone(),
-            to: contact.email.clone(),
-            subject: rendered.subject.clone(),
-            text: rendered.text.clone(),
-            html: Some(rendered.html.clone()),
-            headers: vec![
-                (
-                    "List-Unsubscribe".into(),
-                    mail::list_unsubscribe(
-                        &unsubscribe_url,
-                        sender.unsubscribe_mailbox.as_deref(),
-                        &unsubscribe,
-                    ),
-                ),
-                (
-                    "List-Unsubscribe-Post".into(),
-                    "List-Unsubscribe=One-Click".into(),
-                ),
-            ],
-        };
+        self.store.put_snapshot(&composed.snapshot).await?;
+        let msg = composed.message;
         let sent = self.connectors.mail.send(&msg).await;
         self.observe(ConnectorRole::Mail, &sent);
         match sent {
@@ -446,15 +383,15 @@ impl Engine {
                     at: Utc::now(),
                     contact_id: contact.id.clone(),
                     list_id: list.id.clone(),
-                    kind: format!("{}_mail_sent", mail.as_str()),
+                    kind: format!("{}_mail_sent", kind.as_str()),
                     from_state: consent.state,
                     to_state: consent.state,
                     source: EventSource::Outbox,
                     evidence: Evidence {
                         token_id: Some(token),
                         message_id: Some(sent.message_id),
-                        content_hash: Some(rendered.content_hash),
-                        unsubscribe_token_id: Some(unsubscribe_token_id),
+                        content_hash: Some(composed.content_hash),
+                        unsubscribe_token_id: Some(composed.unsubscribe_token_id),
                         key_id: Some(self.tokens.current_key_id().to_owned()),
                         detail: sent
                             .deduplicated
@@ -462,7 +399,7 @@ impl Engine {
                         ..Evidence::default()
                     },
                 };
-                tracing::info!(contact_id = %contact.id, list = %list.id, mail = mail.as_str(), "confirmation mail sent");
+                tracing::info!(contact_id = %contact.id, list = %list.id, mail = kind.as_str(), "confirmation mail sent");
                 Ok(Finish::Done {
                     event: Some(Box::new(event)),
                     note: None,
@@ -497,29 +434,6 @@ fn carries_address(work: &StoredWork) -> bool {
     }
 }
 
-/// Message-ID derived from the outbox key, so a re-sent attempt carries the same id as the
-/// first and the ledger names the message the person actually got.
-/// The unsubscribe link's token id for the mail of outbox row `key`: a UUID-shaped digest.
-fn unsubscribe_token_id(key: &str) -> String {
-    let mut digest = Sha256::new();
-    digest.update(b"optinsync unsubscribe token id v1\0");
-    digest.update(key.as_bytes());
-    let bytes: [u8; 32] = digest.finalize().into();
-    let mut id = [0u8; 16];
-    id.copy_from_slice(&bytes[..16]);
-    uuid::Uuid::from_bytes(id).to_string()
-}
-
-fn message_id(key: &str, from: &str) -> String {
-    let domain = from
-        .rsplit_once('@')
-        .map(|(_, d)| d.trim_end_matches('>').trim())
-        .filter(|d| !d.is_empty())
-        .unwrap_or("optinsync.invalid");
-    let digest = hex::encode(Sha256::digest(key.as_bytes()));
-    format!("{}@{domain}", &digest[..32])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -549,13 +463,5 @@ mod tests {
         assert!(distinct.len() > 1, "jittered: {distinct:?}");
         assert!((0..50).all(|_| backoff_with(base, cap, 30) <= cap));
         assert!(backoff_with(base, cap, 30) >= Duration::from_secs(8));
-    }
-
-    #[test]
-    fn message_id_is_stable_and_uses_sender_domain() {
-        let a = message_id("mail:1", "Org <confirm@example.org>");
-        assert_eq!(a, message_id("mail:1", "Org <confirm@example.org>"));
-        assert!(a.ends_with("@example.org"), "{a}");
-        assert_ne!(a, message_id("mail:2", "Org <confirm@example.org>"));
     }
 }

@@ -78,7 +78,7 @@ pub(super) fn standing(t: &Target<'_>, expired: bool) -> Standing {
     let input = Input::Confirm {
         token: t.claims.token_id.clone(),
     };
-    match optinsync_engine::engine::transition_for(&current, &input, t.list, false, now) {
+    match optinsync_engine::plan::transition_for(&current, &input, t.list, false, now) {
         Ok(Some(_)) => Standing::Open,
         Ok(None) => Standing::AlreadyConfirmed,
         // An expired link offers a fresh mail whatever became of its signup.
