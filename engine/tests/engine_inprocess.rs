@@ -727,14 +727,13 @@ fn files_holding(h: &Harness, needle: &str) -> Vec<String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Known bugs (ignored until fixed; run with `--ignored`)
+// Bugs these tests found (fixed)
 // ---------------------------------------------------------------------------------------------
 
-/// Erasure clears the outbox's error texts because "a vendor's error text may quote the
-/// address" — but the erasure's own write-back and removal are delivered after it, and when one
-/// becomes a dead letter its error text is stored and kept.
+/// Erasure clears the outbox's error texts because a vendor's error text may quote the
+/// address; the erasure's own write-back and removal are delivered after it, so when one of
+/// them becomes a dead letter its error text must not be stored either.
 #[tokio::test]
-#[ignore = "known bug: a dead letter finished after erasure keeps the vendor's error text"]
 async fn a_dead_letter_of_an_erased_contact_keeps_no_error_text_quoting_the_address() {
     let h = Harness::new(NEWS, SEND_DOI).await;
     pending_on_news(&h, "1", ADA).await;

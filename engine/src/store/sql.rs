@@ -700,8 +700,11 @@ macro_rules! shared_store_impl {
                 let done_at = (status != "pending").then(|| ts.clone());
                 let updated = sqlx::query(
                     // A finished row of an erased contact keeps no address (the removal it
-                    // carried is done).
-                    "UPDATE outbox SET status = $1, next_attempt_at = $2, last_error = $3, note = $4, done_at = $5, \
+                    // carried is done), and no vendor error text, which may quote it.
+                    "UPDATE outbox SET status = $1, next_attempt_at = $2, note = $4, done_at = $5, \
+                     last_error = CASE WHEN $3 IS NOT NULL AND EXISTS (SELECT 1 FROM contacts c \
+                     WHERE c.id = outbox.contact_id AND c.erased) THEN 'error text withheld: the contact is erased' \
+                     ELSE $3 END, \
                      claimed_by = NULL, claimed_until = NULL, \
                      payload = CASE WHEN $1 <> 'pending' AND EXISTS (SELECT 1 FROM contacts c WHERE c.id = outbox.contact_id \
                      AND c.erased) THEN '{}' ELSE payload END \
