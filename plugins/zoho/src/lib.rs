@@ -30,6 +30,15 @@ pub use config::{ConfigError, ZohoCrmConfig};
 pub use crm::ZohoCrm;
 pub use oauth::ZohoOAuth;
 
+/// A `Retry-After` given in seconds (Zoho does not send the HTTP-date form).
+pub(crate) fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<std::time::Duration> {
+    headers
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_secs)
+}
+
 /// An error and its sources on one line (reqwest hides the useful part in `source()`).
 pub(crate) fn error_chain(err: &dyn std::error::Error) -> String {
     let mut out = err.to_string();

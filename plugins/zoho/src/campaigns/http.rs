@@ -72,12 +72,7 @@ impl ZohoCampaigns {
                 ))
             })?;
             let status = response.status();
-            let retry_after = response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::retry_after(response.headers());
             let body = response.bytes().await.map_err(|e| {
                 ConnectorError::transient(format!(
                     "reading Zoho Campaigns' answer to `{}` failed: {e}",

@@ -1,7 +1,6 @@
 //! One Zoho CRM API call (token refresh, rate limits, credits) and how its errors map.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{ConnectorError, FailureScope};
@@ -57,12 +56,7 @@ impl ZohoCrm {
                 metrics::gauge!("optinsync_zoho_crm_api_credits_remaining").set(credits as f64);
                 tracing::debug!(credits, "Zoho CRM API credits remaining");
             }
-            let retry_after = response
-                .headers()
-                .get(header::RETRY_AFTER)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .map(Duration::from_secs);
+            let retry_after = crate::retry_after(response.headers());
             let body = response.bytes().await.map_err(|e| {
                 ConnectorError::transient(format!(
                     "reading Zoho CRM's answer to {} {} failed: {e}",
