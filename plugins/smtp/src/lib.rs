@@ -7,7 +7,8 @@
 //! * Every connection is opened here with `TCP_NODELAY` (see [`conn`]) and handed to lettre,
 //!   which speaks SMTP on it; up to `pool_size` idle connections are kept and reused.
 //! * Optional authentication (`username`/`password`, may be `"${ENV}"` references), a
-//!   per-command timeout and a send rate limit (`rate_per_minute`).
+//!   per-command timeout, adaptive pacing on the relay's "try later" answers ([`pace`]) and
+//!   an optional rate ceiling (`rate_per_minute`).
 //! * Optional DKIM signing (RSA-SHA256 or Ed25519-SHA256) whose `h=` covers From, To,
 //!   Subject, Date, Message-ID, List-Unsubscribe and List-Unsubscribe-Post (RFC 8058 §4 needs
 //!   the last two signed for one-click unsubscribe).
@@ -19,12 +20,10 @@
 //! failed, command syntax — are [`ConnectorError::Permanent`]: they must not bounce the
 //! recipient.
 
-use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use lettre::Message;
 use lettre::message::dkim::{
     DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm,
@@ -41,6 +40,7 @@ use optinsync_plugin_api::{
 use serde::Deserialize;
 
 pub mod conn;
+pub mod pace;
 
 pub use conn::SendError;
 use conn::{Connector, Pool, Security};
@@ -113,9 +113,10 @@ pub struct SmtpConfig {
     /// Most connections open to the relay at once (in use or idle).
     #[serde(default = "default_pool_size")]
     pub pool_size: u32,
-    /// Most messages handed to the relay per minute (the relay's own limit, or lower).
-    #[serde(default = "default_rate")]
-    pub rate_per_minute: u32,
+    /// Most messages handed to the relay per minute (a ceiling; unset: none). Below it the
+    /// transport paces itself on the relay's "try later" answers ([`pace`]).
+    #[serde(default)]
+    pub rate_per_minute: Option<u32>,
     #[serde(default)]
     pub dkim: Option<DkimSettings>,
 }
@@ -144,9 +145,6 @@ fn default_timeout_secs() -> u64 {
 fn default_pool_size() -> u32 {
     4
 }
-fn default_rate() -> u32 {
-    60
-}
 
 /// `[connectors.mail.dkim]`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -172,9 +170,9 @@ fn default_algorithm() -> String {
 pub struct SmtpTransport {
     connector: Connector,
     pool: Pool,
-    limiter: DefaultDirectRateLimiter,
+    pacer: pace::Pacer,
     dkim: Option<DkimConfig>,
-    rate_per_minute: u32,
+    rate_per_minute: Option<u32>,
     host: String,
 }
 
@@ -236,8 +234,12 @@ impl SmtpTransport {
             timeout: Duration::from_secs(config.timeout_secs.max(1)),
         };
         let pool_size = usize::try_from(config.pool_size.max(1)).unwrap_or(1);
-        let rate = NonZeroU32::new(config.rate_per_minute)
-            .ok_or_else(|| invalid("rate_per_minute", "must be at least 1"))?;
+        if config.rate_per_minute == Some(0) {
+            return Err(invalid(
+                "rate_per_minute",
+                "must be at least 1 (or left out)",
+            ));
+        }
         let dkim = config
             .dkim
             .as_ref()
@@ -246,11 +248,17 @@ impl SmtpTransport {
         Ok(Self {
             connector,
             pool: Pool::new(pool_size, IDLE_TIMEOUT),
-            limiter: RateLimiter::direct(Quota::per_minute(rate)),
+            pacer: pace::Pacer::new(config.rate_per_minute, std::time::Instant::now()),
             dkim,
             rate_per_minute: config.rate_per_minute,
             host: config.host.clone(),
         })
+    }
+
+    /// The paced send rate in mails per second (`None`: not pacing; the relay has not asked
+    /// to slow down, or the transport has sped up past [`pace::RELEASE`] since).
+    pub fn paced_rate(&self) -> Option<f64> {
+        self.pacer.rate()
     }
 
     /// How many connections to the relay this transport has opened so far (pool reuse
@@ -410,10 +418,28 @@ pub fn classify_send(err: &SendError) -> ConnectorError {
 impl MailTransport for SmtpTransport {
     async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage> {
         let mail = build_message(message, self.dkim.as_ref())?;
-        self.limiter.until_ready().await;
+        let wait = self.pacer.reserve(std::time::Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let envelope = mail.envelope().clone();
         let raw = mail.formatted();
-        match self.connector.send(&self.pool, &envelope, &raw).await {
+        let result = self.connector.send(&self.pool, &envelope, &raw).await;
+        let answer = match &result {
+            Ok(_) => pace::Answer::Accepted,
+            Err(e) => pace::Answer::of_code(
+                e.code(),
+                matches!(e, SendError::Connect(io) if io.kind() == std::io::ErrorKind::ConnectionRefused),
+            ),
+        };
+        if let Some(rate) = self.pacer.observe(answer) {
+            tracing::warn!(
+                rate_per_second = rate,
+                "SMTP relay asked to try later; slowing down (the message is retried)"
+            );
+        }
+        metrics::gauge!("optinsync_smtp_paced_rate").set(self.pacer.rate().unwrap_or(0.0));
+        match result {
             Ok(response) => {
                 tracing::debug!(code = %response.code(), "relay accepted the message");
                 Ok(SentMessage {
@@ -445,7 +471,7 @@ impl MailTransport for SmtpTransport {
     fn limits(&self) -> Limits {
         Limits {
             max_batch: 1,
-            calls_per_minute: Some(self.rate_per_minute),
+            calls_per_minute: self.rate_per_minute,
         }
     }
 }
