@@ -5,8 +5,8 @@
 //! This crate holds **types and traits only**: it performs no I/O, opens no sockets or files,
 //! and depends on no runtime. Connectors (CRM, Campaigns, mail transport) implement the traits
 //! in their own crates, compiled into the binary; the engine drives them. The records,
-//! changes, messages and write-backs are `serde`, so an out-of-process connector protocol
-//! could carry them; [`ConnectorError`] is not `serde` yet, and no such protocol exists yet.
+//! changes, messages, write-backs and [`ConnectorError`] are `serde`, so an out-of-process
+//! connector protocol could carry them; no such protocol exists yet.
 //!
 //! Consent is never decided here. A connector reports what an outside system says
 //! (a CRM field, an unsubscribe inside the Campaigns tool); the engine's state machine decides
@@ -302,7 +302,12 @@ pub enum FailureScope {
 }
 
 /// Errors a connector reports. The variant tells the engine what to do with the work item.
-#[derive(Debug, thiserror::Error)]
+///
+/// `serde` as `{"kind": "transient", "message": ..., "retry_after_ms": ..., "scope": ...}`
+/// (and `permanent`, `rejected`, `config`, `invalid_input`), so a connector outside the
+/// process could report one; the wait is in whole milliseconds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ConnectorError {
     /// Try again later (network, 429, 5xx, or a "retry later" about one record).
     /// `retry_after` when the server said so; `scope` says whether the failure concerns the
@@ -310,7 +315,14 @@ pub enum ConnectorError {
     #[error("temporary failure: {message}")]
     Transient {
         message: String,
+        #[serde(
+            rename = "retry_after_ms",
+            default,
+            with = "millis",
+            skip_serializing_if = "Option::is_none"
+        )]
         retry_after: Option<Duration>,
+        #[serde(default)]
         scope: FailureScope,
     },
     /// Will never succeed as asked (e.g. invalid address); goes to the dead letters.
@@ -325,6 +337,24 @@ pub enum ConnectorError {
     /// A webhook or record that is not acceptable input.
     #[error("invalid input: {message}")]
     InvalidInput { message: String },
+}
+
+/// `Option<Duration>` as whole milliseconds on the wire.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
+    }
 }
 
 impl ConnectorError {
@@ -550,6 +580,66 @@ pub trait SharedMarks: Send + Sync + fmt::Debug {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connector_errors_round_trip_as_tagged_json() {
+        let errors = [
+            ConnectorError::Transient {
+                message: "429".into(),
+                retry_after: Some(Duration::from_millis(1500)),
+                scope: FailureScope::Record,
+            },
+            ConnectorError::transient("connection reset"),
+            ConnectorError::Permanent {
+                message: "no such list".into(),
+            },
+            ConnectorError::Rejected {
+                message: "550 5.1.1".into(),
+            },
+            ConnectorError::Config {
+                setting: "api_key".into(),
+                message: "missing".into(),
+            },
+            ConnectorError::InvalidInput {
+                message: "not JSON".into(),
+            },
+        ];
+        for e in errors {
+            let json = serde_json::to_string(&e).expect("serialises");
+            let back: ConnectorError = serde_json::from_str(&json).expect("parses");
+            assert_eq!(back, e, "{json}");
+        }
+        let json = serde_json::to_value(ConnectorError::Transient {
+            message: "slow down".into(),
+            retry_after: Some(Duration::from_secs(2)),
+            scope: FailureScope::Service,
+        })
+        .expect("serialises");
+        assert_eq!(
+            json,
+            serde_json::json!({"kind": "transient", "message": "slow down",
+                               "retry_after_ms": 2000, "scope": "service"})
+        );
+    }
+
+    #[test]
+    fn a_connector_error_from_outside_is_read_strictly() {
+        // Scope and wait may be left out: a service-wide failure without a named wait.
+        let e: ConnectorError =
+            serde_json::from_str(r#"{"kind": "transient", "message": "x"}"#).expect("parses");
+        assert_eq!(e, ConnectorError::transient("x"));
+        for bad in [
+            r#"{"kind": "fatal", "message": "x"}"#,
+            r#"{"kind": "permanent"}"#,
+            r#"{"kind": "permanent", "message": "x", "extra": 1}"#,
+            r#"{"message": "x"}"#,
+        ] {
+            assert!(
+                serde_json::from_str::<ConnectorError>(bad).is_err(),
+                "{bad}"
+            );
+        }
+    }
 
     #[test]
     fn record_refs_parse_their_text_form_once() {
