@@ -2,8 +2,8 @@
 //!
 //! Every backticked path that starts with one of the repository's top-level folders (as in
 //! `engine/src/outbox.rs` or `web/src/links/`) must exist, in the Markdown files and in the
-//! Rust sources alike, and none of the design notes earlier versions cited from outside the
-//! repository may be cited unless a file of that name is in it. A file moved without its citations fails here.
+//! Rust sources alike, and every Markdown document named anywhere (`README.md`) must be one
+//! the repository has. A file moved without its citations fails here.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -100,26 +100,47 @@ fn every_cited_path_exists() {
     );
 }
 
+/// Every Markdown file name written in `text` (a document cited by name).
+fn cited_documents(text: &str) -> Vec<&str> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        .filter(|w| w.len() > 3 && w.ends_with(".md"))
+        .map(|w| w.trim_start_matches('.'))
+        .collect()
+}
+
 #[test]
-fn no_document_is_cited_that_the_repository_does_not_have() {
+fn the_document_scanner_finds_md_names() {
+    assert_eq!(
+        cited_documents("see README.md, `docs/writing-rules.md` and (SECURITY.md)."),
+        ["README.md", "writing-rules.md", "SECURITY.md"]
+    );
+}
+
+#[test]
+fn every_document_cited_by_name_is_in_the_repository() {
     let root = Path::new(ROOT);
     let mut all = Vec::new();
     files(root, &mut all);
-    let mut found = Vec::new();
-    for file in all.iter().filter(|f| !f.ends_with("tests/docs.rs")) {
+    let have: BTreeSet<String> = all
+        .iter()
+        .filter_map(|f| f.file_name()?.to_str())
+        .filter(|n| n.ends_with(".md"))
+        .map(str::to_owned)
+        .collect();
+    assert!(have.contains("README.md"), "{have:?}");
+    let mut missing = Vec::new();
+    for file in &all {
         let text = std::fs::read_to_string(file).unwrap_or_default();
-        // Documents earlier versions cited from outside the repository.
-        for name in [
-            "DESIGN.md",
-            "compliance.md",
-            "zoho-api.md",
-            "mailchimp-hubspot.md",
-        ] {
-            if text.contains(name) && !all.iter().any(|f| f.ends_with(name)) {
+        for name in cited_documents(&text) {
+            if !have.contains(name) {
                 let shown = file.strip_prefix(root).unwrap_or(file);
-                found.push(format!("{}: {name}", shown.display()));
+                missing.push(format!("{}: {name}", shown.display()));
             }
         }
     }
-    assert!(found.is_empty(), "{}", found.join("\n"));
+    assert!(
+        missing.is_empty(),
+        "documents cited but not in the repository:\n{}",
+        missing.join("\n")
+    );
 }
