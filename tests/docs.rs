@@ -103,15 +103,15 @@ fn every_cited_path_exists() {
 /// Every Markdown file name written in `text` (a document cited by name).
 fn cited_documents(text: &str) -> Vec<&str> {
     text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        .map(|w| w.trim_matches('.'))
         .filter(|w| w.len() > 3 && w.ends_with(".md"))
-        .map(|w| w.trim_start_matches('.'))
         .collect()
 }
 
 #[test]
 fn the_document_scanner_finds_md_names() {
     assert_eq!(
-        cited_documents("see README.md, `docs/writing-rules.md` and (SECURITY.md)."),
+        cited_documents("see README.md, `docs/writing-rules.md` and SECURITY.md."),
         ["README.md", "writing-rules.md", "SECURITY.md"]
     );
 }
