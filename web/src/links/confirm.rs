@@ -199,15 +199,7 @@ pub(super) async fn confirm_post(
             }
             Err(e) => {
                 tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
-                return st
-                    .notice(
-                        &engine,
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "retry",
-                        &t.lang,
-                        Some(t.list),
-                    )
-                    .await;
+                return st.retry_later(&engine, &t).await;
             }
         },
     };
@@ -235,14 +227,7 @@ pub(super) async fn confirm_post(
         }
         Err(e) => {
             tracing::error!(contact_id = %t.contact.id, error = %e, "confirmation could not be recorded");
-            st.notice(
-                &engine,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "retry",
-                &t.lang,
-                Some(t.list),
-            )
-            .await
+            st.retry_later(&engine, &t).await
         }
     }
 }
@@ -287,14 +272,7 @@ pub(super) async fn resend(
         }
         Err(e) => {
             tracing::error!(contact_id = %t.contact.id, error = %e, "fresh signup could not be recorded");
-            st.notice(
-                engine,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "retry",
-                &t.lang,
-                Some(t.list),
-            )
-            .await
+            st.retry_later(engine, t).await
         }
     }
 }

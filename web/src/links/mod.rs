@@ -435,6 +435,18 @@ impl LinkState {
             .0
     }
 
+    /// 503 "try again in a moment" on a link's page: the store failed, nothing changed.
+    async fn retry_later(&self, engine: &Engine, t: &Target<'_>) -> Response {
+        self.notice(
+            engine,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "retry",
+            &t.lang,
+            Some(t.list),
+        )
+        .await
+    }
+
     async fn notice(
         &self,
         engine: &Engine,

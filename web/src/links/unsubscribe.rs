@@ -159,14 +159,7 @@ pub(super) async fn unsubscribe_post(
         }
         Err(e) => {
             tracing::error!(contact_id = %t.contact.id, error = %e, "unsubscribe could not be recorded");
-            st.notice(
-                &engine,
-                StatusCode::SERVICE_UNAVAILABLE,
-                "retry",
-                &t.lang,
-                Some(t.list),
-            )
-            .await
+            st.retry_later(&engine, &t).await
         }
     }
 }
