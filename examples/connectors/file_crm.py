@@ -158,7 +158,9 @@ def serve(connector):
             log(f"{method}: I/O error: {e.__class__.__name__}: {e.strerror}")
             send({"id": rid, "error": transient(f"I/O error: {e.strerror}").body})
         except Exception as e:  # a bug here must not take the whole connector down
-            log(f"{method}: internal error: {e.__class__.__name__}\n{traceback.format_exc()}")
+            # The frames, not the exception text: that may quote data (an address, a setting).
+            frames = "".join(traceback.format_tb(e.__traceback__))
+            log(f"{method}: internal error: {e.__class__.__name__}\n{frames}")
             send({"id": rid, "error": permanent(f"internal error in connector: {e.__class__.__name__}").body})
     sys.exit(0)  # end of input: the engine went away or closed stdin after shutdown
 
