@@ -7,12 +7,12 @@
 //! - `scheduler`: the rules pass over every contact (and other timed upkeep).
 //!
 //! A holder renews its leases every pass; a dead holder's lease lapses after
-//! `3 × poll_interval + 30 s` (at once when it is restarted on the same host and address,
+//! `3 × interval + 30 s` (at once when it is restarted on the same host and address,
 //! `Store::release_claims`). Running a job twice at once would still be safe (optimistic
 //! concurrency on every consent, idempotent pages); the lease saves the work and the vendor
 //! quota.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use optinsync_engine::engine::Engine;
 use optinsync_engine::untrusted::Escaped;
@@ -44,22 +44,48 @@ impl Job {
     }
 }
 
-/// Which leases this instance held at its last pass (to log changes only), by job.
+/// Which leases this instance held at its last pass (to log changes only), and when each job
+/// last ran here, by job.
 #[derive(Debug, Default)]
 pub struct Jobs {
     held: [Option<bool>; Job::ALL.len()],
+    ran: [Option<Instant>; Job::ALL.len()],
+}
+
+impl Job {
+    /// How often the job runs: the daemon's `poll_interval`, except the campaigns poll, which
+    /// follows the campaigns connector's own cadence where it declares one (shorter or longer).
+    pub fn interval(self, engine: &Engine) -> Duration {
+        let poll = engine.settings().sync.poll_interval.0;
+        match self {
+            Self::CampaignsPoller => engine
+                .connectors()
+                .campaigns
+                .status_interval()
+                .unwrap_or(poll)
+                .max(Duration::from_secs(1)),
+            Self::CrmPoller | Self::Scheduler => poll,
+        }
+    }
 }
 
 impl Jobs {
-    /// Run each job whose lease this instance holds or can take now.
-    pub async fn run_due(&mut self, engine: &Engine, worker: &str) {
-        let poll = engine.settings().sync.poll_interval.0;
-        let hold = chrono::Duration::from_std(poll * 3 + Duration::from_secs(30))
-            .unwrap_or(chrono::Duration::minutes(5));
+    /// Run each job that is due (its interval passed since it last ran here, or `all`) and
+    /// whose lease this instance holds or can take now. Returns how long until the next job is
+    /// due.
+    pub async fn run_due(&mut self, engine: &Engine, worker: &str, all: bool) -> Duration {
         // When this instance pulled the CRM in this pass, the pull already ran the rules for
         // every contact it stored: the rules pass leaves those out (as `sync --once` does).
         let mut pulled_since = None;
         for (i, kind) in Job::ALL.into_iter().enumerate() {
+            let interval = kind.interval(engine);
+            if !all && self.ran[i].is_some_and(|at| at.elapsed() < interval) {
+                continue;
+            }
+            self.ran[i] = Some(Instant::now());
+            // A dead holder's lease lapses after three of its intervals.
+            let hold = chrono::Duration::from_std(interval * 3 + Duration::from_secs(30))
+                .unwrap_or(chrono::Duration::minutes(5));
             let job = kind.lease_name();
             let now = chrono::Utc::now();
             let held = match engine.try_lease(job, worker, now, now + hold).await {
@@ -97,6 +123,15 @@ impl Jobs {
                 }
             }
         }
+        Job::ALL
+            .into_iter()
+            .enumerate()
+            .map(|(i, kind)| {
+                let ran = self.ran[i].map_or(Duration::ZERO, |at| at.elapsed());
+                kind.interval(engine).saturating_sub(ran)
+            })
+            .min()
+            .unwrap_or(Duration::from_secs(1))
     }
 }
 
@@ -118,6 +153,9 @@ async fn run_job(
             ))
         }
         Job::CampaignsPoller => {
+            if let Err(e) = engine.connectors().campaigns.maintain().await {
+                tracing::warn!(error = %Escaped(&e), "campaigns connector upkeep failed; polling goes on");
+            }
             let n = engine.pull_campaigns().await?;
             Ok(format!("{n} campaigns changes"))
         }

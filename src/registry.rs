@@ -1,78 +1,35 @@
-//! Builds connectors by `kind` from `config.toml`. Connectors are compiled in; adding one
-//! means adding a match arm here (ARCHITECTURE.md, code map).
+//! The connector factories this build registers: one line per connector crate. Adding a
+//! connector is adding its crate to the workspace and its `factories()` here; the engine
+//! builds whatever `kind` a `[connectors.ROLE]` section names
+//! (`optinsync_engine::connectors`). Connectors outside Rust use `kind = "exec"`
+//! (docs/connector-protocol.md).
 
 use std::sync::Arc;
 
-use optinsync_engine::config::{ConfigError, ConnectorSection, LoadedConfig};
-use optinsync_engine::engine::Connectors;
-use optinsync_plugin_api::{
-    CampaignsConnector, CrmConnector, MailTransport, QuotaLedger, SharedMarks,
-};
-use optinsync_plugin_files::{CsvCrm, EmlDir, JsonlList};
-use optinsync_plugin_zoho::{ZohoCampaigns, ZohoCrm};
+use optinsync_plugin_api::ConnectorFactory;
 
-pub const CRM_KINDS: &[&str] = &["csv", "zoho-crm"];
-pub const CAMPAIGNS_KINDS: &[&str] = &["jsonl", "zoho-campaigns"];
-pub const MAIL_KINDS: &[&str] = &["eml", "smtp"];
-
-fn unknown(config: &LoadedConfig, section: &str, kind: &str, known: &[&str]) -> ConfigError {
-    config.connector_error(
-        section,
-        &format!(
-            "unknown connector kind `{kind}`; this build knows: {}",
-            known.join(", ")
-        ),
-    )
+/// Every registered factory, by crate.
+pub fn factories() -> Vec<Arc<dyn ConnectorFactory>> {
+    let mut all = Vec::new();
+    all.extend(optinsync_plugin_files::factories());
+    all.extend(optinsync_plugin_zoho::factories());
+    all.extend(optinsync_plugin_smtp::factories());
+    all
 }
 
-/// `shared`: state shared with the other instances on the same database — vendor quota
-/// budgets and connector bookkeeping sets (`None`: each instance keeps its own).
-pub fn build(
-    config: &LoadedConfig,
-    shared: Option<(Arc<dyn QuotaLedger>, Arc<dyn SharedMarks>)>,
-) -> Result<Connectors, ConfigError> {
-    let c = &config.config.connectors;
-    let base = &config.base_dir;
-    let wrap = |section: &'static str| {
-        move |e: optinsync_plugin_files::ConfigError| {
-            config.connector_error(section, &e.to_string())
-        }
-    };
-    let settings = |s: &ConnectorSection| s.settings.clone();
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
 
-    let crm: Arc<dyn CrmConnector> = match c.crm.kind.as_str() {
-        "csv" => Arc::new(CsvCrm::from_config(settings(&c.crm), base).map_err(wrap("crm"))?),
-        "zoho-crm" => Arc::new(
-            ZohoCrm::from_config(settings(&c.crm), base)
-                .map_err(|e| config.connector_error("crm", &e.to_string()))?,
-        ),
-        other => return Err(unknown(config, "crm", other, CRM_KINDS)),
-    };
-    let campaigns: Arc<dyn CampaignsConnector> = match c.campaigns.kind.as_str() {
-        "jsonl" => Arc::new(
-            JsonlList::from_config(settings(&c.campaigns), base).map_err(wrap("campaigns"))?,
-        ),
-        "zoho-campaigns" => {
-            let zoho = ZohoCampaigns::from_config(settings(&c.campaigns), base)
-                .map_err(|e| config.connector_error("campaigns", &e.to_string()))?;
-            Arc::new(match shared {
-                Some((ledger, marks)) => zoho.with_quota_ledger(ledger).with_shared_marks(marks),
-                None => zoho,
-            })
+    use super::*;
+
+    #[test]
+    fn every_kind_is_registered_once() {
+        let all = factories();
+        let kinds: HashSet<&str> = all.iter().map(|f| f.kind()).collect();
+        assert_eq!(kinds.len(), all.len(), "a kind registered twice");
+        for kind in ["csv", "jsonl", "eml", "zoho-crm", "zoho-campaigns", "smtp"] {
+            assert!(kinds.contains(kind), "{kind} missing");
         }
-        other => return Err(unknown(config, "campaigns", other, CAMPAIGNS_KINDS)),
-    };
-    let mail: Arc<dyn MailTransport> = match c.mail.kind.as_str() {
-        "eml" => Arc::new(EmlDir::from_config(settings(&c.mail), base).map_err(wrap("mail"))?),
-        "smtp" => Arc::new(
-            optinsync_plugin_smtp::SmtpTransport::from_config(settings(&c.mail), base)
-                .map_err(|e| config.connector_error("mail", &e.to_string()))?,
-        ),
-        other => return Err(unknown(config, "mail", other, MAIL_KINDS)),
-    };
-    Ok(Connectors {
-        crm,
-        campaigns,
-        mail,
-    })
+    }
 }

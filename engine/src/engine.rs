@@ -9,7 +9,8 @@ use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
 use optinsync_plugin_api::{
-    CampaignsConnector, ConnectorError, CrmConnector, CrmRecord, Cursor, MailTransport, StatusKind,
+    CampaignsConnector, ConnectorError, CrmConnector, CrmRecord, Cursor, MailTransport,
+    StatusEvent, StatusKind,
 };
 use serde::Serialize;
 
@@ -351,59 +352,7 @@ impl Engine {
                         connector: "campaigns",
                         source,
                     })?;
-                for ev in &page.events {
-                    let Ok(address) = email::normalise(&ev.email) else {
-                        tracing::warn!(list = %list.id, "campaigns status event with an invalid address; skipped");
-                        continue;
-                    };
-                    if self.is_erased(&address).await? {
-                        // Already withdrawn and suppressed; storing it again would undo the erasure.
-                        tracing::info!(list = %list.id, "campaigns status event for an erased address; skipped");
-                        continue;
-                    }
-                    let contact = match self.store.contact_by_email(&address).await? {
-                        Some(c) => c,
-                        None => {
-                            let upsert = ContactUpsert {
-                                email: address,
-                                language: None,
-                                fields: Default::default(),
-                                crm_record: None,
-                            };
-                            self.store.upsert_contact(&upsert, Utc::now()).await?
-                        }
-                    };
-                    let input = match ev.kind {
-                        StatusKind::Unsubscribed => Input::Unsubscribe,
-                        StatusKind::Bounced => Input::Bounce,
-                        StatusKind::Complained => Input::Complaint,
-                        StatusKind::Confirmed => Input::CampaignsConfirmed,
-                        StatusKind::Opened | StatusKind::Clicked => {
-                            self.store
-                                .record_engagement(&contact.id, &list.id, ev.at)
-                                .await?;
-                            continue;
-                        }
-                    };
-                    let detail = match ev.kind {
-                        // Say plainly what this proof is worth.
-                        StatusKind::Confirmed => Some(format!(
-                            "confirmed through the campaigns tool's own double opt-in ({}); weaker evidence: no IP, user agent or text snapshot recorded by optinsync",
-                            ev.detail.as_deref().unwrap_or("no detail")
-                        )),
-                        _ => ev.detail.clone(),
-                    };
-                    let evidence = Evidence {
-                        detail,
-                        ..Evidence::default()
-                    };
-                    if let Applied::Changed(_) = self
-                        .apply(&contact, list, input, EventSource::Campaigns, evidence)
-                        .await?
-                    {
-                        changes += 1;
-                    }
-                }
+                changes += self.apply_status_events(list, &page.events).await?;
                 if let Some(next) = &page.next_cursor {
                     self.store
                         .set_cursor(&cursor_name, &next.0, Utc::now())
@@ -415,6 +364,92 @@ impl Engine {
             }
         }
         Ok(changes)
+    }
+
+    /// Status events the campaigns tool reported for `list` (by poll or webhook), applied to
+    /// the ledger; returns how many changed a consent.
+    pub async fn apply_status_events(
+        &self,
+        list: &ListConfig,
+        events: &[StatusEvent],
+    ) -> EngineResult<u64> {
+        let mut changes = 0;
+        for ev in events {
+            let Ok(address) = email::normalise(&ev.email) else {
+                tracing::warn!(list = %list.id, "campaigns status event with an invalid address; skipped");
+                continue;
+            };
+            if self.is_erased(&address).await? {
+                // Already withdrawn and suppressed; storing it again would undo the erasure.
+                tracing::info!(list = %list.id, "campaigns status event for an erased address; skipped");
+                continue;
+            }
+            let contact = match self.store.contact_by_email(&address).await? {
+                Some(c) => c,
+                None => {
+                    let upsert = ContactUpsert {
+                        email: address,
+                        language: None,
+                        fields: Default::default(),
+                        crm_record: None,
+                    };
+                    self.store.upsert_contact(&upsert, Utc::now()).await?
+                }
+            };
+            let input = match ev.kind {
+                StatusKind::Unsubscribed => Input::Unsubscribe,
+                StatusKind::Bounced => Input::Bounce,
+                StatusKind::Complained => Input::Complaint,
+                StatusKind::Confirmed => Input::CampaignsConfirmed,
+                StatusKind::Opened | StatusKind::Clicked => {
+                    self.store
+                        .record_engagement(&contact.id, &list.id, ev.at)
+                        .await?;
+                    continue;
+                }
+            };
+            let detail = match ev.kind {
+                // Say plainly what this proof is worth.
+                StatusKind::Confirmed => Some(format!(
+                    "confirmed through the campaigns tool's own double opt-in ({}); weaker evidence: no IP, user agent or text snapshot recorded by optinsync",
+                    ev.detail.as_deref().unwrap_or("no detail")
+                )),
+                _ => ev.detail.clone(),
+            };
+            let evidence = Evidence {
+                detail,
+                ..Evidence::default()
+            };
+            if let Applied::Changed(_) = self
+                .apply(&contact, list, input, EventSource::Campaigns, evidence)
+                .await?
+            {
+                changes += 1;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// A campaigns webhook's status events for `tool_list` (the list's id in the tool),
+    /// applied to every configured list mapped to it; `None` when no list is.
+    pub async fn campaigns_webhook(
+        &self,
+        tool_list: &str,
+        events: &[StatusEvent],
+    ) -> EngineResult<Option<u64>> {
+        let lists: Vec<&ListConfig> = self
+            .lists()
+            .iter()
+            .filter(|l| l.campaigns_list() == tool_list)
+            .collect();
+        if lists.is_empty() {
+            return Ok(None);
+        }
+        let mut changes = 0;
+        for list in lists {
+            changes += self.apply_status_events(list, events).await?;
+        }
+        Ok(Some(changes))
     }
 
     /// Run the rules for every contact on every list and apply what they propose, a page of
@@ -464,28 +499,37 @@ impl Engine {
 /// Contacts per transaction in a rules pass.
 pub(crate) const DECIDE_PAGE: i64 = 1000;
 
-/// Cursor-table key under which the campaigns connector's own state (quota budgets, locks)
-/// is kept across restarts.
-const CAMPAIGNS_STATE: &str = "connector-state:campaigns";
+/// Cursor-table key under which a connector's own state (quota budgets, locks, whatever it
+/// exports) is kept across restarts: `connector-state:{name}` (the campaigns key predates the
+/// other roles and is unchanged).
+pub fn connector_state_key(name: &str) -> String {
+    format!("connector-state:{name}")
+}
+
+/// The state each role's connector exported before the last stop, for
+/// [`optinsync_plugin_api::BuildContext::state`].
+pub async fn saved_connector_state(
+    store: &dyn Store,
+    role: crate::work::ConnectorRole,
+) -> EngineResult<Option<String>> {
+    Ok(store.cursor(&connector_state_key(role.as_str())).await?)
+}
 
 impl Engine {
-    /// Hand the campaigns connector the state it exported before the last stop. State it
-    /// cannot read is logged and dropped: fresh budgets are safe, just slower to learn.
-    pub async fn restore_connector_state(&self) -> EngineResult<()> {
-        if let Some(state) = self.store.cursor(CAMPAIGNS_STATE).await?
-            && let Err(e) = self.connectors.campaigns.import_state(&state)
-        {
-            tracing::warn!(error = %e, "campaigns connector state not restored; starting with fresh budgets");
-        }
-        Ok(())
-    }
-
-    /// Persist the campaigns connector's state if it has any (after deliveries).
+    /// Persist each connector's state if it has any (after deliveries).
     pub async fn save_connector_state(&self) -> EngineResult<()> {
-        if let Some(state) = self.connectors.campaigns.export_state() {
-            self.store
-                .set_cursor(CAMPAIGNS_STATE, &state, Utc::now())
-                .await?;
+        use crate::work::ConnectorRole;
+        for role in ConnectorRole::ALL {
+            let state = match role {
+                ConnectorRole::Crm => self.connectors.crm.export_state().await,
+                ConnectorRole::Campaigns => self.connectors.campaigns.export_state().await,
+                ConnectorRole::Mail => self.connectors.mail.export_state().await,
+            };
+            if let Some(state) = state {
+                self.store
+                    .set_cursor(&connector_state_key(role.as_str()), &state, Utc::now())
+                    .await?;
+            }
         }
         Ok(())
     }

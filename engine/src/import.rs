@@ -2,7 +2,7 @@
 //! (never confirmed), so the rules can ask them to confirm.
 
 use chrono::Utc;
-use optinsync_plugin_api::Cursor;
+use optinsync_plugin_api::{Cursor, Keyed, per_item};
 use serde::Serialize;
 
 use crate::config::ListConfig;
@@ -57,14 +57,7 @@ impl Engine {
                 };
                 if self.is_erased(&address).await? {
                     // Erased: take it off the list without storing the address again.
-                    self.connectors
-                        .campaigns
-                        .remove(list.campaigns_list(), std::slice::from_ref(&address))
-                        .await
-                        .map_err(|source| EngineError::Connector {
-                            connector: "campaigns",
-                            source,
-                        })?;
+                    self.remove_member(list, &address).await?;
                     tracing::info!(list = %list.id, "existing member with an erased address removed");
                     stats.removed += 1;
                     continue;
@@ -113,14 +106,7 @@ impl Engine {
                             stats.already_known += 1;
                         } else {
                             // Withdrawal wins: someone who left must not stay on the list.
-                            self.connectors
-                                .campaigns
-                                .remove(list.campaigns_list(), std::slice::from_ref(&contact.email))
-                                .await
-                                .map_err(|source| EngineError::Connector {
-                                    connector: "campaigns",
-                                    source,
-                                })?;
+                            self.remove_member(list, &contact.email).await?;
                             tracing::info!(contact_id = %contact.id, list = %list.id, state = ?state, "existing member without consent removed");
                             stats.removed += 1;
                         }
@@ -132,6 +118,36 @@ impl Engine {
                 return Ok(stats);
             }
             cursor = page.next_cursor;
+        }
+    }
+
+    /// Take one existing member off the campaigns list, now. The key names the list and the
+    /// keyed hash of the address (never the address), so a repeated import re-sends the same
+    /// write.
+    async fn remove_member(&self, list: &ListConfig, address: &str) -> EngineResult<()> {
+        let key = format!(
+            "import-existing:{}:{}",
+            list.id,
+            self.tokens.address_hash(address)
+        );
+        let item = Keyed::new(key, address.to_owned());
+        let answer = self
+            .connectors
+            .campaigns
+            .remove(list.campaigns_list(), std::slice::from_ref(&item))
+            .await;
+        match per_item(1, answer).pop() {
+            Some(Ok(())) => Ok(()),
+            Some(Err(source)) => Err(EngineError::Connector {
+                connector: "campaigns",
+                source,
+            }),
+            None => Err(EngineError::Connector {
+                connector: "campaigns",
+                source: optinsync_plugin_api::ConnectorError::transient(
+                    "no answer for the removal",
+                ),
+            }),
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod bulk;
 pub mod canonical;
 pub mod circuit;
 pub mod config;
+pub mod connectors;
 pub mod engine;
 pub mod erasure;
 pub mod export;

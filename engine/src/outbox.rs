@@ -21,7 +21,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use optinsync_plugin_api::{ConnectorError, ConsentWriteBack, Subscriber};
+use optinsync_plugin_api::{ConnectorError, ConsentWriteBack, Keyed, Subscriber, per_item};
 use rand::Rng as _;
 use serde::Serialize;
 
@@ -71,7 +71,10 @@ fn result_label(f: &Finish) -> &'static str {
 }
 
 impl Engine {
-    /// Claim and deliver up to `limit` due rows (legal-deadline rows first).
+    /// Claim and deliver up to `limit` due rows (legal-deadline rows first). Campaigns
+    /// subscribes and removals of one list go in batches of up to the connector's
+    /// [`optinsync_plugin_api::CampaignsConnector::max_batch`], each with its own result;
+    /// everything else one row at a time, in claim order.
     pub async fn deliver_due(&self, worker: &str, limit: i64) -> EngineResult<DeliverStats> {
         let now = Utc::now();
         let lease = chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::minutes(5));
@@ -79,12 +82,15 @@ impl Engine {
             .store
             .claim_outbox(worker, now, now + lease, limit)
             .await?;
-        let mut stats = DeliverStats::default();
-        let mut scrub = false;
-        for item in items {
+        let mut run = Finishing {
+            worker,
+            stats: DeliverStats::default(),
+            scrub: false,
+        };
+        for unit in units(items, self.connectors.campaigns.max_batch()) {
+            let connector = unit.connector();
             // Shutdown: hand back what is not started yet. Open circuit: do not call a dead
-            // endpoint; the row waits for the half-open probe (its attempt is not counted).
-            let connector = item.work.known().map(OutboxWork::connector);
+            // endpoint; the rows wait for the half-open probe (their attempts are not counted).
             let postpone = if self.circuits.is_stopping() {
                 Some(Utc::now())
             } else {
@@ -97,56 +103,184 @@ impl Engine {
                                 .unwrap_or(chrono::Duration::seconds(30))
                     })
             };
-            let finish = match postpone {
-                Some(at) => Finish::Postpone { at },
-                None => {
-                    let finish = match self.deliver_one(&item).await {
-                        Ok(finish) => finish,
-                        Err(e) => self.failure(&item, ConnectorError::transient(e.to_string())),
-                    };
-                    // A probe that made no call (skipped row, store error) is not a verdict.
-                    if let Some(c) = connector {
-                        self.circuits.release(c);
-                    }
-                    finish
-                }
+            let finishes = match (postpone, &unit) {
+                (Some(at), _) => vec![Finish::Postpone { at }; unit.len()],
+                (None, Unit::One(item)) => vec![match self.deliver_one(item).await {
+                    Ok(finish) => finish,
+                    Err(e) => self.failure(item, ConnectorError::transient(e.to_string())),
+                }],
+                (None, Unit::Batch { kind, items }) => self.deliver_batch(*kind, items).await,
             };
-            metrics::counter!("optinsync_outbox_delivery_total", "kind" => item.work.known().map_or("other", OutboxWork::kind), "result" => result_label(&finish))
-                .increment(1);
-            match &finish {
-                Finish::Postpone { .. } => stats.postponed += 1,
-                Finish::Done { .. } => stats.done += 1,
-                // `?`: the error text may quote a vendor's answer; Debug escapes it.
-                Finish::Retry { error, .. } => {
-                    tracing::warn!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed; will retry");
-                    stats.retried += 1;
-                }
-                Finish::Dead { error } => {
-                    tracing::error!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
-                    stats.dead += 1;
-                }
-            }
-            self.store
-                .finish_outbox(item.id, worker, &finish, Utc::now())
-                .await?;
-            // A removal or write-back that carried an erased contact's address was the last
-            // copy; finishing scrubbed it, and no older copy may stay in the store's files.
-            if !scrub
-                && !matches!(finish, Finish::Retry { .. } | Finish::Postpone { .. })
-                && carries_address(&item.work)
-                && self
-                    .store
-                    .contact_by_id(&item.contact_id)
-                    .await?
-                    .is_some_and(|c| c.erased)
+            if postpone.is_none()
+                && let Some(c) = connector
             {
-                scrub = true;
+                // A probe that made no call (skipped rows, store error) is not a verdict.
+                self.circuits.release(c);
+            }
+            for (item, finish) in unit.into_items().into_iter().zip(finishes) {
+                self.finish_row(&mut run, item, finish).await?;
             }
         }
-        if scrub {
+        if run.scrub {
             self.store.after_erasure().await?;
         }
-        Ok(stats)
+        Ok(run.stats)
+    }
+
+    /// Record how one row ended: metrics, log, the store's finish.
+    async fn finish_row(
+        &self,
+        run: &mut Finishing<'_>,
+        item: OutboxItem,
+        finish: Finish,
+    ) -> EngineResult<()> {
+        metrics::counter!("optinsync_outbox_delivery_total", "kind" => item.work.known().map_or("other", OutboxWork::kind), "result" => result_label(&finish))
+            .increment(1);
+        let stats = &mut run.stats;
+        match &finish {
+            Finish::Postpone { .. } => stats.postponed += 1,
+            Finish::Done { .. } => stats.done += 1,
+            // `?`: the error text may quote a vendor's answer; Debug escapes it.
+            Finish::Retry { error, .. } => {
+                tracing::warn!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed; will retry");
+                stats.retried += 1;
+            }
+            Finish::Dead { error } => {
+                tracing::error!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
+                stats.dead += 1;
+            }
+        }
+        self.store
+            .finish_outbox(item.id, run.worker, &finish, Utc::now())
+            .await?;
+        // A removal or write-back that carried an erased contact's address was the last
+        // copy; finishing scrubbed it, and no older copy may stay in the store's files.
+        if !run.scrub
+            && !matches!(finish, Finish::Retry { .. } | Finish::Postpone { .. })
+            && carries_address(&item.work)
+            && self
+                .store
+                .contact_by_id(&item.contact_id)
+                .await?
+                .is_some_and(|c| c.erased)
+        {
+            run.scrub = true;
+        }
+        Ok(())
+    }
+
+    /// Deliver one batch of campaigns subscribes or removals of one list: each row checked
+    /// as on its own (a subscribe only while still confirmed), one connector call for the
+    /// rest, and each row finished by its own result.
+    async fn deliver_batch(&self, kind: BatchKind, items: &[OutboxItem]) -> Vec<Finish> {
+        let done = |note: &str| Finish::Done {
+            event: None,
+            note: Some(note.to_owned()),
+        };
+        let mut finishes: Vec<Option<Finish>> = vec![None; items.len()];
+        let Some(list) = items.first().and_then(|i| self.list(&i.list_id)) else {
+            let error = format!(
+                "list `{}` is no longer configured",
+                items.first().map_or("", |i| i.list_id.as_str())
+            );
+            return vec![Finish::Dead { error }; items.len()];
+        };
+        let mut subscribers = Vec::new();
+        let mut removals = Vec::new();
+        let mut sent = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let prepared = match kind {
+                BatchKind::Subscribe => self.subscriber_for(item, list).await.map(|s| {
+                    s.map(|s| subscribers.push(Keyed::new(item.idempotency_key.clone(), s)))
+                }),
+                BatchKind::Remove => self
+                    .removal_for(item)
+                    .await
+                    .map(|e| e.map(|e| removals.push(Keyed::new(item.idempotency_key.clone(), e)))),
+            };
+            match prepared {
+                Ok(Ok(())) => sent.push(i),
+                Ok(Err(finish)) => finishes[i] = Some(finish),
+                Err(e) => {
+                    finishes[i] = Some(self.failure(item, ConnectorError::transient(e.to_string())))
+                }
+            }
+        }
+        if !sent.is_empty() {
+            metrics::histogram!("optinsync_outbox_batch_items", "kind" => kind.as_str())
+                .record(sent.len() as f64);
+            let campaigns = &self.connectors.campaigns;
+            let answer = match kind {
+                BatchKind::Subscribe => {
+                    campaigns
+                        .subscribe(list.campaigns_list(), &subscribers)
+                        .await
+                }
+                BatchKind::Remove => campaigns.remove(list.campaigns_list(), &removals).await,
+            };
+            let results = per_item(sent.len(), answer);
+            // The circuit hears one verdict per call: alive if any item went through.
+            let verdict = match results.iter().find(|r| r.is_ok()) {
+                Some(_) => Ok(()),
+                None => results.first().cloned().unwrap_or(Ok(())),
+            };
+            self.observe(ConnectorRole::Campaigns, &verdict);
+            for (i, result) in sent.into_iter().zip(results) {
+                finishes[i] = Some(match result {
+                    Ok(()) => Finish::Done {
+                        event: None,
+                        note: None,
+                    },
+                    Err(e) => self.failure(&items[i], e),
+                });
+            }
+        }
+        finishes
+            .into_iter()
+            .map(|f| f.unwrap_or_else(|| done("skipped")))
+            .collect()
+    }
+
+    /// The subscriber a subscribe row puts on the list, or how the row ends without a call.
+    async fn subscriber_for(
+        &self,
+        item: &OutboxItem,
+        list: &crate::config::ListConfig,
+    ) -> EngineResult<Result<Subscriber, Finish>> {
+        let Some(contact) = self.store.contact_by_id(&item.contact_id).await? else {
+            return Ok(Err(skipped("skipped: contact no longer exists")));
+        };
+        // Invariant "only a confirmation subscribes", checked again at delivery: the
+        // consent may have changed since.
+        let consent = self.store.consent(&contact.id, &list.id).await?;
+        if !consent.is_some_and(|c| c.state.on_list()) {
+            return Ok(Err(skipped("skipped: no longer confirmed")));
+        }
+        Ok(Ok(Subscriber {
+            email: contact.email,
+            language: contact.language,
+            fields: contact.fields,
+        }))
+    }
+
+    /// The address a removal row takes off the list (carried by the row when the contact was
+    /// erased since), or how the row ends without a call.
+    async fn removal_for(&self, item: &OutboxItem) -> EngineResult<Result<String, Finish>> {
+        let carried = match &item.work {
+            StoredWork::Known(OutboxWork::CampaignsRemove { email }) => email.clone(),
+            _ => None,
+        };
+        let email = match carried {
+            Some(email) => Some(email),
+            None => self
+                .store
+                .contact_by_id(&item.contact_id)
+                .await?
+                .map(|c| c.email),
+        };
+        Ok(email.ok_or_else(|| Finish::Dead {
+            error: "removal without an address".into(),
+        }))
     }
 
     /// Deliver until nothing is due (used by `sync --once`).
@@ -230,25 +364,13 @@ impl Engine {
                 };
                 return self.deliver_mail(item, &contact, list, token, *mail).await;
             }
+            // Batched in `deliver_due`; one row at a time only when called directly.
             OutboxWork::CampaignsSubscribe {} => {
-                let Some(contact) = contact else {
-                    return Ok(done("skipped: contact no longer exists"));
-                };
-                // Invariant "only a confirmation subscribes", checked again at delivery: the
-                // consent may have changed since.
-                let consent = self.store.consent(&contact.id, &list.id).await?;
-                if !consent.is_some_and(|c| c.state.on_list()) {
-                    return Ok(done("skipped: no longer confirmed"));
-                }
-                let sub = Subscriber {
-                    email: contact.email.clone(),
-                    language: contact.language.clone(),
-                    fields: contact.fields.clone(),
-                };
-                self.connectors
-                    .campaigns
-                    .subscribe(list.campaigns_list(), &[sub])
+                return Ok(self
+                    .deliver_batch(BatchKind::Subscribe, std::slice::from_ref(item))
                     .await
+                    .pop()
+                    .unwrap_or(done("skipped")));
             }
             OutboxWork::CampaignsRequestDoi { token } => {
                 let Some(contact) = contact else {
@@ -269,20 +391,18 @@ impl Engine {
                 };
                 self.connectors
                     .campaigns
-                    .request_doi(list.campaigns_list(), &sub)
+                    .request_doi(
+                        list.campaigns_list(),
+                        &Keyed::new(item.idempotency_key.clone(), sub),
+                    )
                     .await
             }
-            OutboxWork::CampaignsRemove { email } => {
-                let email = email.clone().or(contact.map(|c| c.email));
-                let Some(email) = email else {
-                    return Ok(Finish::Dead {
-                        error: "removal without an address".into(),
-                    });
-                };
-                self.connectors
-                    .campaigns
-                    .remove(list.campaigns_list(), &[email])
+            OutboxWork::CampaignsRemove { .. } => {
+                return Ok(self
+                    .deliver_batch(BatchKind::Remove, std::slice::from_ref(item))
                     .await
+                    .pop()
+                    .unwrap_or(done("skipped")));
             }
             OutboxWork::CrmWriteBack {
                 state,
@@ -310,15 +430,14 @@ impl Engine {
                     .clone()
                     .unwrap_or_else(|| contact.crm_records.clone());
                 let wb = ConsentWriteBack {
+                    key: item.idempotency_key.clone(),
                     records,
                     email: carried_email
                         .clone()
                         .unwrap_or_else(|| contact.email.clone()),
                     list: list.id.clone(),
-                    state: state
-                        .map(ConsentState::as_str)
-                        .unwrap_or_default()
-                        .to_owned(),
+                    // Rows queued before the payload named the state carry none.
+                    state: state.unwrap_or(ConsentState::None),
                     opt_out: *opt_out,
                     at: Utc::now(),
                     ledger_seq: item.event_seq.unwrap_or(0),
@@ -420,6 +539,116 @@ impl Engine {
             Err(e) => Ok(self.failure(item, e)),
         }
     }
+}
+
+fn skipped(note: &str) -> Finish {
+    Finish::Done {
+        event: None,
+        note: Some(note.to_owned()),
+    }
+}
+
+/// The state of one `deliver_due` pass while its rows are finished.
+struct Finishing<'a> {
+    worker: &'a str,
+    stats: DeliverStats,
+    /// An erased contact's last address copy was finished: scrub the store's files after.
+    scrub: bool,
+}
+
+/// Outbox work the campaigns connector takes in batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BatchKind {
+    Subscribe,
+    Remove,
+}
+
+impl BatchKind {
+    fn of(item: &OutboxItem) -> Option<Self> {
+        match item.work.known()? {
+            OutboxWork::CampaignsSubscribe {} => Some(Self::Subscribe),
+            OutboxWork::CampaignsRemove { .. } => Some(Self::Remove),
+            _ => None,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Subscribe => "campaigns_subscribe",
+            Self::Remove => "campaigns_remove",
+        }
+    }
+}
+
+/// What one connector call delivers: a row, or a batch of rows of one kind and list.
+#[derive(Debug)]
+enum Unit {
+    One(OutboxItem),
+    Batch {
+        kind: BatchKind,
+        items: Vec<OutboxItem>,
+    },
+}
+
+impl Unit {
+    fn connector(&self) -> Option<ConnectorRole> {
+        match self {
+            Unit::One(item) => item.work.known().map(OutboxWork::connector),
+            Unit::Batch { .. } => Some(ConnectorRole::Campaigns),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Unit::One(_) => 1,
+            Unit::Batch { items, .. } => items.len(),
+        }
+    }
+
+    fn into_items(self) -> Vec<OutboxItem> {
+        match self {
+            Unit::One(item) => vec![item],
+            Unit::Batch { items, .. } => items,
+        }
+    }
+}
+
+/// Group claimed rows into delivery units: subscribes and removals by (kind, list) up to
+/// `max_batch` rows each, placed where their first row was claimed, so legal-deadline rows
+/// (claimed first) still go first.
+fn units(items: Vec<OutboxItem>, max_batch: usize) -> Vec<Unit> {
+    let max_batch = max_batch.max(1);
+    let mut units: Vec<Unit> = Vec::new();
+    let mut open: Vec<(BatchKind, String, usize)> = Vec::new();
+    for item in items {
+        let Some(kind) = BatchKind::of(&item) else {
+            units.push(Unit::One(item));
+            continue;
+        };
+        let slot = open
+            .iter()
+            .find(|(k, l, u)| {
+                *k == kind
+                    && *l == item.list_id
+                    && matches!(&units[*u], Unit::Batch { items, .. } if items.len() < max_batch)
+            })
+            .map(|(_, _, u)| *u);
+        match slot {
+            Some(u) => {
+                if let Unit::Batch { items, .. } = &mut units[u] {
+                    items.push(item);
+                }
+            }
+            None => {
+                open.push((kind, item.list_id.clone(), units.len()));
+                units.push(Unit::Batch {
+                    kind,
+                    items: vec![item],
+                });
+            }
+        }
+    }
+    units
 }
 
 /// Whether a row carries an address of its own (a removal, an erasure's write-back): once

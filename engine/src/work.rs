@@ -13,33 +13,9 @@ use optinsync_plugin_api::RecordRef;
 
 use crate::consent::{ConsentState, MailKind};
 
-/// The connectors outbox work is delivered through; each has its own circuit breaker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ConnectorRole {
-    Crm,
-    Campaigns,
-    Mail,
-}
-
-impl ConnectorRole {
-    pub const ALL: [ConnectorRole; 3] = [Self::Crm, Self::Campaigns, Self::Mail];
-
-    /// The name in metrics, logs and `/readyz`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Crm => "crm",
-            Self::Campaigns => "campaigns",
-            Self::Mail => "mail",
-        }
-    }
-}
-
-impl std::fmt::Display for ConnectorRole {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// The connectors outbox work is delivered through; each has its own circuit breaker. The
+/// plugin API's role: one connector per role.
+pub use optinsync_plugin_api::Role as ConnectorRole;
 
 /// The mail kind of rows written before the payload named it.
 fn doi() -> MailKind {

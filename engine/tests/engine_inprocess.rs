@@ -115,7 +115,12 @@ async fn apply_retries_a_conflicting_commit_and_builds_on_the_concurrent_change(
         }],
         "subscribed once"
     );
-    let states: Vec<String> = h.crm.write_backs().into_iter().map(|w| w.state).collect();
+    let states: Vec<String> = h
+        .crm
+        .write_backs()
+        .into_iter()
+        .map(|w| w.state.to_string())
+        .collect();
     assert_eq!(states, ["confirmed"]);
 }
 
@@ -406,7 +411,7 @@ async fn a_write_back_waiting_to_retry_is_superseded_by_a_newer_change() {
         .crm
         .write_backs()
         .into_iter()
-        .map(|w| (w.state, w.opt_out))
+        .map(|w| (w.state.to_string(), w.opt_out))
         .collect();
     assert_eq!(states, [("withdrawn".to_owned(), true)]);
     assert_eq!((stats.dead, stats.retried), (0, 0));
@@ -543,7 +548,7 @@ doi = "campaigns"
         .crm
         .write_backs()
         .into_iter()
-        .map(|w| (w.list, w.state))
+        .map(|w| (w.list, w.state.to_string()))
         .collect();
     assert_eq!(write_backs, [("events".to_owned(), "confirmed".to_owned())]);
 }

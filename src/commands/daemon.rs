@@ -290,15 +290,15 @@ fn spawn_delivery(engine: &Arc<Engine>, worker: &str, stop: &Stop) -> tokio::tas
 /// among those sharing the database, under its own lease (`jobs`). Like deliveries, a job is
 /// never cancelled half-way.
 async fn run_jobs(engine: &Engine, worker: &str, stop: &Stop, pass_now: &tokio::sync::Notify) {
-    let poll = engine.settings().sync.poll_interval.0;
     let mut jobs = crate::jobs::Jobs::default();
     let mut rx = stop.rx.clone();
+    let mut all = true;
     while !stop.requested() {
-        jobs.run_due(engine, worker).await;
+        let next = jobs.run_due(engine, worker, all).await;
         tokio::select! {
-            _ = tokio::time::sleep(poll) => {}
+            _ = tokio::time::sleep(next) => all = false,
             // New rules: decide again now rather than at the next interval.
-            _ = pass_now.notified() => {}
+            _ = pass_now.notified() => all = true,
             _ = rx.wait_for(|s| *s) => {}
         }
     }

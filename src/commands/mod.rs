@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use optinsync_engine::config::LoadedConfig;
+use optinsync_engine::connectors::{self, SharedServices};
 use optinsync_engine::email;
-use optinsync_engine::engine::{Engine, StoreReads};
+use optinsync_engine::engine::{Engine, StoreReads, saved_connector_state};
 use optinsync_engine::rules::RuleSet;
 use optinsync_engine::store::{self, Store};
 
@@ -46,18 +47,30 @@ pub(crate) async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
     // which keeps them in memory.
     let quota = optinsync_engine::quota::SharedQuota::new();
     let shared = !config.config.store.url.starts_with("sqlite://");
-    let connectors = registry::build(
-        &config,
-        shared.then(|| {
-            (
-                Arc::clone(&quota) as Arc<dyn optinsync_plugin_api::QuotaLedger>,
-                Arc::clone(&quota) as Arc<dyn optinsync_plugin_api::SharedMarks>,
-            )
-        }),
-    )
-    .map_err(|e| Failure::Config(e.into()))?;
+    let services = if shared {
+        SharedServices {
+            quota: Some(Arc::clone(&quota) as Arc<dyn optinsync_plugin_api::QuotaLedger>),
+            marks: Some(Arc::clone(&quota) as Arc<dyn optinsync_plugin_api::SharedMarks>),
+        }
+    } else {
+        SharedServices::default()
+    };
     let store = open_store(&config).await?;
     quota.attach(Arc::clone(&store));
+    // What each connector exported before the last stop (quota budgets survive restarts: a
+    // restart must not reset a vendor's rate limits).
+    let mut states = std::collections::HashMap::new();
+    for role in optinsync_plugin_api::Role::ALL {
+        let state = saved_connector_state(store.as_ref(), role)
+            .await
+            .context("reading saved connector state")?;
+        states.insert(role, state);
+    }
+    let connectors = connectors::build(&config, &registry::factories(), &services, |role| {
+        states.remove(&role).flatten()
+    })
+    .await
+    .map_err(|e| Failure::Config(e.into()))?;
     let engine = Arc::new(Engine::new(Arc::new(config), store, connectors, rules));
     // A key that signed mailed (never-expiring) unsubscribe links must stay configured.
     use optinsync_engine::signing_keys::SigningKeysError;
@@ -72,11 +85,6 @@ pub(crate) async fn boot(path: &Path) -> Result<Arc<Engine>, Failure> {
             ));
         }
     }
-    // Quota budgets survive restarts: a restart must not reset a vendor's rate limits.
-    engine
-        .restore_connector_state()
-        .await
-        .context("restoring connector state")?;
     engine
         .canonicalise_stored_addresses()
         .await

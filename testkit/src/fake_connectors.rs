@@ -13,10 +13,10 @@ use std::sync::{Mutex, MutexGuard};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
-    CampaignsConnector, ChangePage, ConnectorError, ConnectorResult, ConsentWriteBack,
-    CrmConnector, CrmRecord, Cursor, Engagement, Health, MailTransport, MemberPage,
+    BatchResult, CampaignsConnector, ChangePage, Connector, ConnectorError, ConnectorResult,
+    ConsentWriteBack, CrmConnector, CrmRecord, Cursor, Health, Keyed, MailTransport, MemberPage,
     OutgoingMessage, RecordRef, SentMessage, StatusEvent, StatusKind, StatusPage, Subscriber,
-    WebhookEvent,
+    WebhookEvent, WebhookRequest, all_items,
 };
 
 /// Lock a mutex, ignoring poisoning (a panicking test thread must not hide later assertions).
@@ -103,6 +103,35 @@ impl FakeCrm {
 }
 
 #[async_trait]
+impl Connector for FakeCrm {
+    async fn health(&self) -> ConnectorResult<Health> {
+        healthy()
+    }
+
+    fn accepts_webhooks(&self) -> bool {
+        true
+    }
+
+    /// The body is a JSON array of `Module/id` strings.
+    async fn webhook(&self, request: &WebhookRequest) -> ConnectorResult<WebhookEvent> {
+        let ids: Vec<String> =
+            serde_json::from_str(&request.body).map_err(|e| ConnectorError::InvalidInput {
+                message: e.to_string(),
+            })?;
+        let refs = ids
+            .iter()
+            .map(|s| {
+                s.parse::<RecordRef>()
+                    .map_err(|e| ConnectorError::InvalidInput {
+                        message: e.to_string(),
+                    })
+            })
+            .collect::<ConnectorResult<Vec<_>>>()?;
+        Ok(WebhookEvent::Changed { records: refs })
+    }
+}
+
+#[async_trait]
 impl CrmConnector for FakeCrm {
     async fn changes(&self, cursor: Option<&Cursor>, limit: usize) -> ConnectorResult<ChangePage> {
         let start = position(cursor)?;
@@ -132,28 +161,6 @@ impl CrmConnector for FakeCrm {
             .cloned())
     }
 
-    /// The body is a JSON array of `Module/id` strings.
-    fn parse_webhook(
-        &self,
-        _headers: &[(String, String)],
-        body: &[u8],
-    ) -> ConnectorResult<WebhookEvent> {
-        let ids: Vec<String> =
-            serde_json::from_slice(body).map_err(|e| ConnectorError::InvalidInput {
-                message: e.to_string(),
-            })?;
-        let refs = ids
-            .iter()
-            .map(|s| {
-                s.parse::<RecordRef>()
-                    .map_err(|e| ConnectorError::InvalidInput {
-                        message: e.to_string(),
-                    })
-            })
-            .collect::<ConnectorResult<Vec<_>>>()?;
-        Ok(WebhookEvent::Changed(refs))
-    }
-
     async fn write_back(&self, consent: &ConsentWriteBack) -> ConnectorResult<()> {
         let mut state = lock(&self.state);
         if let Some(e) = state.write_back_failures.pop_front() {
@@ -161,10 +168,6 @@ impl CrmConnector for FakeCrm {
         }
         state.write_backs.push(consent.clone());
         Ok(())
-    }
-
-    async fn health(&self) -> ConnectorResult<Health> {
-        healthy()
     }
 }
 
@@ -191,6 +194,8 @@ struct CampaignsState {
     status: HashMap<String, Vec<StatusEvent>>,
     members: HashMap<String, Vec<Subscriber>>,
     failures: VecDeque<ConnectorError>,
+    /// Items one subscribe or removal takes (0 = the API's default of 1).
+    max_batch: usize,
 }
 
 /// A campaigns tool: records subscribes, removals and DOI requests; serves the status events
@@ -203,6 +208,12 @@ pub struct FakeCampaigns {
 impl FakeCampaigns {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Take up to `n` items per subscribe or removal call (default 1).
+    pub fn with_max_batch(self, n: usize) -> Self {
+        lock(&self.state).max_batch = n;
+        self
     }
 
     /// Every subscribe, removal and DOI request, in order.
@@ -253,19 +264,33 @@ impl FakeCampaigns {
 }
 
 #[async_trait]
+impl Connector for FakeCampaigns {
+    async fn health(&self) -> ConnectorResult<Health> {
+        healthy()
+    }
+}
+
+#[async_trait]
 impl CampaignsConnector for FakeCampaigns {
-    async fn subscribe(&self, list: &str, subscribers: &[Subscriber]) -> ConnectorResult<()> {
-        self.record(CampaignsCall::Subscribe {
-            list: list.to_owned(),
-            subscribers: subscribers.to_vec(),
-        })
+    fn max_batch(&self) -> usize {
+        lock(&self.state).max_batch.max(1)
     }
 
-    async fn remove(&self, list: &str, emails: &[String]) -> ConnectorResult<()> {
-        self.record(CampaignsCall::Remove {
+    /// Recorded as one call; a queued failure fails the whole call (every item).
+    async fn subscribe(&self, list: &str, items: &[Keyed<Subscriber>]) -> BatchResult {
+        let outcome = self.record(CampaignsCall::Subscribe {
             list: list.to_owned(),
-            emails: emails.to_vec(),
-        })
+            subscribers: items.iter().map(|k| k.item.clone()).collect(),
+        });
+        all_items(items.len(), outcome)
+    }
+
+    async fn remove(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {
+        let outcome = self.record(CampaignsCall::Remove {
+            list: list.to_owned(),
+            emails: items.iter().map(|k| k.item.clone()).collect(),
+        });
+        all_items(items.len(), outcome)
     }
 
     async fn status_events(
@@ -281,22 +306,10 @@ impl CampaignsConnector for FakeCampaigns {
         })
     }
 
-    async fn engagement(
-        &self,
-        _list: &str,
-        _emails: &[String],
-    ) -> ConnectorResult<Vec<Engagement>> {
-        Ok(vec![])
-    }
-
-    async fn health(&self) -> ConnectorResult<Health> {
-        healthy()
-    }
-
-    async fn request_doi(&self, list: &str, subscriber: &Subscriber) -> ConnectorResult<()> {
+    async fn request_doi(&self, list: &str, subscriber: &Keyed<Subscriber>) -> ConnectorResult<()> {
         self.record(CampaignsCall::RequestDoi {
             list: list.to_owned(),
-            subscriber: subscriber.clone(),
+            subscriber: subscriber.item.clone(),
         })
     }
 
@@ -361,6 +374,13 @@ impl FakeMail {
 }
 
 #[async_trait]
+impl Connector for FakeMail {
+    async fn health(&self) -> ConnectorResult<Health> {
+        healthy()
+    }
+}
+
+#[async_trait]
 impl MailTransport for FakeMail {
     async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage> {
         let mut state = lock(&self.state);
@@ -378,10 +398,6 @@ impl MailTransport for FakeMail {
             message_id: message.message_id.clone(),
             deduplicated,
         })
-    }
-
-    async fn health(&self) -> ConnectorResult<Health> {
-        healthy()
     }
 
     async fn forget(&self, idempotency_keys: &[String]) -> ConnectorResult<u64> {

@@ -17,6 +17,7 @@
 //! PostgreSQL refuses to run as root; when the tests run as root (as CI does), the server is
 //! started as the `postgres` user through `runuser`, with its directory owned by that user.
 
+pub mod calls;
 pub mod fake_connectors;
 pub mod faults;
 pub mod harness;

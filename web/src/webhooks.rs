@@ -1,13 +1,18 @@
-//! `POST /webhooks/{connector}`: change notifications from outside systems.
+//! `GET`/`POST /webhooks/{connector}`: change notifications from outside systems.
 //!
-//! The connector verifies the call ([`optinsync_plugin_api::CrmConnector::parse_webhook`],
+//! The connector verifies the call ([`optinsync_plugin_api::Connector::webhook`],
 //! e.g. Zoho's echoed channel token or the CSV connector's optional `X-Webhook-Secret`
 //! header, compared in constant time) and names the records that
 //! changed; each is fetched, ingested like a polled change and decided at once, so a CRM edit
 //! leads to its DOI mail within a second instead of at the next poll. Polling stays the source
 //! of truth: a lost callback only delays a change.
 //!
-//! * Only `crm` is a webhook connector today; any other name is 404.
+//! * `GET` and `POST /webhooks/{name}`, `name` being the connector's (its role: `crm`,
+//!   `campaigns`, `mail`); a connector that takes no webhooks is 404. The connector sees the
+//!   whole call ([`optinsync_plugin_api::WebhookRequest`]: method, path, raw query, headers,
+//!   body, client address), so a vendor's signature over any of them can be checked.
+//! * A CRM connector names records to fetch; a campaigns connector hands status events
+//!   (unsubscribes, bounces) that are applied like polled ones.
 //! * A forged or malformed call (`InvalidInput`) gets 400 and changes nothing.
 //! * Bodies are limited to [`MAX_BODY`]; each client (IPv4 address or IPv6 /64) to
 //!   `server.webhook_rate_limit_per_minute` calls, then `429` with `Retry-After`.
@@ -19,14 +24,14 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::get;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
-use optinsync_plugin_api::{ConnectorError, WebhookEvent};
+use optinsync_engine::work::ConnectorRole;
+use optinsync_plugin_api::{Connector, ConnectorError, HttpMethod, WebhookEvent, WebhookRequest};
 
 use crate::links::{rate_key, request_client};
 use optinsync_engine::engine::Engine;
@@ -50,7 +55,7 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
             .collect(),
     });
     Router::new()
-        .route("/webhooks/{connector}", post(webhook))
+        .route("/webhooks/{connector}", get(webhook).post(webhook))
         .route_layer(middleware::from_fn_with_state(limit, rate_limit))
         .layer(DefaultBodyLimit::max(MAX_BODY))
 }
@@ -81,22 +86,68 @@ fn text(status: StatusCode, body: &'static str) -> Response {
     (status, body).into_response()
 }
 
+/// The connector a webhook path names, if it takes webhooks.
+fn webhook_connector(engine: &Engine, name: &str) -> Option<(ConnectorRole, Arc<dyn Connector>)> {
+    let c = engine.connectors();
+    let (role, connector): (ConnectorRole, Arc<dyn Connector>) = match name {
+        "crm" => (ConnectorRole::Crm, c.crm.clone()),
+        "campaigns" => (ConnectorRole::Campaigns, c.campaigns.clone()),
+        "mail" => (ConnectorRole::Mail, c.mail.clone()),
+        _ => return None,
+    };
+    connector.accepts_webhooks().then_some((role, connector))
+}
+
 async fn webhook(
     State(engine): State<Arc<Engine>>,
     Path(connector): Path<String>,
-    headers: HeaderMap,
-    body: Bytes,
+    req: Request,
 ) -> Response {
-    if connector != "crm" {
+    let Some((role, target)) = webhook_connector(&engine, &connector) else {
         return text(StatusCode::NOT_FOUND, "unknown webhook connector\n");
-    }
-    let headers: Vec<(String, String)> = headers
+    };
+    let method = match *req.method() {
+        Method::GET => HttpMethod::Get,
+        Method::POST => HttpMethod::Post,
+        _ => return text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n"),
+    };
+    let trusted: Vec<IpAddr> = engine
+        .settings()
+        .server
+        .trusted_proxies
         .iter()
-        .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        .map(|ip| ip.to_canonical())
         .collect();
-    let records = match engine.connectors().crm.parse_webhook(&headers, &body) {
+    let peer = request_client(&req, &trusted);
+    let (parts, body) = req.into_parts();
+    let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {
+        return text(StatusCode::PAYLOAD_TOO_LARGE, "webhook body too large\n");
+    };
+    let Ok(body) = String::from_utf8(body.to_vec()) else {
+        return text(StatusCode::BAD_REQUEST, "webhook body is not UTF-8\n");
+    };
+    let request = WebhookRequest {
+        method,
+        path: parts.uri.path().to_owned(),
+        query: parts.uri.query().unwrap_or_default().to_owned(),
+        headers: parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect(),
+        body,
+        peer: (!peer.is_unspecified()).then_some(peer),
+    };
+    let records = match target.webhook(&request).await {
         Ok(WebhookEvent::Ignored) => return text(StatusCode::OK, "ignored\n"),
-        Ok(WebhookEvent::Changed(records)) => records,
+        Ok(WebhookEvent::Changed { records }) if role == ConnectorRole::Crm => records,
+        Ok(WebhookEvent::Status { list, events }) if role == ConnectorRole::Campaigns => {
+            return status_events(&engine, &connector, &list, &events).await;
+        }
+        Ok(other) => {
+            tracing::error!(connector = %connector, event = ?other, "webhook: the connector answered with work its role cannot have; ignored");
+            return text(StatusCode::INTERNAL_SERVER_ERROR, "connector error\n");
+        }
         Err(ConnectorError::InvalidInput { message }) => {
             tracing::warn!(connector = %connector, reason = %Escaped(&message), "webhook refused");
             return text(StatusCode::BAD_REQUEST, "webhook refused\n");
@@ -145,5 +196,35 @@ async fn webhook(
         )
     } else {
         text(StatusCode::OK, "ok\n")
+    }
+}
+
+/// A campaigns webhook's status events, applied like polled ones.
+async fn status_events(
+    engine: &Engine,
+    connector: &str,
+    list: &str,
+    events: &[optinsync_plugin_api::StatusEvent],
+) -> Response {
+    if events.len() > MAX_IDS {
+        tracing::warn!(
+            count = events.len(),
+            "webhook names too many events; refused"
+        );
+        return text(StatusCode::PAYLOAD_TOO_LARGE, "too many events\n");
+    }
+    match engine.campaigns_webhook(list, events).await {
+        Ok(Some(changes)) => {
+            tracing::info!(connector = %connector, events = events.len(), changes, "webhook handled");
+            text(StatusCode::OK, "ok\n")
+        }
+        Ok(None) => {
+            tracing::warn!(connector = %connector, list = %Escaped(list), "webhook for a campaigns list no configured list maps to; ignored");
+            text(StatusCode::OK, "ignored\n")
+        }
+        Err(e) => {
+            tracing::error!(connector = %connector, error = %Escaped(&e), "webhook: applying the status events failed");
+            text(StatusCode::SERVICE_UNAVAILABLE, "try again later\n")
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use optinsync_plugin_api::SettingsError;
 use serde::Deserialize;
 
 mod check;
@@ -604,34 +605,48 @@ impl LoadedConfig {
     }
 
     /// Turn a connector's complaint about its settings into an error with the line of the
-    /// offending key, found in the `[connectors.NAME]` section of the source.
-    pub fn connector_error(&self, section: &str, message: &str) -> ConfigError {
-        let key = message
-            .split('`')
-            .nth(1)
-            .filter(|_| message.contains("unknown field") || message.contains("invalid"))
-            .map(str::to_owned);
+    /// offending key ([`SettingsError::key`], dotted for nested tables), found in the
+    /// `[connectors.NAME]` section of the source or one of its sub-tables; the section's own
+    /// line when the key is not written there (a missing key).
+    pub fn connector_error(&self, section: &str, error: &SettingsError) -> ConfigError {
+        let message = format!("connectors.{section}: {error}");
+        let (table, leaf) = match error
+            .key
+            .as_deref()
+            .map(|k| k.rsplit_once('.').unwrap_or(("", k)))
+        {
+            Some((parent, leaf)) => (
+                if parent.is_empty() {
+                    format!("connectors.{section}")
+                } else {
+                    format!("connectors.{section}.{parent}")
+                },
+                Some(leaf),
+            ),
+            None => (format!("connectors.{section}"), None),
+        };
         let header = format!("[connectors.{section}]");
-        let mut in_section = false;
+        let wanted = format!("[{table}]");
+        let mut in_table = false;
         let mut section_line = 0;
         for (i, line) in self.source.lines().enumerate() {
             let t = line.trim();
             if t.starts_with('[') {
-                in_section = t == header;
-                if in_section {
+                in_table = t == wanted;
+                if t == header {
                     section_line = i + 1;
                 }
                 continue;
             }
-            if in_section
-                && let Some(k) = &key
-                && t.split('=').next().map(str::trim) == Some(k.as_str())
+            if in_table
+                && let Some(k) = leaf
+                && t.split('=').next().map(|k| k.trim().trim_matches('"')) == Some(k)
             {
                 return ConfigError::Parse {
                     path: self.path.clone(),
                     line: i + 1,
                     column: 1,
-                    message: format!("connectors.{section}: {message}"),
+                    message,
                 };
             }
         }
@@ -639,7 +654,7 @@ impl LoadedConfig {
             path: self.path.clone(),
             line: section_line,
             column: 1,
-            message: format!("connectors.{section}: {message}"),
+            message,
         }
     }
 }
@@ -909,7 +924,13 @@ reminder_after = "30s"
     fn connector_error_points_at_key_line() {
         let src = MINIMAL.replace("path = \"c.csv\"", "path = \"c.csv\"\npth = \"x\"");
         let c = LoadedConfig::from_str(&src, Path::new("c.toml")).expect("valid at this level");
-        let e = c.connector_error("crm", "unknown field `pth`, expected `path`");
+        let e = c.connector_error(
+            "crm",
+            &SettingsError {
+                key: Some("pth".into()),
+                message: "unknown field `pth`, expected `path`".into(),
+            },
+        );
         let line = src
             .lines()
             .position(|l| l.starts_with("pth"))

@@ -13,13 +13,13 @@ use lettre::message::header::{ContentTransferEncoding, ContentType};
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use optinsync_plugin_api::{
-    ConnectorError, ConnectorResult, Health, MailTransport, OutgoingMessage, SentMessage,
+    Connector, ConnectorError, ConnectorResult, Health, MailTransport, OutgoingMessage, SentMessage,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::Mutex;
 
-use crate::{ConfigError, fsutil, parse_settings};
+use crate::{SettingsError, fsutil, parse_settings};
 
 /// Settings of [`EmlDir`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,13 +44,13 @@ const MAX_STEM: usize = 200;
 
 impl EmlDir {
     /// Build from the connector's TOML table; a relative `dir` is resolved against `base_dir`.
-    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, ConfigError> {
+    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, SettingsError> {
         let config: EmlDirConfig = parse_settings(settings)?;
         Self::new(&config, base_dir)
     }
 
     /// Build from already-parsed settings; a relative `dir` is resolved against `base_dir`.
-    pub fn new(config: &EmlDirConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+    pub fn new(config: &EmlDirConfig, base_dir: &Path) -> Result<Self, SettingsError> {
         Ok(Self {
             dir: fsutil::resolve(base_dir, "dir", &config.dir)?,
             lock: Mutex::new(()),
@@ -65,6 +65,19 @@ impl EmlDir {
     /// Where the message with this idempotency key is (or would be) written.
     pub fn path_for(&self, idempotency_key: &str) -> PathBuf {
         self.dir.join(format!("{}.eml", file_stem(idempotency_key)))
+    }
+}
+
+#[async_trait]
+impl Connector for EmlDir {
+    async fn health(&self) -> ConnectorResult<Health> {
+        Ok(match fsutil::probe_writable_dir(&self.dir).await {
+            Ok(()) => Health {
+                ok: true,
+                detail: format!("{} is writable", self.dir.display()),
+            },
+            Err(detail) => Health { ok: false, detail },
+        })
     }
 }
 
@@ -112,16 +125,6 @@ impl MailTransport for EmlDir {
             }
         }
         Ok(deleted)
-    }
-
-    async fn health(&self) -> ConnectorResult<Health> {
-        Ok(match fsutil::probe_writable_dir(&self.dir).await {
-            Ok(()) => Health {
-                ok: true,
-                detail: format!("{} is writable", self.dir.display()),
-            },
-            Err(detail) => Health { ok: false, detail },
-        })
     }
 }
 

@@ -6,16 +6,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use optinsync_plugin_api::ConnectorError;
 
-use crate::ConfigError;
+use crate::SettingsError;
 
 /// Resolve a path setting: absolute paths are kept, relative ones are taken from `base_dir`
 /// (the configuration file's directory) so the daemon does not depend on its working directory.
-pub(crate) fn resolve(base_dir: &Path, setting: &str, value: &str) -> Result<PathBuf, ConfigError> {
+pub(crate) fn resolve(
+    base_dir: &Path,
+    setting: &str,
+    value: &str,
+) -> Result<PathBuf, SettingsError> {
     if value.trim().is_empty() {
-        return Err(ConfigError::Invalid {
-            setting: setting.to_owned(),
-            message: "must not be empty".to_owned(),
-        });
+        return Err(SettingsError::invalid(
+            setting.to_owned(),
+            "must not be empty".to_owned(),
+        ));
     }
     let path = Path::new(value);
     Ok(if path.is_absolute() {

@@ -29,13 +29,16 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use optinsync_plugin_api::{
-    CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, Health, MemberPage,
-    StatusEvent, StatusKind, StatusPage, Subscriber,
+    BatchResult, CampaignsConnector, Connector, ConnectorError, ConnectorResult, Cursor, Health,
+    Keyed, MemberPage, StatusEvent, StatusKind, StatusPage, Subscriber,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::{ConfigError, fsutil, json_error, parse_settings};
+use crate::{SettingsError, fsutil, json_error, parse_settings};
+
+/// Items per subscribe or removal call: one rewrite of the file each.
+const MAX_BATCH: usize = 100;
 
 /// Settings of [`JsonlList`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -124,13 +127,13 @@ fn address_key(email: &str) -> String {
 
 impl JsonlList {
     /// Build from the connector's TOML table; relative paths are resolved against `base_dir`.
-    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, ConfigError> {
+    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, SettingsError> {
         let config: JsonlListConfig = parse_settings(settings)?;
         Self::new(&config, base_dir)
     }
 
     /// Build from already-parsed settings; relative paths are resolved against `base_dir`.
-    pub fn new(config: &JsonlListConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+    pub fn new(config: &JsonlListConfig, base_dir: &Path) -> Result<Self, SettingsError> {
         Ok(Self {
             path: fsutil::resolve(base_dir, "path", &config.path)?,
             status_path: config
@@ -206,6 +209,30 @@ impl JsonlList {
 }
 
 #[async_trait]
+impl Connector for JsonlList {
+    async fn health(&self) -> ConnectorResult<Health> {
+        let dir = fsutil::parent_dir(&self.path);
+        if let Err(detail) = fsutil::probe_writable_dir(&dir).await {
+            return Ok(Health { ok: false, detail });
+        }
+        Ok(match self.load().await {
+            Ok(entries) => Health {
+                ok: true,
+                detail: format!(
+                    "{}: {} subscriptions",
+                    self.path.display(),
+                    entries.map_or(0, |e| e.len())
+                ),
+            },
+            Err(err) => Health {
+                ok: false,
+                detail: err.to_string(),
+            },
+        })
+    }
+}
+
+#[async_trait]
 impl CampaignsConnector for JsonlList {
     /// The whole list in one page: the local file is small.
     async fn list_members(
@@ -231,16 +258,30 @@ impl CampaignsConnector for JsonlList {
         })
     }
 
-    async fn subscribe(&self, list: &str, subscribers: &[Subscriber]) -> ConnectorResult<()> {
+    /// One file rewrite per batch; an item without an address fails alone.
+    fn max_batch(&self) -> usize {
+        MAX_BATCH
+    }
+
+    async fn subscribe(&self, list: &str, items: &[Keyed<Subscriber>]) -> BatchResult {
         check_list(list)?;
-        if let Some(index) = subscribers.iter().position(|s| s.email.trim().is_empty()) {
-            return Err(ConnectorError::permanent(format!(
-                "subscriber #{index} for list `{list}` has an empty email"
-            )));
-        }
+        let results: Vec<ConnectorResult<()>> = items
+            .iter()
+            .enumerate()
+            .map(|(index, s)| {
+                if s.item.email.trim().is_empty() {
+                    Err(ConnectorError::permanent(format!(
+                        "subscriber #{index} for list `{list}` has an empty email"
+                    )))
+                } else {
+                    Ok(())
+                }
+            })
+            .collect();
         let now = Utc::now().trunc_subsecs(0);
         self.modify(|entries| {
-            for subscriber in subscribers {
+            for (keyed, _) in items.iter().zip(&results).filter(|(_, r)| r.is_ok()) {
+                let subscriber = &keyed.item;
                 let key = entry_key(list, &subscriber.email);
                 // Keep the original subscription date: an update is not a new subscription.
                 let subscribed_at = entries.get(&key).map_or(now, |e| e.subscribed_at);
@@ -254,17 +295,19 @@ impl CampaignsConnector for JsonlList {
                 entries.insert(key, entry);
             }
         })
-        .await
+        .await?;
+        Ok(results)
     }
 
-    async fn remove(&self, list: &str, emails: &[String]) -> ConnectorResult<()> {
+    async fn remove(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {
         check_list(list)?;
         self.modify(|entries| {
-            for email in emails {
-                entries.remove(&entry_key(list, email));
+            for email in items {
+                entries.remove(&entry_key(list, &email.item));
             }
         })
-        .await
+        .await?;
+        Ok(vec![Ok(()); items.len()])
     }
 
     async fn status_events(
@@ -300,36 +343,6 @@ impl CampaignsConnector for JsonlList {
             events,
             next_cursor: Some(Cursor(consumed.to_string())),
             has_more: false,
-        })
-    }
-
-    /// The local list records no opens or clicks, so there is never engagement to report.
-    async fn engagement(
-        &self,
-        _list: &str,
-        _emails: &[String],
-    ) -> ConnectorResult<Vec<Engagement>> {
-        Ok(Vec::new())
-    }
-
-    async fn health(&self) -> ConnectorResult<Health> {
-        let dir = fsutil::parent_dir(&self.path);
-        if let Err(detail) = fsutil::probe_writable_dir(&dir).await {
-            return Ok(Health { ok: false, detail });
-        }
-        Ok(match self.load().await {
-            Ok(entries) => Health {
-                ok: true,
-                detail: format!(
-                    "{}: {} subscriptions",
-                    self.path.display(),
-                    entries.map_or(0, |e| e.len())
-                ),
-            },
-            Err(err) => Health {
-                ok: false,
-                detail: err.to_string(),
-            },
         })
     }
 }
@@ -434,6 +447,14 @@ mod tests {
 
     use super::*;
 
+    fn keyed<T: Clone>(items: &[T]) -> Vec<Keyed<T>> {
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Keyed::new(format!("k{i}"), t.clone()))
+            .collect()
+    }
+
     fn list(dir: &Path) -> JsonlList {
         let settings: toml::Table =
             toml::from_str("path = \"lists/subscribers.jsonl\"\nstatus_path = \"status.jsonl\"")
@@ -456,14 +477,14 @@ mod tests {
         // Written by a version that stored the CRM's punycode spelling.
         jl.subscribe(
             "newsletter",
-            &[sub("jos\u{e9}@xn--bcher-kva.example", None)],
+            &keyed(&[sub("jos\u{e9}@xn--bcher-kva.example", None)]),
         )
         .await
         .unwrap();
         // The contact is now spelled canonically: an update is the same entry ...
         jl.subscribe(
             "newsletter",
-            &[sub("jos\u{e9}@b\u{fc}cher.example", Some("es"))],
+            &keyed(&[sub("jos\u{e9}@b\u{fc}cher.example", Some("es"))]),
         )
         .await
         .unwrap();
@@ -471,7 +492,7 @@ mod tests {
         // ... and a removal in any spelling (NFD here) takes it off.
         jl.remove(
             "newsletter",
-            &["JOSE\u{301}@BU\u{308}CHER.example".to_owned()],
+            &keyed(&["JOSE\u{301}@BU\u{308}CHER.example".to_owned()]),
         )
         .await
         .unwrap();
@@ -499,7 +520,7 @@ mod tests {
         };
         let default = list(dir.path());
         default
-            .subscribe("newsletter", std::slice::from_ref(&crm_columns))
+            .subscribe("newsletter", &keyed(std::slice::from_ref(&crm_columns)))
             .await
             .unwrap();
         let entry: Entry = serde_json::from_str(read(dir.path()).trim()).unwrap();
@@ -518,7 +539,7 @@ mod tests {
         .unwrap();
         let mapped = JsonlList::from_config(settings, dir.path()).unwrap();
         mapped
-            .subscribe("newsletter", &[crm_columns])
+            .subscribe("newsletter", &keyed(&[crm_columns]))
             .await
             .unwrap();
         let text = std::fs::read_to_string(dir.path().join("mapped.jsonl")).unwrap();
@@ -545,10 +566,10 @@ mod tests {
             sub("zed@example.com", None),
             sub("ann@example.com", Some("en")),
         ];
-        jl.subscribe("newsletter", &subs).await.unwrap();
-        jl.subscribe("alerts", &subs[..1]).await.unwrap();
+        jl.subscribe("newsletter", &keyed(&subs)).await.unwrap();
+        jl.subscribe("alerts", &keyed(&subs[..1])).await.unwrap();
         let first = read(dir.path());
-        jl.subscribe("newsletter", &subs).await.unwrap();
+        jl.subscribe("newsletter", &keyed(&subs)).await.unwrap();
         assert_eq!(read(dir.path()), first);
 
         let lines: Vec<Entry> = first
@@ -573,7 +594,7 @@ mod tests {
         );
 
         // An update changes the data but keeps the original subscription date.
-        jl.subscribe("newsletter", &[sub("ANN@example.com", Some("es"))])
+        jl.subscribe("newsletter", &keyed(&[sub("ANN@example.com", Some("es"))]))
             .await
             .unwrap();
         let updated: Vec<Entry> = read(dir.path())
@@ -598,21 +619,21 @@ mod tests {
         let jl = list(dir.path());
         jl.subscribe(
             "newsletter",
-            &[sub("ann@example.com", None), sub("bob@example.com", None)],
+            &keyed(&[sub("ann@example.com", None), sub("bob@example.com", None)]),
         )
         .await
         .unwrap();
         jl.remove(
             "newsletter",
-            &[
+            &keyed(&[
                 "ann@example.com".to_owned(),
                 "absent@example.com".to_owned(),
-            ],
+            ]),
         )
         .await
         .unwrap();
         let once = read(dir.path());
-        jl.remove("newsletter", &["ann@example.com".to_owned()])
+        jl.remove("newsletter", &keyed(&["ann@example.com".to_owned()]))
             .await
             .unwrap();
         assert_eq!(read(dir.path()), once);
@@ -620,7 +641,7 @@ mod tests {
         // Removing from a list that never existed does not create the file.
         let other = tempfile::tempdir().unwrap();
         list(other.path())
-            .remove("newsletter", &["x@example.com".to_owned()])
+            .remove("newsletter", &keyed(&["x@example.com".to_owned()]))
             .await
             .unwrap();
         assert!(!other.path().join("lists/subscribers.jsonl").exists());
@@ -630,7 +651,7 @@ mod tests {
     async fn malformed_subscriber_file_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
         let jl = list(dir.path());
-        jl.subscribe("newsletter", &[sub("ann@example.com", None)])
+        jl.subscribe("newsletter", &keyed(&[sub("ann@example.com", None)]))
             .await
             .unwrap();
         let path = dir.path().join("lists/subscribers.jsonl");
@@ -638,7 +659,7 @@ mod tests {
         text.push_str("{broken\n");
         std::fs::write(&path, &text).unwrap();
         let err = jl
-            .subscribe("newsletter", &[sub("bob@example.com", None)])
+            .subscribe("newsletter", &keyed(&[sub("bob@example.com", None)]))
             .await
             .unwrap_err();
         assert!(matches!(err, ConnectorError::Permanent { .. }), "{err:?}");
@@ -724,16 +745,32 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn engagement_is_empty_and_health_ok() {
+    async fn health_ok_and_batches_of_a_hundred() {
         let dir = tempfile::tempdir().unwrap();
         let jl = list(dir.path());
-        assert!(
-            jl.engagement("newsletter", &["a@example.com".to_owned()])
-                .await
-                .unwrap()
-                .is_empty()
-        );
         assert!(jl.health().await.unwrap().ok);
+        assert_eq!(jl.max_batch(), MAX_BATCH);
+    }
+
+    #[tokio::test]
+    async fn an_item_without_an_address_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let jl = list(dir.path());
+        let results = jl
+            .subscribe(
+                "newsletter",
+                &keyed(&[
+                    sub("ann@example.com", None),
+                    sub("  ", None),
+                    sub("bob@example.com", None),
+                ]),
+            )
+            .await
+            .unwrap();
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(matches!(results[1], Err(ConnectorError::Permanent { .. })));
+        let members = jl.list_members("newsletter", None).await.unwrap().members;
+        assert_eq!(members.len(), 2);
     }
 
     #[tokio::test]

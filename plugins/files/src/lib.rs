@@ -13,34 +13,28 @@
 //! * [`EmlDir`] — a folder of RFC 5322 `.eml` files plays the mail transport
 //!   ([`optinsync_plugin_api::MailTransport`]); open them with any mail client.
 //!
-//! Every connector is built with `from_config(settings, base_dir)`, where `settings` is the
-//! connector's TOML table and relative paths are resolved against `base_dir` (the directory
-//! of the configuration file). Unknown keys are rejected so typos do not pass silently.
+//! The daemon builds them through [`factories`] (kinds `csv`, `jsonl`, `eml`); tests and tools
+//! may use `from_config(settings, base_dir)`, where `settings` is the connector's TOML table.
+//! Relative paths are resolved against `base_dir` (the directory of the configuration file).
+//! Unknown keys are rejected so typos do not pass silently.
 
 mod csv_crm;
 mod eml_dir;
+mod factories;
 mod fsutil;
 mod jsonl_list;
 
 pub use csv_crm::{CsvCrm, CsvCrmConfig, WEBHOOK_SECRET_HEADER, WebhookSecret};
 pub use eml_dir::{EmlDir, EmlDirConfig};
+pub use factories::factories;
 pub use jsonl_list::{JsonlList, JsonlListConfig};
+use optinsync_plugin_api::SettingsError;
 
-/// A connector's settings could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The TOML table does not match the connector's settings (unknown key, wrong type,
-    /// missing required key). The message is serde's, so it names the offending key.
-    #[error("{0}")]
-    Settings(#[from] toml::de::Error),
-    /// A setting has an acceptable type but an unusable value.
-    #[error("setting `{setting}`: {message}")]
-    Invalid { setting: String, message: String },
-}
-
-/// Deserialize a connector's settings table, keeping serde's message on failure.
-fn parse_settings<T: serde::de::DeserializeOwned>(settings: toml::Table) -> Result<T, ConfigError> {
-    Ok(toml::Value::Table(settings).try_into()?)
+/// Deserialize a connector's settings table; the error names the key.
+fn parse_settings<T: serde::de::DeserializeOwned>(
+    settings: toml::Table,
+) -> Result<T, SettingsError> {
+    optinsync_plugin_api::Settings::from_serialize(&settings)?.parse()
 }
 
 /// What is wrong with a JSON text, without quoting any of it (serde's messages quote the

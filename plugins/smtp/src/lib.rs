@@ -35,7 +35,8 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::TlsParameters;
 use lettre::transport::smtp::extension::ClientId;
 use optinsync_plugin_api::{
-    ConnectorError, ConnectorResult, Health, Limits, MailTransport, OutgoingMessage, SentMessage,
+    ConnectorError, ConnectorResult, Health, MailTransport, OutgoingMessage, SentMessage,
+    SettingsError,
 };
 use serde::Deserialize;
 
@@ -59,22 +60,8 @@ pub const DKIM_SIGNED_HEADERS: &[&str] = &[
     "List-Unsubscribe-Post",
 ];
 
-/// A connector's settings could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The TOML table does not match [`SmtpConfig`]; serde's message names the key.
-    #[error("{0}")]
-    Settings(#[from] toml::de::Error),
-    /// A setting has an acceptable type but an unusable value.
-    #[error("setting `{setting}`: {message}")]
-    Invalid { setting: String, message: String },
-}
-
-fn invalid(setting: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        setting: setting.to_owned(),
-        message: message.into(),
-    }
+fn invalid(setting: &str, message: impl Into<String>) -> SettingsError {
+    SettingsError::invalid(setting.to_owned(), message.into())
 }
 
 /// How the connection to the relay is secured.
@@ -192,12 +179,13 @@ impl std::fmt::Debug for SmtpTransport {
 impl SmtpTransport {
     /// Build from the connector's TOML table; a relative DKIM `key_file` is resolved against
     /// `base_dir`.
-    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, ConfigError> {
-        let config: SmtpConfig = toml::Value::Table(settings).try_into()?;
+    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, SettingsError> {
+        let config: SmtpConfig =
+            optinsync_plugin_api::Settings::from_serialize(&settings)?.parse()?;
         Self::new(&config, base_dir)
     }
 
-    pub fn new(config: &SmtpConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+    pub fn new(config: &SmtpConfig, base_dir: &Path) -> Result<Self, SettingsError> {
         if config.host.trim().is_empty() {
             return Err(invalid("host", "must not be empty"));
         }
@@ -268,7 +256,7 @@ impl SmtpTransport {
     }
 }
 
-fn dkim_config(d: &DkimSettings, base_dir: &Path) -> Result<DkimConfig, ConfigError> {
+fn dkim_config(d: &DkimSettings, base_dir: &Path) -> Result<DkimConfig, SettingsError> {
     let algorithm = match d.algorithm.as_str() {
         "rsa-sha256" | "rsa" => DkimSigningAlgorithm::Rsa,
         "ed25519-sha256" | "ed25519" => DkimSigningAlgorithm::Ed25519,
@@ -415,6 +403,22 @@ pub fn classify_send(err: &SendError) -> ConnectorError {
 }
 
 #[async_trait]
+impl optinsync_plugin_api::Connector for SmtpTransport {
+    async fn health(&self) -> ConnectorResult<Health> {
+        Ok(match self.connector.check(&self.pool).await {
+            Ok(()) => Health {
+                ok: true,
+                detail: format!("SMTP relay {} answers", self.host),
+            },
+            Err(e) => Health {
+                ok: false,
+                detail: format!("SMTP relay {}: {e}", self.host),
+            },
+        })
+    }
+}
+
+#[async_trait]
 impl MailTransport for SmtpTransport {
     async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage> {
         let mail = build_message(message, self.dkim.as_ref())?;
@@ -454,25 +458,32 @@ impl MailTransport for SmtpTransport {
             }
         }
     }
+}
 
-    async fn health(&self) -> ConnectorResult<Health> {
-        Ok(match self.connector.check(&self.pool).await {
-            Ok(()) => Health {
-                ok: true,
-                detail: format!("SMTP relay {} answers", self.host),
-            },
-            Err(e) => Health {
-                ok: false,
-                detail: format!("SMTP relay {}: {e}", self.host),
-            },
-        })
+/// `kind = "smtp"`: the mail role.
+pub fn factories() -> Vec<std::sync::Arc<dyn optinsync_plugin_api::ConnectorFactory>> {
+    vec![std::sync::Arc::new(SmtpFactory)]
+}
+
+struct SmtpFactory;
+
+#[async_trait]
+impl optinsync_plugin_api::ConnectorFactory for SmtpFactory {
+    fn kind(&self) -> &'static str {
+        "smtp"
     }
-
-    fn limits(&self) -> Limits {
-        Limits {
-            max_batch: 1,
-            calls_per_minute: self.rate_per_minute,
-        }
+    fn roles(&self) -> &'static [optinsync_plugin_api::Role] {
+        &[optinsync_plugin_api::Role::Mail]
+    }
+    async fn build(
+        &self,
+        settings: optinsync_plugin_api::Settings,
+        ctx: &optinsync_plugin_api::BuildContext,
+    ) -> Result<optinsync_plugin_api::Built, SettingsError> {
+        let transport = SmtpTransport::new(&settings.parse()?, &ctx.base_dir)?;
+        Ok(optinsync_plugin_api::Built::Mail(std::sync::Arc::new(
+            transport,
+        )))
     }
 }
 

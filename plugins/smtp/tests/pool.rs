@@ -7,6 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use optinsync_plugin_api::Connector as _;
 use optinsync_plugin_api::{ConnectorError, MailTransport, OutgoingMessage};
 use optinsync_plugin_smtp::SmtpTransport;
 use optinsync_testkit::smtp::SmtpSink;

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use optinsync_plugin_api::{CampaignsConnector, ConnectorError, Subscriber};
+use optinsync_plugin_api::{CampaignsConnector, ConnectorError, Keyed, Subscriber, per_item};
 use optinsync_plugin_zoho::ZohoCampaigns;
 use optinsync_plugin_zoho::campaigns::Api;
 use optinsync_testkit::zoho_campaigns::{self as fake, FakeCampaigns, FakeCampaignsOptions};
@@ -127,8 +127,10 @@ listkey = "{KEY}"
                         language: None,
                         fields,
                     };
+                    let sub = Keyed::new(format!("bench-{i}"), sub);
                     loop {
-                        match c.subscribe("bench", std::slice::from_ref(&sub)).await {
+                        let answer = c.subscribe("bench", std::slice::from_ref(&sub)).await;
+                        match per_item(1, answer).remove(0) {
                             Ok(()) => break,
                             // What the outbox does: come back when the connector says.
                             Err(ConnectorError::Transient { retry_after, .. }) => {

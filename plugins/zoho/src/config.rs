@@ -5,25 +5,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+pub use optinsync_plugin_api::SettingsError;
 use serde::Deserialize;
 
-/// A connector's settings could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The TOML table does not match the settings (unknown key, wrong type, missing key).
-    /// The message is serde's, so it names the offending key.
-    #[error("{0}")]
-    Settings(#[from] toml::de::Error),
-    /// A setting has an acceptable type but an unusable value.
-    #[error("setting `{setting}`: {message}")]
-    Invalid { setting: String, message: String },
-}
-
-pub(crate) fn invalid(setting: &str, message: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        setting: setting.to_owned(),
-        message: message.into(),
-    }
+pub(crate) fn invalid(setting: &str, message: impl Into<String>) -> SettingsError {
+    SettingsError::invalid(setting.to_owned(), message.into())
 }
 
 /// The Zoho data centres and their hosts (Zoho's OAuth documentation, "multi-DC").
@@ -81,7 +67,7 @@ impl OAuthSettings {
         data_centre: &str,
         accounts_url: Option<&str>,
         setting_prefix: &str,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, SettingsError> {
         for (setting, value) in [
             ("client_id", client_id),
             ("client_secret", client_secret),
@@ -119,7 +105,7 @@ impl OAuthSettings {
 }
 
 /// An `http://` or `https://` URL without a trailing slash.
-pub(crate) fn check_url(setting: &str, url: &str) -> Result<String, ConfigError> {
+pub(crate) fn check_url(setting: &str, url: &str) -> Result<String, SettingsError> {
     let url = url.trim().trim_end_matches('/');
     if !(url.starts_with("http://") || url.starts_with("https://")) {
         return Err(invalid(
@@ -134,7 +120,7 @@ pub(crate) fn check_url(setting: &str, url: &str) -> Result<String, ConfigError>
 
 /// `"60s"`, `"10m"`, `"3h"`, `"1d"`, `"2w"`; a bare number is seconds.
 /// The HTTP client of a Zoho connector, from its `timeout` setting (one call's limit).
-pub(crate) fn http_client(timeout_setting: &str) -> Result<reqwest::Client, ConfigError> {
+pub(crate) fn http_client(timeout_setting: &str) -> Result<reqwest::Client, SettingsError> {
     let timeout = parse_duration("timeout", timeout_setting)?;
     if timeout.is_zero() {
         return Err(invalid("timeout", "must be more than 0s"));
@@ -147,7 +133,7 @@ pub(crate) fn http_client(timeout_setting: &str) -> Result<reqwest::Client, Conf
         .map_err(|e| invalid("timeout", format!("cannot build the HTTP client: {e}")))
 }
 
-pub fn parse_duration(setting: &str, text: &str) -> Result<Duration, ConfigError> {
+pub fn parse_duration(setting: &str, text: &str) -> Result<Duration, SettingsError> {
     let text = text.trim();
     let split = text
         .find(|c: char| !c.is_ascii_digit())
@@ -398,6 +384,6 @@ fn default_consent_remarks_field() -> String {
 /// Deserialize a connector's settings table, keeping serde's message on failure.
 pub(crate) fn parse_settings<T: serde::de::DeserializeOwned>(
     settings: toml::Table,
-) -> Result<T, ConfigError> {
-    Ok(toml::Value::Table(settings).try_into()?)
+) -> Result<T, SettingsError> {
+    optinsync_plugin_api::Settings::from_serialize(&settings)?.parse()
 }

@@ -15,19 +15,23 @@
 //! * [`config`] — the CRM connector's settings and what both connectors share (data centres,
 //!   OAuth settings, durations); the Campaigns settings are in [`campaigns::config`].
 //!
-//! Every connector is built with `from_config(settings, base_dir)` from its `config.toml`
-//! table; unknown keys are rejected so typos do not pass silently. Every endpoint is
+//! The daemon builds them through [`factories`] (kinds `zoho-crm`, `zoho-campaigns`); the
+//! campaigns factory hands the connector the shared quota ledger and marks and its saved state
+//! from the build context. Tests build them with `from_config(settings, base_dir)` from a
+//! `config.toml` table. Unknown keys are rejected so typos do not pass silently. Every endpoint is
 //! configurable (`accounts_url`, and `api_url` or `campaigns_url`), so the connectors run
 //! against local fakes (`optinsync_testkit::zoho`, `optinsync_testkit::zoho_campaigns`).
 
 pub mod campaigns;
 pub mod config;
 pub mod crm;
+mod factories;
 pub mod oauth;
 
 pub use campaigns::ZohoCampaigns;
-pub use config::{ConfigError, ZohoCrmConfig};
+pub use config::ZohoCrmConfig;
 pub use crm::ZohoCrm;
+pub use factories::factories;
 pub use oauth::ZohoOAuth;
 
 /// A `Retry-After` given in seconds (Zoho does not send the HTTP-date form).

@@ -8,11 +8,13 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use optinsync_plugin_api::Connector as _;
 use optinsync_plugin_api::{
     CampaignsConnector, ConnectorError, Cursor, FailureScope, StatusKind, Subscriber,
 };
 use optinsync_plugin_zoho::ZohoCampaigns;
 use optinsync_plugin_zoho::campaigns::Api;
+use optinsync_testkit::calls::PlainCalls as _;
 use optinsync_testkit::zoho_campaigns::{
     self as fake, CampaignsFault, FakeCampaigns, FakeCampaignsOptions, MemberStatus,
 };
@@ -74,7 +76,7 @@ async fn subscribe_and_remove_are_idempotent() {
     let c = connector(&f, "");
     c.health().await.unwrap();
     for _ in 0..2 {
-        c.subscribe("newsletter", &[sub("Ann@Example.org", "Ann")])
+        c.sub("newsletter", &[sub("Ann@Example.org", "Ann")])
             .await
             .unwrap();
     }
@@ -91,7 +93,7 @@ async fn subscribe_and_remove_are_idempotent() {
     );
 
     for _ in 0..2 {
-        c.remove("newsletter", &["ann@example.org".into()])
+        c.rm("newsletter", &["ann@example.org".into()])
             .await
             .unwrap();
     }
@@ -101,7 +103,7 @@ async fn subscribe_and_remove_are_idempotent() {
     );
     // Never on the list: "Contact does not exist" (2103), confirmed by a read of the list,
     // counts as done.
-    c.remove("newsletter", &["nobody@example.org".into()])
+    c.rm("newsletter", &["nobody@example.org".into()])
         .await
         .unwrap();
     assert_eq!(f.calls("listunsubscribe"), 3);
@@ -109,7 +111,7 @@ async fn subscribe_and_remove_are_idempotent() {
 
     // An unmapped list names the setting.
     let err = c
-        .subscribe("other", &[sub("a@example.org", "")])
+        .sub("other", &[sub("a@example.org", "")])
         .await
         .unwrap_err();
     assert!(
@@ -133,7 +135,7 @@ async fn ambiguous_removal_answers_are_settled_by_reading_the_list() {
     let c = connector(&f, "page_size = 2");
 
     // Never on the list: 2101, then a read (all pages) that does not find it → done.
-    c.remove("newsletter", &["Nobody@Example.org".into()])
+    c.rm("newsletter", &["Nobody@Example.org".into()])
         .await
         .unwrap();
     assert_eq!(f.calls("listunsubscribe"), 1);
@@ -143,7 +145,7 @@ async fn ambiguous_removal_answers_are_settled_by_reading_the_list() {
         "both pages read, and the empty one after them"
     );
     // Unsubscribed earlier (not active): Zoho takes the call; nothing else needed.
-    c.remove("newsletter", &["left@example.org".into()])
+    c.rm("newsletter", &["left@example.org".into()])
         .await
         .unwrap();
     assert_eq!(f.calls("getlistsubscribers"), 3, "no read after a success");
@@ -157,7 +159,7 @@ async fn ambiguous_removal_answers_are_settled_by_reading_the_list() {
         });
         let reads = f.calls("getlistsubscribers");
         let err = c
-            .remove("newsletter", &["M1@example.org".into()])
+            .rm("newsletter", &["M1@example.org".into()])
             .await
             .unwrap_err();
         assert_eq!(
@@ -176,7 +178,7 @@ async fn ambiguous_removal_answers_are_settled_by_reading_the_list() {
         );
     }
     // The retry goes through.
-    c.remove("newsletter", &["m1@example.org".into()])
+    c.rm("newsletter", &["m1@example.org".into()])
         .await
         .unwrap();
     assert_eq!(
@@ -191,7 +193,7 @@ async fn ambiguous_removal_answers_are_settled_by_reading_the_list() {
     });
     f.fail_next(CampaignsFault::Status(503));
     let err = c
-        .remove("newsletter", &["m2@example.org".into()])
+        .rm("newsletter", &["m2@example.org".into()])
         .await
         .unwrap_err();
     assert_eq!(
@@ -216,7 +218,7 @@ async fn address_only_batches_use_the_bulk_endpoint_ten_at_a_time() {
             fields: BTreeMap::new(),
         })
         .collect();
-    c.subscribe("newsletter", &subs).await.unwrap();
+    c.sub("newsletter", &subs).await.unwrap();
     assert_eq!(f.calls("addlistsubscribersinbulk"), 3);
     assert_eq!(f.calls("listsubscribe"), 0);
     assert_eq!(f.active(KEY).len(), 25);
@@ -267,7 +269,7 @@ async fn doi_zoho_lists_hold_contacts_pending_until_they_confirm() {
         "",
         &format!("[lists.newsletter]\nlistkey = \"{KEY}\"\ndoi = \"zoho\"\n"),
     );
-    c.subscribe("newsletter", &[sub("zed@example.org", "Zed")])
+    c.sub("newsletter", &[sub("zed@example.org", "Zed")])
         .await
         .unwrap();
     assert_eq!(f.confirmation_mails(KEY), 1);
@@ -292,10 +294,7 @@ async fn string_error_codes_are_mapped() {
     let c = connector(&f, "");
     // Invalid and group addresses: refused for good, not retried.
     for bad in ["not-an-address", "info@example.org"] {
-        let err = c
-            .subscribe("newsletter", &[sub(bad, "")])
-            .await
-            .unwrap_err();
+        let err = c.sub("newsletter", &[sub(bad, "")]).await.unwrap_err();
         assert!(
             matches!(err, ConnectorError::Rejected { .. }),
             "{bad}: {err:?}"
@@ -307,14 +306,14 @@ async fn string_error_codes_are_mapped() {
         message: "Error in subscription. Please retry after sometime.".into(),
     });
     let err = c
-        .subscribe("newsletter", &[sub("a@example.org", "First")])
+        .sub("newsletter", &[sub("a@example.org", "First")])
         .await
         .unwrap_err();
     assert_eq!(err.transient_scope(), Some(FailureScope::Record), "{err:?}");
     // Garbage, 5xx: transient for the whole service.
     f.fail_next(CampaignsFault::Garbage);
     let err = c
-        .subscribe("newsletter", &[sub("a@example.org", "")])
+        .sub("newsletter", &[sub("a@example.org", "")])
         .await
         .unwrap_err();
     assert_eq!(
@@ -324,7 +323,7 @@ async fn string_error_codes_are_mapped() {
     );
     f.fail_next(CampaignsFault::Status(503));
     let err = c
-        .subscribe("newsletter", &[sub("a@example.org", "")])
+        .sub("newsletter", &[sub("a@example.org", "")])
         .await
         .unwrap_err();
     assert_eq!(
@@ -349,7 +348,7 @@ async fn string_error_codes_are_mapped() {
         message: "Listkey is empty or invalid.".into(),
     });
     let err = c
-        .subscribe("newsletter", &[sub("a@example.org", "")])
+        .sub("newsletter", &[sub("a@example.org", "")])
         .await
         .unwrap_err();
     assert!(
@@ -358,14 +357,14 @@ async fn string_error_codes_are_mapped() {
     );
     // An expired token (1007) is refreshed once and the call goes through.
     f.with(|s| s.tokens.clear());
-    c.subscribe("newsletter", &[sub("a@example.org", "")])
+    c.sub("newsletter", &[sub("a@example.org", "")])
         .await
         .unwrap();
 
     // The 30-minute lock: transient with the rest of the lock, and the endpoint paused.
     f.lock_endpoint("listsubscribe", Duration::from_secs(1800));
     let err = c
-        .subscribe("newsletter", &[sub("b@example.org", "")])
+        .sub("newsletter", &[sub("b@example.org", "")])
         .await
         .unwrap_err();
     let ConnectorError::Transient {
@@ -381,7 +380,7 @@ async fn string_error_codes_are_mapped() {
     );
     let calls = f.calls("listsubscribe");
     let err = c
-        .subscribe("newsletter", &[sub("b@example.org", "")])
+        .sub("newsletter", &[sub("b@example.org", "")])
         .await
         .unwrap_err();
     assert!(matches!(
@@ -398,9 +397,7 @@ async fn string_error_codes_are_mapped() {
     );
     assert!(c.locked_until(Api::ListSubscribe).is_some());
     // Other endpoints stay usable.
-    c.remove("newsletter", &["a@example.org".into()])
-        .await
-        .unwrap();
+    c.rm("newsletter", &["a@example.org".into()]).await.unwrap();
 }
 
 #[tokio::test]
@@ -413,14 +410,12 @@ async fn unsubscribes_and_bounces_come_back_exactly_once() {
         "c@example.org",
         "d@example.org",
     ] {
-        c.subscribe("newsletter", &[sub(e, "")]).await.unwrap();
+        c.sub("newsletter", &[sub(e, "")]).await.unwrap();
     }
     f.unsubscribe(KEY, "a@example.org");
     f.bounce(KEY, "b@example.org");
     // optinsync's own removal is not echoed back as the person's unsubscribe.
-    c.remove("newsletter", &["d@example.org".into()])
-        .await
-        .unwrap();
+    c.rm("newsletter", &["d@example.org".into()]).await.unwrap();
 
     let page = c.status_events("newsletter", None).await.unwrap();
     let mut got: Vec<_> = page
@@ -455,9 +450,7 @@ async fn unsubscribes_and_bounces_come_back_exactly_once() {
     assert_eq!(page.events[0].email, "c@example.org");
     cursor = page.next_cursor.or(cursor);
     // A removal of an address that was not on the list is no echo to swallow later.
-    c.remove("newsletter", &["e@example.org".into()])
-        .await
-        .unwrap();
+    c.rm("newsletter", &["e@example.org".into()]).await.unwrap();
     f.insert_member(KEY, "e@example.org", MemberStatus::Active);
     f.unsubscribe(KEY, "e@example.org");
     let page = c
@@ -484,7 +477,7 @@ async fn status_polls_respect_the_interval() {
         "status_interval = \"1h\"",
         &format!("[lists.newsletter]\nlistkey = \"{KEY}\"\n"),
     );
-    c.subscribe("newsletter", &[sub("a@example.org", "")])
+    c.sub("newsletter", &[sub("a@example.org", "")])
         .await
         .unwrap();
     let first = c.status_events("newsletter", None).await.unwrap();
@@ -519,7 +512,7 @@ async fn a_burst_larger_than_the_window_never_triggers_the_lock() {
         .map(|i| {
             let c = Arc::clone(&c);
             tokio::spawn(async move {
-                c.subscribe("newsletter", &[sub(&format!("p{i}@example.org"), "P")])
+                c.sub("newsletter", &[sub(&format!("p{i}@example.org"), "P")])
                     .await
             })
         })
@@ -560,12 +553,12 @@ async fn exported_state_carries_budget_and_lock_across_a_restart() {
     let first = connector(&f, extra);
     for i in 0..10 {
         first
-            .subscribe("newsletter", &[sub(&format!("p{i}@example.org"), "")])
+            .sub("newsletter", &[sub(&format!("p{i}@example.org"), "")])
             .await
             .unwrap();
     }
     assert_eq!(first.budget_usage(Api::ListSubscribe), vec![10]);
-    let state = first.export_state().unwrap();
+    let state = first.export_state().await.unwrap();
     drop(first);
 
     // Without the state a new instance would call at once and trigger Zoho's lock.
@@ -573,7 +566,7 @@ async fn exported_state_carries_budget_and_lock_across_a_restart() {
     second.import_state(&state).unwrap();
     assert_eq!(second.budget_usage(Api::ListSubscribe), vec![10]);
     let err = second
-        .subscribe("newsletter", &[sub("late@example.org", "")])
+        .sub("newsletter", &[sub("late@example.org", "")])
         .await
         .unwrap_err();
     let ConnectorError::Transient {
@@ -598,15 +591,17 @@ async fn exported_state_carries_budget_and_lock_across_a_restart() {
     f.lock_endpoint("listunsubscribe", Duration::from_secs(600));
     assert!(
         second
-            .remove("newsletter", &["p1@example.org".into()])
+            .rm("newsletter", &["p1@example.org".into()])
             .await
             .is_err()
     );
     let third = connector(&f, extra);
-    third.import_state(&second.export_state().unwrap()).unwrap();
+    third
+        .import_state(&second.export_state().await.unwrap())
+        .unwrap();
     let calls = f.calls("listunsubscribe");
     let err = third
-        .remove("newsletter", &["p1@example.org".into()])
+        .rm("newsletter", &["p1@example.org".into()])
         .await
         .unwrap_err();
     assert!(
@@ -622,16 +617,4 @@ async fn exported_state_carries_budget_and_lock_across_a_restart() {
     assert_eq!(f.calls("listunsubscribe"), calls);
 
     assert!(third.import_state("{not json").is_err());
-}
-
-#[tokio::test]
-async fn engagement_is_not_available_from_campaigns() {
-    let f = private_fake();
-    let c = connector(&f, "");
-    assert!(
-        c.engagement("newsletter", &["a@example.org".into()])
-            .await
-            .unwrap()
-            .is_empty()
-    );
 }

@@ -17,6 +17,7 @@ use optinsync_plugin_api::{
 };
 use optinsync_plugin_zoho::ZohoCampaigns;
 use optinsync_plugin_zoho::campaigns::Api;
+use optinsync_testkit::calls::PlainCalls as _;
 use optinsync_testkit::zoho_campaigns::{self as fake, FakeCampaigns};
 
 const KEY: &str = "3c20ad524dfa4af86216a5be13e238ed";
@@ -178,7 +179,7 @@ async fn two_instances_sharing_a_ledger_stay_within_one_quota() {
     let tasks: Vec<_> = (0..N)
         .map(|i| {
             let c = Arc::clone(if i % 2 == 0 { &a } else { &b });
-            tokio::spawn(async move { c.subscribe("newsletter", &[sub(i)]).await })
+            tokio::spawn(async move { c.sub("newsletter", &[sub(i)]).await })
         })
         .collect();
     for t in tasks {
@@ -199,7 +200,7 @@ async fn a_lock_out_met_by_one_instance_pauses_the_other() {
     let ledger = Arc::new(MemoryLedger::default());
     let (a, b) = (instance(&f, &ledger), instance(&f, &ledger));
     f.lock_endpoint("listsubscribe", Duration::from_secs(60));
-    let err = a.subscribe("newsletter", &[sub(1)]).await.unwrap_err();
+    let err = a.sub("newsletter", &[sub(1)]).await.unwrap_err();
     assert!(
         matches!(
             err,
@@ -212,7 +213,7 @@ async fn a_lock_out_met_by_one_instance_pauses_the_other() {
     );
     let calls = f.calls("listsubscribe");
     // The other instance does not call the locked endpoint at all: it is paused too.
-    let err = b.subscribe("newsletter", &[sub(2)]).await.unwrap_err();
+    let err = b.sub("newsletter", &[sub(2)]).await.unwrap_err();
     match err {
         ConnectorError::Transient {
             retry_after: Some(rest),
@@ -243,8 +244,8 @@ async fn an_own_removal_by_one_instance_is_not_echoed_by_the_other() {
     let f = fake_with_quota();
     let ledger = Arc::new(MemoryLedger::default());
     let (a, b) = (instance(&f, &ledger), instance(&f, &ledger));
-    a.subscribe("newsletter", &[sub(1), sub(2)]).await.unwrap();
-    a.remove("newsletter", &["p1@example.org".to_owned()])
+    a.sub("newsletter", &[sub(1), sub(2)]).await.unwrap();
+    a.rm("newsletter", &["p1@example.org".to_owned()])
         .await
         .unwrap();
     f.unsubscribe(KEY, "p2@example.org");

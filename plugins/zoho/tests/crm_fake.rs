@@ -8,8 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use optinsync_plugin_api::{
-    ChangePage, ConnectorError, ConsentWriteBack, CrmConnector, CrmRecord, Cursor, InvalidRecord,
-    RecordRef, WebhookEvent,
+    ChangePage, Connector as _, ConnectorError, ConsentState, ConsentWriteBack, CrmConnector,
+    CrmRecord, Cursor, InvalidRecord, RecordRef, WebhookEvent,
 };
 use optinsync_plugin_zoho::ZohoCrm;
 use optinsync_testkit::zoho::{self, FakeZoho, Fault};
@@ -403,6 +403,7 @@ async fn write_back_in_batches_of_100_with_partial_success() {
     pass(&crm, &mut cursor).await;
 
     let wb = ConsentWriteBack {
+        key: "outbox-9".into(),
         records: seeded
             .iter()
             .map(|id| RecordRef {
@@ -412,7 +413,7 @@ async fn write_back_in_batches_of_100_with_partial_success() {
             .collect(),
         email: "person0@example.org".into(),
         list: "newsletter".into(),
-        state: "confirmed".into(),
+        state: ConsentState::Confirmed,
         opt_out: false,
         at: chrono::Utc::now(),
         ledger_seq: 9,
@@ -467,7 +468,7 @@ async fn write_back_in_batches_of_100_with_partial_success() {
             module: "Contacts".into(),
             id: seeded[7].clone(),
         }],
-        state: "withdrawn".into(),
+        state: ConsentState::Withdrawn,
         opt_out: true,
         ..wb
     };
@@ -505,16 +506,18 @@ async fn webhook_token_is_verified() {
         .unwrap();
     assert_eq!(
         ok,
-        WebhookEvent::Changed(vec![
-            RecordRef {
-                module: "Contacts".into(),
-                id: "41".into()
-            },
-            RecordRef {
-                module: "Contacts".into(),
-                id: "42".into()
-            },
-        ])
+        WebhookEvent::Changed {
+            records: vec![
+                RecordRef {
+                    module: "Contacts".into(),
+                    id: "41".into()
+                },
+                RecordRef {
+                    module: "Contacts".into(),
+                    id: "42".into()
+                },
+            ]
+        }
     );
     for bad in [
         body("s3cret-channel-tokeN", "1000000068001", "update"),

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use optinsync_plugin_api::{
-    ChangePage, ConnectorError, ConnectorResult, ConsentWriteBack, CrmConnector, CrmRecord, Cursor,
-    Health, RecordRef, WebhookEvent,
+    ChangePage, Connector, ConnectorError, ConnectorResult, ConsentWriteBack, CrmConnector,
+    CrmRecord, Cursor, Health, HttpMethod, RecordRef, WebhookEvent, WebhookRequest,
 };
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -33,7 +33,7 @@ use tokio::sync::Mutex;
 
 use self::diff::{CursorState, diff};
 use self::parse::{RowKey, Snapshot, parse_snapshot, read_snapshot};
-use crate::{ConfigError, fsutil, json_error, parse_settings};
+use crate::{SettingsError, fsutil, json_error, parse_settings};
 
 /// Settings of [`CsvCrm`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,23 +125,23 @@ pub struct CsvCrm {
 
 impl CsvCrm {
     /// Build from the connector's TOML table; relative paths are resolved against `base_dir`.
-    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, ConfigError> {
+    pub fn from_config(settings: toml::Table, base_dir: &Path) -> Result<Self, SettingsError> {
         let config: CsvCrmConfig = parse_settings(settings)?;
         Self::new(config, base_dir)
     }
 
     /// Build from already-parsed settings; relative paths are resolved against `base_dir`.
-    pub fn new(config: CsvCrmConfig, base_dir: &Path) -> Result<Self, ConfigError> {
+    pub fn new(config: CsvCrmConfig, base_dir: &Path) -> Result<Self, SettingsError> {
         for (setting, value) in [
             ("module", &config.module),
             ("id_column", &config.id_column),
             ("email_column", &config.email_column),
         ] {
             if value.trim().is_empty() {
-                return Err(ConfigError::Invalid {
-                    setting: setting.to_owned(),
-                    message: "must not be empty".to_owned(),
-                });
+                return Err(SettingsError::invalid(
+                    setting.to_owned(),
+                    "must not be empty".to_owned(),
+                ));
             }
         }
         if config
@@ -149,10 +149,10 @@ impl CsvCrm {
             .as_ref()
             .is_some_and(|s| s.0.trim().len() < 16)
         {
-            return Err(ConfigError::Invalid {
-                setting: "webhook_secret".to_owned(),
-                message: "must be at least 16 characters".to_owned(),
-            });
+            return Err(SettingsError::invalid(
+                "webhook_secret".to_owned(),
+                "must be at least 16 characters".to_owned(),
+            ));
         }
         let path = fsutil::resolve(base_dir, "path", &config.path)?;
         let writeback_path = config
@@ -217,38 +217,42 @@ impl CsvCrm {
 }
 
 #[async_trait]
-impl CrmConnector for CsvCrm {
-    async fn changes(&self, cursor: Option<&Cursor>, limit: usize) -> ConnectorResult<ChangePage> {
-        let previous = match cursor {
-            Some(cursor) => CursorState::decode(cursor)?,
-            None => CursorState::default(),
-        };
-        let snapshot = self.snapshot().await?;
-        Ok(diff(&self.config.module, &previous, snapshot, limit))
+impl Connector for CsvCrm {
+    async fn health(&self) -> ConnectorResult<Health> {
+        Ok(match self.snapshot().await {
+            Ok(snapshot) => Health {
+                ok: true,
+                detail: format!(
+                    "{} readable, {} rows",
+                    self.path.display(),
+                    snapshot.rows.len()
+                ),
+            },
+            Err(err) => Health {
+                ok: false,
+                detail: err.to_string(),
+            },
+        })
     }
 
-    async fn fetch(&self, record: &RecordRef) -> ConnectorResult<Option<CrmRecord>> {
-        if record.module != self.config.module {
-            return Ok(None);
-        }
-        let snapshot = self.snapshot().await?;
-        let row = snapshot
-            .rows
-            .into_iter()
-            .find(|row| matches!(&row.key, RowKey::Id(id) if *id == record.id));
-        match row.map(|row| row.outcome) {
-            None => Ok(None),
-            Some(Ok(found)) => Ok(Some(found)),
-            // Answering `None` would read as "deleted"; the row exists but is unusable.
-            Some(Err(invalid)) => Err(ConnectorError::InvalidInput {
-                message: format!("{}: {}", invalid.location, invalid.reason),
-            }),
-        }
+    fn accepts_webhooks(&self) -> bool {
+        true
     }
 
+    async fn webhook(&self, request: &WebhookRequest) -> ConnectorResult<WebhookEvent> {
+        if request.method != HttpMethod::Post {
+            return Err(ConnectorError::InvalidInput {
+                message: "CSV CRM webhooks are POSTed".into(),
+            });
+        }
+        self.parse_webhook(&request.headers, request.body.as_bytes())
+    }
+}
+
+impl CsvCrm {
     /// `{"ids": ["<record id>", ...]}`, with the shared secret header if one is configured.
     /// Refusals never quote the body: it is untrusted and ends up in a log line.
-    fn parse_webhook(
+    pub fn parse_webhook(
         &self,
         headers: &[(String, String)],
         body: &[u8],
@@ -298,8 +302,39 @@ impl CrmConnector for CsvCrm {
         Ok(if records.is_empty() {
             WebhookEvent::Ignored
         } else {
-            WebhookEvent::Changed(records)
+            WebhookEvent::Changed { records }
         })
+    }
+}
+
+#[async_trait]
+impl CrmConnector for CsvCrm {
+    async fn changes(&self, cursor: Option<&Cursor>, limit: usize) -> ConnectorResult<ChangePage> {
+        let previous = match cursor {
+            Some(cursor) => CursorState::decode(cursor)?,
+            None => CursorState::default(),
+        };
+        let snapshot = self.snapshot().await?;
+        Ok(diff(&self.config.module, &previous, snapshot, limit))
+    }
+
+    async fn fetch(&self, record: &RecordRef) -> ConnectorResult<Option<CrmRecord>> {
+        if record.module != self.config.module {
+            return Ok(None);
+        }
+        let snapshot = self.snapshot().await?;
+        let row = snapshot
+            .rows
+            .into_iter()
+            .find(|row| matches!(&row.key, RowKey::Id(id) if *id == record.id));
+        match row.map(|row| row.outcome) {
+            None => Ok(None),
+            Some(Ok(found)) => Ok(Some(found)),
+            // Answering `None` would read as "deleted"; the row exists but is unusable.
+            Some(Err(invalid)) => Err(ConnectorError::InvalidInput {
+                message: format!("{}: {}", invalid.location, invalid.reason),
+            }),
+        }
     }
 
     async fn write_back(&self, consent: &ConsentWriteBack) -> ConnectorResult<()> {
@@ -314,23 +349,6 @@ impl CrmConnector for CsvCrm {
         fsutil::append(path, line.as_bytes())
             .await
             .map_err(|err| fsutil::transient("cannot append to", path, &err))
-    }
-
-    async fn health(&self) -> ConnectorResult<Health> {
-        Ok(match self.snapshot().await {
-            Ok(snapshot) => Health {
-                ok: true,
-                detail: format!(
-                    "{} readable, {} rows",
-                    self.path.display(),
-                    snapshot.rows.len()
-                ),
-            },
-            Err(err) => Health {
-                ok: false,
-                detail: err.to_string(),
-            },
-        })
     }
 }
 
@@ -606,16 +624,18 @@ mod tests {
         let event = crm.parse_webhook(&[], br#"{"ids": ["1", "2"]}"#).unwrap();
         assert_eq!(
             event,
-            WebhookEvent::Changed(vec![
-                RecordRef {
-                    module: "Leads".into(),
-                    id: "1".into()
-                },
-                RecordRef {
-                    module: "Leads".into(),
-                    id: "2".into()
-                },
-            ])
+            WebhookEvent::Changed {
+                records: vec![
+                    RecordRef {
+                        module: "Leads".into(),
+                        id: "1".into()
+                    },
+                    RecordRef {
+                        module: "Leads".into(),
+                        id: "2".into()
+                    },
+                ]
+            }
         );
         for bad in [
             &b"nope"[..],
@@ -681,7 +701,7 @@ mod tests {
         let ok = crm
             .parse_webhook(&[], br#"{"ids": ["zcrm_4150868000000624001", "A-1"]}"#)
             .unwrap();
-        assert!(matches!(ok, WebhookEvent::Changed(r) if r.len() == 2));
+        assert!(matches!(ok, WebhookEvent::Changed { records: r } if r.len() == 2));
     }
 
     #[tokio::test]
@@ -734,7 +754,7 @@ mod tests {
         }
         assert!(matches!(
             crm.parse_webhook(&header(secret), body).unwrap(),
-            WebhookEvent::Changed(_)
+            WebhookEvent::Changed { .. }
         ));
         // Never printed, and too short a secret is refused.
         assert!(!format!("{:?}", crm.config()).contains(secret));
@@ -752,13 +772,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let crm = crm(dir.path(), CSV, "writeback_path = \"out/writeback.jsonl\"");
         let wb = ConsentWriteBack {
+            key: "outbox-7".into(),
             records: vec![RecordRef {
                 module: "Contacts".into(),
                 id: "1".into(),
             }],
             email: "ann@example.com".into(),
             list: "newsletter".into(),
-            state: "confirmed".into(),
+            state: optinsync_plugin_api::ConsentState::Confirmed,
             opt_out: false,
             at: chrono::Utc::now(),
             ledger_seq: 7,
@@ -794,13 +815,13 @@ mod tests {
     }
 
     #[test]
-    fn config_error_keeps_serde_message() {
+    fn config_error_names_the_key() {
         let settings: toml::Table = toml::from_str("pth = \"contacts.csv\"").unwrap();
         let err = CsvCrm::from_config(settings, Path::new("/tmp")).unwrap_err();
-        assert!(matches!(err, ConfigError::Settings(_)));
+        assert_eq!(err.key.as_deref(), Some("pth"), "{err}");
         assert!(
             err.to_string()
-                .starts_with("unknown field `pth`, expected one of `path`"),
+                .contains("unknown field `pth`, expected one of `path`"),
             "{err}"
         );
         let settings: toml::Table = toml::from_str("path = \"\"").unwrap();

@@ -1,20 +1,22 @@
-//! [`CampaignsConnector`] for [`ZohoCampaigns`]: push, removal, statuses, members, health, state.
+//! [`Connector`] and [`CampaignsConnector`] for [`ZohoCampaigns`]: push (in batches of
+//! [`BULK_MAX`]), removal, statuses, members, health, state.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use async_trait::async_trait;
 use chrono::Utc;
 use optinsync_plugin_api::{
-    CampaignsConnector, ConnectorError, ConnectorResult, Cursor, Engagement, Health, Limits,
-    MemberPage, StatusEvent, StatusKind, StatusPage, Subscriber,
+    BatchResult, CampaignsConnector, Connector, ConnectorError, ConnectorResult, Cursor,
+    FailureScope, Health, Keyed, MemberPage, StatusEvent, StatusKind, StatusPage, Subscriber,
+    per_item,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use super::http::CallError;
 use super::{
-    Api, BULK_MAX, DoiMode, SETTING_PREFIX, ZohoCampaigns, address_key, budget, fingerprint,
-    now_ms, str_of,
+    Api, BULK_MAX, DoiMode, ListMapping, SETTING_PREFIX, ZohoCampaigns, address_key, budget,
+    fingerprint, now_ms, str_of,
 };
 
 /// The status cursor: when the last full pass ran and what it had seen.
@@ -33,24 +35,11 @@ const STATUSES: [(&str, StatusKind); 2] = [
     ("bounce", StatusKind::Bounced),
 ];
 
-#[async_trait]
-impl CampaignsConnector for ZohoCampaigns {
-    /// For a `doi = "zoho"` list, `listsubscribe` to its signup form makes Zoho send its own
-    /// confirmation mail and hold the contact until the person confirms.
-    async fn request_doi(&self, list: &str, subscriber: &Subscriber) -> ConnectorResult<()> {
-        let m = self.mapping(list)?;
-        if m.doi != DoiMode::Zoho {
-            return Err(ConnectorError::Config {
-                setting: format!("{SETTING_PREFIX}.lists.{list}.doi"),
-                message: format!(
-                    "the optinsync list asks Zoho to run the double opt-in (doi = \"campaigns\"), but `{list}` is mapped with doi = \"optinsync\"; set doi = \"zoho\" on a signup-form list"
-                ),
-            });
-        }
-        self.subscribe(list, std::slice::from_ref(subscriber)).await
-    }
-
-    async fn subscribe(&self, list: &str, subscribers: &[Subscriber]) -> ConnectorResult<()> {
+impl ZohoCampaigns {
+    /// Subscribers for a `doi = "optinsync"` list that need no fields go ten per bulk call
+    /// (`addlistsubscribersinbulk`); the others one `listsubscribe` each. One result per
+    /// subscriber; a failure of the service stops the calls (the rest get the same answer).
+    async fn subscribe_all(&self, list: &str, subscribers: &[&Subscriber]) -> BatchResult {
         let m = self.mapping(list)?;
         // Back on the list: a later unsubscribe is the person's own, not an echo of ours.
         if let Some(set) = self.lock_removals().get_mut(&m.listkey) {
@@ -58,59 +47,60 @@ impl CampaignsConnector for ZohoCampaigns {
                 set.remove(&address_key(&s.email));
             }
         }
-        let bulk = m.doi == DoiMode::Optinsync
-            && subscribers.len() >= 2
-            && subscribers.iter().all(|s| !self.has_mapped_fields(s));
-        let mut rejected = 0;
-        let mut first_error = None;
-        if bulk {
-            let emails: Vec<&str> = subscribers.iter().map(|s| s.email.trim()).collect();
-            for chunk in emails.chunks(BULK_MAX) {
-                self.bulk_add(list, m, chunk).await?;
+        let mut results: Vec<Option<ConnectorResult<()>>> = vec![None; subscribers.len()];
+        let bulk: Vec<usize> = if m.doi == DoiMode::Optinsync {
+            (0..subscribers.len())
+                .filter(|&i| !self.has_mapped_fields(subscribers[i]))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if bulk.len() >= 2 {
+            for chunk in bulk.chunks(BULK_MAX) {
+                let emails: Vec<&str> =
+                    chunk.iter().map(|&i| subscribers[i].email.trim()).collect();
+                let result = self.bulk_add(list, m, &emails).await;
+                for &i in chunk {
+                    results[i] = Some(result.clone());
+                }
             }
             tracing::debug!(
                 list,
-                count = subscribers.len(),
+                count = bulk.len(),
                 "subscribed on Zoho Campaigns (bulk)"
             );
-            return Ok(());
         }
-        for s in subscribers {
-            match self.subscribe_one(list, m, s).await {
-                Ok(()) => {}
-                Err(ConnectorError::Rejected { message }) => {
-                    rejected += 1;
-                    first_error.get_or_insert(ConnectorError::Rejected { message });
+        for (i, s) in subscribers.iter().enumerate() {
+            if results[i].is_some() {
+                continue;
+            }
+            let result = self.subscribe_one(list, m, s).await;
+            if let Err(
+                e @ ConnectorError::Transient {
+                    scope: FailureScope::Service,
+                    ..
+                },
+            ) = &result
+            {
+                let e = e.clone();
+                for r in results.iter_mut().filter(|r| r.is_none()) {
+                    *r = Some(Err(e.clone()));
                 }
-                // A retry repeats the whole batch; the calls done so far are idempotent.
-                Err(e) => return Err(e),
+                break;
             }
+            if result.is_ok() {
+                tracing::debug!(list, doi = m.doi.as_str(), "subscribed on Zoho Campaigns");
+            }
+            results[i] = Some(result);
         }
-        match first_error {
-            Some(ConnectorError::Rejected { message }) if subscribers.len() > 1 => {
-                Err(ConnectorError::Rejected {
-                    message: format!(
-                        "{rejected} of {} addresses refused; first: {message}",
-                        subscribers.len()
-                    ),
-                })
-            }
-            Some(e) => Err(e),
-            None => {
-                tracing::debug!(
-                    list,
-                    count = subscribers.len(),
-                    doi = m.doi.as_str(),
-                    "subscribed on Zoho Campaigns"
-                );
-                Ok(())
-            }
-        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(ConnectorError::transient("not attempted"))))
+            .collect())
     }
 
-    async fn remove(&self, list: &str, emails: &[String]) -> ConnectorResult<()> {
-        let m = self.mapping(list)?;
-        for email in emails {
+    async fn remove_one(&self, list: &str, m: &ListMapping, email: &str) -> ConnectorResult<()> {
+        {
             // Remember first: the poll that follows must not echo this back as the person's
             // own unsubscribe.
             self.lock_removals()
@@ -168,6 +158,166 @@ impl CampaignsConnector for ZohoCampaigns {
             }
         }
         Ok(())
+    }
+
+    /// Take back state from an earlier [`Connector::export_state`] (at build, from
+    /// [`optinsync_plugin_api::BuildContext::state`]). State it cannot read is an error saying
+    /// why; the caller logs it and goes on with fresh budgets.
+    pub fn import_state(&self, state: &str) -> ConnectorResult<()> {
+        let saved: budget::State =
+            serde_json::from_str(state).map_err(|e| ConnectorError::InvalidInput {
+                message: format!("saved Zoho Campaigns state is unreadable: {e}"),
+            })?;
+        if saved.v != 1 {
+            return Err(ConnectorError::InvalidInput {
+                message: format!(
+                    "saved Zoho Campaigns state has version {}, expected 1",
+                    saved.v
+                ),
+            });
+        }
+        budget::import(&mut self.lock_budgets(), &saved.endpoints);
+        let mut removals = self.lock_removals();
+        for (k, v) in saved.own_removals {
+            removals.entry(k).or_default().extend(v);
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Connector for ZohoCampaigns {
+    async fn health(&self) -> ConnectorResult<Health> {
+        let lists = self.mailing_lists().await?;
+        let mut notes = Vec::new();
+        for (name, m) in &self.settings.lists {
+            let setting = format!("{SETTING_PREFIX}.lists.{name}.listkey");
+            let Some((_, listname, public)) = lists.iter().find(|(k, _, _)| *k == m.listkey) else {
+                let known = if lists.is_empty() {
+                    "the org has no mailing lists".to_owned()
+                } else {
+                    format!(
+                        "lists this token can see: {}",
+                        lists
+                            .iter()
+                            .map(|(k, n, _)| format!("`{n}` ({k})"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                return Err(ConnectorError::Config {
+                    setting,
+                    message: format!(
+                        "Zoho Campaigns has no mailing list with listkey `{}` (mapped for optinsync list `{name}`); {known}",
+                        m.listkey
+                    ),
+                });
+            };
+            match (m.doi, public) {
+                (DoiMode::Optinsync, true) => {
+                    return Err(ConnectorError::Config {
+                        setting: format!("{SETTING_PREFIX}.lists.{name}.doi"),
+                        message: format!(
+                            "Zoho Campaigns list `{listname}` has its signup form on (is_public), so Zoho would send a second confirmation mail; turn the signup form off or set doi = \"zoho\""
+                        ),
+                    });
+                }
+                (DoiMode::Zoho, false) => {
+                    return Err(ConnectorError::Config {
+                        setting: format!("{SETTING_PREFIX}.lists.{name}.doi"),
+                        message: format!(
+                            "Zoho Campaigns list `{listname}` has no signup form (is_public = false), so Zoho would add contacts without any confirmation; turn the signup form on or set doi = \"optinsync\""
+                        ),
+                    });
+                }
+                _ => notes.push(format!("{name} → `{listname}` (doi: {})", m.doi.as_str())),
+            }
+        }
+        Ok(Health {
+            ok: true,
+            detail: format!("Zoho Campaigns lists found: {}", notes.join(", ")),
+        })
+    }
+
+    async fn export_state(&self) -> Option<String> {
+        let now = now_ms();
+        let endpoints = budget::export(&mut self.lock_budgets(), now);
+        let own_removals = self
+            .lock_removals()
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(k, s)| (k.clone(), s.iter().cloned().collect()))
+            .collect();
+        serde_json::to_string(&budget::State {
+            v: 1,
+            endpoints,
+            own_removals,
+        })
+        .ok()
+    }
+}
+
+#[async_trait]
+impl CampaignsConnector for ZohoCampaigns {
+    /// For a `doi = "zoho"` list, `listsubscribe` to its signup form makes Zoho send its own
+    /// confirmation mail and hold the contact until the person confirms.
+    async fn request_doi(&self, list: &str, subscriber: &Keyed<Subscriber>) -> ConnectorResult<()> {
+        let m = self.mapping(list)?;
+        if m.doi != DoiMode::Zoho {
+            return Err(ConnectorError::Config {
+                setting: format!("{SETTING_PREFIX}.lists.{list}.doi"),
+                message: format!(
+                    "the optinsync list asks Zoho to run the double opt-in (doi = \"campaigns\"), but `{list}` is mapped with doi = \"optinsync\"; set doi = \"zoho\" on a signup-form list"
+                ),
+            });
+        }
+        per_item(1, self.subscribe_all(list, &[&subscriber.item]).await)
+            .pop()
+            .unwrap_or_else(|| Err(ConnectorError::transient("no answer")))
+    }
+
+    fn max_batch(&self) -> usize {
+        BULK_MAX
+    }
+
+    /// Zoho's report changes slowly and costs quota: polled at `status_interval`, whatever
+    /// the daemon's `poll_interval`.
+    fn status_interval(&self) -> Option<std::time::Duration> {
+        u64::try_from(self.settings.status_interval_ms)
+            .ok()
+            .map(std::time::Duration::from_millis)
+    }
+
+    async fn subscribe(&self, list: &str, items: &[Keyed<Subscriber>]) -> BatchResult {
+        let subscribers: Vec<&Subscriber> = items.iter().map(|k| &k.item).collect();
+        self.subscribe_all(list, &subscribers).await
+    }
+
+    /// One `listunsubscribe` per address; a failure of the service stops the batch (the rest
+    /// get the same answer and retry with it), a failure about one address does not.
+    async fn remove(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {
+        let m = self.mapping(list)?;
+        let mut results = Vec::with_capacity(items.len());
+        for item in items {
+            let result = self.remove_one(list, m, &item.item).await;
+            let service_down = matches!(
+                result,
+                Err(ConnectorError::Transient {
+                    scope: FailureScope::Service,
+                    ..
+                })
+            );
+            results.push(result);
+            if service_down {
+                break;
+            }
+        }
+        if let Some(Err(e)) = results.last().cloned()
+            && results.len() < items.len()
+        {
+            results.resize(items.len(), Err(e));
+        }
+        Ok(results)
     }
 
     async fn status_events(
@@ -285,75 +435,6 @@ impl CampaignsConnector for ZohoCampaigns {
         })
     }
 
-    async fn engagement(
-        &self,
-        _list: &str,
-        _emails: &[String],
-    ) -> ConnectorResult<Vec<Engagement>> {
-        // No reports/recipients endpoint is documented (in Zoho's public API pages): engagement comes
-        // from a CRM field instead. See the module docs.
-        Ok(Vec::new())
-    }
-
-    async fn health(&self) -> ConnectorResult<Health> {
-        let lists = self.mailing_lists().await?;
-        let mut notes = Vec::new();
-        for (name, m) in &self.settings.lists {
-            let setting = format!("{SETTING_PREFIX}.lists.{name}.listkey");
-            let Some((_, listname, public)) = lists.iter().find(|(k, _, _)| *k == m.listkey) else {
-                let known = if lists.is_empty() {
-                    "the org has no mailing lists".to_owned()
-                } else {
-                    format!(
-                        "lists this token can see: {}",
-                        lists
-                            .iter()
-                            .map(|(k, n, _)| format!("`{n}` ({k})"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                };
-                return Err(ConnectorError::Config {
-                    setting,
-                    message: format!(
-                        "Zoho Campaigns has no mailing list with listkey `{}` (mapped for optinsync list `{name}`); {known}",
-                        m.listkey
-                    ),
-                });
-            };
-            match (m.doi, public) {
-                (DoiMode::Optinsync, true) => {
-                    return Err(ConnectorError::Config {
-                        setting: format!("{SETTING_PREFIX}.lists.{name}.doi"),
-                        message: format!(
-                            "Zoho Campaigns list `{listname}` has its signup form on (is_public), so Zoho would send a second confirmation mail; turn the signup form off or set doi = \"zoho\""
-                        ),
-                    });
-                }
-                (DoiMode::Zoho, false) => {
-                    return Err(ConnectorError::Config {
-                        setting: format!("{SETTING_PREFIX}.lists.{name}.doi"),
-                        message: format!(
-                            "Zoho Campaigns list `{listname}` has no signup form (is_public = false), so Zoho would add contacts without any confirmation; turn the signup form on or set doi = \"optinsync\""
-                        ),
-                    });
-                }
-                _ => notes.push(format!("{name} → `{listname}` (doi: {})", m.doi.as_str())),
-            }
-        }
-        Ok(Health {
-            ok: true,
-            detail: format!("Zoho Campaigns lists found: {}", notes.join(", ")),
-        })
-    }
-
-    fn limits(&self) -> Limits {
-        Limits {
-            max_batch: BULK_MAX,
-            calls_per_minute: Some(500),
-        }
-    }
-
     async fn list_members(
         &self,
         list: &str,
@@ -403,43 +484,5 @@ impl CampaignsConnector for ZohoCampaigns {
             next_cursor: Some(Cursor((from + items.len()).to_string())),
             has_more,
         })
-    }
-
-    fn export_state(&self) -> Option<String> {
-        let now = now_ms();
-        let endpoints = budget::export(&mut self.lock_budgets(), now);
-        let own_removals = self
-            .lock_removals()
-            .iter()
-            .filter(|(_, s)| !s.is_empty())
-            .map(|(k, s)| (k.clone(), s.iter().cloned().collect()))
-            .collect();
-        serde_json::to_string(&budget::State {
-            v: 1,
-            endpoints,
-            own_removals,
-        })
-        .ok()
-    }
-
-    fn import_state(&self, state: &str) -> ConnectorResult<()> {
-        let saved: budget::State =
-            serde_json::from_str(state).map_err(|e| ConnectorError::InvalidInput {
-                message: format!("saved Zoho Campaigns state is unreadable: {e}"),
-            })?;
-        if saved.v != 1 {
-            return Err(ConnectorError::InvalidInput {
-                message: format!(
-                    "saved Zoho Campaigns state has version {}, expected 1",
-                    saved.v
-                ),
-            });
-        }
-        budget::import(&mut self.lock_budgets(), &saved.endpoints);
-        let mut removals = self.lock_removals();
-        for (k, v) in saved.own_removals {
-            removals.entry(k).or_default().extend(v);
-        }
-        Ok(())
     }
 }

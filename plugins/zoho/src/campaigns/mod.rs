@@ -119,9 +119,10 @@ use self::budget::{Endpoint, Window};
 pub use self::config::{DoiMode, ListMapping, ZohoCampaignsConfig};
 pub use self::lists::AnswerSummary;
 use crate::config::{
-    ConfigError, DATA_CENTRES, OAuthSettings, check_url, invalid, parse_duration, parse_settings,
+    DATA_CENTRES, OAuthSettings, check_url, invalid, parse_duration, parse_settings,
 };
 use crate::oauth::ZohoOAuth;
+use optinsync_plugin_api::SettingsError;
 
 const SETTING_PREFIX: &str = "connectors.campaigns";
 /// `addlistsubscribersinbulk` takes at most this many addresses (Zoho's bulk-add page).
@@ -198,7 +199,7 @@ fn address_key(email: &str) -> String {
 }
 
 /// Parse `"500/1m"`.
-fn parse_limit(setting: &str, text: &str) -> Result<(u32, Duration), ConfigError> {
+fn parse_limit(setting: &str, text: &str) -> Result<(u32, Duration), SettingsError> {
     let (n, per) = text
         .split_once('/')
         .ok_or_else(|| invalid(setting, format!("`{text}` is not like \"500/1m\"")))?;
@@ -215,12 +216,12 @@ fn parse_limit(setting: &str, text: &str) -> Result<(u32, Duration), ConfigError
 
 impl ZohoCampaigns {
     /// Build from the connector's TOML table (`base_dir` is unused: no local paths).
-    pub fn from_config(settings: toml::Table, _base_dir: &Path) -> Result<Self, ConfigError> {
+    pub fn from_config(settings: toml::Table, _base_dir: &Path) -> Result<Self, SettingsError> {
         Self::new(parse_settings(settings)?)
     }
 
     /// Build from already-parsed settings.
-    pub fn new(c: ZohoCampaignsConfig) -> Result<Self, ConfigError> {
+    pub fn new(c: ZohoCampaignsConfig) -> Result<Self, SettingsError> {
         let oauth = OAuthSettings::new(
             &c.client_id,
             &c.client_secret,
@@ -240,7 +241,7 @@ impl ZohoCampaigns {
         c: ZohoCampaignsConfig,
         http: reqwest::Client,
         oauth: Arc<ZohoOAuth>,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, SettingsError> {
         let base_url = match c.campaigns_url.as_deref() {
             Some(u) => check_url("campaigns_url", u)?,
             None if DATA_CENTRES.contains(&c.data_centre.as_str()) => {

@@ -1,12 +1,13 @@
-//! [`CrmConnector`] for [`ZohoCrm`]: the change feed, fetch, webhooks, write-back, health.
+//! [`Connector`] and [`CrmConnector`] for [`ZohoCrm`]: the change feed, fetch, webhooks,
+//! write-back, health.
 
 use std::collections::BTreeMap;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
-    ChangePage, ConnectorError, ConnectorResult, ConsentWriteBack, CrmConnector, CrmRecord, Cursor,
-    Health, Limits, RecordRef, WebhookEvent,
+    ChangePage, Connector, ConnectorError, ConnectorResult, ConsentWriteBack, CrmConnector,
+    CrmRecord, Cursor, Health, HttpMethod, RecordRef, WebhookEvent, WebhookRequest,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -72,6 +73,139 @@ impl ZohoCrm {
             }
         }
         Ok(format!("{} mapped fields present", mapped.len()))
+    }
+}
+
+impl ZohoCrm {
+    /// A notification of the channel optinsync registered: its token compared as digests,
+    /// its channel and module checked, the record ids named.
+    pub fn parse_webhook(
+        &self,
+        _headers: &[(String, String)],
+        body: &[u8],
+    ) -> ConnectorResult<WebhookEvent> {
+        let Some(w) = &self.settings.webhook else {
+            return Err(ConnectorError::InvalidInput {
+                message: "Zoho CRM webhooks are not configured ([connectors.crm.webhook])".into(),
+            });
+        };
+        let parsed: Notification =
+            serde_json::from_slice(body).map_err(|e| ConnectorError::InvalidInput {
+                message: format!("not a Zoho CRM notification: {e}"),
+            })?;
+        let given = parsed.token.unwrap_or_default();
+        if !webhook_token_matches(&w.token, &given) {
+            return Err(ConnectorError::InvalidInput {
+                message: "Zoho CRM notification with a wrong channel token; refused".into(),
+            });
+        }
+        let channel = match &parsed.channel_id {
+            Some(Value::Number(n)) => n.to_string(),
+            Some(Value::String(s)) => s.trim().to_owned(),
+            _ => String::new(),
+        };
+        if channel != w.channel_id.to_string() {
+            return Err(ConnectorError::InvalidInput {
+                message: format!("Zoho CRM notification for unknown channel `{channel}`"),
+            });
+        }
+        let Some(module) = self
+            .settings
+            .modules
+            .iter()
+            .find(|m| parsed.module.as_deref() == Some(m.as_str()))
+        else {
+            return Err(ConnectorError::InvalidInput {
+                message: format!(
+                    "Zoho CRM notification for module `{}`, which is not synced",
+                    parsed.module.unwrap_or_default()
+                ),
+            });
+        };
+        let mut records = Vec::with_capacity(parsed.ids.len());
+        for id in &parsed.ids {
+            let id = match id {
+                Value::String(s) => s.trim().to_owned(),
+                Value::Number(n) if n.is_u64() => n.to_string(),
+                _ => String::new(),
+            };
+            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return Err(ConnectorError::InvalidInput {
+                    message: "Zoho CRM notification with an invalid record id".into(),
+                });
+            }
+            records.push(RecordRef {
+                module: module.clone(),
+                id,
+            });
+        }
+        // Deletions are read from `/deleted` by the poll; a deleted record cannot be fetched.
+        if parsed.operation.as_deref() == Some("delete") || records.is_empty() {
+            return Ok(WebhookEvent::Ignored);
+        }
+        Ok(WebhookEvent::Changed { records })
+    }
+}
+
+#[async_trait]
+impl Connector for ZohoCrm {
+    async fn health(&self) -> ConnectorResult<Health> {
+        let token = self.oauth.token().await?;
+        let mut readable = Vec::new();
+        for module in &self.settings.modules {
+            let path = format!("/{module}");
+            let reply = self
+                .call(Request {
+                    method: Method::GET,
+                    path: &path,
+                    query: vec![
+                        ("fields", self.settings.fields_param.clone()),
+                        ("per_page", "1".into()),
+                    ],
+                    if_modified_since: None,
+                    body: None,
+                })
+                .await;
+            match reply.map_err(|e| self.crm_error(e, module)) {
+                Ok(_) => readable.push(module.as_str()),
+                Err(e @ ConnectorError::Config { .. }) => return Err(e),
+                Err(e) => {
+                    return Ok(Health {
+                        ok: false,
+                        detail: format!("Zoho CRM module {module}: {e}"),
+                    });
+                }
+            }
+        }
+        let fields = self.check_fields().await?;
+        Ok(Health {
+            ok: true,
+            detail: format!(
+                "Zoho CRM at {}: token ok, modules {} readable, {fields}",
+                self.api_base(&token),
+                readable.join(", ")
+            ),
+        })
+    }
+
+    async fn maintain(&self) -> ConnectorResult<()> {
+        match &self.settings.webhook {
+            Some(w) if w.register => self.maintain_channel(w).await,
+            _ => Ok(()),
+        }
+    }
+
+    fn accepts_webhooks(&self) -> bool {
+        self.settings.webhook.is_some()
+    }
+
+    async fn webhook(&self, request: &WebhookRequest) -> ConnectorResult<WebhookEvent> {
+        if request.method != HttpMethod::Post {
+            return Err(ConnectorError::InvalidInput {
+                message: "Zoho CRM notifications are POSTed".into(),
+            });
+        }
+        self.parse_webhook(&request.headers, request.body.as_bytes())
     }
 }
 
@@ -165,73 +299,6 @@ impl CrmConnector for ZohoCrm {
         }
     }
 
-    fn parse_webhook(
-        &self,
-        _headers: &[(String, String)],
-        body: &[u8],
-    ) -> ConnectorResult<WebhookEvent> {
-        let Some(w) = &self.settings.webhook else {
-            return Err(ConnectorError::InvalidInput {
-                message: "Zoho CRM webhooks are not configured ([connectors.crm.webhook])".into(),
-            });
-        };
-        let parsed: Notification =
-            serde_json::from_slice(body).map_err(|e| ConnectorError::InvalidInput {
-                message: format!("not a Zoho CRM notification: {e}"),
-            })?;
-        let given = parsed.token.unwrap_or_default();
-        if !webhook_token_matches(&w.token, &given) {
-            return Err(ConnectorError::InvalidInput {
-                message: "Zoho CRM notification with a wrong channel token; refused".into(),
-            });
-        }
-        let channel = match &parsed.channel_id {
-            Some(Value::Number(n)) => n.to_string(),
-            Some(Value::String(s)) => s.trim().to_owned(),
-            _ => String::new(),
-        };
-        if channel != w.channel_id.to_string() {
-            return Err(ConnectorError::InvalidInput {
-                message: format!("Zoho CRM notification for unknown channel `{channel}`"),
-            });
-        }
-        let Some(module) = self
-            .settings
-            .modules
-            .iter()
-            .find(|m| parsed.module.as_deref() == Some(m.as_str()))
-        else {
-            return Err(ConnectorError::InvalidInput {
-                message: format!(
-                    "Zoho CRM notification for module `{}`, which is not synced",
-                    parsed.module.unwrap_or_default()
-                ),
-            });
-        };
-        let mut records = Vec::with_capacity(parsed.ids.len());
-        for id in &parsed.ids {
-            let id = match id {
-                Value::String(s) => s.trim().to_owned(),
-                Value::Number(n) if n.is_u64() => n.to_string(),
-                _ => String::new(),
-            };
-            if id.is_empty() || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
-                return Err(ConnectorError::InvalidInput {
-                    message: "Zoho CRM notification with an invalid record id".into(),
-                });
-            }
-            records.push(RecordRef {
-                module: module.clone(),
-                id,
-            });
-        }
-        // Deletions are read from `/deleted` by the poll; a deleted record cannot be fetched.
-        if parsed.operation.as_deref() == Some("delete") || records.is_empty() {
-            return Ok(WebhookEvent::Ignored);
-        }
-        Ok(WebhookEvent::Changed(records))
-    }
-
     async fn write_back(&self, consent: &ConsentWriteBack) -> ConnectorResult<()> {
         if !self.settings.write_back.enabled {
             return Ok(());
@@ -305,58 +372,5 @@ impl CrmConnector for ZohoCrm {
         } else {
             ConnectorError::permanent(message)
         })
-    }
-
-    async fn health(&self) -> ConnectorResult<Health> {
-        let token = self.oauth.token().await?;
-        let mut readable = Vec::new();
-        for module in &self.settings.modules {
-            let path = format!("/{module}");
-            let reply = self
-                .call(Request {
-                    method: Method::GET,
-                    path: &path,
-                    query: vec![
-                        ("fields", self.settings.fields_param.clone()),
-                        ("per_page", "1".into()),
-                    ],
-                    if_modified_since: None,
-                    body: None,
-                })
-                .await;
-            match reply.map_err(|e| self.crm_error(e, module)) {
-                Ok(_) => readable.push(module.as_str()),
-                Err(e @ ConnectorError::Config { .. }) => return Err(e),
-                Err(e) => {
-                    return Ok(Health {
-                        ok: false,
-                        detail: format!("Zoho CRM module {module}: {e}"),
-                    });
-                }
-            }
-        }
-        let fields = self.check_fields().await?;
-        Ok(Health {
-            ok: true,
-            detail: format!(
-                "Zoho CRM at {}: token ok, modules {} readable, {fields}",
-                self.api_base(&token),
-                readable.join(", ")
-            ),
-        })
-    }
-
-    fn limits(&self) -> Limits {
-        Limits {
-            max_batch: MAX_UPDATE_BATCH,
-            calls_per_minute: None,
-        }
-    }
-
-    async fn maintain(&self) -> ConnectorResult<()> {
-        match &self.settings.webhook {
-            Some(w) if w.register => self.maintain_channel(w).await,
-            _ => Ok(()),
-        }
     }
 }

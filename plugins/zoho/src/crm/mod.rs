@@ -62,7 +62,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::config::{
-    self, AssertRule, ConfigError, OAuthSettings, WriteBackConfig, ZohoCrmConfig, check_url,
+    self, AssertRule, OAuthSettings, SettingsError, WriteBackConfig, ZohoCrmConfig, check_url,
     invalid, parse_duration, parse_settings,
 };
 use crate::oauth::{AccessToken, ZohoOAuth};
@@ -139,12 +139,12 @@ pub struct ZohoCrm {
 
 impl ZohoCrm {
     /// Build from the connector's TOML table (`base_dir` is unused: no local paths).
-    pub fn from_config(settings: toml::Table, _base_dir: &Path) -> Result<Self, ConfigError> {
+    pub fn from_config(settings: toml::Table, _base_dir: &Path) -> Result<Self, SettingsError> {
         Self::new(parse_settings(settings)?)
     }
 
     /// Build from already-parsed settings.
-    pub fn new(c: ZohoCrmConfig) -> Result<Self, ConfigError> {
+    pub fn new(c: ZohoCrmConfig) -> Result<Self, SettingsError> {
         let oauth = OAuthSettings::new(
             &c.client_id,
             &c.client_secret,
@@ -163,7 +163,7 @@ impl ZohoCrm {
         c: ZohoCrmConfig,
         http: reqwest::Client,
         oauth: Arc<ZohoOAuth>,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, SettingsError> {
         let api_url = c
             .api_url
             .as_deref()

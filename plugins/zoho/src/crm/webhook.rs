@@ -113,7 +113,7 @@ pub(super) fn webhook_token_matches(expected: &str, given: &str) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use optinsync_plugin_api::{CrmConnector as _, WebhookEvent};
+    use optinsync_plugin_api::WebhookEvent;
 
     use super::*;
     use crate::crm::tests::crm;
@@ -146,7 +146,7 @@ mod tests {
         };
         assert!(matches!(
             crm.parse_webhook(&[], body(expected).as_bytes()),
-            Ok(WebhookEvent::Changed(ids)) if ids.len() == 1
+            Ok(WebhookEvent::Changed { records }) if records.len() == 1
         ));
         for token in ["s3cr3t", "s3cr3t-channel-token-and-more"] {
             let err = crm.parse_webhook(&[], body(token).as_bytes()).unwrap_err();

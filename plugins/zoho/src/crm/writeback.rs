@@ -51,7 +51,7 @@ impl ZohoCrm {
             item.insert(field, Value::Bool(true));
         }
         if wb.gdpr {
-            let confirmed = consent.state == "confirmed";
+            let confirmed = consent.state == optinsync_plugin_api::ConsentState::Confirmed;
             let date = consent.at.format("%Y-%m-%d").to_string();
             let mut gdpr = serde_json::Map::new();
             let basis = if confirmed {
@@ -71,7 +71,7 @@ impl ZohoCrm {
             }
             gdpr.insert(
                 wb.consent_remarks_field.clone(),
-                Value::String(remarks(&consent.state, &date, &consent.list)),
+                Value::String(remarks(consent.state.as_str(), &date, &consent.list)),
             );
             item.insert(wb.consent_field.clone(), Value::Object(gdpr));
         }
@@ -111,10 +111,11 @@ mod tests {
     fn write_back_fields() {
         let zoho = crm("");
         let wb = ConsentWriteBack {
+            key: "k".into(),
             records: vec![],
             email: "a@example.com".into(),
             list: "newsletter".into(),
-            state: "confirmed".into(),
+            state: optinsync_plugin_api::ConsentState::Confirmed,
             opt_out: false,
             at: DateTime::parse_from_rfc3339("2026-11-27T10:00:00Z")
                 .unwrap()
@@ -130,7 +131,7 @@ mod tests {
                 "Consent_Remarks": "DOI confirmed 2026-11-27 via optinsync (list newsletter)"}})
         );
         let out = ConsentWriteBack {
-            state: "withdrawn".into(),
+            state: optinsync_plugin_api::ConsentState::Withdrawn,
             opt_out: true,
             ..wb
         };
@@ -142,7 +143,7 @@ mod tests {
         );
         let plain = crm("[write_back]\ngdpr = false");
         let confirmed = ConsentWriteBack {
-            state: "confirmed".into(),
+            state: optinsync_plugin_api::ConsentState::Confirmed,
             opt_out: false,
             ..out
         };
