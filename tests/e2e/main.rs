@@ -21,6 +21,7 @@ mod multi_instance;
 mod outbox;
 mod postgres;
 mod rules;
+mod status_webhooks;
 mod support;
 mod zoho;
 mod zoho_campaigns;
