@@ -471,6 +471,34 @@ async fn piled_up_confirmations_go_out_ten_per_bulk_call_within_the_quota() {
     assert_eq!(daemon.terminate(), Some(0));
 }
 
+/// The campaigns poll follows the connector's own cadence (`status_interval = "1s"`), not the
+/// daemon's `poll_interval` (here 60 s): an unsubscribe made inside Zoho reaches the ledger in
+/// seconds.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_campaigns_poll_runs_at_the_connectors_status_interval() {
+    let f = FakeCampaigns::start();
+    f.add_list(KEY, "Master programmes newsletter", false);
+    let demo = demo_with_fake(&f);
+    let cfg = std::fs::read_to_string(demo.config()).unwrap();
+    std::fs::write(
+        demo.config(),
+        cfg.replace("poll_interval = \"1s\"", "poll_interval = \"60s\""),
+    )
+    .unwrap();
+    demo.run_ok(&["sync", "--once"]);
+    let daemon = demo.spawn_daemon();
+    let client = http();
+    confirm_ana_and_ben(&demo, &client).await;
+    wait_until(20, "both on the Zoho list", || f.active(KEY).len() == 2);
+    let polls = f.calls("getlistsubscribers");
+    f.unsubscribe(KEY, "ana.garcia@example.org");
+    wait_until(15, "the Campaigns unsubscribe in the ledger", || {
+        demo.state("ana.garcia@example.org", "newsletter") == "withdrawn"
+    });
+    assert!(f.calls("getlistsubscribers") > polls);
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
 /// Ana and Ben press the button of their confirmation mails.
 async fn confirm_ana_and_ben(demo: &Demo, client: &reqwest::Client) {
     for who in ["ana.garcia@example.org", "ben.okafor@example.net"] {
