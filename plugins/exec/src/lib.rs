@@ -25,11 +25,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use optinsync_connector_protocol::{
-    BatchResults, CONFIGURE_ID, Capability, ChangesParams, ConfigureParams, ConfigureResult,
-    Empty, ExportStateResult, FIRST_CALL_ID, FetchParams, FetchResult, ForgetParams, ForgetResult,
+    BatchResults, CONFIGURE_ID, Capability, ChangesParams, ConfigureParams, ConfigureResult, Empty,
+    ExportStateResult, FIRST_CALL_ID, FetchParams, FetchResult, ForgetParams, ForgetResult,
     HELLO_ID, HelloParams, HelloResult, ListMembersParams, Method, PROTOCOL_VERSION, RemoveItem,
-    RemoveParams, RequestDoiParams, StatusEventsParams, SubscribeItem, SubscribeParams,
-    result_as,
+    RemoveParams, RequestDoiParams, StatusEventsParams, SubscribeItem, SubscribeParams, result_as,
 };
 use optinsync_core::untrusted::Escaped;
 use optinsync_plugin_api::{

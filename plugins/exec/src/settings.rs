@@ -67,7 +67,11 @@ pub(crate) fn parse_duration(text: &str) -> Result<Duration, String> {
         "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n.saturating_mul(60)),
         "h" => Duration::from_secs(n.saturating_mul(3600)),
-        other => return Err(format!("unknown unit `{other}` in `{t}` (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{t}` (use ms, s, m or h)"
+            ));
+        }
     };
     if d.is_zero() {
         return Err("must be more than 0s".into());

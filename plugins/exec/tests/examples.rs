@@ -117,7 +117,11 @@ async fn crm_fetches_writes_back_once_per_key_and_checks_webhooks() {
     let dir = base_dir(&["crm.jsonl"]);
     let crm = crm(dir.path(), crm_section()).await;
 
-    let ana = crm.fetch(&rref("17")).await.expect("fetch").expect("exists");
+    let ana = crm
+        .fetch(&rref("17"))
+        .await
+        .expect("fetch")
+        .expect("exists");
     assert_eq!(ana.email.as_deref(), Some("ana@example.org"));
     assert_eq!(ana.language.as_deref(), Some("en"));
     assert_eq!(crm.fetch(&rref("18")).await, Ok(None), "deleted");
@@ -139,12 +143,20 @@ async fn crm_fetches_writes_back_once_per_key_and_checks_webhooks() {
     let written = std::fs::read_to_string(dir.path().join("writeback.jsonl")).expect("file");
     let keys: Vec<String> = written
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).expect("json")["key"].as_str().unwrap_or("").to_owned())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).expect("json")["key"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
         .collect();
     assert_eq!(keys, ["wb-42", "wb-43"]);
     let first: Value = serde_json::from_str(written.lines().next().unwrap_or("")).expect("json");
     assert_eq!(first["state"], "confirmed");
-    assert_eq!(first["records"], json!([{"module": "Contacts", "id": "17"}]));
+    assert_eq!(
+        first["records"],
+        json!([{"module": "Contacts", "id": "17"}])
+    );
 
     assert!(crm.accepts_webhooks());
     let hook = |secret: &str| WebhookRequest {
@@ -218,7 +230,8 @@ async fn campaigns_handshake_batches_partial_failures_and_is_idempotent() {
 
     // No request_doi capability: the API default, without asking the process.
     assert_eq!(
-        c.request_doi("L1", &Keyed::new("d1", sub("x@example.org"))).await,
+        c.request_doi("L1", &Keyed::new("d1", sub("x@example.org")))
+            .await,
         Err(ConnectorError::Permanent {
             message: "this campaigns connector cannot run a double opt-in".into()
         })
@@ -266,7 +279,12 @@ async fn campaigns_status_events_follow_the_cursor() {
 #[tokio::test]
 async fn an_outage_reported_by_the_connector_is_transient_with_its_wait() {
     let dir = base_dir(&[]);
-    let c = campaigns(dir.path(), campaigns_section(json!({"fail_first_calls": 1})), None).await;
+    let c = campaigns(
+        dir.path(),
+        campaigns_section(json!({"fail_first_calls": 1})),
+        None,
+    )
+    .await;
     let batch = keyed(&[("k1", "ana@example.org")]);
     match c.subscribe("L1", &batch).await {
         Err(ConnectorError::Transient {
@@ -291,12 +309,16 @@ async fn a_crash_mid_batch_fails_every_item_and_the_resent_batch_lands_once() {
     let c = campaigns(dir.path(), section, Some(saved)).await;
 
     assert_eq!(
-        c.subscribe("L1", &keyed(&[("k0", "zoe@example.org")])).await,
+        c.subscribe("L1", &keyed(&[("k0", "zoe@example.org")]))
+            .await,
         Ok(vec![Ok(())])
     );
     // The saved state reached the first process, and counts on.
     let state = c.export_state().await.expect("state capability");
-    assert_eq!(serde_json::from_str::<Value>(&state).ok(), Some(json!({"version": 1, "write_calls": 11})));
+    assert_eq!(
+        serde_json::from_str::<Value>(&state).ok(),
+        Some(json!({"version": 1, "write_calls": 11}))
+    );
 
     let batch = keyed(&[
         ("k1", "ana@example.org"),
@@ -307,19 +329,29 @@ async fn a_crash_mid_batch_fails_every_item_and_the_resent_batch_lands_once() {
     let crashed = c.subscribe("L1", &batch).await;
     let outcome = per_item(batch.len(), crashed.clone());
     assert!(
-        outcome
-            .iter()
-            .all(|r| matches!(r, Err(ConnectorError::Transient { scope: FailureScope::Service, .. }))),
+        outcome.iter().all(|r| matches!(
+            r,
+            Err(ConnectorError::Transient {
+                scope: FailureScope::Service,
+                ..
+            })
+        )),
         "{outcome:?}"
     );
     let message = crashed.expect_err("whole call failed").to_string();
-    assert!(message.contains("connector process exited: status 3"), "{message}");
+    assert!(
+        message.contains("connector process exited: status 3"),
+        "{message}"
+    );
     assert!(message.contains("`campaigns`"), "{message}");
     assert!(dir.path().join("lists.json.crashed").exists());
 
     // During the backoff: transient, with the remaining wait.
     match c.health().await {
-        Err(ConnectorError::Transient { retry_after: Some(wait), .. }) => {
+        Err(ConnectorError::Transient {
+            retry_after: Some(wait),
+            ..
+        }) => {
             assert!(wait <= Duration::from_secs(1), "{wait:?}")
         }
         other => panic!("expected the backoff, got {other:?}"),
@@ -330,7 +362,12 @@ async fn a_crash_mid_batch_fails_every_item_and_the_resent_batch_lands_once() {
     let (names, raw) = members(dir.path(), "L1");
     assert_eq!(
         names,
-        ["ana@example.org", "ben@example.org", "cy@example.org", "zoe@example.org"]
+        [
+            "ana@example.org",
+            "ben@example.org",
+            "cy@example.org",
+            "zoe@example.org"
+        ]
     );
     for email in &names {
         assert_eq!(raw.matches(&format!("\"{email}\"")).count(), 1, "{email}");
@@ -338,6 +375,9 @@ async fn a_crash_mid_batch_fails_every_item_and_the_resent_batch_lands_once() {
     // The restarted process got the last exported state (11), not the lost count of the
     // crashed one, nor nothing.
     let state = c.export_state().await.expect("state");
-    assert_eq!(serde_json::from_str::<Value>(&state).ok(), Some(json!({"version": 1, "write_calls": 12})));
+    assert_eq!(
+        serde_json::from_str::<Value>(&state).ok(),
+        Some(json!({"version": 1, "write_calls": 12}))
+    );
     c.shutdown().await;
 }

@@ -31,7 +31,9 @@ pub fn example(name: &str) -> Value {
 pub fn base_dir(fixtures: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     for f in fixtures {
-        let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(f);
+        let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(f);
         std::fs::copy(&from, dir.path().join(f)).expect("fixture copied");
     }
     dir
@@ -111,9 +113,7 @@ where
     loop {
         match f().await {
             Err(e) if Instant::now() < deadline => match transient_wait(&e) {
-                Some(wait) => {
-                    tokio::time::sleep(wait.unwrap_or(Duration::from_millis(100))).await
-                }
+                Some(wait) => tokio::time::sleep(wait.unwrap_or(Duration::from_millis(100))).await,
                 None => return Err(e),
             },
             other => return other,
