@@ -393,3 +393,35 @@ def handle(rid, method, params):
     assert_eq!(health.detail, "start 2");
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn answers_in_any_order_reach_their_own_calls() {
+    let dir = base_dir(&[]);
+    // Holds the answer for list A until the request for list B has come, then answers B first.
+    let handler = r#"
+HELD = []
+def page(lst):
+    return {"events": [], "next_cursor": lst, "has_more": False}
+def handle(rid, method, params):
+    if params.get("list") == "A":
+        HELD.append(rid)
+        return
+    send({"id": rid, "result": page(params.get("list"))})
+    for held in HELD:
+        send({"id": held, "result": page("A")})
+"#;
+    let section = json!({"command": child(dir.path(), "[]", handler)});
+    let c = campaigns(dir.path(), section, None).await;
+    let a = c.status_events("A", None);
+    let b = async {
+        // B is asked once A's request is surely written (the child records each call).
+        while !read(dir.path(), "calls").contains("status_events") {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        c.status_events("B", None).await
+    };
+    let (a, b) = tokio::join!(a, b);
+    assert_eq!(a.expect("A").next_cursor.map(|c| c.0).as_deref(), Some("A"));
+    assert_eq!(b.expect("B").next_cursor.map(|c| c.0).as_deref(), Some("B"));
+    c.shutdown().await;
+}
