@@ -425,3 +425,82 @@ def handle(rid, method, params):
     assert_eq!(b.expect("B").next_cursor.map(|c| c.0).as_deref(), Some("B"));
     c.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_line_over_16_mib_is_a_protocol_error() {
+    let dir = base_dir(&[]);
+    let handler = r#"
+def handle(rid, method, params):
+    if STARTS == 1:
+        sys.stdout.write("x" * (16 * 1024 * 1024 + 10) + "\n")
+        sys.stdout.flush()
+        return
+    send({"id": rid, "result": {"ok": True, "detail": f"start {STARTS}"}})
+"#;
+    let section = json!({"command": child(dir.path(), "[]", handler)});
+    let c = crm(dir.path(), section).await;
+    let e = c.health().await.expect_err("over-long line");
+    assert!(e.to_string().contains("longer than 16 MiB"), "{e}");
+    assert_eq!(
+        retrying(|| c.health()).await.map(|h| h.detail),
+        Ok("start 2".into())
+    );
+    c.shutdown().await;
+}
+
+/// Log lines written by the code under test (a current-thread runtime keeps its tasks on the
+/// thread where the subscriber is set).
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn stderr_is_forwarded_escaped_and_cut() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let dir = base_dir(&[]);
+    let handler = r#"
+def handle(rid, method, params):
+    sys.stderr.write("forged\x1b[31m\rINFO line\n")
+    sys.stderr.write("y" * 5000 + "\n")
+    sys.stderr.write("after the long one\n")
+    sys.stderr.flush()
+    send({"id": rid, "result": {"ok": True, "detail": "ok"}})
+"#;
+    let section = json!({"command": child(dir.path(), "[]", handler)});
+    let c = crm(dir.path(), section).await;
+    c.health().await.expect("health");
+    c.shutdown().await; // stderr is drained by the time the process has exited
+    let text = String::from_utf8_lossy(&captured.0.lock().expect("log")).into_owned();
+    let forged = text
+        .lines()
+        .find(|l| l.contains("forged"))
+        .unwrap_or_else(|| panic!("not forwarded: {text}"));
+    assert!(forged.contains(r"forged\u{1b}[31m\rINFO line"), "{forged}");
+    assert!(forged.contains("connector=crm"), "{forged}");
+    let long = text
+        .lines()
+        .find(|l| l.contains("yyyy"))
+        .unwrap_or_else(|| panic!("not forwarded: {text}"));
+    let run = long.split(|c| c != 'y').map(str::len).max();
+    assert_eq!(run, Some(2048), "cut at 2 KiB");
+    assert!(text.contains("after the long one"), "{text}");
+}
