@@ -7,6 +7,7 @@
 
 mod browser;
 mod cli;
+mod conformance;
 mod crash;
 mod data_subject;
 mod demo;

@@ -269,9 +269,15 @@ impl CampaignsConnector for JsonlList {
             .iter()
             .enumerate()
             .map(|(index, s)| {
-                if s.item.email.trim().is_empty() {
+                let email = s.item.email.trim();
+                if email.is_empty() {
                     Err(ConnectorError::permanent(format!(
                         "subscriber #{index} for list `{list}` has an empty email"
+                    )))
+                } else if !email.contains('@') {
+                    // A list tool would refuse it too; never quoted (it may be anything).
+                    Err(ConnectorError::permanent(format!(
+                        "subscriber #{index} for list `{list}` is not an address"
                     )))
                 } else {
                     Ok(())
