@@ -29,7 +29,15 @@ mod tests {
         let all = factories();
         let kinds: HashSet<&str> = all.iter().map(|f| f.kind()).collect();
         assert_eq!(kinds.len(), all.len(), "a kind registered twice");
-        for kind in ["csv", "jsonl", "eml", "zoho-crm", "zoho-campaigns", "smtp", "exec"] {
+        for kind in [
+            "csv",
+            "jsonl",
+            "eml",
+            "zoho-crm",
+            "zoho-campaigns",
+            "smtp",
+            "exec",
+        ] {
             assert!(kinds.contains(kind), "{kind} missing");
         }
     }
