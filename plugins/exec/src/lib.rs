@@ -144,7 +144,8 @@ impl ExecConnector {
         let connector = Self {
             name: ctx.name.as_str().into(),
             role: ctx.role,
-            base_dir: ctx.base_dir.clone(),
+            // The protocol promises an absolute `base_dir`; the config's may be relative (`.`).
+            base_dir: std::path::absolute(&ctx.base_dir).unwrap_or_else(|_| ctx.base_dir.clone()),
             config,
             limits: Mutex::new(Limits {
                 capabilities: Vec::new(),

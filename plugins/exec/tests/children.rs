@@ -504,3 +504,53 @@ def handle(rid, method, params):
     assert_eq!(run, Some(2048), "cut at 2 KiB");
     assert!(text.contains("after the long one"), "{text}");
 }
+
+#[tokio::test]
+async fn configure_gets_an_absolute_base_dir_which_is_also_the_working_directory() {
+    let scripts = base_dir(&[]);
+    let source = r#"
+import json, os, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m:
+        continue
+    if m["method"] == "hello":
+        r = {"protocol_version": 1, "connector": "t", "roles": ["crm"], "capabilities": []}
+    elif m["method"] == "configure":
+        BASE = m["params"]["base_dir"]
+        ENV = sorted(os.environ)
+        r = {}
+    elif m["method"] == "health":
+        r = {"ok": True, "detail": json.dumps([BASE, os.getcwd(), ENV])}
+    else:
+        r = {}
+    print(json.dumps({"id": m["id"], "result": r}), flush=True)
+"#;
+    let mut command = script(scripts.path(), "where.py", source);
+    // The interpreter itself, not a wrapper (a pyenv shim sets variables of its own).
+    let real = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 runs");
+    command[0] = json!(String::from_utf8_lossy(&real.stdout).trim());
+    // Relative to the test's working directory (the package), as a config's `.` would be.
+    let relative = Path::new("tests/fixtures");
+    let Ok(Built::Crm(c)) = build(Role::Crm, relative, json!({"command": command}), None).await
+    else {
+        panic!("a CRM connector")
+    };
+    let detail = c.health().await.expect("health").detail;
+    let seen: (String, String, Vec<String>) = serde_json::from_str(&detail).expect("json");
+    let expected = std::fs::canonicalize(relative).expect("exists");
+    assert!(Path::new(&seen.0).is_absolute(), "{}", seen.0);
+    assert_eq!(std::fs::canonicalize(&seen.0).ok(), Some(expected.clone()));
+    assert_eq!(std::fs::canonicalize(&seen.1).ok(), Some(expected));
+    // Only the kept variables (python may add LC_CTYPE of its own).
+    let allowed = ["PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "LC_CTYPE"];
+    assert!(
+        seen.2.iter().all(|k| allowed.contains(&k.as_str())),
+        "{:?}",
+        seen.2
+    );
+    c.shutdown().await;
+}
