@@ -11,6 +11,7 @@ mod conformance;
 mod crash;
 mod data_subject;
 mod demo;
+mod exec;
 mod faults;
 mod hardening;
 mod import;
