@@ -1,6 +1,8 @@
 //! `kind = "exec"` through the binary: the Python example connectors
 //! (`examples/connectors/`) as the CRM and the campaigns tool of the demo — the conformance
-//! kit, then a double opt-in from the CRM's assertion to the list and the write-back.
+//! kit, then a double opt-in from the CRM's assertion to the list and the write-back, an
+//! unsubscribe made inside the tool coming back into the ledger and the CRM, and a CRM webhook
+//! through the exec connector. Also the examples' own self-test.
 
 use crate::support::*;
 
@@ -55,13 +57,40 @@ events_path = "var/list-events.jsonl"
     demo
 }
 
+/// The addresses `file_campaigns.py` holds as subscribed on the list.
 fn members(demo: &Demo) -> Vec<String> {
     let text = std::fs::read_to_string(demo.path("var/lists.json")).unwrap_or_default();
     let data: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     data["lists"]["newsletter"]
         .as_object()
-        .map(|m| m.keys().cloned().collect())
+        .map(|m| {
+            m.iter()
+                .filter(|(_, v)| v["status"] == "subscribed")
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
         .unwrap_or_default()
+}
+
+/// Whether the exec CRM's write-back file holds this state for the address.
+fn written_back(demo: &Demo, email: &str, state: &str) -> bool {
+    std::fs::read_to_string(demo.path("var/crm-writeback.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
+            v["email"] == email && v["state"] == state
+        })
+}
+
+fn append_line(path: &std::path::Path, line: &str) {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    writeln!(f, "{line}").unwrap();
 }
 
 #[test]
@@ -111,15 +140,64 @@ async fn a_double_opt_in_runs_through_exec_connectors() {
     wait_until(
         20,
         "the confirmation written back through the exec CRM",
-        || {
-            std::fs::read_to_string(demo.path("var/crm-writeback.jsonl"))
-                .unwrap_or_default()
-                .lines()
-                .any(|l| {
-                    let v: serde_json::Value = serde_json::from_str(l).unwrap_or_default();
-                    v["email"] == "ana@example.org" && v["state"] == "confirmed"
-                })
-        },
+        || written_back(&demo, "ana@example.org", "confirmed"),
     );
+
+    // Ana unsubscribes inside the tool: its status feed brings it back into the ledger, the
+    // CRM hears of it, and she is taken off the list.
+    append_line(
+        &demo.path("var/list-events.jsonl"),
+        r#"{"list": "newsletter", "email": "ana@example.org", "kind": "unsubscribed", "at": "2026-12-01T10:00:00Z"}"#,
+    );
+    wait_until(20, "the unsubscribe in the ledger", || {
+        demo.state("ana@example.org", "newsletter") == "withdrawn"
+    });
+    wait_until(20, "the withdrawal written back", || {
+        written_back(&demo, "ana@example.org", "withdrawn")
+    });
+    wait_until(20, "ana off the list", || members(&demo).is_empty());
+
+    // A CRM webhook through the exec connector: forged calls are refused; a real one brings a
+    // new contact's DOI request at once, without waiting for the poll.
+    let base = format!("http://127.0.0.1:{}", demo.port);
+    let client = http();
+    let forged = client
+        .post(format!("{base}/webhooks/crm"))
+        .body(r#"{"ids": ["20"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 400);
+    append_line(
+        &demo.path("crm.jsonl"),
+        r#"{"id": "20", "email": "dee@example.org", "language": "en", "lists": ["newsletter"]}"#,
+    );
+    let real = client
+        .post(format!("{base}/webhooks/crm"))
+        .header("x-webhook-secret", "an-exec-webhook-secret")
+        .body(r#"{"ids": ["20"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(real.status(), 200);
+    assert_eq!(demo.state("dee@example.org", "newsletter"), "pending");
     assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[test]
+fn the_examples_self_test_passes() {
+    let out = std::process::Command::new("python3")
+        .arg(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples/connectors/selftest.py"),
+        )
+        .output()
+        .expect("python3 runs (scripts/test installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("all passed"), "{stdout}");
 }
