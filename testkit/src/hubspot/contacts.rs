@@ -815,10 +815,10 @@ pub(crate) fn gdpr_delete(s: &mut HubSpotState, body: &Value) -> Reply {
     let Some(n) = found else {
         return not_found();
     };
-    if let Some(c) = s.contacts.remove(&n) {
-        if let Some(e) = c.properties.get("email") {
-            s.email_index.remove(e);
-        }
+    if let Some(c) = s.contacts.remove(&n)
+        && let Some(e) = c.properties.get("email")
+    {
+        s.email_index.remove(e);
     }
     Reply::new(204, Value::Null)
 }
