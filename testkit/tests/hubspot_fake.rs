@@ -1495,7 +1495,7 @@ async fn burst_and_daily_limits_with_the_rate_limit_headers() {
     // Which headers appear is a setting.
     fake.with(|s| {
         s.daily_max = u64::MAX;
-        s.rate_headers = RateHeaders::Interval;
+        s.rate_headers = Some(RateHeaders::Interval);
     });
     tokio::time::sleep(Duration::from_millis(600)).await;
     let a = call(&fake, "GET", C, None).await;

@@ -1,21 +1,23 @@
-//! The contacts object: list, get, create, update, archive, batch, GDPR delete, property
-//! validation and the property definitions. Search lives in `search`.
+//! The contacts object: the stored contact and how the API renders it, seeding and edits for
+//! tests, list, get, create, update, archive and GDPR delete. Property definitions and
+//! validation live in `properties`, batch endpoints in `batch`, search in `search`.
 //!
 //! Inferred, where HubSpot's documentation says nothing: a requested property the portal does
 //! not define is left out of `properties` (a defined but unset one is `null`); emails are
 //! stored lower-cased and unique case-insensitively; every accepted write bumps
 //! `lastmodifieddate`, even one that sets a value it already had (stricter: a connector sees
-//! its own echoes); a batch whose inputs fail validation is refused whole (400, nothing
-//! written), while ids that do not exist are reported per item (207).
+//! its own echoes); the list cursor `after` is an opaque token (stricter: HubSpot's looks like
+//! a record id, but is documented as opaque); `DELETE` of an unknown id is 404.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Instant;
 
 use base64::Engine as _;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value, json};
 
-use super::http::{Query, Reply, error, error_with};
+use super::http::{Query, Reply, error};
+use super::properties::{PropertyDef, validate};
 use super::{HubSpotState, now_ms, render_time};
 
 /// Properties returned when a request names none.
@@ -30,174 +32,6 @@ pub(crate) const DEFAULT_PROPERTIES: &[&str] = &[
 
 /// Returned whatever a request names.
 const ALWAYS: &[&str] = &["createdate", "hs_object_id", "lastmodifieddate"];
-
-/// One property definition (`GET /crm/v3/properties/contacts`).
-#[derive(Debug, Clone)]
-pub struct PropertyDef {
-    pub name: String,
-    pub label: String,
-    /// `string`, `number`, `date`, `datetime`, `enumeration`, `bool`.
-    pub kind: String,
-    /// `text`, `number`, `date`, `checkbox` (multiple values, `;`-separated),
-    /// `booleancheckbox`, `radio`, `select`, `calculation_read_only`.
-    pub field_type: String,
-    /// `(label, value)`.
-    pub options: Vec<(String, String)>,
-    /// `modificationMetadata.readOnlyValue`: writes are refused.
-    pub read_only: bool,
-    pub hubspot_defined: bool,
-    pub group: String,
-}
-
-impl PropertyDef {
-    fn new(name: &str, label: &str, kind: &str, field_type: &str) -> Self {
-        PropertyDef {
-            name: name.into(),
-            label: label.into(),
-            kind: kind.into(),
-            field_type: field_type.into(),
-            options: Vec::new(),
-            read_only: false,
-            hubspot_defined: false,
-            group: "contactinformation".into(),
-        }
-    }
-
-    /// A custom single-line text property.
-    pub fn text(name: &str, label: &str) -> Self {
-        Self::new(name, label, "string", "text")
-    }
-
-    /// A custom date-time property (values: epoch milliseconds or ISO 8601).
-    pub fn datetime(name: &str, label: &str) -> Self {
-        Self::new(name, label, "datetime", "date")
-    }
-
-    /// A custom single checkbox (`"true"` / `"false"`).
-    pub fn boolean(name: &str, label: &str) -> Self {
-        let mut p = Self::new(name, label, "bool", "booleancheckbox");
-        p.options = vec![("Yes".into(), "true".into()), ("No".into(), "false".into())];
-        p
-    }
-
-    /// A custom multiple-checkbox enumeration (values `;`-separated); options are
-    /// `(label, value)`.
-    pub fn checkboxes(name: &str, label: &str, options: &[(&str, &str)]) -> Self {
-        let mut p = Self::new(name, label, "enumeration", "checkbox");
-        p.options = options
-            .iter()
-            .map(|(l, v)| ((*l).to_owned(), (*v).to_owned()))
-            .collect();
-        p
-    }
-
-    /// A custom single-choice enumeration (radio buttons).
-    pub fn radio(name: &str, label: &str, options: &[(&str, &str)]) -> Self {
-        let mut p = Self::checkboxes(name, label, options);
-        p.field_type = "radio".into();
-        p
-    }
-
-    fn hubspot(mut self, read_only: bool) -> Self {
-        self.hubspot_defined = true;
-        self.read_only = read_only;
-        self
-    }
-
-    fn render(&self) -> Value {
-        let options: Vec<Value> = self
-            .options
-            .iter()
-            .enumerate()
-            .map(|(i, (l, v))| json!({"label": l, "value": v, "displayOrder": i, "hidden": false}))
-            .collect();
-        json!({
-            "name": self.name, "label": self.label, "type": self.kind, "fieldType": self.field_type,
-            "description": "", "groupName": self.group, "options": options, "displayOrder": -1,
-            "calculated": false, "externalOptions": false, "hasUniqueValue": false, "hidden": false,
-            "hubspotDefined": self.hubspot_defined, "formField": !self.read_only,
-            "modificationMetadata": {"archivable": !self.hubspot_defined,
-                                     "readOnlyDefinition": self.hubspot_defined,
-                                     "readOnlyValue": self.read_only},
-            "createdAt": "2020-01-01T00:00:00.000Z", "updatedAt": "2020-01-01T00:00:00.000Z",
-            "archived": false,
-        })
-    }
-
-    fn is_numeric(&self) -> bool {
-        self.kind == "number"
-    }
-
-    fn is_time(&self) -> bool {
-        self.kind == "datetime" || self.kind == "date"
-    }
-}
-
-/// The HubSpot-defined contact properties the fake knows.
-pub(crate) fn default_properties() -> BTreeMap<String, PropertyDef> {
-    let legal = [
-        "Legitimate interest – prospect/lead",
-        "Legitimate interest – existing customer",
-        "Performance of a contract",
-        "Freely given consent from contact",
-        "Not applicable",
-    ];
-    let legal: Vec<(&str, &str)> = legal.iter().map(|l| (*l, *l)).collect();
-    let stages = [
-        "subscriber",
-        "lead",
-        "marketingqualifiedlead",
-        "salesqualifiedlead",
-        "opportunity",
-        "customer",
-        "evangelist",
-        "other",
-    ];
-    let stages: Vec<(&str, &str)> = stages.iter().map(|v| (*v, *v)).collect();
-    let mut defs = vec![
-        PropertyDef::text("email", "Email").hubspot(false),
-        PropertyDef::text("firstname", "First Name").hubspot(false),
-        PropertyDef::text("lastname", "Last Name").hubspot(false),
-        PropertyDef::text("phone", "Phone Number").hubspot(false),
-        PropertyDef::text("company", "Company Name").hubspot(false),
-        PropertyDef::new("hs_object_id", "Record ID", "number", "number").hubspot(true),
-        PropertyDef::datetime("createdate", "Create Date").hubspot(true),
-        PropertyDef::datetime("lastmodifieddate", "Last Modified Date").hubspot(true),
-        PropertyDef::checkboxes(
-            "hs_legal_basis",
-            "Legal basis for processing contact's data",
-            &legal,
-        )
-        .hubspot(false),
-        PropertyDef::boolean("hs_email_optout", "Unsubscribed from all email").hubspot(true),
-        PropertyDef::boolean("hs_marketable_status", "Marketing contact status").hubspot(true),
-        PropertyDef::boolean(
-            "hs_marketable_until_renewal",
-            "Marketing contact until next update",
-        )
-        .hubspot(true),
-        PropertyDef::radio("lifecyclestage", "Lifecycle Stage", &stages).hubspot(false),
-        PropertyDef::new(
-            "hs_email_bounce",
-            "Marketing emails bounced",
-            "number",
-            "number",
-        )
-        .hubspot(true),
-        PropertyDef::text("hs_email_hard_bounce_reason", "Email hard bounce reason").hubspot(true),
-        PropertyDef::boolean("hs_email_quarantined", "Email address quarantined").hubspot(true),
-    ];
-    for d in super::prefs::default_definitions() {
-        defs.push(
-            PropertyDef::boolean(
-                &format!("hs_email_optout_{}", d.id),
-                &format!("Opted out of email: {}", d.name),
-            )
-            .hubspot(true),
-        );
-    }
-    defs.into_iter().map(|d| (d.name.clone(), d)).collect()
-}
 
 /// One past value of a property.
 #[derive(Debug, Clone)]
@@ -410,7 +244,7 @@ pub(crate) fn archive(s: &mut HubSpotState, id: u64, at: DateTime<Utc>) {
 }
 
 /// Apply validated changes; bumps `lastmodifieddate`; searchable after the lag.
-fn apply(
+pub(crate) fn apply(
     s: &mut HubSpotState,
     id: u64,
     changes: &[(String, String)],
@@ -444,7 +278,11 @@ fn apply(
 }
 
 /// Create a contact from validated properties; returns its id.
-fn create_one(s: &mut HubSpotState, changes: &[(String, String)], at: DateTime<Utc>) -> u64 {
+pub(crate) fn create_one(
+    s: &mut HubSpotState,
+    changes: &[(String, String)],
+    at: DateTime<Utc>,
+) -> u64 {
     s.next_id += 1;
     let id = s.next_id;
     let mut c = Contact::new(id, at);
@@ -455,144 +293,7 @@ fn create_one(s: &mut HubSpotState, changes: &[(String, String)], at: DateTime<U
     id
 }
 
-fn validation_error(invalid: &[(String, String, String)]) -> Reply {
-    let details: Vec<Value> = invalid
-        .iter()
-        .map(|(name, code, msg)| json!({"isValid": false, "message": msg, "error": code, "name": name}))
-        .collect();
-    let errors: Vec<Value> = invalid
-        .iter()
-        .map(|(name, code, msg)| json!({"message": msg, "code": code, "context": {"propertyName": [name]}}))
-        .collect();
-    error_with(
-        400,
-        "VALIDATION_ERROR",
-        &format!("Property values were not valid: {}", Value::Array(details)),
-        errors,
-        None,
-    )
-}
-
-fn valid_email(e: &str) -> bool {
-    let Some((local, domain)) = e.split_once('@') else {
-        return false;
-    };
-    !local.is_empty()
-        && domain.contains('.')
-        && !domain.starts_with('.')
-        && !domain.ends_with('.')
-        && !e.chars().any(char::is_whitespace)
-}
-
-/// Milliseconds of an epoch-ms, ISO date-time or ISO date string.
-pub(crate) fn time_ms(v: &str) -> Option<i64> {
-    if let Ok(ms) = v.parse::<i64>() {
-        return Some(ms);
-    }
-    if let Ok(t) = DateTime::parse_from_rfc3339(v) {
-        return Some(t.timestamp_millis());
-    }
-    chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d")
-        .ok()
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
-        .map(|t| t.and_utc().timestamp_millis())
-}
-
-/// Check a `properties` object for a write: every value a string, every name a defined,
-/// writable property, every value valid for its type.
-fn validate(s: &HubSpotState, props: Option<&Value>) -> Result<Vec<(String, String)>, Reply> {
-    let Some(props) = props else {
-        return Ok(Vec::new());
-    };
-    let Value::Object(m) = props else {
-        return Err(error(
-            400,
-            "VALIDATION_ERROR",
-            "properties must be an object of strings",
-        ));
-    };
-    let mut out = Vec::new();
-    let mut invalid: Vec<(String, String, String)> = Vec::new();
-    for (name, value) in m {
-        let Value::String(value) = value else {
-            invalid.push((
-                name.clone(),
-                "INVALID_TYPE".into(),
-                format!("Property \"{name}\" must be given as a string; {value} is not a string"),
-            ));
-            continue;
-        };
-        let Some(def) = s.properties.get(name) else {
-            invalid.push((
-                name.clone(),
-                "PROPERTY_DOESNT_EXIST".into(),
-                format!("Property \"{name}\" does not exist"),
-            ));
-            continue;
-        };
-        if def.read_only {
-            invalid.push((
-                name.clone(),
-                "READ_ONLY_VALUE".into(),
-                format!("Property \"{name}\" is a read only property"),
-            ));
-            continue;
-        }
-        if !value.is_empty() {
-            let problem = match (def.kind.as_str(), def.field_type.as_str()) {
-                _ if name == "email" && !valid_email(value) => {
-                    Some(("INVALID_EMAIL", format!("Email address {value} is invalid")))
-                }
-                ("bool", _) if value != "true" && value != "false" => Some((
-                    "INVALID_BOOLEAN",
-                    format!("{value} was not a valid boolean option for {name}"),
-                )),
-                ("enumeration", ft) => {
-                    let parts: Vec<&str> = if ft == "checkbox" {
-                        value.split(';').collect()
-                    } else {
-                        vec![value.as_str()]
-                    };
-                    parts
-                        .iter()
-                        .find(|p| !def.options.iter().any(|(_, v)| v == *p))
-                        .map(|p| {
-                            let allowed: Vec<&str> =
-                                def.options.iter().map(|(_, v)| v.as_str()).collect();
-                            (
-                                "INVALID_OPTION",
-                                format!(
-                                    "{p} was not one of the allowed options: [{}]",
-                                    allowed.join(", ")
-                                ),
-                            )
-                        })
-                }
-                ("number", _) if value.parse::<f64>().is_err() => Some((
-                    "INVALID_INTEGER",
-                    format!("{value} is not a valid number for {name}"),
-                )),
-                ("datetime" | "date", _) if time_ms(value).is_none() => Some((
-                    "INVALID_DATE",
-                    format!("{value} is not a valid date for {name}"),
-                )),
-                _ => None,
-            };
-            if let Some((code, msg)) = problem {
-                invalid.push((name.clone(), code.into(), msg));
-                continue;
-            }
-        }
-        out.push((name.clone(), value.clone()));
-    }
-    if invalid.is_empty() {
-        Ok(out)
-    } else {
-        Err(validation_error(&invalid))
-    }
-}
-
-fn email_of(changes: &[(String, String)]) -> Option<String> {
+pub(crate) fn email_of(changes: &[(String, String)]) -> Option<String> {
     changes
         .iter()
         .find(|(k, _)| k == "email")
@@ -600,7 +301,7 @@ fn email_of(changes: &[(String, String)]) -> Option<String> {
         .filter(|v| !v.is_empty())
 }
 
-fn conflict(existing: u64) -> Reply {
+pub(crate) fn conflict(existing: u64) -> Reply {
     error(
         409,
         "CONFLICT",
@@ -608,12 +309,16 @@ fn conflict(existing: u64) -> Reply {
     )
 }
 
-fn not_found() -> Reply {
+pub(crate) fn not_found() -> Reply {
     error(404, "OBJECT_NOT_FOUND", "resource not found")
 }
 
 /// The contact `id` names under `id_property` (`None`: the record id), archived or not.
-fn resolve(s: &HubSpotState, id: &str, id_property: Option<&str>) -> Result<Option<u64>, Reply> {
+pub(crate) fn resolve(
+    s: &HubSpotState,
+    id: &str,
+    id_property: Option<&str>,
+) -> Result<Option<u64>, Reply> {
     match id_property {
         None | Some("hs_object_id") => Ok(id
             .parse::<u64>()
@@ -633,11 +338,11 @@ fn resolve(s: &HubSpotState, id: &str, id_property: Option<&str>) -> Result<Opti
     }
 }
 
-fn archived_param(q: &Query) -> bool {
+pub(crate) fn archived_param(q: &Query) -> bool {
     q.get("archived") == Some("true")
 }
 
-fn names(v: Option<&Value>) -> Option<Vec<String>> {
+pub(crate) fn names(v: Option<&Value>) -> Option<Vec<String>> {
     v.and_then(Value::as_array).map(|a| {
         a.iter()
             .filter_map(Value::as_str)
@@ -745,7 +450,7 @@ pub(crate) fn get(s: &mut HubSpotState, id: &str, q: &Query) -> Reply {
     }
 }
 
-fn render_written(s: &HubSpotState, id: u64) -> Value {
+pub(crate) fn render_written(s: &HubSpotState, id: u64) -> Value {
     s.contacts
         .get(&id)
         .map(Contact::render_all)
@@ -821,271 +526,4 @@ pub(crate) fn gdpr_delete(s: &mut HubSpotState, body: &Value) -> Reply {
         s.email_index.remove(e);
     }
     Reply::new(204, Value::Null)
-}
-
-fn batch_envelope(results: Vec<Value>, errors: Vec<Value>, ok_status: u16) -> Reply {
-    let now = render_time(now_ms());
-    let mut body = json!({"status": "COMPLETE", "results": results, "requestedAt": now,
-                          "startedAt": now, "completedAt": now, "links": {}});
-    let status = if errors.is_empty() {
-        ok_status
-    } else {
-        body["numErrors"] = json!(errors.len());
-        body["errors"] = Value::Array(errors);
-        207
-    };
-    Reply::new(status, body)
-}
-
-fn not_found_item(ids: &[String]) -> Value {
-    json!({"status": "error", "category": "OBJECT_NOT_FOUND",
-           "message": "Could not get some CONTACT objects, they may be deleted or not exist. Check that ids are valid.",
-           "context": {"ids": ids}, "errors": [], "links": {}})
-}
-
-fn input_id(input: &Value) -> Option<String> {
-    match input.get("id") {
-        Some(Value::String(t)) => Some(t.clone()),
-        _ => None,
-    }
-}
-
-/// `POST .../contacts/batch/{read,update,upsert,create,archive}`.
-pub(crate) fn batch(s: &mut HubSpotState, kind: &str, q: &Query, body: &Value) -> Reply {
-    let Some(inputs) = body.get("inputs").and_then(Value::as_array) else {
-        return error(400, "VALIDATION_ERROR", "inputs is required");
-    };
-    if inputs.len() > s.batch_max {
-        return error(
-            400,
-            "VALIDATION_ERROR",
-            &format!(
-                "Batch input has {} inputs; at most {} are allowed",
-                inputs.len(),
-                s.batch_max
-            ),
-        );
-    }
-    let default_id_property = body.get("idProperty").and_then(Value::as_str);
-    if kind != "create" && inputs.iter().any(|i| input_id(i).is_none()) {
-        return error(
-            400,
-            "VALIDATION_ERROR",
-            "every input needs an id (a string)",
-        );
-    }
-    match kind {
-        "read" => {
-            let archived = archived_param(q);
-            let props = names(body.get("properties"));
-            let history = names(body.get("propertiesWithHistory")).filter(|h| !h.is_empty());
-            let mut results = Vec::new();
-            let mut missing = Vec::new();
-            let mut seen = HashSet::new();
-            for input in inputs {
-                let id = input_id(input).unwrap_or_default();
-                let found = match resolve(s, &id, default_id_property) {
-                    Ok(f) => f,
-                    Err(r) => return r,
-                };
-                match found
-                    .and_then(|n| s.contacts.get(&n))
-                    .filter(|c| c.archived == archived)
-                {
-                    Some(c) if seen.insert(c.id) => results.push(c.render(
-                        &c.properties,
-                        props.as_deref().filter(|p| !p.is_empty()),
-                        history.as_deref(),
-                        Some(&s.properties),
-                    )),
-                    Some(_) => {}
-                    None => missing.push(id),
-                }
-            }
-            let errors = if missing.is_empty() {
-                vec![]
-            } else {
-                vec![not_found_item(&missing)]
-            };
-            batch_envelope(results, errors, 200)
-        }
-        "update" | "upsert" => {
-            let mut planned = Vec::new();
-            for input in inputs {
-                let changes = match validate(s, input.get("properties")) {
-                    Ok(c) => c,
-                    Err(r) => return r,
-                };
-                let id = input_id(input).unwrap_or_default();
-                let id_property = input
-                    .get("idProperty")
-                    .and_then(Value::as_str)
-                    .or(default_id_property);
-                let found = match resolve(s, &id, id_property) {
-                    Ok(f) => f.filter(|n| s.contacts.get(n).is_some_and(|c| !c.archived)),
-                    Err(r) => return r,
-                };
-                planned.push((id, id_property.map(str::to_owned), found, changes));
-            }
-            let mut seen = HashSet::new();
-            let dups: Vec<String> =
-                planned
-                    .iter()
-                    .filter(|(id, _, found, _)| {
-                        !seen.insert(found.map_or_else(
-                            || format!("new:{}", id.to_lowercase()),
-                            |n| n.to_string(),
-                        ))
-                    })
-                    .map(|(id, ..)| id.clone())
-                    .collect();
-            if !dups.is_empty() {
-                return error(
-                    400,
-                    "VALIDATION_ERROR",
-                    &format!("Duplicate IDs found in batch input: {dups:?}. IDs must be unique"),
-                );
-            }
-            let now = now_ms();
-            let mut results = Vec::new();
-            let mut missing = Vec::new();
-            let mut errors = Vec::new();
-            for (id, id_property, found, mut changes) in planned {
-                let target = match found {
-                    Some(n) => {
-                        if let Some(other) = email_of(&changes)
-                            .and_then(|e| s.id_by_email(&e))
-                            .filter(|o| *o != n)
-                        {
-                            errors.push(json!({"status": "error", "category": "CONFLICT",
-                                "message": format!("Contact already exists. Existing ID: {other}"),
-                                "context": {"ids": [id]}, "errors": [], "links": {}}));
-                            continue;
-                        }
-                        apply(s, n, &changes, now, "API");
-                        (n, false)
-                    }
-                    None if kind == "upsert" && id_property.as_deref() == Some("email") => {
-                        if !valid_email(&id) {
-                            return validation_error(&[(
-                                "email".into(),
-                                "INVALID_EMAIL".into(),
-                                format!("Email address {id} is invalid"),
-                            )]);
-                        }
-                        changes.retain(|(k, _)| k != "email");
-                        changes.push(("email".into(), id.to_lowercase()));
-                        (create_one(s, &changes, now), true)
-                    }
-                    None => {
-                        missing.push(id);
-                        continue;
-                    }
-                };
-                let mut v = render_written(s, target.0);
-                if kind == "upsert" {
-                    v["new"] = json!(target.1);
-                }
-                results.push(v);
-            }
-            if !missing.is_empty() {
-                errors.push(not_found_item(&missing));
-            }
-            batch_envelope(results, errors, 200)
-        }
-        "create" => {
-            let mut planned = Vec::new();
-            for input in inputs {
-                match validate(s, input.get("properties")) {
-                    Ok(c) => planned.push((
-                        input
-                            .get("objectWriteTraceId")
-                            .and_then(Value::as_str)
-                            .map(str::to_owned),
-                        c,
-                    )),
-                    Err(r) => return r,
-                }
-            }
-            let traced = planned.iter().all(|(t, _)| t.is_some());
-            let mut emails = HashSet::new();
-            let mut conflicts = Vec::new();
-            for (i, (_, c)) in planned.iter().enumerate() {
-                if let Some(e) = email_of(c) {
-                    if let Some(existing) = s.id_by_email(&e) {
-                        conflicts.push((i, existing));
-                    } else if !emails.insert(e) {
-                        conflicts.push((i, 0));
-                    }
-                }
-            }
-            if !traced && let Some((_, existing)) = conflicts.first() {
-                return conflict(*existing);
-            }
-            let now = now_ms();
-            let mut results = Vec::new();
-            let mut errors = Vec::new();
-            for (i, (trace, changes)) in planned.iter().enumerate() {
-                if let Some((_, existing)) = conflicts.iter().find(|(j, _)| *j == i) {
-                    errors.push(json!({"status": "error", "category": "CONFLICT",
-                        "message": format!("Contact already exists. Existing ID: {existing}"),
-                        "context": {"objectWriteTraceId": [trace]}, "errors": [], "links": {}}));
-                    continue;
-                }
-                let id = create_one(s, changes, now);
-                let mut v = render_written(s, id);
-                v["objectWriteTraceId"] = json!(trace);
-                results.push(v);
-            }
-            batch_envelope(results, errors, 201)
-        }
-        "archive" => {
-            let now = now_ms();
-            for input in inputs {
-                let id = input_id(input).unwrap_or_default();
-                if let Ok(Some(n)) = resolve(s, &id, None) {
-                    archive(s, n, now);
-                }
-            }
-            Reply::new(204, Value::Null)
-        }
-        _ => error(404, "OBJECT_NOT_FOUND", "unknown batch operation"),
-    }
-}
-
-/// `GET /crm/v3/properties/contacts`.
-pub(crate) fn properties_list(s: &HubSpotState) -> Reply {
-    let results: Vec<Value> = s.properties.values().map(PropertyDef::render).collect();
-    Reply::ok(json!({"results": results}))
-}
-
-/// `GET /crm/v3/properties/contacts/{name}`.
-pub(crate) fn property_get(s: &HubSpotState, name: &str) -> Reply {
-    match s.properties.get(name) {
-        Some(p) => Reply::ok(p.render()),
-        None => error(
-            404,
-            "OBJECT_NOT_FOUND",
-            &format!("Unable to find property {name} for object type 0-1"),
-        ),
-    }
-}
-
-/// The definition of `name`, if the portal has it.
-pub(crate) fn def<'a>(s: &'a HubSpotState, name: &str) -> Option<&'a PropertyDef> {
-    s.properties.get(name)
-}
-
-/// Whether values of `name` compare as numbers (`Some(true)`), as times (`Some(false)`), or
-/// as text (`None`).
-pub(crate) fn ordering_kind(s: &HubSpotState, name: &str) -> Option<bool> {
-    def(s, name).and_then(|d| {
-        if d.is_numeric() {
-            Some(true)
-        } else if d.is_time() {
-            Some(false)
-        } else {
-            None
-        }
-    })
 }

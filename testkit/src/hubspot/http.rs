@@ -1,24 +1,19 @@
-//! Request dispatch and the gate every API call passes: bearer token, scopes, the daily,
-//! burst and search limits, injected faults, the `X-HubSpot-RateLimit-*` headers and the
-//! request log; plus the OAuth token endpoint.
-//!
-//! Inferred (HubSpot's documentation gives no body for it): OAuth refresh errors answer 400
-//! `{"status": "BAD_REFRESH_TOKEN" | "BAD_CLIENT_ID" | "BAD_GRANT_TYPE", "message": ...}`.
+//! Request routing (`/crm/v3/...` and the date-based `/crm/objects/{YYYY-MM}/...` alike),
+//! HubSpot's error envelope, injected faults and the request log. The gate (token, scopes,
+//! limits) and the OAuth token endpoint are in `gate`.
 
-use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use chrono::Utc;
 use serde_json::{Value, json};
 
 use super::{
-    Fault, HubSpotState, LoggedRequest, RateHeaders, Token, contacts, prefs, scopes, search,
+    Fault, HubSpotState, LoggedRequest, batch, contacts, gate, prefs, properties, scopes, search,
 };
 
 pub(crate) type Shared = Arc<Mutex<HubSpotState>>;
@@ -372,6 +367,9 @@ fn route(method: &Method, path: &str) -> Result<Route, bool> {
 }
 
 fn json_response(reply: &Reply) -> Response {
+    if reply.status == 204 {
+        return StatusCode::NO_CONTENT.into_response();
+    }
     (
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
         [(header::CONTENT_TYPE, "application/json;charset=utf-8")],
@@ -417,7 +415,7 @@ async fn handle(
     };
     if let Op::Token { v3 } = route.op {
         let mut s = lock(&state);
-        let reply = token(&mut s, &body_text, &query, v3);
+        let reply = gate::token(&mut s, &body_text, &query, v3);
         log(
             &mut s,
             &method,
@@ -433,7 +431,7 @@ async fn handle(
     // The gate: auth, scopes, limits, faults.
     let (gate, fault) = {
         let mut s = lock(&state);
-        let gate = check(&mut s, &headers, &route);
+        let gate = gate::check(&mut s, &headers, route.needs, route.search);
         let fault = if gate.is_ok() {
             let at = s
                 .faults
@@ -458,7 +456,7 @@ async fn handle(
                 reply.status,
             );
             let mut resp = json_response(&reply);
-            add_headers(&mut resp, rate);
+            gate::add_headers(&mut resp, rate);
             return resp;
         }
         Ok(rate) => rate,
@@ -478,7 +476,9 @@ async fn handle(
             },
             "injected failure",
         ))),
-        Some(Fault::TooManyRequests) => Some(json_response(&rate_limited("TEN_SECONDLY_ROLLING"))),
+        Some(Fault::TooManyRequests) => {
+            Some(json_response(&gate::rate_limited("TEN_SECONDLY_ROLLING")))
+        }
         Some(Fault::Garbage) => Some(
             (
                 StatusCode::OK,
@@ -499,7 +499,7 @@ async fn handle(
             &body_text,
             resp.status().as_u16(),
         );
-        add_headers(&mut resp, headers_out);
+        gate::add_headers(&mut resp, headers_out);
         return resp;
     }
 
@@ -516,7 +516,7 @@ async fn handle(
         reply.status,
     );
     let mut resp = json_response(&reply);
-    add_headers(&mut resp, headers_out);
+    gate::add_headers(&mut resp, headers_out);
     resp
 }
 
@@ -549,11 +549,11 @@ fn dispatch(s: &mut HubSpotState, op: &Op, q: &Query, body: &[u8]) -> Reply {
         Op::ContactGet(id) => contacts::get(s, id, q),
         Op::ContactPatch(id) => contacts::patch(s, id, q, &body!()),
         Op::ContactArchive(id) => contacts::archive_by_api(s, id),
-        Op::Batch(kind) => contacts::batch(s, kind, q, &body!()),
+        Op::Batch(kind) => batch::batch(s, kind, q, &body!()),
         Op::Search => search::search(s, &body!()),
         Op::GdprDelete => contacts::gdpr_delete(s, &body!()),
-        Op::PropertiesList => contacts::properties_list(s),
-        Op::PropertyGet(name) => contacts::property_get(s, name),
+        Op::PropertiesList => properties::properties_list(s),
+        Op::PropertyGet(name) => properties::property_get(s, name),
         Op::V3Definitions => prefs::v3_definitions(s),
         Op::V3Status(email) => Reply::ok(prefs::v3_status(s, email)),
         Op::V3Subscribe => prefs::v3_change(s, &body!(), true),
@@ -583,213 +583,4 @@ fn log(
         body: body.to_owned(),
         status,
     });
-}
-
-/// Rate-limit header values to add (`None` on search answers and unauthenticated ones).
-type RateOut = Option<Vec<(&'static str, String)>>;
-
-fn add_headers(resp: &mut Response, rate: RateOut) {
-    for (name, value) in rate.unwrap_or_default() {
-        if let Ok(v) = HeaderValue::from_str(&value) {
-            resp.headers_mut().insert(name, v);
-        }
-    }
-}
-
-/// The 429 body for a policy.
-pub(crate) fn rate_limited(policy: &str) -> Reply {
-    let message = match policy {
-        "DAILY" => "You have reached your daily limit.".to_owned(),
-        "SECONDLY" => "You have reached your secondly limit.".to_owned(),
-        p => format!("You have reached your {} limit.", p.to_lowercase()),
-    };
-    Reply::new(
-        429,
-        json!({"status": "error", "message": message, "errorType": "RATE_LIMIT",
-               "correlationId": uuid(), "policyName": policy, "requestId": uuid()}),
-    )
-}
-
-fn prune(times: &mut std::collections::VecDeque<Instant>, now: Instant, window: Duration) {
-    while times
-        .front()
-        .is_some_and(|t| now.duration_since(*t) >= window)
-    {
-        times.pop_front();
-    }
-}
-
-/// Auth, scopes and rate limits. `Ok(headers)` lets the request through.
-fn check(
-    s: &mut HubSpotState,
-    headers: &HeaderMap,
-    route: &Route,
-) -> Result<RateOut, (Reply, RateOut)> {
-    let presented = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-        .unwrap_or_default()
-        .to_owned();
-    let now = Instant::now();
-    let token: Token = match s.tokens.get(&presented) {
-        None => {
-            return Err((
-                error(
-                    401,
-                    "INVALID_AUTHENTICATION",
-                    "Authentication credentials not found. This API supports OAuth 2.0 authentication and you can find more details at https://developers.hubspot.com/docs/methods/auth/oauth-overview",
-                ),
-                None,
-            ));
-        }
-        Some(t) if t.expires.is_some_and(|e| now >= e) => {
-            let ago = t
-                .expires
-                .map(|e| now.duration_since(e).as_secs())
-                .unwrap_or(0);
-            return Err((
-                error(
-                    401,
-                    "EXPIRED_AUTHENTICATION",
-                    &format!("The OAuth token used to make this call expired {ago} second(s) ago."),
-                ),
-                None,
-            ));
-        }
-        Some(t) => t.clone(),
-    };
-
-    // Limits: every request with a valid token counts (refused ones too).
-    let today = Utc::now().with_timezone(&s.portal_offset).date_naive();
-    if today != s.daily_date {
-        s.daily_date = today;
-        s.daily_used = 0;
-    }
-    s.daily_used += 1;
-    let window = s.scaled(Duration::from_secs(10));
-    let second = s.scaled(Duration::from_secs(1));
-    let burst_max = s.burst_max;
-    let burst = s.burst.entry(token.app.clone()).or_default();
-    prune(burst, now, window);
-    burst.push_back(now);
-    let in_window = burst.len();
-    let in_second = burst
-        .iter()
-        .filter(|t| now.duration_since(**t) < second)
-        .count();
-    let secondly = burst_max.div_ceil(10) as usize;
-    let rate: RateOut = if route.search {
-        None
-    } else {
-        let remaining = (burst_max as usize).saturating_sub(in_window).to_string();
-        let daily = s.daily_max.to_string();
-        let daily_rem = s.daily_max.saturating_sub(s.daily_used).to_string();
-        let interval = (
-            "X-HubSpot-RateLimit-Interval-Milliseconds",
-            window.as_millis().to_string(),
-        );
-        let max = ("X-HubSpot-RateLimit-Max", burst_max.to_string());
-        let rem = ("X-HubSpot-RateLimit-Remaining", remaining);
-        let d = ("X-HubSpot-RateLimit-Daily", daily);
-        let dr = ("X-HubSpot-RateLimit-Daily-Remaining", daily_rem);
-        let sec = ("X-HubSpot-RateLimit-Secondly", secondly.to_string());
-        let secr = (
-            "X-HubSpot-RateLimit-Secondly-Remaining",
-            secondly.saturating_sub(in_second).to_string(),
-        );
-        Some(match s.rate_headers {
-            RateHeaders::All => vec![d, dr, interval, max, rem, sec, secr],
-            RateHeaders::Interval => vec![interval, max, rem],
-            RateHeaders::DailySecondly => vec![d, dr, sec, secr],
-            RateHeaders::None => vec![],
-        })
-    };
-
-    if !route.needs.is_empty() && !route.needs.iter().any(|n| token.scopes.contains(*n)) {
-        let needed: Vec<&str> = route.needs.to_vec();
-        return Err((
-            error_with(
-                403,
-                "MISSING_SCOPES",
-                "This app hasn't been granted all required scopes to make this call. Read more about required scopes here: https://developers.hubspot.com/scopes.",
-                vec![
-                    json!({"message": "One or more of the following scopes are required.",
-                            "context": {"requiredGranularScopes": needed}}),
-                ],
-                None,
-            ),
-            rate,
-        ));
-    }
-    if s.daily_used > s.daily_max {
-        return Err((rate_limited("DAILY"), rate));
-    }
-    if in_window > burst_max as usize {
-        return Err((rate_limited("TEN_SECONDLY_ROLLING"), rate));
-    }
-    if route.search {
-        let per_second = s.search_per_second as usize;
-        prune(&mut s.search_times, now, second);
-        s.search_times.push_back(now);
-        if s.search_times.len() > per_second {
-            return Err((rate_limited("SECONDLY"), None));
-        }
-    }
-    Ok(rate)
-}
-
-/// `POST /oauth/v1/token` (and v3): the `refresh_token` grant, form-encoded.
-fn token(s: &mut HubSpotState, body: &str, query: &str, v3: bool) -> Reply {
-    s.token_requests += 1;
-    let mut params = Query::parse(query);
-    params.0.extend(Query::parse(body).0);
-    let p = |k: &str| params.get(k).unwrap_or_default().to_owned();
-    let bad = |status: &str, message: &str| {
-        Reply::new(
-            400,
-            json!({"status": status, "message": message, "correlationId": uuid()}),
-        )
-    };
-    if p("grant_type") != "refresh_token" {
-        return bad("BAD_GRANT_TYPE", "Invalid grant type");
-    }
-    if p("client_id") != s.client_id {
-        return bad("BAD_CLIENT_ID", "missing or unknown client id");
-    }
-    if p("client_secret") != s.client_secret {
-        return bad("BAD_CLIENT_SECRET", "missing or invalid client secret");
-    }
-    let Some(granted) = s.refresh_tokens.remove(&p("refresh_token")) else {
-        return bad("BAD_REFRESH_TOKEN", "missing or invalid refresh token");
-    };
-    let n = s.next_token;
-    s.next_token += 1;
-    let access = format!("oauth-access-{n}-{}", uuid());
-    let refresh = format!("na1-refresh-{n}-{}", uuid());
-    let ttl = s.token_ttl;
-    s.tokens.insert(
-        access.clone(),
-        Token {
-            app: "oauth-app".into(),
-            scopes: granted.clone(),
-            expires: Some(Instant::now() + ttl),
-        },
-    );
-    s.refresh_tokens.insert(refresh.clone(), granted.clone());
-    let mut out = json!({"token_type": "bearer", "refresh_token": refresh,
-                         "access_token": access, "expires_in": ttl.as_secs()});
-    if v3 {
-        let scopes: Vec<&String> = granted
-            .iter()
-            .collect::<BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        out["token_use"] = json!("access_token");
-        out["hub_id"] = json!(super::PORTAL_ID);
-        out["user_id"] = json!(1);
-        out["scopes"] = json!(scopes);
-    }
-    Reply::ok(out)
 }

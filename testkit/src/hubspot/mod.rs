@@ -3,11 +3,12 @@
 //! reference, the OpenAPI specs HubSpot publishes, its usage-guidelines, error-handling and
 //! request-validation pages) and not from any connector code.
 //!
-//! Split by surface: [`http`](self) dispatches requests and runs the gate every API call
-//! passes (bearer token, scopes, rate limits, injected faults, the request log); `contacts`
-//! serves the contacts object, its batch endpoints, search and the property definitions;
-//! `prefs` serves communication preferences (v3 and v4); `webhooks` signs and delivers
-//! webhook batches.
+//! Split by surface: `http` routes requests, renders HubSpot's error envelope, injects faults
+//! and keeps the request log; `gate` checks the bearer token, scopes and rate limits and
+//! serves the OAuth token endpoint; `contacts`, `batch`, `search` and `properties` serve the
+//! contacts object; `prefs` serves communication preferences (v3 and v4); `webhooks` signs
+//! and delivers webhook batches. Each module's notes say what it infers where HubSpot's
+//! documentation is silent.
 //!
 //! What it reproduces:
 //!
@@ -43,13 +44,22 @@
 //!   timestamp, keyed with the app's client secret), `X-HubSpot-Request-Timestamp` (ms) and the
 //!   legacy `X-HubSpot-Signature` (v1 or v2); retries with exponential backoff on anything but
 //!   400/401/403/404/405.
-//! * **Rate limits**: a rolling burst window per app (100 per 10 s by default) → 429
-//!   `TEN_SECONDLY_ROLLING`; a daily count per portal reset at the portal's local midnight →
-//!   429 `DAILY`; the `X-HubSpot-RateLimit-*` headers on every non-search API answer;
+//! * **Rate limits**: a rolling burst window per app (100 per 10 s by default, the lowest
+//!   documented tier) → 429 `TEN_SECONDLY_ROLLING`; for private apps a daily count per portal
+//!   (250,000) reset at the portal's local midnight → 429 `DAILY` (OAuth apps have no daily
+//!   limit); the `X-HubSpot-RateLimit-*` headers on every non-search API answer (the set
+//!   depends on the token type); 429 bodies with `errorType: "RATE_LIMIT"` and `policyName`;
 //!   [`HubSpotState::time_scale`] shrinks the windows (and the webhook backoff) for tests.
 //! * **Errors and faults**: HubSpot's error envelope (`status`, `message`, `correlationId`,
-//!   `category`, `errors`, `context`); [`FakeHubSpot::fail_next`] with [`Fault`]; seeded random
-//!   faults ([`crate::faults`]).
+//!   `category`, `errors`, `context`); [`FakeHubSpot::fail_next`] / [`FakeHubSpot::fail_next_on`]
+//!   with [`Fault`]; seeded random faults ([`crate::faults`]; their 429 and 5xx bodies are the
+//!   generic ones shared with the Zoho fakes, not HubSpot's envelope).
+//! * **Test hooks**: seeding with an explicit `lastmodifieddate` (including more than 10,000
+//!   contacts in one second, [`FakeHubSpot::seed_same_time`]), edits that bump it, archive,
+//!   [`FakeHubSpot::contact`] / [`FakeHubSpot::contacts`], [`FakeHubSpot::subscription_status`],
+//!   [`FakeHubSpot::calls`], [`FakeHubSpot::request_log`], [`FakeHubSpot::deliveries`].
+//!   Editing contacts while a client pages a search shifts the offsets as it would on HubSpot
+//!   (an edited contact moves to the end of a `lastmodifieddate` sort).
 //!
 //! Where HubSpot's documentation is unsure or its versions disagree, the fake takes the
 //! **stricter** reading (each is configurable on [`HubSpotState`]):
@@ -60,6 +70,8 @@
 //!   and one sort; more → 400;
 //! * search is limited to **4 requests per second per portal** (older docs: 4 per token;
 //!   newer: 5 per account) and search calls also count against the burst and daily limits;
+//! * results past the cap: the last allowed page still offers `paging.next.after = "10000"`,
+//!   and following it is the 400;
 //! * index lag defaults to **2 s** (documented only as "a few moments");
 //! * every request with a valid token counts against the limits, 429s included;
 //! * the portal is **GDPR-enabled** by default: `legalBasis` and `legalBasisExplanation` are
@@ -74,15 +86,18 @@
 //! * batch endpoints take at most 100 inputs ([`HubSpotState::batch_max`]); duplicate ids in
 //!   one batch update are refused;
 //! * webhook deliveries time out after **1 s** (the oldest documented value; later pages say
-//!   2 s and 5 s).
+//!   2 s and 5 s);
+//! * a 429's body carries `errorType` only (some HubSpot answers use `category:
+//!   "RATE_LIMITS"` instead), and no `Retry-After` (documented for workflow webhooks only).
 //!
 //! Not reproduced (and why): merges (ids that change), associations, `propertiesWithHistory`
 //! beyond the values written through the fake, lifecycle-stage ordering (the rule is only
 //! third-party), v4 batch status endpoints and definitions translations, webhook
 //! `maxConcurrentRequests` (the fake delivers one batch at a time), the `authorization_code`
 //! and `client_credentials` grants and token introspection, brand/business-unit-wide
-//! statuses, and the 423 "locked" answer on concurrent writes (inject it with
-//! `Fault::Status(423)`).
+//! statuses, the 423 "locked" answer on concurrent writes and the 477 "migration in progress"
+//! (inject them with `Fault::Status(423)`), the 5% error-rate guideline, and checks of the
+//! webhook subscription set (every fired event is delivered).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -92,14 +107,18 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, FixedOffset, NaiveDate, Offset as _, SecondsFormat, Utc};
 use serde_json::{Value, json};
 
+mod batch;
 mod contacts;
+mod gate;
 mod http;
 mod prefs;
+mod properties;
 mod search;
 mod webhooks;
 
-pub use contacts::{Contact, PropertyDef};
+pub use contacts::{Contact, HistoryEntry};
 pub use prefs::{EmailPrefs, SubscriptionDefinition, TypeStatus};
+pub use properties::PropertyDef;
 pub use webhooks::{
     Delivery, LegacySignature, WebhookEvent, signature_v1, signature_v2, signature_v3, signing_uri,
 };
@@ -153,6 +172,8 @@ pub struct Token {
     pub scopes: BTreeSet<String>,
     /// `None`: never expires (private-app tokens).
     pub expires: Option<Instant>,
+    /// An OAuth access token (no daily limit; its own burst limit and header set).
+    pub oauth: bool,
 }
 
 /// Which `X-HubSpot-RateLimit-*` headers normal answers carry (HubSpot: "which set is present
@@ -205,15 +226,19 @@ pub struct HubSpotState {
     pub random_faults: Option<crate::faults::FaultPlan>,
     pub requests: Vec<LoggedRequest>,
 
-    /// Burst limit per app per rolling window (10 s × `time_scale`).
+    /// Burst limit of a private app per rolling window (10 s × `time_scale`): 100, the
+    /// lowest documented tier (190 and 250 are the others).
     pub burst_max: u32,
-    /// Daily limit per portal.
+    /// Burst limit of the OAuth app (100; a later changelog may say 110).
+    pub oauth_burst_max: u32,
+    /// Daily limit per portal for private apps (250,000, the lowest documented tier).
     pub daily_max: u64,
     /// Search requests per second (× `time_scale`) per portal.
     pub search_per_second: u32,
     /// Shrinks rate windows and webhook retry backoff (1.0 = real time).
     pub time_scale: f64,
-    pub rate_headers: RateHeaders,
+    /// Which rate-limit headers answers carry; `None`: by token type (see `gate`).
+    pub rate_headers: Option<RateHeaders>,
     /// The portal's time zone: the daily count resets at its midnight.
     pub portal_offset: FixedOffset,
     pub(crate) burst: HashMap<String, VecDeque<Instant>>,
@@ -245,7 +270,7 @@ pub struct HubSpotState {
     pub webhook_timeout: Duration,
     /// Retries after the first attempt (10).
     pub webhook_max_retries: u32,
-    /// First retry delay (1 minute; doubled each time; × `time_scale`).
+    /// First retry delay (2 minutes, doubled each time, × `time_scale`).
     pub webhook_retry_base: Duration,
     /// Events per delivery (100).
     pub webhook_batch_size: usize,
@@ -265,6 +290,7 @@ impl HubSpotState {
                 app: "private-app".into(),
                 scopes: all.clone(),
                 expires: None,
+                oauth: false,
             },
         );
         let mut refresh_tokens = HashMap::new();
@@ -280,17 +306,18 @@ impl HubSpotState {
             contacts: BTreeMap::new(),
             email_index: HashMap::new(),
             next_id: 100_000,
-            properties: contacts::default_properties(),
+            properties: properties::default_properties(),
             definitions: prefs::default_definitions(),
             prefs: BTreeMap::new(),
             faults: VecDeque::new(),
             random_faults: None,
             requests: Vec::new(),
             burst_max: 100,
+            oauth_burst_max: 100,
             daily_max: 250_000,
             search_per_second: 4,
             time_scale: 1.0,
-            rate_headers: RateHeaders::All,
+            rate_headers: None,
             portal_offset,
             burst: HashMap::new(),
             search_times: VecDeque::new(),
@@ -309,7 +336,7 @@ impl HubSpotState {
             legacy_signature: LegacySignature::V1,
             webhook_timeout: Duration::from_secs(1),
             webhook_max_retries: 10,
-            webhook_retry_base: Duration::from_secs(60),
+            webhook_retry_base: Duration::from_secs(120),
             webhook_batch_size: 100,
             next_event_id: 100,
             deliveries: Vec::new(),
@@ -417,6 +444,7 @@ impl FakeHubSpot {
     pub fn unlimited(&self) {
         self.with(|s| {
             s.burst_max = u32::MAX;
+            s.oauth_burst_max = u32::MAX;
             s.daily_max = u64::MAX;
             s.search_per_second = u32::MAX;
             s.search_lag = Duration::ZERO;
@@ -433,6 +461,7 @@ impl FakeHubSpot {
                     app: format!("app-{token}"),
                     scopes: scopes.iter().map(|x| (*x).to_owned()).collect(),
                     expires: None,
+                    oauth: false,
                 },
             );
         });

@@ -16,8 +16,8 @@ use std::time::Instant;
 use serde_json::{Value, json};
 
 use super::HubSpotState;
-use super::contacts::{ordering_kind, time_ms};
 use super::http::{Reply, error};
+use super::properties::{ordering_kind, time_ms};
 
 const OPERATORS: &[&str] = &[
     "EQ",
