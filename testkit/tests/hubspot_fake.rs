@@ -803,6 +803,7 @@ async fn search_refuses_what_hubspot_refuses() {
         json!({"limit": 101}),
         json!({"limit": 0}),
         json!({"after": "not-a-number"}),
+        json!({"after": usize::MAX.to_string()}),
         json!({"sorts": [{"propertyName": "email"}, {"propertyName": "lastmodifieddate"}]}),
         json!({"sorts": ["lastmodifieddate"]}),
         json!({"filterGroups": [{"filters": [f]}, {"filters": [f]}, {"filters": [f]}, {"filters": [f]}]}),
@@ -887,7 +888,10 @@ async fn search_stops_at_10000_results_and_a_keyset_cursor_gets_every_contact_on
 #[tokio::test]
 async fn search_has_its_own_per_second_limit_and_no_rate_headers() {
     let fake = FakeHubSpot::start();
-    fake.with(|s| s.search_lag = Duration::ZERO);
+    fake.with(|s| {
+        s.search_lag = Duration::ZERO;
+        s.time_scale = 2.0; // a 2 s "second", so a slow machine still fits 5 calls in it
+    });
     let mut statuses = Vec::new();
     for _ in 0..5 {
         let a = search(&fake, json!({})).await;
@@ -914,7 +918,7 @@ async fn search_has_its_own_per_second_limit_and_no_rate_headers() {
     let a = call(&fake, "GET", C, None).await;
     assert_eq!(a.status, 200);
     assert!(a.headers.contains_key("X-HubSpot-RateLimit-Remaining"));
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     assert_eq!(search(&fake, json!({})).await.status, 200);
 }
 
@@ -922,7 +926,7 @@ async fn search_has_its_own_per_second_limit_and_no_rate_headers() {
 async fn search_lags_writes_while_get_sees_them_at_once() {
     let fake = FakeHubSpot::start();
     fake.with(|s| {
-        s.search_lag = Duration::from_millis(600);
+        s.search_lag = Duration::from_millis(1_500);
         s.search_per_second = 100;
     });
     let by_name = |name: &str| json!({"filterGroups": [{"filters": [{"propertyName": "firstname", "operator": "EQ", "value": name}]}]});
@@ -943,7 +947,7 @@ async fn search_lags_writes_while_get_sees_them_at_once() {
         call(&fake, "GET", &format!("{C}/{id}"), None).await.status,
         200
     );
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
     assert_eq!(search(&fake, by_name("Old")).await.body["total"], 1);
 
     call(
@@ -957,7 +961,7 @@ async fn search_lags_writes_while_get_sees_them_at_once() {
     assert_eq!(a.body["total"], 1, "search still sees the old version");
     assert_eq!(a.body["results"][0]["properties"]["firstname"], "Old");
     assert_eq!(search(&fake, by_name("New")).await.body["total"], 0);
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::sleep(Duration::from_millis(1_700)).await;
     assert_eq!(search(&fake, by_name("Old")).await.body["total"], 0);
     assert_eq!(search(&fake, by_name("New")).await.body["total"], 1);
 
@@ -1333,7 +1337,7 @@ async fn webhooks_are_retried_on_5xx_429_and_timeouts_but_not_on_4xx() {
     let fake = FakeHubSpot::start();
     fake.with(|s| {
         s.time_scale = 0.0005;
-        s.webhook_timeout = Duration::from_millis(300);
+        s.webhook_timeout = Duration::from_secs(3);
     });
     let (url, received) = receiver(vec![500, 503, 429], Duration::ZERO).await;
     fake.set_webhook_target(&url);
@@ -1384,9 +1388,12 @@ async fn webhooks_are_retried_on_5xx_429_and_timeouts_but_not_on_4xx() {
     }
 
     // A slow receiver times out and the delivery is retried.
-    let (url, _) = receiver(vec![], Duration::from_millis(500)).await;
+    let (url, _) = receiver(vec![], Duration::from_millis(1_500)).await;
     fake.set_webhook_target(&url);
-    fake.with(|s| s.webhook_max_retries = 2);
+    fake.with(|s| {
+        s.webhook_max_retries = 2;
+        s.webhook_timeout = Duration::from_millis(300);
+    });
     let d = fake.fire(vec![WebhookEvent::creation(1)]).await.unwrap();
     assert_eq!(d.len(), 3);
     assert!(d.iter().all(|d| d.status.is_none() && d.error.is_some()));
@@ -1394,6 +1401,7 @@ async fn webhooks_are_retried_on_5xx_429_and_timeouts_but_not_on_4xx() {
     // Batches hold at most webhook_batch_size events.
     let (url, received) = receiver(vec![], Duration::ZERO).await;
     fake.set_webhook_target(&url);
+    fake.with(|s| s.webhook_timeout = Duration::from_secs(3));
     let events: Vec<WebhookEvent> = (0..250).map(WebhookEvent::creation).collect();
     fake.fire(events).await.unwrap();
     let sizes: Vec<usize> = received
@@ -1426,7 +1434,7 @@ async fn burst_and_daily_limits_with_the_rate_limit_headers() {
     fake.with(|s| {
         s.burst_max = 5;
         s.daily_max = 1_000;
-        s.time_scale = 0.05; // a 500 ms window
+        s.time_scale = 0.2; // a 2 s window
     });
     for n in 1..=5 {
         let a = call(&fake, "GET", C, None).await;
@@ -1438,7 +1446,7 @@ async fn burst_and_daily_limits_with_the_rate_limit_headers() {
         );
         assert_eq!(
             header(&a, "X-HubSpot-RateLimit-Interval-Milliseconds").as_deref(),
-            Some("500")
+            Some("2000")
         );
         assert_eq!(
             header(&a, "X-HubSpot-RateLimit-Daily").as_deref(),
@@ -1472,7 +1480,7 @@ async fn burst_and_daily_limits_with_the_rate_limit_headers() {
             .status,
         200
     );
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     assert_eq!(call(&fake, "GET", C, None).await.status, 200);
 
     // The daily limit is per portal.
@@ -1497,7 +1505,7 @@ async fn burst_and_daily_limits_with_the_rate_limit_headers() {
         s.daily_max = u64::MAX;
         s.rate_headers = Some(RateHeaders::Interval);
     });
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
     let a = call(&fake, "GET", C, None).await;
     assert_eq!(a.status, 200, "{}", a.text);
     assert!(header(&a, "X-HubSpot-RateLimit-Max").is_some());

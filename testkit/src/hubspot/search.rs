@@ -310,7 +310,7 @@ pub(crate) fn search(s: &mut HubSpotState, body: &Value) -> Reply {
             None => return bad(&format!("Invalid after: {v}")),
         },
     };
-    if after + limit > s.search_result_cap {
+    if after.saturating_add(limit) > s.search_result_cap {
         return bad(&format!(
             "There was a problem with the request: search results can only be paged up to {} results (after {after} + limit {limit})",
             s.search_result_cap
@@ -382,7 +382,7 @@ pub(crate) fn search(s: &mut HubSpotState, body: &Value) -> Reply {
         })
         .collect();
     let mut out = json!({"total": total, "results": results});
-    if after + limit < total {
+    if after.saturating_add(limit) < total {
         out["paging"] = json!({"next": {"after": (after + limit).to_string()}});
     }
     Reply::ok(out)
