@@ -1500,6 +1500,13 @@ async fn burst_and_daily_limits_with_the_rate_limit_headers() {
         Some("0")
     );
 
+    // The daily count starts again on the portal's next day.
+    fake.with(|s| s.daily_date = s.daily_date.pred_opt().unwrap());
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let a = call(&fake, "GET", C, None).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(fake.with(|s| s.daily_used), 1);
+
     // Which headers appear is a setting.
     fake.with(|s| {
         s.daily_max = u64::MAX;
@@ -1574,4 +1581,141 @@ async fn the_request_log_counts_calls_per_endpoint() {
     assert_eq!(a.status, 404);
     let a = call(&fake, "PUT", C, None).await;
     assert_eq!(a.status, 405);
+}
+
+#[tokio::test]
+async fn search_operators_and_the_query_string() {
+    let fake = FakeHubSpot::start();
+    fake.unlimited();
+    let a = fake.insert(json!({"email": "ann@example.org", "firstname": "Ann", "lifecyclestage": "lead",
+                               "hs_legal_basis": "Freely given consent from contact;Not applicable"}));
+    let b = fake.insert(
+        json!({"email": "bob@example.com", "firstname": "Bob", "lifecyclestage": "customer"}),
+    );
+    let c = fake.insert(json!({"firstname": "Cy"}));
+    let q = |filters: Value| json!({"filterGroups": [{"filters": filters}], "limit": 100});
+    let cases = [
+        (
+            json!([{"propertyName": "email", "operator": "HAS_PROPERTY"}]),
+            vec![a, b],
+        ),
+        (
+            json!([{"propertyName": "email", "operator": "NOT_HAS_PROPERTY"}]),
+            vec![c],
+        ),
+        (
+            json!([{"propertyName": "lifecyclestage", "operator": "IN", "values": ["lead", "customer"]}]),
+            vec![a, b],
+        ),
+        (
+            json!([{"propertyName": "lifecyclestage", "operator": "NOT_IN", "values": ["lead"]}]),
+            vec![b, c],
+        ),
+        (
+            json!([{"propertyName": "lifecyclestage", "operator": "NEQ", "value": "lead"}]),
+            vec![b, c],
+        ),
+        (
+            json!([{"propertyName": "email", "operator": "CONTAINS_TOKEN", "value": "*.com"}]),
+            vec![b],
+        ),
+        (
+            json!([{"propertyName": "hs_legal_basis", "operator": "EQ", "value": "Not applicable"}]),
+            vec![a],
+        ),
+        (
+            json!([{"propertyName": "hs_object_id", "operator": "GT", "value": a.to_string()}]),
+            vec![b, c],
+        ),
+        (
+            json!([{"propertyName": "email", "operator": "HAS_PROPERTY"},
+                {"propertyName": "firstname", "operator": "EQ", "value": "bob"}]),
+            vec![b],
+        ),
+    ];
+    for (filters, expected) in cases {
+        let r = search(&fake, q(filters.clone())).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert_eq!(ids(&r), expected, "{filters}");
+        assert_eq!(r.body["total"], expected.len());
+    }
+    let r = search(&fake, json!({"query": "ann"})).await;
+    assert_eq!(ids(&r), [a]);
+    // A user's edit is searchable only after the lag.
+    fake.with(|s| s.search_lag = Duration::from_secs(60));
+    fake.edit(c, json!({"email": "cy@example.org"}));
+    let r = search(
+        &fake,
+        q(json!([{"propertyName": "email", "operator": "HAS_PROPERTY"}])),
+    )
+    .await;
+    assert_eq!(ids(&r), [a, b]);
+}
+
+#[tokio::test]
+async fn batch_create_is_all_or_nothing_unless_traced_and_batch_archive() {
+    let fake = FakeHubSpot::start();
+    let existing = fake.insert(json!({"email": "old@example.org"}));
+    let path = format!("{C}/batch/create");
+    let a = call(
+        &fake,
+        "POST",
+        &path,
+        Some(
+            json!({"inputs": [{"properties": {"email": "fresh@example.org"}},
+                               {"properties": {"email": "old@example.org"}}]}),
+        ),
+    )
+    .await;
+    assert_envelope(&a, 409, "CONFLICT");
+    assert_eq!(fake.contacts().len(), 1, "nothing created");
+    let a = call(
+        &fake,
+        "POST",
+        &path,
+        Some(json!({"inputs": [
+            {"properties": {"email": "fresh@example.org"}, "objectWriteTraceId": "t1"},
+            {"properties": {"email": "old@example.org"}, "objectWriteTraceId": "t2"}]})),
+    )
+    .await;
+    assert_eq!(a.status, 207, "{}", a.text);
+    assert_eq!(a.body["results"][0]["objectWriteTraceId"], "t1");
+    assert_eq!(a.body["errors"][0]["category"], "CONFLICT");
+    assert_eq!(
+        a.body["errors"][0]["context"]["objectWriteTraceId"],
+        json!(["t2"])
+    );
+    assert_eq!(
+        a.body["errors"][0]["message"],
+        format!("Contact already exists. Existing ID: {existing}")
+    );
+    assert_eq!(fake.contacts().len(), 2);
+    let a = call(
+        &fake,
+        "POST",
+        &format!("{C}/batch/archive"),
+        Some(json!({"inputs": [{"id": existing.to_string()}]})),
+    )
+    .await;
+    assert_eq!(a.status, 204);
+    assert!(a.text.is_empty());
+    assert_eq!(fake.contact(existing).unwrap()["archived"], true);
+
+    // The subscription definitions, v3 and v4.
+    let a = call(
+        &fake,
+        "GET",
+        "/communication-preferences/v3/definitions",
+        None,
+    )
+    .await;
+    assert_eq!(a.body["subscriptionDefinitions"][0]["id"], "7");
+    let a = call(
+        &fake,
+        "GET",
+        "/communication-preferences/v4/definitions",
+        None,
+    )
+    .await;
+    assert_eq!(a.body["results"][0]["id"], 7);
 }

@@ -245,7 +245,8 @@ pub struct HubSpotState {
     pub(crate) search_times: VecDeque<Instant>,
     /// Requests counted today.
     pub daily_used: u64,
-    pub(crate) daily_date: NaiveDate,
+    /// The portal-local day `daily_used` counts; another day resets it.
+    pub daily_date: NaiveDate,
 
     /// Maximum `limit` of the list endpoint (100).
     pub list_max_limit: usize,
