@@ -1025,6 +1025,20 @@ async fn subscriptions_need_a_legal_basis_and_unsubscribe_is_final_in_v3() {
         &fake,
         "POST",
         sub,
+        Some(json!({"legalBasis": "CONSENT_WITH_NOTICE"})),
+    )
+    .await;
+    assert_envelope(&a, 400, "VALIDATION_ERROR");
+    assert!(
+        a.body["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("[emailAddress, subscriptionId]")
+    );
+    let a = call(
+        &fake,
+        "POST",
+        sub,
         Some(json!({"emailAddress": "doi@example.org", "subscriptionId": "7"})),
     )
     .await;

@@ -191,6 +191,17 @@ fn subscription_id(v: Option<&Value>) -> Option<u64> {
 
 /// `POST /communication-preferences/v3/subscribe` (or `unsubscribe`).
 pub(crate) fn v3_change(s: &mut HubSpotState, body: &Value, subscribe: bool) -> Reply {
+    let missing: Vec<&str> = ["emailAddress", "subscriptionId"]
+        .into_iter()
+        .filter(|k| body.get(*k).is_none_or(Value::is_null))
+        .collect();
+    if !missing.is_empty() {
+        // The text HubSpot answers for a body without them (quoted in a HubSpot SDK issue).
+        return bad(&format!(
+            "Invalid input JSON on line 1, column 2: Cannot build PublicUpdateSubscriptionStatusRequest, some of required attributes are not set [{}]",
+            missing.join(", ")
+        ));
+    }
     let Some(email) = body
         .get("emailAddress")
         .and_then(Value::as_str)
