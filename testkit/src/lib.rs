@@ -5,6 +5,8 @@
 //!   machine's `initdb`/`pg_ctl` in a temporary directory on a free loopback port;
 //! - [`zoho`] and [`zoho_campaigns`]: fake Zoho CRM and Zoho Campaigns servers on loopback,
 //!   with [`faults`] to inject seeded failures into them;
+//! - [`hubspot`]: a fake HubSpot (CRM v3 contacts, search, properties, communication
+//!   preferences, OAuth, signed webhooks, rate limits) on loopback;
 //! - [`smtp`]: an SMTP sink on loopback that keeps every message;
 //! - [`fake_connectors`]: in-memory CRM, campaigns and mail connectors, for driving the engine
 //!   in-process;
@@ -21,6 +23,7 @@ pub mod calls;
 pub mod fake_connectors;
 pub mod faults;
 pub mod harness;
+pub mod hubspot;
 pub mod smtp;
 pub mod zoho;
 pub mod zoho_campaigns;
