@@ -168,6 +168,25 @@ impl ZohoCampaigns {
         Ok(())
     }
 
+    /// The state [`Connector::export_state`] hands the engine: quota windows, locks and the
+    /// removals of our own the status poll must not echo.
+    pub fn saved_state(&self) -> Option<String> {
+        let now = now_ms();
+        let endpoints = budget::export(&mut self.lock_budgets(), now);
+        let own_removals = self
+            .lock_removals()
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(k, s)| (k.clone(), s.iter().cloned().collect()))
+            .collect();
+        serde_json::to_string(&budget::State {
+            v: 1,
+            endpoints,
+            own_removals,
+        })
+        .ok()
+    }
+
     /// Take back state from an earlier [`Connector::export_state`] (at build, from
     /// [`optinsync_plugin_api::BuildContext::state`]). State it cannot read is an error saying
     /// why; the caller logs it and goes on with fresh budgets.
@@ -248,20 +267,7 @@ impl Connector for ZohoCampaigns {
     }
 
     async fn export_state(&self) -> Option<String> {
-        let now = now_ms();
-        let endpoints = budget::export(&mut self.lock_budgets(), now);
-        let own_removals = self
-            .lock_removals()
-            .iter()
-            .filter(|(_, s)| !s.is_empty())
-            .map(|(k, s)| (k.clone(), s.iter().cloned().collect()))
-            .collect();
-        serde_json::to_string(&budget::State {
-            v: 1,
-            endpoints,
-            own_removals,
-        })
-        .ok()
+        self.saved_state()
     }
 }
 
