@@ -234,7 +234,13 @@ fn render(answer: Answer, request_id: &str, s: &MailchimpState) -> Response {
 
 /// The credential of a request (the API key or the OAuth token), or why it is refused.
 fn credential(s: &MailchimpState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let missing = || ApiError::new(401, "API Key Missing", "Your request did not include an API key.");
+    let missing = || {
+        ApiError::new(
+            401,
+            "API Key Missing",
+            "Your request did not include an API key.",
+        )
+    };
     let Some(auth) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -443,7 +449,10 @@ async fn admit_and_serve(
         }
         match fault {
             Some(Fault::Status(code)) => (Answer::Problem(ApiError::glossary(code)), String::new()),
-            Some(Fault::Bare(code)) => (Answer::Raw(code, "text/plain", String::new()), String::new()),
+            Some(Fault::Bare(code)) => (
+                Answer::Raw(code, "text/plain", String::new()),
+                String::new(),
+            ),
             Some(Fault::Garbage) => (
                 Answer::Raw(
                     200,
@@ -783,7 +792,7 @@ async fn create_webhook(
                 "A webhook with this URL already exists on this list.",
             ));
         }
-        s.options.scaled(s.options.webhook_timeout)
+        s.options.webhook_timeout()
     };
     let answered = webhooks::validate(&url, timeout).await;
     let mut s = lock_state(state);
@@ -880,11 +889,7 @@ fn drop_path(v: &mut Value, path: &[String]) {
 fn project(v: &Value, q: &HashMap<String, String>) -> Result<Value, ApiError> {
     let include = paths(q, "fields");
     let exclude = paths(q, "exclude_fields");
-    if include
-        .iter()
-        .chain(&exclude)
-        .any(|p| !path_valid(v, p))
-    {
+    if include.iter().chain(&exclude).any(|p| !path_valid(v, p)) {
         return Err(ApiError::new(
             422,
             "Requested Fields Invalid",
@@ -935,8 +940,7 @@ mod tests {
             Some(json!({"members": [{"id": "a", "merge_fields": {"F": 1}}],
                         "total_items": 1, "list_id": "l"}))
         );
-        let q: HashMap<String, String> =
-            [("fields".to_owned(), "members.nope".to_owned())].into();
+        let q: HashMap<String, String> = [("fields".to_owned(), "members.nope".to_owned())].into();
         assert_eq!(project(&v, &q).err().map(|e| e.status), Some(422));
     }
 }

@@ -49,9 +49,7 @@ use serde_json::{Map, Value, json};
 
 use super::http::ApiError;
 use super::webhooks::{Rendered, WebhookEvent, render};
-use super::{
-    CountOverMax, FakeList, MailchimpState, Member, Source, Status, iso, subscriber_hash,
-};
+use super::{CountOverMax, FakeList, MailchimpState, Member, Source, Status, iso, subscriber_hash};
 
 /// How a member is written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,7 +130,9 @@ pub(super) fn member_json(list: &FakeList, m: &Member) -> Value {
 /// Syntax and "looks fake" checks of an address.
 fn check_address(s: &MailchimpState, email: &str) -> Result<(), ApiError> {
     if email.matches('@').count() != 1 {
-        return Err(ApiError::invalid("An email address must contain a single @."));
+        return Err(ApiError::invalid(
+            "An email address must contain a single @.",
+        ));
     }
     let (local, domain) = email.split_once('@').unwrap_or_default();
     let labels_ok = domain
@@ -282,7 +282,8 @@ pub(super) fn write(
                 ApiError::field("status_if_new", "This value should not be blank.")
             })?),
             _ => Some(
-                status.ok_or_else(|| ApiError::field("status", "This value should not be blank."))?,
+                status
+                    .ok_or_else(|| ApiError::field("status", "This value should not be blank."))?,
             ),
         },
         Some(m) if m.status == Status::Archived && mode == Mode::Put => status.or(status_if_new),
@@ -516,7 +517,10 @@ pub(super) fn write(
         m.last_changed = now;
     }
     if signup {
-        s.signups.entry(lower).or_default().push_back(Instant::now());
+        s.signups
+            .entry(lower)
+            .or_default()
+            .push_back(Instant::now());
     }
     let Some(list) = s.lists.get_mut(list_id) else {
         return Err(ApiError::not_found());
@@ -573,7 +577,10 @@ pub(super) fn archive(
     let now = s.now();
     let list = s.lists.get_mut(list_id).ok_or_else(ApiError::not_found)?;
     let hash = resolve(list, slot);
-    let m = list.members.get_mut(&hash).ok_or_else(ApiError::not_found)?;
+    let m = list
+        .members
+        .get_mut(&hash)
+        .ok_or_else(ApiError::not_found)?;
     if matches!(
         m.status,
         Status::Pending | Status::Cleaned | Status::Archived
@@ -762,7 +769,10 @@ pub(super) fn batch(
         return Err(ApiError::not_found());
     }
     let Some(Value::Array(items)) = body.get("members") else {
-        return Err(ApiError::field("members", "This value should not be blank."));
+        return Err(ApiError::field(
+            "members",
+            "This value should not be blank.",
+        ));
     };
     if items.len() > 500 {
         return Err(ApiError::field(

@@ -276,7 +276,8 @@ pub struct MailchimpOptions {
     /// across lists) within the window → 400 "… has signed up to a lot of lists very
     /// recently". Mailchimp's numbers are not published; off by default.
     pub signup_throttle: Option<(u32, Duration)>,
-    /// Webhook delivery timeout before scaling (10 s).
+    /// Webhook delivery and validation timeout before scaling (10 s); never below 1 s once
+    /// scaled, so a loaded test machine does not time out on loopback.
     pub webhook_timeout: Duration,
     /// How long failed webhook deliveries are retried before scaling (75 min); zero: never.
     pub webhook_retry_window: Duration,
@@ -303,6 +304,11 @@ impl Default for MailchimpOptions {
 impl MailchimpOptions {
     fn scaled(&self, d: Duration) -> Duration {
         d.mul_f64(self.time_scale.max(0.0))
+    }
+
+    fn webhook_timeout(&self) -> Duration {
+        self.scaled(self.webhook_timeout)
+            .max(Duration::from_secs(1))
     }
 }
 
@@ -608,12 +614,19 @@ impl FakeMailchimp {
             merge_fields: seed.merge_fields,
             language: String::new(),
             vip: false,
-            marketing_permissions: l.permissions.iter().map(|p| (p.id.clone(), false)).collect(),
+            marketing_permissions: l
+                .permissions
+                .iter()
+                .map(|p| (p.id.clone(), false))
+                .collect(),
             ip_signup: String::new(),
             timestamp_signup: String::new(),
             ip_opt: String::new(),
             timestamp_opt: String::new(),
-            last_changed: seed.last_changed.unwrap_or(now),
+            last_changed: seed
+                .last_changed
+                .and_then(|t| DateTime::from_timestamp(t.timestamp(), 0))
+                .unwrap_or(now),
             source: "Import".into(),
             seq,
         };
@@ -758,7 +771,11 @@ impl FakeMailchimp {
     ) -> Option<()> {
         let mut s = self.lock();
         let now = s.now();
-        let m = s.lists.get_mut(list)?.members.get_mut(&subscriber_hash(email))?;
+        let m = s
+            .lists
+            .get_mut(list)?
+            .members
+            .get_mut(&subscriber_hash(email))?;
         f(m, now);
         m.last_changed = now;
         Some(())

@@ -233,10 +233,7 @@ pub(super) fn render(
 fn body(s: &MailchimpState, r: &Rendered) -> String {
     let mut ser = form_urlencoded::Serializer::new(String::new());
     ser.append_pair("type", r.kind);
-    ser.append_pair(
-        "fired_at",
-        &s.now().format("%Y-%m-%d %H:%M:%S").to_string(),
-    );
+    ser.append_pair("fired_at", &s.now().format("%Y-%m-%d %H:%M:%S").to_string());
     for (k, v) in &r.pairs {
         ser.append_pair(k, v);
     }
@@ -297,7 +294,7 @@ pub(super) async fn deliver(state: Shared, events: Vec<Rendered>) -> Vec<Deliver
             .collect();
         (
             jobs,
-            s.options.scaled(s.options.webhook_timeout),
+            s.options.webhook_timeout(),
             s.options.scaled(s.options.webhook_retry_window),
         )
     };
