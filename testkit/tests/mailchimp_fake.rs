@@ -1609,3 +1609,74 @@ async fn a_failed_delivery_is_retried() {
     assert_eq!((all[1].attempt, all[1].status), (2, Some(200)));
     assert_eq!(all[0].body, all[1].body);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_confirm_hook_works_over_http_and_fires_subscribe() {
+    let fake = fake_with_list();
+    let (base, hits) = receiver().await;
+    let a = register(
+        &fake,
+        &format!("{base}/ok/c"),
+        all_events(),
+        json!({"user": true}),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    let email = "click@example.org";
+    put_member(
+        &fake,
+        email,
+        json!({"email_address": email, "status_if_new": "pending"}),
+    )
+    .await;
+    let url = format!(
+        "{}/__fake/confirm/{LIST}/{}",
+        fake.url(),
+        subscriber_hash(email)
+    );
+    let a = send(client().post(&url).json(&json!({"ip": "192.0.2.9"}))).await;
+    assert_eq!(a.status, 204);
+    let m = fake.member(LIST, email).expect("member");
+    assert_eq!(
+        (m.status, m.ip_opt.as_str()),
+        (Status::Subscribed, "192.0.2.9")
+    );
+    // Not pending any more.
+    assert_eq!(send(client().post(&url)).await.status, 404);
+    let d = fake.wait_for_deliveries(1, Duration::from_secs(5)).await;
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0].event_type, "subscribe");
+    let hits = hits.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let post = hits
+        .iter()
+        .find(|h| h.method == "POST")
+        .map(|h| form(&h.body));
+    assert_eq!(
+        post.and_then(|f| f.get("data[ip_opt]").cloned()).as_deref(),
+        Some("192.0.2.9")
+    );
+}
+
+#[tokio::test]
+async fn churn_mode_moves_members_while_a_client_pages() {
+    let fake = fake_with_list();
+    let old =
+        chrono::DateTime::from_timestamp(chrono::Utc::now().timestamp() - 3600, 0).expect("old");
+    for i in 0..5 {
+        let mut seed = SeedMember::new(&format!("c{i}@example.org"), Status::Subscribed);
+        seed.last_changed = Some(old);
+        fake.insert_member(LIST, seed);
+    }
+    fake.with(|s| s.churn = 2);
+    let path = format!("/lists/{LIST}/members?sort_field=last_changed&sort_dir=ASC&count=2");
+    let first = get(&fake, &path).await;
+    assert_eq!(first.body["total_items"], 5);
+    let since = old.format("%Y-%m-%dT%H:%M:%S%%2B00:00").to_string();
+    let moved = get(
+        &fake,
+        &format!("/lists/{LIST}/members?since_last_changed={since}&count=10"),
+    )
+    .await;
+    // The first listing moved two members; the second answers before it churns.
+    assert_eq!(moved.body["total_items"], 2);
+}

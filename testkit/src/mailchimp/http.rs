@@ -360,6 +360,14 @@ async fn entry(State(state): State<Shared>, req: Request) -> Response {
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_uppercase());
     let mut endpoint = endpoint_label(&method, &seg_refs);
+    if let Some(rest) = raw_path.strip_prefix("/__fake/confirm/") {
+        return confirm_hook(
+            &state,
+            rest,
+            body.ok().as_deref().unwrap_or_default(),
+            &request_id,
+        );
+    }
     let early = if !raw_path.starts_with("/3.0/") {
         Some(ApiError::not_found())
     } else if let Some(m) = override_method {
@@ -418,6 +426,28 @@ async fn entry(State(state): State<Shared>, req: Request) -> Response {
         note,
     });
     response
+}
+
+/// The test hook `POST /__fake/confirm/{list_id}/{subscriber_hash}` (see
+/// [`super::FakeMailchimp::confirm`]); not logged, no credentials.
+fn confirm_hook(state: &Shared, rest: &str, body: &[u8], request_id: &str) -> Response {
+    let ip = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("ip").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| "127.0.0.1".to_owned());
+    let rendered = match rest.split('/').collect::<Vec<_>>().as_slice() {
+        [list, slot] => members::confirm(&mut lock_state(state), list, slot, &ip),
+        _ => None,
+    };
+    let answer = match rendered {
+        Some(r) => {
+            spawn_events(state, vec![r]);
+            Answer::NoContent
+        }
+        None => Answer::Problem(ApiError::not_found()),
+    };
+    let s = lock_state(state);
+    render(answer, request_id, &s)
 }
 
 async fn admit_and_serve(
@@ -526,7 +556,7 @@ async fn serve(state: &Shared, mut call: Call, segs: Vec<String>) -> (Answer, St
     (answer, call.note)
 }
 
-fn list_json(s: &MailchimpState, l: &super::FakeList) -> Value {
+fn list_json(l: &super::FakeList) -> Value {
     let count = |st| l.members.values().filter(|m| m.status == st).count();
     use super::Status::*;
     json!({
@@ -547,7 +577,6 @@ fn list_json(s: &MailchimpState, l: &super::FakeList) -> Value {
                   "avg_sub_rate": 0, "avg_unsub_rate": 0, "target_sub_rate": 0, "open_rate": 0,
                   "click_rate": 0, "last_sub_date": "", "last_unsub_date": ""},
         "_links": [],
-        "_fake_dc": s.options.dc,
     })
 }
 
@@ -568,13 +597,7 @@ async fn route(state: &Shared, call: &mut Call, seg: &[&str]) -> Result<Answer, 
                 .values()
                 .skip(offset)
                 .take(count)
-                .map(|l| {
-                    let mut v = list_json(&s, l);
-                    if let Value::Object(o) = &mut v {
-                        o.remove("_fake_dc");
-                    }
-                    v
-                })
+                .map(list_json)
                 .collect();
             Ok(Answer::Json(
                 200,
@@ -584,11 +607,7 @@ async fn route(state: &Shared, call: &mut Call, seg: &[&str]) -> Result<Answer, 
         ("GET", ["lists", id]) => {
             let s = lock_state(state);
             let l = s.lists.get(*id).ok_or_else(ApiError::not_found)?;
-            let mut v = list_json(&s, l);
-            if let Value::Object(o) = &mut v {
-                o.remove("_fake_dc");
-            }
-            Ok(Answer::Json(200, v))
+            Ok(Answer::Json(200, list_json(l)))
         }
         ("POST", ["lists", id]) => {
             let body = json_body(&call.body)?;
@@ -628,8 +647,12 @@ async fn route(state: &Shared, call: &mut Call, seg: &[&str]) -> Result<Answer, 
             ))
         }
         ("GET", ["lists", id, "members"]) => {
-            let s = lock_state(state);
+            let mut s = lock_state(state);
             let v = members::list_members(&s, id, &q, &mut call.note)?;
+            let churn = s.churn;
+            if churn > 0 {
+                members::churn(&mut s, id, churn);
+            }
             Ok(Answer::Json(200, v))
         }
         ("POST", ["lists", id, "members"]) => {

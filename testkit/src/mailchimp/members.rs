@@ -619,6 +619,57 @@ pub(super) fn delete_permanent(
     Ok(())
 }
 
+/// The person clicks Mailchimp's confirmation mail: `pending` → `subscribed` with `ip_opt`
+/// and `timestamp_opt` filled and `last_changed` moved; the `subscribe` event (source
+/// `user`). None when the member is not pending.
+pub(super) fn confirm(
+    s: &mut MailchimpState,
+    list_id: &str,
+    slot: &str,
+    ip: &str,
+) -> Option<Rendered> {
+    let now = s.now();
+    let list = s.lists.get_mut(list_id)?;
+    let hash = resolve(list, slot);
+    let m = list.members.get_mut(&hash)?;
+    if m.status != Status::Pending {
+        return None;
+    }
+    m.status = Status::Subscribed;
+    m.ip_opt = ip.to_owned();
+    m.timestamp_opt = iso(now);
+    m.last_changed = now;
+    let email = m.email_address.clone();
+    render(
+        s,
+        list_id,
+        &WebhookEvent::Subscribe { email },
+        Some(Source::User),
+    )
+}
+
+/// Churn mode: move `last_changed` of up to `n` random listed members to now (as if they
+/// changed while a client pages).
+pub(super) fn churn(s: &mut MailchimpState, list_id: &str, n: usize) {
+    use rand::seq::SliceRandom as _;
+    let now = s.now();
+    let Some(list) = s.lists.get_mut(list_id) else {
+        return;
+    };
+    let mut hashes: Vec<String> = list
+        .members
+        .values()
+        .filter(|m| m.status != Status::Archived)
+        .map(|m| m.id.clone())
+        .collect();
+    hashes.shuffle(&mut rand::thread_rng());
+    for h in hashes.into_iter().take(n) {
+        if let Some(m) = list.members.get_mut(&h) {
+            m.last_changed = now;
+        }
+    }
+}
+
 /// `GET …/members/{hash}`.
 pub(super) fn get(s: &MailchimpState, list_id: &str, slot: &str) -> Result<Value, ApiError> {
     let list = s.lists.get(list_id).ok_or_else(ApiError::not_found)?;

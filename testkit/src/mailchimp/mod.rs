@@ -359,6 +359,9 @@ pub struct MailchimpState {
     /// answer).
     pub validations: Vec<(String, Option<u16>)>,
     signups: HashMap<String, VecDeque<Instant>>,
+    /// Churn mode: every `GET /lists/{id}/members` moves `last_changed` of this many random
+    /// members to now after answering, so paging clients meet rows that move (0: off).
+    pub churn: usize,
     /// Added to the wall clock for every timestamp the fake writes.
     pub clock_offset: chrono::Duration,
     next_seq: u64,
@@ -384,6 +387,7 @@ impl MailchimpState {
             deliveries: Vec::new(),
             validations: Vec::new(),
             signups: HashMap::new(),
+            churn: 0,
             clock_offset: chrono::Duration::zero(),
             next_seq: 1,
         }
@@ -783,18 +787,15 @@ impl FakeMailchimp {
 
     /// The person clicks Mailchimp's confirmation mail: `pending` → `subscribed`, `ip_opt` and
     /// `timestamp_opt` filled, `subscribe` webhook (source `user`). Panics unless pending.
+    /// Over HTTP: `POST /__fake/confirm/{list_id}/{subscriber_hash}` (no auth; optional body
+    /// `{"ip": "…"}`) does the same and answers 204, or 404 when the member is not pending.
     pub async fn confirm(&self, list: &str, email: &str, ip: &str) -> Vec<Delivery> {
-        self.change(list, email, |m, now| {
-            assert_eq!(m.status, Status::Pending, "{email} is not pending");
-            m.status = Status::Subscribed;
-            m.ip_opt = ip.to_owned();
-            m.timestamp_opt = iso(now);
-        })
-        .unwrap_or_else(|| panic!("{email} is not on {list}"));
-        let event = WebhookEvent::Subscribe {
-            email: email.to_owned(),
+        let rendered = {
+            let mut s = self.lock();
+            members::confirm(&mut s, list, email, ip)
         };
-        self.fire(list, event, Source::User).await
+        assert!(rendered.is_some(), "{email} is not pending on {list}");
+        self.dispatch(rendered).await
     }
 
     /// The person clicks "unsubscribe" in a campaign (reason `manual`), or reports spam
