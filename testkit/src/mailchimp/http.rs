@@ -14,101 +14,17 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, header};
+use axum::response::Response;
 use base64::Engine as _;
 use serde_json::{Map, Value, json};
 
+use super::errors::{Answer, ApiError, render};
+use super::fields::project;
+use super::listing;
 use super::members::{self, Mode};
-use super::webhooks::{self, EVENT_TYPES, Rendered, SOURCES, Webhook};
-use super::{Fault, MailchimpState, RequestRecord, Shared, lock_state};
-
-const ERROR_TYPE: &str = "https://mailchimp.com/developer/marketing/docs/errors/";
-
-/// A Mailchimp error.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: u16,
-    pub title: String,
-    pub detail: String,
-    /// `errors[]`: (field, message).
-    pub errors: Vec<(String, String)>,
-    /// The batch call's `error_code` for this error.
-    pub batch_code: &'static str,
-}
-
-impl ApiError {
-    pub fn new(status: u16, title: &str, detail: &str) -> Self {
-        Self {
-            status,
-            title: title.to_owned(),
-            detail: detail.to_owned(),
-            errors: Vec::new(),
-            batch_code: "ERROR_GENERIC",
-        }
-    }
-
-    /// 400 `Invalid Resource` with this detail.
-    pub fn invalid(detail: &str) -> Self {
-        Self::new(400, "Invalid Resource", detail)
-    }
-
-    /// 400 `Invalid Resource` naming one field in `errors[]`.
-    pub fn field(field: &str, message: &str) -> Self {
-        let mut e = Self::invalid(
-            "The resource submitted could not be validated. For field-specific details, see the 'errors' array.",
-        );
-        e.errors.push((field.to_owned(), message.to_owned()));
-        e
-    }
-
-    pub fn not_found() -> Self {
-        Self::new(
-            404,
-            "Resource Not Found",
-            "The requested resource could not be found.",
-        )
-    }
-
-    /// The glossary's error for a status.
-    pub fn glossary(status: u16) -> Self {
-        let (title, detail) = match status {
-            400 => ("Bad Request", "Your request could not be processed."),
-            401 => (
-                "API Key Invalid",
-                "Your API key may be invalid, or you've attempted to access the wrong data center.",
-            ),
-            403 => (
-                "Forbidden",
-                "You are not permitted to access this resource.",
-            ),
-            404 => return Self::not_found(),
-            405 => (
-                "Method Not Allowed",
-                "The requested method and resource are not compatible. See the Allow header for this resource's available methods.",
-            ),
-            429 => (
-                "Too Many Requests",
-                "You have exceeded the limit of 10 simultaneous connections.",
-            ),
-            503 => ("Compliance Related", "This method has been disabled."),
-            _ => (
-                "Internal Server Error",
-                "An unexpected internal error has occurred.",
-            ),
-        };
-        Self::new(status, title, detail)
-    }
-}
-
-/// What a call answers.
-#[derive(Debug)]
-pub(super) enum Answer {
-    Json(u16, Value),
-    NoContent,
-    Problem(ApiError),
-    Raw(u16, &'static str, String),
-}
+use super::webhooks::{self, Rendered};
+use super::{Fault, MailchimpState, RequestRecord, Shared, batch, lock_state};
 
 pub(super) fn router(state: Shared) -> Router {
     Router::new()
@@ -171,65 +87,6 @@ fn endpoint_label(method: &str, segs: &[&str]) -> String {
         out[1] = "{batch_id}".into();
     }
     format!("{method} /{}", out.join("/"))
-}
-
-fn render(answer: Answer, request_id: &str, s: &MailchimpState) -> Response {
-    let mut r = match answer {
-        Answer::Json(status, v) => (
-            StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
-            [(header::CONTENT_TYPE, "application/json; charset=utf-8")],
-            v.to_string(),
-        )
-            .into_response(),
-        Answer::NoContent => StatusCode::NO_CONTENT.into_response(),
-        Answer::Raw(status, content_type, body) => (
-            StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
-            [(header::CONTENT_TYPE, content_type)],
-            body,
-        )
-            .into_response(),
-        Answer::Problem(e) => {
-            let mut body = Map::new();
-            if !s.omit_type_titles.contains(&e.title) {
-                body.insert("type".into(), json!(ERROR_TYPE));
-            }
-            body.insert("title".into(), json!(e.title));
-            body.insert("status".into(), json!(e.status));
-            body.insert("detail".into(), json!(e.detail));
-            body.insert("instance".into(), json!(request_id));
-            if !e.errors.is_empty() {
-                let errors: Vec<Value> = e
-                    .errors
-                    .iter()
-                    .map(|(f, m)| json!({"field": f, "message": m}))
-                    .collect();
-                body.insert("errors".into(), Value::Array(errors));
-            }
-            let mut r = (
-                StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
-                [(
-                    header::CONTENT_TYPE,
-                    "application/problem+json; charset=utf-8",
-                )],
-                Value::Object(body).to_string(),
-            )
-                .into_response();
-            let link = format!(
-                "<https://{}.api.mailchimp.com/schema/3.0/Definitions/ProblemDetailDocument.json>; rel=\"describedBy\"",
-                s.options.dc
-            );
-            if let Ok(v) = HeaderValue::from_str(&link) {
-                r.headers_mut().insert(header::LINK, v);
-            }
-            r
-        }
-    };
-    if let Ok(v) = HeaderValue::from_str(request_id) {
-        r.headers_mut().insert("x-request-id", v);
-    }
-    r.headers_mut()
-        .insert(header::SERVER, HeaderValue::from_static("openresty"));
-    r
 }
 
 /// The credential of a request (the API key or the OAuth token), or why it is refused.
@@ -591,7 +448,7 @@ async fn route(state: &Shared, call: &mut Call, seg: &[&str]) -> Result<Answer, 
         )),
         ("GET", ["lists"]) => {
             let s = lock_state(state);
-            let (count, offset) = members::paging(&s, &q, &mut call.note)?;
+            let (count, offset) = listing::paging(&s, &q, &mut call.note)?;
             let lists: Vec<Value> = s
                 .lists
                 .values()
@@ -613,7 +470,7 @@ async fn route(state: &Shared, call: &mut Call, seg: &[&str]) -> Result<Answer, 
             let body = json_body(&call.body)?;
             let (answer, events) = {
                 let mut s = lock_state(state);
-                members::batch(
+                batch::batch(
                     &mut s,
                     id,
                     &body,
@@ -626,7 +483,7 @@ async fn route(state: &Shared, call: &mut Call, seg: &[&str]) -> Result<Answer, 
         }
         ("GET", ["lists", id, "merge-fields"]) => {
             let s = lock_state(state);
-            let (count, offset) = members::paging(&s, &q, &mut call.note)?;
+            let (count, offset) = listing::paging(&s, &q, &mut call.note)?;
             let l = s.lists.get(*id).ok_or_else(ApiError::not_found)?;
             let fields: Vec<Value> = l
                 .merge_fields
@@ -648,10 +505,10 @@ async fn route(state: &Shared, call: &mut Call, seg: &[&str]) -> Result<Answer, 
         }
         ("GET", ["lists", id, "members"]) => {
             let mut s = lock_state(state);
-            let v = members::list_members(&s, id, &q, &mut call.note)?;
+            let v = listing::list_members(&s, id, &q, &mut call.note)?;
             let churn = s.churn;
             if churn > 0 {
-                members::churn(&mut s, id, churn);
+                listing::churn(&mut s, id, churn);
             }
             Ok(Answer::Json(200, v))
         }
@@ -696,7 +553,7 @@ async fn route(state: &Shared, call: &mut Call, seg: &[&str]) -> Result<Answer, 
         }
         ("POST", ["lists", id, "webhooks"]) => {
             let body = json_body(&call.body)?;
-            create_webhook(state, id, &body).await
+            webhooks::create_webhook(state, id, &body).await
         }
         ("GET", ["lists", id, "webhooks", w]) => {
             let s = lock_state(state);
@@ -755,181 +612,6 @@ fn write(
     Ok(Answer::Json(200, written.member))
 }
 
-fn flags(
-    body: &Map<String, Value>,
-    key: &str,
-    names: &[&str],
-) -> Result<std::collections::BTreeMap<String, bool>, ApiError> {
-    let mut out: std::collections::BTreeMap<String, bool> =
-        names.iter().map(|n| ((*n).to_owned(), false)).collect();
-    match body.get(key) {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(m)) => {
-            for (k, v) in m {
-                if !names.contains(&k.as_str()) {
-                    return Err(ApiError::field(
-                        &format!("{key}.{k}"),
-                        "This property is not allowed.",
-                    ));
-                }
-                let Some(b) = v.as_bool() else {
-                    return Err(ApiError::field(
-                        &format!("{key}.{k}"),
-                        "Schema describes boolean.",
-                    ));
-                };
-                out.insert(k.clone(), b);
-            }
-        }
-        Some(_) => return Err(ApiError::field(key, "Schema describes object.")),
-    }
-    Ok(out)
-}
-
-/// `POST /lists/{id}/webhooks`: validate the URL with a real GET, then register.
-async fn create_webhook(
-    state: &Shared,
-    list_id: &str,
-    body: &Map<String, Value>,
-) -> Result<Answer, ApiError> {
-    let url = body
-        .get("url")
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .unwrap_or_default()
-        .to_owned();
-    let parsed = reqwest::Url::parse(&url)
-        .ok()
-        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-    if parsed.is_none() {
-        return Err(ApiError::field("url", "This value should be a valid URL."));
-    }
-    let events = flags(body, "events", &EVENT_TYPES)?;
-    let sources = flags(body, "sources", &SOURCES)?;
-    let timeout = {
-        let s = lock_state(state);
-        let l = s.lists.get(list_id).ok_or_else(ApiError::not_found)?;
-        if l.webhooks.iter().any(|h| h.url == url) {
-            return Err(ApiError::field(
-                "url",
-                "A webhook with this URL already exists on this list.",
-            ));
-        }
-        s.options.webhook_timeout()
-    };
-    let answered = webhooks::validate(&url, timeout).await;
-    let mut s = lock_state(state);
-    s.validations.push((url.clone(), answered));
-    if !answered.is_some_and(|c| (200..300).contains(&c)) {
-        return Err(ApiError::field(
-            "url",
-            "We couldn't verify the URL is working. Please double check and try again.",
-        ));
-    }
-    let l = s.lists.get_mut(list_id).ok_or_else(ApiError::not_found)?;
-    let hook = Webhook {
-        id: MailchimpState::hex(10),
-        url,
-        events,
-        sources,
-    };
-    let v = hook.json(&l.id);
-    l.webhooks.push(hook);
-    Ok(Answer::Json(200, v))
-}
-
-// ----- fields / exclude_fields -------------------------------------------------------------
-
-fn paths(q: &HashMap<String, String>, key: &str) -> Vec<Vec<String>> {
-    q.get(key)
-        .map(|v| {
-            v.split(',')
-                .map(str::trim)
-                .filter(|p| !p.is_empty())
-                .map(|p| p.split('.').map(str::to_owned).collect())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Whether `path` names something in `v` (an empty array accepts anything below it).
-fn path_valid(v: &Value, path: &[String]) -> bool {
-    let Some((head, rest)) = path.split_first() else {
-        return true;
-    };
-    match v {
-        Value::Object(m) => m.get(head).is_some_and(|c| path_valid(c, rest)),
-        Value::Array(a) => a.first().is_none_or(|x| path_valid(x, path)),
-        _ => false,
-    }
-}
-
-fn keep(v: &Value, include: &[Vec<String>]) -> Value {
-    match v {
-        Value::Object(m) => {
-            let mut out = Map::new();
-            for (k, val) in m {
-                let subs: Vec<Vec<String>> = include
-                    .iter()
-                    .filter(|p| p.first() == Some(k))
-                    .map(|p| p[1..].to_vec())
-                    .collect();
-                if subs.is_empty() {
-                    continue;
-                }
-                if subs.iter().any(Vec::is_empty) {
-                    out.insert(k.clone(), val.clone());
-                } else {
-                    out.insert(k.clone(), keep(val, &subs));
-                }
-            }
-            Value::Object(out)
-        }
-        Value::Array(a) => Value::Array(a.iter().map(|x| keep(x, include)).collect()),
-        other => other.clone(),
-    }
-}
-
-fn drop_path(v: &mut Value, path: &[String]) {
-    match v {
-        Value::Object(m) => match path {
-            [] => {}
-            [last] => {
-                m.remove(last);
-            }
-            [head, rest @ ..] => {
-                if let Some(c) = m.get_mut(head) {
-                    drop_path(c, rest);
-                }
-            }
-        },
-        Value::Array(a) => a.iter_mut().for_each(|x| drop_path(x, path)),
-        _ => {}
-    }
-}
-
-/// Apply `fields` / `exclude_fields`; 422 `Requested Fields Invalid` for an unknown path.
-fn project(v: &Value, q: &HashMap<String, String>) -> Result<Value, ApiError> {
-    let include = paths(q, "fields");
-    let exclude = paths(q, "exclude_fields");
-    if include.iter().chain(&exclude).any(|p| !path_valid(v, p)) {
-        return Err(ApiError::new(
-            422,
-            "Requested Fields Invalid",
-            "The fields requested from this resource are invalid.",
-        ));
-    }
-    let mut out = if include.is_empty() {
-        v.clone()
-    } else {
-        keep(v, &include)
-    };
-    for p in &exclude {
-        drop_path(&mut out, p);
-    }
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -941,29 +623,5 @@ mod tests {
             "PUT /lists/{list_id}/members/{subscriber_hash}"
         );
         assert_eq!(endpoint_label("GET", &["ping"]), "GET /ping");
-    }
-
-    #[test]
-    fn projection_keeps_and_drops_paths() {
-        let v = json!({"members": [{"id": "a", "status": "x", "merge_fields": {"F": 1}}],
-                       "total_items": 1, "list_id": "l"});
-        let q: HashMap<String, String> = [(
-            "fields".to_owned(),
-            "members.id,members.merge_fields.F,total_items".to_owned(),
-        )]
-        .into();
-        assert_eq!(
-            project(&v, &q).ok(),
-            Some(json!({"members": [{"id": "a", "merge_fields": {"F": 1}}], "total_items": 1}))
-        );
-        let q: HashMap<String, String> =
-            [("exclude_fields".to_owned(), "members.status".to_owned())].into();
-        assert_eq!(
-            project(&v, &q).ok(),
-            Some(json!({"members": [{"id": "a", "merge_fields": {"F": 1}}],
-                        "total_items": 1, "list_id": "l"}))
-        );
-        let q: HashMap<String, String> = [("fields".to_owned(), "members.nope".to_owned())].into();
-        assert_eq!(project(&v, &q).err().map(|e| e.status), Some(422));
     }
 }

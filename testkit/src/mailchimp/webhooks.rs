@@ -20,7 +20,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+
+use super::errors::{Answer, ApiError};
 
 use super::{MailchimpState, Shared, Source, lock_state, subscriber_hash};
 
@@ -372,4 +374,87 @@ pub(super) async fn validate(url: &str, timeout: Duration) -> Option<u16> {
         .await
         .ok()
         .map(|r| r.status().as_u16())
+}
+
+fn flags(
+    body: &Map<String, Value>,
+    key: &str,
+    names: &[&str],
+) -> Result<std::collections::BTreeMap<String, bool>, ApiError> {
+    let mut out: std::collections::BTreeMap<String, bool> =
+        names.iter().map(|n| ((*n).to_owned(), false)).collect();
+    match body.get(key) {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(m)) => {
+            for (k, v) in m {
+                if !names.contains(&k.as_str()) {
+                    return Err(ApiError::field(
+                        &format!("{key}.{k}"),
+                        "This property is not allowed.",
+                    ));
+                }
+                let Some(b) = v.as_bool() else {
+                    return Err(ApiError::field(
+                        &format!("{key}.{k}"),
+                        "Schema describes boolean.",
+                    ));
+                };
+                out.insert(k.clone(), b);
+            }
+        }
+        Some(_) => return Err(ApiError::field(key, "Schema describes object.")),
+    }
+    Ok(out)
+}
+
+/// `POST /lists/{id}/webhooks`: validate the URL with a real GET, then register.
+pub(super) async fn create_webhook(
+    state: &Shared,
+    list_id: &str,
+    body: &Map<String, Value>,
+) -> Result<Answer, ApiError> {
+    let url = body
+        .get("url")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .unwrap_or_default()
+        .to_owned();
+    let parsed = reqwest::Url::parse(&url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
+    if parsed.is_none() {
+        return Err(ApiError::field("url", "This value should be a valid URL."));
+    }
+    let events = flags(body, "events", &EVENT_TYPES)?;
+    let sources = flags(body, "sources", &SOURCES)?;
+    let timeout = {
+        let s = lock_state(state);
+        let l = s.lists.get(list_id).ok_or_else(ApiError::not_found)?;
+        if l.webhooks.iter().any(|h| h.url == url) {
+            return Err(ApiError::field(
+                "url",
+                "A webhook with this URL already exists on this list.",
+            ));
+        }
+        s.options.webhook_timeout()
+    };
+    let answered = validate(&url, timeout).await;
+    let mut s = lock_state(state);
+    s.validations.push((url.clone(), answered));
+    if !answered.is_some_and(|c| (200..300).contains(&c)) {
+        return Err(ApiError::field(
+            "url",
+            "We couldn't verify the URL is working. Please double check and try again.",
+        ));
+    }
+    let l = s.lists.get_mut(list_id).ok_or_else(ApiError::not_found)?;
+    let hook = Webhook {
+        id: MailchimpState::hex(10),
+        url,
+        events,
+        sources,
+    };
+    let v = hook.json(&l.id);
+    l.webhooks.push(hook);
+    Ok(Answer::Json(200, v))
 }
