@@ -1680,3 +1680,90 @@ async fn churn_mode_moves_members_while_a_client_pages() {
     // The first listing moved two members; the second answers before it churns.
     assert_eq!(moved.body["total_items"], 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_changes_honour_the_admin_source_and_block_resubscribe() {
+    let fake = fake_with_list();
+    let (base, hits) = receiver().await;
+    let a = register(
+        &fake,
+        &format!("{base}/ok/no-admin"),
+        all_events(),
+        json!({"user": true, "api": true}),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    fake.insert_member(LIST, SeedMember::new("adm@example.org", Status::Subscribed));
+    let d = fake.unsubscribe_by_admin(LIST, "adm@example.org").await;
+    assert!(d.is_empty(), "{d:?}");
+    assert!(
+        hits.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .all(|h| h.method == "GET")
+    );
+    let a = put_member(&fake, "adm@example.org", json!({"email_address": "adm@example.org", "status_if_new": "subscribed", "status": "subscribed"})).await;
+    assert_eq!(a.body["title"], "Member In Compliance State");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_webhooks_carry_an_hmac_of_timestamp_and_body() {
+    use hmac::{Hmac, Mac as _};
+    let fake = FakeMailchimp::start_with(MailchimpOptions {
+        webhook_signing: true,
+        ..MailchimpOptions::default()
+    });
+    fake.add_list(LIST, "N");
+    let (base, _hits) = receiver().await;
+    let a = register(
+        &fake,
+        &format!("{base}/ok/signed"),
+        all_events(),
+        json!({"user": true}),
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.body["signing_enabled"], true);
+    let secret = a.body["signing_secret"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(secret.len(), 40);
+    // Shown once only.
+    let listed = get(&fake, &format!("/lists/{LIST}/webhooks")).await;
+    assert!(listed.body["webhooks"][0].get("signing_secret").is_none());
+    assert_eq!(listed.body["webhooks"][0]["signing_enabled"], true);
+
+    fake.insert_member(LIST, SeedMember::new("s@example.org", Status::Subscribed));
+    let d = fake.unsubscribe_by_user(LIST, "s@example.org", false).await;
+    let sig = d[0].signature.clone().expect("signed");
+    let (t, v1) = sig
+        .strip_prefix("t=")
+        .and_then(|r| r.split_once(",v1="))
+        .expect("t=…,v1=…");
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+    mac.update(format!("{t}.{}", d[0].body).as_bytes());
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    assert_eq!(v1, expected);
+
+    // Unsigned by default.
+    let plain = fake_with_list();
+    register(
+        &plain,
+        &format!("{base}/ok/plain"),
+        all_events(),
+        json!({"user": true}),
+    )
+    .await;
+    plain.insert_member(LIST, SeedMember::new("s@example.org", Status::Subscribed));
+    let d = plain
+        .unsubscribe_by_user(LIST, "s@example.org", false)
+        .await;
+    assert_eq!(d.len(), 1);
+    assert!(d[0].signature.is_none());
+}

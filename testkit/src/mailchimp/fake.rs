@@ -148,6 +148,9 @@ impl FakeMailchimp {
         });
     }
 
+    /// The list's `double_optin` flag. It governs Mailchimp's hosted signup forms only: over
+    /// the API `pending` always sends the confirmation mail and `subscribed` never does,
+    /// whatever the flag says.
     pub fn set_double_optin(&self, list: &str, on: bool) {
         self.list_mut(list, |l| l.double_optin = on);
     }

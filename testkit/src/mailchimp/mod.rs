@@ -41,7 +41,9 @@
 //!   registration really GETs the URL (User-Agent `MailChimp.com WebHook Validator`) and is
 //!   refused unless it answers 2xx; deliveries are form-encoded POSTs (`type`, `fired_at`,
 //!   `data[…]`, User-Agent `MailChimp.com`) honouring the hook's `events` and `sources`, with
-//!   a 10 s timeout and retries at increasing intervals over 75 minutes (both time-scaled).
+//!   a 10 s timeout and retries at increasing intervals over 75 minutes (both time-scaled);
+//!   unsigned unless [`MailchimpOptions::webhook_signing`]; the test hooks of `people.rs`
+//!   (and `POST /__fake/confirm/{list_id}/{subscriber_hash}`) play the person's side.
 //! * **Limits**: at most 10 requests in flight per credential; the 11th answers 429 `Too Many
 //!   Requests` ("You have exceeded the limit of 10 simultaneous connections."); a 120 s
 //!   server-side timeout ([`MailchimpOptions::time_scale`] scales it), after which the client
@@ -53,7 +55,7 @@
 //! Where the documentation is unsure the fake takes the stricter reading; each such place says
 //! "Stricter" in its doc comment. Not built: `POST /batches` (answers 501 problem+json), batch
 //! webhooks, member tags and notes endpoints, interests/interest categories, creating lists
-//! over the API, the newer Audiences/Contacts API, webhook signatures, the "churn" mode.
+//! over the API, the newer Audiences/Contacts API.
 
 mod batch;
 mod errors;
@@ -74,7 +76,7 @@ use md5::{Digest as _, Md5};
 use serde_json::Value;
 
 pub use fake::FakeMailchimp;
-pub use webhooks::{Delivery, Webhook, WebhookEvent};
+pub use webhooks::{Delivery, Webhook, WebhookEvent, signature};
 
 /// The default API key (data centre `us6`).
 pub const API_KEY: &str = "0123456789abcdef0123456789abcdef-us6";
@@ -290,6 +292,9 @@ pub struct MailchimpOptions {
     pub webhook_timeout: Duration,
     /// How long failed webhook deliveries are retried before scaling (75 min); zero: never.
     pub webhook_retry_window: Duration,
+    /// Sign webhook deliveries (`X-Mailchimp-Signature`, see `webhooks.rs`); off by default,
+    /// as Mailchimp Support describes audience webhooks as unsigned.
+    pub webhook_signing: bool,
 }
 
 impl Default for MailchimpOptions {
@@ -306,6 +311,7 @@ impl Default for MailchimpOptions {
             signup_throttle: None,
             webhook_timeout: Duration::from_secs(10),
             webhook_retry_window: Duration::from_secs(75 * 60),
+            webhook_signing: false,
         }
     }
 }

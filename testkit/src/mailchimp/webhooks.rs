@@ -14,6 +14,12 @@
 //! only (which source flag, if any, governs them is not documented). Stricter: a flag left out
 //! when the hook was registered counts as false (Mailchimp does not document the defaults).
 //!
+//! Signing: Mailchimp Support says audience webhooks are unsigned, and that is the default
+//! here; some recent sources describe an optional per-hook HMAC, which
+//! [`super::MailchimpOptions::webhook_signing`] turns on: the create answer carries
+//! `signing_enabled: true` and a one-time `signing_secret`, and every delivery an
+//! `X-Mailchimp-Signature: t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<raw body>">` header.
+//!
 //! A delivery that fails (no 2xx within the timeout) is retried at increasing intervals
 //! (1, 2, 4, … minutes, time-scaled) for the retry window (75 minutes).
 
@@ -47,6 +53,8 @@ pub struct Webhook {
     pub events: std::collections::BTreeMap<String, bool>,
     /// Source → wanted.
     pub sources: std::collections::BTreeMap<String, bool>,
+    /// The signing secret (only with [`super::MailchimpOptions::webhook_signing`]).
+    pub signing_secret: Option<String>,
 }
 
 impl Webhook {
@@ -57,8 +65,14 @@ impl Webhook {
                 .map(|n| ((*n).to_owned(), json!(m.get(*n).copied().unwrap_or(false))))
                 .collect::<serde_json::Map<_, _>>()
         };
-        json!({"id": self.id, "url": self.url, "events": flags(&EVENT_TYPES, &self.events),
-               "sources": flags(&SOURCES, &self.sources), "list_id": list_id, "_links": []})
+        let mut v = json!({"id": self.id, "url": self.url, "events": flags(&EVENT_TYPES, &self.events),
+               "sources": flags(&SOURCES, &self.sources), "list_id": list_id, "_links": []});
+        if self.signing_secret.is_some()
+            && let Value::Object(o) = &mut v
+        {
+            o.insert("signing_enabled".into(), json!(true));
+        }
+        v
     }
 }
 
@@ -110,6 +124,8 @@ pub struct Delivery {
     pub attempt: u32,
     /// The receiver's answer; None when it did not answer in time.
     pub status: Option<u16>,
+    /// The `X-Mailchimp-Signature` header sent, if the hook signs.
+    pub signature: Option<String>,
 }
 
 /// An event rendered for one list, ready to go to its hooks.
@@ -243,7 +259,8 @@ fn body(s: &MailchimpState, r: &Rendered) -> String {
 }
 
 /// The hooks of `r`'s list that want it, with the body to send each.
-fn targets(s: &MailchimpState, r: &Rendered) -> Vec<(String, String, String)> {
+/// (webhook id, url, body, signing secret) for each hook that wants `r`.
+fn targets(s: &MailchimpState, r: &Rendered) -> Vec<(String, String, String, Option<String>)> {
     let Some(list) = s.lists.get(&r.list_id) else {
         return Vec::new();
     };
@@ -255,7 +272,14 @@ fn targets(s: &MailchimpState, r: &Rendered) -> Vec<(String, String, String)> {
             r.source
                 .is_none_or(|src| h.sources.get(src.as_str()).copied().unwrap_or(false))
         })
-        .map(|h| (h.id.clone(), h.url.clone(), body.clone()))
+        .map(|h| {
+            (
+                h.id.clone(),
+                h.url.clone(),
+                body.clone(),
+                h.signing_secret.clone(),
+            )
+        })
         .collect()
 }
 
@@ -267,9 +291,35 @@ fn client(timeout: Duration, agent: &str) -> Option<reqwest::Client> {
         .ok()
 }
 
-async fn post_once(client: &reqwest::Client, url: &str, body: &str) -> Option<u16> {
-    client
-        .post(url)
+/// `t=<unix>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+pub fn signature(secret: &str, unix: i64, body: &str) -> String {
+    use hmac::{Hmac, Mac as _};
+    let mut mac = match Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()) {
+        Ok(m) => m,
+        Err(_) => return String::new(),
+    };
+    mac.update(format!("{unix}.{body}").as_bytes());
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("t={unix},v1={hex}")
+}
+
+async fn post_once(
+    client: &reqwest::Client,
+    url: &str,
+    body: &str,
+    secret: Option<&str>,
+) -> (Option<u16>, Option<String>) {
+    let sig = secret.map(|k| signature(k, chrono::Utc::now().timestamp(), body));
+    let mut rb = client.post(url);
+    if let Some(sig) = &sig {
+        rb = rb.header("X-Mailchimp-Signature", sig);
+    }
+    let status = rb
         .header(
             reqwest::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
@@ -278,75 +328,57 @@ async fn post_once(client: &reqwest::Client, url: &str, body: &str) -> Option<u1
         .send()
         .await
         .ok()
-        .map(|r| r.status().as_u16())
+        .map(|r| r.status().as_u16());
+    (status, sig)
 }
 
 /// Deliver events to every hook that wants them (runs on the fake's runtime); returns the
 /// first attempts, and keeps retrying failed ones in the background.
 pub(super) async fn deliver(state: Shared, events: Vec<Rendered>) -> Vec<Delivery> {
-    let (jobs, timeout, window) = {
+    let (jobs, timeout, window, scale) = {
         let s = lock_state(&state);
         let jobs: Vec<_> = events
             .iter()
             .flat_map(|r| {
                 targets(&s, r)
                     .into_iter()
-                    .map(move |(id, url, body)| (id, url, body, r.kind))
+                    .map(move |(id, url, body, secret)| Job {
+                        id,
+                        url,
+                        body,
+                        secret,
+                        kind: r.kind,
+                    })
             })
             .collect();
         (
             jobs,
             s.options.webhook_timeout(),
             s.options.scaled(s.options.webhook_retry_window),
+            s.options.time_scale.max(0.0),
         )
     };
     let Some(client) = client(timeout, "MailChimp.com") else {
         return Vec::new();
     };
     let mut tasks = Vec::new();
-    for (id, url, body, kind) in jobs {
+    for job in jobs {
         let client = client.clone();
         let state = Arc::clone(&state);
         tasks.push(tokio::spawn(async move {
-            let record = |attempt: u32, status: Option<u16>| {
-                let d = Delivery {
-                    webhook_id: id.clone(),
-                    url: url.clone(),
-                    event_type: kind.to_owned(),
-                    body: body.clone(),
-                    attempt,
-                    status,
-                };
-                lock_state(&state).deliveries.push(d.clone());
-                d
-            };
-            let status = post_once(&client, &url, &body).await;
-            let first = record(1, status);
-            if !status.is_some_and(|c| (200..300).contains(&c)) {
-                let state = Arc::clone(&state);
-                let (id, url, body) = (id.clone(), url.clone(), body.clone());
+            let first = job.attempt(&client, &state, 1).await;
+            if !first.status.is_some_and(|c| (200..300).contains(&c)) {
                 tokio::spawn(async move {
                     let start = Instant::now();
                     let mut wait = Duration::from_secs(60);
-                    let scale = lock_state(&state).options.time_scale;
-                    let mut attempt = 1;
-                    loop {
-                        let pause = wait.mul_f64(scale.max(0.0));
+                    for attempt in 2.. {
+                        let pause = wait.mul_f64(scale);
                         if start.elapsed() + pause > window {
                             return;
                         }
                         tokio::time::sleep(pause).await;
-                        attempt += 1;
-                        let status = post_once(&client, &url, &body).await;
-                        lock_state(&state).deliveries.push(Delivery {
-                            webhook_id: id.clone(),
-                            url: url.clone(),
-                            event_type: kind.to_owned(),
-                            body: body.clone(),
-                            attempt,
-                            status,
-                        });
-                        if status.is_some_and(|c| (200..300).contains(&c)) {
+                        let d = job.attempt(&client, &state, attempt).await;
+                        if d.status.is_some_and(|c| (200..300).contains(&c)) {
                             return;
                         }
                         wait *= 2;
@@ -363,6 +395,34 @@ pub(super) async fn deliver(state: Shared, events: Vec<Rendered>) -> Vec<Deliver
         }
     }
     out
+}
+
+/// One event for one hook.
+struct Job {
+    id: String,
+    url: String,
+    body: String,
+    secret: Option<String>,
+    kind: &'static str,
+}
+
+impl Job {
+    /// POST once and record the attempt.
+    async fn attempt(&self, client: &reqwest::Client, state: &Shared, attempt: u32) -> Delivery {
+        let (status, signature) =
+            post_once(client, &self.url, &self.body, self.secret.as_deref()).await;
+        let d = Delivery {
+            webhook_id: self.id.clone(),
+            url: self.url.clone(),
+            event_type: self.kind.to_owned(),
+            body: self.body.clone(),
+            attempt,
+            status,
+            signature,
+        };
+        lock_state(state).deliveries.push(d.clone());
+        d
+    }
 }
 
 /// Mailchimp's validation GET: the status the URL answered, None when it did not answer.
@@ -447,14 +507,20 @@ pub(super) async fn create_webhook(
             "We couldn't verify the URL is working. Please double check and try again.",
         ));
     }
+    let secret = s.options.webhook_signing.then(|| MailchimpState::hex(40));
     let l = s.lists.get_mut(list_id).ok_or_else(ApiError::not_found)?;
     let hook = Webhook {
         id: MailchimpState::hex(10),
         url,
         events,
         sources,
+        signing_secret: secret.clone(),
     };
-    let v = hook.json(&l.id);
+    let mut v = hook.json(&l.id);
     l.webhooks.push(hook);
+    // The secret is shown once, in the create answer.
+    if let (Some(secret), Value::Object(o)) = (secret, &mut v) {
+        o.insert("signing_secret".into(), json!(secret));
+    }
     Ok(Answer::Json(200, v))
 }
