@@ -1,4 +1,20 @@
 //! `GET /lists/{id}/members`: filters, sorting, paging, and the churn mode.
+//!
+//! * Archived members are listed only with `status=archived` (stricter: a client that wants
+//!   them must ask).
+//! * `since_last_changed` and `before_last_changed` are strict (`>`/`<`); stricter: the
+//!   documentation says "after" and does not say whether it is inclusive, and timestamps have
+//!   whole seconds, so a client must overlap its cursor and de-duplicate on `id`.
+//! * Times are ISO 8601 with an offset; a `+` must be percent-encoded (`%2B`), an unencoded
+//!   one decodes to a space and the value is refused with 400.
+//! * `unsubscribed_since` needs `status=unsubscribed` (400 otherwise) and compares with
+//!   `last_changed` (the fake keeps no separate unsubscribe time).
+//! * `sort_field` is `timestamp_opt`, `timestamp_signup` or `last_changed`; `sort_dir`
+//!   defaults to `DESC` (stricter: the default is not documented, a client must send it);
+//!   ties keep creation order; without `sort_field`, creation order.
+//! * `count` defaults to 10; above 1000 it is refused with 400 (stricter: what Mailchimp does
+//!   is not documented) unless [`super::CountOverMax::Clamp`].
+//! * Churn mode ([`super::MailchimpState::churn`]) moves random members after each answer.
 
 use std::collections::HashMap;
 

@@ -1,5 +1,4 @@
-//! List members: the upsert, the status rules, validation, archive and permanent delete,
-//! listing, and the synchronous batch subscribe.
+//! List members: the upsert, the status rules, validation, archive and permanent delete.
 //!
 //! Status rules (what an API write may do to an existing member):
 //!
@@ -9,7 +8,7 @@
 //! | exists, by `POST …/members` | 400 `Member Exists` (stricter: also for an archived member) |
 //! | `subscribed` → `unsubscribed` | allowed; the member is unsubscribed "by the API" |
 //! | `unsubscribed`/`cleaned` → `subscribed` | 400 `Member In Compliance State` (stricter: for every unsubscribe, the API's own included, unless [`super::MailchimpOptions::resubscribe_after_api_unsubscribe`]) |
-//! | any → `subscribed` for an address on the compliance list | 400 `Member In Compliance State` |
+//! | any → `subscribed` for an address on the compliance list | 400 `Member In Compliance State` (`pending` is allowed: the recovery path Mailchimp's own e-commerce plugin uses) |
 //! | `unsubscribed`/`cleaned` → `pending` | allowed, sends a confirmation mail |
 //! | any → `pending` | a confirmation mail each time (stricter: also when the member already is pending and `status: pending` is sent again) |
 //! | `pending` → `subscribed` | allowed (bypasses the confirmation) |
@@ -36,10 +35,18 @@
 //! [`super::FakeMailchimp::confirm`] fills `ip_opt`/`timestamp_opt`, as Mailchimp does on the
 //! click).
 //!
-//! Listing: archived members only with `status=archived` (stricter); `since_last_changed` and
-//! `before_last_changed` are strict (`>`/`<`, stricter: the documentation says "after" and
-//! does not say whether it is inclusive); `sort_dir` defaults to `DESC` (stricter: the default is
-//! not documented, a client must send it); ties keep creation order.
+//! Bodies: keys the fake does not model (`tags`, `interests`, …) are ignored. A `PATCH` whose
+//! `email_address` differs from the path's address is refused like any hash mismatch: changing
+//! an address over the API is not reproduced (the person's own change is, see
+//! [`super::FakeMailchimp::change_email`]). The per-address signup throttle
+//! ([`super::MailchimpOptions::signup_throttle`]) counts writes that move an address to
+//! `subscribed` or `pending`.
+//!
+//! Webhook events of API writes (source `api`): `subscribe` when a member becomes
+//! `subscribed`, `unsubscribe` (`action=unsub`) when it becomes `unsubscribed`, `cleaned` when
+//! it becomes `cleaned`, `unsubscribe` with `action=delete` on archive, `profile` when an
+//! existing member changes without a status change; none for `pending` (the confirmation click
+//! fires `subscribe`, source `user`) and none for a permanent delete.
 
 use std::time::Instant;
 
