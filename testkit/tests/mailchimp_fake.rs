@@ -1056,6 +1056,30 @@ async fn the_eleventh_simultaneous_request_gets_429() {
     assert_eq!(fake.refused_concurrency(), 1);
     // Slots come back.
     assert_eq!(get(&fake, "/ping").await.status, 200);
+    // The bare-403 form of the throttle.
+    let bare = Arc::new(FakeMailchimp::start_with(MailchimpOptions {
+        latency: Duration::from_millis(1500),
+        max_connections: 2,
+        throttle_as_bare_403: true,
+        ..MailchimpOptions::default()
+    }));
+    let mut tasks = Vec::new();
+    for _ in 0..3 {
+        let url = format!("{}/ping", bare.api_root());
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            send(client.get(url).basic_auth("u", Some(API_KEY))).await
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        let a = t.await.expect("task");
+        answers.push((a.status, a.body));
+    }
+    answers.sort_by_key(|(s, _)| *s);
+    assert_eq!(answers[0].0, 200);
+    assert_eq!(answers[1].0, 200);
+    assert_eq!(answers[2], (403, json!("")));
     // Another credential has its own ten.
     let fake2 = FakeMailchimp::start_with(MailchimpOptions {
         latency: Duration::from_millis(800),

@@ -321,7 +321,13 @@ async fn admit_and_serve(
         };
         drop(s);
         let Some(slot) = acquire(state, &key) else {
-            return (Answer::Problem(ApiError::glossary(429)), String::new());
+            let bare = lock_state(state).options.throttle_as_bare_403;
+            let answer = if bare {
+                Answer::Raw(403, "text/plain", String::new())
+            } else {
+                Answer::Problem(ApiError::glossary(429))
+            };
+            return (answer, String::new());
         };
         let mut s = lock_state(state);
         let fault = s.faults.pop_front();

@@ -48,7 +48,8 @@
 //!   Requests` ("You have exceeded the limit of 10 simultaneous connections."); a 120 s
 //!   server-side timeout ([`MailchimpOptions::time_scale`] scales it), after which the client
 //!   gets 504 while the request still runs to its end and keeps its slot, as Mailchimp warns
-//!   ("those requests could still be considered open").
+//!   ("those requests could still be considered open"); optionally a bare 403 instead of the
+//!   429 ([`MailchimpOptions::throttle_as_bare_403`]).
 //! * **Faults**: [`FakeMailchimp::fail_next`] ([`Fault`]) and seeded random faults
 //!   ([`crate::faults`]); a request log ([`FakeMailchimp::request_log`]).
 //!
@@ -274,6 +275,9 @@ pub struct MailchimpOptions {
     pub max_connections: usize,
     /// Server-side request timeout before scaling (120 s).
     pub request_timeout: Duration,
+    /// Answer a request over the concurrency limit with a bare 403 (no body) instead of the
+    /// glossary's 429: seen under very high volume according to third-party reports.
+    pub throttle_as_bare_403: bool,
     /// Added to every API call while it holds its slot, so tests can reach the limit.
     pub latency: Duration,
     /// Answer a key of another data centre with 403 `Wrong Datacenter` instead of 401.
@@ -304,6 +308,7 @@ impl Default for MailchimpOptions {
             time_scale: 1.0,
             max_connections: 10,
             request_timeout: Duration::from_secs(120),
+            throttle_as_bare_403: false,
             latency: Duration::ZERO,
             wrong_dc_forbidden: false,
             count_over_max: CountOverMax::Refuse,
