@@ -1791,3 +1791,146 @@ async fn signed_webhooks_carry_an_hmac_of_timestamp_and_body() {
     assert_eq!(d.len(), 1);
     assert!(d[0].signature.is_none());
 }
+
+#[tokio::test]
+async fn garbage_input_never_gets_a_500() {
+    let fake = fake_with_list();
+    fake.add_merge_field(LIST, MergeField::number("AGE", false));
+    fake.add_marketing_permission(LIST, "p1", "Email");
+    let h = subscriber_hash("g@example.org");
+    let cases: Vec<(Method, String, Option<&str>)> = vec![
+        (Method::GET, "/lists/%FF%FE/members/%00".into(), None),
+        (
+            Method::GET,
+            format!("/lists/{LIST}/members?count=99999999999999999999999"),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/lists/{LIST}/members?offset=-1"),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/lists/{LIST}/members?fields=,,.,members..id"),
+            None,
+        ),
+        (
+            Method::GET,
+            format!("/lists/{LIST}/members?since_last_changed=%FF"),
+            None,
+        ),
+        (Method::PUT, format!("/lists/{LIST}/members/{h}"), Some("")),
+        (
+            Method::PUT,
+            format!("/lists/{LIST}/members/{h}"),
+            Some("null"),
+        ),
+        (
+            Method::PUT,
+            format!("/lists/{LIST}/members/{h}"),
+            Some(r#"{"email_address":"g@example.org","status_if_new":7}"#),
+        ),
+        (
+            Method::PUT,
+            format!("/lists/{LIST}/members/{h}"),
+            Some(
+                r#"{"email_address":"g@example.org","status_if_new":"subscribed","merge_fields":{"AGE":{"x":1}}}"#,
+            ),
+        ),
+        (
+            Method::PUT,
+            format!("/lists/{LIST}/members/{h}"),
+            Some(
+                r#"{"email_address":"g@example.org","status_if_new":"subscribed","marketing_permissions":[1,"x",null]}"#,
+            ),
+        ),
+        (
+            Method::PUT,
+            format!("/lists/{LIST}/members/{h}"),
+            Some(r#"{"email_address":"@","status_if_new":"subscribed"}"#),
+        ),
+        (
+            Method::PUT,
+            format!("/lists/{LIST}/members/{h}"),
+            Some(
+                r#"{"email_address":"g@example.org","status_if_new":"subscribed","timestamp_opt":"2024-13-45T99:99:99+00:00"}"#,
+            ),
+        ),
+        (
+            Method::PATCH,
+            format!("/lists/{LIST}/members/nobody"),
+            Some("{}"),
+        ),
+        (
+            Method::POST,
+            format!("/lists/{LIST}"),
+            Some(r#"{"members":"nope"}"#),
+        ),
+        (
+            Method::POST,
+            format!("/lists/{LIST}"),
+            Some(r#"{"members":[1,null,"x",{}],"update_existing":"yes"}"#),
+        ),
+        (
+            Method::POST,
+            format!("/lists/{LIST}/webhooks"),
+            Some(r#"{"url":"http://[::1"}"#),
+        ),
+        (
+            Method::POST,
+            format!("/lists/{LIST}/webhooks"),
+            Some(r#"{"url":"ftp://x/y","events":[1]}"#),
+        ),
+        (
+            Method::POST,
+            format!("/lists/{LIST}/webhooks"),
+            Some(r#"{"url":7,"events":{"subscribe":"yes"}}"#),
+        ),
+        (
+            Method::DELETE,
+            format!("/lists/{LIST}/members/{h}/actions/delete-permanent"),
+            None,
+        ),
+    ];
+    for (method, path, body) in cases {
+        let mut rb = client()
+            .request(method.clone(), format!("{}{path}", fake.api_root()))
+            .basic_auth("u", Some(API_KEY));
+        if let Some(b) = body {
+            rb = rb.body(b.to_owned());
+        }
+        let a = send(rb).await;
+        assert!(
+            (400..500).contains(&a.status),
+            "{method} {path} {body:?}: {} {}",
+            a.status,
+            a.body
+        );
+        assert!(a.body.get("title").is_some(), "{method} {path}: {}", a.body);
+    }
+    // Items that are not members fail one by one; the call itself succeeds.
+    let a = call(
+        &fake,
+        Method::POST,
+        &format!("/lists/{LIST}"),
+        Some(json!({"members": [1, null, "x", {}]})),
+    )
+    .await;
+    assert_eq!((a.status, a.body["error_count"].clone()), (200, json!(4)));
+    let a = send(
+        client()
+            .get(format!("{}/ping", fake.api_root()))
+            .header("authorization", "Basic %%%"),
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    let a = send(
+        client()
+            .get(format!("{}/ping", fake.api_root()))
+            .header("authorization", "Digest x"),
+    )
+    .await;
+    assert_eq!(a.status, 401);
+    assert_eq!(get(&fake, "/ping").await.status, 200);
+}
