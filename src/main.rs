@@ -95,6 +95,29 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Drive the configured connectors through the connector contract (the conformance kit).
+    Connector {
+        #[command(subcommand)]
+        command: ConnectorCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConnectorCommand {
+    /// One line per check, PASS/FAIL/SKIP; exit 1 if any fails. Needs no store.
+    Check {
+        /// Only this connector: `crm`, `campaigns` or `mail` (default: all three).
+        #[arg(long)]
+        connector: Option<String>,
+        /// Also run the checks that write: subscribe and remove a test address on the first
+        /// list, write a consent back to the first CRM record, send a test mail. Use a test
+        /// account or a fake.
+        #[arg(long)]
+        write: bool,
+        /// The address the write checks use.
+        #[arg(long, default_value = "conformance-check@example.org")]
+        address: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -341,6 +364,14 @@ fn main() -> ExitCode {
                         json,
                     },
             } => commands::rules_simulate(&cli.config, rules.as_deref(), samples, json).await,
+            Command::Connector {
+                command:
+                    ConnectorCommand::Check {
+                        connector,
+                        write,
+                        address,
+                    },
+            } => commands::connector_check(&cli.config, connector.as_deref(), write, address).await,
         }
     });
     match result {

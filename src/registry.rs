@@ -14,6 +14,7 @@ pub fn factories() -> Vec<Arc<dyn ConnectorFactory>> {
     all.extend(optinsync_plugin_files::factories());
     all.extend(optinsync_plugin_zoho::factories());
     all.extend(optinsync_plugin_smtp::factories());
+    all.extend(optinsync_plugin_exec::factories());
     all
 }
 
@@ -28,7 +29,15 @@ mod tests {
         let all = factories();
         let kinds: HashSet<&str> = all.iter().map(|f| f.kind()).collect();
         assert_eq!(kinds.len(), all.len(), "a kind registered twice");
-        for kind in ["csv", "jsonl", "eml", "zoho-crm", "zoho-campaigns", "smtp"] {
+        for kind in [
+            "csv",
+            "jsonl",
+            "eml",
+            "zoho-crm",
+            "zoho-campaigns",
+            "smtp",
+            "exec",
+        ] {
             assert!(kinds.contains(kind), "{kind} missing");
         }
     }

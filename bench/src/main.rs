@@ -14,6 +14,7 @@
 
 mod baseline;
 mod decide;
+mod exec;
 mod load;
 mod setup;
 mod webhook;
@@ -50,7 +51,7 @@ struct Opts {
     /// Contact counts, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "10000,100000,1000000")]
     sizes: Vec<u64>,
-    /// Rows to run (1-9), comma-separated; default all. Rows 4 and 6-9 use row 1's store, so
+    /// Rows to run (1-10), comma-separated; default all. Rows 4 and 6-9 use row 1's store, so
     /// its sync runs whenever one of them is chosen.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
@@ -188,6 +189,34 @@ const ROWS: &[(&str, u8, &str, &str, Option<Check>)] = &[
         "printed",
         None,
     ),
+    (
+        "exec_pipe",
+        10,
+        "10 exec protocol ceiling: replay connector pull (records/s)",
+        ">= 50,000/s",
+        Some(|v| v >= 50_000.0),
+    ),
+    (
+        "exec_pull",
+        10,
+        "10 exec: Python example CRM pull (records/s)",
+        "printed",
+        None,
+    ),
+    (
+        "csv_pull",
+        10,
+        "10 in process: CSV connector pull, same records (records/s)",
+        "reference",
+        None,
+    ),
+    (
+        "exec_ratio",
+        10,
+        "10 Python example / CSV connector",
+        "printed",
+        None,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -219,12 +248,12 @@ fn progress(size: u64, what: &str) {
 
 async fn all(opts: Opts) -> anyhow::Result<()> {
     let rows: Vec<u8> = if opts.only.is_empty() {
-        (1..=9).collect()
+        (1..=10).collect()
     } else {
         opts.only.clone()
     };
-    if let Some(bad) = rows.iter().find(|r| !(1..=9).contains(*r)) {
-        bail!("--only: no row {bad} (rows are 1-9)");
+    if let Some(bad) = rows.iter().find(|r| !(1..=10).contains(*r)) {
+        bail!("--only: no row {bad} (rows are 1-10)");
     }
     let bin = binary(&opts)?;
     let work = match &opts.work_dir {
@@ -417,6 +446,18 @@ async fn size(
             cells.insert("pg_ratio", Ok(p / s));
         }
         cells.insert("pg", cell);
+    }
+
+    if want(10) {
+        progress(
+            n,
+            "row 10: the exec protocol (Python example, replay) against the CSV connector",
+        );
+        let f = exec::run(n, &dir.join("exec")).await?;
+        cells.insert("exec_pull", Ok(f.example));
+        cells.insert("exec_pipe", Ok(f.replay));
+        cells.insert("csv_pull", Ok(f.csv));
+        cells.insert("exec_ratio", Ok(f.example / f.csv));
     }
 
     if want(5) {
@@ -617,10 +658,9 @@ fn format_cell(key: &str, cell: Option<&Cell>) -> String {
         None => "not run".into(),
         Some(Err(reason)) => reason.clone(),
         Some(Ok(v)) => match key {
-            "sync" | "baseline" | "fetch" | "pg" | "decide" | "post" | "get" => {
-                format!("{}/s", thousands(*v))
-            }
-            "sync_ratio" | "pg_ratio" => format!("{v:.2}"),
+            "sync" | "baseline" | "fetch" | "pg" | "decide" | "post" | "get" | "exec_pipe"
+            | "exec_pull" | "csv_pull" => format!("{}/s", thousands(*v)),
+            "sync_ratio" | "pg_ratio" | "exec_ratio" => format!("{v:.2}"),
             "rss" => format!("{v:.0} MiB"),
             "simulate" => format!("{v:.2} s"),
             _ => format!("{v:.1} ms"),
@@ -799,6 +839,8 @@ mod tests {
         assert_eq!(thousands(999.0), "999");
         assert_eq!(format_cell("sync", Some(&Ok(51_234.0))), "51,234/s");
         assert_eq!(format_cell("post_p99", Some(&Ok(12.34))), "12.3 ms");
+        assert_eq!(format_cell("exec_pipe", Some(&Ok(410_686.4))), "410,686/s");
+        assert_eq!(format_cell("exec_ratio", Some(&Ok(29.83))), "29.83");
         assert_eq!(
             format_cell("pg", Some(&Err("n/a (--no-pg)".into()))),
             "n/a (--no-pg)"

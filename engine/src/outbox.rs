@@ -583,7 +583,7 @@ impl BatchKind {
 /// What one connector call delivers: a row, or a batch of rows of one kind and list.
 #[derive(Debug)]
 enum Unit {
-    One(OutboxItem),
+    One(Box<OutboxItem>),
     Batch {
         kind: BatchKind,
         items: Vec<OutboxItem>,
@@ -607,7 +607,7 @@ impl Unit {
 
     fn into_items(self) -> Vec<OutboxItem> {
         match self {
-            Unit::One(item) => vec![item],
+            Unit::One(item) => vec![*item],
             Unit::Batch { items, .. } => items,
         }
     }
@@ -622,7 +622,7 @@ fn units(items: Vec<OutboxItem>, max_batch: usize) -> Vec<Unit> {
     let mut open: Vec<(BatchKind, String, usize)> = Vec::new();
     for item in items {
         let Some(kind) = BatchKind::of(&item) else {
-            units.push(Unit::One(item));
+            units.push(Unit::One(Box::new(item)));
             continue;
         };
         let slot = open

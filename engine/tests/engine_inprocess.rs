@@ -791,3 +791,96 @@ async fn batch_counts_changes_written_for_a_contact_whose_other_list_conflicted(
         "news: assertion and DOI; events: DOI (its assertion was the other writer's)"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// outbox: batches of the connector's size, one result per row
+// ---------------------------------------------------------------------------------------------
+
+/// Five confirmations on a connector that takes three per call: two subscribe calls (3 + 2),
+/// in claim order; an address the tool refuses fails alone (a dead letter) while the others of
+/// its call are done.
+#[tokio::test]
+async fn subscribes_go_in_batches_of_the_connectors_size_and_each_row_keeps_its_own_result() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    h.campaigns.set_max_batch(3);
+    let people: Vec<String> = (0..5).map(|i| format!("p{i}@example.org")).collect();
+    for (i, email) in people.iter().enumerate() {
+        let token = pending_on_news(&h, &format!("{i}"), email).await;
+        let contact = h.contact(email).await;
+        h.apply(&contact, "news", Input::Confirm { token }).await;
+    }
+    h.campaigns.refuse("p1@example.org");
+    let stats = h.drain().await;
+    let subscribes: Vec<Vec<String>> = h
+        .campaigns
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            CampaignsCall::Subscribe { subscribers, .. } => {
+                Some(subscribers.into_iter().map(|s| s.email).collect())
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(subscribes.len(), 2, "{subscribes:?}");
+    let mut subscribed: Vec<String> = subscribes.concat();
+    subscribed.sort();
+    let mut expected: Vec<String> = people.clone();
+    expected.retain(|p| p != "p1@example.org");
+    assert_eq!(subscribed, expected, "every other row subscribed once");
+    assert_eq!(stats.dead, 1, "{stats:?}");
+    let dead = h.store.outbox_dead().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].kind(), "campaigns_subscribe");
+    assert!(
+        dead[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("refused by the fake")),
+        "{:?}",
+        dead[0].last_error
+    );
+}
+
+/// A whole batch that fails for a while is retried whole, with the same keys, and nothing is
+/// subscribed twice.
+#[tokio::test]
+async fn a_failed_batch_retries_every_row_and_subscribes_each_once() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    h.campaigns.set_max_batch(10);
+    for (i, email) in [ADA, BOB].iter().enumerate() {
+        let token = pending_on_news(&h, &format!("{i}"), email).await;
+        let contact = h.contact(email).await;
+        h.apply(&contact, "news", Input::Confirm { token }).await;
+    }
+    h.campaigns.fail_next_calls([ConnectorError::Transient {
+        message: "down".into(),
+        retry_after: Some(std::time::Duration::from_millis(1)),
+        scope: optinsync_plugin_api::FailureScope::Record,
+    }]);
+    // The rows are due again at once (the wait the connector named is 1 ms): the same drain
+    // takes them again.
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let first = h.drain().await;
+    let second = h.drain().await;
+    assert_eq!(first.retried, 2, "{first:?}");
+    assert_eq!(
+        first.dead + second.dead + second.retried,
+        0,
+        "{first:?} {second:?}"
+    );
+    let subscribes: Vec<usize> = h
+        .campaigns
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            CampaignsCall::Subscribe { subscribers, .. } => Some(subscribers.len()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        subscribes,
+        [2],
+        "one batch of two, after the failed attempt"
+    );
+}

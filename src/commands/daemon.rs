@@ -70,6 +70,7 @@ pub async fn sync_once(path: &Path, deliver: bool) -> Result<(), Failure> {
         .save_connector_state()
         .await
         .context("saving connector state")?;
+    stop_connectors(&engine).await;
     let counts = engine
         .reads()
         .outbox_counts()
@@ -80,6 +81,17 @@ pub async fn sync_once(path: &Path, deliver: bool) -> Result<(), Failure> {
         delivered.done, delivered.retried, delivered.dead, counts.pending
     );
     Ok(())
+}
+
+/// Last state saved, then each connector stopped (an exec connector ends its process).
+async fn stop_connectors(engine: &Engine) {
+    if let Err(e) = engine.save_connector_state().await {
+        tracing::warn!(error = %e, "connector state not saved at stop");
+    }
+    let c = engine.connectors();
+    c.crm.shutdown().await;
+    c.campaigns.shutdown().await;
+    c.mail.shutdown().await;
 }
 
 /// `optinsync run`: the daemon. Each step below is one function; none is cancelled half-way.
@@ -138,6 +150,7 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
             )));
         }
     }
+    stop_connectors(&engine).await;
     tracing::info!("stopped");
     Ok(())
 }

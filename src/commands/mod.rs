@@ -15,11 +15,13 @@ use optinsync_engine::store::{self, Store};
 
 use crate::{Failure, registry};
 
+mod connector;
 mod daemon;
 mod inspect;
 mod outbox;
 mod rules;
 
+pub use connector::connector_check;
 pub use daemon::{run, sync_once};
 pub use inspect::{contact_show, erase, import_existing, ledger_verify, migrate, status};
 pub use outbox::{outbox_drop, outbox_failed, outbox_retry};

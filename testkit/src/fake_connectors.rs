@@ -196,6 +196,8 @@ struct CampaignsState {
     failures: VecDeque<ConnectorError>,
     /// Items one subscribe or removal takes (0 = the API's default of 1).
     max_batch: usize,
+    /// Addresses subscribes refuse item by item.
+    refused: Vec<String>,
 }
 
 /// A campaigns tool: records subscribes, removals and DOI requests; serves the status events
@@ -211,9 +213,14 @@ impl FakeCampaigns {
     }
 
     /// Take up to `n` items per subscribe or removal call (default 1).
-    pub fn with_max_batch(self, n: usize) -> Self {
+    pub fn set_max_batch(&self, n: usize) {
         lock(&self.state).max_batch = n;
-        self
+    }
+
+    /// From now on, refuse this address in subscribes for good (a per-item permanent
+    /// failure; the other items of the call go through).
+    pub fn refuse(&self, email: &str) {
+        lock(&self.state).refused.push(email.to_owned());
     }
 
     /// Every subscribe, removal and DOI request, in order.
@@ -276,13 +283,27 @@ impl CampaignsConnector for FakeCampaigns {
         lock(&self.state).max_batch.max(1)
     }
 
-    /// Recorded as one call; a queued failure fails the whole call (every item).
+    /// Recorded as one call (without the refused addresses); a queued failure fails the
+    /// whole call (every item).
     async fn subscribe(&self, list: &str, items: &[Keyed<Subscriber>]) -> BatchResult {
+        let refused = lock(&self.state).refused.clone();
         let outcome = self.record(CampaignsCall::Subscribe {
             list: list.to_owned(),
-            subscribers: items.iter().map(|k| k.item.clone()).collect(),
+            subscribers: items
+                .iter()
+                .filter(|k| !refused.contains(&k.item.email))
+                .map(|k| k.item.clone())
+                .collect(),
         });
-        all_items(items.len(), outcome)
+        outcome.map(|()| {
+            items
+                .iter()
+                .map(|k| match refused.contains(&k.item.email) {
+                    true => Err(ConnectorError::permanent("refused by the fake")),
+                    false => Ok(()),
+                })
+                .collect()
+        })
     }
 
     async fn remove(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {

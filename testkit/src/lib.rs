@@ -5,6 +5,8 @@
 //!   machine's `initdb`/`pg_ctl` in a temporary directory on a free loopback port;
 //! - [`zoho`] and [`zoho_campaigns`]: fake Zoho CRM and Zoho Campaigns servers on loopback,
 //!   with [`faults`] to inject seeded failures into them;
+//! - [`hubspot`]: a fake HubSpot (CRM v3 contacts, search, properties, communication
+//!   preferences, OAuth, signed webhooks, rate limits) on loopback;
 //! - [`mailchimp`]: a fake Mailchimp Marketing API v3 on loopback (members, webhooks, the
 //!   concurrency limit), written from Mailchimp's Marketing API documentation;
 //! - [`smtp`]: an SMTP sink on loopback that keeps every message;
@@ -23,6 +25,7 @@ pub mod calls;
 pub mod fake_connectors;
 pub mod faults;
 pub mod harness;
+pub mod hubspot;
 pub mod mailchimp;
 pub mod smtp;
 pub mod zoho;

@@ -7,9 +7,11 @@
 
 mod browser;
 mod cli;
+mod conformance;
 mod crash;
 mod data_subject;
 mod demo;
+mod exec;
 mod faults;
 mod hardening;
 mod import;
@@ -20,6 +22,7 @@ mod multi_instance;
 mod outbox;
 mod postgres;
 mod rules;
+mod status_webhooks;
 mod support;
 mod zoho;
 mod zoho_campaigns;

@@ -17,7 +17,7 @@ pub const DEMO_TOKEN_SECRET: &str = optinsync_engine::config::DEMO_TOKEN_SECRET;
 /// The secret [`Demo::use_private_secret`] puts in its place.
 pub const TEST_TOKEN_SECRET: &str = "e2e-private-token-secret-0123456789abcdef";
 
-fn repo() -> PathBuf {
+pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 

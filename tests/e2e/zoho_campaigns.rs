@@ -403,6 +403,102 @@ async fn zoho_2101_removals_do_not_block_confirmations() {
     assert_eq!(daemon.terminate(), Some(0));
 }
 
+/// Forty confirmations that pile up while Zoho has both subscribe endpoints locked go out, once
+/// the lock ends, through the bulk endpoint, ten addresses per call (the contacts need no
+/// fields): batched by the outbox up to the connector's batch size, within Zoho's quota, with
+/// no lock-out of our own making.
+#[tokio::test(flavor = "multi_thread")]
+async fn piled_up_confirmations_go_out_ten_per_bulk_call_within_the_quota() {
+    // Zoho's quotas and its 30-minute lock, 500 times faster (the lock lasts 3.6 s).
+    let f = FakeCampaigns::start_with(FakeCampaignsOptions {
+        time_scale: 0.002,
+        ..FakeCampaignsOptions::default()
+    });
+    f.add_list(KEY, "Master programmes newsletter", false);
+    let demo = demo_with_fake(&f);
+    // No field mapping (an empty table; the default maps the names): the bulk call carries
+    // addresses only.
+    let cfg = std::fs::read_to_string(demo.config()).unwrap();
+    let cfg = cfg
+        .replace("status_interval = \"1s\"\n", "status_interval = \"1s\"\ntime_scale = 0.002\n")
+        .replace("language_field = \"Language\"\n", "")
+        .replace(
+            "[connectors.campaigns.fields]\n\"First Name\" = \"First_Name\"\n\"Last Name\" = \"Last_Name\"\n",
+            "[connectors.campaigns.fields]\n",
+        );
+    // Forty clicks from one test client: above the per-client page limit's default.
+    let cfg = cfg.replace("[server]\n", "[server]\nrate_limit_per_minute = 1000\n");
+    std::fs::write(demo.config(), cfg).unwrap();
+    write_contacts(&demo.path("demo/contacts.csv"), 40);
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(demo.mails().len(), 40);
+
+    f.lock_endpoint(
+        "addlistsubscribersinbulk",
+        std::time::Duration::from_secs(4),
+    );
+    f.lock_endpoint("listsubscribe", std::time::Duration::from_secs(4));
+    let daemon = demo.spawn_daemon();
+    let client = http();
+    for i in 0..40 {
+        let link = demo.confirm_link(&format!("person{i}@example.org"));
+        assert_eq!(
+            click_confirm(&client, &link, "e2e-browser/1.0")
+                .await
+                .status(),
+            200
+        );
+    }
+    wait_until(30, "all forty on the Zoho list", || {
+        f.active(KEY).len() == 40
+    });
+    let bulk = f.calls("addlistsubscribersinbulk");
+    assert!(
+        (4..=8).contains(&bulk),
+        "forty addresses in calls of ten (plus the calls the lock refused): {bulk}"
+    );
+    assert!(
+        f.calls("listsubscribe") <= 2,
+        "one-by-one subscribes only for what the lock caught alone: {}",
+        f.calls("listsubscribe")
+    );
+    // The fake's windows are Zoho's documented ones; the peaks say none was overrun.
+    assert!(
+        !f.peaks("addlistsubscribersinbulk").is_empty(),
+        "the fake counted the bulk calls"
+    );
+    assert_eq!(f.locks(), 0, "no lock-out caused by optinsync");
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+/// The campaigns poll follows the connector's own cadence (`status_interval = "1s"`), not the
+/// daemon's `poll_interval` (here 60 s): an unsubscribe made inside Zoho reaches the ledger in
+/// seconds.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_campaigns_poll_runs_at_the_connectors_status_interval() {
+    let f = FakeCampaigns::start();
+    f.add_list(KEY, "Master programmes newsletter", false);
+    let demo = demo_with_fake(&f);
+    let cfg = std::fs::read_to_string(demo.config()).unwrap();
+    std::fs::write(
+        demo.config(),
+        cfg.replace("poll_interval = \"1s\"", "poll_interval = \"60s\""),
+    )
+    .unwrap();
+    demo.run_ok(&["sync", "--once"]);
+    let daemon = demo.spawn_daemon();
+    let client = http();
+    confirm_ana_and_ben(&demo, &client).await;
+    wait_until(20, "both on the Zoho list", || f.active(KEY).len() == 2);
+    let polls = f.calls("getlistsubscribers");
+    f.unsubscribe(KEY, "ana.garcia@example.org");
+    wait_until(15, "the Campaigns unsubscribe in the ledger", || {
+        demo.state("ana.garcia@example.org", "newsletter") == "withdrawn"
+    });
+    assert!(f.calls("getlistsubscribers") > polls);
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
 /// Ana and Ben press the button of their confirmation mails.
 async fn confirm_ana_and_ben(demo: &Demo, client: &reqwest::Client) {
     for who in ["ana.garcia@example.org", "ben.okafor@example.net"] {

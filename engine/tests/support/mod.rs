@@ -374,7 +374,7 @@ pub struct Harness {
     pub crm: Arc<FakeCrm>,
     pub campaigns: Arc<FakeCampaigns>,
     pub mail: Arc<FakeMail>,
-    store: Arc<dyn Store>,
+    pub store: Arc<dyn Store>,
     config: Arc<LoadedConfig>,
     dir: TempDir,
 }

@@ -15,6 +15,11 @@
 //! `kind` is `unsubscribed`, `bounced` or `complained`; `at` (default: when read) and `detail`
 //! are optional.
 //!
+//! Or push them the way a real tool's webhook would, when `webhook_secret` is set:
+//! `POST /webhooks/campaigns` with the header `X-Webhook-Secret` and a body of such lines'
+//! objects, `{"events": [{"list": ..., "email": ..., "kind": ...}]}` (one list per call);
+//! a `GET` (a tool validating the URL) is answered without work.
+//!
 //! # What a subscriber line carries (data minimisation)
 //!
 //! The address and the language always; of the contact's other fields (CRM columns) only
@@ -30,12 +35,15 @@ use async_trait::async_trait;
 use chrono::{DateTime, SubsecRound, Utc};
 use optinsync_plugin_api::{
     BatchResult, CampaignsConnector, Connector, ConnectorError, ConnectorResult, Cursor, Health,
-    Keyed, MemberPage, StatusEvent, StatusKind, StatusPage, Subscriber,
+    HttpMethod, Keyed, MemberPage, StatusEvent, StatusKind, StatusPage, Subscriber, WebhookEvent,
+    WebhookRequest,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use crate::{SettingsError, fsutil, json_error, parse_settings};
+use crate::{
+    SettingsError, WEBHOOK_SECRET_HEADER, WebhookSecret, fsutil, json_error, parse_settings,
+};
 
 /// Items per subscribe or removal call: one rewrite of the file each.
 const MAX_BATCH: usize = 100;
@@ -54,6 +62,10 @@ pub struct JsonlListConfig {
     /// language only.
     #[serde(default = "default_fields")]
     pub fields: BTreeMap<String, String>,
+    /// Accept status events at `/webhooks/campaigns` with this shared secret in the
+    /// `X-Webhook-Secret` header. Unset: the connector takes no webhooks.
+    #[serde(default)]
+    pub webhook_secret: Option<WebhookSecret>,
 }
 
 fn default_fields() -> BTreeMap<String, String> {
@@ -70,6 +82,7 @@ pub struct JsonlList {
     status_path: Option<PathBuf>,
     /// [`JsonlListConfig::fields`].
     fields: BTreeMap<String, String>,
+    webhook_secret: Option<WebhookSecret>,
     /// Serialises read-modify-write cycles so concurrent calls never lose each other's update.
     lock: Mutex<()>,
 }
@@ -142,6 +155,7 @@ impl JsonlList {
                 .map(|p| fsutil::resolve(base_dir, "status_path", p))
                 .transpose()?,
             fields: config.fields.clone(),
+            webhook_secret: config.webhook_secret.clone(),
             lock: Mutex::new(()),
         })
     }
@@ -208,8 +222,70 @@ impl JsonlList {
     }
 }
 
+/// A webhook body: status events of one list.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookBody {
+    events: Vec<StatusLine>,
+}
+
+impl JsonlList {
+    /// `{"events": [...]}` with the secret header; refusals never quote the body.
+    fn status_webhook(&self, request: &WebhookRequest) -> ConnectorResult<WebhookEvent> {
+        let Some(secret) = &self.webhook_secret else {
+            return Err(ConnectorError::InvalidInput {
+                message: "the JSONL list takes no webhooks (no webhook_secret)".into(),
+            });
+        };
+        if !crate::csv_crm::secret_matches(request.header(WEBHOOK_SECRET_HEADER), secret) {
+            return Err(ConnectorError::InvalidInput {
+                message: format!(
+                    "JSONL list webhook without the right `{WEBHOOK_SECRET_HEADER}` header"
+                ),
+            });
+        }
+        if request.method == HttpMethod::Get {
+            return Ok(WebhookEvent::Ignored);
+        }
+        let body: WebhookBody =
+            serde_json::from_str(&request.body).map_err(|err| ConnectorError::InvalidInput {
+                message: format!(
+                    r#"JSONL list webhook body must be {{"events": [...]}}: {}"#,
+                    json_error(&err)
+                ),
+            })?;
+        let Some(list) = body.events.first().map(|e| e.list.clone()) else {
+            return Ok(WebhookEvent::Ignored);
+        };
+        if body.events.iter().any(|e| e.list != list) {
+            return Err(ConnectorError::InvalidInput {
+                message: "JSONL list webhook with events of several lists".into(),
+            });
+        }
+        let events = body
+            .events
+            .into_iter()
+            .map(|e| StatusEvent {
+                email: e.email,
+                kind: e.kind,
+                at: e.at.unwrap_or_else(Utc::now),
+                detail: e.detail,
+            })
+            .collect();
+        Ok(WebhookEvent::Status { list, events })
+    }
+}
+
 #[async_trait]
 impl Connector for JsonlList {
+    fn accepts_webhooks(&self) -> bool {
+        self.webhook_secret.is_some()
+    }
+
+    async fn webhook(&self, request: &WebhookRequest) -> ConnectorResult<WebhookEvent> {
+        self.status_webhook(request)
+    }
+
     async fn health(&self) -> ConnectorResult<Health> {
         let dir = fsutil::parent_dir(&self.path);
         if let Err(detail) = fsutil::probe_writable_dir(&dir).await {
@@ -269,9 +345,15 @@ impl CampaignsConnector for JsonlList {
             .iter()
             .enumerate()
             .map(|(index, s)| {
-                if s.item.email.trim().is_empty() {
+                let email = s.item.email.trim();
+                if email.is_empty() {
                     Err(ConnectorError::permanent(format!(
                         "subscriber #{index} for list `{list}` has an empty email"
+                    )))
+                } else if !email.contains('@') {
+                    // A list tool would refuse it too; never quoted (it may be anything).
+                    Err(ConnectorError::permanent(format!(
+                        "subscriber #{index} for list `{list}` is not an address"
                     )))
                 } else {
                     Ok(())

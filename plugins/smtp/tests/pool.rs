@@ -193,3 +193,37 @@ async fn unreachable_relay_is_temporary() {
     assert!(matches!(e, ConnectorError::Transient { .. }), "{e:?}");
     assert!(!t.health().await.unwrap().ok);
 }
+
+/// The conformance kit's mail checks against the sink: healthy, and a test message accepted.
+#[tokio::test]
+async fn the_smtp_transport_passes_the_conformance_kit() {
+    let sink = SmtpSink::start();
+    let t = transport(&sink, "");
+    let options = optinsync_conformance::Options {
+        write: true,
+        ..optinsync_conformance::Options::default()
+    };
+    let checks = optinsync_conformance::check_mail(&t, &options).await;
+    assert!(
+        checks.iter().all(|c| c.passed()),
+        "{:#?}",
+        checks.iter().map(|c| c.line()).collect::<Vec<_>>()
+    );
+    assert_eq!(sink.count(), 1, "the test message reached the relay");
+    // A relay that refuses the recipient for good makes the check fail, and says so.
+    let refusing = SmtpSink::start();
+    refusing.refuse(
+        "conformance-check@example.org",
+        550,
+        "5.1.1 no such user",
+        None,
+    );
+    let checks = optinsync_conformance::check_mail(&transport(&refusing, ""), &options).await;
+    assert!(
+        checks
+            .iter()
+            .any(|c| c.name == "sends a message" && !c.passed()),
+        "{:#?}",
+        checks.iter().map(|c| c.line()).collect::<Vec<_>>()
+    );
+}

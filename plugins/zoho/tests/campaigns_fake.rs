@@ -618,3 +618,61 @@ async fn exported_state_carries_budget_and_lock_across_a_restart() {
 
     assert!(third.import_state("{not json").is_err());
 }
+
+/// The conformance kit (`optinsync_conformance`) with its writes: every check passes or is
+/// skipped with a reason.
+fn assert_conformant(checks: &[optinsync_conformance::Check]) {
+    let lines: Vec<String> = checks.iter().map(|c| c.line()).collect();
+    assert!(
+        checks
+            .iter()
+            .all(|c| !matches!(c.outcome, optinsync_conformance::Outcome::Fail(_))),
+        "{lines:#?}"
+    );
+}
+
+fn with_writes() -> optinsync_conformance::Options {
+    optinsync_conformance::Options {
+        write: true,
+        ..optinsync_conformance::Options::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zoho_campaigns_keeps_the_contract() {
+    let fake = private_fake();
+    let c = connector(&fake, "");
+    let checks = optinsync_conformance::check_campaigns(&c, "newsletter", &with_writes()).await;
+    assert_conformant(&checks);
+    let ran = checks.iter().filter(|c| c.passed()).count();
+    assert!(
+        ran >= 8,
+        "{:#?}",
+        checks.iter().map(|c| c.line()).collect::<Vec<_>>()
+    );
+    assert_eq!(fake.locks(), 0);
+
+    // A 5xx from Zoho Campaigns is temporary for every item of the call.
+    fake.fail_next(CampaignsFault::Status(503));
+    let item = optinsync_plugin_api::Keyed::new(
+        "k",
+        Subscriber {
+            email: "ann@example.org".into(),
+            language: None,
+            fields: Default::default(),
+        },
+    );
+    let first = async {
+        let answer = optinsync_plugin_api::CampaignsConnector::subscribe(
+            &c,
+            "newsletter",
+            std::slice::from_ref(&item),
+        )
+        .await;
+        optinsync_plugin_api::per_item(1, answer).remove(0)
+    };
+    let check =
+        optinsync_conformance::expect_temporary("campaigns", "a 503 is temporary", first, false)
+            .await;
+    assert!(check.passed(), "{}", check.line());
+}

@@ -726,3 +726,63 @@ async fn health_checks_that_every_mapped_field_exists() {
         other => panic!("expected a config error, got {other:?}"),
     }
 }
+
+/// The conformance kit (`optinsync_conformance`) with its writes: every check passes or is
+/// skipped with a reason.
+fn assert_conformant(checks: &[optinsync_conformance::Check]) {
+    let lines: Vec<String> = checks.iter().map(|c| c.line()).collect();
+    assert!(
+        checks
+            .iter()
+            .all(|c| !matches!(c.outcome, optinsync_conformance::Outcome::Fail(_))),
+        "{lines:#?}"
+    );
+}
+
+fn with_writes() -> optinsync_conformance::Options {
+    optinsync_conformance::Options {
+        write: true,
+        ..optinsync_conformance::Options::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zoho_crm_keeps_the_contract() {
+    let fake = FakeZoho::start();
+    fake.seed("Contacts", 7);
+    let crm = crm(&fake, WEBHOOK);
+    let checks = optinsync_conformance::check_crm(&crm, &with_writes()).await;
+    assert_conformant(&checks);
+    // Every check ran: paging, resume, fetch, webhook and write-back all apply to Zoho CRM.
+    assert!(
+        checks.iter().all(|c| c.passed()),
+        "{:#?}",
+        checks.iter().map(|c| c.line()).collect::<Vec<_>>()
+    );
+    assert!(
+        !fake.updates().is_empty(),
+        "the write-back reached the fake"
+    );
+
+    // Temporary and throttled: a 5xx and a 429 with Retry-After.
+    fake.fail_next(Fault::Status(503));
+    let c = optinsync_conformance::expect_temporary(
+        "crm",
+        "a 503 is temporary",
+        crm.changes(None, 2),
+        false,
+    )
+    .await;
+    assert!(c.passed(), "{}", c.line());
+    fake.fail_next(Fault::TooManyRequests {
+        retry_after: Some(3),
+    });
+    let c = optinsync_conformance::expect_temporary(
+        "crm",
+        "a 429 is throttled",
+        crm.changes(None, 2),
+        true,
+    )
+    .await;
+    assert!(c.passed(), "{}", c.line());
+}

@@ -83,6 +83,14 @@ impl std::fmt::Debug for WebhookSecret {
     }
 }
 
+/// Whether the header holds the secret. Digests have one length whatever was sent, so the
+/// compare is constant time.
+pub(crate) fn secret_matches(given: Option<&str>, secret: &WebhookSecret) -> bool {
+    given.is_some_and(|given| {
+        bool::from(Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(secret.0.as_bytes())))
+    })
+}
+
 /// Longest record id accepted; see [`is_valid_id`].
 const MAX_ID_LEN: usize = 64;
 
@@ -262,13 +270,7 @@ impl CsvCrm {
                 .iter()
                 .find(|(name, _)| name.eq_ignore_ascii_case(WEBHOOK_SECRET_HEADER))
                 .map(|(_, value)| value.as_str());
-            // Digests have one length whatever was sent, so the compare is constant time.
-            let matches = given.is_some_and(|given| {
-                bool::from(
-                    Sha256::digest(given.as_bytes()).ct_eq(&Sha256::digest(secret.0.as_bytes())),
-                )
-            });
-            if !matches {
+            if !secret_matches(given, secret) {
                 return Err(ConnectorError::InvalidInput {
                     message: format!(
                         "CSV CRM webhook without the right `{WEBHOOK_SECRET_HEADER}` header"

@@ -48,9 +48,17 @@ impl ZohoCampaigns {
             }
         }
         let mut results: Vec<Option<ConnectorResult<()>>> = vec![None; subscribers.len()];
+        // Never sent: Zoho's answer to a malformed address is not documented per call.
+        for (i, s) in subscribers.iter().enumerate() {
+            if !s.email.trim().contains('@') {
+                results[i] = Some(Err(ConnectorError::permanent(
+                    "not an address; not sent to Zoho Campaigns",
+                )));
+            }
+        }
         let bulk: Vec<usize> = if m.doi == DoiMode::Optinsync {
             (0..subscribers.len())
-                .filter(|&i| !self.has_mapped_fields(subscribers[i]))
+                .filter(|&i| results[i].is_none() && !self.has_mapped_fields(subscribers[i]))
                 .collect()
         } else {
             Vec::new()
