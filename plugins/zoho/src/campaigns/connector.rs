@@ -48,12 +48,13 @@ impl ZohoCampaigns {
             }
         }
         let mut results: Vec<Option<ConnectorResult<()>>> = vec![None; subscribers.len()];
-        // Never sent: Zoho's answer to a malformed address is not documented per call.
+        // Refused as `listsubscribe` refuses it (2004, rejected for good), before a bulk call
+        // that would take it silently.
         for (i, s) in subscribers.iter().enumerate() {
             if !s.email.trim().contains('@') {
-                results[i] = Some(Err(ConnectorError::permanent(
-                    "not an address; not sent to Zoho Campaigns",
-                )));
+                results[i] = Some(Err(ConnectorError::Rejected {
+                    message: "not an address; not sent to Zoho Campaigns".into(),
+                }));
             }
         }
         let bulk: Vec<usize> = if m.doi == DoiMode::Optinsync {
