@@ -83,8 +83,14 @@ impl std::fmt::Debug for HubSpotConfig {
         f.debug_struct("HubSpotConfig")
             .field("token", &self.token.as_ref().map(|_| REDACTED))
             .field("client_id", &self.client_id)
-            .field("client_secret", &self.client_secret.as_ref().map(|_| REDACTED))
-            .field("refresh_token", &self.refresh_token.as_ref().map(|_| REDACTED))
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| REDACTED),
+            )
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| REDACTED),
+            )
             .field("api_url", &self.api_url)
             .field("webhook", &self.webhook)
             .field("write_back", &self.write_back)
@@ -245,7 +251,9 @@ pub(crate) fn check_url(setting: &str, url: &str) -> Result<String, SettingsErro
     if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 9 {
         return Err(invalid(
             setting,
-            format!("`{url}` must be a full URL starting with https:// (or http:// for a local test server)"),
+            format!(
+                "`{url}` must be a full URL starting with https:// (or http:// for a local test server)"
+            ),
         ));
     }
     Ok(url.to_owned())

@@ -41,7 +41,8 @@ impl HubSpotCrm {
             ));
         }
         let s = &self.settings;
-        let mut mapped: Vec<(String, &str)> = vec![("opt_out_property".into(), s.opt_out_property.as_str())];
+        let mut mapped: Vec<(String, &str)> =
+            vec![("opt_out_property".into(), s.opt_out_property.as_str())];
         if let Some(l) = &s.language_property {
             mapped.push(("language_property".into(), l));
         }
@@ -171,7 +172,13 @@ impl HubSpotCrm {
         }
         let uri = signed_uri(&w.url, request);
         let max_age = i64::try_from(w.max_age.as_millis()).unwrap_or(i64::MAX);
-        verify_v3(&w.client_secret, &uri, request, Utc::now().timestamp_millis(), max_age)?;
+        verify_v3(
+            &w.client_secret,
+            &uri,
+            request,
+            Utc::now().timestamp_millis(),
+            max_age,
+        )?;
         let notice = parse_webhook_body(&request.body)?;
         let written = self.written_properties();
         let ids = notice
@@ -186,7 +193,10 @@ impl HubSpotCrm {
                         .all(|(_, name)| written.contains(name))
                     && notice.properties.iter().any(|(p, _)| p == id);
                 if ours {
-                    tracing::debug!(contact = id, "webhook for optinsync's own write-back; not CRM input");
+                    tracing::debug!(
+                        contact = id,
+                        "webhook for optinsync's own write-back; not CRM input"
+                    );
                 }
                 !ours
             })
@@ -247,7 +257,9 @@ impl Connector for HubSpotCrm {
                     cache.insert(r.record.id.clone(), (r, now));
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "batch read for a HubSpot webhook failed; records are fetched one by one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "batch read for a HubSpot webhook failed; records are fetched one by one")
+            }
         }
         Ok(WebhookEvent::Changed {
             records: ids

@@ -64,11 +64,14 @@ impl CursorState {
         let Some(c) = cursor else {
             return Ok(Self::fresh());
         };
-        let value: Value = serde_json::from_str(&c.0).map_err(|e| ConnectorError::InvalidInput {
-            message: format!("not a HubSpot cursor: {e}"),
-        })?;
+        let value: Value =
+            serde_json::from_str(&c.0).map_err(|e| ConnectorError::InvalidInput {
+                message: format!("not a HubSpot cursor: {e}"),
+            })?;
         if value.get("kind").and_then(Value::as_str) != Some(CURSOR_KIND) {
-            tracing::warn!("stored CRM cursor belongs to another connector kind; starting a full HubSpot scan");
+            tracing::warn!(
+                "stored CRM cursor belongs to another connector kind; starting a full HubSpot scan"
+            );
             return Ok(Self::fresh());
         }
         if value.get("v").and_then(Value::as_u64) != Some(u64::from(CURSOR_VERSION)) {
@@ -222,7 +225,9 @@ impl HubSpotCrm {
                 state.scan = None;
                 state.since = Some(floor);
                 state.prune_seen(floor);
-                tracing::info!("HubSpot full scan complete; incremental sync by search from now on");
+                tracing::info!(
+                    "HubSpot full scan complete; incremental sync by search from now on"
+                );
                 Ok(false)
             }
         }
@@ -390,8 +395,10 @@ mod tests {
     fn foreign_or_old_cursors_start_afresh() {
         let s = CursorState::decode(Some(&Cursor(r#"{"kind":"zoho-crm"}"#.into()))).unwrap();
         assert!(s.since.is_none() && s.scan.is_none());
-        let s = CursorState::decode(Some(&Cursor(r#"{"kind":"hubspot","v":0,"since":5}"#.into())))
-            .unwrap();
+        let s = CursorState::decode(Some(&Cursor(
+            r#"{"kind":"hubspot","v":0,"since":5}"#.into(),
+        )))
+        .unwrap();
         assert!(s.since.is_none());
         assert!(CursorState::decode(Some(&Cursor("nope".into()))).is_err());
         let mut s = CursorState::fresh();

@@ -197,8 +197,7 @@ impl Api {
                     "reading HubSpot's answer to {method} {endpoint} failed: {e}"
                 ))
             })?;
-            if status == StatusCode::NO_CONTENT || (status.is_success() && text.trim().is_empty())
-            {
+            if status == StatusCode::NO_CONTENT || (status.is_success() && text.trim().is_empty()) {
                 return Ok((status, Value::Null));
             }
             let parsed: Result<Value, _> = serde_json::from_str(&text);
@@ -227,7 +226,11 @@ impl Api {
                 // 423: the record is locked by a concurrent write (wait ≥ 2 s); 477: a
                 // migration is in progress.
                 let record = status.as_u16() == 423;
-                tracing::warn!(status = status.as_u16(), endpoint, "HubSpot is temporarily unavailable");
+                tracing::warn!(
+                    status = status.as_u16(),
+                    endpoint,
+                    "HubSpot is temporarily unavailable"
+                );
                 return Err(ConnectorError::Transient {
                     message: format!("HubSpot answered HTTP {status} to {method} {endpoint}"),
                     retry_after: retry_after.or(record.then_some(Duration::from_secs(2))),
@@ -347,7 +350,12 @@ impl Api {
                 message: format!(
                     "HubSpot refused the OAuth refresh (HTTP {status} {}): {}",
                     Escaped(code),
-                    redact(value.get("message").and_then(Value::as_str).unwrap_or_default())
+                    redact(
+                        value
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or_default()
+                    )
                 ),
             });
         }
@@ -436,8 +444,7 @@ impl Api {
 fn endpoint_label(path: &str) -> String {
     path.split('/')
         .map(|seg| {
-            if seg.contains('@') || (!seg.is_empty() && seg.chars().all(|c| c.is_ascii_digit()))
-            {
+            if seg.contains('@') || (!seg.is_empty() && seg.chars().all(|c| c.is_ascii_digit())) {
                 "{id}"
             } else {
                 seg

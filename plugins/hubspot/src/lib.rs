@@ -166,9 +166,19 @@ impl HubSpotCrm {
                 }
                 Auth::OAuth(OAuth {
                     client_id: c.client_id.clone().unwrap_or_default().trim().to_owned(),
-                    client_secret: c.client_secret.clone().unwrap_or_default().trim().to_owned(),
+                    client_secret: c
+                        .client_secret
+                        .clone()
+                        .unwrap_or_default()
+                        .trim()
+                        .to_owned(),
                     state: tokio::sync::Mutex::new(OAuthState {
-                        refresh_token: c.refresh_token.clone().unwrap_or_default().trim().to_owned(),
+                        refresh_token: c
+                            .refresh_token
+                            .clone()
+                            .unwrap_or_default()
+                            .trim()
+                            .to_owned(),
                         access: None,
                     }),
                 })
@@ -240,7 +250,10 @@ impl HubSpotCrm {
             return Err(invalid("overlap", "must be at most 1d"));
         }
         if !(1..=200).contains(&c.page_size) {
-            return Err(invalid("page_size", "must be 1 to 200 (HubSpot's list endpoint takes 100)"));
+            return Err(invalid(
+                "page_size",
+                "must be 1 to 200 (HubSpot's list endpoint takes 100)",
+            ));
         }
         if c.requests_per_10s == 0 {
             return Err(invalid("requests_per_10s", "must be at least 1"));

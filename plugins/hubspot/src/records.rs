@@ -124,7 +124,8 @@ impl HubSpotCrm {
             }
         }
         let get = |name: &str| text.get(name).copied().flatten();
-        let modified_raw = get("lastmodifieddate").or_else(|| obj.get("updatedAt").and_then(Value::as_str));
+        let modified_raw =
+            get("lastmodifieddate").or_else(|| obj.get("updatedAt").and_then(Value::as_str));
         let modified = match modified_raw {
             None => None,
             Some(t) => match parse_time(t) {
@@ -217,24 +218,22 @@ mod tests {
     use super::*;
     use crate::config::HubSpotConfig;
 
-    pub(crate) fn crm(extra: &str) -> HubSpotCrm {
+    pub(crate) fn make(extra: &str) -> HubSpotCrm {
         let text = format!(
             "token = \"t\"\napi_url = \"http://127.0.0.1:9\"\nfields = [\"firstname\"]\n\
              language_property = \"hs_language\"\n{extra}\n\
              [asserts]\nnewsletter = \"newsletter_optin\"\nevents = {{ property = \"interests\", value = \"Events\" }}\n\
              [write_back.lists.newsletter]\nsubscription_id = 9\n"
         );
-        let table: serde_json::Value = serde_json::to_value(
-            text.parse::<toml::Table>().unwrap(),
-        )
-        .unwrap();
+        let table: serde_json::Value =
+            serde_json::to_value(text.parse::<toml::Table>().unwrap()).unwrap();
         let c: HubSpotConfig = serde_json::from_value(table).unwrap();
         HubSpotCrm::new(c).unwrap()
     }
 
     #[test]
     fn contact_mapping() {
-        let crm = crm("");
+        let crm = make("");
         let p = crm.parse_contact(&json!({"id": "512", "properties": {
             "email": " Ann@Example.com ", "firstname": "Ann", "hs_language": "es",
             "newsletter_optin": "true", "interests": "Sports;Events", "hs_email_optout": "false",
@@ -254,7 +253,7 @@ mod tests {
         let rec = out.record.unwrap();
         assert!(rec.opted_out, "an opt-out of the list's subscription type");
         assert!(rec.asserted_lists.is_empty());
-        let keep = crm("opt_out_subscriptions = false");
+        let keep = make("opt_out_subscriptions = false");
         let rec = keep
             .parse_contact(&json!({"id": "513", "properties": {
                 "email": "b@example.com", "newsletter_optin": "true", "hs_email_optout_9": "true"}}))
@@ -266,14 +265,26 @@ mod tests {
 
     #[test]
     fn malformed_contacts_are_invalid_with_their_id() {
-        let crm = crm("");
+        let crm = make("");
         for (item, reason) in [
-            (json!({"properties": {"email": "a@x.org"}}), "missing or non-numeric id"),
+            (
+                json!({"properties": {"email": "a@x.org"}}),
+                "missing or non-numeric id",
+            ),
             (json!({"id": "x1"}), "missing or non-numeric id"),
-            (json!({"id": "1", "properties": {"email": 7}}), "property `email` is a number"),
+            (
+                json!({"id": "1", "properties": {"email": 7}}),
+                "property `email` is a number",
+            ),
             (json!({"id": "2", "properties": []}), "expected an object"),
-            (json!({"id": "3", "properties": {"email": "a@x.org", "lastmodifieddate": "yesterday"}}), "not a date-time"),
-            (json!({"id": "4", "properties": {"email": null}}), "no email address"),
+            (
+                json!({"id": "3", "properties": {"email": "a@x.org", "lastmodifieddate": "yesterday"}}),
+                "not a date-time",
+            ),
+            (
+                json!({"id": "4", "properties": {"email": null}}),
+                "no email address",
+            ),
             (json!("text"), "not a JSON object"),
         ] {
             let got = crm.parse_contact(&item).record.unwrap_err();

@@ -29,8 +29,8 @@ fn refuse(message: impl Into<String>) -> ConnectorError {
 
 /// Parse a delivery body (a JSON array of events). Public for fuzzing.
 pub fn parse_webhook_body(body: &str) -> ConnectorResult<WebhookNotice> {
-    let value: Value =
-        serde_json::from_str(body).map_err(|e| refuse(format!("not a HubSpot webhook body: {e}")))?;
+    let value: Value = serde_json::from_str(body)
+        .map_err(|e| refuse(format!("not a HubSpot webhook body: {e}")))?;
     let Value::Array(events) = value else {
         return Err(refuse("a HubSpot webhook body is a JSON array of events"));
     };
@@ -122,7 +122,9 @@ pub(crate) fn verify_v3(
     max_age_ms: i64,
 ) -> ConnectorResult<()> {
     let Some(signature) = request.header("x-hubspot-signature-v3") else {
-        return Err(refuse("HubSpot webhook without X-HubSpot-Signature-v3; refused"));
+        return Err(refuse(
+            "HubSpot webhook without X-HubSpot-Signature-v3; refused",
+        ));
     };
     let Some(timestamp) = request
         .header("x-hubspot-request-timestamp")
@@ -188,9 +190,16 @@ mod tests {
         let uri = signed_uri("https://example.com", &req);
         assert_eq!(uri, "https://example.com/hubspot/webhook");
         verify_v3(secret, &uri, &req, ts + 1000, 300_000).unwrap();
-        assert!(verify_v3(secret, &uri, &req, ts + 301_000, 300_000).is_err(), "stale");
+        assert!(
+            verify_v3(secret, &uri, &req, ts + 301_000, 300_000).is_err(),
+            "stale"
+        );
         assert!(verify_v3("other", &uri, &req, ts, 300_000).is_err());
-        let forged = request(r#"[{"eventId":2}]"#, "Uqayf9EATYg43PeNmeE17hOa4lFz6HGJNBfbAk94Uf0=", ts);
+        let forged = request(
+            r#"[{"eventId":2}]"#,
+            "Uqayf9EATYg43PeNmeE17hOa4lFz6HGJNBfbAk94Uf0=",
+            ts,
+        );
         assert!(verify_v3(secret, &uri, &forged, ts, 300_000).is_err());
     }
 
@@ -205,7 +214,13 @@ mod tests {
         .unwrap();
         assert_eq!(n.changed, [512, 513]);
         assert_eq!(n.ignored, 1);
-        for bad in ["{}", "[1]", r#"[{"objectId":1}]"#, r#"[{"subscriptionType":"contact.creation","objectId":-1}]"#, "nope"] {
+        for bad in [
+            "{}",
+            "[1]",
+            r#"[{"objectId":1}]"#,
+            r#"[{"subscriptionType":"contact.creation","objectId":-1}]"#,
+            "nope",
+        ] {
             assert!(parse_webhook_body(bad).is_err(), "{bad}");
         }
     }

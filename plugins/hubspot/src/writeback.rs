@@ -195,14 +195,21 @@ impl HubSpotCrm {
                 path_segment(&consent.email)
             );
             self.api
-                .call(Method::POST, &path, &[("channel", "EMAIL".to_owned())], None, false)
+                .call(
+                    Method::POST,
+                    &path,
+                    &[("channel", "EMAIL".to_owned())],
+                    None,
+                    false,
+                )
                 .await
                 .map_err(|e| self.api.error(e, "unsubscribe from all email"))?;
         }
         if let Some(property) = property
             && !ids.is_empty()
         {
-            self.set_property(&ids, property, consent.state.as_str()).await?;
+            self.set_property(&ids, property, consent.state.as_str())
+                .await?;
         }
         if !before.is_empty() {
             let after = self.modified_of(&ids).await?;
@@ -290,9 +297,11 @@ impl HubSpotCrm {
                     Ok(())
                 } else {
                     Err(match self.api.error(e, "subscribe") {
-                        ConnectorError::Permanent { message } => ConnectorError::permanent(format!(
-                            "{message} (an address that unsubscribed cannot be subscribed again through HubSpot's v3 API)"
-                        )),
+                        ConnectorError::Permanent { message } => {
+                            ConnectorError::permanent(format!(
+                                "{message} (an address that unsubscribed cannot be subscribed again through HubSpot's v3 API)"
+                            ))
+                        }
                         other => other,
                     })
                 }
@@ -350,7 +359,9 @@ impl HubSpotCrm {
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
-                    .filter(|e| e.get("category").and_then(Value::as_str) != Some("OBJECT_NOT_FOUND"))
+                    .filter(|e| {
+                        e.get("category").and_then(Value::as_str) != Some("OBJECT_NOT_FOUND")
+                    })
                     .collect();
                 // A contact deleted since is no failure; anything else is.
                 if !errors.is_empty() {
