@@ -15,7 +15,7 @@ fuzz_target!(|data: &[u8]| {
         let unique: BTreeSet<u64> = notice.changed.iter().copied().collect();
         assert_eq!(unique.len(), notice.changed.len(), "a contact named twice");
         assert!(notice.changed.iter().all(|id| *id > 0));
-        for (id, _) in &notice.properties {
+        for (id, _, _) in &notice.properties {
             assert!(unique.contains(id));
         }
         let events = serde_json::from_str::<serde_json::Value>(text)

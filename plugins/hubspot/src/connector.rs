@@ -185,13 +185,17 @@ impl HubSpotCrm {
             .changed
             .into_iter()
             .filter(|id| {
-                let ours = self.has_echo(*id)
-                    && notice
+                let ours = self.echo_window(*id).is_some_and(|(before, after)| {
+                    let mut changes = notice
                         .properties
                         .iter()
-                        .filter(|(p, _)| p == id)
-                        .all(|(_, name)| written.contains(name))
-                    && notice.properties.iter().any(|(p, _)| p == id);
+                        .filter(|(p, _, _)| p == id)
+                        .peekable();
+                    changes.peek().is_some()
+                        && changes.all(|(_, name, at)| {
+                            written.contains(name) && at.is_some_and(|t| before < t && t <= after)
+                        })
+                });
                 if ours {
                     tracing::debug!(
                         contact = id,

@@ -15,8 +15,8 @@ use sha2::Sha256;
 pub struct WebhookNotice {
     /// Contacts created or changed, in the order first named, without repeats.
     pub changed: Vec<u64>,
-    /// `(contact, property)` of every `contact.propertyChange`.
-    pub properties: Vec<(u64, String)>,
+    /// Every `contact.propertyChange`: `(contact, property, occurredAt in epoch ms)`.
+    pub properties: Vec<(u64, String, Option<i64>)>,
     /// Events of other kinds (deletions, merges, ...): the poll handles them.
     pub ignored: usize,
 }
@@ -60,7 +60,8 @@ pub fn parse_webhook_body(body: &str) -> ConnectorResult<WebhookNotice> {
                 if kind == "contact.propertyChange"
                     && let Some(p) = obj.get("propertyName").and_then(Value::as_str)
                 {
-                    notice.properties.push((id, p.to_owned()));
+                    let occurred = obj.get("occurredAt").and_then(Value::as_i64);
+                    notice.properties.push((id, p.to_owned(), occurred));
                 }
                 if named.insert(id) {
                     notice.changed.push(id);

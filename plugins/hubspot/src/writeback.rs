@@ -92,9 +92,10 @@ impl HubSpotCrm {
         }
     }
 
-    /// Whether a recent write of optinsync is known for this contact.
-    pub(crate) fn has_echo(&self, id: u64) -> bool {
-        lock(&self.echoes).contains_key(&id)
+    /// `(before, after)`: the `lastmodifieddate` range of optinsync's last write to this
+    /// contact, if one is remembered.
+    pub(crate) fn echo_window(&self, id: u64) -> Option<(i64, i64)> {
+        lock(&self.echoes).get(&id).map(|(b, a, _)| (*b, *a))
     }
 
     fn remember_echo(&self, id: u64, before: i64, after: i64, opt_out: bool) {

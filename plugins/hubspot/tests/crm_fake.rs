@@ -872,3 +872,70 @@ async fn hubspot_crm_keeps_the_contract() {
     .await;
     assert!(c.passed(), "{}", c.line());
 }
+
+/// A delivery signed as HubSpot signs it, for `https://consent.example.org/webhooks/crm`.
+fn signed(body: &str) -> WebhookRequest {
+    let ts = Utc::now().timestamp_millis();
+    let sig = hubspot::signature_v3(
+        hubspot::CLIENT_SECRET,
+        "POST",
+        "https://consent.example.org/webhooks/crm",
+        body,
+        ts,
+    );
+    request(
+        HttpMethod::Post,
+        "",
+        vec![
+            ("x-hubspot-signature-v3".into(), sig),
+            ("x-hubspot-request-timestamp".into(), ts.to_string()),
+        ],
+        body,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_for_own_write_backs_are_not_input() {
+    let fake = start();
+    fake.unlimited();
+    let a = fake.insert_at(person(1), at("2024-01-01T00:00:00Z"));
+    let crm = crm(
+        &fake,
+        &format!("{FAST}{}", webhook_section("https://consent.example.org")),
+    );
+    let wb = write_back(
+        &[a],
+        "person1@example.org",
+        "newsletter",
+        ConsentState::Withdrawn,
+        "k1",
+    );
+    crm.write_back(&wb).await.unwrap();
+    let modified = fake.contact(a).unwrap()["properties"]["lastmodifieddate"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ms = at(&modified).timestamp_millis();
+    let event = |property: &str, when: i64| {
+        format!(
+            r#"[{{"eventId":1,"subscriptionType":"contact.propertyChange","objectId":{a},"propertyName":"{property}","propertyValue":"true","occurredAt":{when}}}]"#
+        )
+    };
+    // The per-type opt-out optinsync just wrote: not CRM input.
+    assert_eq!(
+        crm.webhook(&signed(&event("hs_email_optout_9", ms)))
+            .await
+            .unwrap(),
+        WebhookEvent::Ignored
+    );
+    // The same property changed later (the person's own act), or another property: input.
+    for body in [
+        event("hs_email_optout_9", ms + 5_000),
+        event("firstname", ms),
+    ] {
+        assert!(matches!(
+            crm.webhook(&signed(&body)).await.unwrap(),
+            WebhookEvent::Changed { records } if records.len() == 1
+        ));
+    }
+}
