@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::records::{Parsed, parse_time};
+use crate::records::Parsed;
 use crate::{HubSpotCrm, MAX_PAGE};
 
 const CURSOR_KIND: &str = "hubspot";
@@ -33,8 +33,9 @@ pub(crate) struct CursorState {
     since: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pass: Option<Pass>,
-    /// Delivered records near the watermark: `lastmodifieddate` ms → contact ids.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Delivered records near the watermark: `lastmodifieddate` ms → contact ids (written
+    /// compactly, see [`compact`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty", with = "compact")]
     seen: BTreeMap<i64, BTreeSet<u64>>,
 }
 
@@ -379,10 +380,90 @@ impl HubSpotCrm {
     }
 }
 
-/// Milliseconds of a rendered `lastmodifieddate`, for tests.
-#[allow(dead_code)]
-pub(crate) fn millis(text: &str) -> Option<i64> {
-    parse_time(text).map(|t| t.timestamp_millis())
+/// The seen set as one string: `ts:ids;dts:ids;...` with each timestamp after the first as
+/// the difference to the one before, and ids as ranges (`100001-112000,112005`) — a bulk
+/// import of thousands of contacts in one millisecond is a few characters.
+mod compact {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::fmt::Write as _;
+
+    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+    pub(super) fn encode(seen: &BTreeMap<i64, BTreeSet<u64>>) -> String {
+        let mut out = String::new();
+        let mut prev: Option<i64> = None;
+        for (ts, ids) in seen {
+            if !out.is_empty() {
+                out.push(';');
+            }
+            let _ = write!(out, "{}:", prev.map_or(*ts, |p| ts - p));
+            prev = Some(*ts);
+            let mut iter = ids.iter().copied().peekable();
+            let mut first = true;
+            while let Some(start) = iter.next() {
+                let mut end = start;
+                while iter.peek() == Some(&(end + 1)) {
+                    end += 1;
+                    iter.next();
+                }
+                if !first {
+                    out.push(',');
+                }
+                first = false;
+                if end == start {
+                    let _ = write!(out, "{start}");
+                } else {
+                    let _ = write!(out, "{start}-{end}");
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn decode(text: &str) -> Option<BTreeMap<i64, BTreeSet<u64>>> {
+        let mut seen = BTreeMap::new();
+        let mut prev: Option<i64> = None;
+        for entry in text.split(';').filter(|e| !e.is_empty()) {
+            let (ts, ids) = entry.split_once(':')?;
+            let ts: i64 = ts.parse().ok()?;
+            let ts = match prev {
+                Some(p) => p.checked_add(ts)?,
+                None => ts,
+            };
+            prev = Some(ts);
+            let set: &mut BTreeSet<u64> = seen.entry(ts).or_default();
+            for part in ids.split(',').filter(|p| !p.is_empty()) {
+                match part.split_once('-') {
+                    Some((a, b)) => {
+                        let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+                        // A range no pass could have produced is a corrupt cursor.
+                        if b < a || b - a > 10_000_000 {
+                            return None;
+                        }
+                        set.extend(a..=b);
+                    }
+                    None => {
+                        set.insert(part.parse().ok()?);
+                    }
+                }
+            }
+        }
+        Some(seen)
+    }
+
+    pub(super) fn serialize<S: Serializer>(
+        seen: &BTreeMap<i64, BTreeSet<u64>>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&encode(seen))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<BTreeMap<i64, BTreeSet<u64>>, D::Error> {
+        let text = String::deserialize(d)?;
+        decode(&text).ok_or_else(|| D::Error::custom("malformed `seen` in a HubSpot cursor"))
+    }
 }
 
 #[cfg(test)]
@@ -410,5 +491,28 @@ mod tests {
         let mut pruned = again.clone();
         pruned.prune_seen(8);
         assert!(!pruned.was_seen(7, 1) && pruned.was_seen(9, 2));
+    }
+
+    #[test]
+    fn the_seen_set_is_compact() {
+        let mut seen: BTreeMap<i64, BTreeSet<u64>> = BTreeMap::new();
+        seen.entry(1_733_480_000_000)
+            .or_default()
+            .extend(100_001..=112_000);
+        seen.entry(1_733_480_000_000).or_default().insert(112_005);
+        seen.entry(1_733_480_000_007).or_default().insert(5);
+        let text = compact::encode(&seen);
+        assert_eq!(text, "1733480000000:100001-112000,112005;7:5");
+        assert_eq!(compact::decode(&text).unwrap(), seen);
+        assert_eq!(compact::decode("").unwrap(), BTreeMap::new());
+        for bad in [
+            "x",
+            "1:a",
+            "1:5-3",
+            "1:0-99999999999",
+            "9223372036854775807:1;1:1",
+        ] {
+            assert!(compact::decode(bad).is_none(), "{bad}");
+        }
     }
 }

@@ -232,7 +232,7 @@ async fn twenty_thousand_contacts_with_12000_in_one_millisecond_are_each_pulled_
     // The cursor remembers what the overlap window re-reads (here all 20,000 contacts, as
     // they changed within seconds of each other): still small enough to store per page.
     let size = cursor.unwrap().0.len();
-    assert!(size < 400_000, "{size}");
+    assert!(size < 150_000, "{size}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
