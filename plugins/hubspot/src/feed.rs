@@ -177,11 +177,24 @@ impl HubSpotCrm {
         if let Some(after) = &scan.after {
             query.push(("after", after.clone()));
         }
-        let (_, value) = self
+        let had_after = scan.after.is_some();
+        let (_, value) = match self
             .api
             .call(Method::GET, LIST_PATH, &query, None, false)
             .await
-            .map_err(|e| self.api.error(e, "contact list"))?;
+        {
+            Ok(v) => v,
+            Err(e) if had_after && e.status() == Some(reqwest::StatusCode::BAD_REQUEST) => {
+                // HubSpot no longer takes the stored paging cursor: scan again from the start
+                // (records already delivered come again; the engine takes them as unchanged).
+                tracing::warn!(
+                    "HubSpot refused the stored paging cursor; the full scan starts again"
+                );
+                state.scan = None;
+                return Ok(true);
+            }
+            Err(e) => return Err(self.api.error(e, "contact list")),
+        };
         let Some(results) = value.get("results").and_then(Value::as_array) else {
             return Err(ConnectorError::transient(
                 "HubSpot listed contacts without a `results` array",

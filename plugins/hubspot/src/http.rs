@@ -185,9 +185,10 @@ impl Api {
                 } else {
                     "failed"
                 };
+                // Without the URL: it may hold an address (communication preferences).
                 ConnectorError::transient(format!(
                     "HubSpot {method} {endpoint} {what}: {}",
-                    error_chain(&e)
+                    error_chain(&e.without_url())
                 ))
             })?;
             let status = response.status();
@@ -317,7 +318,7 @@ impl Api {
             .map_err(|e| {
                 ConnectorError::transient(format!(
                     "HubSpot token request failed: {}",
-                    error_chain(&e)
+                    error_chain(&e.without_url())
                 ))
             })?;
         let status = response.status();
