@@ -60,7 +60,8 @@ pub struct HubSpotConfig {
     /// index lag and clock skew).
     #[serde(default = "default_overlap")]
     pub overlap: String,
-    /// Records per list or search call (HubSpot: at most 100; newer docs say 200 for search).
+    /// Records per list or search call (1 to 100: HubSpot's list endpoint takes at most 100,
+    /// and search 100 or 200 depending on the version of its documentation).
     #[serde(default = "default_page_size")]
     pub page_size: u32,
     /// Timeout of one HTTP call.

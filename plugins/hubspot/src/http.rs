@@ -210,7 +210,13 @@ impl Api {
                     .unwrap_or_default()
                     .to_owned();
                 let message = v.get("message").and_then(Value::as_str).unwrap_or_default();
-                let wait = retry_after.unwrap_or_else(|| policy_wait(&policy, message));
+                // `Retry-After` is documented for workflow webhooks only (in milliseconds
+                // there); read as seconds, a value beyond an hour is not believed unless the
+                // daily limit was hit.
+                let wait = match retry_after {
+                    Some(w) if policy == "DAILY" || w <= Duration::from_secs(3600) => w,
+                    _ => policy_wait(&policy, message),
+                };
                 tracing::warn!(policy = %Escaped(&policy), endpoint, wait_secs = wait.as_secs(), "HubSpot rate limit (429)");
                 return Err(ConnectorError::Transient {
                     message: format!(

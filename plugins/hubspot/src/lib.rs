@@ -249,10 +249,10 @@ impl HubSpotCrm {
         if overlap > Duration::from_secs(86_400) {
             return Err(invalid("overlap", "must be at most 1d"));
         }
-        if !(1..=200).contains(&c.page_size) {
+        if !(1..=MAX_PAGE).contains(&c.page_size) {
             return Err(invalid(
                 "page_size",
-                "must be 1 to 200 (HubSpot's list endpoint takes 100)",
+                format!("must be 1 to {MAX_PAGE} (HubSpot's largest page)"),
             ));
         }
         if c.requests_per_10s == 0 {

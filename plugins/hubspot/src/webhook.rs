@@ -127,10 +127,18 @@ pub(crate) fn verify_v3(
             "HubSpot webhook without X-HubSpot-Signature-v3; refused",
         ));
     };
-    let Some(timestamp) = request
+    let raw_timestamp = request
         .header("x-hubspot-request-timestamp")
-        .and_then(|t| t.trim().parse::<i64>().ok())
-    else {
+        .map(str::trim)
+        .unwrap_or_default();
+    // Milliseconds as documented; a value in seconds is read as such for the age check.
+    let Some(timestamp) = raw_timestamp.parse::<i64>().ok().map(|t| {
+        if t < 100_000_000_000 {
+            t.saturating_mul(1000)
+        } else {
+            t
+        }
+    }) else {
         return Err(refuse(
             "HubSpot webhook without a valid X-HubSpot-Request-Timestamp; refused",
         ));
@@ -149,7 +157,7 @@ pub(crate) fn verify_v3(
     mac.update(b"POST");
     mac.update(uri.as_bytes());
     mac.update(request.body.as_bytes());
-    mac.update(timestamp.to_string().as_bytes());
+    mac.update(raw_timestamp.as_bytes());
     // `verify_slice` compares in constant time.
     mac.verify_slice(&given)
         .map_err(|_| refuse("HubSpot webhook signature does not match; refused"))
