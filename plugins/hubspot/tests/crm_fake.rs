@@ -959,3 +959,46 @@ async fn a_refused_list_cursor_restarts_the_scan() {
     // Contacts delivered before the restart and inside the overlap are not repeated.
     assert_eq!(got, seeded, "every contact once, also across the restart");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locked_records_and_the_daily_limit() {
+    let fake = start();
+    let a = fake.insert(person(1));
+    let crm = crm(&fake, "");
+    let wb = write_back(
+        &[a],
+        "person1@example.org",
+        "newsletter",
+        ConsentState::Confirmed,
+        "k-locked",
+    );
+    // 423: the record is locked by a concurrent write; retry that record alone.
+    fake.fail_next_on(
+        "POST /communication-preferences/v3/subscribe",
+        Fault::Status(423),
+    );
+    match crm.write_back(&wb).await.unwrap_err() {
+        ConnectorError::Transient {
+            scope, retry_after, ..
+        } => {
+            assert_eq!(scope, optinsync_plugin_api::FailureScope::Record);
+            assert_eq!(retry_after, Some(Duration::from_secs(2)));
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // The retry under the same key goes through.
+    crm.write_back(&wb).await.unwrap();
+    // The daily limit: wait an hour, never drop.
+    fake.with(|s| s.daily_max = s.daily_used);
+    match crm.changes(None, 10).await.unwrap_err() {
+        ConnectorError::Transient {
+            retry_after: Some(wait),
+            scope,
+            ..
+        } => {
+            assert_eq!(wait, Duration::from_secs(3600));
+            assert_eq!(scope, optinsync_plugin_api::FailureScope::Service);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+}
