@@ -4,10 +4,11 @@
 
 use std::collections::VecDeque;
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use optinsync_core::untrusted::Escaped;
-use optinsync_plugin_api::{ConnectorError, FailureScope};
+use optinsync_plugin_api::{ConnectorError, FailureScope, QuotaLedger, QuotaSlot, QuotaWindow};
 use reqwest::{Method, StatusCode, header};
 use serde_json::Value;
 use tokio::sync::Mutex;
@@ -15,12 +16,15 @@ use tokio::time::Instant;
 
 use crate::SETTING_PREFIX;
 
-/// A sliding-window limiter: at most `max` calls per `window`; callers wait for a slot.
+/// A sliding-window limiter: at most `max` calls per `window`; callers wait for a slot. With
+/// a shared [`QuotaLedger`] (several instances on one store) the window is counted there, for
+/// every instance together.
 #[derive(Debug)]
 pub(crate) struct Limiter {
     max: usize,
     window: Duration,
     sent: Mutex<VecDeque<Instant>>,
+    shared: Option<(Arc<dyn QuotaLedger>, String)>,
 }
 
 impl Limiter {
@@ -29,10 +33,51 @@ impl Limiter {
             max: (max as usize).max(1),
             window,
             sent: Mutex::new(VecDeque::new()),
+            shared: None,
+        }
+    }
+
+    /// Count in `ledger` under `key` instead of in memory.
+    pub(crate) fn share(&mut self, ledger: Arc<dyn QuotaLedger>, key: String) {
+        self.shared = Some((ledger, key));
+    }
+
+    fn window(&self) -> QuotaWindow {
+        QuotaWindow {
+            limit: u32::try_from(self.max).unwrap_or(u32::MAX),
+            length_ms: i64::try_from(self.window.as_millis()).unwrap_or(i64::MAX),
+        }
+    }
+
+    /// Every instance pauses this limit until `wait` has passed (HubSpot answered 429).
+    pub(crate) async fn pause(&self, wait: Duration) {
+        if let Some((ledger, key)) = &self.shared {
+            let until = chrono::Utc::now().timestamp_millis()
+                + i64::try_from(wait.as_millis()).unwrap_or(i64::MAX / 2);
+            if let Err(e) = ledger.lock(key, until).await {
+                tracing::debug!(error = %e, "shared HubSpot rate limit not locked");
+            }
         }
     }
 
     pub(crate) async fn acquire(&self) {
+        if let Some((ledger, key)) = &self.shared {
+            let windows = [self.window()];
+            loop {
+                let now = chrono::Utc::now().timestamp_millis();
+                match ledger.take(key, &windows, now).await {
+                    Ok(QuotaSlot::Go(_)) => return,
+                    Ok(QuotaSlot::Wait(d) | QuotaSlot::Locked(d)) => {
+                        tokio::time::sleep(d.max(Duration::from_millis(5))).await;
+                    }
+                    Err(e) => {
+                        // The store is unreachable: count here (this instance only).
+                        tracing::debug!(error = %e, "shared HubSpot rate limit unavailable; counting locally");
+                        break;
+                    }
+                }
+            }
+        }
         loop {
             let wait = {
                 let mut sent = self.sent.lock().await;
@@ -218,6 +263,11 @@ impl Api {
                     _ => policy_wait(&policy, message),
                 };
                 tracing::warn!(policy = %Escaped(&policy), endpoint, wait_secs = wait.as_secs(), "HubSpot rate limit (429)");
+                if search && policy != "DAILY" && policy != "TEN_SECONDLY_ROLLING" {
+                    self.search.pause(wait).await;
+                } else {
+                    self.burst.pause(wait).await;
+                }
                 return Err(ConnectorError::Transient {
                     message: format!(
                         "HubSpot rate limit (HTTP 429 {}): {}",

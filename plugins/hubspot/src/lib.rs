@@ -45,7 +45,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use optinsync_plugin_api::{
-    BuildContext, Built, ConnectorFactory, CrmRecord, Role, Settings as ApiSettings, SettingsError,
+    BuildContext, Built, ConnectorFactory, CrmRecord, QuotaLedger, Role, Settings as ApiSettings,
+    SettingsError,
 };
 
 pub use config::HubSpotConfig;
@@ -79,9 +80,14 @@ impl ConnectorFactory for Factory {
     async fn build(
         &self,
         settings: ApiSettings,
-        _ctx: &BuildContext,
+        ctx: &BuildContext,
     ) -> Result<Built, SettingsError> {
-        Ok(Built::Crm(Arc::new(HubSpotCrm::new(settings.parse()?)?)))
+        let mut crm = HubSpotCrm::new(settings.parse()?)?;
+        // Several instances on one store keep HubSpot's limits together.
+        if let Some(quota) = &ctx.quota {
+            crm = crm.with_quota_ledger(Arc::clone(quota));
+        }
+        Ok(Built::Crm(Arc::new(crm)))
     }
 }
 
@@ -338,6 +344,19 @@ impl HubSpotCrm {
             done_keys: std::sync::Mutex::new((HashSet::new(), VecDeque::new())),
             prefetched: std::sync::Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Count HubSpot's limits in `ledger`, shared by every instance that uses it (keys
+    /// `hubspot:{api_url}:requests` and `:searches`).
+    pub fn with_quota_ledger(mut self, ledger: Arc<dyn QuotaLedger>) -> Self {
+        let base = self.api.base.clone();
+        self.api
+            .burst
+            .share(Arc::clone(&ledger), format!("hubspot:{base}:requests"));
+        self.api
+            .search
+            .share(ledger, format!("hubspot:{base}:searches"));
+        self
     }
 
     /// Build from the connector's settings table.
