@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -1000,5 +1000,76 @@ async fn locked_records_and_the_daily_limit() {
             assert_eq!(scope, optinsync_plugin_api::FailureScope::Service);
         }
         other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Edits while a pass pages through search (each moves the contact to the end of the
+/// `lastmodifieddate` order, and becomes searchable only after the index lag): after the
+/// next passes every contact's latest version has been delivered, none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_during_a_search_pass_are_never_lost() {
+    let fake = start();
+    fake.unlimited();
+    fake.with(|s| s.search_lag = Duration::from_millis(300));
+    let crm = crm(&fake, FAST);
+    let mut cursor = None;
+    pass(&crm, &mut cursor, 100).await;
+    let t0 = Utc::now() - chrono::Duration::seconds(5);
+    let seeded: Vec<u64> = (0..400)
+        .map(|i| {
+            fake.insert_at(
+                person(i),
+                t0 + chrono::Duration::milliseconds(i as i64 * 10),
+            )
+        })
+        .collect();
+    let mut latest: BTreeMap<u64, String> = BTreeMap::new();
+    let mut delivered: BTreeMap<u64, String> = BTreeMap::new();
+    let mut step = 0u64;
+    // A pass with small pages; every page, three contacts are edited (some already read,
+    // some not yet).
+    loop {
+        let page = crm.changes(cursor.as_ref(), 20).await.unwrap();
+        for r in &page.records {
+            delivered.insert(
+                r.record.id.parse().unwrap(),
+                r.fields["firstname"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+        cursor = page.next_cursor.or(cursor);
+        for k in 0..3 {
+            step += 1;
+            let id = seeded[((step * 37 + k * 101) % 400) as usize];
+            let name = format!("edit-{step}");
+            fake.edit(id, json!({"firstname": name}));
+            latest.insert(id, name);
+        }
+        if !page.has_more {
+            break;
+        }
+    }
+    // The daemon's next polls, once the index has caught up.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    for _ in 0..2 {
+        for r in pass(&crm, &mut cursor, 20).await.records {
+            delivered.insert(
+                r.record.id.parse().unwrap(),
+                r.fields["firstname"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+    }
+    assert_eq!(delivered.len(), 400, "every contact delivered");
+    for (id, name) in &latest {
+        assert_eq!(
+            delivered.get(id),
+            Some(name),
+            "the latest edit of {id} reached the engine"
+        );
     }
 }
