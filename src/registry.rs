@@ -13,6 +13,7 @@ pub fn factories() -> Vec<Arc<dyn ConnectorFactory>> {
     let mut all = Vec::new();
     all.extend(optinsync_plugin_files::factories());
     all.extend(optinsync_plugin_zoho::factories());
+    all.extend(optinsync_plugin_hubspot::factories());
     all.extend(optinsync_plugin_smtp::factories());
     all.extend(optinsync_plugin_exec::factories());
     all
@@ -35,6 +36,7 @@ mod tests {
             "eml",
             "zoho-crm",
             "zoho-campaigns",
+            "hubspot",
             "smtp",
             "exec",
         ] {
