@@ -14,6 +14,7 @@ pub fn factories() -> Vec<Arc<dyn ConnectorFactory>> {
     all.extend(optinsync_plugin_files::factories());
     all.extend(optinsync_plugin_zoho::factories());
     all.extend(optinsync_plugin_mailchimp::factories());
+    all.extend(optinsync_plugin_hubspot::factories());
     all.extend(optinsync_plugin_smtp::factories());
     all.extend(optinsync_plugin_exec::factories());
     all
@@ -37,6 +38,7 @@ mod tests {
             "zoho-crm",
             "zoho-campaigns",
             "mailchimp",
+            "hubspot",
             "smtp",
             "exec",
         ] {

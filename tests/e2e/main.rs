@@ -14,6 +14,7 @@ mod demo;
 mod exec;
 mod faults;
 mod hardening;
+mod hubspot;
 mod import;
 mod lifecycle;
 mod log_scan;

@@ -491,6 +491,7 @@ impl CampaignsConnector for ZohoCampaigns {
                     email,
                     language: None,
                     fields,
+                    proof: None,
                 })
             })
             .collect();
