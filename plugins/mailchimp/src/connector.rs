@@ -90,8 +90,21 @@ impl Mailchimp {
                 json!([{"marketing_permission_id": p, "enabled": true}]),
             );
         }
-        // TODO(doi-proof): `ip_signup`, `timestamp_signup`, `ip_opt`, `timestamp_opt` once the
-        // engine's `Subscriber` carries the confirmation's IP and time (see the crate docs).
+        // The DOI proof optinsync holds, in Mailchimp's own opt-in fields. `ip_signup` is not
+        // sent: the ledger keeps no address for the sign-up request itself.
+        if let Some(p) = &s.proof {
+            body.insert("timestamp_opt".into(), json!(iso(p.confirmed_at)));
+            if let Some(ip) = p
+                .confirmed_ip
+                .as_deref()
+                .filter(|ip| ip.trim().parse::<std::net::IpAddr>().is_ok())
+            {
+                body.insert("ip_opt".into(), json!(ip.trim()));
+            }
+            if let Some(at) = p.requested_at {
+                body.insert("timestamp_signup".into(), json!(iso(at)));
+            }
+        }
         body
     }
 
@@ -987,6 +1000,7 @@ impl CampaignsConnector for Mailchimp {
                     email: row.email,
                     language,
                     fields,
+                    proof: None,
                 }
             })
             .collect();

@@ -21,12 +21,12 @@
 //!   `subscribe` webhook. Such a list never gets `subscribed` through `subscribe` (refused
 //!   with [`ConnectorError::Config`] naming `lists.NAME.doi`).
 //!
-//! DOI proof in Mailchimp's own fields (`ip_signup`, `timestamp_signup`, `ip_opt`,
-//! `timestamp_opt`): TODO — the engine's [`Subscriber`] carries only the address, the
-//! language and the contact's fields, not the confirmation's IP and time, so nothing is sent
-//! there yet (no data is invented). When the engine passes them, add them to
-//! [`Mailchimp::member_body`].
-//!
+//! DOI proof in Mailchimp's own fields: a subscribe carries the ledger's proof
+//! ([`Subscriber::proof`]); it goes to `timestamp_opt` (when the person confirmed),
+//! `ip_opt` (from where, when the ledger still holds it and it is an IP address) and
+//! `timestamp_signup` (when the confirmation mail was asked for). `ip_signup` is never sent:
+//! the ledger keeps no address for the sign-up request itself (nothing is invented).
+
 //! # Errors
 //!
 //! HTTP 429 (and a bare 403, reported under heavy throttling) → service `Transient` with
