@@ -969,3 +969,66 @@ async fn mailchimp_keeps_the_contract() {
             .await;
     assert!(check.passed(), "{}", check.line());
 }
+
+/// `examples/mailchimp.toml`'s campaigns section is accepted as written (secrets filled in as
+/// the engine would, from the environment), and builds through the registered factory.
+#[tokio::test]
+async fn example_config_is_valid() {
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/mailchimp.toml");
+    let text = std::fs::read_to_string(path).expect("example");
+    let doc: toml::Table = toml::from_str(&text).expect("toml");
+    let mut section = doc["connectors"]["campaigns"]
+        .as_table()
+        .expect("campaigns section")
+        .clone();
+    assert_eq!(
+        section
+            .remove("kind")
+            .and_then(|k| k.as_str().map(str::to_owned)),
+        Some("mailchimp".to_owned())
+    );
+    fn resolve(t: &mut toml::Table) {
+        for (k, v) in t.iter_mut() {
+            match v {
+                toml::Value::String(s) if s.starts_with("${") => {
+                    *s = if k == "api_key" {
+                        "0123456789abcdef0123456789abcdef-us6".into()
+                    } else {
+                        "from-the-environment-0123456789".into()
+                    }
+                }
+                toml::Value::Table(t) => resolve(t),
+                _ => {}
+            }
+        }
+    }
+    resolve(&mut section);
+    let settings = Settings::from_serialize(&section).expect("a table");
+    let factory = optinsync_plugin_mailchimp::factories()
+        .into_iter()
+        .find(|f| f.kind() == "mailchimp")
+        .expect("registered kind");
+    let ctx = optinsync_plugin_api::BuildContext {
+        name: "campaigns".into(),
+        role: optinsync_plugin_api::Role::Campaigns,
+        base_dir: ".".into(),
+        state: Some(r#"{"v":1,"own_removals":{"a1b2c3d4e5":["00"]}}"#.into()),
+        quota: None,
+        marks: None,
+        http: optinsync_plugin_api::HttpDefaults {
+            timeout: Duration::from_secs(30),
+            user_agent: "optinsync-test".into(),
+        },
+    };
+    match factory.build(settings, &ctx).await {
+        Ok(optinsync_plugin_api::Built::Campaigns(c)) => {
+            assert_eq!(c.max_batch(), 500);
+            assert_eq!(c.status_interval(), Some(Duration::from_secs(300)));
+            assert!(c.accepts_webhooks());
+            let state = c.export_state().await.expect("state");
+            assert!(state.contains("a1b2c3d4e5"), "{state}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
