@@ -662,7 +662,7 @@ impl Connector for Mailchimp {
         }
         let form = parse_webhook_form(&request.body)
             .map_err(|e| invalid(&format!("not a Mailchimp webhook delivery: {e}")))?;
-        let Some((_, m)) = self.mapping_of_audience(&form.list_id) else {
+        let Some((name, m)) = self.mapping_of_audience(&form.list_id) else {
             return Err(invalid("the delivery names an audience that no list maps"));
         };
         let at = form.fired_at.unwrap_or_else(Utc::now);
@@ -730,8 +730,11 @@ impl Connector for Mailchimp {
             kind = %form.kind.escape_debug(),
             "Mailchimp webhook"
         );
+        // The engine applies webhook events to the lists whose `campaigns_list` is `list`:
+        // the name this audience is mapped under (the name `subscribe` and `status_events`
+        // are called with), not the audience id.
         Ok(WebhookEvent::Status {
-            list: form.list_id,
+            list: name.clone(),
             events,
         })
     }

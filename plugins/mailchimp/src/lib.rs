@@ -66,6 +66,9 @@
 //! # Webhooks
 //!
 //! `/webhooks/campaigns?secret=…`: the secret is checked on every call (constant time).
+//! Events come back as [`optinsync_plugin_api::WebhookEvent::Status`] for the optinsync
+//! list mapped to the delivery's audience (the name the engine calls `status_events` with,
+//! as it matches webhook events to a list's `campaigns_list`; one audience backs one list).
 //! `GET` (Mailchimp's validation) → `Ignored`. `POST` (form-encoded, keys percent-encoded):
 //! `unsubscribe` → Unsubscribed (`reason=abuse` → Complained; `action=delete`, an archive by
 //! the account, → nothing: it is not the person's withdrawal and the poll does not read
@@ -203,6 +206,19 @@ impl Mailchimp {
                     "must be an audience id (letters and digits, e.g. \"a1b2c3d4e5\")",
                 ));
             }
+            if let Some((other, _)) = c
+                .lists
+                .iter()
+                .find(|(o, o_m)| *o < name && o_m.audience == m.audience)
+            {
+                return Err(SettingsError::invalid(
+                    format!("lists.{name}.audience"),
+                    format!(
+                        "audience `{}` is already mapped for list `{other}`: membership in Mailchimp is per audience, so one audience backs one optinsync list",
+                        m.audience
+                    ),
+                ));
+            }
             for (tag, field) in &m.merge_fields {
                 if tag.trim().is_empty() || field.trim().is_empty() {
                     return Err(SettingsError::invalid(
@@ -307,7 +323,7 @@ impl Mailchimp {
         })
     }
 
-    /// The mapping of an audience id (the first list mapped to it).
+    /// The list mapped to an audience id (one at most: checked at construction).
     fn mapping_of_audience(&self, audience: &str) -> Option<(&String, &ListMapping)> {
         self.lists.iter().find(|(_, m)| m.audience == audience)
     }

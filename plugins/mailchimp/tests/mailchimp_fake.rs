@@ -157,6 +157,16 @@ async fn start_up_check_names_a_missing_audience_and_lists_the_visible_ones() {
     )
     .expect_err("over the cap");
     assert_eq!(too_many.key.as_deref(), Some("max_concurrency"));
+    let shared = Mailchimp::new(
+        parse(settings(
+            &fake,
+            json!({"lists": {"a": {"audience": AUD}, "b": {"audience": AUD}}}),
+        ))
+        .expect("parses"),
+        "",
+    )
+    .expect_err("one audience, two lists");
+    assert_eq!(shared.key.as_deref(), Some("lists.b.audience"));
     // The base URL comes from the key's data centre.
     let derived = Mailchimp::new(
         parse(json!({"api_key": "k-us21", "lists": {"n": {"audience": AUD}}})).expect("parses"),
@@ -708,17 +718,17 @@ async fn webhooks_are_registered_validated_and_read() {
         statuses,
         vec![
             (
-                AUD.to_owned(),
+                "newsletter".to_owned(),
                 "ann@example.org".to_owned(),
                 StatusKind::Unsubscribed
             ),
             (
-                AUD.to_owned(),
+                "newsletter".to_owned(),
                 "bob@example.org".to_owned(),
                 StatusKind::Bounced
             ),
             (
-                AUD.to_owned(),
+                "newsletter".to_owned(),
                 "eve@example.org".to_owned(),
                 StatusKind::Complained
             ),
@@ -749,7 +759,8 @@ async fn webhooks_are_registered_validated_and_read() {
     ));
     match c.webhook(&request(HttpMethod::Post, &q, &body)).await {
         Ok(WebhookEvent::Status { list, events }) => {
-            assert_eq!(list, AUD);
+            // The list the engine knows (its `campaigns_list`), not the audience id.
+            assert_eq!(list, "newsletter");
             assert_eq!(events[0].kind, StatusKind::Unsubscribed);
             assert_eq!(events[0].at.to_rfc3339(), "2026-05-03T08:00:00+00:00");
         }
