@@ -1043,3 +1043,50 @@ async fn example_config_is_valid() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn odd_answers_are_temporary_and_a_retry_after_a_lost_answer_duplicates_nothing() {
+    let fake = fake_with(MailchimpOptions {
+        time_scale: 0.01,
+        ..MailchimpOptions::default()
+    });
+    let c = connector(&fake);
+    for fault in [Fault::Garbage, Fault::Bare(403), Fault::Status(500)] {
+        fake.fail_next(fault.clone());
+        let r = subscribe(&c, "newsletter", &["ann@example.org"]).await;
+        assert!(
+            matches!(r[0], Err(ConnectorError::Transient { .. })),
+            "{fault:?}: {r:?}"
+        );
+    }
+    // Mailchimp's own timeout (scaled to 1.2 s): the client gets a 504 although the write
+    // went through; the retry finds the member and changes nothing.
+    fake.fail_next(Fault::Delay(Duration::from_secs(2)));
+    let r = subscribe(&c, "newsletter", &["bob@example.org", "cat@example.org"]).await;
+    assert!(
+        r.iter()
+            .all(|r| matches!(r, Err(ConnectorError::Transient { .. }))),
+        "{r:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let r = subscribe(&c, "newsletter", &["bob@example.org", "cat@example.org"]).await;
+    assert!(r.iter().all(Result::is_ok), "{r:?}");
+    let on: Vec<String> = fake
+        .members(AUD)
+        .into_iter()
+        .map(|m| m.email_address)
+        .collect();
+    assert_eq!(on.len(), 2, "{on:?}");
+
+    // A key Mailchimp refuses is a configuration error naming the key.
+    let wrong = build(settings(
+        &fake,
+        json!({"api_key": "ffffffffffffffffffffffffffffffff-us6"}),
+    ));
+    match optinsync_plugin_api::Connector::health(&wrong).await {
+        Err(ConnectorError::Config { setting, .. }) => {
+            assert_eq!(setting, "connectors.campaigns.api_key")
+        }
+        other => panic!("{other:?}"),
+    }
+}
