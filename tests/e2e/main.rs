@@ -19,6 +19,7 @@ mod import;
 mod lifecycle;
 mod log_scan;
 mod mail;
+mod mailchimp;
 mod multi_instance;
 mod outbox;
 mod postgres;
