@@ -96,6 +96,9 @@ impl Mailchimp {
             .map(|p| text(p, "title"))
             .unwrap_or_default();
         tracing::debug!(status, title = %title.escape_debug(), endpoint = %label, "Mailchimp refused a call");
+        if status == 429 || (status == 403 && problem.is_none()) {
+            metrics::counter!("optinsync_mailchimp_throttled_total").increment(1);
+        }
         match status {
             429 => Err(CallError::Connector(ConnectorError::Transient {
                 message: format!(
