@@ -395,7 +395,16 @@ impl Mailchimp {
                     .await;
                 Ok(())
             }
-            Err(e) => Err(self.item_error(list, m, e)),
+            Err(e) => {
+                let e = self.item_error(list, m, e);
+                // Refused for good: nothing was unsubscribed, so a later unsubscribe is the
+                // person's own. (A temporary failure may have gone through: keep the mark.)
+                if e.transient_scope().is_none() {
+                    self.forget_own_removals(&m.audience, std::slice::from_ref(&hash))
+                        .await;
+                }
+                Err(e)
+            }
         }
     }
 
