@@ -11,8 +11,9 @@ use crate::support::*;
 const AUD: &str = "a1b2c3d4e5";
 const SECRET: &str = "e2e-mailchimp-webhook-secret";
 
-/// The demo set-up with its campaigns section pointed at the fake.
-fn demo_with_fake(f: &FakeMailchimp) -> Demo {
+/// The demo set-up with its campaigns section pointed at the fake (with the webhook section
+/// or without).
+fn demo_with_fake(f: &FakeMailchimp, webhook: bool) -> Demo {
     let demo = Demo::new();
     let cfg = std::fs::read_to_string(demo.config()).unwrap();
     let start = cfg.find("[connectors.campaigns]").unwrap();
@@ -26,14 +27,10 @@ kind = "mailchimp"
 api_key = "{API_KEY}"
 api_url = "{root}"
 status_interval = "1s"
-
-[connectors.campaigns.webhook]
-url = "http://127.0.0.1:{port}/webhooks/campaigns"
-secret = "{SECRET}"
-register = true
-
+{hook}
 [connectors.campaigns.lists.newsletter]
 audience = "{AUD}"
+doi = "optinsync"
 
 [connectors.campaigns.lists.newsletter.merge_fields]
 FNAME = "First_Name"
@@ -41,7 +38,14 @@ LNAME = "Last_Name"
 
 "#,
         root = f.api_root(),
-        port = demo.port,
+        hook = if webhook {
+            format!(
+                "\n[connectors.campaigns.webhook]\nurl = \"http://127.0.0.1:{}/webhooks/campaigns\"\nsecret = \"{SECRET}\"\nregister = true\n",
+                demo.port
+            )
+        } else {
+            String::new()
+        },
     );
     let cfg = format!("{}{section}{}", &cfg[..start], &cfg[end..]);
     std::fs::write(demo.config(), cfg).unwrap();
@@ -54,7 +58,7 @@ async fn mailchimp_gets_only_confirmed_contacts_and_its_unsubscribes_and_bounces
     f.add_list(AUD, "Master programmes newsletter");
     f.add_merge_field(AUD, MergeField::text("FNAME", false));
     f.add_merge_field(AUD, MergeField::text("LNAME", false));
-    let demo = demo_with_fake(&f);
+    let demo = demo_with_fake(&f, true);
 
     demo.run_ok(&["sync", "--once"]);
     assert_eq!(
@@ -136,4 +140,92 @@ async fn mailchimp_gets_only_confirmed_contacts_and_its_unsubscribes_and_bounces
     );
     assert_eq!(f.webhooks(AUD).len(), 1);
     drop(daemon);
+}
+
+/// `doi = "campaigns"` on the optinsync list and `doi = "mailchimp"` on the mapped audience:
+/// Mailchimp sends its own confirmation (the member is `pending`); optinsync sends no mail and
+/// records Mailchimp's confirmation, read back by the status poll, as weaker evidence.
+#[tokio::test(flavor = "multi_thread")]
+async fn mailchimp_run_double_opt_in_is_recorded_as_weaker_evidence() {
+    let f = FakeMailchimp::start();
+    f.add_list(AUD, "Master programmes newsletter");
+    f.add_merge_field(AUD, MergeField::text("FNAME", false));
+    f.add_merge_field(AUD, MergeField::text("LNAME", false));
+    let demo = demo_with_fake(&f, false);
+    let cfg = std::fs::read_to_string(demo.config()).unwrap();
+    let mapping = format!("audience = \"{AUD}\"\ndoi = \"optinsync\"");
+    assert!(cfg.contains(&mapping));
+    let cfg = cfg.replace(
+        &mapping,
+        &format!("audience = \"{AUD}\"\ndoi = \"mailchimp\""),
+    );
+    assert_eq!(
+        cfg.matches("\ndoi = \"optinsync\"\n").count(),
+        1,
+        "only the [[lists]] entry is left"
+    );
+    let cfg = cfg.replace("\ndoi = \"optinsync\"\n", "\ndoi = \"campaigns\"\n");
+    std::fs::write(demo.config(), cfg).unwrap();
+
+    demo.run_ok(&["sync", "--once"]);
+    assert!(
+        demo.mails().is_empty(),
+        "optinsync sends no DOI mail for this list"
+    );
+    assert_eq!(
+        f.confirmation_mails(AUD).len(),
+        2,
+        "Mailchimp sent its own confirmation to both asserted contacts"
+    );
+    assert!(f.members(AUD).iter().all(|m| m.status == Status::Pending));
+    assert_eq!(
+        demo.state("ana.garcia@example.org", "newsletter"),
+        "pending"
+    );
+
+    // Ana clicks Mailchimp's confirmation mail; the next pass reads it back.
+    f.confirm(AUD, "ana.garcia@example.org", "203.0.113.9")
+        .await;
+    std::thread::sleep(std::time::Duration::from_millis(1100)); // status_interval = 1s
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(
+        demo.state("ana.garcia@example.org", "newsletter"),
+        "confirmed"
+    );
+    assert_eq!(
+        demo.state("ben.okafor@example.net", "newsletter"),
+        "pending"
+    );
+    let v = demo.contact_json("ana.garcia@example.org");
+    let ev = v["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "confirmed_by_campaigns")
+        .unwrap()
+        .clone();
+    assert_eq!(ev["source"], "campaigns");
+
+    // A later pass changes nothing more, sends no second Mailchimp confirmation and never
+    // sets anyone `subscribed` from optinsync's side.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    demo.run_ok(&["sync", "--once"]);
+    assert!(demo.mails().is_empty());
+    assert_eq!(f.confirmation_mails(AUD).len(), 2);
+    assert_eq!(
+        demo.event_kinds("ana.garcia@example.org")
+            .iter()
+            .filter(|k| *k == "confirmed_by_campaigns")
+            .count(),
+        1
+    );
+    assert_eq!(
+        f.calls("POST /lists/{list_id}"),
+        0,
+        "no batch subscribe to a Mailchimp-DOI audience"
+    );
+    assert!(
+        demo.run_ok(&["ledger", "verify"])
+            .starts_with("ledger verified")
+    );
 }
