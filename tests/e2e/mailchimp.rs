@@ -229,3 +229,19 @@ async fn mailchimp_run_double_opt_in_is_recorded_as_weaker_evidence() {
             .starts_with("ledger verified")
     );
 }
+
+#[test]
+fn a_missing_audience_stops_start_up_naming_the_setting() {
+    let f = FakeMailchimp::start();
+    f.add_list("0123456789", "Another audience");
+    let demo = demo_with_fake(&f, false);
+    let out = demo.output(&["sync", "--once"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("connectors.campaigns.lists.newsletter.audience"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Another audience"), "{stderr}");
+    assert!(f.members("0123456789").is_empty());
+}
