@@ -21,6 +21,7 @@ mod log_scan;
 mod mail;
 mod multi_instance;
 mod outbox;
+mod pairings;
 mod postgres;
 mod rules;
 mod status_webhooks;
