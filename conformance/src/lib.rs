@@ -482,6 +482,7 @@ pub async fn check_campaigns(
         email: options.address.clone(),
         language: None,
         fields: Default::default(),
+        proof: None,
     };
     let item = Keyed::new(format!("conformance-sub-{stamp}"), subscriber.clone());
     let twice = async {

@@ -21,7 +21,9 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use optinsync_plugin_api::{ConnectorError, ConsentWriteBack, Keyed, Subscriber, per_item};
+use optinsync_plugin_api::{
+    ConnectorError, ConsentProof, ConsentWriteBack, Keyed, Subscriber, per_item,
+};
 use rand::Rng as _;
 use serde::Serialize;
 
@@ -256,10 +258,54 @@ impl Engine {
         if !consent.is_some_and(|c| c.state.on_list()) {
             return Ok(Err(skipped("skipped: no longer confirmed")));
         }
+        let proof = self.consent_proof(&contact.id, &list.id).await?;
         Ok(Ok(Subscriber {
             email: contact.email,
             language: contact.language,
             fields: contact.fields,
+            proof,
+        }))
+    }
+
+    /// The confirmation the consent rests on, from the ledger: the last event that entered
+    /// `confirmed` from another state, with its IP, and the last confirmation mail sent before
+    /// it. `None` when the ledger holds no such event (a consent taken over from elsewhere).
+    async fn consent_proof(
+        &self,
+        contact_id: &str,
+        list_id: &str,
+    ) -> EngineResult<Option<ConsentProof>> {
+        let events = self.store.events_of_contact(contact_id).await?;
+        let on_list: Vec<_> = events.iter().filter(|e| e.list_id == list_id).collect();
+        let confirmed = ConsentState::Confirmed.as_str();
+        let Some(at) = on_list
+            .iter()
+            .rposition(|e| e.to_state == confirmed && e.from_state != confirmed)
+        else {
+            return Ok(None);
+        };
+        let time = |text: &str| {
+            chrono::DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|t| t.with_timezone(&Utc))
+        };
+        let event = on_list[at];
+        let Some(confirmed_at) = time(&event.at) else {
+            return Ok(None);
+        };
+        // Evidence redacted by erasure or retention reads as none.
+        let confirmed_ip = serde_json::from_str::<crate::ledger::Evidence>(&event.evidence)
+            .ok()
+            .and_then(|e| e.ip);
+        let requested_at = on_list[..at]
+            .iter()
+            .rev()
+            .find(|e| e.kind.ends_with("_mail_sent"))
+            .and_then(|e| time(&e.at));
+        Ok(Some(ConsentProof {
+            confirmed_at,
+            confirmed_ip,
+            requested_at,
         }))
     }
 
@@ -388,6 +434,7 @@ impl Engine {
                     email: contact.email.clone(),
                     language: contact.language.clone(),
                     fields: contact.fields.clone(),
+                    proof: None,
                 };
                 self.connectors
                     .campaigns

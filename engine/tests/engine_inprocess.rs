@@ -103,18 +103,21 @@ async fn apply_retries_a_conflicting_commit_and_builds_on_the_concurrent_change(
     );
 
     h.drain().await;
-    assert_eq!(
-        h.campaigns.calls(),
-        [CampaignsCall::Subscribe {
-            list: "news".into(),
-            subscribers: vec![optinsync_plugin_api::Subscriber {
-                email: ADA.into(),
-                language: None,
-                fields: Default::default(),
-            }],
-        }],
-        "subscribed once"
-    );
+    // (The proof the subscribe carries is checked in
+    // `a_subscribe_carries_the_confirmation_from_the_ledger`.)
+    let calls: Vec<(String, Vec<String>)> = h
+        .campaigns
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            CampaignsCall::Subscribe { list, subscribers } => {
+                Some((list, subscribers.into_iter().map(|s| s.email).collect()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(calls.len(), h.campaigns.calls().len(), "only subscribes");
+    assert_eq!(calls, [("news".to_owned(), vec![ADA.to_owned()])], "subscribed once");
     let states: Vec<String> = h
         .crm
         .write_backs()
@@ -883,4 +886,46 @@ async fn a_failed_batch_retries_every_row_and_subscribes_each_once() {
         [2],
         "one batch of two, after the failed attempt"
     );
+}
+
+/// A subscribe carries the confirmation it rests on, from the ledger: when the person
+/// confirmed and from which address, and when the confirmation mail went out.
+#[tokio::test]
+async fn a_subscribe_carries_the_confirmation_from_the_ledger() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    let token = pending_on_news(&h, "1", ADA).await;
+    h.drain().await; // the DOI mail goes out
+    let ada = h.contact(ADA).await;
+    let evidence = optinsync_engine::ledger::Evidence {
+        ip: Some("192.0.2.7".into()),
+        ..Default::default()
+    };
+    h.engine
+        .apply(
+            &ada,
+            &h.list("news"),
+            Input::Confirm { token },
+            EventSource::Web,
+            evidence,
+        )
+        .await
+        .unwrap();
+    h.drain().await;
+    let proofs: Vec<_> = h
+        .campaigns
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            CampaignsCall::Subscribe { subscribers, .. } => Some(subscribers),
+            _ => None,
+        })
+        .flatten()
+        .map(|s| s.proof.expect("a subscribe carries its proof"))
+        .collect();
+    assert_eq!(proofs.len(), 1);
+    let proof = &proofs[0];
+    assert_eq!(proof.confirmed_ip.as_deref(), Some("192.0.2.7"));
+    let requested = proof.requested_at.expect("the DOI mail's time");
+    assert!(requested <= proof.confirmed_at, "{proof:?}");
+    assert!(Utc::now() - proof.confirmed_at < chrono::Duration::minutes(1));
 }

@@ -4,7 +4,6 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use optinsync_plugin_api::CampaignsConnector;
 use optinsync_plugin_zoho::campaigns::ZohoCampaigns;
 
 fn campaigns() -> &'static ZohoCampaigns {
@@ -38,6 +37,6 @@ fuzz_target!(|data: &[u8]| {
     // The state the connector saves across restarts (quota windows, own removals).
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = campaigns().import_state(text);
-        let _ = campaigns().export_state();
+        let _ = campaigns().saved_state();
     }
 });

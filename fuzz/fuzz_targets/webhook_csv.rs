@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use optinsync_plugin_api::{CrmConnector, WebhookEvent};
+use optinsync_plugin_api::WebhookEvent;
 use optinsync_plugin_files::CsvCrm;
 
 fn crm() -> &'static CsvCrm {
@@ -19,7 +19,7 @@ fn crm() -> &'static CsvCrm {
 
 fuzz_target!(|data: &[u8]| {
     let headers = vec![("content-type".to_owned(), "application/json".to_owned())];
-    if let Ok(WebhookEvent::Changed(records)) = crm().parse_webhook(&headers, data) {
+    if let Ok(WebhookEvent::Changed { records }) = crm().parse_webhook(&headers, data) {
         assert!(!records.is_empty());
         for r in records {
             assert_eq!(r.module, "Contacts");

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use optinsync_plugin_api::{CrmConnector, WebhookEvent};
+use optinsync_plugin_api::WebhookEvent;
 use optinsync_plugin_zoho::crm::ZohoCrm;
 
 pub const TOKEN: &str = "fuzz-channel-token";
@@ -33,7 +33,7 @@ fuzz_target!(|data: &[u8]| {
     {
         assert_eq!(v.get("token").and_then(|t| t.as_str()), Some(TOKEN));
     }
-    if let Ok(WebhookEvent::Changed(records)) = result {
+    if let Ok(WebhookEvent::Changed { records }) = result {
         for r in records {
             assert!(r.module == "Contacts" || r.module == "Leads");
             assert!(!r.id.is_empty() && r.id.chars().all(|c| c.is_ascii_alphanumeric()));

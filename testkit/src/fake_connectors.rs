@@ -252,6 +252,7 @@ impl FakeCampaigns {
                 email: email.to_owned(),
                 language: None,
                 fields: BTreeMap::new(),
+                proof: None,
             });
     }
 

@@ -7,6 +7,8 @@
 //!   with [`faults`] to inject seeded failures into them;
 //! - [`hubspot`]: a fake HubSpot (CRM v3 contacts, search, properties, communication
 //!   preferences, OAuth, signed webhooks, rate limits) on loopback;
+//! - [`mailchimp`]: a fake Mailchimp Marketing API v3 on loopback (members, webhooks, the
+//!   concurrency limit), written from Mailchimp's Marketing API documentation;
 //! - [`smtp`]: an SMTP sink on loopback that keeps every message;
 //! - [`fake_connectors`]: in-memory CRM, campaigns and mail connectors, for driving the engine
 //!   in-process;
@@ -24,6 +26,7 @@ pub mod fake_connectors;
 pub mod faults;
 pub mod harness;
 pub mod hubspot;
+pub mod mailchimp;
 pub mod smtp;
 pub mod zoho;
 pub mod zoho_campaigns;

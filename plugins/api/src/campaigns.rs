@@ -14,6 +14,25 @@ pub struct Subscriber {
     pub email: String,
     pub language: Option<String>,
     pub fields: BTreeMap<String, serde_json::Value>,
+    /// The double opt-in this subscription rests on, from the ledger, for a tool that keeps
+    /// opt-in evidence of its own (Mailchimp's `timestamp_opt`, `ip_opt`). Set on subscribes;
+    /// `None` in member listings and on requests of the tool's own double opt-in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proof: Option<ConsentProof>,
+}
+
+/// When (and from where) a person confirmed, as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentProof {
+    /// When the confirmation was recorded.
+    pub confirmed_at: DateTime<Utc>,
+    /// The address the confirmation came from (absent for a confirmation the campaigns tool
+    /// ran, or evidence purged by retention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_ip: Option<String>,
+    /// When the confirmation was asked for (the DOI mail went out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requested_at: Option<DateTime<Utc>>,
 }
 
 /// One write with its idempotency key: the same key for every attempt of this work item (the

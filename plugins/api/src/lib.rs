@@ -25,8 +25,8 @@ mod traits;
 mod webhook;
 
 pub use campaigns::{
-    BatchResult, Keyed, MemberPage, StatusEvent, StatusKind, StatusPage, Subscriber, all_items,
-    per_item,
+    BatchResult, ConsentProof, Keyed, MemberPage, StatusEvent, StatusKind, StatusPage, Subscriber,
+    all_items, per_item,
 };
 pub use consent::{ConsentState, UnknownState};
 pub use error::{ConnectorError, ConnectorResult, FailureScope, SettingsError};

@@ -367,6 +367,7 @@ fn sub(email: &str) -> Subscriber {
         email: email.into(),
         language: None,
         fields: Default::default(),
+        proof: None,
     }
 }
 

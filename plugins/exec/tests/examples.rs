@@ -43,6 +43,7 @@ fn sub(email: &str) -> Subscriber {
         email: email.into(),
         language: Some("en".into()),
         fields: BTreeMap::new(),
+        proof: None,
     }
 }
 

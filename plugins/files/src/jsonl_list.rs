@@ -325,6 +325,7 @@ impl CampaignsConnector for JsonlList {
                 email: e.email,
                 language: e.language,
                 fields: e.fields,
+                proof: None,
             })
             .collect();
         Ok(MemberPage {
@@ -549,6 +550,7 @@ mod tests {
             email: email.to_owned(),
             language: language.map(str::to_owned),
             fields: BTreeMap::from([("First_Name".to_owned(), serde_json::json!("Ann"))]),
+            proof: None,
         }
     }
 
@@ -599,6 +601,7 @@ mod tests {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), serde_json::json!(v)))
             .collect(),
+            proof: None,
         };
         let default = list(dir.path());
         default

@@ -126,6 +126,7 @@ listkey = "{KEY}"
                         email: format!("person{i}@example.org"),
                         language: None,
                         fields,
+                        proof: None,
                     };
                     let sub = Keyed::new(format!("bench-{i}"), sub);
                     loop {

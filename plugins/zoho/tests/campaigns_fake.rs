@@ -61,6 +61,7 @@ fn sub(email: &str, first: &str) -> Subscriber {
         email: email.to_owned(),
         language: Some("en".into()),
         fields,
+        proof: None,
     }
 }
 
@@ -216,6 +217,7 @@ async fn address_only_batches_use_the_bulk_endpoint_ten_at_a_time() {
             email: format!("p{i}@example.org"),
             language: None,
             fields: BTreeMap::new(),
+            proof: None,
         })
         .collect();
     c.sub("newsletter", &subs).await.unwrap();
@@ -660,6 +662,7 @@ async fn zoho_campaigns_keeps_the_contract() {
             email: "ann@example.org".into(),
             language: None,
             fields: Default::default(),
+            proof: None,
         },
     );
     let first = async {

@@ -156,6 +156,7 @@ fn sub(i: usize) -> Subscriber {
         email: format!("p{i}@example.org"),
         language: None,
         fields: BTreeMap::from([("First_Name".to_owned(), serde_json::json!("P"))]),
+        proof: None,
     }
 }
 

@@ -48,12 +48,13 @@ impl ZohoCampaigns {
             }
         }
         let mut results: Vec<Option<ConnectorResult<()>>> = vec![None; subscribers.len()];
-        // Never sent: Zoho's answer to a malformed address is not documented per call.
+        // Refused as `listsubscribe` refuses it (2004, rejected for good), before a bulk call
+        // that would take it silently.
         for (i, s) in subscribers.iter().enumerate() {
             if !s.email.trim().contains('@') {
-                results[i] = Some(Err(ConnectorError::permanent(
-                    "not an address; not sent to Zoho Campaigns",
-                )));
+                results[i] = Some(Err(ConnectorError::Rejected {
+                    message: "not an address; not sent to Zoho Campaigns".into(),
+                }));
             }
         }
         let bulk: Vec<usize> = if m.doi == DoiMode::Optinsync {
@@ -168,6 +169,25 @@ impl ZohoCampaigns {
         Ok(())
     }
 
+    /// The state [`Connector::export_state`] hands the engine: quota windows, locks and the
+    /// removals of our own the status poll must not echo.
+    pub fn saved_state(&self) -> Option<String> {
+        let now = now_ms();
+        let endpoints = budget::export(&mut self.lock_budgets(), now);
+        let own_removals = self
+            .lock_removals()
+            .iter()
+            .filter(|(_, s)| !s.is_empty())
+            .map(|(k, s)| (k.clone(), s.iter().cloned().collect()))
+            .collect();
+        serde_json::to_string(&budget::State {
+            v: 1,
+            endpoints,
+            own_removals,
+        })
+        .ok()
+    }
+
     /// Take back state from an earlier [`Connector::export_state`] (at build, from
     /// [`optinsync_plugin_api::BuildContext::state`]). State it cannot read is an error saying
     /// why; the caller logs it and goes on with fresh budgets.
@@ -248,20 +268,7 @@ impl Connector for ZohoCampaigns {
     }
 
     async fn export_state(&self) -> Option<String> {
-        let now = now_ms();
-        let endpoints = budget::export(&mut self.lock_budgets(), now);
-        let own_removals = self
-            .lock_removals()
-            .iter()
-            .filter(|(_, s)| !s.is_empty())
-            .map(|(k, s)| (k.clone(), s.iter().cloned().collect()))
-            .collect();
-        serde_json::to_string(&budget::State {
-            v: 1,
-            endpoints,
-            own_removals,
-        })
-        .ok()
+        self.saved_state()
     }
 }
 
@@ -484,6 +491,7 @@ impl CampaignsConnector for ZohoCampaigns {
                     email,
                     language: None,
                     fields,
+                    proof: None,
                 })
             })
             .collect();
