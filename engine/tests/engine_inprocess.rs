@@ -117,7 +117,11 @@ async fn apply_retries_a_conflicting_commit_and_builds_on_the_concurrent_change(
         })
         .collect();
     assert_eq!(calls.len(), h.campaigns.calls().len(), "only subscribes");
-    assert_eq!(calls, [("news".to_owned(), vec![ADA.to_owned()])], "subscribed once");
+    assert_eq!(
+        calls,
+        [("news".to_owned(), vec![ADA.to_owned()])],
+        "subscribed once"
+    );
     let states: Vec<String> = h
         .crm
         .write_backs()

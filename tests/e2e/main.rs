@@ -22,6 +22,7 @@ mod mail;
 mod mailchimp;
 mod multi_instance;
 mod outbox;
+mod pairings;
 mod postgres;
 mod rules;
 mod status_webhooks;

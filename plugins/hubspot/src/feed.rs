@@ -267,7 +267,10 @@ impl HubSpotCrm {
             if let Some((ts, last_id)) = pass.tie {
                 let body = json!({
                     "filterGroups": [{"filters": [
-                        {"propertyName": "lastmodifieddate", "operator": "EQ", "value": ts.to_string()},
+                        // A range of one millisecond rather than EQ: a date-time compared
+                        // as a number, whatever EQ means for dates in a version of the API.
+                        {"propertyName": "lastmodifieddate", "operator": "GTE", "value": ts.to_string()},
+                        {"propertyName": "lastmodifieddate", "operator": "LTE", "value": ts.to_string()},
                         {"propertyName": "hs_object_id", "operator": "GT", "value": last_id.to_string()},
                     ]}],
                     "sorts": [{"propertyName": "hs_object_id", "direction": "ASCENDING"}],

@@ -10,7 +10,7 @@
 //!   `lastmodifieddate`. Every page is a fresh query from a keyset position (never the
 //!   `after` offset), so the 10,000-result cap of search is never reached, and an edit during
 //!   a pass cannot shift offsets and skip a record. Only one sort is allowed, so records that
-//!   share a timestamp are read in a *tie pass*: `lastmodifieddate = T` and
+//!   share a timestamp are read in a *tie pass*: `T <= lastmodifieddate <= T` and
 //!   `hs_object_id > last id`, sorted by `hs_object_id` — any number of contacts modified in
 //!   one millisecond is read exactly once.
 //! * Search sees a write only after an index lag. Each pass starts `overlap` (default 2 m)
