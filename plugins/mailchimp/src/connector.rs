@@ -1,53 +1,24 @@
-//! [`Connector`] and [`CampaignsConnector`] for [`Mailchimp`].
+//! [`Connector`] and [`CampaignsConnector`] for [`Mailchimp`]: push (one upsert, or the
+//! synchronous batch), removal, Mailchimp's own DOI and the start-up check; the status poll,
+//! webhooks and own removals live in their modules.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::Ordering;
+use std::collections::{BTreeSet, HashMap};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
     BatchResult, CampaignsConnector, Connector, ConnectorError, ConnectorResult, Cursor, Health,
-    HttpMethod, Keyed, MemberPage, StatusEvent, StatusKind, StatusPage, Subscriber, WebhookEvent,
-    WebhookRequest,
+    Keyed, MemberPage, StatusPage, Subscriber, WebhookEvent, WebhookRequest,
 };
 use reqwest::Method;
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
-use subtle::ConstantTimeEq as _;
 
 use crate::http::{CallError, member_refusal};
-use crate::parse::{MemberRow, members_answer, parse_webhook_form};
+use crate::parse::MemberRow;
 use crate::{BATCH_MAX, DoiMode, ListMapping, Mailchimp, SETTING_PREFIX, subscriber_hash};
 
-/// Pages one `status_events` call reads at most per status before it answers `has_more`.
-const PAGES_PER_POLL: usize = 20;
-/// Fields a status read asks for.
-const STATUS_FIELDS: &str = "members.id,members.email_address,members.status,members.last_changed,members.timestamp_opt,members.ip_opt,members.unsubscribe_reason,total_items";
-
-/// The status cursor (versioned, opaque to the engine).
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct StatusCursor {
-    v: u32,
-    /// status → where its stream stands.
-    streams: BTreeMap<String, Stream>,
-}
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Stream {
-    /// The latest `last_changed` seen (unix seconds).
-    t: i64,
-    /// Member ids seen with exactly `t`.
-    seen: BTreeSet<String>,
-}
-
-/// The state kept across restarts.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct SavedState {
-    v: u32,
-    own_removals: BTreeMap<String, Vec<String>>,
-}
-
-fn iso(t: DateTime<Utc>) -> String {
+/// Mailchimp's time format (`2024-05-01T10:05:12+00:00`).
+pub(crate) fn iso(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%dT%H:%M:%S+00:00").to_string()
 }
 
@@ -119,7 +90,7 @@ impl Mailchimp {
     }
 
     /// A failed member call as the item's result.
-    fn item_error(&self, list: &str, m: &ListMapping, e: CallError) -> ConnectorError {
+    pub(crate) fn item_error(&self, list: &str, m: &ListMapping, e: CallError) -> ConnectorError {
         match e {
             CallError::Connector(e) => e,
             CallError::Problem { status: 404, .. } => self.audience_missing(list, m),
@@ -330,45 +301,6 @@ impl Mailchimp {
         }
     }
 
-    async fn mark_own_removal(&self, audience: &str, hash: &str) -> ConnectorResult<()> {
-        self.lock_removals()
-            .entry(audience.to_owned())
-            .or_default()
-            .insert(hash.to_owned());
-        if let Some(marks) = &self.marks {
-            marks.mark(&Self::removals_set(audience), hash).await?;
-        }
-        Ok(())
-    }
-
-    async fn forget_own_removals(&self, audience: &str, hashes: &[String]) {
-        if hashes.is_empty() {
-            return;
-        }
-        if let Some(set) = self.lock_removals().get_mut(audience) {
-            for h in hashes {
-                set.remove(h);
-            }
-        }
-        if let Some(marks) = &self.marks
-            && let Err(e) = marks.unmark(&Self::removals_set(audience), hashes).await
-        {
-            tracing::debug!(error = %e, "shared own-removal marks not cleared");
-        }
-    }
-
-    async fn own_removals(&self, audience: &str) -> ConnectorResult<BTreeSet<String>> {
-        let mut own = self
-            .lock_removals()
-            .get(audience)
-            .cloned()
-            .unwrap_or_default();
-        if let Some(marks) = &self.marks {
-            own.extend(marks.marked(&Self::removals_set(audience)).await?);
-        }
-        Ok(own)
-    }
-
     async fn remove_one(&self, list: &str, m: &ListMapping, email: &str) -> ConnectorResult<()> {
         let hash = subscriber_hash(email);
         let Some(member) = self.get_member(list, m, &hash).await? else {
@@ -406,70 +338,6 @@ impl Mailchimp {
                 Err(e)
             }
         }
-    }
-
-    /// One status stream (`unsubscribed`, `cleaned`, `subscribed`) from its cursor position.
-    async fn read_stream(
-        &self,
-        list: &str,
-        m: &ListMapping,
-        status: &str,
-        from: Option<&Stream>,
-        mut on_row: impl FnMut(&MemberRow, Option<&Stream>),
-    ) -> ConnectorResult<(Stream, bool)> {
-        let mut stream = from.cloned().unwrap_or_default();
-        let started = from.is_some();
-        let count = self.page_size as usize;
-        let mut offset = 0usize;
-        for _ in 0..PAGES_PER_POLL {
-            let mut q = vec![
-                ("status", status.to_owned()),
-                ("sort_field", "last_changed".to_owned()),
-                ("sort_dir", "ASC".to_owned()),
-                ("count", count.to_string()),
-                ("offset", offset.to_string()),
-                ("fields", STATUS_FIELDS.to_owned()),
-            ];
-            if started || stream.t > 0 {
-                let since = DateTime::from_timestamp(stream.t - 1, 0).unwrap_or_default();
-                q.push(("since_last_changed", iso(since)));
-            }
-            let answer = self
-                .call(
-                    Method::GET,
-                    &format!("/lists/{}/members", m.audience),
-                    &q,
-                    None,
-                )
-                .await
-                .map_err(|e| self.item_error(list, m, e))?;
-            let page = members_answer(&answer).map_err(|why| {
-                ConnectorError::transient(format!(
-                    "Mailchimp's member listing is unreadable: {why}"
-                ))
-            })?;
-            let n = page.members.len();
-            for row in &page.members {
-                let Some(lc) = row.last_changed else { continue };
-                let t = lc.timestamp();
-                if t < stream.t || (t == stream.t && stream.seen.contains(&row.id)) {
-                    continue;
-                }
-                on_row(row, from);
-                if t > stream.t {
-                    stream.t = t;
-                    stream.seen.clear();
-                }
-                stream.seen.insert(row.id.clone());
-            }
-            if n < count {
-                return Ok((stream, false));
-            }
-            // Ask again from the newest second seen, skipping what was seen at it (a member
-            // that changes during the walk moves to the end instead of shifting the pages).
-            offset = stream.seen.len();
-        }
-        Ok((stream, true))
     }
 }
 
@@ -595,54 +463,7 @@ impl Connector for Mailchimp {
     /// Register the webhook on every mapped audience (once per process when it worked;
     /// listing the audience's webhooks first, so a restart adds none twice).
     async fn maintain(&self) -> ConnectorResult<()> {
-        let (Some(w), Some(url)) = (&self.webhook, self.webhook_url()) else {
-            return Ok(());
-        };
-        if !w.register || self.registered.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let mut done = BTreeSet::new();
-        for (name, m) in &self.lists {
-            if !done.insert(m.audience.clone()) {
-                continue;
-            }
-            let path = format!("/lists/{}/webhooks", m.audience);
-            let existing = self
-                .call(Method::GET, &path, &[], None)
-                .await
-                .map_err(|e| self.item_error(name, m, e))?;
-            let present = existing
-                .get("webhooks")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .any(|h| h.get("url").and_then(Value::as_str) == Some(url.as_str()));
-            if present {
-                continue;
-            }
-            let body = json!({
-                "url": url,
-                "events": {"subscribe": true, "unsubscribe": true, "profile": false,
-                           "cleaned": true, "upemail": true, "campaign": false},
-                "sources": {"user": true, "admin": true, "api": false},
-            });
-            match self.call(Method::POST, &path, &[], Some(&body)).await {
-                Ok(_) => tracing::info!(list = %name, "Mailchimp webhook registered"),
-                Err(CallError::Problem { title, detail, .. }) => {
-                    return Err(ConnectorError::Config {
-                        setting: format!("{SETTING_PREFIX}.webhook.url"),
-                        message: format!(
-                            "Mailchimp did not register the webhook ({}: {}); the URL must be reachable from the internet and answer GET",
-                            title.escape_debug(),
-                            detail.escape_debug()
-                        ),
-                    });
-                }
-                Err(CallError::Connector(e)) => return Err(e),
-            }
-        }
-        self.registered.store(true, Ordering::Relaxed);
-        Ok(())
+        self.register_webhooks().await
     }
 
     async fn export_state(&self) -> Option<String> {
@@ -654,130 +475,7 @@ impl Connector for Mailchimp {
     }
 
     async fn webhook(&self, request: &WebhookRequest) -> ConnectorResult<WebhookEvent> {
-        let invalid = |message: &str| ConnectorError::InvalidInput {
-            message: message.to_owned(),
-        };
-        let Some(w) = &self.webhook else {
-            return Err(invalid(
-                "this connector takes no webhooks (no [webhook] table)",
-            ));
-        };
-        let given = request.query_param("secret").unwrap_or_default();
-        if given.is_empty() || !bool::from(given.as_bytes().ct_eq(w.secret.as_bytes())) {
-            return Err(invalid("missing or wrong webhook secret"));
-        }
-        if request.method == HttpMethod::Get {
-            return Ok(WebhookEvent::Ignored);
-        }
-        let form = parse_webhook_form(&request.body)
-            .map_err(|e| invalid(&format!("not a Mailchimp webhook delivery: {e}")))?;
-        let Some((name, m)) = self.mapping_of_audience(&form.list_id) else {
-            return Err(invalid("the delivery names an audience that no list maps"));
-        };
-        let at = form.fired_at.unwrap_or_else(Utc::now);
-        let event = |email: &str, kind: StatusKind, detail: String| StatusEvent {
-            email: email.to_owned(),
-            kind,
-            at,
-            detail: Some(detail),
-        };
-        let mut events = Vec::new();
-        match form.kind.as_str() {
-            "unsubscribe" if form.action == "delete" => {}
-            "unsubscribe" => {
-                let own = self.own_removals(&m.audience).await?;
-                if form.reason == "abuse" {
-                    events.push(event(
-                        &form.email,
-                        StatusKind::Complained,
-                        "Mailchimp webhook: unsubscribed as a spam complaint".into(),
-                    ));
-                } else if !own.contains(&subscriber_hash(&form.email)) {
-                    events.push(event(
-                        &form.email,
-                        StatusKind::Unsubscribed,
-                        "Mailchimp webhook: unsubscribed".into(),
-                    ));
-                }
-            }
-            "cleaned" => {
-                let (kind, what) = if form.reason == "abuse" {
-                    (StatusKind::Complained, "cleaned after a spam complaint")
-                } else {
-                    (StatusKind::Bounced, "cleaned (bounced)")
-                };
-                events.push(event(
-                    &form.email,
-                    kind,
-                    format!("Mailchimp webhook: {what}"),
-                ));
-            }
-            "subscribe" if m.doi == DoiMode::Mailchimp => {
-                events.push(event(
-                    &form.email,
-                    StatusKind::Confirmed,
-                    format!(
-                        "Mailchimp webhook: confirmed Mailchimp's own opt-in mail (ip_opt {})",
-                        form.ip_opt.escape_debug()
-                    ),
-                ));
-            }
-            "upemail" => {
-                events.push(event(
-                    &form.old_email,
-                    StatusKind::Unsubscribed,
-                    "Mailchimp webhook: the member changed this address to another one".into(),
-                ));
-            }
-            _ => {}
-        }
-        if events.is_empty() {
-            return Ok(WebhookEvent::Ignored);
-        }
-        tracing::info!(
-            events = events.len(),
-            kind = %form.kind.escape_debug(),
-            "Mailchimp webhook"
-        );
-        // The engine applies webhook events to the lists whose `campaigns_list` is `list`:
-        // the name this audience is mapped under (the name `subscribe` and `status_events`
-        // are called with), not the audience id.
-        Ok(WebhookEvent::Status {
-            list: name.clone(),
-            events,
-        })
-    }
-}
-
-impl Mailchimp {
-    /// The state [`Connector::export_state`] hands the engine: the own removals the status
-    /// poll must not echo.
-    pub fn saved_state(&self) -> Option<String> {
-        let own_removals = self
-            .lock_removals()
-            .iter()
-            .filter(|(_, s)| !s.is_empty())
-            .map(|(k, s)| (k.clone(), s.iter().cloned().collect()))
-            .collect();
-        serde_json::to_string(&SavedState { v: 1, own_removals }).ok()
-    }
-
-    /// Take back state from an earlier [`Connector::export_state`].
-    pub fn import_state(&self, state: &str) -> ConnectorResult<()> {
-        let saved: SavedState =
-            serde_json::from_str(state).map_err(|e| ConnectorError::InvalidInput {
-                message: format!("saved Mailchimp state is unreadable: {e}"),
-            })?;
-        if saved.v != 1 {
-            return Err(ConnectorError::InvalidInput {
-                message: format!("saved Mailchimp state has version {}, expected 1", saved.v),
-            });
-        }
-        let mut removals = self.lock_removals();
-        for (k, v) in saved.own_removals {
-            removals.entry(k).or_default().extend(v);
-        }
-        Ok(())
+        self.handle_webhook(request).await
     }
 }
 
@@ -844,97 +542,7 @@ impl CampaignsConnector for Mailchimp {
         list: &str,
         cursor: Option<&Cursor>,
     ) -> ConnectorResult<StatusPage> {
-        let m = self.mapping(list)?;
-        let previous: StatusCursor = match cursor {
-            None => StatusCursor::default(),
-            Some(c) => serde_json::from_str(&c.0).map_err(|e| ConnectorError::InvalidInput {
-                message: format!(
-                    "the stored Mailchimp status cursor of `{list}` is unreadable: {e}"
-                ),
-            })?,
-        };
-        if cursor.is_some() && previous.v != 1 {
-            return Err(ConnectorError::InvalidInput {
-                message: format!(
-                    "the stored Mailchimp status cursor of `{list}` has version {}, expected 1",
-                    previous.v
-                ),
-            });
-        }
-        let own = self.own_removals(&m.audience).await?;
-        let mut consumed = Vec::new();
-        let mut events = Vec::new();
-        let mut next = StatusCursor {
-            v: 1,
-            streams: BTreeMap::new(),
-        };
-        let mut has_more = false;
-        let mut statuses = vec![
-            ("unsubscribed", StatusKind::Unsubscribed),
-            ("cleaned", StatusKind::Bounced),
-        ];
-        if m.doi == DoiMode::Mailchimp {
-            statuses.push(("subscribed", StatusKind::Confirmed));
-        }
-        for (status, kind) in statuses {
-            let from = previous.streams.get(status);
-            let (stream, more) = self
-                .read_stream(list, m, status, from, |row, from| {
-                    let at = row.last_changed.unwrap_or_else(Utc::now);
-                    match kind {
-                        StatusKind::Unsubscribed if own.contains(&row.id) => {
-                            consumed.push(row.id.clone());
-                        }
-                        StatusKind::Confirmed => {
-                            // A confirmation since the last read (a profile change of a long
-                            // confirmed member moves `last_changed`, not `timestamp_opt`).
-                            let Some(opt) = row.timestamp_opt else { return };
-                            if from.is_some_and(|f| opt.timestamp() < f.t - 1) {
-                                return;
-                            }
-                            events.push(StatusEvent {
-                                email: row.email.clone(),
-                                kind,
-                                at: opt,
-                                detail: Some(format!(
-                                    "Mailchimp reports the member confirmed Mailchimp's own opt-in mail (ip_opt {})",
-                                    row.ip_opt.escape_debug()
-                                )),
-                            });
-                        }
-                        _ => events.push(StatusEvent {
-                            email: row.email.clone(),
-                            kind,
-                            at,
-                            detail: Some(format!(
-                                "Mailchimp audience {} reports status `{status}`",
-                                m.audience
-                            )),
-                        }),
-                    }
-                })
-                .await?;
-            has_more |= more;
-            next.streams.insert(status.to_owned(), stream);
-        }
-        if !consumed.is_empty() {
-            self.forget_own_removals(&m.audience, &consumed).await;
-        }
-        if !events.is_empty() {
-            tracing::info!(
-                list,
-                events = events.len(),
-                "Mailchimp reported unsubscribes/bounces/confirmations"
-            );
-        }
-        let text = serde_json::to_string(&next).map_err(|e| {
-            ConnectorError::permanent(format!("cannot write the status cursor: {e}"))
-        })?;
-        Ok(StatusPage {
-            events,
-            next_cursor: Some(Cursor(text)),
-            has_more,
-        })
+        self.poll_status(list, cursor).await
     }
 
     /// Subscribed members, `page_size` a page, by `count`/`offset` (the cursor is the offset).
@@ -943,84 +551,6 @@ impl CampaignsConnector for Mailchimp {
         list: &str,
         cursor: Option<&Cursor>,
     ) -> ConnectorResult<MemberPage> {
-        let m = self.mapping(list)?;
-        let offset: usize = match cursor {
-            None => 0,
-            Some(c) => {
-                c.0.trim()
-                    .parse()
-                    .map_err(|_| ConnectorError::InvalidInput {
-                        message: "the Mailchimp member cursor is not an offset".into(),
-                    })?
-            }
-        };
-        let fields = "members.id,members.email_address,members.status,members.language,members.merge_fields,total_items";
-        let q = [
-            ("status", "subscribed".to_owned()),
-            ("count", self.page_size.to_string()),
-            ("offset", offset.to_string()),
-            ("fields", fields.to_owned()),
-        ];
-        let answer = self
-            .call(
-                Method::GET,
-                &format!("/lists/{}/members", m.audience),
-                &q,
-                None,
-            )
-            .await
-            .map_err(|e| self.item_error(list, m, e))?;
-        let n = answer
-            .get("members")
-            .and_then(Value::as_array)
-            .map_or(0, Vec::len);
-        let language: Vec<Option<String>> = answer
-            .get("members")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter(|v| {
-                v.get("email_address")
-                    .and_then(Value::as_str)
-                    .is_some_and(|e| e.contains('@'))
-            })
-            .map(|v| {
-                v.get("language")
-                    .and_then(Value::as_str)
-                    .filter(|l| !l.is_empty())
-                    .map(str::to_owned)
-            })
-            .collect();
-        let page = members_answer(&answer).map_err(|why| {
-            ConnectorError::transient(format!("Mailchimp's member listing is unreadable: {why}"))
-        })?;
-        let total = page.total_items.unwrap_or(0) as usize;
-        let members = page
-            .members
-            .into_iter()
-            .zip(language)
-            .map(|(row, language)| {
-                let fields = m
-                    .merge_fields
-                    .iter()
-                    .filter_map(|(tag, field)| {
-                        let v = row.merge_fields.get(tag)?;
-                        (!v.is_null() && v.as_str() != Some("")).then(|| (field.clone(), v.clone()))
-                    })
-                    .collect();
-                Subscriber {
-                    email: row.email,
-                    language,
-                    fields,
-                    proof: None,
-                }
-            })
-            .collect();
-        let next = offset + n;
-        Ok(MemberPage {
-            members,
-            next_cursor: Some(Cursor(next.to_string())),
-            has_more: n > 0 && next < total,
-        })
+        self.members_page(list, cursor).await
     }
 }

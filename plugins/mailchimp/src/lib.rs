@@ -78,11 +78,22 @@
 //! `profile` and `campaign` → `Ignored`. `maintain` registers the hook on every mapped audience
 //! when `register = true` (listing the audience's hooks first; events subscribe, unsubscribe,
 //! cleaned, upemail; sources user and admin, not api, so optinsync's own writes do not echo).
+//!
+//! # Parts
+//!
+//! `config` parses the settings strictly; `http` makes one call under the concurrency gate
+//! and maps Mailchimp's errors (and a member's refusal); `parse` reads webhook forms and
+//! member listings (public, fuzzed); `connector` is the push, the removal, Mailchimp's own
+//! DOI and the start-up check, and the trait impls; `status` the poll and the member listing;
+//! `webhook` registration and deliveries; `removals` the own-removal marks and the state.
 
 mod config;
 mod connector;
 mod http;
 pub mod parse;
+mod removals;
+mod status;
+mod webhook;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
