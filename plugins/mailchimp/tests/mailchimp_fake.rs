@@ -1090,3 +1090,32 @@ async fn odd_answers_are_temporary_and_a_retry_after_a_lost_answer_duplicates_no
         other => panic!("{other:?}"),
     }
 }
+
+/// Rows that move while the poll pages (the fake's churn mode moves members' `last_changed`
+/// to now after every listing): none is skipped.
+#[tokio::test]
+async fn the_status_poll_misses_nothing_while_rows_move() {
+    let fake = fake();
+    let c = build(settings(&fake, json!({"page_size": 7})));
+    let at = Utc::now() - chrono::Duration::hours(1);
+    for i in 0..40 {
+        let mut m = SeedMember::new(&format!("u{i}@example.org"), Status::Unsubscribed);
+        m.last_changed = Some(at + chrono::Duration::seconds(i));
+        fake.insert_member(AUD, m);
+    }
+    fake.with(|s| s.churn = 3);
+    let mut seen = BTreeSet::new();
+    let mut cursor: Option<Cursor> = None;
+    for _ in 0..10 {
+        let page = c
+            .status_events("newsletter", cursor.as_ref())
+            .await
+            .expect("status");
+        seen.extend(page.events.into_iter().map(|e| e.email));
+        cursor = page.next_cursor;
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!(seen.len(), 40, "{seen:?}");
+}
