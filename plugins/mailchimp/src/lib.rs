@@ -61,7 +61,10 @@
 //! (→ Bounced), and for `doi = "mailchimp"` lists `subscribed` (→ Confirmed). The cursor
 //! (versioned JSON) holds, per status, the last `last_changed` second seen and the member
 //! ids seen at that second: the next read asks from one second before (the filter may be
-//! strict and times have whole seconds) and skips what it saw.
+//! strict and times have whole seconds) and skips what it saw; within the newest second it
+//! pages on only while a full page brings nothing new (ties keep creation order, so a member
+//! moving into that second may sort before ones seen there). A member whose `last_changed`
+//! moves again while its status stays is reported again (the same status, harmless).
 //!
 //! # Webhooks
 //!

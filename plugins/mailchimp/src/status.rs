@@ -79,6 +79,7 @@ impl Mailchimp {
                 ))
             })?;
             let n = page.members.len();
+            let mut fresh = 0usize;
             for row in &page.members {
                 let Some(lc) = row.last_changed else { continue };
                 let t = lc.timestamp();
@@ -86,6 +87,7 @@ impl Mailchimp {
                     continue;
                 }
                 on_row(row, from);
+                fresh += 1;
                 if t > stream.t {
                     stream.t = t;
                     stream.seen.clear();
@@ -95,9 +97,12 @@ impl Mailchimp {
             if n < count {
                 return Ok((stream, false));
             }
-            // Ask again from the newest second seen, skipping what was seen at it (a member
-            // that changes during the walk moves to the end instead of shifting the pages).
-            offset = stream.seen.len();
+            // Ask again from the newest second seen and skip what was seen at it: a member
+            // that changes during the walk moves to the end instead of shifting the pages.
+            // Ties within a second keep creation order, so a member moving into the newest
+            // second may sort before ones seen there: page on within that second (`offset`)
+            // only while a full page brings nothing new.
+            offset = if fresh > 0 { 0 } else { offset + count };
         }
         Ok((stream, true))
     }
