@@ -7,7 +7,7 @@
 
 use optinsync_testkit::smtp::{SmtpSink, parse};
 use optinsync_testkit::zoho_campaigns::{self as zc, FakeCampaigns};
-use optinsync_testkit::{hubspot, zoho};
+use optinsync_testkit::{hubspot, mailchimp, zoho};
 
 use crate::support::*;
 
@@ -158,5 +158,138 @@ async fn hubspot_to_zoho_campaigns() {
         hubspot_status(&hs, ANA).as_deref() == Some("NOT_SUBSCRIBED")
     });
     assert_eq!(zcf.locks(), 0);
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+const AUDIENCE: &str = "a1b2c3d4e5";
+
+fn mailchimp_fake() -> mailchimp::FakeMailchimp {
+    let fake = mailchimp::FakeMailchimp::start();
+    fake.add_list(AUDIENCE, "Newsletter");
+    fake
+}
+
+fn mailchimp_section(fake: &mailchimp::FakeMailchimp) -> String {
+    format!(
+        r#"[connectors.campaigns]
+kind = "mailchimp"
+api_key = "{key}"
+api_url = "{root}"
+status_interval = "1s"
+
+[connectors.campaigns.lists.newsletter]
+audience = "{AUDIENCE}"
+doi = "optinsync"
+
+[connectors.campaigns.lists.newsletter.merge_fields]
+"#,
+        key = mailchimp::API_KEY,
+        root = fake.api_root(),
+    )
+}
+
+fn zoho_crm(fake: &zoho::FakeZoho) -> impl FnOnce(&Demo) -> String + '_ {
+    move |_| {
+        format!(
+            r#"[connectors.crm]
+kind = "zoho-crm"
+client_id = "{}"
+client_secret = "{}"
+refresh_token = "{}"
+accounts_url = "{url}"
+api_url = "{url}"
+modules = ["Contacts"]
+fields = ["First_Name", "Last_Name"]
+
+[connectors.crm.asserts]
+newsletter = "Newsletter"
+"#,
+            zoho::CLIENT_ID,
+            zoho::CLIENT_SECRET,
+            zoho::REFRESH_TOKEN,
+            url = fake.url(),
+        )
+    }
+}
+
+/// The member's status in the fake audience.
+fn mailchimp_status(fake: &mailchimp::FakeMailchimp, email: &str) -> Option<mailchimp::Status> {
+    fake.member(AUDIENCE, email).map(|m| m.status)
+}
+
+/// The Mailchimp half of a pairing, the daemon running: confirmed → `subscribed` with
+/// optinsync's proof in Mailchimp's own opt-in fields and no Mailchimp DOI mail; an
+/// unsubscribe inside Mailchimp → withdrawn in the ledger.
+async fn through_mailchimp(demo: &Demo, sink: &SmtpSink, mc: &mailchimp::FakeMailchimp) {
+    assert!(
+        mc.member(AUDIENCE, ANA).is_none(),
+        "nobody before confirming"
+    );
+    confirm_by_mail(demo, sink, ANA).await;
+    wait_until(20, "Ana subscribed in Mailchimp", || {
+        mailchimp_status(mc, ANA) == Some(mailchimp::Status::Subscribed)
+    });
+    let member = mc.member(AUDIENCE, ANA).unwrap();
+    assert!(
+        !member.timestamp_opt.is_empty() && member.ip_opt == "127.0.0.1",
+        "the confirmation's time and address in Mailchimp: {member:?}"
+    );
+    assert!(
+        mc.confirmation_mails(AUDIENCE).is_empty(),
+        "no Mailchimp DOI mail"
+    );
+    assert!(mc.member(AUDIENCE, "ben.okafor@example.net").is_none());
+    mc.unsubscribe_by_user(AUDIENCE, ANA, false).await;
+    wait_until(20, "the Mailchimp unsubscribe in the ledger", || {
+        demo.state(ANA, "newsletter") == "withdrawn"
+    });
+    assert!(mc.peak_concurrency() <= 10);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn zoho_crm_to_mailchimp() {
+    let zf = zoho::FakeZoho::start();
+    let ana = zf.insert(
+        "Contacts",
+        serde_json::json!({"Email": ANA, "First_Name": "Ana", "Newsletter": true, "Email_Opt_Out": false}),
+    );
+    zf.insert(
+        "Contacts",
+        serde_json::json!({"Email": "ben.okafor@example.net", "Newsletter": false}),
+    );
+    let mc = mailchimp_fake();
+    let sink = SmtpSink::start();
+    let demo = pairing_demo(zoho_crm(&zf), &mailchimp_section(&mc), &sink);
+    demo.run_ok(&["sync", "--once"]);
+    let daemon = demo.spawn_daemon();
+    through_mailchimp(&demo, &sink, &mc).await;
+    // Zoho CRM heard of the confirmation and of the withdrawal (its opt-out flag).
+    wait_until(20, "the withdrawal written back to Zoho CRM", || {
+        zf.record("Contacts", &ana)
+            .is_some_and(|r| r["Email_Opt_Out"] == serde_json::json!(true))
+    });
+    assert!(!zf.updates().is_empty());
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hubspot_to_mailchimp() {
+    let hs = hubspot_fake();
+    let mc = mailchimp_fake();
+    let sink = SmtpSink::start();
+    let demo = pairing_demo(hubspot_crm(&hs), &mailchimp_section(&mc), &sink);
+    demo.run_ok(&["sync", "--once"]);
+    let daemon = demo.spawn_daemon();
+    through_mailchimp(&demo, &sink, &mc).await;
+    wait_until(
+        20,
+        "the confirmation, then the withdrawal, written back to HubSpot",
+        || hubspot_status(&hs, ANA).as_deref() == Some("NOT_SUBSCRIBED"),
+    );
+    let status = hs.subscription_status(ANA);
+    assert!(
+        status.to_string().contains("withdrawn"),
+        "the explanation names the withdrawal: {status}"
+    );
     assert_eq!(daemon.terminate(), Some(0));
 }
