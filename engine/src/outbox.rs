@@ -189,29 +189,47 @@ impl Engine {
         };
         let mut subscribers = Vec::new();
         let mut removals = Vec::new();
+        let mut erasures = Vec::new();
+        // Row indices of the items sent, per call: subscribes or removals, and erasures.
         let mut sent = Vec::new();
+        let mut sent_erasures = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let prepared = match kind {
                 BatchKind::Subscribe => self.subscriber_for(item, list).await.map(|s| {
-                    s.map(|s| subscribers.push(Keyed::new(item.idempotency_key.clone(), s)))
+                    s.map(|s| {
+                        subscribers.push(Keyed::new(item.idempotency_key.clone(), s));
+                        false
+                    })
                 }),
-                BatchKind::Remove => self
-                    .removal_for(item)
-                    .await
-                    .map(|e| e.map(|e| removals.push(Keyed::new(item.idempotency_key.clone(), e)))),
+                BatchKind::Remove => self.removal_for(item).await.map(|e| {
+                    e.map(|(email, erased)| {
+                        let keyed = Keyed::new(item.idempotency_key.clone(), email);
+                        if erased {
+                            erasures.push(keyed);
+                        } else {
+                            removals.push(keyed);
+                        }
+                        erased
+                    })
+                }),
             };
             match prepared {
-                Ok(Ok(())) => sent.push(i),
+                Ok(Ok(false)) => sent.push(i),
+                Ok(Ok(true)) => sent_erasures.push(i),
                 Ok(Err(finish)) => finishes[i] = Some(finish),
                 Err(e) => {
                     finishes[i] = Some(self.failure(item, ConnectorError::transient(e.to_string())))
                 }
             }
         }
+        let campaigns = &self.connectors.campaigns;
+        if !sent_erasures.is_empty() {
+            let answer = campaigns.erase(list.campaigns_list(), &erasures).await;
+            self.finish_batch(items, &sent_erasures, answer, &mut finishes);
+        }
         if !sent.is_empty() {
             metrics::histogram!("optinsync_outbox_batch_items", "kind" => kind.as_str())
                 .record(sent.len() as f64);
-            let campaigns = &self.connectors.campaigns;
             let answer = match kind {
                 BatchKind::Subscribe => {
                     campaigns
@@ -220,14 +238,31 @@ impl Engine {
                 }
                 BatchKind::Remove => campaigns.remove(list.campaigns_list(), &removals).await,
             };
+            self.finish_batch(items, &sent, answer, &mut finishes);
+        }
+        finishes
+            .into_iter()
+            .map(|f| f.unwrap_or_else(|| done("skipped")))
+            .collect()
+    }
+
+    /// Each sent row's finish from its item's result; one circuit verdict per call (alive if
+    /// any item went through).
+    fn finish_batch(
+        &self,
+        items: &[OutboxItem],
+        sent: &[usize],
+        answer: optinsync_plugin_api::BatchResult,
+        finishes: &mut [Option<Finish>],
+    ) {
+        {
             let results = per_item(sent.len(), answer);
-            // The circuit hears one verdict per call: alive if any item went through.
             let verdict = match results.iter().find(|r| r.is_ok()) {
                 Some(_) => Ok(()),
                 None => results.first().cloned().unwrap_or(Ok(())),
             };
             self.observe(ConnectorRole::Campaigns, &verdict);
-            for (i, result) in sent.into_iter().zip(results) {
+            for (&i, result) in sent.iter().zip(results) {
                 finishes[i] = Some(match result {
                     Ok(()) => Finish::Done {
                         event: None,
@@ -237,10 +272,6 @@ impl Engine {
                 });
             }
         }
-        finishes
-            .into_iter()
-            .map(|f| f.unwrap_or_else(|| done("skipped")))
-            .collect()
     }
 
     /// The subscriber a subscribe row puts on the list, or how the row ends without a call.
@@ -309,22 +340,18 @@ impl Engine {
         }))
     }
 
-    /// The address a removal row takes off the list (carried by the row when the contact was
-    /// erased since), or how the row ends without a call.
-    async fn removal_for(&self, item: &OutboxItem) -> EngineResult<Result<String, Finish>> {
+    /// The address a removal row takes off the list (carried by the row, so it outlives an
+    /// erasure) and whether the contact was erased (the connector's `erase` then, not
+    /// `remove`), or how the row ends without a call.
+    async fn removal_for(&self, item: &OutboxItem) -> EngineResult<Result<(String, bool), Finish>> {
         let carried = match &item.work {
             StoredWork::Known(OutboxWork::CampaignsRemove { email }) => email.clone(),
             _ => None,
         };
-        let email = match carried {
-            Some(email) => Some(email),
-            None => self
-                .store
-                .contact_by_id(&item.contact_id)
-                .await?
-                .map(|c| c.email),
-        };
-        Ok(email.ok_or_else(|| Finish::Dead {
+        let contact = self.store.contact_by_id(&item.contact_id).await?;
+        let erased = contact.as_ref().is_some_and(|c| c.erased);
+        let email = carried.or(contact.map(|c| c.email));
+        Ok(email.map(|e| (e, erased)).ok_or_else(|| Finish::Dead {
             error: "removal without an address".into(),
         }))
     }

@@ -933,3 +933,40 @@ async fn a_subscribe_carries_the_confirmation_from_the_ledger() {
     assert!(requested <= proof.confirmed_at, "{proof:?}");
     assert!(Utc::now() - proof.confirmed_at < chrono::Duration::minutes(1));
 }
+
+/// An erased person's removal goes through the connector's `erase` (a tool may forget the
+/// person for good there); a withdrawal's through `remove`.
+#[tokio::test]
+async fn an_erasure_is_removed_through_erase_and_a_withdrawal_through_remove() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    for (i, email) in [ADA, BOB].iter().enumerate() {
+        let token = pending_on_news(&h, &format!("{i}"), email).await;
+        let contact = h.contact(email).await;
+        h.apply(&contact, "news", Input::Confirm { token }).await;
+    }
+    h.drain().await;
+    let ada = h.contact(ADA).await;
+    h.engine.erase(&ada).await.unwrap();
+    let bob = h.contact(BOB).await;
+    h.apply(&bob, "news", Input::Unsubscribe).await;
+    h.drain().await;
+    let calls = h.campaigns.calls();
+    assert!(
+        calls.contains(&CampaignsCall::Erase {
+            list: "news".into(),
+            emails: vec![ADA.into()],
+        }),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&CampaignsCall::Remove {
+            list: "news".into(),
+            emails: vec![BOB.into()],
+        }),
+        "{calls:?}"
+    );
+    assert!(
+        !calls.iter().any(|c| matches!(c, CampaignsCall::Remove { emails, .. } if emails.contains(&ADA.to_owned()))),
+        "{calls:?}"
+    );
+}

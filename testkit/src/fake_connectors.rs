@@ -182,6 +182,11 @@ pub enum CampaignsCall {
         list: String,
         emails: Vec<String>,
     },
+    /// A removal of erased people ([`CampaignsConnector::erase`]).
+    Erase {
+        list: String,
+        emails: Vec<String>,
+    },
     RequestDoi {
         list: String,
         subscriber: Subscriber,
@@ -309,6 +314,14 @@ impl CampaignsConnector for FakeCampaigns {
 
     async fn remove(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {
         let outcome = self.record(CampaignsCall::Remove {
+            list: list.to_owned(),
+            emails: items.iter().map(|k| k.item.clone()).collect(),
+        });
+        all_items(items.len(), outcome)
+    }
+
+    async fn erase(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {
+        let outcome = self.record(CampaignsCall::Erase {
             list: list.to_owned(),
             emails: items.iter().map(|k| k.item.clone()).collect(),
         });

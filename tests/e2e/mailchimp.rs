@@ -245,3 +245,51 @@ fn a_missing_audience_stops_start_up_naming_the_setting() {
     assert!(stderr.contains("Another audience"), "{stderr}");
     assert!(f.members("0123456789").is_empty());
 }
+
+/// `campaign import-existing` from a Mailchimp audience: its subscribed members (not the
+/// unsubscribed one) are taken in as asserted and asked to confirm; one who confirms gets
+/// optinsync's proof in Mailchimp's opt-in fields.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_existing_audience_is_taken_in_and_asked_to_confirm() {
+    use optinsync_testkit::mailchimp::SeedMember;
+    let f = FakeMailchimp::start();
+    f.add_list(AUD, "Master programmes newsletter");
+    f.add_merge_field(AUD, MergeField::text("FNAME", false));
+    f.add_merge_field(AUD, MergeField::text("LNAME", false));
+    for who in ["old1@example.org", "old2@example.org", "old3@example.org"] {
+        f.insert_member(AUD, SeedMember::new(who, Status::Subscribed));
+    }
+    f.insert_member(
+        AUD,
+        SeedMember::new("gone@example.org", Status::Unsubscribed),
+    );
+    let demo = demo_with_fake(&f, false);
+    // Only the imported members: no CRM assertions.
+    std::fs::write(
+        demo.path("demo/contacts.csv"),
+        "Id,First_Name,Last_Name,Email,Language,Newsletter_Requested,Email_Opt_Out\n",
+    )
+    .unwrap();
+    let out = demo.run_ok(&["campaign", "import-existing", "--list", "newsletter"]);
+    assert!(out.contains("3 members; 3 taken in as asserted"), "{out}");
+    demo.run_ok(&["sync", "--once"]);
+    assert_eq!(demo.mails().len(), 3, "one DOI mail per subscribed member");
+    assert_eq!(demo.state("old1@example.org", "newsletter"), "pending");
+    // The unsubscribed member was not taken in: the status poll records her unsubscribe,
+    // and nobody asks her to confirm.
+    assert_eq!(demo.state("gone@example.org", "newsletter"), "withdrawn");
+
+    let daemon = demo.spawn_daemon();
+    let link = demo.confirm_link("old1@example.org");
+    assert_eq!(
+        click_confirm(&http(), &link, "e2e-browser/1.0")
+            .await
+            .status(),
+        200
+    );
+    wait_until(20, "the proof in Mailchimp's opt-in fields", || {
+        f.member(AUD, "old1@example.org")
+            .is_some_and(|m| m.ip_opt == "127.0.0.1" && !m.timestamp_opt.is_empty())
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+}

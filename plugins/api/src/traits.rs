@@ -84,6 +84,13 @@ pub trait CampaignsConnector: Connector {
     /// Take addresses off `list` (one result per item). Must be idempotent; an address that is
     /// not on the list is success.
     async fn remove(&self, list: &str, items: &[Keyed<String>]) -> BatchResult;
+    /// Take erased people's addresses off `list` (GDPR erasure; one result per item).
+    /// Default: the same as [`Self::remove`]. A connector whose tool can forget a person for
+    /// good may do so here where the operator configured it (that may stop the address from
+    /// ever being added again through the tool's API).
+    async fn erase(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {
+        self.remove(list, items).await
+    }
     /// Unsubscribes, bounces and complaints that happened inside the tool since `cursor`.
     async fn status_events(
         &self,

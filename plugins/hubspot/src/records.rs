@@ -57,6 +57,17 @@ fn asserts(rule: &AssertRule, value: Option<&str>) -> bool {
 }
 
 impl HubSpotCrm {
+    /// One contact object as HubSpot answers it (JSON), turned into a record or the reason it
+    /// cannot be one; with its id and `lastmodifieddate` in epoch ms where readable. For the
+    /// fuzz target over HubSpot's answers.
+    pub fn read_contact(
+        &self,
+        item: &Value,
+    ) -> (Option<u64>, Option<i64>, Result<CrmRecord, InvalidRecord>) {
+        let p = self.parse_contact(item);
+        (p.id, p.modified_ms, p.record)
+    }
+
     /// Turn one contact object into a record, or say why it cannot be one.
     pub(crate) fn parse_contact(&self, item: &Value) -> Parsed {
         let s = &self.settings;

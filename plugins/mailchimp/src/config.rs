@@ -102,6 +102,22 @@ pub struct MailchimpConfig {
     /// How long to wait after Mailchimp answers 429 (it names no wait).
     #[serde(default = "default_throttle_wait")]
     pub throttle_wait: String,
+    /// What a GDPR erasure does to the member: `unsubscribe` (the default: the address stays
+    /// in the audience as unsubscribed, so no later import can re-add it) or
+    /// `delete_permanently` (Mailchimp's `delete-permanent`: the member's data is gone, and
+    /// Mailchimp refuses to add the address again through the API — only the person's own
+    /// signup form can).
+    #[serde(default)]
+    pub erasure: Erasure,
+}
+
+/// [`MailchimpConfig::erasure`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Erasure {
+    #[default]
+    Unsubscribe,
+    DeletePermanently,
 }
 
 impl std::fmt::Debug for MailchimpConfig {

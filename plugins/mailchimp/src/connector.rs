@@ -508,6 +508,32 @@ impl CampaignsConnector for Mailchimp {
         Ok(futures_util::future::join_all(calls).await)
     }
 
+    /// GDPR erasure: a removal, or — with `erasure = "delete_permanently"` — Mailchimp's
+    /// permanent delete (the member's data is gone and the API refuses the address from then on).
+    async fn erase(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {
+        if self.erasure != crate::config::Erasure::DeletePermanently {
+            return self.remove(list, items).await;
+        }
+        let m = self.mapping(list)?;
+        let calls = items.iter().map(|k| async move {
+            if !looks_like_address(&k.item) {
+                return Ok(());
+            }
+            let hash = subscriber_hash(&k.item);
+            let path = format!(
+                "/lists/{}/members/{hash}/actions/delete-permanent",
+                m.audience
+            );
+            match self.call(Method::POST, &path, &[], None).await {
+                Ok(_) => Ok(()),
+                // Not on the audience (or already deleted): nothing left to erase.
+                Err(CallError::Problem { status: 404, .. }) => Ok(()),
+                Err(e) => Err(self.item_error(list, m, e)),
+            }
+        });
+        Ok(futures_util::future::join_all(calls).await)
+    }
+
     /// `pending`: Mailchimp sends its own confirmation mail. Only for a member not already
     /// pending or subscribed, so a retried request sends no second mail.
     async fn request_doi(&self, list: &str, subscriber: &Keyed<Subscriber>) -> ConnectorResult<()> {

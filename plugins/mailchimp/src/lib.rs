@@ -50,9 +50,10 @@
 //! an archived member could be re-added by a later import, an unsubscribed one cannot).
 //! Before writing, the member's hash is remembered as an own removal (in memory, in the
 //! exported state, and in the engine's [`SharedMarks`] when given) so the status poll and the
-//! webhook do not take optinsync's unsubscribe for the person's. GDPR erasure by
-//! `delete-permanent` is not built: the campaigns API hands the connector an address, not the
-//! reason of its removal.
+//! webhook do not take optinsync's unsubscribe for the person's. A GDPR erasure
+//! (`CampaignsConnector::erase`) is such a removal too, unless the operator set
+//! `erasure = "delete_permanently"`: then the member is deleted for good with
+//! `POST …/members/{hash}/actions/delete-permanent` (absent → done).
 //!
 //! # Status poll
 //!
@@ -111,7 +112,9 @@ use optinsync_plugin_api::{
 };
 use tokio::sync::Semaphore;
 
-pub use config::{DoiMode, ListMapping, MAX_CONNECTIONS, MailchimpConfig, WebhookSettings};
+pub use config::{
+    DoiMode, Erasure, ListMapping, MAX_CONNECTIONS, MailchimpConfig, WebhookSettings,
+};
 pub use parse::{MemberRow, MembersAnswer, WebhookForm, parse_members_answer, parse_webhook_form};
 
 #[cfg(doc)]
@@ -175,6 +178,7 @@ pub struct Mailchimp {
     own_removals: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>,
     /// The webhook is registered on every mapped audience.
     registered: AtomicBool,
+    erasure: config::Erasure,
 }
 
 impl Mailchimp {
@@ -313,6 +317,7 @@ impl Mailchimp {
             marks: None,
             own_removals: std::sync::Mutex::new(BTreeMap::new()),
             registered: AtomicBool::new(false),
+            erasure: c.erasure,
         })
     }
 

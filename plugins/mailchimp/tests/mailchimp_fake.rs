@@ -1119,3 +1119,34 @@ async fn the_status_poll_misses_nothing_while_rows_move() {
     }
     assert_eq!(seen.len(), 40, "{seen:?}");
 }
+
+/// A GDPR erasure unsubscribes by default; with `erasure = "delete_permanently"` the member
+/// is deleted for good (Mailchimp then refuses the address through the API), and an absent
+/// one is done.
+#[tokio::test]
+async fn erasure_unsubscribes_or_deletes_permanently_when_asked() {
+    let f = fake();
+    let erase = |c: Mailchimp, email: &'static str| async move {
+        let item = Keyed::new(format!("erase-{email}"), email.to_owned());
+        per_item(1, c.erase("newsletter", std::slice::from_ref(&item)).await)
+    };
+    let plain = connector(&f);
+    assert!(subscribe(&plain, "newsletter", &["ann@example.org"]).await[0].is_ok());
+    assert!(erase(plain, "ann@example.org").await[0].is_ok());
+    assert_eq!(
+        status_of(&f, AUD, "ann@example.org"),
+        Some(Status::Unsubscribed)
+    );
+    assert!(!f.is_forgotten(AUD, "ann@example.org"));
+
+    let deleting = build(settings(&f, json!({"erasure": "delete_permanently"})));
+    assert!(subscribe(&deleting, "newsletter", &["bob@example.org"]).await[0].is_ok());
+    assert!(erase(deleting, "bob@example.org").await[0].is_ok());
+    assert!(f.is_forgotten(AUD, "bob@example.org"));
+    assert!(f.member(AUD, "bob@example.org").is_none());
+    let again = build(settings(&f, json!({"erasure": "delete_permanently"})));
+    assert!(
+        erase(again, "never@example.org").await[0].is_ok(),
+        "absent: done"
+    );
+}
