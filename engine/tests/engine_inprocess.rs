@@ -669,7 +669,8 @@ async fn erasure_deliveries_carry_the_address_then_the_store_files_hold_no_copy(
             .collect::<Vec<_>>(),
         ["Contacts/1"]
     );
-    assert!(h.campaigns.calls().contains(&CampaignsCall::Remove {
+    // An erased contact leaves the list through the connector's `erase`.
+    assert!(h.campaigns.calls().contains(&CampaignsCall::Erase {
         list: "news".into(),
         emails: vec![ADA.into()],
     }));
