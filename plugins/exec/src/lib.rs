@@ -370,11 +370,15 @@ impl ExecConnector {
                     }
                     match self.launch().await {
                         Ok(p) => {
+                            metrics::counter!("optinsync_exec_restarts_total", "connector" => self.name.to_string(), "result" => "ok")
+                                .increment(1);
                             let p = Arc::new(p);
                             sup.slot = Slot::Up(p.clone());
                             return Ok(p);
                         }
                         Err(e) => {
+                            metrics::counter!("optinsync_exec_restarts_total", "connector" => self.name.to_string(), "result" => "failed")
+                                .increment(1);
                             // A failed restart is like a crash: calls wait out the next backoff.
                             tracing::warn!(connector = %self.name, "restart failed: {}", e.message);
                             let wait = backoff(sup.failures);

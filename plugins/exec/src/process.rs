@@ -203,6 +203,8 @@ impl Process {
                         cancel.push(b'\n');
                         self.send_line(cancel);
                     }
+                    metrics::counter!("optinsync_exec_call_timeouts_total", "connector" => self.label.name.to_string())
+                        .increment(1);
                     return Err(ConnectorError::transient(format!(
                         "connector `{}` did not answer `{method}` within {}",
                         self.label.name,
@@ -383,6 +385,8 @@ async fn read_stdout(
                     e,
                     Escaped(&shown)
                 );
+                metrics::counter!("optinsync_exec_protocol_errors_total", "connector" => name.to_string())
+                    .increment(1);
                 break Some(format!("protocol error at stdout line {number}: {e}"));
             }
         }
@@ -406,6 +410,8 @@ async fn read_stdout(
         None => format!("connector process exited: {status} (connector `{name}`)"),
     };
     tracing::warn!(connector = %name, "{}", Escaped(&reason));
+    metrics::counter!("optinsync_exec_process_exits_total", "connector" => name.to_string())
+        .increment(1);
     let calls = {
         let mut p = lock(&pending);
         p.dead = Some((Instant::now(), reason.clone()));
