@@ -92,22 +92,14 @@ pub async fn build(
     // Check every section's kind first: a typo in the last one is reported before the first
     // one starts a process or a network check.
     for role in Role::ALL {
-        let section = match role {
-            Role::Crm => &sections.crm,
-            Role::Campaigns => &sections.campaigns,
-            Role::Mail => &sections.mail,
-        };
+        let section = sections.section(role);
         factory_for(factories, config, role, &section.kind)?;
     }
     let mut crm = None;
     let mut campaigns = None;
     let mut mail = None;
     for role in Role::ALL {
-        let section = match role {
-            Role::Crm => &sections.crm,
-            Role::Campaigns => &sections.campaigns,
-            Role::Mail => &sections.mail,
-        };
+        let section = sections.section(role);
         let factory = factory_for(factories, config, role, &section.kind)?;
         let fail = |e: SettingsError| config.connector_error(role.as_str(), &e);
         let settings = Settings::from_serialize(&section.settings).map_err(fail)?;

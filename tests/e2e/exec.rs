@@ -16,9 +16,6 @@ fn exec_demo() -> Demo {
             .to_string_lossy()
             .into_owned()
     };
-    let config = std::fs::read_to_string(demo.config()).unwrap();
-    let start = config.find("[connectors.crm]").unwrap();
-    let end = config.find("[connectors.mail]").unwrap();
     let sections = format!(
         r#"[connectors.crm]
 kind = "exec"
@@ -39,8 +36,9 @@ events_path = "var/list-events.jsonl"
         crm = example("file_crm.py"),
         campaigns = example("file_campaigns.py"),
     );
-    let config = format!("{}{sections}{}", &config[..start], &config[end..]);
-    std::fs::write(demo.config(), config).unwrap();
+    // The shipped campaigns section goes first; then both new sections stand where the CRM's was.
+    demo.replace_connector("campaigns", "");
+    demo.replace_connector("crm", &sections);
     std::fs::create_dir_all(demo.path("var")).unwrap();
     std::fs::write(
         demo.path("crm.jsonl"),

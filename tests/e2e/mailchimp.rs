@@ -15,12 +15,6 @@ const SECRET: &str = "e2e-mailchimp-webhook-secret";
 /// or without).
 fn demo_with_fake(f: &FakeMailchimp, webhook: bool) -> Demo {
     let demo = Demo::new();
-    let cfg = std::fs::read_to_string(demo.config()).unwrap();
-    let start = cfg.find("[connectors.campaigns]").unwrap();
-    let end = cfg[start + 1..]
-        .find("\n[")
-        .map(|i| start + 1 + i + 1)
-        .unwrap_or(cfg.len());
     let section = format!(
         r#"[connectors.campaigns]
 kind = "mailchimp"
@@ -47,8 +41,7 @@ LNAME = "Last_Name"
             String::new()
         },
     );
-    let cfg = format!("{}{section}{}", &cfg[..start], &cfg[end..]);
-    std::fs::write(demo.config(), cfg).unwrap();
+    demo.replace_connector("campaigns", &section);
     demo
 }
 

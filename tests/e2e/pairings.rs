@@ -14,36 +14,18 @@ use crate::support::*;
 const ANA: &str = "ana.garcia@example.org";
 const KEY: &str = "2f4e6a8c0b1d3f5a7c9e1b3d5f7a9c1e";
 
-/// Replace the `[connectors.ROLE]` section (with its sub-tables) of `config` by `section`.
-fn replace_section(config: &str, role: &str, section: &str) -> String {
-    let header = format!("[connectors.{role}]");
-    let sub = format!("[connectors.{role}.");
-    let start = config.find(&header).expect("the section exists");
-    let mut end = config.len();
-    let mut offset = start + header.len();
-    for line in config[offset..].split_inclusive('\n') {
-        let t = line.trim_start();
-        if t.starts_with('[') && !t.starts_with(&sub) {
-            end = offset;
-            break;
-        }
-        offset += line.len();
-    }
-    format!("{}{section}\n{}", &config[..start], &config[end..])
-}
-
 /// The demo with its three connectors replaced, mail to the SMTP sink.
 fn pairing_demo(crm: impl FnOnce(&Demo) -> String, campaigns: &str, sink: &SmtpSink) -> Demo {
     let demo = Demo::new();
-    let config = std::fs::read_to_string(demo.config()).unwrap();
-    let config = replace_section(&config, "crm", &crm(&demo));
-    let config = replace_section(&config, "campaigns", campaigns);
-    let mail = format!(
-        "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\ntimeout_secs = 10\n",
-        sink.port()
+    demo.replace_connector("crm", &crm(&demo));
+    demo.replace_connector("campaigns", campaigns);
+    demo.replace_connector(
+        "mail",
+        &format!(
+            "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\ntimeout_secs = 10\n",
+            sink.port()
+        ),
     );
-    let config = replace_section(&config, "mail", &mail);
-    std::fs::write(demo.config(), config).unwrap();
     demo.use_private_secret();
     demo
 }

@@ -331,6 +331,27 @@ pub fn write_contacts(path: &Path, n: usize) {
 }
 
 impl Demo {
+    /// Replace the `[connectors.ROLE]` section (with its sub-tables) of the copied config by
+    /// `section`.
+    pub fn replace_connector(&self, role: &str, section: &str) {
+        let config = std::fs::read_to_string(self.config()).unwrap();
+        let header = format!("[connectors.{role}]");
+        let sub = format!("[connectors.{role}.");
+        let start = config.find(&header).expect("the section exists");
+        let mut end = config.len();
+        let mut offset = start + header.len();
+        for line in config[offset..].split_inclusive('\n') {
+            let t = line.trim_start();
+            if t.starts_with('[') && !t.starts_with(&sub) {
+                end = offset;
+                break;
+            }
+            offset += line.len();
+        }
+        let config = format!("{}{section}\n{}", &config[..start], &config[end..]);
+        std::fs::write(self.config(), config).unwrap();
+    }
+
     /// Set list settings in the copied config (e.g. `("reminder_after", "2s")`).
     pub fn set_list_windows(&self, windows: &[(&str, &str)]) {
         let mut cfg = std::fs::read_to_string(self.config()).unwrap();

@@ -24,7 +24,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Path, Request, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -54,9 +54,11 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
             .map(|ip| ip.to_canonical())
             .collect(),
     });
+    let trusted = Arc::clone(&limit.trusted);
     Router::new()
         .route("/webhooks/{connector}", get(webhook).post(webhook))
         .route_layer(middleware::from_fn_with_state(limit, rate_limit))
+        .layer(Extension(TrustedProxies(trusted)))
         .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
@@ -64,8 +66,12 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
 /// of truth, so nothing is lost by answering one.
 struct WebhookLimit {
     limiter: DefaultKeyedRateLimiter<IpAddr>,
-    trusted: Vec<IpAddr>,
+    trusted: Arc<[IpAddr]>,
 }
+
+/// `server.trusted_proxies`, canonical, computed once for the limit and the handler.
+#[derive(Clone)]
+struct TrustedProxies(Arc<[IpAddr]>);
 
 async fn rate_limit(State(limit): State<Arc<WebhookLimit>>, req: Request, next: Next) -> Response {
     let client = rate_key(request_client(&req, &limit.trusted));
@@ -101,6 +107,7 @@ fn webhook_connector(engine: &Engine, name: &str) -> Option<(ConnectorRole, Arc<
 async fn webhook(
     State(engine): State<Arc<Engine>>,
     Path(connector): Path<String>,
+    Extension(TrustedProxies(trusted)): Extension<TrustedProxies>,
     req: Request,
 ) -> Response {
     let Some((role, target)) = webhook_connector(&engine, &connector) else {
@@ -111,13 +118,6 @@ async fn webhook(
         Method::POST => HttpMethod::Post,
         _ => return text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST\n"),
     };
-    let trusted: Vec<IpAddr> = engine
-        .settings()
-        .server
-        .trusted_proxies
-        .iter()
-        .map(|ip| ip.to_canonical())
-        .collect();
     let peer = request_client(&req, &trusted);
     let (parts, body) = req.into_parts();
     let Ok(body) = axum::body::to_bytes(body, MAX_BODY).await else {

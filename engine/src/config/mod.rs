@@ -444,6 +444,18 @@ pub struct ConnectorsConfig {
     pub mail: ConnectorSection,
 }
 
+impl ConnectorsConfig {
+    /// The `[connectors.ROLE]` section of a role.
+    pub fn section(&self, role: optinsync_plugin_api::Role) -> &ConnectorSection {
+        use optinsync_plugin_api::Role;
+        match role {
+            Role::Crm => &self.crm,
+            Role::Campaigns => &self.campaigns,
+            Role::Mail => &self.mail,
+        }
+    }
+}
+
 /// `kind` picks the connector; the other keys are its settings, checked by the connector.
 #[derive(Clone, Deserialize)]
 pub struct ConnectorSection {

@@ -96,6 +96,34 @@ impl Settings {
     }
 }
 
+/// A duration setting such as `"500ms"`, `"30s"`, `"5m"`, `"2h"`, `"1d"`, `"1w"` (a bare number is
+/// seconds), the one reading every connector shares; the error names `setting`.
+pub fn parse_duration(setting: &str, text: &str) -> Result<Duration, SettingsError> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        SettingsError::invalid(setting, format!("`{text}` is not a duration like \"60s\""))
+    })?;
+    let ms: u64 = match unit.trim() {
+        "ms" => 1,
+        "" | "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        "w" => 604_800_000,
+        other => {
+            return Err(SettingsError::invalid(
+                setting,
+                format!("unknown unit `{other}` in `{text}` (use ms, s, m, h, d or w)"),
+            ));
+        }
+    };
+    Ok(Duration::from_millis(n.saturating_mul(ms)))
+}
+
 /// Defaults for a connector's HTTP client, so that every connector identifies itself the same
 /// way and none waits forever.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -30,7 +30,9 @@ pub use campaigns::{
 };
 pub use consent::{ConsentState, UnknownState};
 pub use error::{ConnectorError, ConnectorResult, FailureScope, SettingsError};
-pub use factory::{BuildContext, Built, ConnectorFactory, HttpDefaults, Role, Settings};
+pub use factory::{
+    BuildContext, Built, ConnectorFactory, HttpDefaults, Role, Settings, parse_duration,
+};
 pub use mail::{OutgoingMessage, SentMessage};
 pub use records::{
     ChangePage, ConsentWriteBack, CrmRecord, Cursor, InvalidRecord, InvalidRecordRef, RecordRef,
@@ -237,6 +239,24 @@ mod tests {
                 .all(|r| matches!(r, Err(ConnectorError::Transient { .. })))
         );
         assert_eq!(all_items(2, Ok(())), Ok(vec![Ok(()), Ok(())]));
+    }
+
+    #[test]
+    fn durations_read_every_unit_and_name_the_setting() {
+        let d = |t| parse_duration("timeout", t);
+        assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(d(" 30 "), Ok(Duration::from_secs(30)));
+        assert_eq!(d("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(d("2h"), Ok(Duration::from_secs(7_200)));
+        assert_eq!(d("1d"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(d("1w"), Ok(Duration::from_secs(604_800)));
+        for bad in ["", "m", "5y", "-1s"] {
+            assert_eq!(
+                d(bad).map_err(|e| e.key),
+                Err(Some("timeout".into())),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,6 @@
 //! config loader replaces `"${VAR}"` strings before the connector sees them.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use optinsync_plugin_api::SettingsError;
 use serde::Deserialize;
@@ -260,30 +259,8 @@ pub(crate) fn check_url(setting: &str, url: &str) -> Result<String, SettingsErro
     Ok(url.to_owned())
 }
 
-/// `"60s"`, `"10m"`, `"3h"`, `"1d"`; a bare number is seconds.
-pub fn parse_duration(setting: &str, text: &str) -> Result<Duration, SettingsError> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| invalid(setting, format!("`{text}` is not a duration like \"60s\"")))?;
-    let factor = match unit.trim() {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        other => {
-            return Err(invalid(
-                setting,
-                format!("unknown unit `{other}` in `{text}` (use s, m, h or d)"),
-            ));
-        }
-    };
-    Ok(Duration::from_secs(n.saturating_mul(factor)))
-}
+/// Every connector reads durations the same way.
+pub use optinsync_plugin_api::parse_duration;
 
 /// A HubSpot property's internal name: lower-case letters, digits and `_`.
 pub(crate) fn check_property(setting: &str, name: &str) -> Result<(), SettingsError> {

@@ -1,9 +1,7 @@
 //! `[connectors.campaigns]` with `kind = "mailchimp"`, parsed strictly.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
-use optinsync_plugin_api::SettingsError;
 use serde::Deserialize;
 
 /// The concurrency Mailchimp allows per API key ("10 simultaneous connections"): the default
@@ -147,31 +145,8 @@ fn default_throttle_wait() -> String {
     "2s".into()
 }
 
-/// `"60s"`, `"5m"`, `"500ms"`, `"1h"`, `"1d"`.
-pub fn parse_duration(setting: &str, text: &str) -> Result<Duration, SettingsError> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().map_err(|_| {
-        SettingsError::invalid(setting, format!("`{text}` is not a duration like \"60s\""))
-    })?;
-    let ms = match unit.trim() {
-        "ms" => 1,
-        "" | "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        other => {
-            return Err(SettingsError::invalid(
-                setting,
-                format!("unknown unit `{other}` in `{text}` (use ms, s, m, h or d)"),
-            ));
-        }
-    };
-    Ok(Duration::from_millis(n.saturating_mul(ms)))
-}
+/// Every connector reads durations the same way.
+pub use optinsync_plugin_api::parse_duration;
 
 /// The data centre of an API key (`us6` of `…-us6`).
 pub fn data_centre(api_key: &str) -> Option<&str> {

@@ -133,30 +133,8 @@ pub(crate) fn http_client(timeout_setting: &str) -> Result<reqwest::Client, Sett
         .map_err(|e| invalid("timeout", format!("cannot build the HTTP client: {e}")))
 }
 
-pub fn parse_duration(setting: &str, text: &str) -> Result<Duration, SettingsError> {
-    let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| invalid(setting, format!("`{text}` is not a duration like \"60s\"")))?;
-    let factor = match unit.trim() {
-        "" | "s" => 1,
-        "m" => 60,
-        "h" => 3_600,
-        "d" => 86_400,
-        "w" => 604_800,
-        other => {
-            return Err(invalid(
-                setting,
-                format!("unknown unit `{other}` in `{text}` (use s, m, h, d or w)"),
-            ));
-        }
-    };
-    Ok(Duration::from_secs(n.saturating_mul(factor)))
-}
+/// Every connector reads durations the same way.
+pub use optinsync_plugin_api::parse_duration;
 
 /// What makes the CRM *assert* that a person asked for a list (mirrors the CSV connector's
 /// `asserts`): either a field name whose truthy value asserts it (`true`, `"yes"`, ...), or a
