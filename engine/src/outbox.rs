@@ -21,6 +21,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use futures_util::{StreamExt as _, stream};
 use optinsync_plugin_api::{
     ConnectorError, ConsentProof, ConsentWriteBack, Keyed, Subscriber, per_item,
 };
@@ -76,7 +77,14 @@ impl Engine {
     /// Claim and deliver up to `limit` due rows (legal-deadline rows first). Campaigns
     /// subscribes and removals of one list go in batches of up to the connector's
     /// [`optinsync_plugin_api::CampaignsConnector::max_batch`], each with its own result;
-    /// everything else one row at a time, in claim order.
+    /// mails up to the transport's [`optinsync_plugin_api::MailTransport::concurrency`] at
+    /// once; everything else one row at a time, in claim order.
+    ///
+    /// Only mails run side by side: a run of consecutive mail units goes concurrently, and
+    /// any other unit waits for the run before it (and the next run waits for it), so
+    /// campaigns and CRM writes keep their claim order. Each row is finished as soon as its
+    /// own delivery ends, so at most `concurrency` sent mails are unrecorded at any moment —
+    /// the bound on duplicates after a crash.
     pub async fn deliver_due(&self, worker: &str, limit: i64) -> EngineResult<DeliverStats> {
         let now = Utc::now();
         let lease = chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::minutes(5));
@@ -84,43 +92,35 @@ impl Engine {
             .store
             .claim_outbox(worker, now, now + lease, limit)
             .await?;
-        let mut run = Finishing {
-            worker,
-            stats: DeliverStats::default(),
-            scrub: false,
-        };
-        for unit in units(items, self.connectors.campaigns.max_batch()) {
-            let connector = unit.connector();
-            // Shutdown: hand back what is not started yet. Open circuit: do not call a dead
-            // endpoint; the rows wait for the half-open probe (their attempts are not counted).
-            let postpone = if self.circuits.is_stopping() {
-                Some(Utc::now())
-            } else {
-                connector
-                    .and_then(|c| self.circuits.deny(c, std::time::Instant::now()))
-                    .map(|at| {
-                        let wait = at.saturating_duration_since(std::time::Instant::now());
-                        Utc::now()
-                            + chrono::Duration::from_std(wait)
-                                .unwrap_or(chrono::Duration::seconds(30))
-                    })
-            };
-            let finishes = match (postpone, &unit) {
-                (Some(at), _) => vec![Finish::Postpone { at }; unit.len()],
-                (None, Unit::One(item)) => vec![match self.deliver_one(item).await {
-                    Ok(finish) => finish,
-                    Err(e) => self.failure(item, ConnectorError::transient(e.to_string())),
-                }],
-                (None, Unit::Batch { kind, items }) => self.deliver_batch(*kind, items).await,
-            };
-            if postpone.is_none()
-                && let Some(c) = connector
-            {
-                // A probe that made no call (skipped rows, store error) is not a verdict.
-                self.circuits.release(c);
+        let in_flight = self.connectors.mail.concurrency().max(1);
+        let mut run = Finishing::default();
+        let mut units = units(items, self.connectors.campaigns.max_batch()).into_iter();
+        let mut next = units.next();
+        while let Some(unit) = next.take() {
+            if unit.connector() != Some(ConnectorRole::Mail) || in_flight == 1 {
+                run.add(self.deliver_unit(worker, unit).await)?;
+                next = units.next();
+                continue;
             }
-            for (item, finish) in unit.into_items().into_iter().zip(finishes) {
-                self.finish_row(&mut run, item, finish).await?;
+            let mut mails = vec![unit];
+            next = units.next();
+            while let Some(u) = next.take_if(|u| u.connector() == Some(ConnectorRole::Mail)) {
+                mails.push(u);
+                next = units.next();
+            }
+            // Every delivery in flight is driven to its finish before an error is returned:
+            // dropping one half-way could leave a sent mail unrecorded.
+            let mut outcomes = stream::iter(mails)
+                .map(|u| self.deliver_unit(worker, u))
+                .buffer_unordered(in_flight);
+            let mut first_error = None;
+            while let Some(outcome) = outcomes.next().await {
+                if let Err(e) = run.add(outcome) {
+                    first_error.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
             }
         }
         if run.scrub {
@@ -129,10 +129,48 @@ impl Engine {
         Ok(run.stats)
     }
 
+    /// Deliver one unit and finish its rows.
+    async fn deliver_unit(&self, worker: &str, unit: Unit) -> EngineResult<Finishing> {
+        let connector = unit.connector();
+        // Shutdown: hand back what is not started yet. Open circuit: do not call a dead
+        // endpoint; the rows wait for the half-open probe (their attempts are not counted).
+        let postpone = if self.circuits.is_stopping() {
+            Some(Utc::now())
+        } else {
+            connector
+                .and_then(|c| self.circuits.deny(c, std::time::Instant::now()))
+                .map(|at| {
+                    let wait = at.saturating_duration_since(std::time::Instant::now());
+                    Utc::now()
+                        + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(30))
+                })
+        };
+        let finishes = match (postpone, &unit) {
+            (Some(at), _) => vec![Finish::Postpone { at }; unit.len()],
+            (None, Unit::One(item)) => vec![match self.deliver_one(item).await {
+                Ok(finish) => finish,
+                Err(e) => self.failure(item, ConnectorError::transient(e.to_string())),
+            }],
+            (None, Unit::Batch { kind, items }) => self.deliver_batch(*kind, items).await,
+        };
+        if postpone.is_none()
+            && let Some(c) = connector
+        {
+            // A probe that made no call (skipped rows, store error) is not a verdict.
+            self.circuits.release(c);
+        }
+        let mut run = Finishing::default();
+        for (item, finish) in unit.into_items().into_iter().zip(finishes) {
+            self.finish_row(worker, &mut run, item, finish).await?;
+        }
+        Ok(run)
+    }
+
     /// Record how one row ended: metrics, log, the store's finish.
     async fn finish_row(
         &self,
-        run: &mut Finishing<'_>,
+        worker: &str,
+        run: &mut Finishing,
         item: OutboxItem,
         finish: Finish,
     ) -> EngineResult<()> {
@@ -153,7 +191,7 @@ impl Engine {
             }
         }
         self.store
-            .finish_outbox(item.id, run.worker, &finish, Utc::now())
+            .finish_outbox(item.id, worker, &finish, Utc::now())
             .await?;
         // A removal or write-back that carried an erased contact's address was the last
         // copy; finishing scrubbed it, and no older copy may stay in the store's files.
@@ -356,11 +394,21 @@ impl Engine {
         }))
     }
 
+    /// Rows one [`Self::deliver_due`] pass claims: at least 20, and four per mail the
+    /// transport takes at once, so that concurrent sends are not starved at each pass's tail
+    /// (a claim is a store round trip).
+    pub fn delivery_claim_size(&self) -> i64 {
+        let per_mail = self.connectors.mail.concurrency().saturating_mul(4);
+        i64::try_from(per_mail).unwrap_or(i64::MAX).max(20)
+    }
+
     /// Deliver until nothing is due (used by `sync --once`).
     pub async fn drain_outbox(&self, worker: &str) -> EngineResult<DeliverStats> {
         let mut total = DeliverStats::default();
         loop {
-            let s = self.deliver_due(worker, 50).await?;
+            let s = self
+                .deliver_due(worker, self.delivery_claim_size().max(50))
+                .await?;
             if s == DeliverStats::default() {
                 return Ok(total);
             }
@@ -622,12 +670,24 @@ fn skipped(note: &str) -> Finish {
     }
 }
 
-/// The state of one `deliver_due` pass while its rows are finished.
-struct Finishing<'a> {
-    worker: &'a str,
+/// What a `deliver_due` pass (or one unit of it) finished.
+#[derive(Debug, Default)]
+struct Finishing {
     stats: DeliverStats,
     /// An erased contact's last address copy was finished: scrub the store's files after.
     scrub: bool,
+}
+
+impl Finishing {
+    fn add(&mut self, unit: EngineResult<Finishing>) -> EngineResult<()> {
+        let unit = unit?;
+        self.stats.done += unit.stats.done;
+        self.stats.retried += unit.stats.retried;
+        self.stats.dead += unit.stats.dead;
+        self.stats.postponed += unit.stats.postponed;
+        self.scrub |= unit.scrub;
+        Ok(())
+    }
 }
 
 /// Outbox work the campaigns connector takes in batches.

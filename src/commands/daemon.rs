@@ -274,7 +274,10 @@ fn spawn_delivery(engine: &Arc<Engine>, worker: &str, stop: &Stop) -> tokio::tas
         // Steps are never cancelled half-way: shutdown waits for the running delivery, so it
         // is either finished or not started.
         while !flag.load(Ordering::SeqCst) {
-            match engine.deliver_due(&worker, 20).await {
+            match engine
+                .deliver_due(&worker, engine.delivery_claim_size())
+                .await
+            {
                 Ok(s) if s.done + s.retried + s.dead > 0 => {
                     if let Err(e) = engine.save_connector_state().await {
                         tracing::warn!(error = %e, "connector state not saved");
