@@ -98,7 +98,7 @@ pub struct Engine {
     /// Per-connector circuit breakers and the readiness flags (`/readyz`).
     pub(crate) circuits: Arc<crate::circuit::Circuits>,
     /// Single consent changes are written in groups (one fsync for many web requests).
-    group_commit: Option<crate::group_commit::GroupCommit>,
+    pub(crate) group_commit: Option<crate::group_commit::GroupCommit>,
 }
 
 /// A read-only view of the store, handed out by [`Engine::reads`]. It has no write methods, so
@@ -206,7 +206,11 @@ impl Engine {
 
     /// Keep the page a person saw as evidence (content-addressed; idempotent).
     pub async fn record_snapshot(&self, s: &crate::store::Snapshot) -> EngineResult<()> {
-        Ok(self.store.put_snapshot(s).await?)
+        match &self.group_commit {
+            Some(g) => g.snapshot(&*self.store, s.clone()).await?,
+            None => self.store.put_snapshot(s).await?,
+        }
+        Ok(())
     }
 
     /// Take or renew the lease on a job for this worker (one instance runs each job).

@@ -33,7 +33,7 @@ use crate::consent::{ConsentState, Input, MailKind};
 use crate::engine::{Engine, EngineResult};
 use crate::ledger::{EventSource, Evidence, NewEvent};
 use crate::mail;
-use crate::store::{Finish, OutboxItem, OutboxWork, StoredWork};
+use crate::store::{Finish, OutboxFinish, OutboxItem, OutboxWork, StoredWork};
 use crate::untrusted::Escaped;
 use crate::work::ConnectorRole;
 
@@ -160,51 +160,44 @@ impl Engine {
             self.circuits.release(c);
         }
         let mut run = Finishing::default();
-        for (item, finish) in unit.into_items().into_iter().zip(finishes) {
-            self.finish_row(worker, &mut run, item, finish).await?;
+        let items = unit.into_items();
+        for (item, finish) in items.iter().zip(&finishes) {
+            note_finish(&mut run.stats, item, finish);
+        }
+        // The unit's rows in one commit, shared with whatever else finished meanwhile (mails
+        // in flight side by side): one fsync, not one per row.
+        let rows = items
+            .iter()
+            .zip(&finishes)
+            .map(|(item, finish)| OutboxFinish {
+                id: item.id,
+                worker: worker.to_owned(),
+                finish: finish.clone(),
+            })
+            .collect();
+        self.finish_rows(rows).await?;
+        for (item, finish) in items.iter().zip(&finishes) {
+            // A removal or write-back that carried an erased contact's address was the last
+            // copy; finishing scrubbed it, and no older copy may stay in the store's files.
+            if !run.scrub
+                && !matches!(finish, Finish::Retry { .. } | Finish::Postpone { .. })
+                && carries_address(&item.work)
+                && self
+                    .store
+                    .contact_by_id(&item.contact_id)
+                    .await?
+                    .is_some_and(|c| c.erased)
+            {
+                run.scrub = true;
+            }
         }
         Ok(run)
     }
 
-    /// Record how one row ended: metrics, log, the store's finish.
-    async fn finish_row(
-        &self,
-        worker: &str,
-        run: &mut Finishing,
-        item: OutboxItem,
-        finish: Finish,
-    ) -> EngineResult<()> {
-        metrics::counter!("optinsync_outbox_delivery_total", "kind" => item.work.known().map_or("other", OutboxWork::kind), "result" => result_label(&finish))
-            .increment(1);
-        let stats = &mut run.stats;
-        match &finish {
-            Finish::Postpone { .. } => stats.postponed += 1,
-            Finish::Done { .. } => stats.done += 1,
-            // `?`: the error text may quote a vendor's answer; Debug escapes it.
-            Finish::Retry { error, .. } => {
-                tracing::warn!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed; will retry");
-                stats.retried += 1;
-            }
-            Finish::Dead { error } => {
-                tracing::error!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
-                stats.dead += 1;
-            }
-        }
-        self.store
-            .finish_outbox(item.id, worker, &finish, Utc::now())
-            .await?;
-        // A removal or write-back that carried an erased contact's address was the last
-        // copy; finishing scrubbed it, and no older copy may stay in the store's files.
-        if !run.scrub
-            && !matches!(finish, Finish::Retry { .. } | Finish::Postpone { .. })
-            && carries_address(&item.work)
-            && self
-                .store
-                .contact_by_id(&item.contact_id)
-                .await?
-                .is_some_and(|c| c.erased)
-        {
-            run.scrub = true;
+    async fn finish_rows(&self, rows: Vec<OutboxFinish>) -> EngineResult<()> {
+        match &self.group_commit {
+            Some(g) => g.finish(&*self.store, rows).await?,
+            None => self.store.finish_outbox_batch(&rows, Utc::now()).await?,
         }
         Ok(())
     }
@@ -613,7 +606,7 @@ impl Engine {
             }
         };
         // The exact text goes into the store before it leaves, under the hash the ledger names.
-        self.store.put_snapshot(&composed.snapshot).await?;
+        self.record_snapshot(&composed.snapshot).await?;
         let msg = composed.message;
         let sent = self.connectors.mail.send(&msg).await;
         self.observe(ConnectorRole::Mail, &sent);
@@ -659,6 +652,25 @@ impl Engine {
                 })
             }
             Err(e) => Ok(self.failure(item, e)),
+        }
+    }
+}
+
+/// Count and log how one row ended.
+fn note_finish(stats: &mut DeliverStats, item: &OutboxItem, finish: &Finish) {
+    metrics::counter!("optinsync_outbox_delivery_total", "kind" => item.work.known().map_or("other", OutboxWork::kind), "result" => result_label(finish))
+        .increment(1);
+    match finish {
+        Finish::Postpone { .. } => stats.postponed += 1,
+        Finish::Done { .. } => stats.done += 1,
+        // `?`: the error text may quote a vendor's answer; Debug escapes it.
+        Finish::Retry { error, .. } => {
+            tracing::warn!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed; will retry");
+            stats.retried += 1;
+        }
+        Finish::Dead { error } => {
+            tracing::error!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
+            stats.dead += 1;
         }
     }
 }

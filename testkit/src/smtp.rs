@@ -54,6 +54,9 @@ struct State {
     /// Answer every `RCPT` with this "try later" code (`421` also closes the session).
     throttle: Option<u16>,
     throttled: u64,
+    /// Messages stored and not yet answered, now and at most.
+    unanswered: usize,
+    peak_unanswered: usize,
 }
 
 /// A running SMTP sink; it stops when dropped (its thread ends with the process).
@@ -158,6 +161,15 @@ impl SmtpSink {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .throttle = code;
+    }
+
+    /// The most messages stored but not yet answered at one moment: how many senders were
+    /// waiting for the `250` side by side (see [`Self::set_accept_delay`]).
+    pub fn peak_unanswered(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peak_unanswered
     }
 
     /// `RCPT` commands answered with the throttle code.
@@ -391,13 +403,16 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
                     });
                     let drop_now = st.drop_after_data > 0;
                     st.drop_after_data = st.drop_after_data.saturating_sub(1);
+                    st.unanswered += 1;
+                    st.peak_unanswered = st.peak_unanswered.max(st.unanswered);
                     (drop_now, st.accept_delay)
                 };
+                if !drop_now && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                state.lock().unwrap_or_else(|p| p.into_inner()).unanswered -= 1;
                 if drop_now {
                     return Ok(());
-                }
-                if !delay.is_zero() {
-                    tokio::time::sleep(delay).await;
                 }
                 "250 2.0.0 queued".into()
             }

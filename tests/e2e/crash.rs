@@ -65,13 +65,6 @@ async fn crash_run(backend: Backend) {
         report.confirmations_acked > 0 && report.withdrawals_acked > 0,
         "no clicks made"
     );
-    // Deliveries really overlap: some kill caught more than one mail in flight (with eight
-    // in flight and 100 ms per answer, nearly every kill does).
-    assert!(
-        report.most_duplicates_per_kill >= 2,
-        "seed {}: no kill caught two mails in flight",
-        opts.seed
-    );
     assert_eq!(
         report.violations(),
         Vec::<String>::new(),

@@ -587,3 +587,42 @@ async fn a_relay_that_says_try_later_slows_delivery_and_every_mail_still_goes_ou
     );
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mails_go_out_side_by_side_over_the_smtp_pool() {
+    let crm = FakeZoho::start();
+    let campaigns = FakeCampaigns::start();
+    campaigns.add_list(KEY, "Master programmes newsletter", false);
+    let sink = SmtpSink::start();
+    // A relay that takes 300 ms to answer each message: one connection would need 6 s for
+    // the 20 mails; four side by side about 1.5 s.
+    sink.set_accept_delay(Duration::from_millis(300));
+    let demo = fault_demo(&crm, &campaigns, &sink);
+    let cfg = std::fs::read_to_string(demo.config())
+        .unwrap()
+        .replace("rate_per_minute = 6000\n", "pool_size = 4\n");
+    std::fs::write(demo.config(), cfg).unwrap();
+    let daemon = demo.spawn_daemon();
+    seed_crm(&crm);
+    wait_until(60, "every DOI mail delivered", || {
+        (0..20).all(|i| !sink.messages_to(&email(i)).is_empty())
+    });
+    let peak = sink.peak_unanswered();
+    println!("pool: at most {peak} mails waiting for the relay's answer at once (pool_size 4)");
+    assert!(peak >= 2, "mails went out one at a time (peak {peak})");
+    assert!(peak <= 4, "more mails in flight than pool_size: {peak}");
+    assert!(
+        sink.sessions() <= 4 + 1,
+        "at most pool_size connections (+1 health check): {}",
+        sink.sessions()
+    );
+    for i in 0..20 {
+        assert_eq!(
+            sink.messages_to(&email(i)).len(),
+            1,
+            "one mail to {}",
+            email(i)
+        );
+    }
+    assert_eq!(daemon.terminate(), Some(0));
+}

@@ -111,6 +111,15 @@ impl OutboxItem {
     }
 }
 
+/// One claimed outbox row's end, as [`Store::finish_outbox_batch`] records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxFinish {
+    pub id: i64,
+    /// The worker that claimed the row; a row whose claim moved on is left alone.
+    pub worker: String,
+    pub finish: Finish,
+}
+
 /// How a claimed outbox row ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finish {
@@ -279,6 +288,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         finish: &Finish,
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
+    /// [`Store::finish_outbox`] for several rows in one transaction (one fsync).
+    async fn finish_outbox_batch(
+        &self,
+        rows: &[OutboxFinish],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        for r in rows {
+            self.finish_outbox(r.id, &r.worker, &r.finish, now).await?;
+        }
+        Ok(())
+    }
     /// Free the claims of pending rows held by workers whose id starts with `prefix`, except
     /// `current`: a restarted instance takes back what its crashed predecessor (same prefix)
     /// had claimed, instead of waiting for the lease; its named leases (see [`Store::try_lease`])
@@ -333,6 +353,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Store a snapshot; a second one with the same hash is ignored (content-addressed).
     async fn put_snapshot(&self, s: &Snapshot) -> StoreResult<()>;
+    /// [`Store::put_snapshot`] for several in one transaction (one fsync).
+    async fn put_snapshots(&self, snaps: &[Snapshot]) -> StoreResult<()> {
+        for s in snaps {
+            self.put_snapshot(s).await?;
+        }
+        Ok(())
+    }
     async fn snapshot(&self, hash: &str) -> StoreResult<Option<Snapshot>>;
 
     /// Remember an open/click; keeps the latest time.

@@ -219,6 +219,75 @@ macro_rules! shared_store_impl {
             Ok(ev)
         }
 
+        /// Record how one claimed outbox row ended, inside `tx`; `locked`: whether `tx` already
+        /// holds the ledger's append lock (taken before the first event).
+        async fn finish_row(
+            tx: &mut Tx<'_>,
+            id: i64,
+            worker: &str,
+            finish: &Finish,
+            now: DateTime<Utc>,
+            locked: &mut bool,
+        ) -> StoreResult<()> {
+            if let Finish::Postpone { at } = finish {
+                sqlx::query(
+                    "UPDATE outbox SET next_attempt_at = $1, attempts = attempts - 1, claimed_by = NULL, \
+                     claimed_until = NULL WHERE id = $2 AND claimed_by = $3 AND status = 'pending'",
+                )
+                .bind(format_time(*at))
+                .bind(id)
+                .bind(worker)
+                .execute(&mut **tx)
+                .await?;
+                return Ok(());
+            }
+            let ts = format_time(now);
+            let (status, next, error, note) = match finish {
+                Finish::Done { note, .. } => ("done", ts.clone(), None, note.clone()),
+                Finish::Retry { at, error } => ("pending", format_time(*at), Some(error.clone()), None),
+                Finish::Dead { error } => ("dead", ts.clone(), Some(error.clone()), None),
+                // Handled above; kept for exhaustiveness.
+                Finish::Postpone { at } => ("pending", format_time(*at), None, None),
+            };
+            let done_at = (status != "pending").then(|| ts.clone());
+            let updated = sqlx::query(
+                // A finished row of an erased contact keeps no address (the removal it
+                // carried is done), and no vendor error text, which may quote it.
+                "UPDATE outbox SET status = $1, next_attempt_at = $2, note = $4, done_at = $5, \
+                 last_error = CASE WHEN $3 IS NOT NULL AND EXISTS (SELECT 1 FROM contacts c \
+                 WHERE c.id = outbox.contact_id AND c.erased) THEN 'error text withheld: the contact is erased' \
+                 ELSE $3 END, \
+                 claimed_by = NULL, claimed_until = NULL, \
+                 payload = CASE WHEN $1 <> 'pending' AND EXISTS (SELECT 1 FROM contacts c WHERE c.id = outbox.contact_id \
+                 AND c.erased) THEN '{}' ELSE payload END \
+                 WHERE id = $6 AND claimed_by = $7 AND status = 'pending'",
+            )
+            .bind(status)
+            .bind(next)
+            .bind(error)
+            .bind(note)
+            .bind(done_at)
+            .bind(id)
+            .bind(worker)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                // Our lease ran out and another worker owns the row now; it will record
+                // the result. Writing the event here would record it twice.
+                tracing::warn!(outbox_id = id, worker, "outbox lease lost; result not recorded");
+                return Ok(());
+            }
+            if let Finish::Done { event: Some(e), .. } = finish {
+                if !*locked {
+                    sqlx::query($lock).execute(&mut **tx).await?;
+                    *locked = true;
+                }
+                append_locked(tx, e).await?;
+            }
+            Ok(())
+        }
+
         #[async_trait]
         impl Store for $store {
             async fn migrate(&self) -> StoreResult<()> {
@@ -676,59 +745,22 @@ macro_rules! shared_store_impl {
             }
 
             async fn finish_outbox(&self, id: i64, worker: &str, finish: &Finish, now: DateTime<Utc>) -> StoreResult<()> {
-                if let Finish::Postpone { at } = finish {
-                    sqlx::query(
-                        "UPDATE outbox SET next_attempt_at = $1, attempts = attempts - 1, claimed_by = NULL, \
-                         claimed_until = NULL WHERE id = $2 AND claimed_by = $3 AND status = 'pending'",
-                    )
-                    .bind(format_time(*at))
-                    .bind(id)
-                    .bind(worker)
-                    .execute(&self.pool)
-                    .await?;
-                    return Ok(());
-                }
                 let mut tx = self.pool.begin().await?;
-                let ts = format_time(now);
-                let (status, next, error, note) = match finish {
-                    Finish::Done { note, .. } => ("done", ts.clone(), None, note.clone()),
-                    Finish::Retry { at, error } => ("pending", format_time(*at), Some(error.clone()), None),
-                    Finish::Dead { error } => ("dead", ts.clone(), Some(error.clone()), None),
-                    // Handled above; kept for exhaustiveness.
-                    Finish::Postpone { at } => ("pending", format_time(*at), None, None),
-                };
-                let done_at = (status != "pending").then(|| ts.clone());
-                let updated = sqlx::query(
-                    // A finished row of an erased contact keeps no address (the removal it
-                    // carried is done), and no vendor error text, which may quote it.
-                    "UPDATE outbox SET status = $1, next_attempt_at = $2, note = $4, done_at = $5, \
-                     last_error = CASE WHEN $3 IS NOT NULL AND EXISTS (SELECT 1 FROM contacts c \
-                     WHERE c.id = outbox.contact_id AND c.erased) THEN 'error text withheld: the contact is erased' \
-                     ELSE $3 END, \
-                     claimed_by = NULL, claimed_until = NULL, \
-                     payload = CASE WHEN $1 <> 'pending' AND EXISTS (SELECT 1 FROM contacts c WHERE c.id = outbox.contact_id \
-                     AND c.erased) THEN '{}' ELSE payload END \
-                     WHERE id = $6 AND claimed_by = $7 AND status = 'pending'",
-                )
-                .bind(status)
-                .bind(next)
-                .bind(error)
-                .bind(note)
-                .bind(done_at)
-                .bind(id)
-                .bind(worker)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if updated == 0 {
-                    // Our lease ran out and another worker owns the row now; it will record
-                    // the result. Writing the event here would record it twice.
-                    tracing::warn!(outbox_id = id, worker, "outbox lease lost; result not recorded");
+                let mut locked = false;
+                finish_row(&mut tx, id, worker, finish, now, &mut locked).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn finish_outbox_batch(&self, rows: &[crate::store::OutboxFinish], now: DateTime<Utc>) -> StoreResult<()> {
+                if rows.is_empty() {
                     return Ok(());
                 }
-                if let Finish::Done { event: Some(e), .. } = finish {
-                    sqlx::query($lock).execute(&mut *tx).await?;
-                    append_locked(&mut tx, e).await?;
+                // One transaction, one fsync, however many rows finished meanwhile.
+                let mut tx = self.pool.begin().await?;
+                let mut locked = false;
+                for r in rows {
+                    finish_row(&mut tx, r.id, &r.worker, &r.finish, now, &mut locked).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -937,6 +969,29 @@ macro_rules! shared_store_impl {
                 .bind(format_time(s.created_at))
                 .execute(&self.pool)
                 .await?;
+                Ok(())
+            }
+
+            async fn put_snapshots(&self, snaps: &[crate::store::Snapshot]) -> StoreResult<()> {
+                if snaps.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin().await?;
+                for s in snaps {
+                    sqlx::query(
+                        "INSERT INTO snapshots (hash, kind, language, template_version, content, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hash) DO NOTHING",
+                    )
+                    .bind(&s.hash)
+                    .bind(&s.kind)
+                    .bind(&s.language)
+                    .bind(&s.template_version)
+                    .bind(&s.content)
+                    .bind(format_time(s.created_at))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
                 Ok(())
             }
 
