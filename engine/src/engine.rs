@@ -138,6 +138,18 @@ impl StoreReads<'_> {
     pub async fn outbox_counts(&self) -> StoreResult<crate::store::OutboxCounts> {
         self.0.outbox_counts().await
     }
+    pub async fn outbox_backlog(&self) -> StoreResult<Vec<crate::store::OutboxBacklog>> {
+        self.0.outbox_backlog().await
+    }
+    pub async fn ledger_head(&self) -> StoreResult<i64> {
+        self.0.ledger_head().await
+    }
+    /// Recompute the whole hash chain ([`crate::export::verify_ledger`]).
+    pub async fn verify_ledger(
+        &self,
+    ) -> crate::export::ExportResult<crate::export::ChainSummary> {
+        crate::export::verify_ledger(self.0).await
+    }
     pub async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
         self.0.cursor(name).await
     }

@@ -6,6 +6,7 @@ pub mod canonical;
 pub mod circuit;
 pub mod config;
 pub mod connectors;
+pub mod drift;
 pub mod engine;
 pub mod erasure;
 pub mod export;

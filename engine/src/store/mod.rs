@@ -17,7 +17,7 @@ use chrono::{DateTime, Utc};
 use optinsync_plugin_api::RecordRef;
 use serde::{Deserialize, Serialize};
 
-use crate::consent::Consent;
+use crate::consent::{Consent, ConsentState};
 use crate::ledger::{LedgerEvent, NewEvent};
 pub use crate::work::{OutboxWork, StoredWork};
 
@@ -199,6 +199,37 @@ pub struct OutboxCounts {
     pub dead: i64,
 }
 
+/// Outbox rows waiting (`pending`) or given up (`dead`) of one kind, for the gauges.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboxBacklog {
+    /// The stored `kind` (`mail`, `campaigns_remove`, ...).
+    pub kind: String,
+    pub dead: bool,
+    pub count: i64,
+    /// When the oldest of these rows was queued.
+    pub oldest_created: DateTime<Utc>,
+}
+
+/// One contact's consent on a list, with the contact's address (for comparing with the
+/// campaigns tool's member listing, [`crate::drift`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListConsent {
+    pub contact_id: String,
+    pub email: String,
+    pub state: ConsentState,
+}
+
+/// A pending campaigns write of one list: what the member listing may not show yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingListWork {
+    pub contact_id: String,
+    /// `true`: a removal; `false`: a subscribe.
+    pub removal: bool,
+    /// The address a removal carries (it survives the contact's erasure).
+    pub email: Option<String>,
+    pub created_at: DateTime<Utc>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Apply this backend's migrations.
@@ -350,6 +381,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Contacts per (list, state) with the oldest and newest `since`, for `optinsync status`.
     async fn consent_summary(&self) -> StoreResult<Vec<ConsentSummary>>;
+    /// Pending and dead outbox rows per kind, with the oldest's queue time (the `outbox_due`
+    /// index's leading `status` column bounds the scan to those rows).
+    async fn outbox_backlog(&self) -> StoreResult<Vec<OutboxBacklog>>;
+    /// The newest ledger event's `seq` (0 for an empty ledger).
+    async fn ledger_head(&self) -> StoreResult<i64>;
+    /// Every consent recorded on `list_id`, with the contact's address.
+    async fn list_consents(&self, list_id: &str) -> StoreResult<Vec<ListConsent>>;
+    /// Pending campaigns subscribes and removals of `list_id`.
+    async fn pending_list_work(&self, list_id: &str) -> StoreResult<Vec<PendingListWork>>;
 
     /// Shared vendor quotas ([`crate::quota`]): count one call of `key` in every window if
     /// each has room and the key is not locked. One transaction, serialised per key, so

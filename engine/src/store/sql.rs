@@ -980,6 +980,73 @@ macro_rules! shared_store_impl {
                     .collect()
             }
 
+            async fn outbox_backlog(&self) -> StoreResult<Vec<crate::store::OutboxBacklog>> {
+                let rows = sqlx::query(
+                    "SELECT kind, status, COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox \
+                     WHERE status IN ('pending', 'dead') GROUP BY kind, status ORDER BY kind, status",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::OutboxBacklog {
+                            kind: r.try_get("kind")?,
+                            dead: r.try_get::<String, _>("status")? == "dead",
+                            count: r.try_get("n")?,
+                            oldest_created: parse_time("outbox", &r.try_get::<String, _>("oldest")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn ledger_head(&self) -> StoreResult<i64> {
+                let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS head FROM ledger")
+                    .fetch_one(&self.reader)
+                    .await?;
+                Ok(row.try_get::<i64, _>("head")?)
+            }
+
+            async fn list_consents(&self, list_id: &str) -> StoreResult<Vec<crate::store::ListConsent>> {
+                let rows = sqlx::query(
+                    "SELECT k.contact_id, c.email, k.state FROM consents k JOIN contacts c ON c.id = k.contact_id \
+                     WHERE k.list_id = $1",
+                )
+                .bind(list_id)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::ListConsent {
+                            contact_id: r.try_get("contact_id")?,
+                            email: r.try_get("email")?,
+                            state: parse_state("consents", &r.try_get::<String, _>("state")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn pending_list_work(&self, list_id: &str) -> StoreResult<Vec<crate::store::PendingListWork>> {
+                let rows = sqlx::query(
+                    "SELECT contact_id, kind, payload, created_at FROM outbox \
+                     WHERE status = 'pending' AND list_id = $1 AND kind IN ('campaigns_subscribe', 'campaigns_remove')",
+                )
+                .bind(list_id)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        let removal = r.try_get::<String, _>("kind")? == "campaigns_remove";
+                        let payload: serde_json::Value = parse_json("outbox", &r.try_get::<String, _>("payload")?)?;
+                        Ok(crate::store::PendingListWork {
+                            contact_id: r.try_get("contact_id")?,
+                            removal,
+                            email: payload.get("email").and_then(|e| e.as_str()).map(str::to_owned),
+                            created_at: parse_time("outbox", &r.try_get::<String, _>("created_at")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
             async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {
                 let row = sqlx::query("SELECT 1 AS one FROM suppressions WHERE address_hash = $1")
                     .bind(address_hash)

@@ -321,6 +321,24 @@ impl Store for RacingStore {
     async fn consent_summary(&self) -> StoreResult<Vec<ConsentSummary>> {
         self.inner.consent_summary().await
     }
+    async fn outbox_backlog(&self) -> StoreResult<Vec<optinsync_engine::store::OutboxBacklog>> {
+        self.inner.outbox_backlog().await
+    }
+    async fn ledger_head(&self) -> StoreResult<i64> {
+        self.inner.ledger_head().await
+    }
+    async fn list_consents(
+        &self,
+        list_id: &str,
+    ) -> StoreResult<Vec<optinsync_engine::store::ListConsent>> {
+        self.inner.list_consents(list_id).await
+    }
+    async fn pending_list_work(
+        &self,
+        list_id: &str,
+    ) -> StoreResult<Vec<optinsync_engine::store::PendingListWork>> {
+        self.inner.pending_list_work(list_id).await
+    }
     async fn quota_take(
         &self,
         key: &str,
