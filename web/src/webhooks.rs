@@ -104,9 +104,36 @@ fn webhook_connector(engine: &Engine, name: &str) -> Option<(ConnectorRole, Arc<
     connector.accepts_webhooks().then_some((role, connector))
 }
 
+/// Every webhook call, counted by connector role and by what became of it (`refused`: the
+/// connector rejected the call, e.g. a bad signature).
 async fn webhook(
-    State(engine): State<Arc<Engine>>,
+    state: State<Arc<Engine>>,
     Path(connector): Path<String>,
+    proxies: Extension<TrustedProxies>,
+    req: Request,
+) -> Response {
+    // Bounded labels: a role name or `unknown`, never the path as sent.
+    let label = match connector.as_str() {
+        "crm" => "crm",
+        "campaigns" => "campaigns",
+        "mail" => "mail",
+        _ => "unknown",
+    };
+    let resp = handle_webhook(state, connector, proxies, req).await;
+    let result = match resp.status() {
+        s if s.is_success() => "handled",
+        StatusCode::NOT_FOUND => "unknown_connector",
+        s if s.is_client_error() => "refused",
+        _ => "failed",
+    };
+    metrics::counter!("optinsync_webhook_calls_total", "connector" => label, "result" => result)
+        .increment(1);
+    resp
+}
+
+async fn handle_webhook(
+    State(engine): State<Arc<Engine>>,
+    connector: String,
     Extension(TrustedProxies(trusted)): Extension<TrustedProxies>,
     req: Request,
 ) -> Response {

@@ -64,6 +64,10 @@ pub struct Config {
     /// `[retention]`: how long proof and unconfirmed signups are kept ([`crate::retention`]).
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// `[metrics]`: how often `run` refreshes the gauges it reads from the store, the ledger
+    /// and the campaigns tool.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
 }
 
 /// `[admin]`: the admin JSON API (`/admin/...`, served by the web layer).
@@ -709,6 +713,45 @@ impl Default for RetentionConfig {
             withdrawn_proof: None,
             unconfirmed: None,
             every: default_every(),
+        }
+    }
+}
+
+/// `[metrics]`: the intervals of the daemon's gauge refresh (`/metrics`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Consent counts per list, outbox backlog, ledger head: a few indexed or grouped reads
+    /// (default `"15s"`).
+    #[serde(default = "default_refresh")]
+    pub refresh_interval: HumanDuration,
+    /// Drift against the campaigns tool's member listing: pages of vendor calls (default
+    /// `"1h"`).
+    #[serde(default = "default_drift")]
+    pub drift_interval: HumanDuration,
+    /// A full hash-chain verification of the ledger (default `"6h"`).
+    #[serde(default = "default_verify")]
+    pub ledger_verify_interval: HumanDuration,
+}
+
+fn default_refresh() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(15))
+}
+
+fn default_drift() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(3_600))
+}
+
+fn default_verify() -> HumanDuration {
+    HumanDuration(std::time::Duration::from_secs(6 * 3_600))
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            refresh_interval: default_refresh(),
+            drift_interval: default_drift(),
+            ledger_verify_interval: default_verify(),
         }
     }
 }

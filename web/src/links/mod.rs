@@ -190,6 +190,22 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
         .layer(Extension(state))
 }
 
+/// Count a confirmation or unsubscribe the person sent (`action`), by what the engine did.
+fn count_action(
+    action: &'static str,
+    applied: &optinsync_engine::engine::EngineResult<optinsync_engine::engine::Applied>,
+) {
+    use optinsync_engine::engine::Applied;
+    let result = match applied {
+        Ok(Applied::Changed(_)) => "changed",
+        Ok(Applied::Unchanged) => "unchanged",
+        Ok(Applied::Refused(_)) => "refused",
+        Err(_) => "failed",
+    };
+    metrics::counter!("optinsync_link_actions_total", "action" => action, "result" => result)
+        .increment(1);
+}
+
 fn set_security_headers(headers: &mut HeaderMap) {
     for (name, value) in [
         (header::CONTENT_SECURITY_POLICY, CSP),
