@@ -20,6 +20,7 @@ mod lifecycle;
 mod log_scan;
 mod mail;
 mod mailchimp;
+mod monitoring;
 mod multi_instance;
 mod outbox;
 mod pairings;
