@@ -140,9 +140,9 @@ async fn drift(engine: &Engine, worker: &str, interval: Duration) {
         let id = list.id.clone();
         match engine.drift(list).await {
             Ok(d) => {
-                let age = d
-                    .oldest_pending_removal
-                    .map_or(0.0, |t| (d.computed_at - t).num_milliseconds().max(0) as f64 / 1000.0);
+                let age = d.oldest_pending_removal.map_or(0.0, |t| {
+                    (d.computed_at - t).num_milliseconds().max(0) as f64 / 1000.0
+                });
                 metrics::gauge!("optinsync_drift_on_list_without_consent", "list" => id.clone())
                     .set(d.on_list_without_consent as f64);
                 metrics::gauge!("optinsync_drift_confirmed_missing", "list" => id.clone())

@@ -65,11 +65,7 @@ fn every_alert_is_unit_tested() {
         .unwrap()
         .iter()
         .flat_map(|t| t["alert_rule_test"].as_sequence().unwrap())
-        .filter(|t| {
-            t["exp_alerts"]
-                .as_sequence()
-                .is_some_and(|a| !a.is_empty())
-        })
+        .filter(|t| t["exp_alerts"].as_sequence().is_some_and(|a| !a.is_empty()))
         .map(|t| t["alertname"].as_str().unwrap())
         .collect();
     for group in rules["groups"].as_sequence().unwrap() {
@@ -93,10 +89,17 @@ fn systemd_unit_passes_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("optinsync.service"),
-        unit.replace("/usr/local/bin/optinsync ", &format!("{} ", env!("CARGO_BIN_EXE_optinsync"))),
+        unit.replace(
+            "/usr/local/bin/optinsync ",
+            &format!("{} ", env!("CARGO_BIN_EXE_optinsync")),
+        ),
     )
     .unwrap();
-    let out = run("systemd-analyze", &["verify", "optinsync.service"], dir.path());
+    let out = run(
+        "systemd-analyze",
+        &["verify", "optinsync.service"],
+        dir.path(),
+    );
     let report = text(&out);
     assert!(out.status.success(), "{report}");
     assert!(report.trim().is_empty(), "systemd-analyze verify: {report}");

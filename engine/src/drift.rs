@@ -194,7 +194,13 @@ mod tests {
         ]
         .map(str::to_owned)
         .to_vec();
-        let d = compare("news", &members, &consents, &pending, at("2026-01-04T00:00:00Z"));
+        let d = compare(
+            "news",
+            &members,
+            &consents,
+            &pending,
+            at("2026-01-04T00:00:00Z"),
+        );
         assert_eq!(d.members, 6);
         assert_eq!(d.on_list_without_consent, 3);
         // c4 is confirmed and missing; c5 is missing but its subscribe is pending.
@@ -214,7 +220,11 @@ mod tests {
             Utc::now(),
         );
         assert_eq!(
-            (d.on_list_without_consent, d.confirmed_missing, d.pending_removals),
+            (
+                d.on_list_without_consent,
+                d.confirmed_missing,
+                d.pending_removals
+            ),
             (0, 0, 0)
         );
         assert_eq!(d.oldest_pending_removal, None);

@@ -145,9 +145,7 @@ impl StoreReads<'_> {
         self.0.ledger_head().await
     }
     /// Recompute the whole hash chain ([`crate::export::verify_ledger`]).
-    pub async fn verify_ledger(
-        &self,
-    ) -> crate::export::ExportResult<crate::export::ChainSummary> {
+    pub async fn verify_ledger(&self) -> crate::export::ExportResult<crate::export::ChainSummary> {
         crate::export::verify_ledger(self.0).await
     }
     pub async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {

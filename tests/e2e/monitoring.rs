@@ -211,7 +211,10 @@ fn disagreements(scrape: &Scrape, store: &StoreCounts) -> Vec<String> {
             &[("list", "newsletter"), ("state", state.as_str())],
         );
         if got != Some(want) {
-            out.push(format!("consents {}: store {want}, gauge {got:?}", state.as_str()));
+            out.push(format!(
+                "consents {}: store {want}, gauge {got:?}",
+                state.as_str()
+            ));
         }
     }
     for kind in optinsync_engine::work::OutboxWork::KINDS {
@@ -241,7 +244,10 @@ const ADMIN_TOKEN: &str = "monitoring-admin-token-0123456789abcdef";
 /// Returns the daemon and Ana's confirmation link.
 async fn busy_daemon(demo: &Demo) -> (Daemon, String) {
     let cfg = std::fs::read_to_string(demo.config()).unwrap();
-    let cfg = cfg.replace("[server]\n", "[server]\nwebhook_rate_limit_per_minute = 2\n");
+    let cfg = cfg.replace(
+        "[server]\n",
+        "[server]\nwebhook_rate_limit_per_minute = 2\n",
+    );
     std::fs::write(
         demo.config(),
         format!("{cfg}\n[admin]\ntoken = \"{ADMIN_TOKEN}\"\n"),
@@ -324,21 +330,36 @@ async fn scrape_parses_has_help_and_matches_the_store() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     let (text, diff) = last;
-    assert!(diff.is_empty(), "gauges disagree with the store: {diff:?}\n{text}");
+    assert!(
+        diff.is_empty(),
+        "gauges disagree with the store: {diff:?}\n{text}"
+    );
     let scrape = parse(&text);
     let store = store_counts(&demo).await;
     assert_eq!(store.consents.get("confirmed"), Some(&1), "seeded scenario");
     assert_eq!(
-        value(&scrape, "optinsync_consents", &[("list", "newsletter"), ("state", "confirmed")]),
+        value(
+            &scrape,
+            "optinsync_consents",
+            &[("list", "newsletter"), ("state", "confirmed")]
+        ),
         Some(1.0)
     );
     assert_eq!(
-        value(&scrape, "optinsync_drift_on_list_without_consent", &[("list", "newsletter")]),
+        value(
+            &scrape,
+            "optinsync_drift_on_list_without_consent",
+            &[("list", "newsletter")]
+        ),
         Some(1.0),
         "{text}"
     );
     assert_eq!(
-        value(&scrape, "optinsync_drift_confirmed_missing", &[("list", "newsletter")]),
+        value(
+            &scrape,
+            "optinsync_drift_confirmed_missing",
+            &[("list", "newsletter")]
+        ),
         Some(0.0)
     );
     assert_eq!(value(&scrape, "optinsync_ledger_verify_ok", &[]), Some(1.0));
@@ -370,7 +391,11 @@ async fn scrape_parses_has_help_and_matches_the_store() {
         value(
             &scrape,
             "optinsync_http_requests_total",
-            &[("route", "/confirm/{token}"), ("method", "POST"), ("status", "200")]
+            &[
+                ("route", "/confirm/{token}"),
+                ("method", "POST"),
+                ("status", "200")
+            ]
         )
         .is_some_and(|n| n >= 1.0),
         "{text}"
@@ -387,8 +412,14 @@ async fn scrape_parses_has_help_and_matches_the_store() {
     // The forged link, the wrong admin token, the webhook past its limit.
     for (metric, labels) in [
         ("optinsync_link_refused_total", &[][..]),
-        ("optinsync_admin_refused_total", &[("reason", "bad_token")][..]),
-        ("optinsync_http_rate_limited_total", &[("limit", "webhook")][..]),
+        (
+            "optinsync_admin_refused_total",
+            &[("reason", "bad_token")][..],
+        ),
+        (
+            "optinsync_http_rate_limited_total",
+            &[("limit", "webhook")][..],
+        ),
     ] {
         assert!(
             value(&scrape, metric, labels).is_some_and(|n| n >= 1.0),
@@ -407,7 +438,10 @@ async fn scrape_parses_has_help_and_matches_the_store() {
     );
     let token = link.rsplit('/').next().unwrap();
     for forbidden in [token, "not-a-token", "/nowhere", ANA, INTRUDER] {
-        assert!(!text.contains(forbidden), "`{forbidden}` in a label:\n{text}");
+        assert!(
+            !text.contains(forbidden),
+            "`{forbidden}` in a label:\n{text}"
+        );
     }
     assert!(
         text.contains("optinsync_http_request_duration_seconds_bucket{"),

@@ -24,56 +24,236 @@ pub enum Kind {
 /// Every metric family the daemon and its connectors record: name, kind, HELP text.
 pub const FAMILIES: &[(&str, Kind, &str)] = &[
     // Build and consent state.
-    ("optinsync_build_info", Kind::Gauge, "Always 1; the labels name the running version and its commit."),
-    ("optinsync_consents", Kind::Gauge, "Contacts per list and consent state, from the store."),
-    ("optinsync_ledger_head_seq", Kind::Gauge, "Sequence number of the newest ledger event."),
-    ("optinsync_ledger_verify_ok", Kind::Gauge, "1 if the last full hash-chain verification of the ledger passed, 0 if it failed."),
-    ("optinsync_ledger_verify_last_timestamp_seconds", Kind::Gauge, "When the ledger was last verified (Unix time), whatever the result."),
-    ("optinsync_ledger_verified_events", Kind::Gauge, "Events checked by the last passed ledger verification."),
+    (
+        "optinsync_build_info",
+        Kind::Gauge,
+        "Always 1; the labels name the running version and its commit.",
+    ),
+    (
+        "optinsync_consents",
+        Kind::Gauge,
+        "Contacts per list and consent state, from the store.",
+    ),
+    (
+        "optinsync_ledger_head_seq",
+        Kind::Gauge,
+        "Sequence number of the newest ledger event.",
+    ),
+    (
+        "optinsync_ledger_verify_ok",
+        Kind::Gauge,
+        "1 if the last full hash-chain verification of the ledger passed, 0 if it failed.",
+    ),
+    (
+        "optinsync_ledger_verify_last_timestamp_seconds",
+        Kind::Gauge,
+        "When the ledger was last verified (Unix time), whatever the result.",
+    ),
+    (
+        "optinsync_ledger_verified_events",
+        Kind::Gauge,
+        "Events checked by the last passed ledger verification.",
+    ),
     // Outbox.
-    ("optinsync_outbox_pending", Kind::Gauge, "Outbox rows waiting for delivery, by kind."),
-    ("optinsync_outbox_dead_letters", Kind::Gauge, "Outbox rows given up after their attempts (dead letters), by kind."),
-    ("optinsync_outbox_oldest_pending_removal_age_seconds", Kind::Gauge, "Age of the oldest campaigns removal still waiting in the outbox (0 when none)."),
-    ("optinsync_outbox_delivery_total", Kind::Counter, "Outbox deliveries by kind and result."),
-    ("optinsync_outbox_batch_items", Kind::Histogram, "Rows per batched campaigns call, by kind."),
-    ("optinsync_circuit_open", Kind::Gauge, "1 while a connector's circuit breaker is open or half-open, 0 when closed."),
-    ("optinsync_connector_paused_total", Kind::Counter, "Deliveries the vendor asked to wait for a named time (a quota lock-out or a spent quota), by connector role."),
+    (
+        "optinsync_outbox_pending",
+        Kind::Gauge,
+        "Outbox rows waiting for delivery, by kind.",
+    ),
+    (
+        "optinsync_outbox_dead_letters",
+        Kind::Gauge,
+        "Outbox rows given up after their attempts (dead letters), by kind.",
+    ),
+    (
+        "optinsync_outbox_oldest_pending_removal_age_seconds",
+        Kind::Gauge,
+        "Age of the oldest campaigns removal still waiting in the outbox (0 when none).",
+    ),
+    (
+        "optinsync_outbox_delivery_total",
+        Kind::Counter,
+        "Outbox deliveries by kind and result.",
+    ),
+    (
+        "optinsync_outbox_batch_items",
+        Kind::Histogram,
+        "Rows per batched campaigns call, by kind.",
+    ),
+    (
+        "optinsync_circuit_open",
+        Kind::Gauge,
+        "1 while a connector's circuit breaker is open or half-open, 0 when closed.",
+    ),
+    (
+        "optinsync_connector_paused_total",
+        Kind::Counter,
+        "Deliveries the vendor asked to wait for a named time (a quota lock-out or a spent quota), by connector role.",
+    ),
     // Drift against the campaigns tool.
-    ("optinsync_drift_on_list_without_consent", Kind::Gauge, "Members of the campaigns list without consent that allows them there and with no removal pending."),
-    ("optinsync_drift_confirmed_missing", Kind::Gauge, "Contacts whose consent puts them on the list, absent from the campaigns list, with no subscribe pending."),
-    ("optinsync_drift_pending_removals", Kind::Gauge, "Removals from the list waiting in the outbox at the last drift check."),
-    ("optinsync_drift_oldest_pending_removal_age_seconds", Kind::Gauge, "Age of the list's oldest pending removal at the last drift check (0 when none)."),
-    ("optinsync_drift_last_computed_timestamp_seconds", Kind::Gauge, "When drift was last computed for the list (Unix time)."),
-    ("optinsync_drift_checks_total", Kind::Counter, "Drift checks per list by result (ok, failed)."),
+    (
+        "optinsync_drift_on_list_without_consent",
+        Kind::Gauge,
+        "Members of the campaigns list without consent that allows them there and with no removal pending.",
+    ),
+    (
+        "optinsync_drift_confirmed_missing",
+        Kind::Gauge,
+        "Contacts whose consent puts them on the list, absent from the campaigns list, with no subscribe pending.",
+    ),
+    (
+        "optinsync_drift_pending_removals",
+        Kind::Gauge,
+        "Removals from the list waiting in the outbox at the last drift check.",
+    ),
+    (
+        "optinsync_drift_oldest_pending_removal_age_seconds",
+        Kind::Gauge,
+        "Age of the list's oldest pending removal at the last drift check (0 when none).",
+    ),
+    (
+        "optinsync_drift_last_computed_timestamp_seconds",
+        Kind::Gauge,
+        "When drift was last computed for the list (Unix time).",
+    ),
+    (
+        "optinsync_drift_checks_total",
+        Kind::Counter,
+        "Drift checks per list by result (ok, failed).",
+    ),
     // HTTP.
-    ("optinsync_http_requests_total", Kind::Counter, "HTTP requests by route template, method and status."),
-    ("optinsync_http_request_duration_seconds", Kind::Histogram, "HTTP request latency by route template, method and status."),
-    ("optinsync_http_rate_limited_total", Kind::Counter, "Requests answered 429 by a rate limit, by limit."),
-    ("optinsync_link_refused_total", Kind::Counter, "Confirmation and unsubscribe links refused, by reason (token failures, cross-site, not mailed)."),
-    ("optinsync_admin_refused_total", Kind::Counter, "Admin API calls refused (401 bad token, throttled), by reason."),
-    ("optinsync_link_fetches_total", Kind::Counter, "GET/HEAD of confirmation and unsubscribe pages (people and link scanners), by page."),
-    ("optinsync_link_actions_total", Kind::Counter, "Confirmations and unsubscribes sent by people, by action and what the engine did."),
-    ("optinsync_webhook_calls_total", Kind::Counter, "Webhook calls by connector role and result (handled, refused, failed, unknown_connector)."),
+    (
+        "optinsync_http_requests_total",
+        Kind::Counter,
+        "HTTP requests by route template, method and status.",
+    ),
+    (
+        "optinsync_http_request_duration_seconds",
+        Kind::Histogram,
+        "HTTP request latency by route template, method and status.",
+    ),
+    (
+        "optinsync_http_rate_limited_total",
+        Kind::Counter,
+        "Requests answered 429 by a rate limit, by limit.",
+    ),
+    (
+        "optinsync_link_refused_total",
+        Kind::Counter,
+        "Confirmation and unsubscribe links refused, by reason (token failures, cross-site, not mailed).",
+    ),
+    (
+        "optinsync_admin_refused_total",
+        Kind::Counter,
+        "Admin API calls refused (401 bad token, throttled), by reason.",
+    ),
+    (
+        "optinsync_link_fetches_total",
+        Kind::Counter,
+        "GET/HEAD of confirmation and unsubscribe pages (people and link scanners), by page.",
+    ),
+    (
+        "optinsync_link_actions_total",
+        Kind::Counter,
+        "Confirmations and unsubscribes sent by people, by action and what the engine did.",
+    ),
+    (
+        "optinsync_webhook_calls_total",
+        Kind::Counter,
+        "Webhook calls by connector role and result (handled, refused, failed, unknown_connector).",
+    ),
     // Engine.
-    ("optinsync_consent_refused_total", Kind::Counter, "Inputs the consent state machine refused, by input."),
-    ("optinsync_rule_errors_total", Kind::Counter, "Rule script errors during decisions."),
-    ("optinsync_rules_reload_total", Kind::Counter, "Rule set reloads by result."),
-    ("optinsync_job_runs_total", Kind::Counter, "Periodic job runs on this instance by job and result."),
-    ("optinsync_job_duration_seconds", Kind::Histogram, "Duration of a periodic job run, by job."),
-    ("optinsync_job_last_success_timestamp_seconds", Kind::Gauge, "When a periodic job last succeeded on this instance (Unix time), by job."),
+    (
+        "optinsync_consent_refused_total",
+        Kind::Counter,
+        "Inputs the consent state machine refused, by input.",
+    ),
+    (
+        "optinsync_rule_errors_total",
+        Kind::Counter,
+        "Rule script errors during decisions.",
+    ),
+    (
+        "optinsync_rules_reload_total",
+        Kind::Counter,
+        "Rule set reloads by result.",
+    ),
+    (
+        "optinsync_job_runs_total",
+        Kind::Counter,
+        "Periodic job runs on this instance by job and result.",
+    ),
+    (
+        "optinsync_job_duration_seconds",
+        Kind::Histogram,
+        "Duration of a periodic job run, by job.",
+    ),
+    (
+        "optinsync_job_last_success_timestamp_seconds",
+        Kind::Gauge,
+        "When a periodic job last succeeded on this instance (Unix time), by job.",
+    ),
     // Connectors.
-    ("optinsync_vendor_quota_used_ratio", Kind::Gauge, "Share of a vendor quota window in use (the fullest window), by connector and endpoint."),
-    ("optinsync_zoho_campaigns_lockouts_total", Kind::Counter, "Calls refused because Zoho Campaigns locked the endpoint, by endpoint."),
-    ("optinsync_zoho_campaigns_quota_waits_total", Kind::Counter, "Zoho Campaigns calls that waited for a quota slot, by endpoint."),
-    ("optinsync_zoho_campaigns_quota_wait_seconds", Kind::Histogram, "Wait for a Zoho Campaigns quota slot, by endpoint."),
-    ("optinsync_zoho_campaigns_removal_checks_total", Kind::Counter, "Zoho Campaigns removal read-backs by answer code and finding."),
-    ("optinsync_zoho_crm_api_credits_remaining", Kind::Gauge, "Zoho CRM API credits left, as the last answer reported."),
-    ("optinsync_mailchimp_throttled_total", Kind::Counter, "Mailchimp answers 429 (too many requests)."),
-    ("optinsync_smtp_paced_rate", Kind::Gauge, "The SMTP transport's current paced sending rate, mails per second (0 = unpaced)."),
-    ("optinsync_exec_call_timeouts_total", Kind::Counter, "Exec connector calls that timed out, by connector."),
-    ("optinsync_exec_protocol_errors_total", Kind::Counter, "Exec connector lines that broke the protocol, by connector."),
-    ("optinsync_exec_process_exits_total", Kind::Counter, "Exec connector process exits, by connector."),
-    ("optinsync_exec_restarts_total", Kind::Counter, "Exec connector restarts by connector and result."),
+    (
+        "optinsync_vendor_quota_used_ratio",
+        Kind::Gauge,
+        "Share of a vendor quota window in use (the fullest window), by connector and endpoint.",
+    ),
+    (
+        "optinsync_zoho_campaigns_lockouts_total",
+        Kind::Counter,
+        "Calls refused because Zoho Campaigns locked the endpoint, by endpoint.",
+    ),
+    (
+        "optinsync_zoho_campaigns_quota_waits_total",
+        Kind::Counter,
+        "Zoho Campaigns calls that waited for a quota slot, by endpoint.",
+    ),
+    (
+        "optinsync_zoho_campaigns_quota_wait_seconds",
+        Kind::Histogram,
+        "Wait for a Zoho Campaigns quota slot, by endpoint.",
+    ),
+    (
+        "optinsync_zoho_campaigns_removal_checks_total",
+        Kind::Counter,
+        "Zoho Campaigns removal read-backs by answer code and finding.",
+    ),
+    (
+        "optinsync_zoho_crm_api_credits_remaining",
+        Kind::Gauge,
+        "Zoho CRM API credits left, as the last answer reported.",
+    ),
+    (
+        "optinsync_mailchimp_throttled_total",
+        Kind::Counter,
+        "Mailchimp answers 429 (too many requests).",
+    ),
+    (
+        "optinsync_smtp_paced_rate",
+        Kind::Gauge,
+        "The SMTP transport's current paced sending rate, mails per second (0 = unpaced).",
+    ),
+    (
+        "optinsync_exec_call_timeouts_total",
+        Kind::Counter,
+        "Exec connector calls that timed out, by connector.",
+    ),
+    (
+        "optinsync_exec_protocol_errors_total",
+        Kind::Counter,
+        "Exec connector lines that broke the protocol, by connector.",
+    ),
+    (
+        "optinsync_exec_process_exits_total",
+        Kind::Counter,
+        "Exec connector process exits, by connector.",
+    ),
+    (
+        "optinsync_exec_restarts_total",
+        Kind::Counter,
+        "Exec connector restarts by connector and result.",
+    ),
 ];
 
 /// Histogram buckets for latencies and durations, in seconds (5 ms to 5 min).

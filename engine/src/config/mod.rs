@@ -721,8 +721,8 @@ impl Default for RetentionConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MetricsConfig {
-    /// Consent counts per list, outbox backlog, ledger head: a few indexed or grouped reads
-    /// (default `"15s"`).
+    /// Consent counts per list, outbox backlog, ledger head (default `"30s"`). The consent
+    /// count scans the consents table: about 0.8 s on a reader at a million consents (SQLite).
     #[serde(default = "default_refresh")]
     pub refresh_interval: HumanDuration,
     /// Drift against the campaigns tool's member listing: pages of vendor calls (default
@@ -735,7 +735,7 @@ pub struct MetricsConfig {
 }
 
 fn default_refresh() -> HumanDuration {
-    HumanDuration(std::time::Duration::from_secs(15))
+    HumanDuration(std::time::Duration::from_secs(30))
 }
 
 fn default_drift() -> HumanDuration {
