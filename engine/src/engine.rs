@@ -347,6 +347,22 @@ impl Engine {
     }
 
     /// Unsubscribes, bounces and complaints made inside the Campaigns tool.
+    /// One page of `list`'s members in the campaigns tool (`import-existing`, drift).
+    pub(crate) async fn member_page(
+        &self,
+        list: &ListConfig,
+        cursor: Option<&Cursor>,
+    ) -> EngineResult<optinsync_plugin_api::MemberPage> {
+        self.connectors
+            .campaigns
+            .list_members(list.campaigns_list(), cursor)
+            .await
+            .map_err(|source| EngineError::Connector {
+                connector: "campaigns",
+                source,
+            })
+    }
+
     pub async fn pull_campaigns(&self) -> EngineResult<u64> {
         let mut changes = 0;
         for list in self.lists() {

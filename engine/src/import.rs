@@ -39,15 +39,7 @@ impl Engine {
         let mut cursor: Option<Cursor> = None;
         let today = Utc::now().format("%Y-%m-%d").to_string();
         loop {
-            let page = self
-                .connectors
-                .campaigns
-                .list_members(list.campaigns_list(), cursor.as_ref())
-                .await
-                .map_err(|source| EngineError::Connector {
-                    connector: "campaigns",
-                    source,
-                })?;
+            let page = self.member_page(list, cursor.as_ref()).await?;
             for member in &page.members {
                 stats.members += 1;
                 let Ok(address) = email::normalise(&member.email) else {

@@ -258,13 +258,7 @@ async fn busy_daemon(demo: &Demo) -> (Daemon, String) {
     let client = http();
     let base = format!("http://127.0.0.1:{}", demo.port);
 
-    let link = demo.confirm_link(ANA);
-    assert_eq!(
-        click_confirm(&client, &link, "e2e-browser/1.0")
-            .await
-            .status(),
-        200
-    );
+    let link = confirm_mailed(demo, &client, ANA).await;
     let forged = client
         .get(format!("{base}/confirm/not-a-token"))
         .send()
