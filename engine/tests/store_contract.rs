@@ -161,6 +161,8 @@ store_contract! {
     check_rename_contact => sqlite_check_rename_contact, postgres_check_rename_contact;
     check_erase_sets_the_erased_flag =>
         sqlite_check_erase_sets_the_erased_flag, postgres_check_erase_sets_the_erased_flag;
+    check_gauge_and_drift_reads =>
+        sqlite_check_gauge_and_drift_reads, postgres_check_gauge_and_drift_reads;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1619,6 +1621,118 @@ async fn check_consent_summary(db: TestDb) {
             ("news".into(), "withdrawn".into(), 1, t(3), t(3)),
             ("other".into(), "asserted".into(), 1, t(2), t(2)),
         ]
+    );
+}
+
+/// The reads behind the gauges and the drift check: outbox backlog per kind (pending and
+/// dead, with the oldest's queue time), the ledger head, a list's consents with addresses, and
+/// its pending campaigns writes.
+async fn check_gauge_and_drift_reads(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    assert!(s.outbox_backlog().await.expect("empty").is_empty());
+    assert_eq!(s.ledger_head().await.expect("empty head"), 0);
+    assert!(s.list_consents("news").await.expect("none").is_empty());
+    assert!(s.pending_list_work("news").await.expect("none").is_empty());
+
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    let row = |work: OutboxWork, priority: i32, key: &str, contact: &str, list: &str| NewOutbox {
+        work,
+        priority,
+        idempotency_key: key.into(),
+        contact_id: contact.into(),
+        list_id: list.into(),
+    };
+    let mut ca = simple_commit(&a, "news", None, S::None, S::Confirmed, t(1));
+    ca.outbox.push(row(
+        OutboxWork::CampaignsSubscribe {},
+        PRIORITY_NORMAL,
+        "sub-a",
+        &a,
+        "news",
+    ));
+    s.commit(&ca).await.expect("a");
+    let mut cb = simple_commit(&b, "news", None, S::None, S::Withdrawn, t(2));
+    cb.outbox.push(row(
+        OutboxWork::CampaignsRemove {
+            email: Some("b@example.org".into()),
+        },
+        PRIORITY_LEGAL,
+        "rm-b",
+        &b,
+        "news",
+    ));
+    s.commit(&cb).await.expect("b");
+    let mut co = simple_commit(&a, "other", None, S::None, S::Pending, t(3));
+    co.outbox.push(row(
+        mail_work("tok"),
+        PRIORITY_NORMAL,
+        "mail-a",
+        &a,
+        "other",
+    ));
+    let last = s.commit(&co).await.expect("other");
+    // The mail gives up: a dead letter; the campaigns rows stay pending (claimed or not).
+    for item in s.claim_outbox("w", t(4), t(100), 10).await.expect("claim") {
+        if item.idempotency_key == "mail-a" {
+            s.finish_outbox(item.id, "w", &Finish::Dead { error: "no".into() }, t(5))
+                .await
+                .expect("dead");
+        }
+    }
+
+    assert_eq!(s.ledger_head().await.expect("head"), last.seq);
+    let backlog: Vec<(String, bool, i64, DateTime<Utc>)> = s
+        .outbox_backlog()
+        .await
+        .expect("backlog")
+        .into_iter()
+        .map(|b| (b.kind, b.dead, b.count, b.oldest_created))
+        .collect();
+    assert_eq!(
+        backlog,
+        vec![
+            ("campaigns_remove".into(), false, 1, t(2)),
+            ("campaigns_subscribe".into(), false, 1, t(1)),
+            ("mail".into(), true, 1, t(3)),
+        ]
+    );
+
+    let mut consents: Vec<(String, String, &str)> = s
+        .list_consents("news")
+        .await
+        .expect("consents")
+        .into_iter()
+        .map(|c| (c.contact_id, c.email, c.state.as_str()))
+        .collect();
+    consents.sort();
+    let mut want = vec![
+        (a.clone(), "a@example.org".to_owned(), "confirmed"),
+        (b.clone(), "b@example.org".to_owned(), "withdrawn"),
+    ];
+    want.sort();
+    assert_eq!(consents, want);
+
+    let mut pending: Vec<(String, bool, Option<String>, DateTime<Utc>)> = s
+        .pending_list_work("news")
+        .await
+        .expect("pending")
+        .into_iter()
+        .map(|p| (p.contact_id, p.removal, p.email, p.created_at))
+        .collect();
+    pending.sort();
+    let mut want = vec![
+        (a.clone(), false, None, t(1)),
+        (b.clone(), true, Some("b@example.org".to_owned()), t(2)),
+    ];
+    want.sort();
+    assert_eq!(pending, want);
+    assert!(
+        s.pending_list_work("other")
+            .await
+            .expect("other")
+            .is_empty()
     );
 }
 
