@@ -8,6 +8,8 @@
 //! - every `drift_interval`: drift against the campaigns tool ([`optinsync_engine::drift`]),
 //!   under the `drift-check` lease, so among instances sharing a database only one lists the
 //!   vendor's members.
+//!
+//! It only reads, so shutdown cancels it wherever it is.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
