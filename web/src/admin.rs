@@ -349,6 +349,58 @@ pub fn contact_json(
     })
 }
 
+/// One line of a contact's history as `contact show` prints it (and the console shows it):
+/// the event, then its evidence fields.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TimelineEntry {
+    pub seq: i64,
+    pub line: String,
+    pub fields: Vec<(&'static str, String)>,
+}
+
+/// A contact's history, oldest first, in `contact show`'s words.
+pub fn timeline(events: &[LedgerEvent]) -> Vec<TimelineEntry> {
+    events
+        .iter()
+        .map(|e| {
+            let ev = e.evidence();
+            let rule = ev.rule_file.map(|f| {
+                format!(
+                    "{f} sha256:{}",
+                    ev.rule_hash
+                        .as_deref()
+                        .map(|h| &h[..h.len().min(16)])
+                        .unwrap_or("?")
+                )
+            });
+            let fields = [
+                ("reason", ev.reason),
+                ("rule", rule),
+                ("crm record", ev.crm_record),
+                ("token", ev.token_id),
+                ("message-id", ev.message_id),
+                ("content sha256", ev.content_hash),
+                ("mail content sha256", ev.mail_content_hash),
+                ("method", ev.method),
+                ("ip", ev.ip),
+                ("user agent", ev.user_agent),
+                ("detail", ev.detail),
+            ];
+            TimelineEntry {
+                seq: e.seq,
+                line: format!(
+                    "#{:<5} {}  {:<12} {} -> {}  {} (by {})",
+                    e.seq, e.at, e.list_id, e.from_state, e.to_state, e.kind, e.source
+                ),
+                fields: fields
+                    .into_iter()
+                    .filter_map(|(name, v)| v.map(|v| (name, v)))
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
 /// When each list's open signups settle: pending ones at the end of their list's pending
 /// window, asserted ones (about to be asked) a window from now, revalidating ones at the end
 /// of the grace period.

@@ -34,6 +34,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .merge(crate::links::routes(&engine))
         .merge(crate::webhooks::routes(&engine))
         .merge(crate::admin::routes(&engine))
+        .merge(crate::console::routes(&engine))
         .with_state(engine)
         // A body that trickles in slower than this is cut off (the head has its own timeout).
         .layer(RequestBodyTimeoutLayer::new(body_timeout));

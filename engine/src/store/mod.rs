@@ -199,6 +199,42 @@ pub struct OutboxCounts {
     pub dead: i64,
 }
 
+/// A count per list and UTC day (`YYYY-MM-DD`) of one kind (a ledger event kind, or a
+/// consent state): the operator console's charts and histograms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DayCount {
+    pub list_id: String,
+    pub day: String,
+    pub kind: String,
+    pub count: i64,
+}
+
+/// Distinct contacts per list that ever reached a consent state (the console's funnel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StateReach {
+    pub list_id: String,
+    pub state: String,
+    pub contacts: i64,
+}
+
+/// Outbox rows per list, kind and status, with the oldest row's creation time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboxDepth {
+    pub list_id: String,
+    pub kind: String,
+    pub status: String,
+    pub count: i64,
+    pub oldest: DateTime<Utc>,
+}
+
+/// A job lease ([`Store::try_lease`]) as stored: who holds it until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    pub until: DateTime<Utc>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Apply this backend's migrations.
@@ -350,6 +386,23 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Contacts per (list, state) with the oldest and newest `since`, for `optinsync status`.
     async fn consent_summary(&self) -> StoreResult<Vec<ConsentSummary>>;
+
+    /// Ledger events per list, UTC day and kind at or after `since` (console charts).
+    async fn events_per_day(&self, since: DateTime<Utc>) -> StoreResult<Vec<DayCount>>;
+    /// Distinct contacts per list that ever entered each state, from the ledger.
+    async fn states_reached(&self) -> StoreResult<Vec<StateReach>>;
+    /// Consents in `state` per list and UTC day of their `since` (the age histogram).
+    async fn consents_per_day(&self, state: &str) -> StoreResult<Vec<DayCount>>;
+    /// Unfinished (`pending`, `dead`) outbox rows per list, kind and status.
+    async fn outbox_depth(&self) -> StoreResult<Vec<OutboxDepth>>;
+    /// Every job lease, expired ones included.
+    async fn leases(&self) -> StoreResult<Vec<Lease>>;
+    /// `(address, state)` of every consent on `list_id` (erased contacts left out): the
+    /// ledger's side of a drift comparison with the campaigns list.
+    async fn list_consents(
+        &self,
+        list_id: &str,
+    ) -> StoreResult<Vec<(String, crate::consent::ConsentState)>>;
 
     /// Shared vendor quotas ([`crate::quota`]): count one call of `key` in every window if
     /// each has room and the key is not locked. One transaction, serialised per key, so

@@ -115,6 +115,15 @@ macro_rules! shared_store_impl {
             })
         }
 
+        fn day_count_from(row: &Row) -> StoreResult<crate::store::DayCount> {
+            Ok(crate::store::DayCount {
+                list_id: row.try_get("list_id")?,
+                day: row.try_get("day")?,
+                kind: row.try_get("kind")?,
+                count: row.try_get("n")?,
+            })
+        }
+
         fn outbox_from(row: &Row) -> StoreResult<OutboxItem> {
             Ok(OutboxItem {
                 id: row.try_get("id")?,
@@ -977,6 +986,94 @@ macro_rules! shared_store_impl {
                             newest_since: parse_time("consents", &r.try_get::<String, _>("newest")?)?,
                         })
                     })
+                    .collect()
+            }
+
+            async fn events_per_day(&self, since: DateTime<Utc>) -> StoreResult<Vec<crate::store::DayCount>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, substr(at, 1, 10) AS day, kind, COUNT(*) AS n FROM ledger \
+                     WHERE at >= $1 GROUP BY list_id, substr(at, 1, 10), kind ORDER BY list_id, day, kind",
+                )
+                .bind(format_time(since))
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter().map(day_count_from).collect()
+            }
+
+            async fn states_reached(&self) -> StoreResult<Vec<crate::store::StateReach>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, to_state, COUNT(DISTINCT contact_id) AS n FROM ledger \
+                     GROUP BY list_id, to_state ORDER BY list_id, to_state",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::StateReach {
+                            list_id: r.try_get("list_id")?,
+                            state: r.try_get("to_state")?,
+                            contacts: r.try_get("n")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn consents_per_day(&self, state: &str) -> StoreResult<Vec<crate::store::DayCount>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, substr(since, 1, 10) AS day, state AS kind, COUNT(*) AS n FROM consents \
+                     WHERE state = $1 GROUP BY list_id, substr(since, 1, 10), state ORDER BY list_id, day",
+                )
+                .bind(state)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter().map(day_count_from).collect()
+            }
+
+            async fn outbox_depth(&self) -> StoreResult<Vec<crate::store::OutboxDepth>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, kind, status, COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox \
+                     WHERE status IN ('pending', 'dead') GROUP BY list_id, kind, status ORDER BY list_id, kind, status",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::OutboxDepth {
+                            list_id: r.try_get("list_id")?,
+                            kind: r.try_get("kind")?,
+                            status: r.try_get("status")?,
+                            count: r.try_get("n")?,
+                            oldest: parse_time("outbox", &r.try_get::<String, _>("oldest")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn leases(&self) -> StoreResult<Vec<crate::store::Lease>> {
+                let rows = sqlx::query("SELECT name, holder, until FROM leases ORDER BY name")
+                    .fetch_all(&self.reader)
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::Lease {
+                            name: r.try_get("name")?,
+                            holder: r.try_get("holder")?,
+                            until: parse_time("leases", &r.try_get::<String, _>("until")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn list_consents(&self, list_id: &str) -> StoreResult<Vec<(String, crate::consent::ConsentState)>> {
+                let rows = sqlx::query(
+                    "SELECT c.email, s.state FROM consents s JOIN contacts c ON c.id = s.contact_id \
+                     WHERE s.list_id = $1 AND NOT c.erased ORDER BY c.email",
+                )
+                .bind(list_id)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get("email")?, parse_state("consents", &r.try_get::<String, _>("state")?)?)))
                     .collect()
             }
 

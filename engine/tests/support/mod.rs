@@ -321,6 +321,33 @@ impl Store for RacingStore {
     async fn consent_summary(&self) -> StoreResult<Vec<ConsentSummary>> {
         self.inner.consent_summary().await
     }
+    async fn events_per_day(
+        &self,
+        since: DateTime<Utc>,
+    ) -> StoreResult<Vec<optinsync_engine::store::DayCount>> {
+        self.inner.events_per_day(since).await
+    }
+    async fn states_reached(&self) -> StoreResult<Vec<optinsync_engine::store::StateReach>> {
+        self.inner.states_reached().await
+    }
+    async fn consents_per_day(
+        &self,
+        state: &str,
+    ) -> StoreResult<Vec<optinsync_engine::store::DayCount>> {
+        self.inner.consents_per_day(state).await
+    }
+    async fn outbox_depth(&self) -> StoreResult<Vec<optinsync_engine::store::OutboxDepth>> {
+        self.inner.outbox_depth().await
+    }
+    async fn leases(&self) -> StoreResult<Vec<optinsync_engine::store::Lease>> {
+        self.inner.leases().await
+    }
+    async fn list_consents(
+        &self,
+        list_id: &str,
+    ) -> StoreResult<Vec<(String, optinsync_engine::consent::ConsentState)>> {
+        self.inner.list_consents(list_id).await
+    }
     async fn quota_take(
         &self,
         key: &str,
