@@ -161,6 +161,7 @@ store_contract! {
     check_rename_contact => sqlite_check_rename_contact, postgres_check_rename_contact;
     check_erase_sets_the_erased_flag =>
         sqlite_check_erase_sets_the_erased_flag, postgres_check_erase_sets_the_erased_flag;
+    check_console_reads => sqlite_check_console_reads, postgres_check_console_reads;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1619,6 +1620,175 @@ async fn check_consent_summary(db: TestDb) {
             ("news".into(), "withdrawn".into(), 1, t(3), t(3)),
             ("other".into(), "asserted".into(), 1, t(2), t(2)),
         ]
+    );
+}
+
+/// The operator console's reads: events per day, states ever reached, consents per day of
+/// `since`, unfinished outbox rows, leases and a list's consents.
+async fn check_console_reads(db: TestDb) {
+    use ConsentState as S;
+    use optinsync_engine::store::{DayCount, Lease, OutboxDepth, StateReach};
+    let s = &*db.store;
+    const DAY: i64 = 86_400;
+    let day0 = t(0).format("%Y-%m-%d").to_string();
+    let day1 = t(DAY).format("%Y-%m-%d").to_string();
+    assert_ne!(day0, day1);
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    let seq = |e: LedgerEvent| Some(e.seq);
+    let a1 = seq(s
+        .commit(&simple_commit(&a, "news", None, S::None, S::Asserted, t(0)))
+        .await
+        .expect("a"));
+    let a2 = seq(s
+        .commit(&simple_commit(
+            &a,
+            "news",
+            a1,
+            S::Asserted,
+            S::Pending,
+            t(DAY),
+        ))
+        .await
+        .expect("a"));
+    let mut confirm = simple_commit(&a, "news", a2, S::Pending, S::Confirmed, t(DAY + 60));
+    for key in ["k1", "k2"] {
+        confirm.outbox.push(NewOutbox {
+            work: mail_work(""),
+            priority: PRIORITY_NORMAL,
+            idempotency_key: key.into(),
+            contact_id: a.clone(),
+            list_id: "news".into(),
+        });
+    }
+    s.commit(&confirm).await.expect("a");
+    let b1 = seq(s
+        .commit(&simple_commit(
+            &b,
+            "news",
+            None,
+            S::None,
+            S::Asserted,
+            t(60),
+        ))
+        .await
+        .expect("b"));
+    s.commit(&simple_commit(
+        &b,
+        "news",
+        b1,
+        S::Asserted,
+        S::Pending,
+        t(120),
+    ))
+    .await
+    .expect("b");
+    s.commit(&simple_commit(
+        &b,
+        "other",
+        None,
+        S::None,
+        S::Asserted,
+        t(0),
+    ))
+    .await
+    .expect("b");
+
+    let dc = |list: &str, day: &str, kind: &str, count: i64| DayCount {
+        list_id: list.into(),
+        day: day.into(),
+        kind: kind.into(),
+        count,
+    };
+    assert_eq!(
+        s.events_per_day(t(0)).await.expect("per day"),
+        vec![
+            dc("news", &day0, "asserted", 2),
+            dc("news", &day0, "pending", 1),
+            dc("news", &day1, "confirmed", 1),
+            dc("news", &day1, "pending", 1),
+            dc("other", &day0, "asserted", 1),
+        ]
+    );
+    assert_eq!(
+        s.events_per_day(t(DAY)).await.expect("per day"),
+        vec![
+            dc("news", &day1, "confirmed", 1),
+            dc("news", &day1, "pending", 1)
+        ]
+    );
+    let reach = |list: &str, state: &str, contacts: i64| StateReach {
+        list_id: list.into(),
+        state: state.into(),
+        contacts,
+    };
+    assert_eq!(
+        s.states_reached().await.expect("reached"),
+        vec![
+            reach("news", "asserted", 2),
+            reach("news", "confirmed", 1),
+            reach("news", "pending", 2),
+            reach("other", "asserted", 1),
+        ]
+    );
+    assert_eq!(
+        s.consents_per_day("pending").await.expect("pending"),
+        vec![dc("news", &day0, "pending", 1)]
+    );
+
+    let claimed = s
+        .claim_outbox("w", t(DAY + 61), t(DAY + 999), 1)
+        .await
+        .expect("claim");
+    s.finish_outbox(
+        claimed[0].id,
+        "w",
+        &Finish::Dead { error: "x".into() },
+        t(DAY + 62),
+    )
+    .await
+    .expect("dead");
+    let depth = |status: &str| OutboxDepth {
+        list_id: "news".into(),
+        kind: "mail".into(),
+        status: status.into(),
+        count: 1,
+        oldest: t(DAY + 60),
+    };
+    assert_eq!(
+        s.outbox_depth().await.expect("depth"),
+        vec![depth("dead"), depth("pending")]
+    );
+
+    assert!(s.leases().await.expect("leases").is_empty());
+    assert!(
+        s.try_lease("job", "host/1", t(0), t(60))
+            .await
+            .expect("lease")
+    );
+    assert_eq!(
+        s.leases().await.expect("leases"),
+        vec![Lease {
+            name: "job".into(),
+            holder: "host/1".into(),
+            until: t(60),
+        }]
+    );
+
+    assert_eq!(
+        s.list_consents("news").await.expect("consents"),
+        vec![
+            ("a@example.org".to_owned(), S::Confirmed),
+            ("b@example.org".to_owned(), S::Pending),
+        ]
+    );
+    s.erase_contact(&b, "hash-of-b", t(DAY * 2))
+        .await
+        .expect("erase");
+    assert_eq!(
+        s.list_consents("news").await.expect("consents"),
+        vec![("a@example.org".to_owned(), S::Confirmed)],
+        "an erased contact has no address to compare"
     );
 }
 

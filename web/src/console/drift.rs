@@ -13,12 +13,15 @@ use chrono::{DateTime, Utc};
 use optinsync_engine::drift::DriftReport;
 use optinsync_engine::engine::Engine;
 
-use super::{Console, Operator, check_csrf};
+use super::{Console, Operator, csrf_refusal};
 
-/// The last computation per list (`Err`: why it could not be computed, and when).
+/// One computation: the report, or when and why it could not be computed.
+type Outcome = Result<DriftReport, (DateTime<Utc>, String)>;
+
+/// The last computation per list.
 #[derive(Debug, Default)]
 pub struct Cache {
-    last: Mutex<BTreeMap<String, Result<DriftReport, (DateTime<Utc>, String)>>>,
+    last: Mutex<BTreeMap<String, Outcome>>,
 }
 
 /// Addresses shown per kind of drift; the counts are always complete.
@@ -38,7 +41,7 @@ pub async fn compute(
     Extension(op): Extension<Operator>,
     axum::Form(form): axum::Form<super::Csrf>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&op, &form.csrf) {
+    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
         return refused;
     }
     for list in engine.lists() {

@@ -177,17 +177,15 @@ pub struct Csrf {
     pub csrf: String,
 }
 
-/// `Err` (403) unless `given` is the session's CSRF token.
-fn check_csrf(op: &Operator, given: &str) -> Result<(), Response> {
-    if auth::same_secret(&op.0.csrf, given) {
-        Ok(())
-    } else {
-        Err((
+/// The refusal (403) unless `given` is the session's CSRF token.
+fn csrf_refusal(op: &Operator, given: &str) -> Option<Response> {
+    (!auth::same_secret(&op.0.csrf, given)).then(|| {
+        (
             StatusCode::FORBIDDEN,
             "the form's CSRF token is missing or stale; reload the page\n",
         )
-            .into_response())
-    }
+            .into_response()
+    })
 }
 
 fn now_secs() -> i64 {
@@ -271,7 +269,7 @@ async fn logout(
     headers: HeaderMap,
     axum::Form(form): axum::Form<Csrf>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&op, &form.csrf) {
+    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
         return refused;
     }
     if let Some(c) = headers

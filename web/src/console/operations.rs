@@ -14,7 +14,7 @@ use chrono::Utc;
 use optinsync_engine::engine::Engine;
 use optinsync_engine::operator::{self, DropOutcome};
 
-use super::{Console, Operator, check_csrf, unavailable};
+use super::{Console, Operator, csrf_refusal, unavailable};
 
 #[derive(Debug, serde::Deserialize)]
 pub struct LetterForm {
@@ -154,7 +154,7 @@ pub async fn verify(
     Extension(op): Extension<Operator>,
     axum::Form(form): axum::Form<super::Csrf>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&op, &form.csrf) {
+    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
         return refused;
     }
     match engine.verify_ledger().await {
@@ -180,7 +180,7 @@ pub async fn retry(
     Extension(op): Extension<Operator>,
     axum::Form(form): axum::Form<LetterForm>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&op, &form.csrf) {
+    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
         return refused;
     }
     let (status, notice) = match engine.retry_dead_letter(form.id).await {
@@ -216,7 +216,7 @@ pub async fn drop_letter(
     Extension(op): Extension<Operator>,
     axum::Form(form): axum::Form<LetterForm>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&op, &form.csrf) {
+    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
         return refused;
     }
     let force = form.force.as_deref() == Some("yes");

@@ -15,7 +15,7 @@ use optinsync_engine::export;
 use optinsync_engine::ledger::EventSource;
 use optinsync_engine::store::Contact;
 
-use super::{Console, Operator, check_csrf, unavailable};
+use super::{Console, Operator, csrf_refusal, unavailable};
 use crate::admin::timeline;
 
 #[derive(Debug, serde::Deserialize)]
@@ -64,7 +64,7 @@ pub async fn lookup(
     Extension(op): Extension<Operator>,
     axum::Form(form): axum::Form<Lookup>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&op, &form.csrf) {
+    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
         return refused;
     }
     let Ok(address) = email::normalise(&form.email) else {
@@ -154,7 +154,7 @@ pub async fn erase(
     Extension(op): Extension<Operator>,
     axum::Form(form): axum::Form<Erase>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&op, &form.csrf) {
+    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
         return refused;
     }
     let contact = match contact_by_id(&engine, &console, &form.contact_id).await {
@@ -215,7 +215,7 @@ pub async fn proof(
     Extension(op): Extension<Operator>,
     axum::Form(form): axum::Form<Proof>,
 ) -> Response {
-    if let Err(refused) = check_csrf(&op, &form.csrf) {
+    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
         return refused;
     }
     let contact = match contact_by_id(&engine, &console, &form.contact_id).await {
