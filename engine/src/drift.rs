@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::config::ListConfig;
 use crate::consent::ConsentState;
 use crate::email;
-use crate::engine::{Engine, EngineError, EngineResult};
+use crate::engine::{Engine, EngineResult};
 use crate::store::OutboxDepth;
 
 /// One comparison of a list, as the operator console shows it.
@@ -89,15 +89,7 @@ impl Engine {
         let mut members = Vec::new();
         let mut cursor: Option<Cursor> = None;
         loop {
-            let page = self
-                .connectors
-                .campaigns
-                .list_members(list.campaigns_list(), cursor.as_ref())
-                .await
-                .map_err(|source| EngineError::Connector {
-                    connector: "campaigns",
-                    source,
-                })?;
+            let page = self.members_page(list, cursor.as_ref()).await?;
             members.extend(page.members.into_iter().map(|m| m.email));
             if !page.has_more || page.next_cursor.is_none() {
                 break;

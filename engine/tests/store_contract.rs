@@ -265,6 +265,19 @@ fn mail_work(token: &str) -> OutboxWork {
     }
 }
 
+/// Queue a DOI mail row under each of `keys` with `c`.
+fn push_mails(c: &mut Commit, keys: &[&str]) {
+    for key in keys {
+        c.outbox.push(NewOutbox {
+            work: mail_work(""),
+            priority: PRIORITY_NORMAL,
+            idempotency_key: (*key).into(),
+            contact_id: c.contact_id.clone(),
+            list_id: c.list_id.clone(),
+        });
+    }
+}
+
 /// A state change of one pair with no outbox rows or suppression.
 fn simple_commit(
     contact_id: &str,
@@ -1652,15 +1665,7 @@ async fn check_console_reads(db: TestDb) {
         .await
         .expect("a"));
     let mut confirm = simple_commit(&a, "news", a2, S::Pending, S::Confirmed, t(DAY + 60));
-    for key in ["k1", "k2"] {
-        confirm.outbox.push(NewOutbox {
-            work: mail_work(""),
-            priority: PRIORITY_NORMAL,
-            idempotency_key: key.into(),
-            contact_id: a.clone(),
-            list_id: "news".into(),
-        });
-    }
+    push_mails(&mut confirm, &["k1", "k2"]);
     s.commit(&confirm).await.expect("a");
     let b1 = seq(s
         .commit(&simple_commit(
@@ -1797,15 +1802,7 @@ async fn check_dead_letters_retry_and_drop(db: TestDb) {
     let s = &*db.store;
     let a = new_contact(s, "a@example.org").await;
     let mut c = simple_commit(&a, "news", None, S::None, S::Asserted, t(1));
-    for key in ["k1", "k2"] {
-        c.outbox.push(NewOutbox {
-            work: mail_work(""),
-            priority: PRIORITY_NORMAL,
-            idempotency_key: key.into(),
-            contact_id: a.clone(),
-            list_id: "news".into(),
-        });
-    }
+    push_mails(&mut c, &["k1", "k2"]);
     s.commit(&c).await.expect("commit");
     let claimed = s.claim_outbox("w", t(2), t(100), 10).await.expect("claim");
     assert_eq!(claimed.len(), 2);

@@ -71,14 +71,7 @@ async fn login(
     demo: &Demo,
     password: &str,
 ) -> Result<(String, String), reqwest::Response> {
-    let page = client
-        .get(format!("{}/console/login", base(demo)))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let (_, page) = get_page(client, &format!("{}/console/login", base(demo)), None).await;
     let body = format!(
         "token={}&password={}",
         urlencode(&field(&page, "token")),
@@ -99,13 +92,12 @@ async fn login(
     Ok((pair, set))
 }
 
-async fn get_page(client: &reqwest::Client, url: &str, cookie: &str) -> (u16, String) {
-    let r = client
-        .get(url)
-        .header("cookie", cookie)
-        .send()
-        .await
-        .unwrap();
+async fn get_page(client: &reqwest::Client, url: &str, cookie: Option<&str>) -> (u16, String) {
+    let mut req = client.get(url);
+    if let Some(c) = cookie {
+        req = req.header("cookie", c);
+    }
+    let r = req.send().await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
 
@@ -201,7 +193,7 @@ async fn login_logout_csrf_and_throttled_failures() {
         !set_cookie.contains("Secure"),
         "no Secure flag on a plain-http public URL: {set_cookie}"
     );
-    let (status, overview) = get_page(&client, &console, &cookie).await;
+    let (status, overview) = get_page(&client, &console, Some(cookie.as_str())).await;
     assert_eq!(status, 200);
     assert!(overview.contains("Overview") && overview.contains("newsletter"));
     assert!(!overview.contains("<script"), "the console runs no script");
@@ -209,7 +201,7 @@ async fn login_logout_csrf_and_throttled_failures() {
 
     // A state-changing POST needs the session's CSRF token, and a same-origin request.
     let verify = format!("{console}/operations/verify");
-    let r = post_form(&client, &verify, Some(&cookie), "csrf=forged").await;
+    let r = post_form(&client, &verify, Some(cookie.as_str()), "csrf=forged").await;
     assert_eq!(r.status(), 403);
     let r = client
         .post(&verify)
@@ -221,7 +213,13 @@ async fn login_logout_csrf_and_throttled_failures() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403, "cross-site POST");
-    let r = post_form(&client, &verify, Some(&cookie), &format!("csrf={csrf}")).await;
+    let r = post_form(
+        &client,
+        &verify,
+        Some(cookie.as_str()),
+        &format!("csrf={csrf}"),
+    )
+    .await;
     assert_eq!(r.status(), 200);
     let page = r.text().await.unwrap();
     assert!(page.contains("Ledger verified just now."), "{page}");
@@ -233,7 +231,12 @@ async fn login_logout_csrf_and_throttled_failures() {
         .and_then(|s| s.split(' ').next())
         .unwrap()
         .to_owned();
-    let (_, ops) = get_page(&client, &format!("{console}/operations"), &cookie).await;
+    let (_, ops) = get_page(
+        &client,
+        &format!("{console}/operations"),
+        Some(cookie.as_str()),
+    )
+    .await;
     assert!(
         ops.contains(&format!("verified</strong>, {events} events")),
         "{ops}"
@@ -243,7 +246,7 @@ async fn login_logout_csrf_and_throttled_failures() {
     let r = post_form(
         &client,
         &format!("{console}/logout"),
-        Some(&cookie),
+        Some(cookie.as_str()),
         &format!("csrf={csrf}"),
     )
     .await;
@@ -254,13 +257,8 @@ async fn login_logout_csrf_and_throttled_failures() {
             .unwrap()
             .contains("Max-Age=0")
     );
-    let r = client
-        .get(&console)
-        .header("cookie", &cookie)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 303, "logged out");
+    let (status, _) = get_page(&client, &console, Some(cookie.as_str())).await;
+    assert_eq!(status, 303, "logged out");
 
     // Failed logins are throttled per client: after 5 in a minute even the right password
     // waits (2 were refused above).
@@ -405,13 +403,7 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
         assert_eq!(click_confirm(&client, &link, "e2e").await.status(), 200);
     }
     wait_until(20, "five on the list", || demo.list_members().len() == 5);
-    let r = client
-        .post(demo.unsubscribe_link(&email(4)))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("List-Unsubscribe=One-Click")
-        .send()
-        .await
-        .unwrap();
+    let r = one_click(&client, &demo.unsubscribe_link(&email(4))).await;
     assert_eq!(r.status(), 200);
     wait_until(20, "the removal", || demo.list_members().len() == 4);
     let db = sqlx::SqlitePool::connect(&demo.sqlite_url()).await.unwrap();
@@ -685,14 +677,14 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
 
     // The proof bundle downloads (over HTTP with a session of its own).
     let (cookie, _) = login(&client, &demo, ADMIN_TOKEN).await.unwrap();
-    let (_, page) = get_page(&client, &format!("{console}/person"), &cookie).await;
+    let (_, page) = get_page(&client, &format!("{console}/person"), Some(cookie.as_str())).await;
     let csrf = field(&page, "csrf");
     let ana = store.contact_by_email(&email(0)).await.unwrap().unwrap();
     for format in ["json", "html"] {
         let r = post_form(
             &client,
             &format!("{console}/person/proof"),
-            Some(&cookie),
+            Some(cookie.as_str()),
             &format!("csrf={csrf}&contact_id={}&format={format}", ana.id),
         )
         .await;

@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::links::{rate_key, request_client};
+use crate::links::{rate_key, request_client, trusted_proxies};
 use optinsync_engine::config::LoadedConfig;
 use optinsync_engine::consent::Consent;
 use optinsync_engine::email;
@@ -52,13 +52,7 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
     };
     let guard = Arc::new(AdminGuard {
         expected: Sha256::digest(token.as_bytes()).into(),
-        trusted: engine
-            .settings()
-            .server
-            .trusted_proxies
-            .iter()
-            .map(|ip| ip.to_canonical())
-            .collect(),
+        trusted: trusted_proxies(&engine.settings().server),
         failures: FailureWindow::new(Duration::from_secs(60), FAILURES_PER_MINUTE),
         warn: SampledWarn::new(Duration::from_secs(60)),
     });

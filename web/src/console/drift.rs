@@ -3,17 +3,15 @@
 //! the last result with the time it was computed.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use axum::Extension;
-use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Utc};
 
 use optinsync_engine::drift::DriftReport;
-use optinsync_engine::engine::Engine;
 
-use super::{Console, Operator, csrf_refusal};
+use super::{Checked, Csrf, Ctx};
 
 /// One computation: the report, or when and why it could not be computed.
 type Outcome = Result<DriftReport, (DateTime<Utc>, String)>;
@@ -27,25 +25,13 @@ pub struct Cache {
 /// Addresses shown per kind of drift; the counts are always complete.
 const SHOWN: usize = 200;
 
-pub async fn page(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-) -> Response {
-    render(&engine, &console, &op)
+pub async fn page(cx: Ctx) -> Response {
+    render(&cx)
 }
 
-pub async fn compute(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-    axum::Form(form): axum::Form<super::Csrf>,
-) -> Response {
-    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
-        return refused;
-    }
-    for list in engine.lists() {
-        let result = engine.drift(list).await.map_err(|e| {
+pub async fn compute(cx: Ctx, Checked(_): Checked<Csrf>) -> Response {
+    for list in cx.engine.lists() {
+        let result = cx.engine.drift(list).await.map_err(|e| {
             tracing::warn!(list = %list.id, error = %e, "console: drift could not be computed");
             (Utc::now(), e.to_string())
         });
@@ -56,22 +42,24 @@ pub async fn compute(
         {
             tracing::warn!(list = %list.id, unconfirmed = r.unconfirmed_on_list.len(), "console: people on the campaigns list without a confirmation in the ledger");
         }
-        if let Ok(mut last) = console.drift.last.lock() {
+        if let Ok(mut last) = cx.console.drift.last.lock() {
             last.insert(list.id.clone(), result);
         }
     }
-    render(&engine, &console, &op)
+    render(&cx)
 }
 
-fn render(engine: &Engine, console: &Console, op: &Operator) -> Response {
-    let last = console
+fn render(cx: &Ctx) -> Response {
+    let last = cx
+        .console
         .drift
         .last
         .lock()
         .map(|l| l.clone())
         .unwrap_or_default();
     let now = Utc::now();
-    let lists: Vec<_> = engine
+    let lists: Vec<_> = cx
+        .engine
         .lists()
         .iter()
         .map(|list| {
@@ -97,9 +85,11 @@ fn render(engine: &Engine, console: &Console, op: &Operator) -> Response {
             }
         })
         .collect();
-    console.pages.render(
+    cx.render(
         "drift.html",
-        minijinja::context! { csrf => op.0.csrf.clone(), page => "drift", lists => lists, shown => SHOWN },
+        "drift",
+        StatusCode::OK,
+        minijinja::context! { lists => lists, shown => SHOWN },
     )
 }
 

@@ -16,7 +16,8 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -26,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 use optinsync_engine::engine::Engine;
 
-use crate::links::{cross_site, origin_of, rate_key, request_client};
+use crate::links::{cross_site, origin_of, rate_key, request_client, trusted_proxies};
 
 pub mod auth;
 mod chart;
@@ -78,13 +79,7 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
         sessions: Sessions::new(settings.session_ttl.0),
         secure: public_url.to_ascii_lowercase().starts_with("https://"),
         public_origin: origin_of(public_url),
-        trusted: engine
-            .settings()
-            .server
-            .trusted_proxies
-            .iter()
-            .map(|ip| ip.to_canonical())
-            .collect(),
+        trusted: trusted_proxies(&engine.settings().server),
         pages: render::Pages::new(),
         drift: drift::Cache::default(),
     });
@@ -133,16 +128,7 @@ async fn guard(State(console): State<Arc<Console>>, mut req: Request, next: Next
             None => Redirect::to("/console/login").into_response(),
         }
     };
-    let headers = resp.headers_mut();
-    for (name, value) in [
-        (header::CONTENT_SECURITY_POLICY, CSP),
-        (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
-        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
-        (header::CACHE_CONTROL, "no-store"),
-    ] {
-        headers.insert(name, HeaderValue::from_static(value));
-    }
+    crate::links::set_security_headers(resp.headers_mut(), CSP);
     resp
 }
 
@@ -171,22 +157,106 @@ async fn favicon() -> Response {
         .into_response()
 }
 
-/// A form of the console: every one carries `csrf`.
-#[derive(Debug, serde::Deserialize)]
-pub struct Csrf {
-    pub csrf: String,
+/// What every console page handler works with: the engine, the console and the operator
+/// whose session [`guard`] found.
+#[derive(Debug)]
+pub struct Ctx {
+    pub engine: Arc<Engine>,
+    pub console: Arc<Console>,
+    pub op: Operator,
 }
 
-/// The refusal (403) unless `given` is the session's CSRF token.
-fn csrf_refusal(op: &Operator, given: &str) -> Option<Response> {
-    (!auth::same_secret(&op.0.csrf, given)).then(|| {
-        (
-            StatusCode::FORBIDDEN,
-            "the form's CSRF token is missing or stale; reload the page\n",
-        )
-            .into_response()
-    })
+impl FromRequestParts<Arc<Engine>> for Ctx {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, engine: &Arc<Engine>) -> Result<Self, Response> {
+        match (
+            parts.extensions.get::<Arc<Console>>(),
+            parts.extensions.get::<Operator>(),
+        ) {
+            (Some(console), Some(op)) => Ok(Self {
+                engine: Arc::clone(engine),
+                console: Arc::clone(console),
+                op: op.clone(),
+            }),
+            _ => Err(Redirect::to("/console/login").into_response()),
+        }
+    }
 }
+
+impl Ctx {
+    /// Render `name` with `ctx` and what the layout needs (the CSRF token, the page name).
+    fn render(
+        &self,
+        name: &str,
+        page: &str,
+        status: StatusCode,
+        ctx: minijinja::Value,
+    ) -> Response {
+        let mut resp = self.console.pages.render(
+            name,
+            minijinja::context! { csrf => self.op.0.csrf.clone(), page => page, ..ctx },
+        );
+        if resp.status() == StatusCode::OK {
+            *resp.status_mut() = status;
+        }
+        resp
+    }
+
+    /// The error page for a store or connector failure (details go to the log).
+    fn unavailable(&self, what: &str) -> Response {
+        unavailable(&self.console, what)
+    }
+}
+
+/// A console form: it carries the session's CSRF token.
+pub trait CsrfForm: serde::de::DeserializeOwned + Send {
+    fn csrf(&self) -> &str;
+}
+
+/// A form whose CSRF token is the session's; any other is refused (403) before a handler
+/// sees it.
+#[derive(Debug)]
+pub struct Checked<T>(pub T);
+
+impl<T: CsrfForm> FromRequest<Arc<Engine>> for Checked<T> {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, engine: &Arc<Engine>) -> Result<Self, Response> {
+        let expected = req.extensions().get::<Operator>().map(|o| o.0.csrf.clone());
+        let axum::Form(form) = axum::Form::<T>::from_request(req, engine)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        match expected {
+            Some(e) if auth::same_secret(&e, form.csrf()) => Ok(Self(form)),
+            _ => Err((
+                StatusCode::FORBIDDEN,
+                "the form's CSRF token is missing or stale; reload the page\n",
+            )
+                .into_response()),
+        }
+    }
+}
+
+/// Forms that carry nothing but the CSRF token (logout, verify, compute drift).
+#[derive(Debug, serde::Deserialize)]
+pub struct Csrf {
+    csrf: String,
+}
+
+/// `impl CsrfForm` for forms with a `csrf` field.
+macro_rules! csrf_forms {
+    ($($form:ty),* $(,)?) => {
+        $(impl $crate::console::CsrfForm for $form {
+            fn csrf(&self) -> &str {
+                &self.csrf
+            }
+        })*
+    };
+}
+pub(crate) use csrf_forms;
+
+csrf_forms!(Csrf);
 
 fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
@@ -265,13 +335,9 @@ async fn login(Extension(console): Extension<Arc<Console>>, req: Request) -> Res
 
 async fn logout(
     Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
     headers: HeaderMap,
-    axum::Form(form): axum::Form<Csrf>,
+    Checked(_): Checked<Csrf>,
 ) -> Response {
-    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
-        return refused;
-    }
     if let Some(c) = headers
         .get_all(header::COOKIE)
         .iter()
@@ -296,5 +362,3 @@ fn unavailable(console: &Console, what: &str) -> Response {
     *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     resp
 }
-
-use axum::extract::FromRequest as _;

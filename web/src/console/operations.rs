@@ -3,18 +3,14 @@
 //! force with the last reload, and the ledger verification with a button to run it.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use axum::Extension;
-use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::Utc;
 
-use optinsync_engine::engine::Engine;
 use optinsync_engine::operator::{self, DropOutcome};
 
-use super::{Console, Operator, csrf_refusal, unavailable};
+use super::{Checked, Csrf, Ctx, csrf_forms};
 
 #[derive(Debug, serde::Deserialize)]
 pub struct LetterForm {
@@ -25,28 +21,14 @@ pub struct LetterForm {
     force: Option<String>,
 }
 
-pub async fn page(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-) -> Response {
-    render(
-        &engine,
-        &console,
-        &op,
-        StatusCode::OK,
-        minijinja::context! {},
-    )
-    .await
+csrf_forms!(LetterForm);
+
+pub async fn page(cx: Ctx) -> Response {
+    render(&cx, StatusCode::OK, minijinja::context! {}).await
 }
 
-async fn render(
-    engine: &Engine,
-    console: &Console,
-    op: &Operator,
-    status: StatusCode,
-    extra: minijinja::Value,
-) -> Response {
+async fn render(cx: &Ctx, status: StatusCode, extra: minijinja::Value) -> Response {
+    let engine = &cx.engine;
     let reads = engine.reads();
     let read = async {
         Ok::<_, optinsync_engine::store::StoreError>((
@@ -60,7 +42,7 @@ async fn render(
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "console: reading operations failed");
-            return unavailable(console, "Reading the store");
+            return cx.unavailable("Reading the store");
         }
     };
     // Depth by kind over all lists: pending and dead side by side.
@@ -123,10 +105,11 @@ async fn render(
             }
         })
         .collect();
-    let mut resp = console.pages.render(
+    cx.render(
         "operations.html",
+        "operations",
+        status,
         minijinja::context! {
-            csrf => op.0.csrf.clone(), page => "operations",
             outbox => outbox, dead => dead, leases => leases, circuits => circuits,
             rules => minijinja::context! {
                 dir => rules.dir().display().to_string(), hash => rules.hash(), files => files,
@@ -141,49 +124,29 @@ async fn render(
             }),
             ..extra
         },
-    );
-    if resp.status() == StatusCode::OK {
-        *resp.status_mut() = status;
-    }
-    resp
+    )
 }
 
-pub async fn verify(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-    axum::Form(form): axum::Form<super::Csrf>,
-) -> Response {
-    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
-        return refused;
-    }
-    match engine.verify_ledger().await {
+pub async fn verify(cx: Ctx, Checked(_): Checked<Csrf>) -> Response {
+    match cx.engine.verify_ledger().await {
         Ok(v) => {
             if !v.verified {
                 tracing::error!(error = ?v.error, "console: ledger verification FAILED");
             }
-            render(&engine, &console, &op, StatusCode::OK, minijinja::context! {
+            render(&cx, StatusCode::OK, minijinja::context! {
                 notice => if v.verified { "Ledger verified just now." } else { "Ledger verification FAILED just now." },
             })
             .await
         }
         Err(e) => {
             tracing::error!(error = %e, "console: ledger verification could not read the store");
-            unavailable(&console, "Reading the ledger")
+            cx.unavailable("Reading the ledger")
         }
     }
 }
 
-pub async fn retry(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-    axum::Form(form): axum::Form<LetterForm>,
-) -> Response {
-    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
-        return refused;
-    }
-    let (status, notice) = match engine.retry_dead_letter(form.id).await {
+pub async fn retry(cx: Ctx, Checked(form): Checked<LetterForm>) -> Response {
+    let (status, notice) = match cx.engine.retry_dead_letter(form.id).await {
         Ok(true) => (
             StatusCode::OK,
             format!("Dead letter {} queued again.", form.id),
@@ -197,30 +160,15 @@ pub async fn retry(
         ),
         Err(e) => {
             tracing::error!(error = %e, "console: retrying a dead letter failed");
-            return unavailable(&console, "Queueing the dead letter");
+            return cx.unavailable("Queueing the dead letter");
         }
     };
-    render(
-        &engine,
-        &console,
-        &op,
-        status,
-        minijinja::context! { notice => notice },
-    )
-    .await
+    render(&cx, status, minijinja::context! { notice => notice }).await
 }
 
-pub async fn drop_letter(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-    axum::Form(form): axum::Form<LetterForm>,
-) -> Response {
-    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
-        return refused;
-    }
+pub async fn drop_letter(cx: Ctx, Checked(form): Checked<LetterForm>) -> Response {
     let force = form.force.as_deref() == Some("yes");
-    let (status, ctx) = match engine.drop_dead_letter(form.id, force).await {
+    let (status, ctx) = match cx.engine.drop_dead_letter(form.id, force).await {
         Ok(DropOutcome::Dropped) => (
             StatusCode::OK,
             minijinja::context! { notice => format!("Dead letter {} dropped.", form.id) },
@@ -237,8 +185,8 @@ pub async fn drop_letter(
         ),
         Err(e) => {
             tracing::error!(error = %e, "console: dropping a dead letter failed");
-            return unavailable(&console, "Dropping the dead letter");
+            return cx.unavailable("Dropping the dead letter");
         }
     };
-    render(&engine, &console, &op, status, ctx).await
+    render(&cx, status, ctx).await
 }

@@ -4,20 +4,18 @@
 //! complaint rates.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use axum::Extension;
-use axum::extract::{Query, State};
+use axum::extract::Query;
+use axum::http::StatusCode;
 use axum::response::Response;
 use chrono::{DateTime, Duration, NaiveDate, Utc};
 use serde::Serialize;
 
 use optinsync_engine::config::ListConfig;
-use optinsync_engine::engine::Engine;
 use optinsync_engine::store::{ConsentSummary, DayCount, StateReach};
 
+use super::Ctx;
 use super::chart::{self, Series};
-use super::{Console, Operator, unavailable};
 
 /// The states shown, in the order a signup moves through them.
 pub const STATES: [&str; 9] = [
@@ -81,12 +79,8 @@ struct ListView {
     pending_expiry: String,
 }
 
-pub async fn page(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-    Query(window): Query<Window>,
-) -> Response {
+pub async fn page(cx: Ctx, Query(window): Query<Window>) -> Response {
+    let engine = &cx.engine;
     let days = if window.days == Some(90) { 90 } else { 30 };
     let now = Utc::now();
     let first = (now - Duration::days(i64::from(days) - 1)).date_naive();
@@ -107,7 +101,7 @@ pub async fn page(
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "console: reading the overview failed");
-            return unavailable(&console, "Reading the store");
+            return cx.unavailable("Reading the store");
         }
     };
     let lists: Vec<ListView> = engine
@@ -115,10 +109,12 @@ pub async fn page(
         .iter()
         .map(|l| list_view(l, &summary, &reached, &daily, &pending, first, days, now))
         .collect();
-    console.pages.render(
+    cx.render(
         "overview.html",
+        "overview",
+        StatusCode::OK,
         minijinja::context! {
-            csrf => op.0.csrf, page => "overview", days => days, lists => lists,
+            days => days, lists => lists,
             generated_at => now.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
         },
     )
@@ -150,13 +146,12 @@ fn list_view(
             .map(|r| r.count)
             .sum::<i64>()
     };
-    let ever = |s: &str| {
-        reached
-            .iter()
-            .filter(|r| r.list_id == list.id && r.state == s)
-            .map(|r| r.contacts)
-            .sum::<i64>()
-    };
+    let reached: BTreeMap<&str, i64> = reached
+        .iter()
+        .filter(|r| r.list_id == list.id)
+        .map(|r| (r.state.as_str(), r.contacts))
+        .collect();
+    let ever = |s: &str| reached.get(s).copied().unwrap_or(0);
     let states = STATES
         .iter()
         .map(|s| Count {

@@ -2,20 +2,15 @@
 //! as `contact show` prints them, the proof bundle (JSON or printable HTML) and erasure after
 //! a confirmation step (the operator types the address again).
 
-use std::sync::Arc;
-
-use axum::Extension;
-use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use optinsync_engine::email;
-use optinsync_engine::engine::Engine;
 use optinsync_engine::export;
 use optinsync_engine::ledger::EventSource;
 use optinsync_engine::store::Contact;
 
-use super::{Console, Operator, csrf_refusal, unavailable};
+use super::{Checked, Ctx, csrf_forms};
 use crate::admin::timeline;
 
 #[derive(Debug, serde::Deserialize)]
@@ -40,74 +35,50 @@ pub struct Proof {
     format: String,
 }
 
-fn render(console: &Console, op: &Operator, status: StatusCode, ctx: minijinja::Value) -> Response {
-    let mut resp = console.pages.render(
-        "person.html",
-        minijinja::context! { csrf => op.0.csrf.clone(), page => "person", ..ctx },
-    );
-    if resp.status() == StatusCode::OK {
-        *resp.status_mut() = status;
-    }
-    resp
+csrf_forms!(Lookup, Erase, Proof);
+
+fn render(cx: &Ctx, status: StatusCode, ctx: minijinja::Value) -> Response {
+    cx.render("person.html", "person", status, ctx)
 }
 
-pub async fn search(
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-) -> Response {
-    render(&console, &op, StatusCode::OK, minijinja::context! {})
+pub async fn search(cx: Ctx) -> Response {
+    render(&cx, StatusCode::OK, minijinja::context! {})
 }
 
-pub async fn lookup(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-    axum::Form(form): axum::Form<Lookup>,
-) -> Response {
-    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
-        return refused;
-    }
+pub async fn lookup(cx: Ctx, Checked(form): Checked<Lookup>) -> Response {
     let Ok(address) = email::normalise(&form.email) else {
         return render(
-            &console,
-            &op,
+            &cx,
             StatusCode::BAD_REQUEST,
             minijinja::context! { message => "That is not an email address." },
         );
     };
-    match engine.reads().contact_by_email(&address).await {
-        Ok(Some(contact)) => show(&engine, &console, &op, &contact, None).await,
+    match cx.engine.reads().contact_by_email(&address).await {
+        Ok(Some(contact)) => show(&cx, &contact, None).await,
         Ok(None) => render(
-            &console,
-            &op,
+            &cx,
             StatusCode::NOT_FOUND,
             minijinja::context! { message => "No contact has this address." },
         ),
         Err(e) => {
             tracing::error!(error = %e, "console: contact lookup failed");
-            unavailable(&console, "Reading the store")
+            cx.unavailable("Reading the store")
         }
     }
 }
 
 /// The person page of `contact`; `notice` says what an action just did.
-async fn show(
-    engine: &Engine,
-    console: &Console,
-    op: &Operator,
-    contact: &Contact,
-    notice: Option<String>,
-) -> Response {
+async fn show(cx: &Ctx, contact: &Contact, notice: Option<String>) -> Response {
     let read = async {
-        let consents = engine.reads().consents_of_contact(&contact.id).await?;
-        let events = engine.reads().events_of_contact(&contact.id).await?;
+        let consents = cx.engine.reads().consents_of_contact(&contact.id).await?;
+        let events = cx.engine.reads().events_of_contact(&contact.id).await?;
         Ok::<_, optinsync_engine::store::StoreError>((consents, events))
     };
     let (consents, events) = match read.await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(contact_id = %contact.id, error = %e, "console: reading the contact failed");
-            return unavailable(console, "Reading the store");
+            return cx.unavailable("Reading the store");
         }
     };
     let consents: Vec<_> = consents
@@ -121,8 +92,7 @@ async fn show(
         })
         .collect();
     render(
-        console,
-        op,
+        cx,
         StatusCode::OK,
         minijinja::context! {
             contact => minijinja::context! {
@@ -137,27 +107,19 @@ async fn show(
     )
 }
 
-async fn contact_by_id(engine: &Engine, console: &Console, id: &str) -> Result<Contact, Response> {
-    match engine.reads().contact_by_id(id).await {
+async fn contact_by_id(cx: &Ctx, id: &str) -> Result<Contact, Response> {
+    match cx.engine.reads().contact_by_id(id).await {
         Ok(Some(c)) => Ok(c),
         Ok(None) => Err((StatusCode::NOT_FOUND, "no such contact\n").into_response()),
         Err(e) => {
             tracing::error!(error = %e, "console: reading the contact failed");
-            Err(unavailable(console, "Reading the store"))
+            Err(cx.unavailable("Reading the store"))
         }
     }
 }
 
-pub async fn erase(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-    axum::Form(form): axum::Form<Erase>,
-) -> Response {
-    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
-        return refused;
-    }
-    let contact = match contact_by_id(&engine, &console, &form.contact_id).await {
+pub async fn erase(cx: Ctx, Checked(form): Checked<Erase>) -> Response {
+    let contact = match contact_by_id(&cx, &form.contact_id).await {
         Ok(c) => c,
         Err(answer) => return answer,
     };
@@ -168,8 +130,7 @@ pub async fn erase(
     if contact.erased || typed.as_deref() != Some(contact.email.as_str()) {
         // The confirmation step: nothing changes until the address is typed again.
         return render(
-            &console,
-            &op,
+            &cx,
             if typed.is_some() {
                 StatusCode::UNPROCESSABLE_ENTITY
             } else {
@@ -181,7 +142,8 @@ pub async fn erase(
             },
         );
     }
-    match engine
+    match cx
+        .engine
         .erase_as(
             &contact,
             EventSource::Admin,
@@ -191,8 +153,8 @@ pub async fn erase(
     {
         Ok(report) => {
             tracing::info!(contact_id = %contact.id, "console: contact erased");
-            engine.outbox_wake().notify_one();
-            let erased = match contact_by_id(&engine, &console, &contact.id).await {
+            cx.engine.outbox_wake().notify_one();
+            let erased = match contact_by_id(&cx, &contact.id).await {
                 Ok(c) => c,
                 Err(answer) => return answer,
             };
@@ -200,33 +162,25 @@ pub async fn erase(
                 "Erased: withdrawn and suppressed on {} list(s), evidence removed from {} ledger event(s); removals and CRM opt-outs are queued with legal priority.",
                 report.lists, report.store.redacted_events
             );
-            show(&engine, &console, &op, &erased, Some(notice)).await
+            show(&cx, &erased, Some(notice)).await
         }
         Err(e) => {
             tracing::error!(contact_id = %contact.id, error = %e, "console: erasure failed");
-            unavailable(&console, "The erasure")
+            cx.unavailable("The erasure")
         }
     }
 }
 
-pub async fn proof(
-    State(engine): State<Arc<Engine>>,
-    Extension(console): Extension<Arc<Console>>,
-    Extension(op): Extension<Operator>,
-    axum::Form(form): axum::Form<Proof>,
-) -> Response {
-    if let Some(refused) = csrf_refusal(&op, &form.csrf) {
-        return refused;
-    }
-    let contact = match contact_by_id(&engine, &console, &form.contact_id).await {
+pub async fn proof(cx: Ctx, Checked(form): Checked<Proof>) -> Response {
+    let contact = match contact_by_id(&cx, &form.contact_id).await {
         Ok(c) => c,
         Err(answer) => return answer,
     };
-    let bundle = match engine.proof_bundle(&contact).await {
+    let bundle = match cx.engine.proof_bundle(&contact).await {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(contact_id = %contact.id, error = %e, "console: proof bundle failed");
-            return unavailable(&console, "Building the proof bundle");
+            return cx.unavailable("Building the proof bundle");
         }
     };
     let (body, content_type, ext) = if form.format == "html" {
@@ -234,7 +188,7 @@ pub async fn proof(
             Ok(h) => (h, "text/html; charset=utf-8", "html"),
             Err(e) => {
                 tracing::error!(error = %e, "console: proof HTML failed");
-                return unavailable(&console, "Rendering the proof");
+                return cx.unavailable("Rendering the proof");
             }
         }
     } else {
