@@ -164,6 +164,9 @@ impl StoreReads<'_> {
     pub async fn leases(&self) -> StoreResult<Vec<crate::store::Lease>> {
         self.0.leases().await
     }
+    pub async fn quota_overview(&self, now_ms: i64) -> StoreResult<Vec<crate::store::QuotaUse>> {
+        self.0.quota_overview(now_ms).await
+    }
     pub async fn list_consents(
         &self,
         list_id: &str,

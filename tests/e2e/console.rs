@@ -36,6 +36,16 @@ fn base(demo: &Demo) -> String {
     format!("http://127.0.0.1:{}", demo.port)
 }
 
+/// The text of `page` between `start` and the next `end`.
+fn between<'a>(page: &'a str, start: &str, end: &str) -> &'a str {
+    let from = page
+        .find(start)
+        .unwrap_or_else(|| panic!("no {start} in {page}"))
+        + start.len();
+    let len = page[from..].find(end).unwrap_or(page.len() - from);
+    &page[from..from + len]
+}
+
 /// The hidden field `name` of a page.
 fn field(page: &str, name: &str) -> String {
     hidden_fields(page)
@@ -240,6 +250,51 @@ async fn login_logout_csrf_and_throttled_failures() {
     assert!(
         ops.contains(&format!("verified</strong>, {events} events")),
         "{ops}"
+    );
+
+    // A broken rule file: the page shows the refused reload with file:line:column, and the
+    // rule set in force is still the one that passed.
+    let hash_before = between(&ops, "id=\"rules-hash\">", "<");
+    assert_eq!(hash_before.len(), 64, "{ops}");
+    demo.save_rule_file(
+        "consent.rhai",
+        "fn decide(contact, consent, ctx) {\n    let x = ;\n}\n",
+    );
+    let mut ops = String::new();
+    for _ in 0..(100 * LOAD_FACTOR) {
+        ops = get_page(
+            &client,
+            &format!("{console}/operations"),
+            Some(cookie.as_str()),
+        )
+        .await
+        .1;
+        if ops.contains("compile_error") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let reload_error = between(&ops, "id=\"reload-error\">", "</pre>");
+    assert!(reload_error.contains("consent.rhai:2:13"), "{ops}");
+    assert_eq!(between(&ops, "id=\"rules-hash\">", "<"), hash_before);
+
+    // A ledger edited behind the database's back: the verification button names the event.
+    let db = sqlx::SqlitePool::connect(&demo.sqlite_url()).await.unwrap();
+    sqlx::query("DROP TRIGGER ledger_no_update")
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE ledger SET to_state = 'confirmed' WHERE seq = 2")
+        .execute(&db)
+        .await
+        .unwrap();
+    db.close().await;
+    let r = post_form(&client, &verify, Some(&cookie), &format!("csrf={csrf}")).await;
+    let page = r.text().await.unwrap();
+    assert!(
+        page.contains("Ledger verification FAILED just now.")
+            && between(&page, "id=\"verification\">", "</p>").contains("seq 2"),
+        "{page}"
     );
 
     // Logging out ends the session on the server: the old cookie opens nothing.
@@ -548,6 +603,15 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
     assert!(svgs.as_u64().unwrap() > 4, "the charts are drawn: {svgs}");
     shoot(&mut cdp, "overview").await;
     assert_no_errors(&mut cdp, "overview");
+    // The 90-day window counts the same events (all are from today), over 90 points.
+    press(&mut cdp, "window-90").await;
+    assert_eq!(text(&mut cdp, "total-newsletter-doi").await, "8");
+    let points = cdp
+        .eval(
+            "document.querySelector('svg.chart polyline').getAttribute('points').split(' ').length",
+        )
+        .await;
+    assert_eq!(points.as_u64(), Some(90));
 
     // Drift: not computed until asked; then the seeded drift, and when it was computed.
     press(&mut cdp, "nav-drift").await;
@@ -573,9 +637,25 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
     shoot(&mut cdp, "drift").await;
     assert_no_errors(&mut cdp, "drift");
 
-    // Operations: the dead removal, the leases of the running daemon, the rules, a
-    // verification; dropping the removal needs the confirmation step.
+    // Operations: the dead removal, a vendor's shared quota with its lock-out (seeded as a
+    // Zoho Campaigns connector on PostgreSQL records it), the leases of the running daemon,
+    // the rules, a verification; dropping the removal needs the confirmation step.
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    sqlx::query("INSERT INTO quota_keys (key, locked_until) VALUES ('campaigns:listsubscribe', ?)")
+        .bind(now_ms + 600_000)
+        .execute(&db)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO quota_buckets (key, length_ms, bucket, used) VALUES ('campaigns:listsubscribe', 60000, ?, 7)")
+        .bind(now_ms / 1000)
+        .execute(&db)
+        .await
+        .unwrap();
     press(&mut cdp, "nav-operations").await;
+    assert_eq!(
+        text(&mut cdp, "quota-campaigns:listsubscribe").await,
+        "7 in 1 min"
+    );
     assert_eq!(text(&mut cdp, "dead-count").await, "1");
     assert_eq!(text(&mut cdp, "outbox-campaigns_remove-dead").await, "1");
     let leases = store_leases(&db).await;

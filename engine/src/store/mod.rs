@@ -235,6 +235,17 @@ pub struct Lease {
     pub until: DateTime<Utc>,
 }
 
+/// One endpoint's shared quota as stored ([`Store::quota_take`]): calls counted now in each
+/// window it was taken under, and the vendor's lock-out end if one runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuotaUse {
+    pub key: String,
+    /// `(window length in ms, calls counted in it now)`, shortest window first.
+    pub windows: Vec<(i64, u32)>,
+    /// Epoch ms; only while it lies ahead.
+    pub locked_until: Option<i64>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Apply this backend's migrations.
@@ -430,6 +441,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         windows: &[optinsync_plugin_api::QuotaWindow],
         now_ms: i64,
     ) -> StoreResult<(Vec<u32>, Option<i64>)>;
+    /// Every shared quota key with its use now ([`QuotaUse`]): the operator console.
+    async fn quota_overview(&self, now_ms: i64) -> StoreResult<Vec<QuotaUse>>;
     /// Shared connector sets ([`crate::quota`]): add a member (idempotent).
     async fn mark_add(&self, set: &str, member: &str) -> StoreResult<()>;
     async fn mark_remove(&self, set: &str, members: &[String]) -> StoreResult<()>;

@@ -1225,6 +1225,45 @@ macro_rules! shared_store_impl {
                 Ok((used, locked))
             }
 
+            async fn quota_overview(&self, now_ms: i64) -> StoreResult<Vec<crate::store::QuotaUse>> {
+                let keys = sqlx::query("SELECT key, locked_until FROM quota_keys ORDER BY key")
+                    .fetch_all(&self.reader)
+                    .await?;
+                let buckets = sqlx::query(
+                    "SELECT key, length_ms, bucket, used FROM quota_buckets ORDER BY key, length_ms, bucket",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                let mut out = Vec::with_capacity(keys.len());
+                for k in &keys {
+                    let key: String = k.try_get("key")?;
+                    let mut windows: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
+                    for b in &buckets {
+                        if b.try_get::<String, _>("key")? == key {
+                            windows
+                                .entry(b.try_get("length_ms")?)
+                                .or_default()
+                                .push((b.try_get("bucket")?, b.try_get("used")?));
+                        }
+                    }
+                    let windows = windows
+                        .into_iter()
+                        .map(|(length_ms, rows)| {
+                            let w = optinsync_plugin_api::QuotaWindow { limit: 0, length_ms };
+                            let first = crate::store::windows::first_live_bucket(&w, now_ms);
+                            let live: Vec<(i64, i64)> = rows.into_iter().filter(|(i, _)| *i >= first).collect();
+                            (length_ms, crate::store::windows::used(&live))
+                        })
+                        .collect();
+                    out.push(crate::store::QuotaUse {
+                        key,
+                        windows,
+                        locked_until: Some(k.try_get::<i64, _>("locked_until")?).filter(|u| *u > now_ms),
+                    });
+                }
+                Ok(out)
+            }
+
             async fn mark_add(&self, set: &str, member: &str) -> StoreResult<()> {
                 sqlx::query("INSERT INTO shared_marks (set_name, member) VALUES ($1, $2) ON CONFLICT (set_name, member) DO NOTHING")
                     .bind(set)

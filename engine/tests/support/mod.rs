@@ -384,6 +384,12 @@ impl Store for RacingStore {
     async fn mark_remove(&self, set: &str, members: &[String]) -> StoreResult<()> {
         self.inner.mark_remove(set, members).await
     }
+    async fn quota_overview(
+        &self,
+        now_ms: i64,
+    ) -> StoreResult<Vec<optinsync_engine::store::QuotaUse>> {
+        self.inner.quota_overview(now_ms).await
+    }
     async fn marks(&self, set: &str) -> StoreResult<Vec<String>> {
         self.inner.marks(set).await
     }

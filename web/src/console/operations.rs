@@ -35,10 +35,11 @@ async fn render(cx: &Ctx, status: StatusCode, extra: minijinja::Value) -> Respon
             reads.outbox_depth().await?,
             reads.outbox_dead().await?,
             reads.leases().await?,
+            reads.quota_overview(Utc::now().timestamp_millis()).await?,
             operator::last_verification(engine.reads()).await?,
         ))
     };
-    let (depth, dead, leases, verification) = match read.await {
+    let (depth, dead, leases, quota, verification) = match read.await {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(error = %e, "console: reading operations failed");
@@ -82,6 +83,16 @@ async fn render(cx: &Ctx, status: StatusCode, extra: minijinja::Value) -> Respon
             }
         })
         .collect();
+    let quota: Vec<_> = quota
+        .iter()
+        .map(|q| {
+            minijinja::context! {
+                key => q.key,
+                windows => q.windows.iter().map(|(len, used)| format!("{used} in {}", window_text(*len))).collect::<Vec<_>>().join(", "),
+                locked_until => q.locked_until.and_then(chrono::DateTime::from_timestamp_millis).map(|t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+            }
+        })
+        .collect();
     let rules = engine.rules();
     let files: Vec<_> = rules
         .scripts()
@@ -110,7 +121,7 @@ async fn render(cx: &Ctx, status: StatusCode, extra: minijinja::Value) -> Respon
         "operations",
         status,
         minijinja::context! {
-            outbox => outbox, dead => dead, leases => leases, circuits => circuits,
+            outbox => outbox, dead => dead, leases => leases, circuits => circuits, quota => quota,
             rules => minijinja::context! {
                 dir => rules.dir().display().to_string(), hash => rules.hash(), files => files,
                 tests => rules.tests().len(),
@@ -189,4 +200,30 @@ pub async fn drop_letter(cx: Ctx, Checked(form): Checked<LetterForm>) -> Respons
         }
     };
     render(&cx, status, ctx).await
+}
+
+/// A quota window's length for people: `1 min`, `1 h`, `1 d`, or seconds.
+fn window_text(length_ms: i64) -> String {
+    let secs = length_ms / 1000;
+    match secs {
+        s if s > 0 && s % 86_400 == 0 => format!("{} d", s / 86_400),
+        s if s > 0 && s % 3_600 == 0 => format!("{} h", s / 3_600),
+        s if s > 0 && s % 60 == 0 => format!("{} min", s / 60),
+        s if s > 0 => format!("{s} s"),
+        _ => format!("{length_ms} ms"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::window_text;
+
+    #[test]
+    fn window_lengths_read_as_people_say_them() {
+        assert_eq!(window_text(60_000), "1 min");
+        assert_eq!(window_text(3_600_000), "1 h");
+        assert_eq!(window_text(86_400_000), "1 d");
+        assert_eq!(window_text(90_000), "90 s");
+        assert_eq!(window_text(600), "600 ms");
+    }
 }
