@@ -150,6 +150,28 @@ fn console_is_off_unless_configured_and_needs_a_way_to_log_in() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn the_session_cookie_is_secure_behind_an_https_public_url() {
+    let demo = Demo::new();
+    demo.use_private_secret();
+    let cfg = std::fs::read_to_string(demo.config()).unwrap();
+    let local = format!("public_url = \"http://127.0.0.1:{}\"", demo.port);
+    assert!(cfg.contains(&local));
+    std::fs::write(
+        demo.config(),
+        cfg.replace(&local, "public_url = \"https://news.example.org\""),
+    )
+    .unwrap();
+    enable_console(&demo, false);
+    let daemon = demo.spawn_daemon();
+    let (_, set_cookie) = login(&http(), &demo, ADMIN_TOKEN).await.unwrap();
+    assert!(
+        set_cookie.ends_with("; Secure") && set_cookie.contains("HttpOnly"),
+        "{set_cookie}"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn login_logout_csrf_and_throttled_failures() {
     let demo = Demo::new();
     enable_console(&demo, true);
