@@ -84,23 +84,23 @@ async fn store_gauges(engine: &Engine) -> Result<(), optinsync_engine::store::St
         metrics::gauge!("optinsync_consents", "list" => list, "state" => state).set(n as f64);
     }
 
-    let backlog = reads.outbox_backlog().await?;
+    let depth = reads.outbox_depth().await?;
     let now = Utc::now();
     for kind in OutboxWork::KINDS {
-        let count = |dead: bool| {
-            backlog
+        let count = |status: &str| {
+            depth
                 .iter()
-                .filter(|b| b.kind == kind && b.dead == dead)
-                .map(|b| b.count)
+                .filter(|d| d.kind == kind && d.status == status)
+                .map(|d| d.count)
                 .sum::<i64>() as f64
         };
-        metrics::gauge!("optinsync_outbox_pending", "kind" => kind).set(count(false));
-        metrics::gauge!("optinsync_outbox_dead_letters", "kind" => kind).set(count(true));
+        metrics::gauge!("optinsync_outbox_pending", "kind" => kind).set(count("pending"));
+        metrics::gauge!("optinsync_outbox_dead_letters", "kind" => kind).set(count("dead"));
     }
-    let oldest_removal = backlog
+    let oldest_removal = depth
         .iter()
-        .filter(|b| b.kind == "campaigns_remove" && !b.dead)
-        .map(|b| b.oldest_created)
+        .filter(|d| d.kind == "campaigns_remove" && d.status == "pending")
+        .map(|d| d.oldest)
         .min()
         .map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
     metrics::gauge!("optinsync_outbox_oldest_pending_removal_age_seconds").set(oldest_removal);
@@ -140,15 +140,15 @@ async fn drift(engine: &Engine, worker: &str, interval: Duration) {
     }
     for list in engine.lists() {
         let id = list.id.clone();
-        match engine.drift(list).await {
-            Ok(d) => {
-                let age = d.oldest_pending_removal.map_or(0.0, |t| {
+        match list_drift(engine, list).await {
+            Ok((d, without_consent)) => {
+                let age = d.oldest_removal.map_or(0.0, |t| {
                     (d.computed_at - t).num_milliseconds().max(0) as f64 / 1000.0
                 });
                 metrics::gauge!("optinsync_drift_on_list_without_consent", "list" => id.clone())
-                    .set(d.on_list_without_consent as f64);
+                    .set(without_consent as f64);
                 metrics::gauge!("optinsync_drift_confirmed_missing", "list" => id.clone())
-                    .set(d.confirmed_missing as f64);
+                    .set(d.confirmed_missing.len() as f64);
                 metrics::gauge!("optinsync_drift_pending_removals", "list" => id.clone())
                     .set(d.pending_removals as f64);
                 metrics::gauge!("optinsync_drift_oldest_pending_removal_age_seconds", "list" => id.clone())
@@ -166,4 +166,27 @@ async fn drift(engine: &Engine, worker: &str, interval: Duration) {
             }
         }
     }
+}
+
+/// The list's drift ([`Engine::drift`]) and how many of those on the list without consent
+/// have no removal pending: a removal on its way is the outbox's business (its age has its
+/// own alert), so the alarm counts only what nothing will fix.
+async fn list_drift(
+    engine: &Engine,
+    list: &optinsync_engine::config::ListConfig,
+) -> Result<(optinsync_engine::drift::DriftReport, usize), optinsync_engine::engine::EngineError> {
+    let report = engine.drift(list).await?;
+    let removing: std::collections::BTreeSet<String> = engine
+        .reads()
+        .pending_removal_addresses(&list.id)
+        .await?
+        .iter()
+        .map(|a| optinsync_engine::email::normalise(a).unwrap_or_else(|_| a.clone()))
+        .collect();
+    let without_consent = report
+        .unconfirmed_on_list
+        .iter()
+        .filter(|(address, _)| !removing.contains(address))
+        .count();
+    Ok((report, without_consent))
 }

@@ -13,6 +13,7 @@ pub mod export;
 pub mod group_commit;
 pub mod import;
 pub mod mail;
+pub mod operator;
 pub mod outbox;
 pub mod plan;
 pub mod quota;

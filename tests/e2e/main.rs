@@ -8,6 +8,7 @@
 mod browser;
 mod cli;
 mod conformance;
+mod console;
 mod crash;
 mod data_subject;
 mod demo;

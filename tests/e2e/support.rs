@@ -449,3 +449,14 @@ pub async fn click_confirm(
         .await
         .unwrap()
 }
+
+/// An RFC 8058 one-click unsubscribe `POST` to `link`, as mailbox providers send it.
+pub async fn one_click(client: &reqwest::Client, link: &str) -> reqwest::Response {
+    client
+        .post(link)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await
+        .unwrap()
+}

@@ -94,7 +94,7 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (
         "optinsync_drift_on_list_without_consent",
         Kind::Gauge,
-        "Members of the campaigns list without consent that allows them there and with no removal pending.",
+        "Members of the campaigns list without a standing confirmation in the ledger and with no removal pending.",
     ),
     (
         "optinsync_drift_confirmed_missing",
@@ -104,12 +104,12 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
     (
         "optinsync_drift_pending_removals",
         Kind::Gauge,
-        "Removals from the list waiting in the outbox at the last drift check.",
+        "Removals from the list not carried out yet (pending or dead) at the last drift check.",
     ),
     (
         "optinsync_drift_oldest_pending_removal_age_seconds",
         Kind::Gauge,
-        "Age of the list's oldest pending removal at the last drift check (0 when none).",
+        "Age of the list's oldest removal not carried out at the last drift check (0 when none).",
     ),
     (
         "optinsync_drift_last_computed_timestamp_seconds",

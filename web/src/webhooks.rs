@@ -48,11 +48,7 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
         NonZeroU32::new(server.webhook_rate_limit_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
     let limit = Arc::new(WebhookLimit {
         limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
-        trusted: server
-            .trusted_proxies
-            .iter()
-            .map(|ip| ip.to_canonical())
-            .collect(),
+        trusted: crate::links::trusted_proxies(server).into(),
     });
     let trusted = Arc::clone(&limit.trusted);
     Router::new()

@@ -61,6 +61,9 @@ pub struct Config {
     pub lists: Vec<ListConfig>,
     #[serde(default)]
     pub admin: AdminConfig,
+    /// `[console]`: the operator console at `/console`; absent = off (404).
+    #[serde(default)]
+    pub console: Option<ConsoleConfig>,
     /// `[retention]`: how long proof and unconfirmed signups are kept ([`crate::retention`]).
     #[serde(default)]
     pub retention: RetentionConfig,
@@ -84,6 +87,35 @@ impl std::fmt::Debug for AdminConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AdminConfig")
             .field("token", &self.token.as_ref().map(|_| REDACTED))
+            .finish()
+    }
+}
+
+/// `[console]`: the operator console (`/console`, served by the web layer). Present = on.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Argon2 hash (PHC string, `$argon2id$...`) of the operator password; unset = the
+    /// password is the admin token (`[admin] token`, then required). May be `"${VAR}"`.
+    #[serde(default)]
+    pub password_hash: Option<String>,
+    /// How long a login lasts (the session cookie's expiry).
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl: HumanDuration,
+}
+
+fn default_session_ttl() -> HumanDuration {
+    HumanDuration(Duration::from_secs(8 * 3600))
+}
+
+impl std::fmt::Debug for ConsoleConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleConfig")
+            .field(
+                "password_hash",
+                &self.password_hash.as_ref().map(|_| REDACTED),
+            )
+            .field("session_ttl", &self.session_ttl)
             .finish()
     }
 }
@@ -600,6 +632,7 @@ impl LoadedConfig {
         check::store(&mut config.store, &at)?;
         check::tokens(&mut config.tokens, &at)?;
         check::admin(&mut config.admin, &at)?;
+        check::console(&mut config.console, &config.admin, &at)?;
         check::rules(&mut config.rules, &at);
         check::connectors(&mut config.connectors, &at)?;
         check::lists(&config.lists, &at)?;
