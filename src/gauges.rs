@@ -176,17 +176,36 @@ async fn list_drift(
     list: &optinsync_engine::config::ListConfig,
 ) -> Result<(optinsync_engine::drift::DriftReport, usize), optinsync_engine::engine::EngineError> {
     let report = engine.drift(list).await?;
-    let removing: std::collections::BTreeSet<String> = engine
-        .reads()
-        .pending_removal_addresses(&list.id)
-        .await?
-        .iter()
-        .map(|a| optinsync_engine::email::normalise(a).unwrap_or_else(|_| a.clone()))
-        .collect();
-    let without_consent = report
-        .unconfirmed_on_list
-        .iter()
-        .filter(|(address, _)| !removing.contains(address))
-        .count();
+    let removing = engine.reads().pending_removal_addresses(&list.id).await?;
+    let without_consent = without_removal(&report.unconfirmed_on_list, &removing);
     Ok((report, without_consent))
+}
+
+/// How many of the `(address, state)` on the list without consent no pending removal will
+/// take off (addresses compared in canonical form).
+fn without_removal(unconfirmed: &[(String, String)], removing: &[String]) -> usize {
+    let canonical =
+        |a: &String| optinsync_engine::email::normalise(a).unwrap_or_else(|_| a.clone());
+    let removing: std::collections::BTreeSet<String> = removing.iter().map(canonical).collect();
+    unconfirmed
+        .iter()
+        .filter(|(address, _)| !removing.contains(&canonical(address)))
+        .count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_removal_is_not_drift() {
+        let on_list = [
+            ("bo@example.org".to_owned(), "withdrawn".to_owned()),
+            ("cy@example.org".to_owned(), "withdrawn".to_owned()),
+            ("zz@example.org".to_owned(), "none".to_owned()),
+        ];
+        // Cy's removal is queued (spelled as the row carries it); Bo's and the stranger's not.
+        assert_eq!(without_removal(&on_list, &["Cy@Example.org".to_owned()]), 2);
+        assert_eq!(without_removal(&on_list, &[]), 3);
+    }
 }
