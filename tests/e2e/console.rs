@@ -348,6 +348,14 @@ async fn login_logout_csrf_and_throttled_failures() {
     let r = login(&client, &demo, PASSWORD).await.unwrap_err();
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "60");
+    let metrics = demo.metrics().await;
+    for line in [
+        "optinsync_console_logins_total{result=\"ok\"} 1",
+        "optinsync_console_logins_total{result=\"refused\"} 5",
+        "optinsync_console_logins_total{result=\"throttled\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     assert_eq!(daemon.terminate(), Some(0));
 }
 
