@@ -512,6 +512,14 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
     .fetch_one(&db)
     .await
     .unwrap();
+    // A CRM write-back that failed for good, to be queued again from the console.
+    let writeback_id: i64 = sqlx::query_scalar(
+        "UPDATE outbox SET status = 'dead', last_error = 'seeded: the CRM was read-only' \
+         WHERE id = (SELECT MIN(id) FROM outbox WHERE kind = 'crm_write_back' AND status = 'done') RETURNING id",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
     let list_file = demo.path("var/lists.jsonl");
     let lines: Vec<String> = std::fs::read_to_string(&list_file)
         .unwrap()
@@ -686,8 +694,9 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
         text(&mut cdp, "quota-campaigns:listsubscribe").await,
         "7 in 1 min"
     );
-    assert_eq!(text(&mut cdp, "dead-count").await, "1");
+    assert_eq!(text(&mut cdp, "dead-count").await, "2");
     assert_eq!(text(&mut cdp, "outbox-campaigns_remove-dead").await, "1");
+    assert_eq!(text(&mut cdp, "outbox-crm_write_back-dead").await, "1");
     let leases = store_leases(&db).await;
     assert!(!leases.is_empty(), "the daemon holds its job leases");
     for (name, holder) in &leases {
@@ -699,6 +708,13 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
     assert_eq!(text(&mut cdp, "notice").await, "Ledger verified just now.");
     assert!(text(&mut cdp, "verification").await.contains("verified"));
     shoot(&mut cdp, "operations").await;
+    press(&mut cdp, &format!("retry-{writeback_id}")).await;
+    assert_eq!(
+        text(&mut cdp, "notice").await,
+        format!("Dead letter {writeback_id} queued again.")
+    );
+    assert_ne!(outbox_status(&db, writeback_id).await, "dead");
+    assert_eq!(text(&mut cdp, "dead-count").await, "1");
     press(&mut cdp, &format!("drop-{dead_id}")).await;
     text(&mut cdp, "confirm-drop").await;
     assert_eq!(
