@@ -348,6 +348,14 @@ async fn login_logout_csrf_and_throttled_failures() {
     let r = login(&client, &demo, PASSWORD).await.unwrap_err();
     assert_eq!(r.status(), 429);
     assert_eq!(r.headers()["retry-after"], "60");
+    let metrics = demo.metrics().await;
+    for line in [
+        "optinsync_console_logins_total{result=\"ok\"} 1",
+        "optinsync_console_logins_total{result=\"refused\"} 5",
+        "optinsync_console_logins_total{result=\"throttled\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     assert_eq!(daemon.terminate(), Some(0));
 }
 
@@ -500,6 +508,14 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
     let dead_id: i64 = sqlx::query_scalar(
         "UPDATE outbox SET status = 'dead', last_error = 'seeded: the campaigns tool refused the removal' \
          WHERE kind = 'campaigns_remove' RETURNING id",
+    )
+    .fetch_one(&db)
+    .await
+    .unwrap();
+    // A CRM write-back that failed for good, to be queued again from the console.
+    let writeback_id: i64 = sqlx::query_scalar(
+        "UPDATE outbox SET status = 'dead', last_error = 'seeded: the CRM was read-only' \
+         WHERE id = (SELECT MIN(id) FROM outbox WHERE kind = 'crm_write_back' AND status = 'done') RETURNING id",
     )
     .fetch_one(&db)
     .await
@@ -678,8 +694,9 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
         text(&mut cdp, "quota-campaigns:listsubscribe").await,
         "7 in 1 min"
     );
-    assert_eq!(text(&mut cdp, "dead-count").await, "1");
+    assert_eq!(text(&mut cdp, "dead-count").await, "2");
     assert_eq!(text(&mut cdp, "outbox-campaigns_remove-dead").await, "1");
+    assert_eq!(text(&mut cdp, "outbox-crm_write_back-dead").await, "1");
     let leases = store_leases(&db).await;
     assert!(!leases.is_empty(), "the daemon holds its job leases");
     for (name, holder) in &leases {
@@ -691,6 +708,13 @@ async fn every_page_in_chromium_against_a_seeded_scenario() {
     assert_eq!(text(&mut cdp, "notice").await, "Ledger verified just now.");
     assert!(text(&mut cdp, "verification").await.contains("verified"));
     shoot(&mut cdp, "operations").await;
+    press(&mut cdp, &format!("retry-{writeback_id}")).await;
+    assert_eq!(
+        text(&mut cdp, "notice").await,
+        format!("Dead letter {writeback_id} queued again.")
+    );
+    assert_ne!(outbox_status(&db, writeback_id).await, "dead");
+    assert_eq!(text(&mut cdp, "dead-count").await, "1");
     press(&mut cdp, &format!("drop-{dead_id}")).await;
     text(&mut cdp, "confirm-drop").await;
     assert_eq!(

@@ -132,13 +132,17 @@ async fn guard(State(console): State<Arc<Console>>, mut req: Request, next: Next
     resp
 }
 
-fn session_of(console: &Console, headers: &HeaderMap) -> Option<Session> {
+/// The session cookie's value in the request, if any.
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .find_map(|v| auth::cookie_value(v, auth::COOKIE))
-        .and_then(|c| console.sessions.get(c))
+}
+
+fn session_of(console: &Console, headers: &HeaderMap) -> Option<Session> {
+    session_cookie(headers).and_then(|c| console.sessions.get(c))
 }
 
 async fn stylesheet() -> Response {
@@ -338,12 +342,7 @@ async fn logout(
     headers: HeaderMap,
     Checked(_): Checked<Csrf>,
 ) -> Response {
-    if let Some(c) = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| auth::cookie_value(v, auth::COOKIE))
-    {
+    if let Some(c) = session_cookie(&headers) {
         console.sessions.end(c);
     }
     let mut resp = Redirect::to("/console/login").into_response();
