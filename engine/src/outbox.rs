@@ -420,7 +420,13 @@ impl Engine {
     /// still retries with its own backoff ([`Self::failure`]).
     fn observe<T>(&self, connector: ConnectorRole, result: &Result<T, ConnectorError>) {
         match crate::circuit::verdict(result) {
-            Verdict::Neutral => self.circuits.release(connector),
+            Verdict::Neutral => {
+                // The vendor named a wait: a quota lock-out or a spent quota (the alert
+                // `OptinsyncVendorQuotaLockout` watches this).
+                metrics::counter!("optinsync_connector_paused_total", "connector" => connector.as_str())
+                    .increment(1);
+                self.circuits.release(connector)
+            }
             Verdict::Failure => self.circuits.record(connector, true),
             Verdict::Alive => self.circuits.record(connector, false),
         }

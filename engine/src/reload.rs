@@ -23,7 +23,22 @@ pub enum Reload {
     Rejected(RulesError),
 }
 
+/// The last reload as the operator console shows it: when, what came of it, and the
+/// error text (compile errors name `file:line`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadRecord {
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// `ok`, `unchanged`, `compile_error` or `test_failure` (the metric's label).
+    pub result: &'static str,
+    pub error: Option<String>,
+}
+
 impl Engine {
+    /// What the last [`Engine::reload_rules`] of this process did; `None` before the first.
+    pub fn last_reload(&self) -> Option<ReloadRecord> {
+        self.last_reload.lock().ok().and_then(|r| r.clone())
+    }
+
     /// Re-read, compile and test the rule directory; swap it in only if all of that passed.
     pub fn reload_rules(&self) -> Reload {
         let dir = self.config.config.rules.dir.clone();
@@ -51,6 +66,16 @@ impl Engine {
             }
         };
         metrics::counter!("optinsync_rules_reload_total", "result" => result).increment(1);
+        if let Ok(mut last) = self.last_reload.lock() {
+            *last = Some(ReloadRecord {
+                at: chrono::Utc::now(),
+                result,
+                error: match &outcome {
+                    Reload::Rejected(e) => Some(e.to_string()),
+                    _ => None,
+                },
+            });
+        }
         outcome
     }
 }

@@ -99,6 +99,9 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     // SQLite: one daemon per database file, refused before anything is touched.
     let instance = crate::instance_lock::acquire(&load_config(path)?.config.store.url)?;
     let signals = Signals::install();
+    // Before boot: the engine registers series (circuits at zero) as it is built.
+    optinsync_web::metrics::install();
+    optinsync_web::metrics::build_info(env!("CARGO_PKG_VERSION"), env!("OPTINSYNC_COMMIT"));
     let engine = boot(path).await?;
     if let Some(lock) = &instance {
         tracing::info!(lock_file = %lock.path.display(), "SQLite: this instance holds the database's instance lock");
@@ -112,7 +115,6 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
     tracing::info!(%listen, public_url = %engine.settings().server.public_url, "HTTP server listening");
 
-    optinsync_web::metrics::install();
     let pass_now = Arc::new(tokio::sync::Notify::new());
     // Kept alive for the whole run.
     let _watcher = watch_rules(&engine, &pass_now);
@@ -132,7 +134,17 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     let worker = format!("{instance}{}", worker_id());
     take_back_claims(&engine, &instance, &worker).await;
     let delivery = spawn_delivery(&engine, &worker, &stop);
+    let gauges = crate::gauges::spawn(&engine, &worker, stop.rx.clone());
     run_jobs(&engine, &worker, &stop, &pass_now).await;
+
+    // The gauges only read (and renew a lease row in one statement): cut short rather than
+    // let a slow member listing of the campaigns tool hold the shutdown.
+    gauges.abort();
+    if let Err(e) = gauges.await
+        && !e.is_cancelled()
+    {
+        tracing::error!(error = %e, "metrics task failed");
+    }
 
     if let Err(e) = delivery.await {
         tracing::error!(error = %e, "outbox delivery task failed");

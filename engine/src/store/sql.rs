@@ -115,6 +115,15 @@ macro_rules! shared_store_impl {
             })
         }
 
+        fn day_count_from(row: &Row) -> StoreResult<crate::store::DayCount> {
+            Ok(crate::store::DayCount {
+                list_id: row.try_get("list_id")?,
+                day: row.try_get("day")?,
+                kind: row.try_get("kind")?,
+                count: row.try_get("n")?,
+            })
+        }
+
         fn outbox_from(row: &Row) -> StoreResult<OutboxItem> {
             Ok(OutboxItem {
                 id: row.try_get("id")?,
@@ -1035,6 +1044,120 @@ macro_rules! shared_store_impl {
                     .collect()
             }
 
+            async fn events_per_day(&self, since: DateTime<Utc>) -> StoreResult<Vec<crate::store::DayCount>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, substr(at, 1, 10) AS day, kind, COUNT(*) AS n FROM ledger \
+                     WHERE at >= $1 GROUP BY list_id, substr(at, 1, 10), kind ORDER BY list_id, day, kind",
+                )
+                .bind(format_time(since))
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter().map(day_count_from).collect()
+            }
+
+            async fn states_reached(&self) -> StoreResult<Vec<crate::store::StateReach>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, to_state, COUNT(DISTINCT contact_id) AS n FROM ledger \
+                     GROUP BY list_id, to_state ORDER BY list_id, to_state",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::StateReach {
+                            list_id: r.try_get("list_id")?,
+                            state: r.try_get("to_state")?,
+                            contacts: r.try_get("n")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn consents_per_day(&self, state: &str) -> StoreResult<Vec<crate::store::DayCount>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, substr(since, 1, 10) AS day, state AS kind, COUNT(*) AS n FROM consents \
+                     WHERE state = $1 GROUP BY list_id, substr(since, 1, 10), state ORDER BY list_id, day",
+                )
+                .bind(state)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter().map(day_count_from).collect()
+            }
+
+            async fn outbox_depth(&self) -> StoreResult<Vec<crate::store::OutboxDepth>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, kind, status, COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox \
+                     WHERE status IN ('pending', 'dead') GROUP BY list_id, kind, status ORDER BY list_id, kind, status",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::OutboxDepth {
+                            list_id: r.try_get("list_id")?,
+                            kind: r.try_get("kind")?,
+                            status: r.try_get("status")?,
+                            count: r.try_get("n")?,
+                            oldest: parse_time("outbox", &r.try_get::<String, _>("oldest")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn ledger_head(&self) -> StoreResult<i64> {
+                let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS head FROM ledger")
+                    .fetch_one(&self.reader)
+                    .await?;
+                Ok(row.try_get::<i64, _>("head")?)
+            }
+
+            async fn pending_removal_addresses(&self, list_id: &str) -> StoreResult<Vec<String>> {
+                let rows = sqlx::query(
+                    "SELECT o.payload, c.email FROM outbox o LEFT JOIN contacts c ON c.id = o.contact_id \
+                     WHERE o.status = 'pending' AND o.list_id = $1 AND o.kind = 'campaigns_remove'",
+                )
+                .bind(list_id)
+                .fetch_all(&self.reader)
+                .await?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let payload: serde_json::Value = parse_json("outbox", &r.try_get::<String, _>("payload")?)?;
+                    let carried = payload.get("email").and_then(|e| e.as_str()).map(str::to_owned);
+                    if let Some(address) = carried.or(r.try_get::<Option<String>, _>("email")?) {
+                        out.push(address);
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn leases(&self) -> StoreResult<Vec<crate::store::Lease>> {
+                let rows = sqlx::query("SELECT name, holder, until FROM leases ORDER BY name")
+                    .fetch_all(&self.reader)
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::Lease {
+                            name: r.try_get("name")?,
+                            holder: r.try_get("holder")?,
+                            until: parse_time("leases", &r.try_get::<String, _>("until")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn list_consents(&self, list_id: &str) -> StoreResult<Vec<(String, crate::consent::ConsentState)>> {
+                let rows = sqlx::query(
+                    "SELECT c.email, s.state FROM consents s JOIN contacts c ON c.id = s.contact_id \
+                     WHERE s.list_id = $1 AND NOT c.erased ORDER BY c.email",
+                )
+                .bind(list_id)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get("email")?, parse_state("consents", &r.try_get::<String, _>("state")?)?)))
+                    .collect()
+            }
+
             async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {
                 let row = sqlx::query("SELECT 1 AS one FROM suppressions WHERE address_hash = $1")
                     .bind(address_hash)
@@ -1181,6 +1304,45 @@ macro_rules! shared_store_impl {
                     used.push(crate::store::windows::used(&buckets));
                 }
                 Ok((used, locked))
+            }
+
+            async fn quota_overview(&self, now_ms: i64) -> StoreResult<Vec<crate::store::QuotaUse>> {
+                let keys = sqlx::query("SELECT key, locked_until FROM quota_keys ORDER BY key")
+                    .fetch_all(&self.reader)
+                    .await?;
+                let buckets = sqlx::query(
+                    "SELECT key, length_ms, bucket, used FROM quota_buckets ORDER BY key, length_ms, bucket",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                let mut out = Vec::with_capacity(keys.len());
+                for k in &keys {
+                    let key: String = k.try_get("key")?;
+                    let mut windows: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
+                    for b in &buckets {
+                        if b.try_get::<String, _>("key")? == key {
+                            windows
+                                .entry(b.try_get("length_ms")?)
+                                .or_default()
+                                .push((b.try_get("bucket")?, b.try_get("used")?));
+                        }
+                    }
+                    let windows = windows
+                        .into_iter()
+                        .map(|(length_ms, rows)| {
+                            let w = optinsync_plugin_api::QuotaWindow { limit: 0, length_ms };
+                            let first = crate::store::windows::first_live_bucket(&w, now_ms);
+                            let live: Vec<(i64, i64)> = rows.into_iter().filter(|(i, _)| *i >= first).collect();
+                            (length_ms, crate::store::windows::used(&live))
+                        })
+                        .collect();
+                    out.push(crate::store::QuotaUse {
+                        key,
+                        windows,
+                        locked_until: Some(k.try_get::<i64, _>("locked_until")?).filter(|u| *u > now_ms),
+                    });
+                }
+                Ok(out)
             }
 
             async fn mark_add(&self, set: &str, member: &str) -> StoreResult<()> {
