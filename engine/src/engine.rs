@@ -100,7 +100,18 @@ pub struct Engine {
     /// Single consent changes are written in groups (one fsync for many web requests).
     pub(crate) group_commit: Option<crate::group_commit::GroupCommit>,
     /// What the last rules reload did (the operator console shows it).
-    pub(crate) last_reload: std::sync::Mutex<Option<crate::reload::ReloadRecord>>,
+    pub(crate) last_reload: std::sync::Mutex<Option<ReloadRecord>>,
+}
+
+/// The last reload as the operator console shows it: when, what came of it, and the
+/// error text (compile errors name `file:line`); written by
+/// [`Engine::reload_rules`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadRecord {
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// `ok`, `unchanged`, `compile_error` or `test_failure` (the metric's label).
+    pub result: &'static str,
+    pub error: Option<String>,
 }
 
 /// A read-only view of the store, handed out by [`Engine::reads`]. It has no write methods, so

@@ -9,7 +9,7 @@ use std::time::Duration;
 use notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, ReloadRecord};
 use crate::rules::{RuleSet, RulesError};
 
 /// What a reload did.
@@ -21,16 +21,6 @@ pub enum Reload {
     Unchanged,
     /// The new files failed to compile or to pass their tests; the old set keeps deciding.
     Rejected(RulesError),
-}
-
-/// The last reload as the operator console shows it: when, what came of it, and the
-/// error text (compile errors name `file:line`).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct ReloadRecord {
-    pub at: chrono::DateTime<chrono::Utc>,
-    /// `ok`, `unchanged`, `compile_error` or `test_failure` (the metric's label).
-    pub result: &'static str,
-    pub error: Option<String>,
 }
 
 impl Engine {
