@@ -260,9 +260,14 @@ impl Engine {
 
     /// Keep the page a person saw as evidence (content-addressed; idempotent).
     pub async fn record_snapshot(&self, s: &crate::store::Snapshot) -> EngineResult<()> {
+        self.record_snapshots(vec![s.clone()]).await
+    }
+
+    /// Keep several snapshots in one write (a pass's mails, before they leave).
+    pub async fn record_snapshots(&self, s: Vec<crate::store::Snapshot>) -> EngineResult<()> {
         match &self.group_commit {
-            Some(g) => g.snapshot(&*self.store, s.clone()).await?,
-            None => self.store.put_snapshot(s).await?,
+            Some(g) => g.snapshots(&*self.store, s).await?,
+            None => self.store.put_snapshots(&s).await?,
         }
         Ok(())
     }

@@ -28,7 +28,7 @@ type Done = oneshot::Sender<StoreResult<()>>;
 enum Job {
     Commit(Box<Commit>, Reply),
     Append(Box<NewEvent>, Reply),
-    Snapshot(Box<Snapshot>, Done),
+    Snapshots(Vec<Snapshot>, Done),
     Finish(Vec<OutboxFinish>, Done),
 }
 
@@ -65,10 +65,10 @@ impl GroupCommit {
         }
     }
 
-    /// Store a snapshot through the writer (mails in flight side by side share a commit).
-    pub async fn snapshot(&self, store: &dyn Store, snapshot: Snapshot) -> StoreResult<()> {
+    /// Store snapshots through the writer (mails in flight side by side share a commit).
+    pub async fn snapshots(&self, store: &dyn Store, snapshots: Vec<Snapshot>) -> StoreResult<()> {
         let (reply, answer) = oneshot::channel();
-        match self.tx.send(Job::Snapshot(Box::new(snapshot), reply)) {
+        match self.tx.send(Job::Snapshots(snapshots, reply)) {
             Ok(()) => answered(answer).await,
             Err(mpsc::error::SendError(job)) => done(store, job).await,
         }
@@ -100,7 +100,7 @@ async fn one(store: &dyn Store, job: Job) -> StoreResult<LedgerEvent> {
     match job {
         Job::Commit(c, _) => store.commit(&c).await,
         Job::Append(e, _) => store.append_event(&e).await,
-        Job::Snapshot(..) | Job::Finish(..) => Err(StoreError::Corrupt {
+        Job::Snapshots(..) | Job::Finish(..) => Err(StoreError::Corrupt {
             table: "ledger",
             detail: "not a ledger write".into(),
         }),
@@ -109,7 +109,7 @@ async fn one(store: &dyn Store, job: Job) -> StoreResult<LedgerEvent> {
 
 async fn done(store: &dyn Store, job: Job) -> StoreResult<()> {
     match job {
-        Job::Snapshot(s, _) => store.put_snapshot(&s).await,
+        Job::Snapshots(s, _) => store.put_snapshots(&s).await,
         Job::Finish(rows, _) => store.finish_outbox_batch(&rows, Utc::now()).await,
         Job::Commit(..) | Job::Append(..) => one(store, job).await.map(|_| ()),
     }
@@ -128,8 +128,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
         let mut commit_replies = Vec::new();
         let mut appends = Vec::new();
         let mut append_replies = Vec::new();
-        let mut snapshots = Vec::new();
-        let mut snapshot_replies = Vec::new();
+        let mut snapshots: Vec<(Vec<Snapshot>, Done)> = Vec::new();
         let mut finishes: Vec<(Vec<OutboxFinish>, Done)> = Vec::new();
         for job in jobs {
             match job {
@@ -144,10 +143,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
                     appends.push(*e);
                     append_replies.push(reply);
                 }
-                Job::Snapshot(s, reply) => {
-                    snapshots.push(*s);
-                    snapshot_replies.push(reply);
-                }
+                Job::Snapshots(s, reply) => snapshots.push((s, reply)),
                 Job::Finish(rows, reply) => finishes.push((rows, reply)),
             }
         }
@@ -189,16 +185,17 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
             }
         }
         if !snapshots.is_empty() {
-            match store.put_snapshots(&snapshots).await {
+            let all: Vec<Snapshot> = snapshots.iter().flat_map(|(s, _)| s.clone()).collect();
+            match store.put_snapshots(&all).await {
                 Ok(()) => {
-                    for reply in snapshot_replies {
+                    for (_, reply) in snapshots {
                         let _ = reply.send(Ok(()));
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, snapshots = snapshots.len(), "group snapshot write failed; writing one by one");
-                    for (s, reply) in snapshots.iter().zip(snapshot_replies) {
-                        let _ = reply.send(store.put_snapshot(s).await);
+                    tracing::warn!(error = %e, snapshots = all.len(), "group snapshot write failed; writing one request at a time");
+                    for (s, reply) in snapshots {
+                        let _ = reply.send(store.put_snapshots(&s).await);
                     }
                 }
             }

@@ -108,10 +108,11 @@ impl Engine {
                 mails.push(u);
                 next = units.next();
             }
+            let mails = self.prepare_mails(mails).await;
             // Every delivery in flight is driven to its finish before an error is returned:
             // dropping one half-way could leave a sent mail unrecorded.
             let mut outcomes = stream::iter(mails)
-                .map(|u| self.deliver_unit(worker, u))
+                .map(|(u, pre)| self.deliver_unit_with(worker, u, pre))
                 .buffer_unordered(in_flight);
             let mut first_error = None;
             while let Some(outcome) = outcomes.next().await {
@@ -129,8 +130,65 @@ impl Engine {
         Ok(run.stats)
     }
 
+    /// Check and compose a run of mails, then store all their snapshots in one write: each
+    /// mail in flight then waits for one commit (its finish), not two. A mail that cannot be
+    /// prepared here (or a failed snapshot write) is left to [`Self::deliver_one`].
+    async fn prepare_mails(&self, units: Vec<Unit>) -> Vec<(Unit, Option<Prepared>)> {
+        let mut out = Vec::with_capacity(units.len());
+        for unit in units {
+            let pre = match &unit {
+                Unit::One(item) => self.prepare_row(item).await,
+                Unit::Batch { .. } => None,
+            };
+            out.push((unit, pre));
+        }
+        let snapshots: Vec<_> = out
+            .iter()
+            .filter_map(|(_, pre)| match pre {
+                Some(Ok(p)) => Some(p.mail.composed.snapshot.clone()),
+                _ => None,
+            })
+            .collect();
+        if !snapshots.is_empty()
+            && let Err(e) = self.record_snapshots(snapshots).await
+        {
+            tracing::warn!(error = %e, "mail snapshots not stored together; storing each before its mail");
+            for (_, pre) in &mut out {
+                if matches!(pre, Some(Ok(_))) {
+                    *pre = None;
+                }
+            }
+        }
+        out
+    }
+
+    /// [`Self::prepare_mail`] for a mail row; `None` for anything else or on a store error
+    /// (the row then goes the single-row way, which reports it).
+    async fn prepare_row(&self, item: &OutboxItem) -> Option<Prepared> {
+        let StoredWork::Known(OutboxWork::Mail { token, mail }) = &item.work else {
+            return None;
+        };
+        let list = self.list(&item.list_id)?;
+        let contact = self.store.contact_by_id(&item.contact_id).await.ok()??;
+        match self.prepare_mail(item, &contact, list, token, *mail).await {
+            Ok(Ok(mail)) => Some(Ok(ReadyMail { contact, mail })),
+            Ok(Err(finish)) => Some(Err(finish)),
+            Err(_) => None,
+        }
+    }
+
     /// Deliver one unit and finish its rows.
     async fn deliver_unit(&self, worker: &str, unit: Unit) -> EngineResult<Finishing> {
+        self.deliver_unit_with(worker, unit, None).await
+    }
+
+    /// [`Self::deliver_unit`], with a mail row already prepared by [`Self::prepare_mails`].
+    async fn deliver_unit_with(
+        &self,
+        worker: &str,
+        unit: Unit,
+        pre: Option<Prepared>,
+    ) -> EngineResult<Finishing> {
         let connector = unit.connector();
         // Shutdown: hand back what is not started yet. Open circuit: do not call a dead
         // endpoint; the rows wait for the half-open probe (their attempts are not counted).
@@ -147,10 +205,20 @@ impl Engine {
         };
         let finishes = match (postpone, &unit) {
             (Some(at), _) => vec![Finish::Postpone { at }; unit.len()],
-            (None, Unit::One(item)) => vec![match self.deliver_one(item).await {
-                Ok(finish) => finish,
-                Err(e) => self.failure(item, ConnectorError::transient(e.to_string())),
-            }],
+            (None, Unit::One(item)) => {
+                let delivered = match pre {
+                    Some(Ok(ready)) => match self.list(&item.list_id) {
+                        Some(list) => self.send_mail(item, &ready.contact, list, ready.mail).await,
+                        None => self.deliver_one(item).await,
+                    },
+                    Some(Err(finish)) => Ok(finish),
+                    None => self.deliver_one(item).await,
+                };
+                vec![match delivered {
+                    Ok(finish) => finish,
+                    Err(e) => self.failure(item, ConnectorError::transient(e.to_string())),
+                }]
+            }
             (None, Unit::Batch { kind, items }) => self.deliver_batch(*kind, items).await,
         };
         if postpone.is_none()
@@ -584,35 +652,74 @@ impl Engine {
         token: &str,
         kind: MailKind,
     ) -> EngineResult<Finish> {
-        let token = token.to_owned();
+        let prepared = match self.prepare_mail(item, contact, list, token, kind).await? {
+            Ok(p) => p,
+            Err(finish) => return Ok(finish),
+        };
+        // The exact text goes into the store before it leaves, under the hash the ledger names.
+        self.record_snapshot(&prepared.composed.snapshot).await?;
+        self.send_mail(item, contact, list, prepared).await
+    }
+
+    /// Check that the signup still waits and compose its mail; `Err`: how the row ends
+    /// without a mail.
+    async fn prepare_mail(
+        &self,
+        item: &OutboxItem,
+        contact: &crate::store::Contact,
+        list: &crate::config::ListConfig,
+        token: &str,
+        kind: MailKind,
+    ) -> EngineResult<Result<PreparedMail, Finish>> {
         // The signup may have been confirmed, withdrawn or replaced since the row was queued.
         let consent = self.store.consent(&contact.id, &list.id).await?;
         let Some(consent) = consent.filter(|c| {
             matches!(c.state, ConsentState::Pending | ConsentState::Revalidating)
-                && c.signup_token.as_deref() == Some(&token)
+                && c.signup_token.as_deref() == Some(token)
         }) else {
-            return Ok(Finish::Done {
+            return Ok(Err(Finish::Done {
                 event: None,
                 note: Some("skipped: signup no longer waiting".into()),
-            });
+            }));
         };
         let letter = mail::Letter {
             kind,
             contact,
             list,
-            signup_token: &token,
+            signup_token: token,
             outbox_key: &item.idempotency_key,
             now: Utc::now(),
         };
-        let composed = match mail::compose(&self.config, &self.tokens, &letter) {
-            Ok(c) => c,
+        match mail::compose(&self.config, &self.tokens, &letter) {
+            Ok(composed) => Ok(Ok(PreparedMail {
+                kind,
+                token: token.to_owned(),
+                state: consent.state,
+                composed,
+            })),
             Err(e) => {
                 tracing::error!(contact_id = %contact.id, list = %list.id, error = %e, "confirmation mail cannot be rendered");
-                return Ok(self.failure(item, ConnectorError::permanent(e.to_string())));
+                Ok(Err(
+                    self.failure(item, ConnectorError::permanent(e.to_string()))
+                ))
             }
-        };
-        // The exact text goes into the store before it leaves, under the hash the ledger names.
-        self.record_snapshot(&composed.snapshot).await?;
+        }
+    }
+
+    /// Send a prepared mail (its snapshot already stored) and say how the row ends.
+    async fn send_mail(
+        &self,
+        item: &OutboxItem,
+        contact: &crate::store::Contact,
+        list: &crate::config::ListConfig,
+        prepared: PreparedMail,
+    ) -> EngineResult<Finish> {
+        let PreparedMail {
+            kind,
+            token,
+            state,
+            composed,
+        } = prepared;
         let msg = composed.message;
         let sent = self.connectors.mail.send(&msg).await;
         self.observe(ConnectorRole::Mail, &sent);
@@ -624,8 +731,8 @@ impl Engine {
                     contact_id: contact.id.clone(),
                     list_id: list.id.clone(),
                     kind: format!("{}_mail_sent", kind.as_str()),
-                    from_state: consent.state,
-                    to_state: consent.state,
+                    from_state: state,
+                    to_state: state,
                     source: EventSource::Outbox,
                     evidence: Evidence {
                         token_id: Some(token),
@@ -660,6 +767,24 @@ impl Engine {
             Err(e) => Ok(self.failure(item, e)),
         }
     }
+}
+
+/// A mail row checked and composed ahead of its send, or how it ends without one.
+type Prepared = Result<ReadyMail, Finish>;
+
+/// A prepared mail and the contact it goes to.
+struct ReadyMail {
+    contact: crate::store::Contact,
+    mail: PreparedMail,
+}
+
+/// A mail composed and checked, ready to send once its snapshot is stored.
+struct PreparedMail {
+    kind: MailKind,
+    token: String,
+    /// The consent's state when checked (the event's from and to).
+    state: ConsentState,
+    composed: mail::Composed,
 }
 
 /// Count and log how one row ended.
