@@ -94,7 +94,7 @@ pub struct Engine {
     rules: RwLock<Arc<RuleSet>>,
     /// Signalled after a commit that queued outbox work, so the daemon delivers at once
     /// instead of at its next tick (a confirmation mail should not wait for a poll).
-    pub(crate) outbox_wake: Arc<tokio::sync::Notify>,
+    pub(crate) outbox_wake: Arc<crate::outbox::OutboxWake>,
     /// Per-connector circuit breakers and the readiness flags (`/readyz`).
     pub(crate) circuits: Arc<crate::circuit::Circuits>,
     /// Single consent changes are written in groups (one fsync for many web requests).
@@ -216,7 +216,7 @@ impl Engine {
             connectors,
             tokens,
             rules: RwLock::new(Arc::new(rules)),
-            outbox_wake: Arc::new(tokio::sync::Notify::new()),
+            outbox_wake: Arc::new(crate::outbox::OutboxWake::default()),
             circuits,
             last_reload: std::sync::Mutex::new(None),
         }
@@ -254,7 +254,7 @@ impl Engine {
     }
 
     /// Signalled when a commit queued outbox work.
-    pub fn outbox_wake(&self) -> &tokio::sync::Notify {
+    pub fn outbox_wake(&self) -> &crate::outbox::OutboxWake {
         &self.outbox_wake
     }
 

@@ -80,33 +80,42 @@ impl Engine {
     /// mails up to the transport's [`optinsync_plugin_api::MailTransport::concurrency`] at
     /// once; everything else one row at a time, in claim order.
     ///
-    /// Only mails run side by side: a run of consecutive mail units goes concurrently, and
-    /// any other unit waits for the run before it (and the next run waits for it), so
-    /// campaigns and CRM writes keep their claim order. Each row is finished as soon as its
-    /// own delivery ends, so at most `concurrency` sent mails are unrecorded at any moment —
-    /// the bound on duplicates after a crash.
+    /// Mails go side by side (up to the transport's concurrency) and beside the other work;
+    /// campaigns and CRM writes go one unit at a time in claim order. Each row is finished as
+    /// soon as its own delivery ends, so at most `concurrency` sent mails are unrecorded at
+    /// any moment — the bound on duplicates after a crash.
     pub async fn deliver_due(&self, worker: &str, limit: i64) -> EngineResult<DeliverStats> {
+        self.deliver_lane(worker, None, limit).await
+    }
+
+    /// [`Self::deliver_due`] for one connector's work only (`None`: all): `run` drives one
+    /// lane per connector, so mails never wait behind a slow CRM write-back or a campaigns
+    /// call waiting for its quota, and the other way round.
+    pub async fn deliver_lane(
+        &self,
+        worker: &str,
+        lane: Option<ConnectorRole>,
+        limit: i64,
+    ) -> EngineResult<DeliverStats> {
         let now = Utc::now();
         let lease = chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::minutes(5));
+        let kinds = lane.map_or(&[][..], OutboxWork::kinds_of);
         let items = self
             .store
-            .claim_outbox(worker, now, now + lease, limit)
+            .claim_outbox_kinds(worker, now, now + lease, limit, kinds)
             .await?;
         let in_flight = self.connectors.mail.concurrency().max(1);
-        let mut run = Finishing::default();
-        let mut units = units(items, self.connectors.campaigns.max_batch()).into_iter();
-        let mut next = units.next();
-        while let Some(unit) = next.take() {
-            if unit.connector() != Some(ConnectorRole::Mail) || in_flight == 1 {
-                run.add(self.deliver_unit(worker, unit).await)?;
-                next = units.next();
-                continue;
-            }
-            let mut mails = vec![unit];
-            next = units.next();
-            while let Some(u) = next.take_if(|u| u.connector() == Some(ConnectorRole::Mail)) {
-                mails.push(u);
-                next = units.next();
+        let (mails, others): (Vec<Unit>, Vec<Unit>) =
+            units(items, self.connectors.campaigns.max_batch())
+                .into_iter()
+                .partition(|u| u.connector() == Some(ConnectorRole::Mail));
+        // Mails and the other work go side by side: nothing orders a mail against a
+        // campaigns or CRM write. Campaigns and CRM writes keep their claim order.
+        let mail_run = async {
+            let mut run = Finishing::default();
+            let mut first_error = None;
+            if mails.is_empty() {
+                return (run, first_error);
             }
             let mails = self.prepare_mails(mails).await;
             // Every delivery in flight is driven to its finish before an error is returned:
@@ -114,15 +123,29 @@ impl Engine {
             let mut outcomes = stream::iter(mails)
                 .map(|(u, pre)| self.deliver_unit_with(worker, u, pre))
                 .buffer_unordered(in_flight);
-            let mut first_error = None;
             while let Some(outcome) = outcomes.next().await {
                 if let Err(e) = run.add(outcome) {
                     first_error.get_or_insert(e);
                 }
             }
-            if let Some(e) = first_error {
-                return Err(e);
+            (run, first_error)
+        };
+        let other_run = async {
+            let mut run = Finishing::default();
+            for unit in others {
+                if let Err(e) = run.add(self.deliver_unit(worker, unit).await) {
+                    return (run, Some(e));
+                }
             }
+            (run, None)
+        };
+        let ((mail_done, mail_error), (other_done, other_error)) =
+            tokio::join!(mail_run, other_run);
+        let mut run = Finishing::default();
+        run.add(Ok(mail_done))?;
+        run.add(Ok(other_done))?;
+        if let Some(e) = mail_error.or(other_error) {
+            return Err(e);
         }
         if run.scrub {
             self.store.after_erasure().await?;
@@ -455,12 +478,19 @@ impl Engine {
         }))
     }
 
-    /// Rows one [`Self::deliver_due`] pass claims: at least 20, and four per mail the
-    /// transport takes at once, so that concurrent sends are not starved at each pass's tail
-    /// (a claim is a store round trip).
-    pub fn delivery_claim_size(&self) -> i64 {
-        let per_mail = self.connectors.mail.concurrency().saturating_mul(4);
-        i64::try_from(per_mail).unwrap_or(i64::MAX).max(20)
+    /// Rows one pass of a lane claims (`None`: all lanes): at least 20, four per mail the
+    /// transport takes at once and four campaigns batches, so that concurrent sends are not
+    /// starved at each pass's tail (a claim is a store round trip).
+    pub fn delivery_claim_size(&self, lane: Option<ConnectorRole>) -> i64 {
+        let mails = self.connectors.mail.concurrency().saturating_mul(4);
+        let batches = self.connectors.campaigns.max_batch().saturating_mul(4);
+        let size = match lane {
+            Some(ConnectorRole::Mail) => mails,
+            Some(ConnectorRole::Campaigns) => batches,
+            Some(ConnectorRole::Crm) => 20,
+            None => mails.max(batches),
+        };
+        i64::try_from(size).unwrap_or(i64::MAX).max(20)
     }
 
     /// Deliver until nothing is due (used by `sync --once`).
@@ -468,7 +498,7 @@ impl Engine {
         let mut total = DeliverStats::default();
         loop {
             let s = self
-                .deliver_due(worker, self.delivery_claim_size().max(50))
+                .deliver_due(worker, self.delivery_claim_size(None).max(50))
                 .await?;
             if s == DeliverStats::default() {
                 return Ok(total);
@@ -810,6 +840,31 @@ fn skipped(note: &str) -> Finish {
     Finish::Done {
         event: None,
         note: Some(note.to_owned()),
+    }
+}
+
+/// Wakes the delivery lanes when a commit queued work: a permit per lane, so none misses it.
+#[derive(Debug, Default)]
+pub struct OutboxWake {
+    lanes: [tokio::sync::Notify; 3],
+}
+
+impl OutboxWake {
+    /// Wake every lane (or let its next wait return at once).
+    pub fn notify_one(&self) {
+        for lane in &self.lanes {
+            lane.notify_one();
+        }
+    }
+
+    /// Wait for work queued for `lane`.
+    pub fn notified(&self, lane: ConnectorRole) -> tokio::sync::futures::Notified<'_> {
+        let i = match lane {
+            ConnectorRole::Crm => 0,
+            ConnectorRole::Campaigns => 1,
+            ConnectorRole::Mail => 2,
+        };
+        self.lanes[i].notified()
     }
 }
 

@@ -93,6 +93,19 @@ impl OutboxWork {
         }
     }
 
+    /// The stored kinds a connector delivers (its delivery lane).
+    pub fn kinds_of(role: ConnectorRole) -> &'static [&'static str] {
+        match role {
+            ConnectorRole::Mail => &["mail"],
+            ConnectorRole::Campaigns => &[
+                "campaigns_subscribe",
+                "campaigns_request_doi",
+                "campaigns_remove",
+            ],
+            ConnectorRole::Crm => &["crm_write_back"],
+        }
+    }
+
     /// The connector that delivers this work.
     pub fn connector(&self) -> ConnectorRole {
         match self {
@@ -209,6 +222,18 @@ mod tests {
         ];
         let kinds: Vec<&str> = all.iter().map(OutboxWork::kind).collect();
         assert_eq!(kinds, OutboxWork::KINDS);
+        // Each kind is in its own connector's delivery lane and in no other.
+        for work in &all {
+            for role in ConnectorRole::ALL {
+                assert_eq!(
+                    OutboxWork::kinds_of(role).contains(&work.kind()),
+                    role == work.connector(),
+                    "{} in the {} lane",
+                    work.kind(),
+                    role.as_str()
+                );
+            }
+        }
     }
 
     /// The stored shapes are those rows were written in before the enum existed.

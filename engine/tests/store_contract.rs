@@ -874,6 +874,24 @@ async fn check_claim_outbox(db: TestDb) {
     .expect("commit");
     let lease = 60;
 
+    // A delivery lane claims its kinds only, and leaves the rest unclaimed.
+    let lane = s
+        .claim_outbox_kinds(
+            "w0",
+            t(1),
+            t(1 + lease),
+            10,
+            &["crm_write_back", "campaigns_remove"],
+        )
+        .await
+        .expect("claim a lane");
+    assert_eq!(keys(&lane), vec!["l1", "n2"]);
+    for item in &lane {
+        s.finish_outbox(item.id, "w0", &Finish::Postpone { at: t(1) }, t(1))
+            .await
+            .expect("hand back");
+    }
+
     // Legal work first, even though it was enqueued last.
     let a = s
         .claim_outbox("w1", t(1), t(1 + lease), 2)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use optinsync_engine::engine::Engine;
+use optinsync_engine::work::ConnectorRole;
 use optinsync_web::http;
 
 use super::{boot, healthchecks, host_name, load_config, worker_id};
@@ -281,37 +282,51 @@ fn spawn_delivery(engine: &Arc<Engine>, worker: &str, stop: &Stop) -> tokio::tas
     let engine = Arc::clone(engine);
     let flag = Arc::clone(&stop.flag);
     let worker = worker.to_owned();
-    let mut rx = stop.rx.clone();
+    let rx = stop.rx.clone();
     tokio::spawn(async move {
-        // Steps are never cancelled half-way: shutdown waits for the running delivery, so it
-        // is either finished or not started.
-        while !flag.load(Ordering::SeqCst) {
-            match engine
-                .deliver_due(&worker, engine.delivery_claim_size())
-                .await
-            {
-                Ok(s) if s.done + s.retried + s.dead > 0 => {
-                    if let Err(e) = engine.save_connector_state().await {
-                        tracing::warn!(error = %e, "connector state not saved");
-                    }
-                    tracing::info!(
-                        done = s.done,
-                        retried = s.retried,
-                        dead = s.dead,
-                        "outbox delivered"
-                    );
-                    continue;
+        // One lane per connector: a slow connector never holds up another's work.
+        let [crm, campaigns, mail] =
+            ConnectorRole::ALL.map(|role| deliver_lane(&engine, &worker, role, &flag, rx.clone()));
+        tokio::join!(crm, campaigns, mail);
+    })
+}
+
+/// One connector's delivery loop. Steps are never cancelled half-way: shutdown waits for the
+/// running delivery, so it is either finished or not started.
+async fn deliver_lane(
+    engine: &Engine,
+    worker: &str,
+    role: ConnectorRole,
+    flag: &AtomicBool,
+    mut rx: tokio::sync::watch::Receiver<bool>,
+) {
+    let claim = engine.delivery_claim_size(Some(role));
+    while !flag.load(Ordering::SeqCst) {
+        match engine.deliver_lane(worker, Some(role), claim).await {
+            Ok(s) if s.done + s.retried + s.dead > 0 => {
+                if let Err(e) = engine.save_connector_state().await {
+                    tracing::warn!(error = %e, "connector state not saved");
                 }
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %e, "outbox delivery failed"),
+                tracing::info!(
+                    connector = role.as_str(),
+                    done = s.done,
+                    retried = s.retried,
+                    dead = s.dead,
+                    "outbox delivered"
+                );
+                continue;
             }
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = engine.outbox_wake().notified() => {}
-                _ = rx.wait_for(|s| *s) => {}
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(connector = role.as_str(), error = %e, "outbox delivery failed")
             }
         }
-    })
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = engine.outbox_wake().notified(role) => {}
+            _ = rx.wait_for(|s| *s) => {}
+        }
+    }
 }
 
 /// The periodic jobs (CRM poll, campaigns poll, rules pass), each on one instance at a time

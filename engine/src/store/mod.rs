@@ -328,6 +328,16 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         lease_until: DateTime<Utc>,
         limit: i64,
     ) -> StoreResult<Vec<OutboxItem>>;
+    /// [`Store::claim_outbox`] for rows of these kinds only (a delivery lane: one connector's
+    /// work, so a slow connector does not hold up another's).
+    async fn claim_outbox_kinds(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+        kinds: &[&str],
+    ) -> StoreResult<Vec<OutboxItem>>;
     async fn finish_outbox(
         &self,
         id: i64,

@@ -734,20 +734,40 @@ macro_rules! shared_store_impl {
                 lease_until: DateTime<Utc>,
                 limit: i64,
             ) -> StoreResult<Vec<OutboxItem>> {
+                self.claim_outbox_kinds(worker, now, lease_until, limit, &[]).await
+            }
+
+            async fn claim_outbox_kinds(
+                &self,
+                worker: &str,
+                now: DateTime<Utc>,
+                lease_until: DateTime<Utc>,
+                limit: i64,
+                kinds: &[&str],
+            ) -> StoreResult<Vec<OutboxItem>> {
+                // No kinds: every kind. The kinds are bound, never spliced into the text.
+                let filter = if kinds.is_empty() {
+                    String::new()
+                } else {
+                    let marks: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 5)).collect();
+                    format!("AND kind IN ({}) ", marks.join(", "))
+                };
                 let sql = format!(
                     "UPDATE outbox SET claimed_by = $1, claimed_until = $2, attempts = attempts + 1 \
                      WHERE id IN (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= $3 \
-                     AND (claimed_until IS NULL OR claimed_until < $3) ORDER BY priority, id LIMIT $4 {}) \
+                     AND (claimed_until IS NULL OR claimed_until < $3) {filter}ORDER BY priority, id LIMIT $4 {}) \
                      RETURNING {OUTBOX_COLS}",
                     $skip
                 );
-                let rows = sqlx::query(&sql)
+                let mut query = sqlx::query(&sql)
                     .bind(worker)
                     .bind(format_time(lease_until))
                     .bind(format_time(now))
-                    .bind(limit)
-                    .fetch_all(&self.pool)
-                    .await?;
+                    .bind(limit);
+                for kind in kinds {
+                    query = query.bind(*kind);
+                }
+                let rows = query.fetch_all(&self.pool).await?;
                 let mut items = rows.iter().map(outbox_from).collect::<StoreResult<Vec<_>>>()?;
                 items.sort_by_key(|i| (i.priority, i.id));
                 Ok(items)

@@ -239,6 +239,18 @@ impl Store for RacingStore {
             .claim_outbox(worker, now, lease_until, limit)
             .await
     }
+    async fn claim_outbox_kinds(
+        &self,
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+        limit: i64,
+        kinds: &[&str],
+    ) -> StoreResult<Vec<OutboxItem>> {
+        self.inner
+            .claim_outbox_kinds(worker, now, lease_until, limit, kinds)
+            .await
+    }
     async fn finish_outbox(
         &self,
         id: i64,
