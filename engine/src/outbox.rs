@@ -157,14 +157,19 @@ impl Engine {
     /// mail in flight then waits for one commit (its finish), not two. A mail that cannot be
     /// prepared here (or a failed snapshot write) is left to [`Self::deliver_one`].
     async fn prepare_mails(&self, units: Vec<Unit>) -> Vec<(Unit, Option<Prepared>)> {
-        let mut out = Vec::with_capacity(units.len());
-        for unit in units {
-            let pre = match &unit {
-                Unit::One(item) => self.prepare_row(item).await,
-                Unit::Batch { .. } => None,
-            };
-            out.push((unit, pre));
-        }
+        // The reads (contact, consent) go to the store's readers side by side.
+        let in_flight = self.connectors.mail.concurrency().max(1);
+        let mut out: Vec<(Unit, Option<Prepared>)> = stream::iter(units)
+            .map(|unit| async move {
+                let pre = match &unit {
+                    Unit::One(item) => self.prepare_row(item).await,
+                    Unit::Batch { .. } => None,
+                };
+                (unit, pre)
+            })
+            .buffered(in_flight)
+            .collect()
+            .await;
         let snapshots: Vec<_> = out
             .iter()
             .filter_map(|(_, pre)| match pre {
@@ -478,14 +483,16 @@ impl Engine {
         }))
     }
 
-    /// Rows one pass of a lane claims (`None`: all lanes): at least 20, four per mail the
-    /// transport takes at once and four campaigns batches, so that concurrent sends are not
-    /// starved at each pass's tail (a claim is a store round trip).
+    /// Rows one pass of a lane claims (`None`: all lanes): at least 20, sixteen per mail the
+    /// transport takes at once (four when all lanes share a pass) and four campaigns
+    /// batches, so that concurrent sends are not starved at each pass's tail (a claim is a
+    /// store round trip).
     pub fn delivery_claim_size(&self, lane: Option<ConnectorRole>) -> i64 {
         let mails = self.connectors.mail.concurrency().saturating_mul(4);
         let batches = self.connectors.campaigns.max_batch().saturating_mul(4);
         let size = match lane {
-            Some(ConnectorRole::Mail) => mails,
+            // Sixteen per mail in flight: the pass's snapshots share one write.
+            Some(ConnectorRole::Mail) => mails.saturating_mul(4),
             Some(ConnectorRole::Campaigns) => batches,
             Some(ConnectorRole::Crm) => 20,
             None => mails.max(batches),
