@@ -19,6 +19,7 @@ pub mod reload;
 pub mod retention;
 pub mod rules;
 pub mod signing_keys;
+pub mod signup;
 pub mod store;
 pub mod templates;
 pub mod work;

@@ -38,6 +38,7 @@ pub const REQUIRED_FILES: &[&str] = &[
     "unsubscribe.html",
     "unsubscribed.html",
     "notice.html",
+    "signup.html",
 ];
 
 /// `notice.html` variants, each rendered by the start-up check.
@@ -53,6 +54,9 @@ pub const NOTICES: &[&str] = &[
     "unsubscribe_invalid",
     "already_confirmed",
     "too_large",
+    "signup_received",
+    "signup_invalid",
+    "signup_cross_site",
 ];
 
 macro_rules! builtin {
@@ -75,6 +79,7 @@ macro_rules! builtin {
                 ("unsubscribe.html", include_str!(concat!("../../templates/", $lang, "/unsubscribe.html"))),
                 ("unsubscribed.html", include_str!(concat!("../../templates/", $lang, "/unsubscribed.html"))),
                 ("notice.html", include_str!(concat!("../../templates/", $lang, "/notice.html"))),
+                ("signup.html", include_str!(concat!("../../templates/", $lang, "/signup.html"))),
             ]),
         )*]
     };
@@ -140,6 +145,8 @@ pub enum Page {
     Expired,
     Unsubscribe,
     Unsubscribed,
+    /// The hosted signup form of a list (`GET /signup/{list}`).
+    Signup,
     Notice(&'static str),
 }
 
@@ -151,6 +158,7 @@ impl Page {
             Self::Expired => "expired.html",
             Self::Unsubscribe => "unsubscribe.html",
             Self::Unsubscribed => "unsubscribed.html",
+            Self::Signup => "signup.html",
             Self::Notice(_) => "notice.html",
         }
     }
@@ -428,6 +436,7 @@ impl Templates {
                 Page::Expired,
                 Page::Unsubscribe,
                 Page::Unsubscribed,
+                Page::Signup,
             ]
             .into_iter()
             .chain(NOTICES.iter().map(|n| Page::Notice(n)));

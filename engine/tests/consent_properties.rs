@@ -32,6 +32,8 @@ enum Op {
     Bounce,
     Complaint,
     PersonSignup(Tok),
+    /// A website signup (`POST /signup/{list}`).
+    Signup(Tok),
     Erase,
     /// The campaigns tool's confirmation — must always be refused on these (optinsync-DOI)
     /// lists, which the properties below check.
@@ -42,6 +44,8 @@ enum Op {
 struct Step {
     op: Op,
     suppressed: bool,
+    /// With `suppressed`: the suppression is an erasure's alone.
+    erasure_only: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +84,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Bounce),
         1 => Just(Op::Complaint),
         3 => tok().prop_map(Op::PersonSignup),
+        3 => tok().prop_map(Op::Signup),
         1 => Just(Op::Erase),
         2 => Just(Op::CampaignsConfirmed),
     ]
@@ -89,7 +94,13 @@ fn case() -> impl Strategy<Value = Case> {
     (
         0u32..=3,
         prop::collection::vec(
-            (op(), prop::bool::weighted(0.15)).prop_map(|(op, suppressed)| Step { op, suppressed }),
+            (op(), prop::bool::weighted(0.15), prop::bool::weighted(0.4)).prop_map(
+                |(op, suppressed, erased)| Step {
+                    op,
+                    suppressed,
+                    erasure_only: suppressed && erased,
+                },
+            ),
             0..60,
         ),
     )
@@ -131,7 +142,10 @@ impl Rec {
         self.accepted().is_some()
             && matches!(
                 self.input,
-                Input::SendDoi { .. } | Input::SendRevalidation { .. } | Input::PersonSignup { .. }
+                Input::SendDoi { .. }
+                    | Input::SendRevalidation { .. }
+                    | Input::PersonSignup { .. }
+                    | Input::Signup { .. }
             )
     }
 
@@ -180,6 +194,9 @@ fn input_of(op: &Op, current: &Consent, i: usize) -> Input {
         Op::PersonSignup(k) => Input::PersonSignup {
             token: resolve(k, current, i),
         },
+        Op::Signup(k) => Input::Signup {
+            token: resolve(k, current, i),
+        },
         Op::Erase => Input::Erase,
         Op::CampaignsConfirmed => Input::CampaignsConfirmed,
     }
@@ -188,6 +205,8 @@ fn input_of(op: &Op, current: &Consent, i: usize) -> Input {
 fn limits(case: &Case) -> Limits {
     Limits {
         max_reminders: case.max_reminders,
+        // Steps are a minute apart: signups land on both sides of the window.
+        reminder_after: chrono::Duration::minutes(5),
     }
 }
 
@@ -202,6 +221,7 @@ fn run(case: &Case) -> Vec<Rec> {
         let cx = Context {
             suppressed: step.suppressed,
             campaigns_doi: false,
+            erasure_only: step.erasure_only,
         };
         let result = transition(&current, &input, limits(case), cx, now);
         let after = match &result {
@@ -334,7 +354,7 @@ proptest! {
                 if let Some(t) = r.accepted() {
                     let ok = t.to.is_withdrawal()
                         || (t.to == ConsentState::Pending
-                            && matches!(r.input, Input::PersonSignup { .. }));
+                            && matches!(r.input, Input::PersonSignup { .. } | Input::Signup { .. }));
                     prop_assert!(ok, "step {}: left {:?} to {:?} on {:?}", i, from, t.to, r.input);
                 }
             }
@@ -347,7 +367,7 @@ proptest! {
                 }
                 if t.to.is_withdrawal() {
                     withdrawn_without_new_signup = true;
-                } else if matches!(r.input, Input::PersonSignup { .. }) {
+                } else if matches!(r.input, Input::PersonSignup { .. } | Input::Signup { .. }) {
                     withdrawn_without_new_signup = false;
                 }
             }
@@ -381,12 +401,28 @@ proptest! {
         }
     }
 
-    /// No confirmation mail to a suppressed address.
+    /// No confirmation mail to a suppressed address, except the DOI mail of a website
+    /// signup for an address suppressed by its erasure alone (the way back of its person).
     #[test]
     fn no_mail_when_suppressed(case in case()) {
         for (i, r) in run(&case).iter().enumerate() {
-            if r.cx.suppressed {
+            let way_back = r.cx.erasure_only && matches!(r.input, Input::Signup { .. });
+            if r.cx.suppressed && !way_back {
                 prop_assert_eq!(r.mails(), 0, "step {}: mail while suppressed: {:?}", i, r);
+            }
+        }
+    }
+
+    /// A website signup never mails an open signup again inside the reminder window.
+    #[test]
+    fn website_signup_respects_the_reminder_window(case in case()) {
+        let window = limits(&case).reminder_after;
+        for (i, r) in run(&case).iter().enumerate() {
+            if matches!(r.input, Input::Signup { .. }) && r.before.state == ConsentState::Pending {
+                let now = t0() + chrono::Duration::minutes(i as i64 + 1);
+                if now - r.before.since < window {
+                    prop_assert_eq!(r.mails(), 0, "step {}: re-mailed inside the window: {:?}", i, r);
+                }
             }
         }
     }
@@ -440,8 +476,9 @@ fn person_signup_of_suppressed_address_sends_no_mail() {
     let cx = Context {
         suppressed: true,
         campaigns_doi: false,
+        erasure_only: false,
     };
-    let lim = Limits { max_reminders: 1 };
+    let lim = Limits::with_reminders(1);
     let r = transition(
         &Consent::new(t0()),
         &Input::PersonSignup { token: "t1".into() },

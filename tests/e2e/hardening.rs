@@ -42,16 +42,6 @@ fn url(demo: &Demo, path: &str) -> String {
     format!("http://127.0.0.1:{}{path}", demo.port)
 }
 
-async fn one_click(client: &reqwest::Client, link: &str) -> reqwest::Response {
-    client
-        .post(link)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("List-Unsubscribe=One-Click")
-        .send()
-        .await
-        .unwrap()
-}
-
 /// F1: with the signing key alone (here the published demo key) nobody can be unsubscribed,
 /// and a made-up token id does not reach the ledger: a link counts only if it was mailed.
 #[tokio::test(flavor = "multi_thread")]

@@ -205,19 +205,23 @@ impl Demo {
     }
 
     pub fn state(&self, email: &str, list: &str) -> String {
-        let v = self.contact_json(email);
-        v["consents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["list"] == list)
-            .map(|c| c["consent"]["state"].as_str().unwrap().to_owned())
-            .unwrap_or_else(|| "none".into())
+        state_in(&self.contact_json(email), list)
     }
 
     pub fn sqlite_url(&self) -> String {
         format!("sqlite://{}", self.path("var/optinsync.db").display())
     }
+}
+
+/// The state on `list` in a `contact show --json` answer (`none` if it has none).
+pub fn state_in(contact: &serde_json::Value, list: &str) -> String {
+    contact["consents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["list"] == list)
+        .map(|c| c["consent"]["state"].as_str().unwrap().to_owned())
+        .unwrap_or_else(|| "none".into())
 }
 
 pub fn link_in(mail: &str, marker: &str) -> String {
@@ -411,6 +415,17 @@ impl Demo {
             .await
             .unwrap()
     }
+}
+
+/// An RFC 8058 one-click unsubscribe POST to `link`.
+pub async fn one_click(client: &reqwest::Client, link: &str) -> reqwest::Response {
+    client
+        .post(link)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("List-Unsubscribe=One-Click")
+        .send()
+        .await
+        .unwrap()
 }
 
 /// Open the confirmation page as a browser does and press its button: a POST carrying the

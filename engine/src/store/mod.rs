@@ -141,6 +141,9 @@ pub struct Commit {
     pub outbox: Vec<NewOutbox>,
     /// Add this address hash to the global suppression list.
     pub suppress: Option<Suppression>,
+    /// Take these address hashes off the suppression list (an erased person's own signup,
+    /// confirmed: the event says so).
+    pub lift: Vec<String>,
 }
 
 /// One commit of a [`Store::commit_batch`].
@@ -156,6 +159,15 @@ pub struct BatchCommit {
 pub struct Suppression {
     pub address_hash: String,
     pub reason: String,
+}
+
+/// A row of the suppression list: a keyed address hash, why, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Suppressed {
+    pub address_hash: String,
+    /// The event kind that suppressed it (`bounced`, `erased`, `suppressed`, ...).
+    pub reason: String,
+    pub at: DateTime<Utc>,
 }
 
 /// A rendered mail or page exactly as shown, stored under its content hash (the hash the
@@ -320,6 +332,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
     async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool>;
+    /// The suppression-list rows of these hashes (an address's spellings under every key).
+    async fn suppressions_of(&self, address_hashes: &[String]) -> StoreResult<Vec<Suppressed>>;
+    /// The whole suppression list, oldest first.
+    async fn suppressions(&self) -> StoreResult<Vec<Suppressed>>;
+    /// Take these hashes off the suppression list and append `events` (which record why),
+    /// in one transaction; returns how many rows went.
+    async fn lift_suppressions(
+        &self,
+        address_hashes: &[String],
+        events: &[NewEvent],
+    ) -> StoreResult<u64>;
 
     /// Whether any of these hashes (one address under several keys) is suppressed.
     async fn is_any_suppressed(&self, address_hashes: &[String]) -> StoreResult<bool> {

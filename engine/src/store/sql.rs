@@ -97,6 +97,14 @@ macro_rules! shared_store_impl {
             Ok((row.try_get("list_id")?, consent))
         }
 
+        fn suppressed_from(row: &Row) -> StoreResult<crate::store::Suppressed> {
+            Ok(crate::store::Suppressed {
+                address_hash: row.try_get("address_hash")?,
+                reason: row.try_get("reason")?,
+                at: parse_time("suppressions", &row.try_get::<String, _>("at")?)?,
+            })
+        }
+
         fn event_from(row: &Row) -> StoreResult<LedgerEvent> {
             Ok(LedgerEvent {
                 seq: row.try_get("seq")?,
@@ -186,6 +194,24 @@ macro_rules! shared_store_impl {
         }
 
         /// Insert sealed events with multi-row statements. The caller holds the append lock.
+        /// Seal `events` after the chain's head and insert them; the caller holds the
+        /// append lock.
+        async fn seal_and_insert(tx: &mut Tx<'_>, events: &[NewEvent]) -> StoreResult<Vec<LedgerEvent>> {
+            if events.is_empty() {
+                return Ok(Vec::new());
+            }
+            let (mut seq, mut prev) = chain_head(tx).await?;
+            let mut sealed = Vec::with_capacity(events.len());
+            for e in events {
+                seq += 1;
+                let ev = e.seal(seq, &prev);
+                prev = ev.hash.clone();
+                sealed.push(ev);
+            }
+            insert_events(tx, &sealed.iter().collect::<Vec<_>>()).await?;
+            Ok(sealed)
+        }
+
         async fn insert_events(tx: &mut Tx<'_>, sealed: &[&LedgerEvent]) -> StoreResult<()> {
             for chunk in sealed.chunks(ROW_CHUNK / 2) {
                 let mut qb = sqlx::QueryBuilder::<$db>::new(
@@ -558,11 +584,19 @@ macro_rules! shared_store_impl {
                 }
                 let mut outbox: Vec<(&crate::store::NewOutbox, &LedgerEvent)> = Vec::new();
                 let mut suppress: Vec<(&crate::store::Suppression, &LedgerEvent)> = Vec::new();
+                let mut lift: Vec<&String> = Vec::new();
                 for (b, ev) in commits.iter().zip(out.iter()) {
                     if let Some(ev) = ev {
                         outbox.extend(b.commit.outbox.iter().map(|o| (o, ev)));
                         suppress.extend(b.commit.suppress.iter().map(|s| (s, ev)));
+                        lift.extend(&b.commit.lift);
                     }
+                }
+                for h in lift {
+                    sqlx::query("DELETE FROM suppressions WHERE address_hash = $1")
+                        .bind(h)
+                        .execute(&mut *tx)
+                        .await?;
                 }
                 for chunk in outbox.chunks(ROW_CHUNK) {
                     let mut qb = sqlx::QueryBuilder::<$db>::new(
@@ -619,15 +653,7 @@ macro_rules! shared_store_impl {
                 }
                 let mut tx = self.pool.begin().await?;
                 sqlx::query($lock).execute(&mut *tx).await?;
-                let (mut seq, mut prev) = chain_head(&mut tx).await?;
-                let mut sealed = Vec::with_capacity(events.len());
-                for e in events {
-                    seq += 1;
-                    let ev = e.seal(seq, &prev);
-                    prev = ev.hash.clone();
-                    sealed.push(ev);
-                }
-                insert_events(&mut tx, &sealed.iter().collect::<Vec<_>>()).await?;
+                let sealed = seal_and_insert(&mut tx, events).await?;
                 tx.commit().await?;
                 Ok(sealed)
             }
@@ -978,6 +1004,48 @@ macro_rules! shared_store_impl {
                         })
                     })
                     .collect()
+            }
+
+            async fn suppressions_of(&self, address_hashes: &[String]) -> StoreResult<Vec<crate::store::Suppressed>> {
+                if address_hashes.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut out = Vec::new();
+                for chunk in address_hashes.chunks(IN_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT address_hash, reason, at FROM suppressions WHERE address_hash IN ");
+                    push_in(&mut qb, chunk);
+                    for row in qb.build().fetch_all(&self.reader).await? {
+                        out.push(suppressed_from(&row)?);
+                    }
+                }
+                out.sort_by(|a, b| (a.at, &a.address_hash).cmp(&(b.at, &b.address_hash)));
+                Ok(out)
+            }
+
+            async fn suppressions(&self) -> StoreResult<Vec<crate::store::Suppressed>> {
+                let rows = sqlx::query("SELECT address_hash, reason, at FROM suppressions ORDER BY at, address_hash")
+                    .fetch_all(&self.reader)
+                    .await?;
+                rows.iter().map(suppressed_from).collect()
+            }
+
+            async fn lift_suppressions(&self, address_hashes: &[String], events: &[NewEvent]) -> StoreResult<u64> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($lock).execute(&mut *tx).await?;
+                let mut lifted = 0;
+                for h in address_hashes {
+                    lifted += sqlx::query("DELETE FROM suppressions WHERE address_hash = $1")
+                        .bind(h)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                // Nothing lifted, nothing to record.
+                if lifted > 0 {
+                    seal_and_insert(&mut tx, events).await?;
+                }
+                tx.commit().await?;
+                Ok(lifted)
             }
 
             async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {

@@ -20,6 +20,8 @@
 //! * A confirm `POST` from another site (`Origin` not the public URL's, or `Sec-Fetch-Site:
 //!   cross-site`) is refused; an unsubscribe `POST` is not checked so, because RFC 8058
 //!   one-click requests come from mailbox providers' servers.
+//! * `/signup/{list}` ([`signup`]) takes website signups behind the same guard, with its own
+//!   per-client and per-address limits, and answers alike whatever the address's state.
 //! * An unsubscribe link that cannot be honoured gets a page offering another way out
 //!   (`[sender] unsubscribe_mailbox`), never a bare "not valid".
 
@@ -54,6 +56,7 @@ use optinsync_engine::tokens::{Claims, Purpose, TokenError};
 mod binding;
 mod client;
 mod confirm;
+pub mod signup;
 mod unsubscribe;
 
 use binding::{Binding, Mailed, Standing, binding, standing};
@@ -82,6 +85,7 @@ pub struct LinkState {
     nonce_key: Vec<u8>,
     trusted: Vec<IpAddr>,
     stored: Mutex<HashSet<String>>,
+    signup: signup::SignupState,
 }
 
 impl std::fmt::Debug for LinkState {
@@ -138,6 +142,7 @@ impl LinkState {
                 .map(|ip| ip.to_canonical())
                 .collect(),
             stored: Mutex::new(HashSet::new()),
+            signup: signup::SignupState::new(&engine.settings().signup),
         }
     }
 
@@ -183,6 +188,12 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
             "/unsubscribe/{token}",
             get(unsubscribe_get).post(unsubscribe_post),
         )
+        .route(
+            "/signup/{list}",
+            get(signup::signup_get)
+                .post(signup::signup_post)
+                .options(signup::signup_options),
+        )
         .layer(middleware::from_fn_with_state(Arc::clone(&state), guard))
         .layer(DefaultBodyLimit::max(
             engine.settings().server.max_body_bytes,
@@ -208,6 +219,7 @@ async fn guard(State(st): State<Arc<LinkState>>, mut req: Request, next: Next) -
         st.ip_limiter.retain_recent();
         st.fetch_limiter.retain_recent();
         st.resend_limiter.retain_recent();
+        st.signup.retain_recent();
     }
     let limited = if st.ip_limiter.check_key(&rate_key(ip)).is_err() {
         Some("client")
