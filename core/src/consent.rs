@@ -392,8 +392,9 @@ pub fn transition(
                     );
                 }
                 // A bounce or complaint suppresses the address, but its suppression row may
-                // be an erasure's: the state itself refuses too.
-                S::Bounced | S::Complained if website => {
+                // be an erasure's: the state itself refuses then too. (Once an operator
+                // lifted the suppression, the person may sign up again.)
+                S::Bounced | S::Complained if website && cx.suppressed => {
                     return refuse(
                         "the address bounced or complained (invariant: mail is bounded)",
                     );
@@ -782,5 +783,10 @@ mod tests {
         ] {
             assert!(signup(&at(never), "x", erased, now).is_err(), "{never}");
         }
+        // After an operator lifted the suppression, a bounced address may sign up again.
+        let t = signup(&at(ConsentState::Bounced), "y", Context::default(), now)
+            .expect("legal")
+            .expect("changes");
+        assert_eq!(t.to, ConsentState::Pending);
     }
 }

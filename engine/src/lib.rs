@@ -21,5 +21,6 @@ pub mod rules;
 pub mod signing_keys;
 pub mod signup;
 pub mod store;
+pub mod suppression;
 pub mod templates;
 pub mod work;

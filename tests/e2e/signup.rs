@@ -507,3 +507,69 @@ async fn hosted_page_and_json_with_cors() {
     );
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// `suppression list|show|lift`: a bounced address is on the list; the operator's lift is a
+/// `cli` ledger event and sends nothing; after it the person may sign up and confirm again.
+#[tokio::test(flavor = "multi_thread")]
+async fn suppression_list_show_and_lift() {
+    let demo = Demo::new();
+    let daemon = demo.spawn_daemon();
+    let client = http();
+    let email = "bounced.once@example.org";
+    append_status(
+        &demo,
+        &[format!(
+            "{{\"list\":\"{LIST}\",\"email\":\"{email}\",\"kind\":\"bounced\"}}"
+        )],
+    );
+    wait_until(20, "the bounce", || state_of(&demo, email) == "bounced");
+    let show = demo.run_ok(&["suppression", "show", email]);
+    assert!(show.contains("bounced"), "{show}");
+    let list: serde_json::Value =
+        serde_json::from_str(&demo.run_ok(&["suppression", "list", "--json"])).unwrap();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["reason"] == "bounced"),
+        "{list}"
+    );
+    // A signup now mails nothing.
+    assert_eq!(signup(&client, &demo, email).await.0, 200);
+
+    let no_reason = demo.output(&["suppression", "lift", email]);
+    assert_eq!(no_reason.status.code(), Some(2), "--reason is required");
+    let mails = demo.mails().len();
+    let out = demo.run_ok(&[
+        "suppression",
+        "lift",
+        email,
+        "--reason",
+        "the person wrote to us from this mailbox",
+    ]);
+    assert!(out.contains("lifted"), "{out}");
+    let not = demo.run_ok(&["suppression", "show", email]);
+    assert!(not.contains("is not suppressed"), "{not}");
+    let events = demo.contact_json(email)["events"].clone();
+    let lift = events
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "suppression_lifted")
+        .expect("the lift is in the ledger")
+        .to_string();
+    assert!(
+        lift.contains("\"cli\"") && lift.contains("wrote to us"),
+        "{lift}"
+    );
+    assert_eq!(
+        state_of(&demo, email),
+        "bounced",
+        "a lift changes no consent"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(demo.mails().len(), mails, "a lift sends nothing");
+
+    signup_and_confirm(&client, &demo, email).await;
+    assert_eq!(daemon.terminate(), Some(0));
+}
