@@ -313,6 +313,18 @@ impl Engine {
                     .collect();
                 commit.event.evidence.reason = Some(LIFTED_BY_CONFIRMATION.into());
             }
+            // A website signup's person new to the CRM: the CRM learns about them.
+            if matches!(input, Input::Signup { .. })
+                && to == ConsentState::Pending
+                && contact.crm_records.is_empty()
+                && self.connectors.crm.creates_records()
+            {
+                commit.outbox.push(crate::signup::crm_upsert_row(
+                    contact,
+                    list,
+                    &commit.event.event_id,
+                ));
+            }
             let queued = !commit.outbox.is_empty();
             let written = match &self.group_commit {
                 Some(g) => g.commit(&*self.store, commit).await,

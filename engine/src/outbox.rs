@@ -518,6 +518,12 @@ impl Engine {
                 };
                 self.connectors.crm.write_back(&wb).await
             }
+            OutboxWork::CrmUpsert {} => {
+                let Some(contact) = contact.filter(|c| !c.erased) else {
+                    return Ok(done("skipped: contact no longer exists"));
+                };
+                self.upsert_in_crm(item, &contact, list).await?
+            }
         };
         self.observe(work.connector(), &result);
         Ok(match result {

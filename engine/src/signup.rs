@@ -11,7 +11,8 @@ use crate::config::ListConfig;
 use crate::consent::{ConsentState, Input};
 use crate::engine::{Applied, Engine, EngineResult};
 use crate::ledger::{EventSource, Evidence, NewEvent};
-use crate::store::{Contact, ContactUpsert};
+use crate::store::{Contact, ContactUpsert, NewOutbox, OutboxItem, OutboxWork, PRIORITY_NORMAL};
+use optinsync_plugin_api::{ConnectorResult, NewContact};
 
 /// Contact field a signup's name is kept in.
 pub const NAME_FIELD: &str = "Name";
@@ -121,5 +122,65 @@ impl Engine {
         })
         .await?;
         Ok(outcome)
+    }
+}
+
+/// The outbox row that tells the CRM about a person new to it, queued with a website signup's
+/// `signup_requested` event when the CRM connector can create records and the contact has
+/// no record yet.
+pub(crate) fn crm_upsert_row(contact: &Contact, list: &ListConfig, event_id: &str) -> NewOutbox {
+    NewOutbox {
+        work: OutboxWork::CrmUpsert {},
+        priority: PRIORITY_NORMAL,
+        idempotency_key: format!("crm-upsert:{event_id}"),
+        contact_id: contact.id.clone(),
+        list_id: list.id.clone(),
+    }
+}
+
+impl Engine {
+    /// Deliver a [`OutboxWork::CrmUpsert`]: the CRM creates or updates the person's record
+    /// with the consent as it stands now, and the record is kept on the contact.
+    pub(crate) async fn upsert_in_crm(
+        &self,
+        item: &OutboxItem,
+        contact: &Contact,
+        list: &ListConfig,
+    ) -> EngineResult<ConnectorResult<()>> {
+        if !contact.crm_records.is_empty() {
+            // The CRM has them meanwhile (a pull found the address): write-backs update it.
+            return Ok(Ok(()));
+        }
+        let state = self
+            .store
+            .consent(&contact.id, &list.id)
+            .await?
+            .map_or(ConsentState::None, |c| c.state);
+        let new = NewContact {
+            key: item.idempotency_key.clone(),
+            email: contact.email.clone(),
+            name: contact
+                .fields
+                .get(NAME_FIELD)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned),
+            language: contact.language.clone(),
+            list: list.id.clone(),
+            state,
+            at: Utc::now(),
+        };
+        let record = match self.connectors.crm.upsert_contact(&new).await {
+            Ok(r) => r,
+            Err(e) => return Ok(Err(e)),
+        };
+        let attach = ContactUpsert {
+            email: contact.email.clone(),
+            language: None,
+            fields: BTreeMap::new(),
+            crm_record: Some(record.clone()),
+        };
+        self.store.upsert_contact(&attach, Utc::now()).await?;
+        tracing::info!(contact_id = %contact.id, record = %record, "website signup's person written to the CRM");
+        Ok(Ok(()))
     }
 }

@@ -70,6 +70,9 @@ pub enum OutboxWork {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         email: Option<String>,
     },
+    /// Create the person of a website signup in the CRM (or update the record with their
+    /// address); the record it answers is kept on the contact for later write-backs.
+    CrmUpsert {},
 }
 
 impl OutboxWork {
@@ -81,6 +84,7 @@ impl OutboxWork {
             Self::CampaignsRequestDoi { .. } => "campaigns_request_doi",
             Self::CampaignsRemove { .. } => "campaigns_remove",
             Self::CrmWriteBack { .. } => "crm_write_back",
+            Self::CrmUpsert {} => "crm_upsert",
         }
     }
 
@@ -91,7 +95,7 @@ impl OutboxWork {
             Self::CampaignsSubscribe {}
             | Self::CampaignsRequestDoi { .. }
             | Self::CampaignsRemove { .. } => ConnectorRole::Campaigns,
-            Self::CrmWriteBack { .. } => ConnectorRole::Crm,
+            Self::CrmWriteBack { .. } | Self::CrmUpsert {} => ConnectorRole::Crm,
         }
     }
 

@@ -573,3 +573,86 @@ async fn suppression_list_show_and_lift() {
     signup_and_confirm(&client, &demo, email).await;
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// The CRM learns about a person who signed up: Zoho CRM `upsert` by address into
+/// `signup_module` with the consent fields; after the confirmation the write-back updates
+/// that record. Without a CRM that creates records, start-up says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn signup_creates_the_record_in_zoho_crm() {
+    use optinsync_testkit::zoho::{self, FakeZoho};
+    let fake = FakeZoho::start();
+    let demo = Demo::new();
+    demo.replace_connector(
+        "crm",
+        &format!(
+            r#"[connectors.crm]
+kind = "zoho-crm"
+client_id = "{}"
+client_secret = "{}"
+refresh_token = "{}"
+accounts_url = "{url}"
+api_url = "{url}"
+modules = ["Contacts"]
+signup_module = "Contacts"
+"#,
+            zoho::CLIENT_ID,
+            zoho::CLIENT_SECRET,
+            zoho::REFRESH_TOKEN,
+            url = fake.url(),
+        ),
+    );
+    let daemon = demo.spawn_daemon();
+    let client = http();
+    let email = "zoho.signup@example.org";
+    let (status, _) = post_signup(
+        &client,
+        &demo,
+        &[("email", email), ("name", "Zoe Signup")],
+        "198.51.100.8",
+    )
+    .await;
+    assert_eq!(status, 200);
+    let find = || {
+        fake.with(|s| {
+            s.modules["Contacts"]
+                .values()
+                .find(|r| r.fields.get("Email").and_then(|e| e.as_str()) == Some(email))
+                .map(|r| serde_json::Value::Object(r.fields.clone()))
+        })
+    };
+    wait_until(20, "the record in Zoho CRM", || find().is_some());
+    let record = find().unwrap();
+    assert_eq!(record["Last_Name"], "Signup");
+    assert_eq!(
+        record["Data_Processing_Basis_Details"]["Contact_Through_Email"],
+        false
+    );
+    let id = record["id"].as_str().unwrap().to_owned();
+    wait_until(20, "the record on the contact", || {
+        demo.contact_json(email)["contact"]
+            .to_string()
+            .contains(&id)
+    });
+
+    let mails = wait_for_mails(&demo, email, 1);
+    let r = click_confirm(&client, &link_in(&mails[0], "/confirm/"), "signup-test/1").await;
+    assert_eq!(r.status(), 200);
+    wait_until(20, "the confirmation written back to that record", || {
+        fake.record("Contacts", &id)
+            .is_some_and(|r| r["Data_Processing_Basis_Details"]["Contact_Through_Email"] == true)
+    });
+    assert_eq!(fake.with(|s| s.modules["Contacts"].len()), 1, "one record");
+    let log = std::fs::read_to_string(demo.path("daemon.log")).unwrap();
+    assert!(!log.contains("cannot create records"), "{log}");
+    assert_eq!(daemon.terminate(), Some(0));
+
+    // The demo's CSV CRM creates nothing: the operator is told at start-up.
+    let plain = Demo::new();
+    let daemon = plain.spawn_daemon();
+    wait_until(20, "the start-up notice", || {
+        std::fs::read_to_string(plain.path("daemon.log"))
+            .unwrap_or_default()
+            .contains("cannot create records")
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+}

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
     ChangePage, Connector, ConnectorError, ConnectorResult, ConsentWriteBack, CrmConnector,
-    CrmRecord, Cursor, Health, HttpMethod, RecordRef, WebhookEvent, WebhookRequest,
+    CrmRecord, Cursor, Health, HttpMethod, NewContact, RecordRef, WebhookEvent, WebhookRequest,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -297,6 +297,14 @@ impl CrmConnector for ZohoCrm {
                 message: format!("{}: {}", bad.location, bad.reason),
             }),
         }
+    }
+
+    fn creates_records(&self) -> bool {
+        self.settings.signup_module.is_some()
+    }
+
+    async fn upsert_contact(&self, contact: &NewContact) -> ConnectorResult<RecordRef> {
+        self.upsert(contact).await
     }
 
     async fn write_back(&self, consent: &ConsentWriteBack) -> ConnectorResult<()> {
