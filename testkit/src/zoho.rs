@@ -1128,15 +1128,12 @@ async fn update(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = gate(&state, &headers).await {
-        return r;
-    }
-    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     let path = format!("/crm/v8/{module}");
-    let (parsed, items) = match write_request(&mut s, "PUT", &path, &module, &body) {
-        Ok(r) => r,
-        Err(refused) => return *refused,
-    };
+    let (mut s, parsed, items) =
+        match write_request(&state, &headers, "PUT", &path, &module, &body).await {
+            Ok(r) => r,
+            Err(refused) => return *refused,
+        };
     let now = now_s();
     let mut results = Vec::new();
     let mut ok = 0;
@@ -1174,22 +1171,28 @@ async fn update(
     with_credits(json_response(status, &json!({"data": results})), credits)
 }
 
-/// The checks every write call makes before looking at records (the body, `data`, at most
-/// 100 records, a known module); `Err` is the refusal, logged.
-fn write_request(
-    s: &mut ZohoState,
+/// The checks every write call makes before looking at records (the token and seeded
+/// faults, the body, `data`, at most 100 records, a known module): the locked state, the body
+/// and its records, or the refusal (logged).
+async fn write_request<'s>(
+    state: &'s Shared,
+    headers: &HeaderMap,
     method: &str,
     path: &str,
     module: &str,
     body: &[u8],
-) -> Result<(Value, Vec<Value>), Box<Response>> {
+) -> Result<(MutexGuard<'s, ZohoState>, Value, Vec<Value>), Box<Response>> {
+    if let Some(r) = gate(state, headers).await {
+        return Err(Box::new(r));
+    }
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     let refuse = |s: &mut ZohoState, r: Response| {
         log(s, method, path, "", None, 400, 0);
         Err(Box::new(r))
     };
     let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
         return refuse(
-            s,
+            &mut s,
             envelope(400, "INVALID_DATA", "body is not JSON", json!({})),
         );
     };
@@ -1200,7 +1203,7 @@ fn write_request(
             "data is missing",
             json!({"param_name": "data"}),
         );
-        return refuse(s, r);
+        return refuse(&mut s, r);
     };
     if items.len() > 100 {
         let r = envelope(
@@ -1209,7 +1212,7 @@ fn write_request(
             "more than 100 records",
             json!({"limit": 100}),
         );
-        return refuse(s, r);
+        return refuse(&mut s, r);
     }
     if !s.modules.contains_key(module) {
         let r = envelope(
@@ -1218,9 +1221,9 @@ fn write_request(
             "the module name given seems to be invalid",
             json!({}),
         );
-        return refuse(s, r);
+        return refuse(&mut s, r);
     }
-    Ok((parsed, items))
+    Ok((s, parsed, items))
 }
 
 /// Apply a write's fields to a record: nested objects (the consent lookup) are merged.
@@ -1254,15 +1257,12 @@ async fn upsert(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = gate(&state, &headers).await {
-        return r;
-    }
-    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     let path = format!("/crm/v8/{module}/upsert");
-    let (parsed, items) = match write_request(&mut s, "POST", &path, &module, &body) {
-        Ok(r) => r,
-        Err(refused) => return *refused,
-    };
+    let (mut s, parsed, items) =
+        match write_request(&state, &headers, "POST", &path, &module, &body).await {
+            Ok(r) => r,
+            Err(refused) => return *refused,
+        };
     let check: Vec<String> = parsed
         .get("duplicate_check_fields")
         .and_then(Value::as_array)

@@ -579,27 +579,11 @@ async fn suppression_list_show_and_lift() {
 /// that record. Without a CRM that creates records, start-up says so.
 #[tokio::test(flavor = "multi_thread")]
 async fn signup_creates_the_record_in_zoho_crm() {
-    use optinsync_testkit::zoho::{self, FakeZoho};
-    let fake = FakeZoho::start();
+    let fake = optinsync_testkit::zoho::FakeZoho::start();
     let demo = Demo::new();
     demo.replace_connector(
         "crm",
-        &format!(
-            r#"[connectors.crm]
-kind = "zoho-crm"
-client_id = "{}"
-client_secret = "{}"
-refresh_token = "{}"
-accounts_url = "{url}"
-api_url = "{url}"
-modules = ["Contacts"]
-signup_module = "Contacts"
-"#,
-            zoho::CLIENT_ID,
-            zoho::CLIENT_SECRET,
-            zoho::REFRESH_TOKEN,
-            url = fake.url(),
-        ),
+        &zoho_crm_section(&fake, "signup_module = \"Contacts\""),
     );
     let daemon = demo.spawn_daemon();
     let client = http();

@@ -417,6 +417,32 @@ impl Demo {
     }
 }
 
+/// A `[connectors.crm]` section for the fake Zoho CRM (Contacts, `First_Name` and
+/// `Last_Name` read, `Newsletter` asserting the newsletter), with `extra` keys.
+pub fn zoho_crm_section(fake: &optinsync_testkit::zoho::FakeZoho, extra: &str) -> String {
+    use optinsync_testkit::zoho;
+    format!(
+        r#"[connectors.crm]
+kind = "zoho-crm"
+client_id = "{}"
+client_secret = "{}"
+refresh_token = "{}"
+accounts_url = "{url}"
+api_url = "{url}"
+modules = ["Contacts"]
+fields = ["First_Name", "Last_Name"]
+{extra}
+
+[connectors.crm.asserts]
+newsletter = "Newsletter"
+"#,
+        zoho::CLIENT_ID,
+        zoho::CLIENT_SECRET,
+        zoho::REFRESH_TOKEN,
+        url = fake.url(),
+    )
+}
+
 /// An RFC 8058 one-click unsubscribe POST to `link`.
 pub async fn one_click(client: &reqwest::Client, link: &str) -> reqwest::Response {
     client

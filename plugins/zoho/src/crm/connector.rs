@@ -323,21 +323,7 @@ impl CrmConnector for ZohoCrm {
             let path = format!("/{module}");
             for batch in items.chunks(MAX_UPDATE_BATCH) {
                 let body = json!({ "data": batch, "trigger": [] });
-                let reply = self
-                    .call(Request {
-                        method: Method::PUT,
-                        path: &path,
-                        query: vec![],
-                        if_modified_since: None,
-                        body: Some(&body),
-                    })
-                    .await
-                    .map_err(|e| self.crm_error(e, module))?;
-                let Reply::Json(status, value) = reply else {
-                    return Err(ConnectorError::transient(format!(
-                        "Zoho CRM answered the update of {module} with no content"
-                    )));
-                };
+                let (status, value) = self.write_json(Method::PUT, &path, module, &body).await?;
                 let results = value
                     .get("data")
                     .and_then(Value::as_array)

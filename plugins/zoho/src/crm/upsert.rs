@@ -9,7 +9,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::ZohoCrm;
-use super::http::{Envelope, Reply, Request};
+use super::http::Envelope;
 
 impl ZohoCrm {
     /// The record of one signup: address, name (Zoho requires `Last_Name` on Contacts and
@@ -61,21 +61,7 @@ impl ZohoCrm {
             "trigger": [],
         });
         let path = format!("/{module}/upsert");
-        let reply = self
-            .call(Request {
-                method: Method::POST,
-                path: &path,
-                query: vec![],
-                if_modified_since: None,
-                body: Some(&body),
-            })
-            .await
-            .map_err(|e| self.crm_error(e, module))?;
-        let Reply::Json(status, value) = reply else {
-            return Err(ConnectorError::transient(format!(
-                "Zoho CRM answered the upsert into {module} with no content"
-            )));
-        };
+        let (status, value) = self.write_json(Method::POST, &path, module, &body).await?;
         let result = value
             .get("data")
             .and_then(Value::as_array)
