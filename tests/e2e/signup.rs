@@ -640,3 +640,112 @@ async fn signup_creates_the_record_in_zoho_crm() {
     });
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// Where screenshots go: `OPTINSYNC_SCREENSHOT_DIR` if set (to look at them), else `dir`.
+fn screenshot_path(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let dir = std::env::var_os("OPTINSYNC_SCREENSHOT_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| dir.to_owned());
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+/// A screenshot at `width`×`height` (`mobile`: a phone's viewport), checked to be a PNG of
+/// that width with something drawn on it, and the page not wider than the screen.
+async fn shot(
+    cdp: &mut crate::browser::Cdp,
+    path: &std::path::Path,
+    (width, height, mobile): (u32, u32, bool),
+) {
+    cdp.call(
+        "Emulation.setDeviceMetricsOverride",
+        serde_json::json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile}),
+    )
+    .await;
+    cdp.wait_for(
+        &format!("document.readyState === 'complete' && window.innerWidth === {width}"),
+        "the viewport",
+    )
+    .await;
+    let overflow = cdp
+        .eval("document.documentElement.scrollWidth <= window.innerWidth")
+        .await;
+    assert_eq!(overflow, true, "no sideways scrolling at {width} px");
+    let png = cdp.screenshot().await;
+    std::fs::write(path, &png).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "a PNG file");
+    let w = u32::from_be_bytes(png[16..20].try_into().unwrap());
+    assert_eq!(w, width, "{}", path.display());
+    // A blank page compresses to a few hundred bytes; text and a form do not.
+    assert!(
+        png.len() > 8_000,
+        "{} is {} bytes: blank?",
+        path.display(),
+        png.len()
+    );
+}
+
+const DESKTOP: (u32, u32, bool) = (1280, 800, false);
+const PHONE: (u32, u32, bool) = (390, 844, true);
+
+/// The hosted signup page in headless Chromium, at desktop and phone widths: filled in and
+/// sent like a person does (no JavaScript on the page), it answers "check your inbox", the
+/// ledger names the page the person saw, and the mail's link confirms.
+#[tokio::test(flavor = "multi_thread")]
+async fn signup_page_in_chromium() {
+    use crate::browser::{click, start_chromium};
+    let demo = Demo::new();
+    let daemon = demo.spawn_daemon();
+    let (_browser, mut cdp) = start_chromium(&url(&demo, &format!("/signup/{LIST}"))).await;
+    cdp.wait_for("!!document.getElementById('email')", "the signup form")
+        .await;
+    shot(
+        &mut cdp,
+        &screenshot_path(demo.dir.path(), "signup-desktop.png"),
+        DESKTOP,
+    )
+    .await;
+    shot(
+        &mut cdp,
+        &screenshot_path(demo.dir.path(), "signup-phone.png"),
+        PHONE,
+    )
+    .await;
+    let honeypot_hidden = cdp
+        .eval("document.getElementById('website').getBoundingClientRect().right < 0")
+        .await;
+    assert_eq!(honeypot_hidden, true, "the honeypot is off-screen");
+    let page_hash = cdp
+        .eval("document.querySelector('input[name=page]').value")
+        .await
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let email = "chromium.person@example.org";
+    click(&mut cdp, "email").await;
+    cdp.call("Input.insertText", serde_json::json!({ "text": email }))
+        .await;
+    click(&mut cdp, "signup").await;
+    cdp.wait_for(
+        "document.body && document.body.innerText.includes('check your inbox')",
+        "the answer page",
+    )
+    .await;
+    shot(
+        &mut cdp,
+        &screenshot_path(demo.dir.path(), "signup-sent-phone.png"),
+        PHONE,
+    )
+    .await;
+    let ev = demo.contact_json(email)["events"].to_string();
+    assert!(ev.contains(&page_hash), "the ledger names the page: {ev}");
+    assert!(ev.contains("HeadlessChrome"), "and the browser: {ev}");
+
+    let mails = wait_for_mails(&demo, email, 1);
+    let client = http();
+    let r = click_confirm(&client, &link_in(&mails[0], "/confirm/"), "signup-test/1").await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(demo.state(email, LIST), "confirmed");
+    assert_eq!(daemon.terminate(), Some(0));
+}
