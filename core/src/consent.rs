@@ -92,6 +92,12 @@ pub enum Input {
     Signup {
         token: String,
     },
+    /// The person joined the list on the preference centre, reached through a link that was
+    /// mailed to them (`token`: that link's token id): the mailbox is proven as a DOI proves
+    /// it, so this confirms at once.
+    PreferencesJoin {
+        token: String,
+    },
     Erase,
 }
 
@@ -112,6 +118,7 @@ impl Input {
             Self::PersonSignup { .. } => "person_signup",
             Self::Signup { .. } => "signup",
             Self::CampaignsConfirmed => "campaigns_confirmed",
+            Self::PreferencesJoin { .. } => "preferences_join",
             Self::Erase => "erase",
         }
     }
@@ -412,6 +419,29 @@ pub fn transition(
                 }
             }
         }
+        // A join from the preference centre confirms: its link was mailed to this mailbox.
+        Input::PreferencesJoin { .. } if cx.suppressed => {
+            return refuse("address is suppressed (invariant: mail is bounded)");
+        }
+        Input::PreferencesJoin { token } => match from {
+            S::Confirmed | S::Revalidating => return Ok(None),
+            S::Bounced | S::Complained | S::Erased => {
+                return refuse("the address bounced, complained or was erased");
+            }
+            _ if cx.campaigns_doi => {
+                return refuse("the campaigns tool runs the confirmation for this list");
+            }
+            _ => {
+                next.confirmed_at = Some(now);
+                next.confirmed_token = Some(token.clone());
+                next.signup_token = Some(token.clone());
+                (
+                    S::Confirmed,
+                    "confirmed_by_preferences",
+                    vec![Effect::Subscribe, Effect::WriteBack { opt_out: false }],
+                )
+            }
+        },
         // The CRM is told too (opt-out), so it stops treating the address as marketable.
         Input::Erase => match from {
             S::Erased => return Ok(None),
@@ -788,5 +818,50 @@ mod tests {
             .expect("legal")
             .expect("changes");
         assert_eq!(t.to, ConsentState::Pending);
+    }
+
+    #[test]
+    fn preferences_join_confirms_unless_suppressed_or_bounced() {
+        let now = Utc::now();
+        let join = Input::PreferencesJoin { token: "p1".into() };
+        for from in [
+            ConsentState::None,
+            ConsentState::Pending,
+            ConsentState::Withdrawn,
+        ] {
+            let t = transition(&at(from), &join, LIM, Context::default(), now)
+                .expect("legal")
+                .expect("changes");
+            assert_eq!(
+                (t.to, t.event),
+                (ConsentState::Confirmed, "confirmed_by_preferences")
+            );
+            assert!(t.effects.contains(&Effect::Subscribe));
+        }
+        let suppressed = Context {
+            suppressed: true,
+            ..Context::default()
+        };
+        assert!(transition(&at(ConsentState::None), &join, LIM, suppressed, now).is_err());
+        assert!(
+            transition(
+                &at(ConsentState::Bounced),
+                &join,
+                LIM,
+                Context::default(),
+                now
+            )
+            .is_err()
+        );
+        assert_eq!(
+            transition(
+                &at(ConsentState::Confirmed),
+                &join,
+                LIM,
+                Context::default(),
+                now
+            ),
+            Ok(None)
+        );
     }
 }

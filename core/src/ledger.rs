@@ -64,6 +64,9 @@ pub struct Evidence {
     /// `signing_keys`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub key_id: Option<String>,
+    /// Token id of the preference-centre link a mail carried (honoured only if mailed).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub preferences_token_id: Option<String>,
     /// The page or form a website signup came from (its `Origin`, else its `Referer`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub origin: Option<String>,

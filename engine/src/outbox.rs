@@ -591,6 +591,7 @@ impl Engine {
                         message_id: Some(sent.message_id),
                         content_hash: Some(composed.content_hash),
                         unsubscribe_token_id: Some(composed.unsubscribe_token_id),
+                        preferences_token_id: Some(composed.preferences_token_id),
                         key_id: Some(self.tokens.current_key_id().to_owned()),
                         detail: sent
                             .deduplicated

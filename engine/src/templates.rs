@@ -39,6 +39,7 @@ pub const REQUIRED_FILES: &[&str] = &[
     "unsubscribed.html",
     "notice.html",
     "signup.html",
+    "preferences.html",
 ];
 
 /// `notice.html` variants, each rendered by the start-up check.
@@ -80,6 +81,7 @@ macro_rules! builtin {
                 ("unsubscribed.html", include_str!(concat!("../../templates/", $lang, "/unsubscribed.html"))),
                 ("notice.html", include_str!(concat!("../../templates/", $lang, "/notice.html"))),
                 ("signup.html", include_str!(concat!("../../templates/", $lang, "/signup.html"))),
+                ("preferences.html", include_str!(concat!("../../templates/", $lang, "/preferences.html"))),
             ]),
         )*]
     };
@@ -125,6 +127,20 @@ pub struct RenderedMail {
     pub content_hash: String,
 }
 
+/// One list as the preference centre shows it to a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListChoice {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    /// The consent state's name (`confirmed`, `pending`, ...).
+    pub state: String,
+    /// Receiving it (or waiting to confirm): the page offers "leave".
+    pub on: bool,
+    /// Not receiving it and allowed to join from the page: the page offers "join".
+    pub can_join: bool,
+}
+
 /// One rendered page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderedPage {
@@ -147,6 +163,8 @@ pub enum Page {
     Unsubscribed,
     /// The hosted signup form of a list (`GET /signup/{list}`).
     Signup,
+    /// The preference centre (`/preferences/{token}`): every list with the person's state.
+    Preferences,
     Notice(&'static str),
 }
 
@@ -159,6 +177,7 @@ impl Page {
             Self::Unsubscribe => "unsubscribe.html",
             Self::Unsubscribed => "unsubscribed.html",
             Self::Signup => "signup.html",
+            Self::Preferences => "preferences.html",
             Self::Notice(_) => "notice.html",
         }
     }
@@ -341,11 +360,13 @@ impl Templates {
         common: &Common,
         confirm_url: &str,
         unsubscribe_url: &str,
+        preferences_url: &str,
     ) -> Result<RenderedMail, TemplateError> {
         let ctx = minijinja::context! {
             lang => lang,
             confirm_url => confirm_url,
             unsubscribe_url => unsubscribe_url,
+            preferences_url => preferences_url,
             ..Value::from_serialize(common)
         };
         let k = kind.as_str();
@@ -377,6 +398,18 @@ impl Templates {
         common: &Common,
         nonce: impl Fn(&str) -> String,
     ) -> Result<RenderedPage, TemplateError> {
+        self.render_page_of(page, lang, common, &[], nonce)
+    }
+
+    /// [`Templates::render_page`] with the person's lists (the preference centre).
+    pub fn render_page_of(
+        &self,
+        page: Page,
+        lang: &str,
+        common: &Common,
+        lists: &[ListChoice],
+        nonce: impl Fn(&str) -> String,
+    ) -> Result<RenderedPage, TemplateError> {
         let notice = match page {
             Page::Notice(n) => n,
             _ => "",
@@ -387,6 +420,7 @@ impl Templates {
                 notice => notice,
                 nonce => nonce,
                 page_hash => page_hash,
+                lists => Value::from_serialize(lists),
                 ..Value::from_serialize(common)
             }
         };
@@ -417,13 +451,15 @@ impl Templates {
         };
         let confirm = "https://optinsync.invalid/confirm/CHECK.TOKEN";
         let unsub = "https://optinsync.invalid/unsubscribe/CHECK.TOKEN";
+        let prefs = "https://optinsync.invalid/preferences/CHECK.TOKEN";
         for lang in &self.languages {
             for kind in [MailKind::Doi, MailKind::Reminder, MailKind::Revalidation] {
-                let m = self.render_mail(kind, lang, &common, confirm, unsub)?;
-                check_confirmation_mail(&m.html, &m.text, confirm, unsub).map_err(|e| {
+                let m = self.render_mail(kind, lang, &common, confirm, unsub, prefs)?;
+                let footer = [unsub, prefs];
+                check_confirmation_mail(&m.html, &m.text, confirm, &footer).map_err(|e| {
                     terr(format!("{}: {lang}/{}.html", self.origin, kind.as_str()), e)
                 })?;
-                check_confirmation_mail("", &m.subject, confirm, unsub).map_err(|e| {
+                check_confirmation_mail("", &m.subject, confirm, &footer).map_err(|e| {
                     terr(
                         format!("{}: {lang}/{}.subject.txt", self.origin, kind.as_str()),
                         e,
@@ -437,6 +473,7 @@ impl Templates {
                 Page::Unsubscribe,
                 Page::Unsubscribed,
                 Page::Signup,
+                Page::Preferences,
             ]
             .into_iter()
             .chain(NOTICES.iter().map(|n| Page::Notice(n)));
@@ -505,7 +542,7 @@ pub fn check_confirmation_mail(
     html: &str,
     text: &str,
     confirm_url: &str,
-    unsubscribe_url: &str,
+    footer: &[&str],
 ) -> Result<(), String> {
     let lower = html.to_ascii_lowercase();
     for (needle, what) in FORBIDDEN {
@@ -517,15 +554,17 @@ pub fn check_confirmation_mail(
     }
     let mut confirm = 0;
     let mut unsub = 0;
+    let mut seen = vec![0usize; footer.len()];
     for v in attribute_values(html, &lower, "href=") {
         let v = unescape(v);
         if v == confirm_url {
             confirm += 1;
-        } else if v == unsubscribe_url {
+        } else if let Some(i) = footer.iter().position(|f| *f == v) {
+            seen[i] += 1;
             unsub += 1;
         } else {
             return Err(format!(
-                "links to `{v}`: a confirmation mail may link only to the confirm page (and the unsubscribe page in its footer)"
+                "links to `{v}`: a confirmation mail may link only to the confirm page (and the unsubscribe and preferences pages in its footer)"
             ));
         }
     }
@@ -535,11 +574,13 @@ pub fn check_confirmation_mail(
             "has {confirm} confirm links: it must have exactly one confirm button"
         ));
     }
-    if unsub > 1 {
-        return Err("has more than one unsubscribe link".into());
+    if seen.iter().any(|n| *n > 1) {
+        return Err("has more than one unsubscribe (or preferences) link".into());
     }
     if anchors > confirm + unsub {
-        return Err("has a link (<a>) that is neither the confirm nor the unsubscribe link".into());
+        return Err(
+            "has a link (<a>) that is neither the confirm, unsubscribe nor preferences link".into(),
+        );
     }
     // Bare addresses in the text (and in the HTML's text) are links too for mail clients.
     for body in [text, html] {
@@ -553,7 +594,7 @@ pub fn check_confirmation_mail(
                     .take_while(|c| !c.is_whitespace() && !matches!(c, '"' | '\'' | '<' | '>'))
                     .collect();
                 let url = unescape(&url);
-                if url != confirm_url && url != unsubscribe_url {
+                if url != confirm_url && !footer.contains(&url.as_str()) {
                     return Err(format!(
                         "mentions `{url}`: a confirmation mail may link only to the confirm page (and the unsubscribe page)"
                     ));
@@ -629,12 +670,16 @@ mod tests {
             list_description: String::new(),
             ..Common::default()
         };
-        let en = t.render_mail(MailKind::Doi, "en", &common, C, U).unwrap();
+        let en = t
+            .render_mail(MailKind::Doi, "en", &common, C, U, U)
+            .unwrap();
         assert_eq!(en.subject, "Please confirm: News");
         assert!(en.html.contains(&format!("href=\"{C}\"")), "{}", en.html);
         assert!(en.html.contains("Uni &lt;Test&gt;"), "{}", en.html);
         assert!(en.text.contains("Uni <Test>") && en.text.contains(C));
-        let es = t.render_mail(MailKind::Doi, "es", &common, C, U).unwrap();
+        let es = t
+            .render_mail(MailKind::Doi, "es", &common, C, U, U)
+            .unwrap();
         assert!(es.subject.starts_with("Confirme"), "{}", es.subject);
         assert_ne!(en.content_hash, es.content_hash);
     }
@@ -658,25 +703,25 @@ mod tests {
     #[test]
     fn check_refuses_images_and_second_links() {
         let ok = format!("<p><a href=\"{C}\">Confirm</a></p><p><a href=\"{U}\">Stop</a></p>");
-        assert_eq!(check_confirmation_mail(&ok, C, C, U), Ok(()));
+        assert_eq!(check_confirmation_mail(&ok, C, C, &[U]), Ok(()));
         let img = format!("<img src=\"https://x.invalid/logo.png\">{ok}");
         assert!(
-            check_confirmation_mail(&img, "", C, U)
+            check_confirmation_mail(&img, "", C, &[U])
                 .unwrap_err()
                 .contains("image")
         );
         let pixel = format!("{ok}<img width=1 height=1 src=\"https://t.invalid/p.gif\">");
-        assert!(check_confirmation_mail(&pixel, "", C, U).is_err());
+        assert!(check_confirmation_mail(&pixel, "", C, &[U]).is_err());
         let second = format!("{ok}<a href=\"https://x.invalid/offers\">Our offers</a>");
         assert!(
-            check_confirmation_mail(&second, "", C, U)
+            check_confirmation_mail(&second, "", C, &[U])
                 .unwrap_err()
                 .contains("offers")
         );
         let twice = format!("{ok}<a href=\"{C}\">Confirm again</a>");
-        assert!(check_confirmation_mail(&twice, "", C, U).is_err());
+        assert!(check_confirmation_mail(&twice, "", C, &[U]).is_err());
         let text_link = format!("Visit https://x.invalid/shop now\n{C}");
-        assert!(check_confirmation_mail(&ok, &text_link, C, U).is_err());
+        assert!(check_confirmation_mail(&ok, &text_link, C, &[U]).is_err());
     }
 
     #[test]

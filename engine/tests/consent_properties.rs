@@ -34,6 +34,8 @@ enum Op {
     PersonSignup(Tok),
     /// A website signup (`POST /signup/{list}`).
     Signup(Tok),
+    /// A join on the preference centre (its mailed link's token).
+    PreferencesJoin(Tok),
     Erase,
     /// The campaigns tool's confirmation — must always be refused on these (optinsync-DOI)
     /// lists, which the properties below check.
@@ -85,6 +87,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Complaint),
         3 => tok().prop_map(Op::PersonSignup),
         3 => tok().prop_map(Op::Signup),
+        2 => tok().prop_map(Op::PreferencesJoin),
         1 => Just(Op::Erase),
         2 => Just(Op::CampaignsConfirmed),
     ]
@@ -149,11 +152,15 @@ impl Rec {
             )
     }
 
+    /// An accepted confirmation: of the signup's link, or a join on the preference centre
+    /// (its link was mailed: the same proof of the mailbox).
     fn accepted_confirm(&self) -> bool {
-        matches!(self.input, Input::Confirm { .. })
-            && self
-                .accepted()
-                .is_some_and(|t| t.to == ConsentState::Confirmed)
+        matches!(
+            self.input,
+            Input::Confirm { .. } | Input::PreferencesJoin { .. }
+        ) && self
+            .accepted()
+            .is_some_and(|t| t.to == ConsentState::Confirmed)
     }
 }
 
@@ -195,6 +202,9 @@ fn input_of(op: &Op, current: &Consent, i: usize) -> Input {
             token: resolve(k, current, i),
         },
         Op::Signup(k) => Input::Signup {
+            token: resolve(k, current, i),
+        },
+        Op::PreferencesJoin(k) => Input::PreferencesJoin {
             token: resolve(k, current, i),
         },
         Op::Erase => Input::Erase,
@@ -297,13 +307,15 @@ proptest! {
                         Some(token.as_str()),
                         "step {}: {:?}", i, r
                     ),
+                    Input::PreferencesJoin { .. } => prop_assert!(!r.cx.suppressed, "step {}: {:?}", i, r),
                     other => prop_assert!(false, "step {}: Subscribe on {:?}", i, other),
                 }
             }
             if t.to == ConsentState::Confirmed && t.from != ConsentState::Confirmed {
                 prop_assert!(
                     matches!(&r.input, Input::Confirm { token }
-                        if r.before.signup_token.as_deref() == Some(token.as_str())),
+                        if r.before.signup_token.as_deref() == Some(token.as_str()))
+                        || matches!(&r.input, Input::PreferencesJoin { .. }),
                     "step {}: entered confirmed without a valid confirm: {:?}", i, r
                 );
             }
@@ -332,8 +344,9 @@ proptest! {
         }
     }
 
-    /// Withdrawal wins: out of withdrawn/bounced/complained only by the person's own signup,
-    /// back to confirmed only by confirming that signup; erased is final.
+    /// Withdrawal wins: out of withdrawn/bounced/complained only by the person's own signup
+    /// or join on the preference centre, back to confirmed only by confirming that signup (or
+    /// that join); erased is final.
     #[test]
     fn withdrawal_is_sticky(case in case()) {
         let history = run(&case);
@@ -354,12 +367,18 @@ proptest! {
                 if let Some(t) = r.accepted() {
                     let ok = t.to.is_withdrawal()
                         || (t.to == ConsentState::Pending
-                            && matches!(r.input, Input::PersonSignup { .. } | Input::Signup { .. }));
+                            && matches!(r.input, Input::PersonSignup { .. } | Input::Signup { .. }))
+                        || (t.to == ConsentState::Confirmed
+                            && matches!(r.input, Input::PreferencesJoin { .. }));
                     prop_assert!(ok, "step {}: left {:?} to {:?} on {:?}", i, from, t.to, r.input);
                 }
             }
             if let Some(t) = r.accepted() {
-                if t.to == ConsentState::Confirmed {
+                // The person's own join on the preference centre (a mailed link) is a
+                // fresh choice of theirs, like a new signup confirmed.
+                if t.to == ConsentState::Confirmed
+                    && !matches!(r.input, Input::PreferencesJoin { .. })
+                {
                     prop_assert!(
                         !withdrawn_without_new_signup,
                         "step {}: confirmed after a withdrawal without a new signup: {:?}", i, history
@@ -367,7 +386,10 @@ proptest! {
                 }
                 if t.to.is_withdrawal() {
                     withdrawn_without_new_signup = true;
-                } else if matches!(r.input, Input::PersonSignup { .. } | Input::Signup { .. }) {
+                } else if matches!(
+                    r.input,
+                    Input::PersonSignup { .. } | Input::Signup { .. } | Input::PreferencesJoin { .. }
+                ) {
                     withdrawn_without_new_signup = false;
                 }
             }

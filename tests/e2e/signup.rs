@@ -749,3 +749,125 @@ async fn signup_page_in_chromium() {
     assert_eq!(demo.state(email, LIST), "confirmed");
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// `(list, email)` of every member of the campaigns tool's lists (the JSONL file).
+fn memberships(demo: &Demo) -> Vec<(String, String)> {
+    std::fs::read_to_string(demo.path("var/lists.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                v["list"].as_str().unwrap().to_owned(),
+                v["email"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// The preference centre in headless Chromium: the mail's link opens every list with the
+/// person's state; joining another list confirms at once (evidence: the mailed token, the
+/// page, IP and user agent), leaving one withdraws; the campaigns lists follow. Screenshots
+/// at desktop and phone widths.
+#[tokio::test(flavor = "multi_thread")]
+async fn preference_centre_in_chromium() {
+    use crate::browser::{click, start_chromium};
+    let demo = Demo::new();
+    append_config(
+        &demo,
+        "[[lists]]\nid = \"events\"\nname = \"Open days and events\"\ndescription = \"Invitations to open days, a few times a year.\"\n",
+    );
+    let daemon = demo.spawn_daemon();
+    let client = http();
+    let email = "prefs.person@example.org";
+    signup_and_confirm(&client, &demo, email).await;
+    wait_until(20, "on the newsletter list", || {
+        memberships(&demo).contains(&(LIST.to_owned(), email.to_owned()))
+    });
+    let mail = mails_to(&demo, email).pop().unwrap();
+    let link = link_in(&mail, "/preferences/");
+    // A forged token id signed with the (published demo) key is not honoured.
+    let forged = link.rsplit_once('/').unwrap().0.to_owned() + "/garbage";
+    assert_eq!(client.get(&forged).send().await.unwrap().status(), 400);
+
+    let (_browser, mut cdp) = start_chromium(&link).await;
+    cdp.wait_for(
+        "!!document.getElementById('join-events')",
+        "the preference centre",
+    )
+    .await;
+    let state = |id: &str| format!("document.getElementById('state-{id}').innerText");
+    assert_eq!(cdp.eval(&state(LIST)).await, "You receive this list.");
+    shot(
+        &mut cdp,
+        &screenshot_path(demo.dir.path(), "preferences-desktop.png"),
+        DESKTOP,
+    )
+    .await;
+    shot(
+        &mut cdp,
+        &screenshot_path(demo.dir.path(), "preferences-phone.png"),
+        PHONE,
+    )
+    .await;
+
+    click(&mut cdp, "join-events").await;
+    cdp.wait_for(
+        "!!document.getElementById('leave-events')",
+        "the events list joined",
+    )
+    .await;
+    click(&mut cdp, &format!("leave-{LIST}")).await;
+    cdp.wait_for(
+        &format!("!!document.getElementById('join-{LIST}')"),
+        "the newsletter left",
+    )
+    .await;
+    assert_eq!(
+        cdp.eval(&state(LIST)).await,
+        "You do not receive this list."
+    );
+    shot(
+        &mut cdp,
+        &screenshot_path(demo.dir.path(), "preferences-after-phone.png"),
+        PHONE,
+    )
+    .await;
+
+    assert_eq!(demo.state(email, "events"), "confirmed");
+    assert_eq!(demo.state(email, LIST), "withdrawn");
+    let token_id = {
+        let events = demo.contact_json(email)["events"].clone();
+        let join = events
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["kind"] == "confirmed_by_preferences")
+            .expect("the join is in the ledger")
+            .to_string();
+        assert!(join.contains("HeadlessChrome"), "{join}");
+        assert!(join.contains("content_hash"), "{join}");
+        join
+    };
+    // The token the join names is the one the mail carried.
+    let mailed = demo.contact_json(email)["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"].as_str().is_some_and(|k| k.ends_with("mail_sent")))
+        .unwrap()
+        .to_string();
+    let id = mailed
+        .split("preferences_token_id")
+        .nth(1)
+        .and_then(|r| r.split('"').find(|s| s.len() == 36))
+        .expect("the mail's preferences token id")
+        .to_owned();
+    assert!(token_id.contains(&id), "{token_id} names {id}");
+    wait_until(20, "the campaigns lists follow", || {
+        let m = memberships(&demo);
+        m.contains(&("events".to_owned(), email.to_owned()))
+            && !m.contains(&(LIST.to_owned(), email.to_owned()))
+    });
+    assert_eq!(daemon.terminate(), Some(0));
+}

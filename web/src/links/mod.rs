@@ -56,6 +56,7 @@ use optinsync_engine::tokens::{Claims, Purpose, TokenError};
 mod binding;
 mod client;
 mod confirm;
+mod preferences;
 pub mod signup;
 mod unsubscribe;
 
@@ -187,6 +188,10 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
         .route(
             "/unsubscribe/{token}",
             get(unsubscribe_get).post(unsubscribe_post),
+        )
+        .route(
+            "/preferences/{token}",
+            get(preferences::preferences_get).post(preferences::preferences_post),
         )
         .route(
             "/signup/{list}",
@@ -371,6 +376,22 @@ impl LinkState {
         list: Option<&ListConfig>,
         nonce: impl Fn(&str) -> String,
     ) -> (Response, Option<String>) {
+        self.page_of(engine, status, page, lang, list, &[], nonce)
+            .await
+    }
+
+    /// [`LinkState::page`] showing the person's lists (the preference centre).
+    #[allow(clippy::too_many_arguments)]
+    async fn page_of(
+        &self,
+        engine: &Engine,
+        status: StatusCode,
+        page: Page,
+        lang: &str,
+        list: Option<&ListConfig>,
+        lists: &[optinsync_engine::templates::ListChoice],
+        nonce: impl Fn(&str) -> String,
+    ) -> (Response, Option<String>) {
         let sender = &engine.settings().sender;
         let common = match list {
             Some(l) => mail::common(l, sender),
@@ -382,7 +403,9 @@ impl LinkState {
             },
         };
         let templates = &engine.config().templates;
-        let rendered: RenderedPage = match templates.render_page(page, lang, &common, nonce) {
+        let rendered: RenderedPage = match templates
+            .render_page_of(page, lang, &common, lists, nonce)
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "page cannot be rendered");
@@ -532,7 +555,7 @@ async fn resolve<'e>(
         let lang = fallback_lang(engine, req);
         let notice = match purpose {
             Purpose::Confirm => "invalid",
-            Purpose::Unsubscribe => "unsubscribe_invalid",
+            Purpose::Unsubscribe | Purpose::Preferences => "unsubscribe_invalid",
         };
         st.notice(engine, StatusCode::BAD_REQUEST, notice, &lang, None)
             .await
