@@ -14,6 +14,7 @@ pub mod import;
 pub mod mail;
 pub mod outbox;
 pub mod plan;
+pub mod preferences;
 pub mod quota;
 pub mod reload;
 pub mod retention;

@@ -377,7 +377,7 @@ impl Engine {
     /// us) counts neither way; anything else, including a per-record "not now"
     /// ([`optinsync_plugin_api::FailureScope::Record`]), proves it alive. The record itself
     /// still retries with its own backoff ([`Self::failure`]).
-    fn observe<T>(&self, connector: ConnectorRole, result: &Result<T, ConnectorError>) {
+    pub(crate) fn observe<T>(&self, connector: ConnectorRole, result: &Result<T, ConnectorError>) {
         match crate::circuit::verdict(result) {
             Verdict::Neutral => self.circuits.release(connector),
             Verdict::Failure => self.circuits.record(connector, true),
@@ -385,7 +385,7 @@ impl Engine {
         }
     }
 
-    fn failure(&self, item: &OutboxItem, error: ConnectorError) -> Finish {
+    pub(crate) fn failure(&self, item: &OutboxItem, error: ConnectorError) -> Finish {
         let sync = &self.config.config.sync;
         let max = sync.max_attempts;
         match error {
@@ -517,6 +517,12 @@ impl Engine {
                     ledger_seq: item.event_seq.unwrap_or(0),
                 };
                 self.connectors.crm.write_back(&wb).await
+            }
+            OutboxWork::PreferencesLinkMail {} => {
+                let Some(contact) = contact.filter(|c| !c.erased) else {
+                    return Ok(done("skipped: contact no longer exists"));
+                };
+                return self.deliver_preferences_link(item, &contact, list).await;
             }
             OutboxWork::CrmUpsert {} => {
                 let Some(contact) = contact.filter(|c| !c.erased) else {

@@ -40,6 +40,10 @@ pub const REQUIRED_FILES: &[&str] = &[
     "notice.html",
     "signup.html",
     "preferences.html",
+    "preferences_link.subject.txt",
+    "preferences_link.txt",
+    "preferences_link.html",
+    "preferences_request.html",
 ];
 
 /// `notice.html` variants, each rendered by the start-up check.
@@ -58,6 +62,7 @@ pub const NOTICES: &[&str] = &[
     "signup_received",
     "signup_invalid",
     "signup_cross_site",
+    "preferences_link_sent",
 ];
 
 macro_rules! builtin {
@@ -82,6 +87,10 @@ macro_rules! builtin {
                 ("notice.html", include_str!(concat!("../../templates/", $lang, "/notice.html"))),
                 ("signup.html", include_str!(concat!("../../templates/", $lang, "/signup.html"))),
                 ("preferences.html", include_str!(concat!("../../templates/", $lang, "/preferences.html"))),
+                ("preferences_link.subject.txt", include_str!(concat!("../../templates/", $lang, "/preferences_link.subject.txt"))),
+                ("preferences_link.txt", include_str!(concat!("../../templates/", $lang, "/preferences_link.txt"))),
+                ("preferences_link.html", include_str!(concat!("../../templates/", $lang, "/preferences_link.html"))),
+                ("preferences_request.html", include_str!(concat!("../../templates/", $lang, "/preferences_request.html"))),
             ]),
         )*]
     };
@@ -165,6 +174,8 @@ pub enum Page {
     Signup,
     /// The preference centre (`/preferences/{token}`): every list with the person's state.
     Preferences,
+    /// "Send me a link" to the preference centre (`GET /preferences`).
+    PreferencesRequest,
     Notice(&'static str),
 }
 
@@ -178,6 +189,7 @@ impl Page {
             Self::Unsubscribed => "unsubscribed.html",
             Self::Signup => "signup.html",
             Self::Preferences => "preferences.html",
+            Self::PreferencesRequest => "preferences_request.html",
             Self::Notice(_) => "notice.html",
         }
     }
@@ -369,16 +381,40 @@ impl Templates {
             preferences_url => preferences_url,
             ..Value::from_serialize(common)
         };
-        let k = kind.as_str();
+        self.render_mail_files(kind.as_str(), lang, &ctx)
+    }
+
+    /// The mail with a preference-centre link a person asked for (`GET /preferences`).
+    pub fn render_preferences_link(
+        &self,
+        lang: &str,
+        common: &Common,
+        preferences_url: &str,
+    ) -> Result<RenderedMail, TemplateError> {
+        let ctx = minijinja::context! {
+            lang => lang,
+            preferences_url => preferences_url,
+            ..Value::from_serialize(common)
+        };
+        self.render_mail_files("preferences_link", lang, &ctx)
+    }
+
+    /// Subject, text and HTML of the mail whose files start with `k`.
+    fn render_mail_files(
+        &self,
+        k: &str,
+        lang: &str,
+        ctx: &Value,
+    ) -> Result<RenderedMail, TemplateError> {
         let subject = self
-            .render(lang, &format!("{k}.subject.txt"), &ctx)?
+            .render(lang, &format!("{k}.subject.txt"), ctx)?
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .collect::<Vec<_>>()
             .join(" ");
-        let text = self.render(lang, &format!("{k}.txt"), &ctx)? + "\n";
-        let html = self.render(lang, &format!("{k}.html"), &ctx)? + "\n";
+        let text = self.render(lang, &format!("{k}.txt"), ctx)? + "\n";
+        let html = self.render(lang, &format!("{k}.html"), ctx)? + "\n";
         let content_hash = content_hash(&[&subject, &text, &html]);
         Ok(RenderedMail {
             language: lang.to_owned(),
@@ -466,6 +502,7 @@ impl Templates {
                     )
                 })?;
             }
+            self.render_preferences_link(lang, &common, prefs)?;
             let pages = [
                 Page::Confirm,
                 Page::Confirmed,
@@ -474,6 +511,7 @@ impl Templates {
                 Page::Unsubscribed,
                 Page::Signup,
                 Page::Preferences,
+                Page::PreferencesRequest,
             ]
             .into_iter()
             .chain(NOTICES.iter().map(|n| Page::Notice(n)));

@@ -73,6 +73,8 @@ pub enum OutboxWork {
     /// Create the person of a website signup in the CRM (or update the record with their
     /// address); the record it answers is kept on the contact for later write-backs.
     CrmUpsert {},
+    /// A mail with a preference-centre link the person asked for (`GET /preferences`).
+    PreferencesLinkMail {},
 }
 
 impl OutboxWork {
@@ -85,13 +87,14 @@ impl OutboxWork {
             Self::CampaignsRemove { .. } => "campaigns_remove",
             Self::CrmWriteBack { .. } => "crm_write_back",
             Self::CrmUpsert {} => "crm_upsert",
+            Self::PreferencesLinkMail {} => "preferences_link_mail",
         }
     }
 
     /// The connector that delivers this work.
     pub fn connector(&self) -> ConnectorRole {
         match self {
-            Self::Mail { .. } => ConnectorRole::Mail,
+            Self::Mail { .. } | Self::PreferencesLinkMail {} => ConnectorRole::Mail,
             Self::CampaignsSubscribe {}
             | Self::CampaignsRequestDoi { .. }
             | Self::CampaignsRemove { .. } => ConnectorRole::Campaigns,

@@ -871,3 +871,57 @@ async fn preference_centre_in_chromium() {
     });
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// `GET /preferences` without a token: "send me a link". A known address gets a mail with
+/// its preference-centre link (which then works); an unknown one nothing; both the same
+/// answer.
+#[tokio::test(flavor = "multi_thread")]
+async fn preference_link_by_address() {
+    let demo = Demo::new();
+    append_config(&demo, "[signup]\nanswer_floor = \"100ms\"");
+    let daemon = demo.spawn_daemon();
+    let client = http();
+    let known = "known.prefs@example.org";
+    signup_and_confirm(&client, &demo, known).await;
+    let page = client.get(url(&demo, "/preferences")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("id=\"send-link\""));
+    let ask = |email: &'static str| {
+        let client = client.clone();
+        let u = url(&demo, "/preferences");
+        async move {
+            let r = client
+                .post(u)
+                .form(&[("email", email)])
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let mails_before = mails_to(&demo, known).len();
+    let a = ask(known).await;
+    let b = ask("nobody.known@example.org").await;
+    assert_eq!(a, b, "the same answer for a known and an unknown address");
+    assert_eq!(a.0, 200);
+    let mails = wait_for_mails(&demo, known, mails_before + 1);
+    let mail = mails.last().unwrap();
+    assert!(mail.contains("Your lists at"), "{mail}");
+    let link = link_in(mail, "/preferences/");
+    let r = client.get(&link).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("You receive this list."));
+    assert!(
+        !demo
+            .output(&["contact", "show", "nobody.known@example.org"])
+            .status
+            .success(),
+        "an unknown address is not stored"
+    );
+    let kinds = demo.event_kinds(known);
+    assert!(
+        kinds.contains(&"preferences_link_mail_sent".to_owned()),
+        "{kinds:?}"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+}

@@ -272,6 +272,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// [`Store::append_event`] for many events, in order, in one transaction.
     async fn append_events(&self, events: &[NewEvent]) -> StoreResult<Vec<LedgerEvent>>;
+    /// Append an event that changes no consent with the outbox rows it causes, in one
+    /// transaction (a mail the person asked for that is not a consent change).
+    async fn append_with_outbox(
+        &self,
+        event: &NewEvent,
+        outbox: &[NewOutbox],
+    ) -> StoreResult<LedgerEvent>;
     async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>>;
     /// Ledger events with `seq > after`, in order, at most `limit`.
     async fn ledger_page(&self, after: i64, limit: i64) -> StoreResult<Vec<LedgerEvent>>;

@@ -194,6 +194,34 @@ macro_rules! shared_store_impl {
         }
 
         /// Insert sealed events with multi-row statements. The caller holds the append lock.
+        /// Queue outbox rows, each for the event that caused it (an idempotency key seen before
+        /// is ignored).
+        async fn insert_outbox(
+            tx: &mut Tx<'_>,
+            outbox: &[(&crate::store::NewOutbox, &LedgerEvent)],
+        ) -> StoreResult<()> {
+            for chunk in outbox.chunks(ROW_CHUNK) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO outbox (kind, priority, idempotency_key, contact_id, list_id, payload, event_seq, next_attempt_at, created_at) ",
+                );
+                qb.push_values(chunk, |mut b, (o, ev)| {
+                    let (kind, payload) = o.work.to_stored();
+                    b.push_bind(kind)
+                        .push_bind(o.priority)
+                        .push_bind(&o.idempotency_key)
+                        .push_bind(&o.contact_id)
+                        .push_bind(&o.list_id)
+                        .push_bind(to_json(&payload))
+                        .push_bind(ev.seq)
+                        .push_bind(&ev.at)
+                        .push_bind(&ev.at);
+                });
+                qb.push(" ON CONFLICT (idempotency_key) DO NOTHING");
+                qb.build().execute(&mut **tx).await?;
+            }
+            Ok(())
+        }
+
         /// Seal `events` after the chain's head and insert them; the caller holds the
         /// append lock.
         async fn seal_and_insert(tx: &mut Tx<'_>, events: &[NewEvent]) -> StoreResult<Vec<LedgerEvent>> {
@@ -598,25 +626,7 @@ macro_rules! shared_store_impl {
                         .execute(&mut *tx)
                         .await?;
                 }
-                for chunk in outbox.chunks(ROW_CHUNK) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO outbox (kind, priority, idempotency_key, contact_id, list_id, payload, event_seq, next_attempt_at, created_at) ",
-                    );
-                    qb.push_values(chunk, |mut b, (o, ev)| {
-                        let (kind, payload) = o.work.to_stored();
-                        b.push_bind(kind)
-                            .push_bind(o.priority)
-                            .push_bind(&o.idempotency_key)
-                            .push_bind(&o.contact_id)
-                            .push_bind(&o.list_id)
-                            .push_bind(to_json(&payload))
-                            .push_bind(ev.seq)
-                            .push_bind(&ev.at)
-                            .push_bind(&ev.at);
-                    });
-                    qb.push(" ON CONFLICT (idempotency_key) DO NOTHING");
-                    qb.build().execute(&mut *tx).await?;
-                }
+                insert_outbox(&mut tx, &outbox).await?;
                 for (s, ev) in suppress {
                     sqlx::query(
                         "INSERT INTO suppressions (address_hash, reason, at) VALUES ($1, $2, $3) ON CONFLICT (address_hash) DO NOTHING",
@@ -1027,6 +1037,17 @@ macro_rules! shared_store_impl {
                     .fetch_all(&self.reader)
                     .await?;
                 rows.iter().map(suppressed_from).collect()
+            }
+
+            async fn append_with_outbox(&self, event: &NewEvent, outbox: &[crate::store::NewOutbox]) -> StoreResult<LedgerEvent> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($lock).execute(&mut *tx).await?;
+                let sealed = seal_and_insert(&mut tx, std::slice::from_ref(event)).await?;
+                let ev = sealed.into_iter().next().ok_or_else(|| StoreError::Corrupt { table: "ledger", detail: "an appended event was not returned".into() })?;
+                let rows: Vec<(&crate::store::NewOutbox, &LedgerEvent)> = outbox.iter().map(|o| (o, &ev)).collect();
+                insert_outbox(&mut tx, &rows).await?;
+                tx.commit().await?;
+                Ok(ev)
             }
 
             async fn lift_suppressions(&self, address_hashes: &[String], events: &[NewEvent]) -> StoreResult<u64> {

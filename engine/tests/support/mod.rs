@@ -300,6 +300,13 @@ impl Store for RacingStore {
     ) -> StoreResult<Vec<optinsync_engine::store::Suppressed>> {
         self.inner.suppressions_of(address_hashes).await
     }
+    async fn append_with_outbox(
+        &self,
+        event: &optinsync_engine::ledger::NewEvent,
+        outbox: &[optinsync_engine::store::NewOutbox],
+    ) -> StoreResult<optinsync_engine::ledger::LedgerEvent> {
+        self.inner.append_with_outbox(event, outbox).await
+    }
     async fn suppressions(&self) -> StoreResult<Vec<optinsync_engine::store::Suppressed>> {
         self.inner.suppressions().await
     }

@@ -190,6 +190,10 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
             get(unsubscribe_get).post(unsubscribe_post),
         )
         .route(
+            "/preferences",
+            get(preferences::request_get).post(preferences::request_post),
+        )
+        .route(
             "/preferences/{token}",
             get(preferences::preferences_get).post(preferences::preferences_post),
         )

@@ -21,7 +21,7 @@ use optinsync_engine::ledger::{EventSource, Evidence};
 use optinsync_engine::templates::{ListChoice, Page};
 use optinsync_engine::tokens::Purpose;
 
-use super::{ClientIp, LinkState, Req, Target, cross_site, resolve};
+use super::{ClientIp, LinkState, Req, Target, cross_site, fallback_lang, resolve};
 
 /// Nonce purpose of the preference centre's forms.
 const NONCE_PREFERENCES: &str = "preferences";
@@ -224,4 +224,102 @@ pub(super) async fn preferences_post(
         }
     }
     show(&engine, &st, &t).await
+}
+
+/// `GET /preferences`: the "send me a link" form, in the browser's language.
+pub(super) async fn request_get(
+    State(engine): State<Arc<Engine>>,
+    Extension(st): Extension<Arc<LinkState>>,
+    Extension(ip): Extension<ClientIp>,
+    method: Method,
+    headers: HeaderMap,
+) -> Response {
+    let req = Req::new(&ip, &method, &headers);
+    let lang = fallback_lang(&engine, &req);
+    st.page(
+        &engine,
+        StatusCode::OK,
+        Page::PreferencesRequest,
+        &lang,
+        None,
+        |_| String::new(),
+    )
+    .await
+    .0
+}
+
+/// `POST /preferences`: mail the preference-centre link to a known address. The answer is
+/// the same for known and unknown addresses (and for the honeypot and the per-address
+/// limit), no sooner than `[signup] answer_floor`; the per-client limit is the signup's.
+pub(super) async fn request_post(
+    State(engine): State<Arc<Engine>>,
+    Extension(st): Extension<Arc<LinkState>>,
+    Extension(ip): Extension<ClientIp>,
+    headers: HeaderMap,
+    form: Result<Form<HashMap<String, String>>, FormRejection>,
+) -> Response {
+    let started = std::time::Instant::now();
+    let req = Req::new(&ip, &Method::POST, &headers);
+    let lang = fallback_lang(&engine, &req);
+    if cross_site(&headers, &st.public_origin).is_some() {
+        return st
+            .notice(&engine, StatusCode::FORBIDDEN, "cross_site", &lang, None)
+            .await;
+    }
+    if st.signup.client_over(req.ip) {
+        return st
+            .notice(
+                &engine,
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many",
+                &lang,
+                None,
+            )
+            .await;
+    }
+    let form = form.map(|f| f.0).unwrap_or_default();
+    let field = |k: &str| form.get(k).map(String::as_str).unwrap_or("");
+    let Ok(address) = optinsync_engine::email::normalise(field("email")) else {
+        return st
+            .notice(
+                &engine,
+                StatusCode::BAD_REQUEST,
+                "signup_invalid",
+                &lang,
+                None,
+            )
+            .await;
+    };
+    let skip =
+        !field(super::signup::HONEYPOT).trim().is_empty() || st.signup.address_over(&address);
+    if !skip {
+        let evidence = Evidence {
+            ip: Some(req.ip.to_string()),
+            user_agent: req.user_agent.clone(),
+            method: Some(req.method.clone()),
+            detail: Some("preference-centre link requested by address".into()),
+            ..Evidence::default()
+        };
+        if let Err(e) = engine.request_preferences_link(&address, evidence).await {
+            tracing::error!(error = %e, "preference-centre link request could not be recorded");
+            return st
+                .notice(
+                    &engine,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "retry",
+                    &lang,
+                    None,
+                )
+                .await;
+        }
+    }
+    st.signup.wait_floor(started).await;
+    st.notice(
+        &engine,
+        StatusCode::OK,
+        "preferences_link_sent",
+        &lang,
+        None,
+    )
+    .await
 }

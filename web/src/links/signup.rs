@@ -95,6 +95,23 @@ impl SignupState {
     fn allowed(&self, origin: &str) -> bool {
         self.allowed_origins.iter().any(|o| o == origin)
     }
+
+    /// The client (IPv6 by /64) is over its hourly limit of public form posts.
+    pub(super) fn client_over(&self, ip: IpAddr) -> bool {
+        self.per_client.check_key(&rate_key(ip)).is_err()
+    }
+
+    /// The (normalised) address is over its hourly limit of public form posts.
+    pub(super) fn address_over(&self, address: &str) -> bool {
+        self.per_address.check_key(&email::key(address)).is_err()
+    }
+
+    /// Wait until `floor` after `started`: every answer alike takes at least that long.
+    pub(super) async fn wait_floor(&self, started: Instant) {
+        if let Some(rest) = self.floor.checked_sub(started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+    }
 }
 
 /// The fields of a signup, from a form or JSON.
@@ -308,7 +325,7 @@ pub(super) async fn signup_post(
             )
             .await;
     }
-    if st.signup.per_client.check_key(&rate_key(req.ip)).is_err() {
+    if st.signup.client_over(req.ip) {
         metrics::counter!("optinsync_signup_total", "outcome" => "client_limit").increment(1);
         return answer
             .notice(StatusCode::TOO_MANY_REQUESTS, "too_many", &lang, Some(list))
@@ -332,12 +349,7 @@ pub(super) async fn signup_post(
         || !st.signup.check.passes(&fields.all)
     {
         "honeypot"
-    } else if st
-        .signup
-        .per_address
-        .check_key(&email::key(&address))
-        .is_err()
-    {
+    } else if st.signup.address_over(&address) {
         "address_limit"
     } else {
         let request = signup_request(&engine, &st, &req, list, &lang, address, &fields, origin);
@@ -358,9 +370,7 @@ pub(super) async fn signup_post(
     };
     metrics::counter!("optinsync_signup_total", "outcome" => outcome).increment(1);
     // The same answer, no sooner than the floor, whatever happened above.
-    if let Some(rest) = st.signup.floor.checked_sub(started.elapsed()) {
-        tokio::time::sleep(rest).await;
-    }
+    st.signup.wait_floor(started).await;
     answer
         .notice(StatusCode::OK, "signup_received", &lang, Some(list))
         .await
