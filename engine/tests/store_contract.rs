@@ -161,6 +161,8 @@ store_contract! {
     check_rename_contact => sqlite_check_rename_contact, postgres_check_rename_contact;
     check_erase_sets_the_erased_flag =>
         sqlite_check_erase_sets_the_erased_flag, postgres_check_erase_sets_the_erased_flag;
+    check_append_with_outbox =>
+        sqlite_check_append_with_outbox, postgres_check_append_with_outbox;
     check_suppression_list_and_lift =>
         sqlite_check_suppression_list_and_lift, postgres_check_suppression_list_and_lift;
 }
@@ -2390,4 +2392,54 @@ async fn check_suppression_list_and_lift(db: TestDb) {
         "nothing lifted, nothing recorded"
     );
     assert_eq!(verify_stored_chain(s).await.expect("chain"), n as u64);
+}
+
+/// An event that changes no consent, with its outbox rows, in one transaction: the rows name
+/// the event, a repeated key is ignored, the consent is untouched.
+async fn check_append_with_outbox(db: TestDb) {
+    let s = &*db.store;
+    let c = new_contact(s, "a@example.org").await;
+    let ev = event(
+        &c,
+        "news",
+        "preferences_link_requested",
+        ConsentState::None,
+        ConsentState::None,
+        t(1),
+    );
+    let row = outbox(
+        "preferences_link_mail",
+        PRIORITY_NORMAL,
+        "preferences-link:1",
+        &c,
+        "news",
+    );
+    let sealed = s
+        .append_with_outbox(&ev, std::slice::from_ref(&row))
+        .await
+        .expect("append");
+    assert_eq!(sealed.kind, "preferences_link_requested");
+    let again = event(
+        &c,
+        "news",
+        "preferences_link_requested",
+        ConsentState::None,
+        ConsentState::None,
+        t(2),
+    );
+    s.append_with_outbox(&again, &[row])
+        .await
+        .expect("append again");
+    let claimed = s
+        .claim_outbox("w", t(100), t(200), 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        keys(&claimed),
+        vec!["preferences-link:1"],
+        "one row per key"
+    );
+    assert_eq!(claimed[0].event_seq, Some(sealed.seq));
+    assert_eq!(s.consent(&c, "news").await.expect("consent"), None);
+    assert_eq!(verify_stored_chain(s).await.expect("chain"), 2);
 }
