@@ -869,6 +869,15 @@ async fn preference_centre_in_chromium() {
         m.contains(&("events".to_owned(), email.to_owned()))
             && !m.contains(&(LIST.to_owned(), email.to_owned()))
     });
+
+    // Leave all: every list the person is on.
+    click(&mut cdp, "leave-all").await;
+    cdp.wait_for("!!document.getElementById('join-events')", "all lists left")
+        .await;
+    assert_eq!(demo.state(email, "events"), "withdrawn");
+    wait_until(20, "off every campaigns list", || {
+        !memberships(&demo).iter().any(|(_, e)| e == email)
+    });
     assert_eq!(daemon.terminate(), Some(0));
 }
 
