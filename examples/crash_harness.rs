@@ -24,7 +24,7 @@ use optinsync_testkit_engine::Engine;
 fn usage(msg: &str) -> ! {
     eprintln!(
         "crash_harness: {msg}\nusage: crash_harness [--contacts N] [--kills N] [--backend sqlite|postgres|both] [--seed N] \
-         [--confirm PCT] [--unsubscribe PCT] [--uptime-ms LO-HI] [--keep]"
+         [--confirm PCT] [--unsubscribe PCT] [--uptime-ms LO-HI] [--in-flight N] [--sink-delay-ms N] [--keep]"
     );
     std::process::exit(2);
 }
@@ -39,6 +39,8 @@ async fn main() {
     let mut unsubscribe = 5u64;
     let mut uptime: Option<(u64, u64)> = None;
     let mut keep = false;
+    let mut in_flight = 8u32;
+    let mut sink_delay_ms = 0u64;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || {
@@ -69,6 +71,13 @@ async fn main() {
                 };
                 uptime = Some((num(lo.to_owned()), num(hi.to_owned())));
             }
+            "--in-flight" => {
+                in_flight = u32::try_from(num(value()))
+                    .ok()
+                    .filter(|n| *n >= 1)
+                    .unwrap_or_else(|| usage("--in-flight takes 1 or more"))
+            }
+            "--sink-delay-ms" => sink_delay_ms = num(value()),
             "--keep" => keep = true,
             "-h" | "--help" => usage("help"),
             other => usage(&format!("unknown argument {other}")),
@@ -106,9 +115,11 @@ async fn main() {
         opts.unsubscribe_percent = unsubscribe;
         opts.uptime_ms = uptime;
         opts.keep_dir = keep;
+        opts.in_flight = in_flight;
+        opts.sink_accept_delay = Duration::from_millis(sink_delay_ms);
         opts.drain_timeout = Duration::from_secs(1800);
         println!(
-            "crash harness [{b}]: seed {seed}, {contacts} contacts, {kills} kills, uptime {}-{} ms",
+            "crash harness [{b}]: seed {seed}, {contacts} contacts, {kills} kills, uptime {}-{} ms, {in_flight} mail(s) in flight, sink answers after {sink_delay_ms} ms",
             uptime.0, uptime.1
         );
         match harness::run(&opts, &Engine).await {

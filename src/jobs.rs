@@ -110,11 +110,20 @@ impl Jobs {
                 continue;
             }
             let started = chrono::Utc::now();
-            match run_job(engine, kind, pulled_since).await {
+            let timer = Instant::now();
+            let outcome = run_job(engine, kind, pulled_since).await;
+            metrics::histogram!("optinsync_job_duration_seconds", "job" => job)
+                .record(timer.elapsed().as_secs_f64());
+            let result = if outcome.is_ok() { "ok" } else { "failed" };
+            metrics::counter!("optinsync_job_runs_total", "job" => job, "result" => result)
+                .increment(1);
+            match outcome {
                 Ok(summary) => {
                     if kind == Job::CrmPoller {
                         pulled_since = Some(started);
                     }
+                    metrics::gauge!("optinsync_job_last_success_timestamp_seconds", "job" => job)
+                        .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
                     tracing::info!(job, "job {job}: {summary}")
                 }
                 Err(e) => {

@@ -4,6 +4,7 @@
 
 mod commands;
 mod data_subject;
+mod gauges;
 mod instance_lock;
 mod jobs;
 mod registry;

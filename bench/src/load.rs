@@ -157,6 +157,15 @@ async fn drive(
     (result, forms)
 }
 
+/// One `GET` per link, `concurrency` at a time: each page's form, ready to `POST`.
+pub async fn page_forms(
+    links: Vec<String>,
+    concurrency: usize,
+) -> anyhow::Result<(LoadResult, Vec<String>)> {
+    let client = client(concurrency)?;
+    Ok(drive(&client, &Arc::new(links), concurrency, Call::Get).await)
+}
+
 /// Row 9 then row 8 over the same links.
 pub async fn confirm_load(
     links: Vec<String>,

@@ -70,6 +70,17 @@ pub fn write(
     fake: &FakeZoho,
     smtp_port: u16,
 ) -> anyhow::Result<Setup> {
+    write_with(dir, store_url, fake, smtp_port, |_| Ok(()))
+}
+
+/// [`write`], with `edit` applied to the config before it is written.
+pub fn write_with(
+    dir: &Path,
+    store_url: Option<&str>,
+    fake: &FakeZoho,
+    smtp_port: u16,
+    edit: impl FnOnce(&mut ShippedConfig) -> anyhow::Result<()>,
+) -> anyhow::Result<Setup> {
     std::fs::create_dir_all(dir.join("var"))?;
     let port = optinsync_testkit::free_port();
     let store_url = store_url
@@ -88,6 +99,7 @@ pub fn write(
         "[connectors.campaigns]",
         &crm_section(fake, port),
     )?;
+    edit(&mut cfg)?;
     cfg.write(&dir.join("config.toml"))?;
     copy_setup(&repo, dir)?;
     Ok(Setup {

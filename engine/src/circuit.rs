@@ -190,6 +190,9 @@ impl Circuits {
         let b = || Mutex::new(Breaker::new(threshold, cooldown));
         for c in ConnectorRole::ALL {
             metrics::gauge!("optinsync_circuit_open", "connector" => c.as_str()).set(0.0);
+            // Registered at zero so `increase()` sees the first pause.
+            metrics::counter!("optinsync_connector_paused_total", "connector" => c.as_str())
+                .absolute(0);
         }
         Self {
             breakers: [b(), b(), b()],

@@ -98,7 +98,20 @@ pub struct Engine {
     /// Per-connector circuit breakers and the readiness flags (`/readyz`).
     pub(crate) circuits: Arc<crate::circuit::Circuits>,
     /// Single consent changes are written in groups (one fsync for many web requests).
-    group_commit: Option<crate::group_commit::GroupCommit>,
+    pub(crate) group_commit: Option<crate::group_commit::GroupCommit>,
+    /// What the last rules reload did (the operator console shows it).
+    pub(crate) last_reload: std::sync::Mutex<Option<ReloadRecord>>,
+}
+
+/// The last reload as the operator console shows it: when, what came of it, and the
+/// error text (compile errors name `file:line`); written by
+/// [`Engine::reload_rules`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadRecord {
+    pub at: chrono::DateTime<chrono::Utc>,
+    /// `ok`, `unchanged`, `compile_error` or `test_failure` (the metric's label).
+    pub result: &'static str,
+    pub error: Option<String>,
 }
 
 /// A read-only view of the store, handed out by [`Engine::reads`]. It has no write methods, so
@@ -138,8 +151,48 @@ impl StoreReads<'_> {
     pub async fn outbox_counts(&self) -> StoreResult<crate::store::OutboxCounts> {
         self.0.outbox_counts().await
     }
+    pub async fn ledger_head(&self) -> StoreResult<i64> {
+        self.0.ledger_head().await
+    }
+    pub async fn pending_removal_addresses(&self, list_id: &str) -> StoreResult<Vec<String>> {
+        self.0.pending_removal_addresses(list_id).await
+    }
+    /// Recompute the whole hash chain ([`crate::export::verify_ledger`]).
+    pub async fn verify_ledger(&self) -> crate::export::ExportResult<crate::export::ChainSummary> {
+        crate::export::verify_ledger(self.0).await
+    }
     pub async fn cursor(&self, name: &str) -> StoreResult<Option<String>> {
         self.0.cursor(name).await
+    }
+    pub async fn outbox_dead(&self) -> StoreResult<Vec<crate::store::OutboxItem>> {
+        self.0.outbox_dead().await
+    }
+    pub async fn events_per_day(
+        &self,
+        since: chrono::DateTime<Utc>,
+    ) -> StoreResult<Vec<crate::store::DayCount>> {
+        self.0.events_per_day(since).await
+    }
+    pub async fn states_reached(&self) -> StoreResult<Vec<crate::store::StateReach>> {
+        self.0.states_reached().await
+    }
+    pub async fn consents_per_day(&self, state: &str) -> StoreResult<Vec<crate::store::DayCount>> {
+        self.0.consents_per_day(state).await
+    }
+    pub async fn outbox_depth(&self) -> StoreResult<Vec<crate::store::OutboxDepth>> {
+        self.0.outbox_depth().await
+    }
+    pub async fn leases(&self) -> StoreResult<Vec<crate::store::Lease>> {
+        self.0.leases().await
+    }
+    pub async fn quota_overview(&self, now_ms: i64) -> StoreResult<Vec<crate::store::QuotaUse>> {
+        self.0.quota_overview(now_ms).await
+    }
+    pub async fn list_consents(
+        &self,
+        list_id: &str,
+    ) -> StoreResult<Vec<(String, crate::consent::ConsentState)>> {
+        self.0.list_consents(list_id).await
     }
 }
 
@@ -165,6 +218,7 @@ impl Engine {
             rules: RwLock::new(Arc::new(rules)),
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
             circuits,
+            last_reload: std::sync::Mutex::new(None),
         }
     }
 
@@ -206,7 +260,16 @@ impl Engine {
 
     /// Keep the page a person saw as evidence (content-addressed; idempotent).
     pub async fn record_snapshot(&self, s: &crate::store::Snapshot) -> EngineResult<()> {
-        Ok(self.store.put_snapshot(s).await?)
+        self.record_snapshots(vec![s.clone()]).await
+    }
+
+    /// Keep several snapshots in one write (a pass's mails, before they leave).
+    pub async fn record_snapshots(&self, s: Vec<crate::store::Snapshot>) -> EngineResult<()> {
+        match &self.group_commit {
+            Some(g) => g.snapshots(&*self.store, s).await?,
+            None => self.store.put_snapshots(&s).await?,
+        }
+        Ok(())
     }
 
     /// Take or renew the lease on a job for this worker (one instance runs each job).

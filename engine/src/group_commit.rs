@@ -1,5 +1,6 @@
-//! Group commit: single consent changes (a click on a confirm link, an unsubscribe, a bounce)
-//! queue for one writer, which writes whatever has queued up in one transaction.
+//! Group commit: single consent changes (a click on a confirm link, an unsubscribe, a bounce),
+//! state-free events, snapshots and finished outbox rows queue for one writer, which writes
+//! whatever has queued up, one transaction per kind.
 //!
 //! With a durable store every transaction waits for its fsync (about 2.5 ms on a plain
 //! virtual disk), which caps one-by-one commits at a few hundred per second. Batched, one
@@ -9,26 +10,31 @@
 
 use std::sync::Arc;
 
+use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ledger::{LedgerEvent, NewEvent};
-use crate::store::{BatchCommit, Commit, Store, StoreError, StoreResult};
+use crate::store::{BatchCommit, Commit, OutboxFinish, Snapshot, Store, StoreError, StoreResult};
 
 /// Most commits written in one transaction.
 const MAX_BATCH: usize = 512;
 
 type Reply = oneshot::Sender<StoreResult<LedgerEvent>>;
+type Done = oneshot::Sender<StoreResult<()>>;
 
-/// A consent change, or an event that changes no state (a fetched link).
+/// A consent change, an event that changes no state (a fetched link), a mail's or page's
+/// snapshot, or the end of claimed outbox rows; each with where its answer goes.
 #[derive(Debug)]
 enum Job {
-    Commit(Box<Commit>),
-    Append(Box<NewEvent>),
+    Commit(Box<Commit>, Reply),
+    Append(Box<NewEvent>, Reply),
+    Snapshots(Vec<Snapshot>, Done),
+    Finish(Vec<OutboxFinish>, Done),
 }
 
 #[derive(Debug, Clone)]
 pub struct GroupCommit {
-    tx: mpsc::UnboundedSender<(Job, Reply)>,
+    tx: mpsc::UnboundedSender<Job>,
 }
 
 impl GroupCommit {
@@ -43,38 +49,73 @@ impl GroupCommit {
 
     /// Commit through the writer. `Err(Conflict)` if the consent changed since it was read.
     pub async fn commit(&self, store: &dyn Store, commit: Commit) -> StoreResult<LedgerEvent> {
-        self.send(store, Job::Commit(Box::new(commit))).await
+        let (reply, answer) = oneshot::channel();
+        match self.tx.send(Job::Commit(Box::new(commit), reply)) {
+            Ok(()) => answered(answer).await,
+            Err(mpsc::error::SendError(job)) => one(store, job).await,
+        }
     }
 
     /// Append an event that changes no state through the writer.
     pub async fn append(&self, store: &dyn Store, event: NewEvent) -> StoreResult<LedgerEvent> {
-        self.send(store, Job::Append(Box::new(event))).await
+        let (reply, answer) = oneshot::channel();
+        match self.tx.send(Job::Append(Box::new(event), reply)) {
+            Ok(()) => answered(answer).await,
+            Err(mpsc::error::SendError(job)) => one(store, job).await,
+        }
     }
 
-    async fn send(&self, store: &dyn Store, job: Job) -> StoreResult<LedgerEvent> {
+    /// Store snapshots through the writer (mails in flight side by side share a commit).
+    pub async fn snapshots(&self, store: &dyn Store, snapshots: Vec<Snapshot>) -> StoreResult<()> {
         let (reply, answer) = oneshot::channel();
-        match self.tx.send((job, reply)) {
-            Ok(()) => match answer.await {
-                Ok(result) => result,
-                // The writer is gone (runtime shutting down): nothing was written for us.
-                Err(_) => Err(StoreError::Corrupt {
-                    table: "ledger",
-                    detail: "the commit writer stopped before answering".into(),
-                }),
-            },
-            Err(mpsc::error::SendError((job, _))) => one(store, job).await,
+        match self.tx.send(Job::Snapshots(snapshots, reply)) {
+            Ok(()) => answered(answer).await,
+            Err(mpsc::error::SendError(job)) => done(store, job).await,
+        }
+    }
+
+    /// Finish claimed outbox rows through the writer.
+    pub async fn finish(&self, store: &dyn Store, rows: Vec<OutboxFinish>) -> StoreResult<()> {
+        let (reply, answer) = oneshot::channel();
+        match self.tx.send(Job::Finish(rows, reply)) {
+            Ok(()) => answered(answer).await,
+            Err(mpsc::error::SendError(job)) => done(store, job).await,
         }
     }
 }
 
-async fn one(store: &dyn Store, job: Job) -> StoreResult<LedgerEvent> {
-    match job {
-        Job::Commit(c) => store.commit(&c).await,
-        Job::Append(e) => store.append_event(&e).await,
+async fn answered<T>(answer: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T> {
+    match answer.await {
+        Ok(result) => result,
+        // The writer is gone (runtime shutting down): nothing was written for us.
+        Err(_) => Err(StoreError::Corrupt {
+            table: "ledger",
+            detail: "the commit writer stopped before answering".into(),
+        }),
     }
 }
 
-async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<(Job, Reply)>) {
+/// A job the writer could not take, done directly.
+async fn one(store: &dyn Store, job: Job) -> StoreResult<LedgerEvent> {
+    match job {
+        Job::Commit(c, _) => store.commit(&c).await,
+        Job::Append(e, _) => store.append_event(&e).await,
+        Job::Snapshots(..) | Job::Finish(..) => Err(StoreError::Corrupt {
+            table: "ledger",
+            detail: "not a ledger write".into(),
+        }),
+    }
+}
+
+async fn done(store: &dyn Store, job: Job) -> StoreResult<()> {
+    match job {
+        Job::Snapshots(s, _) => store.put_snapshots(&s).await,
+        Job::Finish(rows, _) => store.finish_outbox_batch(&rows, Utc::now()).await,
+        Job::Commit(..) | Job::Append(..) => one(store, job).await.map(|_| ()),
+    }
+}
+
+async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
@@ -87,19 +128,23 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<(Job, Rep
         let mut commit_replies = Vec::new();
         let mut appends = Vec::new();
         let mut append_replies = Vec::new();
-        for (job, reply) in jobs {
+        let mut snapshots: Vec<(Vec<Snapshot>, Done)> = Vec::new();
+        let mut finishes: Vec<(Vec<OutboxFinish>, Done)> = Vec::new();
+        for job in jobs {
             match job {
-                Job::Commit(c) => {
+                Job::Commit(c, reply) => {
                     commits.push(BatchCommit {
                         commit: *c,
                         follows: false,
                     });
                     commit_replies.push(reply);
                 }
-                Job::Append(e) => {
+                Job::Append(e, reply) => {
                     appends.push(*e);
                     append_replies.push(reply);
                 }
+                Job::Snapshots(s, reply) => snapshots.push((s, reply)),
+                Job::Finish(rows, reply) => finishes.push((rows, reply)),
             }
         }
         if !commits.is_empty() {
@@ -135,6 +180,39 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<(Job, Rep
                     tracing::warn!(error = %e, events = appends.len(), "group append failed; appending one by one");
                     for (ev, reply) in appends.into_iter().zip(append_replies) {
                         let _ = reply.send(store.append_event(&ev).await);
+                    }
+                }
+            }
+        }
+        if !snapshots.is_empty() {
+            let all: Vec<Snapshot> = snapshots.iter().flat_map(|(s, _)| s.clone()).collect();
+            match store.put_snapshots(&all).await {
+                Ok(()) => {
+                    for (_, reply) in snapshots {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, snapshots = all.len(), "group snapshot write failed; writing one request at a time");
+                    for (s, reply) in snapshots {
+                        let _ = reply.send(store.put_snapshots(&s).await);
+                    }
+                }
+            }
+        }
+        if !finishes.is_empty() {
+            let all: Vec<OutboxFinish> =
+                finishes.iter().flat_map(|(rows, _)| rows.clone()).collect();
+            match store.finish_outbox_batch(&all, Utc::now()).await {
+                Ok(()) => {
+                    for (_, reply) in finishes {
+                        let _ = reply.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, rows = all.len(), "group outbox finish failed; finishing one request at a time");
+                    for (rows, reply) in finishes {
+                        let _ = reply.send(store.finish_outbox_batch(&rows, Utc::now()).await);
                     }
                 }
             }

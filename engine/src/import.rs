@@ -27,6 +27,22 @@ pub struct ImportStats {
 }
 
 impl Engine {
+    /// One page of the members of `list`'s campaigns list (`None` = the first).
+    pub(crate) async fn members_page(
+        &self,
+        list: &ListConfig,
+        cursor: Option<&Cursor>,
+    ) -> EngineResult<optinsync_plugin_api::MemberPage> {
+        self.connectors
+            .campaigns
+            .list_members(list.campaigns_list(), cursor)
+            .await
+            .map_err(|source| EngineError::Connector {
+                connector: "campaigns",
+                source,
+            })
+    }
+
     /// Take the members of an existing Campaigns list — people put there without DOI proof,
     /// the usual starting point — into the ledger as `asserted`, so the rules run a
     /// re-permission campaign: DOI mail, reminder, removal of those who do not confirm.
@@ -39,15 +55,7 @@ impl Engine {
         let mut cursor: Option<Cursor> = None;
         let today = Utc::now().format("%Y-%m-%d").to_string();
         loop {
-            let page = self
-                .connectors
-                .campaigns
-                .list_members(list.campaigns_list(), cursor.as_ref())
-                .await
-                .map_err(|source| EngineError::Connector {
-                    connector: "campaigns",
-                    source,
-                })?;
+            let page = self.members_page(list, cursor.as_ref()).await?;
             for member in &page.members {
                 stats.members += 1;
                 let Ok(address) = email::normalise(&member.email) else {

@@ -21,6 +21,7 @@
 use std::time::Duration;
 
 use chrono::Utc;
+use futures_util::{StreamExt as _, stream};
 use optinsync_plugin_api::{
     ConnectorError, ConsentProof, ConsentWriteBack, Keyed, Subscriber, per_item,
 };
@@ -32,7 +33,7 @@ use crate::consent::{ConsentState, Input, MailKind};
 use crate::engine::{Engine, EngineResult};
 use crate::ledger::{EventSource, Evidence, NewEvent};
 use crate::mail;
-use crate::store::{Finish, OutboxItem, OutboxWork, StoredWork};
+use crate::store::{Finish, OutboxFinish, OutboxItem, OutboxWork, StoredWork};
 use crate::untrusted::Escaped;
 use crate::work::ConnectorRole;
 
@@ -76,7 +77,14 @@ impl Engine {
     /// Claim and deliver up to `limit` due rows (legal-deadline rows first). Campaigns
     /// subscribes and removals of one list go in batches of up to the connector's
     /// [`optinsync_plugin_api::CampaignsConnector::max_batch`], each with its own result;
-    /// everything else one row at a time, in claim order.
+    /// mails up to the transport's [`optinsync_plugin_api::MailTransport::concurrency`] at
+    /// once; everything else one row at a time, in claim order.
+    ///
+    /// Only mails run side by side: a run of consecutive mail units goes concurrently, and
+    /// any other unit waits for the run before it (and the next run waits for it), so
+    /// campaigns and CRM writes keep their claim order. Each row is finished as soon as its
+    /// own delivery ends, so at most `concurrency` sent mails are unrecorded at any moment —
+    /// the bound on duplicates after a crash.
     pub async fn deliver_due(&self, worker: &str, limit: i64) -> EngineResult<DeliverStats> {
         let now = Utc::now();
         let lease = chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::minutes(5));
@@ -84,43 +92,36 @@ impl Engine {
             .store
             .claim_outbox(worker, now, now + lease, limit)
             .await?;
-        let mut run = Finishing {
-            worker,
-            stats: DeliverStats::default(),
-            scrub: false,
-        };
-        for unit in units(items, self.connectors.campaigns.max_batch()) {
-            let connector = unit.connector();
-            // Shutdown: hand back what is not started yet. Open circuit: do not call a dead
-            // endpoint; the rows wait for the half-open probe (their attempts are not counted).
-            let postpone = if self.circuits.is_stopping() {
-                Some(Utc::now())
-            } else {
-                connector
-                    .and_then(|c| self.circuits.deny(c, std::time::Instant::now()))
-                    .map(|at| {
-                        let wait = at.saturating_duration_since(std::time::Instant::now());
-                        Utc::now()
-                            + chrono::Duration::from_std(wait)
-                                .unwrap_or(chrono::Duration::seconds(30))
-                    })
-            };
-            let finishes = match (postpone, &unit) {
-                (Some(at), _) => vec![Finish::Postpone { at }; unit.len()],
-                (None, Unit::One(item)) => vec![match self.deliver_one(item).await {
-                    Ok(finish) => finish,
-                    Err(e) => self.failure(item, ConnectorError::transient(e.to_string())),
-                }],
-                (None, Unit::Batch { kind, items }) => self.deliver_batch(*kind, items).await,
-            };
-            if postpone.is_none()
-                && let Some(c) = connector
-            {
-                // A probe that made no call (skipped rows, store error) is not a verdict.
-                self.circuits.release(c);
+        let in_flight = self.connectors.mail.concurrency().max(1);
+        let mut run = Finishing::default();
+        let mut units = units(items, self.connectors.campaigns.max_batch()).into_iter();
+        let mut next = units.next();
+        while let Some(unit) = next.take() {
+            if unit.connector() != Some(ConnectorRole::Mail) || in_flight == 1 {
+                run.add(self.deliver_unit(worker, unit).await)?;
+                next = units.next();
+                continue;
             }
-            for (item, finish) in unit.into_items().into_iter().zip(finishes) {
-                self.finish_row(&mut run, item, finish).await?;
+            let mut mails = vec![unit];
+            next = units.next();
+            while let Some(u) = next.take_if(|u| u.connector() == Some(ConnectorRole::Mail)) {
+                mails.push(u);
+                next = units.next();
+            }
+            let mails = self.prepare_mails(mails).await;
+            // Every delivery in flight is driven to its finish before an error is returned:
+            // dropping one half-way could leave a sent mail unrecorded.
+            let mut outcomes = stream::iter(mails)
+                .map(|(u, pre)| self.deliver_unit_with(worker, u, pre))
+                .buffer_unordered(in_flight);
+            let mut first_error = None;
+            while let Some(outcome) = outcomes.next().await {
+                if let Err(e) = run.add(outcome) {
+                    first_error.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
             }
         }
         if run.scrub {
@@ -129,44 +130,142 @@ impl Engine {
         Ok(run.stats)
     }
 
-    /// Record how one row ended: metrics, log, the store's finish.
-    async fn finish_row(
-        &self,
-        run: &mut Finishing<'_>,
-        item: OutboxItem,
-        finish: Finish,
-    ) -> EngineResult<()> {
-        metrics::counter!("optinsync_outbox_delivery_total", "kind" => item.work.known().map_or("other", OutboxWork::kind), "result" => result_label(&finish))
-            .increment(1);
-        let stats = &mut run.stats;
-        match &finish {
-            Finish::Postpone { .. } => stats.postponed += 1,
-            Finish::Done { .. } => stats.done += 1,
-            // `?`: the error text may quote a vendor's answer; Debug escapes it.
-            Finish::Retry { error, .. } => {
-                tracing::warn!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed; will retry");
-                stats.retried += 1;
-            }
-            Finish::Dead { error } => {
-                tracing::error!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
-                stats.dead += 1;
+    /// Check and compose a run of mails, then store all their snapshots in one write: each
+    /// mail in flight then waits for one commit (its finish), not two. A mail that cannot be
+    /// prepared here (or a failed snapshot write) is left to [`Self::deliver_one`].
+    async fn prepare_mails(&self, units: Vec<Unit>) -> Vec<(Unit, Option<Prepared>)> {
+        let mut out = Vec::with_capacity(units.len());
+        for unit in units {
+            let pre = match &unit {
+                Unit::One(item) => self.prepare_row(item).await,
+                Unit::Batch { .. } => None,
+            };
+            out.push((unit, pre));
+        }
+        let snapshots: Vec<_> = out
+            .iter()
+            .filter_map(|(_, pre)| match pre {
+                Some(Ok(p)) => Some(p.mail.composed.snapshot.clone()),
+                _ => None,
+            })
+            .collect();
+        if !snapshots.is_empty()
+            && let Err(e) = self.record_snapshots(snapshots).await
+        {
+            tracing::warn!(error = %e, "mail snapshots not stored together; storing each before its mail");
+            for (_, pre) in &mut out {
+                if matches!(pre, Some(Ok(_))) {
+                    *pre = None;
+                }
             }
         }
-        self.store
-            .finish_outbox(item.id, run.worker, &finish, Utc::now())
-            .await?;
-        // A removal or write-back that carried an erased contact's address was the last
-        // copy; finishing scrubbed it, and no older copy may stay in the store's files.
-        if !run.scrub
-            && !matches!(finish, Finish::Retry { .. } | Finish::Postpone { .. })
-            && carries_address(&item.work)
-            && self
-                .store
-                .contact_by_id(&item.contact_id)
-                .await?
-                .is_some_and(|c| c.erased)
+        out
+    }
+
+    /// [`Self::prepare_mail`] for a mail row; `None` for anything else or on a store error
+    /// (the row then goes the single-row way, which reports it).
+    async fn prepare_row(&self, item: &OutboxItem) -> Option<Prepared> {
+        let StoredWork::Known(OutboxWork::Mail { token, mail }) = &item.work else {
+            return None;
+        };
+        let list = self.list(&item.list_id)?;
+        let contact = self.store.contact_by_id(&item.contact_id).await.ok()??;
+        match self.prepare_mail(item, &contact, list, token, *mail).await {
+            Ok(Ok(mail)) => Some(Ok(ReadyMail { contact, mail })),
+            Ok(Err(finish)) => Some(Err(finish)),
+            Err(_) => None,
+        }
+    }
+
+    /// Deliver one unit and finish its rows.
+    async fn deliver_unit(&self, worker: &str, unit: Unit) -> EngineResult<Finishing> {
+        self.deliver_unit_with(worker, unit, None).await
+    }
+
+    /// [`Self::deliver_unit`], with a mail row already prepared by [`Self::prepare_mails`].
+    async fn deliver_unit_with(
+        &self,
+        worker: &str,
+        unit: Unit,
+        pre: Option<Prepared>,
+    ) -> EngineResult<Finishing> {
+        let connector = unit.connector();
+        // Shutdown: hand back what is not started yet. Open circuit: do not call a dead
+        // endpoint; the rows wait for the half-open probe (their attempts are not counted).
+        let postpone = if self.circuits.is_stopping() {
+            Some(Utc::now())
+        } else {
+            connector
+                .and_then(|c| self.circuits.deny(c, std::time::Instant::now()))
+                .map(|at| {
+                    let wait = at.saturating_duration_since(std::time::Instant::now());
+                    Utc::now()
+                        + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(30))
+                })
+        };
+        let finishes = match (postpone, &unit) {
+            (Some(at), _) => vec![Finish::Postpone { at }; unit.len()],
+            (None, Unit::One(item)) => {
+                let delivered = match pre {
+                    Some(Ok(ready)) => match self.list(&item.list_id) {
+                        Some(list) => self.send_mail(item, &ready.contact, list, ready.mail).await,
+                        None => self.deliver_one(item).await,
+                    },
+                    Some(Err(finish)) => Ok(finish),
+                    None => self.deliver_one(item).await,
+                };
+                vec![match delivered {
+                    Ok(finish) => finish,
+                    Err(e) => self.failure(item, ConnectorError::transient(e.to_string())),
+                }]
+            }
+            (None, Unit::Batch { kind, items }) => self.deliver_batch(*kind, items).await,
+        };
+        if postpone.is_none()
+            && let Some(c) = connector
         {
-            run.scrub = true;
+            // A probe that made no call (skipped rows, store error) is not a verdict.
+            self.circuits.release(c);
+        }
+        let mut run = Finishing::default();
+        let items = unit.into_items();
+        for (item, finish) in items.iter().zip(&finishes) {
+            note_finish(&mut run.stats, item, finish);
+        }
+        // The unit's rows in one commit, shared with whatever else finished meanwhile (mails
+        // in flight side by side): one fsync, not one per row.
+        let rows = items
+            .iter()
+            .zip(&finishes)
+            .map(|(item, finish)| OutboxFinish {
+                id: item.id,
+                worker: worker.to_owned(),
+                finish: finish.clone(),
+            })
+            .collect();
+        self.finish_rows(rows).await?;
+        for (item, finish) in items.iter().zip(&finishes) {
+            // A removal or write-back that carried an erased contact's address was the last
+            // copy; finishing scrubbed it, and no older copy may stay in the store's files.
+            if !run.scrub
+                && !matches!(finish, Finish::Retry { .. } | Finish::Postpone { .. })
+                && carries_address(&item.work)
+                && self
+                    .store
+                    .contact_by_id(&item.contact_id)
+                    .await?
+                    .is_some_and(|c| c.erased)
+            {
+                run.scrub = true;
+            }
+        }
+        Ok(run)
+    }
+
+    async fn finish_rows(&self, rows: Vec<OutboxFinish>) -> EngineResult<()> {
+        match &self.group_commit {
+            Some(g) => g.finish(&*self.store, rows).await?,
+            None => self.store.finish_outbox_batch(&rows, Utc::now()).await?,
         }
         Ok(())
     }
@@ -356,11 +455,21 @@ impl Engine {
         }))
     }
 
+    /// Rows one [`Self::deliver_due`] pass claims: at least 20, and four per mail the
+    /// transport takes at once, so that concurrent sends are not starved at each pass's tail
+    /// (a claim is a store round trip).
+    pub fn delivery_claim_size(&self) -> i64 {
+        let per_mail = self.connectors.mail.concurrency().saturating_mul(4);
+        i64::try_from(per_mail).unwrap_or(i64::MAX).max(20)
+    }
+
     /// Deliver until nothing is due (used by `sync --once`).
     pub async fn drain_outbox(&self, worker: &str) -> EngineResult<DeliverStats> {
         let mut total = DeliverStats::default();
         loop {
-            let s = self.deliver_due(worker, 50).await?;
+            let s = self
+                .deliver_due(worker, self.delivery_claim_size().max(50))
+                .await?;
             if s == DeliverStats::default() {
                 return Ok(total);
             }
@@ -379,7 +488,13 @@ impl Engine {
     /// still retries with its own backoff ([`Self::failure`]).
     pub(crate) fn observe<T>(&self, connector: ConnectorRole, result: &Result<T, ConnectorError>) {
         match crate::circuit::verdict(result) {
-            Verdict::Neutral => self.circuits.release(connector),
+            Verdict::Neutral => {
+                // The vendor named a wait: a quota lock-out or a spent quota (the alert
+                // `OptinsyncVendorQuotaLockout` watches this).
+                metrics::counter!("optinsync_connector_paused_total", "connector" => connector.as_str())
+                    .increment(1);
+                self.circuits.release(connector)
+            }
             Verdict::Failure => self.circuits.record(connector, true),
             Verdict::Alive => self.circuits.record(connector, false),
         }
@@ -549,35 +664,74 @@ impl Engine {
         token: &str,
         kind: MailKind,
     ) -> EngineResult<Finish> {
-        let token = token.to_owned();
+        let prepared = match self.prepare_mail(item, contact, list, token, kind).await? {
+            Ok(p) => p,
+            Err(finish) => return Ok(finish),
+        };
+        // The exact text goes into the store before it leaves, under the hash the ledger names.
+        self.record_snapshot(&prepared.composed.snapshot).await?;
+        self.send_mail(item, contact, list, prepared).await
+    }
+
+    /// Check that the signup still waits and compose its mail; `Err`: how the row ends
+    /// without a mail.
+    async fn prepare_mail(
+        &self,
+        item: &OutboxItem,
+        contact: &crate::store::Contact,
+        list: &crate::config::ListConfig,
+        token: &str,
+        kind: MailKind,
+    ) -> EngineResult<Result<PreparedMail, Finish>> {
         // The signup may have been confirmed, withdrawn or replaced since the row was queued.
         let consent = self.store.consent(&contact.id, &list.id).await?;
         let Some(consent) = consent.filter(|c| {
             matches!(c.state, ConsentState::Pending | ConsentState::Revalidating)
-                && c.signup_token.as_deref() == Some(&token)
+                && c.signup_token.as_deref() == Some(token)
         }) else {
-            return Ok(Finish::Done {
+            return Ok(Err(Finish::Done {
                 event: None,
                 note: Some("skipped: signup no longer waiting".into()),
-            });
+            }));
         };
         let letter = mail::Letter {
             kind,
             contact,
             list,
-            signup_token: &token,
+            signup_token: token,
             outbox_key: &item.idempotency_key,
             now: Utc::now(),
         };
-        let composed = match mail::compose(&self.config, &self.tokens, &letter) {
-            Ok(c) => c,
+        match mail::compose(&self.config, &self.tokens, &letter) {
+            Ok(composed) => Ok(Ok(PreparedMail {
+                kind,
+                token: token.to_owned(),
+                state: consent.state,
+                composed,
+            })),
             Err(e) => {
                 tracing::error!(contact_id = %contact.id, list = %list.id, error = %e, "confirmation mail cannot be rendered");
-                return Ok(self.failure(item, ConnectorError::permanent(e.to_string())));
+                Ok(Err(
+                    self.failure(item, ConnectorError::permanent(e.to_string()))
+                ))
             }
-        };
-        // The exact text goes into the store before it leaves, under the hash the ledger names.
-        self.store.put_snapshot(&composed.snapshot).await?;
+        }
+    }
+
+    /// Send a prepared mail (its snapshot already stored) and say how the row ends.
+    async fn send_mail(
+        &self,
+        item: &OutboxItem,
+        contact: &crate::store::Contact,
+        list: &crate::config::ListConfig,
+        prepared: PreparedMail,
+    ) -> EngineResult<Finish> {
+        let PreparedMail {
+            kind,
+            token,
+            state,
+            composed,
+        } = prepared;
         let msg = composed.message;
         let sent = self.connectors.mail.send(&msg).await;
         self.observe(ConnectorRole::Mail, &sent);
@@ -589,8 +743,8 @@ impl Engine {
                     contact_id: contact.id.clone(),
                     list_id: list.id.clone(),
                     kind: format!("{}_mail_sent", kind.as_str()),
-                    from_state: consent.state,
-                    to_state: consent.state,
+                    from_state: state,
+                    to_state: state,
                     source: EventSource::Outbox,
                     evidence: Evidence {
                         token_id: Some(token),
@@ -628,6 +782,43 @@ impl Engine {
     }
 }
 
+/// A mail row checked and composed ahead of its send, or how it ends without one.
+type Prepared = Result<ReadyMail, Finish>;
+
+/// A prepared mail and the contact it goes to.
+struct ReadyMail {
+    contact: crate::store::Contact,
+    mail: PreparedMail,
+}
+
+/// A mail composed and checked, ready to send once its snapshot is stored.
+struct PreparedMail {
+    kind: MailKind,
+    token: String,
+    /// The consent's state when checked (the event's from and to).
+    state: ConsentState,
+    composed: mail::Composed,
+}
+
+/// Count and log how one row ended.
+fn note_finish(stats: &mut DeliverStats, item: &OutboxItem, finish: &Finish) {
+    metrics::counter!("optinsync_outbox_delivery_total", "kind" => item.work.known().map_or("other", OutboxWork::kind), "result" => result_label(finish))
+        .increment(1);
+    match finish {
+        Finish::Postpone { .. } => stats.postponed += 1,
+        Finish::Done { .. } => stats.done += 1,
+        // `?`: the error text may quote a vendor's answer; Debug escapes it.
+        Finish::Retry { error, .. } => {
+            tracing::warn!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed; will retry");
+            stats.retried += 1;
+        }
+        Finish::Dead { error } => {
+            tracing::error!(outbox_id = item.id, kind = %Escaped(item.kind()), attempts = item.attempts, ?error, "delivery failed permanently; dead letter");
+            stats.dead += 1;
+        }
+    }
+}
+
 fn skipped(note: &str) -> Finish {
     Finish::Done {
         event: None,
@@ -635,12 +826,24 @@ fn skipped(note: &str) -> Finish {
     }
 }
 
-/// The state of one `deliver_due` pass while its rows are finished.
-struct Finishing<'a> {
-    worker: &'a str,
+/// What a `deliver_due` pass (or one unit of it) finished.
+#[derive(Debug, Default)]
+struct Finishing {
     stats: DeliverStats,
     /// An erased contact's last address copy was finished: scrub the store's files after.
     scrub: bool,
+}
+
+impl Finishing {
+    fn add(&mut self, unit: EngineResult<Finishing>) -> EngineResult<()> {
+        let unit = unit?;
+        self.stats.done += unit.stats.done;
+        self.stats.retried += unit.stats.retried;
+        self.stats.dead += unit.stats.dead;
+        self.stats.postponed += unit.stats.postponed;
+        self.scrub |= unit.scrub;
+        Ok(())
+    }
 }
 
 /// Outbox work the campaigns connector takes in batches.

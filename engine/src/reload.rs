@@ -9,7 +9,7 @@ use std::time::Duration;
 use notify::RecursiveMode;
 use notify_debouncer_full::{DebounceEventResult, Debouncer, RecommendedCache, new_debouncer};
 
-use crate::engine::Engine;
+use crate::engine::{Engine, ReloadRecord};
 use crate::rules::{RuleSet, RulesError};
 
 /// What a reload did.
@@ -24,6 +24,11 @@ pub enum Reload {
 }
 
 impl Engine {
+    /// What the last [`Engine::reload_rules`] of this process did; `None` before the first.
+    pub fn last_reload(&self) -> Option<ReloadRecord> {
+        self.last_reload.lock().ok().and_then(|r| r.clone())
+    }
+
     /// Re-read, compile and test the rule directory; swap it in only if all of that passed.
     pub fn reload_rules(&self) -> Reload {
         let dir = self.config.config.rules.dir.clone();
@@ -51,6 +56,16 @@ impl Engine {
             }
         };
         metrics::counter!("optinsync_rules_reload_total", "result" => result).increment(1);
+        if let Ok(mut last) = self.last_reload.lock() {
+            *last = Some(ReloadRecord {
+                at: chrono::Utc::now(),
+                result,
+                error: match &outcome {
+                    Reload::Rejected(e) => Some(e.to_string()),
+                    _ => None,
+                },
+            });
+        }
         outcome
     }
 }

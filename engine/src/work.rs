@@ -78,6 +78,15 @@ pub enum OutboxWork {
 }
 
 impl OutboxWork {
+    /// Every stored `kind` (one per variant), for gauges that report each kind, zero included.
+    pub const KINDS: [&'static str; 5] = [
+        "mail",
+        "campaigns_subscribe",
+        "campaigns_request_doi",
+        "campaigns_remove",
+        "crm_write_back",
+    ];
+
     /// The stored `kind`; bounded, so also the metric label.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -184,6 +193,30 @@ impl StoredWork {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// `KINDS` names each variant's kind once.
+    #[test]
+    fn kinds_lists_every_variant() {
+        let all = [
+            OutboxWork::Mail {
+                token: String::new(),
+                mail: MailKind::Doi,
+            },
+            OutboxWork::CampaignsSubscribe {},
+            OutboxWork::CampaignsRequestDoi {
+                token: String::new(),
+            },
+            OutboxWork::CampaignsRemove { email: None },
+            OutboxWork::CrmWriteBack {
+                state: None,
+                opt_out: false,
+                records: None,
+                email: None,
+            },
+        ];
+        let kinds: Vec<&str> = all.iter().map(OutboxWork::kind).collect();
+        assert_eq!(kinds, OutboxWork::KINDS);
+    }
 
     /// The stored shapes are those rows were written in before the enum existed.
     #[test]

@@ -64,6 +64,29 @@ async fn windows_fill_lock_and_settle(s: &dyn Store) {
     s.quota_settle("k", &[W], 2000, 2500).await.unwrap();
     assert_eq!(s.quota_usage("k", &[W], 2700).await.unwrap().0, vec![1]);
     assert_eq!(s.quota_usage("k", &[W], 3110).await.unwrap().0, vec![0]);
+    // The console's overview: every key, its window and lock, as `quota_usage` counts them.
+    let overview = |now| async move {
+        s.quota_overview(now)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|q| (q.key, q.windows, q.locked_until))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        overview(1000).await,
+        vec![
+            ("k".to_owned(), vec![(600, 1)], Some(2000)),
+            ("other".to_owned(), vec![(600, 0)], None),
+        ]
+    );
+    assert_eq!(
+        overview(2700).await,
+        vec![
+            ("k".to_owned(), vec![(600, 1)], None),
+            ("other".to_owned(), vec![(600, 0)], None),
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

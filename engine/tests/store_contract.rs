@@ -165,6 +165,9 @@ store_contract! {
         sqlite_check_append_with_outbox, postgres_check_append_with_outbox;
     check_suppression_list_and_lift =>
         sqlite_check_suppression_list_and_lift, postgres_check_suppression_list_and_lift;
+    check_console_reads => sqlite_check_console_reads, postgres_check_console_reads;
+    check_ledger_head_and_pending_removals =>
+        sqlite_check_ledger_head_and_pending_removals, postgres_check_ledger_head_and_pending_removals;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -265,6 +268,19 @@ fn mail_work(token: &str) -> OutboxWork {
     OutboxWork::Mail {
         token: token.to_owned(),
         mail: MailKind::Doi,
+    }
+}
+
+/// Queue a DOI mail row under each of `keys` with `c`.
+fn push_mails(c: &mut Commit, keys: &[&str]) {
+    for key in keys {
+        c.outbox.push(NewOutbox {
+            work: mail_work(""),
+            priority: PRIORITY_NORMAL,
+            idempotency_key: (*key).into(),
+            contact_id: c.contact_id.clone(),
+            list_id: c.list_id.clone(),
+        });
     }
 }
 
@@ -1629,20 +1645,237 @@ async fn check_consent_summary(db: TestDb) {
     );
 }
 
+/// The operator console's reads: events per day, states ever reached, consents per day of
+/// `since`, unfinished outbox rows, leases and a list's consents.
+async fn check_console_reads(db: TestDb) {
+    use ConsentState as S;
+    use optinsync_engine::store::{DayCount, Lease, OutboxDepth, StateReach};
+    let s = &*db.store;
+    const DAY: i64 = 86_400;
+    let day0 = t(0).format("%Y-%m-%d").to_string();
+    let day1 = t(DAY).format("%Y-%m-%d").to_string();
+    assert_ne!(day0, day1);
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    let seq = |e: LedgerEvent| Some(e.seq);
+    let a1 = seq(s
+        .commit(&simple_commit(&a, "news", None, S::None, S::Asserted, t(0)))
+        .await
+        .expect("a"));
+    let a2 = seq(s
+        .commit(&simple_commit(
+            &a,
+            "news",
+            a1,
+            S::Asserted,
+            S::Pending,
+            t(DAY),
+        ))
+        .await
+        .expect("a"));
+    let mut confirm = simple_commit(&a, "news", a2, S::Pending, S::Confirmed, t(DAY + 60));
+    push_mails(&mut confirm, &["k1", "k2"]);
+    s.commit(&confirm).await.expect("a");
+    let b1 = seq(s
+        .commit(&simple_commit(
+            &b,
+            "news",
+            None,
+            S::None,
+            S::Asserted,
+            t(60),
+        ))
+        .await
+        .expect("b"));
+    s.commit(&simple_commit(
+        &b,
+        "news",
+        b1,
+        S::Asserted,
+        S::Pending,
+        t(120),
+    ))
+    .await
+    .expect("b");
+    s.commit(&simple_commit(
+        &b,
+        "other",
+        None,
+        S::None,
+        S::Asserted,
+        t(0),
+    ))
+    .await
+    .expect("b");
+
+    let dc = |list: &str, day: &str, kind: &str, count: i64| DayCount {
+        list_id: list.into(),
+        day: day.into(),
+        kind: kind.into(),
+        count,
+    };
+    assert_eq!(
+        s.events_per_day(t(0)).await.expect("per day"),
+        vec![
+            dc("news", &day0, "asserted", 2),
+            dc("news", &day0, "pending", 1),
+            dc("news", &day1, "confirmed", 1),
+            dc("news", &day1, "pending", 1),
+            dc("other", &day0, "asserted", 1),
+        ]
+    );
+    assert_eq!(
+        s.events_per_day(t(DAY)).await.expect("per day"),
+        vec![
+            dc("news", &day1, "confirmed", 1),
+            dc("news", &day1, "pending", 1)
+        ]
+    );
+    let reach = |list: &str, state: &str, contacts: i64| StateReach {
+        list_id: list.into(),
+        state: state.into(),
+        contacts,
+    };
+    assert_eq!(
+        s.states_reached().await.expect("reached"),
+        vec![
+            reach("news", "asserted", 2),
+            reach("news", "confirmed", 1),
+            reach("news", "pending", 2),
+            reach("other", "asserted", 1),
+        ]
+    );
+    assert_eq!(
+        s.consents_per_day("pending").await.expect("pending"),
+        vec![dc("news", &day0, "pending", 1)]
+    );
+
+    let claimed = s
+        .claim_outbox("w", t(DAY + 61), t(DAY + 999), 1)
+        .await
+        .expect("claim");
+    s.finish_outbox(
+        claimed[0].id,
+        "w",
+        &Finish::Dead { error: "x".into() },
+        t(DAY + 62),
+    )
+    .await
+    .expect("dead");
+    let depth = |status: &str| OutboxDepth {
+        list_id: "news".into(),
+        kind: "mail".into(),
+        status: status.into(),
+        count: 1,
+        oldest: t(DAY + 60),
+    };
+    assert_eq!(
+        s.outbox_depth().await.expect("depth"),
+        vec![depth("dead"), depth("pending")]
+    );
+
+    assert!(s.leases().await.expect("leases").is_empty());
+    assert!(
+        s.try_lease("job", "host/1", t(0), t(60))
+            .await
+            .expect("lease")
+    );
+    assert_eq!(
+        s.leases().await.expect("leases"),
+        vec![Lease {
+            name: "job".into(),
+            holder: "host/1".into(),
+            until: t(60),
+        }]
+    );
+
+    assert_eq!(
+        s.list_consents("news").await.expect("consents"),
+        vec![
+            ("a@example.org".to_owned(), S::Confirmed),
+            ("b@example.org".to_owned(), S::Pending),
+        ]
+    );
+    s.erase_contact(&b, "hash-of-b", t(DAY * 2))
+        .await
+        .expect("erase");
+    assert_eq!(
+        s.list_consents("news").await.expect("consents"),
+        vec![("a@example.org".to_owned(), S::Confirmed)],
+        "an erased contact has no address to compare"
+    );
+}
+
+/// The gauge and drift reads: the ledger head, and the addresses pending removals will take
+/// off a list (the row's own address first, as an erased contact's removal carries it).
+async fn check_ledger_head_and_pending_removals(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    assert_eq!(s.ledger_head().await.expect("empty head"), 0);
+    assert!(
+        s.pending_removal_addresses("news")
+            .await
+            .expect("none")
+            .is_empty()
+    );
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    let row = |work: OutboxWork, key: &str, contact: &str| NewOutbox {
+        work,
+        priority: PRIORITY_LEGAL,
+        idempotency_key: key.into(),
+        contact_id: contact.into(),
+        list_id: "news".into(),
+    };
+    let mut ca = simple_commit(&a, "news", None, S::None, S::Withdrawn, t(1));
+    ca.outbox
+        .push(row(OutboxWork::CampaignsRemove { email: None }, "rm-a", &a));
+    s.commit(&ca).await.expect("a");
+    let mut cb = simple_commit(&b, "news", None, S::None, S::Withdrawn, t(2));
+    cb.outbox.push(row(
+        OutboxWork::CampaignsRemove {
+            email: Some("old.b@example.org".into()),
+        },
+        "rm-b",
+        &b,
+    ));
+    cb.outbox
+        .push(row(OutboxWork::CampaignsSubscribe {}, "sub-b", &b));
+    let last = s.commit(&cb).await.expect("b");
+    assert_eq!(s.ledger_head().await.expect("head"), last.seq);
+    let mut addresses = s.pending_removal_addresses("news").await.expect("pending");
+    addresses.sort();
+    assert_eq!(addresses, ["a@example.org", "old.b@example.org"]);
+    assert!(
+        s.pending_removal_addresses("other")
+            .await
+            .expect("other")
+            .is_empty()
+    );
+    // A removal carried out is no longer pending.
+    for item in s.claim_outbox("w", t(3), t(100), 10).await.expect("claim") {
+        if item.idempotency_key == "rm-a" {
+            let done = Finish::Done {
+                event: None,
+                note: None,
+            };
+            s.finish_outbox(item.id, "w", &done, t(4))
+                .await
+                .expect("done");
+        }
+    }
+    assert_eq!(
+        s.pending_removal_addresses("news").await.expect("pending"),
+        ["old.b@example.org"]
+    );
+}
+
 async fn check_dead_letters_retry_and_drop(db: TestDb) {
     use ConsentState as S;
     let s = &*db.store;
     let a = new_contact(s, "a@example.org").await;
     let mut c = simple_commit(&a, "news", None, S::None, S::Asserted, t(1));
-    for key in ["k1", "k2"] {
-        c.outbox.push(NewOutbox {
-            work: mail_work(""),
-            priority: PRIORITY_NORMAL,
-            idempotency_key: key.into(),
-            contact_id: a.clone(),
-            list_id: "news".into(),
-        });
-    }
+    push_mails(&mut c, &["k1", "k2"]);
     s.commit(&c).await.expect("commit");
     let claimed = s.claim_outbox("w", t(2), t(100), 10).await.expect("claim");
     assert_eq!(claimed.len(), 2);

@@ -99,6 +99,9 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     // SQLite: one daemon per database file, refused before anything is touched.
     let instance = crate::instance_lock::acquire(&load_config(path)?.config.store.url)?;
     let signals = Signals::install();
+    // Before boot: the engine registers series (circuits at zero) as it is built.
+    optinsync_web::metrics::install();
+    optinsync_web::metrics::build_info(env!("CARGO_PKG_VERSION"), env!("OPTINSYNC_COMMIT"));
     let engine = boot(path).await?;
     if let Some(lock) = &instance {
         tracing::info!(lock_file = %lock.path.display(), "SQLite: this instance holds the database's instance lock");
@@ -118,7 +121,6 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
         );
     }
 
-    optinsync_web::metrics::install();
     let pass_now = Arc::new(tokio::sync::Notify::new());
     // Kept alive for the whole run.
     let _watcher = watch_rules(&engine, &pass_now);
@@ -138,7 +140,17 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
     let worker = format!("{instance}{}", worker_id());
     take_back_claims(&engine, &instance, &worker).await;
     let delivery = spawn_delivery(&engine, &worker, &stop);
+    let gauges = crate::gauges::spawn(&engine, &worker, stop.rx.clone());
     run_jobs(&engine, &worker, &stop, &pass_now).await;
+
+    // The gauges only read (and renew a lease row in one statement): cut short rather than
+    // let a slow member listing of the campaigns tool hold the shutdown.
+    gauges.abort();
+    if let Err(e) = gauges.await
+        && !e.is_cancelled()
+    {
+        tracing::error!(error = %e, "metrics task failed");
+    }
 
     if let Err(e) = delivery.await {
         tracing::error!(error = %e, "outbox delivery task failed");
@@ -280,7 +292,10 @@ fn spawn_delivery(engine: &Arc<Engine>, worker: &str, stop: &Stop) -> tokio::tas
         // Steps are never cancelled half-way: shutdown waits for the running delivery, so it
         // is either finished or not started.
         while !flag.load(Ordering::SeqCst) {
-            match engine.deliver_due(&worker, 20).await {
+            match engine
+                .deliver_due(&worker, engine.delivery_claim_size())
+                .await
+            {
                 Ok(s) if s.done + s.retried + s.dead > 0 => {
                     if let Err(e) = engine.save_connector_state().await {
                         tracing::warn!(error = %e, "connector state not saved");

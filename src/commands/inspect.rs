@@ -5,8 +5,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 use optinsync_engine::email;
-use optinsync_engine::ledger::ChainVerifier;
-use optinsync_engine::store::Store;
+use optinsync_engine::operator;
 
 use super::{boot, find_contact, load_config, open_store, since_text, worker_id};
 use crate::Failure;
@@ -21,9 +20,25 @@ pub async fn migrate(path: &Path) -> Result<(), Failure> {
 pub async fn ledger_verify(path: &Path) -> Result<(), Failure> {
     let config = load_config(path)?;
     let store = open_store(&config).await?;
-    match verify_whole_ledger(store.as_ref()).await? {
-        (0, _, _) => println!("ledger verified: empty"),
-        (n, seq, hash) => println!("ledger verified: {n} events, head seq {seq} hash {hash}"),
+    let v = operator::verify_ledger(store.as_ref(), chrono::Utc::now())
+        .await
+        .context("reading the ledger")?;
+    // Kept for the operator console's "last verification"; failing to keep it changes nothing
+    // about the result.
+    if let Err(e) = operator::record_verification(store.as_ref(), &v).await {
+        eprintln!("note: the result could not be recorded for the console: {e}");
+    }
+    if let Some(e) = v.error {
+        return Err(Failure::Runtime(anyhow::anyhow!(
+            "ledger verification FAILED: {e}"
+        )));
+    }
+    match v.events_checked {
+        0 => println!("ledger verified: empty"),
+        n => println!(
+            "ledger verified: {n} events, head seq {} hash {}",
+            v.head_seq, v.head_hash
+        ),
     }
     Ok(())
 }
@@ -72,40 +87,10 @@ pub async fn contact_show(path: &Path, raw_email: &str, json: bool) -> Result<()
         println!("  {list:<16} {:<12} {}", c.state.as_str(), since_text(c));
     }
     println!("history:");
-    for e in &events {
-        println!(
-            "  #{:<5} {}  {:<12} {} -> {}  {} (by {})",
-            e.seq, e.at, e.list_id, e.from_state, e.to_state, e.kind, e.source
-        );
-        let ev = e.evidence();
-        let fields = [
-            ("reason", ev.reason),
-            (
-                "rule",
-                ev.rule_file.map(|f| {
-                    format!(
-                        "{f} sha256:{}",
-                        ev.rule_hash
-                            .as_deref()
-                            .map(|h| &h[..h.len().min(16)])
-                            .unwrap_or("?")
-                    )
-                }),
-            ),
-            ("crm record", ev.crm_record),
-            ("token", ev.token_id),
-            ("message-id", ev.message_id),
-            ("content sha256", ev.content_hash),
-            ("mail content sha256", ev.mail_content_hash),
-            ("method", ev.method),
-            ("ip", ev.ip),
-            ("user agent", ev.user_agent),
-            ("detail", ev.detail),
-        ];
-        for (name, value) in fields {
-            if let Some(v) = value {
-                println!("           {name}: {v}");
-            }
+    for entry in optinsync_web::admin::timeline(&events) {
+        println!("  {}", entry.line);
+        for (name, value) in entry.fields {
+            println!("           {name}: {value}");
         }
     }
     Ok(())
@@ -180,30 +165,6 @@ pub async fn status(path: &Path, json: bool) -> Result<(), Failure> {
         outbox.pending, outbox.done, outbox.dead
     );
     Ok(())
-}
-
-/// Verify the whole chain; `(events, head seq, head hash)`.
-async fn verify_whole_ledger(store: &dyn Store) -> Result<(u64, i64, String), Failure> {
-    let mut verifier = ChainVerifier::default();
-    let (mut after, mut head) = (0, (0, optinsync_engine::ledger::GENESIS_HASH.to_owned()));
-    loop {
-        let page = store
-            .ledger_page(after, 1000)
-            .await
-            .context("reading the ledger")?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        for ev in &page {
-            verifier.check(ev).map_err(|e| {
-                Failure::Runtime(anyhow::anyhow!("ledger verification FAILED: {e}"))
-            })?;
-        }
-        head = (last.seq, last.hash.clone());
-    }
-    let checked = verifier
-        .finish()
-        .map_err(|e| Failure::Runtime(anyhow::anyhow!("ledger verification FAILED: {e}")))?;
-    Ok((checked, head.0, head.1))
 }
 
 pub async fn erase(path: &Path, raw_email: &str) -> Result<(), Failure> {

@@ -81,6 +81,7 @@ pub async fn outbox_retry(path: &Path, ids: &[i64], all: bool) -> Result<(), Fai
 }
 
 pub async fn outbox_drop(path: &Path, ids: &[i64], force: bool) -> Result<(), Failure> {
+    use optinsync_engine::operator::{DropOutcome, drop_dead_letter};
     if ids.is_empty() {
         return Err(Failure::Config(anyhow::anyhow!(
             "name the outbox ids to drop"
@@ -88,30 +89,18 @@ pub async fn outbox_drop(path: &Path, ids: &[i64], force: bool) -> Result<(), Fa
     }
     let config = load_config(path)?;
     let store = open_store(&config).await?;
-    let dead: std::collections::BTreeMap<i64, String> = store
-        .outbox_dead()
-        .await
-        .context("reading dead letters")?
-        .into_iter()
-        .map(|d| (d.id, d.kind().to_owned()))
-        .collect();
     let mut refused = Vec::new();
     let mut missing = Vec::new();
     let mut dropped = 0;
     for id in ids {
-        match dead.get(id).map(String::as_str) {
-            None => missing.push(*id),
-            // Dropping a removal leaves a withdrawn address on the marketing list.
-            Some("campaigns_remove") if !force => refused.push(*id),
-            Some(_) => {
-                if store
-                    .drop_dead(*id, chrono::Utc::now())
-                    .await
-                    .context("dropping")?
-                {
-                    dropped += 1;
-                }
-            }
+        // Dropping a removal leaves a withdrawn address on the marketing list: only forced.
+        match drop_dead_letter(store.as_ref(), *id, force, chrono::Utc::now())
+            .await
+            .context("dropping")?
+        {
+            DropOutcome::Dropped => dropped += 1,
+            DropOutcome::RemovalNeedsForce => refused.push(*id),
+            DropOutcome::NotDead => missing.push(*id),
         }
     }
     println!("{dropped} dead letter(s) dropped");

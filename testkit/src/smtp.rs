@@ -48,6 +48,15 @@ struct State {
     epoch: u64,
     /// Store this many more messages but close the connection instead of answering `250`.
     drop_after_data: usize,
+    /// Wait this long after storing a message before answering `250`: a slow relay, and a
+    /// wider window in which the sender has handed a mail over but not heard back.
+    accept_delay: std::time::Duration,
+    /// Answer every `RCPT` with this "try later" code (`421` also closes the session).
+    throttle: Option<u16>,
+    throttled: u64,
+    /// Messages stored and not yet answered, now and at most.
+    unanswered: usize,
+    peak_unanswered: usize,
 }
 
 /// A running SMTP sink; it stops when dropped (its thread ends with the process).
@@ -135,6 +144,40 @@ impl SmtpSink {
     pub fn random_faults(&self, seed: u64, rate: f64) {
         use rand::SeedableRng as _;
         self.lock().random = Some((rand::rngs::StdRng::seed_from_u64(seed), rate));
+    }
+
+    /// Wait `delay` after storing each message before answering `250`.
+    pub fn set_accept_delay(&self, delay: std::time::Duration) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .accept_delay = delay;
+    }
+
+    /// Answer every `RCPT` with `code` (421, 450, 451, 452 or 454: "try later"), or normally
+    /// again with `None`. Counted in [`Self::throttled`].
+    pub fn set_throttle(&self, code: Option<u16>) {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .throttle = code;
+    }
+
+    /// The most messages stored but not yet answered at one moment: how many senders were
+    /// waiting for the `250` side by side (see [`Self::set_accept_delay`]).
+    pub fn peak_unanswered(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .peak_unanswered
+    }
+
+    /// `RCPT` commands answered with the throttle code.
+    pub fn throttled(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .throttled
     }
 
     /// Faults injected so far: (451 answers, dropped connections, 421 greetings while down).
@@ -272,9 +315,25 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
             "250 2.1.0 OK".into()
         } else if upper.starts_with("RCPT TO:") {
             let to = angle_arg(&cmd);
-            let roll = {
+            let throttle = {
                 let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                 st.rcpt_attempts.push(to.clone());
+                if st.throttle.is_some() {
+                    st.throttled += 1;
+                }
+                st.throttle
+            };
+            if let Some(code) = throttle {
+                write
+                    .write_all(format!("{code} 4.7.0 too busy, try again later\r\n").as_bytes())
+                    .await?;
+                if code == 421 {
+                    return Ok(());
+                }
+                continue;
+            }
+            let roll = {
+                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                 let roll = st.random.as_mut().and_then(|(rng, rate)| {
                     use rand::Rng as _;
                     rng.gen_bool(rate.clamp(0.0, 1.0))
@@ -335,7 +394,7 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
                     data.push_str(l);
                     data.push_str("\r\n");
                 }
-                let drop_now = {
+                let (drop_now, delay) = {
                     let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
                     st.messages.push(Received {
                         mail_from: from.clone(),
@@ -344,8 +403,14 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>) -> std::io::Result
                     });
                     let drop_now = st.drop_after_data > 0;
                     st.drop_after_data = st.drop_after_data.saturating_sub(1);
-                    drop_now
+                    st.unanswered += 1;
+                    st.peak_unanswered = st.peak_unanswered.max(st.unanswered);
+                    (drop_now, st.accept_delay)
                 };
+                if !drop_now && !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                state.lock().unwrap_or_else(|p| p.into_inner()).unanswered -= 1;
                 if drop_now {
                     return Ok(());
                 }

@@ -914,6 +914,49 @@ async fn api(
     }
 }
 
+/// Shortest time (seconds, unscaled) in which `n` instant calls fit the sliding windows
+/// `(calls, seconds)`: the best any client could do under those limits, the yardstick of the
+/// pacing measurements.
+pub fn best_schedule_seconds(n: u64, windows: &[(u32, u64)]) -> f64 {
+    let mut sent: std::collections::VecDeque<(f64, u64)> = std::collections::VecDeque::new();
+    let (mut t, mut left) = (0.0f64, n);
+    loop {
+        let room = windows
+            .iter()
+            .map(|(limit, len)| {
+                let used: u64 = sent
+                    .iter()
+                    .filter(|(at, _)| t - at < *len as f64)
+                    .map(|(_, k)| k)
+                    .sum();
+                u64::from(*limit).saturating_sub(used)
+            })
+            .min()
+            .unwrap_or(left);
+        let k = room.min(left);
+        if k > 0 {
+            sent.push_back((t, k));
+            left -= k;
+        }
+        if left == 0 {
+            return t;
+        }
+        // Next moment a full window frees a slot.
+        t = windows
+            .iter()
+            .filter_map(|(limit, len)| {
+                let inside: Vec<_> = sent.iter().filter(|(at, _)| t - at < *len as f64).collect();
+                let used: u64 = inside.iter().map(|(_, k)| k).sum();
+                (used >= u64::from(*limit)).then(|| inside[0].0 + *len as f64)
+            })
+            .fold(t, f64::max);
+        let longest = windows.iter().map(|(_, l)| *l).max().unwrap_or(0) as f64;
+        while sent.front().is_some_and(|(at, _)| t - at >= longest) {
+            sent.pop_front();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -928,5 +971,15 @@ mod tests {
         let m = parse_contact_info(r#"{"Contact Email":"a@b.org"}"#).unwrap();
         assert_eq!(m["Contact Email"], "a@b.org");
         assert_eq!(decode("%7BFirst+Name%3Amac%7D"), "{First Name:mac}");
+    }
+
+    #[test]
+    fn the_best_schedule_fills_each_window_and_waits_for_the_next() {
+        // 2,000 calls fit the first minute; one more waits a whole minute.
+        assert_eq!(super::best_schedule_seconds(2_000, &[(2_000, 60)]), 0.0);
+        assert_eq!(super::best_schedule_seconds(2_001, &[(2_000, 60)]), 60.0);
+        // The tighter of two windows rules: 500/min but 12,500/h.
+        let t = super::best_schedule_seconds(13_000, &[(500, 60), (12_500, 3_600)]);
+        assert_eq!(t, 3_600.0);
     }
 }

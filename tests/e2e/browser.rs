@@ -28,6 +28,9 @@ pub struct Cdp {
     ws: Ws,
     next_id: u64,
     session: Option<String>,
+    /// Events the browser sent while a call waited for its answer (after `Runtime.enable` /
+    /// `Log.enable`: console messages, exceptions, log entries).
+    pub events: Vec<serde_json::Value>,
 }
 
 impl Cdp {
@@ -56,6 +59,9 @@ impl Cdp {
                     assert!(v.get("error").is_none(), "{method}: {v}");
                     return v["result"].clone();
                 }
+                if v.get("method").is_some() {
+                    self.events.push(v);
+                }
             }
         }
     }
@@ -82,6 +88,21 @@ impl Cdp {
         base64::engine::general_purpose::STANDARD
             .decode(r["data"].as_str().expect("screenshot data"))
             .expect("screenshot is base64")
+    }
+
+    /// Errors the page reported since the last call: console errors, uncaught exceptions, and
+    /// log entries at level error (failed loads, CSP violations). Clears them.
+    pub fn take_errors(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.events)
+            .into_iter()
+            .filter(|e| match e["method"].as_str() {
+                Some("Runtime.exceptionThrown") => true,
+                Some("Runtime.consoleAPICalled") => e["params"]["type"] == "error",
+                Some("Log.entryAdded") => e["params"]["entry"]["level"] == "error",
+                _ => false,
+            })
+            .map(|e| e.to_string())
+            .collect()
     }
 
     pub async fn wait_for(&mut self, expression: &str, what: &str) {
@@ -136,6 +157,7 @@ pub async fn start_chromium(url: &str) -> (Chromium, Cdp) {
         ws,
         next_id: 0,
         session: None,
+        events: Vec::new(),
     };
     let target = cdp
         .call("Target.createTarget", serde_json::json!({ "url": url }))

@@ -470,3 +470,162 @@ async fn a_dead_smtp_server_opens_the_mail_circuit_and_everything_goes_out_once_
     );
     assert_eq!(daemon.terminate(), Some(0));
 }
+
+/// The paced rate from a scrape (`optinsync_smtp_paced_rate`; 0 = not pacing).
+fn paced_rate(metrics: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("optinsync_smtp_paced_rate "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_that_says_try_later_slows_delivery_and_every_mail_still_goes_out_once() {
+    let crm = FakeZoho::start();
+    let campaigns = FakeCampaigns::start();
+    campaigns.add_list(KEY, "Master programmes newsletter", false);
+    let sink = SmtpSink::start();
+    let demo = fault_demo(&crm, &campaigns, &sink);
+    // No ceiling: only the relay's answers pace the transport.
+    let cfg = std::fs::read_to_string(demo.config())
+        .unwrap()
+        .replace("rate_per_minute = 6000\n", "pool_size = 4\n");
+    std::fs::write(demo.config(), cfg).unwrap();
+    // The relay is busy from the start: every RCPT gets 451 (later 421).
+    sink.set_throttle(Some(451));
+    let daemon = demo.spawn_daemon();
+    let extra: Vec<String> = (100..160).map(email).collect();
+    seed_crm(&crm);
+    for e in &extra {
+        crm.insert("Contacts", json!({ "Email": e, "Newsletter": true }));
+    }
+    let wanted: Vec<String> = (0..20).map(email).chain(extra).collect();
+
+    // Watch the exported rate while the relay refuses, then while it accepts again.
+    let rates = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, f64)>::new()));
+    let watch = {
+        let rates = std::sync::Arc::clone(&rates);
+        let url = format!("http://127.0.0.1:{}/metrics", demo.port);
+        tokio::spawn(async move {
+            loop {
+                if let Ok(r) = http().get(&url).send().await
+                    && let Ok(text) = r.text().await
+                    && let Some(v) = paced_rate(&text)
+                {
+                    rates.lock().unwrap().push((Instant::now(), v));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    wait_until(30, "the relay to refuse some mails with 451", || {
+        sink.throttled() >= 5
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    sink.set_throttle(Some(421));
+    std::thread::sleep(Duration::from_secs(2));
+    let refused = sink.throttled();
+    assert_eq!(sink.count(), 0, "nothing accepted while the relay refused");
+    let lifted = Instant::now();
+    sink.set_throttle(None);
+    wait_until(
+        90,
+        "every DOI mail delivered after the relay took mail again",
+        || wanted.iter().all(|e| !sink.messages_to(e).is_empty()),
+    );
+    let took = lifted.elapsed();
+    // Let the last finishes commit and the rate climb a little further.
+    std::thread::sleep(Duration::from_secs(1));
+    watch.abort();
+
+    for e in &wanted {
+        assert_eq!(sink.messages_to(e).len(), 1, "one mail to {e}");
+    }
+    assert_eq!(sink.count(), wanted.len(), "no other mail");
+    let store = optinsync_engine::store::open(&demo.sqlite_url())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.outbox_counts().await.unwrap().dead,
+        0,
+        "no dead letter"
+    );
+    for e in wanted.iter().take(3) {
+        let kinds = demo.event_kinds(e);
+        assert!(
+            kinds.iter().all(|k| !k.contains("bounce")),
+            "a temporary answer is no bounce: {kinds:?}"
+        );
+        assert!(kinds.iter().any(|k| k == "doi_mail_sent"), "{kinds:?}");
+    }
+    let samples = rates.lock().unwrap().clone();
+    let during: Vec<f64> = samples
+        .iter()
+        .filter(|(at, _)| *at < lifted)
+        .map(|(_, v)| *v)
+        .filter(|v| *v > 0.0)
+        .collect();
+    let lowest = during.iter().copied().fold(f64::INFINITY, f64::min);
+    let highest = during.iter().copied().fold(0.0, f64::max);
+    let last = samples.last().map(|(_, v)| *v).unwrap_or_default();
+    println!(
+        "throttle: {refused} RCPTs refused (451, then 421); paced rate fell from {highest:.2} to {lowest:.2} mails/s; \
+         {} mails delivered {:.1} s after the relay recovered; rate at the end {last:.1} mails/s (0 = no longer pacing)",
+        wanted.len(),
+        took.as_secs_f64()
+    );
+    // Pacing starts at the speed the relay first pushed back at and halves on later "try
+    // later" answers (once per round of mails in flight); then the circuit stops calling.
+    assert!(
+        !during.is_empty() && lowest * 2.0 <= highest,
+        "the paced rate fell (halved at least once) while the relay refused: {samples:?}"
+    );
+    assert!(
+        last == 0.0 || last >= lowest * 4.0,
+        "the rate recovered once the relay accepted again (last {last}, lowest {lowest})"
+    );
+    assert!(
+        wanted.len() as f64 / took.as_secs_f64() > lowest,
+        "delivery after the recovery ran faster than the floor"
+    );
+    assert_eq!(daemon.terminate(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mails_go_out_side_by_side_over_the_smtp_pool() {
+    let crm = FakeZoho::start();
+    let campaigns = FakeCampaigns::start();
+    campaigns.add_list(KEY, "Master programmes newsletter", false);
+    let sink = SmtpSink::start();
+    // A relay that takes 300 ms to answer each message: one connection would need 6 s for
+    // the 20 mails; four side by side about 1.5 s.
+    sink.set_accept_delay(Duration::from_millis(300));
+    let demo = fault_demo(&crm, &campaigns, &sink);
+    let cfg = std::fs::read_to_string(demo.config())
+        .unwrap()
+        .replace("rate_per_minute = 6000\n", "pool_size = 4\n");
+    std::fs::write(demo.config(), cfg).unwrap();
+    let daemon = demo.spawn_daemon();
+    seed_crm(&crm);
+    wait_until(60, "every DOI mail delivered", || {
+        (0..20).all(|i| !sink.messages_to(&email(i)).is_empty())
+    });
+    let peak = sink.peak_unanswered();
+    println!("pool: at most {peak} mails waiting for the relay's answer at once (pool_size 4)");
+    assert!(peak >= 2, "mails went out one at a time (peak {peak})");
+    assert!(peak <= 4, "more mails in flight than pool_size: {peak}");
+    assert!(
+        sink.sessions() <= 4 + 1,
+        "at most pool_size connections (+1 health check): {}",
+        sink.sessions()
+    );
+    for i in 0..20 {
+        assert_eq!(
+            sink.messages_to(&email(i)).len(),
+            1,
+            "one mail to {}",
+            email(i)
+        );
+    }
+    assert_eq!(daemon.terminate(), Some(0));
+}

@@ -8,6 +8,7 @@
 mod browser;
 mod cli;
 mod conformance;
+mod console;
 mod crash;
 mod data_subject;
 mod demo;
@@ -20,6 +21,7 @@ mod lifecycle;
 mod log_scan;
 mod mail;
 mod mailchimp;
+mod monitoring;
 mod multi_instance;
 mod outbox;
 mod pairings;

@@ -18,13 +18,7 @@ async fn a_campaigns_webhook_withdraws_and_a_forged_one_changes_nothing() {
     demo.run_ok(&["sync", "--once"]);
     let daemon = demo.spawn_daemon();
     let client = http();
-    let link = demo.confirm_link(ANA);
-    assert_eq!(
-        click_confirm(&client, &link, "e2e-browser/1.0")
-            .await
-            .status(),
-        200
-    );
+    confirm_mailed(&demo, &client, ANA).await;
     wait_until(10, "Ana on the list", || {
         demo.list_members().contains(&ANA.to_owned())
     });

@@ -443,15 +443,15 @@ newsletter = "Newsletter"
     )
 }
 
-/// An RFC 8058 one-click unsubscribe POST to `link`.
-pub async fn one_click(client: &reqwest::Client, link: &str) -> reqwest::Response {
-    client
-        .post(link)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("List-Unsubscribe=One-Click")
-        .send()
+/// Confirm the signup mailed to `email` as a browser does (page, then button); the answer
+/// must be 200. Returns the link.
+pub async fn confirm_mailed(demo: &Demo, client: &reqwest::Client, email: &str) -> String {
+    let link = demo.confirm_link(email);
+    let status = click_confirm(client, &link, "e2e-browser/1.0")
         .await
-        .unwrap()
+        .status();
+    assert_eq!(status, 200, "confirming {email}");
+    link
 }
 
 /// Open the confirmation page as a browser does and press its button: a POST carrying the
@@ -475,6 +475,17 @@ pub async fn click_confirm(
         .header("user-agent", user_agent)
         .header("content-type", "application/x-www-form-urlencoded")
         .body(form_body(&page))
+        .send()
+        .await
+        .unwrap()
+}
+
+/// An RFC 8058 one-click unsubscribe `POST` to `link`, as mailbox providers send it.
+pub async fn one_click(client: &reqwest::Client, link: &str) -> reqwest::Response {
+    client
+        .post(link)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("List-Unsubscribe=One-Click")
         .send()
         .await
         .unwrap()

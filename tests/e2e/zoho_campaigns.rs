@@ -359,6 +359,16 @@ async fn zoho_2101_removals_do_not_block_confirmations() {
             .any(|l| l.starts_with("optinsync_circuit_open{connector=\"campaigns\"} 0")),
         "{metrics}"
     );
+    // Quota use of this process's own budget (SQLite: no shared ledger), a share in (0, 1].
+    let used: Vec<f64> = metrics
+        .lines()
+        .filter(|l| l.starts_with("optinsync_vendor_quota_used_ratio{connector=\"zoho_campaigns\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        !used.is_empty() && used.iter().all(|u| *u > 0.0 && *u <= 1.0),
+        "{used:?}\n{metrics}"
+    );
     let daemon_log = std::fs::read_to_string(demo.path("daemon.log")).unwrap();
     for (name, log) in [("sync --once", &sync_log), ("daemon", &daemon_log)] {
         assert_eq!(

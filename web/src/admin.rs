@@ -34,7 +34,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::links::{rate_key, request_client};
+use crate::links::{rate_key, request_client, trusted_proxies};
 use optinsync_engine::config::LoadedConfig;
 use optinsync_engine::consent::Consent;
 use optinsync_engine::email;
@@ -52,13 +52,7 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
     };
     let guard = Arc::new(AdminGuard {
         expected: Sha256::digest(token.as_bytes()).into(),
-        trusted: engine
-            .settings()
-            .server
-            .trusted_proxies
-            .iter()
-            .map(|ip| ip.to_canonical())
-            .collect(),
+        trusted: trusted_proxies(&engine.settings().server),
         failures: FailureWindow::new(Duration::from_secs(60), FAILURES_PER_MINUTE),
         warn: SampledWarn::new(Duration::from_secs(60)),
     });
@@ -347,6 +341,58 @@ pub fn contact_json(
             v
         }).collect::<Vec<_>>(),
     })
+}
+
+/// One line of a contact's history as `contact show` prints it (and the console shows it):
+/// the event, then its evidence fields.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TimelineEntry {
+    pub seq: i64,
+    pub line: String,
+    pub fields: Vec<(&'static str, String)>,
+}
+
+/// A contact's history, oldest first, in `contact show`'s words.
+pub fn timeline(events: &[LedgerEvent]) -> Vec<TimelineEntry> {
+    events
+        .iter()
+        .map(|e| {
+            let ev = e.evidence();
+            let rule = ev.rule_file.map(|f| {
+                format!(
+                    "{f} sha256:{}",
+                    ev.rule_hash
+                        .as_deref()
+                        .map(|h| &h[..h.len().min(16)])
+                        .unwrap_or("?")
+                )
+            });
+            let fields = [
+                ("reason", ev.reason),
+                ("rule", rule),
+                ("crm record", ev.crm_record),
+                ("token", ev.token_id),
+                ("message-id", ev.message_id),
+                ("content sha256", ev.content_hash),
+                ("mail content sha256", ev.mail_content_hash),
+                ("method", ev.method),
+                ("ip", ev.ip),
+                ("user agent", ev.user_agent),
+                ("detail", ev.detail),
+            ];
+            TimelineEntry {
+                seq: e.seq,
+                line: format!(
+                    "#{:<5} {}  {:<12} {} -> {}  {} (by {})",
+                    e.seq, e.at, e.list_id, e.from_state, e.to_state, e.kind, e.source
+                ),
+                fields: fields
+                    .into_iter()
+                    .filter_map(|(name, v)| v.map(|v| (name, v)))
+                    .collect(),
+            }
+        })
+        .collect()
 }
 
 /// When each list's open signups settle: pending ones at the end of their list's pending

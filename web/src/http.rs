@@ -34,6 +34,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .merge(crate::links::routes(&engine))
         .merge(crate::webhooks::routes(&engine))
         .merge(crate::admin::routes(&engine))
+        .merge(crate::console::routes(&engine))
+        // Applied to each route (so it sees the matched template) and to the fallback.
+        .layer(axum::middleware::from_fn(crate::metrics::track))
         .with_state(engine)
         // A body that trickles in slower than this is cut off (the head has its own timeout).
         .layer(RequestBodyTimeoutLayer::new(body_timeout));

@@ -7,8 +7,10 @@
 //! - [`links`]: confirm and unsubscribe links (the scanner-proof two-step confirm).
 //! - [`webhooks`]: connector webhooks.
 //! - [`admin`]: the admin JSON API and the views `status`/`contact show` share with it.
+//! - [`console`]: the operator console (`/console`, server-rendered pages behind a login).
 //! - [`metrics`]: the Prometheus recorder and `/metrics`.
 pub mod admin;
+pub mod console;
 pub mod http;
 pub mod links;
 pub mod metrics;

@@ -48,11 +48,7 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
         NonZeroU32::new(server.webhook_rate_limit_per_minute.max(1)).unwrap_or(NonZeroU32::MIN);
     let limit = Arc::new(WebhookLimit {
         limiter: RateLimiter::keyed(Quota::per_minute(per_minute)),
-        trusted: server
-            .trusted_proxies
-            .iter()
-            .map(|ip| ip.to_canonical())
-            .collect(),
+        trusted: crate::links::trusted_proxies(server).into(),
     });
     let trusted = Arc::clone(&limit.trusted);
     Router::new()
@@ -104,9 +100,36 @@ fn webhook_connector(engine: &Engine, name: &str) -> Option<(ConnectorRole, Arc<
     connector.accepts_webhooks().then_some((role, connector))
 }
 
+/// Every webhook call, counted by connector role and by what became of it (`refused`: the
+/// connector rejected the call, e.g. a bad signature).
 async fn webhook(
-    State(engine): State<Arc<Engine>>,
+    state: State<Arc<Engine>>,
     Path(connector): Path<String>,
+    proxies: Extension<TrustedProxies>,
+    req: Request,
+) -> Response {
+    // Bounded labels: a role name or `unknown`, never the path as sent.
+    let label = match connector.as_str() {
+        "crm" => "crm",
+        "campaigns" => "campaigns",
+        "mail" => "mail",
+        _ => "unknown",
+    };
+    let resp = handle_webhook(state, connector, proxies, req).await;
+    let result = match resp.status() {
+        s if s.is_success() => "handled",
+        StatusCode::NOT_FOUND => "unknown_connector",
+        s if s.is_client_error() => "refused",
+        _ => "failed",
+    };
+    metrics::counter!("optinsync_webhook_calls_total", "connector" => label, "result" => result)
+        .increment(1);
+    resp
+}
+
+async fn handle_webhook(
+    State(engine): State<Arc<Engine>>,
+    connector: String,
     Extension(TrustedProxies(trusted)): Extension<TrustedProxies>,
     req: Request,
 ) -> Response {

@@ -6,9 +6,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use super::{
-    AdminConfig, Config, ConfigError, ConnectorsConfig, DEMO_TOKEN_SECRET, ListConfig, RulesConfig,
-    SenderConfig, ServerConfig, SignupConfig, StoreConfig, TemplatesConfig, TokenConfig,
-    is_loopback_host, url_host,
+    AdminConfig, Config, ConfigError, ConnectorsConfig, ConsoleConfig, DEMO_TOKEN_SECRET,
+    ListConfig, RulesConfig, SenderConfig, ServerConfig, SignupConfig, StoreConfig,
+    TemplatesConfig, TokenConfig, is_loopback_host, url_host,
 };
 use crate::templates::Templates;
 
@@ -63,6 +63,40 @@ pub(super) fn admin(admin: &mut AdminConfig, at: &Place) -> Result<(), ConfigErr
         if token.len() < 32 {
             return Err(at.invalid("admin.token", "must be at least 32 characters"));
         }
+    }
+    Ok(())
+}
+
+/// `[console]`: someone must be able to log in: a password hash (Argon2, PHC string) or
+/// the admin token.
+pub(super) fn console(
+    console: &mut Option<ConsoleConfig>,
+    admin: &AdminConfig,
+    at: &Place,
+) -> Result<(), ConfigError> {
+    let Some(console) = console.as_mut() else {
+        return Ok(());
+    };
+    match console.password_hash.as_mut() {
+        Some(hash) => {
+            *hash = at.env(hash, "console.password_hash")?;
+            if !hash.starts_with("$argon2") {
+                return Err(at.invalid(
+                    "console.password_hash",
+                    "must be an Argon2 hash in PHC form ($argon2id$v=19$...)",
+                ));
+            }
+        }
+        None if admin.token.is_none() => {
+            return Err(at.invalid(
+                "console.password_hash",
+                "the console needs a password_hash or an [admin] token to log in with",
+            ));
+        }
+        None => {}
+    }
+    if console.session_ttl.0.as_secs() < 60 {
+        return Err(at.invalid("console.session_ttl", "must be at least a minute"));
     }
     Ok(())
 }

@@ -111,6 +111,15 @@ impl OutboxItem {
     }
 }
 
+/// One claimed outbox row's end, as [`Store::finish_outbox_batch`] records it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutboxFinish {
+    pub id: i64,
+    /// The worker that claimed the row; a row whose claim moved on is left alone.
+    pub worker: String,
+    pub finish: Finish,
+}
+
 /// How a claimed outbox row ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Finish {
@@ -211,6 +220,53 @@ pub struct OutboxCounts {
     pub dead: i64,
 }
 
+/// A count per list and UTC day (`YYYY-MM-DD`) of one kind (a ledger event kind, or a
+/// consent state): the operator console's charts and histograms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DayCount {
+    pub list_id: String,
+    pub day: String,
+    pub kind: String,
+    pub count: i64,
+}
+
+/// Distinct contacts per list that ever reached a consent state (the console's funnel).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StateReach {
+    pub list_id: String,
+    pub state: String,
+    pub contacts: i64,
+}
+
+/// Outbox rows per list, kind and status, with the oldest row's creation time.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OutboxDepth {
+    pub list_id: String,
+    pub kind: String,
+    pub status: String,
+    pub count: i64,
+    pub oldest: DateTime<Utc>,
+}
+
+/// A job lease ([`Store::try_lease`]) as stored: who holds it until when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lease {
+    pub name: String,
+    pub holder: String,
+    pub until: DateTime<Utc>,
+}
+
+/// One endpoint's shared quota as stored ([`Store::quota_take`]): calls counted now in each
+/// window it was taken under, and the vendor's lock-out end if one runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QuotaUse {
+    pub key: String,
+    /// `(window length in ms, calls counted in it now)`, shortest window first.
+    pub windows: Vec<(i64, u32)>,
+    /// Epoch ms; only while it lies ahead.
+    pub locked_until: Option<i64>,
+}
+
 #[async_trait]
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// Apply this backend's migrations.
@@ -298,6 +354,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         finish: &Finish,
         now: DateTime<Utc>,
     ) -> StoreResult<()>;
+    /// [`Store::finish_outbox`] for several rows in one transaction (one fsync).
+    async fn finish_outbox_batch(
+        &self,
+        rows: &[OutboxFinish],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        for r in rows {
+            self.finish_outbox(r.id, &r.worker, &r.finish, now).await?;
+        }
+        Ok(())
+    }
     /// Free the claims of pending rows held by workers whose id starts with `prefix`, except
     /// `current`: a restarted instance takes back what its crashed predecessor (same prefix)
     /// had claimed, instead of waiting for the lease; its named leases (see [`Store::try_lease`])
@@ -363,6 +430,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Store a snapshot; a second one with the same hash is ignored (content-addressed).
     async fn put_snapshot(&self, s: &Snapshot) -> StoreResult<()>;
+    /// [`Store::put_snapshot`] for several in one transaction (one fsync).
+    async fn put_snapshots(&self, snaps: &[Snapshot]) -> StoreResult<()> {
+        for s in snaps {
+            self.put_snapshot(s).await?;
+        }
+        Ok(())
+    }
     async fn snapshot(&self, hash: &str) -> StoreResult<Option<Snapshot>>;
 
     /// Remember an open/click; keeps the latest time.
@@ -380,6 +454,29 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Contacts per (list, state) with the oldest and newest `since`, for `optinsync status`.
     async fn consent_summary(&self) -> StoreResult<Vec<ConsentSummary>>;
+
+    /// Ledger events per list, UTC day and kind at or after `since` (console charts).
+    async fn events_per_day(&self, since: DateTime<Utc>) -> StoreResult<Vec<DayCount>>;
+    /// Distinct contacts per list that ever entered each state, from the ledger.
+    async fn states_reached(&self) -> StoreResult<Vec<StateReach>>;
+    /// Consents in `state` per list and UTC day of their `since` (the age histogram).
+    async fn consents_per_day(&self, state: &str) -> StoreResult<Vec<DayCount>>;
+    /// Unfinished (`pending`, `dead`) outbox rows per list, kind and status.
+    async fn outbox_depth(&self) -> StoreResult<Vec<OutboxDepth>>;
+    /// Every job lease, expired ones included.
+    async fn leases(&self) -> StoreResult<Vec<Lease>>;
+    /// `(address, state)` of every consent on `list_id` (erased contacts left out): the
+    /// ledger's side of a drift comparison with the campaigns list.
+    async fn list_consents(
+        &self,
+        list_id: &str,
+    ) -> StoreResult<Vec<(String, crate::consent::ConsentState)>>;
+    /// The newest ledger event's `seq` (0 for an empty ledger).
+    async fn ledger_head(&self) -> StoreResult<i64>;
+    /// The addresses pending removals from `list_id` will take off the campaigns list (the
+    /// row's own address where it carries one, as an erased contact's does; else the
+    /// contact's), as stored.
+    async fn pending_removal_addresses(&self, list_id: &str) -> StoreResult<Vec<String>>;
 
     /// Shared vendor quotas ([`crate::quota`]): count one call of `key` in every window if
     /// each has room and the key is not locked. One transaction, serialised per key, so
@@ -407,6 +504,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         windows: &[optinsync_plugin_api::QuotaWindow],
         now_ms: i64,
     ) -> StoreResult<(Vec<u32>, Option<i64>)>;
+    /// Every shared quota key with its use now ([`QuotaUse`]): the operator console.
+    async fn quota_overview(&self, now_ms: i64) -> StoreResult<Vec<QuotaUse>>;
     /// Shared connector sets ([`crate::quota`]): add a member (idempotent).
     async fn mark_add(&self, set: &str, member: &str) -> StoreResult<()>;
     async fn mark_remove(&self, set: &str, members: &[String]) -> StoreResult<()>;

@@ -123,6 +123,15 @@ macro_rules! shared_store_impl {
             })
         }
 
+        fn day_count_from(row: &Row) -> StoreResult<crate::store::DayCount> {
+            Ok(crate::store::DayCount {
+                list_id: row.try_get("list_id")?,
+                day: row.try_get("day")?,
+                kind: row.try_get("kind")?,
+                count: row.try_get("n")?,
+            })
+        }
+
         fn outbox_from(row: &Row) -> StoreResult<OutboxItem> {
             Ok(OutboxItem {
                 id: row.try_get("id")?,
@@ -271,6 +280,75 @@ macro_rules! shared_store_impl {
             let ev = e.seal(seq + 1, &prev);
             insert_events(tx, &[&ev]).await?;
             Ok(ev)
+        }
+
+        /// Record how one claimed outbox row ended, inside `tx`; `locked`: whether `tx` already
+        /// holds the ledger's append lock (taken before the first event).
+        async fn finish_row(
+            tx: &mut Tx<'_>,
+            id: i64,
+            worker: &str,
+            finish: &Finish,
+            now: DateTime<Utc>,
+            locked: &mut bool,
+        ) -> StoreResult<()> {
+            if let Finish::Postpone { at } = finish {
+                sqlx::query(
+                    "UPDATE outbox SET next_attempt_at = $1, attempts = attempts - 1, claimed_by = NULL, \
+                     claimed_until = NULL WHERE id = $2 AND claimed_by = $3 AND status = 'pending'",
+                )
+                .bind(format_time(*at))
+                .bind(id)
+                .bind(worker)
+                .execute(&mut **tx)
+                .await?;
+                return Ok(());
+            }
+            let ts = format_time(now);
+            let (status, next, error, note) = match finish {
+                Finish::Done { note, .. } => ("done", ts.clone(), None, note.clone()),
+                Finish::Retry { at, error } => ("pending", format_time(*at), Some(error.clone()), None),
+                Finish::Dead { error } => ("dead", ts.clone(), Some(error.clone()), None),
+                // Handled above; kept for exhaustiveness.
+                Finish::Postpone { at } => ("pending", format_time(*at), None, None),
+            };
+            let done_at = (status != "pending").then(|| ts.clone());
+            let updated = sqlx::query(
+                // A finished row of an erased contact keeps no address (the removal it
+                // carried is done), and no vendor error text, which may quote it.
+                "UPDATE outbox SET status = $1, next_attempt_at = $2, note = $4, done_at = $5, \
+                 last_error = CASE WHEN $3 IS NOT NULL AND EXISTS (SELECT 1 FROM contacts c \
+                 WHERE c.id = outbox.contact_id AND c.erased) THEN 'error text withheld: the contact is erased' \
+                 ELSE $3 END, \
+                 claimed_by = NULL, claimed_until = NULL, \
+                 payload = CASE WHEN $1 <> 'pending' AND EXISTS (SELECT 1 FROM contacts c WHERE c.id = outbox.contact_id \
+                 AND c.erased) THEN '{}' ELSE payload END \
+                 WHERE id = $6 AND claimed_by = $7 AND status = 'pending'",
+            )
+            .bind(status)
+            .bind(next)
+            .bind(error)
+            .bind(note)
+            .bind(done_at)
+            .bind(id)
+            .bind(worker)
+            .execute(&mut **tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                // Our lease ran out and another worker owns the row now; it will record
+                // the result. Writing the event here would record it twice.
+                tracing::warn!(outbox_id = id, worker, "outbox lease lost; result not recorded");
+                return Ok(());
+            }
+            if let Finish::Done { event: Some(e), .. } = finish {
+                if !*locked {
+                    sqlx::query($lock).execute(&mut **tx).await?;
+                    *locked = true;
+                }
+                append_locked(tx, e).await?;
+            }
+            Ok(())
         }
 
         #[async_trait]
@@ -712,59 +790,22 @@ macro_rules! shared_store_impl {
             }
 
             async fn finish_outbox(&self, id: i64, worker: &str, finish: &Finish, now: DateTime<Utc>) -> StoreResult<()> {
-                if let Finish::Postpone { at } = finish {
-                    sqlx::query(
-                        "UPDATE outbox SET next_attempt_at = $1, attempts = attempts - 1, claimed_by = NULL, \
-                         claimed_until = NULL WHERE id = $2 AND claimed_by = $3 AND status = 'pending'",
-                    )
-                    .bind(format_time(*at))
-                    .bind(id)
-                    .bind(worker)
-                    .execute(&self.pool)
-                    .await?;
-                    return Ok(());
-                }
                 let mut tx = self.pool.begin().await?;
-                let ts = format_time(now);
-                let (status, next, error, note) = match finish {
-                    Finish::Done { note, .. } => ("done", ts.clone(), None, note.clone()),
-                    Finish::Retry { at, error } => ("pending", format_time(*at), Some(error.clone()), None),
-                    Finish::Dead { error } => ("dead", ts.clone(), Some(error.clone()), None),
-                    // Handled above; kept for exhaustiveness.
-                    Finish::Postpone { at } => ("pending", format_time(*at), None, None),
-                };
-                let done_at = (status != "pending").then(|| ts.clone());
-                let updated = sqlx::query(
-                    // A finished row of an erased contact keeps no address (the removal it
-                    // carried is done), and no vendor error text, which may quote it.
-                    "UPDATE outbox SET status = $1, next_attempt_at = $2, note = $4, done_at = $5, \
-                     last_error = CASE WHEN $3 IS NOT NULL AND EXISTS (SELECT 1 FROM contacts c \
-                     WHERE c.id = outbox.contact_id AND c.erased) THEN 'error text withheld: the contact is erased' \
-                     ELSE $3 END, \
-                     claimed_by = NULL, claimed_until = NULL, \
-                     payload = CASE WHEN $1 <> 'pending' AND EXISTS (SELECT 1 FROM contacts c WHERE c.id = outbox.contact_id \
-                     AND c.erased) THEN '{}' ELSE payload END \
-                     WHERE id = $6 AND claimed_by = $7 AND status = 'pending'",
-                )
-                .bind(status)
-                .bind(next)
-                .bind(error)
-                .bind(note)
-                .bind(done_at)
-                .bind(id)
-                .bind(worker)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-                if updated == 0 {
-                    // Our lease ran out and another worker owns the row now; it will record
-                    // the result. Writing the event here would record it twice.
-                    tracing::warn!(outbox_id = id, worker, "outbox lease lost; result not recorded");
+                let mut locked = false;
+                finish_row(&mut tx, id, worker, finish, now, &mut locked).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn finish_outbox_batch(&self, rows: &[crate::store::OutboxFinish], now: DateTime<Utc>) -> StoreResult<()> {
+                if rows.is_empty() {
                     return Ok(());
                 }
-                if let Finish::Done { event: Some(e), .. } = finish {
-                    sqlx::query($lock).execute(&mut *tx).await?;
-                    append_locked(&mut tx, e).await?;
+                // One transaction, one fsync, however many rows finished meanwhile.
+                let mut tx = self.pool.begin().await?;
+                let mut locked = false;
+                for r in rows {
+                    finish_row(&mut tx, r.id, &r.worker, &r.finish, now, &mut locked).await?;
                 }
                 tx.commit().await?;
                 Ok(())
@@ -976,6 +1017,29 @@ macro_rules! shared_store_impl {
                 Ok(())
             }
 
+            async fn put_snapshots(&self, snaps: &[crate::store::Snapshot]) -> StoreResult<()> {
+                if snaps.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin().await?;
+                for s in snaps {
+                    sqlx::query(
+                        "INSERT INTO snapshots (hash, kind, language, template_version, content, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hash) DO NOTHING",
+                    )
+                    .bind(&s.hash)
+                    .bind(&s.kind)
+                    .bind(&s.language)
+                    .bind(&s.template_version)
+                    .bind(&s.content)
+                    .bind(format_time(s.created_at))
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
             async fn snapshot(&self, hash: &str) -> StoreResult<Option<crate::store::Snapshot>> {
                 let row = sqlx::query(
                     "SELECT hash, kind, language, template_version, content, created_at FROM snapshots WHERE hash = $1",
@@ -1067,6 +1131,120 @@ macro_rules! shared_store_impl {
                 }
                 tx.commit().await?;
                 Ok(lifted)
+            }
+
+            async fn events_per_day(&self, since: DateTime<Utc>) -> StoreResult<Vec<crate::store::DayCount>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, substr(at, 1, 10) AS day, kind, COUNT(*) AS n FROM ledger \
+                     WHERE at >= $1 GROUP BY list_id, substr(at, 1, 10), kind ORDER BY list_id, day, kind",
+                )
+                .bind(format_time(since))
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter().map(day_count_from).collect()
+            }
+
+            async fn states_reached(&self) -> StoreResult<Vec<crate::store::StateReach>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, to_state, COUNT(DISTINCT contact_id) AS n FROM ledger \
+                     GROUP BY list_id, to_state ORDER BY list_id, to_state",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::StateReach {
+                            list_id: r.try_get("list_id")?,
+                            state: r.try_get("to_state")?,
+                            contacts: r.try_get("n")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn consents_per_day(&self, state: &str) -> StoreResult<Vec<crate::store::DayCount>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, substr(since, 1, 10) AS day, state AS kind, COUNT(*) AS n FROM consents \
+                     WHERE state = $1 GROUP BY list_id, substr(since, 1, 10), state ORDER BY list_id, day",
+                )
+                .bind(state)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter().map(day_count_from).collect()
+            }
+
+            async fn outbox_depth(&self) -> StoreResult<Vec<crate::store::OutboxDepth>> {
+                let rows = sqlx::query(
+                    "SELECT list_id, kind, status, COUNT(*) AS n, MIN(created_at) AS oldest FROM outbox \
+                     WHERE status IN ('pending', 'dead') GROUP BY list_id, kind, status ORDER BY list_id, kind, status",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::OutboxDepth {
+                            list_id: r.try_get("list_id")?,
+                            kind: r.try_get("kind")?,
+                            status: r.try_get("status")?,
+                            count: r.try_get("n")?,
+                            oldest: parse_time("outbox", &r.try_get::<String, _>("oldest")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn ledger_head(&self) -> StoreResult<i64> {
+                let row = sqlx::query("SELECT COALESCE(MAX(seq), 0) AS head FROM ledger")
+                    .fetch_one(&self.reader)
+                    .await?;
+                Ok(row.try_get::<i64, _>("head")?)
+            }
+
+            async fn pending_removal_addresses(&self, list_id: &str) -> StoreResult<Vec<String>> {
+                let rows = sqlx::query(
+                    "SELECT o.payload, c.email FROM outbox o LEFT JOIN contacts c ON c.id = o.contact_id \
+                     WHERE o.status = 'pending' AND o.list_id = $1 AND o.kind = 'campaigns_remove'",
+                )
+                .bind(list_id)
+                .fetch_all(&self.reader)
+                .await?;
+                let mut out = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let payload: serde_json::Value = parse_json("outbox", &r.try_get::<String, _>("payload")?)?;
+                    let carried = payload.get("email").and_then(|e| e.as_str()).map(str::to_owned);
+                    if let Some(address) = carried.or(r.try_get::<Option<String>, _>("email")?) {
+                        out.push(address);
+                    }
+                }
+                Ok(out)
+            }
+
+            async fn leases(&self) -> StoreResult<Vec<crate::store::Lease>> {
+                let rows = sqlx::query("SELECT name, holder, until FROM leases ORDER BY name")
+                    .fetch_all(&self.reader)
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::Lease {
+                            name: r.try_get("name")?,
+                            holder: r.try_get("holder")?,
+                            until: parse_time("leases", &r.try_get::<String, _>("until")?)?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn list_consents(&self, list_id: &str) -> StoreResult<Vec<(String, crate::consent::ConsentState)>> {
+                let rows = sqlx::query(
+                    "SELECT c.email, s.state FROM consents s JOIN contacts c ON c.id = s.contact_id \
+                     WHERE s.list_id = $1 AND NOT c.erased ORDER BY c.email",
+                )
+                .bind(list_id)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get("email")?, parse_state("consents", &r.try_get::<String, _>("state")?)?)))
+                    .collect()
             }
 
             async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {
@@ -1215,6 +1393,45 @@ macro_rules! shared_store_impl {
                     used.push(crate::store::windows::used(&buckets));
                 }
                 Ok((used, locked))
+            }
+
+            async fn quota_overview(&self, now_ms: i64) -> StoreResult<Vec<crate::store::QuotaUse>> {
+                let keys = sqlx::query("SELECT key, locked_until FROM quota_keys ORDER BY key")
+                    .fetch_all(&self.reader)
+                    .await?;
+                let buckets = sqlx::query(
+                    "SELECT key, length_ms, bucket, used FROM quota_buckets ORDER BY key, length_ms, bucket",
+                )
+                .fetch_all(&self.reader)
+                .await?;
+                let mut out = Vec::with_capacity(keys.len());
+                for k in &keys {
+                    let key: String = k.try_get("key")?;
+                    let mut windows: BTreeMap<i64, Vec<(i64, i64)>> = BTreeMap::new();
+                    for b in &buckets {
+                        if b.try_get::<String, _>("key")? == key {
+                            windows
+                                .entry(b.try_get("length_ms")?)
+                                .or_default()
+                                .push((b.try_get("bucket")?, b.try_get("used")?));
+                        }
+                    }
+                    let windows = windows
+                        .into_iter()
+                        .map(|(length_ms, rows)| {
+                            let w = optinsync_plugin_api::QuotaWindow { limit: 0, length_ms };
+                            let first = crate::store::windows::first_live_bucket(&w, now_ms);
+                            let live: Vec<(i64, i64)> = rows.into_iter().filter(|(i, _)| *i >= first).collect();
+                            (length_ms, crate::store::windows::used(&live))
+                        })
+                        .collect();
+                    out.push(crate::store::QuotaUse {
+                        key,
+                        windows,
+                        locked_until: Some(k.try_get::<i64, _>("locked_until")?).filter(|u| *u > now_ms),
+                    });
+                }
+                Ok(out)
             }
 
             async fn mark_add(&self, set: &str, member: &str) -> StoreResult<()> {

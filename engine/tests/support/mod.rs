@@ -344,6 +344,39 @@ impl Store for RacingStore {
     async fn consent_summary(&self) -> StoreResult<Vec<ConsentSummary>> {
         self.inner.consent_summary().await
     }
+    async fn events_per_day(
+        &self,
+        since: DateTime<Utc>,
+    ) -> StoreResult<Vec<optinsync_engine::store::DayCount>> {
+        self.inner.events_per_day(since).await
+    }
+    async fn states_reached(&self) -> StoreResult<Vec<optinsync_engine::store::StateReach>> {
+        self.inner.states_reached().await
+    }
+    async fn consents_per_day(
+        &self,
+        state: &str,
+    ) -> StoreResult<Vec<optinsync_engine::store::DayCount>> {
+        self.inner.consents_per_day(state).await
+    }
+    async fn outbox_depth(&self) -> StoreResult<Vec<optinsync_engine::store::OutboxDepth>> {
+        self.inner.outbox_depth().await
+    }
+    async fn ledger_head(&self) -> StoreResult<i64> {
+        self.inner.ledger_head().await
+    }
+    async fn pending_removal_addresses(&self, list_id: &str) -> StoreResult<Vec<String>> {
+        self.inner.pending_removal_addresses(list_id).await
+    }
+    async fn leases(&self) -> StoreResult<Vec<optinsync_engine::store::Lease>> {
+        self.inner.leases().await
+    }
+    async fn list_consents(
+        &self,
+        list_id: &str,
+    ) -> StoreResult<Vec<(String, optinsync_engine::consent::ConsentState)>> {
+        self.inner.list_consents(list_id).await
+    }
     async fn quota_take(
         &self,
         key: &str,
@@ -379,6 +412,12 @@ impl Store for RacingStore {
     }
     async fn mark_remove(&self, set: &str, members: &[String]) -> StoreResult<()> {
         self.inner.mark_remove(set, members).await
+    }
+    async fn quota_overview(
+        &self,
+        now_ms: i64,
+    ) -> StoreResult<Vec<optinsync_engine::store::QuotaUse>> {
+        self.inner.quota_overview(now_ms).await
     }
     async fn marks(&self, set: &str) -> StoreResult<Vec<String>> {
         self.inner.marks(set).await

@@ -141,6 +141,12 @@ pub trait MailTransport: Connector {
     /// Send one message. Must not send twice under one [`OutgoingMessage::idempotency_key`]
     /// where the transport can tell.
     async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage>;
+    /// How many [`Self::send`] calls the outbox may have in flight at once (SMTP: its
+    /// `pool_size`). Each one in flight when the process dies may be sent again after the
+    /// restart (same Message-ID), so this also bounds the duplicates per crash.
+    fn concurrency(&self) -> usize {
+        1
+    }
     /// Erasure (GDPR Art. 17): delete every copy this transport keeps of the messages sent
     /// under these idempotency keys; keys it never sent are ignored. Returns how many copies
     /// were deleted. Transports that keep no copy (SMTP hands the message over) keep this

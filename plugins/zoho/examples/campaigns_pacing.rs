@@ -16,7 +16,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,47 +28,6 @@ use optinsync_plugin_zoho::campaigns::Api;
 use optinsync_testkit::zoho_campaigns::{self as fake, FakeCampaigns, FakeCampaignsOptions};
 
 const KEY: &str = "benchlistkey";
-
-/// Shortest time (seconds, unscaled) in which `n` instant calls fit the sliding windows.
-fn ideal_seconds(n: u64, windows: &[(u32, u64)]) -> f64 {
-    let mut sent: VecDeque<(f64, u64)> = VecDeque::new();
-    let (mut t, mut left) = (0.0f64, n);
-    loop {
-        let room = windows
-            .iter()
-            .map(|(limit, len)| {
-                let used: u64 = sent
-                    .iter()
-                    .filter(|(at, _)| t - at < *len as f64)
-                    .map(|(_, k)| k)
-                    .sum();
-                u64::from(*limit).saturating_sub(used)
-            })
-            .min()
-            .unwrap_or(left);
-        let k = room.min(left);
-        if k > 0 {
-            sent.push_back((t, k));
-            left -= k;
-        }
-        if left == 0 {
-            return t;
-        }
-        // Next moment a full window frees a slot.
-        t = windows
-            .iter()
-            .filter_map(|(limit, len)| {
-                let inside: Vec<_> = sent.iter().filter(|(at, _)| t - at < *len as f64).collect();
-                let used: u64 = inside.iter().map(|(_, k)| k).sum();
-                (used >= u64::from(*limit)).then(|| inside[0].0 + *len as f64)
-            })
-            .fold(t, f64::max);
-        let longest = windows.iter().map(|(_, l)| *l).max().unwrap_or(0) as f64;
-        while sent.front().is_some_and(|(at, _)| t - at >= longest) {
-            sent.pop_front();
-        }
-    }
-}
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
@@ -110,7 +69,7 @@ listkey = "{KEY}"
     );
     let (windows, _) = api.documented_limits();
     let calls_needed = count.div_ceil(per_call) as u64;
-    let ideal = ideal_seconds(calls_needed, windows);
+    let ideal = fake::best_schedule_seconds(calls_needed, windows);
     eprintln!(
         "subscribing {count} contacts; limits {windows:?} (calls, seconds), time scale {scale} \
          (a minute lasts {:.2} s); best possible: {:.1} min unscaled = {:.1} s here",

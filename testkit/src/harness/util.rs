@@ -348,6 +348,14 @@ impl ShippedConfig {
         )
     }
 
+    /// After [`Self::smtp_to`]: at most `n` connections, so at most `n` mails in flight.
+    pub fn smtp_pool(&mut self, n: u32) -> anyhow::Result<()> {
+        self.replace(
+            "rate_per_minute = 1000000\n",
+            &format!("rate_per_minute = 1000000\npool_size = {n}\n"),
+        )
+    }
+
     pub fn write(&self, path: &Path) -> anyhow::Result<()> {
         Ok(std::fs::write(path, &self.0)?)
     }

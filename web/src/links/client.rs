@@ -39,6 +39,16 @@ pub fn origin_of(url: &str) -> String {
     format!("{scheme}://{authority}")
 }
 
+/// `server.trusted_proxies` in canonical form (an IPv4-mapped IPv6 address as IPv4), as
+/// [`client_ip`] compares them.
+pub fn trusted_proxies(server: &optinsync_engine::config::ServerConfig) -> Vec<IpAddr> {
+    server
+        .trusted_proxies
+        .iter()
+        .map(|ip| ip.to_canonical())
+        .collect()
+}
+
 /// The client of a request: [`client_ip`] of the connection's peer (`ConnectInfo`) and the
 /// request's `X-Forwarded-For`.
 pub fn request_client(req: &Request, trusted: &[IpAddr]) -> IpAddr {

@@ -30,6 +30,7 @@ pub(super) async fn confirm_get(
     headers: HeaderMap,
     Path(token): Path<String>,
 ) -> Response {
+    metrics::counter!("optinsync_link_fetches_total", "page" => "confirm").increment(1);
     let req = Req::new(&ip, &method, &headers);
     let now = Utc::now().timestamp();
     let (t, expired, _) = match resolve(&engine, &st, &req, &token, Purpose::Confirm).await {
@@ -210,10 +211,11 @@ pub(super) async fn confirm_post(
     let input = Input::Confirm {
         token: t.claims.token_id.clone(),
     };
-    match engine
+    let applied = engine
         .apply(&t.contact, t.list, input, EventSource::Web, evidence)
-        .await
-    {
+        .await;
+    super::count_action("confirm", &applied);
+    match applied {
         Ok(Applied::Changed(_)) | Ok(Applied::Unchanged) => st.confirmed(&engine, &t).await,
         Ok(Applied::Refused(_)) => {
             st.notice(

@@ -61,7 +61,9 @@ pub mod signup;
 mod unsubscribe;
 
 use binding::{Binding, Mailed, Standing, binding, standing};
-pub use client::{ClientIp, client_ip, cross_site, origin_of, rate_key, request_client};
+pub use client::{
+    ClientIp, client_ip, cross_site, origin_of, rate_key, request_client, trusted_proxies,
+};
 use confirm::{confirm_get, confirm_post};
 pub use unsubscribe::form_fields;
 use unsubscribe::{unsubscribe_get, unsubscribe_post};
@@ -137,11 +139,7 @@ impl LinkState {
             // One fresh confirmation mail per contact and list per hour.
             resend_limiter: RateLimiter::keyed(Quota::per_hour(NonZeroU32::MIN)),
             nonce_key,
-            trusted: server
-                .trusted_proxies
-                .iter()
-                .map(|ip| ip.to_canonical())
-                .collect(),
+            trusted: trusted_proxies(server),
             stored: Mutex::new(HashSet::new()),
             signup: signup::SignupState::new(&engine.settings().signup),
         }
@@ -210,9 +208,26 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
         .layer(Extension(state))
 }
 
-fn set_security_headers(headers: &mut HeaderMap) {
+/// Count a confirmation or unsubscribe the person sent (`action`), by what the engine did.
+fn count_action(
+    action: &'static str,
+    applied: &optinsync_engine::engine::EngineResult<optinsync_engine::engine::Applied>,
+) {
+    use optinsync_engine::engine::Applied;
+    let result = match applied {
+        Ok(Applied::Changed(_)) => "changed",
+        Ok(Applied::Unchanged) => "unchanged",
+        Ok(Applied::Refused(_)) => "refused",
+        Err(_) => "failed",
+    };
+    metrics::counter!("optinsync_link_actions_total", "action" => action, "result" => result)
+        .increment(1);
+}
+
+/// The pages' security headers with the policy `csp` (the console has its own).
+pub fn set_security_headers(headers: &mut HeaderMap, csp: &'static str) {
     for (name, value) in [
-        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::CONTENT_SECURITY_POLICY, csp),
         (header::X_FRAME_OPTIONS, "DENY"),
         (header::REFERRER_POLICY, "no-referrer"),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
@@ -255,7 +270,7 @@ async fn guard(State(st): State<Arc<LinkState>>, mut req: Request, next: Next) -
         req.extensions_mut().insert(ClientIp(ip));
         next.run(req).await
     };
-    set_security_headers(resp.headers_mut());
+    set_security_headers(resp.headers_mut(), CSP);
     resp
 }
 

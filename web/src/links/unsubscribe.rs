@@ -26,6 +26,7 @@ pub(super) async fn unsubscribe_get(
     headers: HeaderMap,
     Path(token): Path<String>,
 ) -> Response {
+    metrics::counter!("optinsync_link_fetches_total", "page" => "unsubscribe").increment(1);
     let req = Req::new(&ip, &method, &headers);
     let t = match resolve(&engine, &st, &req, &token, Purpose::Unsubscribe).await {
         Ok((t, _, _)) => t,
@@ -141,7 +142,7 @@ pub(super) async fn unsubscribe_post(
         }
         .into(),
     );
-    match engine
+    let applied = engine
         .apply(
             &t.contact,
             t.list,
@@ -149,8 +150,9 @@ pub(super) async fn unsubscribe_post(
             EventSource::Web,
             evidence,
         )
-        .await
-    {
+        .await;
+    super::count_action("unsubscribe", &applied);
+    match applied {
         // No redirect (RFC 8058 §3.2): the answer is the page itself.
         Ok(_) => {
             st.list_page(&engine, &t, StatusCode::OK, Page::Unsubscribed)

@@ -95,7 +95,19 @@ impl ZohoCampaigns {
                 };
                 let slot = match shared {
                     Some(s) => s,
-                    None => ep.slot(now),
+                    None => {
+                        let slot = ep.slot(now);
+                        // This process's own budget: the fullest window's share in use. (With
+                        // the shared ledger the store holds the counts; not read per call.)
+                        let used = ep
+                            .windows
+                            .iter_mut()
+                            .map(|w| f64::from(w.used(now)) / f64::from(w.limit.max(1)))
+                            .fold(0.0, f64::max);
+                        metrics::gauge!("optinsync_vendor_quota_used_ratio", "connector" => "zoho_campaigns", "endpoint" => api.name())
+                            .set(used);
+                        slot
+                    }
                 };
                 let mut log = None;
                 if let Slot::Wait(wait) = slot {
