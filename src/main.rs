@@ -86,6 +86,11 @@ enum Command {
         #[command(subcommand)]
         command: CampaignCommand,
     },
+    /// The global suppression list: addresses that get no mail at all.
+    Suppression {
+        #[command(subcommand)]
+        command: SuppressionCommand,
+    },
     /// Dead letters: effects that failed for good.
     Outbox {
         #[command(subcommand)]
@@ -168,6 +173,28 @@ enum RetentionCommand {
         dry_run: bool,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SuppressionCommand {
+    /// Every suppressed address hash, its reason and since when.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Whether an address is suppressed, why and since when.
+    Show {
+        address: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take an address off the list, recorded in the ledger; sends nothing by itself.
+    Lift {
+        address: String,
+        /// Why (kept in the ledger).
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -339,6 +366,15 @@ fn main() -> ExitCode {
             Command::Retention {
                 command: RetentionCommand::Run { dry_run, json },
             } => data_subject::retention_run(&cli.config, dry_run, json).await,
+            Command::Suppression {
+                command: SuppressionCommand::List { json },
+            } => commands::suppression_list(&cli.config, json).await,
+            Command::Suppression {
+                command: SuppressionCommand::Show { address, json },
+            } => commands::suppression_show(&cli.config, &address, json).await,
+            Command::Suppression {
+                command: SuppressionCommand::Lift { address, reason },
+            } => commands::suppression_lift(&cli.config, &address, &reason).await,
             Command::Outbox {
                 command: OutboxCommand::Failed { json },
             } => commands::outbox_failed(&cli.config, json).await,

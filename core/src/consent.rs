@@ -80,8 +80,22 @@ pub enum Input {
     /// The campaigns tool's own double opt-in was confirmed — only legal on a list whose
     /// confirmation the tool runs (`Context::campaigns_doi`).
     CampaignsConfirmed,
-    /// The person started a fresh signup themselves (e.g. a web form or the expired-link page).
+    /// The person asked for a fresh confirmation mail from an expired link's page.
     PersonSignup {
+        token: String,
+    },
+    /// Someone signed the address up on the organisation's website (`POST /signup/{list}`).
+    /// Never consent by itself: it leads to `pending` and a DOI mail, and only the
+    /// confirmation subscribes. Unlike [`Input::PersonSignup`] it may come from anyone, so an
+    /// open signup is not re-mailed inside the list's reminder window, and an erased address
+    /// (suppressed by its erasure alone) may come back this way.
+    Signup {
+        token: String,
+    },
+    /// The person joined the list on the preference centre, reached through a link that was
+    /// mailed to them (`token`: that link's token id): the mailbox is proven as a DOI proves
+    /// it, so this confirms at once.
+    PreferencesJoin {
         token: String,
     },
     Erase,
@@ -102,7 +116,9 @@ impl Input {
             Self::Bounce => "bounce",
             Self::Complaint => "complaint",
             Self::PersonSignup { .. } => "person_signup",
+            Self::Signup { .. } => "signup",
             Self::CampaignsConfirmed => "campaigns_confirmed",
+            Self::PreferencesJoin { .. } => "preferences_join",
             Self::Erase => "erase",
         }
     }
@@ -165,6 +181,19 @@ pub struct Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     pub max_reminders: u32,
+    /// The list's `reminder_after`: a website signup for an address whose signup is open
+    /// and younger than this sends no second mail.
+    pub reminder_after: chrono::TimeDelta,
+}
+
+impl Limits {
+    /// Limits with `max_reminders` and the default three-day reminder window.
+    pub fn with_reminders(max_reminders: u32) -> Self {
+        Self {
+            max_reminders,
+            reminder_after: chrono::TimeDelta::days(3),
+        }
+    }
 }
 
 /// Facts about the address outside this (contact, list) pair.
@@ -174,6 +203,10 @@ pub struct Context {
     pub suppressed: bool,
     /// The list's double opt-in is run by the campaigns tool (`doi = "campaigns"`).
     pub campaigns_doi: bool,
+    /// The address's only suppression is its erasure's: the person may come back through
+    /// their own website signup and confirmation (which lifts it). Meaningful only with
+    /// `suppressed`.
+    pub erasure_only: bool,
 }
 
 /// `Ok(None)` means the input is legal but changes nothing (a repeat, or a CRM edit that
@@ -215,13 +248,7 @@ pub fn transition(
             }
             match from {
                 S::Asserted => {
-                    next.signup_token = Some(token.clone());
-                    next.doi_mails = 1;
-                    next.reminders_sent = 0;
-                    let mail = Effect::SendConfirmationMail {
-                        token: token.clone(),
-                        kind: MailKind::Doi,
-                    };
+                    let mail = start_signup(&mut next, token, MailKind::Doi);
                     (S::Pending, "doi_requested", vec![mail])
                 }
                 S::Pending => {
@@ -292,13 +319,7 @@ pub fn transition(
             }
             match from {
                 S::Confirmed => {
-                    next.signup_token = Some(token.clone());
-                    next.doi_mails = 1;
-                    next.reminders_sent = 0;
-                    let mail = Effect::SendConfirmationMail {
-                        token: token.clone(),
-                        kind: MailKind::Revalidation,
-                    };
+                    let mail = start_signup(&mut next, token, MailKind::Revalidation);
                     (S::Revalidating, "revalidation_requested", vec![mail])
                 }
                 _ => return refuse("re-permission is only asked of confirmed contacts"),
@@ -356,33 +377,69 @@ pub fn transition(
             S::Complained | S::Erased => return Ok(None),
             st => (S::Complained, "complained", removal_effects(st, true)),
         },
-        // The invariant "mail is bounded" is absolute: even a person's own new signup mails
-        // nothing to an address
-        // on the global suppression list (bounce, complaint, CRM opt-out). Per-list withdrawal
-        // is not global, so re-subscribing after an unsubscribe works.
-        Input::PersonSignup { .. } if cx.suppressed => {
+        // The invariant "mail is bounded": even a person's own new signup mails nothing to an
+        // address on the global suppression list (bounce, complaint, CRM opt-out), except a
+        // website signup of an erased address (the erasure is the only reason), whose person
+        // may come back through their own signup and confirmation. Per-list withdrawal is not
+        // global, so re-subscribing after an unsubscribe works.
+        Input::PersonSignup { .. } | Input::Signup { .. }
+            if cx.suppressed && !(cx.erasure_only && matches!(input, Input::Signup { .. })) =>
+        {
             return refuse(
                 "address is suppressed (invariant: mail is bounded); lift the suppression first",
             );
         }
-        Input::PersonSignup { token } => match from {
-            S::Erased => {
-                return refuse(
-                    "erased contacts cannot be revived; a new signup starts a new contact",
-                );
+        Input::PersonSignup { token } | Input::Signup { token } => {
+            // A website form may be filled in by anyone.
+            let website = matches!(input, Input::Signup { .. });
+            match from {
+                S::Erased => {
+                    return refuse(
+                        "erased contacts cannot be revived; a new signup starts a new contact",
+                    );
+                }
+                // A bounce or complaint suppresses the address, but its suppression row may
+                // be an erasure's: the state itself refuses then too. (Once an operator
+                // lifted the suppression, the person may sign up again.)
+                S::Bounced | S::Complained if website && cx.suppressed => {
+                    return refuse(
+                        "the address bounced or complained (invariant: mail is bounded)",
+                    );
+                }
+                S::Confirmed | S::Revalidating => return Ok(None),
+                // An open signup is mailed again from the website only after the reminder
+                // window; from an expired link's page the person asks again, so the new
+                // signup replaces the open one and gets its own DOI mail.
+                S::Pending if website && now - current.since < limits.reminder_after => {
+                    return Ok(None);
+                }
+                _ => {
+                    let mail = start_signup(&mut next, token, MailKind::Doi);
+                    (S::Pending, "signup_requested", vec![mail])
+                }
             }
+        }
+        // A join from the preference centre confirms: its link was mailed to this mailbox.
+        Input::PreferencesJoin { .. } if cx.suppressed => {
+            return refuse("address is suppressed (invariant: mail is bounded)");
+        }
+        Input::PreferencesJoin { token } => match from {
             S::Confirmed | S::Revalidating => return Ok(None),
-            // From `pending` too: the person asks again (e.g. from an expired link's page), so
-            // the new signup replaces the open one and gets its own DOI mail.
+            S::Bounced | S::Complained | S::Erased => {
+                return refuse("the address bounced, complained or was erased");
+            }
+            _ if cx.campaigns_doi => {
+                return refuse("the campaigns tool runs the confirmation for this list");
+            }
             _ => {
+                next.confirmed_at = Some(now);
+                next.confirmed_token = Some(token.clone());
                 next.signup_token = Some(token.clone());
-                next.doi_mails = 1;
-                next.reminders_sent = 0;
-                let mail = Effect::SendConfirmationMail {
-                    token: token.clone(),
-                    kind: MailKind::Doi,
-                };
-                (S::Pending, "signup_requested", vec![mail])
+                (
+                    S::Confirmed,
+                    "confirmed_by_preferences",
+                    vec![Effect::Subscribe, Effect::WriteBack { opt_out: false }],
+                )
             }
         },
         // The CRM is told too (opt-out), so it stops treating the address as marketable.
@@ -408,6 +465,17 @@ pub fn transition(
     }))
 }
 
+/// Make `token` the signup's (mails counted afresh) and the mail that asks to confirm it.
+fn start_signup(next: &mut Consent, token: &str, kind: MailKind) -> Effect {
+    next.signup_token = Some(token.to_owned());
+    next.doi_mails = 1;
+    next.reminders_sent = 0;
+    Effect::SendConfirmationMail {
+        token: token.to_owned(),
+        kind,
+    }
+}
+
 /// Effects of leaving marketing: take the address off the list (always — removal is idempotent
 /// and the list may hold it from before optinsync) and tell the CRM.
 fn removal_effects(_from: ConsentState, write_back: bool) -> Vec<Effect> {
@@ -428,7 +496,10 @@ mod tests {
             ..Consent::new(Utc::now())
         }
     }
-    const LIM: Limits = Limits { max_reminders: 1 };
+    const LIM: Limits = Limits {
+        max_reminders: 1,
+        reminder_after: chrono::TimeDelta::days(3),
+    };
 
     #[test]
     fn crm_field_never_creates_consent() {
@@ -544,6 +615,7 @@ mod tests {
         let cx = Context {
             suppressed: true,
             campaigns_doi: false,
+            erasure_only: false,
         };
         let r = transition(
             &at(ConsentState::Asserted),
@@ -570,6 +642,7 @@ mod tests {
         let own = Context {
             suppressed: false,
             campaigns_doi: false,
+            erasure_only: false,
         };
         assert!(
             transition(&pending, &Input::CampaignsConfirmed, LIM, own, now).is_err(),
@@ -578,6 +651,7 @@ mod tests {
         let tool = Context {
             suppressed: false,
             campaigns_doi: true,
+            erasure_only: false,
         };
         let t = transition(&pending, &Input::CampaignsConfirmed, LIM, tool, now)
             .expect("legal")
@@ -603,6 +677,191 @@ mod tests {
         assert!(
             transition(&pending, &Input::SendReminder, LIM, tool, now).is_err(),
             "the tool sends its own reminders"
+        );
+    }
+
+    fn confirm(
+        c: &Consent,
+        token: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Transition>, Refusal> {
+        let input = Input::Confirm {
+            token: token.into(),
+        };
+        transition(c, &input, LIM, Context::default(), now)
+    }
+
+    fn signup(
+        c: &Consent,
+        token: &str,
+        cx: Context,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Transition>, Refusal> {
+        transition(
+            c,
+            &Input::Signup {
+                token: token.into(),
+            },
+            LIM,
+            cx,
+            now,
+        )
+    }
+
+    #[test]
+    fn website_signup_mails_once_and_never_subscribes() {
+        let now = Utc::now();
+        for from in [
+            ConsentState::None,
+            ConsentState::Asserted,
+            ConsentState::Lapsed,
+            ConsentState::Withdrawn,
+        ] {
+            let t = signup(&at(from), "s1", Context::default(), now)
+                .expect("legal")
+                .expect("changes");
+            assert_eq!((t.to, t.event), (ConsentState::Pending, "signup_requested"));
+            assert_eq!(
+                t.effects,
+                vec![Effect::SendConfirmationMail {
+                    token: "s1".into(),
+                    kind: MailKind::Doi
+                }],
+                "from {from}: a DOI mail, no subscribe"
+            );
+            assert_eq!(t.next.signup_token.as_deref(), Some("s1"));
+        }
+        for settled in [ConsentState::Confirmed, ConsentState::Revalidating] {
+            assert_eq!(
+                signup(&at(settled), "s1", Context::default(), now),
+                Ok(None)
+            );
+        }
+    }
+
+    #[test]
+    fn withdrawn_signup_then_confirm_subscribes() {
+        let now = Utc::now();
+        let t = signup(&at(ConsentState::Withdrawn), "s2", Context::default(), now)
+            .expect("legal")
+            .expect("changes");
+        let old = confirm(&t.next, "old", now);
+        assert!(
+            old.is_err(),
+            "an older link does not confirm the new signup"
+        );
+        let c = confirm(&t.next, "s2", now)
+            .expect("legal")
+            .expect("changes");
+        assert_eq!(
+            (c.to, c.effects.contains(&Effect::Subscribe)),
+            (ConsentState::Confirmed, true)
+        );
+    }
+
+    #[test]
+    fn open_signup_is_not_mailed_again_inside_the_reminder_window() {
+        let now = Utc::now();
+        let first = signup(&at(ConsentState::None), "a", Context::default(), now)
+            .expect("legal")
+            .expect("changes");
+        let soon = now + chrono::TimeDelta::hours(1);
+        assert_eq!(signup(&first.next, "b", Context::default(), soon), Ok(None));
+        let later = now + LIM.reminder_after + chrono::TimeDelta::seconds(1);
+        let again = signup(&first.next, "b", Context::default(), later)
+            .expect("legal")
+            .expect("changes");
+        assert_eq!(again.next.signup_token.as_deref(), Some("b"));
+        assert_eq!(again.effects.len(), 1);
+    }
+
+    #[test]
+    fn suppressed_address_gets_no_signup_mail_unless_only_erased() {
+        let now = Utc::now();
+        let suppressed = Context {
+            suppressed: true,
+            ..Context::default()
+        };
+        assert!(signup(&at(ConsentState::None), "x", suppressed, now).is_err());
+        assert!(
+            transition(
+                &at(ConsentState::None),
+                &Input::PersonSignup { token: "x".into() },
+                LIM,
+                Context {
+                    erasure_only: true,
+                    ..suppressed
+                },
+                now
+            )
+            .is_err(),
+            "only the website signup brings an erased address back"
+        );
+        let erased = Context {
+            suppressed: true,
+            erasure_only: true,
+            campaigns_doi: false,
+        };
+        let t = signup(&at(ConsentState::None), "x", erased, now)
+            .expect("legal")
+            .expect("changes");
+        assert_eq!(t.to, ConsentState::Pending);
+        for never in [
+            ConsentState::Erased,
+            ConsentState::Bounced,
+            ConsentState::Complained,
+        ] {
+            assert!(signup(&at(never), "x", erased, now).is_err(), "{never}");
+        }
+        // After an operator lifted the suppression, a bounced address may sign up again.
+        let t = signup(&at(ConsentState::Bounced), "y", Context::default(), now)
+            .expect("legal")
+            .expect("changes");
+        assert_eq!(t.to, ConsentState::Pending);
+    }
+
+    #[test]
+    fn preferences_join_confirms_unless_suppressed_or_bounced() {
+        let now = Utc::now();
+        let join = Input::PreferencesJoin { token: "p1".into() };
+        for from in [
+            ConsentState::None,
+            ConsentState::Pending,
+            ConsentState::Withdrawn,
+        ] {
+            let t = transition(&at(from), &join, LIM, Context::default(), now)
+                .expect("legal")
+                .expect("changes");
+            assert_eq!(
+                (t.to, t.event),
+                (ConsentState::Confirmed, "confirmed_by_preferences")
+            );
+            assert!(t.effects.contains(&Effect::Subscribe));
+        }
+        let suppressed = Context {
+            suppressed: true,
+            ..Context::default()
+        };
+        assert!(transition(&at(ConsentState::None), &join, LIM, suppressed, now).is_err());
+        assert!(
+            transition(
+                &at(ConsentState::Bounced),
+                &join,
+                LIM,
+                Context::default(),
+                now
+            )
+            .is_err()
+        );
+        assert_eq!(
+            transition(
+                &at(ConsentState::Confirmed),
+                &join,
+                LIM,
+                Context::default(),
+                now
+            ),
+            Ok(None)
         );
     }
 }

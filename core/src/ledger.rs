@@ -64,6 +64,16 @@ pub struct Evidence {
     /// `signing_keys`).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub key_id: Option<String>,
+    /// Token id of the preference-centre link a mail carried (honoured only if mailed).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub preferences_token_id: Option<String>,
+    /// The page or form a website signup came from (its `Origin`, else its `Referer`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub origin: Option<String>,
+    /// The hash of the form's text as the organisation's site declares it in its signup
+    /// form (`form_text_hash`): the text the person saw on a page optinsync did not serve.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub form_text_hash: Option<String>,
 }
 
 impl Evidence {

@@ -22,6 +22,8 @@ type HmacSha256 = Hmac<Sha256>;
 pub enum Purpose {
     Confirm,
     Unsubscribe,
+    /// The preference centre (`/preferences/{token}`): never expires, like unsubscribe links.
+    Preferences,
 }
 
 impl Purpose {
@@ -29,6 +31,7 @@ impl Purpose {
         match self {
             Self::Confirm => "confirm",
             Self::Unsubscribe => "unsubscribe",
+            Self::Preferences => "preferences",
         }
     }
 }
@@ -170,6 +173,7 @@ impl TokenKeys {
         let purpose_found = match *purp {
             "confirm" => Purpose::Confirm,
             "unsubscribe" => Purpose::Unsubscribe,
+            "preferences" => Purpose::Preferences,
             _ => return Err(TokenError::Malformed),
         };
         if purpose_found != purpose {

@@ -15,10 +15,10 @@ use optinsync_plugin_api::{
 use serde::Serialize;
 
 use crate::config::{ListConfig, LoadedConfig};
-use crate::consent::{Consent, Input, Refusal};
+use crate::consent::{Consent, ConsentState, Input, Refusal};
 use crate::email;
 use crate::ledger::{EventSource, Evidence, LedgerEvent, NewEvent};
-use crate::plan::{commit_for, log_refusal, transition_for};
+use crate::plan::{commit_for, log_refusal, transition_on};
 use crate::rules::{RuleSet, RulesError};
 use crate::store::{Contact, ContactUpsert, Store, StoreError, StoreResult};
 use crate::tokens::TokenKeys;
@@ -341,11 +341,13 @@ impl Engine {
                 .consent(&contact.id, &list.id)
                 .await?
                 .unwrap_or_else(|| Consent::new(now));
-            let suppressed = self
+            let suppressions = self
                 .store
-                .is_any_suppressed(&self.tokens.address_hashes(&contact.email))
+                .suppressions_of(&self.tokens.address_hashes(&contact.email))
                 .await?;
-            let t = match transition_for(&current, &input, list, suppressed, now) {
+            let suppressed = !suppressions.is_empty();
+            let erasure_only = suppressions.iter().all(|s| s.reason == ERASED);
+            let t = match transition_on(&current, &input, list, suppressed, erasure_only, now) {
                 Ok(Some(t)) => t,
                 Ok(None) => return Ok(Applied::Unchanged),
                 Err(refusal) => {
@@ -354,7 +356,7 @@ impl Engine {
                 }
             };
             let (from, to, kind) = (t.from, t.to, t.event);
-            let commit = commit_for(
+            let mut commit = commit_for(
                 &address_hash,
                 contact,
                 list,
@@ -365,6 +367,27 @@ impl Engine {
                 evidence.clone(),
                 now,
             );
+            // An erased person came back by their own signup and has now confirmed it: the
+            // erasure's suppression goes, in the same transaction, and the event says so.
+            if suppressed && erasure_only && to == ConsentState::Confirmed {
+                commit.lift = suppressions
+                    .iter()
+                    .map(|s| s.address_hash.clone())
+                    .collect();
+                commit.event.evidence.reason = Some(LIFTED_BY_CONFIRMATION.into());
+            }
+            // A website signup's person new to the CRM: the CRM learns about them.
+            if matches!(input, Input::Signup { .. })
+                && to == ConsentState::Pending
+                && contact.crm_records.is_empty()
+                && self.connectors.crm.creates_records()
+            {
+                commit.outbox.push(crate::signup::crm_upsert_row(
+                    contact,
+                    list,
+                    &commit.event.event_id,
+                ));
+            }
             let queued = !commit.outbox.is_empty();
             let written = match &self.group_commit {
                 Some(g) => g.commit(&*self.store, commit).await,
@@ -558,6 +581,13 @@ impl Engine {
         self.decide_contacts(std::slice::from_ref(contact)).await
     }
 }
+
+/// The suppression reason an erasure writes (its event kind).
+pub const ERASED: &str = "erased";
+
+/// The `reason` of a confirmation that lifted an erased address's suppression.
+pub const LIFTED_BY_CONFIRMATION: &str =
+    "the erased address's suppression is lifted: its person signed up again and confirmed";
 
 /// Contacts per transaction in a rules pass.
 pub(crate) const DECIDE_PAGE: i64 = 1000;

@@ -253,6 +253,7 @@ mod tests {
             event: event(contact_id, "asserted", ConsentState::Asserted),
             outbox: vec![],
             suppress: None,
+            lift: vec![],
         }
     }
 

@@ -31,6 +31,7 @@ pub fn render(
     sender: &SenderConfig,
     confirm_url: &str,
     unsubscribe_url: &str,
+    preferences_url: &str,
 ) -> Result<RenderedMail, TemplateError> {
     templates.render_mail(
         kind,
@@ -38,6 +39,7 @@ pub fn render(
         &common(list, sender),
         confirm_url,
         unsubscribe_url,
+        preferences_url,
     )
 }
 
@@ -88,6 +90,8 @@ pub struct Composed {
     pub snapshot: Snapshot,
     pub content_hash: String,
     pub unsubscribe_token_id: String,
+    /// Token id of the mail's preference-centre link.
+    pub preferences_token_id: String,
 }
 
 /// Compose `letter`: mint its confirm and unsubscribe links, render it in the contact's
@@ -121,7 +125,17 @@ pub fn compose(
         list_id: list.id.clone(),
         expires: None,
     });
+    // The preference centre's link: long-lived like the unsubscribe link, its own token id.
+    let preferences_token_id = preferences_token_id(letter.outbox_key);
+    let preferences = tokens.mint(&Claims {
+        purpose: Purpose::Preferences,
+        token_id: preferences_token_id.clone(),
+        contact_id: contact.id.clone(),
+        list_id: list.id.clone(),
+        expires: None,
+    });
     let base = &config.config.server.public_url;
+    let preferences_url = format!("{base}/preferences/{preferences}");
     let confirm_url = format!("{base}/confirm/{confirm}");
     let unsubscribe_url = format!("{base}/unsubscribe/{unsubscribe}");
     let sender = &config.config.sender;
@@ -135,20 +149,14 @@ pub fn compose(
         sender,
         &confirm_url,
         &unsubscribe_url,
+        &preferences_url,
     )?;
-    let snapshot = Snapshot {
-        hash: rendered.content_hash.clone(),
-        kind: format!("mail:{}", kind.as_str()),
-        language: rendered.language.clone(),
-        template_version: templates.version().to_owned(),
-        content: serde_json::json!({
-            "subject": rendered.subject,
-            "text": rendered.text,
-            "html": rendered.html,
-        })
-        .to_string(),
-        created_at: letter.now,
-    };
+    let snapshot = snapshot_of(
+        &rendered,
+        &format!("mail:{}", kind.as_str()),
+        templates,
+        letter.now,
+    );
     // DOI mails come from the transactional sender (`sender.from`), never the newsletter's.
     let message = OutgoingMessage {
         idempotency_key: letter.outbox_key.replace(':', "-"),
@@ -178,13 +186,89 @@ pub fn compose(
         snapshot,
         content_hash: rendered.content_hash,
         unsubscribe_token_id,
+        preferences_token_id,
     })
+}
+
+/// The mail with a preference-centre link that `contact` asked for (not a list mail: no
+/// `List-Unsubscribe`), from the transactional sender; derived from the outbox key like the
+/// others, so a retry sends the same message.
+pub fn compose_preferences_link(
+    config: &LoadedConfig,
+    tokens: &TokenKeys,
+    contact: &Contact,
+    list: &ListConfig,
+    outbox_key: &str,
+    now: DateTime<Utc>,
+) -> Result<Composed, TemplateError> {
+    let preferences_token_id = preferences_token_id(outbox_key);
+    let token = tokens.mint(&Claims {
+        purpose: Purpose::Preferences,
+        token_id: preferences_token_id.clone(),
+        contact_id: contact.id.clone(),
+        list_id: list.id.clone(),
+        expires: None,
+    });
+    let url = format!("{}/preferences/{token}", config.config.server.public_url);
+    let sender = &config.config.sender;
+    let templates = &config.templates;
+    let language = templates.language_for(contact.language.as_deref(), &list.default_language);
+    let rendered = templates.render_preferences_link(&language, &common(list, sender), &url)?;
+    let snapshot = snapshot_of(&rendered, "mail:preferences_link", templates, now);
+    let message = OutgoingMessage {
+        idempotency_key: outbox_key.replace(':', "-"),
+        message_id: message_id(outbox_key, &sender.from),
+        from: sender.from.clone(),
+        to: contact.email.clone(),
+        subject: rendered.subject,
+        text: rendered.text,
+        html: Some(rendered.html),
+        headers: vec![],
+    };
+    Ok(Composed {
+        message,
+        snapshot,
+        content_hash: rendered.content_hash,
+        unsubscribe_token_id: String::new(),
+        preferences_token_id,
+    })
+}
+
+/// The snapshot of a rendered mail, stored under the hash the ledger names.
+fn snapshot_of(
+    rendered: &RenderedMail,
+    kind: &str,
+    templates: &Templates,
+    now: DateTime<Utc>,
+) -> Snapshot {
+    Snapshot {
+        hash: rendered.content_hash.clone(),
+        kind: kind.to_owned(),
+        language: rendered.language.clone(),
+        template_version: templates.version().to_owned(),
+        content: serde_json::json!({
+            "subject": rendered.subject,
+            "text": rendered.text,
+            "html": rendered.html,
+        })
+        .to_string(),
+        created_at: now,
+    }
 }
 
 /// The unsubscribe link's token id for the mail of outbox row `key`: a UUID-shaped digest.
 pub fn unsubscribe_token_id(key: &str) -> String {
+    token_id_for(b"optinsync unsubscribe token id v1\0", key)
+}
+
+/// The preference-centre link's token id for the mail of outbox row `key`.
+pub fn preferences_token_id(key: &str) -> String {
+    token_id_for(b"optinsync preferences token id v1\0", key)
+}
+
+fn token_id_for(domain: &[u8], key: &str) -> String {
     let mut digest = Sha256::new();
-    digest.update(b"optinsync unsubscribe token id v1\0");
+    digest.update(domain);
     digest.update(key.as_bytes());
     let bytes: [u8; 32] = digest.finalize().into();
     let mut id = [0u8; 16];

@@ -523,7 +523,7 @@ impl Engine {
     /// us) counts neither way; anything else, including a per-record "not now"
     /// ([`optinsync_plugin_api::FailureScope::Record`]), proves it alive. The record itself
     /// still retries with its own backoff ([`Self::failure`]).
-    fn observe<T>(&self, connector: ConnectorRole, result: &Result<T, ConnectorError>) {
+    pub(crate) fn observe<T>(&self, connector: ConnectorRole, result: &Result<T, ConnectorError>) {
         match crate::circuit::verdict(result) {
             Verdict::Neutral => {
                 // The vendor named a wait: a quota lock-out or a spent quota (the alert
@@ -537,7 +537,7 @@ impl Engine {
         }
     }
 
-    fn failure(&self, item: &OutboxItem, error: ConnectorError) -> Finish {
+    pub(crate) fn failure(&self, item: &OutboxItem, error: ConnectorError) -> Finish {
         let sync = &self.config.config.sync;
         let max = sync.max_attempts;
         match error {
@@ -670,6 +670,18 @@ impl Engine {
                 };
                 self.connectors.crm.write_back(&wb).await
             }
+            OutboxWork::PreferencesLinkMail {} => {
+                let Some(contact) = contact.filter(|c| !c.erased) else {
+                    return Ok(done("skipped: contact no longer exists"));
+                };
+                return self.deliver_preferences_link(item, &contact, list).await;
+            }
+            OutboxWork::CrmUpsert {} => {
+                let Some(contact) = contact.filter(|c| !c.erased) else {
+                    return Ok(done("skipped: contact no longer exists"));
+                };
+                self.upsert_in_crm(item, &contact, list).await?
+            }
         };
         self.observe(work.connector(), &result);
         Ok(match result {
@@ -776,6 +788,7 @@ impl Engine {
                         message_id: Some(sent.message_id),
                         content_hash: Some(composed.content_hash),
                         unsubscribe_token_id: Some(composed.unsubscribe_token_id),
+                        preferences_token_id: Some(composed.preferences_token_id),
                         key_id: Some(self.tokens.current_key_id().to_owned()),
                         detail: sent
                             .deduplicated

@@ -20,14 +20,40 @@ pub fn transition_for(
     suppressed: bool,
     now: chrono::DateTime<Utc>,
 ) -> Result<Option<consent::Transition>, Refusal> {
+    transition_on(current, input, list, suppressed, false, now)
+}
+
+/// [`transition_for`], saying whether the address's suppression is an erasure's alone
+/// (`erasure_only`): then its person's website signup may mail them again.
+pub fn transition_on(
+    current: &Consent,
+    input: &Input,
+    list: &ListConfig,
+    suppressed: bool,
+    erasure_only: bool,
+    now: chrono::DateTime<Utc>,
+) -> Result<Option<consent::Transition>, Refusal> {
+    let (limits, cx) = limits_and_context(list, suppressed, erasure_only);
+    consent::transition(current, input, limits, cx, now)
+}
+
+/// The state machine's limits and context for one list and address.
+pub(crate) fn limits_and_context(
+    list: &ListConfig,
+    suppressed: bool,
+    erasure_only: bool,
+) -> (consent::Limits, consent::Context) {
     let cx = consent::Context {
         suppressed,
         campaigns_doi: list.doi == crate::config::DoiMode::Campaigns,
+        erasure_only: suppressed && erasure_only,
     };
     let limits = consent::Limits {
         max_reminders: list.max_reminders,
+        reminder_after: chrono::TimeDelta::from_std(list.reminder_after.0)
+            .unwrap_or(chrono::TimeDelta::MAX),
     };
-    consent::transition(current, input, limits, cx, now)
+    (limits, cx)
 }
 
 /// The commit of an accepted transition: its ledger event, outbox rows and, for inputs that
@@ -71,6 +97,7 @@ pub(crate) fn commit_for(
             address_hash: address_hash.to_owned(),
             reason: t.event.to_owned(),
         }),
+        lift: vec![],
     }
 }
 

@@ -38,6 +38,12 @@ pub const REQUIRED_FILES: &[&str] = &[
     "unsubscribe.html",
     "unsubscribed.html",
     "notice.html",
+    "signup.html",
+    "preferences.html",
+    "preferences_link.subject.txt",
+    "preferences_link.txt",
+    "preferences_link.html",
+    "preferences_request.html",
 ];
 
 /// `notice.html` variants, each rendered by the start-up check.
@@ -53,6 +59,10 @@ pub const NOTICES: &[&str] = &[
     "unsubscribe_invalid",
     "already_confirmed",
     "too_large",
+    "signup_received",
+    "signup_invalid",
+    "signup_cross_site",
+    "preferences_link_sent",
 ];
 
 macro_rules! builtin {
@@ -75,6 +85,12 @@ macro_rules! builtin {
                 ("unsubscribe.html", include_str!(concat!("../../templates/", $lang, "/unsubscribe.html"))),
                 ("unsubscribed.html", include_str!(concat!("../../templates/", $lang, "/unsubscribed.html"))),
                 ("notice.html", include_str!(concat!("../../templates/", $lang, "/notice.html"))),
+                ("signup.html", include_str!(concat!("../../templates/", $lang, "/signup.html"))),
+                ("preferences.html", include_str!(concat!("../../templates/", $lang, "/preferences.html"))),
+                ("preferences_link.subject.txt", include_str!(concat!("../../templates/", $lang, "/preferences_link.subject.txt"))),
+                ("preferences_link.txt", include_str!(concat!("../../templates/", $lang, "/preferences_link.txt"))),
+                ("preferences_link.html", include_str!(concat!("../../templates/", $lang, "/preferences_link.html"))),
+                ("preferences_request.html", include_str!(concat!("../../templates/", $lang, "/preferences_request.html"))),
             ]),
         )*]
     };
@@ -120,6 +136,20 @@ pub struct RenderedMail {
     pub content_hash: String,
 }
 
+/// One list as the preference centre shows it to a person.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ListChoice {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    /// The consent state's name (`confirmed`, `pending`, ...).
+    pub state: String,
+    /// Receiving it (or waiting to confirm): the page offers "leave".
+    pub on: bool,
+    /// Not receiving it and allowed to join from the page: the page offers "join".
+    pub can_join: bool,
+}
+
 /// One rendered page.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RenderedPage {
@@ -140,6 +170,12 @@ pub enum Page {
     Expired,
     Unsubscribe,
     Unsubscribed,
+    /// The hosted signup form of a list (`GET /signup/{list}`).
+    Signup,
+    /// The preference centre (`/preferences/{token}`): every list with the person's state.
+    Preferences,
+    /// "Send me a link" to the preference centre (`GET /preferences`).
+    PreferencesRequest,
     Notice(&'static str),
 }
 
@@ -151,6 +187,9 @@ impl Page {
             Self::Expired => "expired.html",
             Self::Unsubscribe => "unsubscribe.html",
             Self::Unsubscribed => "unsubscribed.html",
+            Self::Signup => "signup.html",
+            Self::Preferences => "preferences.html",
+            Self::PreferencesRequest => "preferences_request.html",
             Self::Notice(_) => "notice.html",
         }
     }
@@ -333,23 +372,49 @@ impl Templates {
         common: &Common,
         confirm_url: &str,
         unsubscribe_url: &str,
+        preferences_url: &str,
     ) -> Result<RenderedMail, TemplateError> {
         let ctx = minijinja::context! {
             lang => lang,
             confirm_url => confirm_url,
             unsubscribe_url => unsubscribe_url,
+            preferences_url => preferences_url,
             ..Value::from_serialize(common)
         };
-        let k = kind.as_str();
+        self.render_mail_files(kind.as_str(), lang, &ctx)
+    }
+
+    /// The mail with a preference-centre link a person asked for (`GET /preferences`).
+    pub fn render_preferences_link(
+        &self,
+        lang: &str,
+        common: &Common,
+        preferences_url: &str,
+    ) -> Result<RenderedMail, TemplateError> {
+        let ctx = minijinja::context! {
+            lang => lang,
+            preferences_url => preferences_url,
+            ..Value::from_serialize(common)
+        };
+        self.render_mail_files("preferences_link", lang, &ctx)
+    }
+
+    /// Subject, text and HTML of the mail whose files start with `k`.
+    fn render_mail_files(
+        &self,
+        k: &str,
+        lang: &str,
+        ctx: &Value,
+    ) -> Result<RenderedMail, TemplateError> {
         let subject = self
-            .render(lang, &format!("{k}.subject.txt"), &ctx)?
+            .render(lang, &format!("{k}.subject.txt"), ctx)?
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty())
             .collect::<Vec<_>>()
             .join(" ");
-        let text = self.render(lang, &format!("{k}.txt"), &ctx)? + "\n";
-        let html = self.render(lang, &format!("{k}.html"), &ctx)? + "\n";
+        let text = self.render(lang, &format!("{k}.txt"), ctx)? + "\n";
+        let html = self.render(lang, &format!("{k}.html"), ctx)? + "\n";
         let content_hash = content_hash(&[&subject, &text, &html]);
         Ok(RenderedMail {
             language: lang.to_owned(),
@@ -369,6 +434,18 @@ impl Templates {
         common: &Common,
         nonce: impl Fn(&str) -> String,
     ) -> Result<RenderedPage, TemplateError> {
+        self.render_page_of(page, lang, common, &[], nonce)
+    }
+
+    /// [`Templates::render_page`] with the person's lists (the preference centre).
+    pub fn render_page_of(
+        &self,
+        page: Page,
+        lang: &str,
+        common: &Common,
+        lists: &[ListChoice],
+        nonce: impl Fn(&str) -> String,
+    ) -> Result<RenderedPage, TemplateError> {
         let notice = match page {
             Page::Notice(n) => n,
             _ => "",
@@ -379,6 +456,7 @@ impl Templates {
                 notice => notice,
                 nonce => nonce,
                 page_hash => page_hash,
+                lists => Value::from_serialize(lists),
                 ..Value::from_serialize(common)
             }
         };
@@ -409,25 +487,31 @@ impl Templates {
         };
         let confirm = "https://optinsync.invalid/confirm/CHECK.TOKEN";
         let unsub = "https://optinsync.invalid/unsubscribe/CHECK.TOKEN";
+        let prefs = "https://optinsync.invalid/preferences/CHECK.TOKEN";
         for lang in &self.languages {
             for kind in [MailKind::Doi, MailKind::Reminder, MailKind::Revalidation] {
-                let m = self.render_mail(kind, lang, &common, confirm, unsub)?;
-                check_confirmation_mail(&m.html, &m.text, confirm, unsub).map_err(|e| {
+                let m = self.render_mail(kind, lang, &common, confirm, unsub, prefs)?;
+                let footer = [unsub, prefs];
+                check_confirmation_mail(&m.html, &m.text, confirm, &footer).map_err(|e| {
                     terr(format!("{}: {lang}/{}.html", self.origin, kind.as_str()), e)
                 })?;
-                check_confirmation_mail("", &m.subject, confirm, unsub).map_err(|e| {
+                check_confirmation_mail("", &m.subject, confirm, &footer).map_err(|e| {
                     terr(
                         format!("{}: {lang}/{}.subject.txt", self.origin, kind.as_str()),
                         e,
                     )
                 })?;
             }
+            self.render_preferences_link(lang, &common, prefs)?;
             let pages = [
                 Page::Confirm,
                 Page::Confirmed,
                 Page::Expired,
                 Page::Unsubscribe,
                 Page::Unsubscribed,
+                Page::Signup,
+                Page::Preferences,
+                Page::PreferencesRequest,
             ]
             .into_iter()
             .chain(NOTICES.iter().map(|n| Page::Notice(n)));
@@ -496,7 +580,7 @@ pub fn check_confirmation_mail(
     html: &str,
     text: &str,
     confirm_url: &str,
-    unsubscribe_url: &str,
+    footer: &[&str],
 ) -> Result<(), String> {
     let lower = html.to_ascii_lowercase();
     for (needle, what) in FORBIDDEN {
@@ -508,15 +592,17 @@ pub fn check_confirmation_mail(
     }
     let mut confirm = 0;
     let mut unsub = 0;
+    let mut seen = vec![0usize; footer.len()];
     for v in attribute_values(html, &lower, "href=") {
         let v = unescape(v);
         if v == confirm_url {
             confirm += 1;
-        } else if v == unsubscribe_url {
+        } else if let Some(i) = footer.iter().position(|f| *f == v) {
+            seen[i] += 1;
             unsub += 1;
         } else {
             return Err(format!(
-                "links to `{v}`: a confirmation mail may link only to the confirm page (and the unsubscribe page in its footer)"
+                "links to `{v}`: a confirmation mail may link only to the confirm page (and the unsubscribe and preferences pages in its footer)"
             ));
         }
     }
@@ -526,11 +612,13 @@ pub fn check_confirmation_mail(
             "has {confirm} confirm links: it must have exactly one confirm button"
         ));
     }
-    if unsub > 1 {
-        return Err("has more than one unsubscribe link".into());
+    if seen.iter().any(|n| *n > 1) {
+        return Err("has more than one unsubscribe (or preferences) link".into());
     }
     if anchors > confirm + unsub {
-        return Err("has a link (<a>) that is neither the confirm nor the unsubscribe link".into());
+        return Err(
+            "has a link (<a>) that is neither the confirm, unsubscribe nor preferences link".into(),
+        );
     }
     // Bare addresses in the text (and in the HTML's text) are links too for mail clients.
     for body in [text, html] {
@@ -544,7 +632,7 @@ pub fn check_confirmation_mail(
                     .take_while(|c| !c.is_whitespace() && !matches!(c, '"' | '\'' | '<' | '>'))
                     .collect();
                 let url = unescape(&url);
-                if url != confirm_url && url != unsubscribe_url {
+                if url != confirm_url && !footer.contains(&url.as_str()) {
                     return Err(format!(
                         "mentions `{url}`: a confirmation mail may link only to the confirm page (and the unsubscribe page)"
                     ));
@@ -620,12 +708,16 @@ mod tests {
             list_description: String::new(),
             ..Common::default()
         };
-        let en = t.render_mail(MailKind::Doi, "en", &common, C, U).unwrap();
+        let en = t
+            .render_mail(MailKind::Doi, "en", &common, C, U, U)
+            .unwrap();
         assert_eq!(en.subject, "Please confirm: News");
         assert!(en.html.contains(&format!("href=\"{C}\"")), "{}", en.html);
         assert!(en.html.contains("Uni &lt;Test&gt;"), "{}", en.html);
         assert!(en.text.contains("Uni <Test>") && en.text.contains(C));
-        let es = t.render_mail(MailKind::Doi, "es", &common, C, U).unwrap();
+        let es = t
+            .render_mail(MailKind::Doi, "es", &common, C, U, U)
+            .unwrap();
         assert!(es.subject.starts_with("Confirme"), "{}", es.subject);
         assert_ne!(en.content_hash, es.content_hash);
     }
@@ -649,25 +741,25 @@ mod tests {
     #[test]
     fn check_refuses_images_and_second_links() {
         let ok = format!("<p><a href=\"{C}\">Confirm</a></p><p><a href=\"{U}\">Stop</a></p>");
-        assert_eq!(check_confirmation_mail(&ok, C, C, U), Ok(()));
+        assert_eq!(check_confirmation_mail(&ok, C, C, &[U]), Ok(()));
         let img = format!("<img src=\"https://x.invalid/logo.png\">{ok}");
         assert!(
-            check_confirmation_mail(&img, "", C, U)
+            check_confirmation_mail(&img, "", C, &[U])
                 .unwrap_err()
                 .contains("image")
         );
         let pixel = format!("{ok}<img width=1 height=1 src=\"https://t.invalid/p.gif\">");
-        assert!(check_confirmation_mail(&pixel, "", C, U).is_err());
+        assert!(check_confirmation_mail(&pixel, "", C, &[U]).is_err());
         let second = format!("{ok}<a href=\"https://x.invalid/offers\">Our offers</a>");
         assert!(
-            check_confirmation_mail(&second, "", C, U)
+            check_confirmation_mail(&second, "", C, &[U])
                 .unwrap_err()
                 .contains("offers")
         );
         let twice = format!("{ok}<a href=\"{C}\">Confirm again</a>");
-        assert!(check_confirmation_mail(&twice, "", C, U).is_err());
+        assert!(check_confirmation_mail(&twice, "", C, &[U]).is_err());
         let text_link = format!("Visit https://x.invalid/shop now\n{C}");
-        assert!(check_confirmation_mail(&ok, &text_link, C, U).is_err());
+        assert!(check_confirmation_mail(&ok, &text_link, C, &[U]).is_err());
     }
 
     #[test]

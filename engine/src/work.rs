@@ -70,6 +70,11 @@ pub enum OutboxWork {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         email: Option<String>,
     },
+    /// Create the person of a website signup in the CRM (or update the record with their
+    /// address); the record it answers is kept on the contact for later write-backs.
+    CrmUpsert {},
+    /// A mail with a preference-centre link the person asked for (`GET /preferences`).
+    PreferencesLinkMail {},
 }
 
 impl OutboxWork {
@@ -90,6 +95,8 @@ impl OutboxWork {
             Self::CampaignsRequestDoi { .. } => "campaigns_request_doi",
             Self::CampaignsRemove { .. } => "campaigns_remove",
             Self::CrmWriteBack { .. } => "crm_write_back",
+            Self::CrmUpsert {} => "crm_upsert",
+            Self::PreferencesLinkMail {} => "preferences_link_mail",
         }
     }
 
@@ -109,11 +116,11 @@ impl OutboxWork {
     /// The connector that delivers this work.
     pub fn connector(&self) -> ConnectorRole {
         match self {
-            Self::Mail { .. } => ConnectorRole::Mail,
+            Self::Mail { .. } | Self::PreferencesLinkMail {} => ConnectorRole::Mail,
             Self::CampaignsSubscribe {}
             | Self::CampaignsRequestDoi { .. }
             | Self::CampaignsRemove { .. } => ConnectorRole::Campaigns,
-            Self::CrmWriteBack { .. } => ConnectorRole::Crm,
+            Self::CrmWriteBack { .. } | Self::CrmUpsert {} => ConnectorRole::Crm,
         }
     }
 

@@ -32,6 +32,10 @@ enum Op {
     Bounce,
     Complaint,
     PersonSignup(Tok),
+    /// A website signup (`POST /signup/{list}`).
+    Signup(Tok),
+    /// A join on the preference centre (its mailed link's token).
+    PreferencesJoin(Tok),
     Erase,
     /// The campaigns tool's confirmation — must always be refused on these (optinsync-DOI)
     /// lists, which the properties below check.
@@ -42,6 +46,8 @@ enum Op {
 struct Step {
     op: Op,
     suppressed: bool,
+    /// With `suppressed`: the suppression is an erasure's alone.
+    erasure_only: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -80,6 +86,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Bounce),
         1 => Just(Op::Complaint),
         3 => tok().prop_map(Op::PersonSignup),
+        3 => tok().prop_map(Op::Signup),
+        2 => tok().prop_map(Op::PreferencesJoin),
         1 => Just(Op::Erase),
         2 => Just(Op::CampaignsConfirmed),
     ]
@@ -89,7 +97,13 @@ fn case() -> impl Strategy<Value = Case> {
     (
         0u32..=3,
         prop::collection::vec(
-            (op(), prop::bool::weighted(0.15)).prop_map(|(op, suppressed)| Step { op, suppressed }),
+            (op(), prop::bool::weighted(0.15), prop::bool::weighted(0.4)).prop_map(
+                |(op, suppressed, erased)| Step {
+                    op,
+                    suppressed,
+                    erasure_only: suppressed && erased,
+                },
+            ),
             0..60,
         ),
     )
@@ -131,15 +145,22 @@ impl Rec {
         self.accepted().is_some()
             && matches!(
                 self.input,
-                Input::SendDoi { .. } | Input::SendRevalidation { .. } | Input::PersonSignup { .. }
+                Input::SendDoi { .. }
+                    | Input::SendRevalidation { .. }
+                    | Input::PersonSignup { .. }
+                    | Input::Signup { .. }
             )
     }
 
+    /// An accepted confirmation: of the signup's link, or a join on the preference centre
+    /// (its link was mailed: the same proof of the mailbox).
     fn accepted_confirm(&self) -> bool {
-        matches!(self.input, Input::Confirm { .. })
-            && self
-                .accepted()
-                .is_some_and(|t| t.to == ConsentState::Confirmed)
+        matches!(
+            self.input,
+            Input::Confirm { .. } | Input::PreferencesJoin { .. }
+        ) && self
+            .accepted()
+            .is_some_and(|t| t.to == ConsentState::Confirmed)
     }
 }
 
@@ -180,6 +201,12 @@ fn input_of(op: &Op, current: &Consent, i: usize) -> Input {
         Op::PersonSignup(k) => Input::PersonSignup {
             token: resolve(k, current, i),
         },
+        Op::Signup(k) => Input::Signup {
+            token: resolve(k, current, i),
+        },
+        Op::PreferencesJoin(k) => Input::PreferencesJoin {
+            token: resolve(k, current, i),
+        },
         Op::Erase => Input::Erase,
         Op::CampaignsConfirmed => Input::CampaignsConfirmed,
     }
@@ -188,6 +215,8 @@ fn input_of(op: &Op, current: &Consent, i: usize) -> Input {
 fn limits(case: &Case) -> Limits {
     Limits {
         max_reminders: case.max_reminders,
+        // Steps are a minute apart: signups land on both sides of the window.
+        reminder_after: chrono::Duration::minutes(5),
     }
 }
 
@@ -202,6 +231,7 @@ fn run(case: &Case) -> Vec<Rec> {
         let cx = Context {
             suppressed: step.suppressed,
             campaigns_doi: false,
+            erasure_only: step.erasure_only,
         };
         let result = transition(&current, &input, limits(case), cx, now);
         let after = match &result {
@@ -277,13 +307,15 @@ proptest! {
                         Some(token.as_str()),
                         "step {}: {:?}", i, r
                     ),
+                    Input::PreferencesJoin { .. } => prop_assert!(!r.cx.suppressed, "step {}: {:?}", i, r),
                     other => prop_assert!(false, "step {}: Subscribe on {:?}", i, other),
                 }
             }
             if t.to == ConsentState::Confirmed && t.from != ConsentState::Confirmed {
                 prop_assert!(
                     matches!(&r.input, Input::Confirm { token }
-                        if r.before.signup_token.as_deref() == Some(token.as_str())),
+                        if r.before.signup_token.as_deref() == Some(token.as_str()))
+                        || matches!(&r.input, Input::PreferencesJoin { .. }),
                     "step {}: entered confirmed without a valid confirm: {:?}", i, r
                 );
             }
@@ -312,8 +344,9 @@ proptest! {
         }
     }
 
-    /// Withdrawal wins: out of withdrawn/bounced/complained only by the person's own signup,
-    /// back to confirmed only by confirming that signup; erased is final.
+    /// Withdrawal wins: out of withdrawn/bounced/complained only by the person's own signup
+    /// or join on the preference centre, back to confirmed only by confirming that signup (or
+    /// that join); erased is final.
     #[test]
     fn withdrawal_is_sticky(case in case()) {
         let history = run(&case);
@@ -334,12 +367,18 @@ proptest! {
                 if let Some(t) = r.accepted() {
                     let ok = t.to.is_withdrawal()
                         || (t.to == ConsentState::Pending
-                            && matches!(r.input, Input::PersonSignup { .. }));
+                            && matches!(r.input, Input::PersonSignup { .. } | Input::Signup { .. }))
+                        || (t.to == ConsentState::Confirmed
+                            && matches!(r.input, Input::PreferencesJoin { .. }));
                     prop_assert!(ok, "step {}: left {:?} to {:?} on {:?}", i, from, t.to, r.input);
                 }
             }
             if let Some(t) = r.accepted() {
-                if t.to == ConsentState::Confirmed {
+                // The person's own join on the preference centre (a mailed link) is a
+                // fresh choice of theirs, like a new signup confirmed.
+                if t.to == ConsentState::Confirmed
+                    && !matches!(r.input, Input::PreferencesJoin { .. })
+                {
                     prop_assert!(
                         !withdrawn_without_new_signup,
                         "step {}: confirmed after a withdrawal without a new signup: {:?}", i, history
@@ -347,7 +386,10 @@ proptest! {
                 }
                 if t.to.is_withdrawal() {
                     withdrawn_without_new_signup = true;
-                } else if matches!(r.input, Input::PersonSignup { .. }) {
+                } else if matches!(
+                    r.input,
+                    Input::PersonSignup { .. } | Input::Signup { .. } | Input::PreferencesJoin { .. }
+                ) {
                     withdrawn_without_new_signup = false;
                 }
             }
@@ -381,12 +423,28 @@ proptest! {
         }
     }
 
-    /// No confirmation mail to a suppressed address.
+    /// No confirmation mail to a suppressed address, except the DOI mail of a website
+    /// signup for an address suppressed by its erasure alone (the way back of its person).
     #[test]
     fn no_mail_when_suppressed(case in case()) {
         for (i, r) in run(&case).iter().enumerate() {
-            if r.cx.suppressed {
+            let way_back = r.cx.erasure_only && matches!(r.input, Input::Signup { .. });
+            if r.cx.suppressed && !way_back {
                 prop_assert_eq!(r.mails(), 0, "step {}: mail while suppressed: {:?}", i, r);
+            }
+        }
+    }
+
+    /// A website signup never mails an open signup again inside the reminder window.
+    #[test]
+    fn website_signup_respects_the_reminder_window(case in case()) {
+        let window = limits(&case).reminder_after;
+        for (i, r) in run(&case).iter().enumerate() {
+            if matches!(r.input, Input::Signup { .. }) && r.before.state == ConsentState::Pending {
+                let now = t0() + chrono::Duration::minutes(i as i64 + 1);
+                if now - r.before.since < window {
+                    prop_assert_eq!(r.mails(), 0, "step {}: re-mailed inside the window: {:?}", i, r);
+                }
             }
         }
     }
@@ -440,8 +498,9 @@ fn person_signup_of_suppressed_address_sends_no_mail() {
     let cx = Context {
         suppressed: true,
         campaigns_doi: false,
+        erasure_only: false,
     };
-    let lim = Limits { max_reminders: 1 };
+    let lim = Limits::with_reminders(1);
     let r = transition(
         &Consent::new(t0()),
         &Input::PersonSignup { token: "t1".into() },

@@ -161,6 +161,10 @@ store_contract! {
     check_rename_contact => sqlite_check_rename_contact, postgres_check_rename_contact;
     check_erase_sets_the_erased_flag =>
         sqlite_check_erase_sets_the_erased_flag, postgres_check_erase_sets_the_erased_flag;
+    check_append_with_outbox =>
+        sqlite_check_append_with_outbox, postgres_check_append_with_outbox;
+    check_suppression_list_and_lift =>
+        sqlite_check_suppression_list_and_lift, postgres_check_suppression_list_and_lift;
     check_console_reads => sqlite_check_console_reads, postgres_check_console_reads;
     check_ledger_head_and_pending_removals =>
         sqlite_check_ledger_head_and_pending_removals, postgres_check_ledger_head_and_pending_removals;
@@ -297,6 +301,7 @@ fn simple_commit(
         event: event(contact_id, list_id, to.as_str(), from, to, at),
         outbox: vec![],
         suppress: None,
+        lift: vec![],
     }
 }
 
@@ -662,6 +667,7 @@ async fn check_commit(db: TestDb) {
                 ..outbox("mail", PRIORITY_NORMAL, "mail-1", &c, "news")
             }],
             suppress: None,
+            lift: vec![],
         })
         .await
         .expect("commit 2");
@@ -695,6 +701,7 @@ async fn check_commit(db: TestDb) {
                 address_hash: "hash-commit".into(),
                 reason: "bounced".into(),
             }),
+            lift: vec![],
         })
         .await
         .expect("commit 3");
@@ -2550,4 +2557,140 @@ async fn old_erased_row_is_migrated(backend: Backend, url: &str) {
         .expect("kept");
     assert!(!live.erased);
     assert_eq!(live.id, "c-live");
+}
+
+/// The suppression list is read by hash and whole, and lifted with its ledger event in one
+/// transaction (by a commit, or alone); a lift that removes nothing records nothing.
+async fn check_suppression_list_and_lift(db: TestDb) {
+    let s = &*db.store;
+    let a = new_contact(s, "a@example.org").await;
+    let b = new_contact(s, "b@example.org").await;
+    for (c, hash, reason, at) in [(&a, "ha", "erased", t(1)), (&b, "hb", "bounced", t(2))] {
+        s.commit(&Commit {
+            suppress: Some(Suppression {
+                address_hash: hash.into(),
+                reason: reason.into(),
+            }),
+            ..simple_commit(
+                c,
+                "news",
+                None,
+                ConsentState::None,
+                ConsentState::Bounced,
+                at,
+            )
+        })
+        .await
+        .expect("commit");
+    }
+    let all = s.suppressions().await.expect("suppressions");
+    assert_eq!(
+        all.iter()
+            .map(|x| (x.address_hash.as_str(), x.reason.as_str()))
+            .collect::<Vec<_>>(),
+        vec![("ha", "erased"), ("hb", "bounced")]
+    );
+    assert_eq!(all[0].at, t(1));
+    let of = s
+        .suppressions_of(&["hb".into(), "nope".into()])
+        .await
+        .expect("suppressions_of");
+    assert_eq!(of.len(), 1);
+    assert_eq!(of[0].reason, "bounced");
+
+    // A commit that lifts: the event and the deletion together.
+    let head = whole_ledger(s).await.len();
+    s.commit(&Commit {
+        lift: vec!["ha".into()],
+        ..simple_commit(
+            &a,
+            "other",
+            None,
+            ConsentState::Pending,
+            ConsentState::Confirmed,
+            t(3),
+        )
+    })
+    .await
+    .expect("commit with lift");
+    assert!(!s.is_suppressed("ha").await.expect("read"));
+    assert_eq!(whole_ledger(s).await.len(), head + 1);
+
+    // Alone: the operator's lift with its event; nothing to lift records nothing.
+    let lift_b = |at| {
+        let ev = event(
+            &b,
+            "news",
+            "suppression_lifted",
+            ConsentState::Bounced,
+            ConsentState::Bounced,
+            at,
+        );
+        async move {
+            s.lift_suppressions(&["hb".into()], &[ev])
+                .await
+                .expect("lift")
+        }
+    };
+    assert_eq!(lift_b(t(4)).await, 1);
+    assert!(s.suppressions().await.expect("suppressions").is_empty());
+    let n = whole_ledger(s).await.len();
+    assert_eq!(n, head + 2);
+    assert_eq!(lift_b(t(5)).await, 0);
+    assert_eq!(
+        whole_ledger(s).await.len(),
+        n,
+        "nothing lifted, nothing recorded"
+    );
+    assert_eq!(verify_stored_chain(s).await.expect("chain"), n as u64);
+}
+
+/// An event that changes no consent, with its outbox rows, in one transaction: the rows name
+/// the event, a repeated key is ignored, the consent is untouched.
+async fn check_append_with_outbox(db: TestDb) {
+    let s = &*db.store;
+    let c = new_contact(s, "a@example.org").await;
+    let ev = event(
+        &c,
+        "news",
+        "preferences_link_requested",
+        ConsentState::None,
+        ConsentState::None,
+        t(1),
+    );
+    let row = outbox(
+        "preferences_link_mail",
+        PRIORITY_NORMAL,
+        "preferences-link:1",
+        &c,
+        "news",
+    );
+    let sealed = s
+        .append_with_outbox(&ev, std::slice::from_ref(&row))
+        .await
+        .expect("append");
+    assert_eq!(sealed.kind, "preferences_link_requested");
+    let again = event(
+        &c,
+        "news",
+        "preferences_link_requested",
+        ConsentState::None,
+        ConsentState::None,
+        t(2),
+    );
+    s.append_with_outbox(&again, &[row])
+        .await
+        .expect("append again");
+    let claimed = s
+        .claim_outbox("w", t(100), t(200), 10)
+        .await
+        .expect("claim");
+    assert_eq!(
+        keys(&claimed),
+        vec!["preferences-link:1"],
+        "one row per key"
+    );
+    assert_eq!(claimed[0].event_seq, Some(sealed.seq));
+    assert_eq!(s.consent(&c, "news").await.expect("consent"), None);
+    assert_eq!(verify_stored_chain(s).await.expect("chain"), 2);
 }

@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     // 1. The text as a link token.
-    for purpose in [Purpose::Confirm, Purpose::Unsubscribe] {
+    for purpose in [Purpose::Confirm, Purpose::Unsubscribe, Purpose::Preferences] {
         for now in [0, i64::MAX, i64::MIN] {
             match keys.verify(text, purpose, now) {
                 Ok(claims) => {

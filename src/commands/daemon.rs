@@ -115,6 +115,12 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
         .await
         .with_context(|| format!("cannot listen on {listen} (server.listen)"))?;
     tracing::info!(%listen, public_url = %engine.settings().server.public_url, "HTTP server listening");
+    if !engine.connectors().crm.creates_records() {
+        // The operator must know where website signups end up (`/signup/{list}`).
+        tracing::warn!(
+            "the CRM connector cannot create records: people who sign up on the website live in optinsync only (the CRM learns of them only if it gets them some other way); with Zoho CRM set `signup_module`"
+        );
+    }
 
     let pass_now = Arc::new(tokio::sync::Notify::new());
     // Kept alive for the whole run.

@@ -20,12 +20,14 @@ mod daemon;
 mod inspect;
 mod outbox;
 mod rules;
+mod suppression;
 
 pub use connector::connector_check;
 pub use daemon::{run, sync_once};
 pub use inspect::{contact_show, erase, import_existing, ledger_verify, migrate, status};
 pub use outbox::{outbox_drop, outbox_failed, outbox_retry};
 pub use rules::{rules_check, rules_simulate};
+pub use suppression::{suppression_lift, suppression_list, suppression_show};
 
 pub(crate) fn load_config(path: &Path) -> Result<LoadedConfig, Failure> {
     LoadedConfig::load(path).map_err(|e| Failure::Config(e.into()))

@@ -98,6 +98,8 @@ pub struct ZohoState {
     pub deleted: BTreeMap<String, Vec<(DateTime<Utc>, Value)>>,
     /// Every accepted update call: `{"module": ..., "body": ...}`.
     pub updates: Vec<Value>,
+    /// Every accepted upsert call (`POST /crm/v8/{module}/upsert`): `{"module": ..., "body": ...}`.
+    pub upserts: Vec<Value>,
     /// Ids whose update is refused with `INVALID_DATA` (for 207 partial success).
     pub reject_updates: HashSet<String>,
     pub faults: VecDeque<Fault>,
@@ -139,6 +141,7 @@ impl ZohoState {
             modules,
             deleted: BTreeMap::new(),
             updates: Vec::new(),
+            upserts: Vec::new(),
             reject_updates: HashSet::new(),
             faults: VecDeque::new(),
             random_faults: None,
@@ -375,6 +378,11 @@ impl FakeZoho {
         self.lock().token_requests
     }
 
+    /// The accepted upsert calls, oldest first.
+    pub fn upserts(&self) -> Vec<Value> {
+        self.lock().upserts.clone()
+    }
+
     pub fn updates(&self) -> Vec<Value> {
         self.lock().updates.clone()
     }
@@ -466,6 +474,7 @@ fn router(state: Shared) -> Router {
         .route("/crm/v8/settings/fields", get(field_metadata))
         .route("/crm/v8/{module}", get(list).put(update))
         .route("/crm/v8/{module}/deleted", get(deleted))
+        .route("/crm/v8/{module}/upsert", post(upsert))
         .route("/crm/v8/{module}/{id}", get(one))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -1119,42 +1128,12 @@ async fn update(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(r) = gate(&state, &headers).await {
-        return r;
-    }
-    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
     let path = format!("/crm/v8/{module}");
-    let Ok(parsed) = serde_json::from_slice::<Value>(&body) else {
-        log(&mut s, "PUT", &path, "", None, 400, 0);
-        return envelope(400, "INVALID_DATA", "body is not JSON", json!({}));
-    };
-    let Some(items) = parsed.get("data").and_then(Value::as_array).cloned() else {
-        log(&mut s, "PUT", &path, "", None, 400, 0);
-        return envelope(
-            400,
-            "REQUIRED_PARAM_MISSING",
-            "data is missing",
-            json!({"param_name": "data"}),
-        );
-    };
-    if items.len() > 100 {
-        log(&mut s, "PUT", &path, "", None, 400, 0);
-        return envelope(
-            400,
-            "LIMIT_EXCEEDED",
-            "more than 100 records",
-            json!({"limit": 100}),
-        );
-    }
-    if !s.modules.contains_key(&module) {
-        log(&mut s, "PUT", &path, "", None, 400, 0);
-        return envelope(
-            400,
-            "INVALID_MODULE",
-            "the module name given seems to be invalid",
-            json!({}),
-        );
-    }
+    let (mut s, parsed, items) =
+        match write_request(&state, &headers, "PUT", &path, &module, &body).await {
+            Ok(r) => r,
+            Err(refused) => return *refused,
+        };
     let now = now_s();
     let mut results = Vec::new();
     let mut ok = 0;
@@ -1174,23 +1153,7 @@ async fn update(
             results.push(json!({"code": "INVALID_DATA", "details": {"api_name": "id", "json_path": format!("$.data[{i}].id"), "id": id}, "message": "the related id given seems to be invalid", "status": "error"}));
             continue;
         };
-        if let Value::Object(changes) = item {
-            for (k, v) in changes {
-                if k == "id" {
-                    continue;
-                }
-                match (r.fields.get_mut(k), v) {
-                    (Some(Value::Object(old)), Value::Object(new)) => {
-                        for (nk, nv) in new {
-                            old.insert(nk.clone(), nv.clone());
-                        }
-                    }
-                    _ => {
-                        r.fields.insert(k.clone(), v.clone());
-                    }
-                }
-            }
-        }
+        merge_fields(r, item);
         r.modified = now;
         ok += 1;
         results.push(json!({"code": "SUCCESS", "details": {"Modified_Time": rendered_now, "Modified_By": {"name": "API User", "id": "1"}, "Created_Time": rendered_now, "id": id, "Created_By": {"name": "API User", "id": "1"}}, "message": "record updated", "status": "success"}));
@@ -1204,6 +1167,178 @@ async fn update(
         207
     };
     log(&mut s, "PUT", &path, "", None, status, ok);
+    let credits = s.credits_remaining;
+    with_credits(json_response(status, &json!({"data": results})), credits)
+}
+
+/// The checks every write call makes before looking at records (the token and seeded
+/// faults, the body, `data`, at most 100 records, a known module): the locked state, the body
+/// and its records, or the refusal (logged).
+async fn write_request<'s>(
+    state: &'s Shared,
+    headers: &HeaderMap,
+    method: &str,
+    path: &str,
+    module: &str,
+    body: &[u8],
+) -> Result<(MutexGuard<'s, ZohoState>, Value, Vec<Value>), Box<Response>> {
+    if let Some(r) = gate(state, headers).await {
+        return Err(Box::new(r));
+    }
+    let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+    let refuse = |s: &mut ZohoState, r: Response| {
+        log(s, method, path, "", None, 400, 0);
+        Err(Box::new(r))
+    };
+    let Ok(parsed) = serde_json::from_slice::<Value>(body) else {
+        return refuse(
+            &mut s,
+            envelope(400, "INVALID_DATA", "body is not JSON", json!({})),
+        );
+    };
+    let Some(items) = parsed.get("data").and_then(Value::as_array).cloned() else {
+        let r = envelope(
+            400,
+            "REQUIRED_PARAM_MISSING",
+            "data is missing",
+            json!({"param_name": "data"}),
+        );
+        return refuse(&mut s, r);
+    };
+    if items.len() > 100 {
+        let r = envelope(
+            400,
+            "LIMIT_EXCEEDED",
+            "more than 100 records",
+            json!({"limit": 100}),
+        );
+        return refuse(&mut s, r);
+    }
+    if !s.modules.contains_key(module) {
+        let r = envelope(
+            400,
+            "INVALID_MODULE",
+            "the module name given seems to be invalid",
+            json!({}),
+        );
+        return refuse(&mut s, r);
+    }
+    Ok((s, parsed, items))
+}
+
+/// Apply a write's fields to a record: nested objects (the consent lookup) are merged.
+fn merge_fields(r: &mut FakeRecord, item: &Value) {
+    let Value::Object(changes) = item else { return };
+    for (k, v) in changes {
+        if k == "id" {
+            continue;
+        }
+        match (r.fields.get_mut(k), v) {
+            (Some(Value::Object(old)), Value::Object(new)) => {
+                for (nk, nv) in new {
+                    old.insert(nk.clone(), nv.clone());
+                }
+            }
+            _ => {
+                r.fields.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// `POST /crm/v8/{module}/upsert`: insert, or update the record whose
+/// `duplicate_check_fields` match (default: the module's system check, `Email`, for Contacts
+/// and Leads). Per record `action` is `insert` or `update` and `duplicate_field` the field
+/// that matched; `201` when anything was inserted, else `200`; `Last_Name` is mandatory on an
+/// insert into Contacts or Leads.
+async fn upsert(
+    State(state): State<Shared>,
+    Path(module): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let path = format!("/crm/v8/{module}/upsert");
+    let (mut s, parsed, items) =
+        match write_request(&state, &headers, "POST", &path, &module, &body).await {
+            Ok(r) => r,
+            Err(refused) => return *refused,
+        };
+    let check: Vec<String> = parsed
+        .get("duplicate_check_fields")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_else(|| vec!["Email".to_owned()]);
+    let now = now_s();
+    let rendered_now = s.render_time(now);
+    let mut results = Vec::new();
+    let (mut ok, mut inserted) = (0, false);
+    for (i, item) in items.iter().enumerate() {
+        let same = |a: &Value, b: &Value| match (a.as_str(), b.as_str()) {
+            (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+            _ => a == b,
+        };
+        let matched = s.modules.get(&module).and_then(|m| {
+            m.iter().find_map(|(id, r)| {
+                check
+                    .iter()
+                    .find(|f| {
+                        matches!((r.fields.get(*f), item.get(*f)), (Some(a), Some(b)) if same(a, b))
+                    })
+                    .map(|f| (id.clone(), f.clone()))
+            })
+        });
+        let (id, action, duplicate_field, message) = match matched {
+            Some((id, field)) => {
+                if let Some(r) = s.modules.get_mut(&module).and_then(|m| m.get_mut(&id)) {
+                    merge_fields(r, item);
+                    r.modified = now;
+                }
+                (id, "update", Value::String(field), "record updated")
+            }
+            None => {
+                let needs_last_name = matches!(module.as_str(), "Contacts" | "Leads");
+                if needs_last_name
+                    && item
+                        .get("Last_Name")
+                        .and_then(Value::as_str)
+                        .is_none_or(str::is_empty)
+                {
+                    results.push(json!({"code": "MANDATORY_NOT_FOUND", "details": {"api_name": "Last_Name", "json_path": format!("$.data[{i}].Last_Name")}, "message": "required field not found", "status": "error"}));
+                    continue;
+                }
+                let id = s.new_id();
+                let mut fields = Map::new();
+                fields.insert("id".into(), Value::String(id.clone()));
+                let mut record = FakeRecord {
+                    modified: now,
+                    fields,
+                    raw: false,
+                };
+                merge_fields(&mut record, item);
+                s.modules
+                    .entry(module.clone())
+                    .or_default()
+                    .insert(id.clone(), record);
+                inserted = true;
+                (id, "insert", Value::Null, "record added")
+            }
+        };
+        ok += 1;
+        results.push(json!({"code": "SUCCESS", "duplicate_field": duplicate_field, "action": action, "details": {"Modified_Time": rendered_now, "Modified_By": {"name": "API User", "id": "1"}, "Created_Time": rendered_now, "id": id, "Created_By": {"name": "API User", "id": "1"}}, "message": message, "status": "success"}));
+    }
+    s.upserts.push(json!({"module": module, "body": parsed}));
+    let status = match (ok == results.len(), ok) {
+        (_, 0) => 400,
+        (true, _) if inserted => 201,
+        (true, _) => 200,
+        _ => 207,
+    };
+    log(&mut s, "POST", &path, "", None, status, ok);
     let credits = s.credits_remaining;
     with_credits(json_response(status, &json!({"data": results})), credits)
 }

@@ -27,6 +27,7 @@ mod outbox;
 mod pairings;
 mod postgres;
 mod rules;
+mod signup;
 mod status_webhooks;
 mod support;
 mod zoho;

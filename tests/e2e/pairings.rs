@@ -171,27 +171,7 @@ doi = "optinsync"
 }
 
 fn zoho_crm(fake: &zoho::FakeZoho) -> impl FnOnce(&Demo) -> String + '_ {
-    move |_| {
-        format!(
-            r#"[connectors.crm]
-kind = "zoho-crm"
-client_id = "{}"
-client_secret = "{}"
-refresh_token = "{}"
-accounts_url = "{url}"
-api_url = "{url}"
-modules = ["Contacts"]
-fields = ["First_Name", "Last_Name"]
-
-[connectors.crm.asserts]
-newsletter = "Newsletter"
-"#,
-            zoho::CLIENT_ID,
-            zoho::CLIENT_SECRET,
-            zoho::REFRESH_TOKEN,
-            url = fake.url(),
-        )
-    }
+    move |_| zoho_crm_section(fake, "")
 }
 
 /// The member's status in the fake audience.

@@ -205,19 +205,23 @@ impl Demo {
     }
 
     pub fn state(&self, email: &str, list: &str) -> String {
-        let v = self.contact_json(email);
-        v["consents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["list"] == list)
-            .map(|c| c["consent"]["state"].as_str().unwrap().to_owned())
-            .unwrap_or_else(|| "none".into())
+        state_in(&self.contact_json(email), list)
     }
 
     pub fn sqlite_url(&self) -> String {
         format!("sqlite://{}", self.path("var/optinsync.db").display())
     }
+}
+
+/// The state on `list` in a `contact show --json` answer (`none` if it has none).
+pub fn state_in(contact: &serde_json::Value, list: &str) -> String {
+    contact["consents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["list"] == list)
+        .map(|c| c["consent"]["state"].as_str().unwrap().to_owned())
+        .unwrap_or_else(|| "none".into())
 }
 
 pub fn link_in(mail: &str, marker: &str) -> String {
@@ -411,6 +415,32 @@ impl Demo {
             .await
             .unwrap()
     }
+}
+
+/// A `[connectors.crm]` section for the fake Zoho CRM (Contacts, `First_Name` and
+/// `Last_Name` read, `Newsletter` asserting the newsletter), with `extra` keys.
+pub fn zoho_crm_section(fake: &optinsync_testkit::zoho::FakeZoho, extra: &str) -> String {
+    use optinsync_testkit::zoho;
+    format!(
+        r#"[connectors.crm]
+kind = "zoho-crm"
+client_id = "{}"
+client_secret = "{}"
+refresh_token = "{}"
+accounts_url = "{url}"
+api_url = "{url}"
+modules = ["Contacts"]
+fields = ["First_Name", "Last_Name"]
+{extra}
+
+[connectors.crm.asserts]
+newsletter = "Newsletter"
+"#,
+        zoho::CLIENT_ID,
+        zoho::CLIENT_SECRET,
+        zoho::REFRESH_TOKEN,
+        url = fake.url(),
+    )
 }
 
 /// Confirm the signup mailed to `email` as a browser does (page, then button); the answer

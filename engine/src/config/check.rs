@@ -7,8 +7,8 @@ use std::path::Path;
 
 use super::{
     AdminConfig, Config, ConfigError, ConnectorsConfig, ConsoleConfig, DEMO_TOKEN_SECRET,
-    ListConfig, RulesConfig, SenderConfig, ServerConfig, StoreConfig, TemplatesConfig, TokenConfig,
-    is_loopback_host, url_host,
+    ListConfig, RulesConfig, SenderConfig, ServerConfig, SignupConfig, StoreConfig,
+    TemplatesConfig, TokenConfig, is_loopback_host, url_host,
 };
 use crate::templates::Templates;
 
@@ -159,6 +159,31 @@ pub(super) fn server(server: &mut ServerConfig, at: &Place) -> Result<(), Config
         return Err(at.invalid("server.public_url", "must start with http:// or https://"));
     }
     server.public_url = server.public_url.trim_end_matches('/').to_owned();
+    Ok(())
+}
+
+/// `[signup]`: allowed origins are `scheme://host[:port]`, kept lower case as browsers
+/// send them; the limits are at least one.
+pub(super) fn signup(signup: &mut SignupConfig, at: &Place) -> Result<(), ConfigError> {
+    for (i, o) in signup.allowed_origins.iter_mut().enumerate() {
+        let lower = o.trim().trim_end_matches('/').to_ascii_lowercase();
+        let authority = lower
+            .strip_prefix("https://")
+            .or_else(|| lower.strip_prefix("http://"));
+        if authority.is_none_or(|a| a.is_empty() || a.contains(['/', '?', '#', '*', ' '])) {
+            return Err(at.invalid(
+                &format!("signup.allowed_origins[{i}]"),
+                format!("`{o}` must be an origin like https://www.example.org (no path)"),
+            ));
+        }
+        *o = lower;
+    }
+    if signup.per_client_per_hour == 0 || signup.per_address_per_hour == 0 {
+        return Err(at.invalid(
+            "signup.per_client_per_hour",
+            "signup limits must be at least 1 (per_client_per_hour, per_address_per_hour)",
+        ));
+    }
     Ok(())
 }
 

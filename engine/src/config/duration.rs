@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
-/// A duration written for humans: `"45s"`, `"10m"`, `"3h"`, `"14d"`, `"2w"`, `"3y"`.
+/// A duration written for humans: `"250ms"`, `"45s"`, `"10m"`, `"3h"`, `"14d"`, `"2w"`, `"3y"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HumanDuration(pub Duration);
 
@@ -19,6 +19,10 @@ impl HumanDuration {
         let n: u64 = num.parse().map_err(|_| {
             format!("`{s}` is not a duration like \"30s\", \"10m\", \"3h\", \"14d\"")
         })?;
+        // Milliseconds, for the few settings below a second (`[signup] answer_floor`).
+        if unit.trim() == "ms" {
+            return Ok(Self(Duration::from_millis(n.min(Self::MAX_SECS))));
+        }
         let factor: u64 = match unit.trim() {
             "s" => 1,
             "m" => 60,
@@ -29,7 +33,7 @@ impl HumanDuration {
             "y" => 365 * 86_400,
             other => {
                 return Err(format!(
-                    "unknown duration unit `{other}` in `{s}` (use s, m, h, d, w or y)"
+                    "unknown duration unit `{other}` in `{s}` (use ms, s, m, h, d, w or y)"
                 ));
             }
         };

@@ -67,10 +67,56 @@ pub struct Config {
     /// `[retention]`: how long proof and unconfirmed signups are kept ([`crate::retention`]).
     #[serde(default)]
     pub retention: RetentionConfig,
+    /// `[signup]`: the website signup endpoint (`/signup/{list}`).
+    #[serde(default)]
+    pub signup: SignupConfig,
     /// `[metrics]`: how often `run` refreshes the gauges it reads from the store, the ledger
     /// and the campaigns tool.
     #[serde(default)]
     pub metrics: MetricsConfig,
+}
+
+/// `[signup]`: who may post signups from a browser, and the limits against abuse.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignupConfig {
+    /// Sites whose pages may post signups (`https://www.example.org`): the CORS allow-list of
+    /// the JSON variant, and the `Origin`s a form post is accepted from besides the public
+    /// URL's own (the hosted page). Empty: only the hosted page and clients that send no
+    /// `Origin`.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Signups one client (an IPv4 address or an IPv6 /64) may post per hour.
+    #[serde(default = "default_signups_per_client")]
+    pub per_client_per_hour: u32,
+    /// Signups for one address per hour; more are answered alike and do nothing.
+    #[serde(default = "default_signups_per_address")]
+    pub per_address_per_hour: u32,
+    /// Every answer to a signup takes at least this long, so its timing says nothing about
+    /// the address (the work differs a little between a new and a known address).
+    #[serde(default = "default_answer_floor")]
+    pub answer_floor: HumanDuration,
+}
+
+fn default_signups_per_client() -> u32 {
+    20
+}
+fn default_signups_per_address() -> u32 {
+    3
+}
+fn default_answer_floor() -> HumanDuration {
+    HumanDuration(Duration::from_millis(250))
+}
+
+impl Default for SignupConfig {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            per_client_per_hour: default_signups_per_client(),
+            per_address_per_hour: default_signups_per_address(),
+            answer_floor: default_answer_floor(),
+        }
+    }
 }
 
 /// `[admin]`: the admin JSON API (`/admin/...`, served by the web layer).
@@ -637,6 +683,7 @@ impl LoadedConfig {
         check::connectors(&mut config.connectors, &at)?;
         check::lists(&config.lists, &at)?;
         check::server(&mut config.server, &at)?;
+        check::signup(&mut config.signup, &at)?;
         check::sender(&config.sender, &at)?;
         check::demo_secret_and_key_ids(&config, &at)?;
         let templates = check::templates(&mut config.templates, &at)?;

@@ -1105,8 +1105,9 @@ mod tests {
         let cx = crate::consent::Context {
             suppressed: false,
             campaigns_doi: true,
+            erasure_only: false,
         };
-        let limits = crate::consent::Limits { max_reminders: 1 };
+        let limits = crate::consent::Limits::with_reminders(1);
         let mut proposed = 0;
         for state in ConsentState::ALL {
             for days in [0, 2, 5, 11, 40, 400] {

@@ -78,13 +78,7 @@ fn classify(
     now: DateTime<Utc>,
 ) -> Result<Vec<(Action, bool)>, ()> {
     let proposals = set.decide_owned(maps.0, maps.1, maps.2).map_err(|_| ())?;
-    let limits = consent::Limits {
-        max_reminders: list.max_reminders,
-    };
-    let cx = consent::Context {
-        suppressed,
-        campaigns_doi: list.doi == crate::config::DoiMode::Campaigns,
-    };
+    let (limits, cx) = crate::plan::limits_and_context(list, suppressed, false);
     // Each proposal is judged on the state the previous ones would have left.
     let mut state = consent.clone();
     let mut out = Vec::new();

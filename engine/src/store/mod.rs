@@ -150,6 +150,9 @@ pub struct Commit {
     pub outbox: Vec<NewOutbox>,
     /// Add this address hash to the global suppression list.
     pub suppress: Option<Suppression>,
+    /// Take these address hashes off the suppression list (an erased person's own signup,
+    /// confirmed: the event says so).
+    pub lift: Vec<String>,
 }
 
 /// One commit of a [`Store::commit_batch`].
@@ -165,6 +168,15 @@ pub struct BatchCommit {
 pub struct Suppression {
     pub address_hash: String,
     pub reason: String,
+}
+
+/// A row of the suppression list: a keyed address hash, why, and since when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Suppressed {
+    pub address_hash: String,
+    /// The event kind that suppressed it (`bounced`, `erased`, `suppressed`, ...).
+    pub reason: String,
+    pub at: DateTime<Utc>,
 }
 
 /// A rendered mail or page exactly as shown, stored under its content hash (the hash the
@@ -316,6 +328,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// [`Store::append_event`] for many events, in order, in one transaction.
     async fn append_events(&self, events: &[NewEvent]) -> StoreResult<Vec<LedgerEvent>>;
+    /// Append an event that changes no consent with the outbox rows it causes, in one
+    /// transaction (a mail the person asked for that is not a consent change).
+    async fn append_with_outbox(
+        &self,
+        event: &NewEvent,
+        outbox: &[NewOutbox],
+    ) -> StoreResult<LedgerEvent>;
     async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>>;
     /// Ledger events with `seq > after`, in order, at most `limit`.
     async fn ledger_page(&self, after: i64, limit: i64) -> StoreResult<Vec<LedgerEvent>>;
@@ -397,6 +416,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
     async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool>;
+    /// The suppression-list rows of these hashes (an address's spellings under every key).
+    async fn suppressions_of(&self, address_hashes: &[String]) -> StoreResult<Vec<Suppressed>>;
+    /// The whole suppression list, oldest first.
+    async fn suppressions(&self) -> StoreResult<Vec<Suppressed>>;
+    /// Take these hashes off the suppression list and append `events` (which record why),
+    /// in one transaction; returns how many rows went.
+    async fn lift_suppressions(
+        &self,
+        address_hashes: &[String],
+        events: &[NewEvent],
+    ) -> StoreResult<u64>;
 
     /// Whether any of these hashes (one address under several keys) is suppressed.
     async fn is_any_suppressed(&self, address_hashes: &[String]) -> StoreResult<bool> {

@@ -97,6 +97,14 @@ macro_rules! shared_store_impl {
             Ok((row.try_get("list_id")?, consent))
         }
 
+        fn suppressed_from(row: &Row) -> StoreResult<crate::store::Suppressed> {
+            Ok(crate::store::Suppressed {
+                address_hash: row.try_get("address_hash")?,
+                reason: row.try_get("reason")?,
+                at: parse_time("suppressions", &row.try_get::<String, _>("at")?)?,
+            })
+        }
+
         fn event_from(row: &Row) -> StoreResult<LedgerEvent> {
             Ok(LedgerEvent {
                 seq: row.try_get("seq")?,
@@ -195,6 +203,52 @@ macro_rules! shared_store_impl {
         }
 
         /// Insert sealed events with multi-row statements. The caller holds the append lock.
+        /// Queue outbox rows, each for the event that caused it (an idempotency key seen before
+        /// is ignored).
+        async fn insert_outbox(
+            tx: &mut Tx<'_>,
+            outbox: &[(&crate::store::NewOutbox, &LedgerEvent)],
+        ) -> StoreResult<()> {
+            for chunk in outbox.chunks(ROW_CHUNK) {
+                let mut qb = sqlx::QueryBuilder::<$db>::new(
+                    "INSERT INTO outbox (kind, priority, idempotency_key, contact_id, list_id, payload, event_seq, next_attempt_at, created_at) ",
+                );
+                qb.push_values(chunk, |mut b, (o, ev)| {
+                    let (kind, payload) = o.work.to_stored();
+                    b.push_bind(kind)
+                        .push_bind(o.priority)
+                        .push_bind(&o.idempotency_key)
+                        .push_bind(&o.contact_id)
+                        .push_bind(&o.list_id)
+                        .push_bind(to_json(&payload))
+                        .push_bind(ev.seq)
+                        .push_bind(&ev.at)
+                        .push_bind(&ev.at);
+                });
+                qb.push(" ON CONFLICT (idempotency_key) DO NOTHING");
+                qb.build().execute(&mut **tx).await?;
+            }
+            Ok(())
+        }
+
+        /// Seal `events` after the chain's head and insert them; the caller holds the
+        /// append lock.
+        async fn seal_and_insert(tx: &mut Tx<'_>, events: &[NewEvent]) -> StoreResult<Vec<LedgerEvent>> {
+            if events.is_empty() {
+                return Ok(Vec::new());
+            }
+            let (mut seq, mut prev) = chain_head(tx).await?;
+            let mut sealed = Vec::with_capacity(events.len());
+            for e in events {
+                seq += 1;
+                let ev = e.seal(seq, &prev);
+                prev = ev.hash.clone();
+                sealed.push(ev);
+            }
+            insert_events(tx, &sealed.iter().collect::<Vec<_>>()).await?;
+            Ok(sealed)
+        }
+
         async fn insert_events(tx: &mut Tx<'_>, sealed: &[&LedgerEvent]) -> StoreResult<()> {
             for chunk in sealed.chunks(ROW_CHUNK / 2) {
                 let mut qb = sqlx::QueryBuilder::<$db>::new(
@@ -636,31 +690,21 @@ macro_rules! shared_store_impl {
                 }
                 let mut outbox: Vec<(&crate::store::NewOutbox, &LedgerEvent)> = Vec::new();
                 let mut suppress: Vec<(&crate::store::Suppression, &LedgerEvent)> = Vec::new();
+                let mut lift: Vec<&String> = Vec::new();
                 for (b, ev) in commits.iter().zip(out.iter()) {
                     if let Some(ev) = ev {
                         outbox.extend(b.commit.outbox.iter().map(|o| (o, ev)));
                         suppress.extend(b.commit.suppress.iter().map(|s| (s, ev)));
+                        lift.extend(&b.commit.lift);
                     }
                 }
-                for chunk in outbox.chunks(ROW_CHUNK) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(
-                        "INSERT INTO outbox (kind, priority, idempotency_key, contact_id, list_id, payload, event_seq, next_attempt_at, created_at) ",
-                    );
-                    qb.push_values(chunk, |mut b, (o, ev)| {
-                        let (kind, payload) = o.work.to_stored();
-                        b.push_bind(kind)
-                            .push_bind(o.priority)
-                            .push_bind(&o.idempotency_key)
-                            .push_bind(&o.contact_id)
-                            .push_bind(&o.list_id)
-                            .push_bind(to_json(&payload))
-                            .push_bind(ev.seq)
-                            .push_bind(&ev.at)
-                            .push_bind(&ev.at);
-                    });
-                    qb.push(" ON CONFLICT (idempotency_key) DO NOTHING");
-                    qb.build().execute(&mut *tx).await?;
+                for h in lift {
+                    sqlx::query("DELETE FROM suppressions WHERE address_hash = $1")
+                        .bind(h)
+                        .execute(&mut *tx)
+                        .await?;
                 }
+                insert_outbox(&mut tx, &outbox).await?;
                 for (s, ev) in suppress {
                     sqlx::query(
                         "INSERT INTO suppressions (address_hash, reason, at) VALUES ($1, $2, $3) ON CONFLICT (address_hash) DO NOTHING",
@@ -697,15 +741,7 @@ macro_rules! shared_store_impl {
                 }
                 let mut tx = self.pool.begin().await?;
                 sqlx::query($lock).execute(&mut *tx).await?;
-                let (mut seq, mut prev) = chain_head(&mut tx).await?;
-                let mut sealed = Vec::with_capacity(events.len());
-                for e in events {
-                    seq += 1;
-                    let ev = e.seal(seq, &prev);
-                    prev = ev.hash.clone();
-                    sealed.push(ev);
-                }
-                insert_events(&mut tx, &sealed.iter().collect::<Vec<_>>()).await?;
+                let sealed = seal_and_insert(&mut tx, events).await?;
                 tx.commit().await?;
                 Ok(sealed)
             }
@@ -1062,6 +1098,59 @@ macro_rules! shared_store_impl {
                         })
                     })
                     .collect()
+            }
+
+            async fn suppressions_of(&self, address_hashes: &[String]) -> StoreResult<Vec<crate::store::Suppressed>> {
+                if address_hashes.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let mut out = Vec::new();
+                for chunk in address_hashes.chunks(IN_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT address_hash, reason, at FROM suppressions WHERE address_hash IN ");
+                    push_in(&mut qb, chunk);
+                    for row in qb.build().fetch_all(&self.reader).await? {
+                        out.push(suppressed_from(&row)?);
+                    }
+                }
+                out.sort_by(|a, b| (a.at, &a.address_hash).cmp(&(b.at, &b.address_hash)));
+                Ok(out)
+            }
+
+            async fn suppressions(&self) -> StoreResult<Vec<crate::store::Suppressed>> {
+                let rows = sqlx::query("SELECT address_hash, reason, at FROM suppressions ORDER BY at, address_hash")
+                    .fetch_all(&self.reader)
+                    .await?;
+                rows.iter().map(suppressed_from).collect()
+            }
+
+            async fn append_with_outbox(&self, event: &NewEvent, outbox: &[crate::store::NewOutbox]) -> StoreResult<LedgerEvent> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($lock).execute(&mut *tx).await?;
+                let sealed = seal_and_insert(&mut tx, std::slice::from_ref(event)).await?;
+                let ev = sealed.into_iter().next().ok_or_else(|| StoreError::Corrupt { table: "ledger", detail: "an appended event was not returned".into() })?;
+                let rows: Vec<(&crate::store::NewOutbox, &LedgerEvent)> = outbox.iter().map(|o| (o, &ev)).collect();
+                insert_outbox(&mut tx, &rows).await?;
+                tx.commit().await?;
+                Ok(ev)
+            }
+
+            async fn lift_suppressions(&self, address_hashes: &[String], events: &[NewEvent]) -> StoreResult<u64> {
+                let mut tx = self.pool.begin().await?;
+                sqlx::query($lock).execute(&mut *tx).await?;
+                let mut lifted = 0;
+                for h in address_hashes {
+                    lifted += sqlx::query("DELETE FROM suppressions WHERE address_hash = $1")
+                        .bind(h)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                }
+                // Nothing lifted, nothing to record.
+                if lifted > 0 {
+                    seal_and_insert(&mut tx, events).await?;
+                }
+                tx.commit().await?;
+                Ok(lifted)
             }
 
             async fn events_per_day(&self, since: DateTime<Utc>) -> StoreResult<Vec<crate::store::DayCount>> {

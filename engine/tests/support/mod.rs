@@ -306,6 +306,29 @@ impl Store for RacingStore {
     async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {
         self.inner.is_suppressed(address_hash).await
     }
+    async fn suppressions_of(
+        &self,
+        address_hashes: &[String],
+    ) -> StoreResult<Vec<optinsync_engine::store::Suppressed>> {
+        self.inner.suppressions_of(address_hashes).await
+    }
+    async fn append_with_outbox(
+        &self,
+        event: &optinsync_engine::ledger::NewEvent,
+        outbox: &[optinsync_engine::store::NewOutbox],
+    ) -> StoreResult<optinsync_engine::ledger::LedgerEvent> {
+        self.inner.append_with_outbox(event, outbox).await
+    }
+    async fn suppressions(&self) -> StoreResult<Vec<optinsync_engine::store::Suppressed>> {
+        self.inner.suppressions().await
+    }
+    async fn lift_suppressions(
+        &self,
+        address_hashes: &[String],
+        events: &[optinsync_engine::ledger::NewEvent],
+    ) -> StoreResult<u64> {
+        self.inner.lift_suppressions(address_hashes, events).await
+    }
     async fn is_any_suppressed(&self, address_hashes: &[String]) -> StoreResult<bool> {
         self.inner.is_any_suppressed(address_hashes).await
     }

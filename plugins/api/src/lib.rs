@@ -35,8 +35,8 @@ pub use factory::{
 };
 pub use mail::{OutgoingMessage, SentMessage};
 pub use records::{
-    ChangePage, ConsentWriteBack, CrmRecord, Cursor, InvalidRecord, InvalidRecordRef, RecordRef,
-    record_ref_text,
+    ChangePage, ConsentWriteBack, CrmRecord, Cursor, InvalidRecord, InvalidRecordRef, NewContact,
+    RecordRef, record_ref_text,
 };
 pub use shared::{QuotaLedger, QuotaSlot, QuotaWindow, SharedMarks};
 pub use traits::{CampaignsConnector, Connector, CrmConnector, Health, MailTransport};

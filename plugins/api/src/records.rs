@@ -155,6 +155,23 @@ pub struct ChangePage {
     pub has_more: bool,
 }
 
+/// A person who signed up on the organisation's website, for the CRM to create (or update,
+/// matched by address) with the consent as it stands ([`crate::CrmConnector::upsert_contact`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewContact {
+    /// Idempotency key: the same for every attempt (the outbox row's key).
+    pub key: String,
+    pub email: String,
+    /// As the person gave it (cleaned of control characters).
+    pub name: Option<String>,
+    pub language: Option<String>,
+    /// The optinsync list the signup was for.
+    pub list: String,
+    /// Consent state on that list when the write is made (`pending`, later `confirmed`).
+    pub state: ConsentState,
+    pub at: DateTime<Utc>,
+}
+
 /// Consent written back to the CRM after each consent change.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConsentWriteBack {

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     BatchResult, ChangePage, ConnectorError, ConnectorResult, ConsentWriteBack, CrmRecord, Cursor,
-    Keyed, MemberPage, OutgoingMessage, RecordRef, SentMessage, StatusPage, Subscriber,
+    Keyed, MemberPage, NewContact, OutgoingMessage, RecordRef, SentMessage, StatusPage, Subscriber,
     WebhookEvent, WebhookRequest,
 };
 
@@ -62,6 +62,21 @@ pub trait CrmConnector: Connector {
     async fn fetch(&self, record: &RecordRef) -> ConnectorResult<Option<CrmRecord>>;
     /// Write the consent into the CRM. Must be idempotent ([`ConsentWriteBack::key`]).
     async fn write_back(&self, consent: &ConsentWriteBack) -> ConnectorResult<()>;
+    /// Whether [`Self::upsert_contact`] works as configured: without it, people who sign up
+    /// on the website live in optinsync only (the daemon says so at start-up). Default: no.
+    fn creates_records(&self) -> bool {
+        false
+    }
+    /// Create the person's record, or update the one with their address, with the consent
+    /// fields; returns the record, which later write-backs update. Must be idempotent
+    /// ([`NewContact::key`]; matching by address makes a repeat an update). Default: not
+    /// supported.
+    async fn upsert_contact(&self, contact: &NewContact) -> ConnectorResult<RecordRef> {
+        let _ = contact;
+        Err(ConnectorError::Permanent {
+            message: "this CRM connector cannot create records".into(),
+        })
+    }
 }
 
 /// A campaigns tool: holds the marketing lists; only confirmed contacts go on them.

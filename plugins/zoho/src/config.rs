@@ -213,6 +213,10 @@ pub struct ZohoCrmConfig {
     pub webhook: Option<WebhookConfig>,
     #[serde(default)]
     pub write_back: WriteBackConfig,
+    /// Module in which people who sign up on the website are created (`upsert` by address,
+    /// with the consent fields), e.g. `"Contacts"`. Unset: they live in optinsync only.
+    #[serde(default)]
+    pub signup_module: Option<String>,
 }
 
 impl std::fmt::Debug for ZohoCrmConfig {

@@ -786,3 +786,65 @@ async fn zoho_crm_keeps_the_contract() {
     .await;
     assert!(c.passed(), "{}", c.line());
 }
+
+/// A website signup's person: created by `upsert` into `signup_module` with the consent
+/// fields, then updated (not duplicated) by a second upsert with the same address; without
+/// `signup_module` the connector creates nothing and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signup_upsert_creates_then_updates_by_address() {
+    let fake = FakeZoho::start();
+    let existing = fake.insert(
+        "Contacts",
+        json!({"Email": "Known@Example.org", "Last_Name": "Known", "Newsletter": false}),
+    );
+    let crm = crm(&fake, "signup_module = \"Contacts\"");
+    assert!(crm.creates_records());
+    let at = chrono::Utc::now();
+    let person = optinsync_plugin_api::NewContact {
+        key: "crm-upsert:1".into(),
+        email: "new.person@example.org".into(),
+        name: Some("Ana María Pérez".into()),
+        language: Some("es".into()),
+        list: "newsletter".into(),
+        state: ConsentState::Pending,
+        at,
+    };
+    let created = crm.upsert_contact(&person).await.unwrap();
+    assert_eq!(created.module, "Contacts");
+    assert_ne!(created.id, existing);
+    let record = fake.record("Contacts", &created.id).unwrap();
+    assert_eq!(record["Email"], "new.person@example.org");
+    assert_eq!(record["First_Name"], "Ana María");
+    assert_eq!(record["Last_Name"], "Pérez");
+    let consent = &record["Data_Processing_Basis_Details"];
+    assert_eq!(consent["Contact_Through_Email"], json!(false));
+    assert!(
+        consent["Consent_Remarks"]
+            .as_str()
+            .unwrap()
+            .contains("pending"),
+        "{consent}"
+    );
+    let call = &fake.upserts()[0]["body"];
+    assert_eq!(call["duplicate_check_fields"], json!(["Email"]));
+    assert_eq!(call["trigger"], json!([]));
+
+    // The same person again (a retry, or a later signup): the same record, updated.
+    let again = crm.upsert_contact(&person).await.unwrap();
+    assert_eq!(again, created);
+    // An address the CRM already holds (another spelling): that record, not a new one.
+    let known = crm
+        .upsert_contact(&optinsync_plugin_api::NewContact {
+            email: "known@example.org".into(),
+            name: None,
+            ..person.clone()
+        })
+        .await
+        .unwrap();
+    assert_eq!(known.id, existing);
+    assert_eq!(fake.with(|s| s.modules["Contacts"].len()), 2);
+
+    let plain = self::crm(&fake, "");
+    assert!(!plain.creates_records());
+    assert!(plain.upsert_contact(&person).await.is_err());
+}

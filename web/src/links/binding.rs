@@ -40,6 +40,7 @@ pub(super) async fn binding(
         let mailed_id = match t.claims.purpose {
             Purpose::Confirm => ev.token_id.as_deref(),
             Purpose::Unsubscribe => ev.unsubscribe_token_id.as_deref(),
+            Purpose::Preferences => ev.preferences_token_id.as_deref(),
         };
         if mailed_id == Some(t.claims.token_id.as_str()) {
             return Ok(Binding::Mailed(Mailed {

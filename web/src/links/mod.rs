@@ -20,6 +20,8 @@
 //! * A confirm `POST` from another site (`Origin` not the public URL's, or `Sec-Fetch-Site:
 //!   cross-site`) is refused; an unsubscribe `POST` is not checked so, because RFC 8058
 //!   one-click requests come from mailbox providers' servers.
+//! * `/signup/{list}` ([`signup`]) takes website signups behind the same guard, with its own
+//!   per-client and per-address limits, and answers alike whatever the address's state.
 //! * An unsubscribe link that cannot be honoured gets a page offering another way out
 //!   (`[sender] unsubscribe_mailbox`), never a bare "not valid".
 
@@ -54,6 +56,8 @@ use optinsync_engine::tokens::{Claims, Purpose, TokenError};
 mod binding;
 mod client;
 mod confirm;
+mod preferences;
+pub mod signup;
 mod unsubscribe;
 
 use binding::{Binding, Mailed, Standing, binding, standing};
@@ -84,6 +88,7 @@ pub struct LinkState {
     nonce_key: Vec<u8>,
     trusted: Vec<IpAddr>,
     stored: Mutex<HashSet<String>>,
+    signup: signup::SignupState,
 }
 
 impl std::fmt::Debug for LinkState {
@@ -136,6 +141,7 @@ impl LinkState {
             nonce_key,
             trusted: trusted_proxies(server),
             stored: Mutex::new(HashSet::new()),
+            signup: signup::SignupState::new(&engine.settings().signup),
         }
     }
 
@@ -181,6 +187,20 @@ pub fn routes(engine: &Engine) -> Router<Arc<Engine>> {
             "/unsubscribe/{token}",
             get(unsubscribe_get).post(unsubscribe_post),
         )
+        .route(
+            "/preferences",
+            get(preferences::request_get).post(preferences::request_post),
+        )
+        .route(
+            "/preferences/{token}",
+            get(preferences::preferences_get).post(preferences::preferences_post),
+        )
+        .route(
+            "/signup/{list}",
+            get(signup::signup_get)
+                .post(signup::signup_post)
+                .options(signup::signup_options),
+        )
         .layer(middleware::from_fn_with_state(Arc::clone(&state), guard))
         .layer(DefaultBodyLimit::max(
             engine.settings().server.max_body_bytes,
@@ -223,6 +243,7 @@ async fn guard(State(st): State<Arc<LinkState>>, mut req: Request, next: Next) -
         st.ip_limiter.retain_recent();
         st.fetch_limiter.retain_recent();
         st.resend_limiter.retain_recent();
+        st.signup.retain_recent();
     }
     let limited = if st.ip_limiter.check_key(&rate_key(ip)).is_err() {
         Some("client")
@@ -374,6 +395,22 @@ impl LinkState {
         list: Option<&ListConfig>,
         nonce: impl Fn(&str) -> String,
     ) -> (Response, Option<String>) {
+        self.page_of(engine, status, page, lang, list, &[], nonce)
+            .await
+    }
+
+    /// [`LinkState::page`] showing the person's lists (the preference centre).
+    #[allow(clippy::too_many_arguments)]
+    async fn page_of(
+        &self,
+        engine: &Engine,
+        status: StatusCode,
+        page: Page,
+        lang: &str,
+        list: Option<&ListConfig>,
+        lists: &[optinsync_engine::templates::ListChoice],
+        nonce: impl Fn(&str) -> String,
+    ) -> (Response, Option<String>) {
         let sender = &engine.settings().sender;
         let common = match list {
             Some(l) => mail::common(l, sender),
@@ -385,7 +422,9 @@ impl LinkState {
             },
         };
         let templates = &engine.config().templates;
-        let rendered: RenderedPage = match templates.render_page(page, lang, &common, nonce) {
+        let rendered: RenderedPage = match templates
+            .render_page_of(page, lang, &common, lists, nonce)
+        {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "page cannot be rendered");
@@ -535,7 +574,7 @@ async fn resolve<'e>(
         let lang = fallback_lang(engine, req);
         let notice = match purpose {
             Purpose::Confirm => "invalid",
-            Purpose::Unsubscribe => "unsubscribe_invalid",
+            Purpose::Unsubscribe | Purpose::Preferences => "unsubscribe_invalid",
         };
         st.notice(engine, StatusCode::BAD_REQUEST, notice, &lang, None)
             .await

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
     ChangePage, Connector, ConnectorError, ConnectorResult, ConsentWriteBack, CrmConnector,
-    CrmRecord, Cursor, Health, HttpMethod, RecordRef, WebhookEvent, WebhookRequest,
+    CrmRecord, Cursor, Health, HttpMethod, NewContact, RecordRef, WebhookEvent, WebhookRequest,
 };
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -299,6 +299,14 @@ impl CrmConnector for ZohoCrm {
         }
     }
 
+    fn creates_records(&self) -> bool {
+        self.settings.signup_module.is_some()
+    }
+
+    async fn upsert_contact(&self, contact: &NewContact) -> ConnectorResult<RecordRef> {
+        self.upsert(contact).await
+    }
+
     async fn write_back(&self, consent: &ConsentWriteBack) -> ConnectorResult<()> {
         if !self.settings.write_back.enabled {
             return Ok(());
@@ -315,21 +323,7 @@ impl CrmConnector for ZohoCrm {
             let path = format!("/{module}");
             for batch in items.chunks(MAX_UPDATE_BATCH) {
                 let body = json!({ "data": batch, "trigger": [] });
-                let reply = self
-                    .call(Request {
-                        method: Method::PUT,
-                        path: &path,
-                        query: vec![],
-                        if_modified_since: None,
-                        body: Some(&body),
-                    })
-                    .await
-                    .map_err(|e| self.crm_error(e, module))?;
-                let Reply::Json(status, value) = reply else {
-                    return Err(ConnectorError::transient(format!(
-                        "Zoho CRM answered the update of {module} with no content"
-                    )));
-                };
+                let (status, value) = self.write_json(Method::PUT, &path, module, &body).await?;
                 let results = value
                     .get("data")
                     .and_then(Value::as_array)

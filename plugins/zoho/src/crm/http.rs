@@ -126,6 +126,32 @@ impl ZohoCrm {
         }
     }
 
+    /// A write to `module` (update, upsert) whose answer must carry JSON: its status and body.
+    pub(super) async fn write_json(
+        &self,
+        method: Method,
+        path: &str,
+        module: &str,
+        body: &Value,
+    ) -> Result<(StatusCode, Value), ConnectorError> {
+        let reply = self
+            .call(Request {
+                method,
+                path,
+                query: vec![],
+                if_modified_since: None,
+                body: Some(body),
+            })
+            .await
+            .map_err(|e| self.crm_error(e, module))?;
+        match reply {
+            Reply::Json(status, value) => Ok((status, value)),
+            _ => Err(ConnectorError::transient(format!(
+                "Zoho CRM answered the write to {module} ({path}) with no content"
+            ))),
+        }
+    }
+
     /// A failed call as the engine should see it.
     pub(super) fn crm_error(&self, e: CallError, module: &str) -> ConnectorError {
         match e {

@@ -49,6 +49,7 @@ mod cursor;
 mod feed;
 mod http;
 mod records;
+mod upsert;
 mod webhook;
 mod writeback;
 
@@ -112,6 +113,8 @@ struct Settings {
     per_page: u32,
     webhook: Option<Webhook>,
     write_back: WriteBackConfig,
+    /// Where website signups are created (`signup_module`); none: not at all.
+    signup_module: Option<String>,
 }
 
 /// When the notification channel must be renewed.
@@ -177,10 +180,11 @@ impl ZohoCrm {
                 "name at least one module, e.g. [\"Contacts\"]",
             ));
         }
-        for m in &c.modules {
+        let named = c.modules.iter().map(|m| ("modules", m));
+        for (setting, m) in named.chain(c.signup_module.iter().map(|m| ("signup_module", m))) {
             if m.is_empty() || !m.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
                 return Err(invalid(
-                    "modules",
+                    setting,
                     format!("`{m}` is not a module API name (letters, digits, _)"),
                 ));
             }
@@ -264,6 +268,7 @@ impl ZohoCrm {
             per_page: c.per_page,
             webhook,
             write_back: c.write_back,
+            signup_module: c.signup_module,
         };
         Ok(Self {
             settings,
