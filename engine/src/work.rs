@@ -79,12 +79,14 @@ pub enum OutboxWork {
 
 impl OutboxWork {
     /// Every stored `kind` (one per variant), for gauges that report each kind, zero included.
-    pub const KINDS: [&'static str; 5] = [
+    pub const KINDS: [&'static str; 7] = [
         "mail",
         "campaigns_subscribe",
         "campaigns_request_doi",
         "campaigns_remove",
         "crm_write_back",
+        "crm_upsert",
+        "preferences_link_mail",
     ];
 
     /// The stored `kind`; bounded, so also the metric label.
@@ -103,13 +105,13 @@ impl OutboxWork {
     /// The stored kinds a connector delivers (its delivery lane).
     pub fn kinds_of(role: ConnectorRole) -> &'static [&'static str] {
         match role {
-            ConnectorRole::Mail => &["mail"],
+            ConnectorRole::Mail => &["mail", "preferences_link_mail"],
             ConnectorRole::Campaigns => &[
                 "campaigns_subscribe",
                 "campaigns_request_doi",
                 "campaigns_remove",
             ],
-            ConnectorRole::Crm => &["crm_write_back"],
+            ConnectorRole::Crm => &["crm_write_back", "crm_upsert"],
         }
     }
 
@@ -226,7 +228,22 @@ mod tests {
                 records: None,
                 email: None,
             },
+            OutboxWork::CrmUpsert {},
+            OutboxWork::PreferencesLinkMail {},
         ];
+        // A new variant does not compile here until it has a place, and then needs a sample
+        // above: the samples cover every variant.
+        let place = |w: &OutboxWork| match w {
+            OutboxWork::Mail { .. } => 0,
+            OutboxWork::CampaignsSubscribe {} => 1,
+            OutboxWork::CampaignsRequestDoi { .. } => 2,
+            OutboxWork::CampaignsRemove { .. } => 3,
+            OutboxWork::CrmWriteBack { .. } => 4,
+            OutboxWork::CrmUpsert {} => 5,
+            OutboxWork::PreferencesLinkMail {} => 6,
+        };
+        let places: Vec<usize> = all.iter().map(place).collect();
+        assert_eq!(places, (0..OutboxWork::KINDS.len()).collect::<Vec<_>>());
         let kinds: Vec<&str> = all.iter().map(OutboxWork::kind).collect();
         assert_eq!(kinds, OutboxWork::KINDS);
         // Each kind is in its own connector's delivery lane and in no other.
