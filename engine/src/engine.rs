@@ -94,7 +94,7 @@ pub struct Engine {
     rules: RwLock<Arc<RuleSet>>,
     /// Signalled after a commit that queued outbox work, so the daemon delivers at once
     /// instead of at its next tick (a confirmation mail should not wait for a poll).
-    pub(crate) outbox_wake: Arc<crate::outbox::OutboxWake>,
+    pub(crate) outbox_wake: Arc<OutboxWake>,
     /// Per-connector circuit breakers and the readiness flags (`/readyz`).
     pub(crate) circuits: Arc<crate::circuit::Circuits>,
     /// Single consent changes are written in groups (one fsync for many web requests).
@@ -216,7 +216,7 @@ impl Engine {
             connectors,
             tokens,
             rules: RwLock::new(Arc::new(rules)),
-            outbox_wake: Arc::new(crate::outbox::OutboxWake::default()),
+            outbox_wake: Arc::new(OutboxWake::default()),
             circuits,
             last_reload: std::sync::Mutex::new(None),
         }
@@ -254,7 +254,7 @@ impl Engine {
     }
 
     /// Signalled when a commit queued outbox work.
-    pub fn outbox_wake(&self) -> &crate::outbox::OutboxWake {
+    pub fn outbox_wake(&self) -> &OutboxWake {
         &self.outbox_wake
     }
 
@@ -382,11 +382,9 @@ impl Engine {
                 && contact.crm_records.is_empty()
                 && self.connectors.crm.creates_records()
             {
-                commit.outbox.push(crate::signup::crm_upsert_row(
-                    contact,
-                    list,
-                    &commit.event.event_id,
-                ));
+                commit
+                    .outbox
+                    .push(crm_upsert_row(contact, list, &commit.event.event_id));
             }
             let queued = !commit.outbox.is_empty();
             let written = match &self.group_commit {
@@ -625,5 +623,47 @@ impl Engine {
             }
         }
         Ok(())
+    }
+}
+
+/// Wakes the delivery lanes when a commit queued work: a permit per lane, so none misses it.
+#[derive(Debug, Default)]
+pub struct OutboxWake {
+    lanes: [tokio::sync::Notify; 3],
+}
+
+impl OutboxWake {
+    /// Wake every lane (or let its next wait return at once).
+    pub fn notify_one(&self) {
+        for lane in &self.lanes {
+            lane.notify_one();
+        }
+    }
+
+    /// Wait for work queued for `lane`.
+    pub fn notified(&self, lane: crate::work::ConnectorRole) -> tokio::sync::futures::Notified<'_> {
+        let i = match lane {
+            crate::work::ConnectorRole::Crm => 0,
+            crate::work::ConnectorRole::Campaigns => 1,
+            crate::work::ConnectorRole::Mail => 2,
+        };
+        self.lanes[i].notified()
+    }
+}
+
+/// The outbox row that tells the CRM about a person new to it, queued with a website signup's
+/// `signup_requested` event when the CRM connector can create records and the contact has
+/// no record yet.
+fn crm_upsert_row(
+    contact: &crate::store::Contact,
+    list: &ListConfig,
+    event_id: &str,
+) -> crate::store::NewOutbox {
+    crate::store::NewOutbox {
+        work: crate::work::OutboxWork::CrmUpsert {},
+        priority: crate::store::PRIORITY_NORMAL,
+        idempotency_key: format!("crm-upsert:{event_id}"),
+        contact_id: contact.id.clone(),
+        list_id: list.id.clone(),
     }
 }

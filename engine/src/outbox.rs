@@ -863,31 +863,6 @@ fn skipped(note: &str) -> Finish {
     }
 }
 
-/// Wakes the delivery lanes when a commit queued work: a permit per lane, so none misses it.
-#[derive(Debug, Default)]
-pub struct OutboxWake {
-    lanes: [tokio::sync::Notify; 3],
-}
-
-impl OutboxWake {
-    /// Wake every lane (or let its next wait return at once).
-    pub fn notify_one(&self) {
-        for lane in &self.lanes {
-            lane.notify_one();
-        }
-    }
-
-    /// Wait for work queued for `lane`.
-    pub fn notified(&self, lane: ConnectorRole) -> tokio::sync::futures::Notified<'_> {
-        let i = match lane {
-            ConnectorRole::Crm => 0,
-            ConnectorRole::Campaigns => 1,
-            ConnectorRole::Mail => 2,
-        };
-        self.lanes[i].notified()
-    }
-}
-
 /// What a `deliver_due` pass (or one unit of it) finished.
 #[derive(Debug, Default)]
 struct Finishing {

@@ -11,7 +11,7 @@ use crate::config::ListConfig;
 use crate::consent::{ConsentState, Input};
 use crate::engine::{Applied, Engine, EngineResult};
 use crate::ledger::{EventSource, Evidence, NewEvent};
-use crate::store::{Contact, ContactUpsert, NewOutbox, OutboxItem, OutboxWork, PRIORITY_NORMAL};
+use crate::store::{Contact, ContactUpsert, OutboxItem};
 use optinsync_plugin_api::{ConnectorResult, NewContact};
 
 /// Contact field a signup's name is kept in.
@@ -125,21 +125,8 @@ impl Engine {
     }
 }
 
-/// The outbox row that tells the CRM about a person new to it, queued with a website signup's
-/// `signup_requested` event when the CRM connector can create records and the contact has
-/// no record yet.
-pub(crate) fn crm_upsert_row(contact: &Contact, list: &ListConfig, event_id: &str) -> NewOutbox {
-    NewOutbox {
-        work: OutboxWork::CrmUpsert {},
-        priority: PRIORITY_NORMAL,
-        idempotency_key: format!("crm-upsert:{event_id}"),
-        contact_id: contact.id.clone(),
-        list_id: list.id.clone(),
-    }
-}
-
 impl Engine {
-    /// Deliver a [`OutboxWork::CrmUpsert`]: the CRM creates or updates the person's record
+    /// Deliver a [`crate::store::OutboxWork::CrmUpsert`]: the CRM creates or updates the person's record
     /// with the consent as it stands now, and the record is kept on the contact.
     pub(crate) async fn upsert_in_crm(
         &self,
