@@ -89,6 +89,16 @@ struct Opts {
 /// A measured figure, or why there is none.
 type Cell = Result<f64, String>;
 
+/// The cells rows 11-13 fill (one run measures them all).
+const DELIVERY_KEYS: [&str; 6] = [
+    "mail_rate",
+    "mail_ceiling",
+    "mail_ratio",
+    "wave",
+    "push_share",
+    "push_locks",
+];
+
 /// Row keys, in table order: (key, row number, label, target, check).
 type Check = fn(f64) -> bool;
 const ROWS: &[(&str, u8, &str, &str, Option<Check>)] = &[
@@ -506,14 +516,7 @@ async fn size(
 
     if [11, 12, 13].iter().any(|r| want(*r)) {
         if n > delivery::MAX_CONTACTS {
-            for key in [
-                "mail_rate",
-                "mail_ceiling",
-                "mail_ratio",
-                "wave",
-                "push_share",
-                "push_locks",
-            ] {
+            for key in DELIVERY_KEYS {
                 cells.insert(
                     key,
                     Err(format!("n/a (run up to {})", label(delivery::MAX_CONTACTS))),
@@ -545,14 +548,7 @@ async fn size(
                 }
                 Err(e) => {
                     details.push(format!("{} rows 11-13 failed: {e:#}", label(n)));
-                    for key in [
-                        "mail_rate",
-                        "mail_ceiling",
-                        "mail_ratio",
-                        "wave",
-                        "push_share",
-                        "push_locks",
-                    ] {
+                    for key in DELIVERY_KEYS {
                         cells.insert(key, Err("failed (see notes)".to_owned()));
                     }
                 }

@@ -1022,19 +1022,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn put_snapshot(&self, s: &crate::store::Snapshot) -> StoreResult<()> {
-                sqlx::query(
-                    "INSERT INTO snapshots (hash, kind, language, template_version, content, created_at) \
-                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (hash) DO NOTHING",
-                )
-                .bind(&s.hash)
-                .bind(&s.kind)
-                .bind(&s.language)
-                .bind(&s.template_version)
-                .bind(&s.content)
-                .bind(format_time(s.created_at))
-                .execute(&self.pool)
-                .await?;
-                Ok(())
+                self.put_snapshots(std::slice::from_ref(s)).await
             }
 
             async fn put_snapshots(&self, snaps: &[crate::store::Snapshot]) -> StoreResult<()> {
