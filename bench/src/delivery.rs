@@ -13,7 +13,7 @@
 //! The sinks append every message to a dump file, both the same way, so the message size is
 //! measured, not assumed.
 
-use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -53,18 +53,9 @@ pub struct Figures {
 
 /// Postfix's benchmark tools, or why they cannot run.
 fn postfix_tool(name: &str) -> anyhow::Result<PathBuf> {
-    let on_path: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
-        .unwrap_or_default();
-    on_path
-        .into_iter()
-        .chain([Path::new("/usr/sbin").join(name)])
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "{name} not found: install the Debian package postfix (apt-get install postfix)"
-            )
-        })
+    optinsync_testkit::find_program(name).with_context(|| {
+        format!("{name} not found: install the Debian package postfix (apt-get install postfix)")
+    })
 }
 
 /// A running `smtp-sink`, appending each message to `dump`; killed when dropped.
@@ -83,7 +74,7 @@ impl Sink {
         let dump = dir.join(format!("{name}.dump"));
         let port = optinsync_testkit::free_port();
         let mut cmd = Command::new(bin);
-        if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() == Some(0) {
+        if optinsync_testkit::is_root() {
             cmd.args(["-u", "nobody"]);
         }
         let child = cmd

@@ -24,10 +24,7 @@ pub struct WrkRun {
 
 /// `wrk`'s path, or `None` when it is not installed.
 pub fn find() -> Option<std::path::PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join("wrk"))
-        .find(|p| p.is_file())
+    optinsync_testkit::find_program("wrk")
 }
 
 /// Each thread sends its share of the requests (line `i` goes to thread `i % threads`),

@@ -192,7 +192,8 @@ fn run(cmd: &mut Command) {
     );
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (PostgreSQL and Postfix's tools then need another user).
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
@@ -219,6 +220,18 @@ fn find_bin_dir() -> Option<PathBuf> {
     candidates
         .into_iter()
         .find(|d| d.join("initdb").exists() && d.join("pg_ctl").exists())
+}
+
+/// A program on `PATH`, or in `/usr/sbin` (where Debian puts Postfix's tools, often not on a
+/// user's `PATH`).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 /// A loopback port that was free a moment ago.
