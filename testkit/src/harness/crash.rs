@@ -164,8 +164,10 @@ pub struct Duplicate {
     pub message_ids: usize,
     /// How many `*_mail_sent` events name that Message-ID (1 = the copy's finish was lost).
     pub ledger_records: usize,
-    /// The kill that fell between the first and the second copy.
-    pub kill: Option<usize>,
+    /// The kill that fell between each copy and the next (`None`: no kill between them).
+    /// A row re-sent after one kill may be caught again by the next: each extra copy needs
+    /// a kill of its own.
+    pub kills: Vec<Option<usize>>,
     pub explained: bool,
 }
 
@@ -341,10 +343,13 @@ impl Report {
                 d.copies,
                 d.message_ids,
                 d.ledger_records,
-                d.kill
-                    .map_or("no kill between copies".to_owned(), |k| format!(
-                        "kill #{k} between the copies"
-                    )),
+                if d.kills.iter().all(Option::is_some) {
+                    let ks: Vec<String> =
+                        d.kills.iter().flatten().map(|k| format!("#{k}")).collect();
+                    format!("kill {} between the copies", ks.join(", "))
+                } else {
+                    "no kill between copies".to_owned()
+                },
                 if d.explained {
                     "send window (SMTP accepted, outbox row not finished)"
                 } else {
@@ -834,21 +839,23 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
             .push(format!("{email} <{mid}> (final state {state:?})"));
     }
     for c in mails.duplicates {
-        let first_at = c.mails[0].1;
-        let second_at = c.mails[1].1;
-        // The kill whose count of received mails includes the first copy but not the second.
-        let kill = kills_at
-            .iter()
-            .position(|&n| n > first_at && n <= second_at);
+        // Between consecutive copies: the kill whose count of received mails includes the
+        // earlier copy but not the later one.
+        let kills: Vec<Option<usize>> = c
+            .mails
+            .windows(2)
+            .map(|w| kills_at.iter().position(|&n| n > w[0].1 && n <= w[1].1))
+            .collect();
+        let distinct = kills.windows(2).all(|w| w[0] < w[1]);
         report.duplicates.push(Duplicate {
             copies: c.mails.len(),
             message_ids: c.message_ids,
             ledger_records: c.ledger_records,
-            kill,
             explained: c.message_ids == 1
                 && c.ledger_records <= 1
-                && kill.is_some()
-                && c.mails.len() == 2,
+                && kills.iter().all(Option::is_some)
+                && distinct,
+            kills,
             email: c.email,
         });
     }
@@ -856,14 +863,16 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
     // any send window.
     let mut per_kill: HashMap<usize, usize> = HashMap::new();
     for d in &report.duplicates {
-        if let Some(k) = d.kill {
-            *per_kill.entry(k).or_default() += 1;
+        for k in d.kills.iter().flatten() {
+            *per_kill.entry(*k).or_default() += 1;
         }
     }
     let in_flight = report.in_flight;
     for d in &mut report.duplicates {
-        if d.kill
-            .is_some_and(|k| per_kill.get(&k).copied().unwrap_or(0) > in_flight)
+        if d.kills
+            .iter()
+            .flatten()
+            .any(|k| per_kill.get(k).copied().unwrap_or(0) > in_flight)
         {
             d.explained = false;
         }
