@@ -230,6 +230,30 @@ enum CampaignCommand {
         #[arg(long)]
         list: String,
     },
+    /// Forecast, day by day, the DOI, reminder and re-permission mails the rules and the
+    /// sending plan (`[lists.sending]`) send, and the signups that lapse. Changes nothing.
+    Plan {
+        /// One list (default: every list).
+        #[arg(long)]
+        list: Option<String>,
+        /// Days to forecast (at most 366).
+        #[arg(long, default_value_t = 14)]
+        days: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Lift a pause the stop rules put on a list's waves (recorded in the ledger).
+    Resume {
+        #[arg(long)]
+        list: String,
+    },
+    /// What a list's campaign came to: asked, confirmed, lapsed, bounced by class, removed.
+    Report {
+        #[arg(long)]
+        list: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -387,6 +411,15 @@ fn main() -> ExitCode {
             Command::Campaign {
                 command: CampaignCommand::ImportExisting { list },
             } => commands::import_existing(&cli.config, &list).await,
+            Command::Campaign {
+                command: CampaignCommand::Plan { list, days, json },
+            } => commands::campaign_plan(&cli.config, list.as_deref(), days, json).await,
+            Command::Campaign {
+                command: CampaignCommand::Resume { list },
+            } => commands::campaign_resume(&cli.config, &list).await,
+            Command::Campaign {
+                command: CampaignCommand::Report { list, json },
+            } => commands::campaign_report(&cli.config, &list, json).await,
             Command::Rules {
                 command: RulesCommand::Check { rules },
             } => commands::rules_check(&cli.config, rules.as_deref(), false).await,

@@ -22,6 +22,7 @@ use crate::plan::{commit_for, log_refusal, transition_for};
 use crate::rules::{Action, RuleSet, input, input_for};
 use crate::store::{BatchCommit, Contact, ContactUpsert};
 use crate::untrusted::{Escaped, clean_fields, clean_text};
+use crate::waves::Gate;
 
 /// Rounds of re-planning for pairs that changed concurrently before giving up (as `apply`).
 const ROUNDS: usize = 5;
@@ -85,6 +86,8 @@ struct Plan<'e> {
     owners: Vec<usize>,
     /// Refused proposals and failed rules, by contact (counted once their round is final).
     misses: Vec<(usize, Miss)>,
+    /// The lists' sending plans and pauses: which mails the rules may start now.
+    pacer: crate::waves::Pacer,
 }
 
 #[derive(Clone, Copy)]
@@ -134,9 +137,12 @@ impl<'e> Plan<'e> {
             .await?
             .into_iter()
             .collect();
+        let now = Utc::now();
+        let pacer = crate::waves::Pacer::load(engine, engine.lists(), now).await?;
         Ok(Plan {
             engine,
-            now: Utc::now(),
+            now,
+            pacer,
             consents,
             engagement,
             suppressed,
@@ -254,15 +260,32 @@ impl<'e> Plan<'e> {
                     // by themselves; `none` is nothing.
                     None => continue,
                 };
+                // A mail the list's plan does not allow now waits for a later pass (its
+                // timers start when it goes); a paused list starts none.
+                let gate = match crate::waves::mail_kind_of(&input) {
+                    Some(kind) => self.pacer.check(&list.id, kind, &contact.email),
+                    None => Gate::Free,
+                };
+                if gate == Gate::Held {
+                    continue;
+                }
                 let evidence = Evidence {
                     rule_file: Some(p.rule_file.clone()),
                     rule_hash: Some(p.rule_hash.clone()),
                     reason: Some(p.reason.clone()),
                     ..Evidence::default()
                 };
-                if let Outcome::Refused(r) =
-                    self.apply(owner, contact, list, input, EventSource::Rules, evidence)
+                let before = self.commits.len();
+                let outcome = self.apply(owner, contact, list, input, EventSource::Rules, evidence);
+                if let Gate::Paced(paced) = gate
+                    && self.commits.len() > before
                 {
+                    self.pacer.take(&list.id, &paced);
+                    if let Some(last) = self.commits.last_mut() {
+                        last.commit.paced = Some(paced);
+                    }
+                }
+                if let Outcome::Refused(r) = outcome {
                     tracing::warn!(
                         contact_id = %contact.id, list = %list.id, reason = %Escaped(&p.reason), rule = %p.rule_file,
                         refused = r.reason, "rule action refused"

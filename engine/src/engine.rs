@@ -9,8 +9,8 @@ use std::sync::{Arc, RwLock};
 
 use chrono::Utc;
 use optinsync_plugin_api::{
-    CampaignsConnector, ConnectorError, CrmConnector, CrmRecord, Cursor, MailTransport,
-    StatusEvent, StatusKind,
+    BounceClass, CampaignsConnector, ConnectorError, CrmConnector, CrmRecord, Cursor,
+    MailTransport, StatusEvent, StatusKind,
 };
 use serde::Serialize;
 
@@ -38,6 +38,9 @@ pub enum EngineError {
         "consent of contact {contact_id} on list {list_id} kept changing; gave up after retries"
     )]
     Contended { contact_id: String, list_id: String },
+    /// `campaign resume` on a list whose waves run.
+    #[error("list `{list}` is not paused: nothing to resume")]
+    NotPaused { list: String },
 }
 
 pub type EngineResult<T> = Result<T, EngineError>;
@@ -101,6 +104,8 @@ pub struct Engine {
     pub(crate) group_commit: Option<crate::group_commit::GroupCommit>,
     /// What the last rules reload did (the operator console shows it).
     pub(crate) last_reload: std::sync::Mutex<Option<ReloadRecord>>,
+    /// Pause flags and outcome counts of the lists' waves.
+    pub(crate) waves: crate::waves::Waves,
 }
 
 /// The last reload as the operator console shows it: when, what came of it, and the
@@ -219,6 +224,7 @@ impl Engine {
             outbox_wake: Arc::new(OutboxWake::default()),
             circuits,
             last_reload: std::sync::Mutex::new(None),
+            waves: crate::waves::Waves::default(),
         }
     }
 
@@ -482,8 +488,35 @@ impl Engine {
             };
             let input = match ev.kind {
                 StatusKind::Unsubscribed => Input::Unsubscribe,
-                StatusKind::Bounced => Input::Bounce,
-                StatusKind::Complained => Input::Complaint,
+                StatusKind::Bounced => {
+                    let class = ev.bounce.unwrap_or_default();
+                    self.count_outcome(list, crate::waves::Outcome::Bounce(class));
+                    let text = ev
+                        .detail
+                        .as_deref()
+                        .unwrap_or("reported by the campaigns tool");
+                    match class {
+                        BounceClass::Hard => Input::Bounce,
+                        BounceClass::Soft => {
+                            if self
+                                .soft_bounce(&contact, list, text, EventSource::Campaigns)
+                                .await?
+                            {
+                                changes += 1;
+                            }
+                            continue;
+                        }
+                        // The sender was refused, not the person: counted for the stop rules.
+                        BounceClass::Policy => {
+                            tracing::warn!(list = %list.id, contact_id = %contact.id, detail = %crate::untrusted::Escaped(text), "the campaigns tool reports a policy refusal");
+                            continue;
+                        }
+                    }
+                }
+                StatusKind::Complained => {
+                    self.count_outcome(list, crate::waves::Outcome::Complaint);
+                    Input::Complaint
+                }
                 StatusKind::Confirmed => Input::CampaignsConfirmed,
                 StatusKind::Opened | StatusKind::Clicked => {
                     self.store
@@ -510,6 +543,9 @@ impl Engine {
             {
                 changes += 1;
             }
+        }
+        if let Err(e) = self.flush_outcomes().await {
+            tracing::warn!(error = %e, "bounce and complaint counts not stored yet; the stop rules judge them at the next pass");
         }
         Ok(changes)
     }
@@ -548,6 +584,8 @@ impl Engine {
         &self,
         since: Option<chrono::DateTime<Utc>>,
     ) -> EngineResult<DecideStats> {
+        // The stop rules first: a list that must pause starts no more mail in this pass.
+        self.judge_all_stop_rules().await?;
         let mut stats = DecideStats::default();
         let mut after: Option<String> = None;
         loop {

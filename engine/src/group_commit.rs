@@ -254,6 +254,7 @@ mod tests {
             outbox: vec![],
             suppress: None,
             lift: vec![],
+            paced: None,
         }
     }
 

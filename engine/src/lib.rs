@@ -26,4 +26,5 @@ pub mod signup;
 pub mod store;
 pub mod suppression;
 pub mod templates;
+pub mod waves;
 pub mod work;

@@ -23,7 +23,7 @@ use std::time::Duration;
 use chrono::Utc;
 use futures_util::{StreamExt as _, stream};
 use optinsync_plugin_api::{
-    ConnectorError, ConsentProof, ConsentWriteBack, Keyed, Subscriber, per_item,
+    BounceClass, ConnectorError, ConsentProof, ConsentWriteBack, Keyed, Subscriber, per_item,
 };
 use rand::Rng as _;
 use serde::Serialize;
@@ -35,6 +35,7 @@ use crate::ledger::{EventSource, Evidence, NewEvent};
 use crate::mail;
 use crate::store::{Finish, OutboxFinish, OutboxItem, OutboxWork, StoredWork};
 use crate::untrusted::Escaped;
+use crate::waves::Outcome;
 use crate::work::ConnectorRole;
 
 /// How long a claimed row belongs to its worker before others may take it.
@@ -150,6 +151,12 @@ impl Engine {
         if run.scrub {
             self.store.after_erasure().await?;
         }
+        if lane.is_none_or(|l| l == ConnectorRole::Mail)
+            && let Err(e) = self.flush_outcomes().await
+        {
+            // Kept in memory for the next pass; delivery goes on.
+            tracing::warn!(error = %e, "mail outcomes not stored yet; the stop rules judge them at the next pass");
+        }
         Ok(run.stats)
     }
 
@@ -193,12 +200,15 @@ impl Engine {
     /// [`Self::prepare_mail`] for a mail row; `None` for anything else or on a store error
     /// (the row then goes the single-row way, which reports it).
     async fn prepare_row(&self, item: &OutboxItem) -> Option<Prepared> {
-        let StoredWork::Known(OutboxWork::Mail { token, mail }) = &item.work else {
+        let StoredWork::Known(OutboxWork::Mail { token, mail, wave }) = &item.work else {
             return None;
         };
         let list = self.list(&item.list_id)?;
         let contact = self.store.contact_by_id(&item.contact_id).await.ok()??;
-        match self.prepare_mail(item, &contact, list, token, *mail).await {
+        match self
+            .prepare_mail(item, &contact, list, token, *mail, *wave)
+            .await
+        {
             Ok(Ok(mail)) => Some(Ok(ReadyMail { contact, mail })),
             Ok(Err(finish)) => Some(Err(finish)),
             Err(_) => None,
@@ -583,11 +593,13 @@ impl Engine {
         };
         let contact = self.store.contact_by_id(&item.contact_id).await?;
         let result = match work {
-            OutboxWork::Mail { token, mail } => {
+            OutboxWork::Mail { token, mail, wave } => {
                 let Some(contact) = contact else {
                     return Ok(done("skipped: contact no longer exists"));
                 };
-                return self.deliver_mail(item, &contact, list, token, *mail).await;
+                return self
+                    .deliver_mail(item, &contact, list, token, *mail, *wave)
+                    .await;
             }
             // Batched in `deliver_due`; one row at a time only when called directly.
             OutboxWork::CampaignsSubscribe {} => {
@@ -700,8 +712,12 @@ impl Engine {
         list: &crate::config::ListConfig,
         token: &str,
         kind: MailKind,
+        wave: bool,
     ) -> EngineResult<Finish> {
-        let prepared = match self.prepare_mail(item, contact, list, token, kind).await? {
+        let prepared = match self
+            .prepare_mail(item, contact, list, token, kind, wave)
+            .await?
+        {
             Ok(p) => p,
             Err(finish) => return Ok(finish),
         };
@@ -719,7 +735,12 @@ impl Engine {
         list: &crate::config::ListConfig,
         token: &str,
         kind: MailKind,
+        wave: bool,
     ) -> EngineResult<Result<PreparedMail, Finish>> {
+        // A wave's mail waits while the list's waves are paused (the person's own never does).
+        if wave && let Some(at) = self.wave_hold(list).await? {
+            return Ok(Err(Finish::Postpone { at }));
+        }
         // The signup may have been confirmed, withdrawn or replaced since the row was queued.
         let consent = self.store.consent(&contact.id, &list.id).await?;
         let Some(consent) = consent.filter(|c| {
@@ -797,22 +818,61 @@ impl Engine {
                     },
                 };
                 tracing::info!(contact_id = %contact.id, list = %list.id, mail = kind.as_str(), "confirmation mail sent");
+                self.count_outcome(list, Outcome::Sent);
                 Ok(Finish::Done {
                     event: Some(Box::new(event)),
                     note: None,
                 })
             }
-            Err(ConnectorError::Rejected { message }) => {
-                // The receiving side refused the address for good: a hard bounce.
-                let evidence = Evidence {
-                    detail: Some(message.clone()),
-                    ..Evidence::default()
-                };
-                self.apply(contact, list, Input::Bounce, EventSource::Mail, evidence)
-                    .await?;
-                Ok(Finish::Dead {
-                    error: format!("address rejected: {message}"),
-                })
+            Err(ConnectorError::Rejected { message, class }) => {
+                self.count_outcome(list, Outcome::Bounce(class));
+                match class {
+                    // The receiving side refused the address for good: a hard bounce.
+                    BounceClass::Hard => {
+                        let evidence = Evidence {
+                            detail: Some(format!("hard bounce: {message}")),
+                            ..Evidence::default()
+                        };
+                        self.apply(contact, list, Input::Bounce, EventSource::Mail, evidence)
+                            .await?;
+                        Ok(Finish::Dead {
+                            error: format!("address rejected: {message}"),
+                        })
+                    }
+                    // A full mailbox: counted towards the soft-bounce limit, not retried
+                    // (the rules' reminder is the next try).
+                    BounceClass::Soft => {
+                        if self
+                            .soft_bounce(contact, list, &message, EventSource::Mail)
+                            .await?
+                        {
+                            Ok(Finish::Dead {
+                                error: format!(
+                                    "address rejected: soft-bounce limit reached: {message}"
+                                ),
+                            })
+                        } else {
+                            Ok(Finish::Done {
+                                event: None,
+                                note: Some(format!("soft bounce recorded: {message}")),
+                            })
+                        }
+                    }
+                    // The receiving side refuses the sender: never the person's fault. The
+                    // row tries again later (the stop rules pause the waves meanwhile).
+                    BounceClass::Policy => {
+                        tracing::warn!(contact_id = %contact.id, list = %list.id, reply = %Escaped(&message), "the receiving side refused the mail for policy reasons (spam block or reputation)");
+                        let wait = (list.sending.day() / 24).max(std::time::Duration::from_secs(1));
+                        Ok(self.failure(
+                            item,
+                            ConnectorError::Transient {
+                                message: format!("policy refusal: {message}"),
+                                retry_after: Some(wait),
+                                scope: optinsync_plugin_api::FailureScope::Record,
+                            },
+                        ))
+                    }
+                }
             }
             Err(e) => Ok(self.failure(item, e)),
         }

@@ -90,7 +90,16 @@ pub(crate) fn commit_for(
         contact_id: contact.id.clone(),
         list_id: list.id.clone(),
         expected_seq,
-        outbox: outbox_rows(&t.effects, contact, list, &event.event_id, t.to),
+        // A mail the rules started belongs to a wave (paced, held while paused); one an
+        // input from the person or a tool started does not.
+        outbox: outbox_rows(
+            &t.effects,
+            contact,
+            list,
+            &event.event_id,
+            t.to,
+            source == EventSource::Rules,
+        ),
         consent: t.next,
         event,
         suppress: global.then(|| Suppression {
@@ -98,6 +107,7 @@ pub(crate) fn commit_for(
             reason: t.event.to_owned(),
         }),
         lift: vec![],
+        paced: None,
     }
 }
 
@@ -118,6 +128,7 @@ pub(crate) fn outbox_rows(
     list: &ListConfig,
     event_id: &str,
     to: ConsentState,
+    wave: bool,
 ) -> Vec<NewOutbox> {
     effects
         .iter()
@@ -139,6 +150,7 @@ pub(crate) fn outbox_rows(
                     OutboxWork::Mail {
                         token: token.clone(),
                         mail: *kind,
+                        wave,
                     },
                     PRIORITY_NORMAL,
                     format!("mail:{event_id}"),

@@ -127,7 +127,7 @@ impl Engine {
                     note: None,
                 })
             }
-            Err(ConnectorError::Rejected { message }) => Ok(Finish::Dead {
+            Err(ConnectorError::Rejected { message, .. }) => Ok(Finish::Dead {
                 error: format!("address rejected: {message}"),
             }),
             Err(e) => Ok(self.failure(item, e)),

@@ -38,6 +38,11 @@ pub enum OutboxWork {
         token: String,
         #[serde(default = "doi")]
         mail: MailKind,
+        /// Started by the rules (part of a wave), not asked for by the person: held while
+        /// the list's waves are paused ([`crate::waves`]). Rows written before waves existed
+        /// read as not held.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        wave: bool,
     },
     /// Put the (confirmed) contact on the Campaigns list.
     CampaignsSubscribe {},
@@ -216,6 +221,7 @@ mod tests {
             OutboxWork::Mail {
                 token: String::new(),
                 mail: MailKind::Doi,
+                wave: false,
             },
             OutboxWork::CampaignsSubscribe {},
             OutboxWork::CampaignsRequestDoi {
@@ -268,6 +274,7 @@ mod tests {
                 OutboxWork::Mail {
                     token: "t1".into(),
                     mail: MailKind::Reminder,
+                    wave: false,
                 },
                 "mail",
                 json!({ "token": "t1", "mail": "reminder" }),
@@ -325,14 +332,16 @@ mod tests {
             OutboxWork::from_stored("mail", json!({ "token": "t" })),
             Ok(OutboxWork::Mail {
                 token: "t".into(),
-                mail: MailKind::Doi
+                mail: MailKind::Doi,
+                wave: false,
             })
         );
         assert_eq!(
             OutboxWork::from_stored("mail", json!({})),
             Ok(OutboxWork::Mail {
                 token: String::new(),
-                mail: MailKind::Doi
+                mail: MailKind::Doi,
+                wave: false,
             })
         );
         assert_eq!(
@@ -382,6 +391,7 @@ mod tests {
         let mail = OutboxWork::Mail {
             token: String::new(),
             mail: MailKind::Doi,
+            wave: false,
         };
         assert_eq!(mail.connector(), ConnectorRole::Mail);
         assert_eq!(

@@ -268,6 +268,7 @@ fn mail_work(token: &str) -> OutboxWork {
     OutboxWork::Mail {
         token: token.to_owned(),
         mail: MailKind::Doi,
+        wave: false,
     }
 }
 
@@ -302,6 +303,7 @@ fn simple_commit(
         outbox: vec![],
         suppress: None,
         lift: vec![],
+        paced: None,
     }
 }
 
@@ -668,6 +670,7 @@ async fn check_commit(db: TestDb) {
             }],
             suppress: None,
             lift: vec![],
+            paced: None,
         })
         .await
         .expect("commit 2");
@@ -702,6 +705,7 @@ async fn check_commit(db: TestDb) {
                 reason: "bounced".into(),
             }),
             lift: vec![],
+            paced: None,
         })
         .await
         .expect("commit 3");
@@ -2602,6 +2606,7 @@ async fn check_suppression_list_and_lift(db: TestDb) {
     let head = whole_ledger(s).await.len();
     s.commit(&Commit {
         lift: vec!["ha".into()],
+        paced: None,
         ..simple_commit(
             &a,
             "other",

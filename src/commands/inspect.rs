@@ -135,9 +135,16 @@ pub async fn status(path: &Path, json: bool) -> Result<(), Failure> {
     // Open signups settle by the end of their list's pending window (asserted ones are about
     // to be asked, so their window starts now).
     let forecast = optinsync_web::admin::settled_by(&config, &summary, chrono::Utc::now());
+    let mut waves = std::collections::BTreeMap::new();
+    for list in &config.config.lists {
+        let state = optinsync_engine::waves::state_in(store.as_ref(), &list.id)
+            .await
+            .context("reading the list's waves")?;
+        waves.insert(list.id.clone(), state);
+    }
     if json {
         // The same JSON as the admin API's `GET /admin/status`.
-        let v = optinsync_web::admin::status_json(&summary, &outbox, &forecast);
+        let v = optinsync_web::admin::status_json(&summary, &outbox, &forecast, &waves);
         println!(
             "{}",
             serde_json::to_string_pretty(&v).context("formatting JSON")?
@@ -157,6 +164,14 @@ pub async fn status(path: &Path, json: bool) -> Result<(), Failure> {
             println!(
                 "  open signups settle by {} (confirm, or lapse at the end of their window)",
                 end.format("%Y-%m-%d %H:%M UTC")
+            );
+        }
+        if let Some(p) = waves.get(&list.id).and_then(|w| w.paused.as_ref()) {
+            println!(
+                "  waves PAUSED since {} by the stop rules: {} (resume: optinsync campaign resume --list {})",
+                p.at.format("%Y-%m-%d %H:%M UTC"),
+                p.reason,
+                list.id
             );
         }
     }

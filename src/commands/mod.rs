@@ -15,6 +15,7 @@ use optinsync_engine::store::{self, Store};
 
 use crate::{Failure, registry};
 
+mod campaign;
 mod connector;
 mod daemon;
 mod inspect;
@@ -22,6 +23,7 @@ mod outbox;
 mod rules;
 mod suppression;
 
+pub use campaign::{campaign_plan, campaign_report, campaign_resume};
 pub use connector::connector_check;
 pub use daemon::{run, sync_once};
 pub use inspect::{contact_show, erase, import_existing, ledger_verify, migrate, status};

@@ -244,6 +244,7 @@ impl FakeCampaigns {
                 kind,
                 at,
                 detail: None,
+                bounce: None,
             });
     }
 

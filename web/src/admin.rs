@@ -236,7 +236,19 @@ async fn status(State(engine): State<Arc<Engine>>) -> Response {
         }
     };
     let settled = settled_by(engine.config(), &summary, Utc::now());
-    json_response(&status_json(&summary, &outbox, &settled))
+    let mut waves = BTreeMap::new();
+    for list in engine.lists() {
+        match engine.wave_state(&list.id).await {
+            Ok(w) => {
+                waves.insert(list.id.clone(), w);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "admin API: reading the waves failed");
+                return failure(StatusCode::SERVICE_UNAVAILABLE, "store unavailable");
+            }
+        }
+    }
+    json_response(&status_json(&summary, &outbox, &settled, &waves))
 }
 
 /// The body of the calls that name a person: the address stays out of URLs and access logs.
@@ -430,8 +442,9 @@ pub fn status_json(
     summary: &[ConsentSummary],
     outbox: &OutboxCounts,
     settled_by: &BTreeMap<String, DateTime<Utc>>,
+    waves: &BTreeMap<String, optinsync_engine::waves::WaveState>,
 ) -> Value {
-    json!({ "consent": summary, "outbox": outbox, "settled_by": settled_by })
+    json!({ "consent": summary, "outbox": outbox, "settled_by": settled_by, "waves": waves })
 }
 
 #[cfg(test)]

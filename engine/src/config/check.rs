@@ -149,6 +149,9 @@ pub(super) fn lists(lists: &[ListConfig], at: &Place) -> Result<(), ConfigError>
                 format!("list id `{}` is used twice", list.id),
             ));
         }
+        if let Err((key, message)) = super::sending::check(&list.sending) {
+            return Err(at.invalid(&format!("lists[{i}].sending.{key}"), message));
+        }
     }
     Ok(())
 }

@@ -11,8 +11,10 @@ use serde::Deserialize;
 
 mod check;
 mod duration;
+pub mod sending;
 
 pub use duration::HumanDuration;
+pub use sending::{KindPlan, SendingConfig, SendingHours, SoftBounces, StopRules};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -585,6 +587,9 @@ pub struct ListConfig {
     pub inactivity: HumanDuration,
     #[serde(default = "default_grace")]
     pub revalidation_grace: HumanDuration,
+    /// `[lists.sending]`: the list's sending plan, stop rules and soft-bounce threshold.
+    #[serde(default)]
+    pub sending: SendingConfig,
 }
 
 fn default_language() -> String {

@@ -129,16 +129,16 @@ fn record(
 const PAGE: i64 = 1000;
 
 /// One page of contacts and everything the rules and the state machine need about them.
-struct Page {
-    contacts: Vec<Contact>,
-    consents: HashMap<(String, String), Consent>,
-    engagement: HashMap<(String, String), DateTime<Utc>>,
+pub(crate) struct Page {
+    pub(crate) contacts: Vec<Contact>,
+    pub(crate) consents: HashMap<(String, String), Consent>,
+    pub(crate) engagement: HashMap<(String, String), DateTime<Utc>>,
     /// Per contact, in order: is any of its address hashes suppressed.
-    suppressed: Vec<bool>,
+    pub(crate) suppressed: Vec<bool>,
 }
 
 /// The page after `after`, in one batch read per table; `None` past the last contact.
-async fn read_page(
+pub(crate) async fn read_page(
     store: &dyn Store,
     tokens: &TokenKeys,
     after: Option<&str>,

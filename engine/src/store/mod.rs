@@ -153,6 +153,67 @@ pub struct Commit {
     /// Take these address hashes off the suppression list (an erased person's own signup,
     /// confirmed: the event says so).
     pub lift: Vec<String>,
+    /// The mail this commit queues was let through by the list's sending plan: counted
+    /// against the plan's caps in the same transaction ([`crate::waves`]).
+    pub paced: Option<PacedSend>,
+}
+
+/// One mail a sending plan let through: counted under the day's total and, if the plan caps
+/// the recipient's domain, under that domain's bucket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PacedSend {
+    pub mail_kind: crate::consent::MailKind,
+    /// The plan day (whole plan days since the Unix epoch).
+    pub day: i64,
+    /// The domain bucket (`gmail.com`, `default`, ...), when the plan caps domains.
+    pub bucket: Option<String>,
+}
+
+/// The bucket of a day's total in `wave_counts`.
+pub const WAVE_TOTAL: &str = "*";
+
+/// Mails a sending plan let through on one day, per kind and bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WaveCount {
+    pub mail_kind: String,
+    /// [`WAVE_TOTAL`] or a domain bucket.
+    pub bucket: String,
+    pub admitted: i64,
+}
+
+/// What became of a list's mails over some slots: the stop rules' figures.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailOutcomes {
+    pub sent: i64,
+    pub hard: i64,
+    pub soft: i64,
+    pub policy: i64,
+    pub complaints: i64,
+}
+
+impl MailOutcomes {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+    pub fn add(&mut self, o: &MailOutcomes) {
+        self.sent += o.sent;
+        self.hard += o.hard;
+        self.soft += o.soft;
+        self.policy += o.policy;
+        self.complaints += o.complaints;
+    }
+}
+
+/// Ledger events of one list grouped by kind and states: the campaign report's figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventSummary {
+    pub kind: String,
+    pub from_state: String,
+    pub to_state: String,
+    pub events: i64,
+    pub contacts: i64,
+    pub first: DateTime<Utc>,
+    pub last: DateTime<Utc>,
 }
 
 /// One commit of a [`Store::commit_batch`].
@@ -413,6 +474,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         until: DateTime<Utc>,
     ) -> StoreResult<bool>;
     async fn cursor(&self, name: &str) -> StoreResult<Option<String>>;
+    /// Cursors whose name starts with `prefix`, as `(name, value)` in name order.
+    async fn cursors_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, String)>>;
+
+    /// What a list's sending plans let through on plan day `day` ([`Commit::paced`]).
+    async fn wave_counts(&self, list_id: &str, day: i64) -> StoreResult<Vec<WaveCount>>;
+    /// The first plan day a list's plan let a mail of each kind through: `(kind, day)`.
+    async fn wave_first_days(&self, list_id: &str) -> StoreResult<Vec<(String, i64)>>;
+    /// Add to a list's mail outcomes per slot: `(list_id, slot, outcomes)`.
+    async fn add_mail_outcomes(&self, rows: &[(String, i64, MailOutcomes)]) -> StoreResult<()>;
+    /// A list's mail outcomes summed over the slots from `from_slot` on.
+    async fn mail_outcomes(&self, list_id: &str, from_slot: i64) -> StoreResult<MailOutcomes>;
+    /// A list's ledger events grouped by kind, from and to state (a full read of the ledger:
+    /// for reports, not for hot paths).
+    async fn list_event_summary(&self, list_id: &str) -> StoreResult<Vec<EventSummary>>;
     async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()>;
 
     async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool>;

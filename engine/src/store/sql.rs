@@ -715,6 +715,30 @@ macro_rules! shared_store_impl {
                     .execute(&mut *tx)
                     .await?;
                 }
+                // Paced mails count against their plan's caps in this same transaction.
+                let mut paced: BTreeMap<(&str, &str, i64, &str), i64> = BTreeMap::new();
+                for (b, ev) in commits.iter().zip(out.iter()) {
+                    if let (Some(p), Some(_)) = (&b.commit.paced, ev) {
+                        let kind = p.mail_kind.as_str();
+                        *paced.entry((&b.commit.list_id, kind, p.day, crate::store::WAVE_TOTAL)).or_default() += 1;
+                        if let Some(bucket) = &p.bucket {
+                            *paced.entry((&b.commit.list_id, kind, p.day, bucket)).or_default() += 1;
+                        }
+                    }
+                }
+                for ((list, kind, day, bucket), n) in paced {
+                    sqlx::query(
+                        "INSERT INTO wave_counts (list_id, mail_kind, day, bucket, admitted) VALUES ($1, $2, $3, $4, $5) \
+                         ON CONFLICT (list_id, mail_kind, day, bucket) DO UPDATE SET admitted = wave_counts.admitted + excluded.admitted",
+                    )
+                    .bind(list)
+                    .bind(kind)
+                    .bind(day)
+                    .bind(bucket)
+                    .bind(n)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 tx.commit().await?;
                 Ok(out)
             }
@@ -981,6 +1005,109 @@ macro_rules! shared_store_impl {
                     .fetch_optional(&self.reader)
                     .await?;
                 Ok(row.map(|r| r.try_get("value")).transpose()?)
+            }
+
+            async fn cursors_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
+                // A range, not LIKE: a prefix may hold `_` or `%`.
+                let rows = sqlx::query("SELECT name, value FROM cursors WHERE name >= $1 AND name < $2 ORDER BY name")
+                    .bind(prefix)
+                    .bind(format!("{prefix}\u{10FFFF}"))
+                    .fetch_all(&self.reader)
+                    .await?;
+                rows.iter().map(|r| Ok((r.try_get("name")?, r.try_get("value")?))).collect()
+            }
+
+            async fn wave_counts(&self, list_id: &str, day: i64) -> StoreResult<Vec<crate::store::WaveCount>> {
+                let rows = sqlx::query("SELECT mail_kind, bucket, admitted FROM wave_counts WHERE list_id = $1 AND day = $2 ORDER BY mail_kind, bucket")
+                    .bind(list_id)
+                    .bind(day)
+                    .fetch_all(&self.reader)
+                    .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::WaveCount {
+                            mail_kind: r.try_get("mail_kind")?,
+                            bucket: r.try_get("bucket")?,
+                            admitted: r.try_get("admitted")?,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn wave_first_days(&self, list_id: &str) -> StoreResult<Vec<(String, i64)>> {
+                let rows = sqlx::query("SELECT mail_kind, MIN(day) AS first FROM wave_counts WHERE list_id = $1 GROUP BY mail_kind ORDER BY mail_kind")
+                    .bind(list_id)
+                    .fetch_all(&self.reader)
+                    .await?;
+                rows.iter().map(|r| Ok((r.try_get("mail_kind")?, r.try_get("first")?))).collect()
+            }
+
+            async fn add_mail_outcomes(&self, rows: &[(String, i64, crate::store::MailOutcomes)]) -> StoreResult<()> {
+                if rows.is_empty() {
+                    return Ok(());
+                }
+                let mut tx = self.pool.begin().await?;
+                for (list, slot, o) in rows {
+                    sqlx::query(
+                        "INSERT INTO mail_outcomes (list_id, slot, sent, hard, soft, policy, complaints) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                         ON CONFLICT (list_id, slot) DO UPDATE SET sent = mail_outcomes.sent + excluded.sent, \
+                         hard = mail_outcomes.hard + excluded.hard, soft = mail_outcomes.soft + excluded.soft, \
+                         policy = mail_outcomes.policy + excluded.policy, complaints = mail_outcomes.complaints + excluded.complaints",
+                    )
+                    .bind(list)
+                    .bind(*slot)
+                    .bind(o.sent)
+                    .bind(o.hard)
+                    .bind(o.soft)
+                    .bind(o.policy)
+                    .bind(o.complaints)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+
+            async fn mail_outcomes(&self, list_id: &str, from_slot: i64) -> StoreResult<crate::store::MailOutcomes> {
+                let r = sqlx::query(
+                    "SELECT CAST(COALESCE(SUM(sent), 0) AS BIGINT) AS sent, CAST(COALESCE(SUM(hard), 0) AS BIGINT) AS hard, \
+                     CAST(COALESCE(SUM(soft), 0) AS BIGINT) AS soft, CAST(COALESCE(SUM(policy), 0) AS BIGINT) AS policy, \
+                     CAST(COALESCE(SUM(complaints), 0) AS BIGINT) AS complaints FROM mail_outcomes WHERE list_id = $1 AND slot >= $2",
+                )
+                .bind(list_id)
+                .bind(from_slot)
+                .fetch_one(&self.reader)
+                .await?;
+                Ok(crate::store::MailOutcomes {
+                    sent: r.try_get("sent")?,
+                    hard: r.try_get("hard")?,
+                    soft: r.try_get("soft")?,
+                    policy: r.try_get("policy")?,
+                    complaints: r.try_get("complaints")?,
+                })
+            }
+
+            async fn list_event_summary(&self, list_id: &str) -> StoreResult<Vec<crate::store::EventSummary>> {
+                let rows = sqlx::query(
+                    "SELECT kind, from_state, to_state, COUNT(*) AS events, COUNT(DISTINCT contact_id) AS contacts, \
+                     MIN(at) AS first, MAX(at) AS last FROM ledger WHERE list_id = $1 GROUP BY kind, from_state, to_state ORDER BY MIN(at)",
+                )
+                .bind(list_id)
+                .fetch_all(&self.reader)
+                .await?;
+                rows.iter()
+                    .map(|r| {
+                        Ok(crate::store::EventSummary {
+                            kind: r.try_get("kind")?,
+                            from_state: r.try_get("from_state")?,
+                            to_state: r.try_get("to_state")?,
+                            events: r.try_get("events")?,
+                            contacts: r.try_get("contacts")?,
+                            first: parse_time("ledger", &r.try_get::<String, _>("first")?)?,
+                            last: parse_time("ledger", &r.try_get::<String, _>("last")?)?,
+                        })
+                    })
+                    .collect()
             }
 
             async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()> {

@@ -303,6 +303,38 @@ impl Store for RacingStore {
     async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()> {
         self.inner.set_cursor(name, value, now).await
     }
+    async fn cursors_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
+        self.inner.cursors_with_prefix(prefix).await
+    }
+    async fn wave_counts(
+        &self,
+        list_id: &str,
+        day: i64,
+    ) -> StoreResult<Vec<optinsync_engine::store::WaveCount>> {
+        self.inner.wave_counts(list_id, day).await
+    }
+    async fn wave_first_days(&self, list_id: &str) -> StoreResult<Vec<(String, i64)>> {
+        self.inner.wave_first_days(list_id).await
+    }
+    async fn add_mail_outcomes(
+        &self,
+        rows: &[(String, i64, optinsync_engine::store::MailOutcomes)],
+    ) -> StoreResult<()> {
+        self.inner.add_mail_outcomes(rows).await
+    }
+    async fn mail_outcomes(
+        &self,
+        list_id: &str,
+        from_slot: i64,
+    ) -> StoreResult<optinsync_engine::store::MailOutcomes> {
+        self.inner.mail_outcomes(list_id, from_slot).await
+    }
+    async fn list_event_summary(
+        &self,
+        list_id: &str,
+    ) -> StoreResult<Vec<optinsync_engine::store::EventSummary>> {
+        self.inner.list_event_summary(list_id).await
+    }
     async fn is_suppressed(&self, address_hash: &str) -> StoreResult<bool> {
         self.inner.is_suppressed(address_hash).await
     }

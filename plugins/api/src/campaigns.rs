@@ -100,6 +100,10 @@ pub struct StatusEvent {
     pub kind: StatusKind,
     pub at: DateTime<Utc>,
     pub detail: Option<String>,
+    /// For [`StatusKind::Bounced`]: the class the tool reported (hard when it says nothing,
+    /// as every bounce was taken before classes existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bounce: Option<crate::BounceClass>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

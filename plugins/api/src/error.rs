@@ -48,15 +48,56 @@ pub enum ConnectorError {
     /// Will never succeed as asked (e.g. invalid address); goes to the dead letters.
     #[error("permanent failure: {message}")]
     Permanent { message: String },
-    /// The address was rejected permanently by the receiving side (a hard bounce).
-    #[error("address rejected: {message}")]
-    Rejected { message: String },
+    /// The receiving side refused the message for this address: `class` says whether for
+    /// good (a hard bounce, the default), for now (a soft bounce: mailbox full) or because of
+    /// the sender (a policy refusal: spam block, reputation). `message` is the reply text,
+    /// kept as evidence.
+    #[error("address rejected ({class}): {message}")]
+    Rejected {
+        message: String,
+        #[serde(default)]
+        class: BounceClass,
+    },
     /// The connector is misconfigured; names the setting to fix.
     #[error("configuration error in `{setting}`: {message}")]
     Config { setting: String, message: String },
     /// A webhook or record that is not acceptable input.
     #[error("invalid input: {message}")]
     InvalidInput { message: String },
+}
+
+/// Why a receiving side refused a message, as a bounce is classed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BounceClass {
+    /// The address does not exist or never will take mail (SMTP 5.1.x): the person is
+    /// suppressed at once.
+    #[default]
+    Hard,
+    /// The mailbox cannot take mail now (full, over quota, temporarily disabled): counted
+    /// against a soft-bounce threshold over time, never suppressed on the first.
+    Soft,
+    /// The receiving side refuses the *sender* (spam block, reputation, policy; SMTP 5.7.x):
+    /// counts for a wave's stop rule and never suppresses the person.
+    Policy,
+}
+
+impl BounceClass {
+    pub const ALL: [BounceClass; 3] = [Self::Hard, Self::Soft, Self::Policy];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Hard => "hard",
+            Self::Soft => "soft",
+            Self::Policy => "policy",
+        }
+    }
+}
+
+impl std::fmt::Display for BounceClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `Option<Duration>` as whole milliseconds on the wire.
@@ -106,6 +147,17 @@ impl ConnectorError {
     pub fn permanent(message: impl Into<String>) -> Self {
         Self::Permanent {
             message: message.into(),
+        }
+    }
+    /// The address refused for good: a hard bounce.
+    pub fn rejected(message: impl Into<String>) -> Self {
+        Self::bounced(BounceClass::Hard, message)
+    }
+    /// The message refused for this address, in `class`.
+    pub fn bounced(class: BounceClass, message: impl Into<String>) -> Self {
+        Self::Rejected {
+            message: message.into(),
+            class,
         }
     }
 }

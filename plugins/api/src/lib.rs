@@ -29,7 +29,7 @@ pub use campaigns::{
     all_items, per_item,
 };
 pub use consent::{ConsentState, UnknownState};
-pub use error::{ConnectorError, ConnectorResult, FailureScope, SettingsError};
+pub use error::{BounceClass, ConnectorError, ConnectorResult, FailureScope, SettingsError};
 pub use factory::{
     BuildContext, Built, ConnectorFactory, HttpDefaults, Role, Settings, parse_duration,
 };
@@ -63,9 +63,8 @@ mod tests {
             ConnectorError::Permanent {
                 message: "no such list".into(),
             },
-            ConnectorError::Rejected {
-                message: "550 5.1.1".into(),
-            },
+            ConnectorError::rejected("550 5.1.1"),
+            ConnectorError::bounced(BounceClass::Policy, "554 5.7.1 blocked"),
             ConnectorError::Config {
                 setting: "api_key".into(),
                 message: "missing".into(),
@@ -98,7 +97,21 @@ mod tests {
         let e: ConnectorError =
             serde_json::from_str(r#"{"kind": "transient", "message": "x"}"#).expect("parses");
         assert_eq!(e, ConnectorError::transient("x"));
+        // A rejection without a class is a hard bounce (as before classes existed).
+        let e: ConnectorError =
+            serde_json::from_str(r#"{"kind": "rejected", "message": "550 5.1.1"}"#)
+                .expect("parses");
+        assert_eq!(e, ConnectorError::rejected("550 5.1.1"));
+        let e: ConnectorError = serde_json::from_str(
+            r#"{"kind": "rejected", "message": "552 5.2.2 full", "class": "soft"}"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            e,
+            ConnectorError::bounced(BounceClass::Soft, "552 5.2.2 full")
+        );
         for bad in [
+            r#"{"kind": "rejected", "message": "x", "class": "bad"}"#,
             r#"{"kind": "fatal", "message": "x"}"#,
             r#"{"kind": "permanent"}"#,
             r#"{"kind": "permanent", "message": "x", "extra": 1}"#,

@@ -157,9 +157,10 @@ fn build(message: &OutgoingMessage) -> ConnectorResult<Message> {
         .from
         .parse()
         .map_err(|_| ConnectorError::permanent("sender address is not a valid mailbox"))?;
-    let to: Mailbox = message.to.parse().map_err(|_| ConnectorError::Rejected {
-        message: "recipient address is not a valid mailbox".to_owned(),
-    })?;
+    let to: Mailbox = message
+        .to
+        .parse()
+        .map_err(|_| ConnectorError::rejected("recipient address is not a valid mailbox"))?;
     let id = message
         .message_id
         .trim_start_matches('<')
@@ -389,7 +390,7 @@ mod tests {
             .await
             .unwrap_err();
         match &err {
-            ConnectorError::Rejected { message } => {
+            ConnectorError::Rejected { message, .. } => {
                 assert_eq!(message, "recipient address is not a valid mailbox");
             }
             other => panic!("unexpected {other:?}"),

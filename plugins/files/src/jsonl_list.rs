@@ -13,7 +13,8 @@
 //! ```
 //!
 //! `kind` is `unsubscribed`, `bounced` or `complained`; `at` (default: when read) and `detail`
-//! are optional.
+//! are optional, and so is a bounce's class, `"bounce": "hard"` (the default), `"soft"` or
+//! `"policy"`.
 //!
 //! Or push them the way a real tool's webhook would, when `webhook_secret` is set:
 //! `POST /webhooks/campaigns` with the header `X-Webhook-Secret` and a body of such lines'
@@ -112,6 +113,9 @@ struct StatusLine {
     at: Option<DateTime<Utc>>,
     #[serde(default)]
     detail: Option<String>,
+    /// For `bounced`: `hard` (the default), `soft` or `policy`.
+    #[serde(default)]
+    bounce: Option<optinsync_plugin_api::BounceClass>,
 }
 
 /// Entries keyed by (list, [`address_key`]), which is also file order.
@@ -270,6 +274,7 @@ impl JsonlList {
                 kind: e.kind,
                 at: e.at.unwrap_or_else(Utc::now),
                 detail: e.detail,
+                bounce: e.bounce,
             })
             .collect();
         Ok(WebhookEvent::Status { list, events })
@@ -511,6 +516,7 @@ fn read_status_lines(
                     kind: status.kind,
                     at: status.at.unwrap_or_else(Utc::now),
                     detail: status.detail,
+                    bounce: status.bounce,
                 }),
                 Ok(_) => {}
                 Err(_) if !complete => break,

@@ -219,9 +219,9 @@ impl Mailchimp {
         let mut copies: Vec<(usize, usize)> = Vec::new();
         for (i, s) in subscribers.iter().enumerate() {
             if !looks_like_address(&s.email) {
-                results[i] = Some(Err(ConnectorError::Rejected {
-                    message: "not an address; not sent to Mailchimp".into(),
-                }));
+                results[i] = Some(Err(ConnectorError::rejected(
+                    "not an address; not sent to Mailchimp",
+                )));
                 continue;
             }
             let h = subscriber_hash(&s.email);
@@ -548,9 +548,9 @@ impl CampaignsConnector for Mailchimp {
         }
         let s = &subscriber.item;
         if !looks_like_address(&s.email) {
-            return Err(ConnectorError::Rejected {
-                message: "not an address; not sent to Mailchimp".into(),
-            });
+            return Err(ConnectorError::rejected(
+                "not an address; not sent to Mailchimp",
+            ));
         }
         let hash = subscriber_hash(&s.email);
         if let Some(member) = self.get_member(list, m, &hash).await?

@@ -184,9 +184,7 @@ pub(crate) fn member_refusal(title: &str, detail: &str, fields: &[String]) -> Co
         || d.contains("valid email address")
         || d.contains("must contain a single @")
     {
-        return ConnectorError::Rejected {
-            message: "Mailchimp refuses the address as not valid".into(),
-        };
+        return ConnectorError::rejected("Mailchimp refuses the address as not valid");
     }
     if d.contains("signed up to a lot of lists") {
         return ConnectorError::Transient {

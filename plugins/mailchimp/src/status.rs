@@ -169,6 +169,7 @@ impl Mailchimp {
                                     "Mailchimp reports the member confirmed Mailchimp's own opt-in mail (ip_opt {})",
                                     row.ip_opt.escape_debug()
                                 )),
+                                bounce: None,
                             });
                         }
                         _ => events.push(StatusEvent {
@@ -179,6 +180,9 @@ impl Mailchimp {
                                 "Mailchimp audience {} reports status `{status}`",
                                 m.audience
                             )),
+                            // `cleaned`: a lasting refusal of the address.
+                            bounce: (kind == StatusKind::Bounced)
+                                .then_some(optinsync_plugin_api::BounceClass::Hard),
                         }),
                     }
                 })

@@ -102,6 +102,10 @@ impl Mailchimp {
             kind,
             at,
             detail: Some(detail),
+            // Mailchimp cleans an address after a hard bounce (`reason=hard`) or repeated
+            // soft ones: for optinsync either is a lasting refusal of the address.
+            bounce: (kind == StatusKind::Bounced)
+                .then_some(optinsync_plugin_api::BounceClass::Hard),
         };
         let mut events = Vec::new();
         match form.kind.as_str() {

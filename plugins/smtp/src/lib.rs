@@ -14,7 +14,8 @@
 //!   the last two signed for one-click unsubscribe).
 //!
 //! Failures map onto what the engine must do with the message: a permanent (5xx) answer about
-//! the recipient is [`ConnectorError::Rejected`] (the engine records a hard bounce), a
+//! the recipient is [`ConnectorError::Rejected`] in a bounce class ([`bounce`]: hard for the
+//! address, soft for a full mailbox, policy for a refused sender), a
 //! temporary (4xx) answer, a timeout or a broken connection is [`ConnectorError::Transient`]
 //! (retried with backoff). 5xx answers that are about *us* — authentication required or
 //! failed, command syntax — are [`ConnectorError::Permanent`]: they must not bounce the
@@ -40,6 +41,7 @@ use optinsync_plugin_api::{
 };
 use serde::Deserialize;
 
+pub mod bounce;
 pub mod conn;
 pub mod pace;
 
@@ -316,9 +318,7 @@ pub fn build_message(
         .map_err(|_| ConnectorError::permanent("sender address is not a valid mailbox"))?;
     let to: Mailbox = deliverable(&message.to)
         .parse()
-        .map_err(|_| ConnectorError::Rejected {
-            message: "recipient address is not a valid mailbox".to_owned(),
-        })?;
+        .map_err(|_| ConnectorError::rejected("recipient address is not a valid mailbox"))?;
     let id = message
         .message_id
         .trim_start_matches('<')
@@ -384,7 +384,7 @@ pub fn classify(err: &lettre::transport::smtp::Error) -> ConnectorError {
     if err.is_permanent() {
         match code {
             Some(c) if is_our_fault(c) => ConnectorError::permanent(format!("SMTP {c}: {message}")),
-            _ => ConnectorError::Rejected { message },
+            _ => ConnectorError::bounced(bounce::classify(code, &message), message),
         }
     } else {
         // 4xx, timeouts, connection and TLS trouble: try again later.

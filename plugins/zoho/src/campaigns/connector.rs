@@ -52,9 +52,9 @@ impl ZohoCampaigns {
         // that would take it silently.
         for (i, s) in subscribers.iter().enumerate() {
             if !s.email.trim().contains('@') {
-                results[i] = Some(Err(ConnectorError::Rejected {
-                    message: "not an address; not sent to Zoho Campaigns".into(),
-                }));
+                results[i] = Some(Err(ConnectorError::rejected(
+                    "not an address; not sent to Zoho Campaigns",
+                )));
             }
         }
         let bulk: Vec<usize> = if m.doi == DoiMode::Optinsync {
@@ -411,6 +411,10 @@ impl CampaignsConnector for ZohoCampaigns {
                             "Zoho Campaigns list {} reports status `{status}`",
                             m.listkey
                         )),
+                        // Zoho moves an address to `bounce` after a hard bounce (or repeated
+                        // soft ones): a lasting refusal of the address.
+                        bounce: (kind == StatusKind::Bounced)
+                            .then_some(optinsync_plugin_api::BounceClass::Hard),
                     });
                 }
                 if items.len() < page {

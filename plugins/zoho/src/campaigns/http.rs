@@ -184,7 +184,7 @@ impl ZohoCampaigns {
         let what = format!("Zoho Campaigns `{}` error {code}: {message}", api.name());
         match code {
             // Invalid / group address: will never succeed.
-            "2004" | "2005" | "1001" => ConnectorError::Rejected { message: what },
+            "2004" | "2005" | "1001" => ConnectorError::rejected(what),
             // The list key is wrong, the list is gone, or the token may not use it.
             "2501" | "2102" | "2002" | "2202" | "2206" | "2707" | "2701" | "2704" | "2706" => {
                 self.list_config_error(list, &what)
