@@ -83,6 +83,17 @@ async fn store_gauges(engine: &Engine) -> Result<(), optinsync_engine::store::St
     for ((list, state), n) in consents {
         metrics::gauge!("optinsync_consents", "list" => list, "state" => state).set(n as f64);
     }
+    for list in engine.lists() {
+        // Read from the store: a pause or resume by another process (`campaign resume`)
+        // shows here at the next refresh.
+        match engine.wave_state(&list.id).await {
+            Ok(w) => metrics::gauge!("optinsync_wave_paused", "list" => list.id.clone())
+                .set(if w.paused.is_some() { 1.0 } else { 0.0 }),
+            Err(e) => {
+                tracing::warn!(list = %list.id, error = %e, "reading the list's waves failed")
+            }
+        }
+    }
 
     let depth = reads.outbox_depth().await?;
     let now = Utc::now();

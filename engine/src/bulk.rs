@@ -111,7 +111,11 @@ enum Outcome {
 }
 
 impl<'e> Plan<'e> {
-    async fn load(engine: &'e Engine, contacts: &[&Contact]) -> EngineResult<Plan<'e>> {
+    async fn load(
+        engine: &'e Engine,
+        contacts: &[&Contact],
+        pacer: crate::waves::Pacer,
+    ) -> EngineResult<Plan<'e>> {
         let ids: Vec<String> = contacts.iter().map(|c| c.id.clone()).collect();
         let consents = engine
             .store
@@ -138,7 +142,6 @@ impl<'e> Plan<'e> {
             .into_iter()
             .collect();
         let now = Utc::now();
-        let pacer = crate::waves::Pacer::load(engine, engine.lists(), now).await?;
         Ok(Plan {
             engine,
             now,
@@ -407,7 +410,12 @@ impl Engine {
             }
         }
         let (crm_changes, decided) = self
-            .plan_rounds(&contacts, &crm_inputs, &mut stats.timings)
+            .plan_rounds(
+                &contacts,
+                &crm_inputs,
+                &mut stats.timings,
+                &mut crate::waves::Pacer::load(self, self.lists(), Utc::now()).await?,
+            )
             .await?;
         stats.crm_changes = crm_changes;
         stats.decided = decided;
@@ -475,10 +483,27 @@ impl Engine {
     }
 
     /// Run the rules for these contacts on every list and apply what they propose.
+    /// The sending plans' budgets as of now, for a rules pass.
+    pub(crate) async fn pacer_now(&self) -> EngineResult<crate::waves::Pacer> {
+        crate::waves::Pacer::load(self, self.lists(), Utc::now()).await
+    }
+
     pub async fn decide_contacts(&self, contacts: &[Contact]) -> EngineResult<DecideStats> {
+        let mut pacer = self.pacer_now().await?;
+        self.decide_contacts_paced(contacts, &mut pacer).await
+    }
+
+    /// [`Engine::decide_contacts`] under the sending plans' budgets of a whole rules pass
+    /// (read once at its start): once a plan's share is used up, no later page of the pass
+    /// starts a mail ahead of the contacts an earlier page left waiting.
+    pub(crate) async fn decide_contacts_paced(
+        &self,
+        contacts: &[Contact],
+        pacer: &mut crate::waves::Pacer,
+    ) -> EngineResult<DecideStats> {
         let refs: Vec<&Contact> = contacts.iter().collect();
         let (_, stats) = self
-            .plan_rounds(&refs, &[], &mut Timings::default())
+            .plan_rounds(&refs, &[], &mut Timings::default(), pacer)
             .await?;
         Ok(stats)
     }
@@ -490,6 +515,7 @@ impl Engine {
         contacts: &[&Contact],
         crm_inputs: &[CrmInput],
         timings: &mut Timings,
+        pacer: &mut crate::waves::Pacer,
     ) -> EngineResult<(u64, DecideStats)> {
         let rules: Arc<RuleSet> = self.rules();
         // The lists' part of the rules' input, built once for the whole batch.
@@ -503,7 +529,7 @@ impl Engine {
         for _ in 0..ROUNDS {
             let batch: Vec<&Contact> = todo.iter().map(|&i| contacts[i]).collect();
             let t0 = std::time::Instant::now();
-            let mut plan = Plan::load(self, &batch).await?;
+            let mut plan = Plan::load(self, &batch, std::mem::take(pacer)).await?;
             let t1 = std::time::Instant::now();
             timings.load += t1 - t0;
             let wanted: HashSet<usize> = todo.iter().copied().collect();
@@ -528,6 +554,9 @@ impl Engine {
             }
             let t2 = std::time::Instant::now();
             timings.decide += t2 - t1;
+            // The budgets go on to the next round or page: what this batch let through is
+            // spent even if a conflicting commit is left out (a plan errs on sending less).
+            *pacer = std::mem::take(&mut plan.pacer);
             let written = plan.commit().await?;
             timings.commit += t2.elapsed();
             crm_changes += written.crm_changes;

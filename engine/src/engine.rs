@@ -105,7 +105,7 @@ pub struct Engine {
     /// What the last rules reload did (the operator console shows it).
     pub(crate) last_reload: std::sync::Mutex<Option<ReloadRecord>>,
     /// Pause flags and outcome counts of the lists' waves.
-    pub(crate) waves: crate::waves::Waves,
+    pub(crate) waves: crate::outcomes::WaveMemory,
 }
 
 /// The last reload as the operator console shows it: when, what came of it, and the
@@ -224,7 +224,7 @@ impl Engine {
             outbox_wake: Arc::new(OutboxWake::default()),
             circuits,
             last_reload: std::sync::Mutex::new(None),
-            waves: crate::waves::Waves::default(),
+            waves: crate::outcomes::WaveMemory::default(),
         }
     }
 
@@ -490,7 +490,7 @@ impl Engine {
                 StatusKind::Unsubscribed => Input::Unsubscribe,
                 StatusKind::Bounced => {
                     let class = ev.bounce.unwrap_or_default();
-                    self.count_outcome(list, crate::waves::Outcome::Bounce(class));
+                    self.count_outcome(list, crate::outcomes::Outcome::Bounce(class));
                     let text = ev
                         .detail
                         .as_deref()
@@ -514,7 +514,7 @@ impl Engine {
                     }
                 }
                 StatusKind::Complained => {
-                    self.count_outcome(list, crate::waves::Outcome::Complaint);
+                    self.count_outcome(list, crate::outcomes::Outcome::Complaint);
                     Input::Complaint
                 }
                 StatusKind::Confirmed => Input::CampaignsConfirmed,
@@ -588,6 +588,7 @@ impl Engine {
         self.judge_all_stop_rules().await?;
         let mut stats = DecideStats::default();
         let mut after: Option<String> = None;
+        let mut pacer = self.pacer_now().await?;
         loop {
             let page = match since {
                 Some(t) => {
@@ -603,7 +604,7 @@ impl Engine {
             };
             let Some(last) = page.last() else { break };
             after = Some(last.id.clone());
-            let s = self.decide_contacts(&page).await?;
+            let s = self.decide_contacts_paced(&page, &mut pacer).await?;
             stats.contacts += s.contacts;
             stats.changes += s.changes;
             stats.refused += s.refused;

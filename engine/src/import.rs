@@ -2,6 +2,7 @@
 //! (never confirmed), so the rules can ask them to confirm.
 
 use chrono::Utc;
+use futures_util::StreamExt as _;
 use optinsync_plugin_api::{Cursor, Keyed, per_item};
 use serde::Serialize;
 
@@ -12,6 +13,9 @@ use crate::engine::{Applied, Engine, EngineError, EngineResult};
 use crate::ledger::{EventSource, Evidence};
 use crate::store::ContactUpsert;
 use crate::untrusted::clean_fields;
+
+/// Assertions of one page applied at once (each its own commit, written in groups).
+const IMPORT_IN_FLIGHT: usize = 64;
 
 /// What `import_existing` did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
@@ -56,6 +60,7 @@ impl Engine {
         let today = Utc::now().format("%Y-%m-%d").to_string();
         loop {
             let page = self.members_page(list, cursor.as_ref()).await?;
+            let mut upserts = Vec::with_capacity(page.members.len());
             for member in &page.members {
                 stats.members += 1;
                 let Ok(address) = email::normalise(&member.email) else {
@@ -70,55 +75,70 @@ impl Engine {
                     stats.removed += 1;
                     continue;
                 }
-                let upsert = ContactUpsert {
+                upserts.push(ContactUpsert {
                     email: address,
                     language: member.language.as_deref().map(crate::untrusted::clean_text),
                     fields: clean_fields(&member.fields),
                     crm_record: None,
-                };
-                let contact = self.store.upsert_contact(&upsert, Utc::now()).await?;
-                let evidence = Evidence {
-                    detail: Some(format!(
-                        "member of Campaigns list `{}` without DOI proof; imported {today}",
-                        list.campaigns_list()
-                    )),
-                    ..Evidence::default()
-                };
-                match self
-                    .apply(
-                        &contact,
-                        list,
-                        Input::CrmAsserted,
-                        EventSource::CampaignsImport,
-                        evidence,
-                    )
-                    .await?
-                {
-                    Applied::Changed(_) => stats.asserted += 1,
-                    _ => {
-                        let state = self
-                            .store
-                            .consent(&contact.id, &list.id)
-                            .await?
-                            .map(|c| c.state);
-                        let keeps_place = matches!(
-                            state,
-                            Some(
-                                ConsentState::Asserted
-                                    | ConsentState::Pending
-                                    | ConsentState::Confirmed
-                                    | ConsentState::Revalidating
+                });
+            }
+            // The page's contacts in one transaction, then their assertions side by side:
+            // the group commit writes many of them with one fsync.
+            let contacts = self.store.upsert_contacts(&upserts, Utc::now()).await?;
+            let evidence = Evidence {
+                detail: Some(format!(
+                    "member of Campaigns list `{}` without DOI proof; imported {today}",
+                    list.campaigns_list()
+                )),
+                ..Evidence::default()
+            };
+            let mut applied = futures_util::stream::iter(contacts.iter())
+                .map(|contact| {
+                    let evidence = evidence.clone();
+                    async move {
+                        let a = self
+                            .apply(
+                                contact,
+                                list,
+                                Input::CrmAsserted,
+                                EventSource::CampaignsImport,
+                                evidence,
                             )
-                        );
-                        if keeps_place {
-                            stats.already_known += 1;
-                        } else {
-                            // Withdrawal wins: someone who left must not stay on the list.
-                            self.remove_member(list, &contact.email).await?;
-                            tracing::info!(contact_id = %contact.id, list = %list.id, state = ?state, "existing member without consent removed");
-                            stats.removed += 1;
-                        }
+                            .await;
+                        (contact, a)
                     }
+                })
+                .buffered(IMPORT_IN_FLIGHT);
+            let mut others = Vec::new();
+            while let Some((contact, a)) = applied.next().await {
+                match a? {
+                    Applied::Changed(_) => stats.asserted += 1,
+                    _ => others.push(contact),
+                }
+            }
+            drop(applied);
+            for contact in others {
+                let state = self
+                    .store
+                    .consent(&contact.id, &list.id)
+                    .await?
+                    .map(|c| c.state);
+                let keeps_place = matches!(
+                    state,
+                    Some(
+                        ConsentState::Asserted
+                            | ConsentState::Pending
+                            | ConsentState::Confirmed
+                            | ConsentState::Revalidating
+                    )
+                );
+                if keeps_place {
+                    stats.already_known += 1;
+                } else {
+                    // Withdrawal wins: someone who left must not stay on the list.
+                    self.remove_member(list, &contact.email).await?;
+                    tracing::info!(contact_id = %contact.id, list = %list.id, state = ?state, "existing member without consent removed");
+                    stats.removed += 1;
                 }
             }
             progress(&stats);

@@ -15,6 +15,7 @@ pub mod import;
 pub mod mail;
 pub mod operator;
 pub mod outbox;
+pub mod outcomes;
 pub mod plan;
 pub mod preferences;
 pub mod quota;

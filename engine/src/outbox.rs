@@ -33,9 +33,9 @@ use crate::consent::{ConsentState, Input, MailKind};
 use crate::engine::{Engine, EngineResult};
 use crate::ledger::{EventSource, Evidence, NewEvent};
 use crate::mail;
+use crate::outcomes::Outcome;
 use crate::store::{Finish, OutboxFinish, OutboxItem, OutboxWork, StoredWork};
 use crate::untrusted::Escaped;
-use crate::waves::Outcome;
 use crate::work::ConnectorRole;
 
 /// How long a claimed row belongs to its worker before others may take it.

@@ -78,14 +78,22 @@ pub async fn campaign_plan(
         }
         println!("  assumes {}", f.assumes);
         println!(
-            "  {:>3}  {:<10}  {:>7}  {:>8}  {:>13}  {:>7}  {:>6}  {:>13}",
+            "  {:>3}  {:<14}  {:>7}  {:>8}  {:>13}  {:>7}  {:>6}  {:>13}",
             "day", "starts", "doi", "reminder", "re-permission", "held", "lapsed", "re-perm. ended"
         );
+        // Plan days shorter than a day (drills) need the time too.
+        let format = if f.days.len() > 1
+            && f.days[1].starts - f.days[0].starts < chrono::Duration::days(1)
+        {
+            "%m-%d %H:%M:%S"
+        } else {
+            "%Y-%m-%d"
+        };
         for d in &f.days {
             println!(
-                "  {:>3}  {:<10}  {:>7}  {:>8}  {:>13}  {:>7}  {:>6}  {:>13}",
+                "  {:>3}  {:<14}  {:>7}  {:>8}  {:>13}  {:>7}  {:>6}  {:>13}",
                 d.day,
-                d.starts.format("%Y-%m-%d"),
+                d.starts.format(format),
                 d.doi,
                 d.reminder,
                 d.revalidation,

@@ -30,5 +30,6 @@ mod rules;
 mod signup;
 mod status_webhooks;
 mod support;
+mod waves;
 mod zoho;
 mod zoho_campaigns;

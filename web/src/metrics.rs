@@ -169,6 +169,16 @@ pub const FAMILIES: &[(&str, Kind, &str)] = &[
         "Inputs the consent state machine refused, by input.",
     ),
     (
+        "optinsync_wave_pauses_total",
+        Kind::Counter,
+        "Times a list's stop rules paused its waves (hard bounces, complaints or policy refusals over the window), by list.",
+    ),
+    (
+        "optinsync_wave_paused",
+        Kind::Gauge,
+        "1 while a list's waves are paused by its stop rules (until `optinsync campaign resume`), else 0; by list.",
+    ),
+    (
         "optinsync_rule_errors_total",
         Kind::Counter,
         "Rule script errors during decisions.",

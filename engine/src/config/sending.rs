@@ -24,6 +24,11 @@ pub struct SendingConfig {
     /// all measured in these days).
     #[serde(default = "one_day")]
     pub day_length: HumanDuration,
+    /// The most paced mails of this list waiting in the outbox: beyond it the plan starts
+    /// no more until the relay has taken some, so a contact's timers (reminder, expiry) do
+    /// not run while its mail still waits behind a slow relay.
+    #[serde(default = "default_max_queued")]
+    pub max_queued: u32,
     /// DOI mails the rules send (`send_doi`: CRM-asserted and imported contacts). A person's
     /// own signup is never paced.
     #[serde(default)]
@@ -44,6 +49,7 @@ impl Default for SendingConfig {
         Self {
             hours: None,
             day_length: one_day(),
+            max_queued: default_max_queued(),
             doi: None,
             reminder: None,
             revalidation: None,
@@ -67,6 +73,10 @@ impl SendingConfig {
     pub fn day(&self) -> Duration {
         self.day_length.0.max(Duration::from_secs(1))
     }
+}
+
+fn default_max_queued() -> u32 {
+    1000
 }
 
 fn one_day() -> HumanDuration {
@@ -100,7 +110,8 @@ fn default_factor() -> f64 {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StopRules {
-    /// The rolling window the rates are taken over (in plan days: `"1d"`).
+    /// The rolling window the rates are taken over, in hours of the plan's day at the
+    /// finest (`"1d"`; shorten it with a shortened `day_length`).
     #[serde(default = "one_day")]
     pub window: HumanDuration,
     /// Rates are judged once this many mails went out in the window.
@@ -208,6 +219,9 @@ impl<'de> Deserialize<'de> for SendingHours {
 pub(super) fn check(s: &SendingConfig) -> Result<(), (String, String)> {
     if s.day_length.0 < Duration::from_secs(1) {
         return Err(("day_length".into(), "must be at least 1s".into()));
+    }
+    if s.max_queued == 0 {
+        return Err(("max_queued".into(), "must be at least 1".into()));
     }
     for (name, plan) in [
         ("doi", &s.doi),

@@ -483,6 +483,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn wave_first_days(&self, list_id: &str) -> StoreResult<Vec<(String, i64)>>;
     /// Add to a list's mail outcomes per slot: `(list_id, slot, outcomes)`.
     async fn add_mail_outcomes(&self, rows: &[(String, i64, MailOutcomes)]) -> StoreResult<()>;
+    /// Make a list's held wave mails (pending `mail` rows marked `wave`) due at `now`: a
+    /// resume lets them go at once. Returns how many.
+    async fn release_waves(&self, list_id: &str, now: DateTime<Utc>) -> StoreResult<u64>;
     /// A list's mail outcomes summed over the slots from `from_slot` on.
     async fn mail_outcomes(&self, list_id: &str, from_slot: i64) -> StoreResult<MailOutcomes>;
     /// A list's ledger events grouped by kind, from and to state (a full read of the ledger:

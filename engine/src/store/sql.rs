@@ -1068,6 +1068,21 @@ macro_rules! shared_store_impl {
                 Ok(())
             }
 
+            async fn release_waves(&self, list_id: &str, now: DateTime<Utc>) -> StoreResult<u64> {
+                // The payload is the row's JSON as written by `OutboxWork::to_stored`
+                // (`serde_json`, no spaces).
+                let n = sqlx::query(
+                    "UPDATE outbox SET next_attempt_at = $1 WHERE list_id = $2 AND kind = 'mail' AND status = 'pending' \
+                     AND next_attempt_at > $1 AND payload LIKE '%\"wave\":true%'",
+                )
+                .bind(format_time(now))
+                .bind(list_id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+                Ok(n)
+            }
+
             async fn mail_outcomes(&self, list_id: &str, from_slot: i64) -> StoreResult<crate::store::MailOutcomes> {
                 let r = sqlx::query(
                     "SELECT CAST(COALESCE(SUM(sent), 0) AS BIGINT) AS sent, CAST(COALESCE(SUM(hard), 0) AS BIGINT) AS hard, \

@@ -18,9 +18,8 @@ pub mod forecast;
 pub mod pacing;
 pub mod report;
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -29,6 +28,7 @@ use crate::config::{ListConfig, StopRules};
 use crate::consent::{ConsentState, Input, MailKind};
 use crate::engine::{Engine, EngineError, EngineResult};
 use crate::ledger::{EventSource, Evidence, NewEvent};
+use crate::outcomes::Outcome;
 use crate::store::{MailOutcomes, PacedSend, WAVE_TOTAL};
 use pacing::PlanClock;
 
@@ -90,6 +90,8 @@ struct ListGate {
     paused: bool,
     day: i64,
     open: bool,
+    /// Paced mails that may still be queued before the relay takes some (`max_queued`).
+    queue_left: i64,
     /// Per paced kind: what is left by now, in total and per domain bucket.
     kinds: Vec<(MailKind, KindGate)>,
 }
@@ -109,6 +111,7 @@ impl Pacer {
         now: DateTime<Utc>,
     ) -> EngineResult<Pacer> {
         let mut pacer = Pacer::default();
+        let mut depth: Option<Vec<crate::store::OutboxDepth>> = None;
         for list in lists {
             let paused = engine.wave_paused(&list.id).await?;
             let plans: Vec<(MailKind, &crate::config::KindPlan)> =
@@ -121,6 +124,19 @@ impl Pacer {
             }
             let clock = PlanClock::of(&list.sending);
             let day = clock.day(now);
+            let queued = if plans.is_empty() {
+                0
+            } else {
+                if depth.is_none() {
+                    depth = Some(engine.store.outbox_depth().await?);
+                }
+                depth
+                    .iter()
+                    .flatten()
+                    .filter(|d| d.list_id == list.id && d.kind == "mail" && d.status == "pending")
+                    .map(|d| d.count)
+                    .sum()
+            };
             let counts = if plans.is_empty() {
                 Vec::new()
             } else {
@@ -165,6 +181,7 @@ impl Pacer {
                     paused,
                     day,
                     open: clock.in_hours(now),
+                    queue_left: i64::from(list.sending.max_queued) - queued,
                     kinds,
                 },
             );
@@ -183,7 +200,7 @@ impl Pacer {
         let Some((_, k)) = gate.kinds.iter().find(|(m, _)| *m == kind) else {
             return Gate::Free;
         };
-        if !gate.open || k.left <= 0 {
+        if !gate.open || k.left <= 0 || gate.queue_left <= 0 {
             return Gate::Held;
         }
         let bucket = pacing::domain_bucket(&k.plan, address);
@@ -204,6 +221,7 @@ impl Pacer {
         let Some(gate) = self.lists.get_mut(list) else {
             return;
         };
+        gate.queue_left -= 1;
         if let Some((_, k)) = gate.kinds.iter_mut().find(|(m, _)| *m == paced.mail_kind) {
             k.left -= 1;
             if let Some(left) = paced.bucket.as_ref().and_then(|b| k.buckets.get_mut(b)) {
@@ -256,31 +274,6 @@ pub fn tripped(rules: &StopRules, o: &MailOutcomes) -> Option<String> {
     None
 }
 
-/// What the engine keeps about waves between store reads.
-#[derive(Debug, Default)]
-pub(crate) struct Waves {
-    /// Whether each list is paused, read at most once a second per list.
-    paused: Mutex<HashMap<String, (Instant, bool)>>,
-    /// Outcomes counted since the last flush, per list and slot.
-    tally: Mutex<BTreeMap<(String, i64), MailOutcomes>>,
-}
-
-/// How long a list's paused flag is taken from memory before the store is asked again (so
-/// another instance's pause or resume is seen within it).
-const PAUSE_CACHE: Duration = Duration::from_secs(1);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Kinds of mail outcome the outbox and the status feed count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    Sent,
-    Bounce(optinsync_plugin_api::BounceClass),
-    Complaint,
-}
-
 /// A list's waves as stored in `store` (for tools without an engine, such as `status`).
 pub async fn state_in(
     store: &dyn crate::store::Store,
@@ -301,58 +294,44 @@ impl Engine {
 
     /// Whether `list`'s waves are paused (from memory for up to a second).
     pub(crate) async fn wave_paused(&self, list: &str) -> EngineResult<bool> {
-        if let Some((at, paused)) = lock(&self.waves.paused).get(list)
-            && at.elapsed() < PAUSE_CACHE
-        {
-            return Ok(*paused);
+        if let Some(paused) = self.waves.paused_recently(list) {
+            return Ok(paused);
         }
         let paused = self.wave_state(list).await?.paused.is_some();
-        lock(&self.waves.paused).insert(list.to_owned(), (Instant::now(), paused));
+        self.waves.set_paused(list, paused);
         Ok(paused)
     }
 
-    /// When a wave's mail row of `list` should be tried again, if the list is paused: a
-    /// minute of the plan's day from now (a resume lets it go at the next look).
+    /// When a wave's mail row of `list` should be tried again, if the list is paused: an
+    /// hour of the plan's day from now, at least a minute (a resume makes the held rows due
+    /// at once, `Store::release_waves`), so held rows do not crowd out the mail that may go.
     pub(crate) async fn wave_hold(&self, list: &ListConfig) -> EngineResult<Option<DateTime<Utc>>> {
-        if !self.wave_paused(&list.id).await? {
+        // Paused in memory: ask the store, so a resume a moment ago is not missed.
+        if !self.wave_paused(&list.id).await? || self.wave_state(&list.id).await?.paused.is_none() {
             return Ok(None);
         }
-        let minute = (list.sending.day() / 1440).max(Duration::from_secs(1));
+        let hold = (list.sending.day() / 24).max(Duration::from_secs(60));
         Ok(Some(
-            Utc::now() + chrono::Duration::from_std(minute).unwrap_or(chrono::Duration::minutes(1)),
+            Utc::now() + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::hours(1)),
         ))
     }
 
     /// Count one mail outcome of `list` (written by [`Engine::flush_outcomes`]).
     pub(crate) fn count_outcome(&self, list: &ListConfig, outcome: Outcome) {
         let slot = PlanClock::of(&list.sending).slot(Utc::now());
-        let mut tally = lock(&self.waves.tally);
-        let o = tally.entry((list.id.clone(), slot)).or_default();
-        match outcome {
-            Outcome::Sent => o.sent += 1,
-            Outcome::Bounce(optinsync_plugin_api::BounceClass::Hard) => o.hard += 1,
-            Outcome::Bounce(optinsync_plugin_api::BounceClass::Soft) => o.soft += 1,
-            Outcome::Bounce(optinsync_plugin_api::BounceClass::Policy) => o.policy += 1,
-            Outcome::Complaint => o.complaints += 1,
-        }
+        self.waves.count(&list.id, slot, outcome);
     }
 
     /// Write the counted outcomes, then judge the stop rules of every list that had a bounce
     /// or complaint among them. Returns the pauses this recorded.
     pub async fn flush_outcomes(&self) -> EngineResult<Vec<(String, Pause)>> {
-        let rows: Vec<(String, i64, MailOutcomes)> = std::mem::take(&mut *lock(&self.waves.tally))
-            .into_iter()
-            .map(|((list, slot), o)| (list, slot, o))
-            .collect();
+        let rows = self.waves.take_tally();
         if rows.is_empty() {
             return Ok(Vec::new());
         }
         if let Err(e) = self.store.add_mail_outcomes(&rows).await {
             // Keep them for the next flush rather than lose the stop rules' figures.
-            let mut tally = lock(&self.waves.tally);
-            for (list, slot, o) in rows {
-                tally.entry((list, slot)).or_default().add(&o);
-            }
+            self.waves.put_back(rows);
             return Err(e.into());
         }
         let mut judge: Vec<&str> = rows
@@ -455,7 +434,7 @@ impl Engine {
                 now,
             )
             .await?;
-        lock(&self.waves.paused).insert(list.id.clone(), (Instant::now(), true));
+        self.waves.set_paused(&list.id, true);
         metrics::counter!("optinsync_wave_pauses_total", "list" => list.id.clone()).increment(1);
         tracing::warn!(list = %list.id, reason = %pause.reason, "stop rule fired: the list's waves are paused until an operator resumes them");
         Ok(Some(pause))
@@ -505,8 +484,9 @@ impl Engine {
                 now,
             )
             .await?;
-        lock(&self.waves.paused).insert(list.id.clone(), (Instant::now(), false));
-        tracing::info!(list = %list.id, "the list's waves were resumed by an operator");
+        self.waves.set_paused(&list.id, false);
+        let released = self.store.release_waves(&list.id, Utc::now()).await?;
+        tracing::info!(list = %list.id, released, "the list's waves were resumed by an operator; held mails go now");
         Ok(resume)
     }
 

@@ -322,6 +322,9 @@ impl Store for RacingStore {
     ) -> StoreResult<()> {
         self.inner.add_mail_outcomes(rows).await
     }
+    async fn release_waves(&self, list_id: &str, now: DateTime<Utc>) -> StoreResult<u64> {
+        self.inner.release_waves(list_id, now).await
+    }
     async fn mail_outcomes(
         &self,
         list_id: &str,

@@ -6,25 +6,25 @@ use optinsync_plugin_api::BounceClass;
 
 /// The class of a permanent (5xx) refusal of a recipient with reply `code` and `text`.
 pub fn classify(code: Option<u16>, text: &str) -> BounceClass {
-    if let Some((class, subject, detail)) = enhanced_code(text) {
-        if class == 5 || class == 4 {
-            return match (subject, detail) {
-                // 5.1.x: the address (unknown user, bad domain, moved).
-                (1, _) => BounceClass::Hard,
-                // 5.2.1 mailbox disabled is lasting; 5.2.2 full, 5.2.3 too big, 5.2.x other.
-                (2, 1) => BounceClass::Hard,
-                // 5.7.x security or policy, 5.6.x content refused.
-                (7, _) | (6, _) => BounceClass::Policy,
-                // 5.2.x, 5.3.x mail system, 5.4.x routing, 5.5.x protocol: not the address.
-                _ => {
-                    if mentions_policy(text) {
-                        BounceClass::Policy
-                    } else {
-                        BounceClass::Soft
-                    }
+    if let Some((class, subject, detail)) = enhanced_code(text)
+        && (class == 5 || class == 4)
+    {
+        return match (subject, detail) {
+            // 5.1.x: the address (unknown user, bad domain, moved).
+            (1, _) => BounceClass::Hard,
+            // 5.2.1 mailbox disabled is lasting; 5.2.2 full, 5.2.3 too big, 5.2.x other.
+            (2, 1) => BounceClass::Hard,
+            // 5.7.x security or policy, 5.6.x content refused.
+            (7, _) | (6, _) => BounceClass::Policy,
+            // 5.2.x, 5.3.x mail system, 5.4.x routing, 5.5.x protocol: not the address.
+            _ => {
+                if mentions_policy(text) {
+                    BounceClass::Policy
+                } else {
+                    BounceClass::Soft
                 }
-            };
-        }
+            }
+        };
     }
     if mentions_policy(text) {
         return BounceClass::Policy;

@@ -77,6 +77,8 @@ struct ListView {
     pending_total: i64,
     reminder_after: String,
     pending_expiry: String,
+    /// "since …: why" while the list's waves are paused by its stop rules.
+    paused: Option<String>,
 }
 
 pub async fn page(cx: Ctx, Query(window): Query<Window>) -> Response {
@@ -104,11 +106,24 @@ pub async fn page(cx: Ctx, Query(window): Query<Window>) -> Response {
             return cx.unavailable("Reading the store");
         }
     };
-    let lists: Vec<ListView> = engine
+    let mut lists: Vec<ListView> = engine
         .lists()
         .iter()
         .map(|l| list_view(l, &summary, &reached, &daily, &pending, first, days, now))
         .collect();
+    for view in &mut lists {
+        match engine.wave_state(&view.id).await {
+            Ok(w) => {
+                view.paused = w
+                    .paused
+                    .map(|p| format!("since {}: {}", p.at.format("%Y-%m-%d %H:%M UTC"), p.reason));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "console: reading the waves failed");
+                return cx.unavailable("Reading the store");
+            }
+        }
+    }
     cx.render(
         "overview.html",
         "overview",
@@ -214,6 +229,7 @@ fn list_view(
         pending_total,
         reminder_after: days_text(list.reminder_after.secs()),
         pending_expiry: days_text(list.pending_expiry.secs()),
+        paused: None,
     }
 }
 
