@@ -13,9 +13,9 @@ use optinsync_engine::ledger::{
     ChainError, ChainVerifier, EventSource, Evidence, GENESIS_HASH, LedgerEvent, NewEvent,
 };
 use optinsync_engine::store::{
-    self, BatchCommit, Commit, ContactUpsert, Finish, NewOutbox, OutboxCounts, OutboxItem,
-    OutboxWork, PRIORITY_LEGAL, PRIORITY_NORMAL, Store, StoreError, StoreResult, StoredWork,
-    Suppression,
+    self, BatchCommit, Commit, ContactUpsert, Finish, MailOutcomes, NewOutbox, OutboxCounts,
+    OutboxItem, OutboxWork, PRIORITY_LEGAL, PRIORITY_NORMAL, PacedSend, Store, StoreError,
+    StoreResult, StoredWork, Suppression, WAVE_TOTAL,
 };
 use serde_json::json;
 use sqlx::Connection as _;
@@ -168,6 +168,7 @@ store_contract! {
     check_console_reads => sqlite_check_console_reads, postgres_check_console_reads;
     check_ledger_head_and_pending_removals =>
         sqlite_check_ledger_head_and_pending_removals, postgres_check_ledger_head_and_pending_removals;
+    check_waves => sqlite_check_waves, postgres_check_waves;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -2698,4 +2699,146 @@ async fn check_append_with_outbox(db: TestDb) {
     assert_eq!(claimed[0].event_seq, Some(sealed.seq));
     assert_eq!(s.consent(&c, "news").await.expect("consent"), None);
     assert_eq!(verify_stored_chain(s).await.expect("chain"), 2);
+}
+
+/// Sending plans and stop rules: a paced commit's count is written with it (and not when the
+/// commit is left out), outcomes add up per slot, held wave rows come back due on release while
+/// the person's own rows stay put, and the list's events group by kind.
+async fn check_waves(db: TestDb) {
+    let s = &*db.store;
+    let a = new_contact(s, "wave-a@example.org").await;
+    let b = new_contact(s, "wave-b@example.org").await;
+    let mail = |token: &str, wave: bool, key: &str, contact: &str| NewOutbox {
+        work: OutboxWork::Mail {
+            token: token.into(),
+            mail: MailKind::Doi,
+            wave,
+        },
+        priority: PRIORITY_NORMAL,
+        idempotency_key: key.into(),
+        contact_id: contact.into(),
+        list_id: "news".into(),
+    };
+    let mut c = simple_commit(
+        &a,
+        "news",
+        None,
+        ConsentState::None,
+        ConsentState::Pending,
+        t(10),
+    );
+    c.paced = Some(PacedSend {
+        mail_kind: MailKind::Doi,
+        day: 7,
+        bucket: Some("gmail.com".into()),
+    });
+    c.outbox.push(mail("ta", true, "mail:wave-a", &a));
+    s.commit(&c).await.expect("commit");
+    let mut d = simple_commit(
+        &b,
+        "news",
+        None,
+        ConsentState::None,
+        ConsentState::Pending,
+        t(11),
+    );
+    d.paced = Some(PacedSend {
+        mail_kind: MailKind::Doi,
+        day: 7,
+        bucket: None,
+    });
+    d.outbox.push(mail("tb", false, "mail:own-b", &b));
+    s.commit(&d).await.expect("commit");
+    // A commit left out (stale) counts nothing.
+    let mut stale = d.clone();
+    stale.event.event_id = "stale".into();
+    assert!(s.commit(&stale).await.is_err());
+    let counts = s.wave_counts("news", 7).await.expect("wave_counts");
+    let admitted = |bucket: &str| {
+        counts
+            .iter()
+            .find(|c| c.mail_kind == "doi" && c.bucket == bucket)
+            .map(|c| c.admitted)
+    };
+    assert_eq!(admitted(WAVE_TOTAL), Some(2), "{counts:?}");
+    assert_eq!(admitted("gmail.com"), Some(1), "{counts:?}");
+    assert!(
+        s.wave_counts("news", 8)
+            .await
+            .expect("wave_counts")
+            .is_empty()
+    );
+    assert_eq!(
+        s.wave_first_days("news").await.expect("first days"),
+        vec![("doi".to_owned(), 7)]
+    );
+
+    let o = |sent, hard, soft, policy, complaints| MailOutcomes {
+        sent,
+        hard,
+        soft,
+        policy,
+        complaints,
+    };
+    s.add_mail_outcomes(&[
+        ("news".into(), 100, o(5, 1, 0, 0, 0)),
+        ("news".into(), 101, o(3, 0, 0, 2, 0)),
+        ("other".into(), 101, o(0, 0, 0, 0, 9)),
+    ])
+    .await
+    .expect("add outcomes");
+    s.add_mail_outcomes(&[("news".into(), 101, o(1, 0, 1, 0, 0))])
+        .await
+        .expect("add outcomes");
+    assert_eq!(
+        s.mail_outcomes("news", 101).await.expect("sum"),
+        o(4, 0, 1, 2, 0)
+    );
+    assert_eq!(
+        s.mail_outcomes("news", i64::MIN).await.expect("sum"),
+        o(9, 1, 1, 2, 0)
+    );
+    assert_eq!(
+        s.mail_outcomes("none", 0).await.expect("sum"),
+        MailOutcomes::default()
+    );
+
+    // Both rows held far ahead; a release brings back the wave's row only.
+    let claimed = s
+        .claim_outbox("w1", t(20), t(320), 10)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 2);
+    for item in &claimed {
+        s.finish_outbox(item.id, "w1", &Finish::Postpone { at: t(100_000) }, t(20))
+            .await
+            .expect("postpone");
+    }
+    assert_eq!(s.release_waves("news", t(30)).await.expect("release"), 1);
+    assert_eq!(s.release_waves("other", t(30)).await.expect("release"), 0);
+    let due = s
+        .claim_outbox("w2", t(31), t(331), 10)
+        .await
+        .expect("claim");
+    assert_eq!(keys(&due), ["mail:wave-a"]);
+
+    s.set_cursor("wave:news", "{}", t(1)).await.expect("cursor");
+    s.set_cursor("wave:news2", "{}", t(1))
+        .await
+        .expect("cursor");
+    s.set_cursor("waves", "x", t(1)).await.expect("cursor");
+    let names: Vec<String> = s
+        .cursors_with_prefix("wave:")
+        .await
+        .expect("prefix")
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(names, ["wave:news", "wave:news2"]);
+
+    let groups = s.list_event_summary("news").await.expect("summary");
+    assert_eq!(groups.len(), 1, "{groups:?}");
+    assert_eq!((groups[0].events, groups[0].contacts), (2, 2));
+    assert_eq!(groups[0].to_state, "pending");
+    assert_eq!((groups[0].first, groups[0].last), (t(10), t(11)));
 }

@@ -55,7 +55,8 @@ pub enum ConnectorError {
     #[error("address rejected ({class}): {message}")]
     Rejected {
         message: String,
-        #[serde(default)]
+        /// Left out on the wire when hard: the form every rejection had before classes.
+        #[serde(default, skip_serializing_if = "BounceClass::is_hard")]
         class: BounceClass,
     },
     /// The connector is misconfigured; names the setting to fix.
@@ -84,6 +85,10 @@ pub enum BounceClass {
 
 impl BounceClass {
     pub const ALL: [BounceClass; 3] = [Self::Hard, Self::Soft, Self::Policy];
+
+    pub fn is_hard(&self) -> bool {
+        *self == Self::Hard
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
