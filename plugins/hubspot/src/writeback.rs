@@ -104,7 +104,14 @@ impl HubSpotCrm {
         if echoes.len() >= 100_000 {
             echoes.clear();
         }
-        echoes.insert(id, (before, after, opt_out));
+        // Writes in a row make one window: a write that changed nothing (or within the same
+        // millisecond) has an empty window of its own and must not hide the echo of the one
+        // before. A gap (someone else's version between them) starts a new window.
+        let window = match echoes.get(&id) {
+            Some(&(b, a, o)) if before <= a => (b.min(before), a.max(after), o || opt_out),
+            _ => (before, after, opt_out),
+        };
+        echoes.insert(id, window);
     }
 
     /// Properties optinsync writes (their change webhooks are not CRM input).
