@@ -292,6 +292,19 @@ impl Engine {
         Ok(state_in(self.store.as_ref(), list).await?)
     }
 
+    /// Store `list`'s wave state and take its paused flag into memory at once.
+    async fn save_wave_state(
+        &self,
+        list: &str,
+        state: &WaveState,
+        now: DateTime<Utc>,
+    ) -> EngineResult<()> {
+        let text = serde_json::to_string(state).unwrap_or_default();
+        self.store.set_cursor(&state_key(list), &text, now).await?;
+        self.waves.set_paused(list, state.paused.is_some());
+        Ok(())
+    }
+
     /// Whether `list`'s waves are paused (from memory for up to a second).
     pub(crate) async fn wave_paused(&self, list: &str) -> EngineResult<bool> {
         if let Some(paused) = self.waves.paused_recently(list) {
@@ -427,14 +440,7 @@ impl Engine {
             paused: Some(pause.clone()),
             resumed: state.resumed,
         };
-        self.store
-            .set_cursor(
-                &state_key(&list.id),
-                &serde_json::to_string(&next).unwrap_or_default(),
-                now,
-            )
-            .await?;
-        self.waves.set_paused(&list.id, true);
+        self.save_wave_state(&list.id, &next, now).await?;
         metrics::counter!("optinsync_wave_pauses_total", "list" => list.id.clone()).increment(1);
         tracing::warn!(list = %list.id, reason = %pause.reason, "stop rule fired: the list's waves are paused until an operator resumes them");
         Ok(Some(pause))
@@ -477,14 +483,7 @@ impl Engine {
             paused: None,
             resumed: Some(resume.clone()),
         };
-        self.store
-            .set_cursor(
-                &state_key(&list.id),
-                &serde_json::to_string(&next).unwrap_or_default(),
-                now,
-            )
-            .await?;
-        self.waves.set_paused(&list.id, false);
+        self.save_wave_state(&list.id, &next, now).await?;
         let released = self.store.release_waves(&list.id, Utc::now()).await?;
         tracing::info!(list = %list.id, released, "the list's waves were resumed by an operator; held mails go now");
         Ok(resume)
