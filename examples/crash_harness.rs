@@ -116,10 +116,12 @@ async fn main() {
         opts.uptime_ms = uptime;
         opts.keep_dir = keep;
         opts.in_flight = in_flight;
+        opts.units_per_connection =
+            u32::try_from(optinsync_engine::outbox::MAIL_UNITS_PER_CALL).expect("a small number");
         opts.sink_accept_delay = Duration::from_millis(sink_delay_ms);
         opts.drain_timeout = Duration::from_secs(1800);
         println!(
-            "crash harness [{b}]: seed {seed}, {contacts} contacts, {kills} kills, uptime {}-{} ms, {in_flight} mail(s) in flight, sink answers after {sink_delay_ms} ms",
+            "crash harness [{b}]: seed {seed}, {contacts} contacts, {kills} kills, uptime {}-{} ms, {in_flight} SMTP connection(s), sink answers after {sink_delay_ms} ms",
             uptime.0, uptime.1
         );
         match harness::run(&opts, &Engine).await {

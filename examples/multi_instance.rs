@@ -101,6 +101,8 @@ async fn main() {
     opts.poll_interval = poll;
     opts.keep_dir = keep;
     opts.drain_timeout = timeout;
+    opts.units_per_connection =
+        u32::try_from(optinsync_engine::outbox::MAIL_UNITS_PER_CALL).expect("a small number");
     match harness::run(&opts, &Engine).await {
         Ok(report) => {
             report.print();

@@ -106,6 +106,8 @@ pub struct Engine {
     pub(crate) last_reload: std::sync::Mutex<Option<ReloadRecord>>,
     /// Pause flags and outcome counts of the lists' waves.
     pub(crate) waves: crate::outcomes::WaveMemory,
+    /// Connector calls in flight at once, as the connectors allow.
+    pub(crate) calls: crate::outbox::CallGates,
 }
 
 /// The last reload as the operator console shows it: when, what came of it, and the
@@ -214,7 +216,9 @@ impl Engine {
             config.config.sync.circuit_cooldown.0,
         ));
         let group_commit = crate::group_commit::GroupCommit::start(Arc::clone(&store));
+        let calls = crate::outbox::CallGates::new(&connectors);
         Self {
+            calls,
             group_commit,
             config,
             store,

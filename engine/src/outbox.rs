@@ -18,6 +18,7 @@
 //! transport accepted it and before the finish commits; transports that deduplicate on the
 //! idempotency key (the `.eml` folder does) close even that window.
 
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -79,12 +80,15 @@ impl Engine {
     /// subscribes and removals of one list go in batches of up to the connector's
     /// [`optinsync_plugin_api::CampaignsConnector::max_batch`], each with its own result;
     /// mails up to the transport's [`optinsync_plugin_api::MailTransport::concurrency`] at
-    /// once; everything else one row at a time, in claim order.
+    /// once; everything else one row at a time.
     ///
     /// Mails go side by side (up to the transport's concurrency) and beside the other work;
-    /// campaigns and CRM writes go one unit at a time in claim order. Each row is finished as
-    /// soon as its own delivery ends, so at most `concurrency` sent mails are unrecorded at
-    /// any moment — the bound on duplicates after a crash.
+    /// campaigns calls for different contacts go side by side up to the campaigns
+    /// connector's [`optinsync_plugin_api::CampaignsConnector::concurrency`]; one contact's
+    /// rows, and CRM writes, go one unit at a time in claim order. Each row is finished as
+    /// soon as its own delivery ends, so at most [`Self::mail_units_in_flight`] (twice the
+    /// transport's concurrency) sent mails are unrecorded at any moment — the bound on
+    /// duplicates after a crash.
     pub async fn deliver_due(&self, worker: &str, limit: i64) -> EngineResult<DeliverStats> {
         self.deliver_lane(worker, None, limit).await
     }
@@ -105,23 +109,41 @@ impl Engine {
             .store
             .claim_outbox_kinds(worker, now, now + lease, limit, kinds)
             .await?;
-        let in_flight = self.connectors.mail.concurrency().max(1);
-        let (mails, others): (Vec<Unit>, Vec<Unit>) =
-            units(items, self.connectors.campaigns.max_batch())
-                .into_iter()
-                .partition(|u| u.connector() == Some(ConnectorRole::Mail));
-        // Mails and the other work go side by side: nothing orders a mail against a
-        // campaigns or CRM write. Campaigns and CRM writes keep their claim order.
+        let in_flight = self.mail_units_in_flight();
+        let mut mails = Vec::new();
+        let mut campaigns = Vec::new();
+        let mut others = Vec::new();
+        for unit in units(items, self.connectors.campaigns.max_batch()) {
+            match unit.connector() {
+                Some(ConnectorRole::Mail) => mails.push(unit),
+                Some(ConnectorRole::Campaigns) => campaigns.push(unit),
+                _ => others.push(unit),
+            }
+        }
+        // Mails, campaigns calls and CRM writes go side by side, as `run`'s lanes do: nothing
+        // orders one connector's work against another's. Within a connector, one contact's
+        // rows keep their claim order.
         let mail_run = async {
             let mut run = Finishing::default();
             let mut first_error = None;
             if mails.is_empty() {
                 return (run, first_error);
             }
-            let mails = self.prepare_mails(mails).await;
+            // Composed a chunk at a time, the next chunk while the mails of the one before
+            // go out, so the relay does not wait for a whole pass to be composed; each
+            // chunk's snapshots share one write.
+            let mut chunks: Vec<Vec<Unit>> = Vec::new();
+            let mut mails = mails.into_iter().peekable();
+            while mails.peek().is_some() {
+                chunks.push(mails.by_ref().take(in_flight.saturating_mul(2)).collect());
+            }
+            let prepared = stream::iter(chunks)
+                .map(|chunk| self.prepare_mails(chunk))
+                .buffered(2)
+                .flat_map(stream::iter);
             // Every delivery in flight is driven to its finish before an error is returned:
             // dropping one half-way could leave a sent mail unrecorded.
-            let mut outcomes = stream::iter(mails)
+            let mut outcomes = prepared
                 .map(|(u, pre)| self.deliver_unit_with(worker, u, pre))
                 .buffer_unordered(in_flight);
             while let Some(outcome) = outcomes.next().await {
@@ -130,6 +152,33 @@ impl Engine {
                 }
             }
             (run, first_error)
+        };
+        // Campaigns batches of different contacts go side by side; their calls up to the
+        // connector's concurrency at once (each waits for its quota inside the connector).
+        let side = self
+            .connectors
+            .campaigns
+            .concurrency()
+            .max(1)
+            .saturating_mul(CAMPAIGNS_UNITS_PER_CALL);
+        let campaigns_run = async {
+            let mut run = Finishing::default();
+            for group in side_by_side(campaigns) {
+                let mut first_error = None;
+                // As for mails: every unit started is driven to its finish.
+                let mut outcomes = stream::iter(group)
+                    .map(|unit| self.deliver_unit(worker, unit))
+                    .buffer_unordered(side);
+                while let Some(outcome) = outcomes.next().await {
+                    if let Err(e) = run.add(outcome) {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                if first_error.is_some() {
+                    return (run, first_error);
+                }
+            }
+            (run, None)
         };
         let other_run = async {
             let mut run = Finishing::default();
@@ -140,12 +189,13 @@ impl Engine {
             }
             (run, None)
         };
-        let ((mail_done, mail_error), (other_done, other_error)) =
-            tokio::join!(mail_run, other_run);
+        let ((mail_done, mail_error), (campaigns_done, campaigns_error), (other_done, other_error)) =
+            tokio::join!(mail_run, campaigns_run, other_run);
         let mut run = Finishing::default();
         run.add(Ok(mail_done))?;
+        run.add(Ok(campaigns_done))?;
         run.add(Ok(other_done))?;
-        if let Some(e) = mail_error.or(other_error) {
+        if let Some(e) = mail_error.or(campaigns_error).or(other_error) {
             return Err(e);
         }
         if run.scrub {
@@ -165,7 +215,7 @@ impl Engine {
     /// prepared here (or a failed snapshot write) is left to [`Self::deliver_one`].
     async fn prepare_mails(&self, units: Vec<Unit>) -> Vec<(Unit, Option<Prepared>)> {
         // The reads (contact, consent) go to the store's readers side by side.
-        let in_flight = self.connectors.mail.concurrency().max(1);
+        let in_flight = self.mail_units_in_flight();
         let mut out: Vec<(Unit, Option<Prepared>)> = stream::iter(units)
             .map(|unit| async move {
                 let pre = match &unit {
@@ -360,6 +410,10 @@ impl Engine {
             }
         }
         let campaigns = &self.connectors.campaigns;
+        // Closed only when the engine is dropped; then there is no call to make either.
+        let Ok(_call) = self.calls.campaigns.acquire().await else {
+            return vec![Finish::Postpone { at: Utc::now() }; items.len()];
+        };
         if !sent_erasures.is_empty() {
             let answer = campaigns.erase(list.campaigns_list(), &erasures).await;
             self.finish_batch(items, &sent_erasures, answer, &mut finishes);
@@ -493,13 +547,29 @@ impl Engine {
         }))
     }
 
+    /// Mails a pass keeps in flight: [`MAIL_UNITS_PER_CALL`] per send the transport takes at
+    /// once — the bound on duplicates after a crash.
+    pub fn mail_units_in_flight(&self) -> usize {
+        self.connectors
+            .mail
+            .concurrency()
+            .max(1)
+            .saturating_mul(MAIL_UNITS_PER_CALL)
+    }
+
     /// Rows one pass of a lane claims (`None`: all lanes): at least 20, sixteen per mail the
     /// transport takes at once (four when all lanes share a pass) and four campaigns
-    /// batches, so that concurrent sends are not starved at each pass's tail (a claim is a
-    /// store round trip).
+    /// batches per call the campaigns connector takes at once (at most 2,000 rows, or four
+    /// batches if those are larger), so that concurrent sends are not starved at each
+    /// pass's tail (a claim is a store round trip) and a pass ends well within its lease.
     pub fn delivery_claim_size(&self, lane: Option<ConnectorRole>) -> i64 {
-        let mails = self.connectors.mail.concurrency().saturating_mul(4);
-        let batches = self.connectors.campaigns.max_batch().saturating_mul(4);
+        let mails = self.mail_units_in_flight().saturating_mul(4);
+        let campaigns = &self.connectors.campaigns;
+        let four_batches = campaigns.max_batch().saturating_mul(4);
+        let batches = four_batches
+            .saturating_mul(campaigns.concurrency().max(1))
+            .saturating_mul(CAMPAIGNS_UNITS_PER_CALL)
+            .min(four_batches.max(2_000));
         let size = match lane {
             // Sixteen per mail in flight: the pass's snapshots share one write.
             Some(ConnectorRole::Mail) => mails.saturating_mul(4),
@@ -626,6 +696,9 @@ impl Engine {
                     language: contact.language.clone(),
                     fields: contact.fields.clone(),
                     proof: None,
+                };
+                let Ok(_call) = self.calls.campaigns.acquire().await else {
+                    return Ok(Finish::Postpone { at: Utc::now() });
                 };
                 self.connectors
                     .campaigns
@@ -791,7 +864,12 @@ impl Engine {
             composed,
         } = prepared;
         let msg = composed.message;
-        let sent = self.connectors.mail.send(&msg).await;
+        let sent = {
+            let Ok(_call) = self.calls.mail.acquire().await else {
+                return Ok(Finish::Postpone { at: Utc::now() });
+            };
+            self.connectors.mail.send(&msg).await
+        };
         self.observe(ConnectorRole::Mail, &sent);
         match sent {
             Ok(sent) => {
@@ -923,6 +1001,36 @@ fn skipped(note: &str) -> Finish {
     }
 }
 
+/// Connector calls in flight at once, as many as each connector takes
+/// ([`optinsync_plugin_api::MailTransport::concurrency`],
+/// [`optinsync_plugin_api::CampaignsConnector::concurrency`]). The outbox keeps more units
+/// in flight than that ([`MAIL_UNITS_PER_CALL`], [`CAMPAIGNS_UNITS_PER_CALL`]): a unit spends
+/// much of its time outside the call — reading its rows, waiting for its finish commit — and
+/// the other units' calls fill that time.
+#[derive(Debug)]
+pub(crate) struct CallGates {
+    mail: tokio::sync::Semaphore,
+    campaigns: tokio::sync::Semaphore,
+}
+
+impl CallGates {
+    pub(crate) fn new(connectors: &crate::engine::Connectors) -> Self {
+        Self {
+            mail: tokio::sync::Semaphore::new(connectors.mail.concurrency().max(1)),
+            campaigns: tokio::sync::Semaphore::new(connectors.campaigns.concurrency().max(1)),
+        }
+    }
+}
+
+/// Mails in flight per send the transport takes at once: one being sent while another, sent
+/// already, waits for the commit that records it. Each unit in flight when the process dies
+/// may be sent again after the restart: at most `2 × concurrency` duplicates per crash, each
+/// with the same Message-ID and one ledger record.
+pub const MAIL_UNITS_PER_CALL: usize = 2;
+/// Campaigns batches in flight per call the connector takes at once (repeats after a crash
+/// are harmless: the calls are idempotent by key).
+pub const CAMPAIGNS_UNITS_PER_CALL: usize = 4;
+
 /// What a `deliver_due` pass (or one unit of it) finished.
 #[derive(Debug, Default)]
 struct Finishing {
@@ -992,6 +1100,13 @@ impl Unit {
         }
     }
 
+    fn items(&self) -> &[OutboxItem] {
+        match self {
+            Unit::One(item) => std::slice::from_ref(item),
+            Unit::Batch { items, .. } => items,
+        }
+    }
+
     fn into_items(self) -> Vec<OutboxItem> {
         match self {
             Unit::One(item) => vec![*item],
@@ -1002,32 +1117,46 @@ impl Unit {
 
 /// Group claimed rows into delivery units: subscribes and removals by (kind, list) up to
 /// `max_batch` rows each, placed where their first row was claimed, so legal-deadline rows
-/// (claimed first) still go first.
+/// (claimed first) still go first. A row joins an open batch only if no later unit holds a
+/// campaigns row of the same contact: one contact's campaigns rows keep their claim order (a
+/// removal claimed after a subscribe is not carried ahead of it, nor the other way round).
 fn units(items: Vec<OutboxItem>, max_batch: usize) -> Vec<Unit> {
     let max_batch = max_batch.max(1);
     let mut units: Vec<Unit> = Vec::new();
     let mut open: Vec<(BatchKind, String, usize)> = Vec::new();
+    // Contact → the last unit holding one of its campaigns rows.
+    let mut last_unit: HashMap<String, usize> = HashMap::new();
     for item in items {
+        let contact = item.contact_id.clone();
         let Some(kind) = BatchKind::of(&item) else {
+            // Only the campaigns connector's rows are ordered against each other here: the
+            // connectors' work goes side by side.
+            if item.work.known().map(OutboxWork::connector) == Some(ConnectorRole::Campaigns) {
+                last_unit.insert(contact, units.len());
+            }
             units.push(Unit::One(Box::new(item)));
             continue;
         };
+        let earliest = last_unit.get(&contact).copied().unwrap_or(0);
         let slot = open
             .iter()
             .find(|(k, l, u)| {
                 *k == kind
                     && *l == item.list_id
+                    && *u >= earliest
                     && matches!(&units[*u], Unit::Batch { items, .. } if items.len() < max_batch)
             })
             .map(|(_, _, u)| *u);
         match slot {
             Some(u) => {
+                last_unit.insert(contact, u);
                 if let Unit::Batch { items, .. } = &mut units[u] {
                     items.push(item);
                 }
             }
             None => {
                 open.push((kind, item.list_id.clone(), units.len()));
+                last_unit.insert(contact, units.len());
                 units.push(Unit::Batch {
                     kind,
                     items: vec![item],
@@ -1036,6 +1165,27 @@ fn units(items: Vec<OutboxItem>, max_batch: usize) -> Vec<Unit> {
         }
     }
     units
+}
+
+/// Split campaigns units (in order) into runs that may go side by side: consecutive units of
+/// pairwise different contacts. A unit sharing a contact with the run so far starts the next
+/// run, so one contact's rows are delivered in claim order.
+fn side_by_side(units: Vec<Unit>) -> Vec<Vec<Unit>> {
+    let mut runs: Vec<Vec<Unit>> = Vec::new();
+    let mut contacts: HashSet<String> = HashSet::new();
+    for unit in units {
+        let ids: Vec<&str> = unit.items().iter().map(|i| i.contact_id.as_str()).collect();
+        let joins = ids.iter().all(|id| !contacts.contains(*id));
+        if !joins {
+            contacts.clear();
+        }
+        contacts.extend(ids.into_iter().map(str::to_owned));
+        match runs.last_mut() {
+            Some(run) if joins => run.push(unit),
+            _ => runs.push(vec![unit]),
+        }
+    }
+    runs
 }
 
 /// Whether a row carries an address of its own (a removal, an erasure's write-back): once
@@ -1053,6 +1203,87 @@ fn carries_address(work: &StoredWork) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(id: i64, contact: &str, work: OutboxWork) -> OutboxItem {
+        OutboxItem {
+            id,
+            work: StoredWork::Known(work),
+            priority: 0,
+            idempotency_key: format!("k{id}"),
+            contact_id: contact.to_owned(),
+            list_id: "news".to_owned(),
+            attempts: 1,
+            status: "pending".to_owned(),
+            last_error: None,
+            event_seq: None,
+        }
+    }
+
+    fn subscribe(id: i64, contact: &str) -> OutboxItem {
+        row(id, contact, OutboxWork::CampaignsSubscribe {})
+    }
+
+    fn remove(id: i64, contact: &str) -> OutboxItem {
+        row(id, contact, OutboxWork::CampaignsRemove { email: None })
+    }
+
+    fn ids(units: &[Unit]) -> Vec<Vec<i64>> {
+        units
+            .iter()
+            .map(|u| u.items().iter().map(|i| i.id).collect())
+            .collect()
+    }
+
+    /// A contact's removal claimed after its subscribe is not carried into the removal batch
+    /// opened before that subscribe (which would take it off the list, then put it back on).
+    #[test]
+    fn one_contacts_rows_keep_their_claim_order_across_batches() {
+        let claimed = vec![
+            remove(1, "y"),
+            subscribe(2, "x"),
+            remove(3, "x"),
+            remove(4, "z"),
+            subscribe(5, "w"),
+        ];
+        assert_eq!(ids(&units(claimed, 10)), [vec![1, 4], vec![2, 5], vec![3]]);
+        // The other way round too: a subscribe after a removal waits behind it.
+        let claimed = vec![subscribe(1, "y"), remove(2, "x"), subscribe(3, "x")];
+        assert_eq!(ids(&units(claimed, 10)), [vec![1], vec![2], vec![3]]);
+        // Without a shared contact, rows still fill the first open batch of their kind.
+        let claimed = vec![subscribe(1, "a"), remove(2, "b"), subscribe(3, "c")];
+        assert_eq!(ids(&units(claimed, 10)), [vec![1, 3], vec![2]]);
+        // Another connector's row of the same contact does not split a batch.
+        let mail = OutboxWork::Mail {
+            token: "t".to_owned(),
+            mail: MailKind::Doi,
+            wave: false,
+        };
+        let claimed = vec![subscribe(1, "a"), row(2, "b", mail), subscribe(3, "b")];
+        assert_eq!(ids(&units(claimed, 10)), [vec![1, 3], vec![2]]);
+    }
+
+    /// Campaigns units of different contacts form one run; a shared contact ends it, so
+    /// nothing of one contact overtakes its earlier rows.
+    #[test]
+    fn side_by_side_runs_never_hold_one_contact_twice() {
+        let claimed = vec![
+            subscribe(1, "a"),
+            remove(2, "b"),
+            subscribe(3, "c"),
+            remove(4, "c"),
+            subscribe(5, "d"),
+            remove(6, "a"),
+        ];
+        let runs = side_by_side(units(claimed, 1));
+        let runs: Vec<Vec<Vec<i64>>> = runs.iter().map(|r| ids(r)).collect();
+        assert_eq!(
+            runs,
+            [
+                vec![vec![1], vec![2], vec![3]],
+                vec![vec![4], vec![5], vec![6]],
+            ]
+        );
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

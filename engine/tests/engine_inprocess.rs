@@ -850,6 +850,45 @@ async fn subscribes_go_in_batches_of_the_connectors_size_and_each_row_keeps_its_
     );
 }
 
+/// A campaigns connector that serves several calls at once gets several batches at once (up
+/// to what it says, never more), and every row is still subscribed exactly once.
+#[tokio::test]
+async fn campaigns_batches_go_side_by_side_up_to_the_connectors_concurrency() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    h.campaigns.set_max_batch(2);
+    h.campaigns
+        .set_concurrency(3, std::time::Duration::from_millis(40));
+    let people: Vec<String> = (0..12).map(|i| format!("p{i}@example.org")).collect();
+    for (i, email) in people.iter().enumerate() {
+        let token = pending_on_news(&h, &format!("{i}"), email).await;
+        let contact = h.contact(email).await;
+        h.apply(&contact, "news", Input::Confirm { token }).await;
+    }
+    let stats = h.drain().await;
+    assert_eq!(stats.dead + stats.retried, 0, "{stats:?}");
+    let peak = h.campaigns.peak_in_flight();
+    assert!(
+        (2..=3).contains(&peak),
+        "calls overlap, at most three at once: {peak}"
+    );
+    let mut subscribed: Vec<String> = h
+        .campaigns
+        .calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            CampaignsCall::Subscribe { subscribers, .. } => {
+                Some(subscribers.into_iter().map(|s| s.email))
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    subscribed.sort();
+    let mut expected = people.clone();
+    expected.sort();
+    assert_eq!(subscribed, expected, "each confirmation subscribed once");
+}
+
 /// A whole batch that fails for a while is retried whole, with the same keys, and nothing is
 /// subscribed twice.
 #[tokio::test]

@@ -203,6 +203,13 @@ struct CampaignsState {
     max_batch: usize,
     /// Addresses subscribes refuse item by item.
     refused: Vec<String>,
+    /// Calls the connector says it serves at once (0 = the API's default of 1).
+    concurrency: usize,
+    /// How long each subscribe/remove/erase call takes.
+    call_time: std::time::Duration,
+    /// Calls running now, and the most ever running at once.
+    in_flight: usize,
+    peak_in_flight: usize,
 }
 
 /// A campaigns tool: records subscribes, removals and DOI requests; serves the status events
@@ -220,6 +227,34 @@ impl FakeCampaigns {
     /// Take up to `n` items per subscribe or removal call (default 1).
     pub fn set_max_batch(&self, n: usize) {
         lock(&self.state).max_batch = n;
+    }
+
+    /// Say that `n` calls may run at once ([`CampaignsConnector::concurrency`]), and make each
+    /// subscribe/remove/erase call take `call_time`, so that overlapping calls can be seen
+    /// ([`Self::peak_in_flight`]).
+    pub fn set_concurrency(&self, n: usize, call_time: std::time::Duration) {
+        let mut state = lock(&self.state);
+        state.concurrency = n;
+        state.call_time = call_time;
+    }
+
+    /// The most subscribe/remove/erase calls that ever ran at once.
+    pub fn peak_in_flight(&self) -> usize {
+        lock(&self.state).peak_in_flight
+    }
+
+    /// One call's time, counted as in flight while it lasts.
+    async fn take_time(&self) {
+        let wait = {
+            let mut state = lock(&self.state);
+            state.in_flight += 1;
+            state.peak_in_flight = state.peak_in_flight.max(state.in_flight);
+            state.call_time
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        lock(&self.state).in_flight -= 1;
     }
 
     /// From now on, refuse this address in subscribes for good (a per-item permanent
@@ -290,9 +325,14 @@ impl CampaignsConnector for FakeCampaigns {
         lock(&self.state).max_batch.max(1)
     }
 
+    fn concurrency(&self) -> usize {
+        lock(&self.state).concurrency.max(1)
+    }
+
     /// Recorded as one call (without the refused addresses); a queued failure fails the
     /// whole call (every item).
     async fn subscribe(&self, list: &str, items: &[Keyed<Subscriber>]) -> BatchResult {
+        self.take_time().await;
         let refused = lock(&self.state).refused.clone();
         let outcome = self.record(CampaignsCall::Subscribe {
             list: list.to_owned(),
@@ -314,6 +354,7 @@ impl CampaignsConnector for FakeCampaigns {
     }
 
     async fn remove(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {
+        self.take_time().await;
         let outcome = self.record(CampaignsCall::Remove {
             list: list.to_owned(),
             emails: items.iter().map(|k| k.item.clone()).collect(),
@@ -322,6 +363,7 @@ impl CampaignsConnector for FakeCampaigns {
     }
 
     async fn erase(&self, list: &str, items: &[Keyed<String>]) -> BatchResult {
+        self.take_time().await;
         let outcome = self.record(CampaignsCall::Erase {
             list: list.to_owned(),
             emails: items.iter().map(|k| k.item.clone()).collect(),

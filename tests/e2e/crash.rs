@@ -24,10 +24,13 @@ fn options(backend: Backend) -> Options {
     {
         opts.seed = seed;
     }
-    // Eight mails in flight over the SMTP pool, and a relay that takes 100 ms to answer each:
-    // about 80 mails/s, so the 1,000 mails take ~15 s and the 12 kills (every 0.5-2 s) land
-    // while up to eight mails are handed over and not yet acknowledged.
+    // Eight SMTP connections (sixteen mails in flight: eight sent, eight more waiting for
+    // their record), and a relay that takes 100 ms to answer each: about 80 mails/s, so the
+    // 1,000 mails take ~15 s and the 12 kills (every 0.5-2 s) land while up to eight mails are
+    // handed over and not yet acknowledged.
     opts.in_flight = 8;
+    opts.units_per_connection =
+        u32::try_from(optinsync_engine::outbox::MAIL_UNITS_PER_CALL).expect("a small number");
     opts.sink_accept_delay = std::time::Duration::from_millis(100);
     opts.uptime_ms = (500, 2000);
     opts

@@ -23,6 +23,8 @@ async fn three_instances_share_the_work_and_the_vendor_quota() {
         300,
     );
     opts.drain_timeout = std::time::Duration::from_secs(240);
+    opts.units_per_connection =
+        u32::try_from(optinsync_engine::outbox::MAIL_UNITS_PER_CALL).expect("a small number");
     let report = harness::run(&opts, &Engine)
         .await
         .expect("multi-instance harness");

@@ -87,6 +87,13 @@ pub trait CampaignsConnector: Connector {
     fn max_batch(&self) -> usize {
         1
     }
+    /// How many [`Self::subscribe`], [`Self::remove`] or [`Self::erase`] calls the outbox may
+    /// have in flight at once (each for other contacts; one contact's rows keep their order).
+    /// A connector that paces itself against the vendor's quota says how many calls it
+    /// serves side by side. Default 1.
+    fn concurrency(&self) -> usize {
+        1
+    }
     /// The connector's own cadence for [`Self::status_events`] (e.g. a vendor report that
     /// changes at most every few minutes). `None`: the daemon's `poll_interval`.
     fn status_interval(&self) -> Option<Duration> {
@@ -142,8 +149,10 @@ pub trait MailTransport: Connector {
     /// where the transport can tell.
     async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage>;
     /// How many [`Self::send`] calls the outbox may have in flight at once (SMTP: its
-    /// `pool_size`). Each one in flight when the process dies may be sent again after the
-    /// restart (same Message-ID), so this also bounds the duplicates per crash.
+    /// `pool_size`). The outbox keeps twice as many mails in flight (while one is sent,
+    /// another, sent already, waits for the commit that records it); each of those may be
+    /// sent again after a crash (same Message-ID), so twice this bounds the duplicates per
+    /// crash.
     fn concurrency(&self) -> usize {
         1
     }

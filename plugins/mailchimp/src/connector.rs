@@ -485,6 +485,11 @@ impl CampaignsConnector for Mailchimp {
         BATCH_MAX
     }
 
+    /// `max_concurrency`: Mailchimp's connections per key; more would queue at the gate.
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
     fn status_interval(&self) -> Option<std::time::Duration> {
         Some(self.status_interval)
     }

@@ -173,6 +173,8 @@ pub struct Mailchimp {
     page_size: u32,
     http: reqwest::Client,
     gate: Semaphore,
+    /// `max_concurrency`: the permits of `gate`.
+    concurrency: usize,
     marks: Option<Arc<dyn SharedMarks>>,
     /// audience → subscriber hashes optinsync unsubscribed itself, not yet seen in a poll.
     own_removals: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>,
@@ -314,6 +316,7 @@ impl Mailchimp {
             page_size: c.page_size,
             http,
             gate: Semaphore::new(c.max_concurrency),
+            concurrency: c.max_concurrency,
             marks: None,
             own_removals: std::sync::Mutex::new(BTreeMap::new()),
             registered: AtomicBool::new(false),

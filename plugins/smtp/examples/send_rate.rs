@@ -62,7 +62,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
         };
         if i == 0 {
-            let size = optinsync_plugin_smtp::build_message(&message, None)?
+            let size = optinsync_plugin_smtp::build_message(&message)?
                 .formatted()
                 .len();
             println!("send_rate: message size without the DKIM header: {size} bytes");

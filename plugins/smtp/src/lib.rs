@@ -26,10 +26,6 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use lettre::Message;
-use lettre::message::dkim::{
-    DkimCanonicalization, DkimCanonicalizationType, DkimConfig, DkimSigningAlgorithm,
-    DkimSigningKey,
-};
 use lettre::message::header::{ContentType, HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
 use lettre::transport::smtp::authentication::Credentials;
@@ -43,6 +39,7 @@ use serde::Deserialize;
 
 pub mod bounce;
 pub mod conn;
+pub mod dkim;
 pub mod pace;
 
 pub use conn::SendError;
@@ -161,7 +158,7 @@ pub struct SmtpTransport {
     pool: Pool,
     pacer: pace::Pacer,
     /// Shared with the blocking threads that sign.
-    dkim: Option<std::sync::Arc<DkimConfig>>,
+    dkim: Option<std::sync::Arc<dkim::DkimSigner>>,
     rate_per_minute: Option<u32>,
     pool_size: usize,
     host: String,
@@ -261,10 +258,10 @@ impl SmtpTransport {
     }
 }
 
-fn dkim_config(d: &DkimSettings, base_dir: &Path) -> Result<DkimConfig, SettingsError> {
+fn dkim_config(d: &DkimSettings, base_dir: &Path) -> Result<dkim::DkimSigner, SettingsError> {
     let algorithm = match d.algorithm.as_str() {
-        "rsa-sha256" | "rsa" => DkimSigningAlgorithm::Rsa,
-        "ed25519-sha256" | "ed25519" => DkimSigningAlgorithm::Ed25519,
+        "rsa-sha256" | "rsa" => dkim::Algorithm::RsaSha256,
+        "ed25519-sha256" | "ed25519" => dkim::Algorithm::Ed25519Sha256,
         other => {
             return Err(invalid(
                 "dkim.algorithm",
@@ -277,40 +274,51 @@ fn dkim_config(d: &DkimSettings, base_dir: &Path) -> Result<DkimConfig, Settings
     } else {
         base_dir.join(&d.key_file)
     };
-    let pem = std::fs::read_to_string(&path).map_err(|e| {
+    let text = std::fs::read_to_string(&path).map_err(|e| {
         invalid(
             "dkim.key_file",
             format!("cannot read {}: {e}", path.display()),
         )
     })?;
-    let key = DkimSigningKey::new(pem.trim(), algorithm).map_err(|e| {
+    dkim::DkimSigner::new(
+        d.selector.clone(),
+        d.domain.clone(),
+        algorithm,
+        &text,
+        DKIM_SIGNED_HEADERS,
+    )
+    .map_err(|e| {
         invalid(
             "dkim.key_file",
             format!("{} is not a usable key: {e}", path.display()),
         )
-    })?;
-    let headers = DKIM_SIGNED_HEADERS
-        .iter()
-        .map(|h| HeaderName::new_from_ascii_str(h))
-        .collect();
-    Ok(DkimConfig::new(
-        d.selector.clone(),
-        d.domain.clone(),
-        key,
-        headers,
-        DkimCanonicalization {
-            header: DkimCanonicalizationType::Relaxed,
-            body: DkimCanonicalizationType::Relaxed,
-        },
-    ))
+    })
 }
 
-/// Render (and sign) the message. Addresses are never echoed in errors: errors end up in
-/// logs and dead-letter rows.
-pub fn build_message(
+/// The message as sent: rendered, then DKIM-signed when a key is configured.
+pub fn render(
     message: &OutgoingMessage,
-    dkim: Option<&DkimConfig>,
-) -> ConnectorResult<Message> {
+    dkim: Option<&dkim::DkimSigner>,
+) -> ConnectorResult<(lettre::address::Envelope, Vec<u8>)> {
+    let mail = build_message(message)?;
+    let raw = mail.formatted();
+    let raw = match dkim {
+        Some(signer) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            signer
+                .sign(&raw, now)
+                .map_err(|e| ConnectorError::permanent(e.to_string()))?
+        }
+        None => raw,
+    };
+    Ok((mail.envelope().clone(), raw))
+}
+
+/// Render the message (unsigned: [`render`] signs). Addresses are never echoed in errors:
+/// errors end up in logs and dead-letter rows.
+pub fn build_message(message: &OutgoingMessage) -> ConnectorResult<Message> {
     // A bad sender is our configuration, not the recipient's fault: never `Rejected`.
     let from: Mailbox = message
         .from
@@ -348,13 +356,7 @@ pub fn build_message(
         ),
         None => builder.singlepart(text),
     };
-    let mut mail =
-        built.map_err(|err| ConnectorError::permanent(format!("cannot build mail: {err}")))?;
-    if let Some(config) = dkim {
-        // Signed last, after every header is in place.
-        mail.sign(config);
-    }
-    Ok(mail)
+    built.map_err(|err| ConnectorError::permanent(format!("cannot build mail: {err}")))
 }
 
 /// The engine keeps an IDN domain in its Unicode (display) form. With an ASCII local part
@@ -432,15 +434,16 @@ impl MailTransport for SmtpTransport {
         // flight side by side are signed on every core, not one after another on the
         // outbox's task.
         let owned = (message.clone(), self.dkim.clone());
-        let mail = tokio::task::spawn_blocking(move || build_message(&owned.0, owned.1.as_deref()))
-            .await
-            .map_err(|e| ConnectorError::transient(format!("message build task failed: {e}")))??;
+        let (envelope, raw) =
+            tokio::task::spawn_blocking(move || render(&owned.0, owned.1.as_deref()))
+                .await
+                .map_err(|e| {
+                    ConnectorError::transient(format!("message build task failed: {e}"))
+                })??;
         let wait = self.pacer.reserve(std::time::Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        let envelope = mail.envelope().clone();
-        let raw = mail.formatted();
         let result = self.connector.send(&self.pool, &envelope, &raw).await;
         let answer = match &result {
             Ok(_) => pace::Answer::Accepted,
@@ -522,7 +525,7 @@ mod tests {
             html: None,
             headers: vec![],
         };
-        let ascii = build_message(&message("ana@b\u{fc}cher.example"), None).unwrap();
+        let ascii = build_message(&message("ana@b\u{fc}cher.example")).unwrap();
         let to: Vec<String> = ascii
             .envelope()
             .to()
@@ -531,7 +534,7 @@ mod tests {
             .collect();
         assert_eq!(to, ["ana@xn--bcher-kva.example"]);
         // A Unicode local part stays as it is (SMTPUTF8), and so do ASCII addresses.
-        let unicode = build_message(&message("jos\u{e9}@b\u{fc}cher.example"), None).unwrap();
+        let unicode = build_message(&message("jos\u{e9}@b\u{fc}cher.example")).unwrap();
         assert!(!unicode.envelope().to()[0].to_string().is_ascii());
         assert_eq!(deliverable("ana@example.org"), "ana@example.org");
     }

@@ -22,9 +22,10 @@
 //! - every contact received its DOI mail; a contact that received it more than once got the
 //!   same Message-ID each time (the same outbox row, whose key the Message-ID derives from),
 //!   recorded once in the ledger, with a kill between the copies: the crash hit the send
-//!   window (SMTP accepted, outbox row not yet finished). At most `in_flight` such
-//!   duplicates per kill: the outbox has at most that many mails handed to the relay and not
-//!   yet finished (`Options::in_flight`, the SMTP `pool_size`).
+//!   window (SMTP accepted, outbox row not yet finished). At most `in_flight ×
+//!   units_per_connection` such duplicates per kill: the outbox has at most that many mails
+//!   started and not yet finished (`Options::in_flight`, the SMTP `pool_size`, times the
+//!   engine's mails in flight per send, `Options::units_per_connection`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -116,6 +117,9 @@ pub struct Options {
     /// The SMTP transport's `pool_size`: mails in flight at once, and so the most duplicate
     /// mails one kill may cause.
     pub in_flight: u32,
+    /// Mails the outbox keeps in flight per SMTP connection (the engine's
+    /// `outbox::MAIL_UNITS_PER_CALL`): one being sent, one sent and waiting for its record.
+    pub units_per_connection: u32,
     /// The sink waits this long before answering `250` to a message it has stored: a slow
     /// relay, so that kills land while mails are handed over but not yet acknowledged.
     pub sink_accept_delay: Duration,
@@ -143,6 +147,7 @@ impl Options {
             drain_timeout: Duration::from_secs(600),
             keep_dir: false,
             in_flight: 1,
+            units_per_connection: 1,
             sink_accept_delay: Duration::ZERO,
         }
     }
@@ -179,7 +184,8 @@ pub struct Report {
     pub kills: usize,
     /// Kills that happened while the daemon was still starting (before it listened).
     pub kills_during_start: usize,
-    /// Mails in flight at once (the SMTP `pool_size`): the most duplicates one kill may cause.
+    /// Mails in flight at once (the SMTP `pool_size` times the mails per connection): the
+    /// most duplicates one kill may cause.
     pub in_flight: usize,
     /// The most duplicate mails one kill caused.
     pub most_duplicates_per_kill: usize,
@@ -728,7 +734,12 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
         contacts: opts.contacts,
         kills: opts.kills,
         kills_during_start,
-        in_flight: usize::try_from(opts.in_flight.max(1)).unwrap_or(1),
+        in_flight: usize::try_from(
+            opts.in_flight
+                .max(1)
+                .saturating_mul(opts.units_per_connection.max(1)),
+        )
+        .unwrap_or(1),
         kill_phase,
         drain,
         seen_events: seen.len(),

@@ -67,9 +67,12 @@ pub struct Options {
     pub poll_interval: &'static str,
     pub drain_timeout: Duration,
     pub keep_dir: bool,
-    /// Each instance's SMTP `pool_size`: mails in flight at once, so the most duplicates the
-    /// kill may cause.
+    /// Each instance's SMTP `pool_size`.
     pub in_flight: u32,
+    /// Mails the outbox keeps in flight per SMTP connection (the engine's
+    /// `outbox::MAIL_UNITS_PER_CALL`); times `in_flight`, the most duplicates the kill may
+    /// cause.
+    pub units_per_connection: u32,
 }
 
 impl Options {
@@ -88,6 +91,7 @@ impl Options {
             drain_timeout: Duration::from_secs(600),
             keep_dir: false,
             in_flight: 4,
+            units_per_connection: 1,
         }
     }
 }
@@ -112,7 +116,7 @@ impl Duplicate {
 pub struct Report {
     pub contacts: usize,
     pub instances: usize,
-    /// Mails in flight per instance (the SMTP `pool_size`).
+    /// Mails in flight per instance (the SMTP `pool_size` times the mails per connection).
     pub in_flight: usize,
     pub wall: Duration,
     /// From the first daemon's start to the last DOI mail at the sink.
@@ -584,7 +588,12 @@ pub async fn run(opts: &Options, stores: &dyn OpenStore) -> anyhow::Result<Repor
     let mut report = Report {
         contacts: opts.contacts,
         instances: opts.instances,
-        in_flight: usize::try_from(opts.in_flight.max(1)).unwrap_or(1),
+        in_flight: usize::try_from(
+            opts.in_flight
+                .max(1)
+                .saturating_mul(opts.units_per_connection.max(1)),
+        )
+        .unwrap_or(1),
         kill_at_mail: kill_at.unwrap_or(0),
         ..Report::default()
     };

@@ -295,6 +295,11 @@ impl CampaignsConnector for ZohoCampaigns {
         BULK_MAX
     }
 
+    /// `max_concurrency`: calls beyond it would only queue at the connector's gate.
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
     /// Zoho's report changes slowly and costs quota: polled at `status_interval`, whatever
     /// the daemon's `poll_interval`.
     fn status_interval(&self) -> Option<std::time::Duration> {

@@ -150,6 +150,8 @@ pub struct ZohoCampaigns {
     http: reqwest::Client,
     oauth: Arc<ZohoOAuth>,
     gate: Semaphore,
+    /// `max_concurrency`: the permits of `gate`.
+    concurrency: usize,
     budgets: std::sync::Mutex<BTreeMap<&'static str, Endpoint>>,
     /// Budgets shared with the other instances on the same database (PostgreSQL): when set,
     /// the windows and locks live there and `budgets` only keeps the wait bookkeeping.
@@ -350,6 +352,7 @@ impl ZohoCampaigns {
             http,
             oauth,
             gate: Semaphore::new(c.max_concurrency),
+            concurrency: c.max_concurrency,
             budgets: std::sync::Mutex::new(budgets),
             ledger: None,
             marks: None,
