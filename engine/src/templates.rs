@@ -10,7 +10,7 @@
 //! Everything a person is shown is rendered here, and each rendering has a content hash: the
 //! engine stores the rendering as a snapshot and puts the hash into the ledger.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use minijinja::value::Value;
@@ -210,25 +210,7 @@ pub struct Templates {
     /// SHA-256 over every file name and content: the template set's version.
     version: String,
     origin: String,
-    /// Pages rendered before, by what they depend on (see [`Templates::render_page_of`]).
-    pages: std::sync::Mutex<HashMap<String, Option<CachedPage>>>,
 }
-
-/// A page as rendered once: its snapshot and hash, and its HTML with [`NONCE_MARK`] where
-/// the request's nonce goes.
-#[derive(Debug, Clone)]
-struct CachedPage {
-    language: String,
-    snapshot: String,
-    content_hash: String,
-    html: String,
-}
-
-/// Stands in for the nonce in a cached page; letters and digits only, so no escaping changes
-/// it (nonces are URL-safe base64 and digits, also unchanged by escaping).
-const NONCE_MARK: &str = "optinsyncNonceMark5d0c93";
-/// Page variants kept at most; the cache is emptied when it would grow past this.
-const CACHED_PAGES: usize = 1_000;
 
 impl std::fmt::Debug for Templates {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -341,7 +323,6 @@ impl Templates {
             languages,
             version: hex::encode(hasher.finalize()),
             origin,
-            pages: std::sync::Mutex::new(HashMap::new()),
         };
         t.check()?;
         Ok(t)
@@ -479,52 +460,13 @@ impl Templates {
                 ..Value::from_serialize(common)
             }
         };
-        // A page depends only on these, and the nonce; link pages are fetched far more often
-        // than they differ, so each variant is rendered once and later requests put their
-        // nonce in. The preference centre (per-person choices) is always rendered.
-        let key = lists.is_empty().then(|| {
-            format!(
-                "{}\u{1f}{notice}\u{1f}{lang}\u{1f}{}",
-                page.file(),
-                serde_json::to_string(common).unwrap_or_default()
-            )
-        });
-        let cached = key.as_ref().and_then(|k| {
-            self.pages
-                .lock()
-                .ok()
-                .and_then(|pages| pages.get(k).cloned())
-        });
-        if let Some(Some(page)) = cached {
-            let html = page.html.replace(NONCE_MARK, &nonce(&page.content_hash));
-            return Ok(RenderedPage {
-                language: page.language,
-                html,
-                content_hash: page.content_hash,
-                snapshot: page.snapshot,
-            });
-        }
         let snapshot = self.render(lang, page.file(), &ctx("", ""))? + "\n";
         let content_hash = content_hash(&[&snapshot]);
-        let real_nonce = nonce(&content_hash);
-        let html = self.render(lang, page.file(), &ctx(&real_nonce, &content_hash))? + "\n";
-        if let (Some(key), None) = (key, cached) {
-            // Cached only when putting the nonce in gives exactly what rendering with it gave
-            // (an operator's template might transform the nonce): else never cached.
-            let marked = self.render(lang, page.file(), &ctx(NONCE_MARK, &content_hash))? + "\n";
-            let entry = (marked.replace(NONCE_MARK, &real_nonce) == html).then(|| CachedPage {
-                language: lang.to_owned(),
-                snapshot: snapshot.clone(),
-                content_hash: content_hash.clone(),
-                html: marked,
-            });
-            if let Ok(mut pages) = self.pages.lock() {
-                if pages.len() >= CACHED_PAGES {
-                    pages.clear();
-                }
-                pages.insert(key, entry);
-            }
-        }
+        let html = self.render(
+            lang,
+            page.file(),
+            &ctx(&nonce(&content_hash), &content_hash),
+        )? + "\n";
         Ok(RenderedPage {
             language: lang.to_owned(),
             html,
@@ -794,67 +736,6 @@ mod tests {
         assert_ne!(a.html, b.html);
         assert!(a.html.contains(&format!("value=\"{}\"", a.content_hash)));
         assert!(!a.html.contains("<script"));
-    }
-
-    /// A page served from the cache is exactly the page rendered afresh with the same nonce.
-    #[test]
-    fn a_cached_page_is_what_rendering_gives_with_each_nonce() {
-        let t = Templates::builtin().unwrap();
-        let common = Common {
-            organisation: "Uni <Test>".into(),
-            list_name: "News".into(),
-            ..Common::default()
-        };
-        for nonce in ["1.abc", "2.d-e_f", "3.abc"] {
-            let served = t
-                .render_page(Page::Confirm, "en", &common, |_| nonce.into())
-                .unwrap();
-            let fresh = Templates::builtin()
-                .unwrap()
-                .render_page(Page::Confirm, "en", &common, |_| nonce.into())
-                .unwrap();
-            assert_eq!(served.html, fresh.html);
-            assert_eq!(served.snapshot, fresh.snapshot);
-            assert_eq!(served.content_hash, fresh.content_hash);
-            assert!(served.html.contains(nonce) && !served.html.contains(NONCE_MARK));
-        }
-        let pages = t.pages.lock().unwrap();
-        assert!(
-            pages
-                .iter()
-                .any(|(k, v)| k.starts_with("confirm.html") && v.is_some()),
-            "the confirm page was cached"
-        );
-    }
-
-    /// A template that transforms the nonce is never served from the cache.
-    #[test]
-    fn a_page_that_transforms_the_nonce_is_rendered_every_time() {
-        let dir = tempfile::tempdir().unwrap();
-        copy_builtin(dir.path());
-        let page = dir.path().join("en/confirm.html");
-        let src = std::fs::read_to_string(&page).unwrap();
-        std::fs::write(&page, src.replace("{{ nonce }}", "{{ nonce | upper }}")).unwrap();
-        let t = Templates::load(dir.path()).unwrap();
-        let common = Common::default();
-        for nonce in ["1.abc", "2.def"] {
-            let served = t
-                .render_page(Page::Confirm, "en", &common, |_| nonce.into())
-                .unwrap();
-            assert!(
-                served.html.contains(&nonce.to_uppercase()),
-                "{}",
-                served.html
-            );
-        }
-        let pages = t.pages.lock().unwrap();
-        assert!(
-            pages
-                .iter()
-                .filter(|(k, _)| k.starts_with("confirm.html\u{1f}\u{1f}en\u{1f}"))
-                .all(|(_, v)| v.is_none()),
-            "marked as not cacheable (the Spanish page, unchanged, may be cached)"
-        );
     }
 
     #[test]
