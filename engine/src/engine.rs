@@ -107,7 +107,7 @@ pub struct Engine {
     /// Pause flags and outcome counts of the lists' waves.
     pub(crate) waves: crate::outcomes::WaveMemory,
     /// Connector calls in flight at once, as the connectors allow.
-    pub(crate) calls: crate::outbox::CallGates,
+    pub(crate) calls: crate::calls::CallGates,
 }
 
 /// The last reload as the operator console shows it: when, what came of it, and the
@@ -216,7 +216,10 @@ impl Engine {
             config.config.sync.circuit_cooldown.0,
         ));
         let group_commit = crate::group_commit::GroupCommit::start(Arc::clone(&store));
-        let calls = crate::outbox::CallGates::new(&connectors);
+        let calls = crate::calls::CallGates::new(
+            connectors.mail.concurrency(),
+            connectors.campaigns.concurrency(),
+        );
         Self {
             calls,
             group_commit,

@@ -2,6 +2,7 @@
 pub use optinsync_core::{consent, email, ledger, tokens, untrusted};
 
 pub mod bulk;
+mod calls;
 pub mod canonical;
 pub mod circuit;
 pub mod config;

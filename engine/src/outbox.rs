@@ -214,19 +214,59 @@ impl Engine {
     /// mail in flight then waits for one commit (its finish), not two. A mail that cannot be
     /// prepared here (or a failed snapshot write) is left to [`Self::deliver_one`].
     async fn prepare_mails(&self, units: Vec<Unit>) -> Vec<(Unit, Option<Prepared>)> {
-        // The reads (contact, consent) go to the store's readers side by side.
-        let in_flight = self.mail_units_in_flight();
-        let mut out: Vec<(Unit, Option<Prepared>)> = stream::iter(units)
-            .map(|unit| async move {
-                let pre = match &unit {
-                    Unit::One(item) => self.prepare_row(item).await,
-                    Unit::Batch { .. } => None,
-                };
-                (unit, pre)
+        // The contacts and consents of the whole chunk in two reads, not two per mail: each
+        // read is a round trip to a store thread.
+        let ids: Vec<String> = units
+            .iter()
+            .filter_map(|u| match u {
+                Unit::One(item)
+                    if matches!(item.work, StoredWork::Known(OutboxWork::Mail { .. })) =>
+                {
+                    Some(item.contact_id.clone())
+                }
+                _ => None,
             })
-            .buffered(in_flight)
-            .collect()
-            .await;
+            .collect();
+        let read = async {
+            let contacts = self.store.contacts_by_ids(&ids).await?;
+            let consents = self.store.consents_of_contacts(&ids).await?;
+            Ok::<_, crate::store::StoreError>((contacts, consents))
+        };
+        let (contacts, consents) = match read.await {
+            Ok((contacts, consents)) => (
+                contacts
+                    .into_iter()
+                    .map(|c| (c.id.clone(), c))
+                    .collect::<HashMap<_, _>>(),
+                consents
+                    .into_iter()
+                    .map(|(contact, list, consent)| ((contact, list), consent))
+                    .collect::<HashMap<_, _>>(),
+            ),
+            Err(e) => {
+                // Each row goes the single-row way, which reads (and reports) on its own.
+                tracing::warn!(error = %e, "mail rows not read together; reading each on its own");
+                return units.into_iter().map(|u| (u, None)).collect();
+            }
+        };
+        let mut out = Vec::with_capacity(units.len());
+        for unit in units {
+            let pre = match &unit {
+                Unit::One(item) => {
+                    // Cloned, not taken: a chunk may hold two mails of one contact.
+                    let contact = contacts.get(&item.contact_id).cloned();
+                    let consent = consents
+                        .get(&(item.contact_id.clone(), item.list_id.clone()))
+                        .cloned();
+                    match contact {
+                        Some(contact) => self.prepare_row(item, contact, consent).await,
+                        None => None,
+                    }
+                }
+                Unit::Batch { .. } => None,
+            };
+            out.push((unit, pre));
+        }
         let snapshots: Vec<_> = out
             .iter()
             .filter_map(|(_, pre)| match pre {
@@ -247,16 +287,21 @@ impl Engine {
         out
     }
 
-    /// [`Self::prepare_mail`] for a mail row; `None` for anything else or on a store error
-    /// (the row then goes the single-row way, which reports it).
-    async fn prepare_row(&self, item: &OutboxItem) -> Option<Prepared> {
+    /// [`Self::prepare_mail`] for a mail row with its contact and consent as read for the
+    /// chunk; `None` for anything else or on a store error (the row then goes the single-row
+    /// way, which reports it).
+    async fn prepare_row(
+        &self,
+        item: &OutboxItem,
+        contact: crate::store::Contact,
+        consent: Option<crate::consent::Consent>,
+    ) -> Option<Prepared> {
         let StoredWork::Known(OutboxWork::Mail { token, mail, wave }) = &item.work else {
             return None;
         };
         let list = self.list(&item.list_id)?;
-        let contact = self.store.contact_by_id(&item.contact_id).await.ok()??;
         match self
-            .prepare_mail(item, &contact, list, token, *mail, *wave)
+            .prepare_mail(item, &contact, consent, list, token, *mail, *wave)
             .await
         {
             Ok(Ok(mail)) => Some(Ok(ReadyMail { contact, mail })),
@@ -410,8 +455,7 @@ impl Engine {
             }
         }
         let campaigns = &self.connectors.campaigns;
-        // Closed only when the engine is dropped; then there is no call to make either.
-        let Ok(_call) = self.calls.campaigns.acquire().await else {
+        let Some(_call) = self.calls.campaigns().await else {
             return vec![Finish::Postpone { at: Utc::now() }; items.len()];
         };
         if !sent_erasures.is_empty() {
@@ -697,7 +741,7 @@ impl Engine {
                     fields: contact.fields.clone(),
                     proof: None,
                 };
-                let Ok(_call) = self.calls.campaigns.acquire().await else {
+                let Some(_call) = self.calls.campaigns().await else {
                     return Ok(Finish::Postpone { at: Utc::now() });
                 };
                 self.connectors
@@ -787,8 +831,9 @@ impl Engine {
         kind: MailKind,
         wave: bool,
     ) -> EngineResult<Finish> {
+        let consent = self.store.consent(&contact.id, &list.id).await?;
         let prepared = match self
-            .prepare_mail(item, contact, list, token, kind, wave)
+            .prepare_mail(item, contact, consent, list, token, kind, wave)
             .await?
         {
             Ok(p) => p,
@@ -801,10 +846,12 @@ impl Engine {
 
     /// Check that the signup still waits and compose its mail; `Err`: how the row ends
     /// without a mail.
+    #[allow(clippy::too_many_arguments)]
     async fn prepare_mail(
         &self,
         item: &OutboxItem,
         contact: &crate::store::Contact,
+        consent: Option<crate::consent::Consent>,
         list: &crate::config::ListConfig,
         token: &str,
         kind: MailKind,
@@ -814,8 +861,8 @@ impl Engine {
         if wave && let Some(at) = self.wave_hold(list).await? {
             return Ok(Err(Finish::Postpone { at }));
         }
-        // The signup may have been confirmed, withdrawn or replaced since the row was queued.
-        let consent = self.store.consent(&contact.id, &list.id).await?;
+        // The signup may have been confirmed, withdrawn or replaced since the row was queued
+        // (`consent` is read after the row was claimed).
         let Some(consent) = consent.filter(|c| {
             matches!(c.state, ConsentState::Pending | ConsentState::Revalidating)
                 && c.signup_token.as_deref() == Some(token)
@@ -865,7 +912,7 @@ impl Engine {
         } = prepared;
         let msg = composed.message;
         let sent = {
-            let Ok(_call) = self.calls.mail.acquire().await else {
+            let Some(_call) = self.calls.mail().await else {
                 return Ok(Finish::Postpone { at: Utc::now() });
             };
             self.connectors.mail.send(&msg).await
@@ -998,27 +1045,6 @@ fn skipped(note: &str) -> Finish {
     Finish::Done {
         event: None,
         note: Some(note.to_owned()),
-    }
-}
-
-/// Connector calls in flight at once, as many as each connector takes
-/// ([`optinsync_plugin_api::MailTransport::concurrency`],
-/// [`optinsync_plugin_api::CampaignsConnector::concurrency`]). The outbox keeps more units
-/// in flight than that ([`MAIL_UNITS_PER_CALL`], [`CAMPAIGNS_UNITS_PER_CALL`]): a unit spends
-/// much of its time outside the call — reading its rows, waiting for its finish commit — and
-/// the other units' calls fill that time.
-#[derive(Debug)]
-pub(crate) struct CallGates {
-    mail: tokio::sync::Semaphore,
-    campaigns: tokio::sync::Semaphore,
-}
-
-impl CallGates {
-    pub(crate) fn new(connectors: &crate::engine::Connectors) -> Self {
-        Self {
-            mail: tokio::sync::Semaphore::new(connectors.mail.concurrency().max(1)),
-            campaigns: tokio::sync::Semaphore::new(connectors.campaigns.concurrency().max(1)),
-        }
     }
 }
 

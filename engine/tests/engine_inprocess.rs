@@ -16,7 +16,7 @@ use optinsync_engine::engine::{Applied, EngineError};
 use optinsync_engine::ledger::EventSource;
 use optinsync_engine::store::Contact;
 use optinsync_plugin_api::{ConnectorError, StatusKind};
-use optinsync_testkit::fake_connectors::{CampaignsCall, crm_record};
+use optinsync_testkit::fake_connectors::{CampaignsCall, FakeCampaigns, crm_record};
 use support::{Harness, NEWS, SEND_DOI, other_writer_applies};
 
 const ADA: &str = "ada@example.org";
@@ -854,10 +854,10 @@ async fn subscribes_go_in_batches_of_the_connectors_size_and_each_row_keeps_its_
 /// to what it says, never more), and every row is still subscribed exactly once.
 #[tokio::test]
 async fn campaigns_batches_go_side_by_side_up_to_the_connectors_concurrency() {
-    let h = Harness::new(NEWS, SEND_DOI).await;
-    h.campaigns.set_max_batch(2);
-    h.campaigns
-        .set_concurrency(3, std::time::Duration::from_millis(40));
+    let campaigns = FakeCampaigns::new();
+    campaigns.set_max_batch(2);
+    campaigns.set_concurrency(3, std::time::Duration::from_millis(40));
+    let h = Harness::with_campaigns(NEWS, SEND_DOI, campaigns).await;
     let people: Vec<String> = (0..12).map(|i| format!("p{i}@example.org")).collect();
     for (i, email) in people.iter().enumerate() {
         let token = pending_on_news(&h, &format!("{i}"), email).await;

@@ -2407,6 +2407,17 @@ async fn check_batch_reads(db: TestDb) {
         .await
         .expect("engagement");
     let ids = vec![a.clone(), b.clone()];
+    let mut found: Vec<String> = s
+        .contacts_by_ids(&[a.clone(), "no-such-contact".into(), c.clone()])
+        .await
+        .expect("contacts_by_ids")
+        .into_iter()
+        .map(|contact| contact.id)
+        .collect();
+    found.sort();
+    let mut expected = vec![a.clone(), c.clone()];
+    expected.sort();
+    assert_eq!(found, expected, "the asked contacts that exist");
     let mut got: Vec<(String, String, &str)> = s
         .consents_of_contacts(&ids)
         .await

@@ -361,6 +361,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         updated_before: DateTime<Utc>,
     ) -> StoreResult<Vec<Contact>>;
 
+    /// These contacts, those that exist, in no particular order (batch read).
+    async fn contacts_by_ids(&self, ids: &[String]) -> StoreResult<Vec<Contact>>;
+
     /// Consent of one pair; `None` if no event was ever recorded.
     async fn consent(&self, contact_id: &str, list_id: &str) -> StoreResult<Option<Consent>>;
     async fn consents_of_contact(&self, contact_id: &str) -> StoreResult<Vec<(String, Consent)>>;

@@ -477,6 +477,18 @@ macro_rules! shared_store_impl {
                 rows.iter().map(consent_from).collect()
             }
 
+            async fn contacts_by_ids(&self, ids: &[String]) -> StoreResult<Vec<Contact>> {
+                let mut out = Vec::with_capacity(ids.len());
+                for chunk in ids.chunks(IN_CHUNK) {
+                    let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT {CONTACT_COLS} FROM contacts WHERE id IN "));
+                    push_in(&mut qb, chunk);
+                    for row in qb.build().fetch_all(&self.reader).await? {
+                        out.push(contact_from(&row)?);
+                    }
+                }
+                Ok(out)
+            }
+
             async fn consents_of_contacts(&self, contact_ids: &[String]) -> StoreResult<Vec<(String, String, Consent)>> {
                 let mut out = Vec::with_capacity(contact_ids.len());
                 for chunk in contact_ids.chunks(IN_CHUNK) {

@@ -187,6 +187,9 @@ impl Store for RacingStore {
             .contacts_page_before(after, limit, updated_before)
             .await
     }
+    async fn contacts_by_ids(&self, ids: &[String]) -> StoreResult<Vec<Contact>> {
+        self.inner.contacts_by_ids(ids).await
+    }
     async fn consent(&self, contact_id: &str, list_id: &str) -> StoreResult<Option<Consent>> {
         self.inner.consent(contact_id, list_id).await
     }
@@ -492,6 +495,12 @@ impl Harness {
     /// `tables`: TOML appended to the base configuration — the `[[lists]]`, and any other
     /// table before them (e.g. `[sync]`); `rules`: the source of one rule script.
     pub async fn new(tables: &str, rules: &str) -> Harness {
+        Self::with_campaigns(tables, rules, FakeCampaigns::new()).await
+    }
+
+    /// [`Harness::new`] with a campaigns fake set up beforehand (what the engine reads from
+    /// its connectors once, when it is built, such as their concurrency).
+    pub async fn with_campaigns(tables: &str, rules: &str, campaigns: FakeCampaigns) -> Harness {
         let dir = tempfile::tempdir().expect("temp dir");
         let config =
             LoadedConfig::from_str(&config_source(tables), &dir.path().join("config.toml"))
@@ -503,7 +512,7 @@ impl Harness {
         inner.migrate().await.expect("migrate");
         let racing = Arc::new(RacingStore::new(Arc::clone(&inner)));
         let crm = Arc::new(FakeCrm::new());
-        let campaigns = Arc::new(FakeCampaigns::new());
+        let campaigns = Arc::new(campaigns);
         let mail = Arc::new(FakeMail::new());
         let connectors = Connectors {
             crm: crm.clone(),
