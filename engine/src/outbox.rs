@@ -125,9 +125,8 @@ impl Engine {
         // rows keep their claim order.
         let mail_run = async {
             let mut run = Finishing::default();
-            let mut first_error = None;
             if mails.is_empty() {
-                return (run, first_error);
+                return (run, None);
             }
             // Composed a chunk at a time, the next chunk while the mails of the one before
             // go out, so the relay does not wait for a whole pass to be composed; each
@@ -141,16 +140,10 @@ impl Engine {
                 .map(|chunk| self.prepare_mails(chunk))
                 .buffered(2)
                 .flat_map(stream::iter);
-            // Every delivery in flight is driven to its finish before an error is returned:
-            // dropping one half-way could leave a sent mail unrecorded.
-            let mut outcomes = prepared
+            let outcomes = prepared
                 .map(|(u, pre)| self.deliver_unit_with(worker, u, pre))
                 .buffer_unordered(in_flight);
-            while let Some(outcome) = outcomes.next().await {
-                if let Err(e) = run.add(outcome) {
-                    first_error.get_or_insert(e);
-                }
-            }
+            let first_error = finish_all(outcomes, &mut run).await;
             (run, first_error)
         };
         // Campaigns batches of different contacts go side by side; their calls up to the
@@ -164,18 +157,11 @@ impl Engine {
         let campaigns_run = async {
             let mut run = Finishing::default();
             for group in side_by_side(campaigns) {
-                let mut first_error = None;
-                // As for mails: every unit started is driven to its finish.
-                let mut outcomes = stream::iter(group)
+                let outcomes = stream::iter(group)
                     .map(|unit| self.deliver_unit(worker, unit))
                     .buffer_unordered(side);
-                while let Some(outcome) = outcomes.next().await {
-                    if let Err(e) = run.add(outcome) {
-                        first_error.get_or_insert(e);
-                    }
-                }
-                if first_error.is_some() {
-                    return (run, first_error);
+                if let Some(e) = finish_all(outcomes, &mut run).await {
+                    return (run, Some(e));
                 }
             }
             (run, None)
@@ -1191,6 +1177,22 @@ fn units(items: Vec<OutboxItem>, max_batch: usize) -> Vec<Unit> {
         }
     }
     units
+}
+
+/// Drive every delivery of `outcomes` to its finish, adding each to `run`, and return the
+/// first error: dropping one half-way could leave a sent mail unrecorded.
+async fn finish_all(
+    outcomes: impl futures_util::Stream<Item = EngineResult<Finishing>>,
+    run: &mut Finishing,
+) -> Option<crate::engine::EngineError> {
+    let mut outcomes = std::pin::pin!(outcomes);
+    let mut first_error = None;
+    while let Some(outcome) = outcomes.next().await {
+        if let Err(e) = run.add(outcome) {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error
 }
 
 /// Split campaigns units (in order) into runs that may go side by side: consecutive units of

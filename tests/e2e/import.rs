@@ -7,20 +7,14 @@ use crate::support::*;
 async fn import_existing_list_asks_everyone_and_removes_who_did_not_confirm() {
     let demo = Demo::new();
     const N: usize = 1000;
-    // No CRM contacts: only the existing list matters here.
-    std::fs::write(
-        demo.path("demo/contacts.csv"),
-        "Id,First_Name,Last_Name,Email,Language,Newsletter_Requested,Email_Opt_Out\n",
-    )
-    .unwrap();
-    std::fs::create_dir_all(demo.path("var")).unwrap();
     let mut lines = String::new();
     for i in 0..N {
         lines.push_str(&format!(
             "{{\"list\":\"newsletter\",\"email\":\"member{i:04}@example.org\",\"language\":\"en\",\"fields\":{{}},\"subscribed_at\":\"2024-01-01T00:00:00Z\"}}\n"
         ));
     }
-    std::fs::write(demo.path("var/lists.jsonl"), lines).unwrap();
+    // No CRM contacts: only the existing list matters here.
+    demo.only_existing_list(&lines);
     demo.set_list_windows(&[("reminder_after", "1h"), ("pending_expiry", "40s")]);
 
     let out = demo.run_ok(&["campaign", "import-existing", "--list", "newsletter"]);

@@ -19,13 +19,7 @@ fn pairing_demo(crm: impl FnOnce(&Demo) -> String, campaigns: &str, sink: &SmtpS
     let demo = Demo::new();
     demo.replace_connector("crm", &crm(&demo));
     demo.replace_connector("campaigns", campaigns);
-    demo.replace_connector(
-        "mail",
-        &format!(
-            "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\ntimeout_secs = 10\n",
-            sink.port()
-        ),
-    );
+    demo.use_smtp_sink(sink.port(), "timeout_secs = 10\n");
     demo.use_private_secret();
     demo
 }

@@ -356,6 +356,35 @@ impl Demo {
         std::fs::write(self.config(), config).unwrap();
     }
 
+    /// Mail over SMTP in clear text to a sink on loopback `port`, with `extra` settings
+    /// (lines of `[connectors.mail]`, e.g. `"timeout_secs = 10\n"`).
+    pub fn use_smtp_sink(&self, port: u16, extra: &str) {
+        self.replace_connector(
+            "mail",
+            &format!(
+                "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {port}\ntls = \"none\"\n{extra}"
+            ),
+        );
+    }
+
+    /// No CRM contacts, and an existing campaigns list of these JSON lines (the demo's
+    /// `var/lists.jsonl`): only the existing list matters.
+    pub fn only_existing_list(&self, jsonl: &str) {
+        std::fs::write(
+            self.path("demo/contacts.csv"),
+            "Id,First_Name,Last_Name,Email,Language,Newsletter_Requested,Email_Opt_Out\n",
+        )
+        .unwrap();
+        std::fs::create_dir_all(self.path("var")).unwrap();
+        std::fs::write(self.path("var/lists.jsonl"), jsonl).unwrap();
+    }
+
+    /// `optinsync campaign report --list LIST --json`, parsed.
+    pub fn campaign_report(&self, list: &str) -> serde_json::Value {
+        serde_json::from_str(&self.run_ok(&["campaign", "report", "--list", list, "--json"]))
+            .unwrap()
+    }
+
     /// Set list settings in the copied config (e.g. `("reminder_after", "2s")`).
     pub fn set_list_windows(&self, windows: &[(&str, &str)]) {
         let mut cfg = std::fs::read_to_string(self.config()).unwrap();

@@ -53,12 +53,6 @@ fn cap(n: i64) -> usize {
 
 fn wave_demo(sink: &SmtpSink) -> Demo {
     let demo = Demo::new();
-    std::fs::write(
-        demo.path("demo/contacts.csv"),
-        "Id,First_Name,Last_Name,Email,Language,Newsletter_Requested,Email_Opt_Out\n",
-    )
-    .unwrap();
-    std::fs::create_dir_all(demo.path("var")).unwrap();
     let mut lines = String::new();
     for i in 0..N {
         let source = if STALE.contains(&i) {
@@ -71,14 +65,8 @@ fn wave_demo(sink: &SmtpSink) -> Demo {
             member(i)
         ));
     }
-    std::fs::write(demo.path("var/lists.jsonl"), lines).unwrap();
-    demo.replace_connector(
-        "mail",
-        &format!(
-            "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\ntimeout_secs = 10\npool_size = 8\n",
-            sink.port()
-        ),
-    );
+    demo.only_existing_list(&lines);
+    demo.use_smtp_sink(sink.port(), "timeout_secs = 10\npool_size = 8\n");
     demo.use_private_secret();
     let cfg = std::fs::read_to_string(demo.config()).unwrap();
     std::fs::write(
@@ -351,14 +339,7 @@ async fn an_old_list_is_asked_in_waves_paused_by_bounces_resumed_and_ends_with_w
     });
     let report_text = demo.run_ok(&["campaign", "report", "--list", "newsletter"]);
     eprintln!("final report:\n{report_text}");
-    let report: serde_json::Value = serde_json::from_str(&demo.run_ok(&[
-        "campaign",
-        "report",
-        "--list",
-        "newsletter",
-        "--json",
-    ]))
-    .unwrap();
+    let report = demo.campaign_report("newsletter");
     drop(daemon);
     let r = &report["report"];
     let contacts = |k: &str| r[k]["contacts"].as_i64().unwrap();
@@ -485,25 +466,13 @@ async fn a_signup_is_mailed_at_once_while_the_plan_holds_the_wave() {
         None,
     );
     let demo = Demo::new();
-    std::fs::write(
-        demo.path("demo/contacts.csv"),
-        "Id,First_Name,Last_Name,Email,Language,Newsletter_Requested,Email_Opt_Out\n",
-    )
-    .unwrap();
-    std::fs::create_dir_all(demo.path("var")).unwrap();
     let members: Vec<String> = (0..6).map(|i| format!("m{i}@example.org")).collect();
     let lines: String = members
         .iter()
         .map(|m| format!("{{\"list\":\"newsletter\",\"email\":\"{m}\",\"language\":\"en\",\"fields\":{{}},\"subscribed_at\":\"2019-01-01T00:00:00Z\"}}\n"))
         .collect();
-    std::fs::write(demo.path("var/lists.jsonl"), lines).unwrap();
-    demo.replace_connector(
-        "mail",
-        &format!(
-            "[connectors.mail]\nkind = \"smtp\"\nhost = \"127.0.0.1\"\nport = {}\ntls = \"none\"\ntimeout_secs = 10\n",
-            sink.port()
-        ),
-    );
+    demo.only_existing_list(&lines);
+    demo.use_smtp_sink(sink.port(), "timeout_secs = 10\n");
     demo.use_private_secret();
     let mut cfg = std::fs::read_to_string(demo.config()).unwrap();
     cfg.push_str("\n[lists.sending.doi]\ndaily_cap = 2\n\n[signup]\nper_client_per_hour = 100\n");
@@ -543,14 +512,7 @@ async fn a_signup_is_mailed_at_once_while_the_plan_holds_the_wave() {
     assert_eq!(demo.state(blocked, "newsletter"), "pending");
     let show = demo.run_ok(&["suppression", "show", blocked]);
     assert!(show.contains("not suppressed"), "{show}");
-    let report: serde_json::Value = serde_json::from_str(&demo.run_ok(&[
-        "campaign",
-        "report",
-        "--list",
-        "newsletter",
-        "--json",
-    ]))
-    .unwrap();
+    let report = demo.campaign_report("newsletter");
     assert_eq!(report["report"]["policy_refusals"], 1, "{report}");
     assert!(
         report["waves"]["paused"].is_null(),
