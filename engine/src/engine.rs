@@ -140,6 +140,13 @@ impl StoreReads<'_> {
     pub async fn contact_by_email(&self, email: &str) -> StoreResult<Option<Contact>> {
         self.0.contact_by_email(email).await
     }
+    pub async fn contact_with_consent(
+        &self,
+        contact_id: &str,
+        list_id: &str,
+    ) -> StoreResult<Option<(Contact, Option<Consent>)>> {
+        self.0.contact_with_consent(contact_id, list_id).await
+    }
     pub async fn consent(&self, contact_id: &str, list_id: &str) -> StoreResult<Option<Consent>> {
         self.0.consent(contact_id, list_id).await
     }
@@ -336,6 +343,29 @@ impl Engine {
         })
     }
 
+    /// Record an event that changes no state without waiting for its commit (see
+    /// [`crate::group_commit::GroupCommit::append_detached`]); written at once when there is
+    /// no group writer. [`Engine::flush_writes`] waits for what is queued.
+    pub async fn append_event_detached(&self, event: NewEvent) {
+        let event = match &self.group_commit {
+            Some(g) => match g.append_detached(event) {
+                Ok(()) => return,
+                Err(event) => *event,
+            },
+            None => event,
+        };
+        if let Err(e) = self.store.append_event(&event).await {
+            tracing::error!(contact_id = %event.contact_id, error = %e, "state-free event not recorded");
+        }
+    }
+
+    /// Wait until every write queued for the group writer so far is done (at shutdown).
+    pub async fn flush_writes(&self) {
+        if let Some(g) = &self.group_commit {
+            g.flush().await;
+        }
+    }
+
     /// Feed one input through the state machine and commit what it decides.
     pub async fn apply(
         &self,
@@ -345,15 +375,44 @@ impl Engine {
         source: EventSource,
         evidence: Evidence,
     ) -> EngineResult<Applied> {
+        self.apply_on(contact, list, None, input, source, evidence)
+            .await
+    }
+
+    /// [`Engine::apply`], deciding first on `seen`: the consent as the caller read it a
+    /// moment ago (a link's page reads it with the contact), which saves a read. A change
+    /// since is caught at commit, as a conflict, and decided again on a fresh read.
+    pub async fn apply_seen(
+        &self,
+        contact: &Contact,
+        list: &ListConfig,
+        seen: Option<Consent>,
+        input: Input,
+        source: EventSource,
+        evidence: Evidence,
+    ) -> EngineResult<Applied> {
+        self.apply_on(contact, list, Some(seen), input, source, evidence)
+            .await
+    }
+
+    async fn apply_on(
+        &self,
+        contact: &Contact,
+        list: &ListConfig,
+        mut seen: Option<Option<Consent>>,
+        input: Input,
+        source: EventSource,
+        evidence: Evidence,
+    ) -> EngineResult<Applied> {
         let address_hash = self.tokens.address_hash(&contact.email);
         // Retry on a concurrent change: the decision is re-made on the fresh state.
         for _ in 0..5 {
             let now = Utc::now();
-            let current = self
-                .store
-                .consent(&contact.id, &list.id)
-                .await?
-                .unwrap_or_else(|| Consent::new(now));
+            let current = match seen.take() {
+                Some(seen) => seen,
+                None => self.store.consent(&contact.id, &list.id).await?,
+            }
+            .unwrap_or_else(|| Consent::new(now));
             let suppressions = self
                 .store
                 .suppressions_of(&self.tokens.address_hashes(&contact.email))

@@ -30,6 +30,8 @@ enum Job {
     Append(Box<NewEvent>, Reply),
     Snapshots(Vec<Snapshot>, Done),
     Finish(Vec<OutboxFinish>, Done),
+    /// Answered once everything queued before it is written.
+    Flush(Done),
 }
 
 #[derive(Debug, Clone)]
@@ -62,6 +64,34 @@ impl GroupCommit {
         match self.tx.send(Job::Append(Box::new(event), reply)) {
             Ok(()) => answered(answer).await,
             Err(mpsc::error::SendError(job)) => one(store, job).await,
+        }
+    }
+
+    /// Queue an event that changes no state and return without waiting for its commit (a
+    /// fetched link's record: the page should not wait for an fsync). The writer writes it
+    /// with the next batch; a failure is logged. `Err` gives the event back when the writer
+    /// is gone, for the caller to write itself.
+    pub fn append_detached(&self, event: NewEvent) -> Result<(), Box<NewEvent>> {
+        let (reply, answer) = oneshot::channel();
+        match self.tx.send(Job::Append(Box::new(event), reply)) {
+            Ok(()) => {
+                tokio::spawn(async move {
+                    if let Err(e) = answered(answer).await {
+                        tracing::error!(error = %e, "state-free event not recorded");
+                    }
+                });
+                Ok(())
+            }
+            Err(mpsc::error::SendError(Job::Append(event, _))) => Err(event),
+            Err(mpsc::error::SendError(_)) => unreachable!("the job sent was an append"),
+        }
+    }
+
+    /// Wait until everything queued so far is written (at shutdown, after detached appends).
+    pub async fn flush(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.tx.send(Job::Flush(reply)).is_ok() {
+            let _ = answer.await;
         }
     }
 
@@ -100,7 +130,7 @@ async fn one(store: &dyn Store, job: Job) -> StoreResult<LedgerEvent> {
     match job {
         Job::Commit(c, _) => store.commit(&c).await,
         Job::Append(e, _) => store.append_event(&e).await,
-        Job::Snapshots(..) | Job::Finish(..) => Err(StoreError::Corrupt {
+        Job::Snapshots(..) | Job::Finish(..) | Job::Flush(..) => Err(StoreError::Corrupt {
             table: "ledger",
             detail: "not a ledger write".into(),
         }),
@@ -111,6 +141,7 @@ async fn done(store: &dyn Store, job: Job) -> StoreResult<()> {
     match job {
         Job::Snapshots(s, _) => store.put_snapshots(&s).await,
         Job::Finish(rows, _) => store.finish_outbox_batch(&rows, Utc::now()).await,
+        Job::Flush(_) => Ok(()),
         Job::Commit(..) | Job::Append(..) => one(store, job).await.map(|_| ()),
     }
 }
@@ -130,6 +161,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
         let mut append_replies = Vec::new();
         let mut snapshots: Vec<(Vec<Snapshot>, Done)> = Vec::new();
         let mut finishes: Vec<(Vec<OutboxFinish>, Done)> = Vec::new();
+        let mut flushes: Vec<Done> = Vec::new();
         for job in jobs {
             match job {
                 Job::Commit(c, reply) => {
@@ -145,6 +177,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 }
                 Job::Snapshots(s, reply) => snapshots.push((s, reply)),
                 Job::Finish(rows, reply) => finishes.push((rows, reply)),
+                Job::Flush(reply) => flushes.push(reply),
             }
         }
         if !commits.is_empty() {
@@ -217,6 +250,9 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 }
             }
         }
+        for reply in flushes {
+            let _ = reply.send(Ok(()));
+        }
     }
 }
 
@@ -258,14 +294,13 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_commits_and_appends_are_grouped_and_each_is_checked() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let url = format!("sqlite://{}", dir.path().join("g.db").display());
+    /// A migrated store in `dir` with `n` contacts, and their ids.
+    async fn store_with_contacts(dir: &std::path::Path, n: usize) -> (Arc<dyn Store>, Vec<String>) {
+        let url = format!("sqlite://{}", dir.join("g.db").display());
         let store = crate::store::open(&url).await.expect("open");
         store.migrate().await.expect("migrate");
         let mut ids = Vec::new();
-        for i in 0..100 {
+        for i in 0..n {
             let c = store
                 .upsert_contact(
                     &ContactUpsert {
@@ -280,6 +315,31 @@ mod tests {
                 .expect("contact");
             ids.push(c.id);
         }
+        (store, ids)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn detached_appends_are_all_written_by_the_time_a_flush_answers() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (store, ids) = store_with_contacts(dir.path(), 1).await;
+        let group = GroupCommit::start(Arc::clone(&store)).expect("inside a runtime");
+        for _ in 0..300 {
+            let queued = group.append_detached(event(&ids[0], "link_fetched", ConsentState::None));
+            assert!(queued.is_ok(), "the writer takes it");
+        }
+        group.flush().await;
+        let events = store.ledger_page(0, 1000).await.expect("ledger");
+        assert_eq!(events.len(), 300, "every queued append is written");
+        assert_eq!(
+            crate::ledger::verify_chain(events.iter()).expect("chain verifies"),
+            300
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_commits_and_appends_are_grouped_and_each_is_checked() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (store, ids) = store_with_contacts(dir.path(), 100).await;
         let group = GroupCommit::start(Arc::clone(&store)).expect("inside a runtime");
         let mut tasks = Vec::new();
         for id in &ids {

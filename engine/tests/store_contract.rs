@@ -2406,6 +2406,41 @@ async fn check_batch_reads(db: TestDb) {
     s.record_engagement(&a, "news", t(5))
         .await
         .expect("engagement");
+    // A contact with its consent to one list, in one read; a list it has no consent to, and
+    // an unknown contact.
+    let (contact, consent) = s
+        .contact_with_consent(&a, "other")
+        .await
+        .expect("contact_with_consent")
+        .expect("a exists");
+    assert_eq!(contact.email, "a@example.org");
+    assert_eq!(
+        consent.map(|c| c.state),
+        Some(ConsentState::Confirmed),
+        "a's consent to `other`, not to `news`"
+    );
+    let separate = s.consent(&a, "other").await.expect("consent");
+    assert_eq!(
+        s.contact_with_consent(&a, "other")
+            .await
+            .expect("read")
+            .and_then(|(_, c)| c)
+            .map(|c| (c.since, c.last_seq, c.signup_token)),
+        separate.map(|c| (c.since, c.last_seq, c.signup_token)),
+        "the same consent as the single read"
+    );
+    let (contact, consent) = s
+        .contact_with_consent(&b, "news")
+        .await
+        .expect("read")
+        .expect("b exists");
+    assert_eq!((contact.id.as_str(), consent), (b.as_str(), None));
+    assert!(
+        s.contact_with_consent("no-such-contact", "news")
+            .await
+            .expect("read")
+            .is_none()
+    );
     let ids = vec![a.clone(), b.clone()];
     let mut found: Vec<String> = s
         .contacts_by_ids(&[a.clone(), "no-such-contact".into(), c.clone()])

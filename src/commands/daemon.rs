@@ -169,6 +169,8 @@ pub async fn run(path: &Path) -> Result<(), Failure> {
             )));
         }
     }
+    // Fetched links' records are queued without waiting; write them before exiting.
+    engine.flush_writes().await;
     stop_connectors(&engine).await;
     tracing::info!("stopped");
     Ok(())

@@ -300,10 +300,15 @@ async fn doi_mail_over_smtp_then_scanner_fetches_then_chromium_click_confirms() 
     );
     assert_eq!(client.head(&link).send().await.unwrap().status(), 200);
     assert_eq!(demo.state(ANA, "newsletter"), "pending");
-    let fetched: Vec<_> = events(&demo, ANA)
-        .into_iter()
-        .filter(|e| e["kind"] == "link_fetched")
-        .collect();
+    // The pages do not wait for their fetch records' commit: they land a moment later.
+    let fetches = || -> Vec<serde_json::Value> {
+        events(&demo, ANA)
+            .into_iter()
+            .filter(|e| e["kind"] == "link_fetched")
+            .collect()
+    };
+    wait_until(10, "both fetches recorded", || fetches().len() >= 2);
+    let fetched = fetches();
     let methods: Vec<_> = fetched
         .iter()
         .map(|e| e["evidence"]["method"].as_str().unwrap().to_owned())

@@ -366,6 +366,19 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
     /// Consent of one pair; `None` if no event was ever recorded.
     async fn consent(&self, contact_id: &str, list_id: &str) -> StoreResult<Option<Consent>>;
+    /// A contact and its consent to one list (`None` if it has none), as of one moment: a
+    /// link's page needs both, and the backends read them in one query.
+    async fn contact_with_consent(
+        &self,
+        contact_id: &str,
+        list_id: &str,
+    ) -> StoreResult<Option<(Contact, Option<Consent>)>> {
+        let Some(contact) = self.contact_by_id(contact_id).await? else {
+            return Ok(None);
+        };
+        let consent = self.consent(contact_id, list_id).await?;
+        Ok(Some((contact, consent)))
+    }
     async fn consents_of_contact(&self, contact_id: &str) -> StoreResult<Vec<(String, Consent)>>;
     /// Every consent of these contacts as `(contact_id, list_id, consent)` (batch read).
     async fn consents_of_contacts(

@@ -467,6 +467,32 @@ macro_rules! shared_store_impl {
                 Ok(row.as_ref().map(consent_from).transpose()?.map(|(_, c)| c))
             }
 
+            async fn contact_with_consent(
+                &self,
+                contact_id: &str,
+                list_id: &str,
+            ) -> StoreResult<Option<(Contact, Option<Consent>)>> {
+                // The two tables share no column name, so each row reader finds its own.
+                let row = sqlx::query(
+                    "SELECT c.id, c.email, c.erased, c.language, c.fields, c.crm_records, \
+                     c.created_at, c.updated_at, s.list_id, s.state, s.since, s.signup_token, \
+                     s.doi_mails, s.reminders_sent, s.confirmed_at, s.confirmed_token, s.last_seq \
+                     FROM contacts c LEFT JOIN consents s ON s.contact_id = c.id AND s.list_id = $2 \
+                     WHERE c.id = $1",
+                )
+                .bind(contact_id)
+                .bind(list_id)
+                .fetch_optional(&self.reader)
+                .await?;
+                let Some(row) = row else { return Ok(None) };
+                let contact = contact_from(&row)?;
+                let consent = match row.try_get::<Option<String>, _>("list_id")? {
+                    Some(_) => Some(consent_from(&row)?.1),
+                    None => None,
+                };
+                Ok(Some((contact, consent)))
+            }
+
             async fn consents_of_contact(&self, contact_id: &str) -> StoreResult<Vec<(String, Consent)>> {
                 let rows = sqlx::query(&format!(
                     "SELECT {CONSENT_COLS} FROM consents WHERE contact_id = $1 ORDER BY list_id"

@@ -212,7 +212,14 @@ pub(super) async fn confirm_post(
         token: t.claims.token_id.clone(),
     };
     let applied = engine
-        .apply(&t.contact, t.list, input, EventSource::Web, evidence)
+        .apply_seen(
+            &t.contact,
+            t.list,
+            t.consent.clone(),
+            input,
+            EventSource::Web,
+            evidence,
+        )
         .await;
     super::count_action("confirm", &applied);
     match applied {

@@ -347,8 +347,12 @@ async fn lookup(engine: &Engine, claims: Claims) -> Lookup<'_> {
     let Some(list) = engine.list(&claims.list_id) else {
         return Lookup::Invalid;
     };
-    match engine.reads().contact_by_id(&claims.contact_id).await {
-        Ok(Some(contact)) => {
+    match engine
+        .reads()
+        .contact_with_consent(&claims.contact_id, &list.id)
+        .await
+    {
+        Ok(Some((contact, consent))) => {
             let lang = engine
                 .config()
                 .templates
@@ -358,7 +362,7 @@ async fn lookup(engine: &Engine, claims: Claims) -> Lookup<'_> {
                 contact,
                 list,
                 lang,
-                consent: None,
+                consent,
             }))
         }
         Ok(None) => Lookup::Invalid,
@@ -516,7 +520,8 @@ impl LinkState {
         .0
     }
 
-    /// Record a GET/HEAD as evidence that changes no state, a few times per token at most.
+    /// Record a GET/HEAD as evidence that changes no state, a few times per token at most,
+    /// without waiting for the commit.
     async fn record_fetch(
         &self,
         engine: &Engine,
@@ -544,9 +549,9 @@ impl LinkState {
             source: EventSource::Web,
             evidence,
         };
-        if let Err(e) = engine.append_event(event).await {
-            tracing::error!(contact_id = %t.contact.id, error = %e, "link fetch not recorded");
-        }
+        // The page does not wait for this record's commit (an fsync): the writer takes it
+        // with its next batch, and the daemon flushes queued writes before it exits.
+        engine.append_event_detached(event).await;
     }
 }
 
@@ -599,7 +604,7 @@ async fn resolve<'e>(
             return Err(invalid().await);
         }
     };
-    let mut t = match lookup(engine, claims).await {
+    let t = match lookup(engine, claims).await {
         Lookup::Found(t) => t,
         Lookup::Invalid => {
             metrics::counter!("optinsync_link_refused_total", "reason" => "unknown_contact")
@@ -608,13 +613,6 @@ async fn resolve<'e>(
         }
         Lookup::Unavailable => return Err(unavailable().await),
     };
-    match engine.reads().consent(&t.contact.id, &t.list.id).await {
-        Ok(c) => t.consent = c,
-        Err(e) => {
-            tracing::error!(contact_id = %t.contact.id, error = %e, "link lookup failed");
-            return Err(unavailable().await);
-        }
-    }
     if purpose == Purpose::Confirm && t.is_current_signup() {
         return Ok((t, expired, None));
     }
