@@ -17,6 +17,7 @@ mod decide;
 mod delivery;
 mod exec;
 mod load;
+mod reads;
 mod setup;
 mod webhook;
 mod wrk;
@@ -199,6 +200,20 @@ const ROWS: &[(&str, u8, &str, &str, Option<Check>)] = &[
         9,
         "9 confirm page GET, p99 (ms)",
         "printed",
+        None,
+    ),
+    (
+        "reads_sqlx",
+        9,
+        "9 link look-ups through the store's sqlx pool, alone (/s)",
+        "ceiling",
+        None,
+    ),
+    (
+        "reads_direct",
+        9,
+        "9 same look-up straight through SQLite's C API (/s)",
+        "reference",
         None,
     ),
     (
@@ -630,6 +645,19 @@ async fn size(
             ));
         }
         daemon.stop();
+        if want(8) || want(9) {
+            progress(
+                n,
+                &format!(
+                    "row 9 ceiling: link look-ups, store alone then SQLite directly, {} tasks",
+                    opts.concurrency
+                ),
+            );
+            let c =
+                reads::measure(&setup.store_url, opts.concurrency, Duration::from_secs(3)).await?;
+            cells.insert("reads_sqlx", Ok(c.sqlx));
+            cells.insert("reads_direct", Ok(c.direct));
+        }
     }
     Ok(())
 }
@@ -867,7 +895,8 @@ fn format_cell(key: &str, cell: Option<&Cell>) -> String {
         Some(Err(reason)) => reason.clone(),
         Some(Ok(v)) => match key {
             "sync" | "baseline" | "fetch" | "pg" | "decide" | "post" | "get" | "exec_pipe"
-            | "exec_pull" | "csv_pull" | "mail_rate" | "mail_ceiling" => {
+            | "exec_pull" | "csv_pull" | "mail_rate" | "mail_ceiling" | "reads_sqlx"
+            | "reads_direct" => {
                 format!("{}/s", thousands(*v))
             }
             "sync_ratio" | "pg_ratio" | "exec_ratio" | "mail_ratio" | "push_share" => {
