@@ -375,7 +375,8 @@ impl Engine {
         source: EventSource,
         evidence: Evidence,
     ) -> EngineResult<Applied> {
-        self.apply_on(contact, list, None, input, source, evidence)
+        let seen = self.store.consent(&contact.id, &list.id).await?;
+        self.apply_seen(contact, list, seen, input, source, evidence)
             .await
     }
 
@@ -391,19 +392,8 @@ impl Engine {
         source: EventSource,
         evidence: Evidence,
     ) -> EngineResult<Applied> {
-        self.apply_on(contact, list, Some(seen), input, source, evidence)
-            .await
-    }
-
-    async fn apply_on(
-        &self,
-        contact: &Contact,
-        list: &ListConfig,
-        mut seen: Option<Option<Consent>>,
-        input: Input,
-        source: EventSource,
-        evidence: Evidence,
-    ) -> EngineResult<Applied> {
+        // Taken by the first attempt; a retry after a conflict reads afresh.
+        let mut seen = Some(seen);
         let address_hash = self.tokens.address_hash(&contact.email);
         // Retry on a concurrent change: the decision is re-made on the fresh state.
         for _ in 0..5 {

@@ -27,7 +27,8 @@ type Done = oneshot::Sender<StoreResult<()>>;
 #[derive(Debug)]
 enum Job {
     Commit(Box<Commit>, Reply),
-    Append(Box<NewEvent>, Reply),
+    /// `None`: nobody waits (a detached append); the writer logs its failure itself.
+    Append(Box<NewEvent>, Option<Reply>),
     Snapshots(Vec<Snapshot>, Done),
     Finish(Vec<OutboxFinish>, Done),
     /// Answered once everything queued before it is written.
@@ -61,7 +62,7 @@ impl GroupCommit {
     /// Append an event that changes no state through the writer.
     pub async fn append(&self, store: &dyn Store, event: NewEvent) -> StoreResult<LedgerEvent> {
         let (reply, answer) = oneshot::channel();
-        match self.tx.send(Job::Append(Box::new(event), reply)) {
+        match self.tx.send(Job::Append(Box::new(event), Some(reply))) {
             Ok(()) => answered(answer).await,
             Err(mpsc::error::SendError(job)) => one(store, job).await,
         }
@@ -69,19 +70,11 @@ impl GroupCommit {
 
     /// Queue an event that changes no state and return without waiting for its commit (a
     /// fetched link's record: the page should not wait for an fsync). The writer writes it
-    /// with the next batch; a failure is logged. `Err` gives the event back when the writer
+    /// with the next batch and logs a failure. `Err` gives the event back when the writer
     /// is gone, for the caller to write itself.
     pub fn append_detached(&self, event: NewEvent) -> Result<(), Box<NewEvent>> {
-        let (reply, answer) = oneshot::channel();
-        match self.tx.send(Job::Append(Box::new(event), reply)) {
-            Ok(()) => {
-                tokio::spawn(async move {
-                    if let Err(e) = answered(answer).await {
-                        tracing::error!(error = %e, "state-free event not recorded");
-                    }
-                });
-                Ok(())
-            }
+        match self.tx.send(Job::Append(Box::new(event), None)) {
+            Ok(()) => Ok(()),
             Err(mpsc::error::SendError(Job::Append(event, _))) => Err(event),
             Err(mpsc::error::SendError(_)) => unreachable!("the job sent was an append"),
         }
@@ -146,6 +139,21 @@ async fn done(store: &dyn Store, job: Job) -> StoreResult<()> {
     }
 }
 
+/// Answer an append's requester; a detached append's failure is logged here instead.
+fn answer_append(reply: Option<Reply>, result: StoreResult<LedgerEvent>) {
+    match reply {
+        // The requester may have gone (client closed); the event stands.
+        Some(reply) => {
+            let _ = reply.send(result);
+        }
+        None => {
+            if let Err(e) = result {
+                tracing::error!(error = %e, "state-free event not recorded");
+            }
+        }
+    }
+}
+
 async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
     while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
@@ -206,13 +214,13 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
             match store.append_events(&appends).await {
                 Ok(written) => {
                     for (ev, reply) in written.into_iter().zip(append_replies) {
-                        let _ = reply.send(Ok(ev));
+                        answer_append(reply, Ok(ev));
                     }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, events = appends.len(), "group append failed; appending one by one");
                     for (ev, reply) in appends.into_iter().zip(append_replies) {
-                        let _ = reply.send(store.append_event(&ev).await);
+                        answer_append(reply, store.append_event(&ev).await);
                     }
                 }
             }

@@ -472,14 +472,12 @@ macro_rules! shared_store_impl {
                 contact_id: &str,
                 list_id: &str,
             ) -> StoreResult<Option<(Contact, Option<Consent>)>> {
-                // The two tables share no column name, so each row reader finds its own.
-                let row = sqlx::query(
-                    "SELECT c.id, c.email, c.erased, c.language, c.fields, c.crm_records, \
-                     c.created_at, c.updated_at, s.list_id, s.state, s.since, s.signup_token, \
-                     s.doi_mails, s.reminders_sent, s.confirmed_at, s.confirmed_token, s.last_seq \
-                     FROM contacts c LEFT JOIN consents s ON s.contact_id = c.id AND s.list_id = $2 \
-                     WHERE c.id = $1",
-                )
+                // The two column lists share no name, so they need no table prefix and each
+                // row reader finds its own.
+                let row = sqlx::query(&format!(
+                    "SELECT {CONTACT_COLS}, {CONSENT_COLS} FROM contacts c \
+                     LEFT JOIN consents s ON s.contact_id = c.id AND s.list_id = $2 WHERE c.id = $1"
+                ))
                 .bind(contact_id)
                 .bind(list_id)
                 .fetch_optional(&self.reader)
