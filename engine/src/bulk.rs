@@ -311,10 +311,10 @@ impl<'e> Plan<'e> {
                 out.conflicted.insert(*owner);
             }
         }
-        let mut queued = false;
+        let mut queued = Vec::new();
         for (b, ev) in self.commits.iter().zip(&written) {
             let Some(ev) = ev else { continue };
-            queued |= !b.commit.outbox.is_empty();
+            queued.extend(b.commit.outbox.iter().map(|o| o.work.connector()));
             tracing::debug!(contact_id = %b.commit.contact_id, list = %b.commit.list_id, seq = ev.seq, "consent changed");
             if b.commit.event.source == EventSource::Crm {
                 out.crm_changes += 1;
@@ -330,9 +330,7 @@ impl<'e> Plan<'e> {
                 }
             }
         }
-        if queued {
-            self.engine.outbox_wake.notify_one();
-        }
+        self.engine.outbox_wake.wake(queued);
         Ok(out)
     }
 }

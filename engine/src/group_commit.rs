@@ -41,12 +41,25 @@ pub struct GroupCommit {
 }
 
 impl GroupCommit {
-    /// Start the writer on the current tokio runtime; `None` outside one (the caller then
-    /// commits directly).
+    /// Start the writer on a thread of its own; `None` outside a tokio runtime (the caller
+    /// then commits directly).
+    ///
+    /// Its own thread and single-threaded runtime, because a batch is a chain of statements,
+    /// each a round trip to the SQLite connection's worker thread, and on the daemon's runtime
+    /// every round trip also waited its turn behind the HTTP requests: measured under the
+    /// confirm `POST` load, a batch's statements took 2.7 ms there and 1.0 ms here, and every
+    /// waiting confirmation waits for whole batches.
     pub fn start(store: Arc<dyn Store>) -> Option<Self> {
-        let handle = tokio::runtime::Handle::try_current().ok()?;
+        tokio::runtime::Handle::try_current().ok()?;
         let (tx, rx) = mpsc::unbounded_channel();
-        handle.spawn(writer(store, rx));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .ok()?;
+        std::thread::Builder::new()
+            .name("group-commit".into())
+            .spawn(move || runtime.block_on(writer(store, rx)))
+            .ok()?;
         Some(Self { tx })
     }
 

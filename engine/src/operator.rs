@@ -110,7 +110,7 @@ impl Engine {
     pub async fn retry_dead_letter(&self, id: i64) -> StoreResult<bool> {
         let queued = self.store.retry_dead(id, Utc::now()).await?;
         if queued {
-            self.outbox_wake.notify_one();
+            self.outbox_wake.wake_all();
         }
         Ok(queued)
     }

@@ -57,8 +57,9 @@ impl Engine {
             contact_id: contact.id.clone(),
             list_id: list.id.clone(),
         };
+        let lane = row.work.connector();
         self.store.append_with_outbox(&event, &[row]).await?;
-        self.outbox_wake.notify_one();
+        self.outbox_wake.wake([lane]);
         Ok(true)
     }
 

@@ -2498,6 +2498,29 @@ async fn check_batch_reads(db: TestDb) {
         vec!["h1".to_owned()],
         "each suppressed hash once, even if asked twice"
     );
+    // A commit is seen by the next look-up at once (on SQLite the look-up reads through a
+    // connection of its own, not the writer's).
+    let ev = s
+        .commit(&simple_commit(
+            &b,
+            "later",
+            None,
+            ConsentState::None,
+            ConsentState::Pending,
+            t(2),
+        ))
+        .await
+        .expect("commit");
+    let seen = s
+        .contact_with_consent(&b, "later")
+        .await
+        .expect("read")
+        .and_then(|(_, c)| c)
+        .expect("b's new consent");
+    assert_eq!(
+        (seen.state, seen.last_seq),
+        (ConsentState::Pending, Some(ev.seq))
+    );
 }
 
 /// Erasure marks the contact (no `erased:` prefix on the address any more): its row keeps the

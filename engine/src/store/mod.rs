@@ -5,6 +5,7 @@
 //! projection + outbox rows" can only be written together ([`Store::commit`]).
 
 mod postgres;
+mod rows;
 mod sql;
 mod sqlite;
 pub mod windows;
@@ -22,6 +23,8 @@ use crate::ledger::{LedgerEvent, NewEvent};
 pub use crate::work::{OutboxWork, StoredWork};
 
 pub use self::postgres::PostgresStore;
+/// The link look-up's SQL (the bench measures it through sqlx beside the store's own path).
+pub use self::rows::contact_with_consent_sql;
 pub use self::sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +37,9 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
+    /// The SQLite link look-up, which reads through SQLite's C API rather than sqlx.
+    #[error("database error (SQLite link look-up): {0}")]
+    LinkRead(#[from] rusqlite::Error),
     /// Another writer changed this consent since it was read; reload and decide again.
     #[error("consent of contact {contact_id} on list {list_id} changed concurrently")]
     Conflict { contact_id: String, list_id: String },

@@ -30,6 +30,54 @@ impl PostgresStore {
         })
     }
 
+    // The three reads of a link request, through the pool like every other read (the SQLite
+    // store makes them through SQLite's C API; `sqlite.rs` says why).
+
+    async fn link_read(
+        &self,
+        contact_id: &str,
+        list_id: &str,
+    ) -> super::StoreResult<Option<(super::Contact, Option<crate::consent::Consent>)>> {
+        let row = sqlx::query(&super::rows::contact_with_consent_sql())
+            .bind(contact_id)
+            .bind(list_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref()
+            .map(super::rows::contact_with_consent_from)
+            .transpose()
+    }
+
+    async fn events_read(
+        &self,
+        contact_id: &str,
+    ) -> super::StoreResult<Vec<crate::ledger::LedgerEvent>> {
+        let rows = sqlx::query(&super::rows::events_of_contact_sql())
+            .bind(contact_id)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(super::rows::event_from).collect()
+    }
+
+    async fn suppressions_read(
+        &self,
+        hashes: &[String],
+    ) -> super::StoreResult<Vec<super::Suppressed>> {
+        let mut out = Vec::with_capacity(hashes.len());
+        // Well under PostgreSQL's bind-parameter limit per statement.
+        for chunk in hashes.chunks(1000) {
+            let sql = super::rows::suppressions_of_sql(chunk.len());
+            let mut query = sqlx::query(&sql);
+            for h in chunk {
+                query = query.bind(h);
+            }
+            for row in query.fetch_all(&self.reader).await? {
+                out.push(super::rows::suppressed_from(&row)?);
+            }
+        }
+        Ok(out)
+    }
+
     async fn run_migrations(&self) -> super::StoreResult<()> {
         // sqlx takes an advisory lock while migrating, so concurrent starts are safe.
         sqlx::migrate!("./migrations/postgres")
@@ -63,6 +111,7 @@ mod shared {
     crate::store::sql::shared_store_impl!(
         PostgresStore,
         sqlx::Postgres,
+        sqlx::postgres::PgRow,
         lock = "SELECT pg_advisory_xact_lock(7262001)",
         for_update = "FOR UPDATE",
         skip_locked = "FOR UPDATE SKIP LOCKED"

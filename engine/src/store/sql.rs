@@ -8,16 +8,25 @@
 //! correctly as text in both databases and hashes reproducibly in the ledger.
 
 /// Generates `impl Store for $store` where `$store` has `pool: sqlx::Pool<$db>` (writes) and
-/// `reader: sqlx::Pool<$db>` (plain reads), and an inherent
-/// `async fn run_migrations(&self)`.
+/// `reader: sqlx::Pool<$db>` (plain reads), and the inherent `async fn run_migrations(&self)`
+/// and the three reads a link request makes, whose path differs per backend (`sqlite.rs` says
+/// why): `async fn link_read(&self, contact_id, list_id)`
+/// ([`Store::contact_with_consent`](crate::store::Store::contact_with_consent)),
+/// `events_read(&self, contact_id)` ([`Store::events_of_contact`](crate::store::Store::events_of_contact))
+/// and `suppressions_read(&self, hashes)` ([`Store::suppressions_of`](crate::store::Store::suppressions_of),
+/// never called with none, in any order). Their SQL and row readers are shared
+/// ([`super::rows`]).
 ///
-/// - `lock`: SQL run first in every ledger-appending transaction to serialise appends.
+/// - `$row`: the backend's row type (named, not projected from `$db`, so that the row readers
+///   of [`super::rows`] can be implemented for it beside rusqlite's).
+/// - `lock`: SQL run first in every ledger-appending transaction to serialise appends (empty:
+///   none needed).
 /// - `for_update`: suffix that locks a selected row for the transaction (`FOR UPDATE` on
 ///   PostgreSQL, where concurrent upserts of one contact would otherwise lose merges).
 /// - `skip_locked`: suffix for the outbox claim sub-select (`FOR UPDATE SKIP LOCKED` on
 ///   PostgreSQL so several instances never claim the same row).
 macro_rules! shared_store_impl {
-    ($store:ty, $db:ty, lock = $lock:literal, for_update = $for_update:literal, skip_locked = $skip:literal) => {
+    ($store:ty, $db:ty, $row:ty, lock = $lock:literal, for_update = $for_update:literal, skip_locked = $skip:literal) => {
         use std::collections::BTreeMap;
 
         use async_trait::async_trait;
@@ -27,100 +36,41 @@ macro_rules! shared_store_impl {
         use crate::consent::Consent;
         use crate::ledger::{format_time, LedgerEvent, NewEvent, GENESIS_HASH};
         use crate::store::codec::{parse_json, parse_state, to_json};
+        use crate::store::rows::{
+            consent_from, contact_from, event_from, parse_time, suppressed_from, CONSENT_COLS, CONTACT_COLS, LEDGER_COLS,
+        };
         use crate::store::{
             Commit, Contact, ContactUpsert, Finish, OutboxCounts, OutboxItem, Store, StoreError, StoreResult,
             StoredWork,
         };
 
-        type Row = <$db as sqlx::Database>::Row;
+        type Row = $row;
         type Tx<'a> = sqlx::Transaction<'a, $db>;
 
-        const CONTACT_COLS: &str = "id, email, erased, language, fields, crm_records, created_at, updated_at";
-        const CONSENT_COLS: &str =
-            "list_id, state, since, signup_token, doi_mails, reminders_sent, confirmed_at, confirmed_token, last_seq";
-        const LEDGER_COLS: &str =
-            "seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, evidence_sha256, prev_hash, hash";
         const OUTBOX_COLS: &str =
             "id, kind, priority, idempotency_key, contact_id, list_id, payload, attempts, status, last_error, event_seq";
-
-        fn parse_time(table: &'static str, s: &str) -> StoreResult<DateTime<Utc>> {
-            DateTime::parse_from_rfc3339(s)
-                .map(|t| t.with_timezone(&Utc))
-                .map_err(|e| StoreError::Corrupt { table, detail: format!("bad timestamp `{s}`: {e}") })
-        }
-
-        /// A contact's CRM records, stored as a JSON array of `Module/id` texts; parsed here,
-        /// once, so nothing after the store splits them again.
-        fn parse_records(text: &str) -> StoreResult<Vec<optinsync_plugin_api::RecordRef>> {
-            let texts: Vec<String> = parse_json("contacts", text)?;
-            texts
-                .iter()
-                .map(|t| {
-                    t.parse().map_err(|e: optinsync_plugin_api::InvalidRecordRef| StoreError::Corrupt {
-                        table: "contacts",
-                        detail: e.to_string(),
-                    })
-                })
-                .collect()
-        }
 
         /// The stored form of CRM records: a JSON array of their `Module/id` texts.
         fn records_json<'a>(refs: impl IntoIterator<Item = &'a optinsync_plugin_api::RecordRef>) -> String {
             to_json(&refs.into_iter().map(ToString::to_string).collect::<Vec<_>>())
         }
 
-        fn contact_from(row: &Row) -> StoreResult<Contact> {
-            Ok(Contact {
-                id: row.try_get("id")?,
-                email: row.try_get("email")?,
-                erased: row.try_get("erased")?,
-                language: row.try_get("language")?,
-                fields: parse_json("contacts", &row.try_get::<String, _>("fields")?)?,
-                crm_records: parse_records(&row.try_get::<String, _>("crm_records")?)?,
-                created_at: parse_time("contacts", &row.try_get::<String, _>("created_at")?)?,
-                updated_at: parse_time("contacts", &row.try_get::<String, _>("updated_at")?)?,
-            })
-        }
-
-        fn consent_from(row: &Row) -> StoreResult<(String, Consent)> {
-            let confirmed_at: Option<String> = row.try_get("confirmed_at")?;
-            let consent = Consent {
-                state: parse_state("consents", &row.try_get::<String, _>("state")?)?,
-                since: parse_time("consents", &row.try_get::<String, _>("since")?)?,
-                signup_token: row.try_get("signup_token")?,
-                doi_mails: u32::try_from(row.try_get::<i32, _>("doi_mails")?).unwrap_or(0),
-                reminders_sent: u32::try_from(row.try_get::<i32, _>("reminders_sent")?).unwrap_or(0),
-                confirmed_at: confirmed_at.map(|s| parse_time("consents", &s)).transpose()?,
-                confirmed_token: row.try_get("confirmed_token")?,
-                last_seq: Some(row.try_get("last_seq")?),
-            };
-            Ok((row.try_get("list_id")?, consent))
-        }
-
-        fn suppressed_from(row: &Row) -> StoreResult<crate::store::Suppressed> {
-            Ok(crate::store::Suppressed {
-                address_hash: row.try_get("address_hash")?,
-                reason: row.try_get("reason")?,
-                at: parse_time("suppressions", &row.try_get::<String, _>("at")?)?,
-            })
-        }
-
-        fn event_from(row: &Row) -> StoreResult<LedgerEvent> {
-            Ok(LedgerEvent {
-                seq: row.try_get("seq")?,
-                event_id: row.try_get("event_id")?,
-                at: row.try_get("at")?,
-                contact_id: row.try_get("contact_id")?,
-                list_id: row.try_get("list_id")?,
-                kind: row.try_get("kind")?,
-                from_state: row.try_get("from_state")?,
-                to_state: row.try_get("to_state")?,
-                source: row.try_get("source")?,
-                evidence: row.try_get("evidence")?,
-                evidence_sha256: row.try_get("evidence_sha256")?,
-                prev_hash: row.try_get("prev_hash")?,
-                hash: row.try_get("hash")?,
-            })
+        impl crate::store::rows::Columns for Row {
+            fn text(&self, col: &str) -> StoreResult<String> {
+                Ok(self.try_get(col)?)
+            }
+            fn text_opt(&self, col: &str) -> StoreResult<Option<String>> {
+                Ok(self.try_get(col)?)
+            }
+            fn int32(&self, col: &str) -> StoreResult<i32> {
+                Ok(self.try_get(col)?)
+            }
+            fn int64(&self, col: &str) -> StoreResult<i64> {
+                Ok(self.try_get(col)?)
+            }
+            fn flag(&self, col: &str) -> StoreResult<bool> {
+                Ok(self.try_get(col)?)
+            }
         }
 
         fn day_count_from(row: &Row) -> StoreResult<crate::store::DayCount> {
@@ -192,6 +142,16 @@ macro_rules! shared_store_impl {
 
         /// The seq and hash at the head of the chain (0 and the genesis hash when empty). The
         /// caller holds the append lock.
+        /// Take the ledger's append lock for this transaction (nothing to take where `$lock`
+        /// is empty: SQLite's one writer connection is the lock, and an empty statement would
+        /// still cost a round trip to the connection's thread).
+        async fn append_lock(tx: &mut Tx<'_>) -> StoreResult<()> {
+            if !$lock.is_empty() {
+                sqlx::query($lock).execute(&mut **tx).await?;
+            }
+            Ok(())
+        }
+
         async fn chain_head(tx: &mut Tx<'_>) -> StoreResult<(i64, String)> {
             let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
                 .fetch_optional(&mut **tx)
@@ -343,7 +303,7 @@ macro_rules! shared_store_impl {
             }
             if let Finish::Done { event: Some(e), .. } = finish {
                 if !*locked {
-                    sqlx::query($lock).execute(&mut **tx).await?;
+                    append_lock(tx).await?;
                     *locked = true;
                 }
                 append_locked(tx, e).await?;
@@ -472,23 +432,7 @@ macro_rules! shared_store_impl {
                 contact_id: &str,
                 list_id: &str,
             ) -> StoreResult<Option<(Contact, Option<Consent>)>> {
-                // The two column lists share no name, so they need no table prefix and each
-                // row reader finds its own.
-                let row = sqlx::query(&format!(
-                    "SELECT {CONTACT_COLS}, {CONSENT_COLS} FROM contacts c \
-                     LEFT JOIN consents s ON s.contact_id = c.id AND s.list_id = $2 WHERE c.id = $1"
-                ))
-                .bind(contact_id)
-                .bind(list_id)
-                .fetch_optional(&self.reader)
-                .await?;
-                let Some(row) = row else { return Ok(None) };
-                let contact = contact_from(&row)?;
-                let consent = match row.try_get::<Option<String>, _>("list_id")? {
-                    Some(_) => Some(consent_from(&row)?.1),
-                    None => None,
-                };
-                Ok(Some((contact, consent)))
+                self.link_read(contact_id, list_id).await
             }
 
             async fn consents_of_contact(&self, contact_id: &str) -> StoreResult<Vec<(String, Consent)>> {
@@ -660,7 +604,7 @@ macro_rules! shared_store_impl {
                     return Ok(Vec::new());
                 }
                 let mut tx = self.pool.begin().await?;
-                sqlx::query($lock).execute(&mut *tx).await?;
+                append_lock(&mut tx).await?;
                 // Current last_seq of every pair in the batch.
                 let mut ids: Vec<String> = commits.iter().map(|b| b.commit.contact_id.clone()).collect();
                 ids.sort();
@@ -800,18 +744,14 @@ macro_rules! shared_store_impl {
                     return Ok(Vec::new());
                 }
                 let mut tx = self.pool.begin().await?;
-                sqlx::query($lock).execute(&mut *tx).await?;
+                append_lock(&mut tx).await?;
                 let sealed = seal_and_insert(&mut tx, events).await?;
                 tx.commit().await?;
                 Ok(sealed)
             }
 
             async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>> {
-                let rows = sqlx::query(&format!("SELECT {LEDGER_COLS} FROM ledger WHERE contact_id = $1 ORDER BY seq"))
-                    .bind(contact_id)
-                    .fetch_all(&self.reader)
-                    .await?;
-                rows.iter().map(event_from).collect()
+                self.events_read(contact_id).await
             }
 
             async fn ledger_page(&self, after: i64, limit: i64) -> StoreResult<Vec<LedgerEvent>> {
@@ -1270,14 +1210,7 @@ macro_rules! shared_store_impl {
                 if address_hashes.is_empty() {
                     return Ok(Vec::new());
                 }
-                let mut out = Vec::new();
-                for chunk in address_hashes.chunks(IN_CHUNK) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new("SELECT address_hash, reason, at FROM suppressions WHERE address_hash IN ");
-                    push_in(&mut qb, chunk);
-                    for row in qb.build().fetch_all(&self.reader).await? {
-                        out.push(suppressed_from(&row)?);
-                    }
-                }
+                let mut out = self.suppressions_read(address_hashes).await?;
                 out.sort_by(|a, b| (a.at, &a.address_hash).cmp(&(b.at, &b.address_hash)));
                 Ok(out)
             }
@@ -1291,7 +1224,7 @@ macro_rules! shared_store_impl {
 
             async fn append_with_outbox(&self, event: &NewEvent, outbox: &[crate::store::NewOutbox]) -> StoreResult<LedgerEvent> {
                 let mut tx = self.pool.begin().await?;
-                sqlx::query($lock).execute(&mut *tx).await?;
+                append_lock(&mut tx).await?;
                 let sealed = seal_and_insert(&mut tx, std::slice::from_ref(event)).await?;
                 let ev = sealed.into_iter().next().ok_or_else(|| StoreError::Corrupt { table: "ledger", detail: "an appended event was not returned".into() })?;
                 let rows: Vec<(&crate::store::NewOutbox, &LedgerEvent)> = outbox.iter().map(|o| (o, &ev)).collect();
@@ -1302,7 +1235,7 @@ macro_rules! shared_store_impl {
 
             async fn lift_suppressions(&self, address_hashes: &[String], events: &[NewEvent]) -> StoreResult<u64> {
                 let mut tx = self.pool.begin().await?;
-                sqlx::query($lock).execute(&mut *tx).await?;
+                append_lock(&mut tx).await?;
                 let mut lifted = 0;
                 for h in address_hashes {
                     lifted += sqlx::query("DELETE FROM suppressions WHERE address_hash = $1")

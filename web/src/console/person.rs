@@ -153,7 +153,7 @@ pub async fn erase(cx: Ctx, Checked(form): Checked<Erase>) -> Response {
     {
         Ok(report) => {
             tracing::info!(contact_id = %contact.id, "console: contact erased");
-            cx.engine.outbox_wake().notify_one();
+            cx.engine.outbox_wake().wake_all();
             let erased = match contact_by_id(&cx, &contact.id).await {
                 Ok(c) => c,
                 Err(answer) => return answer,
