@@ -777,3 +777,44 @@ fn crm_upsert_row(
         list_id: list.id.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt as _;
+
+    use super::OutboxWake;
+    use crate::work::ConnectorRole;
+
+    /// Whether `lane` has a wake-up waiting (consumes it).
+    fn woken(w: &OutboxWake, lane: ConnectorRole) -> bool {
+        w.notified(lane).now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_commit_wakes_only_the_lanes_of_its_rows() {
+        let w = OutboxWake::default();
+        w.wake([
+            ConnectorRole::Campaigns,
+            ConnectorRole::Crm,
+            ConnectorRole::Campaigns,
+        ]);
+        assert!(woken(&w, ConnectorRole::Campaigns));
+        assert!(woken(&w, ConnectorRole::Crm));
+        assert!(
+            !woken(&w, ConnectorRole::Mail),
+            "the mail lane has nothing to claim"
+        );
+        // One wake-up per lane, however many rows: the lane's next wait blocks again.
+        assert!(!woken(&w, ConnectorRole::Campaigns));
+        w.wake([]);
+        assert!(!woken(&w, ConnectorRole::Crm));
+        w.wake_all();
+        for lane in [
+            ConnectorRole::Mail,
+            ConnectorRole::Campaigns,
+            ConnectorRole::Crm,
+        ] {
+            assert!(woken(&w, lane), "{lane:?} woken by wake_all");
+        }
+    }
+}
