@@ -2891,20 +2891,6 @@ async fn check_waves(db: TestDb) {
         .expect("claim");
     assert_eq!(keys(&due), ["mail:wave-a"]);
 
-    s.set_cursor("wave:news", "{}", t(1)).await.expect("cursor");
-    s.set_cursor("wave:news2", "{}", t(1))
-        .await
-        .expect("cursor");
-    s.set_cursor("waves", "x", t(1)).await.expect("cursor");
-    let names: Vec<String> = s
-        .cursors_with_prefix("wave:")
-        .await
-        .expect("prefix")
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
-    assert_eq!(names, ["wave:news", "wave:news2"]);
-
     let groups = s.list_event_summary("news").await.expect("summary");
     assert_eq!(groups.len(), 1, "{groups:?}");
     assert_eq!((groups[0].events, groups[0].contacts), (2, 2));

@@ -496,8 +496,6 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         until: DateTime<Utc>,
     ) -> StoreResult<bool>;
     async fn cursor(&self, name: &str) -> StoreResult<Option<String>>;
-    /// Cursors whose name starts with `prefix`, as `(name, value)` in name order.
-    async fn cursors_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, String)>>;
 
     /// What a list's sending plans let through on plan day `day` ([`Commit::paced`]).
     async fn wave_counts(&self, list_id: &str, day: i64) -> StoreResult<Vec<WaveCount>>;

@@ -983,16 +983,6 @@ macro_rules! shared_store_impl {
                 Ok(row.map(|r| r.try_get("value")).transpose()?)
             }
 
-            async fn cursors_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
-                // A range, not LIKE: a prefix may hold `_` or `%`.
-                let rows = sqlx::query("SELECT name, value FROM cursors WHERE name >= $1 AND name < $2 ORDER BY name")
-                    .bind(prefix)
-                    .bind(format!("{prefix}\u{10FFFF}"))
-                    .fetch_all(&self.reader)
-                    .await?;
-                rows.iter().map(|r| Ok((r.try_get("name")?, r.try_get("value")?))).collect()
-            }
-
             async fn wave_counts(&self, list_id: &str, day: i64) -> StoreResult<Vec<crate::store::WaveCount>> {
                 let rows = sqlx::query("SELECT mail_kind, bucket, admitted FROM wave_counts WHERE list_id = $1 AND day = $2 ORDER BY mail_kind, bucket")
                     .bind(list_id)

@@ -306,9 +306,6 @@ impl Store for RacingStore {
     async fn set_cursor(&self, name: &str, value: &str, now: DateTime<Utc>) -> StoreResult<()> {
         self.inner.set_cursor(name, value, now).await
     }
-    async fn cursors_with_prefix(&self, prefix: &str) -> StoreResult<Vec<(String, String)>> {
-        self.inner.cursors_with_prefix(prefix).await
-    }
     async fn wave_counts(
         &self,
         list_id: &str,
