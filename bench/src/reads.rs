@@ -117,12 +117,12 @@ async fn through_sqlx(
         .test_before_acquire(false)
         .connect_with(opts)
         .await?;
-    let sql = Arc::new(optinsync_engine::store::contact_with_consent_sql());
+    let sql: &'static str = &optinsync_engine::store::CONTACT_WITH_CONSENT_SQL;
     let p = pool.clone();
     let rate = drive(pairs, tasks, secs, move |c, l| {
-        let (pool, sql) = (p.clone(), Arc::clone(&sql));
+        let pool = p.clone();
         async move {
-            let row = sqlx::query(&sql).bind(c).bind(l).fetch_one(&pool).await?;
+            let row = sqlx::query(sql).bind(c).bind(l).fetch_one(&pool).await?;
             // Every column copied out with its type, as the store's row reader does (which
             // then also parses the JSON and time texts: more work than here).
             let mut texts: Vec<Option<String>> = Vec::with_capacity(17);

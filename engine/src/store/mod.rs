@@ -24,7 +24,7 @@ pub use crate::work::{OutboxWork, StoredWork};
 
 pub use self::postgres::PostgresStore;
 /// The link look-up's SQL (the bench measures it through sqlx beside the store's own path).
-pub use self::rows::contact_with_consent_sql;
+pub use self::rows::CONTACT_WITH_CONSENT_SQL;
 pub use self::sqlite::SqliteStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +37,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database error: {0}")]
     Db(#[from] sqlx::Error),
-    /// The SQLite link look-up, which reads through SQLite's C API rather than sqlx.
-    #[error("database error (SQLite link look-up): {0}")]
-    LinkRead(#[from] rusqlite::Error),
+    /// The SQLite reads of a link request, made through SQLite's C API rather than sqlx
+    /// (`store/sqlite.rs`).
+    #[error("database error (SQLite direct read): {0}")]
+    DirectRead(#[from] rusqlite::Error),
     /// Another writer changed this consent since it was read; reload and decide again.
     #[error("consent of contact {contact_id} on list {list_id} changed concurrently")]
     Conflict { contact_id: String, list_id: String },

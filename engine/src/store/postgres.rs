@@ -38,7 +38,7 @@ impl PostgresStore {
         contact_id: &str,
         list_id: &str,
     ) -> super::StoreResult<Option<(super::Contact, Option<crate::consent::Consent>)>> {
-        let row = sqlx::query(&super::rows::contact_with_consent_sql())
+        let row = sqlx::query(&super::rows::CONTACT_WITH_CONSENT_SQL)
             .bind(contact_id)
             .bind(list_id)
             .fetch_optional(&self.reader)
@@ -52,7 +52,7 @@ impl PostgresStore {
         &self,
         contact_id: &str,
     ) -> super::StoreResult<Vec<crate::ledger::LedgerEvent>> {
-        let rows = sqlx::query(&super::rows::events_of_contact_sql())
+        let rows = sqlx::query(&super::rows::EVENTS_OF_CONTACT_SQL)
             .bind(contact_id)
             .fetch_all(&self.reader)
             .await?;
@@ -63,19 +63,13 @@ impl PostgresStore {
         &self,
         hashes: &[String],
     ) -> super::StoreResult<Vec<super::Suppressed>> {
-        let mut out = Vec::with_capacity(hashes.len());
-        // Well under PostgreSQL's bind-parameter limit per statement.
-        for chunk in hashes.chunks(1000) {
-            let sql = super::rows::suppressions_of_sql(chunk.len());
-            let mut query = sqlx::query(&sql);
-            for h in chunk {
-                query = query.bind(h);
-            }
-            for row in query.fetch_all(&self.reader).await? {
-                out.push(super::rows::suppressed_from(&row)?);
-            }
+        let sql = super::rows::suppressions_of_sql(hashes.len());
+        let mut query = sqlx::query(&sql);
+        for h in hashes {
+            query = query.bind(h);
         }
-        Ok(out)
+        let rows = query.fetch_all(&self.reader).await?;
+        rows.iter().map(super::rows::suppressed_from).collect()
     }
 
     async fn run_migrations(&self) -> super::StoreResult<()> {

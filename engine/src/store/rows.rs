@@ -3,6 +3,8 @@
 //! of a link request, [`super::sqlite`]). One reader per type and one text per query, so the
 //! two read paths cannot read differently.
 
+use std::sync::LazyLock;
+
 use chrono::{DateTime, Utc};
 
 use super::codec::{parse_json, parse_state};
@@ -17,9 +19,9 @@ pub(crate) const CONSENT_COLS: &str = "list_id, state, since, signup_token, doi_
 pub(crate) const LEDGER_COLS: &str = "seq, event_id, at, contact_id, list_id, kind, from_state, to_state, source, evidence, evidence_sha256, prev_hash, hash";
 
 /// A contact's ledger events, oldest first (`$1` the contact id).
-pub(crate) fn events_of_contact_sql() -> String {
+pub(crate) static EVENTS_OF_CONTACT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!("SELECT {LEDGER_COLS} FROM ledger WHERE contact_id = $1 ORDER BY seq")
-}
+});
 
 /// The suppression rows of `n` address hashes (`$1` .. `$n`), in no particular order.
 pub(crate) fn suppressions_of_sql(n: usize) -> String {
@@ -32,12 +34,12 @@ pub(crate) fn suppressions_of_sql(n: usize) -> String {
 
 /// The link look-up: a contact (`$1`) and its consent on one list (`$2`), in one read. The two
 /// column lists share no name, so they need no table prefix and each row reader finds its own.
-pub fn contact_with_consent_sql() -> String {
+pub static CONTACT_WITH_CONSENT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {CONTACT_COLS}, {CONSENT_COLS} FROM contacts c \
          LEFT JOIN consents s ON s.contact_id = c.id AND s.list_id = $2 WHERE c.id = $1"
     )
-}
+});
 
 /// Typed column access by name; a value of the wrong type or a missing column is an error.
 pub(crate) trait Columns {
@@ -124,7 +126,7 @@ pub(crate) fn consent_from(row: &impl Columns) -> StoreResult<(String, Consent)>
     Ok((row.text("list_id")?, consent))
 }
 
-/// A row of [`contact_with_consent_sql`]: no consent when the outer join found none.
+/// A row of [`CONTACT_WITH_CONSENT_SQL`]: no consent when the outer join found none.
 pub(crate) fn contact_with_consent_from(
     row: &impl Columns,
 ) -> StoreResult<(Contact, Option<Consent>)> {

@@ -13,8 +13,9 @@
 /// why): `async fn link_read(&self, contact_id, list_id)`
 /// ([`Store::contact_with_consent`](crate::store::Store::contact_with_consent)),
 /// `events_read(&self, contact_id)` ([`Store::events_of_contact`](crate::store::Store::events_of_contact))
-/// and `suppressions_read(&self, hashes)` ([`Store::suppressions_of`](crate::store::Store::suppressions_of),
-/// never called with none, in any order). Their SQL and row readers are shared
+/// and `suppressions_read(&self, hashes)`
+/// ([`Store::suppressions_of`](crate::store::Store::suppressions_of): one `IN` list of at most
+/// `IN_CHUNK` hashes, never empty; rows in any order). Their SQL and row readers are shared
 /// ([`super::rows`]).
 ///
 /// - `$row`: the backend's row type (named, not projected from `$db`, so that the row readers
@@ -140,8 +141,6 @@ macro_rules! shared_store_impl {
             changed
         }
 
-        /// The seq and hash at the head of the chain (0 and the genesis hash when empty). The
-        /// caller holds the append lock.
         /// Take the ledger's append lock for this transaction (nothing to take where `$lock`
         /// is empty: SQLite's one writer connection is the lock, and an empty statement would
         /// still cost a round trip to the connection's thread).
@@ -152,6 +151,8 @@ macro_rules! shared_store_impl {
             Ok(())
         }
 
+        /// The seq and hash at the head of the chain (0 and the genesis hash when empty). The
+        /// caller holds the append lock.
         async fn chain_head(tx: &mut Tx<'_>) -> StoreResult<(i64, String)> {
             let head = sqlx::query("SELECT seq, hash FROM ledger ORDER BY seq DESC LIMIT 1")
                 .fetch_optional(&mut **tx)
@@ -1200,7 +1201,10 @@ macro_rules! shared_store_impl {
                 if address_hashes.is_empty() {
                     return Ok(Vec::new());
                 }
-                let mut out = self.suppressions_read(address_hashes).await?;
+                let mut out = Vec::with_capacity(address_hashes.len());
+                for chunk in address_hashes.chunks(IN_CHUNK) {
+                    out.extend(self.suppressions_read(chunk).await?);
+                }
                 out.sort_by(|a, b| (a.at, &a.address_hash).cmp(&(b.at, &b.address_hash)));
                 Ok(out)
             }

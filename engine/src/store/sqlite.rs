@@ -128,23 +128,16 @@ impl SqliteStore {
 #[derive(Debug)]
 struct DirectReads {
     path: PathBuf,
-    contact_with_consent: String,
-    events_of_contact: String,
     idle: Mutex<Vec<Connection>>,
 }
 
 /// Idle connections kept; more are closed after use (a burst of blocking threads reading).
 const DIRECT_READERS_KEPT: usize = 16;
 
-/// Address hashes per statement (an address has a few; an import may ask for more).
-const HASHES_PER_READ: usize = 500;
-
 impl DirectReads {
     fn new(path: &str) -> Self {
         Self {
             path: PathBuf::from(path),
-            contact_with_consent: super::rows::contact_with_consent_sql(),
-            events_of_contact: super::rows::events_of_contact_sql(),
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -186,7 +179,7 @@ impl DirectReads {
         list_id: &str,
     ) -> super::StoreResult<Option<(super::Contact, Option<crate::consent::Consent>)>> {
         self.with(|conn| {
-            let mut stmt = conn.prepare_cached(&self.contact_with_consent)?;
+            let mut stmt = conn.prepare_cached(&super::rows::CONTACT_WITH_CONSENT_SQL)?;
             stmt.query_row(
                 rusqlite::named_params! { "$1": contact_id, "$2": list_id },
                 |row| Ok(super::rows::contact_with_consent_from(row)),
@@ -201,7 +194,7 @@ impl DirectReads {
         contact_id: &str,
     ) -> super::StoreResult<Vec<crate::ledger::LedgerEvent>> {
         self.with(|conn| {
-            let mut stmt = conn.prepare_cached(&self.events_of_contact)?;
+            let mut stmt = conn.prepare_cached(&super::rows::EVENTS_OF_CONTACT_SQL)?;
             let mut rows = stmt.query(rusqlite::named_params! { "$1": contact_id })?;
             let mut out = Vec::new();
             while let Some(row) = rows.next()? {
@@ -213,15 +206,12 @@ impl DirectReads {
 
     fn suppressions_of(&self, hashes: &[String]) -> super::StoreResult<Vec<super::Suppressed>> {
         self.with(|conn| {
+            // `$1` .. `$n` in order of appearance: positional binding is safe here.
+            let mut stmt = conn.prepare_cached(&super::rows::suppressions_of_sql(hashes.len()))?;
+            let mut rows = stmt.query(rusqlite::params_from_iter(hashes))?;
             let mut out = Vec::with_capacity(hashes.len());
-            for chunk in hashes.chunks(HASHES_PER_READ) {
-                // `$1` .. `$n` in order of appearance: positional binding is safe here.
-                let mut stmt =
-                    conn.prepare_cached(&super::rows::suppressions_of_sql(chunk.len()))?;
-                let mut rows = stmt.query(rusqlite::params_from_iter(chunk))?;
-                while let Some(row) = rows.next()? {
-                    out.push(super::rows::suppressed_from(row)?);
-                }
+            while let Some(row) = rows.next()? {
+                out.push(super::rows::suppressed_from(row)?);
             }
             Ok(out)
         })
