@@ -106,6 +106,7 @@ mod shared {
         PostgresStore,
         sqlx::Postgres,
         sqlx::postgres::PgRow,
+        begin = "BEGIN",
         lock = "SELECT pg_advisory_xact_lock(7262001)",
         for_update = "FOR UPDATE",
         skip_locked = "FOR UPDATE SKIP LOCKED"

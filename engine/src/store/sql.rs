@@ -20,6 +20,10 @@
 ///
 /// - `$row`: the backend's row type (named, not projected from `$db`, so that the row readers
 ///   of [`super::rows`] can be implemented for it beside rusqlite's).
+/// - `begin`: how a ledger-appending transaction begins (`BEGIN IMMEDIATE` on SQLite: another
+///   process on the file, a CLI command beside the daemon, would otherwise make the read of
+///   the chain's head and then fail to upgrade to a writer with `SQLITE_BUSY` at once
+///   instead of waiting its turn).
 /// - `lock`: SQL run first in every ledger-appending transaction to serialise appends (empty:
 ///   none needed).
 /// - `for_update`: suffix that locks a selected row for the transaction (`FOR UPDATE` on
@@ -27,7 +31,7 @@
 /// - `skip_locked`: suffix for the outbox claim sub-select (`FOR UPDATE SKIP LOCKED` on
 ///   PostgreSQL so several instances never claim the same row).
 macro_rules! shared_store_impl {
-    ($store:ty, $db:ty, $row:ty, lock = $lock:literal, for_update = $for_update:literal, skip_locked = $skip:literal) => {
+    ($store:ty, $db:ty, $row:ty, begin = $begin:literal, lock = $lock:literal, for_update = $for_update:literal, skip_locked = $skip:literal) => {
         use std::collections::BTreeMap;
 
         use async_trait::async_trait;
@@ -149,6 +153,14 @@ macro_rules! shared_store_impl {
                 sqlx::query($lock).execute(&mut **tx).await?;
             }
             Ok(())
+        }
+
+        /// Begin a transaction that appends to the ledger, holding the append lock from its
+        /// first statement.
+        async fn begin_append(pool: &sqlx::Pool<$db>) -> StoreResult<Tx<'static>> {
+            let mut tx = pool.begin_with($begin).await?;
+            append_lock(&mut tx).await?;
+            Ok(tx)
         }
 
         /// The seq and hash at the head of the chain (0 and the genesis hash when empty). The
@@ -604,8 +616,7 @@ macro_rules! shared_store_impl {
                 if commits.is_empty() {
                     return Ok(Vec::new());
                 }
-                let mut tx = self.pool.begin().await?;
-                append_lock(&mut tx).await?;
+                let mut tx = begin_append(&self.pool).await?;
                 // Current last_seq of every pair in the batch.
                 let mut ids: Vec<String> = commits.iter().map(|b| b.commit.contact_id.clone()).collect();
                 ids.sort();
@@ -744,8 +755,7 @@ macro_rules! shared_store_impl {
                 if events.is_empty() {
                     return Ok(Vec::new());
                 }
-                let mut tx = self.pool.begin().await?;
-                append_lock(&mut tx).await?;
+                let mut tx = begin_append(&self.pool).await?;
                 let sealed = seal_and_insert(&mut tx, events).await?;
                 tx.commit().await?;
                 Ok(sealed)
@@ -1217,8 +1227,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn append_with_outbox(&self, event: &NewEvent, outbox: &[crate::store::NewOutbox]) -> StoreResult<LedgerEvent> {
-                let mut tx = self.pool.begin().await?;
-                append_lock(&mut tx).await?;
+                let mut tx = begin_append(&self.pool).await?;
                 let sealed = seal_and_insert(&mut tx, std::slice::from_ref(event)).await?;
                 let ev = sealed.into_iter().next().ok_or_else(|| StoreError::Corrupt { table: "ledger", detail: "an appended event was not returned".into() })?;
                 let rows: Vec<(&crate::store::NewOutbox, &LedgerEvent)> = outbox.iter().map(|o| (o, &ev)).collect();
@@ -1228,8 +1237,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn lift_suppressions(&self, address_hashes: &[String], events: &[NewEvent]) -> StoreResult<u64> {
-                let mut tx = self.pool.begin().await?;
-                append_lock(&mut tx).await?;
+                let mut tx = begin_append(&self.pool).await?;
                 let mut lifted = 0;
                 for h in address_hashes {
                     lifted += sqlx::query("DELETE FROM suppressions WHERE address_hash = $1")

@@ -230,6 +230,7 @@ mod shared {
         SqliteStore,
         sqlx::Sqlite,
         sqlx::sqlite::SqliteRow,
+        begin = "BEGIN IMMEDIATE",
         lock = "",
         for_update = "",
         skip_locked = ""
