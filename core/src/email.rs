@@ -60,8 +60,14 @@ fn canonical(raw: &str) -> Result<Canonical, AddressError> {
     if s.chars().count() > 254 {
         return Err(AddressError::TooLong);
     }
-    // NFC after lower-casing: lower-casing can leave combining marks uncomposed.
-    let lower: String = s.to_lowercase().nfc().collect();
+    // NFC after lower-casing: lower-casing can leave combining marks uncomposed. ASCII is
+    // NFC already, and most addresses are ASCII (the composition was ~5 % of a bulk sync's
+    // planning time).
+    let lower: String = if s.is_ascii() {
+        s.to_ascii_lowercase()
+    } else {
+        s.to_lowercase().nfc().collect()
+    };
     if lower.chars().count() > 254 {
         return Err(AddressError::TooLong);
     }

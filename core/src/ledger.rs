@@ -196,8 +196,15 @@ pub struct NewEvent {
 impl NewEvent {
     /// Seal the event at position `seq` after `prev_hash`.
     pub fn seal(&self, seq: i64, prev_hash: &str) -> LedgerEvent {
-        let mut ev = LedgerEvent {
-            seq,
+        self.unsealed().seal(seq, prev_hash)
+    }
+
+    /// Everything of the stored event but its place in the chain: the text fields, the
+    /// evidence JSON and its digest. Computed ahead, sealing is one digest more; a store
+    /// with one writer seals a batch while it holds the chain's head.
+    pub fn unsealed(&self) -> Unsealed {
+        let evidence = self.evidence.to_json();
+        Unsealed {
             event_id: self.event_id.clone(),
             at: format_time(self.at),
             contact_id: self.contact_id.clone(),
@@ -206,12 +213,46 @@ impl NewEvent {
             from_state: self.from_state.as_str().to_owned(),
             to_state: self.to_state.as_str().to_owned(),
             source: self.source.as_str().to_owned(),
-            evidence: self.evidence.to_json(),
-            evidence_sha256: None,
+            evidence_sha256: sha256_hex(&evidence),
+            evidence,
+        }
+    }
+}
+
+/// A [`NewEvent`] in its stored form but for `seq`, `prev_hash` and `hash`
+/// ([`NewEvent::unsealed`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsealed {
+    event_id: String,
+    at: String,
+    contact_id: String,
+    list_id: String,
+    kind: String,
+    from_state: String,
+    to_state: String,
+    source: String,
+    evidence: String,
+    evidence_sha256: String,
+}
+
+impl Unsealed {
+    /// Seal the event at position `seq` after `prev_hash`.
+    pub fn seal(&self, seq: i64, prev_hash: &str) -> LedgerEvent {
+        let mut ev = LedgerEvent {
+            seq,
+            event_id: self.event_id.clone(),
+            at: self.at.clone(),
+            contact_id: self.contact_id.clone(),
+            list_id: self.list_id.clone(),
+            kind: self.kind.clone(),
+            from_state: self.from_state.clone(),
+            to_state: self.to_state.clone(),
+            source: self.source.clone(),
+            evidence: self.evidence.clone(),
+            evidence_sha256: Some(self.evidence_sha256.clone()),
             prev_hash: prev_hash.to_owned(),
             hash: String::new(),
         };
-        ev.evidence_sha256 = Some(sha256_hex(&ev.evidence));
         ev.hash = ev.compute_hash();
         ev
     }

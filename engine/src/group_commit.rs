@@ -26,7 +26,9 @@ type Done = oneshot::Sender<StoreResult<()>>;
 /// snapshot, or the end of claimed outbox rows; each with where its answer goes.
 #[derive(Debug)]
 enum Job {
-    Commit(Box<Commit>, Reply),
+    /// Built by the caller ([`BatchCommit::new`] computes the event's stored form there, not
+    /// on the writer's thread).
+    Commit(Box<BatchCommit>, Reply),
     /// `None`: nobody waits (a detached append); the writer logs its failure itself.
     Append(Box<NewEvent>, Option<Reply>),
     Snapshots(Vec<Snapshot>, Done),
@@ -66,7 +68,10 @@ impl GroupCommit {
     /// Commit through the writer. `Err(Conflict)` if the consent changed since it was read.
     pub async fn commit(&self, store: &dyn Store, commit: Commit) -> StoreResult<LedgerEvent> {
         let (reply, answer) = oneshot::channel();
-        match self.tx.send(Job::Commit(Box::new(commit), reply)) {
+        match self.tx.send(Job::Commit(
+            Box::new(BatchCommit::new(commit, false)),
+            reply,
+        )) {
             Ok(()) => answered(answer).await,
             Err(mpsc::error::SendError(job)) => one(store, job).await,
         }
@@ -134,7 +139,7 @@ async fn answered<T>(answer: oneshot::Receiver<StoreResult<T>>) -> StoreResult<T
 /// A job the writer could not take, done directly.
 async fn one(store: &dyn Store, job: Job) -> StoreResult<LedgerEvent> {
     match job {
-        Job::Commit(c, _) => store.commit(&c).await,
+        Job::Commit(c, _) => store.commit(&c.commit).await,
         Job::Append(e, _) => store.append_event(&e).await,
         Job::Snapshots(..) | Job::Finish(..) | Job::Flush(..) => Err(StoreError::Corrupt {
             table: "ledger",
@@ -186,10 +191,7 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
         for job in jobs {
             match job {
                 Job::Commit(c, reply) => {
-                    commits.push(BatchCommit {
-                        commit: *c,
-                        follows: false,
-                    });
+                    commits.push(*c);
                     commit_replies.push(reply);
                 }
                 Job::Append(e, reply) => {

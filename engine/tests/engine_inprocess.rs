@@ -1,6 +1,7 @@
 //! The engine driven in-process ([`support::Harness`]: SQLite in a temporary directory, fake
 //! connectors, rules from source): commit conflicts and their retries, batch re-planning,
-//! what one rules pass sees, superseded CRM write-backs, a CRM pull that fails midway,
+//! what one rules pass sees, superseded CRM write-backs, a CRM pull that fails midway, pipelined
+//! pulls against page-after-page ingestion,
 //! confirmation run by the campaigns tool, and erased addresses that come back. Known bugs
 //! stand at the end as ignored tests.
 
@@ -481,6 +482,145 @@ async fn a_crm_pull_that_fails_midway_keeps_what_it_committed_and_resumes_after_
         let c = h.contact(email).await;
         assert_eq!(h.state(&c, "news").await, ConsentState::Pending);
     }
+}
+
+/// A CRM feed of `pages` pages of 100 records, in which addresses cross every page boundary
+/// with a state change on both sides (when `crossing`): `x{p}` is asserted on page `p` and
+/// opted out on page `p + 1`, `y{p}` the other way round; the rest are addresses of their own.
+fn crossing_feed(pages: usize, crossing: bool) -> Vec<Vec<optinsync_plugin_api::CrmRecord>> {
+    let opted_out = |id: String, email: String| {
+        let mut r = crm_record(&id, &email, &["news"]);
+        r.opted_out = true;
+        r
+    };
+    (0..pages)
+        .map(|p| {
+            let mut page = Vec::new();
+            if crossing {
+                page.push(crm_record(
+                    &format!("x{p}"),
+                    &format!("x{p}@example.org"),
+                    &["news"],
+                ));
+                page.push(opted_out(format!("y{p}"), format!("y{p}@example.org")));
+                if p > 0 {
+                    page.push(opted_out(
+                        format!("x{}b", p - 1),
+                        format!("x{}@example.org", p - 1),
+                    ));
+                    page.push(crm_record(
+                        &format!("y{}b", p - 1),
+                        &format!("y{}@example.org", p - 1),
+                        &["news"],
+                    ));
+                }
+            }
+            while page.len() < 100 {
+                let n = page.len();
+                page.push(crm_record(
+                    &format!("f{p}-{n}"),
+                    &format!("f{p}.{n}@example.org"),
+                    &["news"],
+                ));
+            }
+            page
+        })
+        .collect()
+}
+
+/// Every address of the feed with its state on `news` and the first and last of its events
+/// there. (What lies between depends on the batches: within one, the CRM's inputs are applied
+/// before the rules run, so an address asserted and opted out in one batch is never asked to
+/// confirm; page after page, it is.)
+async fn outcome(
+    h: &Harness,
+    feed: &[Vec<optinsync_plugin_api::CrmRecord>],
+) -> Vec<(String, ConsentState, Option<String>, Option<String>)> {
+    let mut emails: Vec<String> = feed
+        .iter()
+        .flatten()
+        .filter_map(|r| r.email.clone())
+        .collect();
+    emails.sort();
+    emails.dedup();
+    let mut out = Vec::new();
+    for email in emails {
+        let c = h.contact(&email).await;
+        let kinds = h.event_kinds(&c, "news").await;
+        let (first, last) = (kinds.first().cloned(), kinds.last().cloned());
+        out.push((email, h.state(&c, "news").await, first, last));
+    }
+    out
+}
+
+/// `feed` pulled by one harness (pages of 100 records), and ingested page after page by another.
+async fn pulled_and_page_after_page(
+    feed: &[Vec<optinsync_plugin_api::CrmRecord>],
+) -> (Harness, optinsync_engine::engine::PullStats, Harness) {
+    let pulled = Harness::new(&format!("[sync]\npage_size = 100\n{NEWS}"), SEND_DOI).await;
+    for r in feed.iter().flatten() {
+        pulled.crm.push(r.clone());
+    }
+    let stats = pulled.engine.pull_crm(|_| {}).await.unwrap();
+    let one_by_one = Harness::new(NEWS, SEND_DOI).await;
+    for page in feed {
+        one_by_one.engine.ingest_records(page).await.unwrap();
+    }
+    (pulled, stats, one_by_one)
+}
+
+/// A pull plans each batch while the batch before it commits. Where an address recurs across
+/// the two, the plan made meanwhile read state the commit changes: it must be made again, so
+/// that every contact ends as if the records had been applied one page after another.
+/// Addresses cross every page boundary here (asserted then opted out, and the other way round),
+/// so whatever the batch boundaries are, each pipelined plan depends on the batch before it.
+#[tokio::test]
+async fn a_pipelined_crm_pull_applies_records_in_their_order_across_batches() {
+    let feed = crossing_feed(45, true);
+    let (pulled, stats, one_by_one) = pulled_and_page_after_page(&feed).await;
+    assert_eq!((stats.pages, stats.records), (45, 4500));
+
+    let got = outcome(&pulled, &feed).await;
+    let want = outcome(&one_by_one, &feed).await;
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g, w, "as if applied page after page");
+    }
+    // The oracle itself: a crossing address ends as its last record says.
+    let x0 = got.iter().find(|(e, ..)| e == "x0@example.org").unwrap();
+    assert_eq!(x0.1, ConsentState::Withdrawn, "{x0:?}");
+    assert_eq!(x0.2.as_deref(), Some("asserted"), "{x0:?}");
+    assert_eq!(x0.3.as_deref(), Some("withdrawn"), "{x0:?}");
+    let y0 = got.iter().find(|(e, ..)| e == "y0@example.org").unwrap();
+    assert_ne!(
+        y0.1,
+        ConsentState::Pending,
+        "an opted-out address is not asked again: {y0:?}"
+    );
+    let chain = pulled.engine.verify_ledger().await.unwrap();
+    assert!(chain.verified, "{chain:?}");
+}
+
+/// Batches of distinct addresses: each plan made while the batch before commits stands; the
+/// pull comes to what applying page after page comes to.
+#[tokio::test]
+async fn a_pipelined_crm_pull_of_distinct_addresses_equals_page_after_page() {
+    let feed = crossing_feed(45, false);
+    let (pulled, stats, one_by_one) = pulled_and_page_after_page(&feed).await;
+    assert_eq!(
+        (stats.records, stats.changes, stats.rule_changes),
+        (4500, 4500, 4500),
+        "each address asserted, and asked to confirm"
+    );
+    assert_eq!(
+        pulled.store().cursor("crm").await.unwrap().as_deref(),
+        Some("4500"),
+        "the cursor stands after the last batch"
+    );
+    assert_eq!(
+        outcome(&pulled, &feed).await,
+        outcome(&one_by_one, &feed).await
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

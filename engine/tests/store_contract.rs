@@ -2273,27 +2273,12 @@ async fn check_commit_batch(db: TestDb) {
         reason: "withdrawn".into(),
     });
     let batch = vec![
-        BatchCommit {
-            commit: a1,
-            follows: false,
-        },
+        BatchCommit::new(a1, false),
         // Follows a1: its expected_seq (999) is not checked.
-        BatchCommit {
-            commit: a2,
-            follows: true,
-        },
-        BatchCommit {
-            commit: stale,
-            follows: false,
-        },
-        BatchCommit {
-            commit: stale_next,
-            follows: true,
-        },
-        BatchCommit {
-            commit: other,
-            follows: false,
-        },
+        BatchCommit::new(a2, true),
+        BatchCommit::new(stale, false),
+        BatchCommit::new(stale_next, true),
+        BatchCommit::new(other, false),
     ];
     let out = s.commit_batch(&batch).await.expect("commit_batch");
     assert_eq!(out.len(), 5, "one result per commit");

@@ -230,6 +230,26 @@ pub struct BatchCommit {
     /// Built on the outcome of the previous commit of the same (contact, list) in this batch,
     /// so its `expected_seq` is not checked: it is written if, and only if, that one is.
     pub follows: bool,
+    /// `commit.event` but for its place in the chain, computed by [`BatchCommit::new`]: by
+    /// the planner or the request that made it, not by the store's one writer (measured: the
+    /// evidence JSON and its digest were ~0.6 s of a 100k-contact sync's ~3 s of commits).
+    unsealed: crate::ledger::Unsealed,
+}
+
+impl BatchCommit {
+    pub fn new(commit: Commit, follows: bool) -> Self {
+        let unsealed = commit.event.unsealed();
+        Self {
+            commit,
+            follows,
+            unsealed,
+        }
+    }
+
+    /// The commit's event, to be sealed at the chain's head.
+    pub fn unsealed(&self) -> &crate::ledger::Unsealed {
+        &self.unsealed
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -646,7 +646,7 @@ macro_rules! shared_store_impl {
                     }
                     skipped.remove(&key);
                     seq += 1;
-                    let ev = c.event.seal(seq, &prev);
+                    let ev = b.unsealed().seal(seq, &prev);
                     prev = ev.hash.clone();
                     last.insert(key.clone(), Some(seq));
                     finals.insert(key, (i, seq));
@@ -737,7 +737,7 @@ macro_rules! shared_store_impl {
 
             async fn commit(&self, c: &Commit) -> StoreResult<LedgerEvent> {
                 // One commit is a batch of one: the same checks and the same SQL.
-                let batch = [crate::store::BatchCommit { commit: c.clone(), follows: false }];
+                let batch = [crate::store::BatchCommit::new(c.clone(), false)];
                 match self.commit_batch(&batch).await?.pop().flatten() {
                     Some(ev) => Ok(ev),
                     None => Err(StoreError::Conflict { contact_id: c.contact_id.clone(), list_id: c.list_id.clone() }),

@@ -189,6 +189,12 @@ impl Pacer {
         Ok(pacer)
     }
 
+    /// Whether a list has a sending plan: then what is left of its budgets depends on what
+    /// earlier batches committed (a pause alone does not).
+    pub(crate) fn has_budgets(&self) -> bool {
+        self.lists.values().any(|g| !g.kinds.is_empty())
+    }
+
     /// May the rules start a `kind` mail to `address` on `list` now?
     pub(crate) fn check(&self, list: &str, kind: MailKind, address: &str) -> Gate {
         let Some(gate) = self.lists.get(list) else {
