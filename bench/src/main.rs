@@ -16,6 +16,7 @@ mod baseline;
 mod decide;
 mod delivery;
 mod exec;
+mod floor;
 mod load;
 mod reads;
 mod setup;
@@ -110,6 +111,14 @@ const ROWS: &[(&str, u8, &str, &str, Option<Check>)] = &[
         ">= 50,000/s",
         Some(|v| v >= 50_000.0),
     ),
+    (
+        "floor",
+        1,
+        "1 the same rows written by SQLite alone (contacts/s)",
+        "ceiling",
+        None,
+    ),
+    ("floor_share", 1, "1 sync / that ceiling", "printed", None),
     (
         "baseline",
         2,
@@ -476,6 +485,14 @@ async fn size(
             run.wall.as_secs_f64(),
             run.stdout.trim()
         ));
+        if want(1) {
+            progress(n, "row 1's ceiling: the same rows copied by SQLite alone");
+            let store = setup.dir.join("var/optinsync.db");
+            let took = floor::run(&store, dir, n)?;
+            let ceiling = n as f64 / took.as_secs_f64();
+            cells.insert("floor", Ok(ceiling));
+            cells.insert("floor_share", Ok(rate / ceiling));
+        }
         sqlite = Some(setup);
     }
     if let (Some(sync), Some(Ok(base))) =
@@ -894,12 +911,13 @@ fn format_cell(key: &str, cell: Option<&Cell>) -> String {
         None => "not run".into(),
         Some(Err(reason)) => reason.clone(),
         Some(Ok(v)) => match key {
-            "sync" | "baseline" | "fetch" | "pg" | "decide" | "post" | "get" | "exec_pipe"
-            | "exec_pull" | "csv_pull" | "mail_rate" | "mail_ceiling" | "reads_store"
-            | "reads_sqlx" => {
+            "sync" | "floor" | "baseline" | "fetch" | "pg" | "decide" | "post" | "get"
+            | "exec_pipe" | "exec_pull" | "csv_pull" | "mail_rate" | "mail_ceiling"
+            | "reads_store" | "reads_sqlx" => {
                 format!("{}/s", thousands(*v))
             }
-            "sync_ratio" | "pg_ratio" | "exec_ratio" | "mail_ratio" | "push_share" => {
+            "sync_ratio" | "floor_share" | "pg_ratio" | "exec_ratio" | "mail_ratio"
+            | "push_share" => {
                 format!("{v:.2}")
             }
             "push_locks" => format!("{v:.0}"),
@@ -1080,6 +1098,8 @@ mod tests {
         assert_eq!(thousands(1_234_567.4), "1,234,567");
         assert_eq!(thousands(999.0), "999");
         assert_eq!(format_cell("sync", Some(&Ok(51_234.0))), "51,234/s");
+        assert_eq!(format_cell("floor", Some(&Ok(70_184.8))), "70,185/s");
+        assert_eq!(format_cell("floor_share", Some(&Ok(0.2376))), "0.24");
         assert_eq!(format_cell("post_p99", Some(&Ok(12.34))), "12.3 ms");
         assert_eq!(format_cell("exec_pipe", Some(&Ok(410_686.4))), "410,686/s");
         assert_eq!(format_cell("exec_ratio", Some(&Ok(29.83))), "29.83");
