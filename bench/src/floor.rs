@@ -21,9 +21,7 @@ const BATCH: u64 = 2_000;
 /// The time SQLite took to write row 1's rows again (see the module docs).
 pub fn run(store: &Path, dir: &Path, contacts: u64) -> anyhow::Result<Duration> {
     let floor = dir.join("floor.db");
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", floor.display()));
-    }
+    remove_database(&floor);
     let mut conn = Connection::open(&floor).context("creating the ceiling's database")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
@@ -83,8 +81,13 @@ pub fn run(store: &Path, dir: &Path, contacts: u64) -> anyhow::Result<Duration> 
         "the ceiling copied {copied} contacts, expected {contacts}"
     );
     drop(conn);
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", floor.display()));
-    }
+    remove_database(&floor);
     Ok(took)
+}
+
+/// Remove a SQLite file and its WAL and shared-memory files, whichever exist.
+fn remove_database(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
 }

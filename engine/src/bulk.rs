@@ -88,24 +88,21 @@ struct Plan<'e> {
     misses: Vec<(usize, Miss)>,
     /// The lists' sending plans and pauses: which mails the rules may start now.
     pacer: crate::waves::Pacer,
-    /// Whose state the plan read.
+    /// The address hashes of the planned contacts: whose state the plan read. (A contact is
+    /// one address, so no hash in common means no contact in common.)
     reads: Reads,
 }
 
-/// The contacts a plan read, and their address hashes: what another batch's commit must not
-/// touch for the plan to stay valid.
+/// See [`Plan::reads`].
 #[derive(Default)]
-struct Reads {
-    ids: HashSet<String>,
-    hashes: HashSet<String>,
-}
+struct Reads(HashSet<String>);
 
 impl Reads {
     /// Whether committing the plan that read `other` leaves these reads as they were: no
-    /// contact and no address hash (a suppression it may add) in common. Two batches of one
+    /// address hash (a contact, or a suppression it may add) in common. Two batches of one
     /// pull are independent unless an address recurs in both.
     fn independent_of(&self, other: &Reads) -> bool {
-        self.ids.is_disjoint(&other.ids) && self.hashes.is_disjoint(&other.hashes)
+        self.0.is_disjoint(&other.0)
     }
 }
 
@@ -172,10 +169,7 @@ impl<'e> Plan<'e> {
             commits: Vec::new(),
             owners: Vec::new(),
             misses: Vec::new(),
-            reads: Reads {
-                ids: ids.into_iter().collect(),
-                hashes: hashes.into_iter().collect(),
-            },
+            reads: Reads(hashes.into_iter().collect()),
         })
     }
 
@@ -326,9 +320,11 @@ impl<'e> Plan<'e> {
     /// meanwhile) are reported for a re-plan. Every commit written is counted now, also one of
     /// a contact planned again: the re-plan sees it done and will not count it; refusals and
     /// rule errors of such a contact wait for the re-plan, which decides them afresh.
-    async fn commit(self) -> EngineResult<Written> {
+    async fn commit(self, timings: &mut Timings) -> EngineResult<Written> {
+        let t0 = std::time::Instant::now();
         let (tally, commits) = self.into_commits();
         let written = seqs(tally.engine.store.commit_batch(&commits).await?);
+        timings.commit += t0.elapsed();
         Ok(tally.written(&commits, &written))
     }
 
@@ -441,6 +437,9 @@ impl Prepared {
     }
 }
 
+/// What a committed batch came to, and where the pull resumes after it.
+type Committed = (IngestStats, Option<Cursor>);
+
 /// A batch of a CRM pull: stored, its first round planned, not yet committed.
 struct Batch<'e> {
     prepared: Prepared,
@@ -457,7 +456,7 @@ impl Engine {
     /// handful of queries and one transaction for the consent changes.
     pub async fn ingest_records(&self, records: &[CrmRecord]) -> EngineResult<IngestStats> {
         let batch = self.plan_batch(self.prepare(records).await?, None).await?;
-        self.commit_batch(batch).await
+        Ok(self.commit_batch(batch).await?.0)
     }
 
     /// Check and store the records' contacts (normalised addresses, erased ones left out),
@@ -570,22 +569,20 @@ impl Engine {
         })
     }
 
-    /// Commit a planned batch, then plan again and commit what changed concurrently.
-    async fn commit_batch(&self, batch: Batch<'_>) -> EngineResult<IngestStats> {
+    /// Commit a planned batch, then plan again and commit what changed concurrently; what it
+    /// came to, and its cursor.
+    async fn commit_batch(&self, batch: Batch<'_>) -> EngineResult<Committed> {
         let Batch {
-            prepared,
+            mut prepared,
             plan,
             pacer,
-            ..
+            cursor,
         } = batch;
         let Some(plan) = plan else {
-            return Ok(prepared.stats);
+            return Ok((prepared.stats, cursor));
         };
-        let t0 = std::time::Instant::now();
-        let written = plan.commit().await?;
-        let mut prepared = prepared;
-        prepared.stats.timings.commit += t0.elapsed();
-        self.settle(prepared, pacer, written).await
+        let written = plan.commit(&mut prepared.stats.timings).await?;
+        Ok((self.settle(prepared, pacer, written).await?, cursor))
     }
 
     /// Commit `before` on a task of its own while `next` is planned here ([`Engine::pull_crm`]);
@@ -595,7 +592,7 @@ impl Engine {
         before: Batch<'e>,
         next: Prepared,
         cursor: Option<Cursor>,
-    ) -> EngineResult<(Batch<'e>, (IngestStats, Option<Cursor>))> {
+    ) -> EngineResult<(Batch<'e>, Committed)> {
         let Batch {
             mut prepared,
             plan,
@@ -610,11 +607,11 @@ impl Engine {
                     prepared,
                     plan,
                     pacer,
-                    cursor: None,
+                    cursor: before_cursor,
                 };
                 let done = self.commit_batch(before).await?;
                 let next = self.plan_batch(next, cursor).await?;
-                return Ok((next, (done, before_cursor)));
+                return Ok((next, done));
             }
         };
         let before_reads = std::mem::take(&mut plan.reads);
@@ -648,7 +645,7 @@ impl Engine {
     /// Count a committed batch of a pull and move the stored cursor past it.
     async fn pulled(
         &self,
-        (done, cursor): (IngestStats, Option<Cursor>),
+        (done, cursor): Committed,
         stats: &mut PullStats,
         timings: &mut Timings,
         progress: &mut impl FnMut(&PullStats),
@@ -794,9 +791,7 @@ impl Engine {
         let plan = self
             .plan_round(contacts, crm_inputs, &all, timings, pacer)
             .await?;
-        let t0 = std::time::Instant::now();
-        let written = plan.commit().await?;
-        timings.commit += t0.elapsed();
+        let written = plan.commit(timings).await?;
         self.after_commit(contacts, crm_inputs, all, written, timings, pacer)
             .await
     }
@@ -881,9 +876,7 @@ impl Engine {
             let plan = self
                 .plan_round(contacts, crm_inputs, &todo, timings, pacer)
                 .await?;
-            let t0 = std::time::Instant::now();
-            written = plan.commit().await?;
-            timings.commit += t0.elapsed();
+            written = plan.commit(timings).await?;
         }
         let first = todo
             .first()
@@ -917,7 +910,7 @@ impl Engine {
     ///
     /// Batches are pipelined: while one batch commits (on another thread), the next is
     /// stored and planned. A plan made meanwhile stands only if the committing batch shares
-    /// no contact and no address hash with it ([`Reads::independent_of`]); otherwise it is
+    /// no address hash with it ([`Reads::independent_of`]); otherwise it is
     /// planned again once the commit is done, so records still apply in their order. (A
     /// commit planned on stale state would be left out anyway, by its consent's expected
     /// `last_seq`; the check covers decisions that write nothing on the state before the
@@ -1000,7 +993,9 @@ impl Engine {
                     cursor = page.next_cursor;
                 }
             }
-            // Stored now: the writer is free until the batch before is committed below.
+            // Planned and committed as a whole, the rules included: a contact the CRM just
+            // asserted gets its DOI mail queued in this same transaction. Stored now: the
+            // writer is free until the batch before is committed below.
             let prepared = self.prepare(&records).await?;
             let next = match planned.take() {
                 None => self.plan_batch(prepared, cursor).await?,
@@ -1012,10 +1007,7 @@ impl Engine {
                 }
             };
             if let Some(e) = failure {
-                // Planned and committed as a whole, the rules included: a contact the CRM
-                // just asserted gets its DOI mail queued in this same transaction.
-                let cursor = next.cursor.clone();
-                let done = (self.commit_batch(next).await?, cursor);
+                let done = self.commit_batch(next).await?;
                 self.pulled(done, &mut stats, &mut timings, &mut progress)
                     .await?;
                 return Err(e);
@@ -1023,8 +1015,7 @@ impl Engine {
             planned = Some(next);
         }
         if let Some(last) = planned {
-            let cursor = last.cursor.clone();
-            let done = (self.commit_batch(last).await?, cursor);
+            let done = self.commit_batch(last).await?;
             self.pulled(done, &mut stats, &mut timings, &mut progress)
                 .await?;
         }
