@@ -122,8 +122,15 @@ async fn store_gauges(engine: &Engine) -> Result<(), optinsync_engine::store::St
 
 /// Recompute the whole chain; a failure sets `optinsync_ledger_verify_ok` to 0 and says where.
 async fn verify_ledger(engine: &Engine) {
+    let started = Instant::now();
     let ok = match engine.reads().verify_ledger().await {
         Ok(summary) => {
+            // At INFO: it runs every few hours, and how long it takes grows with the ledger.
+            tracing::info!(
+                events = summary.events_checked,
+                took_ms = started.elapsed().as_millis() as u64,
+                "metrics: ledger verified"
+            );
             metrics::gauge!("optinsync_ledger_verified_events").set(summary.events_checked as f64);
             1.0
         }
@@ -149,6 +156,7 @@ async fn drift(engine: &Engine, worker: &str, interval: Duration) {
             return;
         }
     }
+    let started = Instant::now();
     for list in engine.lists() {
         let id = list.id.clone();
         match list_drift(engine, list).await {
@@ -177,6 +185,11 @@ async fn drift(engine: &Engine, worker: &str, interval: Duration) {
             }
         }
     }
+    tracing::info!(
+        lists = engine.lists().len(),
+        took_ms = started.elapsed().as_millis() as u64,
+        "metrics: drift checked"
+    );
 }
 
 /// The list's drift ([`Engine::drift`]) and how many of those on the list without consent

@@ -152,8 +152,9 @@ const ROWS: &[(&str, u8, &str, &str, Option<Check>)] = &[
         "rss",
         4,
         "4 peak RSS of the daemon in row 1 (MiB)",
-        "<= 256 MB",
-        Some(|v| v <= 256.0),
+        "<= 256 MB (244 MiB)",
+        // The target is in MB (10^6 bytes); the figure is in MiB.
+        Some(|v| v <= 256.0 * 1e6 / 1_048_576.0),
     ),
     (
         "decide",
@@ -618,6 +619,16 @@ async fn size(
         // The start-up rules pass over every contact ends with this line (one `sync pass`
         // before the jobs split); measuring during it would measure it.
         daemon.wait_for_log(&["sync pass:", "job scheduler:"], Duration::from_secs(3600))?;
+        // So do the start-up gauges: a full verification of the ledger and the drift of
+        // every list (then every few hours and every hour by default).
+        daemon.wait_for_log(
+            &["metrics: ledger verified", "ledger verification failed"],
+            Duration::from_secs(3600),
+        )?;
+        daemon.wait_for_log(
+            &["metrics: drift checked", "cannot take the drift lease"],
+            Duration::from_secs(3600),
+        )?;
         let start = Instant::now();
         while fake.channels().is_empty() {
             if start.elapsed() > Duration::from_secs(30) {
