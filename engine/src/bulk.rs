@@ -18,7 +18,7 @@ use crate::consent::{self, Consent, ConsentState, Input};
 use crate::email;
 use crate::engine::{DecideStats, Engine, EngineError, EngineResult, PullStats};
 use crate::ledger::{EventSource, Evidence, LedgerEvent};
-use crate::plan::{commit_for, log_refusal, transition_for};
+use crate::plan::{commit_for, count_refusal, transition_for, warn_refusal};
 use crate::rules::{Action, RuleSet, input, input_for};
 use crate::store::{BatchCommit, Contact, ContactUpsert, StoreResult};
 use crate::untrusted::{Escaped, clean_fields, clean_text};
@@ -106,9 +106,17 @@ impl Reads {
     }
 }
 
+/// A decision that changed nothing and is counted in the metrics once its plan is written:
+/// a plan made again (its contact's consent changed meanwhile, or the batch before touched
+/// one of its addresses) must not count it twice. The warnings are logged when decided.
 #[derive(Clone, Copy)]
 enum Miss {
-    Refused,
+    /// A change the state machine (or the subscribe invariant) refused; `by_rules`: the rules
+    /// proposed it (counted in the pass's `refused`), not the CRM.
+    Refused {
+        input: &'static str,
+        by_rules: bool,
+    },
     RuleError,
 }
 
@@ -199,7 +207,14 @@ impl<'e> Plan<'e> {
             Ok(Some(t)) => t,
             Ok(None) => return Outcome::Unchanged,
             Err(refusal) => {
-                log_refusal(&contact.id, &list.id, &refusal, source);
+                warn_refusal(&contact.id, &list.id, &refusal, source);
+                self.misses.push((
+                    owner,
+                    Miss::Refused {
+                        input: refusal.input,
+                        by_rules: source == EventSource::Rules,
+                    },
+                ));
                 return Outcome::Refused(refusal);
             }
         };
@@ -257,7 +272,6 @@ impl<'e> Plan<'e> {
                 Ok(p) => p,
                 Err(e) => {
                     // A broken rule fails this one decision; the contact is left unchanged.
-                    metrics::counter!("optinsync_rule_errors_total").increment(1);
                     tracing::warn!(contact_id = %contact.id, list = %list.id, error = %Escaped(&e), "rule failed; contact left unchanged");
                     self.misses.push((owner, Miss::RuleError));
                     continue;
@@ -267,13 +281,17 @@ impl<'e> Plan<'e> {
                 let input = match input_for(p.action) {
                     Some(input) => input,
                     None if p.action == Action::Subscribe && !consent.state.on_list() => {
-                        metrics::counter!("optinsync_consent_refused_total", "input" => "subscribe")
-                            .increment(1);
                         tracing::warn!(
                             contact_id = %contact.id, list = %list.id, state = %consent.state, reason = %Escaped(&p.reason),
                             rule = %p.rule_file, "rule proposed subscribe without confirmation; refused (invariant: only a confirmation subscribes)"
                         );
-                        self.misses.push((owner, Miss::Refused));
+                        self.misses.push((
+                            owner,
+                            Miss::Refused {
+                                input: "subscribe",
+                                by_rules: true,
+                            },
+                        ));
                         continue;
                     }
                     // Subscribing happens on confirmation and write-back after every change,
@@ -310,7 +328,6 @@ impl<'e> Plan<'e> {
                         contact_id = %contact.id, list = %list.id, reason = %Escaped(&p.reason), rule = %p.rule_file,
                         refused = r.reason, "rule action refused"
                     );
-                    self.misses.push((owner, Miss::Refused));
                 }
             }
         }
@@ -409,9 +426,17 @@ impl Tally<'_> {
         }
         for (owner, miss) in &self.misses {
             if !out.conflicted.contains(owner) {
-                match miss {
-                    Miss::Refused => out.decided.refused += 1,
-                    Miss::RuleError => out.decided.rule_errors += 1,
+                match *miss {
+                    Miss::Refused { input, by_rules } => {
+                        count_refusal(input);
+                        if by_rules {
+                            out.decided.refused += 1;
+                        }
+                    }
+                    Miss::RuleError => {
+                        metrics::counter!("optinsync_rule_errors_total").increment(1);
+                        out.decided.rule_errors += 1;
+                    }
                 }
             }
         }

@@ -113,7 +113,20 @@ pub(crate) fn commit_for(
 
 /// A refused consent change is logged and counted, never carried out.
 pub(crate) fn log_refusal(contact_id: &str, list_id: &str, refusal: &Refusal, source: EventSource) {
-    metrics::counter!("optinsync_consent_refused_total", "input" => refusal.input).increment(1);
+    count_refusal(refusal.input);
+    warn_refusal(contact_id, list_id, refusal, source);
+}
+
+pub(crate) fn count_refusal(input: &'static str) {
+    metrics::counter!("optinsync_consent_refused_total", "input" => input).increment(1);
+}
+
+pub(crate) fn warn_refusal(
+    contact_id: &str,
+    list_id: &str,
+    refusal: &Refusal,
+    source: EventSource,
+) {
     tracing::warn!(
         contact_id = %contact_id, list = %list_id, state = %refusal.state, input = refusal.input,
         source = source.as_str(), reason = refusal.reason, "consent change refused"

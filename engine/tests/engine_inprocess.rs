@@ -9,6 +9,9 @@
 
 mod support;
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use chrono::Utc;
 use optinsync_engine::bulk::IngestStats;
 use optinsync_engine::consent::{ConsentState, Input};
@@ -621,6 +624,110 @@ async fn a_pipelined_crm_pull_of_distinct_addresses_equals_page_after_page() {
         outcome(&pulled, &feed).await,
         outcome(&one_by_one, &feed).await
     );
+}
+
+/// Counts every counter increment by metric name (labels ignored), for the tests of what a
+/// decision counts; installed for one thread with `metrics::with_local_recorder`.
+#[derive(Default)]
+struct CountingRecorder(Arc<std::sync::Mutex<HashMap<String, u64>>>);
+
+struct CountOf(String, Arc<std::sync::Mutex<HashMap<String, u64>>>);
+
+impl metrics::CounterFn for CountOf {
+    fn increment(&self, by: u64) {
+        *self.1.lock().unwrap().entry(self.0.clone()).or_default() += by;
+    }
+    fn absolute(&self, value: u64) {
+        self.1.lock().unwrap().insert(self.0.clone(), value);
+    }
+}
+
+impl metrics::Recorder for CountingRecorder {
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+        metrics::Counter::from_arc(Arc::new(CountOf(
+            key.name().to_owned(),
+            Arc::clone(&self.0),
+        )))
+    }
+    fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+        metrics::Gauge::noop()
+    }
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
+        metrics::Histogram::noop()
+    }
+}
+
+/// The rules fail for every contact of a CRM record `x…`: the crossing addresses of
+/// [`crossing_feed`] (rules never see an address).
+const FAILS_ON_X: &str = r#"
+fn decide(contact, consent, ctx) {
+    for r in contact.crm_records {
+        if r.contains("/x") {
+            throw "deliberately broken for x records";
+        }
+    }
+    if consent.state == "asserted" {
+        return #{ action: "send_doi", reason: "asserted; confirmation required" };
+    }
+}
+"#;
+
+/// A plan made while the batch before commits, and made again because that batch touched one
+/// of its addresses, must count its rule errors once: the metric an operator alerts on equals
+/// what the pull reports.
+#[test]
+fn a_pipelined_crm_pull_counts_each_rule_error_once() {
+    let feed = crossing_feed(45, true);
+    let recorder = CountingRecorder::default();
+    let stats = metrics::with_local_recorder(&recorder, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let pulled =
+                Harness::new(&format!("[sync]\npage_size = 100\n{NEWS}"), FAILS_ON_X).await;
+            for r in feed.iter().flatten() {
+                pulled.crm.push(r.clone());
+            }
+            pulled.engine.pull_crm(|_| {}).await.unwrap()
+        })
+    });
+    let counted = recorder.0.lock().unwrap().clone();
+    let metric = counted
+        .get("optinsync_rule_errors_total")
+        .copied()
+        .unwrap_or(0);
+    // Every page's asserted `x` contact fails at least once (a batch of several pages decides
+    // a contact once); batches after the first read the `x` address of the batch before, so
+    // their plans, made while that batch committed, were made again.
+    assert!(stats.rule_errors >= 45, "{stats:?}");
+    assert_eq!(metric, stats.rule_errors, "{stats:?} {counted:?}");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -301,17 +301,30 @@ class FileCrm:
 
         A last line without its newline is still being written: it is left for a later call.
         """
+        # The line number at the cursor, for `line N` locations: remembered from the page
+        # before (counting from the start for every page made a pull quadratic in the file's
+        # size: minutes for a million lines), counted when the cursor is another one.
+        known = getattr(self, "line_at", None)
+        here = (os.fstat(f.fileno()).st_ino, offset)
+        if known is not None and known[0] == here:
+            f.seek(offset)
+            yield from self.numbered(f, offset, known[1])
+            return
         f.seek(0)
         number = 1
         remaining = offset
-        while remaining > 0:  # count the lines before the cursor for `line N` locations
+        while remaining > 0:  # count the lines before the cursor
             chunk = f.read(min(remaining, 1 << 20))
             if not chunk:
                 break
             number += chunk.count(b"\n")
             remaining -= len(chunk)
         f.seek(offset)
-        start = offset
+        yield from self.numbered(f, offset, number)
+
+    def numbered(self, f, start, number):
+        """Complete lines from `start` (line `number`) on; remembers where each ends."""
+        ino = os.fstat(f.fileno()).st_ino
         while True:
             raw = f.readline()
             if not raw.endswith(b"\n"):
@@ -319,6 +332,7 @@ class FileCrm:
             yield number, start, start + len(raw), raw
             number += 1
             start += len(raw)
+            self.line_at = ((ino, start), number)
 
     def start_offset(self, f, cursor):
         if cursor is None:
