@@ -19,14 +19,6 @@ use crate::store::{BatchCommit, Commit, OutboxFinish, Snapshot, Store, StoreErro
 /// Most commits written in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// How long a detached append (a fetched link's record) may wait for company, and how many
-/// may wait. Written one small transaction per batch, they were most of the writer's work
-/// under a confirm-page load, and every such commit also reset the link readers' page
-/// caches (SQLite drops a connection's cache whenever the file changed since its last read).
-/// Nobody waits for them; a crash loses what is queued either way.
-const DETACHED_DELAY: std::time::Duration = std::time::Duration::from_millis(200);
-const DETACHED_MAX: usize = 2_048;
-
 type Reply = oneshot::Sender<StoreResult<LedgerEvent>>;
 type Done = oneshot::Sender<StoreResult<()>>;
 
@@ -96,9 +88,8 @@ impl GroupCommit {
 
     /// Queue an event that changes no state and return without waiting for its commit (a
     /// fetched link's record: the page should not wait for an fsync). The writer writes it
-    /// within [`DETACHED_DELAY`] (sooner with a waited-for append, a flush or when
-    /// [`DETACHED_MAX`] are queued) and logs a failure. `Err` gives the event back when the
-    /// writer is gone, for the caller to write itself.
+    /// with the next batch and logs a failure. `Err` gives the event back when the writer
+    /// is gone, for the caller to write itself.
     pub fn append_detached(&self, event: NewEvent) -> Result<(), Box<NewEvent>> {
         match self.tx.send(Job::Append(Box::new(event), None)) {
             Ok(()) => Ok(()),
@@ -166,19 +157,6 @@ async fn done(store: &dyn Store, job: Job) -> StoreResult<()> {
     }
 }
 
-/// Write detached appends nobody waits for (one transaction; one by one if it fails).
-async fn append_detached_now(store: &dyn Store, events: Vec<NewEvent>) {
-    if events.is_empty() {
-        return;
-    }
-    if let Err(e) = store.append_events(&events).await {
-        tracing::warn!(error = %e, events = events.len(), "group append failed; appending one by one");
-        for ev in &events {
-            answer_append(None, store.append_event(ev).await);
-        }
-    }
-}
-
 /// Answer an append's requester; a detached append's failure is logged here instead.
 fn answer_append(reply: Option<Reply>, result: StoreResult<LedgerEvent>) {
     match reply {
@@ -195,26 +173,7 @@ fn answer_append(reply: Option<Reply>, result: StoreResult<LedgerEvent>) {
 }
 
 async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
-    // Detached appends waiting for company, and when the oldest of them must be written.
-    let mut deferred: Vec<NewEvent> = Vec::new();
-    let mut due = tokio::time::Instant::now();
-    loop {
-        let received = if deferred.is_empty() {
-            rx.recv().await
-        } else {
-            match tokio::time::timeout_at(due, rx.recv()).await {
-                Ok(received) => received,
-                Err(_) => {
-                    append_detached_now(&*store, std::mem::take(&mut deferred)).await;
-                    continue;
-                }
-            }
-        };
-        let Some(first) = received else {
-            // Every sender is gone: write what waits, then stop.
-            append_detached_now(&*store, deferred).await;
-            return;
-        };
+    while let Some(first) = rx.recv().await {
         let mut jobs = vec![first];
         while jobs.len() < MAX_BATCH {
             match rx.try_recv() {
@@ -234,12 +193,6 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
                 Job::Commit(c, reply) => {
                     commits.push(*c);
                     commit_replies.push(reply);
-                }
-                Job::Append(e, None) => {
-                    if deferred.is_empty() {
-                        due = tokio::time::Instant::now() + DETACHED_DELAY;
-                    }
-                    deferred.push(*e);
                 }
                 Job::Append(e, reply) => {
                     appends.push(*e);
@@ -271,15 +224,6 @@ async fn writer(store: Arc<dyn Store>, mut rx: mpsc::UnboundedReceiver<Job>) {
                     }
                 }
             }
-        }
-        // The waiting detached appends go with a transaction that is written anyway, before a
-        // flush answers, or alone once enough wait.
-        if !deferred.is_empty()
-            && (!appends.is_empty() || !flushes.is_empty() || deferred.len() >= DETACHED_MAX)
-        {
-            let n = deferred.len();
-            appends.splice(0..0, deferred.drain(..));
-            append_replies.splice(0..0, std::iter::repeat_with(|| None).take(n));
         }
         if !appends.is_empty() {
             match store.append_events(&appends).await {
@@ -413,64 +357,6 @@ mod tests {
             crate::ledger::verify_chain(events.iter()).expect("chain verifies"),
             300
         );
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn detached_appends_are_written_without_a_flush_and_with_a_waited_append() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (store, ids) = store_with_contacts(dir.path(), 1).await;
-        let group = GroupCommit::start(Arc::clone(&store)).expect("inside a runtime");
-        for _ in 0..5 {
-            let queued = group.append_detached(event(&ids[0], "link_fetched", ConsentState::None));
-            assert!(queued.is_ok(), "the writer takes it");
-        }
-        // Nothing else arrives: the delay alone writes them.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            let n = store.ledger_page(0, 100).await.expect("ledger").len();
-            if n == 5 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "detached appends still unwritten after 10 s: {n} of 5"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        // A waited-for append takes the queued ones along, ahead of itself.
-        for _ in 0..3 {
-            assert!(
-                group
-                    .append_detached(event(&ids[0], "link_fetched", ConsentState::None))
-                    .is_ok()
-            );
-        }
-        let waited = group
-            .append(&*store, event(&ids[0], "note", ConsentState::None))
-            .await
-            .expect("append");
-        assert_eq!(waited.seq, 9, "written after the three queued before it");
-        let events = store.ledger_page(0, 100).await.expect("ledger");
-        assert_eq!(events.len(), 9);
-        assert_eq!(
-            crate::ledger::verify_chain(events.iter()).expect("chain"),
-            9
-        );
-        // The last sender gone, the writer writes what waits before it stops.
-        assert!(
-            group
-                .append_detached(event(&ids[0], "link_fetched", ConsentState::None))
-                .is_ok()
-        );
-        drop(group);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while store.ledger_page(0, 100).await.expect("ledger").len() < 10 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the last append was lost"
-            );
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
