@@ -537,12 +537,11 @@ async fn size(
     }
 
     if want(10) && n > exec::MAX_CONTACTS {
-        for key in ["exec_pull", "exec_pipe", "csv_pull", "exec_ratio"] {
-            cells.insert(
-                key,
-                Err(format!("n/a (run up to {})", label(exec::MAX_CONTACTS))),
-            );
-        }
+        not_run_above(
+            cells,
+            &["exec_pull", "exec_pipe", "csv_pull", "exec_ratio"],
+            exec::MAX_CONTACTS,
+        );
     } else if want(10) {
         progress(
             n,
@@ -557,12 +556,7 @@ async fn size(
 
     if [11, 12, 13].iter().any(|r| want(*r)) {
         if n > delivery::MAX_CONTACTS {
-            for key in DELIVERY_KEYS {
-                cells.insert(
-                    key,
-                    Err(format!("n/a (run up to {})", label(delivery::MAX_CONTACTS))),
-                );
-            }
+            not_run_above(cells, &DELIVERY_KEYS, delivery::MAX_CONTACTS);
         } else {
             progress(
                 n,
@@ -696,6 +690,13 @@ async fn size(
         }
     }
     Ok(())
+}
+
+/// Mark `keys` as not measured at this size: their rows run up to `max` contacts.
+fn not_run_above(cells: &mut BTreeMap<&'static str, Cell>, keys: &[&'static str], max: u64) {
+    for key in keys {
+        cells.insert(key, Err(format!("n/a (run up to {})", label(max))));
+    }
 }
 
 /// Rows 9 and 8 with `wrk`: `GET` over the links (each thread cycling through its share)

@@ -239,6 +239,7 @@ class FileCrm:
         self.secret = text("webhook_secret", False)
         self.module = text("module", False) or "Contacts"
         self.written = self.load_written_keys()
+        self.line_at = None  # ((inode, offset), line number) where the last page ended
         log(f"configured: module {self.module}, {len(self.written)} write-backs already done, "
             f"webhook {'enabled' if self.secret else 'disabled'}")
         return {}
@@ -304,27 +305,21 @@ class FileCrm:
         # The line number at the cursor, for `line N` locations: remembered from the page
         # before (counting from the start for every page made a pull quadratic in the file's
         # size: minutes for a million lines), counted when the cursor is another one.
-        known = getattr(self, "line_at", None)
-        here = (os.fstat(f.fileno()).st_ino, offset)
-        if known is not None and known[0] == here:
-            f.seek(offset)
-            yield from self.numbered(f, offset, known[1])
-            return
-        f.seek(0)
-        number = 1
-        remaining = offset
-        while remaining > 0:  # count the lines before the cursor
-            chunk = f.read(min(remaining, 1 << 20))
-            if not chunk:
-                break
-            number += chunk.count(b"\n")
-            remaining -= len(chunk)
-        f.seek(offset)
-        yield from self.numbered(f, offset, number)
-
-    def numbered(self, f, start, number):
-        """Complete lines from `start` (line `number`) on; remembers where each ends."""
         ino = os.fstat(f.fileno()).st_ino
+        if self.line_at is not None and self.line_at[0] == (ino, offset):
+            number = self.line_at[1]
+        else:
+            f.seek(0)
+            number = 1
+            remaining = offset
+            while remaining > 0:  # count the lines before the cursor
+                chunk = f.read(min(remaining, 1 << 20))
+                if not chunk:
+                    break
+                number += chunk.count(b"\n")
+                remaining -= len(chunk)
+        f.seek(offset)
+        start = offset
         while True:
             raw = f.readline()
             if not raw.endswith(b"\n"):
