@@ -654,7 +654,8 @@ async fn size(
             let links = load::confirm_links(&setup.store_url, &base, opts.confirm_requests).await?;
             match wrk::find() {
                 Some(wrk) => {
-                    confirm_rows_wrk(n, &wrk, &base, links, opts, dir, cells, details).await?;
+                    let pid = daemon.pid();
+                    confirm_rows_wrk(n, &wrk, &base, links, pid, opts, dir, cells, details).await?;
                 }
                 None => {
                     details.push(format!(
@@ -708,11 +709,15 @@ async fn confirm_rows_wrk(
     wrk: &Path,
     base: &str,
     links: Vec<String>,
+    daemon: Option<u32>,
     opts: &Opts,
     dir: &Path,
     cells: &mut BTreeMap<&'static str, Cell>,
     details: &mut Vec<String>,
 ) -> anyhow::Result<()> {
+    // The daemon's CPU time per answered request: a figure a busy or slow machine moves less
+    // than the rate.
+    let cpu = || daemon.and_then(setup::cpu_time);
     let path = |l: &String| l.strip_prefix(base).unwrap_or(l).to_owned();
     let gets: Vec<(&str, String, String)> = links
         .iter()
@@ -727,6 +732,7 @@ async fn confirm_rows_wrk(
         ),
     );
     let work = dir.join("wrk");
+    let before = cpu();
     let g = wrk::run(
         wrk,
         base,
@@ -735,6 +741,7 @@ async fn confirm_rows_wrk(
         Duration::from_secs(5),
         &work,
     )?;
+    let get_cpu = before.zip(cpu()).map(|(a, b)| b.saturating_sub(a));
     progress(n, "row 8: reading each page's form");
     let (read, forms) = load::page_forms(links.clone(), opts.concurrency).await?;
     if read.failed > 0 {
@@ -757,6 +764,7 @@ async fn confirm_rows_wrk(
             opts.concurrency
         ),
     );
+    let before = cpu();
     let p = wrk::run(
         wrk,
         base,
@@ -765,9 +773,19 @@ async fn confirm_rows_wrk(
         Duration::from_secs(secs),
         &work,
     )?;
-    for (name, r) in [("GET", &g), ("POST", &p)] {
+    let post_cpu = before.zip(cpu()).map(|(a, b)| b.saturating_sub(a));
+    for (name, r, used) in [("GET", &g, get_cpu), ("POST", &p, post_cpu)] {
+        let per_request = used
+            .filter(|_| r.requests > 0)
+            .map(|c| {
+                format!(
+                    ", daemon CPU {:.0} µs per request",
+                    c.as_secs_f64() * 1e6 / r.requests as f64
+                )
+            })
+            .unwrap_or_default();
         details.push(format!(
-            "{} confirm {name} (wrk, {} connections): {} requests, {} not 2xx or failed, p50 {:.1} ms",
+            "{} confirm {name} (wrk, {} connections): {} requests, {} not 2xx or failed, p50 {:.1} ms{per_request}",
             label(n),
             opts.concurrency,
             r.requests,

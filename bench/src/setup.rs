@@ -119,6 +119,17 @@ pub fn vm_hwm_kib(pid: u32) -> Option<u64> {
         .and_then(|k| k.parse().ok())
 }
 
+/// CPU time a running process (all its threads) has used so far, from `/proc/{pid}/stat`
+/// (`utime` + `stime`, in Linux's fixed 100 ticks a second).
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces: the state
+    // is the first, `utime` and `stime` the 12th and 13th.
+    let mut rest = stat.rsplit_once(')')?.1.split_whitespace().skip(11);
+    let ticks: u64 = rest.next()?.parse::<u64>().ok()? + rest.next()?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
 /// A finished child: wall time, peak RSS (sampled every 10 ms from `/proc`, so the last
 /// few milliseconds before exit may be missed), stdout.
 #[derive(Debug)]
@@ -290,5 +301,25 @@ mod tests {
         assert!(text.contains("kind = \"zoho-crm\""), "{text}");
         assert!(text.contains("port = 2525"), "{text}");
         assert!(dir.path().join("rules/consent.rhai").exists());
+    }
+
+    /// The CPU time read from `/proc` grows while this process works.
+    #[test]
+    fn cpu_time_of_a_running_process_is_read() {
+        let me = std::process::id();
+        let start = cpu_time(me).expect("reads /proc/self's stat");
+        let wall = Instant::now();
+        let mut x = 0_u64;
+        while cpu_time(me).expect("still readable") < start + Duration::from_millis(30) {
+            assert!(
+                wall.elapsed() < Duration::from_secs(20),
+                "no CPU time counted"
+            );
+            for i in 0..100_000_u64 {
+                x = x.wrapping_mul(31).wrapping_add(i);
+            }
+            std::hint::black_box(x);
+        }
+        assert_eq!(cpu_time(u32::MAX), None);
     }
 }

@@ -10,8 +10,10 @@
 //! Everything a person is shown is rendered here, and each rendering has a content hash: the
 //! engine stores the rendering as a snapshot and puts the hash into the ledger.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use minijinja::value::Value;
 use minijinja::{AutoEscape, Environment, UndefinedBehavior};
@@ -115,7 +117,7 @@ fn terr(file: impl Into<String>, message: impl Into<String>) -> TemplateError {
 }
 
 /// Who asks, for what: the values every mail and page may use.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Common {
     pub organisation: String,
     pub postal_address: String,
@@ -163,7 +165,7 @@ pub struct RenderedPage {
 }
 
 /// The pages the HTTP server shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Page {
     Confirm,
     Confirmed,
@@ -210,6 +212,29 @@ pub struct Templates {
     /// SHA-256 over every file name and content: the template set's version.
     version: String,
     origin: String,
+    /// Pages rendered before, by a hash of (page, language, common values). A page without
+    /// the person's lists is the same for everyone who sees it but for its nonce, so it is
+    /// rendered (twice: snapshot and served form) once per set, not per request.
+    pages: Mutex<HashMap<u64, Arc<CachedPage>>>,
+}
+
+/// Cached pages at most; past it the cache starts again (a set has some dozens of pages per
+/// language and list).
+const PAGE_CACHE_MAX: usize = 1_000;
+
+/// Stands for the nonce when a page is rendered for the cache: escaping leaves it as it is
+/// (ASCII letters, digits and `-`), and a page whose text holds it anyway is not cached.
+const NONCE_SLOT: &str = "optinsync-nonce-slot-8c1f0e5b27d94a36";
+
+/// A page rendered for the cache: its snapshot and hash, and the served HTML cut where the
+/// nonce goes (`None`: the template does more with the nonce than print it, so each request
+/// renders it).
+#[derive(Debug)]
+struct CachedPage {
+    key: (Page, String, Common),
+    snapshot: String,
+    content_hash: String,
+    served: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Templates {
@@ -323,6 +348,7 @@ impl Templates {
             languages,
             version: hex::encode(hasher.finalize()),
             origin,
+            pages: Mutex::new(HashMap::new()),
         };
         t.check()?;
         Ok(t)
@@ -446,6 +472,81 @@ impl Templates {
         lists: &[ListChoice],
         nonce: impl Fn(&str) -> String,
     ) -> Result<RenderedPage, TemplateError> {
+        if !lists.is_empty() {
+            // The person's own lists: rendered for them alone.
+            return self.render_page_uncached(page, lang, common, lists, nonce);
+        }
+        let cached = self.cached_page(page, lang, common, &nonce)?;
+        let Some(served) = &cached.served else {
+            return self.render_page_uncached(page, lang, common, lists, nonce);
+        };
+        Ok(RenderedPage {
+            language: lang.to_owned(),
+            html: served.join(&nonce(&cached.content_hash)),
+            content_hash: cached.content_hash.clone(),
+            snapshot: cached.snapshot.clone(),
+        })
+    }
+
+    /// The cache's entry for (`page`, `lang`, `common`), rendered now if it has none.
+    fn cached_page(
+        &self,
+        page: Page,
+        lang: &str,
+        common: &Common,
+        nonce: &impl Fn(&str) -> String,
+    ) -> Result<Arc<CachedPage>, TemplateError> {
+        let mut h = DefaultHasher::new();
+        (page, lang, common).hash(&mut h);
+        let slot = h.finish();
+        let is_key = |c: &CachedPage| c.key.0 == page && c.key.1 == lang && c.key.2 == *common;
+        let found = self
+            .pages
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&slot).cloned())
+            .filter(|c| is_key(c));
+        if let Some(c) = found {
+            return Ok(c);
+        }
+        let with_slot =
+            self.render_page_uncached(page, lang, common, &[], |_| NONCE_SLOT.into())?;
+        let served: Vec<String> = with_slot
+            .html
+            .split(NONCE_SLOT)
+            .map(str::to_owned)
+            .collect();
+        // Cut only where the template printed the nonce as it is: checked against the page
+        // rendered with a real nonce, and never if the page's own text holds the slot.
+        let real = self.render_page_uncached(page, lang, common, &[], nonce)?;
+        let exact = !with_slot.snapshot.contains(NONCE_SLOT)
+            && served.join(&nonce(&real.content_hash)) == real.html;
+        let c = Arc::new(CachedPage {
+            key: (page, lang.to_owned(), common.clone()),
+            snapshot: real.snapshot,
+            content_hash: real.content_hash,
+            served: exact.then_some(served),
+        });
+        if let Ok(mut m) = self.pages.lock() {
+            if m.len() >= PAGE_CACHE_MAX {
+                m.clear();
+            }
+            // A colliding slot keeps its first page; the other renders per request.
+            m.entry(slot).or_insert_with(|| Arc::clone(&c));
+        }
+        Ok(c)
+    }
+
+    /// Render a page from its template: once without the per-request fields (the snapshot
+    /// and its hash), once with them.
+    fn render_page_uncached(
+        &self,
+        page: Page,
+        lang: &str,
+        common: &Common,
+        lists: &[ListChoice],
+        nonce: impl Fn(&str) -> String,
+    ) -> Result<RenderedPage, TemplateError> {
         let notice = match page {
             Page::Notice(n) => n,
             _ => "",
@@ -516,7 +617,8 @@ impl Templates {
             .into_iter()
             .chain(NOTICES.iter().map(|n| Page::Notice(n)));
             for p in pages {
-                self.render_page(p, lang, &common, |_| "NONCE".into())?;
+                // Not through the cache: it is for the pages served.
+                self.render_page_uncached(p, lang, &common, &[], |_| "NONCE".into())?;
             }
         }
         Ok(())
@@ -807,5 +909,92 @@ mod tests {
         std::fs::write(dir.path().join("en/confirmed.html"), "{% if %}").unwrap();
         let e = Templates::load(dir.path()).unwrap_err();
         assert!(e.file.contains("en/confirmed.html"), "{e}");
+    }
+
+    /// Every page of the set, served from the cache, equals the page rendered from its
+    /// template for the same nonce, and the cache renders each page once.
+    #[test]
+    fn cached_pages_equal_pages_rendered_afresh() {
+        let t = Templates::builtin().unwrap();
+        let common = Common {
+            organisation: "Uni <Test> & Co".into(),
+            list_name: "News".into(),
+            ..Common::default()
+        };
+        let pages = [Page::Confirm, Page::Expired, Page::Signup, Page::Confirmed]
+            .into_iter()
+            .chain(NOTICES.iter().map(|n| Page::Notice(n)));
+        for page in pages {
+            for lang in ["en", "es"] {
+                for k in 0..3 {
+                    let nonce = |hash: &str| format!("{k}.{}", &hash[..8]);
+                    let cached = t.render_page(page, lang, &common, nonce).unwrap();
+                    let fresh = t
+                        .render_page_uncached(page, lang, &common, &[], nonce)
+                        .unwrap();
+                    assert_eq!(cached, fresh, "{page:?} {lang} nonce {k}");
+                }
+            }
+        }
+        let cut = t.pages.lock().unwrap();
+        assert_eq!(cut.len(), (4 + NOTICES.len()) * 2);
+        assert!(cut.values().all(|c| c.served.is_some()));
+        let confirm = cut.values().find(|c| c.key.0 == Page::Confirm).unwrap();
+        assert!(
+            confirm.served.as_ref().unwrap().len() >= 2,
+            "the form's nonce is cut out"
+        );
+    }
+
+    /// Another list (other common values) is another page; a template that does more with
+    /// the nonce than print it, or whose text holds the slot, is rendered per request.
+    #[test]
+    fn pages_the_cache_cannot_cut_are_rendered_per_request() {
+        let dir = tempfile::tempdir().unwrap();
+        copy_builtin(dir.path());
+        let confirm = dir.path().join("en/confirm.html");
+        let orig = std::fs::read_to_string(&confirm).unwrap();
+        std::fs::write(
+            &confirm,
+            orig.replace("value=\"{{ nonce }}\"", "value=\"{{ nonce|upper }}\""),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("en/confirmed.html"),
+            format!("{{% extends \"en/page.html\" %}}{{% block body %}}<p>{NONCE_SLOT}</p>{{% endblock %}}"),
+        )
+        .unwrap();
+        let t = Templates::load(dir.path()).unwrap();
+        let a = Common {
+            list_name: "A".into(),
+            ..Common::default()
+        };
+        let b = Common {
+            list_name: "B".into(),
+            ..Common::default()
+        };
+        for k in 0..2 {
+            let nonce = |_: &str| format!("{k}.abc_def-x");
+            for page in [Page::Confirm, Page::Confirmed] {
+                let cached = t.render_page(page, "en", &a, nonce).unwrap();
+                let fresh = t.render_page_uncached(page, "en", &a, &[], nonce).unwrap();
+                assert_eq!(cached, fresh, "{page:?} nonce {k}");
+            }
+            let page = t.render_page(Page::Confirm, "en", &a, nonce).unwrap();
+            assert!(
+                page.html.contains(&format!("{k}.ABC_DEF-X")),
+                "{}",
+                page.html
+            );
+            let other = t.render_page(Page::Expired, "en", &b, nonce).unwrap();
+            let mine = t.render_page(Page::Expired, "en", &a, nonce).unwrap();
+            assert_ne!(other.content_hash, mine.content_hash);
+            assert!(other.html.contains(&format!("{k}.abc_def-x")));
+        }
+        let cut = t.pages.lock().unwrap();
+        for page in [Page::Confirm, Page::Confirmed] {
+            let c = cut.values().find(|c| c.key.0 == page).unwrap();
+            assert!(c.served.is_none(), "{page:?} was cut");
+        }
     }
 }
