@@ -131,6 +131,12 @@ struct DirectReads {
     idle: Mutex<Vec<Connection>>,
 }
 
+/// Bytes of the database file a reader maps instead of copying pages into its cache: in
+/// WAL mode a reader drops its whole page cache whenever the file changed since its last
+/// read (under a stream of appends, before nearly every read), and mapped pages need no
+/// `pread` to be read again.
+const MMAP_BYTES: i64 = 1 << 30;
+
 /// Idle connections kept; more are closed after use (a burst of blocking threads reading).
 const DIRECT_READERS_KEPT: usize = 16;
 
@@ -151,6 +157,7 @@ impl DirectReads {
         // wait holds a runtime thread.
         conn.busy_timeout(Duration::from_millis(500))?;
         conn.pragma_update(None, "cache_size", -8192)?;
+        conn.pragma_update(None, "mmap_size", MMAP_BYTES)?;
         Ok(conn)
     }
 
