@@ -159,6 +159,13 @@ impl StoreReads<'_> {
     pub async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>> {
         self.0.events_of_contact(contact_id).await
     }
+    pub async fn consent_events(
+        &self,
+        contact_id: &str,
+        list_id: &str,
+    ) -> StoreResult<Vec<LedgerEvent>> {
+        self.0.consent_events(contact_id, list_id).await
+    }
     pub async fn consent_summary(&self) -> StoreResult<Vec<crate::store::ConsentSummary>> {
         self.0.consent_summary().await
     }

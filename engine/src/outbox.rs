@@ -527,8 +527,8 @@ impl Engine {
         contact_id: &str,
         list_id: &str,
     ) -> EngineResult<Option<ConsentProof>> {
-        let events = self.store.events_of_contact(contact_id).await?;
-        let on_list: Vec<_> = events.iter().filter(|e| e.list_id == list_id).collect();
+        let events = self.store.consent_events(contact_id, list_id).await?;
+        let on_list: Vec<_> = events.iter().collect();
         let confirmed = ConsentState::Confirmed.as_str();
         let Some(at) = on_list
             .iter()

@@ -1417,6 +1417,59 @@ async fn check_events_of_contact(db: TestDb) {
     // The per-contact view holds the same rows as the ledger.
     let ledger = whole_ledger(s).await;
     assert_eq!(ea[1], ledger[3]);
+
+    // Consent events: the state changes and mails of one contact on one list, nothing else
+    // (not the link fetch, not a `_mail_sent` look-alike, not the other list or contact).
+    for (kind, from, to, at) in [
+        ("doi_mail_sent", S::Asserted, S::Asserted, t(6)),
+        ("note_mail_sent_x", S::Asserted, S::Asserted, t(7)),
+        // `_` is no wildcard in the pattern.
+        ("doi_mailxsent", S::Asserted, S::Asserted, t(7)),
+        ("confirmed", S::Asserted, S::Confirmed, t(8)),
+        ("reminder_mail_sent", S::Confirmed, S::Confirmed, t(9)),
+    ] {
+        s.append_event(&event(&a, "news", kind, from, to, at))
+            .await
+            .expect(kind);
+    }
+    s.append_event(&event(
+        &b,
+        "news",
+        "doi_mail_sent",
+        S::Asserted,
+        S::Asserted,
+        t(10),
+    ))
+    .await
+    .expect("b3");
+    let ca = s
+        .consent_events(&a, "news")
+        .await
+        .expect("consent events of a");
+    assert_eq!(
+        ca.iter()
+            .map(|e| (e.seq, e.kind.as_str()))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, "asserted"),
+            (6, "doi_mail_sent"),
+            (9, "confirmed"),
+            (10, "reminder_mail_sent")
+        ]
+    );
+    let all_a = s.events_of_contact(&a).await.expect("events of a");
+    for e in &ca {
+        assert!(all_a.contains(e), "{e:?} differs from the whole event");
+    }
+    assert_eq!(
+        seqs(&s.consent_events(&a, "promo").await.expect("promo")),
+        vec![5]
+    );
+    assert_eq!(
+        seqs(&s.consent_events(&b, "news").await.expect("b")),
+        vec![3, 11]
+    );
+    assert!(s.consent_events(&a, "none").await.expect("none").is_empty());
 }
 
 async fn check_ledger_append_only_and_tamper_evident(db: TestDb) {

@@ -440,6 +440,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
         outbox: &[NewOutbox],
     ) -> StoreResult<LedgerEvent>;
     async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>>;
+    /// A contact's events on `list_id` that changed its state or recorded a mail
+    /// (`*_mail_sent`), oldest first: [`Store::events_of_contact`] of that list without the
+    /// events that only add evidence.
+    async fn consent_events(
+        &self,
+        contact_id: &str,
+        list_id: &str,
+    ) -> StoreResult<Vec<LedgerEvent>>;
     /// Ledger events with `seq > after`, in order, at most `limit`.
     async fn ledger_page(&self, after: i64, limit: i64) -> StoreResult<Vec<LedgerEvent>>;
 

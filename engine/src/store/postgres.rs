@@ -51,11 +51,15 @@ impl PostgresStore {
     async fn events_read(
         &self,
         contact_id: &str,
+        list_id: Option<&str>,
     ) -> super::StoreResult<Vec<crate::ledger::LedgerEvent>> {
-        let rows = sqlx::query(&super::rows::EVENTS_OF_CONTACT_SQL)
-            .bind(contact_id)
-            .fetch_all(&self.reader)
-            .await?;
+        let query = match list_id {
+            None => sqlx::query(&super::rows::EVENTS_OF_CONTACT_SQL).bind(contact_id),
+            Some(list) => sqlx::query(&super::rows::CONSENT_EVENTS_SQL)
+                .bind(contact_id)
+                .bind(list),
+        };
+        let rows = query.fetch_all(&self.reader).await?;
         rows.iter().map(super::rows::event_from).collect()
     }
 

@@ -23,6 +23,16 @@ pub(crate) static EVENTS_OF_CONTACT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!("SELECT {LEDGER_COLS} FROM ledger WHERE contact_id = $1 ORDER BY seq")
 });
 
+/// A contact's events on one list that changed its state or recorded a mail, oldest first
+/// (`$1` the contact id, `$2` the list): what a link's binding and a consent's proof look
+/// for, without the evidence-only events (a link fetched, a note) around them.
+pub(crate) static CONSENT_EVENTS_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "SELECT {LEDGER_COLS} FROM ledger WHERE contact_id = $1 AND list_id = $2 \
+         AND (from_state <> to_state OR kind LIKE '%\\_mail\\_sent' ESCAPE '\\') ORDER BY seq"
+    )
+});
+
 /// The suppression rows of `n` address hashes (`$1` .. `$n`), in no particular order.
 pub(crate) fn suppressions_of_sql(n: usize) -> String {
     let marks: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();

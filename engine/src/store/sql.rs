@@ -12,7 +12,8 @@
 /// and the three reads a link request makes, whose path differs per backend (`sqlite.rs` says
 /// why): `async fn link_read(&self, contact_id, list_id)`
 /// ([`Store::contact_with_consent`](crate::store::Store::contact_with_consent)),
-/// `events_read(&self, contact_id)` ([`Store::events_of_contact`](crate::store::Store::events_of_contact))
+/// `events_read(&self, contact_id, list)` ([`Store::events_of_contact`](crate::store::Store::events_of_contact),
+/// or with a list [`Store::consent_events`](crate::store::Store::consent_events))
 /// and `suppressions_read(&self, hashes)`
 /// ([`Store::suppressions_of`](crate::store::Store::suppressions_of): one `IN` list of at most
 /// `IN_CHUNK` hashes, never empty; rows in any order). Their SQL and row readers are shared
@@ -762,7 +763,11 @@ macro_rules! shared_store_impl {
             }
 
             async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>> {
-                self.events_read(contact_id).await
+                self.events_read(contact_id, None).await
+            }
+
+            async fn consent_events(&self, contact_id: &str, list_id: &str) -> StoreResult<Vec<LedgerEvent>> {
+                self.events_read(contact_id, Some(list_id)).await
             }
 
             async fn ledger_page(&self, after: i64, limit: i64) -> StoreResult<Vec<LedgerEvent>> {

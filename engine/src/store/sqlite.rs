@@ -99,8 +99,9 @@ impl SqliteStore {
     async fn events_read(
         &self,
         contact_id: &str,
+        list_id: Option<&str>,
     ) -> super::StoreResult<Vec<crate::ledger::LedgerEvent>> {
-        self.direct.events_of_contact(contact_id)
+        self.direct.events_of_contact(contact_id, list_id)
     }
 
     async fn suppressions_read(
@@ -196,13 +197,24 @@ impl DirectReads {
         })
     }
 
+    /// A contact's events, or with `list_id` its consent events on that list.
     fn events_of_contact(
         &self,
         contact_id: &str,
+        list_id: Option<&str>,
     ) -> super::StoreResult<Vec<crate::ledger::LedgerEvent>> {
         self.with(|conn| {
-            let mut stmt = conn.prepare_cached(&super::rows::EVENTS_OF_CONTACT_SQL)?;
-            let mut rows = stmt.query(rusqlite::named_params! { "$1": contact_id })?;
+            let (mut stmt, mut rows);
+            match list_id {
+                None => {
+                    stmt = conn.prepare_cached(&super::rows::EVENTS_OF_CONTACT_SQL)?;
+                    rows = stmt.query(rusqlite::named_params! { "$1": contact_id })?;
+                }
+                Some(list) => {
+                    stmt = conn.prepare_cached(&super::rows::CONSENT_EVENTS_SQL)?;
+                    rows = stmt.query(rusqlite::named_params! { "$1": contact_id, "$2": list })?;
+                }
+            }
             let mut out = Vec::new();
             while let Some(row) = rows.next()? {
                 out.push(super::rows::event_from(row)?);

@@ -228,6 +228,13 @@ impl Store for RacingStore {
     async fn events_of_contact(&self, contact_id: &str) -> StoreResult<Vec<LedgerEvent>> {
         self.inner.events_of_contact(contact_id).await
     }
+    async fn consent_events(
+        &self,
+        contact_id: &str,
+        list_id: &str,
+    ) -> StoreResult<Vec<LedgerEvent>> {
+        self.inner.consent_events(contact_id, list_id).await
+    }
     async fn ledger_page(&self, after: i64, limit: i64) -> StoreResult<Vec<LedgerEvent>> {
         self.inner.ledger_page(after, limit).await
     }

@@ -29,7 +29,11 @@ pub(super) async fn binding(
     engine: &Engine,
     t: &Target<'_>,
 ) -> Result<Binding, optinsync_engine::store::StoreError> {
-    let events = engine.reads().events_of_contact(&t.contact.id).await?;
+    // The mails only: a contact's link fetches and notes can be many.
+    let events = engine
+        .reads()
+        .consent_events(&t.contact.id, &t.list.id)
+        .await?;
     let mut legacy = false;
     for e in events
         .iter()
