@@ -527,8 +527,7 @@ impl Engine {
         contact_id: &str,
         list_id: &str,
     ) -> EngineResult<Option<ConsentProof>> {
-        let events = self.store.consent_events(contact_id, list_id).await?;
-        let on_list: Vec<_> = events.iter().collect();
+        let on_list = self.store.consent_events(contact_id, list_id).await?;
         let confirmed = ConsentState::Confirmed.as_str();
         let Some(at) = on_list
             .iter()
@@ -541,7 +540,7 @@ impl Engine {
                 .ok()
                 .map(|t| t.with_timezone(&Utc))
         };
-        let event = on_list[at];
+        let event = &on_list[at];
         let Some(confirmed_at) = time(&event.at) else {
             return Ok(None);
         };

@@ -38,7 +38,7 @@ pub(super) async fn binding(
     for e in events
         .iter()
         .rev()
-        .filter(|e| e.list_id == t.list.id && e.kind.ends_with("_mail_sent"))
+        .filter(|e| e.kind.ends_with("_mail_sent"))
     {
         let ev = e.evidence();
         let mailed_id = match t.claims.purpose {
