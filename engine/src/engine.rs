@@ -355,7 +355,7 @@ impl Engine {
     /// no group writer. [`Engine::flush_writes`] waits for what is queued.
     pub async fn append_event_detached(&self, event: NewEvent) {
         let event = match &self.group_commit {
-            Some(g) => match g.append_detached(event) {
+            Some(g) => match g.append_detached(event).await {
                 Ok(()) => return,
                 Err(event) => *event,
             },

@@ -539,7 +539,9 @@ impl LinkState {
         evidence.content_hash = page_hash;
         evidence.detail = Some(detail.to_owned());
         let event = NewEvent {
-            event_id: uuid::Uuid::new_v4().to_string(),
+            // Time-ordered, as every event id: appended to the ledger's unique index of
+            // event ids rather than written into a random page of it.
+            event_id: uuid::Uuid::now_v7().to_string(),
             at: Utc::now(),
             contact_id: t.contact.id.clone(),
             list_id: t.list.id.clone(),
