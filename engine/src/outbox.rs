@@ -104,11 +104,29 @@ impl Engine {
     ) -> EngineResult<DeliverStats> {
         let now = Utc::now();
         let lease = chrono::Duration::from_std(LEASE).unwrap_or(chrono::Duration::minutes(5));
-        let kinds = lane.map_or(&[][..], OutboxWork::kinds_of);
-        let items = self
-            .store
-            .claim_outbox_kinds(worker, now, now + lease, limit, kinds)
-            .await?;
+        let items = match lane {
+            Some(role) => {
+                self.store
+                    .claim_outbox_kinds(worker, now, now + lease, limit, OutboxWork::kinds_of(role))
+                    .await?
+            }
+            None => {
+                // Every kind this version knows, one indexed read each (see the store's
+                // claim); once none is due, any kind, so that a row of a kind this version
+                // cannot read is claimed too and becomes a dead letter saying so.
+                let known = self
+                    .store
+                    .claim_outbox_kinds(worker, now, now + lease, limit, &OutboxWork::KINDS)
+                    .await?;
+                if known.is_empty() {
+                    self.store
+                        .claim_outbox_kinds(worker, now, now + lease, limit, &[])
+                        .await?
+                } else {
+                    known
+                }
+            }
+        };
         let in_flight = self.mail_units_in_flight();
         let mut mails = Vec::new();
         let mut campaigns = Vec::new();
@@ -906,7 +924,8 @@ impl Engine {
         match sent {
             Ok(sent) => {
                 let event = NewEvent {
-                    event_id: uuid::Uuid::new_v4().to_string(),
+                    // Time-ordered like every event id (the unique index appends).
+                    event_id: uuid::Uuid::now_v7().to_string(),
                     at: Utc::now(),
                     contact_id: contact.id.clone(),
                     list_id: list.id.clone(),

@@ -886,6 +886,22 @@ async fn check_claim_outbox(db: TestDb) {
     .expect("commit");
     let lease = 60;
 
+    // A lane's limit holds across its kinds, the most urgent first.
+    let first = s
+        .claim_outbox_kinds(
+            "w0",
+            t(1),
+            t(1 + lease),
+            1,
+            &["crm_write_back", "campaigns_remove"],
+        )
+        .await
+        .expect("claim a lane");
+    assert_eq!(keys(&first), vec!["l1"]);
+    s.finish_outbox(first[0].id, "w0", &Finish::Postpone { at: t(1) }, t(1))
+        .await
+        .expect("hand back");
+
     // A delivery lane claims its kinds only, and leaves the rest unclaimed.
     let lane = s
         .claim_outbox_kinds(
@@ -1119,7 +1135,13 @@ async fn check_concurrent_claims(db: TestDb) {
             } else {
                 PRIORITY_NORMAL
             };
-            outbox("mail", prio, &format!("row-{i}"), &c, "news")
+            // Two kinds, so that the lanes' claims (one read per kind) race too.
+            let kind = if i % 2 == 0 {
+                "mail"
+            } else {
+                "preferences_link_mail"
+            };
+            outbox(kind, prio, &format!("row-{i}"), &c, "news")
         })
         .collect();
     db.store
@@ -1138,10 +1160,20 @@ async fn check_concurrent_claims(db: TestDb) {
             let worker = format!("worker-{w}");
             let mut got = Vec::new();
             loop {
-                let items = st
-                    .claim_outbox(&worker, t(10), t(1000), 3)
+                // Half the workers claim as a lane does (by kind), half as a drain does.
+                let items = if w % 2 == 0 {
+                    st.claim_outbox_kinds(
+                        &worker,
+                        t(10),
+                        t(1000),
+                        3,
+                        &["mail", "preferences_link_mail"],
+                    )
                     .await
-                    .expect("claim");
+                } else {
+                    st.claim_outbox(&worker, t(10), t(1000), 3).await
+                }
+                .expect("claim");
                 if items.is_empty() {
                     break;
                 }

@@ -797,19 +797,32 @@ macro_rules! shared_store_impl {
                 limit: i64,
                 kinds: &[&str],
             ) -> StoreResult<Vec<OutboxItem>> {
-                // No kinds: every kind. The kinds are bound, never spliced into the text.
-                let filter = if kinds.is_empty() {
-                    String::new()
+                // The kinds are bound, never spliced into the text. One indexed read per kind
+                // (`outbox_pending`: kind, priority, id), merged: `kind IN (...)` made both
+                // planners walk every pending row and sort them (SQLite: 180-260 ms per claim
+                // with 300,000 mails queued, on the one writer connection; 1 ms this way).
+                // PostgreSQL locks inside each part, as it cannot lock across a UNION. No
+                // kinds: every kind, in one read.
+                const DUE: &str = "status = 'pending' AND next_attempt_at <= $3 \
+                     AND (claimed_until IS NULL OR claimed_until < $3)";
+                let due = if kinds.is_empty() {
+                    format!("SELECT id FROM outbox WHERE {DUE} ORDER BY priority, id LIMIT $4 {}", $skip)
                 } else {
-                    let marks: Vec<String> = (0..kinds.len()).map(|i| format!("${}", i + 5)).collect();
-                    format!("AND kind IN ({}) ", marks.join(", "))
+                    let parts: Vec<String> = (0..kinds.len())
+                        .map(|i| {
+                            format!(
+                                "SELECT id, priority FROM (SELECT id, priority FROM outbox WHERE kind = ${} AND {DUE} \
+                                 ORDER BY priority, id LIMIT $4 {}) AS k{i}",
+                                i + 5,
+                                $skip
+                            )
+                        })
+                        .collect();
+                    format!("SELECT id FROM ({}) AS due ORDER BY priority, id LIMIT $4", parts.join(" UNION ALL "))
                 };
                 let sql = format!(
                     "UPDATE outbox SET claimed_by = $1, claimed_until = $2, attempts = attempts + 1 \
-                     WHERE id IN (SELECT id FROM outbox WHERE status = 'pending' AND next_attempt_at <= $3 \
-                     AND (claimed_until IS NULL OR claimed_until < $3) {filter}ORDER BY priority, id LIMIT $4 {}) \
-                     RETURNING {OUTBOX_COLS}",
-                    $skip
+                     WHERE id IN ({due}) RETURNING {OUTBOX_COLS}"
                 );
                 let mut query = sqlx::query(&sql)
                     .bind(worker)
