@@ -441,7 +441,11 @@ mod tests {
             matches!(round.jobs.as_slice(), [Job::Commit(..)]),
             "the commit queued after the appends is in the first round"
         );
-        assert_eq!(round.detached.len(), MAX_DETACHED, "a few appends go with it");
+        assert_eq!(
+            round.detached.len(),
+            MAX_DETACHED,
+            "a few appends go with it"
+        );
 
         // A flush takes every append queued before it.
         let (done, _answer) = oneshot::channel();

@@ -1144,6 +1144,16 @@ async fn update(
         };
         let rejected = s.reject_updates.contains(&id);
         let rendered_now = s.render_time(now);
+        // A generated record is stored once written, and shadows the generated one.
+        if !rejected
+            && !s.modules.get(&module).is_some_and(|m| m.contains_key(&id))
+            && let Some(record) = synthetic::stored_form(&s, &module, &id)
+        {
+            s.modules
+                .entry(module.clone())
+                .or_default()
+                .insert(id.clone(), record);
+        }
         let Some(r) = s
             .modules
             .get_mut(&module)

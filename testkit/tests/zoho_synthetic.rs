@@ -117,3 +117,46 @@ async fn synthetic_records_page_past_2000_deterministically() {
         json!(true)
     );
 }
+
+/// A write-back through the API (`PUT /crm/v8/Contacts`) to a generated record succeeds, as
+/// it does on Zoho for any record it holds: the record is stored with the change, modified
+/// now, served once (last) by a walk; an id outside the source is still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generated_record_takes_a_write_through_the_api() {
+    let fake = FakeZoho::start();
+    let src = SyntheticSource::new(300);
+    fake.seed_synthetic("Contacts", src.clone());
+    let client = reqwest::Client::new();
+    let token = token(&client, &fake).await;
+    let id = src.id(7);
+    let put = |body: Value| {
+        client
+            .put(format!("{}/crm/v8/Contacts", fake.url()))
+            .header("Authorization", format!("Zoho-oauthtoken {token}"))
+            .json(&body)
+            .send()
+    };
+    let answer: Value = put(json!({"data": [
+        {"id": id, "Newsletter_Consent": "confirmed"},
+        {"id": "1", "Newsletter_Consent": "confirmed"},
+    ]}))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(answer["data"][0]["code"], json!("SUCCESS"), "{answer}");
+    assert_eq!(answer["data"][1]["code"], json!("INVALID_DATA"), "{answer}");
+
+    let stored = fake.record("Contacts", &id).unwrap();
+    assert_eq!(stored["Newsletter_Consent"], json!("confirmed"));
+    assert_eq!(
+        stored["Email"],
+        json!(src.email(7)),
+        "the generated fields stay"
+    );
+    let (walked, _) = walk(&fake, None).await;
+    assert_eq!(walked.len(), 300);
+    assert_eq!(walked.iter().filter(|r| r["id"] == json!(id)).count(), 1);
+    assert_eq!(walked[299]["id"], json!(id), "modified now: listed last");
+}

@@ -183,6 +183,18 @@ impl FakeZoho {
 }
 
 /// A synthetic record as the API shows it (all fields), for `GET /{module}/{id}`.
+/// Synthetic record `id` as a stored record (unchanged, its own `Modified_Time`), for a write
+/// through the API to change: Zoho updates any record it holds, generated or not.
+pub(super) fn stored_form(s: &ZohoState, module: &str, id: &str) -> Option<FakeRecord> {
+    let src = s.synthetic.get(module)?;
+    let i = src.index_of(id)?;
+    Some(FakeRecord {
+        modified: src.modified(i),
+        fields: src.fields(i),
+        raw: false,
+    })
+}
+
 pub(super) fn find(s: &ZohoState, module: &str, id: &str) -> Option<Value> {
     let src = s.synthetic.get(module)?;
     let i = src.index_of(id)?;
