@@ -14,8 +14,8 @@ use optinsync_engine::ledger::{
 };
 use optinsync_engine::store::{
     self, BatchCommit, Commit, ContactUpsert, Finish, MailOutcomes, NewOutbox, OutboxCounts,
-    OutboxItem, OutboxWork, PRIORITY_LEGAL, PRIORITY_NORMAL, PacedSend, Store, StoreError,
-    StoreResult, StoredWork, Suppression, WAVE_TOTAL,
+    OutboxFinish, OutboxItem, OutboxWork, PRIORITY_LEGAL, PRIORITY_NORMAL, PacedSend, Store,
+    StoreError, StoreResult, StoredWork, Suppression, WAVE_TOTAL,
 };
 use serde_json::json;
 use sqlx::Connection as _;
@@ -137,6 +137,7 @@ store_contract! {
     check_commit => sqlite_check_commit, postgres_check_commit;
     check_stale_commit_conflicts => sqlite_check_stale_commit_conflicts, postgres_check_stale_commit_conflicts;
     check_claim_outbox => sqlite_check_claim_outbox, postgres_check_claim_outbox;
+    check_finish_outbox_batch => sqlite_check_finish_outbox_batch, postgres_check_finish_outbox_batch;
     check_concurrent_claims => sqlite_check_concurrent_claims, postgres_check_concurrent_claims;
     check_concurrent_commits => sqlite_check_concurrent_commits, postgres_check_concurrent_commits;
     check_cursors => sqlite_check_cursors, postgres_check_cursors;
@@ -868,6 +869,160 @@ async fn check_stale_commit_conflicts(db: TestDb) {
         counts_before.pending + 1
     );
     assert_eq!(verify_stored_chain(s).await, Ok(2));
+}
+
+/// A batch of finishes (as the group writer records them): each row ends its own way, the
+/// events of done rows are chained in the batch's order, a row whose claim moved on is left
+/// alone, and an erased contact's dead row keeps neither error text nor address.
+async fn check_finish_outbox_batch(db: TestDb) {
+    use ConsentState as S;
+    let s = &*db.store;
+    let a = new_contact(s, "fin-a@example.org").await;
+    let b = new_contact(s, "fin-b@example.org").await;
+    for (c, rows) in [
+        (
+            &a,
+            vec![
+                outbox("mail", PRIORITY_NORMAL, "k1", &a, "news"),
+                outbox("mail", PRIORITY_NORMAL, "k2", &a, "news"),
+                outbox("crm_write_back", PRIORITY_NORMAL, "k3", &a, "news"),
+                outbox("mail", PRIORITY_NORMAL, "k4", &a, "news"),
+                outbox("mail", PRIORITY_NORMAL, "k5", &a, "news"),
+                outbox("mail", PRIORITY_NORMAL, "k7", &a, "news"),
+            ],
+        ),
+        (
+            &b,
+            vec![outbox(
+                "campaigns_remove",
+                PRIORITY_NORMAL,
+                "k6",
+                &b,
+                "news",
+            )],
+        ),
+    ] {
+        s.commit(&Commit {
+            outbox: rows,
+            ..simple_commit(c, "news", None, S::None, S::Asserted, t(0))
+        })
+        .await
+        .expect("commit");
+    }
+    let claimed = s.claim_outbox("w", t(1), t(61), 10).await.expect("claim");
+    let id = |key: &str| {
+        claimed
+            .iter()
+            .find(|i| i.idempotency_key == key)
+            .map(|i| i.id)
+            .expect("claimed")
+    };
+    s.erase_contact(&b, "hash-of-b", t(1))
+        .await
+        .expect("erase b");
+    let before = whole_ledger(s).await.len();
+    let sent = |n: i64| event(&a, "news", "mail_sent", S::Asserted, S::Asserted, t(n));
+    let (first, second) = (sent(5), sent(6));
+    let finish = |key: &str, worker: &str, finish: Finish| OutboxFinish {
+        id: id(key),
+        worker: worker.to_owned(),
+        finish,
+    };
+    s.finish_outbox_batch(
+        &[
+            finish(
+                "k1",
+                "w",
+                Finish::Done {
+                    event: Some(Box::new(first.clone())),
+                    note: Some("accepted".into()),
+                },
+            ),
+            finish(
+                "k2",
+                "w",
+                Finish::Retry {
+                    at: t(50),
+                    error: "busy".into(),
+                },
+            ),
+            finish(
+                "k3",
+                "w",
+                Finish::Dead {
+                    error: "refused".into(),
+                },
+            ),
+            finish("k4", "w", Finish::Postpone { at: t(2) }),
+            // Claimed by `w`: another worker's finish is not recorded.
+            finish(
+                "k5",
+                "intruder",
+                Finish::Done {
+                    event: Some(Box::new(sent(7))),
+                    note: None,
+                },
+            ),
+            finish(
+                "k6",
+                "w",
+                Finish::Dead {
+                    error: "fin-b@example.org refused".into(),
+                },
+            ),
+            finish(
+                "k7",
+                "w",
+                Finish::Done {
+                    event: Some(Box::new(second.clone())),
+                    note: None,
+                },
+            ),
+        ],
+        t(5),
+    )
+    .await
+    .expect("finish the batch");
+
+    let ledger = whole_ledger(s).await;
+    let added: Vec<&str> = ledger[before..]
+        .iter()
+        .map(|e| e.event_id.as_str())
+        .collect();
+    assert_eq!(
+        added,
+        vec![first.event_id.as_str(), second.event_id.as_str()],
+        "the done rows' events, in the batch's order; none for the intruder's finish"
+    );
+    assert_eq!(verify_stored_chain(s).await, Ok(ledger.len() as u64));
+    assert_eq!(
+        s.outbox_counts().await.expect("counts"),
+        OutboxCounts {
+            pending: 3,
+            done: 2,
+            dead: 2
+        }
+    );
+    let dead = s.outbox_dead().await.expect("dead rows");
+    let error_of = |key: &str| {
+        dead.iter()
+            .find(|i| i.idempotency_key == key)
+            .and_then(|i| i.last_error.clone())
+    };
+    assert_eq!(error_of("k3").as_deref(), Some("refused"));
+    assert_eq!(
+        error_of("k6").as_deref(),
+        Some("error text withheld: the contact is erased")
+    );
+    // After the lease: the retried row (due at 50), the postponed one (due at 2, its attempt
+    // given back) and the intruder's (never finished) are claimed again.
+    let again = s
+        .claim_outbox("w2", t(100), t(160), 10)
+        .await
+        .expect("claim again");
+    assert_eq!(keys(&again), vec!["k2", "k4", "k5"]);
+    let attempts: Vec<i32> = again.iter().map(|i| i.attempts).collect();
+    assert_eq!(attempts, vec![2, 1, 2]);
 }
 
 async fn check_claim_outbox(db: TestDb) {
