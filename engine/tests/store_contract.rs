@@ -1820,6 +1820,22 @@ async fn check_snapshots(db: TestDb) {
         ..snap.clone()
     };
     s.put_snapshot(&again).await.expect("second put is ignored");
+    assert_eq!(s.snapshot("h1").await.expect("read"), Some(snap.clone()));
+
+    // One batch (one multi-row statement) holding a hash twice, and one stored already: the
+    // first of each is kept, the batch is not refused.
+    let h2 = store::Snapshot {
+        hash: "h2".into(),
+        ..snap.clone()
+    };
+    let h2_later = store::Snapshot {
+        content: "later".into(),
+        ..h2.clone()
+    };
+    s.put_snapshots(&[h2.clone(), again.clone(), h2_later])
+        .await
+        .expect("a batch with a repeated hash is written");
+    assert_eq!(s.snapshot("h2").await.expect("read"), Some(h2));
     assert_eq!(s.snapshot("h1").await.expect("read"), Some(snap));
     assert!(
         db.exec("UPDATE snapshots SET content = 'forged' WHERE hash = 'h1'")
