@@ -259,6 +259,22 @@ macro_rules! shared_store_impl {
             Ok(ev)
         }
 
+        /// The outbox columns a finish sets: status, next attempt, error, note, done time;
+        /// `ts` is the finish's time as stored.
+        fn finish_columns(
+            finish: &Finish,
+            ts: &str,
+        ) -> (&'static str, String, Option<String>, Option<String>, Option<String>) {
+            let (status, next, error, note) = match finish {
+                Finish::Done { note, .. } => ("done", ts.to_owned(), None, note.clone()),
+                Finish::Retry { at, error } => ("pending", format_time(*at), Some(error.clone()), None),
+                Finish::Dead { error } => ("dead", ts.to_owned(), Some(error.clone()), None),
+                Finish::Postpone { at } => ("pending", format_time(*at), None, None),
+            };
+            let done_at = (status != "pending").then(|| ts.to_owned());
+            (status, next, error, note, done_at)
+        }
+
         /// Record how one claimed outbox row ended, inside `tx`; `locked`: whether `tx` already
         /// holds the ledger's append lock (taken before the first event).
         async fn finish_row(
@@ -281,15 +297,7 @@ macro_rules! shared_store_impl {
                 .await?;
                 return Ok(());
             }
-            let ts = format_time(now);
-            let (status, next, error, note) = match finish {
-                Finish::Done { note, .. } => ("done", ts.clone(), None, note.clone()),
-                Finish::Retry { at, error } => ("pending", format_time(*at), Some(error.clone()), None),
-                Finish::Dead { error } => ("dead", ts.clone(), Some(error.clone()), None),
-                // Handled above; kept for exhaustiveness.
-                Finish::Postpone { at } => ("pending", format_time(*at), None, None),
-            };
-            let done_at = (status != "pending").then(|| ts.clone());
+            let (status, next, error, note, done_at) = finish_columns(finish, &format_time(now));
             let updated = sqlx::query(
                 // A finished row of an erased contact keeps no address (the removal it
                 // carried is done), and no vendor error text, which may quote it.
@@ -884,13 +892,7 @@ macro_rules! shared_store_impl {
                         "WITH f (fid, fworker, fstatus, fnext, ferror, fnote, fdone) AS (",
                     );
                     qb.push_values(chunk, |mut b, r| {
-                        let (status, next, error, note) = match &r.finish {
-                            Finish::Done { note, .. } => ("done", ts.clone(), None, note.clone()),
-                            Finish::Retry { at, error } => ("pending", format_time(*at), Some(error.clone()), None),
-                            Finish::Dead { error } => ("dead", ts.clone(), Some(error.clone()), None),
-                            Finish::Postpone { at } => ("pending", format_time(*at), None, None),
-                        };
-                        let done_at = (status != "pending").then(|| ts.clone());
+                        let (status, next, error, note, done_at) = finish_columns(&r.finish, &ts);
                         b.push_bind(r.id)
                             .push_bind(r.worker.clone())
                             .push_bind(status)
