@@ -45,6 +45,8 @@ pub struct Figures {
     pub wave_secs: f64,
     /// Row 11: DOI mails per second from the first recorded to the last.
     pub mail_rate: f64,
+    /// Row 11: the daemon's CPU time per DOI mail over the same span as `mail_rate`.
+    pub cpu_per_mail: Option<Duration>,
     /// Row 11: `smtp-source` messages per second into `smtp-sink`, same size and sessions.
     pub ceiling_rate: f64,
     /// Bytes per message as the sink stored it (the daemon's DOI mails).
@@ -208,6 +210,8 @@ pub async fn run(n: u64, bin: &Path, dir: &Path, concurrency: usize) -> anyhow::
         .await
         .context("opening the store read-only")?;
     let mut first: Option<(Instant, u64)> = None;
+    // The daemon's CPU time when the first mail was recorded.
+    let mut cpu_at_first: Option<Duration> = None;
     let mut last_report = Instant::now();
     let limit = Duration::from_secs(600).max(Duration::from_millis(n * 20));
     let mut sent_mails = EventCounter::new("doi_mail_sent");
@@ -216,6 +220,7 @@ pub async fn run(n: u64, bin: &Path, dir: &Path, concurrency: usize) -> anyhow::
         let now = Instant::now();
         if sent > 0 && first.is_none() {
             first = Some((now, sent));
+            cpu_at_first = daemon.pid().and_then(setup::cpu_time);
         }
         if sent >= n {
             break now;
@@ -231,11 +236,17 @@ pub async fn run(n: u64, bin: &Path, dir: &Path, concurrency: usize) -> anyhow::
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     figures.wave_secs = done_at.duration_since(started).as_secs_f64();
+    let cpu_at_done = daemon.pid().and_then(setup::cpu_time);
     if let Some((at, count)) = first {
         let secs = done_at.duration_since(at).as_secs_f64();
         if secs > 0.0 {
             figures.mail_rate = (n - count) as f64 / secs;
         }
+        let mails = u32::try_from(n - count).unwrap_or(u32::MAX);
+        figures.cpu_per_mail = cpu_at_first
+            .zip(cpu_at_done)
+            .filter(|_| mails > 0)
+            .map(|(a, b)| b.saturating_sub(a) / mails);
     }
     // The sink's dump is written as each message arrives: all n are in it by now.
     figures.message_bytes = sink.dumped_bytes() / n.max(1);

@@ -574,8 +574,12 @@ async fn size(
                             .ok_or_else(|| "n/a (no push measured)".to_owned()),
                     );
                     cells.insert("push_locks", Ok(f.push_locks as f64));
+                    let cpu = f
+                        .cpu_per_mail
+                        .map(|c| format!(", daemon CPU {:.0} µs per mail", c.as_secs_f64() * 1e6))
+                        .unwrap_or_default();
                     details.push(format!(
-                        "{} DOI wave: {} bytes per mail as the sink stored it; push: {}",
+                        "{} DOI wave: {} bytes per mail as the sink stored it{cpu}; push: {}",
                         label(n),
                         f.message_bytes,
                         f.push_detail
