@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
-use futures_util::{StreamExt as _, stream};
+use futures_util::{StreamExt as _, future, stream};
 use optinsync_plugin_api::{
     BounceClass, ConnectorError, ConsentProof, ConsentWriteBack, Keyed, Subscriber, per_item,
 };
@@ -278,9 +278,25 @@ impl Engine {
                 _ => None,
             })
             .collect();
-        if !snapshots.is_empty()
-            && let Err(e) = self.record_snapshots(snapshots).await
-        {
+        // The transport's work ahead (SMTP: render and sign), side by side and while the
+        // snapshots are written: none of it needs one of the places in flight.
+        let transport = &self.connectors.mail;
+        let readying = future::join_all(out.iter_mut().filter_map(|(_, pre)| match pre {
+            Some(Ok(ready)) => Some(async move {
+                let message = ready.mail.composed.message.clone();
+                ready.mail.ready = Some(transport.prepare(message).await);
+            }),
+            _ => None,
+        }));
+        let stored = async {
+            if snapshots.is_empty() {
+                Ok(())
+            } else {
+                self.record_snapshots(snapshots).await
+            }
+        };
+        let (_, stored) = tokio::join!(readying, stored);
+        if let Err(e) = stored {
             tracing::warn!(error = %e, "mail snapshots not stored together; storing each before its mail");
             for (_, pre) in &mut out {
                 if matches!(pre, Some(Ok(_))) {
@@ -889,6 +905,7 @@ impl Engine {
                 token: token.to_owned(),
                 state: consent.state,
                 composed,
+                ready: None,
             })),
             Err(e) => {
                 tracing::error!(contact_id = %contact.id, list = %list.id, error = %e, "confirmation mail cannot be rendered");
@@ -912,13 +929,18 @@ impl Engine {
             token,
             state,
             composed,
+            ready,
         } = prepared;
-        let msg = composed.message;
         let sent = {
             let Some(_call) = self.calls.mail().await else {
                 return Ok(Finish::Postpone { at: Utc::now() });
             };
-            self.connectors.mail.send(&msg).await
+            let transport = &self.connectors.mail;
+            match ready {
+                Some(Ok(ready)) => transport.send_ready(&ready).await,
+                Some(Err(e)) => Err(e),
+                None => transport.send(&composed.message).await,
+            }
         };
         self.observe(ConnectorRole::Mail, &sent);
         match sent {
@@ -1024,6 +1046,9 @@ struct PreparedMail {
     /// The consent's state when checked (the event's from and to).
     state: ConsentState,
     composed: mail::Composed,
+    /// The transport's [`optinsync_plugin_api::MailTransport::prepare`] of the message, when
+    /// the pass made it ahead (`None`: sent with `send`).
+    ready: Option<optinsync_plugin_api::ConnectorResult<optinsync_plugin_api::ReadyMessage>>,
 }
 
 /// Count and log how one row ended.

@@ -1257,3 +1257,40 @@ async fn an_erasure_is_removed_through_erase_and_a_withdrawal_through_remove() {
         "{calls:?}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// mail made ready ahead of its send
+// ---------------------------------------------------------------------------------------------
+
+/// The outbox has the transport make a pass's mails ready before they take a place in flight
+/// (`MailTransport::prepare`), then sends what was made (`send_ready`); a refusal when the
+/// mail is made ready ends its row as the same refusal from the send: a hard bounce, the
+/// address suppressed, no mail, and the other mail unaffected.
+#[tokio::test]
+async fn mails_made_ready_ahead_go_out_as_made_and_a_refusal_then_is_a_bounce() {
+    let h = Harness::new(NEWS, SEND_DOI).await;
+    pending_on_news(&h, "1", ADA).await;
+    pending_on_news(&h, "2", BOB).await;
+    h.mail
+        .fail_next_prepares([ConnectorError::rejected("550 5.1.1 no such user")]);
+
+    h.drain().await;
+
+    let mailed = h.mails_to();
+    assert_eq!(mailed.len(), 1, "one mail went out: {mailed:?}");
+    assert_eq!(h.mail.sent_ready(), 1, "sent in the form made ahead");
+    let refused = if mailed[0] == ADA { BOB } else { ADA };
+    let refused = h.contact(refused).await;
+    assert_eq!(h.state(&refused, "news").await, ConsentState::Bounced);
+    assert!(
+        h.event_kinds(&refused, "news")
+            .await
+            .contains(&"bounced".to_owned())
+    );
+    let sent = h.contact(&mailed[0]).await;
+    assert!(
+        h.event_kinds(&sent, "news")
+            .await
+            .contains(&"doi_mail_sent".to_owned())
+    );
+}

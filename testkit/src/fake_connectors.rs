@@ -15,8 +15,8 @@ use chrono::{DateTime, Utc};
 use optinsync_plugin_api::{
     BatchResult, CampaignsConnector, ChangePage, Connector, ConnectorError, ConnectorResult,
     ConsentWriteBack, CrmConnector, CrmRecord, Cursor, Health, Keyed, MailTransport, MemberPage,
-    OutgoingMessage, RecordRef, SentMessage, StatusEvent, StatusKind, StatusPage, Subscriber,
-    WebhookEvent, WebhookRequest, all_items,
+    OutgoingMessage, ReadyMessage, RecordRef, SentMessage, StatusEvent, StatusKind, StatusPage,
+    Subscriber, WebhookEvent, WebhookRequest, WireMessage, all_items,
 };
 
 /// Lock a mutex, ignoring poisoning (a panicking test thread must not hide later assertions).
@@ -421,10 +421,15 @@ struct MailState {
     sent: Vec<OutgoingMessage>,
     forgotten: Vec<String>,
     failures: VecDeque<ConnectorError>,
+    prepare_failures: VecDeque<ConnectorError>,
+    /// Messages sent through `send_ready` with the wire form `prepare` made.
+    sent_ready: usize,
 }
 
 /// A mail transport that keeps every message handed to it (deduplicating on the idempotency
-/// key, as the `.eml` transport does) and forgets them on request.
+/// key, as the `.eml` transport does) and forgets them on request. It makes messages ready
+/// ahead as the SMTP transport does (`prepare` gives a wire form, `send_ready` sends it), so
+/// the outbox's ready-ahead path runs in the engine's tests.
 #[derive(Debug, Default)]
 pub struct FakeMail {
     state: Mutex<MailState>,
@@ -449,6 +454,36 @@ impl FakeMail {
     pub fn fail_next_sends(&self, errors: impl IntoIterator<Item = ConnectorError>) {
         lock(&self.state).failures.extend(errors);
     }
+
+    /// Answer the next [`MailTransport::prepare`] calls with these errors, one call each.
+    pub fn fail_next_prepares(&self, errors: impl IntoIterator<Item = ConnectorError>) {
+        lock(&self.state).prepare_failures.extend(errors);
+    }
+
+    /// How many messages went out through [`MailTransport::send_ready`] in the wire form
+    /// [`MailTransport::prepare`] made (not deduplicated ones).
+    pub fn sent_ready(&self) -> usize {
+        lock(&self.state).sent_ready
+    }
+
+    fn accept(&self, message: &OutgoingMessage, ready: bool) -> ConnectorResult<SentMessage> {
+        let mut state = lock(&self.state);
+        if let Some(e) = state.failures.pop_front() {
+            return Err(e);
+        }
+        let deduplicated = state
+            .sent
+            .iter()
+            .any(|m| m.idempotency_key == message.idempotency_key);
+        if !deduplicated {
+            state.sent.push(message.clone());
+            state.sent_ready += usize::from(ready);
+        }
+        Ok(SentMessage {
+            message_id: message.message_id.clone(),
+            deduplicated,
+        })
+    }
 }
 
 #[async_trait]
@@ -461,21 +496,26 @@ impl Connector for FakeMail {
 #[async_trait]
 impl MailTransport for FakeMail {
     async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage> {
-        let mut state = lock(&self.state);
-        if let Some(e) = state.failures.pop_front() {
+        self.accept(message, false)
+    }
+
+    async fn prepare(&self, message: OutgoingMessage) -> ConnectorResult<ReadyMessage> {
+        if let Some(e) = lock(&self.state).prepare_failures.pop_front() {
             return Err(e);
         }
-        let deduplicated = state
-            .sent
-            .iter()
-            .any(|m| m.idempotency_key == message.idempotency_key);
-        if !deduplicated {
-            state.sent.push(message.clone());
-        }
-        Ok(SentMessage {
-            message_id: message.message_id.clone(),
-            deduplicated,
+        let wire = WireMessage {
+            mail_from: Some(message.from.clone()),
+            rcpt_to: vec![message.to.clone()],
+            bytes: message.text.clone().into_bytes(),
+        };
+        Ok(ReadyMessage {
+            message,
+            wire: Some(wire),
         })
+    }
+
+    async fn send_ready(&self, ready: &ReadyMessage) -> ConnectorResult<SentMessage> {
+        self.accept(&ready.message, ready.wire.is_some())
     }
 
     async fn forget(&self, idempotency_keys: &[String]) -> ConnectorResult<u64> {

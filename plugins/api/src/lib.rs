@@ -8,7 +8,8 @@
 //! [`ConnectorFactory`] per `kind`; the binary lists the factories, and the engine builds the
 //! configured ones and drives them. Every type a call carries is `serde`, and the
 //! out-of-process connector protocol (`docs/connector-protocol.md`) carries exactly these
-//! forms.
+//! forms; the one exception is [`ReadyMessage`], a mail transport's in-process work ahead
+//! of a send, whose default needs no protocol call.
 //!
 //! Consent is never decided here. A connector reports what an outside system says
 //! (a CRM field, an unsubscribe inside the Campaigns tool); the engine's state machine decides
@@ -33,7 +34,7 @@ pub use error::{BounceClass, ConnectorError, ConnectorResult, FailureScope, Sett
 pub use factory::{
     BuildContext, Built, ConnectorFactory, HttpDefaults, Role, Settings, parse_duration,
 };
-pub use mail::{OutgoingMessage, SentMessage};
+pub use mail::{OutgoingMessage, ReadyMessage, SentMessage, WireMessage};
 pub use records::{
     ChangePage, ConsentWriteBack, CrmRecord, Cursor, InvalidRecord, InvalidRecordRef, NewContact,
     RecordRef, record_ref_text,

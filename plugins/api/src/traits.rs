@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     BatchResult, ChangePage, ConnectorError, ConnectorResult, ConsentWriteBack, CrmRecord, Cursor,
-    Keyed, MemberPage, NewContact, OutgoingMessage, RecordRef, SentMessage, StatusPage, Subscriber,
-    WebhookEvent, WebhookRequest,
+    Keyed, MemberPage, NewContact, OutgoingMessage, ReadyMessage, RecordRef, SentMessage,
+    StatusPage, Subscriber, WebhookEvent, WebhookRequest,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -148,6 +148,20 @@ pub trait MailTransport: Connector {
     /// Send one message. Must not send twice under one [`OutgoingMessage::idempotency_key`]
     /// where the transport can tell.
     async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage>;
+    /// Do ahead what sending needs no connection for (SMTP: render and DKIM-sign). The outbox
+    /// calls it before the message takes one of its places in flight, which it holds from
+    /// the send until the commit that records the mail (the places bound the duplicates
+    /// after a crash, see [`Self::concurrency`]), so that work does not hold a place. An
+    /// error here is the send's error (the outbox treats it as [`Self::send`]'s). Default:
+    /// nothing ahead.
+    async fn prepare(&self, message: OutgoingMessage) -> ConnectorResult<ReadyMessage> {
+        Ok(ReadyMessage::unprepared(message))
+    }
+    /// Send a message made ready by [`Self::prepare`]; the same contract as [`Self::send`].
+    /// Default: [`Self::send`] of its message.
+    async fn send_ready(&self, ready: &ReadyMessage) -> ConnectorResult<SentMessage> {
+        self.send(&ready.message).await
+    }
     /// How many [`Self::send`] calls the outbox may have in flight at once (SMTP: its
     /// `pool_size`). The outbox keeps twice as many mails in flight (while one is sent,
     /// another, sent already, waits for the commit that records it); each of those may be

@@ -32,8 +32,8 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::TlsParameters;
 use lettre::transport::smtp::extension::ClientId;
 use optinsync_plugin_api::{
-    ConnectorError, ConnectorResult, Health, MailTransport, OutgoingMessage, SentMessage,
-    SettingsError,
+    ConnectorError, ConnectorResult, Health, MailTransport, OutgoingMessage, ReadyMessage,
+    SentMessage, SettingsError, WireMessage,
 };
 use serde::Deserialize;
 
@@ -430,21 +430,78 @@ impl MailTransport for SmtpTransport {
     }
 
     async fn send(&self, message: &OutgoingMessage) -> ConnectorResult<SentMessage> {
-        // The DKIM signature (RSA) is ~1 ms of CPU: on a blocking thread, so that mails in
-        // flight side by side are signed on every core, not one after another on the
-        // outbox's task.
-        let owned = (message.clone(), self.dkim.clone());
-        let (envelope, raw) =
-            tokio::task::spawn_blocking(move || render(&owned.0, owned.1.as_deref()))
-                .await
-                .map_err(|e| {
-                    ConnectorError::transient(format!("message build task failed: {e}"))
-                })??;
+        let (_, envelope, raw) = self.render_off_thread(message.clone()).await?;
+        self.send_rendered(&message.message_id, &envelope, &raw)
+            .await
+    }
+
+    async fn prepare(&self, message: OutgoingMessage) -> ConnectorResult<ReadyMessage> {
+        let (message, envelope, bytes) = self.render_off_thread(message).await?;
+        Ok(ReadyMessage {
+            message,
+            wire: Some(WireMessage {
+                mail_from: envelope.from().map(ToString::to_string),
+                rcpt_to: envelope.to().iter().map(ToString::to_string).collect(),
+                bytes,
+            }),
+        })
+    }
+
+    async fn send_ready(&self, ready: &ReadyMessage) -> ConnectorResult<SentMessage> {
+        let Some(wire) = &ready.wire else {
+            return self.send(&ready.message).await;
+        };
+        // The addresses were lettre's own a moment ago; failing to read them back would be
+        // a bug here, not the recipient's fault.
+        let address = |a: &str| {
+            a.parse::<lettre::Address>().map_err(|_| {
+                ConnectorError::permanent("prepared envelope holds an invalid address")
+            })
+        };
+        let from = wire.mail_from.as_deref().map(address).transpose()?;
+        let to = wire
+            .rcpt_to
+            .iter()
+            .map(|a| address(a))
+            .collect::<ConnectorResult<Vec<_>>>()?;
+        let envelope = lettre::address::Envelope::new(from, to)
+            .map_err(|e| ConnectorError::permanent(format!("prepared envelope: {e}")))?;
+        self.send_rendered(&ready.message.message_id, &envelope, &wire.bytes)
+            .await
+    }
+}
+
+impl SmtpTransport {
+    /// Render and sign on a blocking thread: the DKIM signature (RSA) is ~1 ms of CPU, and
+    /// mails made ready side by side are then signed on every core, not one after another on
+    /// the outbox's task. The message comes back with its wire form.
+    async fn render_off_thread(
+        &self,
+        message: OutgoingMessage,
+    ) -> ConnectorResult<(OutgoingMessage, lettre::address::Envelope, Vec<u8>)> {
+        let dkim = self.dkim.clone();
+        let (message, rendered) = tokio::task::spawn_blocking(move || {
+            let rendered = render(&message, dkim.as_deref());
+            (message, rendered)
+        })
+        .await
+        .map_err(|e| ConnectorError::transient(format!("message build task failed: {e}")))?;
+        let (envelope, raw) = rendered?;
+        Ok((message, envelope, raw))
+    }
+
+    /// One SMTP transaction for a rendered message, paced by the relay's answers.
+    async fn send_rendered(
+        &self,
+        message_id: &str,
+        envelope: &lettre::address::Envelope,
+        raw: &[u8],
+    ) -> ConnectorResult<SentMessage> {
         let wait = self.pacer.reserve(std::time::Instant::now());
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
         }
-        let result = self.connector.send(&self.pool, &envelope, &raw).await;
+        let result = self.connector.send(&self.pool, envelope, raw).await;
         let answer = match &result {
             Ok(_) => pace::Answer::Accepted,
             Err(e) => pace::Answer::of_code(
@@ -463,7 +520,7 @@ impl MailTransport for SmtpTransport {
             Ok(response) => {
                 tracing::debug!(code = %response.code(), "relay accepted the message");
                 Ok(SentMessage {
-                    message_id: message.message_id.clone(),
+                    message_id: message_id.to_owned(),
                     deduplicated: false,
                 })
             }

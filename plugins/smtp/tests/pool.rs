@@ -227,3 +227,64 @@ async fn the_smtp_transport_passes_the_conformance_kit() {
         checks.iter().map(|c| c.line()).collect::<Vec<_>>()
     );
 }
+
+/// A message made ready ahead (rendered and DKIM-signed, no connection yet) goes out byte for
+/// byte as prepared, to the envelope prepared; a recipient that cannot be a mailbox is
+/// refused when made ready, as `send` refuses it; and a message nothing was made ahead for
+/// is sent as `send` sends it.
+#[tokio::test]
+async fn a_message_made_ready_ahead_goes_out_as_prepared() {
+    let sink = SmtpSink::start();
+    let key =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/e2e/fixtures/dkim-test-rsa.pem");
+    let t = transport(
+        &sink,
+        &format!(
+            "[dkim]\nselector = \"s1\"\ndomain = \"example.org\"\nkey_file = {:?}\n",
+            key.display().to_string()
+        ),
+    );
+    let ready = t.prepare(message(1)).await.unwrap();
+    assert_eq!(
+        sink.sessions(),
+        0,
+        "nothing goes to the relay while made ready"
+    );
+    let wire = ready
+        .wire
+        .clone()
+        .expect("the SMTP transport renders ahead");
+    assert_eq!(wire.mail_from.as_deref(), Some("news@example.org"));
+    assert_eq!(wire.rcpt_to, vec![to(1)]);
+    let text = String::from_utf8(wire.bytes.clone()).unwrap();
+    assert!(text.starts_with("DKIM-Signature: "), "{text}");
+    assert!(text.contains("Message-ID: <m1@example.org>"), "{text}");
+
+    let sent = t.send_ready(&ready).await.unwrap();
+    assert_eq!(sent.message_id, "m1@example.org");
+    let received = sink.messages_to(&to(1));
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].mail_from, "news@example.org");
+    assert_eq!(
+        received[0].data.trim_end(),
+        text.trim_end(),
+        "sent as prepared"
+    );
+
+    let mut bad = message(2);
+    bad.to = "not a mailbox".to_owned();
+    assert!(
+        matches!(t.prepare(bad).await, Err(ConnectorError::Rejected { .. })),
+        "an impossible recipient is refused when made ready"
+    );
+
+    let unprepared = optinsync_plugin_api::ReadyMessage::unprepared(message(3));
+    t.send_ready(&unprepared).await.unwrap();
+    let received = sink.messages_to(&to(3));
+    assert_eq!(received.len(), 1);
+    assert!(
+        received[0].data.starts_with("DKIM-Signature: "),
+        "signed when sent"
+    );
+    assert_eq!(sink.count(), 2);
+}
