@@ -136,4 +136,17 @@ async fn batch_reads_give_each_contact_its_own_consent_engagement_and_suppressio
         report.candidate.samples.get("send_doi"),
         Some(&vec!["00000002".to_owned(), "00000007".to_owned()])
     );
+
+    // With room for every sample, the samples are every applicable contact once, in order,
+    // across pages.
+    let all = simulate(store.clone(), &lists, &keys, &rules, None, CONTACTS, |_| {})
+        .await
+        .unwrap();
+    let expected: Vec<String> = (0..CONTACTS)
+        .filter(|i| i % 5 == 2)
+        .map(|i| format!("{i:08}"))
+        .collect();
+    assert_eq!(all.candidate.samples.get("send_doi"), Some(&expected));
+    assert_eq!(all.candidate.would_apply, report.candidate.would_apply);
+    assert_eq!(all.pairs, report.pairs);
 }
