@@ -3138,3 +3138,40 @@ async fn check_waves(db: TestDb) {
     assert_eq!(groups[0].to_state, "pending");
     assert_eq!((groups[0].first, groups[0].last), (t(10), t(11)));
 }
+
+/// SQLite: the store's checkpointer thread copies the WAL back into the database file, not a
+/// commit crossing SQLite's 1,000-page mark: one contact committed reaches the main file
+/// within seconds. Read with `immutable=1`, which ignores the WAL (and may catch the file
+/// mid-copy, hence a failed read counts as "not yet").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_checkpointer_copies_commits_into_the_file() {
+    let db = TestDb::sqlite().await;
+    let path = db
+        .url
+        .strip_prefix("sqlite://")
+        .expect("a sqlite:// URL")
+        .to_owned();
+    let id = new_contact(&*db.store, "ann@example.org").await;
+    let in_file = || -> rusqlite::Result<i64> {
+        let conn = rusqlite::Connection::open_with_flags(
+            format!("file:{path}?immutable=1"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI,
+        )?;
+        conn.query_row("SELECT count(*) FROM contacts WHERE id = ?1", [&id], |r| {
+            r.get(0)
+        })
+    };
+    let wal = std::fs::metadata(format!("{path}-wal")).map_or(0, |m| m.len());
+    assert!(wal > 0, "the commit went to the WAL first");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut found = in_file();
+    while !matches!(found, Ok(1)) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        found = in_file();
+    }
+    assert_eq!(
+        found.ok(),
+        Some(1),
+        "the contact never reached the database file"
+    );
+}

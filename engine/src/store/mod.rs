@@ -46,6 +46,12 @@ pub enum StoreError {
     Conflict { contact_id: String, list_id: String },
     #[error("corrupt row in `{table}`: {detail}")]
     Corrupt { table: &'static str, detail: String },
+    /// SQLite could not empty its WAL after an erasure (readers held it the whole time): the
+    /// old pages may still be in the WAL file until the next checkpoint copies them over.
+    #[error(
+        "the SQLite WAL could not be emptied after an erasure within {seconds} s (readers kept it busy); run the erasure again or restart the daemon"
+    )]
+    WalBusy { seconds: u64 },
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;

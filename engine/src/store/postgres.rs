@@ -76,6 +76,12 @@ impl PostgresStore {
         rows.iter().map(super::rows::suppressed_from).collect()
     }
 
+    /// Run after an erasure commits. Nothing: old row versions stay in PostgreSQL's files
+    /// until VACUUM reuses their space (and in WAL archives and backups) — see SECURITY.md.
+    async fn clear_old_copies(&self) -> super::StoreResult<()> {
+        Ok(())
+    }
+
     async fn run_migrations(&self) -> super::StoreResult<()> {
         // sqlx takes an advisory lock while migrating, so concurrent starts are safe.
         sqlx::migrate!("./migrations/postgres")
@@ -98,10 +104,6 @@ fn redact(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
-
-/// Run after an erasure commits. Nothing: old row versions stay in PostgreSQL's files until
-/// VACUUM reuses their space (and in WAL archives and backups) — see SECURITY.md.
-const AFTER_ERASURE: &str = "SELECT 1";
 
 mod shared {
     use super::PostgresStore;

@@ -8,8 +8,9 @@
 //! correctly as text in both databases and hashes reproducibly in the ledger.
 
 /// Generates `impl Store for $store` where `$store` has `pool: sqlx::Pool<$db>` (writes) and
-/// `reader: sqlx::Pool<$db>` (plain reads), and the inherent `async fn run_migrations(&self)`
-/// and the three reads a link request makes, whose path differs per backend (`sqlite.rs` says
+/// `reader: sqlx::Pool<$db>` (plain reads), and the inherent `async fn run_migrations(&self)`,
+/// `async fn clear_old_copies(&self)` (after an erasure: no old copy of its rows left in the
+/// backend's own files, where it can say so) and the three reads a link request makes, whose path differs per backend (`sqlite.rs` says
 /// why): `async fn link_read(&self, contact_id, list_id)`
 /// ([`Store::contact_with_consent`](crate::store::Store::contact_with_consent)),
 /// `events_read(&self, contact_id, list)` ([`Store::events_of_contact`](crate::store::Store::events_of_contact),
@@ -1040,8 +1041,7 @@ macro_rules! shared_store_impl {
 
             async fn after_erasure(&self) -> StoreResult<()> {
                 // The backend's own step so no old copy outlives an erasure (SQLite: the WAL).
-                sqlx::query(super::AFTER_ERASURE).execute(&self.pool).await?;
-                Ok(())
+                self.clear_old_copies().await
             }
 
             async fn retry_dead(&self, id: i64, now: DateTime<Utc>) -> StoreResult<bool> {
