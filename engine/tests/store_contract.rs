@@ -2710,6 +2710,22 @@ async fn check_batch_reads(db: TestDb) {
         ],
         "only the asked contacts' consents"
     );
+    // More ids than one `IN` list takes (1,000): read in chunks, the asked one among the last.
+    let mut many: Vec<String> = (0..2_500).map(|i| format!("no-such-contact-{i}")).collect();
+    many.push(a.clone());
+    let mut got: Vec<(String, String)> = s
+        .consents_of_contacts(&many)
+        .await
+        .expect("consents_of_contacts, 2,501 ids")
+        .into_iter()
+        .map(|(c, l, _)| (c, l))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![(a.clone(), "news".into()), (a.clone(), "other".into())],
+        "the one asked contact that exists, past two full chunks"
+    );
     let eng = s
         .engagements_of_contacts(&[a.clone(), c.clone()])
         .await

@@ -46,6 +46,9 @@ pub enum StoreError {
     Conflict { contact_id: String, list_id: String },
     #[error("corrupt row in `{table}`: {detail}")]
     Corrupt { table: &'static str, detail: String },
+    /// The SQLite store's page-reader thread is gone (it panicked on a read).
+    #[error("the SQLite store's page reader stopped (a read panicked; see the log above)")]
+    PageReaderStopped,
     /// SQLite could not empty its WAL after an erasure (readers held it the whole time): the
     /// old pages may still be in the WAL file until the next checkpoint copies them over.
     #[error(

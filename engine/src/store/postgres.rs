@@ -33,6 +33,36 @@ impl PostgresStore {
     // The three reads of a link request, through the pool like every other read (the SQLite
     // store makes them through SQLite's C API; `sqlite.rs` says why).
 
+    async fn contacts_page_read(
+        &self,
+        after: Option<&str>,
+        limit: i64,
+    ) -> super::StoreResult<Vec<super::Contact>> {
+        let rows = sqlx::query(&super::rows::CONTACTS_PAGE_SQL)
+            .bind(after.unwrap_or(""))
+            .bind(limit)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(super::rows::contact_from).collect()
+    }
+
+    async fn consents_read(
+        &self,
+        contact_ids: Vec<String>,
+    ) -> super::StoreResult<Vec<(String, String, crate::consent::Consent)>> {
+        let sql = super::rows::consents_of_contacts_sql(contact_ids.len());
+        let mut query = sqlx::query(&sql);
+        for id in &contact_ids {
+            query = query.bind(id);
+        }
+        let mut out = Vec::with_capacity(contact_ids.len());
+        for row in query.fetch_all(&self.reader).await? {
+            let (list_id, consent) = super::rows::consent_from(&row)?;
+            out.push((sqlx::Row::try_get(&row, "contact_id")?, list_id, consent));
+        }
+        Ok(out)
+    }
+
     async fn link_read(
         &self,
         contact_id: &str,

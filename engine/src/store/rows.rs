@@ -33,6 +33,21 @@ pub(crate) static CONSENT_EVENTS_SQL: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// A page of contacts in id order: those after `$1` (`''` for the first page), at most `$2`.
+pub(crate) static CONTACTS_PAGE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!("SELECT {CONTACT_COLS} FROM contacts WHERE id > $1 ORDER BY id LIMIT $2")
+});
+
+/// The consents of `n` contacts (`$1` .. `$n`), with their `contact_id`, in no particular
+/// order.
+pub(crate) fn consents_of_contacts_sql(n: usize) -> String {
+    let marks: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();
+    format!(
+        "SELECT contact_id, {CONSENT_COLS} FROM consents WHERE contact_id IN ({})",
+        marks.join(", ")
+    )
+}
+
 /// The suppression rows of `n` address hashes (`$1` .. `$n`), in no particular order.
 pub(crate) fn suppressions_of_sql(n: usize) -> String {
     let marks: Vec<String> = (1..=n).map(|i| format!("${i}")).collect();

@@ -17,7 +17,11 @@
 /// or with a list [`Store::consent_events`](crate::store::Store::consent_events))
 /// and `suppressions_read(&self, hashes)`
 /// ([`Store::suppressions_of`](crate::store::Store::suppressions_of): one `IN` list of at most
-/// `IN_CHUNK` hashes, never empty; rows in any order). Their SQL and row readers are shared
+/// `IN_CHUNK` hashes, never empty; rows in any order), and `contacts_page_read(&self, after,
+/// limit)` ([`Store::contacts_page`](crate::store::Store::contacts_page), the page read of the
+/// rules passes and `rules simulate`) and `consents_read(&self, contact_ids)` (one `IN` list
+/// of [`Store::consents_of_contacts`](crate::store::Store::consents_of_contacts), at most
+/// `IN_CHUNK` ids, never empty). Their SQL and row readers are shared
 /// ([`super::rows`]).
 ///
 /// - `$row`: the backend's row type (named, not projected from `$db`, so that the row readers
@@ -420,14 +424,7 @@ macro_rules! shared_store_impl {
             }
 
             async fn contacts_page(&self, after: Option<&str>, limit: i64) -> StoreResult<Vec<Contact>> {
-                let rows = sqlx::query(&format!(
-                    "SELECT {CONTACT_COLS} FROM contacts WHERE id > $1 ORDER BY id LIMIT $2"
-                ))
-                .bind(after.unwrap_or(""))
-                .bind(limit)
-                .fetch_all(&self.reader)
-                .await?;
-                rows.iter().map(contact_from).collect()
+                self.contacts_page_read(after, limit).await
             }
 
             async fn contacts_page_before(&self, after: Option<&str>, limit: i64, updated_before: DateTime<Utc>) -> StoreResult<Vec<Contact>> {
@@ -486,12 +483,7 @@ macro_rules! shared_store_impl {
             async fn consents_of_contacts(&self, contact_ids: &[String]) -> StoreResult<Vec<(String, String, Consent)>> {
                 let mut out = Vec::with_capacity(contact_ids.len());
                 for chunk in contact_ids.chunks(IN_CHUNK) {
-                    let mut qb = sqlx::QueryBuilder::<$db>::new(format!("SELECT contact_id, {CONSENT_COLS} FROM consents WHERE contact_id IN "));
-                    push_in(&mut qb, chunk);
-                    for row in qb.build().fetch_all(&self.reader).await? {
-                        let (list_id, consent) = consent_from(&row)?;
-                        out.push((row.try_get("contact_id")?, list_id, consent));
-                    }
+                    out.extend(self.consents_read(chunk.to_vec()).await?);
                 }
                 Ok(out)
             }
