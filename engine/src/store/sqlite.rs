@@ -343,10 +343,10 @@ impl DirectReads {
 /// thread and connection of their own.
 ///
 /// On sqlx's pool each such read was a hand-off to a connection thread per statement plus a
-/// copy of every column value there; on tokio's blocking pool it would spread SQLite's and
-/// the allocator's per-thread memory over whichever threads ran it (with 8 MiB of cache per
-/// connection, `sync` at 100k peaked ~40 MiB higher); on a runtime thread a 1,000-row read
-/// would hold up the requests behind it for a millisecond or more.
+/// copy of every column value there; on tokio's blocking pool, spread over whichever of its
+/// threads ran it, `sync` at 100k peaked at 253-276 MiB against 212-224 MiB (with 8 MiB or
+/// 1 MiB of cache per connection alike); on a runtime thread a 1,000-row read would hold up
+/// the requests behind it for a millisecond or more.
 #[derive(Debug)]
 struct PageReader {
     jobs: std::sync::mpsc::Sender<PageJob>,
