@@ -48,11 +48,11 @@ impl PostgresStore {
 
     async fn consents_read(
         &self,
-        contact_ids: Vec<String>,
+        contact_ids: &[String],
     ) -> super::StoreResult<Vec<(String, String, crate::consent::Consent)>> {
         let sql = super::rows::consents_of_contacts_sql(contact_ids.len());
         let mut query = sqlx::query(&sql);
-        for id in &contact_ids {
+        for id in contact_ids {
             query = query.bind(id);
         }
         let mut out = Vec::with_capacity(contact_ids.len());

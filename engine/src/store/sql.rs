@@ -483,7 +483,7 @@ macro_rules! shared_store_impl {
             async fn consents_of_contacts(&self, contact_ids: &[String]) -> StoreResult<Vec<(String, String, Consent)>> {
                 let mut out = Vec::with_capacity(contact_ids.len());
                 for chunk in contact_ids.chunks(IN_CHUNK) {
-                    out.extend(self.consents_read(chunk.to_vec()).await?);
+                    out.extend(self.consents_read(chunk).await?);
                 }
                 Ok(out)
             }

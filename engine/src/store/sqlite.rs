@@ -132,8 +132,10 @@ impl SqliteStore {
     /// passes, `rules simulate` and a pull's batch plans read them by the thousand).
     async fn consents_read(
         &self,
-        contact_ids: Vec<String>,
+        contact_ids: &[String],
     ) -> super::StoreResult<Vec<(String, String, crate::consent::Consent)>> {
+        // Owned: the read runs on the page reader's thread.
+        let contact_ids = contact_ids.to_vec();
         self.pages
             .read(move |reads| reads.consents_of(&contact_ids))
             .await

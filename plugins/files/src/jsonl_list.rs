@@ -214,16 +214,11 @@ impl JsonlList {
     /// same mtime). The file is rendered on a blocking thread, not a runtime one.
     async fn modify(&self, change: impl FnOnce(&mut Entries) -> bool) -> ConnectorResult<()> {
         let mut cached = self.lock.lock().await;
-        let fresh = match (&*cached, stamp_of(&self.path).await) {
-            (Some(c), Ok(stamp)) => c.stamp != stamp,
-            _ => true,
-        };
-        if fresh {
-            *cached = None;
-        }
+        let now = stamp_of(&self.path).await.ok();
+        // The kept entries only while the file is as this connector left it.
         let mut entries = match cached.take() {
-            Some(c) => c.entries,
-            None => self.load().await?.unwrap_or_default(),
+            Some(c) if Some(c.stamp) == now => c.entries,
+            _ => self.load().await?.unwrap_or_default(),
         };
         if !change(&mut entries) {
             *cached = self.cache(entries).await;
