@@ -260,6 +260,11 @@ mod tests {
         // An ASCII domain stays ASCII, in the key too.
         assert_eq!(key("Ana@Example.ORG"), "ana@example.org");
         assert_eq!(spellings("ana@example.org"), ["ana@example.org"]);
+        // An ASCII address whose domain is punycode has its Unicode spellings too.
+        assert_eq!(
+            spellings("a@0.xn--p1ai"),
+            ["a@0.xn--p1ai", "a@0.\u{440}\u{444}"]
+        );
     }
 
     #[test]
