@@ -10,8 +10,9 @@
 /// Generates `impl Store for $store` where `$store` has `pool: sqlx::Pool<$db>` (writes) and
 /// `reader: sqlx::Pool<$db>` (plain reads), and the inherent `async fn run_migrations(&self)`,
 /// `async fn clear_old_copies(&self)` (after an erasure: no old copy of its rows left in the
-/// backend's own files, where it can say so) and the three reads a link request makes, whose path differs per backend (`sqlite.rs` says
-/// why): `async fn link_read(&self, contact_id, list_id)`
+/// backend's own files, where it can say so) and the three reads a link request makes, whose
+/// path differs per backend (`sqlite.rs` says why): `async fn link_read(&self, contact_id,
+/// list_id)`
 /// ([`Store::contact_with_consent`](crate::store::Store::contact_with_consent)),
 /// `events_read(&self, contact_id, list)` ([`Store::events_of_contact`](crate::store::Store::events_of_contact),
 /// or with a list [`Store::consent_events`](crate::store::Store::consent_events))

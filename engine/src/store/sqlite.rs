@@ -14,7 +14,8 @@
 //! The page reads of whole tables ([`Store::contacts_page`](super::Store::contacts_page) and
 //! [`Store::consents_of_contacts`](super::Store::consents_of_contacts)) also go through the C
 //! API, on a thread of their own ([`PageReader`]): `rules simulate` at 100k took 0.81-0.87 s
-//! against 1.49-1.85 s through sqlx. Writes stay on sqlx's one writer connection.
+//! against 1.49-1.85 s through sqlx. Writes stay on sqlx's one writer connection; the WAL is
+//! copied back into the file by a thread and connection of the store's own ([`Checkpointer`]).
 
 use std::path::PathBuf;
 use std::str::FromStr;
